@@ -1,0 +1,239 @@
+"""Adapter configurations: PEFT's field names and defaults, validated, as plain dataclasses.
+
+A config is data. funcpeft never mutates a config passed in: `get_peft_model` resolves it
+(all-linear expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PEFT_VERSION = "0.21.2"  # the PEFT release whose behaviour and file format funcpeft reproduces
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types (`peft.TaskType`)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """The adapter methods funcpeft knows (a subset of `peft.PeftType`)."""
+
+    LORA = "LORA"
+
+
+def _check_init_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise TypeError(f"{cls.__name__} got an unexpected field {k!r}.{hint}")
+
+
+@dataclass
+class PeftConfig:
+    """Fields every PEFT config has (`peft.config.PeftConfig`)."""
+
+    task_type: TaskType | str | None = None
+    peft_type: PeftType | str | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    # fields that exist for file compatibility but whose non-default values funcpeft does not implement
+    _unimplemented: ClassVar[dict[str, Any]] = {}
+    # fields PEFT drops when it writes adapter_config.json
+    _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            try:
+                self.task_type = TaskType(self.task_type)
+            except ValueError:
+                raise ValueError(
+                    f"task_type {self.task_type!r} is not one of {[t.value for t in TaskType]}"
+                ) from None
+        for name, default in self._unimplemented.items():
+            value = getattr(self, name)
+            if value != default and not (value is None and default in ({}, [], None)):
+                raise NotImplementedError(
+                    f"{type(self).__name__}.{name}={value!r} is not implemented in funcpeft yet "
+                    f"(only the default {default!r} is supported)."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as PEFT writes it (sets become sorted lists, enums their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in self._not_saved:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """Build from a saved dict; keys this version does not know are warned about and ignored (PEFT's rule)."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. "
+                "This probably means that you're loading a configuration file that was saved using a "
+                "higher version of the library.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """PEFT's `LoraConfig`: same field names, same defaults, same validation.
+
+    Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
+    use_rslora, modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
+    layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
+    inference_mode. Every other field must keep its default: a non-default value raises
+    NotImplementedError naming the field.
+    """
+
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict | None = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list[list[int]] | None = None
+    runtime_config: dict | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+
+    _unimplemented: ClassVar[dict[str, Any]] = {
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "use_dora": False,
+        "velora_config": None,
+        "alora_invocation_tokens": None,
+        "use_qalora": False,
+        "monteclora_config": None,
+        "layer_replication": None,
+        "lora_bias": False,
+        "target_parameters": None,
+        "use_bdlora": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        "ensure_weight_tying": False,
+    }
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.LORA
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"`{name}` must be a str (a regex matched with re.fullmatch), a list of str "
+                    f"(exact names or name suffixes) or None; got {value!r}"
+                )
+            setattr(self, name, set(value))  # PEFT turns lists into sets
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            if isinstance(self.init_lora_weights, str):
+                raise NotImplementedError(
+                    f"init_lora_weights={self.init_lora_weights!r} is not implemented in funcpeft yet "
+                    "(supported: True, False, 'gaussian')."
+                )
+            raise ValueError(f"`init_lora_weights` must be True, False or a str, got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise ValueError(f"`modules_to_save` must be a list of str, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"`{name}` must be a dict of regex -> value, got {getattr(self, name)!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.rank_pattern.values()):
+            raise ValueError(f"`rank_pattern` values must be positive integers, got {self.rank_pattern!r}")
+
+
+def _validated_init(cls: type) -> None:
+    """Wrap a config's dataclass __init__ so that unknown fields raise a TypeError with close matches."""
+    init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        _check_init_kwargs(cls, kwargs)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__signature__ = __import__("inspect").signature(init)  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+_validated_init(LoraConfig)
+
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}

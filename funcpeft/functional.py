@@ -1,0 +1,147 @@
+"""The pure function `fn(base, adapter, *args, **kwargs)`.
+
+`base` is `{param_name: Tensor}` (the model's parameters, detached, sharing storage). `adapter` is the
+plain adapter tree `{module_path: {param_name: Tensor}}` (see `funcpeft.trees`), `None` for the base
+model, or `{adapter_name: tree, ...}` for several registered adapters at once (their terms are summed,
+like PEFT's list of active adapters).
+
+Each call runs `torch.func.functional_call` on a private *skeleton* of the model (a copy of the module
+tree that shares every parameter and buffer with the model, so no weight is copied): the user's model is
+never touched, and each thread gets its own skeleton, so concurrent calls cannot see each other's swaps.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .methods.base import LayerSpec, no_dropout
+from .trees import check_adapter_structure
+from .weights import AdaptedWeight
+
+Plan = dict[str, dict[str, Any]]  # module_path -> {"spec": LayerSpec | None, "params": names, "overrides": names}
+
+
+def _skeleton(model: nn.Module, training: bool) -> nn.Module:
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    skel = copy.deepcopy(model, memo)
+    skel.train(training)
+    return skel
+
+
+class _Dropout:
+    """Training-mode dropout on the adapter input, driven by an explicit generator or seed."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+
+    def __call__(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if p == 0.0:
+            return x
+        if self.generator is None:  # global RNG inside a seeded fork: works under vmap(randomness=...)
+            return F.dropout(x, p, training=True)
+        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.generator)
+        return x * keep / (1.0 - p)
+
+
+class PeftFunction:
+    """`fn(base, adapter, *args, dropout_rng=None, **kwargs) -> model(*args, **kwargs)` with the adapter applied.
+
+    dropout_rng: None (default) runs the model in eval mode with no dropout anywhere: `fn` is
+    deterministic. An `int` seed or a `torch.Generator` runs the model and the adapters' lora_dropout in
+    training mode, reproducibly given the seed/generator. Use an int seed under `torch.func.vmap`
+    (randomness="different" or "same"); a Generator is not supported by vmap's random ops.
+    """
+
+    def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str):
+        self.plans = plans
+        self.default_adapter = default_adapter
+        self._model = model
+        canon = {id(p): n for n, p in model.named_parameters()}
+        self._aliases = [(n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
+        self._lock = threading.Lock()
+        owner = threading.get_ident()
+        self._main = {t: _skeleton(model, t) for t in (False, True)}
+        self._skeletons: dict[tuple[int, bool], nn.Module] = {(owner, t): s for t, s in self._main.items()}
+
+    def _get_skeleton(self, training: bool) -> nn.Module:
+        """This thread's private copy of the module tree (compiled code uses the creating thread's)."""
+        if torch.compiler.is_compiling():
+            return self._main[training]
+        key = (threading.get_ident(), training)
+        skel = self._skeletons.get(key)
+        if skel is None:
+            with self._lock:
+                skel = self._skeletons.setdefault(key, _skeleton(self._model, training))
+        return skel
+
+    # -- the call ------------------------------------------------------------------------------------------
+    def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
+        """[(adapter_name, tree)] for a single tree, a {name: tree} dict, or None."""
+        if adapter is None:
+            return []
+        if not isinstance(adapter, Mapping):
+            raise TypeError(f"adapter must be a dict tree, a dict of adapter name -> tree, or None; got {type(adapter).__name__}")
+        default_plan = self.plans.get(self.default_adapter, {})
+        if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
+            return [(name, tree) for name, tree in adapter.items() if tree is not None]
+        return [(self.default_adapter, adapter)]
+
+    def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
+        """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights."""
+        params = {alias: base[canon] for alias, canon in self._aliases}
+        carried: dict[str, list[tuple[LayerSpec, dict[str, torch.Tensor]]]] = {}
+        for name, tree in self.split_adapters(adapter):
+            plan = self.plans.get(name)
+            if plan is None:
+                raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(self.plans)}")
+            check_adapter_structure(tree, plan, name)
+            for path, entry in tree.items():
+                info = plan[path]
+                for pname in info["overrides"]:
+                    params[f"{path}.{pname}"] = entry[pname]
+                spec = info["spec"]
+                if spec is not None:
+                    carried.setdefault(f"{path}.weight", []).append((spec, {k: entry[k] for k in info["params"]}))
+        for wname, adapters in carried.items():
+            params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
+        return params
+
+    def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
+        training = dropout_rng is not None
+        if isinstance(dropout_rng, torch.Generator):
+            dropout, ctx = _Dropout(dropout_rng), nullcontext()
+        elif training:
+            if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
+                raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
+            dropout, ctx = _Dropout(None), _seeded(dropout_rng)
+        else:
+            dropout, ctx = no_dropout, nullcontext()
+        params = self.build_params(base, adapter, dropout)
+        skel = self._get_skeleton(training)
+        with ctx:
+            return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
+
+
+class _seeded:
+    """Fork the global RNG (CPU and the current accelerator) and seed it; restore on exit."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        self._fork = torch.random.fork_rng(devices=devices)
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)

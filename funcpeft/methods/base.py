@@ -1,0 +1,64 @@
+"""What an adapter method is: static per-layer facts (`LayerSpec`) plus three pure functions.
+
+A method file (e.g. `lora.py`) defines a `Method` with
+- `init(spec, generator, dtype, device) -> dict[str, Tensor]`: fresh trainable parameters for one layer;
+- `forward(spec, params, x, result, dropout) -> Tensor`: `result` (the base layer's output for input `x`)
+  with the method applied; called by the injected weight, never on a weight-sized tensor;
+- `delta_weight(spec, params) -> Tensor`: the weight-shaped delta, only for merging and export.
+Targeting, injection, files, merging and counting are shared and know nothing about a method's maths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+Dropout = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static facts about one adapted layer for one adapter (hashable; never a tensor).
+
+    kind: 'linear' (weight (out, in)), 'conv1d_hf' (GPT-2 Conv1D, weight (in, out)),
+          'embedding' (weight (num_embeddings, dim)) or 'conv' (weight (out, in/groups, *kernel)).
+    weight_shape: the base weight's shape; in_features/out_features in nn.Linear orientation.
+    hyper: method hyper-parameters (r, scaling, dropout, init, ...), as a sorted tuple of items.
+    geometry: layer call facts the method needs (conv stride/padding/groups, embedding padding_idx).
+    """
+
+    method: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    in_features: int
+    out_features: int
+    hyper: tuple[tuple[str, Any], ...] = ()
+    geometry: tuple[tuple[str, Any], ...] = field(default=())
+
+    def h(self, name: str) -> Any:
+        return dict(self.hyper)[name]
+
+    def g(self, name: str) -> Any:
+        return dict(self.geometry)[name]
+
+
+class Method(Protocol):
+    name: str
+    param_names: Callable[[LayerSpec], tuple[str, ...]]
+    init: Callable[..., dict[str, torch.Tensor]]
+    forward: Callable[..., torch.Tensor]
+    delta_weight: Callable[[LayerSpec, dict[str, torch.Tensor]], torch.Tensor]
+
+
+METHODS: dict[str, Any] = {}
+
+
+def register(method: Any) -> Any:
+    METHODS[method.name] = method
+    return method
+
+
+def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x

@@ -1,0 +1,105 @@
+"""LoRA: `y = base(x) + s * B(A(dropout(x)))`, with PEFT's parameter layout, init and arithmetic order.
+
+Shapes (nn.Linear orientation even for GPT-2 Conv1D):
+  linear / conv1d_hf:  lora_A (r, in), lora_B (out, r)
+  embedding:           lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r)
+  conv (N-d):          lora_A (r, in, *kernel), lora_B (out, r // groups, 1, ..., 1)
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .base import Dropout, LayerSpec, register
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def param_names(spec: LayerSpec) -> tuple[str, ...]:
+    if spec.kind == "embedding":
+        return ("lora_embedding_A", "lora_embedding_B")
+    return ("lora_A", "lora_B")
+
+
+def _shapes(spec: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    r = spec.h("r")
+    if spec.kind == "conv":
+        kernel = spec.weight_shape[2:]
+        groups = spec.g("groups")
+        return (r, spec.in_features, *kernel), (spec.out_features, r // groups, *([1] * len(kernel)))
+    if spec.kind == "embedding":
+        return (r, spec.in_features), (spec.out_features, r)
+    return (r, spec.in_features), (spec.out_features, r)
+
+
+def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    # nn.init.kaiming_uniform_(a=sqrt(5)), the default init of nn.Linear/nn.ConvNd: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    t = torch.empty(shape)
+    return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+
+
+def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (True, False or "gaussian")."""
+    shape_a, shape_b = _shapes(spec)
+    mode = spec.h("init_lora_weights")
+    names = param_names(spec)
+    if spec.kind == "embedding":
+        if mode is False:
+            a = torch.randn(shape_a, generator=generator)
+        else:
+            a = torch.zeros(shape_a)
+        b = torch.randn(shape_b, generator=generator)
+        return dict(zip(names, (a, b)))
+    if mode is False:
+        a, b = _kaiming_uniform(shape_a, generator), _kaiming_uniform(shape_b, generator)
+    elif mode == "gaussian":
+        a, b = torch.randn(shape_a, generator=generator) / spec.h("r"), torch.zeros(shape_b)
+    else:
+        a, b = _kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
+    return dict(zip(names, (a, b)))
+
+
+def forward(
+    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, dropout: Dropout
+) -> torch.Tensor:
+    """`result + s * B(A(dropout(x)))` in PEFT's order and dtypes; x is the base layer's input."""
+    s = spec.h("scaling")
+    if spec.kind == "embedding":  # no dropout and no input cast, like PEFT
+        a, b = params["lora_embedding_A"], params["lora_embedding_B"]
+        g = dict(spec.geometry)
+        after_a = F.embedding(x, a.T, g["padding_idx"], g["max_norm"], g["norm_type"], g["scale_grad_by_freq"], g["sparse"])
+        return result + (after_a @ b.T) * s
+    a, b = params["lora_A"], params["lora_B"]
+    out_dtype = result.dtype
+    x = dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    if spec.kind == "conv":
+        conv = _CONV[len(spec.weight_shape)]
+        h = conv(x, a, None, spec.g("stride"), spec.g("padding"))
+        delta = conv(h, b, None, 1, 0, 1, spec.g("groups"))
+    else:
+        delta = F.linear(F.linear(x, a), b)
+    return (result + delta * s).to(out_dtype)
+
+
+def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """s * B @ A in the base weight's layout (transposed for Conv1D and Embedding; conv kernels composed)."""
+    s = spec.h("scaling")
+    if spec.kind == "embedding":
+        return (params["lora_embedding_B"] @ params["lora_embedding_A"]).T * s
+    a, b = params["lora_A"], params["lora_B"]
+    if spec.kind == "conv":
+        if all(k == 1 for k in spec.weight_shape[2:]):
+            w = (b.flatten(1) @ a.flatten(1)).reshape(spec.weight_shape)
+        else:
+            conv = _CONV[len(spec.weight_shape)]
+            w = conv(a.transpose(0, 1), b).transpose(0, 1)
+        return w * s
+    w = b @ a
+    return (w.T if spec.kind == "conv1d_hf" else w) * s
+
+
+LORA = register(SimpleNamespace(name="lora", param_names=param_names, init=init, forward=forward, delta_weight=delta_weight))

@@ -1,0 +1,260 @@
+"""Which modules an adapter touches: PEFT's matching rules, reproduced exactly.
+
+Pure functions over module names (and, for "all-linear" and layer kinds, module types). Nothing here
+mutates a model or a config: `resolve_config` returns a new config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .constants import (
+    DEFAULT_TARGET_MODULES,
+    MIN_TARGET_MODULES_FOR_OPTIMIZATION,
+    SEQ_CLS_HEAD_NAMES,
+    TASK_MODULES_TO_SAVE,
+)
+
+try:  # transformers' GPT-2 style Conv1D stores its weight as (in, out)
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover - transformers is a runtime dependency
+    HFConv1D = None  # type: ignore[assignment,misc]
+
+_LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((HFConv1D,) if HFConv1D is not None else ())
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear' | 'conv1d_hf' (GPT-2 Conv1D) | 'embedding' | 'conv' | None (not adaptable)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV_TYPES):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return "conv1d_hf"
+    return None
+
+
+def _matches_list(names: Any, key: str) -> bool:
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def is_excluded(config: LoraConfig, key: str) -> bool:
+    """exclude_modules first, then modules_to_save (never LoRA targets): PEFT's `check_target_module_exists`."""
+    ex = config.exclude_modules
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, key):
+                return True
+        elif _matches_list(ex, key):
+            return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in (config.modules_to_save or ()))
+
+
+def layer_index(key: str, layers_pattern: Any) -> int | None:
+    """The first numbered segment of `key` (PEFT's rule), optionally after one of `layers_pattern`."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_target(config: LoraConfig, key: str) -> bool:
+    """Does module `key` match the (resolved) config? PEFT's `check_target_module_exists`."""
+    if is_excluded(config, key):
+        return False
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.layers_to_transform
+    using_layers = layers is not None and (len(layers) != 0 if isinstance(layers, list) else True)
+    if found and using_layers:
+        idx = layer_index(key, config.layers_pattern)
+        if idx is None:
+            return False
+        return idx == layers if isinstance(layers, int) else idx in layers
+    return found
+
+
+def pattern_key(pattern_keys: Any, key: str) -> str | None:
+    """The first key (dict order) whose regex matches `key` at a dot boundary: PEFT's `get_pattern_key`."""
+    for k in pattern_keys:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return None
+
+
+def rank_and_alpha(config: LoraConfig, key: str) -> tuple[int, float]:
+    rk = pattern_key(config.rank_pattern.keys(), key)
+    ak = pattern_key(config.alpha_pattern.keys(), key)
+    return config.rank_pattern.get(rk, config.r), config.alpha_pattern.get(ak, config.lora_alpha)
+
+
+def _output_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
+def _all_linear(model: nn.Module, config: LoraConfig) -> set[str]:
+    names = {n for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)}
+    head = _output_embedding_name(model)
+    if head is not None:
+        names.discard(head)
+    elif config.task_type == TaskType.SEQ_CLS:
+        for attr in SEQ_CLS_HEAD_NAMES:
+            cls_head = getattr(model, attr, None)
+            if cls_head is not None:
+                names.discard(next(n for n, m in model.named_modules() if m is cls_head))
+                break
+    return names
+
+
+def _minimal_suffixes(targets: set[str], others: list[str]) -> set[str]:
+    """PEFT's `_find_minimal_target_modules`: the fewest suffixes that separate targets from others."""
+
+    def suffixes(s: str) -> list[str]:
+        parts = s.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    other_suffixes = {suf for item in others for suf in suffixes(item)}
+    required: set[str] = set()
+    for item, sufs in sorted(((t, suffixes(t)) for t in targets), key=lambda tup: tup[1]):
+        for suf in sufs:
+            if suf in required or suf in other_suffixes:
+                continue
+            if not any(item.endswith("." + req) for req in required):
+                required.add(suf)
+                break
+    return required or set(targets)
+
+
+def resolve_config(model: nn.Module, config: LoraConfig, revision: str | None = None) -> LoraConfig:
+    """A new config with what PEFT fills in at `get_peft_model` time.
+
+    task-type modules_to_save, default targets per model type, "all-linear" expanded to names
+    (compressed to suffixes at >= 20 names), `base_model_name_or_path` and `revision`.
+    """
+    changes: dict[str, Any] = {}
+    extra = TASK_MODULES_TO_SAVE.get(config.task_type.value if config.task_type else None, [])
+    if extra:
+        changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra)
+    new_name = model.__dict__.get("name_or_path", None) or None
+    old_name = config.base_model_name_or_path
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+            "Please ensure that the correct base model is loaded when loading this checkpoint.",
+            stacklevel=3,
+        )
+    changes["base_model_name_or_path"] = new_name
+    if revision is not None:
+        if config.revision is not None and config.revision != revision:
+            warnings.warn(
+                f"peft config has already set base model revision to {config.revision}, "
+                f"overwriting with revision {revision}",
+                stacklevel=3,
+            )
+        changes["revision"] = revision
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        default = DEFAULT_TARGET_MODULES.get(model_type) if model_type else None
+        if default is None:
+            raise ValueError(
+                "Please specify `target_modules` in the config: there is no default for "
+                f"model_type {model_type!r} (known: {sorted(DEFAULT_TARGET_MODULES)[:8]}...)"
+            )
+        targets = default if isinstance(default, str) else set(default)
+    resolved = dataclasses.replace(config, **changes)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, resolved)
+    if isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        keys = [n for n, _ in model.named_modules()]
+        suffixes = tuple("." + t for t in targets)
+        others = [n for n in keys if n not in targets and not n.endswith(suffixes)]
+        minimal = _minimal_suffixes(set(targets), others)
+        if len(minimal) < len(targets):
+            targets = minimal
+    resolved.target_modules = targets
+    return resolved
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules a resolved config targets, in `named_modules` order.
+
+    Raises ValueError listing close module names when nothing matches, and TypeError naming the
+    module and its type when a matched module is not a layer funcpeft can adapt.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    targets: list[str] = []
+    excluded = 0
+    for name, module in named:
+        if is_target(config, name):
+            if layer_kind(module) is None:
+                raise TypeError(
+                    f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
+                    "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
+                    "torch.nn.Conv1d/2d/3d and transformers.pytorch_utils.Conv1D."
+                )
+            targets.append(name)
+        elif is_excluded(config, name):
+            excluded += 1
+    if targets:
+        return targets
+    if excluded and config.target_modules:
+        raise ValueError(
+            "All modules were excluded. This is likely unintended. "
+            "Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration."
+        )
+    spec = config.target_modules
+    wanted = [spec] if isinstance(spec, str) else sorted(spec or [])
+    adaptable = [n for n, m in named if layer_kind(m) is not None]
+    short = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
+    close: list[str] = []
+    for w in wanted:
+        close += difflib.get_close_matches(w.rsplit(".", 1)[-1], short, n=3, cutoff=0.5)
+        close += difflib.get_close_matches(w, adaptable, n=3, cutoff=0.6)
+    close = list(dict.fromkeys(close))
+    raise ValueError(
+        f"Target modules {wanted} not found in the base model. Close module names: {close or 'none'}. "
+        f"Adaptable module names in this model (suffixes): {short[:20]}"
+    )
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only)."""
+    names = config.modules_to_save or []
+    found: list[str] = []
+    for key, _ in model.named_modules():
+        if key and any(key.endswith(t) for t in names):
+            if not any(key.startswith(f + ".") for f in found):
+                found.append(key)
+    return found
+
+
+def is_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"

@@ -1,0 +1,119 @@
+"""`AdaptedWeight`: a frozen weight that carries adapters and adds their term inside the layer's own op.
+
+`functional_call` puts an AdaptedWeight where a targeted layer's weight was. When the layer calls
+`F.linear` / `torch.addmm` (GPT-2 Conv1D) / `F.embedding` / `F.convNd` with it, `__torch_function__`
+computes the base op on the plain weight and hands its output to each adapter's `forward`. Nothing
+weight-sized is built; the weight's storage is the model's. Metadata reads (`.dtype`, `.shape`, ...)
+pass through; any other op on the weight raises `UnsupportedWeightOp` instead of silently dropping the
+adapter term.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .methods.base import METHODS, Dropout, LayerSpec
+
+Adapters = tuple[tuple[LayerSpec, dict[str, torch.Tensor]], ...]
+
+
+class UnsupportedWeightOp(RuntimeError):
+    """An op other than the layer's own was applied to an adapted weight."""
+
+
+_PASSTHROUGH_PROPERTIES = (
+    "dtype", "device", "shape", "ndim", "is_cuda", "is_meta", "is_cpu", "layout", "requires_grad", "is_leaf",
+    "is_sparse", "is_quantized", "is_mkldnn", "is_nested", "names", "grad_fn", "itemsize", "nbytes", "_base",
+)
+_PASSTHROUGH: set[Any] = {getattr(torch.Tensor, n).__get__ for n in _PASSTHROUGH_PROPERTIES if hasattr(torch.Tensor, n)}
+_PASSTHROUGH |= {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.data_ptr,
+    torch.Tensor.stride, torch.Tensor.is_contiguous, torch.Tensor.__len__, torch.Tensor.storage_offset,
+    torch.Tensor.untyped_storage, torch.Tensor.__format__, torch.Tensor.__repr__,
+}
+
+
+class AdaptedWeight(torch.Tensor):
+    """A weight plus the adapters applied to the layer that owns it.
+
+    Attributes: `weight` (the plain base tensor), `adapters` (tuple of (LayerSpec, params)), `dropout`.
+    """
+
+    weight: torch.Tensor
+    adapters: Adapters
+    dropout: Dropout
+
+    @staticmethod
+    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> "AdaptedWeight":
+        out = weight.as_subclass(AdaptedWeight)
+        out.weight = weight
+        out.adapters = adapters
+        out.dropout = dropout
+        return out  # type: ignore[return-value]
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(*args, **kwargs)
+        if func in _PASSTHROUGH:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        raise UnsupportedWeightOp(
+            f"funcpeft: `{name}` was applied to an adapted layer weight. Only the layer's own op "
+            "(F.linear, torch.addmm for GPT-2 Conv1D, F.embedding, F.conv1d/2d/3d) knows how to add the "
+            "adapter term; running anything else on the weight would silently drop it. Merge the adapter "
+            "(funcpeft.merge) if you need the plain weight, or do not target this module."
+        )
+
+
+def _apply(w: AdaptedWeight, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    for spec, params in w.adapters:
+        result = METHODS[spec.method].forward(spec, params, x, result, w.dropout)
+    return result
+
+
+def _linear(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _apply(weight, input, F.linear(input, weight.weight, bias))
+
+
+def _addmm(
+    input: torch.Tensor, mat1: torch.Tensor, mat2: AdaptedWeight, *, beta: float = 1, alpha: float = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if not isinstance(mat2, AdaptedWeight) or isinstance(mat1, AdaptedWeight) or out is not None or beta != 1 or alpha != 1:
+        raise UnsupportedWeightOp("funcpeft: torch.addmm on an adapted weight is only supported as Conv1D calls it")
+    return _apply(mat2, mat1, torch.addmm(input, mat1, mat2.weight))
+
+
+def _embedding(
+    input: torch.Tensor, weight: AdaptedWeight, padding_idx: int | None = None, max_norm: float | None = None,
+    norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
+) -> torch.Tensor:
+    if max_norm is not None:
+        raise UnsupportedWeightOp("funcpeft: nn.Embedding(max_norm=...) renormalises its weight in place; not supported")
+    base = F.embedding(input, weight.weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    return _apply(weight, input, base)
+
+
+def _conv(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def handler(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None, *args: Any, **kw: Any) -> torch.Tensor:
+        return _apply(weight, input, conv(input, weight.weight, bias, *args, **kw))
+
+    return handler
+
+
+_HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
+    F.linear: _linear,
+    torch.addmm: _addmm,
+    F.embedding: _embedding,
+    F.conv1d: _conv(F.conv1d),
+    F.conv2d: _conv(F.conv2d),
+    F.conv3d: _conv(F.conv3d),
+}
