@@ -192,6 +192,20 @@ class FunctionalPeftModel:
     def print_trainable_parameters(self, adapter: Any = None) -> None:
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
+    # -- thin delegations: the logic lives in its own module ------------------------------------------------
+    def save_pretrained(self, directory: str, adapter_params: Any = None, **kwargs: Any) -> None:
+        """Write PEFT's on-disk format (see funcpeft.io.save_adapter); None = the tree this object holds."""
+        from .io import save_adapter
+
+        tree = self.adapter if adapter_params is None else adapter_params
+        save_adapter(directory, tree, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+
+    def merge_and_unload(self, adapter_params: Any = None) -> nn.Module:
+        """A new plain model with the adapter merged in (see funcpeft.merge); the original model is untouched."""
+        from .merge import merge_and_unload
+
+        return merge_and_unload(self, self.adapter if adapter_params is None else adapter_params)
+
 
 def get_peft_model(
     model: nn.Module,

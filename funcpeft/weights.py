@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .methods.base import METHODS, Dropout, LayerSpec
+from .methods.base import METHODS, Dropout, LayerSpec, OpContext
 
 Adapters = tuple[tuple[LayerSpec, dict[str, torch.Tensor]], ...]
 
@@ -73,14 +73,17 @@ class AdaptedWeight(torch.Tensor):
         )
 
 
-def _apply(w: AdaptedWeight, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run the base op once, then let each adapter (in order, like PEFT's active-adapter loop) add its term."""
+    result = base_op(x)
+    ctx = OpContext(w.weight, base_op, w.dropout)
     for spec, params in w.adapters:
-        result = METHODS[spec.method].forward(spec, params, x, result, w.dropout)
+        result = METHODS[spec.method].forward(spec, params, x, result, ctx)
     return result
 
 
 def _linear(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _apply(weight, input, F.linear(input, weight.weight, bias))
+    return _apply(weight, input, lambda x: F.linear(x, weight.weight, bias))
 
 
 def _addmm(
@@ -89,7 +92,7 @@ def _addmm(
 ) -> torch.Tensor:
     if not isinstance(mat2, AdaptedWeight) or isinstance(mat1, AdaptedWeight) or out is not None or beta != 1 or alpha != 1:
         raise UnsupportedWeightOp("funcpeft: torch.addmm on an adapted weight is only supported as Conv1D calls it")
-    return _apply(mat2, mat1, torch.addmm(input, mat1, mat2.weight))
+    return _apply(mat2, mat1, lambda x: torch.addmm(input, x, mat2.weight))
 
 
 def _embedding(
@@ -98,13 +101,14 @@ def _embedding(
 ) -> torch.Tensor:
     if max_norm is not None:
         raise UnsupportedWeightOp("funcpeft: nn.Embedding(max_norm=...) renormalises its weight in place; not supported")
-    base = F.embedding(input, weight.weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    return _apply(weight, input, base)
+    return _apply(
+        weight, input, lambda x: F.embedding(x, weight.weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    )
 
 
 def _conv(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def handler(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None, *args: Any, **kw: Any) -> torch.Tensor:
-        return _apply(weight, input, conv(input, weight.weight, bias, *args, **kw))
+        return _apply(weight, input, lambda x: conv(x, weight.weight, bias, *args, **kw))
 
     return handler
 

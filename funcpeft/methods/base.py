@@ -2,8 +2,9 @@
 
 A method file (e.g. `lora.py`) defines a `Method` with
 - `init(spec, generator, dtype, device) -> dict[str, Tensor]`: fresh trainable parameters for one layer;
-- `forward(spec, params, x, result, dropout) -> Tensor`: `result` (the base layer's output for input `x`)
-  with the method applied; called by the injected weight, never on a weight-sized tensor;
+- `forward(spec, params, x, result, ctx) -> Tensor`: `result` (the base layer's output for input `x`)
+  with the method applied; `ctx` (an `OpContext`) gives the plain base weight, the base op (to re-run it
+  on a changed input, as IA3 on feed-forward layers does) and the dropout to use;
 - `delta_weight(spec, params) -> Tensor`: the weight-shaped delta, only for merging and export.
 Targeting, injection, files, merging and counting are shared and know nothing about a method's maths.
 """
@@ -16,6 +17,20 @@ from typing import Any, Callable, Protocol
 import torch
 
 Dropout = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """What a method's forward may use besides its params: never mutate any of it.
+
+    weight: the plain base weight (same storage as the model's); base_op: `x -> base layer output` with the
+    plain weight and the layer's own bias/args; dropout: `(x, p) -> x` (identity unless training randomness
+    was requested).
+    """
+
+    weight: torch.Tensor
+    base_op: Callable[[torch.Tensor], torch.Tensor]
+    dropout: Dropout
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .base import Dropout, LayerSpec, register
+from .base import LayerSpec, OpContext, register
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -64,7 +64,7 @@ def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.
 
 
 def forward(
-    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, dropout: Dropout
+    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
 ) -> torch.Tensor:
     """`result + s * B(A(dropout(x)))` in PEFT's order and dtypes; x is the base layer's input."""
     s = spec.h("scaling")
@@ -75,7 +75,7 @@ def forward(
         return result + (after_a @ b.T) * s
     a, b = params["lora_A"], params["lora_B"]
     out_dtype = result.dtype
-    x = dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    x = ctx.dropout(x.to(a.dtype), spec.h("lora_dropout"))
     if spec.kind == "conv":
         conv = _CONV[len(spec.weight_shape)]
         h = conv(x, a, None, spec.g("stride"), spec.g("padding"))

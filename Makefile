@@ -1,0 +1,30 @@
+# Two entry points (see README): `make run` (the main job) and `make test` (the whole suite).
+# Each creates the project's virtual environment on first use; nothing else to install by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch: on this kind of machine pip takes 2.13.0 from local disk in seconds.
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test lint bench env
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test,examples]"
+	touch $@
+
+run: env
+	$(BIN)/python examples/finetune_minilm.py $(ARGS)
+
+lint: env
+	$(BIN)/ruff check funcpeft tests examples benchmarks
+	$(BIN)/mypy funcpeft
+
+test: lint
+	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+bench: env
+	$(BIN)/python benchmarks/bench_core.py
