@@ -32,6 +32,10 @@ class PeftType(str, enum.Enum):
     """The adapter methods funcpeft knows (a subset of `peft.PeftType`)."""
 
     LORA = "LORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
 
 
 def _check_init_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
@@ -62,6 +66,8 @@ class PeftConfig:
     _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
 
     def __post_init__(self) -> None:
+        if self.peft_version is None:  # PEFT auto-fills it (peft.config.PeftConfig.__post_init__)
+            self.peft_version = PEFT_VERSION
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(self.task_type)
@@ -115,7 +121,7 @@ class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
 
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
-    use_rslora, modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
+    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
     layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
     inference_mode. Every other field must keep its default: a non-default value raises
     NotImplementedError naming the field.
@@ -164,7 +170,6 @@ class LoraConfig(PeftConfig):
         "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
-        "use_dora": False,
         "velora_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
@@ -181,20 +186,9 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
         super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue
-            if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(
-                    f"`{name}` must be a str (a regex matched with re.fullmatch), a list of str "
-                    f"(exact names or name suffixes) or None; got {value!r}"
-                )
-            setattr(self, name, set(value))  # PEFT turns lists into sets
+        check_rank(self)
+        check_probability(self, "lora_dropout")
+        check_module_names(self, "target_modules", "exclude_modules")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -208,20 +202,54 @@ class LoraConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise ValueError(f"`modules_to_save` must be a list of str, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"`{name}` must be a dict of regex -> value, got {getattr(self, name)!r}")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.rank_pattern.values()):
-            raise ValueError(f"`rank_pattern` values must be positive integers, got {self.rank_pattern!r}")
+        check_layers_and_saved(self)
 
 
-def _validated_init(cls: type) -> None:
+# -- checks shared by the configs (PEFT's __post_init__ rules; lists become sets) -----------------------------
+def check_rank(config: Any) -> None:
+    """`r` a positive int; rank_pattern / alpha_pattern dicts (when the config has them)."""
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
+        raise ValueError(f"`r` should be a positive integer value but the value passed is {config.r!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if hasattr(config, name) and not isinstance(getattr(config, name), dict):
+            raise ValueError(f"`{name}` must be a dict of regex -> value, got {getattr(config, name)!r}")
+    pattern = getattr(config, "rank_pattern", {})
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pattern.values()):
+        raise ValueError(f"`rank_pattern` values must be positive integers, got {pattern!r}")
+
+
+def check_probability(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+
+
+def check_module_names(config: Any, *names: str) -> None:
+    """Module-name fields: a regex str, a list of str (turned into a set, like PEFT) or None."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(
+                f"`{name}` must be a str (a regex matched with re.fullmatch), a list of str "
+                f"(exact names or name suffixes) or None; got {value!r}"
+            )
+        setattr(config, name, set(value))
+
+
+def check_layers_and_saved(config: Any) -> None:
+    """layers_pattern needs layers_to_transform; modules_to_save is a list of str."""
+    if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
+        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+    if config.modules_to_save is not None:
+        if isinstance(config.modules_to_save, str) or not all(isinstance(m, str) for m in config.modules_to_save):
+            raise ValueError(f"`modules_to_save` must be a list of str, got {config.modules_to_save!r}")
+        config.modules_to_save = list(config.modules_to_save)
+
+
+def validated_init(cls: type) -> type:
     """Wrap a config's dataclass __init__ so that unknown fields raise a TypeError with close matches."""
     init = cls.__init__
 
@@ -232,8 +260,9 @@ def _validated_init(cls: type) -> None:
     __init__.__doc__ = init.__doc__
     __init__.__signature__ = __import__("inspect").signature(init)  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
 
 
-_validated_init(LoraConfig)
+validated_init(LoraConfig)
 
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}

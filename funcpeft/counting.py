@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .trees import tree_numel
+from .trees import SHARED_PREFIX, tree_numel
 
 
 def _numel(t: torch.Tensor) -> int:
@@ -26,7 +26,8 @@ def count_parameters(base: Mapping[str, torch.Tensor], adapter: Any, plan: Mappi
     if adapter is not None:
         for path, entry in adapter.items():
             in_place += sum(int(entry[k].numel()) for k in plan[path]["in_place"] if k in entry)
-    total = sum(_numel(t) for t in base.values()) + trainable - in_place
+    frozen = sum(_numel(t) for k, t in base.items() if not k.startswith(SHARED_PREFIX))  # PEFT: shared = buffers
+    total = frozen + trainable - in_place
     return trainable, total
 
 

@@ -1,6 +1,9 @@
 """The pure function `fn(base, adapter, *args, **kwargs)`.
 
-`base` is `{param_name: Tensor}` (the model's parameters, detached, sharing storage). `adapter` is the
+`base` is `{param_name: Tensor}` (the model's parameters, detached, sharing storage), plus, for methods
+with frozen tensors shared by all their layers (VeRA's vera_A / vera_B), entries under reserved keys
+starting with `trees.SHARED_PREFIX` (e.g. '<shared>.vera_A.prng0.256x64'): frozen like the weights, never in
+the adapter tree, and not counted as parameters (PEFT keeps them as buffers). `adapter` is the
 plain adapter tree `{module_path: {param_name: Tensor}}` (see `funcpeft.trees`), `None` for the base
 model, or `{adapter_name: tree, ...}` for several registered adapters at once (their terms are summed,
 like PEFT's list of active adapters).
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import LayerSpec, no_dropout
-from .trees import check_adapter_structure
+from .routing import PerExample, route_layer, split_routed
+from .trees import SHARED_PREFIX, check_adapter_structure
 from .weights import AdaptedWeight
 
 Plan = dict[str, dict[str, Any]]  # module_path -> {"spec": LayerSpec | None, "params": names, "overrides": names}
@@ -64,6 +68,7 @@ class PeftFunction:
     def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str):
         self.plans = plans
         self.default_adapter = default_adapter
+        self.mixed = False  # PeftMixedModel semantics: adapters apply in registration order (set by get_peft_model)
         self._model = model
         canon = {id(p): n for n, p in model.named_parameters()}
         self._aliases = [(n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
@@ -88,29 +93,43 @@ class PeftFunction:
         """[(adapter_name, tree)] for a single tree, a {name: tree} dict, or None."""
         if adapter is None:
             return []
+        routed = split_routed(adapter, self.plans, self.default_adapter)  # per-example adapters (funcpeft.routing)
+        if routed is not None:
+            return routed
         if not isinstance(adapter, Mapping):
             raise TypeError(f"adapter must be a dict tree, a dict of adapter name -> tree, or None; got {type(adapter).__name__}")
         default_plan = self.plans.get(self.default_adapter, {})
         if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
-            return [(name, tree) for name, tree in adapter.items() if tree is not None]
+            names = [name for name in (self.plans if self.mixed else adapter) if adapter.get(name) is not None]
+            return [(name, adapter[name]) for name in names]
         return [(self.default_adapter, adapter)]
 
     def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights."""
-        params = {alias: base[canon] for alias, canon in self._aliases}
+        # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
+        params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self._aliases}
         carried: dict[str, list[tuple[LayerSpec, dict[str, torch.Tensor]]]] = {}
         for name, tree in self.split_adapters(adapter):
             plan = self.plans.get(name)
             if plan is None:
                 raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(self.plans)}")
+            routed, index = isinstance(tree, PerExample), getattr(tree, "index", None)
+            tree = tree.stacked if routed else tree
             check_adapter_structure(tree, plan, name)
             for path, entry in tree.items():
                 info = plan[path]
+                if routed and info["overrides"]:
+                    raise NotImplementedError(f"per-example adapters: {path} overrides {info['overrides']} (modules_to_save "
+                                              "or a trainable bias); only method parameters can be routed per example")
                 for pname in info["overrides"]:
                     params[f"{path}.{pname}"] = entry[pname]
                 spec = info["spec"]
                 if spec is not None:
-                    carried.setdefault(f"{path}.weight", []).append((spec, {k: entry[k] for k in info["params"]}))
+                    own = {k: entry[k] for k in info["params"]}
+                    if routed:
+                        spec, own = route_layer(spec, own, index)
+                    own.update(_frozen(base, info.get("frozen", ())))
+                    carried.setdefault(f"{path}.weight", []).append((spec, own))
         for wname, adapters in carried.items():
             params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
         return params
@@ -129,6 +148,19 @@ class PeftFunction:
         skel = self._get_skeleton(training)
         with ctx:
             return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
+
+
+def _frozen(base: Mapping[str, torch.Tensor], frozen: Any) -> dict[str, torch.Tensor]:
+    """A method's frozen shared tensors (VeRA's vera_A/vera_B), read from their reserved `base` keys."""
+    out = {}
+    for pname, key in frozen:
+        if key not in base:
+            raise KeyError(
+                f"base has no entry {key!r} (the adapter's frozen shared {pname!r}); pass the `base` that "
+                f"get_peft_model returned: it holds such tensors under keys starting with {SHARED_PREFIX!r}"
+            )
+        out[pname] = base[key]
+    return out
 
 
 class _seeded:

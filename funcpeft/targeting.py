@@ -51,7 +51,7 @@ def _matches_list(names: Any, key: str) -> bool:
 
 def is_excluded(config: LoraConfig, key: str) -> bool:
     """exclude_modules first, then modules_to_save (never LoRA targets): PEFT's `check_target_module_exists`."""
-    ex = config.exclude_modules
+    ex = getattr(config, "exclude_modules", None)  # VeraConfig has none
     if ex:
         if isinstance(ex, str):
             if re.fullmatch(ex, key):
@@ -87,10 +87,10 @@ def is_target(config: LoraConfig, key: str) -> bool:
     if key in targets:
         return True
     found = any(key.endswith(f".{t}") for t in targets)
-    layers = config.layers_to_transform
+    layers = getattr(config, "layers_to_transform", None)  # IA3Config has no layer selection
     using_layers = layers is not None and (len(layers) != 0 if isinstance(layers, list) else True)
     if found and using_layers:
-        idx = layer_index(key, config.layers_pattern)
+        idx = layer_index(key, getattr(config, "layers_pattern", None))
         if idx is None:
             return False
         return idx == layers if isinstance(layers, int) else idx in layers
@@ -105,10 +105,11 @@ def pattern_key(pattern_keys: Any, key: str) -> str | None:
     return None
 
 
-def rank_and_alpha(config: LoraConfig, key: str) -> tuple[int, float]:
+def rank_and_alpha(config: Any, key: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
+    """(r, alpha) for module `key` after rank_pattern / alpha_pattern (LoHa/LoKr call their alpha `alpha`)."""
     rk = pattern_key(config.rank_pattern.keys(), key)
     ak = pattern_key(config.alpha_pattern.keys(), key)
-    return config.rank_pattern.get(rk, config.r), config.alpha_pattern.get(ak, config.lora_alpha)
+    return config.rank_pattern.get(rk, config.r), config.alpha_pattern.get(ak, getattr(config, alpha_field))
 
 
 def _output_embedding_name(model: nn.Module) -> str | None:
@@ -180,19 +181,24 @@ def resolve_config(model: nn.Module, config: LoraConfig, revision: str | None = 
             )
         changes["revision"] = revision
     targets = config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        default = DEFAULT_TARGET_MODULES.get(model_type) if model_type else None
+        table = getattr(config, "_default_target_modules", DEFAULT_TARGET_MODULES)
+        default = table.get(model_type) if model_type else None
         if default is None:
             raise ValueError(
                 "Please specify `target_modules` in the config: there is no default for "
-                f"model_type {model_type!r} (known: {sorted(DEFAULT_TARGET_MODULES)[:8]}...)"
+                f"model_type {model_type!r} (known: {sorted(table)[:8]}...)"
             )
         targets = default if isinstance(default, str) else set(default)
     resolved = dataclasses.replace(config, **changes)
+    model_defaults = getattr(config, "model_defaults", None)  # e.g. IA3's feedforward_modules per model type
+    for name, value in (model_defaults(model_type) if model_defaults is not None else {}).items():
+        setattr(resolved, name, value)  # set like PEFT's _prepare_adapter_config: no __post_init__ re-check
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, resolved)
-    if isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+    compress = getattr(config, "_compress_target_modules", True)  # PEFT never compresses IA3's (coupled to feedforward_modules)
+    if compress and isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
         keys = [n for n, _ in model.named_modules()]
         suffixes = tuple("." + t for t in targets)
         others = [n for n in keys if n not in targets and not n.endswith(suffixes)]
@@ -245,13 +251,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     )
 
 
-def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only)."""
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig, targets: Any = ()) -> list[str]:
+    """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only).
+
+    Raises TypeError, like PEFT, when such a module is a container or one of the adapter's `targets`.
+    """
     names = config.modules_to_save or []
     found: list[str] = []
-    for key, _ in model.named_modules():
+    for key, module in model.named_modules():
         if key and any(key.endswith(t) for t in names):
             if not any(key.startswith(f + ".") for f in found):
+                if key in targets or isinstance(module, _CONTAINERS):
+                    what = "a LoRA target" if key in targets else f"a {type(module).__name__}"
+                    raise TypeError(
+                        f"modules_to_save {names} matches {key!r}, which is {what}; modules_to_save cannot be "
+                        "applied to containers or to modules the adapter itself targets."
+                    )
                 found.append(key)
     return found
 

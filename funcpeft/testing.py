@@ -102,13 +102,18 @@ def random_like(tree: Any, generator: torch.Generator | None = None, scale: floa
 def peft_param_name(path: str, key: str, plan_entry: Mapping[str, Any], adapter_name: str = "default") -> str:
     """The in-memory parameter name in a `peft` PeftModel for adapter leaf `adapter[path][key]`.
 
-    lora_A/B -> `...{path}.lora_A.{name}.weight`; lora_embedding_A/B -> `...{path}.lora_embedding_A.{name}`;
+    lora_A/B -> `...{path}.lora_A.{name}.weight`; lora_embedding_A/B -> `...{path}.lora_embedding_A.{name}`
+    (likewise ia3_l, hada_*, lokr_*, vera_lambda_*: a method's `peft_unsuffixed`);
     modules_to_save copies -> `...{path}.modules_to_save.{name}.{key}`; a trainable bias -> `...{path}.base_layer.bias`
     on an adapted layer, else `...{path}.bias`.
     """
     prefix = f"base_model.model.{path}"
     if key in plan_entry["params"]:
-        if key.startswith("lora_embedding_") or key == "lora_magnitude_vector":
+        from .methods import METHODS
+
+        # IA3/LoHa/LoKr/VeRA params are nn.ParameterDict entries in PEFT: no `.weight`, in memory or on disk
+        in_dict = set(getattr(METHODS[plan_entry["spec"].method], "peft_unsuffixed", ()))
+        if key.startswith("lora_embedding_") or key == "lora_magnitude_vector" or key in in_dict:
             return f"{prefix}.{key}.{adapter_name}" + (".weight" if key == "lora_magnitude_vector" else "")
         return f"{prefix}.{key}.{adapter_name}.weight"
     if key in plan_entry["in_place"]:

@@ -22,6 +22,16 @@ import optree
 import torch
 
 
+SHARED_PREFIX = "<shared>."
+"""Reserved `base` key prefix for frozen tensors an adapter's layers share (VeRA's vera_A / vera_B): they
+belong to the frozen side, never to this tree; see funcpeft.functional."""
+
+
+def shared_key(*parts: Any) -> str:
+    """A reserved `base` key, e.g. shared_key("vera_A", "prng0", "256x64") -> '<shared>.vera_A.prng0.256x64'."""
+    return SHARED_PREFIX + ".".join(map(str, parts))
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"Tensor{tuple(x.shape)}"

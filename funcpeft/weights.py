@@ -73,17 +73,32 @@ class AdaptedWeight(torch.Tensor):
         )
 
 
-def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run the base op once, then let each adapter (in order, like PEFT's active-adapter loop) add its term."""
-    result = base_op(x)
-    ctx = OpContext(w.weight, base_op, w.dropout)
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Op, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each adapter wraps the op below it, in order (PEFT's active-adapter loop / nested mixed layers).
+
+    For additive methods this is: run the base op once, then let each adapter add its term.
+    """
+    op = base_op
     for spec, params in w.adapters:
-        result = METHODS[spec.method].forward(spec, params, x, result, ctx)
-    return result
+        op = _stacked(spec, params, OpContext(w.weight, base_op, w.dropout, bias, op))
+    return op(x)
+
+
+def _stacked(spec: LayerSpec, params: dict[str, torch.Tensor], ctx: OpContext) -> Op:
+    method = getattr(spec, "method_impl", None) or METHODS[spec.method]  # a spec may carry its op (funcpeft.routing)
+    inner = ctx.inner_op
+    assert inner is not None
+    uses_result = getattr(method, "uses_result", None)
+    if uses_result is not None and not uses_result(spec):
+        return lambda x: method.forward(spec, params, x, None, ctx)
+    return lambda x: method.forward(spec, params, x, inner(x), ctx)
 
 
 def _linear(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _apply(weight, input, lambda x: F.linear(x, weight.weight, bias))
+    return _apply(weight, input, lambda x: F.linear(x, weight.weight, bias), bias)
 
 
 def _addmm(
@@ -92,7 +107,7 @@ def _addmm(
 ) -> torch.Tensor:
     if not isinstance(mat2, AdaptedWeight) or isinstance(mat1, AdaptedWeight) or out is not None or beta != 1 or alpha != 1:
         raise UnsupportedWeightOp("funcpeft: torch.addmm on an adapted weight is only supported as Conv1D calls it")
-    return _apply(mat2, mat1, lambda x: torch.addmm(input, x, mat2.weight))
+    return _apply(mat2, mat1, lambda x: torch.addmm(input, x, mat2.weight), input)
 
 
 def _embedding(
@@ -108,7 +123,7 @@ def _embedding(
 
 def _conv(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def handler(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None, *args: Any, **kw: Any) -> torch.Tensor:
-        return _apply(weight, input, lambda x: conv(x, weight.weight, bias, *args, **kw))
+        return _apply(weight, input, lambda x: conv(x, weight.weight, bias, *args, **kw), bias)
 
     return handler
 

@@ -1,6 +1,6 @@
 """Adapter methods, one small module each; importing this package registers them."""
 
-from . import lora
+from . import dora, ia3, loha, lokr, lora, vera
 from .base import METHODS, LayerSpec
 
-__all__ = ["METHODS", "LayerSpec", "lora"]
+__all__ = ["METHODS", "LayerSpec", "dora", "ia3", "loha", "lokr", "lora", "vera"]

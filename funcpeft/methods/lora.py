@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..targeting import rank_and_alpha
 from .base import LayerSpec, OpContext, register
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -36,7 +39,7 @@ def _shapes(spec: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return (r, spec.in_features), (spec.out_features, r)
 
 
-def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     # nn.init.kaiming_uniform_(a=sqrt(5)), the default init of nn.Linear/nn.ConvNd: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     t = torch.empty(shape)
     return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
@@ -55,11 +58,11 @@ def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.
         b = torch.randn(shape_b, generator=generator)
         return dict(zip(names, (a, b)))
     if mode is False:
-        a, b = _kaiming_uniform(shape_a, generator), _kaiming_uniform(shape_b, generator)
+        a, b = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
     elif mode == "gaussian":
         a, b = torch.randn(shape_a, generator=generator) / spec.h("r"), torch.zeros(shape_b)
     else:
-        a, b = _kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
+        a, b = kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
     return dict(zip(names, (a, b)))
 
 
@@ -76,13 +79,16 @@ def forward(
     a, b = params["lora_A"], params["lora_B"]
     out_dtype = result.dtype
     x = ctx.dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    delta = low_rank(spec, a, b, x) * s  # rebinding frees the unscaled delta before the add: PEFT's peak memory
+    return (result + delta).to(out_dtype)
+
+
+def low_rank(spec: LayerSpec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`B(A(x))` for a linear / Conv1D / conv layer (PEFT's lora_A, lora_B modules), unscaled."""
     if spec.kind == "conv":
         conv = _CONV[len(spec.weight_shape)]
-        h = conv(x, a, None, spec.g("stride"), spec.g("padding"))
-        delta = conv(h, b, None, 1, 0, 1, spec.g("groups"))
-    else:
-        delta = F.linear(F.linear(x, a), b)
-    return (result + delta * s).to(out_dtype)
+        return conv(conv(x, a, None, spec.g("stride"), spec.g("padding")), b, None, 1, 0, 1, spec.g("groups"))
+    return F.linear(F.linear(x, a), b)
 
 
 def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,4 +108,21 @@ def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tens
     return (w.T if spec.kind == "conv1d_hf" else w) * s
 
 
-LORA = register(SimpleNamespace(name="lora", param_names=param_names, init=init, forward=forward, delta_weight=delta_weight))
+def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+    """LayerSpec hyper-parameters of LoRA (and DoRA) for module `name`: rank/alpha patterns, rsLoRA scaling."""
+    r, alpha = rank_and_alpha(config, name)
+    if kind == "conv" and r % module.groups != 0:
+        raise ValueError(f"LoRA on {name!r}: rank {r} must be divisible by the conv's groups={module.groups}")
+    scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
+    return (
+        ("init_lora_weights", config.init_lora_weights),
+        ("lora_dropout", 0.0 if kind == "embedding" else float(config.lora_dropout)),
+        ("r", r),
+        ("scaling", scaling),
+    )
+
+
+LORA = register(SimpleNamespace(
+    name="lora", peft_type="LORA", accepts=lambda config: not config.use_dora, hyper=hyper,
+    param_names=param_names, init=init, forward=forward, delta_weight=delta_weight,
+))

@@ -1,0 +1,155 @@
+"""Shared benchmark helpers: interleaved timing rounds, peak memory of one call, machine notes, tables.
+
+Import from a benchmark script with `from _common import ...` (scripts run as `python benchmarks/x.py`,
+so this folder is on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+# -- timing -------------------------------------------------------------------------------------------------
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu", clock: str = "wall") -> float:
+    """Seconds for one call of `fn` (synchronising an accelerator before and after).
+
+    clock "wall": elapsed time. "cpu": this process's CPU time (all its threads), which on a shared
+    machine leaves out the time other processes held the cores; use it with few torch threads (idle
+    OpenMP workers spin and would be counted).
+    """
+    now = CLOCKS[clock]
+    sync = _synchronizer(device)
+    sync()
+    start = now()
+    fn()
+    sync()
+    return now() - start
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 0,
+    device: torch.device | str = "cpu",
+    before: Callable[[str], Any] | None = None,
+    clock: str = "wall",
+    warm_each: bool = False,
+) -> dict[str, list[float]]:
+    """Run every variant once per round, rotating the order each round; seconds per call per variant.
+
+    Interleaving makes slow drifts of a noisy machine hit all variants alike. `warmup` rounds are run
+    and discarded. `before(name)` (untimed) runs before each timed call, e.g. to reset `.grad`. Round i
+    of every variant is element i of its list, so lists can be compared pairwise (`paired_ratio`).
+    warm_each: run each variant once, untimed, right before its timed call, so every variant is timed in
+    its own steady state (as in a training loop) rather than with the caches the previous variant left:
+    with weights bigger than the last-level cache, a variant that follows one sharing its weights is
+    otherwise measurably faster than one that follows a variant with other weights.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            if warm_each:
+                if before is not None:
+                    before(name)
+                variants[name]()
+            if before is not None:
+                before(name)
+            t = time_once(variants[name], device, clock)
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def paired_ratio(ours: Sequence[float], ref: Sequence[float]) -> float:
+    """Median over rounds of ours[i] / ref[i]: each pair ran back to back, so slow drifts cancel."""
+    return statistics.median(o / r for o, r in zip(ours, ref, strict=True))
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Interquartile range relative to the median (a noise indicator)."""
+    if len(xs) < 4:
+        return float("nan")
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / statistics.median(xs)
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated by `fn` above what was allocated when it started (its result included).
+
+    CUDA: `torch.cuda.max_memory_allocated` relative to the allocation at the start. CPU: torch's profiler
+    with `profile_memory=True` records every CPU allocation and free made during the call (blocks that
+    existed before are not counted, even when freed); the peak is the maximum running sum of those sizes,
+    in time order. Deterministic, and counts tensor storage only (not Python objects or allocator slack).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.alloc_size))
+    running = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+# -- reporting ----------------------------------------------------------------------------------------------
+def machine_note() -> str:
+    """One line: load averages, cores, torch threads and versions (timings on a loaded machine are noisy)."""
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"load avg (1/5/15 min) {load} on {os.cpu_count()} cores; torch {torch.__version__} with "
+        f"{torch.get_num_threads()} thread(s); python {platform.python_version()}"
+    )
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def fmt_mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def _synchronizer(device: torch.device | str) -> Callable[[], None]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None

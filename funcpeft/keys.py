@@ -1,0 +1,188 @@
+"""PEFT's checkpoint key names for adapter-tree leaves, both ways (pure functions over strings).
+
+A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
+
+    method parameter (lora_A, ...)        base_model.model.{path}.{name}.weight
+    ... in the method's `unsuffixed` set  base_model.model.{path}.{name}        (lora_embedding_A/B, DoRA magnitude)
+    own param of an adapted layer         base_model.model.{path}.base_layer.{name}   (bias="lora_only"/"all")
+    own param of any other module         base_model.model.{path}.{name}   (modules_to_save copies, bias="all")
+
+A method declares its rules with optional attributes on its namespace (see funcpeft.methods):
+`peft_key_prefix` (the prefix PEFT gives its parameter names, default "lora_"), `peft_unsuffixed`
+(parameter names saved without `.weight`, default LoRA's) and `peft_shared_keys` (frozen shared
+tensors PEFT saves, e.g. VeRA's). Nothing here is specific to one method.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .methods.base import method_for
+from .trees import SHARED_PREFIX
+
+PREFIX = "base_model.model."
+DEFAULT_PARAM_PREFIX = "lora_"
+DEFAULT_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
+BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
+
+Leaf = tuple[str, str]  # (module path, name inside the entry)
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """How one method's parameters are named in a checkpoint."""
+
+    param_prefix: str = DEFAULT_PARAM_PREFIX
+    unsuffixed: frozenset[str] = DEFAULT_UNSUFFIXED
+
+    def is_method_param(self, name: str) -> bool:
+        return name in self.unsuffixed or name.startswith(self.param_prefix)
+
+
+def key_rules(config: Any) -> KeyRules:
+    """The rules of the registered method implementing `config` (LoRA's when the method declares none)."""
+    method = method_for(config)
+    return KeyRules(
+        getattr(method, "peft_key_prefix", DEFAULT_PARAM_PREFIX),
+        frozenset(getattr(method, "peft_unsuffixed", DEFAULT_UNSUFFIXED)),
+    )
+
+
+def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
+    """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
+
+    A method opts in with `peft_shared_keys(config, shared_base_keys) -> {checkpoint key: base key}`;
+    shared base keys start with funcpeft.trees.SHARED_PREFIX.
+    """
+    hook = getattr(method_for(config), "peft_shared_keys", None)
+    return dict(hook(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)])) if hook else {}
+
+
+def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
+    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters."""
+    if rules.is_method_param(name) if method_param is None else method_param:
+        return f"{PREFIX}{path}.{name}" + ("" if name in rules.unsuffixed else ".weight")
+    return f"{PREFIX}{path}.base_layer.{name}" if adapted else f"{PREFIX}{path}.{name}"
+
+
+def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
+    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes)."""
+    out: dict[str, Leaf] = {}
+    for path, entry in tree.items():
+        adapted = any(rules.is_method_param(n) for n in entry)
+        for name in entry:
+            out[file_key(path, name, rules, adapted)] = (path, name)
+    return out
+
+
+def plan_file_keys(plan: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
+    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft.mapping)."""
+    out: dict[str, Leaf] = {}
+    for path, e in plan.items():
+        adapted = e["spec"] is not None
+        for name in (*e["params"], *e["overrides"]):
+            out[file_key(path, name, rules, adapted, name in e["params"])] = (path, name)
+    return out
+
+
+def base_file_key(param_name: str, adapted_paths: Iterable[str] | set[str]) -> str:
+    """Checkpoint key of a base-model parameter PEFT saves (embeddings): under `base_layer` if adapted."""
+    path, _, leaf = param_name.rpartition(".")
+    return f"{PREFIX}{path}.base_layer.{leaf}" if path in adapted_paths else f"{PREFIX}{param_name}"
+
+
+def saved_module_split(path: str, modules_to_save: Iterable[str]) -> tuple[str, str] | None:
+    """(module, rest) when `path` lies in a modules_to_save module (outermost match, funcpeft.targeting's rule)."""
+    names = list(modules_to_save)
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        head = ".".join(parts[:i])
+        if any(head.endswith(t) for t in names):
+            return head, ".".join(parts[i:])
+    return None
+
+
+def remove_adapter_name(key: str, adapter_name: str) -> str:
+    """PEFT's `_remove_adapter_name_from_state_dict_key`: drop `.{adapter_name}` at the end or before the last part."""
+    if "." not in key:
+        return key
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, suffix = key.rpartition(".")
+    return f"{re.sub(re.escape(f'.{adapter_name}') + '$', '', head)}.{suffix}"
+
+
+def bias_all_duplicates(saved: Mapping[str, Iterable[str]], adapter_name: str) -> dict[str, tuple[str, str, str]]:
+    """PEFT's extra keys for bias="all" with modules_to_save: {key: (which, module path, param name)}.
+
+    PEFT's bias="all" selection takes every state-dict key ending in `.bias`, which includes the
+    ModulesToSaveWrapper's `{m}.modules_to_save.{adapter}.{name}` (the trained copy) and
+    `{m}.original_module.{name}` (the base's), then strips the adapter name its usual way.
+    saved: {modules_to_save module path: names of its parameters}.
+    """
+    out: dict[str, tuple[str, str, str]] = {}
+    for path, names in saved.items():
+        for n in names:
+            if n == "bias" or n.endswith(".bias"):
+                copy = remove_adapter_name(f"{PREFIX}{path}.modules_to_save.{adapter_name}.{n}", adapter_name)
+                out[copy] = ("modules_to_save", path, n)
+                out[f"{PREFIX}{path}.original_module.{n}"] = ("original_module", path, n)
+    return out
+
+
+def is_wrapper_duplicate(key: str, saved_paths: Iterable[str]) -> bool:
+    """A `bias_all_duplicates` key (whatever the adapter name was): ignored on load."""
+    return any(key.startswith(f"{PREFIX}{m}.{w}.") for m in saved_paths for w in BIAS_ALL_WRAPPER_PARTS)
+
+
+def is_saved_module(path: str, modules_to_save: Iterable[str] | None) -> bool:
+    return any(path.endswith(t) for t in modules_to_save or ())
+
+
+def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bias: str) -> tuple[str, Leaf] | None:
+    """Inverse of `file_key` without a model: ("adapter" | "base" | "duplicate", (path, name)), None if foreign.
+
+    "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
+    """
+    if not key.startswith(PREFIX):
+        return None
+    parts = key[len(PREFIX):].split(".")
+    if len(parts) < 2:
+        return None
+    last, prev = parts[-1], parts[-2]
+    if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
+        return "adapter", (".".join(parts[:-1]), last)
+    if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:
+        return "adapter", (".".join(parts[:-2]), prev)
+    mts = list(modules_to_save)
+    split = saved_module_split(".".join(parts), mts)
+    if split is not None:
+        module, rest = split
+        if rest.split(".", 1)[0] in BIAS_ALL_WRAPPER_PARTS:
+            return "duplicate", (module, rest)
+        return "adapter", split
+    if prev == "base_layer":
+        path = ".".join(parts[:-2])
+        if last == "bias" and bias != "none":
+            return "adapter", (path, last)
+        return "base", (f"{path}.{last}", "")
+    if last == "bias" and bias == "all":
+        return "adapter", (".".join(parts[:-1]), last)
+    return "base", (".".join(parts), "")
+
+
+def embedding_is_targeted(target_modules: Any, module_names: Iterable[str]) -> bool:
+    """PEFT's `save_embedding_layers="auto"` test (utils/save_and_load.get_peft_model_state_dict)."""
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return False
+        return any(
+            re.fullmatch(target_modules, k)
+            for k in module_names
+            if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(target_modules) and any(k in target_modules for k in EMBEDDING_LAYER_NAMES)

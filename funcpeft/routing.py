@@ -1,0 +1,231 @@
+"""Per-example adapters: example i of a batch uses adapter `index[i]` of a stack (PEFT's `adapter_names=`).
+
+    stacked = funcpeft.stack_adapters([tree_a, tree_b])                      # leaves (K, ...)
+    fn(base, funcpeft.per_example(stacked, [0, -1, 1]), input_ids=ids, attention_mask=mask)  # -1: no adapter
+    fn(base, funcpeft.mixed_batch({"a": tree_a, "b": tree_b}, ["a", "__base__", "b"]), ...)  # registered names
+
+Inside each adapted layer the op gathers every example's parameters by index (leaves `(B, ...)`) and
+runs the method's own `forward` under `torch.func.vmap` over the examples: any method works, there is no
+Python loop over adapters and no vmap over the model (so padded batches with an attention_mask work), and
+the shapes do not depend on the routing (compile-friendly). Examples with index -1 get the layer's output
+without this adapter, exactly.
+
+The layer input's leading dimension must be the batch (B) or the batch flattened with the tokens (B*n,
+example-major, as GPT-2's Conv1D does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import optree
+import torch
+
+from .grad import value_and_grad
+from .methods.base import METHODS, LayerSpec, OpContext
+from .trees import check_adapter_structure, stack_adapters
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+_INDEX = "__index__"
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExample:
+    """An adapter value for `fn`: example i uses adapter `index[i]` of `stacked` (-1: none).
+
+    stacked: adapter tree whose leaves have a leading dim K (see `funcpeft.stack_adapters`).
+    index: LongTensor (B,), values in [-1, K); None means example i uses adapter i (K == B).
+    adapter_name: the registered adapter whose plan the trees follow (None: fn's default adapter).
+    """
+
+    stacked: Any
+    index: torch.Tensor | None
+    adapter_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedBatch:
+    """PEFT's mixed batch: example i uses the registered adapter named `adapter_names[i]` ("__base__": none)."""
+
+    adapters: Mapping[str, Any]
+    adapter_names: tuple[str, ...]
+
+    def split(self, plans: Mapping[str, Any]) -> list[tuple[str, PerExample]]:
+        """One PerExample per group of adapters with identical plans (those are stacked together)."""
+        groups: list[list[str]] = []
+        for name in dict.fromkeys(n for n in self.adapter_names if n != BASE):
+            check_adapter_structure(self.adapters[name], plans[name], name)
+            group = next((g for g in groups if plans[g[0]] == plans[name]), None)
+            if group is None:
+                groups.append([name])
+            else:
+                group.append(name)
+        out = []
+        for members in groups:
+            stacked = stack_adapters([self.adapters[m] for m in members])
+            slot = {m: j for j, m in enumerate(members)}
+            index = torch.tensor([slot.get(n, -1) for n in self.adapter_names], device=_first_leaf(stacked).device)
+            out.append((members[0], PerExample(stacked, index, members[0])))
+        return out
+
+
+def _first_leaf(tree: Any) -> torch.Tensor:
+    leaves = optree.tree_leaves(tree)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise ValueError("per-example adapters need a non-empty adapter tree with tensor leaves")
+    return leaves[0]
+
+
+def _checking() -> bool:
+    """Value checks need concrete tensors: skip them while compiling or inside a torch.func transform."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None) -> PerExample:
+    """Route example i of the batch to adapter `index[i]` of `stacked` (-1: no adapter); pass the result to fn.
+
+    stacked: tree with leaves (K, ...) (`funcpeft.stack_adapters(trees)`), or a list of K trees.
+    index: ints or a LongTensor (B,) with values in [-1, K); None: example i uses adapter i (B == K).
+    """
+    if isinstance(stacked, Sequence):
+        stacked = stack_adapters(list(stacked))
+    if not isinstance(stacked, Mapping):
+        raise TypeError(f"per_example: stacked must be an adapter tree (dict) or a list of trees, got {type(stacked).__name__}")
+    leaves = optree.tree_leaves(stacked)
+    first = _first_leaf(stacked)
+    k = first.shape[0] if first.dim() else 0
+    if any(t.dim() == 0 or t.shape[0] != k for t in leaves):
+        shapes = sorted({tuple(t.shape[:1]) for t in leaves})
+        raise ValueError(f"per_example: every leaf of stacked needs the same leading (adapter) dim K; got {shapes}")
+    if index is not None:
+        index = torch.as_tensor(index, device=first.device)
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"per_example: index must be 1-D integers (B,), got {index.dtype} of shape {tuple(index.shape)}")
+        if _checking() and index.numel() and (int(index.min()) < -1 or int(index.max()) >= k):
+            raise ValueError(f"per_example: index values must be in [-1, {k}) for K={k} stacked adapters, got {index.tolist()}")
+        index = index.long()
+    return PerExample(stacked, index, adapter_name)
+
+
+def mixed_batch(adapters: Mapping[str, Any], adapter_names: Sequence[str]) -> MixedBatch:
+    """PEFT's `model(..., adapter_names=[...])`: example i uses registered adapter `adapter_names[i]`.
+
+    adapters: {registered adapter name: tree}; "__base__" in adapter_names means no adapter. Adapters with
+    identical configs are stacked and run as one batched op; others each add their own routed term.
+    """
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"mixed_batch: adapters must be a dict of adapter name -> tree, got {type(adapters).__name__}")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"mixed_batch: adapter_names must be a list of names (one per example), got {adapter_names!r}")
+    for n in adapter_names:
+        if n != BASE and n not in adapters:
+            close = difflib.get_close_matches(str(n), [*adapters, BASE], n=3)
+            raise ValueError(f"mixed_batch: adapter name {n!r} is not in adapters {sorted(adapters)} nor {BASE!r}"
+                             + (f"; did you mean {close}?" if close else ""))
+    return MixedBatch(dict(adapters), tuple(adapter_names))
+
+
+def split_routed(adapter: Any, plans: Mapping[str, Any], default: str) -> list[tuple[str, Any]] | None:
+    """PeftFunction's hook: [(adapter_name, PerExample)] for a routed adapter value, None for anything else."""
+    if isinstance(adapter, PerExample):
+        return [(adapter.adapter_name or default, adapter)]
+    if isinstance(adapter, MixedBatch):
+        unknown = [n for n in adapter.adapters if n not in plans]
+        if unknown:
+            raise KeyError(f"mixed_batch: {unknown} are not registered adapters; registered: {sorted(plans)}")
+        return adapter.split(plans)
+    return None
+
+
+# -- the per-layer op ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RoutedSpec(LayerSpec):
+    """The LayerSpec of a routed layer: `inner`'s facts, plus which params are stacked (leading dim K)."""
+
+    inner: LayerSpec | None = None
+    stacked_keys: tuple[str, ...] = ()
+
+    @property
+    def method_impl(self) -> Any:
+        return _ROUTED
+
+
+def route_layer(spec: LayerSpec, params: dict[str, torch.Tensor], index: torch.Tensor | None) -> tuple[LayerSpec, dict]:
+    """(spec, stacked params) of one layer -> (RoutedSpec, params + index) that `weights` runs per example."""
+    facts = {f.name: getattr(spec, f.name) for f in dataclasses.fields(LayerSpec)}
+    routed = RoutedSpec(**facts, inner=spec, stacked_keys=tuple(params))
+    return routed, ({**params, _INDEX: index} if index is not None else dict(params))
+
+
+def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:
+    """(B, ...) as is, or (B*n, ...) viewed as (B, n, ...); the flag says whether it was flattened."""
+    if t.shape[0] == b:
+        return t, False
+    if t.dim() and t.shape[0] % b == 0:
+        return t.reshape(b, t.shape[0] // b, *t.shape[1:]), True
+    raise ValueError(
+        f"per-example adapters: a layer got input of shape {tuple(t.shape)} whose leading dim is neither the batch "
+        f"size {b} (length of the index) nor a multiple of it"
+    )
+
+
+def _routed_forward(spec: RoutedSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor,
+                    ctx: OpContext) -> torch.Tensor:
+    inner = spec.inner
+    assert inner is not None
+    method = METHODS[inner.method]
+    index = params.get(_INDEX)
+    stacked = {k: params[k] for k in spec.stacked_keys}
+    shared = {k: v for k, v in params.items() if k not in stacked and k != _INDEX}
+    b = index.shape[0] if index is not None else next(iter(stacked.values())).shape[0]
+    if index is not None:
+        index = index.to(result.device)
+        stacked = {k: v.index_select(0, index.clamp(min=0)) for k, v in stacked.items()}
+    xs, flat = _split_batch(x, b)
+    rs, _ = _split_batch(result, b)
+    uses_result = getattr(method, "uses_result", None)
+    pass_result = uses_result is None or uses_result(inner)
+
+    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+        return method.forward(inner, {**p, **shared}, xi, ri if pass_result else None, ctx)
+
+    out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
+    if index is not None:
+        out = torch.where((index >= 0).view(b, *[1] * (out.dim() - 1)), out, rs)
+    return out.reshape(result.shape) if flat else out
+
+
+def _unsupported(*_: Any, **__: Any) -> Any:
+    raise TypeError("funcpeft.routing: a routed layer only runs forward; merge or export the adapters themselves")
+
+
+_ROUTED = SimpleNamespace(name="per_example", forward=_routed_forward, uses_result=lambda spec: True,
+                          param_names=_unsupported, init=_unsupported, delta_weight=_unsupported)
+
+
+# -- per-sample gradients ----------------------------------------------------------------------------------
+def per_sample_grads(
+    loss_fn: Callable[..., torch.Tensor], adapter: Any, *args: Any, batch_size: int, adapter_name: str | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Per-example losses (B,) and per-example gradients (leaves (B, *leaf.shape)) in one backward pass.
+
+    loss_fn(routed_adapter, *args, **kwargs) -> losses (B,): pass `routed_adapter` to fn as the adapter;
+    losses[i] must depend on example i only. Each example gets its own copy of the adapter (no vmap over
+    the model), so padded batches with an attention_mask work. Inside torch.func transforms it uses them.
+    """
+
+    def total(copies: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = loss_fn(PerExample(copies, None, adapter_name), *args, **kwargs)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"per_sample_grads: loss_fn must return per-example losses of shape ({batch_size},), got {got}")
+        return losses.sum(), losses
+
+    copies = optree.tree_map(lambda t: t.expand(batch_size, *t.shape), adapter)
+    (_, losses), grads = value_and_grad(total, has_aux=True)(copies)
+    return losses, grads
