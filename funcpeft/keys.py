@@ -148,8 +148,8 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
 
     "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
     """
-    if not key.startswith(PREFIX):
-        return None
+    if not key.startswith(PREFIX):  # tuner-level tensors (VeRA's `base_model.vera_A`) belong to the base side
+        return ("base", (key, "")) if key.startswith("base_model.") else None
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None

@@ -153,7 +153,7 @@ def _minimal_suffixes(targets: set[str], others: list[str]) -> set[str]:
     return required or set(targets)
 
 
-def resolve_config(model: nn.Module, config: LoraConfig, revision: str | None = None) -> LoraConfig:
+def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -> Any:
     """A new config with what PEFT fills in at `get_peft_model` time.
 
     task-type modules_to_save, default targets per model type, "all-linear" expanded to names

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and their inputs, a funcpeft-vs-PEFT pair builder, model snapshots.
+"""Shared test helpers (imported with `from conftest import ...`): tiny models and their inputs, a funcpeft-vs-PEFT pair builder, model snapshots.
 
 Tests are differential: everything PEFT 0.21.2 has is computed both ways and compared.
 """
@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
@@ -164,11 +163,6 @@ class Pair:
         return out.detach(), T.peft_grads(self.peft_model, self.adapter, self.plan)
 
 
-@pytest.fixture
-def pair_factory() -> Callable[..., Pair]:
-    return Pair
-
-
 # -- model snapshots: "the model is untouched" ----------------------------------------------------------------
 _HOOK_DICTS = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
@@ -196,8 +190,3 @@ def assert_unchanged(model: nn.Module, snap: dict[str, Any]) -> None:
     assert now["state"].keys() == snap["state"].keys()
     for k, v in snap["state"].items():
         assert torch.equal(now["state"][k], v), f"state_dict[{k!r}] changed"
-
-
-@pytest.fixture
-def snap() -> Callable[[nn.Module], dict[str, Any]]:
-    return snapshot

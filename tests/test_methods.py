@@ -332,8 +332,8 @@ def test_peft_loha_cp_gradient_is_wrong_and_ours_is_right() -> None:
     funcpeft's gradients are autograd's (checked here in float64), so they differ from PEFT's for those two."""
     from peft.tuners.loha.layer import HadaWeightCP
 
-    from funcpeft.methods.loha import delta_weight
     from funcpeft.methods.base import LayerSpec
+    from funcpeft.methods.loha import delta_weight
 
     g = torch.Generator().manual_seed(0)
     spec = LayerSpec("loha", "conv", (6, 4, 3), 4, 6, (("effective_conv", True), ("scaling", 2.0)), ())

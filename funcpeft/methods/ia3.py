@@ -1,7 +1,7 @@
 """(IA)^3 (`IA3Config`): a learned vector scales a layer's output, or, on feed-forward layers, its input.
 
-    y = base(x) * l            l: `ia3_l` (out, 1)  [conv: (1, out, 1, ...)]
-    y = base(x * l)            feed-forward layers: l (1, in)  [conv: (1, in, 1, ...)]
+    y = base(x) * l          l = `ia3_l` (out, 1)  [conv: (1, out, 1, ...)]
+    y = base(x * l)          feed-forward layers: l (1, in)  [conv: (1, in, 1, ...)]
 
 Init: ones (`init_ia3_weights=True`, a no-op) or randn. Supported layers, as in PEFT: nn.Linear, GPT-2
 Conv1D, nn.Conv2d, nn.Conv3d. Merging multiplies W (and, for output scaling, the bias) by l.
@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
 
 from .base import LayerSpec, OpContext, register
 
@@ -29,7 +28,7 @@ def is_feedforward(config: Any, name: str) -> bool:
     return any(name.endswith(t) for t in ff or ())
 
 
-def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     if kind not in ("linear", "conv1d_hf") and not (kind == "conv" and module.weight.dim() in (4, 5)):
         raise ValueError(
             f"Target module {name!r} ({type(module).__name__}) is not supported by IA3. Currently, only "
@@ -60,43 +59,43 @@ def uses_result(spec: LayerSpec) -> bool:
     return not spec.h("is_feedforward")  # feed-forward: the layer below runs on the scaled input instead
 
 
-def _vector(spec: LayerSpec, l: torch.Tensor) -> torch.Tensor:
-    return l if spec.kind == "conv" else l.flatten()
+def _vector(spec: LayerSpec, scale: torch.Tensor) -> torch.Tensor:
+    return scale if spec.kind == "conv" else scale.flatten()
 
 
 def forward(
     spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
 ) -> torch.Tensor:
-    """PEFT's IA3 forward and casts: scale the output, or run the layer below on `x * l`."""
-    l = params[NAME]
+    """PEFT's IA3 forward and casts: scale the output, or run the layer below on `x * scale`."""
+    scale = params[NAME]
     if spec.h("is_feedforward"):
-        scaled = x.to(l.dtype) * _vector(spec, l)
+        scaled = x.to(scale.dtype) * _vector(spec, scale)
         out_dtype = ctx.weight.dtype if spec.kind == "conv" else x.dtype
         assert ctx.inner_op is not None
         return ctx.inner_op(scaled.to(out_dtype)).to(x.dtype)
     assert result is not None
     if spec.kind == "conv":
-        return (result.to(l.dtype) * l).to(x.dtype)
-    return (result * _vector(spec, l)).to(result.dtype).to(x.dtype)
+        return (result.to(scale.dtype) * scale).to(x.dtype)
+    return (result * _vector(spec, scale)).to(result.dtype).to(x.dtype)
 
 
-def _weight_scale(spec: LayerSpec, l: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """l laid out to broadcast over the base weight (PEFT's transpose / `_get_ia3_scaling_for_weight`)."""
+def _weight_scale(spec: LayerSpec, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """scale laid out to broadcast over the base weight (PEFT's transpose / `_get_ia3_scaling_for_weight`)."""
     if spec.kind == "conv":
         if not spec.h("is_feedforward"):
-            return l.transpose(0, 1)
+            return scale.transpose(0, 1)
         if groups == 1:
-            return l
+            return scale
         out_per, in_per = spec.out_features // groups, spec.in_features // groups
-        l = l.reshape(groups, 1, in_per, *l.shape[2:]).expand(groups, out_per, in_per, *l.shape[3:])
-        return l.reshape(spec.out_features, in_per, *l.shape[3:])
-    return l.T if spec.kind == "conv1d_hf" else l
+        scale = scale.reshape(groups, 1, in_per, *scale.shape[2:]).expand(groups, out_per, in_per, *scale.shape[3:])
+        return scale.reshape(spec.out_features, in_per, *scale.shape[3:])
+    return scale.T if spec.kind == "conv1d_hf" else scale
 
 
 def merge_weight(
     spec: LayerSpec, params: dict[str, torch.Tensor], weight: torch.Tensor, base_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`W * l` (rows for output scaling, columns for feed-forward), in W's dtype."""
+    """`W * scale` (rows for output scaling, columns for feed-forward), in W's dtype."""
     groups = dict(spec.geometry).get("groups", 1)
     return (weight * _weight_scale(spec, params[NAME], groups)).to(weight.dtype)
 
@@ -104,7 +103,7 @@ def merge_weight(
 def unmerge_weight(
     spec: LayerSpec, params: dict[str, torch.Tensor], weight: torch.Tensor, base_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """PEFT's inexact inverse: `W / (l + 1e-8)`."""
+    """PEFT's inexact inverse: `W / (scale + 1e-8)`."""
     groups = dict(spec.geometry).get("groups", 1)
     return (weight / (_weight_scale(spec, params[NAME], groups) + 1e-8)).to(weight.dtype)
 
@@ -117,7 +116,7 @@ def merge_bias(spec: LayerSpec, params: dict[str, torch.Tensor], bias: torch.Ten
 
 
 def unmerge_bias(spec: LayerSpec, params: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-    """PEFT's inexact inverse: `b / (l + 1e-8)` for output scaling."""
+    """PEFT's inexact inverse: `b / (scale + 1e-8)` for output scaling."""
     if spec.h("is_feedforward"):
         return bias
     return (bias / (params[NAME].reshape(bias.shape) + 1e-8)).to(bias.dtype)

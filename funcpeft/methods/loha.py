@@ -19,7 +19,6 @@ from . import lycoris
 from .base import LayerSpec, register
 from .lora import kaiming_uniform
 
-
 _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # saved without `.weight`
 
 

@@ -16,12 +16,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import lycoris
 from .base import LayerSpec, register
 from .lora import kaiming_uniform
-
 
 _NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # saved without `.weight`
 
@@ -45,7 +43,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     """LyCORIS' hyper-parameters plus the factor shapes and which factors are low-rank."""
     common = dict(lycoris.hyper(config, name, module, kind))
     r = common["r"]

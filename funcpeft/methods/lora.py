@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..targeting import rank_and_alpha
 from .base import LayerSpec, OpContext, register
@@ -108,7 +107,7 @@ def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tens
     return (w.T if spec.kind == "conv1d_hf" else w) * s
 
 
-def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     """LayerSpec hyper-parameters of LoRA (and DoRA) for module `name`: rank/alpha patterns, rsLoRA scaling."""
     r, alpha = rank_and_alpha(config, name)
     if kind == "conv" and r % module.groups != 0:

@@ -9,11 +9,11 @@ In training (`fn(..., dropout_rng=...)`), `rank_dropout` zeroes random output ro
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..targeting import rank_and_alpha
 from .base import LayerSpec, OpContext
@@ -21,7 +21,7 @@ from .base import LayerSpec, OpContext
 _CONV = {3: F.conv1d, 4: F.conv2d}
 
 
-def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     """r, alpha, scaling and the dropouts; `effective_conv` is use_effective_conv2d on a conv with kernel > 1."""
     if kind != "linear" and not (kind == "conv" and module.weight.dim() in (3, 4)):
         raise TypeError(

@@ -23,7 +23,7 @@ from ..trees import shared_key
 from .base import LayerSpec, OpContext, register
 
 
-def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     if kind not in ("linear", "conv1d_hf"):
         raise TypeError(
             f"Target module {name!r} ({type(module).__name__}) is not supported. Currently, only `torch.nn.Linear` "
@@ -33,7 +33,7 @@ def hyper(config: Any, name: str, module: nn.Module, kind: str) -> tuple[tuple[s
             ("r", config.r), ("vera_dropout", float(config.vera_dropout)))
 
 
-def common_hyper(config: Any, targets: dict[str, nn.Module]) -> tuple[tuple[str, Any], ...]:
+def common_hyper(config: Any, targets: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The shared projections' shapes, from PEFT's `_find_dim` (largest out and in over the targets)."""
     dims = [(m.weight.shape[1], m.weight.shape[0]) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
             for m in targets.values() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
