@@ -122,14 +122,22 @@ class Fixture:
 
 
 # -- measurements --------------------------------------------------------------------------------------------
+AA = " (A/A)"  # the reference run a second time: its ratio to the first is the noise floor
+
+
 def train_variants(fx: Fixture) -> dict[str, Callable[[], Any]]:
     vag = value_and_grad(fx.loss)
     func_grad = torch.func.grad(fx.loss)
+
+    def peft_step() -> None:
+        fx.peft(**fx.train_kw).loss.backward()
+
     return {
-        "PEFT .backward()": lambda: fx.peft(**fx.train_kw).loss.backward(),
-        "funcpeft value_and_grad": lambda: vag(fx.adapter),
-        "funcpeft torch.func.grad": lambda: func_grad(fx.adapter),
-        "funcpeft .backward()": lambda: fx.loss(fx.adapter).backward(),
+        "PEFT": peft_step,
+        "value_and_grad": lambda: vag(fx.adapter),
+        "torch.func.grad": lambda: func_grad(fx.adapter),
+        ".backward()": lambda: fx.loss(fx.adapter).backward(),
+        "PEFT" + AA: peft_step,
     }
 
 
@@ -142,12 +150,25 @@ def infer_variants(fx: Fixture, merged: dict[str, torch.Tensor]) -> dict[str, Ca
         return run
 
     kw = fx.infer_kw
+    peft_call = no_grad(lambda: fx.peft(**kw))
     return {
-        "PEFT": no_grad(lambda: fx.peft(**kw)),
-        "funcpeft fn": no_grad(lambda: fx.fn(fx.base, fx.adapter, **kw)),
-        "base model alone": no_grad(lambda: fx.model(**kw)),
-        "funcpeft fn, merged weights": no_grad(lambda: fx.fn(merged, None, **kw)),
+        "PEFT": peft_call,
+        "fn": no_grad(lambda: fx.fn(fx.base, fx.adapter, **kw)),
+        "base model": no_grad(lambda: fx.model(**kw)),
+        "fn, merged": no_grad(lambda: fx.fn(merged, None, **kw)),
+        "PEFT" + AA: peft_call,
     }
+
+
+def peak_memories(variants: dict[str, Callable[[], Any]], reset: Callable[..., Any]) -> dict[str, int]:
+    out = {}
+    for name, f in variants.items():
+        reset()
+        f()  # warm: lazily created state is not the step's memory
+        reset()
+        out[name] = peak_memory(f)
+    reset()
+    return out
 
 
 def setup_times(small: nn.Module, big: nn.Module, rounds: int, warmup: int, clock: str) -> dict[str, list[float]]:
@@ -172,38 +193,62 @@ def setup_times(small: nn.Module, big: nn.Module, rounds: int, warmup: int, cloc
 
 
 # -- report --------------------------------------------------------------------------------------------------
-def cell(xs: list[float]) -> str:
+class Table:
+    """Rows of (measurement, funcpeft, reference, ratio, target, verdict)."""
+
+    HEADERS = ("measurement", "funcpeft", "reference", "ratio", "target", "verdict")
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+
+    def add(self, what: str, ours: str, ref: str, r: float, target: float | None, noise: float = 0.0) -> None:
+        if target is None:
+            verdict, goal = "-", "report"
+        else:
+            goal = f"<= {target:.2f}"
+            verdict = "met" if r <= target else f"parity (A/A noise {noise:.3f})" if r <= target + noise else "MISSED"
+        self.rows.append([what, ours, ref, f"{r:.3f}", goal, verdict])
+
+    def time(self, what: str, ours: list[float], ref: list[float], target: float | None, ref_name: str, noise: float = 0.0) -> None:
+        self.add(what, _cell(ours), f"{ref_name}: {_cell(ref)}", paired_ratio(ours, ref), target, noise)
+
+    def memory(self, what: str, ours: int, ref: int, target: float | None, ref_name: str) -> None:
+        self.add(what, fmt_mb(ours), f"{ref_name}: {fmt_mb(ref)}", ours / ref, target)
+
+    def __str__(self) -> str:
+        return markdown_table(self.HEADERS, self.rows)
+
+
+def _cell(xs: list[float]) -> str:
     return f"{fmt_ms(median(xs))} (±{spread(xs) * 50:.0f}%)"
 
 
-def ratio_row(what: str, ours: list[float], ref: list[float], target: float | None, ref_name: str = "PEFT") -> list[str]:
-    r = paired_ratio(ours, ref)
-    verdict = "-" if target is None else ("met" if r <= target else "MISSED")
-    return [what, cell(ours), f"{ref_name}: {cell(ref)}", f"{r:.3f}", "report" if target is None else f"<= {target:.2f}", verdict]
+def _noise(times: dict[str, list[float]]) -> float:
+    return abs(paired_ratio(times["PEFT" + AA], times["PEFT"]) - 1.0)
 
 
-def mem_row(what: str, ours: int, ref: int, target: float | None, ref_name: str = "PEFT") -> list[str]:
-    r = ours / ref
-    verdict = "-" if target is None else ("met" if r <= target else "MISSED")
-    return [what, fmt_mb(ours), f"{ref_name}: {fmt_mb(ref)}", f"{r:.3f}", "report" if target is None else f"<= {target:.2f}", verdict]
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="timed interleaved rounds per measurement (default 20)")
     ap.add_argument("--warmup", type=int, default=5, help="discarded rounds first (default 5)")
     ap.add_argument("--setup-rounds", type=int, default=10, help="rounds for get_peft_model setup timing (default 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu (default): process CPU time, robust to other processes on a shared machine; wall: elapsed")
+    ap.add_argument("--no-warm-each", action="store_true",
+                    help="do not run each variant once untimed before its timed call (halves the time; cache-order bias)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warmup: a smoke run, numbers are rough")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.setup_rounds = 3, 1, 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-
     print(f"# funcpeft core benchmark\n\nbefore: {machine_note()}")
     fx = Fixture(512, 1376)
     logit_diff, grad_diff = fx.check_equal()
@@ -215,52 +260,55 @@ def main(argv: list[str] | None = None) -> int:
         f"attn={fx.model.config._attn_implementation}; batch {BATCH}x{SEQ}; LoRA r={RANK} alpha={ALPHA} on 28 modules, "
         f"fp32, eval mode.\nfuncpeft vs PEFT: max |logit diff| {logit_diff:.2g}, max |grad diff| {grad_diff:.2g}; "
         f"merged weights ({merged_source}) vs PEFT: max |logit diff| {merged_diff:.2g}.\n"
-        f"{args.clock} clock; rounds {args.rounds} (+{args.warmup} warmup), setup rounds {args.setup_rounds}; cells are "
-        "median (± half IQR); ratio is the median of per-round ratios (each pair ran back to back).\n",
+        f"{args.clock} clock; rounds {args.rounds} (+{args.warmup} warmup), setup rounds {args.setup_rounds}, "
+        f"warm each: {not args.no_warm_each}; cells are median (± half IQR); ratio is the median of per-round ratios "
+        "(each pair ran in the same round); PEFT (A/A) is PEFT timed twice per round: its ratio is the noise floor.\n",
         flush=True,
     )
-
-    train = interleaved(train_variants(fx), args.rounds, args.warmup, before=fx.zero_grads, clock=args.clock)
-    infer = interleaved(infer_variants(fx, merged), args.rounds, args.warmup, clock=args.clock)
+    timing = {"rounds": args.rounds, "warmup": args.warmup, "clock": args.clock, "warm_each": not args.no_warm_each}
+    train = interleaved(train_variants(fx), before=fx.zero_grads, **timing)
+    infer = interleaved(infer_variants(fx, merged), **timing)
     big = build_llama(1024, 2752)
     setup = setup_times(fx.model, big, args.setup_rounds, min(args.warmup, 2), args.clock)
 
-    rows = []
-    peft_train = train["PEFT .backward()"]
-    for name in ("funcpeft value_and_grad", "funcpeft torch.func.grad", "funcpeft .backward()"):
-        target = 1.00 if name == "funcpeft value_and_grad" else None
-        rows.append(ratio_row(f"train step: {name.removeprefix('funcpeft ')}", train[name], peft_train, target))
+    table, tn, inn = Table(), _noise(train), _noise(infer)
+    table.time("train step: value_and_grad", train["value_and_grad"], train["PEFT"], 1.00, "PEFT", tn)
+    table.time("train step: torch.func.grad", train["torch.func.grad"], train["PEFT"], None, "PEFT")
+    table.time("train step: .backward() on adapter leaves", train[".backward()"], train["PEFT"], None, "PEFT")
+    table.time("train step: noise floor (PEFT A/A)", train["PEFT" + AA], train["PEFT"], None, "PEFT")
     if not args.no_memory:
-        mem = {}
-        for name, f in train_variants(fx).items():
-            fx.zero_grads()
-            f()  # warm
-            fx.zero_grads()
-            mem[name] = peak_memory(f)
-        fx.zero_grads()
-        for name in ("funcpeft value_and_grad", "funcpeft torch.func.grad", "funcpeft .backward()"):
-            target = 1.00 if name == "funcpeft value_and_grad" else None
-            rows.append(mem_row(f"train peak memory: {name.removeprefix('funcpeft ')}", mem[name], mem["PEFT .backward()"], target))
-    rows.append(ratio_row("inference: fn", infer["funcpeft fn"], infer["PEFT"], 1.00))
-    rows.append(ratio_row("inference: base model alone (reference)", infer["base model alone"], infer["PEFT"], None))
-    rows.append(ratio_row("inference: fn over merged weights", infer["funcpeft fn, merged weights"], infer["base model alone"], 1.02, "base model"))
+        mem = peak_memories(train_variants(fx), fx.zero_grads)
+        table.memory("train peak memory: value_and_grad", mem["value_and_grad"], mem["PEFT"], 1.00, "PEFT")
+        table.memory("train peak memory: torch.func.grad", mem["torch.func.grad"], mem["PEFT"], None, "PEFT")
+        table.memory("train peak memory: .backward()", mem[".backward()"], mem["PEFT"], None, "PEFT")
+    table.time("inference: fn", infer["fn"], infer["PEFT"], 1.00, "PEFT", inn)
+    table.time("inference: base model alone (reference)", infer["base model"], infer["PEFT"], None, "PEFT")
+    table.time("inference: fn over merged weights", infer["fn, merged"], infer["base model"], 1.02, "base model", inn)
+    table.time("inference: noise floor (PEFT A/A)", infer["PEFT" + AA], infer["PEFT"], None, "PEFT")
     if not args.no_memory:
-        imem = {name: peak_memory(f) for name, f in infer_variants(fx, merged).items()}
-        rows.append(mem_row("inference peak memory: fn", imem["funcpeft fn"], imem["PEFT"], 1.00))
-        rows.append(mem_row("inference peak memory: fn over merged weights", imem["funcpeft fn, merged weights"], imem["base model alone"], None, "base model"))
-    rows.append(ratio_row("get_peft_model setup, hidden 512", setup["funcpeft 512"], setup["PEFT 512"], 1.00))
-    rows.append(ratio_row("get_peft_model setup, hidden 1024 (4x weights)", setup["funcpeft 1024"], setup["PEFT 1024"], 1.00))
-    rows.append(ratio_row("setup scaling, funcpeft: 1024 vs 512", setup["funcpeft 1024"], setup["funcpeft 512"], None, "512"))
-    rows.append(ratio_row("setup scaling, PEFT: 1024 vs 512", setup["PEFT 1024"], setup["PEFT 512"], None, "512"))
+        imem = peak_memories(infer_variants(fx, merged), lambda: None)
+        table.memory("inference peak memory: fn", imem["fn"], imem["PEFT"], 1.00, "PEFT")
+        table.memory("inference peak memory: fn over merged weights", imem["fn, merged"], imem["base model"], None, "base model")
+    table.time("get_peft_model setup, hidden 512", setup["funcpeft 512"], setup["PEFT 512"], 1.00, "PEFT")
+    table.time("get_peft_model setup, hidden 1024", setup["funcpeft 1024"], setup["PEFT 1024"], 1.00, "PEFT")
+    table.time("setup scaling, funcpeft: hidden 1024 vs 512", setup["funcpeft 1024"], setup["funcpeft 512"], None, "512")
+    table.time("setup scaling, PEFT: hidden 1024 vs 512", setup["PEFT 1024"], setup["PEFT 512"], None, "512")
+    print(table)
 
-    print(markdown_table(["measurement", "funcpeft", "reference", "ratio", "target", ""], rows))
-    small_n = sum(p.numel() for p in fx.model.parameters())
-    big_n = sum(p.numel() for p in big.parameters())
+    sizes = {h: (sum(p.numel() for p in m.parameters()), _adapter_numel(m)) for h, m in ((512, fx.model), (1024, big))}
+    (w5, a5), (w10, a10) = sizes[512], sizes[1024]
     print(
-        f"\nweights: hidden 512 {small_n / 1e6:.1f}M, hidden 1024 {big_n / 1e6:.1f}M parameters "
-        f"({big_n / small_n:.1f}x; transformer blocks 4x), 28 LoRA modules each.\nafter: {machine_note()}"
+        f"\nsetup scaling: hidden 1024 has {w10 / w5:.1f}x the weights ({w5 / 1e6:.1f}M -> {w10 / 1e6:.1f}M; blocks 4x) and "
+        f"{a10 / a5:.1f}x the adapter ({a5 / 1e3:.0f}k -> {a10 / 1e3:.0f}k), same 28 LoRA modules.\n"
+        f"peak memory: tensor bytes allocated during one call above what existed before it (torch.profiler "
+        f"profile_memory allocation events; see benchmarks/_common.py).\nafter: {machine_note()}"
     )
     return 0
+
+
+def _adapter_numel(model: nn.Module) -> int:
+    pm = funcpeft.get_peft_model(model, funcpeft_config())
+    return sum(t.numel() for t in optree.tree_leaves(pm.adapter))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Helpers for testing code that uses funcpeft: tiny models, random adapters, assertions.
 
 Tiny models are randomly initialised from configs (no downloads), in eval mode, seeded.
-`hypothesis` strategies live in `funcpeft.testing_strategies` (imported lazily: hypothesis is a test extra).
+`hypothesis` strategies live in `funcpeft.strategies` (also reachable here, e.g. `funcpeft.testing.lora_configs`,
+imported lazily: hypothesis is a test extra).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import optree
 import torch
@@ -177,3 +178,57 @@ def assert_only_adapter_gets_grads(loss_fn: Callable[[Any, Any], torch.Tensor], 
             raise AssertionError(f"base leaf {name} requires or received a gradient")
     if not any(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves):
         raise AssertionError("no adapter leaf received a non-zero gradient")
+
+
+def assert_matches_peft(
+    model: nn.Module, config_kwargs: Mapping[str, Any], adapter: Any = None, *, config_class: str = "LoraConfig",
+    atol: float = 1e-5, **inputs: Any,
+) -> None:
+    """funcpeft and `peft` (on a deep copy of `model`, same config) adapt the same parameters and agree.
+
+    config_kwargs: keyword arguments valid for both `funcpeft.<config_class>` and `peft.<config_class>`.
+    adapter: the values to compare with (default: a random tree, so that B != 0); inputs: model kwargs.
+    Checks that PEFT's trainable parameters are exactly the adapter's leaves, then the outputs within `atol`.
+    Needs `peft` (a test dependency). `model` is not modified.
+    """
+    import copy
+    import warnings
+
+    import peft
+
+    import funcpeft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both libraries warn alike (fan_in_fan_out, ...); not the point here
+        pm = funcpeft.get_peft_model(model, getattr(funcpeft, config_class)(**config_kwargs))
+        twin = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_class)(**config_kwargs)).eval()
+    fn, base, fresh = pm
+    adapter = random_like(fresh, torch.Generator().manual_seed(0)) if adapter is None else adapter
+    plan = pm.plans[pm.adapter_name]
+    ours = {peft_param_name(p, k, plan[p]) for p, e in adapter.items() for k in e}
+    theirs = {n for n, t in twin.named_parameters() if t.requires_grad}
+    if ours != theirs:
+        raise AssertionError(
+            f"trainable parameters differ: only funcpeft {sorted(ours - theirs)[:5]}, only peft {sorted(theirs - ours)[:5]}"
+        )
+    copy_into_peft(twin, adapter, plan)
+    with torch.no_grad():
+        got, want = fn(base, adapter, **inputs), twin(**inputs)
+    got_t = got.logits if hasattr(got, "logits") else got
+    want_t = want.logits if hasattr(want, "logits") else want
+    if got_t.shape != want_t.shape or not torch.allclose(got_t, want_t, atol=atol, rtol=0):
+        diff = (got_t - want_t).abs().max().item() if got_t.shape == want_t.shape else float("nan")
+        raise AssertionError(f"funcpeft and peft outputs differ: shapes {tuple(got_t.shape)} / {tuple(want_t.shape)}, "
+                             f"max abs diff {diff:.3g} > atol {atol}")
+
+
+_STRATEGIES = ("tiny_models", "lora_config_kwargs", "lora_configs", "models_and_configs", "adapter_trees", "model_inputs")
+
+
+def __getattr__(name: str) -> Any:
+    """The hypothesis strategies of `funcpeft.strategies`, re-exported lazily (hypothesis is a test dependency)."""
+    if name in _STRATEGIES:
+        from . import strategies
+
+        return getattr(strategies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ files, merges) on tiny Llama, GPT-2 and a small conv net, plus laws (hypothesis)
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import warnings
@@ -188,6 +189,31 @@ def test_dora_magnitude_is_the_row_norm_of_w_plus_scaled_ba() -> None:
         want = torch.linalg.norm(w + (16 / 4) * delta, dim=1)
         torch.testing.assert_close(e["lora_magnitude_vector"], want, atol=1e-5, rtol=1e-6)
         assert e["lora_B" if "lora_B" in e else "lora_embedding_B"].abs().sum() > 0
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_dora_keeps_nothing_weight_sized_between_steps() -> None:
+    """The norm ||W + s B A|| is recomputed each call from a no-grad temporary: a step leaves only its results."""
+    fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    fn, base, adapter = fpm
+    x = make_inputs("llama")
+    step = value_and_grad(lambda a: fn(base, a, **x, labels=x["input_ids"]).loss)
+    step(adapter)  # warm up
+    before = _live_tensor_bytes()
+    loss, grads = step(adapter)
+    returned = sum(t.numel() * t.element_size() for t in [loss, *optree.tree_leaves(grads)])
+    smallest_weight = min(v.numel() * v.element_size() for k, v in base.items() if k.endswith("proj.weight"))
+    assert _live_tensor_bytes() - before - returned < smallest_weight
 
 
 # -- VeRA: the shared projections are frozen, PEFT's buffers ------------------------------------------------------

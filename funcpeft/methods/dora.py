@@ -53,8 +53,14 @@ def _out_dim(spec: LayerSpec) -> int:
 
 def _norm(spec: LayerSpec, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """||W + s B A|| per output feature, shape (out,), with no autograd graph (the norm is a constant)."""
+    s = spec.h("scaling")
+    params = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
-        merged = weight + lora.delta_weight(spec, {k: v.detach() for k, v in params.items()})
+        if spec.kind == "conv":
+            merged = weight + lora.delta_weight(spec, params)
+        else:  # one fused W + s * B @ A (transposed for Conv1D / Embedding layouts), no separate delta
+            a, b = (params[k] for k in lora.param_names(spec))
+            merged = torch.addmm(weight, b, a, alpha=s) if spec.kind == "linear" else torch.addmm(weight, a.T, b.T, alpha=s)
         dims = [d for d in range(merged.dim()) if d != _out_dim(spec)]
         return torch.linalg.vector_norm(merged, dim=dims)
 
