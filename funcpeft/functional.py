@@ -113,12 +113,12 @@ class PeftFunction:
             plan = self.plans.get(name)
             if plan is None:
                 raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(self.plans)}")
-            routed, index = isinstance(tree, PerExample), getattr(tree, "index", None)
-            tree = tree.stacked if routed else tree
+            routing = tree if isinstance(tree, PerExample) else None
+            tree = routing.stacked if routing is not None else tree
             check_adapter_structure(tree, plan, name)
             for path, entry in tree.items():
                 info = plan[path]
-                if routed and info["overrides"]:
+                if routing is not None and info["overrides"]:
                     raise NotImplementedError(f"per-example adapters: {path} overrides {info['overrides']} (modules_to_save "
                                               "or a trainable bias); only method parameters can be routed per example")
                 for pname in info["overrides"]:
@@ -126,8 +126,8 @@ class PeftFunction:
                 spec = info["spec"]
                 if spec is not None:
                     own = {k: entry[k] for k in info["params"]}
-                    if routed:
-                        spec, own = route_layer(spec, own, index)
+                    if routing is not None:
+                        spec, own = route_layer(spec, own, routing)
                     own.update(_frozen(base, info.get("frozen", ())))
                     carried.setdefault(f"{path}.weight", []).append((spec, own))
         for wname, adapters in carried.items():

@@ -25,7 +25,8 @@ Prefer torch.optim? The adapter leaves are ordinary tensors:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch

@@ -5,7 +5,8 @@
     fn(base, funcpeft.mixed_batch({"a": tree_a, "b": tree_b}, ["a", "__base__", "b"]), ...)  # registered names
 
 Inside each adapted layer the op gathers every example's parameters by index (leaves `(B, ...)`) and
-runs the method's own `forward` under `torch.func.vmap` over the examples: any method works, there is no
+runs the method's optional `forward_per_example(spec, params, x, result, ctx)` (batched matmuls; LoRA has
+one), else its own `forward` under `torch.func.vmap` over the examples: any method works, there is no
 Python loop over adapters and no vmap over the model (so padded batches with an attention_mask work), and
 the shapes do not depend on the routing (compile-friendly). Examples with index -1 get the layer's output
 without this adapter, exactly.
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import optree
 import torch
@@ -45,6 +46,7 @@ class PerExample:
     stacked: Any
     index: torch.Tensor | None
     adapter_name: str | None = None
+    any_base: bool = True  # whether some index may be -1 (False skips the masking; known when index was concrete)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ class MixedBatch:
             stacked = stack_adapters([self.adapters[m] for m in members])
             slot = {m: j for j, m in enumerate(members)}
             index = torch.tensor([slot.get(n, -1) for n in self.adapter_names], device=_first_leaf(stacked).device)
-            out.append((members[0], PerExample(stacked, index, members[0])))
+            out.append((members[0], per_example(stacked, index, members[0])))
         return out
 
 
@@ -95,7 +97,7 @@ def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None
         stacked = stack_adapters(list(stacked))
     if not isinstance(stacked, Mapping):
         raise TypeError(f"per_example: stacked must be an adapter tree (dict) or a list of trees, got {type(stacked).__name__}")
-    leaves = optree.tree_leaves(stacked)
+    leaves: list[Any] = optree.tree_leaves(stacked)  # type: ignore[arg-type]
     first = _first_leaf(stacked)
     k = first.shape[0] if first.dim() else 0
     if any(t.dim() == 0 or t.shape[0] != k for t in leaves):
@@ -107,8 +109,8 @@ def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None
             raise ValueError(f"per_example: index must be 1-D integers (B,), got {index.dtype} of shape {tuple(index.shape)}")
         if _checking() and index.numel() and (int(index.min()) < -1 or int(index.max()) >= k):
             raise ValueError(f"per_example: index values must be in [-1, {k}) for K={k} stacked adapters, got {index.tolist()}")
-        index = index.long()
-    return PerExample(stacked, index, adapter_name)
+        return PerExample(stacked, index.long(), adapter_name, not _checking() or bool((index < 0).any()))
+    return PerExample(stacked, None, adapter_name, False)
 
 
 def mixed_batch(adapters: Mapping[str, Any], adapter_names: Sequence[str]) -> MixedBatch:
@@ -148,16 +150,18 @@ class RoutedSpec(LayerSpec):
 
     inner: LayerSpec | None = None
     stacked_keys: tuple[str, ...] = ()
+    any_base: bool = True
 
     @property
     def method_impl(self) -> Any:
         return _ROUTED
 
 
-def route_layer(spec: LayerSpec, params: dict[str, torch.Tensor], index: torch.Tensor | None) -> tuple[LayerSpec, dict]:
+def route_layer(spec: LayerSpec, params: dict[str, torch.Tensor], routing: PerExample) -> tuple[LayerSpec, dict]:
     """(spec, stacked params) of one layer -> (RoutedSpec, params + index) that `weights` runs per example."""
-    facts = {f.name: getattr(spec, f.name) for f in dataclasses.fields(LayerSpec)}
-    routed = RoutedSpec(**facts, inner=spec, stacked_keys=tuple(params))
+    facts = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    routed = RoutedSpec(**facts, inner=spec, stacked_keys=tuple(params), any_base=routing.any_base)
+    index = routing.index
     return routed, ({**params, _INDEX: index} if index is not None else dict(params))
 
 
@@ -189,22 +193,21 @@ def _routed_forward(spec: RoutedSpec, params: dict[str, torch.Tensor], x: torch.
     rs, _ = _split_batch(result, b)
     uses_result = getattr(method, "uses_result", None)
     pass_result = uses_result is None or uses_result(inner)
+    batched = getattr(method, "forward_per_example", None)
+    out = batched(inner, {**stacked, **shared}, xs, rs if pass_result else None, ctx) if batched is not None else None
+    if out is None:
 
-    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
-        return method.forward(inner, {**p, **shared}, xi, ri if pass_result else None, ctx)
+        def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+            return method.forward(inner, {**p, **shared}, xi, ri if pass_result else None, ctx)
 
-    out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
-    if index is not None:
+        out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
+    if index is not None and spec.any_base:
         out = torch.where((index >= 0).view(b, *[1] * (out.dim() - 1)), out, rs)
     return out.reshape(result.shape) if flat else out
 
 
-def _unsupported(*_: Any, **__: Any) -> Any:
-    raise TypeError("funcpeft.routing: a routed layer only runs forward; merge or export the adapters themselves")
-
-
-_ROUTED = SimpleNamespace(name="per_example", forward=_routed_forward, uses_result=lambda spec: True,
-                          param_names=_unsupported, init=_unsupported, delta_weight=_unsupported)
+# what `weights` runs for a RoutedSpec (only the forward path ever sees one)
+_ROUTED = SimpleNamespace(name="per_example", forward=_routed_forward, uses_result=lambda spec: True)
 
 
 # -- per-sample gradients ----------------------------------------------------------------------------------
@@ -216,11 +219,12 @@ def per_sample_grads(
 
     loss_fn(routed_adapter, *args, **kwargs) -> losses (B,): pass `routed_adapter` to fn as the adapter;
     losses[i] must depend on example i only. Each example gets its own copy of the adapter (no vmap over
-    the model), so padded batches with an attention_mask work. Inside torch.func transforms it uses them.
+    the model), so padded batches with an attention_mask work. One backward pass of `sum(losses)` gives every
+    copy its example's gradient (`funcpeft.value_and_grad`: autograd at top level, torch.func inside transforms).
     """
 
     def total(copies: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = loss_fn(PerExample(copies, None, adapter_name), *args, **kwargs)
+        losses = loss_fn(PerExample(copies, None, adapter_name, False), *args, **kwargs)
         if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"per_sample_grads: loss_fn must return per-example losses of shape ({batch_size},), got {got}")

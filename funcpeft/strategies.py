@@ -137,13 +137,15 @@ def lora_config_kwargs(
     init_lora_weights: Sequence[bool | str] = (True, False, "gaussian"),
     biases: Sequence[str] = ("none", "all", "lora_only"),
     max_rank: int = 8,
+    allow_modules_to_save: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments of a `LoraConfig` valid for `model` (the same dict works for `peft.LoraConfig`).
 
     layer_kinds: which layers may be targeted ('linear', 'conv1d_hf', 'embedding', 'conv').
     target_forms: how target_modules is written: leaf-name suffixes, full names, a fullmatch regex,
     "all-linear", or None ("default": PEFT's per-model_type table). task_types: default None plus the
-    task matching the model's class (e.g. SEQ_CLS for *ForSequenceClassification).
+    task matching the model's class (e.g. SEQ_CLS for *ForSequenceClassification). allow_modules_to_save:
+    may add norm layers to `modules_to_save` (whole trainable copies; the task's own head is added anyway).
     """
     task_type = draw(st.sampled_from(list(task_types) if task_types is not None else _default_task_types(model)))
     target, matched = draw(_targets(model, layer_kinds, target_forms, TASK_MODULES_TO_SAVE.get(task_type, [])))
@@ -171,7 +173,7 @@ def lora_config_kwargs(
             key = draw(st.sampled_from(sorted({n.rsplit(".", 1)[-1] for n in matched})))
             kw["rank_pattern"] = {key: draw(st.integers(1, max_rank))}
             kw["alpha_pattern"] = draw(st.sampled_from([{}, {key: 4}]))
-    if matched is not None:
+    if matched is not None and allow_modules_to_save:
         norms = _norm_modules(model, set(matched))
         if norms and draw(st.booleans()):
             kw["modules_to_save"] = draw(st.lists(st.sampled_from(norms), min_size=1, max_size=2, unique=True))
@@ -200,17 +202,24 @@ def adapter_trees(template: Any, scales: Sequence[float] = (0.01, 0.1, 1.0)) -> 
 
 
 @st.composite
-def model_inputs(draw: Callable[..., Any], model: nn.Module, max_batch: int = 3, max_len: int = 8, padded: bool = True) -> dict[str, torch.Tensor]:
-    """Keyword inputs for a tiny transformers `model`: input_ids, attention_mask (right padding when `padded`,
-    every row keeps at least one token) and, for encoder-decoders, decoder_input_ids."""
+def model_inputs(
+    draw: Callable[..., Any], model: nn.Module, max_batch: int = 3, max_len: int = 8, padded: bool = True, min_len: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs for a tiny transformers `model`: input_ids (B, L), attention_mask (right padding when
+    `padded`; every row keeps at least `min_len` tokens) and, for encoder-decoders, decoder_input_ids.
+
+    min_len=2 avoids a degenerate case: attention over a single token ignores its key (zero k_proj gradient).
+    """
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"model_inputs: need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
     vocab = int(getattr(model.config, "vocab_size", testing.VOCAB))
-    batch, length = draw(st.integers(1, max_batch)), draw(st.integers(1, max_len))
+    batch, length = draw(st.integers(1, max_batch)), draw(st.integers(min_len, max_len))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     ids = torch.randint(1, vocab, (batch, length), generator=g)
     out = {"input_ids": ids}
     if padded:
-        lengths = draw(st.lists(st.integers(1, length), min_size=batch, max_size=batch))
+        lengths = draw(st.lists(st.integers(min_len, length), min_size=batch, max_size=batch))
         out["attention_mask"] = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
     if getattr(model.config, "is_encoder_decoder", False):
-        out["decoder_input_ids"] = torch.randint(1, vocab, (batch, draw(st.integers(1, max_len))), generator=g)
+        out["decoder_input_ids"] = torch.randint(1, vocab, (batch, draw(st.integers(min_len, max_len))), generator=g)
     return out

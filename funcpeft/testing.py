@@ -172,6 +172,8 @@ def assert_only_adapter_gets_grads(loss_fn: Callable[[Any, Any], torch.Tensor], 
     leaves = [t.detach().requires_grad_(True) for t in optree.tree_leaves(adapter)]
     fresh = optree.tree_unflatten(optree.tree_structure(adapter), leaves)
     loss = loss_fn(fresh, base)
+    if not loss.requires_grad:
+        raise AssertionError("no adapter leaf received a gradient: the loss does not depend on the adapter (no grad_fn)")
     loss.backward()
     for name, t in (base.items() if isinstance(base, Mapping) else []):
         if t.requires_grad or t.grad is not None:
@@ -182,13 +184,14 @@ def assert_only_adapter_gets_grads(loss_fn: Callable[[Any, Any], torch.Tensor], 
 
 def assert_matches_peft(
     model: nn.Module, config_kwargs: Mapping[str, Any], adapter: Any = None, *, config_class: str = "LoraConfig",
-    atol: float = 1e-5, **inputs: Any,
+    atol: float = 1e-5, rtol: float = 1e-5, **inputs: Any,
 ) -> None:
     """funcpeft and `peft` (on a deep copy of `model`, same config) adapt the same parameters and agree.
 
     config_kwargs: keyword arguments valid for both `funcpeft.<config_class>` and `peft.<config_class>`.
     adapter: the values to compare with (default: a random tree, so that B != 0); inputs: model kwargs.
-    Checks that PEFT's trainable parameters are exactly the adapter's leaves, then the outputs within `atol`.
+    Checks that PEFT's trainable parameters are exactly funcpeft's adapter leaves, then the outputs within
+    `atol + rtol * |peft's|`.
     Needs `peft` (a test dependency). `model` is not modified.
     """
     import copy
@@ -197,6 +200,7 @@ def assert_matches_peft(
     import peft
 
     import funcpeft
+    from funcpeft.trees import check_adapter_structure
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # both libraries warn alike (fan_in_fan_out, ...); not the point here
@@ -205,7 +209,8 @@ def assert_matches_peft(
     fn, base, fresh = pm
     adapter = random_like(fresh, torch.Generator().manual_seed(0)) if adapter is None else adapter
     plan = pm.plans[pm.adapter_name]
-    ours = {peft_param_name(p, k, plan[p]) for p, e in adapter.items() for k in e}
+    check_adapter_structure(adapter, plan, pm.adapter_name)  # ValueError naming the path: a wrong tree, not a mismatch
+    ours = {peft_param_name(p, k, plan[p]) for p, e in plan.items() for k in e["keys"]}
     theirs = {n for n, t in twin.named_parameters() if t.requires_grad}
     if ours != theirs:
         raise AssertionError(
@@ -216,10 +221,10 @@ def assert_matches_peft(
         got, want = fn(base, adapter, **inputs), twin(**inputs)
     got_t = got.logits if hasattr(got, "logits") else got
     want_t = want.logits if hasattr(want, "logits") else want
-    if got_t.shape != want_t.shape or not torch.allclose(got_t, want_t, atol=atol, rtol=0):
+    if got_t.shape != want_t.shape or not torch.allclose(got_t, want_t, atol=atol, rtol=rtol):
         diff = (got_t - want_t).abs().max().item() if got_t.shape == want_t.shape else float("nan")
         raise AssertionError(f"funcpeft and peft outputs differ: shapes {tuple(got_t.shape)} / {tuple(want_t.shape)}, "
-                             f"max abs diff {diff:.3g} > atol {atol}")
+                             f"max abs diff {diff:.3g} (atol {atol}, rtol {rtol})")
 
 
 _STRATEGIES = ("tiny_models", "lora_config_kwargs", "lora_configs", "models_and_configs", "adapter_trees", "model_inputs")

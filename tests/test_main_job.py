@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,14 @@ def script() -> Any:
 @pytest.fixture(scope="module")
 def run(script: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("minilm")
-    return script.main(["--steps", str(STEPS), "--rank", str(RANK), "--lr", "5e-3", "--seed", "0",
-                        "--output-dir", str(out), "--no-progress"])
+    threads = torch.get_num_threads()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each
+        torch.set_num_threads(1)
+    try:
+        return script.main(["--steps", str(STEPS), "--rank", str(RANK), "--lr", "5e-3", "--seed", "0",
+                            "--output-dir", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_training_clearly_improves_test_accuracy(run: dict[str, Any]) -> None:

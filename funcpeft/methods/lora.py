@@ -82,6 +82,23 @@ def forward(
     return (result + delta).to(out_dtype)
 
 
+def forward_per_example(
+    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
+) -> torch.Tensor | None:
+    """`forward` with a different adapter per example (funcpeft.routing), as batched matmuls.
+
+    params: lora_A (B, r, in), lora_B (B, out, r); x (B, ..., in); result (B, ..., out). None for the layer
+    kinds left to the generic per-example path (vmap of `forward`).
+    """
+    if spec.kind not in ("linear", "conv1d_hf"):
+        return None
+    a, b = params["lora_A"], params["lora_B"]
+    x = ctx.dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a.transpose(1, 2))
+    out = torch.baddbmm(result.reshape(h.shape[0], h.shape[1], -1).to(a.dtype), h, b.transpose(1, 2), alpha=spec.h("scaling"))
+    return out.reshape(result.shape).to(result.dtype)
+
+
 def low_rank(spec: LayerSpec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`B(A(x))` for a linear / Conv1D / conv layer (PEFT's lora_A, lora_B modules), unscaled."""
     if spec.kind == "conv":
@@ -124,4 +141,5 @@ def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, An
 LORA = register(SimpleNamespace(
     name="lora", peft_type="LORA", accepts=lambda config: not config.use_dora, hyper=hyper,
     param_names=param_names, init=init, forward=forward, delta_weight=delta_weight,
+    forward_per_example=forward_per_example,
 ))
