@@ -8,6 +8,10 @@ PEFT run interleaved in one process; the table gives medians and funcpeft/PEFT r
     python benchmarks/bench_core.py --quick         # smoke run (seconds; numbers are rough)
     python benchmarks/bench_core.py --rounds 30 --threads 2
 
+Timing (defaults chosen for a shared, noisy 2-core machine; see the flags): process CPU time (`--clock`),
+1 torch thread, each variant run once untimed right before its timed call (`--no-warm-each`), glibc malloc
+told not to trim (`--system-malloc`; see `_common.steady_malloc`). The ratio is the median of per-round
+ratios with a bootstrap 95% CI, and PEFT is timed twice per round (A/A) to show the noise floor.
 Peak memory is the peak of tensor bytes allocated during one call above what existed before it (CPU:
 torch.profiler allocation events; CUDA: the caching allocator's stats), see `_common.peak_memory`.
 """

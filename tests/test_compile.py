@@ -47,6 +47,25 @@ def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile(kind: 
     assert counter.frame_count == 1
 
 
+def test_per_example_routing_compiles_once_for_any_index() -> None:
+    fn, base, trees, _, _ = _setup("llama")
+    ids, mask = make_inputs("llama", batch=4, seq=8)["input_ids"], torch.ones(4, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    stacked = funcpeft.stack_adapters(trees)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def routed(s: Any, index: torch.Tensor) -> torch.Tensor:
+        return fn(base, funcpeft.per_example(s, index), input_ids=ids, attention_mask=mask).logits
+
+    compiled = torch.compile(routed, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for index in ([0, 1, 2, -1], [2, 2, 0, 1], [-1, -1, -1, -1]):
+            got, want = compiled(stacked, torch.tensor(index)), routed(stacked, torch.tensor(index))
+            assert (got - want).abs().max().item() <= 1e-5
+    assert counter.frame_count == 1
+
+
 def _lm_loss(fn: Any, base: Any, adapter: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # the loss from logits: transformers' own `labels=` loss logs a warning under dynamo for GPT-2 (a graph break)
     logits = fn(base, adapter, input_ids=ids, attention_mask=mask).logits[:, :-1]

@@ -3,8 +3,10 @@ assertions (funcpeft.testing), plus the guarantees those helpers make (they must
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 
 import peft
 import pytest
@@ -16,6 +18,16 @@ from torch import nn
 import funcpeft
 from funcpeft import strategies as fst
 from funcpeft import testing as T
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_xdist_worker() -> Iterator[None]:
+    """`make test` runs 2 workers on 2 cores: 2 torch threads each oversubscribe the CPU (measured 3-4x slower)."""
+    threads = torch.get_num_threads()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _quiet_peft_model(model: nn.Module, kw: dict) -> funcpeft.FunctionalPeftModel:
@@ -187,7 +199,7 @@ def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monk
     with monkeypatch.context() as m:  # a targeting bug: the last target is dropped
         find = funcpeft.mapping.find_targets
         m.setattr(funcpeft.mapping, "find_targets", lambda model, config: find(model, config)[:-1])
-        with pytest.raises(AssertionError, match="trainable parameters differ: only funcpeft \[\], only peft .*v_proj"):
+        with pytest.raises(AssertionError, match=r"trainable parameters differ: only funcpeft \[\], only peft .*v_proj"):
             T.assert_matches_peft(model, kw, **inputs)
     lora = METHODS["lora"]
     right = lora.forward

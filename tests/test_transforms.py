@@ -178,6 +178,29 @@ def test_per_example_on_conv_layers_equals_single_runs() -> None:
     assert (got - want).abs().max().item() <= 1e-5
 
 
+OTHER_METHODS = {  # the generic path: each method's own forward, vmapped over the examples
+    "dora": lambda: funcpeft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    "ia3-feedforward": lambda: funcpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": lambda: funcpeft.LoHaConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    "lokr": lambda: funcpeft.LoKrConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    "vera-shared-projections": lambda: funcpeft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_per_example_works_for_every_method(method: str) -> None:
+    fn, base, fresh = funcpeft.get_peft_model(MODELS["llama"](), OTHER_METHODS[method]())
+    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(2)]
+    ids, mask = _padded_batch()
+    index = [1, -1, 0, 1]
+    with torch.no_grad():
+        got = _logits(fn, base, funcpeft.per_example(trees, index), ids, mask)
+        full = [_logits(fn, base, t, ids, mask) for t in (*trees, None)]
+    for row, i in enumerate(index):
+        assert (got[row] - full[i][row]).abs().max().item() <= 1e-5, (row, i)
+    assert not torch.allclose(full[0], full[1])
+
+
 def test_per_example_gradients_reach_only_the_adapters_used(llama: tuple[Any, ...]) -> None:
     fn, base, trees = llama
     ids, mask = _padded_batch()
