@@ -251,7 +251,7 @@ def check_layers_and_saved(config: Any) -> None:
 
 def validated_init(cls: type) -> type:
     """Wrap a config's dataclass __init__ so that unknown fields raise a TypeError with close matches."""
-    init = cls.__init__
+    init: Any = cls.__init__  # type: ignore[misc]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         _check_init_kwargs(cls, kwargs)
@@ -259,7 +259,7 @@ def validated_init(cls: type) -> type:
 
     __init__.__doc__ = init.__doc__
     __init__.__signature__ = __import__("inspect").signature(init)  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__  # type: ignore[method-assign,misc]
     return cls
 
 

@@ -136,6 +136,8 @@ class PeftFunction:
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         training = dropout_rng is not None
+        dropout: Any
+        ctx: Any
         if isinstance(dropout_rng, torch.Generator):
             dropout, ctx = _Dropout(dropout_rng), nullcontext()
         elif training:

@@ -36,16 +36,18 @@ def value_and_grad(fn: Callable[..., Any], argnums: int = 0, has_aux: bool = Fal
             return value, grads
         leaves, spec = optree.tree_flatten(args[argnums])
         fresh = [leaf.detach().requires_grad_(True) for leaf in leaves]
-        args = list(args)
-        args[argnums] = optree.tree_unflatten(spec, fresh)
-        out = fn(*args, **kwargs)
+        call_args = list(args)
+        call_args[argnums] = optree.tree_unflatten(spec, fresh)
+        out = fn(*call_args, **kwargs)
         loss, aux = out if has_aux else (out, None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"value_and_grad: the function must return a scalar tensor, got {type(loss).__name__}"
                              + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
-        grads = torch.autograd.grad(loss, fresh, allow_unused=True)
-        grads = [torch.zeros_like(f) if g is None else g for f, g in zip(fresh, grads)]
-        value = (loss.detach(), optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)) if has_aux else loss.detach()
-        return value, optree.tree_unflatten(spec, grads)
+        raw = torch.autograd.grad(loss, fresh, allow_unused=True)
+        grads = [torch.zeros_like(f) if g is None else g for f, g in zip(fresh, raw)]
+        result: Any = loss.detach()
+        if has_aux:
+            result = (result, optree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux))  # type: ignore[arg-type]
+        return result, optree.tree_unflatten(spec, grads)
 
     return wrapped

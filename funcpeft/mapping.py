@@ -33,7 +33,7 @@ def _check_adapter_name(name: Any) -> None:
 def _layer_spec(name: str, module: nn.Module, config: PeftConfig, method: Any, common: tuple = ()) -> LayerSpec:
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     kind = layer_kind(module)
-    weight = module.weight
+    weight: Any = module.weight
     shape = tuple(weight.shape)
     geometry: tuple = ()
     if kind == "linear":

@@ -93,7 +93,7 @@ def is_target(config: LoraConfig, key: str) -> bool:
         idx = layer_index(key, getattr(config, "layers_pattern", None))
         if idx is None:
             return False
-        return idx == layers if isinstance(layers, int) else idx in layers
+        return idx == layers if isinstance(layers, int) else idx in layers  # type: ignore[operator]
     return found
 
 

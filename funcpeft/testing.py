@@ -64,7 +64,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(
+    cfg = BertConfig(  # type: ignore[call-arg]
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
         max_position_embeddings=64, num_labels=num_labels,
     )
@@ -74,7 +74,7 @@ def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
 def tiny_t5(seed: int = 0) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(
+    cfg = T5Config(  # type: ignore[call-arg]
         d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
         decoder_start_token_id=0, pad_token_id=0,
     )

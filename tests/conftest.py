@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,10 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
+
+# Two xdist workers on 2 cores: one torch thread each, or they oversubscribe the CPU 3-4x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # CI runs on 2 shared cores: no per-example deadline. Each test sets its own max_examples and derandomize.
 settings.register_profile("funcpeft", deadline=None, suppress_health_check=[HealthCheck.too_slow])
