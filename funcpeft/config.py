@@ -101,7 +101,7 @@ class PeftConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build from a saved dict; keys this version does not know are warned about and ignored (PEFT's rule)."""
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(k for k in data if k not in names)

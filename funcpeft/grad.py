@@ -11,7 +11,8 @@ ensemble, or gives per-sample gradients).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optree
 import torch

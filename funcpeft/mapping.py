@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from . import methods  # noqa: F401  (registers the methods)
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
 from .counting import count_parameters, format_trainable
-from .functional import Plan, PeftFunction
+from .functional import PeftFunction, Plan
 from .methods.base import METHODS, LayerSpec, method_for
 from .targeting import find_modules_to_save, find_targets, layer_kind, resolve_config
 from .trees import SHARED_PREFIX

@@ -21,7 +21,6 @@ from typing import Any
 import optree
 import torch
 
-
 SHARED_PREFIX = "<shared>."
 """Reserved `base` key prefix for frozen tensors an adapter's layers share (VeRA's vera_A / vera_B): they
 belong to the frozen side, never to this tree; see funcpeft.functional."""

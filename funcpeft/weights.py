@@ -10,7 +10,8 @@ adapter term.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class AdaptedWeight(torch.Tensor):
     dropout: Dropout
 
     @staticmethod
-    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> "AdaptedWeight":
+    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> AdaptedWeight:
         out = weight.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters

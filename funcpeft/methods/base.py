@@ -23,8 +23,9 @@ Targeting, injection, files, merging and counting are shared and know nothing ab
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
