@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import optree
 import torch
 
-from .trees import SHARED_PREFIX, tree_numel
+from .trees import SHARED_PREFIX
 
 
 def _numel(t: torch.Tensor) -> int:
@@ -21,13 +22,14 @@ def count_parameters(base: Mapping[str, torch.Tensor], adapter: Any, plan: Mappi
     all = base (tied weights once) + adapter, minus trainable-bias copies (PEFT trains those biases in
     place, so it counts them once) but plus modules_to_save copies (PEFT counts original and copy).
     """
-    trainable = tree_numel(adapter) if adapter is not None else 0
+    leaves = optree.tree_leaves(adapter) if adapter is not None else []
+    trainable = sum(_numel(t) for t in leaves if t.requires_grad)  # PEFT: trainable means requires_grad
     in_place = 0
     if adapter is not None:
         for path, entry in adapter.items():
             in_place += sum(int(entry[k].numel()) for k in plan[path]["in_place"] if k in entry)
     frozen = sum(_numel(t) for k, t in base.items() if not k.startswith(SHARED_PREFIX))  # PEFT: shared = buffers
-    total = frozen + trainable - in_place
+    total = frozen + sum(_numel(t) for t in leaves) - in_place
     return trainable, total
 
 

@@ -120,11 +120,13 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
 
 
 def init_adapter(
-    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None
+    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
+    trainable: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """A fresh adapter tree for `plan`: method params from their init, overrides cloned from the model.
 
-    Each leaf is a new leaf tensor with requires_grad=True, on its layer's device; fp16/bf16 method params
+    Each leaf is a new leaf tensor with requires_grad=`trainable` (False for a config with
+    inference_mode=True, like PEFT; trainable biases stay trainable, as in PEFT), on its layer's device; fp16/bf16 method params
     are float32 when `autocast_adapter_dtype` (PEFT's rule). On a meta-device model leaves are meta tensors.
     """
     modules = dict(model.named_modules())
@@ -146,7 +148,8 @@ def init_adapter(
             out.update(fresh)
         for pname in e["overrides"]:
             out[pname] = params[f"{path}.{pname}"].detach().clone()
-        tree[path] = {k: v.requires_grad_(True) for k, v in out.items()}
+        # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
+        tree[path] = {k: v.requires_grad_(trainable or k in e["in_place"]) for k, v in out.items()}
     return tree
 
 
@@ -199,7 +202,8 @@ class FunctionalPeftModel:
     def init_adapter(self, adapter_name: str | None = None, generator: torch.Generator | None = None) -> dict[str, Any]:
         """A freshly initialised tree for a registered adapter (e.g. K of them for an ensemble)."""
         name = adapter_name or self.adapter_name
-        return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator)
+        trainable = not getattr(self.peft_config[name], "inference_mode", False)
+        return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Register another adapter (PEFT's `add_adapter`) and return its fresh tree."""
@@ -269,7 +273,7 @@ def get_peft_model(
     if mixed:
         _check_combinable(peft_config, None, mixed)
     resolved, plan = plan_adapter(model, peft_config, revision)
-    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator)
+    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name)

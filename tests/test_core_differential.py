@@ -158,3 +158,22 @@ def test_llama2_7b_shape_on_meta_device_counts_like_peft() -> None:
     assert ours == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622\n"
     theirs = capture_stdout(peft.get_peft_model(model, peft.LoraConfig()).print_trainable_parameters)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+@pytest.mark.parametrize("name, kwargs", [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("bert_seq_cls", dict(task_type="SEQ_CLS", target_modules=["query"], bias="all")),
+])
+def test_inference_mode_freezes_the_adapter_like_peft(name, kwargs, inference_mode):
+    """PEFT: inference_mode=True creates the adapter frozen; counts follow requires_grad."""
+    import copy as _copy
+
+    import peft
+
+    model = T.TINY_MODELS[name]()
+    pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(inference_mode=inference_mode, **kwargs))
+    ref = peft.get_peft_model(_copy.deepcopy(model), peft.LoraConfig(inference_mode=inference_mode, **kwargs))
+    assert pm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    flags = {v.requires_grad for e in pm.adapter.values() for k, v in e.items() if k.startswith("lora_")}
+    assert flags == {not inference_mode}
