@@ -177,3 +177,18 @@ def test_inference_mode_freezes_the_adapter_like_peft(name, kwargs, inference_mo
     assert pm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     flags = {v.requires_grad for e in pm.adapter.values() for k, v in e.items() if k.startswith("lora_")}
     assert flags == {not inference_mode}
+
+
+def test_revision_and_name_are_recorded_like_peft():
+    """`revision` goes into the config; `base_model_name_or_path` comes from the model, as in PEFT."""
+    import copy as _copy
+
+    import peft
+
+    model = T.tiny_llama()
+    model.name_or_path = "org/tiny-llama"
+    pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(), revision="v1.2")
+    ref = peft.get_peft_model(_copy.deepcopy(model), peft.LoraConfig(), revision="v1.2")
+    ours, theirs = pm.peft_config["default"], ref.peft_config["default"]
+    assert (ours.revision, ours.base_model_name_or_path) == (theirs.revision, theirs.base_model_name_or_path)
+    assert ours.revision == "v1.2"
