@@ -98,6 +98,7 @@ class PeftConfig:
         return out
 
     def to_json_string(self) -> str:
+        """`to_dict()` as PEFT writes adapter_config.json: indent 2, sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod

@@ -228,6 +228,7 @@ class FunctionalPeftModel:
         return sum(c[0] for c in counts), base_all + sum(c[1] - base_all for c in counts)
 
     def print_trainable_parameters(self, adapter: Any = None) -> None:
+        """Print PEFT's line: `trainable params: N || all params: M || trainable%: P` (4 decimals)."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
     # -- thin delegations: the logic lives in its own module ------------------------------------------------

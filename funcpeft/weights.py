@@ -50,6 +50,7 @@ class AdaptedWeight(torch.Tensor):
 
     @staticmethod
     def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> AdaptedWeight:
+        """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
         out = weight.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
