@@ -16,7 +16,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODELS, capture_stdout, make_inputs, out_tensor
+from conftest import MODELS, Pair, capture_stdout, make_inputs, out_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,8 +57,11 @@ def configs(method: str, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     return getattr(funcpeft, name)(**kwargs), getattr(peft, name)(**kwargs)
 
 
-class MethodPair:
-    """funcpeft and PEFT with one method config on copies of one model, sharing a random non-zero adapter."""
+class MethodPair(Pair):
+    """funcpeft and PEFT with one method config on copies of one model, sharing a random non-zero adapter.
+
+    Only the construction differs from conftest.Pair (any method config; DoRA needs a perturbed fresh tree).
+    """
 
     def __init__(self, case: str, seed: int = 1) -> None:
         self.kind, self.method, kwargs = CASES[case]
@@ -75,23 +78,6 @@ class MethodPair:
         T.copy_into_peft(self.peft_model, self.adapter, self.plan)
         self.peft_model.eval()
         self.inputs = make_inputs(self.kind)
-
-    @property
-    def plan(self) -> dict[str, Any]:
-        return self.fpm.plans["default"]
-
-    def weights(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=torch.Generator().manual_seed(7))
-
-    def loss(self, adapter: Any) -> torch.Tensor:
-        y = out_tensor(self.fn(self.base, adapter, **self.inputs))
-        return (y * self.weights(y)).mean()
-
-    def peft_out_and_grads(self) -> tuple[torch.Tensor, Any]:
-        self.peft_model.zero_grad(set_to_none=True)
-        y = out_tensor(self.peft_model(**self.inputs))
-        (y * self.weights(y)).mean().backward()
-        return y.detach(), T.peft_grads(self.peft_model, self.adapter, self.plan)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -114,7 +100,7 @@ def test_forward_and_gradients_equal_peft(pair: MethodPair, monkeypatch: pytest.
         plain = out_tensor(pair.model(**pair.inputs))
     assert (got - plain).abs().max() > 1e-3, "the random adapter should change the output"
     torch.testing.assert_close(got, want_out, atol=1e-5, rtol=0)
-    _, grads = value_and_grad(pair.loss)(pair.adapter)
+    _, grads = value_and_grad(pair.funcpeft_loss)(pair.adapter)
     assert any(g.abs().sum() > 0 for g in optree.tree_leaves(grads))
     T.assert_trees_close(grads, want_grads, atol=1e-5)
 
