@@ -72,21 +72,20 @@ class PeftFunction:
         self._model = model
         canon = {id(p): n for n, p in model.named_parameters()}
         self._aliases = [(n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
-        self._lock = threading.Lock()
-        owner = threading.get_ident()
         self._main = {t: _skeleton(model, t) for t in (False, True)}
-        self._skeletons: dict[tuple[int, bool], nn.Module] = {(owner, t): s for t, s in self._main.items()}
+        self._local = threading.local()  # per-thread skeletons, freed with their thread
+        self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
 
     def _get_skeleton(self, training: bool) -> nn.Module:
         """This thread's private copy of the module tree (compiled code uses the creating thread's)."""
         if torch.compiler.is_compiling():
             return self._main[training]
-        key = (threading.get_ident(), training)
-        skel = self._skeletons.get(key)
-        if skel is None:
-            with self._lock:
-                skel = self._skeletons.setdefault(key, _skeleton(self._model, training))
-        return skel
+        skeletons = getattr(self._local, "skeletons", None)
+        if skeletons is None:
+            skeletons = self._local.skeletons = {}
+        if training not in skeletons:
+            skeletons[training] = _skeleton(self._model, training)  # reads the model only: no lock needed
+        return skeletons[training]
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
