@@ -26,6 +26,12 @@ class LycorisConfig(PeftConfig):
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
 
     def _check(self) -> None:
         check_rank(self)
@@ -38,13 +44,6 @@ class LycorisConfig(PeftConfig):
 @dataclass
 class LoHaConfig(LycorisConfig):
     """LoHa: `dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r` (Hadamard product of two low-rank terms)."""
-
-    target_modules: list[str] | set[str] | str | None = None
-    exclude_modules: list[str] | set[str] | str | None = None
-    init_weights: bool = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LOHA
@@ -63,12 +62,7 @@ class LoKrConfig(LycorisConfig):
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
-    target_modules: list[str] | set[str] | str | None = None
-    exclude_modules: list[str] | set[str] | str | None = None
-    init_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
+    init_weights: bool | str = True  # type: ignore[assignment]  # LoKr also takes "lycoris"
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LOKR
