@@ -45,7 +45,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft.grad import value_and_grad
-from funcpeft.methods.base import METHODS
 from funcpeft.testing import assert_trees_close, copy_into_peft, peft_grads, random_like
 
 BATCH, SEQ, VOCAB, LAYERS, HEADS = 4, 128, 4000, 4, 8
@@ -76,22 +75,9 @@ def peft_config() -> Any:
 
 
 def merged_base(pm: funcpeft.FunctionalPeftModel, adapter: Any) -> tuple[dict[str, torch.Tensor], str]:
-    """`base` with the adapter merged into its weights, and where that came from (funcpeft.merge or inline)."""
-    try:
-        from funcpeft.merge import merge
-    except ImportError:
-        pass
-    else:
-        with torch.no_grad():
-            return dict(merge(pm, pm.base, adapter)), "funcpeft.merge.merge"
-    out = dict(pm.base)
+    """`base` with the adapter merged into its weights, and where that came from."""
     with torch.no_grad():
-        for path, entry in pm.plans[pm.adapter_name].items():
-            spec = entry["spec"]
-            if spec is not None:
-                params = {k: adapter[path][k] for k in entry["params"]}
-                out[f"{path}.weight"] = pm.base[f"{path}.weight"] + METHODS[spec.method].delta_weight(spec, params)
-    return out, "inline W + s*B@A (funcpeft.merge not available)"
+        return dict(funcpeft.merge(pm, pm.base, adapter)), "funcpeft.merge"
 
 
 class Fixture:
@@ -105,7 +91,7 @@ class Fixture:
         self.fn, self.base, adapter = self.pm
         self.adapter = random_like(adapter, torch.Generator().manual_seed(1))
         plan = self.pm.plans[self.pm.adapter_name]
-        n_modules = sum(e["spec"] is not None for e in plan.values())
+        n_modules = sum(e.spec is not None for e in plan.values())
         if n_modules != 28:
             raise RuntimeError(f"expected 28 LoRA modules on the benchmark Llama, got {n_modules}")
         self.peft = peft.get_peft_model(copy.deepcopy(self.model), peft_config()).eval()

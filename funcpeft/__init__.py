@@ -1,4 +1,13 @@
-"""funcpeft: HuggingFace PEFT's adapters as pure functions over parameter pytrees (torch.func)."""
+"""funcpeft: HuggingFace PEFT's adapters as pure functions over parameter pytrees (torch.func).
+
+    fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=8, target_modules="all-linear"))
+    out = fn(base, adapter, **inputs)        # pure; the model is never mutated
+
+The public API is what this module exports, plus the public submodules `optim`, `distributed`, `io`,
+`methods` (for method authors), `testing` and `strategies`. Modules whose names start with `_` are internal.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
@@ -6,19 +15,24 @@ from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import save_adapter
-from .loading import AdapterMismatchError, from_pretrained, load_adapter
-from .mapping import FunctionalPeftModel, get_peft_model
+from .loading import AdapterMismatchError, load_adapter
 from .merge import merge, merge_and_unload, unmerge
+from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
-from .trees import stack_adapters, unstack_adapters
+from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
 from .weighted import add_weighted_adapter
 from .weights import AdaptedWeight, UnsupportedWeightOp
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("funcpeft")  # one source: pyproject.toml
+except PackageNotFoundError:  # pragma: no cover - running from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AdaptedWeight",
     "AdapterMismatchError",
+    "AdapterTree",
+    "BaseTree",
     "FunctionalPeftModel",
     "IA3Config",
     "LoHaConfig",
@@ -32,6 +46,7 @@ __all__ = [
     "TaskType",
     "UnsupportedWeightOp",
     "VeraConfig",
+    "__version__",
     "add_weighted_adapter",
     "distributed",
     "from_pretrained",

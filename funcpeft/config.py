@@ -11,8 +11,11 @@ import difflib
 import enum
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .constants import DEFAULT_TARGET_MODULES
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose behaviour and file format funcpeft reproduces
 
@@ -29,13 +32,53 @@ class TaskType(str, enum.Enum):
 
 
 class PeftType(str, enum.Enum):
-    """The adapter methods funcpeft knows (a subset of `peft.PeftType`)."""
+    """`peft.PeftType`: all 45 of PEFT 0.21.2's adapter types (funcpeft.methods.METHODS says which are implemented)."""
 
+    PROMPT_TUNING = "PROMPT_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
     LORA = "LORA"
+    ADALORA = "ADALORA"
+    ADAMSS = "ADAMSS"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
     IA3 = "IA3"
+    BEFT = "BEFT"
+    LILY = "LILY"
     LOHA = "LOHA"
     LOKR = "LOKR"
+    OFT = "OFT"
+    POLY = "POLY"
+    LN_TUNING = "LN_TUNING"
     VERA = "VERA"
+    FROD = "FROD"
+    PVERA = "PVERA"
+    FOURIERFT = "FOURIERFT"
+    GLORA = "GLORA"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    UNILORA = "UNILORA"
+    CPT = "CPT"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    HIRA = "HIRA"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+    GRALORA = "GRALORA"
+    CARTRIDGE = "CARTRIDGE"
+    TINYLORA = "TINYLORA"
+    PSOFT = "PSOFT"
+    PEANUT = "PEANUT"
+    SHADOW = "SHADOW"
+    SUPERTUNING = "SUPERTUNING"
+    DEFT = "DEFT"
 
 
 def _check_init_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
@@ -60,6 +103,12 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
 
+    PEFT_TYPE: ClassVar[PeftType]  # each config class sets its own; `peft_type` is set from it
+    # per-model_type targets when target_modules is None (PEFT's TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING)
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = DEFAULT_TARGET_MODULES
+    # whether >= 20 matched names are compressed to suffixes (PEFT skips it for IA3, coupled to feedforward_modules)
+    COMPRESS_TARGET_MODULES: ClassVar[bool] = True
+
     # fields that exist for file compatibility but whose non-default values funcpeft does not implement
     _unimplemented: ClassVar[dict[str, Any]] = {}
     # fields PEFT drops when it writes adapter_config.json
@@ -82,6 +131,10 @@ class PeftConfig:
                     f"{type(self).__name__}.{name}={value!r} is not implemented in funcpeft yet "
                     f"(only the default {default!r} is supported)."
                 )
+
+    def model_defaults(self, model_type: str | None) -> dict[str, Any]:
+        """Fields PEFT fills in from the model type at get_peft_model time (e.g. IA3's feedforward_modules)."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (sets become sorted lists, enums their values)."""
@@ -164,6 +217,7 @@ class LoraConfig(PeftConfig):
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     _unimplemented: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
         "trainable_token_indices": None,
@@ -185,7 +239,7 @@ class LoraConfig(PeftConfig):
     }
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.LORA
+        self.peft_type = self.PEFT_TYPE
         super().__post_init__()
         check_rank(self)
         check_probability(self, "lora_dropout")
@@ -265,5 +319,3 @@ def validated_init(cls: type) -> type:
 
 
 validated_init(LoraConfig)
-
-CONFIG_CLASSES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig}

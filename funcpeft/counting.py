@@ -27,7 +27,7 @@ def count_parameters(base: Mapping[str, torch.Tensor], adapter: Any, plan: Mappi
     in_place = 0
     if adapter is not None:
         for path, entry in adapter.items():
-            in_place += sum(int(entry[k].numel()) for k in plan[path]["in_place"] if k in entry)
+            in_place += sum(int(entry[k].numel()) for k in plan[path].in_place if k in entry)
     frozen = sum(_numel(t) for k, t in base.items() if not k.startswith(SHARED_PREFIX))  # PEFT: shared = buffers
     total = frozen + sum(_numel(t) for t in leaves) - in_place
     return trainable, total

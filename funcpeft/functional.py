@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import LayerSpec, no_dropout
+from ._plan import Plan, check_adapter_structure, shared_params
+from .methods.base import no_dropout
 from .routing import PerExample, route_layer, split_routed
-from .trees import SHARED_PREFIX, check_adapter_structure
-from .weights import AdaptedWeight
-
-Plan = dict[str, dict[str, Any]]  # module_path -> {"spec": LayerSpec | None, "params": names, "overrides": names}
+from .weights import AdaptedWeight, Applied
 
 
 def _skeleton(model: nn.Module, training: bool) -> nn.Module:
@@ -65,13 +63,17 @@ class PeftFunction:
     (randomness="different" or "same"); a Generator is not supported by vmap's random ops.
     """
 
-    def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str):
+    def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str, mixed: bool = False):
         self.plans = plans
         self.default_adapter = default_adapter
-        self.mixed = False  # PeftMixedModel semantics: adapters apply in registration order (set by get_peft_model)
-        self._model = model
+        self.mixed = mixed  # PeftMixedModel semantics: adapters apply in registration order
+        self.model = model
         canon = {id(p): n for n, p in model.named_parameters()}
-        self._aliases = [(n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
+        # (every parameter name, its canonical name): tied weights appear once in `base`, under the first name
+        self.aliases: tuple[tuple[str, str], ...] = tuple(
+            (n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
+        )
+        self._model = model
         self._main = {t: _skeleton(model, t) for t in (False, True)}
         self._local = threading.local()  # per-thread skeletons, freed with their thread
         self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
@@ -106,8 +108,8 @@ class PeftFunction:
     def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights."""
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
-        params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self._aliases}
-        carried: dict[str, list[tuple[LayerSpec, dict[str, torch.Tensor]]]] = {}
+        params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
+        carried: dict[str, list[Applied]] = {}
         for name, tree in self.split_adapters(adapter):
             plan = self.plans.get(name)
             if plan is None:
@@ -115,20 +117,25 @@ class PeftFunction:
             routing = tree if isinstance(tree, PerExample) else None
             tree = routing.stacked if routing is not None else tree
             check_adapter_structure(tree, plan, name)
-            for path, entry in tree.items():
-                info = plan[path]
-                if routing is not None and info["overrides"]:
-                    raise NotImplementedError(f"per-example adapters: {path} overrides {info['overrides']} (modules_to_save "
-                                              "or a trainable bias); only method parameters can be routed per example")
-                for pname in info["overrides"]:
-                    params[f"{path}.{pname}"] = entry[pname]
-                spec = info["spec"]
-                if spec is not None:
-                    own = {k: entry[k] for k in info["params"]}
-                    if routing is not None:
-                        spec, own = route_layer(spec, own, routing)
-                    own.update(_frozen(base, info.get("frozen", ())))
-                    carried.setdefault(f"{path}.weight", []).append((spec, own))
+            for path, leaves in tree.items():
+                entry = plan[path]
+                if routing is not None and entry.overrides:
+                    raise NotImplementedError(
+                        f"per-example adapters: {path} overrides {entry.overrides} (modules_to_save or a trainable "
+                        "bias); only method parameters can be routed per example"
+                    )
+                for pname in entry.overrides:
+                    params[f"{path}.{pname}"] = leaves[pname]
+                if entry.spec is None:
+                    continue
+                method = entry.method
+                own = {k: leaves[k] for k in entry.params}
+                frozen = shared_params(entry, base)  # the same for every example: never routed
+                if routing is not None:
+                    applied = route_layer(entry.spec, method, own, frozen, routing)
+                else:
+                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
+                carried.setdefault(f"{path}.weight", []).append(applied)
         for wname, adapters in carried.items():
             params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
         return params
@@ -151,19 +158,6 @@ class PeftFunction:
             return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
 
 
-def _frozen(base: Mapping[str, torch.Tensor], frozen: Any) -> dict[str, torch.Tensor]:
-    """A method's frozen shared tensors (VeRA's vera_A/vera_B), read from their reserved `base` keys."""
-    out = {}
-    for pname, key in frozen:
-        if key not in base:
-            raise KeyError(
-                f"base has no entry {key!r} (the adapter's frozen shared {pname!r}); pass the `base` that "
-                f"get_peft_model returned: it holds such tensors under keys starting with {SHARED_PREFIX!r}"
-            )
-        out[pname] = base[key]
-    return out
-
-
 class _seeded:
     """Fork the global RNG (CPU and the current accelerator) and seed it; restore on exit."""
 
@@ -178,3 +172,11 @@ class _seeded:
 
     def __exit__(self, *exc: Any) -> None:
         self._fork.__exit__(*exc)
+
+
+def peft_function(pm: Any) -> PeftFunction:
+    """The `PeftFunction` of what get_peft_model returned (or `pm` itself when it is one)."""
+    fn = pm if isinstance(pm, PeftFunction) else getattr(pm, "fn", None)
+    if not isinstance(fn, PeftFunction):
+        raise TypeError(f"expected what funcpeft.get_peft_model returned (or its `fn`), got {type(pm).__name__}")
+    return fn

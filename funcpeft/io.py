@@ -9,7 +9,6 @@ Reading is safetensors-only: a pickled `adapter_model.bin` is never unpickled un
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import uuid
@@ -21,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_CLASSES, PEFT_VERSION, PeftConfig
+from ._plan import check_adapter_name
+from .config import PEFT_VERSION, PeftConfig
 from .keys import (
     KeyRules,
     base_file_key,
@@ -32,6 +32,7 @@ from .keys import (
     shared_file_keys,
     tree_file_keys,
 )
+from .methods import CONFIG_CLASSES
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -40,9 +41,7 @@ CONFIG_NAME = "adapter_config.json"
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
     """PEFT's layout: the "default" adapter in `directory`, any other in `directory/<adapter_name>`."""
-    from .mapping import _check_adapter_name  # one rule for adapter names (no path separators, no '..')
-
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)  # one rule for adapter names (no path separators, no '..')
     return os.fspath(directory) if adapter_name == "default" else os.path.join(os.fspath(directory), adapter_name)
 
 
@@ -72,12 +71,10 @@ def config_from_dict(data: Any, source: str = CONFIG_NAME) -> PeftConfig:
             stacklevel=3,
         )
         del data["runtime_config"]
-    with contextlib.suppress(ModuleNotFoundError):  # registers the other methods' config classes
-        importlib.import_module(f"{__package__}.configs")
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise ValueError(f"{source} has no 'peft_type': it is not a PEFT adapter config (keys: {sorted(data)[:8]})")
-    cls = CONFIG_CLASSES.get(str(peft_type))
+    cls = CONFIG_CLASSES.get(str(peft_type))  # registered by funcpeft.methods
     if cls is None:
         raise NotImplementedError(
             f"{source} is a {peft_type} adapter (peft_type={peft_type!r}); funcpeft does not implement the PEFT method "

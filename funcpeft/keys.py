@@ -7,59 +7,44 @@ A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
     own param of an adapted layer         base_model.model.{path}.base_layer.{name}   (bias="lora_only"/"all")
     own param of any other module         base_model.model.{path}.{name}   (modules_to_save copies, bias="all")
 
-A method declares its rules with optional attributes on its namespace (see funcpeft.methods):
-`peft_key_prefix` (the prefix PEFT gives its parameter names, default "lora_"), `peft_unsuffixed`
-(parameter names saved without `.weight`, default LoRA's) and `peft_shared_keys` (frozen shared
-tensors PEFT saves, e.g. VeRA's). Nothing here is specific to one method.
+A method declares its rules in its contract (funcpeft.methods.base): `Method.keys` (a `KeyRules`: the prefix
+PEFT gives its parameter names and the names saved without `.weight`) and `SharedTensors.file_keys` (frozen
+shared tensors PEFT saves, e.g. VeRA's projections). Nothing here is specific to one method.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from .methods.base import method_for
+from ._plan import PlanEntry
+from ._targeting import is_saved_module
+from .methods import method_for
+from .methods.base import KeyRules, Method
 from .trees import SHARED_PREFIX
 
 PREFIX = "base_model.model."
-DEFAULT_PARAM_PREFIX = "lora_"
-DEFAULT_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
 BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
 
 Leaf = tuple[str, str]  # (module path, name inside the entry)
 
 
-@dataclass(frozen=True)
-class KeyRules:
-    """How one method's parameters are named in a checkpoint."""
-
-    param_prefix: str = DEFAULT_PARAM_PREFIX
-    unsuffixed: frozenset[str] = DEFAULT_UNSUFFIXED
-
-    def is_method_param(self, name: str) -> bool:
-        return name in self.unsuffixed or name.startswith(self.param_prefix)
-
-
 def key_rules(config: Any) -> KeyRules:
-    """The rules of the registered method implementing `config` (LoRA's when the method declares none)."""
-    method = method_for(config)
-    return KeyRules(
-        getattr(method, "peft_key_prefix", DEFAULT_PARAM_PREFIX),
-        frozenset(getattr(method, "peft_unsuffixed", DEFAULT_UNSUFFIXED)),
-    )
+    """The file key rules of the registered method implementing `config`."""
+    return method_for(config).keys
 
 
 def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
     """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
 
-    A method opts in with `peft_shared_keys(config, shared_base_keys) -> {checkpoint key: base key}`;
-    shared base keys start with funcpeft.trees.SHARED_PREFIX.
+    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`).
     """
-    hook = getattr(method_for(config), "peft_shared_keys", None)
-    return dict(hook(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)])) if hook else {}
+    method = method_for(config)
+    if not isinstance(method, Method) or method.shared is None:
+        return {}
+    return dict(method.shared.file_keys(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)]))
 
 
 def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
@@ -79,13 +64,13 @@ def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> di
     return out
 
 
-def plan_file_keys(plan: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft.mapping)."""
+def plan_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
+    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan)."""
     out: dict[str, Leaf] = {}
     for path, e in plan.items():
-        adapted = e["spec"] is not None
-        for name in (*e["params"], *e["overrides"]):
-            out[file_key(path, name, rules, adapted, name in e["params"])] = (path, name)
+        adapted = e.spec is not None
+        for name in (*e.params, *e.overrides):
+            out[file_key(path, name, rules, adapted, name in e.params)] = (path, name)
     return out
 
 
@@ -101,7 +86,7 @@ def saved_module_split(path: str, modules_to_save: Iterable[str]) -> tuple[str, 
     parts = path.split(".")
     for i in range(1, len(parts)):
         head = ".".join(parts[:i])
-        if any(head.endswith(t) for t in names):
+        if is_saved_module(head, names):
             return head, ".".join(parts[i:])
     return None
 
@@ -137,10 +122,6 @@ def bias_all_duplicates(saved: Mapping[str, Iterable[str]], adapter_name: str) -
 def is_wrapper_duplicate(key: str, saved_paths: Iterable[str]) -> bool:
     """A `bias_all_duplicates` key (whatever the adapter name was): ignored on load."""
     return any(key.startswith(f"{PREFIX}{m}.{w}.") for m in saved_paths for w in BIAS_ALL_WRAPPER_PARTS)
-
-
-def is_saved_module(path: str, modules_to_save: Iterable[str] | None) -> bool:
-    return any(path.endswith(t) for t in modules_to_save or ())
 
 
 def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bias: str) -> tuple[str, Leaf] | None:

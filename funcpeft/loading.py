@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import os
 import warnings
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ._plan import init_adapter, init_shared, method_shapes, plan_adapter
 from .config import PeftConfig
 from .io import CONFIG_NAME, adapter_dir, read_config, read_tensors
 from .keys import (
@@ -35,9 +35,7 @@ from .keys import (
     shared_file_keys,
     tree_file_keys,
 )
-from .methods.base import METHODS, LayerSpec
-
-_UPCAST = (torch.float16, torch.bfloat16)
+from .methods._layers import adapter_dtype
 
 
 class AdapterMismatchError(ValueError):
@@ -80,39 +78,19 @@ def _device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.is_meta else t.device
 
 
-def _method_shapes(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
-    """{param name: shape} of one layer's method parameters (from a meta-device init; cached per spec)."""
-    try:
-        return _cached_method_shapes(spec)
-    except TypeError:  # a spec holding an unhashable hyper-parameter
-        return _cached_method_shapes.__wrapped__(spec)
-
-
-@functools.lru_cache(maxsize=512)
-def _cached_method_shapes(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
-    method = METHODS[spec.method]
-    with torch.device("meta"):
-        params = method.init(spec, None)
-        finish = getattr(method, "finish_init", None)
-        if finish is not None:
-            params = finish(spec, params, torch.empty(spec.weight_shape))
-    return {k: tuple(v.shape) for k, v in params.items()}
-
-
 def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
     """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
-        spec = e["spec"]
-        if spec is not None:
+        if e.spec is not None:
             w = modules[path].weight
-            dtype = torch.float32 if autocast_adapter_dtype and w.dtype in _UPCAST else w.dtype
-            shapes = _method_shapes(spec)
-            for n in e["params"]:
-                out[(path, n)] = LeafSpec(shapes.get(n), dtype, _device(w))
-        for n in e["overrides"]:
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            shapes = method_shapes(e.spec)
+            for n in e.params:
+                out[(path, n)] = LeafSpec(tuple(shapes[n]), dtype, _device(w))
+        for n in e.overrides:
             p = params[f"{path}.{n}"]
             out[(path, n)] = LeafSpec(tuple(p.shape), p.dtype, _device(p))
     return out
@@ -150,9 +128,9 @@ def match_checkpoint(
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
-    adapted = {p for p, e in plan.items() if e["spec"] is not None}
+    adapted = {p for p, e in plan.items() if e.spec is not None}
     mts = getattr(config, "modules_to_save", None)
-    saved = [p for p, e in plan.items() if e["spec"] is None and is_saved_module(p, mts)]
+    saved = [p for p, e in plan.items() if e.spec is None and is_saved_module(p, mts)]
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
@@ -197,20 +175,18 @@ def build_tree(
     leaves: Mapping[Leaf, LeafSpec], autocast_adapter_dtype: bool, is_trainable: bool,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The adapter tree in plan order; leaves absent from `found` get a fresh init (PEFT's non-strict load)."""
-    absent = {p for p, e in plan.items() if any((p, n) not in found for n in (*e["params"], *e["overrides"]))}
+    absent = {p for p, e in plan.items() if any((p, n) not in found for n in (*e.params, *e.overrides))}
     fresh: dict[str, dict[str, torch.Tensor]] = {}
     if absent:
-        from .mapping import init_adapter
-
         fresh = init_adapter(model, {p: plan[p] for p in absent}, autocast_adapter_dtype)
     tree: dict[str, dict[str, torch.Tensor]] = {}
     for path, e in plan.items():
         entry: dict[str, torch.Tensor] = {}
-        for n in (*e["params"], *e["overrides"]):
+        for n in (*e.params, *e.overrides):
             spec = leaves[(path, n)]
             t = found[(path, n)] if (path, n) in found else fresh[path][n].detach()
             # PEFT's freeze for is_trainable=False skips the biases bias="lora_only"/"all" trains in place
-            entry[n] = t.to(device=spec.device, dtype=spec.dtype).requires_grad_(is_trainable or n in e["in_place"])
+            entry[n] = t.to(device=spec.device, dtype=spec.dtype).requires_grad_(is_trainable or n in e.in_place)
         tree[path] = entry
     return tree
 
@@ -237,8 +213,6 @@ def load_for_model(
     autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
 ) -> Loaded:
     """Read, resolve, check and convert a saved adapter for `model` (shared by load_adapter and from_pretrained)."""
-    from .mapping import init_shared, plan_adapter
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name)
@@ -317,29 +291,3 @@ def load_adapter(
             stacklevel=2,
         )
     return loaded.tree, loaded.config
-
-
-def from_pretrained(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, *,
-    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
-) -> Any:
-    """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
-
-    `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
-    trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors
-    the checkpoint carries (PEFT saves the embedding when an embedding is targeted) replace the model's
-    in the returned `base` dict when they differ; the model itself is never modified.
-    """
-    from .functional import PeftFunction
-    from .mapping import FunctionalPeftModel
-
-    loaded = load_for_model(
-        model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-        strict=strict, allow_pickle=allow_pickle,
-    )
-    base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
-    fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
-    return FunctionalPeftModel(
-        fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype
-    )

@@ -9,12 +9,11 @@ is anything `fn` accepts: one tree, `{adapter_name: tree, ...}` (merged in order
 adapters) or None. Inputs are never modified, and only what changes is new: every other leaf of the
 merged tree *is* the input's tensor (same storage).
 
-How a layer merges is its method's business: `METHODS[spec.method]` may define
-`merge_weight(spec, params, W) -> W'` and `unmerge_weight(spec, params, W', base_weight) -> W` (IA3's
-scaling, DoRA's renormalisation; `base_weight` is the pre-merge weight when known, i.e. when `unmerge`
-gets `base=`), and `merge_bias(spec, params, b) -> b'` with optional `unmerge_bias(spec, params, b') -> b`
-(IA3). Without them the merge is additive, `W +/- delta_weight(spec, params)`, computed in the promoted
-dtype and cast back to W's (PEFT's in-place `weight.data += delta`).
+How a layer merges is its method's business (funcpeft.methods.base.MergeHooks): `merge.weight(spec, params,
+W, base_weight) -> W'` and `merge.unweight(...)` (IA3's scaling, DoRA's renormalisation; `base_weight` is the
+pre-merge weight when known, i.e. when `unmerge` gets `base=`), and `merge.bias` / `merge.unbias` (IA3).
+Without hooks the merge is additive, `W +/- delta_weight(spec, params)`, computed in the promoted dtype and
+cast back to W's (PEFT's in-place `weight.data += delta`).
 
 Tied weights follow PEFT, where a merge writes into the shared tensor: a delta merged into a tied
 weight (e.g. LoRA on GPT-2's `wte`) changes every name that shares it (`lm_head` too, so the merged
@@ -34,172 +33,120 @@ import optree
 import torch
 from torch import nn
 
-from .functional import PeftFunction
-from .methods.base import METHODS, LayerSpec
-from .trees import check_adapter_structure
+from ._names import Names
+from ._plan import PlanEntry, check_adapter_structure, layer_params
+from .functional import PeftFunction, peft_function
+from .methods import weight_method
+from .methods.base import LayerKind, LayerSpec, Params
 
 Tree = dict[str, torch.Tensor]
 
 
 # -- per-layer hooks -----------------------------------------------------------------------------------------
-def _check_mergeable(spec: LayerSpec) -> None:
-    if spec.kind == "conv" and dict(spec.geometry).get("groups", 1) > 1:
+def _check_mergeable(spec: LayerSpec[Any]) -> None:
+    if spec.kind is LayerKind.CONV and spec.conv.groups > 1 and not weight_method(spec.method).merge.grouped_conv:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")  # PEFT's message
 
 
-def merge_weight(spec: LayerSpec, params: Mapping[str, torch.Tensor], weight: torch.Tensor, safe_merge: bool = False) -> torch.Tensor:
+def _delta(spec: LayerSpec[Any], params: Params) -> torch.Tensor:
+    method = weight_method(spec.method)
+    if method.delta_weight is None:
+        raise NotImplementedError(f"method {spec.method!r} has neither a delta_weight nor merge hooks: it cannot merge")
+    _check_mergeable(spec)
+    return method.delta_weight(spec, params)
+
+
+def merge_weight(
+    spec: LayerSpec[Any], params: Params, weight: torch.Tensor, safe_merge: bool = False,
+    base_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is."""
-    method = METHODS[spec.method]
-    hook = getattr(method, "merge_weight", None)
+    hook = weight_method(spec.method).merge.weight
     if hook is not None:
-        out = hook(spec, params, weight)
+        out = hook(spec, params, weight, base_weight)
     else:
-        _check_mergeable(spec)
-        delta = method.delta_weight(spec, params).to(weight.device)
+        delta = _delta(spec, params).to(weight.device)
         # PEFT: `w.data += delta` (promoted add, cast back); safe_merge: `w.clone() += delta.to(w.dtype)`
         out = weight + delta.to(weight.dtype) if safe_merge else (weight + delta).to(weight.dtype)
     if safe_merge and not torch.isfinite(out).all():
-        raise ValueError(f"NaNs detected in the merged weights. The adapter on a {spec.kind} layer seems to be broken")
+        raise ValueError(
+            f"NaNs detected in the merged weights. The adapter on a {spec.kind.value} layer seems to be broken"
+        )
     return out
 
 
 def unmerge_weight(
-    spec: LayerSpec, params: Mapping[str, torch.Tensor], merged: torch.Tensor, base_weight: torch.Tensor | None = None
+    spec: LayerSpec[Any], params: Params, merged: torch.Tensor, base_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Inverse of `merge_weight` (PEFT's unmerge: `w.data -= delta`); `base_weight`: the weight before the
     merge when known (a method like DoRA needs it)."""
-    method = METHODS[spec.method]
-    hook = getattr(method, "unmerge_weight", None)
-    if hook is not None:
-        return hook(spec, params, merged, base_weight=base_weight)
-    if getattr(method, "merge_weight", None) is not None:
-        raise NotImplementedError(f"method {spec.method!r} defines merge_weight but no unmerge_weight: cannot unmerge")
-    _check_mergeable(spec)
-    delta = method.delta_weight(spec, params).to(merged.device)
+    hooks = weight_method(spec.method).merge
+    if hooks.unweight is not None:
+        return hooks.unweight(spec, params, merged, base_weight)
+    if hooks.weight is not None:
+        raise NotImplementedError(f"method {spec.method!r} has a merge.weight hook but no merge.unweight: cannot unmerge")
+    delta = _delta(spec, params).to(merged.device)
     return (merged - delta).to(merged.dtype)
 
 
 def unmerge_bias(
-    spec: LayerSpec, params: Mapping[str, torch.Tensor], merged: torch.Tensor, base_bias: torch.Tensor | None = None
+    spec: LayerSpec[Any], params: Params, merged: torch.Tensor, base_bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Inverse of a method's `merge_bias` (its `unmerge_bias` hook, else the bias before the merge)."""
-    hook = getattr(METHODS[spec.method], "unmerge_bias", None)
+    """Inverse of a method's `merge.bias` (its `merge.unbias` hook, else the bias before the merge)."""
+    hook = weight_method(spec.method).merge.unbias
     if hook is not None:
         return hook(spec, params, merged)
     if base_bias is None:
         raise NotImplementedError(
-            f"method {spec.method!r} merges into the bias but has no unmerge_bias: pass the original base tree as `base=`"
+            f"method {spec.method!r} merges into the bias but has no unbias hook: pass the original base tree as `base=`"
         )
     return base_bias
 
 
-# -- names: tied parameters ----------------------------------------------------------------------------------
-def peft_function(pm: Any) -> PeftFunction:
-    """The `PeftFunction` of a FunctionalPeftModel (or `pm` itself)."""
-    fn = pm if isinstance(pm, PeftFunction) else getattr(pm, "fn", None)
-    if not isinstance(fn, PeftFunction):
-        raise TypeError(
-            f"expected what funcpeft.get_peft_model returned (or its `fn`), got {type(pm).__name__}"
-        )
-    return fn
+Entry = tuple[str, str, PlanEntry, Mapping[str, torch.Tensor]]  # (adapter name, module path, plan entry, leaves)
 
 
-class _Names:
-    """Every parameter name of the model, its canonical (first) name, and the names tied to it."""
-
-    def __init__(self, fn: PeftFunction):
-        self.canon = dict(fn._aliases)
-        self.group: dict[str, list[str]] = {}
-        for alias, canon in fn._aliases:
-            self.group.setdefault(canon, []).append(alias)
-
-    def read(self, tree: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-        """A parameter's value in a base tree: its own entry, else its canonical name's (what `fn` uses)."""
-        if name in tree:
-            return tree[name]
-        canon = self.canon.get(name)
-        if canon is None or canon not in tree:
-            raise KeyError(f"the base tree has no entry for parameter {name!r} (nor for its tied name {canon!r})")
-        return tree[canon]
-
-    def write_shared(self, tree: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-        """Set `name` the way PEFT's in-place write does: every name sharing its tensor sees the new value."""
-        tree[name if name in tree else self.canon[name]] = value
-
-    def write_own(self, tree: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-        """Set only `name`; names tied to it keep their current value (as explicit entries)."""
-        canon = self.canon[name]
-        if name == canon:
-            for other in self.group[canon]:
-                if other != canon and other not in tree:
-                    tree[other] = tree[canon]
-        tree[name] = value
-
-    def restore(self, tree: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor], name: str) -> None:
-        """Put `name` back as it is in `base`, dropping entries `write_own` added that `base` lacks."""
-        if name in base:
-            tree[name] = base[name]
-        else:
-            tree.pop(name, None)
-        if name == self.canon[name]:
-            for other in self.group[name]:
-                if other not in base:
-                    tree.pop(other, None)
-
-
-def _entries(fn: PeftFunction, adapter: Any) -> list[tuple[str, str, Mapping[str, Any], Mapping[str, torch.Tensor]]]:
+def _entries(fn: PeftFunction, adapter: Any) -> list[Entry]:
     """[(adapter_name, module_path, plan_entry, tree_entry)] in merge order; structure checked first."""
-    out: list[tuple[str, str, Mapping[str, Any], Mapping[str, torch.Tensor]]] = []
+    out: list[Entry] = []
     for name, tree in fn.split_adapters(adapter):
         plan = fn.plans.get(name)
         if plan is None:
             raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(fn.plans)}")
         check_adapter_structure(tree, plan, name)
-        out += [(name, path, plan[path], entry) for path, entry in tree.items()]
+        out += [(name, path, plan[path], leaves) for path, leaves in tree.items()]
     return out
 
 
-def _layer_params(info: Mapping[str, Any], entry: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A layer's method params: its own (from the tree) plus frozen shared ones (e.g. VeRA's, from `base`)."""
-    params = {k: entry[k] for k in info["params"]}
-    for pname, key in info.get("frozen", ()):
-        if key not in base:
-            raise KeyError(f"the base tree has no entry {key!r} (the adapter's frozen shared {pname!r}): pass the full base tree")
-        params[pname] = base[key]
-    return params
-
-
 # -- tree merge / unmerge ------------------------------------------------------------------------------------
-Entry = tuple[str, str, Mapping[str, Any], Mapping[str, torch.Tensor]]
-
-
-def _bias_name(names: _Names, spec: LayerSpec, path: str) -> str | None:
+def _bias_name(names: Names, spec: LayerSpec[Any], path: str) -> str | None:
     """The layer's bias name if its method also merges into the bias (IA3) and the layer has one."""
-    has_hook = getattr(METHODS[spec.method], "merge_bias", None) is not None
+    has_hook = weight_method(spec.method).merge.bias is not None
     return f"{path}.bias" if has_hook and f"{path}.bias" in names.canon else None
 
 
 def _merge_entries(
-    names: _Names, base: Mapping[str, torch.Tensor], entries: list[Entry], safe_merge: bool,
+    names: Names, base: Mapping[str, torch.Tensor], entries: list[Entry], safe_merge: bool,
     before: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> Tree:
     """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias)."""
     out = dict(base)
-    for _, path, info, entry in entries:
-        for pname in info["overrides"]:
-            write = names.write_shared if pname in info["in_place"] else names.write_own
-            write(out, f"{path}.{pname}", entry[pname])
-        spec = info["spec"]
+    for _, path, entry, leaves in entries:
+        for pname in entry.overrides:
+            write = names.write_shared if pname in entry.in_place else names.write_own
+            write(out, f"{path}.{pname}", leaves[pname])
+        spec = entry.spec
         if spec is None:
             continue
         wname, bname = f"{path}.weight", _bias_name(names, spec, path)
-        params = _layer_params(info, entry, base)
+        params = layer_params(entry, leaves, base)
         weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
         if before is not None:
             before.append((weight, bias))
         names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge))
-        if bname and bias is not None:
-            names.write_shared(out, bname, METHODS[spec.method].merge_bias(spec, params, bias))
+        merge_bias = entry.method.merge.bias
+        if bname and bias is not None and merge_bias is not None:
+            names.write_shared(out, bname, merge_bias(spec, params, bias))
     return out
 
 
@@ -213,7 +160,7 @@ def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge
     non-finite results.
     """
     fn = peft_function(pm)
-    return _merge_entries(_Names(fn), base, _entries(fn, adapter), safe_merge)
+    return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter), safe_merge)
 
 
 def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: Mapping[str, torch.Tensor] | None = None) -> Tree:
@@ -224,9 +171,9 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     With `base`, each layer's unmerge also gets its exact pre-merge weight (DoRA's unmerge needs it).
     """
     fn = peft_function(pm)
-    names = _Names(fn)
+    names = Names(fn.aliases)
     entries = _entries(fn, adapter)
-    overridden = [f"{path}.{p}" for _, path, info, _ in entries for p in info["overrides"]]
+    overridden = [f"{path}.{p}" for _, path, entry, _ in entries for p in entry.overrides]
     if overridden and base is None:
         raise ValueError(
             f"unmerge: the adapter replaces {overridden[:3]}{' ...' if len(overridden) > 3 else ''} "
@@ -238,19 +185,19 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
         _merge_entries(names, base, entries, False, before)
     layers = iter(reversed(before))
     out = dict(merged)
-    for _, path, info, entry in reversed(entries):
-        spec = info["spec"]
+    for _, path, entry, leaves in reversed(entries):
+        spec = entry.spec
         if spec is not None:
             wname, bname = f"{path}.weight", _bias_name(names, spec, path)
-            params = _layer_params(info, entry, merged)
+            params = layer_params(entry, leaves, merged)
             pre_weight, pre_bias = next(layers, (None, None))
             names.write_shared(out, wname, unmerge_weight(spec, params, names.read(out, wname), pre_weight))
             if bname:
                 names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
-        for pname in info["overrides"]:
+        for pname in entry.overrides:
             assert base is not None
             key = f"{path}.{pname}"
-            if pname in info["in_place"]:
+            if pname in entry.in_place:
                 names.write_shared(out, key, names.read(base, key))
             else:
                 names.restore(out, base, key)
@@ -259,11 +206,11 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
 
 # -- a new plain model ---------------------------------------------------------------------------------------
 def _warn_tied_merges(fn: PeftFunction, adapter: Any) -> None:
-    names = _Names(fn)
-    for _, path, info, _ in _entries(fn, adapter):
+    names = Names(fn.aliases)
+    for _, path, entry, _ in _entries(fn, adapter):
         wname = f"{path}.weight"
         tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n != wname]
-        if info["spec"] is not None and tied:
+        if entry.spec is not None and tied:
             warnings.warn(
                 f"Merging the adapter on {path!r} changes its weight, which is tied to {tied}: like PEFT, the "
                 "merged model uses the merged weight for all of them, so its outputs differ from the unmerged "
@@ -281,8 +228,8 @@ def build_model(pm: Any, tree: Mapping[str, torch.Tensor], *, share_storage: boo
     such as the original model. False: every parameter is cloned. Buffers and config are copied.
     """
     fn = peft_function(pm)
-    names = _Names(fn)
-    model = fn._model
+    names = Names(fn.aliases)
+    model = fn.model
 
     def param(name: str, like: torch.Tensor) -> nn.Parameter:
         value = names.read(tree, name).detach()
@@ -291,7 +238,7 @@ def build_model(pm: Any, tree: Mapping[str, torch.Tensor], *, share_storage: boo
     originals = dict(model.named_parameters(remove_duplicate=False))
     memo: dict[int, Any] = {id(p): param(n, p) for n, p in model.named_parameters()}
     new = copy.deepcopy(model, memo)
-    for alias, canon in fn._aliases:
+    for alias, canon in fn.aliases:
         if alias != canon and alias in tree:  # a broken tie: this name gets its own parameter
             owner, _, leaf = alias.rpartition(".")
             setattr(new.get_submodule(owner), leaf, param(alias, originals[alias]))
@@ -339,7 +286,7 @@ def merge_and_unload(
     if base is None:
         base = getattr(pm, "base", None)
         if base is None:
-            base = {n: p.detach() for n, p in fn._model.named_parameters()}
+            base = {n: p.detach() for n, p in fn.model.named_parameters()}
     _warn_tied_merges(fn, adapter)
     with torch.no_grad():
         merged = merge(fn, base, adapter, safe_merge=safe_merge)

@@ -20,15 +20,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import optree
 import torch
 
+from ._plan import check_adapter_structure
 from .grad import value_and_grad
-from .methods.base import METHODS, LayerSpec, OpContext
-from .trees import check_adapter_structure, stack_adapters
+from .methods.base import LayerSpec, Method, OpContext, Params
+from .trees import stack_adapters
+from .weights import Applied
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _INDEX = "__index__"
@@ -144,25 +145,22 @@ def split_routed(adapter: Any, plans: Mapping[str, Any], default: str) -> list[t
 
 
 # -- the per-layer op ------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RoutedSpec(LayerSpec):
-    """The LayerSpec of a routed layer: `inner`'s facts, plus which params are stacked (leading dim K)."""
+def route_layer(spec: LayerSpec[Any], method: Method, stacked: Params, shared: Params, routing: PerExample) -> Applied:
+    """One layer's adapter, routed per example: what `fn` hands to the layer's AdaptedWeight.
 
-    inner: LayerSpec | None = None
-    stacked_keys: tuple[str, ...] = ()
-    any_base: bool = True
-
-    @property
-    def method_impl(self) -> Any:
-        return _ROUTED
-
-
-def route_layer(spec: LayerSpec, params: dict[str, torch.Tensor], routing: PerExample) -> tuple[LayerSpec, dict]:
-    """(spec, stacked params) of one layer -> (RoutedSpec, params + index) that `weights` runs per example."""
-    facts = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    routed = RoutedSpec(**facts, inner=spec, stacked_keys=tuple(params), any_base=routing.any_base)
+    stacked: the method's own params with a leading K dim; shared: frozen tensors every example uses (VeRA's).
+    """
     index = routing.index
-    return routed, ({**params, _INDEX: index} if index is not None else dict(params))
+    any_base = routing.any_base
+    params = {**stacked, **shared, **({_INDEX: index} if index is not None else {})}
+    keys = tuple(stacked)
+
+    def forward(spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None,
+                ctx: OpContext) -> torch.Tensor:
+        assert result is not None
+        return _routed_forward(method, spec, keys, any_base, params, x, result, ctx)
+
+    return Applied(spec, params, forward, True)
 
 
 def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:
@@ -177,13 +175,12 @@ def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:
     )
 
 
-def _routed_forward(spec: RoutedSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor,
-                    ctx: OpContext) -> torch.Tensor:
-    inner = spec.inner
-    assert inner is not None
-    method = METHODS[inner.method]
+def _routed_forward(
+    method: Method, inner: LayerSpec[Any], stacked_keys: tuple[str, ...], any_base: bool, params: Params,
+    x: torch.Tensor, result: torch.Tensor, ctx: OpContext,
+) -> torch.Tensor:
     index = params.get(_INDEX)
-    stacked = {k: params[k] for k in spec.stacked_keys}
+    stacked = {k: params[k] for k in stacked_keys}
     shared = {k: v for k, v in params.items() if k not in stacked and k != _INDEX}
     b = index.shape[0] if index is not None else next(iter(stacked.values())).shape[0]
     if index is not None:
@@ -191,23 +188,18 @@ def _routed_forward(spec: RoutedSpec, params: dict[str, torch.Tensor], x: torch.
         stacked = {k: v.index_select(0, index.clamp(min=0)) for k, v in stacked.items()}
     xs, flat = _split_batch(x, b)
     rs, _ = _split_batch(result, b)
-    uses_result = getattr(method, "uses_result", None)
-    pass_result = uses_result is None or uses_result(inner)
-    batched = getattr(method, "forward_per_example", None)
+    pass_result = method.uses_result(inner)
+    batched = method.forward_per_example
     out = batched(inner, {**stacked, **shared}, xs, rs if pass_result else None, ctx) if batched is not None else None
     if out is None:
 
-        def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+        def one(p: Params, xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
             return method.forward(inner, {**p, **shared}, xi, ri if pass_result else None, ctx)
 
         out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
-    if index is not None and spec.any_base:
+    if index is not None and any_base:
         out = torch.where((index >= 0).view(b, *[1] * (out.dim() - 1)), out, rs)
     return out.reshape(result.shape) if flat else out
-
-
-# what `weights` runs for a RoutedSpec (only the forward path ever sees one)
-_ROUTED = SimpleNamespace(name="per_example", forward=_routed_forward, uses_result=lambda spec: True)
 
 
 # -- per-sample gradients ----------------------------------------------------------------------------------

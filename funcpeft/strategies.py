@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from . import testing
+from ._targeting import layer_index, layer_kind, output_embedding_name, overlaps_saved_module
 from .config import LoraConfig
 from .constants import DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE
-from .targeting import layer_index, layer_kind
 
 LINEAR_KINDS = ("linear", "conv1d_hf")
 _TASK_BY_CLASS = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
@@ -56,13 +56,7 @@ def tiny_models(kinds: Sequence[str] | None = None, max_seed: int = 3) -> st.Sea
 
 def adaptable_modules(model: nn.Module, layer_kinds: Sequence[str] = LINEAR_KINDS) -> list[str]:
     """Names of the modules of `model` whose layer kind (funcpeft.targeting.layer_kind) is in `layer_kinds`."""
-    return [n for n, m in model.named_modules() if n and layer_kind(m) in layer_kinds]
-
-
-def _output_head(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return [n for n, m in model.named_modules() if n and (kind := layer_kind(m)) is not None and kind.value in layer_kinds]
 
 
 def _norm_modules(model: nn.Module, avoid: set[str]) -> list[str]:
@@ -83,10 +77,6 @@ def _norm_modules(model: nn.Module, avoid: set[str]) -> list[str]:
     return out
 
 
-def _is_saved(name: str, module_to_save: str) -> bool:
-    return re.match(rf"(^|.*\.){module_to_save}($|\..*)", name) is not None  # PEFT's modules_to_save match
-
-
 def _default_task_types(model: nn.Module) -> list[str | None]:
     cls = type(model).__name__
     return [None] + [task for suffix, task in _TASK_BY_CLASS if cls.endswith(suffix)][:1]
@@ -101,8 +91,8 @@ def _targets(
 
     Never targets the output head or a module the task saves whole (`saved`, e.g. SEQ_CLS's classifier).
     """
-    head = _output_head(model)
-    names = [n for n in adaptable_modules(model, layer_kinds) if n != head and not any(_is_saved(n, m) for m in saved)]
+    head = output_embedding_name(model)
+    names = [n for n in adaptable_modules(model, layer_kinds) if n != head and not overlaps_saved_module(n, saved)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no module of kinds {list(layer_kinds)} to target")
     model_type = getattr(getattr(model, "config", None), "model_type", None)

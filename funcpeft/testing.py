@@ -14,6 +14,8 @@ import optree
 import torch
 from torch import nn
 
+from ._plan import PlanEntry
+
 VOCAB = 128
 
 
@@ -100,7 +102,7 @@ def random_like(tree: Any, generator: torch.Generator | None = None, scale: floa
     return optree.tree_map(draw, tree)
 
 
-def peft_param_name(path: str, key: str, plan_entry: Mapping[str, Any], adapter_name: str = "default") -> str:
+def peft_param_name(path: str, key: str, plan_entry: PlanEntry, adapter_name: str = "default") -> str:
     """The in-memory parameter name in a `peft` PeftModel for adapter leaf `adapter[path][key]`.
 
     lora_A/B -> `...{path}.lora_A.{name}.weight`; lora_embedding_A/B -> `...{path}.lora_embedding_A.{name}`
@@ -109,20 +111,18 @@ def peft_param_name(path: str, key: str, plan_entry: Mapping[str, Any], adapter_
     on an adapted layer, else `...{path}.bias`.
     """
     prefix = f"base_model.model.{path}"
-    if key in plan_entry["params"]:
-        from .methods import METHODS
-
-        # IA3/LoHa/LoKr/VeRA params are nn.ParameterDict entries in PEFT: no `.weight`, in memory or on disk
-        in_dict = set(getattr(METHODS[plan_entry["spec"].method], "peft_unsuffixed", ()))
-        if key.startswith("lora_embedding_") or key == "lora_magnitude_vector" or key in in_dict:
+    if key in plan_entry.params:
+        # parameters PEFT saves without `.weight` are nn.Parameter / ParameterDict entries in memory too, except
+        # DoRA's magnitude, which is a module's weight in memory (PEFT strips `.weight` only in its files)
+        if key in plan_entry.method.keys.unsuffixed:
             return f"{prefix}.{key}.{adapter_name}" + (".weight" if key == "lora_magnitude_vector" else "")
         return f"{prefix}.{key}.{adapter_name}.weight"
-    if key in plan_entry["in_place"]:
-        return f"{prefix}.base_layer.{key}" if plan_entry["spec"] is not None else f"{prefix}.{key}"
+    if key in plan_entry.in_place:
+        return f"{prefix}.base_layer.{key}" if plan_entry.spec is not None else f"{prefix}.{key}"
     return f"{prefix}.modules_to_save.{adapter_name}.{key}"
 
 
-def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, Any], adapter_name: str = "default") -> None:
+def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> None:
     """Copy funcpeft adapter values into a `peft` model's parameters (test helper; mutates peft_model)."""
     named = dict(peft_model.named_parameters())
     with torch.no_grad():
@@ -134,7 +134,7 @@ def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, Any],
                 named[name].copy_(value)
 
 
-def peft_grads(peft_model: nn.Module, adapter: Any, plan: Mapping[str, Any], adapter_name: str = "default") -> Any:
+def peft_grads(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> Any:
     """The `.grad` of each peft parameter, in the structure of `adapter`."""
     named = dict(peft_model.named_parameters())
     return {
@@ -200,7 +200,7 @@ def assert_matches_peft(
     import peft
 
     import funcpeft
-    from funcpeft.trees import check_adapter_structure
+    from funcpeft._plan import check_adapter_structure
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # both libraries warn alike (fan_in_fan_out, ...); not the point here
@@ -210,7 +210,7 @@ def assert_matches_peft(
     adapter = random_like(fresh, torch.Generator().manual_seed(0)) if adapter is None else adapter
     plan = pm.plans[pm.adapter_name]
     check_adapter_structure(adapter, plan, pm.adapter_name)  # ValueError naming the path: a wrong tree, not a mismatch
-    ours = {peft_param_name(p, k, plan[p]) for p, e in plan.items() for k in e["keys"]}
+    ours = {peft_param_name(p, k, plan[p]) for p, e in plan.items() for k in e.keys}
     theirs = {n for n, t in twin.named_parameters() if t.requires_grad}
     if ours != theirs:
         raise AssertionError(

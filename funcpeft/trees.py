@@ -15,11 +15,16 @@ gives a tree with a leading K dimension that `torch.func.vmap` maps over.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
+
+AdapterTree = dict[str, dict[str, torch.Tensor]]
+"""`{module_path: {leaf name: Tensor}}`: one adapter's trainable values."""
+BaseTree = dict[str, torch.Tensor]
+"""`{parameter name: Tensor}`: the frozen side (the model's parameters, plus shared frozen tensors)."""
 
 SHARED_PREFIX = "<shared>."
 """Reserved `base` key prefix for frozen tensors an adapter's layers share (VeRA's vera_A / vera_B): they
@@ -29,43 +34,6 @@ belong to the frozen side, never to this tree; see funcpeft.functional."""
 def shared_key(*parts: Any) -> str:
     """A reserved `base` key, e.g. shared_key("vera_A", "prng0", "256x64") -> '<shared>.vera_A.prng0.256x64'."""
     return SHARED_PREFIX + ".".join(map(str, parts))
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"Tensor{tuple(x.shape)}"
-    return type(x).__name__
-
-
-def check_adapter_structure(tree: Any, plan: Mapping[str, Mapping[str, Any]], adapter_name: str = "default") -> None:
-    """Raise ValueError naming the first path where `tree` differs from what adapter `adapter_name` expects."""
-    if not isinstance(tree, Mapping):
-        raise ValueError(f"adapter {adapter_name!r}: expected a dict keyed by module path, got {_describe(tree)}")
-    if tree.keys() == plan.keys():
-        bad = next((p for p in plan if not isinstance(tree[p], Mapping) or tree[p].keys() != plan[p]["keys"]), None)
-        if bad is None:
-            return
-    for path in sorted(set(plan) | set(tree)):
-        if path not in tree:
-            raise ValueError(f"adapter {adapter_name!r}: path {path!r} is missing from the adapter tree")
-        if path not in plan:
-            raise ValueError(
-                f"adapter {adapter_name!r}: path {path!r} is not a module this adapter targets "
-                f"(expected paths like {sorted(plan)[:3]})"
-            )
-        entry, want = tree[path], plan[path]["keys"]
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"adapter {adapter_name!r}: {path!r} should be a dict with keys {sorted(want)}, got {_describe(entry)}")
-        for key in sorted(set(want) | set(entry)):
-            if key not in entry:
-                raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is missing (expected keys {sorted(want)})")
-            if key not in want:
-                raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is unexpected (expected keys {sorted(want)})")
-
-
-def paths(tree: Any) -> list[str]:
-    """Dotted leaf paths of a tree, e.g. 'model.layers.0.self_attn.q_proj.lora_A'."""
-    return [".".join(map(str, p)) for p in optree.tree_paths(tree, none_is_leaf=False)]
 
 
 def stack_adapters(trees: Sequence[Any]) -> Any:

@@ -30,23 +30,25 @@ from typing import Any
 
 import torch
 
+from ._names import Names
+from ._plan import check_adapter_name, check_adapter_structure, plan_adapter
 from .config import LoraConfig
-from .mapping import _check_adapter_name, plan_adapter
-from .merge import _Names, peft_function
-from .methods.base import METHODS, LayerSpec
-from .trees import check_adapter_structure
+from .functional import peft_function
+from .methods import weight_method
+from .methods._layers import adapter_dtype
+from .methods.base import LayerKind, LayerSpec
+from .methods.lora import LoraHyper
 
-_UPCAST = (torch.float16, torch.bfloat16)
 _SUPPORTED = ("svd", "linear", "cat")
 _PEFT_ONLY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
               "magnitude_prune_svd")
 
 Pairs = list[tuple[str, Mapping[str, Any]]]
-Layer = tuple[float, LayerSpec, dict[str, torch.Tensor]]  # (weight, spec, params) of one input adapter at one path
+Layer = tuple[float, LayerSpec[LoraHyper], dict[str, torch.Tensor]]  # (weight, spec, params) of one input adapter at one path
 
 
 def _ab(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
-    a_key, b_key = METHODS[layer[1].method].param_names(layer[1])
+    a_key, b_key = weight_method(layer[1].method).param_names(layer[1])
     return layer[2][a_key], layer[2][b_key]
 
 
@@ -82,7 +84,7 @@ def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: st
     saved: dict[str, int] = {}
     for name, _ in pairs:
         for path, info in pm.plans[name].items():
-            if info["overrides"] and not info["in_place"]:
+            if info.overrides and not info.in_place:
                 saved[path] = saved.get(path, 0) + 1
     problematic = [p for p, n in saved.items() if n > 1]
     if problematic:
@@ -129,7 +131,7 @@ def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: st
 
 # -- one layer ---------------------------------------------------------------------------------------------
 def _cat(layers: list[Layer], new_rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.cat([_ab(layer)[0] * layer[0] * layer[1].h("scaling") for layer in layers], dim=0)
+    a = torch.cat([_ab(layer)[0] * layer[0] * layer[1].hyper.scaling for layer in layers], dim=0)
     b = torch.cat([_ab(layer)[1] for layer in layers], dim=1)
     new_a = a.new_zeros((new_rank, *a.shape[1:]), dtype=dtype)
     new_b = b.new_zeros((b.shape[0], new_rank, *b.shape[2:]), dtype=dtype)
@@ -144,7 +146,7 @@ def _linear(layers: list[Layer]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"combination_type='linear' needs equal LoRA shapes per layer, got lora_A shapes {sorted(shapes)}")
     signed, plain = [], []
     for w, spec, _ in layers:
-        ws = w * spec.h("scaling")
+        ws = w * spec.hyper.scaling
         signed.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
         plain.append(math.sqrt(abs(ws)))
     out = []
@@ -160,12 +162,12 @@ def _svd(
     layers: list[Layer], new_rank: int, clamp: float | None, full_matrices: bool, driver: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec0 = layers[0][1]
-    deltas = torch.stack([METHODS[spec.method].delta_weight(spec, p) for _, spec, p in layers])
+    deltas = torch.stack([_lora_delta(spec, p) for _, spec, p in layers])
     ws = torch.tensor([w for w, _, _ in layers]).to(deltas.device)
     delta = (deltas * ws.view(-1, *[1] * (deltas.ndim - 1))).sum(dim=0)
-    if spec0.kind == "conv":
+    if spec0.kind is LayerKind.CONV:
         delta = delta.flatten(start_dim=1)
-    if spec0.kind in ("conv1d_hf", "embedding"):  # to (out, in): B @ A orientation
+    if spec0.kind in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING):  # to (out, in): B @ A orientation
         delta = delta.T
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])
@@ -173,7 +175,7 @@ def _svd(
     if clamp is not None:
         hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
         u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
-    if spec0.kind == "conv":
+    if spec0.kind is LayerKind.CONV:
         a0, b0 = _ab(layers[0])
         u = u.reshape(b0.shape[0], u.shape[1], *b0.shape[2:])
         vh = vh.reshape(vh.shape[0], *a0.shape[1:])
@@ -203,7 +205,7 @@ def add_weighted_adapter(
         raise TypeError("add_weighted_adapter needs what funcpeft.get_peft_model returned (its configs and base), not its fn")
     pairs = _pairs(adapters)
     if adapter_name is not None:
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in pm.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(pm.peft_config)}")
     combination_type, new_rank, targets = _check(pm, pairs, weights, combination_type, svd_rank)
@@ -214,12 +216,12 @@ def add_weighted_adapter(
     planned, plan = plan_adapter(pm.model, config)
     assert isinstance(planned, LoraConfig)
     resolved = dataclasses.replace(planned, modules_to_save=config.modules_to_save)  # no task-type re-append
-    names = _Names(fn)
+    names = Names(fn.aliases)
     tree: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for path, info in plan.items():
-            entry = {k: names.read(pm.base, f"{path}.{k}").detach().clone() for k in info["overrides"]}
-            spec: LayerSpec | None = info["spec"]
+            entry = {k: names.read(pm.base, f"{path}.{k}").detach().clone() for k in info.overrides}
+            spec = info.spec
             if spec is not None:
                 entry.update(_combine(pm, pairs, weights, path, spec, combination_type, new_rank,
                                       svd_clamp, svd_full_matrices, svd_driver))
@@ -238,21 +240,27 @@ def _combine(
     layers: list[Layer] = []
     for (name, tree), w in zip(pairs, weights):
         info = pm.plans[name].get(path)
-        if info is None or info["spec"] is None or path not in tree:
+        if info is None or info.spec is None or path not in tree:
             continue
-        s: LayerSpec = info["spec"]
+        s: LayerSpec[LoraHyper] = info.spec
         if s.method != "lora":
             raise NotImplementedError(f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}")
-        layers.append((float(w), s, {k: tree[path][k].detach() for k in info["params"]}))
+        layers.append((float(w), s, {k: tree[path][k].detach() for k in info.params}))
     if not layers:
         raise ValueError(f"No matching LoRAs found for {path!r}: none of the adapters targets it.")
     if combination_type == "cat":
-        base_w = _Names(peft_function(pm)).read(pm.base, f"{path}.weight")
-        dtype = torch.float32 if pm.autocast_adapter_dtype and base_w.dtype in _UPCAST else base_w.dtype
+        base_w = Names(peft_function(pm).aliases).read(pm.base, f"{path}.weight")
+        dtype = adapter_dtype(base_w.dtype, pm.autocast_adapter_dtype)
         a, b = _cat(layers, new_rank, dtype)
     elif combination_type == "linear":
         a, b = _linear(layers)
     else:
         a, b = _svd(layers, new_rank, clamp, full_matrices, driver)
-    a_name, b_name = METHODS[spec.method].param_names(spec)
+    a_name, b_name = weight_method(spec.method).param_names(spec)
     return {a_name: a, b_name: b}
+
+
+def _lora_delta(spec: LayerSpec[LoraHyper], params: dict[str, torch.Tensor]) -> torch.Tensor:
+    delta = weight_method(spec.method).delta_weight
+    assert delta is not None  # plain LoRA (checked in _combine)
+    return delta(spec, params)

@@ -11,14 +11,24 @@ adapter term.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .methods.base import METHODS, Dropout, LayerSpec, OpContext
+from .methods.base import Dropout, ForwardFn, LayerSpec, OpContext, Params
 
-Adapters = tuple[tuple[LayerSpec, dict[str, torch.Tensor]], ...]
+
+class Applied(NamedTuple):
+    """One adapter applied to a layer: its static facts, its tensors and the op that adds it."""
+
+    spec: LayerSpec[Any]
+    params: Params
+    forward: ForwardFn  # the method's forward (or a routing wrapper around it, see funcpeft.routing)
+    uses_result: bool  # False: `forward` gets result=None and runs the layer below itself (IA3 feed-forward)
+
+
+Adapters = tuple[Applied, ...]
 
 
 class UnsupportedWeightOp(RuntimeError):
@@ -41,7 +51,7 @@ _PASSTHROUGH |= {
 class AdaptedWeight(torch.Tensor):
     """A weight plus the adapters applied to the layer that owns it.
 
-    Attributes: `weight` (the plain base tensor), `adapters` (tuple of (LayerSpec, params)), `dropout`.
+    Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`.
     """
 
     weight: torch.Tensor
@@ -84,19 +94,18 @@ def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Op, bias: torch.Tensor | 
     For additive methods this is: run the base op once, then let each adapter add its term.
     """
     op = base_op
-    for spec, params in w.adapters:
-        op = _stacked(spec, params, OpContext(w.weight, base_op, w.dropout, bias, op))
+    for applied in w.adapters:
+        op = _stacked(applied, OpContext(w.weight, base_op, w.dropout, bias, op))
     return op(x)
 
 
-def _stacked(spec: LayerSpec, params: dict[str, torch.Tensor], ctx: OpContext) -> Op:
-    method = getattr(spec, "method_impl", None) or METHODS[spec.method]  # a spec may carry its op (funcpeft.routing)
+def _stacked(applied: Applied, ctx: OpContext) -> Op:
+    spec, params, forward = applied.spec, applied.params, applied.forward
     inner = ctx.inner_op
     assert inner is not None
-    uses_result = getattr(method, "uses_result", None)
-    if uses_result is not None and not uses_result(spec):
-        return lambda x: method.forward(spec, params, x, None, ctx)
-    return lambda x: method.forward(spec, params, x, inner(x), ctx)
+    if not applied.uses_result:
+        return lambda x: forward(spec, params, x, None, ctx)
+    return lambda x: forward(spec, params, x, inner(x), ctx)
 
 
 def _linear(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,9 +24,16 @@ from funcpeft import testing as T
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-# CI runs on 2 shared cores: no per-example deadline. Each test sets its own max_examples and derandomize.
-settings.register_profile("funcpeft", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("funcpeft")
+# Hypothesis profiles (README "Tests"): CI must not depend on a random draw, local runs should explore.
+#   ci       derandomized (the same examples on every run), no example database; chosen when CI=true
+#   dev      random draws, the tests' own example counts (the default locally)
+#   explore  random draws, 10x the examples (HYPOTHESIS_PROFILE=explore)
+# Tests size their runs with helpers.examples(n), which scales n for the explore profile.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, **_COMMON)
+settings.register_profile("dev", **_COMMON)
+settings.register_profile("explore", **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
 # -- small custom models (PEFT supports custom nn.Modules too) -------------------------------------------------
@@ -124,7 +131,7 @@ def peft_lora_modules(peft_model: nn.Module) -> set[str]:
 
 
 def funcpeft_lora_modules(fpm: funcpeft.FunctionalPeftModel, adapter_name: str = "default") -> set[str]:
-    return {path for path, entry in fpm.plans[adapter_name].items() if entry["spec"] is not None}
+    return {path for path, entry in fpm.plans[adapter_name].items() if entry.spec is not None}
 
 
 class Pair:

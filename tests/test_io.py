@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import MODELS, Pair, assert_unchanged, out_tensor, snapshot
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -180,7 +181,7 @@ def _model(kind: str, dtype: torch.dtype) -> torch.nn.Module:
     return MODELS[kind]().to(dtype)  # funcpeft never modifies it, so one copy serves every example
 
 
-@settings(max_examples=14)
+@settings(max_examples=examples(14))
 @given(
     case=st.sampled_from(range(len(ROUND_TRIP_CONFIGS))),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -202,7 +203,7 @@ def test_round_trip_is_bitwise_exact(case: int, dtype: torch.dtype, autocast: bo
             assert tree[path].keys() == entry.keys()
             for k, v in entry.items():
                 assert tree[path][k].dtype == v.dtype and torch.equal(tree[path][k], v.detach()), (path, k)
-    in_place = {(p, n) for p, e in back.plans["default"].items() for n in e["in_place"]}
+    in_place = {(p, n) for p, e in back.plans["default"].items() for n in e.in_place}
     assert all(t.requires_grad == (trainable or (p, n) in in_place) for p, e in back.adapter.items() for n, t in e.items())
     auto_mapping = None if config.get("task_type") else {"base_model_class": type(model).__name__,
                                                          "parent_library": type(model).__module__}
@@ -406,7 +407,7 @@ def test_failed_save_keeps_the_previous_adapter(
     pair, _ = llama_dir
     d = tmp_path / "adapter"
     pair.fpm.save_pretrained(d, pair.adapter)
-    pair.fpm.save_pretrained(d / "x")  # a fresh directory inside, to check a failure there is cleaned up too
+    pair.fpm.save_pretrained(d / "x", pair.adapter)  # a fresh directory inside, to check a failure there is cleaned up too
     before = _listing(d)
     new = T.random_like(pair.adapter, torch.Generator().manual_seed(9))
     if failure == "serialise-error":
@@ -451,5 +452,5 @@ def test_adapter_names_with_path_parts_are_rejected(llama_dir: tuple[Pair, Path]
 def test_pickle_output_is_refused(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
     pair, _ = llama_dir
     with pytest.raises(ValueError, match="safetensors only"):
-        pair.fpm.save_pretrained(tmp_path / "out", safe_serialization=False)
+        pair.fpm.save_pretrained(tmp_path / "out", pair.adapter, safe_serialization=False)
     assert not (tmp_path / "out").exists()

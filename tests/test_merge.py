@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
-from types import SimpleNamespace
 
 import optree
 import peft
 import pytest
 import torch
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import funcpeft
 from funcpeft.merge import merge_weight, unmerge_weight
-from funcpeft.methods.base import METHODS, LayerSpec
+from funcpeft.methods import METHODS
+from funcpeft.methods.base import LayerKind, LayerSpec, MergeHooks
 from funcpeft.testing import TINY_MODELS, copy_into_peft, random_like
 
 TOKENS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -182,7 +184,7 @@ def test_merge_and_unload_storage_sharing_and_independence():
     pm, adapter, _, model = twins("bert_seq_cls", task_type="SEQ_CLS", target_modules=["query", "value"])
     orig = dict(model.named_parameters())
     shared = funcpeft.merge_and_unload(pm, adapter)
-    adapted = {f"{p}.weight" for p, e in pm.plans["default"].items() if e["spec"] is not None}
+    adapted = {f"{p}.weight" for p, e in pm.plans["default"].items() if e.spec is not None}
     for n, p in shared.named_parameters():
         same = p.data_ptr() == orig[n].data_ptr()
         assert same == (n not in adapted and not n.startswith("classifier.")), n
@@ -197,11 +199,12 @@ def test_merge_and_unload_storage_sharing_and_independence():
     assert torch.equal(next(model.parameters()), next(shared.parameters()))
 
 
-def test_pm_method_uses_its_own_adapter_by_default():
+def test_pm_method_merges_the_tree_it_is_given_and_requires_one():
     pm, adapter, _, _ = twins("llama", target_modules=["q_proj"])
-    pm.adapter = adapter
     with torch.no_grad():
-        torch.testing.assert_close(pm.merge_and_unload()(TOKENS).logits, run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pm.merge_and_unload(adapter)(TOKENS).logits, run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="adapter_params"):  # pm.adapter is the untrained init: never a silent default
+        pm.merge_and_unload()  # type: ignore[call-arg]
 
 
 METHOD_CASES = {
@@ -330,21 +333,25 @@ def test_merge_of_bf16_base_follows_peft_rounding():
 
 
 def test_methods_may_provide_their_own_merge(monkeypatch):
-    spec = LayerSpec("scale", "linear", (3, 2), 2, 3)
+    lora = METHODS["lora"]
+    spec = LayerSpec("scale", LayerKind.LINEAR, (3, 2), 2, 3, None)
     w = torch.randn(3, 2)
-    scaled = SimpleNamespace(merge_weight=lambda s, p, W: W * p["l"], unmerge_weight=lambda s, p, W, base_weight: W / p["l"])
-    monkeypatch.setitem(METHODS, "scale", scaled)
+    hooks = MergeHooks(weight=lambda s, p, W, base: W * p["l"], unweight=lambda s, p, W, base: W / p["l"])
+    monkeypatch.setitem(METHODS, "scale", dataclasses.replace(lora, name="scale", merge=hooks, delta_weight=None))
     l2 = {"l": torch.tensor([1.0, 2.0, 3.0])[:, None]}
     torch.testing.assert_close(merge_weight(spec, l2, w), w * l2["l"])
     torch.testing.assert_close(unmerge_weight(spec, l2, merge_weight(spec, l2, w)), w)
-    monkeypatch.setitem(METHODS, "scale", SimpleNamespace(merge_weight=scaled.merge_weight))
-    with pytest.raises(NotImplementedError, match="no unmerge_weight"):
+    half = MergeHooks(weight=hooks.weight)
+    monkeypatch.setitem(METHODS, "scale", dataclasses.replace(lora, name="scale", merge=half, delta_weight=None))
+    with pytest.raises(NotImplementedError, match="no merge.unweight"):
         unmerge_weight(spec, l2, w)
-    additive = SimpleNamespace(delta_weight=lambda s, p: p["d"])
-    monkeypatch.setitem(METHODS, "scale", additive)
+    monkeypatch.setitem(METHODS, "scale", dataclasses.replace(lora, name="scale", delta_weight=lambda s, p: p["d"]))
     d = {"d": torch.ones(3, 2)}
     torch.testing.assert_close(merge_weight(spec, d, w), w + 1)
     torch.testing.assert_close(unmerge_weight(spec, d, w + 1), w)
+    monkeypatch.setitem(METHODS, "scale", dataclasses.replace(lora, name="scale", delta_weight=None))
+    with pytest.raises(NotImplementedError, match="neither a delta_weight nor merge hooks"):
+        merge_weight(spec, d, w)
 
 
 def test_conv_with_groups_cannot_merge_like_peft():
@@ -408,7 +415,7 @@ def fresh(name: str, cfg: dict, seed: int):  # noqa: ANN201
     return pm, random_like(pm.adapter, torch.Generator().manual_seed(seed))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12))
 @given(configs)
 def test_law_merged_forward_equals_unmerged_and_unmerge_inverts(example):
     name, cfg, seed = example
@@ -420,7 +427,7 @@ def test_law_merged_forward_equals_unmerged_and_unmerge_inverts(example):
         torch.testing.assert_close(back[k], v, atol=1e-6, rtol=0)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10))
 @given(configs)
 def test_law_merging_a_zero_b_adapter_is_the_identity(example):
     name, cfg, seed = example

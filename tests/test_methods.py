@@ -17,7 +17,8 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import MODELS, Pair, capture_stdout, make_inputs, out_tensor
-from hypothesis import given, settings
+from helpers import examples
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import funcpeft
@@ -353,11 +354,13 @@ def test_peft_loha_cp_gradient_is_wrong_and_ours_is_right() -> None:
     funcpeft's gradients are autograd's (checked here in float64), so they differ from PEFT's for those two."""
     from peft.tuners.loha.layer import HadaWeightCP
 
-    from funcpeft.methods.base import LayerSpec
+    from funcpeft.methods.base import LayerKind, LayerSpec
     from funcpeft.methods.loha import delta_weight
+    from funcpeft.methods.lycoris import LycorisHyper
 
     g = torch.Generator().manual_seed(0)
-    spec = LayerSpec("loha", "conv", (6, 4, 3), 4, 6, (("effective_conv", True), ("scaling", 2.0)), ())
+    hyper = LycorisHyper(r=2, alpha=4.0, scaling=2.0, rank_dropout=0.0, module_dropout=0.0, init=True, effective_conv=True)
+    spec = LayerSpec("loha", LayerKind.CONV, (6, 4, 3), 4, 6, hyper)
     shapes = {"hada_t1": (2, 2, 3, 1), "hada_w1_a": (2, 6), "hada_w1_b": (2, 4)}
     shapes.update({k.replace("1", "2"): v for k, v in shapes.items()})
     params = {k: torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) for k, v in shapes.items()}
@@ -386,7 +389,8 @@ def test_lokr_cp_on_conv1d_works_where_peft_crashes() -> None:
 
 
 # -- laws ---------------------------------------------------------------------------------------------------------
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
+@example(dim=2, factor=2)  # the draw that once failed CI: PEFT returns (2, 1)
 @given(dim=st.integers(1, 5000), factor=st.sampled_from([-1, 1, 2, 3, 4, 8, 16]))
 def test_lokr_factorization_is_peft_s(dim: int, factor: int) -> None:
     from peft.tuners.lokr.layer import factorization as peft_factorization
@@ -395,7 +399,7 @@ def test_lokr_factorization_is_peft_s(dim: int, factor: int) -> None:
 
     m, n = factorization(dim, factor)
     assert (m, n) == peft_factorization(dim, factor)
-    assert m * n == dim and m <= n
+    assert m * n == dim  # not always m <= n: PEFT gives (2, 1) for dim=2, factor=2, and so must we
 
 
 NOOP_CASES = {
@@ -407,7 +411,7 @@ NOOP_CASES = {
 }
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10))
 @given(method=st.sampled_from(sorted(NOOP_CASES)), seed=st.integers(0, 2**16))
 def test_fresh_adapters_are_no_ops(method: str, seed: int) -> None:
     """Every method's default init leaves the model's function unchanged (up to DoRA's f = m/||W|| = 1 rounding)."""
@@ -419,7 +423,7 @@ def test_fresh_adapters_are_no_ops(method: str, seed: int) -> None:
         torch.testing.assert_close(out_tensor(fn(base, adapter, **x)), out_tensor(model(**x)), atol=2e-6, rtol=0)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10))
 @given(method=st.sampled_from(sorted(NOOP_CASES)), seed=st.integers(0, 2**16))
 def test_merged_weights_give_the_adapted_function(method: str, seed: int) -> None:
     """merge(base, adapter) then no adapter == the adapter on the base, for random adapters of every method."""

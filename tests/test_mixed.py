@@ -18,6 +18,7 @@ import peft
 import pytest
 import torch
 from conftest import capture_stdout, make_inputs
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -173,7 +174,7 @@ def four() -> Mixed:
     return Mixed("four-types-on-one-layer", seed=3)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12))
 @given(order=st.permutations(["default", "hada", "kron", "dora"]), subset=st.integers(2, 4))
 def test_mixed_output_does_not_depend_on_dict_order(four: Mixed, order: list[str], subset: int) -> None:
     m = four

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import MODELS, assert_unchanged, make_inputs, out_tensor, snapshot
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,7 +47,7 @@ def _model(kind: str) -> torch.nn.Module:
     return _MODELS[kind]
 
 
-@settings(max_examples=25, derandomize=True)
+@settings(max_examples=examples(25))
 @given(case=configs())
 def test_fresh_adapter_is_exactly_the_base_model(case: tuple[str, dict[str, Any]]) -> None:
     kind, config = case
@@ -57,7 +58,7 @@ def test_fresh_adapter_is_exactly_the_base_model(case: tuple[str, dict[str, Any]
         assert torch.equal(out_tensor(fn(base, adapter, **inputs)), out_tensor(model(**inputs)))
 
 
-@settings(max_examples=12, derandomize=True)
+@settings(max_examples=examples(12))
 @given(case=configs(), seed=st.integers(0, 2**16))
 def test_gradients_never_reach_the_base_and_model_is_untouched(case: tuple[str, dict[str, Any]], seed: int) -> None:
     kind, config = case
@@ -73,7 +74,7 @@ def test_gradients_never_reach_the_base_and_model_is_untouched(case: tuple[str, 
     assert_unchanged(model, before)  # types, values, pointers, requires_grad, hooks, training flags, no .grad
 
 
-@settings(max_examples=12, derandomize=True)
+@settings(max_examples=examples(12))
 @given(name=st.from_regex(r"[A-Za-z0-9_\-]{1,12}", fullmatch=True), case=configs())
 def test_result_does_not_depend_on_the_adapter_name(name: str, case: tuple[str, dict[str, Any]]) -> None:
     kind, config = case
@@ -88,7 +89,7 @@ def test_result_does_not_depend_on_the_adapter_name(name: str, case: tuple[str, 
             assert torch.equal(out_tensor(fn(base, {adapter_name: adapter}, **inputs)), want)
 
 
-@settings(max_examples=12, derandomize=True)
+@settings(max_examples=examples(12))
 @given(case=configs(), seed=st.integers(0, 2**16))
 def test_fn_is_deterministic(case: tuple[str, dict[str, Any]], seed: int) -> None:
     kind, config = case
@@ -124,7 +125,7 @@ def test_base_shares_storage_and_no_weight_copy_is_made(kind: str) -> None:
     assert base.keys() == params.keys()
     for name, t in base.items():
         assert t.data_ptr() == params[name].data_ptr() and t.shape == params[name].shape, name
-    weight_shapes = {tuple(params[f"{p}.weight"].shape) for p, e in fpm.plans["default"].items() if e["spec"] is not None}
+    weight_shapes = {tuple(params[f"{p}.weight"].shape) for p, e in fpm.plans["default"].items() if e.spec is not None}
     weight_shapes |= {s[::-1] for s in weight_shapes}  # a transposed copy counts too
     adapter = T.random_like(adapter, torch.Generator().manual_seed(0))
     mode = _NewTensors(list(base.values()))

@@ -3,6 +3,7 @@ assertions (funcpeft.testing), plus the guarantees those helpers make (they must
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import peft
 import pytest
 import torch
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -62,7 +64,7 @@ def test_only_the_adapter_receives_gradients(data: st.DataObject) -> None:
     assert all(p.grad is None for p in model.parameters()), "the model's own parameters received gradients"
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(st.data(), st.integers(2, 3))
 def test_vmap_over_stacked_adapters_equals_a_loop(data: st.DataObject, k: int) -> None:
     model, kw = data.draw(fst.models_and_configs(biases=["none"]))
@@ -79,7 +81,7 @@ def test_vmap_over_stacked_adapters_equals_a_loop(data: st.DataObject, k: int) -
             torch.testing.assert_close(together[i], fn(base, tree, **inputs).logits, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(st.data())
 def test_save_then_load_gives_back_the_tree_and_peft_reads_it(data: st.DataObject) -> None:
     model, kw = data.draw(fst.models_and_configs())
@@ -101,18 +103,18 @@ def test_save_then_load_gives_back_the_tree_and_peft_reads_it(data: st.DataObjec
 
 
 # -- what the strategies promise -------------------------------------------------------------------------------
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(st.data())
 def test_drawn_kwargs_build_in_both_libraries_and_target_something(data: st.DataObject) -> None:
     model, kw = data.draw(fst.models_and_configs())
     pm = _quiet_peft_model(model, kw)
-    assert any(e["spec"] is not None for e in pm.plans["default"].values()), kw
+    assert any(e.spec is not None for e in pm.plans["default"].values()), kw
     assert set(kw) <= {f for f in peft.LoraConfig.__dataclass_fields__}, "kwargs must also be valid for peft"
     for name in kw.get("modules_to_save") or []:
-        assert pm.plans["default"][name]["spec"] is None, f"{name} is both saved and targeted"
+        assert pm.plans["default"][name].spec is None, f"{name} is both saved and targeted"
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(st.data())
 def test_model_inputs_fit_the_model(data: st.DataObject) -> None:
     model = data.draw(fst.tiny_models())
@@ -145,7 +147,7 @@ def test_unknown_tiny_model_kind_is_a_clear_error() -> None:
 
 
 @given(st.data())
-@settings(max_examples=1)
+@settings(max_examples=examples(1))
 def test_config_for_a_model_without_adaptable_layers_is_a_clear_error(data: st.DataObject) -> None:
     with pytest.raises(ValueError, match="no module of kinds"):
         data.draw(fst.lora_config_kwargs(nn.Sequential(nn.ReLU())))
@@ -187,8 +189,8 @@ def test_gradient_assertion_fails_when_a_base_leaf_requires_grad() -> None:
 
 
 def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import funcpeft.mapping
-    from funcpeft.methods.base import METHODS
+    import funcpeft._plan
+    from funcpeft.methods import METHODS
 
     model, pm, inputs = _llama_pm()
     kw = {"r": 2, "target_modules": ["q_proj", "v_proj"]}
@@ -197,12 +199,13 @@ def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monk
     with pytest.raises(ValueError, match="v_proj"):  # a tree that does not fit the config is bad input
         T.assert_matches_peft(model, {"r": 2, "target_modules": ["q_proj"]}, extra, **inputs)
     with monkeypatch.context() as m:  # a targeting bug: the last target is dropped
-        find = funcpeft.mapping.find_targets
-        m.setattr(funcpeft.mapping, "find_targets", lambda model, config: find(model, config)[:-1])
+        find = funcpeft._plan.find_targets
+        m.setattr(funcpeft._plan, "find_targets", lambda model, config: find(model, config)[:-1])
         with pytest.raises(AssertionError, match=r"trainable parameters differ: only funcpeft \[\], only peft .*v_proj"):
             T.assert_matches_peft(model, kw, **inputs)
     lora = METHODS["lora"]
     right = lora.forward
-    monkeypatch.setattr(lora, "forward", lambda spec, params, x, result, ctx: 2 * right(spec, params, x, result, ctx) - result)
+    doubled = dataclasses.replace(lora, forward=lambda spec, params, x, result, ctx: 2 * right(spec, params, x, result, ctx) - result)
+    monkeypatch.setitem(METHODS, "lora", doubled)
     with pytest.raises(AssertionError, match="outputs differ"):  # a LoRA term twice too large
         T.assert_matches_peft(model, kw, **inputs)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import MODELS, funcpeft_lora_modules, peft_lora_modules
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +91,7 @@ def _expected_error(peft_error: Exception) -> type[Exception]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@settings(max_examples=60, derandomize=True)
+@settings(max_examples=examples(60))
 @given(data=st.data())
 def test_targeted_modules_match_peft(kind: str, data: st.DataObject) -> None:
     spec = data.draw(target_specs(kind), label="spec")

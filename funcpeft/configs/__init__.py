@@ -1,13 +1,23 @@
-"""Configs of the adapter methods beyond LoRA: PEFT's class names, fields, defaults and checks.
+"""Adapter configurations: PEFT's class names, fields, defaults and checks, as plain dataclasses.
 
-Importing this package registers them in `funcpeft.config.CONFIG_CLASSES` (by peft_type).
+A config is data. funcpeft never mutates a config passed in: `get_peft_model` resolves it (all-linear
+expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import CONFIG_CLASSES
+from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
 from .ia3 import IA3Config
-from .lycoris import LoHaConfig, LoKrConfig
+from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .vera import VeraConfig
 
-CONFIG_CLASSES.update({"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "VERA": VeraConfig})
-
-__all__ = ["IA3Config", "LoHaConfig", "LoKrConfig", "VeraConfig"]
+__all__ = [
+    "PEFT_VERSION",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
+    "LoraConfig",
+    "LycorisConfig",
+    "PeftConfig",
+    "PeftType",
+    "TaskType",
+    "VeraConfig",
+]

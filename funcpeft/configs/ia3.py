@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,11 +27,12 @@ class IA3Config(PeftConfig):
     modules_to_save: list[str] | None = None
     init_ia3_weights: bool = True
 
-    _default_target_modules: ClassVar[dict] = IA3_TARGET_MODULES
-    _compress_target_modules: ClassVar[bool] = False  # PEFT never compresses IA3's target_modules
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = IA3_TARGET_MODULES
+    COMPRESS_TARGET_MODULES: ClassVar[bool] = False  # PEFT never compresses IA3's target_modules
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.IA3
+        self.peft_type = self.PEFT_TYPE
         super().__post_init__()
         check_module_names(self, "target_modules", "exclude_modules", "feedforward_modules")
         check_layers_and_saved(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..config import (
     PeftConfig,
@@ -45,8 +46,10 @@ class LycorisConfig(PeftConfig):
 class LoHaConfig(LycorisConfig):
     """LoHa: `dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r` (Hadamard product of two low-rank terms)."""
 
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LOHA
+
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.LOHA
+        self.peft_type = self.PEFT_TYPE
         super().__post_init__()
         self._check()
 
@@ -59,13 +62,14 @@ class LoKrConfig(LycorisConfig):
     init_weights: True (w1 = 0), False (all random) or "lycoris" (w2 = 0, LyCORIS' way).
     """
 
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LOKR
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
     init_weights: bool | str = True  # type: ignore[assignment]  # LoKr also takes "lycoris"
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.LOKR
+        self.peft_type = self.PEFT_TYPE
         super().__post_init__()
         self._check()
         if self.init_weights not in (True, False, "lycoris"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,10 +41,11 @@ class VeraConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
 
-    _default_target_modules: ClassVar[dict] = VERA_TARGET_MODULES
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.VERA
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = VERA_TARGET_MODULES
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.VERA
+        self.peft_type = self.PEFT_TYPE
         super().__post_init__()
         check_rank(self)
         check_probability(self, "vera_dropout")

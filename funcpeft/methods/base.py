@@ -1,35 +1,133 @@
-"""What an adapter method is: static per-layer facts (`LayerSpec`) plus three pure functions.
+"""The method contract: what an adapter method is, as typed data (optax's `GradientTransformation` style).
 
-A method file (e.g. `lora.py`) defines a `Method` with
-- `init(spec, generator, dtype, device) -> dict[str, Tensor]`: fresh trainable parameters for one layer;
-- `forward(spec, params, x, result, ctx) -> Tensor`: `result` (the base layer's output for input `x`)
-  with the method applied; `ctx` (an `OpContext`) gives the plain base weight, the base op (to re-run it
-  on a changed input, as IA3 on feed-forward layers does) and the dropout to use;
-- `delta_weight(spec, params) -> Tensor`: the weight-shaped delta, only for merging and export;
-- `peft_type` and `accepts(config) -> bool`: which configs it implements (`method_for` picks it);
-- `hyper(config, name, module, kind) -> tuple of (name, value)`: its LayerSpec hyper-parameters for one
-  targeted module (raising a clear TypeError for a layer kind it does not support).
-Optional hooks (absent means the default): `finish_init(spec, params, weight) -> params` (init that needs
-the base weight, e.g. DoRA's magnitude), `uses_result(spec) -> bool` (False: `forward` gets `result=None`
-and calls `ctx.inner_op` itself, e.g. IA3 scaling a feed-forward layer's input), non-additive merges:
-`merge_weight(spec, params, W, base_weight=None) -> W'` / `unmerge_weight(spec, params, W', base_weight)`
-(DoRA's norm comes from the unmerged `base_weight`, default W; its unmerge needs it) and
-`merge_bias(spec, params, bias) -> bias'` (IA3 scales the bias too); frozen tensors shared by all layers
-(VeRA's projections, kept in `base`, see funcpeft.functional): `common_hyper(config, {name: module})`,
-`frozen_params(spec) -> ((param, base key), ...)`, `shared(spec) -> {base key: Tensor}`; file keys (see
-funcpeft.keys): `peft_key_prefix`, `peft_unsuffixed`, `peft_shared_keys`.
-Targeting, injection, files, merging and counting are shared and know nothing about a method's maths.
+funcpeft has two extension points:
+
+**Weight-level methods** (`Method`: LoRA, DoRA, IA3, LoHa, LoKr, VeRA, ...) attach to layers that own a weight
+(nn.Linear, GPT-2 Conv1D, nn.Embedding, nn.ConvNd). Generic code (funcpeft._targeting, _plan) finds the targeted
+layers and describes each with a `LayerSpec` (static, hashable facts: kind, shapes, the method's typed
+hyper-parameters); the method then supplies pure functions of `(spec, params, ...)`:
+
+    hyper(config, target) -> H                          # the method's frozen hyper dataclass for one layer
+    param_names(spec) -> ("lora_A", "lora_B")           # its trainable leaves at that layer
+    init(spec, generator) -> {name: Tensor}             # fresh float32 CPU parameters
+    forward(spec, params, x, result, ctx) -> Tensor     # the layer's output with the adapter applied
+    delta_weight(spec, params) -> Tensor                # additive methods: W' = W + delta (merging, export)
+
+At call time funcpeft puts an `AdaptedWeight` where the layer's weight was; when the layer runs its own op
+(`F.linear`, ...) the op calls each adapter's `forward` with `result` = the output of the layer below it.
+Everything else (targeting, files, merging, counting, routing, compile, vmap) is generic and reads only this
+contract. Optional hooks are typed fields with defaults, grouped: `MergeHooks` (non-additive merges),
+`SharedTensors` (frozen tensors shared by all layers and kept in `base`, e.g. VeRA's projections),
+`KeyRules` (how PEFT names the parameters in its files).
+
+**Input-level methods** (`InputMethod`: prompt tuning, P-tuning, prefix tuning, ...) do not touch any layer:
+they rewrite the model call. Their adapter tree holds the virtual-token parameters; before the model runs,
+`prepare(spec, params, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
+prepended, a longer `attention_mask` and `labels`, or `past_key_values` for prefix tuning), and
+`finish(spec, call, output)` may post-process the output. The weight-level path is not bent for them.
+See CONTRIBUTING.md for the checklist to add a method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
+from torch import nn
 
+if TYPE_CHECKING:
+    from ..configs import PeftConfig
+
+Params = dict[str, torch.Tensor]
 Dropout = Callable[[torch.Tensor, float], torch.Tensor]
+H = TypeVar("H")
+
+
+class LayerKind(enum.Enum):
+    """The layer families funcpeft adapts; each has its own weight layout."""
+
+    LINEAR = "linear"  # nn.Linear: weight (out, in)
+    CONV1D_HF = "conv1d_hf"  # transformers' GPT-2 style Conv1D: weight (in, out)
+    EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
+    CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
+
+    @property
+    def out_dim(self) -> int:
+        """The weight dimension holding the output features."""
+        return 1 if self in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING) else 0
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a conv layer calls its op (the base op's own arguments)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+
+
+@dataclass(frozen=True)
+class EmbeddingGeometry:
+    """nn.Embedding's call arguments."""
+
+    padding_idx: int | None
+    max_norm: float | None
+    norm_type: float
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+@dataclass(frozen=True)
+class LayerSpec(Generic[H]):
+    """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
+
+    weight_shape: the base weight's shape. in_features / out_features: in nn.Linear orientation (for an
+    embedding: num_embeddings / embedding_dim; for a conv: in / out channels). hyper: the method's frozen
+    hyper-parameter dataclass for this layer (e.g. `LoraHyper(r, scaling, dropout, init)`).
+    """
+
+    method: str
+    kind: LayerKind
+    weight_shape: tuple[int, ...]
+    in_features: int
+    out_features: int
+    hyper: H
+    geometry: ConvGeometry | EmbeddingGeometry | None = None
+
+    @property
+    def conv(self) -> ConvGeometry:
+        if not isinstance(self.geometry, ConvGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer has no conv geometry")
+        return self.geometry
+
+    @property
+    def embedding(self) -> EmbeddingGeometry:
+        if not isinstance(self.geometry, EmbeddingGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer has no embedding geometry")
+        return self.geometry
+
+
+class UnsupportedLayerError(TypeError, ValueError):
+    """A method was asked to adapt a layer type it does not support (a TypeError; also a ValueError, as PEFT
+    raises for some methods, so code written against PEFT keeps catching it)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result."""
+
+    name: str
+    module: Any  # the nn.Module (typed Any: its attributes differ by layer kind)
+    kind: LayerKind
+    common: Any = None
+
+
+def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x
 
 
 @dataclass(frozen=True)
@@ -55,57 +153,178 @@ class OpContext:
         return self.dropout is not no_dropout
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """Static facts about one adapted layer for one adapter (hashable; never a tensor).
+# -- the hook types -------------------------------------------------------------------------------------------
+class HyperFn(Protocol):
+    def __call__(self, config: Any, target: Target, /) -> Any:
+        """The method's hyper dataclass for `target`; TypeError naming the module for an unsupported layer kind."""
 
-    kind: 'linear' (weight (out, in)), 'conv1d_hf' (GPT-2 Conv1D, weight (in, out)),
-          'embedding' (weight (num_embeddings, dim)) or 'conv' (weight (out, in/groups, *kernel)).
-    weight_shape: the base weight's shape; in_features/out_features in nn.Linear orientation.
-    hyper: method hyper-parameters (r, scaling, dropout, init, ...), as a sorted tuple of items.
-    geometry: layer call facts the method needs (conv stride/padding/groups, embedding padding_idx).
+
+class ParamNamesFn(Protocol):
+    def __call__(self, spec: LayerSpec[Any], /) -> tuple[str, ...]: ...
+
+
+class InitFn(Protocol):
+    def __call__(self, spec: LayerSpec[Any], generator: torch.Generator | None, /) -> Params:
+        """Fresh float32 parameters (`torch.device("meta")` may be active: then only shapes matter)."""
+
+
+class FinishInitFn(Protocol):
+    def __call__(self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, /) -> Params:
+        """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it."""
+
+
+class ForwardFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext, /
+    ) -> torch.Tensor:
+        """The layer output for input x; `result` is the output of the layer below (None if `uses_result` is False)."""
+
+
+class ForwardPerExampleFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext, /
+    ) -> torch.Tensor | None:
+        """`forward` with a different adapter per example: every param has a leading batch dim B, x is (B, ...).
+
+        Return None to use the generic path (vmap of `forward` over the examples)."""
+
+
+class DeltaWeightFn(Protocol):
+    def __call__(self, spec: LayerSpec[Any], params: Params, /) -> torch.Tensor:
+        """The additive delta in the base weight's layout and shape (`weight_shape`)."""
+
+
+class MergeWeightFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None, /
+    ) -> torch.Tensor:
+        """W' for a non-additive method; `base_weight` is the unmerged weight when known (DoRA's norm needs it)."""
+
+
+class MergeBiasFn(Protocol):
+    def __call__(self, spec: LayerSpec[Any], params: Params, bias: torch.Tensor, /) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MergeHooks:
+    """How a method merges when it is not `W + delta_weight` (all None: additive).
+
+    weight / unweight: W -> W' and back (IA3 scales, DoRA renormalises); bias / unbias: the same for the
+    layer's bias (IA3's output scaling). grouped_conv: whether an additive merge is valid on a conv with
+    groups > 1 (PEFT refuses it for LoRA, but LoHa / LoKr build a full grouped kernel).
     """
 
-    method: str
-    kind: str
-    weight_shape: tuple[int, ...]
-    in_features: int
-    out_features: int
-    hyper: tuple[tuple[str, Any], ...] = ()
-    geometry: tuple[tuple[str, Any], ...] = field(default=())
-
-    def h(self, name: str) -> Any:
-        return dict(self.hyper)[name]
-
-    def g(self, name: str) -> Any:
-        return dict(self.geometry)[name]
+    weight: MergeWeightFn | None = None
+    unweight: MergeWeightFn | None = None
+    bias: MergeBiasFn | None = None
+    unbias: MergeBiasFn | None = None
+    grouped_conv: bool = False
 
 
-class Method(Protocol):
+@dataclass(frozen=True)
+class SharedTensors:
+    """Frozen tensors shared by all of an adapter's layers (VeRA's random projections).
+
+    They live in `base` under reserved keys (funcpeft.trees.SHARED_PREFIX), never in the adapter tree, and
+    are not counted as parameters (PEFT keeps them as buffers).
+    common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
+    frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
+    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
+    file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files.
+    """
+
+    common_hyper: Callable[[Any, Mapping[str, nn.Module]], Any]
+    frozen_params: Callable[[LayerSpec[Any]], tuple[tuple[str, str], ...]]
+    make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
+    file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
+
+
+LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """How PEFT names a method's parameters in its checkpoint files (see funcpeft.io.keys).
+
+    param_prefix: every parameter name starts with it (PEFT's `prefix`, e.g. "lora_", "hada_");
+    unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT).
+    """
+
+    param_prefix: str = "lora_"
+    unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+
+    def is_method_param(self, name: str) -> bool:
+        return name in self.unsuffixed or name.startswith(self.param_prefix)
+
+
+def _always(*_: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Method:
+    """A weight-level adapter method (see the module docstring). One instance per method, `register`ed once.
+
+    name: unique, stored in each LayerSpec. config: its config class (PEFT's name and fields); `accepts`
+    picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
+    method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
+    False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    """
+
     name: str
-    param_names: Callable[[LayerSpec], tuple[str, ...]]
-    init: Callable[..., dict[str, torch.Tensor]]
-    forward: Callable[..., torch.Tensor]
-    delta_weight: Callable[[LayerSpec, dict[str, torch.Tensor]], torch.Tensor]
+    config: type[PeftConfig]
+    hyper: HyperFn
+    param_names: ParamNamesFn
+    init: InitFn
+    forward: ForwardFn
+    delta_weight: DeltaWeightFn | None = None
+    accepts: Callable[[Any], bool] = _always
+    finish_init: FinishInitFn | None = None
+    uses_result: Callable[[LayerSpec[Any]], bool] = _always
+    forward_per_example: ForwardPerExampleFn | None = None
+    merge: MergeHooks = field(default_factory=MergeHooks)
+    shared: SharedTensors | None = None
+    keys: KeyRules = field(default_factory=KeyRules)
+    mixed_compatible: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        return self.config.PEFT_TYPE.value
 
 
-METHODS: dict[str, Any] = {}
+# -- input-level methods (prompt learning) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelCall:
+    """The arguments of one model call, as an input-level method sees and rewrites them."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
 
 
-def register(method: Any) -> Any:
-    METHODS[method.name] = method
-    return method
+@dataclass(frozen=True)
+class InputMethod:
+    """An input-level adapter method (prompt learning): it rewrites the model call instead of adapting layers.
 
+    plan(model, config) -> spec: static facts (num_virtual_tokens, token_dim, layers, the word embedding's
+    name, ...), hashable. param_names / init: the trainable leaves of its single adapter-tree entry.
+    prepare(spec, params, base, call, ctx) -> ModelCall: e.g. `inputs_embeds` = the word embedding of
+    input_ids (read from `base`) with the virtual tokens prepended, a longer attention_mask and labels, or
+    `past_key_values` for prefix tuning. finish(spec, call, output) -> output: post-processing (identity
+    by default). Everything stays a pure function of (base, params, inputs), so vmap, grad and compile apply.
+    """
 
-def method_for(config: Any) -> Any:
-    """The registered method implementing `config` (e.g. DoRA for `LoraConfig(use_dora=True)`)."""
-    peft_type = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
-    for method in METHODS.values():
-        if getattr(method, "peft_type", None) == peft_type and method.accepts(config):
-            return method
-    known = sorted({str(getattr(m, "peft_type", "?")) for m in METHODS.values()})
-    raise TypeError(f"funcpeft has no method for {type(config).__name__} (peft_type={peft_type!r}); supported: {known}")
+    name: str
+    config: type[PeftConfig]
+    plan: Callable[[nn.Module, Any], Any]
+    param_names: Callable[[Any], tuple[str, ...]]
+    init: Callable[[Any, torch.Generator | None], Params]
+    prepare: Callable[[Any, Params, Mapping[str, torch.Tensor], ModelCall, OpContext], ModelCall]
+    finish: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
+    accepts: Callable[[Any], bool] = _always
+    keys: KeyRules = field(default_factory=KeyRules)
+    mixed_compatible: bool = False
 
-
-def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return x
+    @property
+    def peft_type(self) -> str:
+        return self.config.PEFT_TYPE.value

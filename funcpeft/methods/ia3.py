@@ -10,14 +10,25 @@ Conv1D, nn.Conv2d, nn.Conv3d. Merging multiplies W (and, for output scaling, the
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import LayerSpec, OpContext, register
+from ..configs import IA3Config
+from ._registry import register
+from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
 
 NAME = "ia3_l"
+
+
+@dataclass(frozen=True)
+class IA3Hyper:
+    init: bool  # init_ia3_weights: ones (a no-op) or randn
+    is_feedforward: bool  # scale the input (feed-forward layers) instead of the output
+
+
+Spec = LayerSpec[IA3Hyper]
 
 
 def is_feedforward(config: Any, name: str) -> bool:
@@ -28,106 +39,113 @@ def is_feedforward(config: Any, name: str) -> bool:
     return any(name.endswith(t) for t in ff or ())
 
 
-def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
-    if kind not in ("linear", "conv1d_hf") and not (kind == "conv" and module.weight.dim() in (4, 5)):
-        raise ValueError(
-            f"Target module {name!r} ({type(module).__name__}) is not supported by IA3. Currently, only "
-            "`torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Conv3d` and `Conv1D` are supported."
+def hyper(config: Any, target: Target) -> IA3Hyper:
+    kind = target.kind
+    if kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and not (
+        kind is LayerKind.CONV and target.module.weight.dim() in (4, 5)
+    ):
+        raise UnsupportedLayerError(
+            f"Target module {target.name!r} ({type(target.module).__name__}) is not supported by IA3. Currently, "
+            "only `torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Conv3d` and `Conv1D` are supported."
         )
-    return (("init_ia3_weights", config.init_ia3_weights), ("is_feedforward", is_feedforward(config, name)))
+    return IA3Hyper(init=bool(config.init_ia3_weights), is_feedforward=is_feedforward(config, target.name))
 
 
-def param_names(spec: LayerSpec) -> tuple[str, ...]:
+def param_names(spec: Spec) -> tuple[str, ...]:
     return (NAME,)
 
 
-def _shape(spec: LayerSpec) -> tuple[int, ...]:
-    ff = spec.h("is_feedforward")
-    if spec.kind == "conv":
+def _shape(spec: Spec) -> tuple[int, ...]:
+    ff = spec.hyper.is_feedforward
+    if spec.kind is LayerKind.CONV:
         n = spec.in_features if ff else spec.out_features
         return (1, n, *([1] * (len(spec.weight_shape) - 2)))
     return (1, spec.in_features) if ff else (spec.out_features, 1)
 
 
-def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    if spec.h("init_ia3_weights"):
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    if spec.hyper.init:
         return {NAME: torch.ones(_shape(spec))}
     return {NAME: torch.randn(_shape(spec), generator=generator)}
 
 
-def uses_result(spec: LayerSpec) -> bool:
-    return not spec.h("is_feedforward")  # feed-forward: the layer below runs on the scaled input instead
+def uses_result(spec: Spec) -> bool:
+    return not spec.hyper.is_feedforward  # feed-forward: the layer below runs on the scaled input instead
 
 
-def _vector(spec: LayerSpec, scale: torch.Tensor) -> torch.Tensor:
-    return scale if spec.kind == "conv" else scale.flatten()
+def _vector(spec: Spec, scale: torch.Tensor) -> torch.Tensor:
+    return scale if spec.kind is LayerKind.CONV else scale.flatten()
 
 
 def forward(
-    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
+    spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
 ) -> torch.Tensor:
     """PEFT's IA3 forward and casts: scale the output, or run the layer below on `x * scale`."""
     scale = params[NAME]
-    if spec.h("is_feedforward"):
+    if spec.hyper.is_feedforward:
         scaled = x.to(scale.dtype) * _vector(spec, scale)
-        out_dtype = ctx.weight.dtype if spec.kind == "conv" else x.dtype
+        out_dtype = ctx.weight.dtype if spec.kind is LayerKind.CONV else x.dtype
         assert ctx.inner_op is not None
         return ctx.inner_op(scaled.to(out_dtype)).to(x.dtype)
     assert result is not None
-    if spec.kind == "conv":
+    if spec.kind is LayerKind.CONV:
         return (result.to(scale.dtype) * scale).to(x.dtype)
     return (result * _vector(spec, scale)).to(result.dtype).to(x.dtype)
 
 
-def _weight_scale(spec: LayerSpec, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def _weight_scale(spec: Spec, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """scale laid out to broadcast over the base weight (PEFT's transpose / `_get_ia3_scaling_for_weight`)."""
-    if spec.kind == "conv":
-        if not spec.h("is_feedforward"):
+    if spec.kind is LayerKind.CONV:
+        if not spec.hyper.is_feedforward:
             return scale.transpose(0, 1)
         if groups == 1:
             return scale
         out_per, in_per = spec.out_features // groups, spec.in_features // groups
         scale = scale.reshape(groups, 1, in_per, *scale.shape[2:]).expand(groups, out_per, in_per, *scale.shape[3:])
         return scale.reshape(spec.out_features, in_per, *scale.shape[3:])
-    return scale.T if spec.kind == "conv1d_hf" else scale
+    return scale.T if spec.kind is LayerKind.CONV1D_HF else scale
 
 
 def merge_weight(
-    spec: LayerSpec, params: dict[str, torch.Tensor], weight: torch.Tensor, base_weight: torch.Tensor | None = None
+    spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None
 ) -> torch.Tensor:
     """`W * scale` (rows for output scaling, columns for feed-forward), in W's dtype."""
-    groups = dict(spec.geometry).get("groups", 1)
+    groups = spec.conv.groups if spec.kind is LayerKind.CONV else 1
     return (weight * _weight_scale(spec, params[NAME], groups)).to(weight.dtype)
 
 
 def unmerge_weight(
-    spec: LayerSpec, params: dict[str, torch.Tensor], weight: torch.Tensor, base_weight: torch.Tensor | None = None
+    spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None
 ) -> torch.Tensor:
     """PEFT's inexact inverse: `W / (scale + 1e-8)`."""
-    groups = dict(spec.geometry).get("groups", 1)
+    groups = spec.conv.groups if spec.kind is LayerKind.CONV else 1
     return (weight / (_weight_scale(spec, params[NAME], groups) + 1e-8)).to(weight.dtype)
 
 
-def merge_bias(spec: LayerSpec, params: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+def merge_bias(spec: Spec, params: Params, bias: torch.Tensor) -> torch.Tensor:
     """Output scaling also scales the bias; feed-forward scaling leaves it alone."""
-    if spec.h("is_feedforward"):
+    if spec.hyper.is_feedforward:
         return bias
     return (bias * params[NAME].reshape(bias.shape)).to(bias.dtype)
 
 
-def unmerge_bias(spec: LayerSpec, params: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+def unmerge_bias(spec: Spec, params: Params, bias: torch.Tensor) -> torch.Tensor:
     """PEFT's inexact inverse: `b / (scale + 1e-8)` for output scaling."""
-    if spec.h("is_feedforward"):
+    if spec.hyper.is_feedforward:
         return bias
     return (bias / (params[NAME].reshape(bias.shape) + 1e-8)).to(bias.dtype)
 
 
-def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    raise NotImplementedError("IA3 is multiplicative, it has no additive delta; merge with `merge_weight`/`merge_bias`")
-
-
-IA3 = register(SimpleNamespace(
-    name="ia3", peft_type="IA3", peft_key_prefix="ia3_", peft_unsuffixed=(NAME,), accepts=lambda config: True, hyper=hyper, param_names=param_names, init=init,
-    uses_result=uses_result, forward=forward, delta_weight=delta_weight,
-    merge_weight=merge_weight, unmerge_weight=unmerge_weight, merge_bias=merge_bias, unmerge_bias=unmerge_bias,
-))
+IA3 = register(
+    Method(
+        name="ia3",
+        config=IA3Config,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=forward,
+        uses_result=uses_result,
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, bias=merge_bias, unbias=unmerge_bias),
+        keys=KeyRules(param_prefix="ia3_", unsuffixed=frozenset({NAME})),
+    )
+)

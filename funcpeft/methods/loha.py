@@ -11,25 +11,29 @@ init_weights=False: all kaiming-uniform.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 
+from ..configs import LoHaConfig
 from . import lycoris
-from .base import LayerSpec, register
+from ._registry import register
+from .base import KeyRules, LayerSpec, MergeHooks, Method, Params
 from .lora import kaiming_uniform
+from .lycoris import LycorisHyper
+
+Spec = LayerSpec[LycorisHyper]
 
 _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # saved without `.weight`
 
 
-def param_names(spec: LayerSpec) -> tuple[str, ...]:
-    return _NAMES if spec.h("effective_conv") else _NAMES[:4]
+def param_names(spec: Spec) -> tuple[str, ...]:
+    return _NAMES if spec.hyper.effective_conv else _NAMES[:4]
 
 
-def _shapes(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
-    r, out, in_ = spec.h("r"), spec.out_features, lycoris.conv_in(spec)
+def _shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    r, out, in_ = spec.hyper.r, spec.out_features, lycoris.conv_in(spec)
     k = lycoris.kernel(spec)
-    if spec.h("effective_conv"):
+    if spec.hyper.effective_conv:
         t = (r, r, *k) if len(k) == 2 else (r, r, k[0], 1)
         return {"hada_w1_a": (r, out), "hada_w1_b": (r, in_), "hada_w2_a": (r, out), "hada_w2_b": (r, in_),
                 "hada_t1": t, "hada_t2": t}
@@ -37,19 +41,19 @@ def _shapes(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
     return {"hada_w1_a": (out, r), "hada_w1_b": (r, flat_in), "hada_w2_a": (out, r), "hada_w2_b": (r, flat_in)}
 
 
-def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    zero = "hada_w2_b" if spec.h("init_weights") else None
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    zero = "hada_w2_b" if spec.hyper.init else None
     return {
         name: torch.zeros(shape) if name == zero else kaiming_uniform(shape, generator)
         for name, shape in _shapes(spec).items()
     }
 
 
-def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
     """The Hadamard product of the two low-rank (or CP) factors, times alpha / r, in W's shape."""
     p = params
-    scale = spec.h("scaling")
-    if spec.h("effective_conv"):
+    scale = spec.hyper.scaling
+    if spec.hyper.effective_conv:
         one = torch.einsum("i j k l, j r, i p -> p r k l", p["hada_t1"], p["hada_w1_b"], p["hada_w1_a"])
         two = torch.einsum("i j k l, j r, i p -> p r k l", p["hada_t2"], p["hada_w2_b"], p["hada_w2_a"])
         w = one * two * scale
@@ -58,7 +62,17 @@ def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tens
     return w.reshape(spec.weight_shape)
 
 
-LOHA = register(SimpleNamespace(
-    name="loha", peft_type="LOHA", peft_key_prefix="hada_", peft_unsuffixed=_NAMES, accepts=lambda config: True, hyper=lycoris.hyper, param_names=param_names,
-    init=init, forward=lycoris.forward_with(delta_weight, lambda spec: True), delta_weight=delta_weight,
-))
+LOHA = register(
+    Method(
+        name="loha",
+        config=LoHaConfig,
+        hyper=lycoris.lycoris_hyper,
+        param_names=param_names,
+        init=init,
+        forward=lycoris.forward_with(delta_weight, lambda spec: True),
+        delta_weight=delta_weight,
+        merge=MergeHooks(grouped_conv=True),  # the delta is a full grouped kernel: PEFT merges it
+        keys=KeyRules(param_prefix="hada_", unsuffixed=frozenset(_NAMES)),
+        mixed_compatible=True,
+    )
+)

@@ -12,14 +12,28 @@ Init (init_weights): True: w1 (or w1_a) = 0, the rest kaiming-uniform; False: al
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..configs import LoKrConfig
 from . import lycoris
-from .base import LayerSpec, register
+from ._registry import register
+from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, Params, Target
 from .lora import kaiming_uniform
+from .lycoris import LycorisHyper
+
+
+@dataclass(frozen=True)
+class LokrHyper(LycorisHyper):
+    factors: tuple[int, int, int, int]  # (a, b, c, d): out = a * b, in = c * d
+    rank_dropout_scale: bool
+    use_w1: bool  # w1 full (else lokr_w1_a @ lokr_w1_b)
+    use_w2: bool  # w2 full (else low-rank or CP)
+
+
+Spec = LayerSpec[LokrHyper]
 
 _NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # saved without `.weight`
 
@@ -43,37 +57,38 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
+def hyper(config: Any, target: Target) -> LokrHyper:
     """LyCORIS' hyper-parameters plus the factor shapes and which factors are low-rank."""
-    common = dict(lycoris.hyper(config, name, module, kind))
-    r = common["r"]
-    in_dim = module.weight.shape[1] if kind == "conv" else module.in_features
-    out_dim = module.out_channels if kind == "conv" else module.out_features
+    common = lycoris.lycoris_hyper(config, target)
+    r, module = common.r, target.module
+    conv = target.kind is LayerKind.CONV
+    in_dim = module.weight.shape[1] if conv else module.in_features
+    out_dim = module.out_channels if conv else module.out_features
     (a, b), (c, d) = factorization(out_dim, config.decompose_factor), factorization(in_dim, config.decompose_factor)
-    use_w1 = not (config.decompose_both and r < max(a, c) / 2)
-    use_w2 = not (r < max(b, d) / 2)
-    return (*common.items(), ("factors", (a, b, c, d)), ("rank_dropout_scale", bool(config.rank_dropout_scale)),
-            ("use_w1", use_w1), ("use_w2", use_w2))
+    return LokrHyper(
+        **vars(common), factors=(a, b, c, d), rank_dropout_scale=bool(config.rank_dropout_scale),
+        use_w1=not (config.decompose_both and r < max(a, c) / 2), use_w2=not (r < max(b, d) / 2),
+    )
 
 
-def _shapes(spec: LayerSpec) -> dict[str, tuple[int, ...]]:
-    r, (a, b, c, d), k = spec.h("r"), spec.h("factors"), lycoris.kernel(spec)
-    shapes: dict[str, tuple[int, ...]] = {"lokr_w1": (a, c)} if spec.h("use_w1") else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
-    if spec.h("use_w2"):
+def _shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    r, (a, b, c, d), k = spec.hyper.r, spec.hyper.factors, lycoris.kernel(spec)
+    shapes: dict[str, tuple[int, ...]] = {"lokr_w1": (a, c)} if spec.hyper.use_w1 else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+    if spec.hyper.use_w2:
         shapes["lokr_w2"] = (b, d, *k)
-    elif spec.h("effective_conv"):
+    elif spec.hyper.effective_conv:
         shapes.update(lokr_w2_a=(r, b), lokr_w2_b=(r, d), lokr_t2=(r, r, *k) if len(k) == 2 else (r, r, k[0], 1))
     else:
         shapes.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d * math.prod(k)))
     return shapes
 
 
-def param_names(spec: LayerSpec) -> tuple[str, ...]:
+def param_names(spec: Spec) -> tuple[str, ...]:
     return tuple(_shapes(spec))
 
 
-def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    mode = spec.h("init_weights")
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    mode = spec.hyper.init
     zero = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b")}.get(mode, ())
     return {
         name: torch.zeros(shape) if name in zero else kaiming_uniform(shape, generator)
@@ -81,7 +96,7 @@ def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.
     }
 
 
-def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
     """kron(w1, w2) * alpha / r in W's shape (PEFT's `make_kron`)."""
     p = params
     w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
@@ -95,10 +110,20 @@ def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tens
         w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
-    return (torch.kron(w1, w2.contiguous()) * spec.h("scaling")).reshape(spec.weight_shape)
+    return (torch.kron(w1, w2.contiguous()) * spec.hyper.scaling).reshape(spec.weight_shape)
 
 
-LOKR = register(SimpleNamespace(
-    name="lokr", peft_type="LOKR", peft_key_prefix="lokr_", peft_unsuffixed=_NAMES, accepts=lambda config: True, hyper=hyper, param_names=param_names, init=init,
-    forward=lycoris.forward_with(delta_weight, lambda spec: spec.h("rank_dropout_scale")), delta_weight=delta_weight,
-))
+LOKR = register(
+    Method(
+        name="lokr",
+        config=LoKrConfig,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=lycoris.forward_with(delta_weight, lambda spec: spec.hyper.rank_dropout_scale),
+        delta_weight=delta_weight,
+        merge=MergeHooks(grouped_conv=True),  # the delta is a full grouped kernel: PEFT merges it
+        keys=KeyRules(param_prefix="lokr_", unsuffixed=frozenset(_NAMES)),
+        mixed_compatible=True,
+    )
+)

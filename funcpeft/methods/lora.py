@@ -9,32 +9,51 @@ Shapes (nn.Linear orientation even for GPT-2 Conv1D):
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..targeting import rank_and_alpha
-from .base import LayerSpec, OpContext, register
+from ..configs import LoraConfig
+from ._layers import conv_op, embed
+from ._patterns import rank_and_alpha
+from ._registry import register
+from .base import LayerKind, LayerSpec, Method, OpContext, Params, Target
 
-_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+@dataclass(frozen=True)
+class LoraHyper:
+    r: int
+    scaling: float  # alpha / r, or alpha / sqrt(r) with use_rslora
+    dropout: float  # on the input of lora_A (never on embeddings, like PEFT)
+    init: bool | str  # init_lora_weights
 
 
-def param_names(spec: LayerSpec) -> tuple[str, ...]:
-    if spec.kind == "embedding":
+Spec = LayerSpec[LoraHyper]
+
+
+def hyper(config: Any, target: Target) -> LoraHyper:
+    """LoRA's (and DoRA's) hyper-parameters for one module: rank/alpha patterns, rsLoRA scaling."""
+    r, alpha = rank_and_alpha(config, target.name)
+    if target.kind is LayerKind.CONV and r % target.module.groups != 0:
+        raise ValueError(f"LoRA on {target.name!r}: rank {r} must be divisible by the conv's groups={target.module.groups}")
+    scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
+    dropout = 0.0 if target.kind is LayerKind.EMBEDDING else float(config.lora_dropout)
+    return LoraHyper(r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights)
+
+
+def param_names(spec: LayerSpec[Any]) -> tuple[str, ...]:
+    if spec.kind is LayerKind.EMBEDDING:
         return ("lora_embedding_A", "lora_embedding_B")
     return ("lora_A", "lora_B")
 
 
-def _shapes(spec: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    r = spec.h("r")
-    if spec.kind == "conv":
+def _shapes(spec: Spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    r = spec.hyper.r
+    if spec.kind is LayerKind.CONV:
         kernel = spec.weight_shape[2:]
-        groups = spec.g("groups")
-        return (r, spec.in_features, *kernel), (spec.out_features, r // groups, *([1] * len(kernel)))
-    if spec.kind == "embedding":
-        return (r, spec.in_features), (spec.out_features, r)
+        return (r, spec.in_features, *kernel), (spec.out_features, r // spec.conv.groups, *([1] * len(kernel)))
     return (r, spec.in_features), (spec.out_features, r)
 
 
@@ -44,102 +63,96 @@ def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -
     return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
-def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
     """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (True, False or "gaussian")."""
     shape_a, shape_b = _shapes(spec)
-    mode = spec.h("init_lora_weights")
+    mode = spec.hyper.init
     names = param_names(spec)
-    if spec.kind == "embedding":
-        if mode is False:
-            a = torch.randn(shape_a, generator=generator)
-        else:
-            a = torch.zeros(shape_a)
+    if spec.kind is LayerKind.EMBEDDING:
+        a = torch.randn(shape_a, generator=generator) if mode is False else torch.zeros(shape_a)
         b = torch.randn(shape_b, generator=generator)
         return dict(zip(names, (a, b)))
     if mode is False:
         a, b = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
     elif mode == "gaussian":
-        a, b = torch.randn(shape_a, generator=generator) / spec.h("r"), torch.zeros(shape_b)
+        a, b = torch.randn(shape_a, generator=generator) / spec.hyper.r, torch.zeros(shape_b)
     else:
         a, b = kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
     return dict(zip(names, (a, b)))
 
 
-def forward(
-    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
-) -> torch.Tensor:
+def embedding_term(spec: Spec, params: Params, ids: torch.Tensor) -> torch.Tensor:
+    """`B(A[ids])`, unscaled: the embedding LoRA's term for token ids (no dropout, no input cast, like PEFT)."""
+    return embed(spec, ids, params["lora_embedding_A"].T) @ params["lora_embedding_B"].T
+
+
+def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
     """`result + s * B(A(dropout(x)))` in PEFT's order and dtypes; x is the base layer's input."""
-    s = spec.h("scaling")
-    if spec.kind == "embedding":  # no dropout and no input cast, like PEFT
-        a, b = params["lora_embedding_A"], params["lora_embedding_B"]
-        g = dict(spec.geometry)
-        after_a = F.embedding(x, a.T, g["padding_idx"], g["max_norm"], g["norm_type"], g["scale_grad_by_freq"], g["sparse"])
-        return result + (after_a @ b.T) * s
+    assert result is not None
+    s = spec.hyper.scaling
+    if spec.kind is LayerKind.EMBEDDING:
+        return result + embedding_term(spec, params, x) * s
     a, b = params["lora_A"], params["lora_B"]
     out_dtype = result.dtype
-    x = ctx.dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
     delta = low_rank(spec, a, b, x) * s  # rebinding frees the unscaled delta before the add: PEFT's peak memory
     return (result + delta).to(out_dtype)
 
 
 def forward_per_example(
-    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
+    spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
 ) -> torch.Tensor | None:
     """`forward` with a different adapter per example (funcpeft.routing), as batched matmuls.
 
     params: lora_A (B, r, in), lora_B (B, out, r); x (B, ..., in); result (B, ..., out). None for the layer
     kinds left to the generic per-example path (vmap of `forward`).
     """
-    if spec.kind not in ("linear", "conv1d_hf"):
+    if spec.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
         return None
+    assert result is not None
     a, b = params["lora_A"], params["lora_B"]
-    x = ctx.dropout(x.to(a.dtype), spec.h("lora_dropout"))
+    x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
     h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a.transpose(1, 2))
-    out = torch.baddbmm(result.reshape(h.shape[0], h.shape[1], -1).to(a.dtype), h, b.transpose(1, 2), alpha=spec.h("scaling"))
+    out = torch.baddbmm(result.reshape(h.shape[0], h.shape[1], -1).to(a.dtype), h, b.transpose(1, 2), alpha=spec.hyper.scaling)
     return out.reshape(result.shape).to(result.dtype)
 
 
-def low_rank(spec: LayerSpec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def low_rank(spec: Spec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`B(A(x))` for a linear / Conv1D / conv layer (PEFT's lora_A, lora_B modules), unscaled."""
-    if spec.kind == "conv":
-        conv = _CONV[len(spec.weight_shape)]
-        return conv(conv(x, a, None, spec.g("stride"), spec.g("padding")), b, None, 1, 0, 1, spec.g("groups"))
+    if spec.kind is LayerKind.CONV:
+        conv = conv_op(spec)
+        # PEFT's lora_A conv copies kernel, stride and padding but not dilation; lora_B is 1x1 with the groups
+        return conv(conv(x, a, None, spec.conv.stride, spec.conv.padding), b, None, 1, 0, 1, spec.conv.groups)
     return F.linear(F.linear(x, a), b)
 
 
-def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
     """s * B @ A in the base weight's layout (transposed for Conv1D and Embedding; conv kernels composed)."""
-    s = spec.h("scaling")
-    if spec.kind == "embedding":
+    s = spec.hyper.scaling
+    if spec.kind is LayerKind.EMBEDDING:
         return (params["lora_embedding_B"] @ params["lora_embedding_A"]).T * s
     a, b = params["lora_A"], params["lora_B"]
-    if spec.kind == "conv":
+    if spec.kind is LayerKind.CONV:
         if all(k == 1 for k in spec.weight_shape[2:]):
             w = (b.flatten(1) @ a.flatten(1)).reshape(spec.weight_shape)
         else:
-            conv = _CONV[len(spec.weight_shape)]
-            w = conv(a.transpose(0, 1), b).transpose(0, 1)
+            w = conv_op(spec)(a.transpose(0, 1), b).transpose(0, 1)
         return w * s
     w = b @ a
-    return (w.T if spec.kind == "conv1d_hf" else w) * s
+    return (w.T if spec.kind is LayerKind.CONV1D_HF else w) * s
 
 
-def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
-    """LayerSpec hyper-parameters of LoRA (and DoRA) for module `name`: rank/alpha patterns, rsLoRA scaling."""
-    r, alpha = rank_and_alpha(config, name)
-    if kind == "conv" and r % module.groups != 0:
-        raise ValueError(f"LoRA on {name!r}: rank {r} must be divisible by the conv's groups={module.groups}")
-    scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
-    return (
-        ("init_lora_weights", config.init_lora_weights),
-        ("lora_dropout", 0.0 if kind == "embedding" else float(config.lora_dropout)),
-        ("r", r),
-        ("scaling", scaling),
+LORA = register(
+    Method(
+        name="lora",
+        config=LoraConfig,
+        accepts=lambda config: not config.use_dora,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=forward,
+        delta_weight=delta_weight,
+        forward_per_example=forward_per_example,
+        mixed_compatible=True,
     )
-
-
-LORA = register(SimpleNamespace(
-    name="lora", peft_type="LORA", accepts=lambda config: not config.use_dora, hyper=hyper,
-    param_names=param_names, init=init, forward=forward, delta_weight=delta_weight,
-    forward_per_example=forward_per_example,
-))
+)

@@ -10,44 +10,48 @@ In training (`fn(..., dropout_rng=...)`), `rank_dropout` zeroes random output ro
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..targeting import rank_and_alpha
-from .base import LayerSpec, OpContext
-
-_CONV = {3: F.conv1d, 4: F.conv2d}
+from ._layers import kernel, layer_op
+from ._patterns import rank_and_alpha
+from .base import ForwardFn, LayerKind, LayerSpec, OpContext, Params, Target, UnsupportedLayerError
 
 
-def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
+@dataclass(frozen=True)
+class LycorisHyper:
+    r: int
+    alpha: float
+    scaling: float  # alpha / r
+    rank_dropout: float
+    module_dropout: float
+    init: bool | str  # init_weights
+    effective_conv: bool  # use_effective_conv2d on a conv with a kernel > 1 (CP decomposition)
+
+
+def lycoris_hyper(config: Any, target: Target) -> LycorisHyper:
     """r, alpha, scaling and the dropouts; `effective_conv` is use_effective_conv2d on a conv with kernel > 1."""
-    if kind != "linear" and not (kind == "conv" and module.weight.dim() in (3, 4)):
-        raise TypeError(
-            f"Target module {name!r} of type {type(module)} not supported, "
+    module = target.module
+    if target.kind is not LayerKind.LINEAR and not (target.kind is LayerKind.CONV and module.weight.dim() in (3, 4)):
+        raise UnsupportedLayerError(
+            f"Target module {target.name!r} of type {type(module)} not supported, "
             "currently only adapters for Conv2d, Conv1d, Linear are supported"
         )
-    r, alpha = rank_and_alpha(config, name, alpha_field="alpha")
-    kernel = tuple(module.weight.shape[2:])
-    return (
-        ("alpha", alpha),
-        ("effective_conv", bool(config.use_effective_conv2d) and kind == "conv" and any(k != 1 for k in kernel)),
-        ("init_weights", config.init_weights),
-        ("module_dropout", float(config.module_dropout)),
-        ("r", r),
-        ("rank_dropout", float(config.rank_dropout)),
-        ("scaling", alpha / r),
+    r, alpha = rank_and_alpha(config, target.name, alpha_field="alpha")
+    effective = bool(config.use_effective_conv2d) and target.kind is LayerKind.CONV and any(
+        k != 1 for k in module.weight.shape[2:]
+    )
+    return LycorisHyper(
+        r=r, alpha=alpha, scaling=alpha / r, rank_dropout=float(config.rank_dropout),
+        module_dropout=float(config.module_dropout), init=config.init_weights, effective_conv=effective,
     )
 
 
-def conv_in(spec: LayerSpec) -> int:
+def conv_in(spec: LayerSpec[Any]) -> int:
     """Input channels per group (the base conv weight's second dim); in_features for linear."""
-    return spec.weight_shape[1] if spec.kind == "conv" else spec.in_features
-
-
-def kernel(spec: LayerSpec) -> tuple[int, ...]:
-    return tuple(spec.weight_shape[2:])
+    return spec.weight_shape[1] if spec.kind is LayerKind.CONV else spec.in_features
 
 
 def _keep(ctx: OpContext, n: int, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -56,9 +60,9 @@ def _keep(ctx: OpContext, n: int, p: float, like: torch.Tensor) -> torch.Tensor:
     return (ctx.dropout(ones, p) != 0).to(like.dtype)
 
 
-def rank_dropped(spec: LayerSpec, weight: torch.Tensor, ctx: OpContext, rescale: bool) -> torch.Tensor:
+def rank_dropped(spec: LayerSpec[LycorisHyper], weight: torch.Tensor, ctx: OpContext, rescale: bool) -> torch.Tensor:
     """dW with random output rows zeroed in training (divided by the kept fraction when `rescale`)."""
-    p = spec.h("rank_dropout")
+    p = spec.hyper.rank_dropout
     if p == 0.0 or not ctx.training:
         return weight
     drop = _keep(ctx, weight.shape[0], p, weight)
@@ -68,23 +72,22 @@ def rank_dropped(spec: LayerSpec, weight: torch.Tensor, ctx: OpContext, rescale:
 
 
 def forward_with(
-    delta: Callable[[LayerSpec, dict[str, torch.Tensor]], torch.Tensor], rescale_rank_dropout: Callable[[LayerSpec], bool]
-) -> Callable[..., torch.Tensor]:
+    delta: Callable[[Any, Params], torch.Tensor], rescale_rank_dropout: Callable[[Any], bool]
+) -> ForwardFn:
     """A method's `forward` from its `delta_weight`: `result + layer_op(x, dW)`, PEFT's casts and dropouts."""
 
     def forward(
-        spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
+        spec: LayerSpec[LycorisHyper], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
     ) -> torch.Tensor:
+        assert result is not None
         w = rank_dropped(spec, delta(spec, params), ctx, rescale_rank_dropout(spec))
-        x_in = x.to(w.dtype)
-        if spec.kind == "conv":
-            g = dict(spec.geometry)
-            term = _CONV[len(spec.weight_shape)](x_in, w, None, g["stride"], g["padding"], g["dilation"], g["groups"])
-        else:
-            term = F.linear(x_in, w)
-        p = spec.h("module_dropout")
+        term = layer_op(spec, x.to(w.dtype), w)
+        p = spec.hyper.module_dropout
         if p > 0.0 and ctx.training:
             term = term * _keep(ctx, 1, p, term)
         return (result + term).to(x.dtype)
 
     return forward
+
+
+__all__ = ["LycorisHyper", "conv_in", "forward_with", "kernel", "lycoris_hyper", "rank_dropped"]

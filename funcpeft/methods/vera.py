@@ -12,43 +12,83 @@ are not counted as parameters (PEFT keeps them as buffers). Trainable, per layer
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import VeraConfig
 from ..trees import shared_key
-from .base import LayerSpec, OpContext, register
+from ._registry import register
+from .base import (
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    Method,
+    OpContext,
+    Params,
+    SharedTensors,
+    Target,
+    UnsupportedLayerError,
+)
 
 
-def hyper(config: Any, name: str, module: Any, kind: str) -> tuple[tuple[str, Any], ...]:
-    if kind not in ("linear", "conv1d_hf"):
-        raise TypeError(
-            f"Target module {name!r} ({type(module).__name__}) is not supported. Currently, only `torch.nn.Linear` "
-            "(optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
+@dataclass(frozen=True)
+class VeraShapes:
+    """The shared projections' key and shapes, common to all layers (PEFT's `_find_dim`)."""
+
+    prng_key: int
+    shape_A: tuple[int, int]  # (r, largest in_features)
+    shape_B: tuple[int, int]  # (largest out_features, r)
+
+
+@dataclass(frozen=True)
+class VeraHyper:
+    r: int
+    d_initial: float
+    init: bool  # init_weights
+    dropout: float  # vera_dropout
+    shared: VeraShapes
+
+
+Spec = LayerSpec[VeraHyper]
+
+
+def hyper(config: Any, target: Target) -> VeraHyper:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
+        raise UnsupportedLayerError(
+            f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
+            "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
         )
-    return (("d_initial", float(config.d_initial)), ("init_weights", bool(config.init_weights)),
-            ("r", config.r), ("vera_dropout", float(config.vera_dropout)))
+    return VeraHyper(r=config.r, d_initial=float(config.d_initial), init=bool(config.init_weights),
+                     dropout=float(config.vera_dropout), shared=target.common)
 
 
-def common_hyper(config: Any, targets: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> VeraShapes:
     """The shared projections' shapes, from PEFT's `_find_dim` (largest out and in over the targets)."""
-    dims = [(m.weight.shape[1], m.weight.shape[0]) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
-            for m in targets.values() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
+    for m in targets.values():
+        shape: Any = m.weight.shape
+        if isinstance(m, nn.Linear):
+            dims.append((int(shape[1]), int(shape[0])))
+        elif type(m).__name__ == "Conv1D":
+            dims.append((int(shape[0]), int(shape[1])))
     if not dims:
         raise ValueError("No layers types compatible with VeRA were found. Please check `peft_config.target_modules`.")
     max_in, max_out = max(d[0] for d in dims), max(d[1] for d in dims)
-    return (("prng_key", config.projection_prng_key), ("shape_A", (config.r, max_in)), ("shape_B", (max_out, config.r)))
+    return VeraShapes(config.projection_prng_key, (config.r, max_in), (max_out, config.r))
 
 
-def _key(spec: LayerSpec, name: str) -> str:
-    shape = spec.h(f"shape_{name[-1]}")
-    return shared_key(name, f"prng{spec.h('prng_key')}", "x".join(map(str, shape)))
+def _key(spec: Spec, name: str) -> str:
+    shared = spec.hyper.shared
+    shape = shared.shape_A if name == "vera_A" else shared.shape_B
+    return shared_key(name, f"prng{shared.prng_key}", "x".join(map(str, shape)))
 
 
-def frozen_params(spec: LayerSpec) -> tuple[tuple[str, str], ...]:
+def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
     """(param name, base key) of the shared projections, e.g. ('vera_A', '<shared>.vera_A.prng0.256x64')."""
     return (("vera_A", _key(spec, "vera_A")), ("vera_B", _key(spec, "vera_B")))
 
@@ -59,18 +99,19 @@ def _kaiming(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor
     return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
 
 
-def shared(spec: LayerSpec) -> dict[str, torch.Tensor]:
+def make_shared(spec: Spec) -> Params:
     """{base key: tensor} for vera_A (r, max_in) then vera_B (max_out, r), drawn from `projection_prng_key`."""
-    generator = torch.Generator(device="cpu").manual_seed(spec.h("prng_key"))
-    a = _kaiming(spec.h("shape_A"), generator)
-    b = _kaiming(spec.h("shape_B"), generator)
+    shared = spec.hyper.shared
+    generator = torch.Generator(device="cpu").manual_seed(shared.prng_key)
+    a = _kaiming(shared.shape_A, generator)
+    b = _kaiming(shared.shape_B, generator)
     return {_key(spec, "vera_A"): a, _key(spec, "vera_B"): b}
 
 
 _NAMES = ("vera_lambda_b", "vera_lambda_d")  # saved without `.weight`
 
 
-def param_names(spec: LayerSpec) -> tuple[str, ...]:
+def param_names(spec: Spec) -> tuple[str, ...]:
     return _NAMES
 
 
@@ -89,28 +130,27 @@ def peft_shared_keys(config: Any, base_keys: list[str]) -> dict[str, str]:
     return out
 
 
-def init(spec: LayerSpec, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    if spec.h("init_weights"):
-        return {"vera_lambda_b": torch.zeros(spec.out_features), "vera_lambda_d": torch.full((spec.h("r"),), spec.h("d_initial"))}
-    return {"vera_lambda_b": torch.ones(spec.out_features), "vera_lambda_d": torch.randn(spec.h("r"), generator=generator)}
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    if spec.hyper.init:
+        return {"vera_lambda_b": torch.zeros(spec.out_features), "vera_lambda_d": torch.full((spec.hyper.r,), spec.hyper.d_initial)}
+    return {"vera_lambda_b": torch.ones(spec.out_features), "vera_lambda_d": torch.randn(spec.hyper.r, generator=generator)}
 
 
-def _sliced(spec: LayerSpec, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _sliced(spec: Spec, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
     return params["vera_A"][:, : spec.in_features], params["vera_B"][: spec.out_features, :]
 
 
-def forward(
-    spec: LayerSpec, params: dict[str, torch.Tensor], x: torch.Tensor, result: torch.Tensor, ctx: OpContext
-) -> torch.Tensor:
+def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
+    assert result is not None
     lambda_b, lambda_d = params["vera_lambda_b"], params["vera_lambda_d"]
     a, b = _sliced(spec, params)
     out_dtype = result.dtype
-    x = ctx.dropout(x.to(lambda_d.dtype), spec.h("vera_dropout"))
+    x = ctx.dropout(x.to(lambda_d.dtype), spec.hyper.dropout)
     a, b = a.to(x.device), b.to(x.device)
     return (result + lambda_b * F.linear(lambda_d * F.linear(x, a), b)).to(out_dtype)
 
 
-def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
     """(lambda_b * B) @ (lambda_d * A) in W's layout; needs the frozen vera_A / vera_B in `params`."""
     a, b = _sliced(spec, params)
     lambda_b, lambda_d = params["vera_lambda_b"], params["vera_lambda_d"]
@@ -118,12 +158,21 @@ def delta_weight(spec: LayerSpec, params: dict[str, torch.Tensor]) -> torch.Tens
     if lambda_d.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):  # PEFT: slow half matmuls on CPU
         a, b, lambda_b, lambda_d = a.float(), b.float(), lambda_b.float(), lambda_d.float()
     w = ((lambda_b.unsqueeze(-1) * b.to(lambda_d.device)) @ (lambda_d.unsqueeze(-1) * a.to(lambda_d.device))).to(dtype)
-    return w.T if spec.kind == "conv1d_hf" else w
+    return w.T if spec.kind is LayerKind.CONV1D_HF else w
 
 
-VERA = register(SimpleNamespace(
-    name="vera", peft_type="VERA", peft_key_prefix="vera_lambda_", peft_unsuffixed=_NAMES,
-    peft_shared_keys=peft_shared_keys, accepts=lambda config: True, hyper=hyper, common_hyper=common_hyper,
-    frozen_params=frozen_params, shared=shared, param_names=param_names, init=init, forward=forward,
-    delta_weight=delta_weight,
-))
+VERA = register(
+    Method(
+        name="vera",
+        config=VeraConfig,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=forward,
+        delta_weight=delta_weight,
+        shared=SharedTensors(
+            common_hyper=common_hyper, frozen_params=frozen_params, make=make_shared, file_keys=peft_shared_keys
+        ),
+        keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
+    )
+)

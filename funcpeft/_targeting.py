@@ -12,36 +12,27 @@ import re
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
-from .config import LoraConfig, TaskType
-from .constants import (
-    DEFAULT_TARGET_MODULES,
-    MIN_TARGET_MODULES_FOR_OPTIMIZATION,
-    SEQ_CLS_HEAD_NAMES,
-    TASK_MODULES_TO_SAVE,
-)
+from .config import TaskType
+from .constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION, SEQ_CLS_HEAD_NAMES, TASK_MODULES_TO_SAVE
+from .methods.base import LayerKind
 
-try:  # transformers' GPT-2 style Conv1D stores its weight as (in, out)
-    from transformers.pytorch_utils import Conv1D as HFConv1D
-except ImportError:  # pragma: no cover - transformers is a runtime dependency
-    HFConv1D = None  # type: ignore[assignment,misc]
-
-_LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((HFConv1D,) if HFConv1D is not None else ())
+_LINEAR_TYPES: tuple[type, ...] = (nn.Linear, HFConv1D)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """'linear' | 'conv1d_hf' (GPT-2 Conv1D) | 'embedding' | 'conv' | None (not adaptable)."""
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The layer family of `module` (funcpeft.methods.base.LayerKind), None if funcpeft cannot adapt it."""
     if isinstance(module, nn.Embedding):
-        return "embedding"
+        return LayerKind.EMBEDDING
     if isinstance(module, _CONV_TYPES):
-        return "conv"
+        return LayerKind.CONV
     if isinstance(module, nn.Linear):
-        return "linear"
-    if HFConv1D is not None and isinstance(module, HFConv1D):
-        return "conv1d_hf"
+        return LayerKind.LINEAR
+    if isinstance(module, HFConv1D):
+        return LayerKind.CONV1D_HF
     return None
 
 
@@ -49,7 +40,17 @@ def _matches_list(names: Any, key: str) -> bool:
     return key in names or any(key.endswith(f".{n}") for n in names)
 
 
-def is_excluded(config: LoraConfig, key: str) -> bool:
+def is_saved_module(path: str, modules_to_save: Any) -> bool:
+    """PEFT's ModulesToSaveWrapper rule (`_set_trainable`): the module name ends with an entry (no dot boundary)."""
+    return any(path.endswith(t) for t in modules_to_save or ())
+
+
+def overlaps_saved_module(key: str, modules_to_save: Any) -> bool:
+    """PEFT's exclusion rule in `check_target_module_exists`: `key` is, or lies inside, a modules_to_save entry."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save or ())
+
+
+def is_excluded(config: Any, key: str) -> bool:
     """exclude_modules first, then modules_to_save (never LoRA targets): PEFT's `check_target_module_exists`."""
     ex = getattr(config, "exclude_modules", None)  # VeraConfig has none
     if ex:
@@ -58,7 +59,7 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
                 return True
         elif _matches_list(ex, key):
             return True
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in (config.modules_to_save or ()))
+    return overlaps_saved_module(key, config.modules_to_save)
 
 
 def layer_index(key: str, layers_pattern: Any) -> int | None:
@@ -75,7 +76,7 @@ def layer_index(key: str, layers_pattern: Any) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def is_target(config: LoraConfig, key: str) -> bool:
+def is_target(config: Any, key: str) -> bool:
     """Does module `key` match the (resolved) config? PEFT's `check_target_module_exists`."""
     if is_excluded(config, key):
         return False
@@ -97,22 +98,8 @@ def is_target(config: LoraConfig, key: str) -> bool:
     return found
 
 
-def pattern_key(pattern_keys: Any, key: str) -> str | None:
-    """The first key (dict order) whose regex matches `key` at a dot boundary: PEFT's `get_pattern_key`."""
-    for k in pattern_keys:
-        if re.match(rf"(.*\.)?({k})$", key):
-            return k
-    return None
-
-
-def rank_and_alpha(config: Any, key: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
-    """(r, alpha) for module `key` after rank_pattern / alpha_pattern (LoHa/LoKr call their alpha `alpha`)."""
-    rk = pattern_key(config.rank_pattern.keys(), key)
-    ak = pattern_key(config.alpha_pattern.keys(), key)
-    return config.rank_pattern.get(rk, config.r), config.alpha_pattern.get(ak, getattr(config, alpha_field))
-
-
-def _output_embedding_name(model: nn.Module) -> str | None:
+def output_embedding_name(model: nn.Module) -> str | None:
+    """The module name of the model's output embedding (lm_head), None if it has none."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     if out is None:
@@ -120,9 +107,9 @@ def _output_embedding_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is out), None)
 
 
-def _all_linear(model: nn.Module, config: LoraConfig) -> set[str]:
+def _all_linear(model: nn.Module, config: Any) -> set[str]:
     names = {n for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)}
-    head = _output_embedding_name(model)
+    head = output_embedding_name(model)
     if head is not None:
         names.discard(head)
     elif config.task_type == TaskType.SEQ_CLS:
@@ -183,7 +170,7 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     targets = config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:
-        table = getattr(config, "_default_target_modules", DEFAULT_TARGET_MODULES)
+        table = config.DEFAULT_TARGET_MODULES
         default = table.get(model_type) if model_type else None
         if default is None:
             raise ValueError(
@@ -192,13 +179,11 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
             )
         targets = default if isinstance(default, str) else set(default)
     resolved = dataclasses.replace(config, **changes)
-    model_defaults = getattr(config, "model_defaults", None)  # e.g. IA3's feedforward_modules per model type
-    for name, value in (model_defaults(model_type) if model_defaults is not None else {}).items():
+    for name, value in config.model_defaults(model_type).items():  # e.g. IA3's feedforward_modules per model type
         setattr(resolved, name, value)  # set like PEFT's _prepare_adapter_config: no __post_init__ re-check
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, resolved)
-    compress = getattr(config, "_compress_target_modules", True)  # PEFT never compresses IA3's (coupled to feedforward_modules)
-    if compress and isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+    if config.COMPRESS_TARGET_MODULES and isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
         keys = [n for n, _ in model.named_modules()]
         suffixes = tuple("." + t for t in targets)
         others = [n for n in keys if n not in targets and not n.endswith(suffixes)]
@@ -209,7 +194,7 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     return resolved
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_targets(model: nn.Module, config: Any) -> list[str]:
     """Names of the modules a resolved config targets, in `named_modules` order.
 
     Raises ValueError listing close module names when nothing matches, and TypeError naming the
@@ -254,7 +239,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
-def find_modules_to_save(model: nn.Module, config: LoraConfig, targets: Any = ()) -> list[str]:
+def find_modules_to_save(model: nn.Module, config: Any, targets: Any = ()) -> list[str]:
     """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only).
 
     Raises TypeError, like PEFT, when such a module is a container or one of the adapter's `targets`.
@@ -262,7 +247,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig, targets: Any = ()
     names = config.modules_to_save or []
     found: list[str] = []
     for key, module in model.named_modules():
-        if key and any(key.endswith(t) for t in names):
+        if key and is_saved_module(key, names):
             if not any(key.startswith(f + ".") for f in found):
                 if key in targets or isinstance(module, _CONTAINERS):
                     what = "a LoRA target" if key in targets else f"a {type(module).__name__}"
@@ -272,7 +257,3 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig, targets: Any = ()
                     )
                 found.append(key)
     return found
-
-
-def is_meta(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"

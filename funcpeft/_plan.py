@@ -1,0 +1,271 @@
+"""Planning an adapter: which module of a model carries which leaves, and fresh values for them.
+
+    resolved, plan = plan_adapter(model, config)     # plan: {module_path: PlanEntry}
+    tree = init_adapter(model, plan)                 # the adapter tree (funcpeft.trees)
+    base_extra = init_shared(model, plan)            # frozen shared tensors (VeRA's), extra `base` entries
+
+A `PlanEntry` is static data about one module (hashable, no tensors). Every later stage — the call
+(funcpeft._functional), files (funcpeft.io), merging, counting, routing — reads plans, never configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._targeting import find_modules_to_save, find_targets, layer_kind, resolve_config
+from .config import PeftConfig
+from .methods import method_for, weight_method
+from .methods._layers import adapter_dtype
+from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
+from .trees import SHARED_PREFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """What one module carries for one adapter.
+
+    spec: the adapted layer's facts (None: the module is not adapted, only some of its params are replaced).
+    params: the method's trainable leaves at this module (e.g. ("lora_A", "lora_B")).
+    overrides: the module's own parameters the adapter's copies replace (modules_to_save, trainable biases).
+    in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
+      counted once, never frozen by inference_mode, written through ties on merge.
+    frozen: ((param name, base key), ...) of shared frozen tensors the forward reads from `base` (VeRA).
+    """
+
+    spec: LayerSpec[Any] | None = None
+    params: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    in_place: tuple[str, ...] = ()
+    frozen: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every key of the adapter tree's entry at this module."""
+        return frozenset(self.params) | frozenset(self.overrides)
+
+    @property
+    def method(self) -> Method:
+        """The weight-level method of an adapted module."""
+        if self.spec is None:
+            raise ValueError("this module is not adapted (it only carries overrides)")
+        return weight_method(self.spec.method)
+
+
+Plan = dict[str, PlanEntry]
+
+
+def check_adapter_name(name: Any) -> None:
+    """Adapter names become directory names and key parts: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not name or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(
+            f"adapter_name must be a non-empty str of letters, digits, '_' or '-' (it becomes a directory and a key "
+            f"part), got {name!r}"
+        )
+
+
+def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[Any]:
+    """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
+    module: Any = target.module
+    kind = target.kind
+    weight: Any = module.weight
+    shape = tuple(weight.shape)
+    geometry: ConvGeometry | EmbeddingGeometry | None = None
+    if kind is LayerKind.LINEAR:
+        in_f, out_f = shape[1], shape[0]
+    elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
+        in_f, out_f = shape[0], shape[1]
+        if kind is LayerKind.EMBEDDING:
+            geometry = EmbeddingGeometry(
+                module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+            )
+    else:
+        if module.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"{type(config).__name__} on {target.name!r}: conv padding_mode={module.padding_mode!r} is not "
+                "supported (only 'zeros')"
+            )
+        in_f, out_f = module.in_channels, module.out_channels
+        geometry = ConvGeometry(tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
+    return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
+
+
+def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
+    """PEFT's dispatch: forced True for GPT-2 Conv1D, forced False for nn.Linear, in target order, with its warnings."""
+    for kind in kinds.values():
+        if kind is LayerKind.LINEAR and config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = False
+        elif kind is LayerKind.CONV1D_HF and not config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = True
+
+
+def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = None) -> tuple[PeftConfig, Plan]:
+    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves."""
+    method = method_for(config)
+    if not isinstance(method, Method):
+        raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
+    resolved = resolve_config(model, config, revision)
+    targets = find_targets(model, resolved)
+    modules = dict(model.named_modules())
+    kinds: dict[str, LayerKind] = {}
+    for name in targets:
+        kind = layer_kind(modules[name])
+        assert kind is not None  # find_targets raised for anything else
+        kinds[name] = kind
+    if hasattr(resolved, "fan_in_fan_out"):
+        _fix_fan_in_fan_out(kinds, resolved)
+    common = method.shared.common_hyper(resolved, {n: modules[n] for n in targets}) if method.shared else None
+    plan: Plan = {}
+    for name in targets:
+        spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
+        frozen = method.shared.frozen_params(spec) if method.shared else ()
+        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen)
+    saved = find_modules_to_save(model, resolved, set(targets))
+    for name in saved:
+        plan[name] = PlanEntry(overrides=tuple(n for n, _ in modules[name].named_parameters()))
+    bias = getattr(resolved, "bias", "none")
+    if bias != "none":
+        for pname, _ in model.named_parameters():
+            path, _, leaf = pname.rpartition(".")
+            if leaf != "bias" or any(path == s or path.startswith(s + ".") for s in saved):
+                continue
+            adapted = path in plan and plan[path].spec is not None
+            if bias == "all" or adapted:
+                entry = plan.get(path, PlanEntry())
+                plan[path] = dataclasses.replace(entry, overrides=("bias",), in_place=("bias",))
+    return resolved, plan
+
+
+def fresh_method_params(
+    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
+) -> Params:
+    """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight)."""
+    assert entry.spec is not None
+    method = entry.method
+    if weight.device.type == "meta":
+        return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
+    fresh = {k: v.to(weight.device, dtype) for k, v in method.init(entry.spec, generator).items()}
+    if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
+        fresh = method.finish_init(entry.spec, fresh, weight.detach())
+    return fresh
+
+
+def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
+    """{param name: shape} of one layer's method parameters, from a meta-device init (no memory)."""
+    method = weight_method(spec.method)
+    with torch.device("meta"):
+        params = method.init(spec, None)
+        if method.finish_init is not None:
+            params = method.finish_init(spec, params, torch.empty(spec.weight_shape))
+    return {k: v.shape for k, v in params.items()}
+
+
+def init_adapter(
+    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
+    trainable: bool = True,
+) -> dict[str, Params]:
+    """A fresh adapter tree for `plan`: method params from their init, overrides cloned from the model.
+
+    Each leaf is a new leaf tensor with requires_grad=`trainable` (False for a config with
+    inference_mode=True, like PEFT; trainable biases stay trainable, as in PEFT), on its layer's device;
+    fp16/bf16 method params are float32 when `autocast_adapter_dtype` (PEFT's rule). On a meta-device
+    model leaves are meta tensors.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tree: dict[str, Params] = {}
+    for path, entry in plan.items():
+        out: Params = {}
+        if entry.spec is not None:
+            w = modules[path].weight
+            out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
+        for pname in entry.overrides:
+            out[pname] = params[f"{path}.{pname}"].detach().clone()
+        # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
+        tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
+    return tree
+
+
+def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """Frozen tensors shared by the plan's layers (VeRA's projections), as extra `base` entries.
+
+    Keys start with `funcpeft.trees.SHARED_PREFIX`; values sit on the first target's device. Empty for
+    methods without `shared` tensors.
+    """
+    adapted = [(path, e) for path, e in plan.items() if e.spec is not None]
+    if not adapted:
+        return {}
+    path, entry = adapted[0]
+    shared = entry.method.shared
+    if shared is None:
+        return {}
+    assert entry.spec is not None
+    device = dict(model.named_modules())[path].weight.device
+    tensors = shared.make(entry.spec)
+    assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
+    """The frozen shared tensors a layer's forward reads (VeRA's vera_A / vera_B), from their `base` keys."""
+    params = {}
+    for pname, key in entry.frozen:
+        if key not in base:
+            raise KeyError(
+                f"base has no entry {key!r} (the adapter's frozen shared {pname!r}); pass the `base` that "
+                f"get_peft_model returned: it holds such tensors under keys starting with {SHARED_PREFIX!r}"
+            )
+        params[pname] = base[key]
+    return params
+
+
+def layer_params(entry: PlanEntry, leaves: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> Params:
+    """A layer's method params: its own (from the adapter tree's entry) plus frozen shared ones (from `base`)."""
+    return {**{k: leaves[k] for k in entry.params}, **shared_params(entry, base)}
+
+
+# -- checking a tree against a plan -------------------------------------------------------------------------
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_adapter_structure(tree: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> None:
+    """Raise ValueError naming the first path where `tree` differs from what adapter `adapter_name` expects."""
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"adapter {adapter_name!r}: expected a dict keyed by module path, got {_describe(tree)}")
+    if tree.keys() == plan.keys():
+        bad = next((p for p in plan if not isinstance(tree[p], Mapping) or tree[p].keys() != plan[p].keys), None)
+        if bad is None:
+            return
+    for path in sorted(set(plan) | set(tree)):
+        if path not in tree:
+            raise ValueError(f"adapter {adapter_name!r}: path {path!r} is missing from the adapter tree")
+        if path not in plan:
+            raise ValueError(
+                f"adapter {adapter_name!r}: path {path!r} is not a module this adapter targets "
+                f"(expected paths like {sorted(plan)[:3]})"
+            )
+        entry, want = tree[path], plan[path].keys
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"adapter {adapter_name!r}: {path!r} should be a dict with keys {sorted(want)}, got {_describe(entry)}")
+        for key in sorted(set(want) | set(entry)):
+            if key not in entry:
+                raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is missing (expected keys {sorted(want)})")
+            if key not in want:
+                raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is unexpected (expected keys {sorted(want)})")

@@ -1,0 +1,56 @@
+"""Per-layer-kind helpers the methods share: the conv op of a weight, the embedding lookup, the layer op.
+
+One home for the facts about layer kinds (funcpeft.methods.base.LayerKind), so no method re-derives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import LayerKind, LayerSpec
+
+UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # PEFT's autocast_adapter_dtype upcasts these to float32
+
+_CONV_BY_WEIGHT_DIM: dict[int, Callable[..., torch.Tensor]] = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a layer's adapter parameters (PEFT: fp16/bf16 layers get float32 adapters when autocasting)."""
+    return torch.float32 if autocast_adapter_dtype and weight_dtype in UPCAST_DTYPES else weight_dtype
+
+
+def conv_op(spec: LayerSpec[Any]) -> Callable[..., torch.Tensor]:
+    """F.conv1d / conv2d / conv3d for a conv layer's weight."""
+    return _CONV_BY_WEIGHT_DIM[len(spec.weight_shape)]
+
+
+def conv_op_for(weight: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """F.conv1d / conv2d / conv3d for a conv weight of that rank."""
+    return _CONV_BY_WEIGHT_DIM[weight.dim()]
+
+
+def kernel(spec: LayerSpec[Any]) -> tuple[int, ...]:
+    """A conv's kernel size (empty for other kinds)."""
+    return tuple(spec.weight_shape[2:]) if spec.kind is LayerKind.CONV else ()
+
+
+def embed(spec: LayerSpec[Any], ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`F.embedding(ids, table)` with the base nn.Embedding's own arguments (padding_idx, ...)."""
+    g = spec.embedding
+    return F.embedding(ids, table, g.padding_idx, g.max_norm, g.norm_type, g.scale_grad_by_freq, g.sparse)
+
+
+def layer_op(spec: LayerSpec[Any], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The base layer's own op with `weight` in the base weight's layout (linear / Conv1D / conv with its geometry)."""
+    if spec.kind is LayerKind.CONV:
+        g = spec.conv
+        return conv_op(spec)(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
+    if spec.kind is LayerKind.CONV1D_HF:
+        return F.linear(x, weight.T, bias)
+    if spec.kind is LayerKind.LINEAR:
+        return F.linear(x, weight, bias)
+    raise TypeError(f"layer_op: no plain op for a {spec.kind.value} layer")

@@ -1,0 +1,216 @@
+"""The user facade: `get_peft_model`, `from_pretrained` and what they return, `FunctionalPeftModel`.
+
+    pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=8, target_modules="all-linear"))
+    fn, base, adapter = pm              # fn(base, adapter, **inputs) is pure; `model` is never mutated
+
+This is the top layer: it wires planning (funcpeft._plan), the pure call (funcpeft._functional), files
+(funcpeft.io) and merging (funcpeft.merge) together; nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
+from .config import PeftConfig
+from .constants import MIXED_COMPATIBLE_TYPES
+from .counting import count_parameters, format_trainable
+from .functional import PeftFunction
+from .io import save_adapter
+from .loading import load_for_model
+from .merge import merge_and_unload
+from .methods import method_for
+from .trees import AdapterTree, BaseTree, tree_numel
+
+
+@dataclasses.dataclass(repr=False)
+class FunctionalPeftModel:
+    """What `get_peft_model` returns. Unpacks to `(fn, base, adapter)`.
+
+    fn: `PeftFunction`, pure `fn(base, adapter, *args, **kwargs)`.
+    base: `{param_name: Tensor}`, the model's parameters (detached, shared storage, requires_grad=False).
+    adapter: the trainable tree of `adapter_name` (see funcpeft.trees).
+    peft_config: `{adapter_name: resolved config}`, like PEFT's `PeftModel.peft_config`.
+    """
+
+    fn: PeftFunction
+    base: BaseTree
+    adapter: AdapterTree
+    peft_config: dict[str, PeftConfig]
+    adapter_name: str
+    model: nn.Module
+    autocast_adapter_dtype: bool = True
+    mixed: bool = False
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.fn, self.base, self.adapter))
+
+    def __repr__(self) -> str:
+        configs = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in self.peft_config.items())
+        layers = sum(e.spec is not None for e in self.plans[self.adapter_name].values())
+        return (
+            f"FunctionalPeftModel({type(self.model).__name__}, adapters={{{configs}}}, active={self.adapter_name!r}, "
+            f"{layers} adapted layers, {tree_numel(self.adapter):,} adapter values, {len(self.base)} base tensors"
+            + (", mixed=True" if self.mixed else "")
+            + ")"
+        )
+
+    @property
+    def plans(self) -> dict[str, Plan]:
+        return self.fn.plans
+
+    def init_adapter(self, adapter_name: str | None = None, generator: torch.Generator | None = None) -> AdapterTree:
+        """A freshly initialised tree for a registered adapter (e.g. K of them for an ensemble)."""
+        name = adapter_name or self.adapter_name
+        trainable = not getattr(self.peft_config[name], "inference_mode", False)
+        return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
+
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None
+    ) -> AdapterTree:
+        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
+        _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
+        resolved, plan = plan_adapter(self.model, peft_config)
+        self.base.update(init_shared(self.model, plan))
+        self.peft_config[adapter_name] = resolved
+        self.plans[adapter_name] = plan
+        return self.init_adapter(adapter_name, generator)
+
+    def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
+        """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
+
+        `adapter` may be `{adapter_name: tree, ...}` (several active adapters, e.g. a mixed model).
+        """
+        tree = self.adapter if adapter is None else adapter
+        base_all = count_parameters(self.base, None, {})[1]
+        counts = [count_parameters(self.base, t, self.plans[n]) for n, t in self.fn.split_adapters(tree)]
+        return sum(c[0] for c in counts), base_all + sum(c[1] - base_all for c in counts)
+
+    def print_trainable_parameters(self, adapter: Any = None) -> None:
+        """Print PEFT's line: `trainable params: N || all params: M || trainable%: P` (4 decimals)."""
+        print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
+
+    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
+        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter)."""
+        if adapter_params is None:
+            raise TypeError(
+                "save_pretrained(directory, adapter_params): pass the adapter tree to save (e.g. the trained one). "
+                "funcpeft never updates pm.adapter, which is the tree get_peft_model initialised: saving it after "
+                "training would silently write the untrained adapter."
+            )
+        kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
+        return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+
+    def merge_and_unload(self, adapter_params: Any) -> nn.Module:
+        """A new plain model with `adapter_params` merged in (see funcpeft.merge); the original model is untouched."""
+        return merge_and_unload(self, adapter_params)
+
+
+def _reject_peft_model(model: nn.Module) -> None:
+    """A `peft.PeftModel` (or a model holding PEFT tuner layers) would get adapters on PEFT's own lora_A layers."""
+    cls = type(model)
+    if cls.__module__.startswith("peft.") or any(type(m).__module__.startswith("peft.tuners") for m in model.modules()):
+        raise TypeError(
+            f"get_peft_model got a PEFT-wrapped model ({cls.__module__}.{cls.__name__}): funcpeft adapts plain models "
+            "and would target PEFT's own adapter layers. Pass the base model instead (PEFT: `peft_model.get_base_model()` "
+            "after `unload()`), and load PEFT adapters with funcpeft.from_pretrained(model, directory)."
+        )
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> FunctionalPeftModel:
+    """PEFT's `get_peft_model`, functionally: returns `(fn, base, adapter)` (as a FunctionalPeftModel).
+
+    Args:
+        model: the base model (any nn.Module; transformers models get PEFT's per-model defaults). Never mutated.
+        peft_config: a funcpeft config (`LoraConfig`, `IA3Config`, ...); never mutated (the resolved copy is in
+            `pm.peft_config[adapter_name]`).
+        adapter_name: the adapter's name (a directory name in saved files).
+        mixed: PEFT's PeftMixedModel: `add_adapter` accepts other adapter types (LoRA/DoRA, LoHa, LoKr, ...:
+            PEFT's compatible types), and `fn(base, {name: tree, ...})` applies the adapters in the order they
+            were added, whatever the dict's order, each wrapping the layer below it. Without `mixed`, adapters
+            are applied in the dict's order (PEFT's `set_adapter([...])` order) and must share one peft_type.
+        autocast_adapter_dtype: fp16/bf16 layers get float32 adapter leaves (PEFT's default).
+        revision: recorded in the config, like PEFT.
+        generator: a `torch.Generator` for the adapter init (default: the global RNG, so `torch.manual_seed`
+            makes it reproducible, with the same draws as PEFT).
+
+    Returns:
+        A `FunctionalPeftModel`; `fn, base, adapter = pm`. base: `{name: Tensor}` sharing the model's storage;
+        adapter: `{module_path: {leaf name: Tensor}}`, e.g. lora_A (r, in) and lora_B (out, r) per layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(
+            f"peft_config must be a funcpeft config (e.g. funcpeft.LoraConfig), got {type(peft_config).__module__}."
+            f"{type(peft_config).__name__}"
+        )
+    _reject_peft_model(model)
+    check_adapter_name(adapter_name)
+    if mixed:
+        _check_combinable(peft_config, None, mixed)
+    resolved, plan = plan_adapter(model, peft_config, revision)
+    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    base.update(init_shared(model, plan))
+    fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed)
+    return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+
+
+def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool) -> None:
+    """PEFT's rules: one peft_type per PeftModel; PeftMixedModel only takes its compatible types."""
+    peft_type = config.PEFT_TYPE.value
+    if mixed:
+        if not method_for(config).mixed_compatible:
+            raise ValueError(
+                f"The provided `peft_type` '{peft_type}' is not compatible with the `PeftMixedModel`. "
+                f"Compatible types are: {MIXED_COMPATIBLE_TYPES}"
+            )
+    elif first is not None and peft_type != first.PEFT_TYPE.value:
+        raise ValueError(
+            f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
+            "Pass mixed=True to get_peft_model to mix adapter types."
+        )
+
+
+def from_pretrained(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, *,
+    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+) -> FunctionalPeftModel:
+    """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
+
+    `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
+    trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
+    carries (PEFT saves the embedding when an embedding is targeted) replace the model's in the returned
+    `base` dict when they differ; the model itself is never modified.
+    """
+    _reject_peft_model(model)
+    loaded = load_for_model(
+        model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
+        strict=strict, allow_pickle=allow_pickle,
+    )
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
+    fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
+    return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
+
+
+__all__ = ["FunctionalPeftModel", "from_pretrained", "get_peft_model"]
