@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # A CPU build of torch: on this kind of machine pip takes 2.13.0 from local disk in seconds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test lint bench env
+.PHONY: run test lint bench env notebooks
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +20,8 @@ run: env
 	$(BIN)/python examples/finetune_minilm.py $(ARGS)
 
 lint: env
-	$(BIN)/ruff check funcpeft tests examples benchmarks
+	$(BIN)/ruff check funcpeft tests examples benchmarks notebooks
+	$(BIN)/ruff format --check notebooks
 	$(BIN)/mypy funcpeft
 
 test: lint
@@ -28,3 +29,7 @@ test: lint
 
 bench: env
 	$(BIN)/python benchmarks/bench_core.py
+
+# Regenerate notebooks/*.ipynb from their jupytext sources notebooks/NN_*.py, executed (see notebooks/README.md).
+notebooks: env
+	$(BIN)/python notebooks/sync.py
