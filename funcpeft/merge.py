@@ -52,7 +52,6 @@ def _delta(spec: LayerSpec[Any], params: Params) -> torch.Tensor:
     method = weight_method(spec.method)
     if method.delta_weight is None:
         raise NotImplementedError(f"method {spec.method!r} has neither a delta_weight nor merge hooks: it cannot merge")
-    _check_mergeable(spec)
     return method.delta_weight(spec, params)
 
 
@@ -61,6 +60,7 @@ def merge_weight(
     base_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is."""
+    _check_mergeable(spec)
     hook = weight_method(spec.method).merge.weight
     if hook is not None:
         out = hook(spec, params, weight, base_weight)
@@ -80,6 +80,7 @@ def unmerge_weight(
 ) -> torch.Tensor:
     """Inverse of `merge_weight` (PEFT's unmerge: `w.data -= delta`); `base_weight`: the weight before the
     merge when known (a method like DoRA needs it)."""
+    _check_mergeable(spec)
     hooks = weight_method(spec.method).merge
     if hooks.unweight is not None:
         return hooks.unweight(spec, params, merged, base_weight)

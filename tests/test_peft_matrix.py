@@ -19,10 +19,6 @@ import funcpeft
 
 _NOT_IMPL = "NotImplementedError from funcpeft.LoraConfig (row config) and from_pretrained (PEFT's files)"
 _BOTH = "get_peft_model, from_pretrained: "
-_GROUPS_MERGE = (
-    "merge: funcpeft.merge_and_unload refuses conv layers with groups > 1 for every method (NotImplementedError, "
-    "PEFT's LoRA message), but PEFT merges LoHa/LoKr on grouped convs (its merged and unmerged outputs agree)"
-)
 
 KNOWN_FAILURES: dict[str, str] = {
     # LoRA variants / options funcpeft does not implement
@@ -44,21 +40,6 @@ KNOWN_FAILURES: dict[str, str] = {
     # layers funcpeft cannot adapt
     "MHA 1 LoRA": _BOTH + "nn.MultiheadAttention is not supported (TypeError: Target module 'mha' ... cannot adapt)",
     "MHA 2 LoRA": _BOTH + "nn.MultiheadAttention is not supported (TypeError: Target module 'mha' ... cannot adapt)",
-    # bugs: DoRA on grouped convs
-    "Conv2d Groups LoRA with DoRA": _BOTH
-    + "DoRA on a conv with groups > 1 crashes (RuntimeError: Given groups=1, weight of size [16, 1, 1, 1], expected "
-    "input[16, 8, 3, 3] to have 1 channels; on load: 'Invalid channel dimensions'): the DoRA weight norm path "
-    "convolves with groups=1",
-    "Conv2d Groups2 LoRA with DoRA": _BOTH
-    + "DoRA on a conv with groups > 1 crashes (RuntimeError: Given groups=1, weight of size [32, 4, 1, 1], expected "
-    "input[16, 8, 3, 3] to have 4 channels; on load: 'Invalid channel dimensions')",
-    # merging LoHa / LoKr on grouped convs
-    "Conv1d Groups LOHA": _GROUPS_MERGE,
-    "Conv2d Groups LOHA": _GROUPS_MERGE,
-    "Conv2d Groups2 LOHA": _GROUPS_MERGE,
-    "Conv1d Groups LOKR": _GROUPS_MERGE,
-    "Conv2d Groups LOKR": _GROUPS_MERGE,
-    "Conv2d Groups2 LOKR": _GROUPS_MERGE,
 }
 
 # rows where PEFT is wrong: LoHa's use_effective_conv2d backward (HadaWeightCP) gives wrong gradients for

@@ -55,7 +55,11 @@ def _norm(spec: Spec, weight: torch.Tensor, params: Params) -> torch.Tensor:
     params = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
         if spec.kind is LayerKind.CONV:
-            merged = weight + lora.delta_weight(spec, params)
+            # PEFT's DoRA conv norm: (B viewed (-1, r)) @ (A viewed (r, -1)), reshaped to W. For groups == 1 that is
+            # s B A; for grouped convs it is PEFT's own definition, followed exactly
+            a, b = params["lora_A"], params["lora_B"]
+            r = a.shape[0]
+            merged = weight + s * (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(weight.shape)
         else:  # one fused W + s * B @ A (transposed for Conv1D / Embedding layouts), no separate delta
             a, b = (params[k] for k in lora.param_names(spec))
             if spec.kind is LayerKind.LINEAR:

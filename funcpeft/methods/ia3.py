@@ -145,7 +145,9 @@ IA3 = register(
         init=init,
         forward=forward,
         uses_result=uses_result,
-        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, bias=merge_bias, unbias=unmerge_bias),
+        merge=MergeHooks(
+            weight=merge_weight, unweight=unmerge_weight, bias=merge_bias, unbias=unmerge_bias, grouped_conv=True
+        ),
         keys=KeyRules(param_prefix="ia3_", unsuffixed=frozenset({NAME})),
     )
 )

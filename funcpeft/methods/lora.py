@@ -9,6 +9,7 @@ Shapes (nn.Linear orientation even for GPT-2 Conv1D):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,15 @@ Spec = LayerSpec[LoraHyper]
 def hyper(config: Any, target: Target) -> LoraHyper:
     """LoRA's (and DoRA's) hyper-parameters for one module: rank/alpha patterns, rsLoRA scaling."""
     r, alpha = rank_and_alpha(config, target.name)
-    if target.kind is LayerKind.CONV and r % target.module.groups != 0:
-        raise ValueError(f"LoRA on {target.name!r}: rank {r} must be divisible by the conv's groups={target.module.groups}")
+    if target.kind is LayerKind.CONV and target.module.groups > 1:
+        groups = target.module.groups
+        warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.", stacklevel=2)
+        if r % groups != 0:
+            raise ValueError(
+                f"Targeting a {type(target.module).__name__} ({target.name!r}) with groups={groups} and rank {r}. "
+                "Currently, support is limited to conv layers where the rank is divisible by groups. Either choose a "
+                "different rank or do not target this specific layer."
+            )
     scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
     dropout = 0.0 if target.kind is LayerKind.EMBEDDING else float(config.lora_dropout)
     return LoraHyper(r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights)
