@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import funcpeft.testing
+
 
 class MLP(nn.Module):
     """X (B, 10) -> log-probs (B, 2)."""
@@ -447,6 +449,13 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "MlpUsingParameters": MlpUsingParameters,
 }
 
+# funcpeft's own rows (tests/test_contract.py): tiny random transformers models, outputs compared on their logits
+TRANSFORMERS_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "tiny-llama": lambda: funcpeft.testing.tiny_llama().train(False),
+    "tiny-gpt2": lambda: funcpeft.testing.tiny_gpt2().train(False),
+    "tiny-bert-seq-cls": lambda: funcpeft.testing.tiny_bert_seq_cls().train(False),
+}
+
 
 def build(model_id: str, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
     """PEFT's `MockTransformerWrapper.from_pretrained(model_id, dtype)`: seeded, cast to dtype (default float32).
@@ -454,11 +463,12 @@ def build(model_id: str, seed: int = 0, dtype: torch.dtype | None = None) -> nn.
     PEFT seeds the global RNG with 0 and leaves it advanced; here the global RNG state is restored afterwards
     so that building a model does not change what a later draw gives (`seed=0` gives PEFT's exact weights).
     """
-    if model_id not in MODELS:
-        raise ValueError(f"model_id {model_id} not implemented; known: {sorted(MODELS)}")
+    build = MODELS.get(model_id) or TRANSFORMERS_MODELS.get(model_id)
+    if build is None:
+        raise ValueError(f"model_id {model_id} not implemented; known: {sorted(MODELS) + sorted(TRANSFORMERS_MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[model_id]().to(torch.float32 if dtype is None else dtype)
+        return build().to(torch.float32 if dtype is None else dtype)
 
 
 def build_multi(tuner_method: str, seed: int = 0) -> nn.Module:
@@ -479,6 +489,9 @@ def inputs(model_id: str = "MLP", seed: int = 0) -> dict[str, torch.Tensor]:
 
     `model_id` and `seed` are accepted for a uniform signature; PEFT's input is the same fixed tensor for all.
     """
+    if model_id in TRANSFORMERS_MODELS:
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, funcpeft.testing.VOCAB, (2, 7), generator=g)}
     if model_id not in MODELS:
-        raise ValueError(f"model_id {model_id} not implemented; known: {sorted(MODELS)}")
+        raise ValueError(f"model_id {model_id} not implemented; known: {sorted(MODELS) + sorted(TRANSFORMERS_MODELS)}")
     return {"X": torch.arange(90).view(9, 10)}

@@ -1,0 +1,177 @@
+"""The method contract, table-driven (optax's `alias_test.py` style): every registered method runs the same checks.
+
+Adding a method = one row in `CONTRACT_ROWS` (see CONTRIBUTING.md). Each row runs PEFT's differential checks from
+tests/peft_matrix/harness.py on a tiny random transformers model (outputs, every gradient, counts and the
+print line, files both ways, merge_and_unload), plus funcpeft's functional laws: a zero/identity init is the
+base model, an ensemble under vmap equals a loop, per-example routing equals running each adapter alone.
+`test_every_registered_method_has_a_row` fails for a method registered without a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import optree
+import pytest
+import torch
+from peft_matrix import models
+from peft_matrix.cases import Case
+from peft_matrix.harness import check_row
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.config import PeftConfig, PeftType, validated_init
+from funcpeft.methods import METHODS, Method, register, unregister
+from funcpeft.methods import lora as lora_method
+from funcpeft.methods.base import KeyRules
+
+# (row id, method name, model id, config class, config kwargs); PEFT's own rows are in tests/test_peft_matrix.py
+CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
+    ("lora-llama", "lora", "tiny-llama", "LoraConfig", dict(r=4, target_modules="all-linear", use_rslora=True)),
+    ("lora-gpt2", "lora", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn", "c_fc", "wte"])),
+    ("lora-bert-seq-cls", "lora", "tiny-bert-seq-cls", "LoraConfig", dict(r=4, task_type="SEQ_CLS", bias="lora_only")),
+    ("dora-llama", "dora", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True)),
+    ("dora-gpt2", "dora", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn"], use_dora=True)),
+    ("ia3-llama", "ia3", "tiny-llama", "IA3Config", dict()),
+    ("ia3-gpt2", "ia3", "tiny-gpt2", "IA3Config", dict()),
+    ("loha-llama", "loha", "tiny-llama", "LoHaConfig", dict(r=4, target_modules="all-linear")),
+    ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
+    ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
+    ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
+]
+ROW_IDS = [row[0] for row in CONTRACT_ROWS]
+
+
+def _config(row: tuple[str, str, str, str, dict[str, Any]]) -> PeftConfig:
+    return getattr(funcpeft, row[3])(**row[4])
+
+
+def test_every_registered_method_has_a_row() -> None:
+    covered = {row[1] for row in CONTRACT_ROWS}
+    missing = sorted(set(METHODS) - covered)
+    assert not missing, f"registered methods without a CONTRACT_ROWS row: {missing} (see CONTRIBUTING.md)"
+    for row in CONTRACT_ROWS:  # each row really exercises the method it names
+        assert funcpeft.methods.method_for(_config(row)).name == row[1], row[0]
+
+
+@pytest.mark.parametrize("row", CONTRACT_ROWS, ids=ROW_IDS)
+def test_row_matches_peft(row: tuple[str, str, str, str, dict[str, Any]]) -> None:
+    name, _, model_id, config_cls, kwargs = row
+    with tempfile.TemporaryDirectory() as tmp:
+        check_row(Case(name, model_id, config_cls, kwargs), tmp)
+
+
+def _random_tree(fresh: Any, seed: int) -> Any:
+    """Non-trivial values around the init (multiplicative methods such as DoRA/IA3 must stay near it)."""
+    noise = T.random_like(fresh, torch.Generator().manual_seed(seed), scale=0.2)
+    return optree.tree_map(lambda f, n: (f.detach() + n.detach()), fresh, noise)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("row", CONTRACT_ROWS, ids=ROW_IDS)
+def test_row_functional_laws(row: tuple[str, str, str, str, dict[str, Any]]) -> None:
+    """Init is a no-op where PEFT's is; vmap over stacked adapters == loop; per-example routing == each alone."""
+    model = models.build(row[2])
+    x = models.inputs(row[2])
+    pm = funcpeft.get_peft_model(model, _config(row), generator=torch.Generator().manual_seed(0))
+    fn, base, fresh = pm
+    with torch.no_grad():
+        plain = _logits(model(**x))
+        if row[1] != "dora" and not (row[1] == "lora" and "wte" in str(row[4])):  # their init is a no-op
+            torch.testing.assert_close(_logits(fn(base, fresh, **x)), plain, atol=1e-6, rtol=0)
+        trees = [_random_tree(fresh, s) for s in range(3)]
+        alone = [_logits(fn(base, t, **x)) for t in trees]
+        assert not torch.allclose(alone[0], alone[1]), "different adapters should give different outputs"
+        stacked = funcpeft.stack_adapters(trees)
+        vmapped = torch.func.vmap(lambda a: _logits(fn(base, a, **x)))(stacked)
+        for k in range(3):
+            torch.testing.assert_close(vmapped[k], alone[k], atol=1e-5, rtol=1e-5)
+        if any(e.overrides for e in pm.plans["default"].values()):
+            return  # modules_to_save / trainable biases cannot be routed per example (documented limit)
+        batch = x["input_ids"].shape[0]
+        index = torch.tensor([2, 0][:batch])
+        routed = _logits(fn(base, funcpeft.per_example(stacked, index), **x))
+        for i, k in enumerate(index.tolist()):
+            torch.testing.assert_close(routed[i], alone[k][i], atol=1e-5, rtol=1e-5)
+
+
+# -- the path CONTRIBUTING.md describes, followed for a throwaway method ----------------------------------------
+@validated_init
+@dataclass
+class HalfLoraConfig(PeftConfig):
+    """A throwaway method: LoRA whose term is halved (no PEFT counterpart; exists to prove the extension path)."""
+
+    # a PEFT type no registered method uses yet (real methods use their own; see the fixture)
+    PEFT_TYPE: ClassVar[PeftType] = next(t for t in PeftType if t.value not in funcpeft.methods.CONFIG_CLASSES)
+    r: int = 4
+    target_modules: Any = None
+    exclude_modules: Any = None
+    modules_to_save: Any = None
+    use_rslora: bool = False
+    lora_alpha: float = 4
+    lora_dropout: float = 0.0
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.peft_type = self.PEFT_TYPE
+        super().__post_init__()
+
+
+def _half_forward(spec: Any, params: Any, x: torch.Tensor, result: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+    assert result is not None
+    return result + 0.5 * (lora_method.forward(spec, params, x, result, ctx) - result)
+
+
+def _half_delta(spec: Any, params: Any) -> torch.Tensor:
+    return 0.5 * lora_method.delta_weight(spec, params)
+
+
+@pytest.fixture
+def half_lora() -> Any:
+    method = Method(
+        name="half_lora", config=HalfLoraConfig, hyper=lora_method.hyper, param_names=lora_method.param_names,
+        init=lora_method.init, forward=_half_forward, delta_weight=_half_delta, keys=KeyRules(param_prefix="lora_"),
+    )
+    try:
+        yield register(method)
+    finally:
+        unregister("half_lora")
+
+
+def test_a_new_method_is_one_registration(half_lora: Method) -> None:
+    """get_peft_model, fn, gradients, merge, save/load and counts work for a method defined in 20 lines."""
+    model = T.tiny_llama()
+    config = HalfLoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    pm = funcpeft.get_peft_model(model, config)
+    fn, base, fresh = pm
+    tree = _random_tree(fresh, 0)
+    ids = models.inputs("tiny-llama")["input_ids"]
+    # reference: the same tree as a plain LoRA adapter with alpha halved gives the same output
+    ref = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        want = ref.fn(ref.base, tree, input_ids=ids).logits
+        got = fn(base, tree, input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        merged = funcpeft.merge_and_unload(pm, tree)(input_ids=ids).logits
+        torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
+    _, grads = funcpeft.value_and_grad(lambda a: fn(base, a, input_ids=ids).logits.square().mean())(tree)
+    assert all(g.abs().sum() > 0 for g in optree.tree_leaves(grads))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == funcpeft.trees.tree_numel(fresh) and total == trainable + sum(t.numel() for t in base.values())
+    with tempfile.TemporaryDirectory() as d:
+        pm.save_pretrained(d, tree)
+        back, back_config = funcpeft.load_adapter(d, model=model)
+        assert isinstance(back_config, HalfLoraConfig)
+        assert all(torch.equal(back[p][k], tree[p][k]) for p in tree for k in tree[p])
+        assert os.path.isfile(os.path.join(d, "adapter_config.json"))
+    assert math.isclose(pm.plans["default"]["model.layers.0.self_attn.q_proj"].spec.hyper.scaling, 2.0)
