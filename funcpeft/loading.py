@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._plan import init_adapter, init_shared, method_shapes, plan_adapter
+from ._plan import init_adapter, init_shared, plan_adapter
 from .config import PeftConfig
 from .io import CONFIG_NAME, adapter_dir, read_config, read_tensors
 from .keys import (
@@ -87,9 +87,9 @@ def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_
         if e.spec is not None:
             w = modules[path].weight
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
-            shapes = method_shapes(e.spec)
+            shapes = dict(e.shapes)
             for n in e.params:
-                out[(path, n)] = LeafSpec(tuple(shapes[n]), dtype, _device(w))
+                out[(path, n)] = LeafSpec(shapes[n], dtype, _device(w))
         for n in e.overrides:
             p = params[f"{path}.{n}"]
             out[(path, n)] = LeafSpec(tuple(p.shape), p.dtype, _device(p))
