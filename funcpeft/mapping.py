@@ -233,10 +233,20 @@ class FunctionalPeftModel:
 
     # -- thin delegations: the logic lives in its own module ------------------------------------------------
     def save_pretrained(self, directory: str, adapter_params: Any = None, **kwargs: Any) -> None:
-        """Write PEFT's on-disk format (see funcpeft.io.save_adapter); None = the tree this object holds."""
+        """Write `adapter_params` (the trained tree; required) in PEFT's on-disk format (see funcpeft.io.save_adapter).
+
+        The tree is required because `self.adapter` is the tree as created (or loaded), not the one training
+        produced: saving it by default would silently write the initial adapter.
+        """
         from .io import save_adapter
 
-        tree = self.adapter if adapter_params is None else adapter_params
+        if adapter_params is None:
+            raise TypeError(
+                "save_pretrained(directory, adapter_params) needs the adapter tree to save: pass the trained tree, "
+                "e.g. pm.save_pretrained(directory, adapter). funcpeft never updates pm.adapter, which still holds "
+                "the initial (or loaded) adapter; to save that one, pass pm.adapter explicitly."
+            )
+        tree = adapter_params
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
         save_adapter(directory, tree, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
 
