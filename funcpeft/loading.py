@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .io import CONFIG_NAME, adapter_dir, read_config, read_tensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors, tensor_shapes
 from .keys import (
     PREFIX,
     Leaf,
@@ -36,6 +36,7 @@ from .keys import (
     tree_file_keys,
 )
 from .methods.base import METHODS, LayerSpec
+from .targeting import pattern_key
 
 _UPCAST = (torch.float16, torch.bfloat16)
 
@@ -133,6 +134,66 @@ def check_tree(tree: Mapping[str, Any], plan: Mapping[str, Any], model: nn.Modul
         raise AdapterMismatchError(problems.message("The adapter tree", model))
 
 
+# -- sizes the config implies, checked before anything is allocated ---------------------------------------------
+RANK_FACTOR, RANK_FLOOR = 4, 4096  # a loaded config may give a layer a rank up to max(4 * min(in, out), 4096)
+
+
+def _with_rank(spec: LayerSpec, r: int) -> LayerSpec:
+    return dataclasses.replace(spec, hyper=tuple((k, r if k == "r" else v) for k, v in spec.hyper))
+
+
+def _rank_field(config: PeftConfig, path: str) -> str:
+    """The config field that sets the rank of layer `path`: `r`, or the rank_pattern entry that matches."""
+    k = pattern_key(getattr(config, "rank_pattern", None) or {}, path)
+    return "r" if k is None else f"rank_pattern[{k!r}]"
+
+
+def check_sizes(
+    shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, Any], config: PeftConfig,
+    leaves: Mapping[Leaf, LeafSpec], where: str,
+) -> None:
+    """The layer ranks the config sets, against the checkpoint's tensor shapes (`shapes`, read from the file
+    header) and against a sane limit, before any fresh init or shared tensor is allocated.
+
+    A rank that differs from the checkpoint's means the config does not describe these weights: an error even
+    with strict=False (PEFT cannot load such a pair either). A rank above max(RANK_FACTOR * min(in, out),
+    RANK_FLOOR) is refused: a rank above min(in, out) adds nothing, and such a config would make funcpeft
+    allocate gigabytes for fresh inits or shared projections (VeRA) before it could report anything.
+    """
+    config_file, weights_file = os.path.join(where, CONFIG_NAME), os.path.join(where, WEIGHTS_NAME)
+    by_path: dict[str, list[tuple[str, str]]] = {}
+    for key, (path, name) in plan_file_keys(plan, key_rules(config)).items():
+        if plan[path]["spec"] is not None and name in plan[path]["params"]:
+            by_path.setdefault(path, []).append((key, name))
+    for path, keys in by_path.items():
+        spec: LayerSpec = plan[path]["spec"]
+        r = dict(spec.hyper).get("r")
+        if not isinstance(r, int):
+            continue  # no rank (IA3): every size follows from the model
+        field = _rank_field(config, path)
+        for key, name in keys:
+            want, got = leaves[(path, name)].shape, shapes.get(key)
+            if want is None or got is None or got == want:
+                continue
+            for i in (i for i in range(min(len(want), len(got))) if want[i] == r and got[i] != r):
+                if _method_shapes(_with_rank(spec, got[i])).get(name) == got:
+                    raise ValueError(
+                        f"{config_file} sets `{field}` = {r} for {path}, which makes {key} {list(want)}, but "
+                        f"{weights_file} holds it as {list(got)} (rank {got[i]}): the config does not describe these "
+                        f"weights. Fix `{field}` in the config or save the adapter again."
+                    )
+        limit = max(RANK_FACTOR * min(spec.in_features, spec.out_features), RANK_FLOOR)
+        if r > limit:
+            key, name = keys[0]
+            raise ValueError(
+                f"{config_file} sets `{field}` = {r} for {path} (in_features {spec.in_features}, out_features "
+                f"{spec.out_features}), above the largest rank funcpeft loads for it ({limit} = max({RANK_FACTOR} * "
+                f"min(in, out), {RANK_FLOOR})): {key} alone would be {list(leaves[(path, name)].shape or ())}"
+                + (f" (the checkpoint holds {list(shapes[key])})" if key in shapes else "")
+                + ". The config is corrupt or not this adapter's."
+            )
+
+
 # -- checkpoint vs model -------------------------------------------------------------------------------------
 class Matched(NamedTuple):
     adapter: dict[Leaf, torch.Tensor]
@@ -216,13 +277,27 @@ def build_tree(
 
 
 # -- public API ----------------------------------------------------------------------------------------------
-def _locate(directory: str | os.PathLike, adapter_name: str) -> str:
-    """`directory` itself, or `directory/<adapter_name>` (where save_adapter puts a non-default adapter)."""
+def _locate(directory: str | os.PathLike, adapter_name: str, root_fallback: bool = False) -> str:
+    """Where `adapter_name` lives in PEFT's layout: `directory` for "default", else `directory/<adapter_name>`.
+
+    root_fallback (from_pretrained): a non-default name with no such subdirectory names the adapter in
+    `directory` itself, as in PEFT's `PeftModel.from_pretrained(model, path, adapter_name=...)`.
+    """
     here = os.fspath(directory)
-    sub = adapter_dir(here, adapter_name)  # validates the name
-    if not os.path.isfile(os.path.join(here, CONFIG_NAME)) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
-        return sub
-    return here
+    where = adapter_dir(here, adapter_name)  # validates the name
+    if adapter_name == "default" or os.path.exists(os.path.join(where, CONFIG_NAME)):
+        return where
+    found = adapters_in(here)
+    if root_fallback and "default" in found:
+        return here
+    listing = ", ".join(
+        repr(n) + (f" (in {here!r} itself)" if n == "default" else f" (in {os.path.join(here, n)!r})") for n in found
+    )
+    hint = " Leave adapter_name out (or pass 'default') to load the adapter at its root." if "default" in found else ""
+    raise FileNotFoundError(
+        f"No adapter {adapter_name!r} in {here!r}: PEFT's layout keeps it in {where!r}, which has no {CONFIG_NAME}. "
+        f"Adapters there: {listing or 'none'}.{hint}"
+    )
 
 
 class Loaded(NamedTuple):
@@ -234,23 +309,25 @@ class Loaded(NamedTuple):
 
 def load_for_model(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
-    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False, root_fallback: bool = False,
 ) -> Loaded:
     """Read, resolve, check and convert a saved adapter for `model` (shared by load_adapter and from_pretrained)."""
     from .mapping import init_shared, plan_adapter
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    where = _locate(directory, adapter_name)
+    where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    shapes = tensor_shapes(where, allow_pickle)
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
     resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
+    check_sizes(shapes, plan, resolved, leaves, where)
     shared = init_shared(model, plan)
+    tensors = read_tensors(where, allow_pickle)
     matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
@@ -335,7 +412,7 @@ def from_pretrained(
 
     loaded = load_for_model(
         model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-        strict=strict, allow_pickle=allow_pickle,
+        strict=strict, allow_pickle=allow_pickle, root_fallback=True,
     )
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})

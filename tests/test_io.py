@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import errno
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -89,9 +90,11 @@ def test_weights_file_matches_peft(saved: Saved) -> None:
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    for d in (saved.peft_dir, saved.func_dir):
-        with safe_open(d / fio.WEIGHTS_NAME, "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+    with safe_open(saved.peft_dir / fio.WEIGHTS_NAME, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with safe_open(saved.func_dir / fio.WEIGHTS_NAME, "pt") as f:  # + the digest of the config saved with it
+        config_digest = hashlib.sha256((saved.func_dir / fio.CONFIG_NAME).read_bytes()).hexdigest()
+        assert f.metadata() == {"format": "pt", fio.DIGEST_KEY: config_digest}
 
 
 def test_config_file_matches_peft(saved: Saved) -> None:
@@ -285,6 +288,15 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pair, Path]:
     return pair, d
 
 
+@pytest.fixture(scope="module")
+def peft_llama_dir(llama_dir: tuple[Pair, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Pair, Path]:
+    """The same adapter saved by PEFT: files from elsewhere, whose config may have been edited."""
+    pair, _ = llama_dir
+    d = tmp_path_factory.mktemp("peft-llama")
+    _quiet(pair.peft_model.save_pretrained, d)
+    return pair, d
+
+
 def _copy_dir(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(src):
@@ -327,8 +339,8 @@ def test_pickle_is_never_unpickled_and_the_error_says_how_to_convert(llama_dir: 
     T.assert_trees_close(fpm.adapter, _detached(pair.adapter), atol=0)
 
 
-def test_unknown_config_keys_warn_and_are_ignored(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
-    pair, src = llama_dir
+def test_unknown_config_keys_warn_and_are_ignored(peft_llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, src = peft_llama_dir
     d = _copy_dir(src, tmp_path / "future")
     data = json.loads((d / fio.CONFIG_NAME).read_text())
     (d / fio.CONFIG_NAME).write_text(json.dumps({**data, "a_future_option": 3, "another_one": None}))
@@ -339,9 +351,9 @@ def test_unknown_config_keys_warn_and_are_ignored(llama_dir: tuple[Pair, Path], 
 
 @pytest.mark.parametrize("peft_type, match", [("PREFIX_TUNING", "PREFIX_TUNING"), (None, "peft_type")])
 def test_unsupported_or_missing_peft_type_is_a_clear_error(
-    llama_dir: tuple[Pair, Path], tmp_path: Path, peft_type: str | None, match: str
+    peft_llama_dir: tuple[Pair, Path], tmp_path: Path, peft_type: str | None, match: str
 ) -> None:
-    pair, src = llama_dir
+    pair, src = peft_llama_dir
     d = _copy_dir(src, tmp_path / "other")
     data = json.loads((d / fio.CONFIG_NAME).read_text())
     data.pop("peft_type")
@@ -406,7 +418,7 @@ def test_failed_save_keeps_the_previous_adapter(
     pair, _ = llama_dir
     d = tmp_path / "adapter"
     pair.fpm.save_pretrained(d, pair.adapter)
-    pair.fpm.save_pretrained(d / "x")  # a fresh directory inside, to check a failure there is cleaned up too
+    pair.fpm.save_pretrained(d / "x", pair.adapter)  # a fresh directory inside, to check a failure there is cleaned up too
     before = _listing(d)
     new = T.random_like(pair.adapter, torch.Generator().manual_seed(9))
     if failure == "serialise-error":
@@ -451,5 +463,5 @@ def test_adapter_names_with_path_parts_are_rejected(llama_dir: tuple[Pair, Path]
 def test_pickle_output_is_refused(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
     pair, _ = llama_dir
     with pytest.raises(ValueError, match="safetensors only"):
-        pair.fpm.save_pretrained(tmp_path / "out", safe_serialization=False)
+        pair.fpm.save_pretrained(tmp_path / "out", pair.adapter, safe_serialization=False)
     assert not (tmp_path / "out").exists()
