@@ -460,7 +460,7 @@ def remove_stale_temps(directory: str) -> list[str]:
     removed = []
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         for temp in _temps(directory, name):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # the save itself is complete: a file that stays is only clutter
                 os.remove(temp)
                 removed.append(temp)
     return removed
