@@ -456,7 +456,10 @@ def write_files_atomically(writers: Mapping[str, Callable[[str], None]], fsync: 
 
 
 def remove_stale_temps(directory: str) -> list[str]:
-    """Delete the temporary files that interrupted saves left in `directory`; returns their paths."""
+    """Delete the temporary files that interrupted saves left in `directory`; returns their paths.
+
+    Any save's temporary files match, so two saves into one directory at once are not supported (nor in PEFT).
+    """
     removed = []
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         for temp in _temps(directory, name):

@@ -156,9 +156,9 @@ def check_sizes(
     header) and against a sane limit, before any fresh init or shared tensor is allocated.
 
     A rank that differs from the checkpoint's means the config does not describe these weights: an error even
-    with strict=False (PEFT cannot load such a pair either). A rank above max(RANK_FACTOR * min(in, out),
-    RANK_FLOOR) is refused: a rank above min(in, out) adds nothing, and such a config would make funcpeft
-    allocate gigabytes for fresh inits or shared projections (VeRA) before it could report anything.
+    with strict=False (PEFT cannot load such a pair either). A layer the checkpoint does not hold in full gets
+    a fresh init sized by the config alone: there a rank above max(RANK_FACTOR * min(in, out), RANK_FLOOR) is
+    refused (a rank above min(in, out) adds nothing; a corrupt one would allocate gigabytes before any error).
     """
     config_file, weights_file = os.path.join(where, CONFIG_NAME), os.path.join(where, WEIGHTS_NAME)
     by_path: dict[str, list[tuple[str, str]]] = {}
@@ -170,26 +170,27 @@ def check_sizes(
         r = dict(spec.hyper).get("r")
         if not isinstance(r, int):
             continue  # no rank (IA3): every size follows from the model
-        field = _rank_field(config, path)
+        field, fresh = _rank_field(config, path), []
         for key, name in keys:
             want, got = leaves[(path, name)].shape, shapes.get(key)
-            if want is None or got is None or got == want:
+            if want is None or got == want:
                 continue
-            for i in (i for i in range(min(len(want), len(got))) if want[i] == r and got[i] != r):
-                if _method_shapes(_with_rank(spec, got[i])).get(name) == got:
+            fresh.append((key, want))
+            for w, g in zip(want, got or ()):
+                if w == r != g and _method_shapes(_with_rank(spec, g)).get(name) == got:  # exactly rank g's shape
                     raise ValueError(
                         f"{config_file} sets `{field}` = {r} for {path}, which makes {key} {list(want)}, but "
-                        f"{weights_file} holds it as {list(got)} (rank {got[i]}): the config does not describe these "
+                        f"{weights_file} holds it as {list(got or ())} (rank {g}): the config does not describe these "
                         f"weights. Fix `{field}` in the config or save the adapter again."
                     )
         limit = max(RANK_FACTOR * min(spec.in_features, spec.out_features), RANK_FLOOR)
-        if r > limit:
-            key, name = keys[0]
+        if fresh and r > limit:
+            key, want = fresh[0]
             raise ValueError(
                 f"{config_file} sets `{field}` = {r} for {path} (in_features {spec.in_features}, out_features "
-                f"{spec.out_features}), above the largest rank funcpeft loads for it ({limit} = max({RANK_FACTOR} * "
-                f"min(in, out), {RANK_FLOOR})): {key} alone would be {list(leaves[(path, name)].shape or ())}"
-                + (f" (the checkpoint holds {list(shapes[key])})" if key in shapes else "")
+                f"{spec.out_features}), above the largest rank funcpeft initialises for it ({limit} = max({RANK_FACTOR} "
+                f"* min(in, out), {RANK_FLOOR})): {key} would be {list(want)}"
+                + (f" (the checkpoint holds {list(shapes[key])})" if key in shapes else f" ({weights_file} lacks it)")
                 + ". The config is corrupt or not this adapter's."
             )
 
@@ -375,8 +376,9 @@ def load_adapter(
     With `model`: the tree is checked against the model (one AdapterMismatchError listing every missing,
     unexpected and mis-shaped key; `strict=False` warns instead), has PEFT's dtypes, lives on each layer's
     device, and the config is resolved against the model. Without: the tree is read from the key names
-    alone (CPU, the file's dtypes) and the config is the file's. `adapter_name` also finds an adapter saved
-    under `directory/<adapter_name>/`. Base-model tensors PEFT saves along (embedding layers) are not part
+    alone (CPU, the file's dtypes) and the config is the file's. `adapter_name` selects the adapter in
+    PEFT's layout: "default" in `directory`, any other in `directory/<adapter_name>/` (where saving puts it;
+    FileNotFoundError listing the adapters there if it is absent). Base-model tensors PEFT saves along (embedding layers) are not part
     of the tree: `from_pretrained` applies them.
     """
     if model is None:
@@ -406,6 +408,11 @@ def from_pretrained(
     trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors
     the checkpoint carries (PEFT saves the embedding when an embedding is targeted) replace the model's
     in the returned `base` dict when they differ; the model itself is never modified.
+    `adapter_name`: the adapter in `directory/<adapter_name>/` if there is one (PEFT's save layout), else the
+    one in `directory` itself, given that name (PEFT's `from_pretrained(model, path, adapter_name=...)`).
+    Shapes the config implies are checked against the file and a sane rank limit before anything is
+    allocated (see `check_sizes`); a config that is not the one its weights were saved with raises
+    `funcpeft.io.InterruptedSaveError`.
     """
     from .functional import PeftFunction
     from .mapping import FunctionalPeftModel

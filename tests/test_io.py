@@ -595,6 +595,16 @@ def test_a_config_rank_beyond_any_use_fails_before_allocating(peft_llama_dir: tu
     assert "[16777216, 64]" in msg, msg
 
 
+def test_a_large_rank_the_checkpoint_holds_loads(tmp_path: Path) -> None:
+    """The limit only guards fresh inits: whatever funcpeft saves, it loads back."""
+    model = MODELS["llama"]()
+    fpm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=5000, target_modules=["q_proj"]))
+    assert 5000 > max(4 * 64, 4096)
+    adapter = T.random_like(fpm.adapter, torch.Generator().manual_seed(2))
+    fpm.save_pretrained(tmp_path, adapter)
+    T.assert_trees_close(funcpeft.from_pretrained(model, tmp_path).adapter, _detached(adapter), atol=0)
+
+
 def test_a_vera_rank_beyond_any_use_fails_before_the_shared_projections(vera: Any, tmp_path: Path) -> None:
     model, fpm, adapter = vera
     fpm.save_pretrained(tmp_path, adapter)
