@@ -1,8 +1,10 @@
 """PEFT's on-disk adapter format: `adapter_model.safetensors` + `adapter_config.json`, saved as one unit.
 
 `save_adapter` writes what PEFT 0.21.2's `save_pretrained` writes (key names: funcpeft.keys), and records
-the sha256 of the exact `adapter_config.json` bytes in the safetensors header metadata (key
-`funcpeft_config_sha256`, next to PEFT's `"format": "pt"`; PEFT ignores it). Both files go to temporary
+the sha256 of the `adapter_config.json` it writes in the safetensors header metadata (key
+`funcpeft_config_sha256`, next to PEFT's `"format": "pt"`; PEFT ignores it). The digest is of the config's
+canonical JSON (sorted keys, no whitespace), so line endings and indentation (git autocrlf, a formatter)
+do not count, while any change of a key or value does. Both files go to temporary
 files in the target directory first (fsync'd), then the weights and then the config are moved into
 place with `os.replace`. A crash between the two moves leaves new weights beside the old config: loading
 detects that from the digest and raises `InterruptedSaveError` naming both files and the leftover
@@ -16,7 +18,7 @@ temporary files left by interrupted saves. Files without the digest (written by 
 | after the weights are moved, before the config     | NEW weights, OLD config, NEW temp cfg | InterruptedSaveError (*)     |
 | after the config is moved                          | NEW files (+ stale temporary files)   | NEW                          |
 
-(*) unless the two configs are byte-identical (periodic checkpoints of one run): then NEW.
+(*) unless the two configs are equal (periodic checkpoints of one run): then NEW.
 Reading is safetensors-only: a pickled `adapter_model.bin` is never unpickled unless asked for.
 """
 
@@ -135,7 +137,7 @@ def _read_file(path: str) -> bytes | None:
         return None
 
 
-def _parse_config(raw: bytes, path: str) -> PeftConfig:
+def _parse_json(raw: bytes, path: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -145,11 +147,10 @@ def _parse_config(raw: bytes, path: str) -> PeftConfig:
             "as UTF-8 JSON: save it again as UTF-8."
         ) from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (it contains NUL characters: UTF-16 text? PEFT's files are UTF-8)" if "\x00" in text else ""
         raise ValueError(f"{path} is not valid JSON{hint}: {e}") from None
-    return config_from_dict(data, path)
 
 
 def read_config(directory: str | os.PathLike) -> PeftConfig:
@@ -157,12 +158,13 @@ def read_config(directory: str | os.PathLike) -> PeftConfig:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     raw = _read_file(path)
-    _check_saved_together(directory, raw)
+    data = None if raw is None else _parse_json(raw, path)
+    _check_saved_together(directory, data)
     if raw is None:
         named = [n for n in adapters_in(directory) if n != "default"]
         hint = f" It holds adapters in subdirectories: {named} (pass adapter_name=...)." if named else ""
         raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!r}: not a PEFT adapter directory.{hint}")
-    return _parse_config(raw, path)
+    return config_from_dict(data, path)
 
 
 def adapters_in(directory: str) -> list[str]:
@@ -176,8 +178,9 @@ def adapters_in(directory: str) -> list[str]:
 
 
 # -- the digest that ties the two files together ----------------------------------------------------------------
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(data: Any) -> str:
+    """sha256 of a config's canonical JSON: sorted keys, no whitespace (line endings or indentation do not count)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _corrupt(path: str, error: Exception) -> ValueError:
@@ -206,29 +209,29 @@ def _temps(directory: str, final_name: str) -> list[str]:
 
 def _temp_with_digest(directory: str, digest: str) -> str | None:
     for temp in _temps(directory, CONFIG_NAME):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # unreadable or half-written: not the one
             with open(temp, "rb") as f:
-                if _digest(f.read()) == digest:
+                if _digest(_parse_json(f.read(), temp)) == digest:
                     return temp
     return None
 
 
-def _check_saved_together(directory: str, config_raw: bytes | None) -> None:
+def _check_saved_together(directory: str, config: Any) -> None:
     """Raise InterruptedSaveError when the weights record a config digest that the config file does not have."""
     weights = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isdir(weights) or not os.path.exists(weights):
         return  # reported by read_tensors
     with _open_safetensors(weights) as f:
         recorded = (f.metadata() or {}).get(DIGEST_KEY)
-    if recorded is None or (config_raw is not None and _digest(config_raw) == recorded):
+    if recorded is None or (config is not None and _digest(config) == recorded):
         return  # not written by funcpeft (PEFT's files), or the two belong together
     config = os.path.join(directory, CONFIG_NAME)
-    if config_raw is None:
+    if config is None:
         what = f"{weights} was written by funcpeft.save_adapter, but there is no {config}"
     else:
         what = (
             f"{config} is not the config that {weights} was saved with (sha256 recorded in the weights' header: "
-            f"{recorded[:16]}..., of the file: {_digest(config_raw)[:16]}...); loading them together would mix two adapters"
+            f"{recorded[:16]}..., of the file: {_digest(config)[:16]}...); loading them together would mix two adapters"
         )
     temp = _temp_with_digest(directory, recorded)
     if temp is not None:
@@ -517,7 +520,7 @@ def save_adapter(
         check_tree(adapter_params, plan, model, peft_config)
     state = checkpoint_state(adapter_params, peft_config, model, base_params, save_embedding_layers, adapter_name)
     config_bytes = json.dumps(config_dict(peft_config, model), indent=2, sort_keys=True).encode("utf-8")
-    metadata = {"format": "pt", DIGEST_KEY: _digest(config_bytes)}
+    metadata = {"format": "pt", DIGEST_KEY: _digest(json.loads(config_bytes))}  # exactly what a reader parses
 
     created = _makedirs(out_dir)
     try:

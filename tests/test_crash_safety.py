@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import json
 import multiprocessing
 import os
 import random
@@ -247,6 +248,23 @@ def test_a_failing_step_of_a_save_loads_old_or_new_or_says_so(
         assert len(left) == (outcome == "error"), (name, outcome, left)
         _check_after(adapters, d)
     assert {"old", "new", "error"} <= seen
+
+
+def test_formatting_does_not_count_but_an_edit_does(adapters: Adapters, tmp_path: Path) -> None:
+    """Line endings, indentation and key order (git autocrlf, a formatter) keep the pair; a changed value does not,
+    and the error's snippet for a deliberate edit then loads the edited config."""
+    adapters.save(1, tmp_path)
+    path = tmp_path / fio.CONFIG_NAME
+    data = json.loads(path.read_text())
+    path.write_bytes(json.dumps(dict(reversed(data.items())), indent=4).replace("\n", "\r\n").encode())
+    assert adapters.outcome(tmp_path) == "new"
+    path.write_text(json.dumps({**data, "base_model_name_or_path": "my/local/copy"}, indent=2))
+    with pytest.raises(fio.InterruptedSaveError, match="edited") as info:
+        adapters.load(tmp_path)
+    snippet = "\n".join(line[4:] for line in str(info.value).splitlines() if line.startswith("    "))
+    exec(snippet, {})
+    tree, config = adapters.load(tmp_path)
+    assert config["base_model_name_or_path"] == "my/local/copy" and _equal(tree, adapters.expected[1][0])
 
 
 # -- SIGKILL ---------------------------------------------------------------------------------------------------

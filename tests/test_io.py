@@ -94,7 +94,8 @@ def test_weights_file_matches_peft(saved: Saved) -> None:
     with safe_open(saved.peft_dir / fio.WEIGHTS_NAME, "pt") as f:
         assert f.metadata() == {"format": "pt"}
     with safe_open(saved.func_dir / fio.WEIGHTS_NAME, "pt") as f:  # + the digest of the config saved with it
-        config_digest = hashlib.sha256((saved.func_dir / fio.CONFIG_NAME).read_bytes()).hexdigest()
+        canonical = json.dumps(json.loads((saved.func_dir / fio.CONFIG_NAME).read_text()), sort_keys=True, separators=(",", ":"))
+        config_digest = hashlib.sha256(canonical.encode()).hexdigest()
         assert f.metadata() == {"format": "pt", fio.DIGEST_KEY: config_digest}
 
 
