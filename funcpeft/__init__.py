@@ -10,12 +10,13 @@ The public API is what this module exports, plus the public submodules `optim`, 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
-from .config import LoraConfig, PeftConfig, PeftType, TaskType
+from ._checks import AdapterMismatchError
+from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
-from .io import save_adapter
-from .loading import AdapterMismatchError, load_adapter
+from .io import InterruptedSaveError, save_adapter
+from .loading import load_adapter
 from .merge import merge, merge_and_unload, unmerge
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
@@ -33,8 +34,10 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterTree",
     "BaseTree",
+    "ConfigTypeError",
     "FunctionalPeftModel",
     "IA3Config",
+    "InterruptedSaveError",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
