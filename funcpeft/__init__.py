@@ -11,7 +11,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import (
+    C3AConfig,
+    FourierFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    MissConfig,
+    RandLoraConfig,
+    VeraConfig,
+)
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import save_adapter
@@ -33,16 +42,20 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterTree",
     "BaseTree",
+    "C3AConfig",
+    "FourierFTConfig",
     "FunctionalPeftModel",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "MixedBatch",
     "PeftConfig",
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "RandLoraConfig",
     "TaskType",
     "UnsupportedWeightOp",
     "VeraConfig",

@@ -210,7 +210,7 @@ def checkpoint_state(
                 state[key] = _for_file(key, adapter_params[path][name])
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
-    for key, name in shared_file_keys(config, base or {}).items():
+    for key, name in shared_file_keys(config, base or {}, sorted(adapted)).items():
         state[key] = _for_file(key, base[name])  # type: ignore[index]
     if model is not None and base is not None:
         for key, name in _embedding_keys(config, model, adapted, save_embedding_layers).items():
