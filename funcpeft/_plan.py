@@ -158,7 +158,9 @@ def fresh_method_params(
     method = entry.method
     if weight.device.type == "meta":
         return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
-    fresh = {k: v.to(weight.device, dtype) for k, v in method.init(entry.spec, generator).items()}
+    # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
+    via = weight.dtype if weight.dtype.is_floating_point else dtype
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
         fresh = method.finish_init(entry.spec, fresh, weight.detach())
     return fresh
