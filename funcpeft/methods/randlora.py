@@ -4,6 +4,7 @@ Per layer (k = min(in, out), K = max(in, out), n = ceil(k / r) bases):
     A_s = lambda[:, :, None] * A[:, :n, :k] * gamma[None]      (r, n, k) -> (r * n, k)
     B_s = B[:K, :n, :]                                         (K, n, r) -> (K, n * r)
     y = base(x) + s * x @ A_s^T @ B_s^T   if k == in, else   s * x @ B_s @ A_s     (s = randlora_alpha / r)
+(B_s's columns are flattened (n, r) but A_s's rows (r, n): PEFT pairs them that way, and so does funcpeft.)
 Trainable: randlora_lambda (r, n), init zeros (init_weights=True) or randn; randlora_gamma (n, k), init
 1 / max(n, k) (True) or 1 / K.
 
