@@ -32,7 +32,7 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def build_both(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0) -> tuple[Any, nn.Module]:
+def build_both(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0) -> tuple[Any, Any]:
     """funcpeft's and PEFT's `get_peft_model` on copies of `model`, each right after `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
     fpm = _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))

@@ -5,6 +5,7 @@ Per layer (k = min(in, out), K = max(in, out), n = ceil(k / r) bases):
     B_s = B[:K, :n, :]                                         (K, n, r) -> (K, n * r)
     y = base(x) + s * x @ A_s^T @ B_s^T   if k == in, else   s * x @ B_s @ A_s     (s = randlora_alpha / r)
 (B_s's columns are flattened (n, r) but A_s's rows (r, n): PEFT pairs them that way, and so does funcpeft.)
+Like PEFT, every call builds A_s and B_s (together about as large as the weight); dW itself is not built.
 Trainable: randlora_lambda (r, n), init zeros (init_weights=True) or randn; randlora_gamma (n, k), init
 1 / max(n, k) (True) or 1 / K.
 
