@@ -106,3 +106,12 @@ def random_trees(fresh: Any, n: int = 3, scale: float = 0.2) -> list[Any]:
         noise = T.random_like(fresh, torch.Generator().manual_seed(s), scale=scale)
         out.append(optree.tree_map(lambda f, e: (f + e).detach(), fresh, noise))
     return out
+
+
+def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any]) -> None:
+    """PeftMixedModel does not take this method: both refuse `mixed=True` with PEFT's message."""
+    match = "is not compatible with the `PeftMixedModel`"
+    with pytest.raises(ValueError, match=match):
+        _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), mixed=True)
+    with pytest.raises(ValueError, match=match):
+        _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)

@@ -18,6 +18,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
     random_trees,
@@ -139,6 +140,10 @@ def test_merged_weights_equal_peft_s(dtype: torch.dtype) -> None:
         torch.testing.assert_close(merged[name], theirs[name], atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
     back = funcpeft.unmerge(fpm, merged, adapter)
     torch.testing.assert_close(back["lin0.weight"], fpm.base["lin0.weight"], atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "C3AConfig", dict(block_size=2, target_modules=["lin0"]))
 
 
 # -- compile, per-example, laws -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
     random_trees,
@@ -127,6 +128,10 @@ def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any)
         assert torch.equal(back.base[k], fpm.base[k])
     # q_proj (64 x 64) and k_proj (32 x 64) have different shapes: different index tensors
     assert len({k for e in fpm.plans["default"].values() for _, k in e.frozen}) == 2
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "FourierFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
 
 
 def test_compiles_to_one_graph_for_new_adapter_values() -> None:

@@ -17,6 +17,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
     random_trees,
@@ -151,6 +152,10 @@ def test_bat_cannot_stack_on_another_adapter_of_the_layer() -> None:
     second = fpm.add_adapter("other", funcpeft.MissConfig(r=2, init_weights="bat", target_modules=["lin"]))
     with pytest.raises(NotImplementedError, match="init_weights='bat'.*cannot be stacked"):
         fpm.fn(fpm.base, {"default": fpm.adapter, "other": second}, x=torch.randn(2, 10))
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "MissConfig", dict(r=2, target_modules=["lin0"]))
 
 
 # -- compile, per-example ----------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
     random_trees,
 )
+from peft_matrix import models
 from safetensors.torch import load_file
 from torch import nn
 
@@ -148,6 +150,10 @@ def test_merged_bfloat16_weights_equal_peft_s() -> None:
     for name in ("lin0.weight", "lin1.weight"):
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], theirs[name]), name
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
 
 
 def test_compiles_to_one_graph_for_new_adapter_values() -> None:
