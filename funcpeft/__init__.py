@@ -12,7 +12,16 @@ from importlib.metadata import PackageNotFoundError, version
 from . import distributed, optim
 from ._checks import AdapterMismatchError
 from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import (
+    C3AConfig,
+    FourierFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    MissConfig,
+    RandLoraConfig,
+    VeraConfig,
+)
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
@@ -35,17 +44,21 @@ __all__ = [
     "AdapterTree",
     "BaseTree",
     "ConfigTypeError",
+    "C3AConfig",
+    "FourierFTConfig",
     "FunctionalPeftModel",
     "IA3Config",
     "InterruptedSaveError",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "MixedBatch",
     "PeftConfig",
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "RandLoraConfig",
     "TaskType",
     "UnsupportedWeightOp",
     "VeraConfig",

@@ -5,19 +5,27 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 """
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from .c3a import C3AConfig
+from .fourierft import FourierFTConfig
 from .ia3 import IA3Config
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .miss import MissConfig
+from .randlora import RandLoraConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "C3AConfig",
+    "FourierFTConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
+    "MissConfig",
     "PeftConfig",
     "PeftType",
+    "RandLoraConfig",
     "TaskType",
     "VeraConfig",
 ]

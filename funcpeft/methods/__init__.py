@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import dora, ia3, loha, lokr, lora, vera
+from . import c3a, dora, fourierft, ia3, loha, lokr, lora, miss, randlora, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,13 +44,17 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "c3a",
     "dora",
+    "fourierft",
     "ia3",
     "loha",
     "lokr",
     "lora",
     "method_for",
+    "miss",
     "mixed_compatible_types",
+    "randlora",
     "register",
     "unregister",
     "vera",

@@ -229,8 +229,11 @@ class SharedTensors:
     are not counted as parameters (PEFT keeps them as buffers).
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
-    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
+    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config (called for each layer whose
+    `frozen_params` keys are not made yet, so per-layer tensors such as FourierFT's spectral indices work too);
     file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
+    layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
+    also writes under each adapted layer (RandLoRA's bases, which every layer references).
     saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
     """
 
@@ -239,6 +242,7 @@ class SharedTensors:
     make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
+    layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
 
 
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
