@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import BOFTConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import save_adapter
@@ -32,13 +32,16 @@ __all__ = [
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
+    "BOFTConfig",
     "BaseTree",
     "FunctionalPeftModel",
+    "HRAConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "MixedBatch",
+    "OFTConfig",
     "PeftConfig",
     "PeftFunction",
     "PeftType",

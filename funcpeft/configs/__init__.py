@@ -5,17 +5,23 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 """
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from .boft import BOFTConfig
+from .hra import HRAConfig
 from .ia3 import IA3Config
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .oft import OFTConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "BOFTConfig",
+    "HRAConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
     "TaskType",

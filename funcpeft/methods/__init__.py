@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import dora, ia3, loha, lokr, lora, vera
+from . import boft, dora, hra, ia3, loha, lokr, lora, oft, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,13 +44,16 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "boft",
     "dora",
+    "hra",
     "ia3",
     "loha",
     "lokr",
     "lora",
     "method_for",
     "mixed_compatible_types",
+    "oft",
     "register",
     "unregister",
     "vera",
