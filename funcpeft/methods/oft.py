@@ -13,7 +13,7 @@ coft (constrained OFT): each Q_i is first scaled into the ball of radius eps / s
 projected values back into its parameter on every call (in place, under no_grad); funcpeft never mutates
 the adapter: the forward uses the projected values with an identity gradient, which gives PEFT's outputs
 and gradients for the same stored values. To also store them as PEFT does (so that an optimizer steps
-from the projected point, PEFT's training trajectory), apply `coft_project` to the tree after each step.
+from the projected point: PEFT's training trajectory), apply `coft_project` to the tree before each update.
 
 Conv layers (PEFT's `_unfold` / `_fold`): the input's k x k patches (stride 1, no padding) are rotated
 and folded back by F.fold, which sums overlapping patches (and PEFT's reshape before it reorders them
@@ -168,10 +168,10 @@ def _projected(spec: Spec, vec: torch.Tensor) -> torch.Tensor:
 def coft_project(spec: Spec, params: Params) -> Params:
     """The layer's params with `oft_R` replaced by its COFT projection (what PEFT stores after each call).
 
-    A no-op (the same dict) unless the layer's config has coft=True. For PEFT's training trajectory apply it
-    to every adapted layer after each optimizer step:
-    `tree = {p: oft.coft_project(plan[p].spec, e) if plan[p].spec else e for p, e in tree.items()}`
-    with `plan = pm.plans[adapter_name]`.
+    A no-op (the same dict) unless the layer's config has coft=True. PEFT's optimizer steps from the projected
+    values (its forward stored them); to follow the same trajectory, project every adapted layer before each
+    update (the gradients do not change): `tree = {p: oft.coft_project(plan[p].spec, e) if plan[p].spec else e
+    for p, e in tree.items()}` with `plan = pm.plans[adapter_name]`.
     """
     if not spec.hyper.coft:
         return params
