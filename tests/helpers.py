@@ -34,7 +34,8 @@ def method_pair(model: Any, config_cls: str, kwargs: dict[str, Any], seed: int =
         fpm = funcpeft.get_peft_model(model, getattr(funcpeft, config_cls)(**kwargs))
         peft_model = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
     noise = T.random_like(fpm.adapter, torch.Generator().manual_seed(seed), scale=scale)
-    adapter = optree.tree_map(lambda f, n: (f.detach() + n.detach()).requires_grad_(True), fpm.adapter, noise)
+    fresh: Any = fpm.adapter
+    adapter = optree.tree_map(lambda f, n: (f.detach() + n.detach()).requires_grad_(True), fresh, noise)
     T.copy_into_peft(peft_model, adapter, fpm.plans["default"])
     return fpm, peft_model.eval(), adapter
 
