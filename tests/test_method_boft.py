@@ -92,6 +92,8 @@ def test_config_fields_and_defaults_are_peft_s() -> None:
     assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
     with pytest.raises(ValueError, match="`bias` must be 'none', 'all' or 'boft_only'"):
         funcpeft.BOFTConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="`boft_block_size` and `boft_block_num` must be >= 0"):
+        funcpeft.BOFTConfig(boft_block_size=-2)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,11 @@ class BOFTConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"`{name}` must be an int, got {value!r}")
+        if self.boft_block_size < 0 or self.boft_block_num < 0:
+            raise ValueError(
+                f"`boft_block_size` and `boft_block_num` must be >= 0, got {self.boft_block_size} and "
+                f"{self.boft_block_num}"
+            )
         if self.bias not in ("none", "all", "boft_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'boft_only', got {self.bias!r}")
         if self.boft_block_size == 0 and self.boft_block_num == 0:
