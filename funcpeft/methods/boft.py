@@ -9,9 +9,10 @@ B = blockdiag(Q_1, ..., Q_D), Q_i = (I - S_i)(I + S_i)^-1 with S_i = (R_i - R_i^
 `boft_s` (out, 1) for linear, (1, out) for conv. Init: R = 0 and s = 1 (a no-op), or N(0, 0.1) and N(1, 0.1).
 
 Butterfly factors: PEFT multiplies `boft_n_butterfly_factor` block-diagonal factors through permutations
-only when its CUDA extension (fbd_cuda) builds; otherwise (no GPU, no ninja/nvcc) it forces the factor to 1,
-with a warning, and its permutation is the identity. funcpeft reproduces that fallback: one factor, any
-configured boft_n_butterfly_factor (> 1 warns), no permutation. The CUDA path of PEFT is not reproduced.
+only when its CUDA extension (fbd_cuda) builds; otherwise (a CPU-only torch, no ninja or nvcc) it forces the
+factor to 1, with a warning, and its permutation is the identity. funcpeft reproduces that fallback: one
+factor whatever boft_n_butterfly_factor is (> 1 warns; < 1 raises, as PEFT's CUDA path does), no permutation.
+PEFT's CUDA path with several factors is not reproduced.
 
 boft_dropout (training only, `fn(..., dropout_rng=...)`): int(p * D) blocks, chosen uniformly at random, are
 replaced by the identity (PEFT's MultiplicativeDropoutLayer; the random choice comes from funcpeft's dropout

@@ -25,8 +25,11 @@ first (PEFT's loop; `Method.outermost_first`). PEFT merges them in the same orde
 rotations the other way round, so its merged layer differs from its unmerged one unless they commute:
 funcpeft's merge follows PEFT's merge.
 
+module_dropout is saved but never applied: PEFT 0.21.2 builds its dropout layer and never calls it.
+
 Per call: the r (or 1) blocks R_i and the rotated input (for a conv, the unfolded patches), as in PEFT;
-nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does.
+nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does. Per-example
+routing runs this forward under vmap: one set of blocks per example, still nothing weight-sized.
 """
 
 from __future__ import annotations
