@@ -13,12 +13,15 @@ from . import distributed, optim
 from ._checks import AdapterMismatchError
 from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import (
+    BOFTConfig,
     C3AConfig,
     FourierFTConfig,
+    HRAConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
     MissConfig,
+    OFTConfig,
     RandLoraConfig,
     VeraConfig,
 )
@@ -42,11 +45,13 @@ __all__ = [
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
+    "BOFTConfig",
     "BaseTree",
     "ConfigTypeError",
     "C3AConfig",
     "FourierFTConfig",
     "FunctionalPeftModel",
+    "HRAConfig",
     "IA3Config",
     "InterruptedSaveError",
     "LoHaConfig",
@@ -54,6 +59,7 @@ __all__ = [
     "LoraConfig",
     "MissConfig",
     "MixedBatch",
+    "OFTConfig",
     "PeftConfig",
     "PeftFunction",
     "PeftType",

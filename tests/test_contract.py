@@ -54,6 +54,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         block_size=16, target_modules="all-linear", block_size_pattern={"v_proj": 32}, init_weights=True)),
     ("randlora-llama", "randlora", "tiny-llama", "RandLoraConfig", dict(r=8, target_modules="all-linear", randlora_alpha=16)),
     ("randlora-gpt2", "randlora", "tiny-gpt2", "RandLoraConfig", dict(r=8, target_modules=["c_attn", "c_fc"], sparse=True, bias="randlora_only")),
+    ("oft-llama", "oft", "tiny-llama", "OFTConfig", dict(oft_block_size=8, target_modules="all-linear", coft=True, eps=0.1)),
+    ("oft-llama-embedding", "oft", "tiny-llama", "OFTConfig", dict(r=4, oft_block_size=0, target_modules=["embed_tokens", "v_proj"], use_cayley_neumann=False, block_share=True)),
+    ("oft-gpt2", "oft", "tiny-gpt2", "OFTConfig", dict(oft_block_size=4, target_modules=["wte"])),  # Conv1D: not in PEFT
+    ("boft-llama", "boft", "tiny-llama", "BOFTConfig", dict(boft_block_size=4, target_modules="all-linear", bias="boft_only")),
+    ("boft-gpt2", "boft", "tiny-gpt2", "BOFTConfig", dict(boft_block_num=8, boft_block_size=0, target_modules=["lm_head"])),
+    ("hra-llama", "hra", "tiny-llama", "HRAConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("hra-llama-gs", "hra", "tiny-llama", "HRAConfig", dict(r=3, apply_GS=True, init_weights=False, target_modules=["o_proj", "up_proj"])),
+    ("hra-gpt2", "hra", "tiny-gpt2", "HRAConfig", dict(r=2, target_modules=["lm_head"])),
 ]
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
@@ -104,7 +112,8 @@ def test_row_functional_laws(row: tuple[str, str, str, str, dict[str, Any]]) -> 
     fn, base, fresh = pm
     with torch.no_grad():
         plain = _logits(model(**x))
-        if row[1] != "dora" and not (row[1] == "lora" and "wte" in str(row[4])):  # their init is a no-op
+        no_op_init = row[1] != "dora" and not (row[1] == "lora" and "wte" in str(row[4]))
+        if no_op_init and row[4].get("init_weights", True) is not False:  # their init is a no-op
             torch.testing.assert_close(_logits(fn(base, fresh, **x)), plain, atol=1e-6, rtol=0)
         trees = [_random_tree(fresh, s) for s in range(3)]
         alone = [_logits(fn(base, t, **x)) for t in trees]

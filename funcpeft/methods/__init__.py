@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import c3a, dora, fourierft, ia3, loha, lokr, lora, miss, randlora, vera
+from . import boft, c3a, dora, fourierft, hra, ia3, loha, lokr, lora, miss, oft, randlora, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,9 +44,11 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "boft",
     "c3a",
     "dora",
     "fourierft",
+    "hra",
     "ia3",
     "loha",
     "lokr",
@@ -54,6 +56,7 @@ __all__ = [
     "method_for",
     "miss",
     "mixed_compatible_types",
+    "oft",
     "randlora",
     "register",
     "unregister",

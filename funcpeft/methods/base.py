@@ -275,7 +275,11 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. outermost_first: for a
+    method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
+    active adapters to the input in activation order, the first adapter's transform meeting the input first
+    (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
+    instead of innermost-first (funcpeft.weights.nesting_order).
     """
 
     name: str
@@ -293,6 +297,7 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    outermost_first: bool = False
 
     @property
     def peft_type(self) -> str:
