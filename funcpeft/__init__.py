@@ -11,8 +11,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from ._checks import AdapterMismatchError
+from .arrow import create_arrow_model
 from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import (
+    ArrowConfig,
     BOFTConfig,
     C3AConfig,
     FourierFTConfig,
@@ -20,9 +22,12 @@ from .configs import (
     IA3Config,
     LoHaConfig,
     LoKrConfig,
+    LoraRuntimeConfig,
     MissConfig,
+    MontecloraConfig,
     OFTConfig,
     RandLoraConfig,
+    VeloraConfig,
     VeraConfig,
 )
 from .functional import PeftFunction
@@ -30,6 +35,9 @@ from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
 from .merge import merge, merge_and_unload, unmerge
+from .methods.alora import invocation_offsets as alora_offsets
+from .methods.monteclora import monteclora_loss
+from .methods.velora import velora_update
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
 from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
@@ -43,6 +51,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
 
 __all__ = [
     "AdaptedWeight",
+    "ArrowConfig",
     "AdapterMismatchError",
     "AdapterTree",
     "BOFTConfig",
@@ -57,8 +66,10 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraRuntimeConfig",
     "MissConfig",
     "MixedBatch",
+    "MontecloraConfig",
     "OFTConfig",
     "PeftConfig",
     "PeftFunction",
@@ -67,9 +78,12 @@ __all__ = [
     "RandLoraConfig",
     "TaskType",
     "UnsupportedWeightOp",
+    "VeloraConfig",
     "VeraConfig",
     "__version__",
     "add_weighted_adapter",
+    "alora_offsets",
+    "create_arrow_model",
     "distributed",
     "from_pretrained",
     "get_peft_model",
@@ -77,6 +91,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "mixed_batch",
+    "monteclora_loss",
     "optim",
     "per_example",
     "per_sample_grads",
@@ -85,4 +100,5 @@ __all__ = [
     "unmerge",
     "unstack_adapters",
     "value_and_grad",
+    "velora_update",
 ]

@@ -24,7 +24,7 @@ from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
-from .trees import SHARED_PREFIX
+from .trees import SHARED_PREFIX, buffer_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +247,66 @@ def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
         tensors = entry.method.shared.make(entry.spec)
         assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
         out.update({k: v.to(device) for k, v in tensors.items() if k not in out})
+    return out
+
+
+def buffer_names(entry: PlanEntry) -> tuple[str, ...]:
+    """The names of a layer's per-adapter buffers (`Method.buffers`; empty for most methods)."""
+    if entry.spec is None or entry.method.buffers is None:
+        return ()
+    return entry.method.buffers.names(entry.spec)
+
+
+def buffer_dtype(entry: PlanEntry, weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """A layer's buffer dtype: the base weight's (`LayerBuffers.layer_dtype`) or the adapter's."""
+    buffers = entry.method.buffers
+    assert buffers is not None
+    return weight_dtype if buffers.layer_dtype else adapter_dtype(weight_dtype, autocast_adapter_dtype)
+
+
+def buffer_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
+    """{buffer name: shape} of one layer's buffers, from a meta-device init (no memory)."""
+    buffers = weight_method(spec.method).buffers
+    if buffers is None:
+        return {}
+    with torch.device("meta"):
+        return {k: v.shape for k, v in buffers.init(spec, None).items()}
+
+
+def init_buffers(
+    model: nn.Module, plan: Plan, adapter_name: str, generator: torch.Generator | None = None,
+    autocast_adapter_dtype: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fresh per-layer buffers of adapter `adapter_name` (VeLoRA's projection, ...), as extra `base` entries
+    under `funcpeft.trees.buffer_key` keys, on each layer's device. Empty for methods without buffers."""
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for path, entry in plan.items():
+        if not buffer_names(entry):
+            continue
+        assert entry.spec is not None and entry.method.buffers is not None
+        w = modules[path].weight
+        dtype = buffer_dtype(entry, w.dtype, autocast_adapter_dtype)
+        if w.device.type == "meta":
+            fresh = {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in buffer_shapes(entry.spec).items()}
+        else:
+            fresh = {k: v.to(w.device, dtype) for k, v in entry.method.buffers.init(entry.spec, generator).items()}
+        out.update({buffer_key(adapter_name, path, k): v for k, v in fresh.items()})
+    return out
+
+
+def layer_buffers(entry: PlanEntry, base: Mapping[str, torch.Tensor], adapter_name: str, path: str) -> Params:
+    """A layer's buffers for adapter `adapter_name`, read from their `base` keys (see `init_buffers`)."""
+    out = {}
+    for name in buffer_names(entry):
+        key = buffer_key(adapter_name, path, name)
+        if key not in base:
+            raise KeyError(
+                f"base has no entry {key!r} (adapter {adapter_name!r}'s buffer {name!r} at {path}); pass the `base` "
+                "that get_peft_model / from_pretrained returned (it keeps such per-layer buffers under keys starting "
+                f"with {SHARED_PREFIX!r}), or add the adapter with pm.add_adapter, which puts them there"
+            )
+        out[name] = base[key]
     return out
 
 

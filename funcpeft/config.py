@@ -241,6 +241,121 @@ class PeftConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# -- LoRA variant sub-configs (peft/tuners/lora/config.py): same names, fields, defaults and checks ----------
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's `LoraRuntimeConfig`: runtime-only settings, never saved (PEFT drops `runtime_config` from its files).
+
+    ephemeral_gpu_offload: PEFT copies CPU-resident adapter data to the GPU for DoRA's init only; numerically a
+    no-op, so funcpeft accepts it and computes where the weights are (see `LoraConfig`).
+    """
+
+    ephemeral_gpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass
+class VeloraConfig:
+    """PEFT's `VeloraConfig` (VeLoRA: compressed activations for lora_A's gradient; see funcpeft.methods.velora)."""
+
+    num_groups: int = 64
+    scale: float = 1.0
+    init_type: str = "batch_average"
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.num_groups <= 0:
+            raise ValueError(f"`num_groups` should be positive, got {self.num_groups}.")
+        if self.scale <= 0:
+            raise ValueError(f"`scale` should be positive, got {self.scale}.")
+        if self.init_type not in {"batch_average_once", "batch_average", "random"}:
+            raise ValueError(
+                "Unsupported `init_type` "
+                f"{self.init_type!r}. Supported values are 'batch_average_once', "
+                "'batch_average', and 'random'."
+            )
+
+
+@dataclass
+class MontecloraConfig:
+    """PEFT's `MontecloraConfig` (Monte Carlo LoRA; see funcpeft.methods.monteclora)."""
+
+    num_samples: int = 8
+    use_entropy: bool = False
+    dirichlet_prior: float = 0.1
+    sample_scaler: float = 1e-4
+    kl_loss_weight: float = 1e-5
+    buffer_size: int = 150
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.num_samples <= 0:
+            raise ValueError("`num_samples` must be greater than 0.")
+        if self.dirichlet_prior <= 0:
+            raise ValueError("`dirichlet_prior` must be greater than 0.")
+        if self.buffer_size <= 0:
+            raise ValueError("`buffer_size` must be greater than 0.")
+
+
+@dataclass
+class ArrowConfig:
+    """PEFT's `ArrowConfig` (Arrow routing among LoRA experts, GenKnowSub; see funcpeft.arrow).
+
+    task_adapter_names / gks_adapter_names are set by `create_arrow_model` (not __init__ arguments, as in PEFT).
+    """
+
+    top_k: int = 3
+    router_temperature: float = 1.0
+    use_gks: bool = False
+    task_adapter_names: list[str] | None = field(default=None, init=False)
+    gks_adapter_names: list[str] | None = field(default=None, init=False)
+    rng_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.top_k <= 0:
+            raise ValueError("top_k cannot be negative.")
+        if self.router_temperature <= 0:
+            raise ValueError("router_temperature must be greater than 0.")
+
+
+def _sub_config(owner: str, name: str, value: Any, cls: type, strict: bool = False) -> Any:
+    """PEFT's `_get_lora_subconfig`: None, an instance, or a dict (as read back from adapter_config.json).
+
+    A dict's `init=False` fields (ArrowConfig's adapter names) are set after construction: PEFT drops them, which
+    leaves a reloaded Arrow router without its experts. strict: unknown keys are an error (PEFT's
+    `MontecloraConfig(**dict)`), else ignored (PEFT's filter).
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigTypeError(f"{owner}.{name}: `{cls.__name__}` must be a `{cls.__name__}`, a dict, or None, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if strict:
+        _check_init_kwargs(cls, {k: v for k, v in value.items() if k not in fields or fields[k].init})
+    out = cls(**{k: v for k, v in value.items() if k in fields and fields[k].init})
+    for k, v in value.items():
+        if k in fields and not fields[k].init:
+            setattr(out, k, v)
+    check_types(out)
+    return out
+
+
+# (field, sub-config class, strict) for LoraConfig's variant sub-configs
+_VARIANT_SUB_CONFIGS: tuple[tuple[str, type, bool], ...] = (
+    ("velora_config", VeloraConfig, False),
+    ("monteclora_config", MontecloraConfig, True),
+    ("arrow_config", ArrowConfig, False),
+    ("runtime_config", LoraRuntimeConfig, False),
+)
+# LoraConfig fields PEFT tags `is_lora_variant` (LoraLayer.resolve_lora_variant): at most one may be set
+LORA_VARIANT_FIELDS = (
+    "alora_invocation_tokens", "arrow_config", "kasa_config", "monteclora_config", "use_bdlora", "use_dora", "velora_config",
+)
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
@@ -248,8 +363,10 @@ class LoraConfig(PeftConfig):
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
     use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
     layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
-    inference_mode. Every other field must keep its default: a non-default value raises
-    NotImplementedError naming the field.
+    inference_mode, velora_config, monteclora_config, alora_invocation_tokens, arrow_config (funcpeft.methods:
+    velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT on CPU).
+    use_qalora and megatron_config raise NotImplementedError with the reason (GPTQ / Megatron layers). Every
+    other field must keep its default: a non-default value raises NotImplementedError naming the field.
     """
 
     r: int = 8
@@ -274,37 +391,30 @@ class LoraConfig(PeftConfig):
     corda_config: dict | None = None
     lora_ga_config: dict | None = None
     use_dora: bool = False
-    velora_config: dict | None = None
+    velora_config: VeloraConfig | dict | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: dict | None = None
+    monteclora_config: MontecloraConfig | dict | None = None
     layer_replication: list[list[int]] | None = None
-    runtime_config: dict | None = None
+    runtime_config: LoraRuntimeConfig | dict | None = None
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     use_bdlora: dict | None = None
-    arrow_config: dict | None = None
+    arrow_config: ArrowConfig | dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     _unimplemented: ClassVar[dict[str, Any]] = {
-        "megatron_config": None,
         "trainable_token_indices": None,
         "loftq_config": {},
         "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
-        "velora_config": None,
-        "alora_invocation_tokens": None,
-        "use_qalora": False,
-        "monteclora_config": None,
-        "layer_replication": None,
         "lora_bias": False,
         "target_parameters": None,
         "use_bdlora": None,
-        "arrow_config": None,
         "kasa_config": None,
         "ensure_weight_tying": False,
     }
@@ -329,6 +439,61 @@ class LoraConfig(PeftConfig):
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         check_layers_and_saved(self)
+        for name, cls, strict in _VARIANT_SUB_CONFIGS:
+            setattr(self, name, _sub_config(type(self).__name__, name, getattr(self, name), cls, strict))
+        self._check_variant_options()
+
+    def lora_variants(self) -> tuple[str, ...]:
+        """The LoRA variants this config requests, sorted (PEFT's `resolve_lora_variant` keys): () is plain LoRA."""
+        return tuple(sorted(name for name in LORA_VARIANT_FIELDS if getattr(self, name)))
+
+    def _check_variant_options(self) -> None:
+        """PEFT's rules for the variant options, raised here rather than when the layers are built."""
+        variants = self.lora_variants()
+        if len(variants) > 1:  # PEFT: resolve_lora_variant, at get_peft_model time
+            raise ValueError(f"Invalid or unsupported variant combination: {variants}")
+        if self.use_dora and self.megatron_config:
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
+        if self.megatron_config is not None:
+            raise NotImplementedError(
+                f"LoraConfig.megatron_config={self.megatron_config!r}: PEFT then builds Megatron tensor-parallel LoRA "
+                f"layers from the `{self.megatron_core}` package (megatron-core, CUDA and torch.distributed model "
+                "parallelism); funcpeft adapts plain layers only and cannot run or test Megatron layers here. Load the "
+                "model without Megatron parallelism, or leave megatron_config=None."
+            )
+        if self.use_qalora:
+            raise NotImplementedError(
+                "LoraConfig.use_qalora=True (QALoRA): PEFT applies it only to GPTQ-quantised layers (gptqmodel's "
+                "BaseQuantLinear, CUDA kernels), where lora_A reads the input pooled in groups of qalora_group_size; on "
+                "any other layer PEFT silently trains plain LoRA. funcpeft adapts plain floating-point layers only, so "
+                "QALoRA could only be that silent no-op here: set use_qalora=False for plain LoRA."
+            )
+        if self.alora_invocation_tokens is not None:
+            tokens = self.alora_invocation_tokens
+            if not tokens or any(t < 0 for t in tokens):
+                raise ValueError(
+                    f"`alora_invocation_tokens` must be a non-empty list of token ids (>= 0), got {tokens!r}: PEFT "
+                    "treats an empty list as plain LoRA, which would silently drop the activation."
+                )
+            self.alora_invocation_tokens = list(tokens)
+            if self.task_type != TaskType.CAUSAL_LM:
+                warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=4)
+        if self.layer_replication is not None:
+            pairs = self.layer_replication
+            if not pairs or any(len(p) != 2 or not 0 <= p[0] < p[1] for p in pairs):
+                raise ValueError(
+                    "`layer_replication` must be a non-empty list of [start, end) layer ranges with 0 <= start < end, "
+                    f"e.g. [[0, 4], [2, 5]]; got {pairs!r}"
+                )
+            self.layer_replication = [[int(a), int(b)] for a, b in pairs]
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict: the variant sub-configs become dicts (PEFT's `asdict`)."""
+        out = super().to_dict()
+        for name, _, _ in _VARIANT_SUB_CONFIGS:
+            if dataclasses.is_dataclass(out.get(name)):
+                out[name] = dataclasses.asdict(out[name])
+        return out
 
 
 # -- checks shared by the configs (PEFT's __post_init__ rules; lists become sets) -----------------------------

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
-from .methods.base import no_dropout
+from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, layer_buffers, leaf_shapes, shared_params
+from .methods.base import CallInputs, Generators, LayerSpec, Method, Params, no_dropout, no_generator
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .weights import AdaptedWeight, Applied, nesting_order
 
@@ -63,10 +63,15 @@ class PeftFunction:
     (randomness="different" or "same"); a Generator is not supported by vmap's random ops.
     """
 
-    def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str, mixed: bool = False):
+    def __init__(
+        self, model: nn.Module, plans: dict[str, Plan], default_adapter: str, mixed: bool = False,
+        layer_replication: list[list[int]] | None = None,
+    ):
         self.plans = plans
         self.default_adapter = default_adapter
         self.mixed = mixed  # PeftMixedModel semantics: adapters apply in registration order
+        # `model` is then the replicated structure (funcpeft._replicate); merging is refused, as in PEFT
+        self.layer_replication = layer_replication
         self.model = model
         canon = {id(p): n for n, p in model.named_parameters()}
         # (every parameter name, its canonical name): tied weights appear once in `base`, under the first name
@@ -143,26 +148,47 @@ class PeftFunction:
                 "get_peft_model returned (or a merged / modified copy of it with the same keys)"
             )
 
+    def call_kwargs(self) -> frozenset[str]:
+        """Keyword arguments of `fn` that the registered adapters' methods consume (PEFT's special forward
+        arguments, e.g. aLoRA's `alora_offsets`): they never reach the model, as in PEFT."""
+        out: frozenset[str] = frozenset()
+        for plan in self.plans.values():
+            for e in plan.values():
+                if e.spec is not None:
+                    out |= e.method.call_kwargs
+        return out
+
     def build_params(
         self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout,
-        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}), generator: Generators = no_generator,
     ) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights.
 
-        inputs: the model call's (args, kwargs), to check per-example routing against the batch size.
+        inputs: the model call's (args, kwargs), to check per-example routing against the batch size and for
+        methods' per-call data (`Method.prepare_call`); generator: the call's randomness (OpContext.generator).
         """
         self._check_base(base)
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
-        for name, tree in self.split_adapters(adapter):
+        adapters = self.split_adapters(adapter)
+        read = self._read_adapters(adapters)
+        for name, tree in adapters:
+            if name in read and name in self.plans and not isinstance(tree, PerExample):
+                self.check_tree(name, tree, params)
+        model_kwargs = {k: v for k, v in inputs[1].items() if k not in self.call_kwargs()}
+        call = CallInputs(inputs[0], inputs[1], dropout is not no_dropout, generator)
+        for name, tree in adapters:
+            if name in read:  # applied through the adapter that reads it (Arrow's experts), as in PEFT
+                continue
             plan = self.plans.get(name)
             if plan is None:
                 raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(self.plans)}")
             routing = tree if isinstance(tree, PerExample) else None
             tree = routing.stacked if routing is not None else tree
-            batch = check_batch(routing, batch_size(*inputs)) if routing is not None else 0
+            batch = check_batch(routing, batch_size(inputs[0], model_kwargs)) if routing is not None else 0
             self.check_tree(name, tree, params, lead=(routing.k,) if routing is not None else ())
+            prepared: dict[str, Mapping[str, Any]] = {}
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
@@ -176,32 +202,106 @@ class PeftFunction:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
-                frozen = shared_params(entry, base)  # the same for every example: never routed
+                # the same for every example: never routed
+                frozen = {**shared_params(entry, base), **layer_buffers(entry, base, name, path)}
+                data = None
+                if method.prepare_call is not None:
+                    if method.name not in prepared:
+                        prepared[method.name] = method.prepare_call(self._layers(name, tree, base, method), call)
+                    data = prepared[method.name].get(path)
+                peers = self._peers(name, path, entry.spec, method, adapters)
                 if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)
+                    if peers:
+                        raise NotImplementedError(
+                            f"per-example adapters: adapter {name!r} ({method.name}) reads the adapters "
+                            f"{sorted(peers)} at {path}; it cannot be routed per example"
+                        )
+                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)._replace(call=data, path=path)
                 else:
-                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
+                    applied = Applied(
+                        entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec), data, path, peers
+                    )
                 carried.setdefault(f"{path}.weight", []).append(applied)
-        for wname, adapters in carried.items():
-            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)
+        for wname, applied_list in carried.items():
+            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(applied_list), dropout, generator)
         return params
+
+    def _layers(
+        self, name: str, tree: Mapping[str, Any], base: Mapping[str, torch.Tensor], method: Method
+    ) -> dict[str, tuple[LayerSpec[Any], Params]]:
+        """Adapter `name`'s layers of `method` with their params (own leaves and buffers), for prepare_call."""
+        plan = self.plans[name]
+        out: dict[str, tuple[LayerSpec[Any], Params]] = {}
+        for path, leaves in tree.items():
+            e = plan[path]
+            if e.spec is not None and e.method is method:
+                out[path] = (e.spec, {**{k: leaves[k] for k in e.params}, **layer_buffers(e, base, name, path)})
+        return out
+
+    def _read_adapters(self, adapters: list[tuple[str, Any]]) -> set[str]:
+        """The adapters of this call that another one of the call reads (`Method.reads_adapters`)."""
+        read: set[str] = set()
+        for name, _ in adapters:
+            for e in self.plans.get(name, {}).values():
+                if e.spec is not None and e.method.reads_adapters is not None:
+                    read.update(e.method.reads_adapters(e.spec))
+        return read
+
+    def _peers(
+        self, name: str, path: str, spec: LayerSpec[Any], method: Method, adapters: list[tuple[str, Any]]
+    ) -> dict[str, tuple[LayerSpec[Any], Params]]:
+        """{peer: (its spec, its params) at `path`} for the adapters `method` reads (empty for most methods)."""
+        if method.reads_adapters is None:
+            return {}
+        trees = dict(adapters)
+        out = {}
+        for peer in method.reads_adapters(spec):
+            tree = trees.get(peer)
+            if tree is None or isinstance(tree, PerExample):
+                raise ValueError(
+                    f"adapter {name!r} ({method.name}) reads adapter {peer!r} at {path}, but the call does not pass "
+                    f"its tree: call fn(base, {{{name!r}: tree, {peer!r}: tree_{peer}, ...}}, ...) with every adapter "
+                    f"it reads ({list(method.reads_adapters(spec))}); registered: {sorted(self.plans)}"
+                )
+            entry = self.plans[peer].get(path)
+            if entry is None or entry.spec is None or path not in tree:
+                raise ValueError(f"adapter {name!r} ({method.name}) reads adapter {peer!r} at {path}, which {peer!r} does not adapt")
+            out[peer] = (entry.spec, {k: tree[path][k] for k in entry.params})
+        return out
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         training = dropout_rng is not None
         dropout: Any
         ctx: Any
+        generator: Generators = no_generator
         if isinstance(dropout_rng, torch.Generator):
-            dropout, ctx = _Dropout(dropout_rng), nullcontext()
+            dropout, ctx, generator = _Dropout(dropout_rng), nullcontext(), _given_generator(dropout_rng)
         elif training:
             if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
                 raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
             dropout, ctx = _Dropout(None), _seeded(dropout_rng)
         else:
             dropout, ctx = no_dropout, nullcontext()
-        params = self.build_params(base, adapter, dropout, (args, kwargs))
+        consumed = self.call_kwargs()
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
         skel = self._get_skeleton(training)
-        with ctx:
-            return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
+        with ctx:  # methods' per-call draws (prepare_call) come from the call's seeded randomness too
+            params = self.build_params(base, adapter, dropout, (args, kwargs), generator)
+            return torch.func.functional_call(skel, params, args, model_kwargs, tie_weights=False, strict=False)
+
+
+def _given_generator(gen: torch.Generator) -> Generators:
+    """The call's randomness when dropout_rng is a Generator: that generator, on its own device only."""
+
+    def get(device: torch.device) -> torch.Generator:
+        if torch.device(device).type != gen.device.type:
+            raise ValueError(
+                f"dropout_rng is a torch.Generator on {gen.device}, but a method samples on {device}: pass a "
+                f"generator on {device} or an int seed"
+            )
+        return gen
+
+    return get
 
 
 class _seeded:

@@ -47,6 +47,7 @@ from .keys import (
     KeyRules,
     base_file_key,
     bias_all_duplicates,
+    buffer_file_keys,
     embedding_is_targeted,
     is_saved_module,
     key_rules,
@@ -364,7 +365,8 @@ def checkpoint_state(
     """The {key: tensor} PEFT's `save_pretrained` writes for this adapter tree (pure; tensors are not copied).
 
     Needs `model` (and its `base_params`, default the model's parameters) for what PEFT saves from the
-    base model: embedding layers (`save_embedding_layers`, PEFT's "auto" rule) and bias="all" duplicates.
+    base model: embedding layers (`save_embedding_layers`, PEFT's "auto" rule) and bias="all" duplicates;
+    `base_params` for methods with per-layer buffers (`LayerBuffers`: adapter `adapter_name`'s are written).
     """
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
@@ -393,6 +395,15 @@ def checkpoint_state(
         )
     for key, name in shared.items():
         state[key] = _for_file(key, base[name])  # type: ignore[index]
+    for key, name in buffer_file_keys(rules, sorted(adapted), adapter_name).items():
+        if base is None or name not in base:
+            raise ValueError(
+                f"{type(config).__name__}: PEFT's file holds {key} (a per-layer buffer of adapter {adapter_name!r}: "
+                "state, not a trainable leaf), which lives in `base`. Pass base_params= (the `base` from "
+                "funcpeft.get_peft_model / from_pretrained), or save with pm.save_pretrained(directory, adapter). "
+                "Nothing was written."
+            )
+        state[key] = _for_file(key, base[name])
     if model is not None and base is not None:
         for key, name in _embedding_keys(config, model, adapted, save_embedding_layers).items():
             state[key] = _for_file(key, base[name])

@@ -22,7 +22,7 @@ from ._plan import PlanEntry
 from ._targeting import is_saved_module
 from .methods import method_for
 from .methods.base import KeyRules, Method
-from .trees import SHARED_PREFIX
+from .trees import SHARED_PREFIX, buffer_key
 
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
@@ -47,6 +47,12 @@ def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[st
         return {}
     shared = [k for k in base_keys if k.startswith(SHARED_PREFIX)]
     return {**method.shared.file_keys(config, shared), **method.shared.layer_file_keys(config, shared, list(adapted))}
+
+
+def buffer_file_keys(rules: KeyRules, adapted: Iterable[str], adapter_name: str) -> dict[str, str]:
+    """{checkpoint key: base key} of adapter `adapter_name`'s per-layer buffers (`KeyRules.buffers`) at the
+    adapted module paths: PEFT saves them as `{path}.{name}`; funcpeft keeps them in `base` (trees.buffer_key)."""
+    return {f"{PREFIX}{path}.{name}": buffer_key(adapter_name, path, name) for path in adapted for name in sorted(rules.buffers)}
 
 
 def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
@@ -127,7 +133,8 @@ def is_wrapper_duplicate(key: str, saved_paths: Iterable[str]) -> bool:
 
 
 def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bias: str) -> tuple[str, Leaf] | None:
-    """Inverse of `file_key` without a model: ("adapter" | "base" | "duplicate", (path, name)), None if foreign.
+    """Inverse of `file_key` without a model: ("adapter" | "base" | "duplicate" | "buffer", (path, name)), None if
+    foreign ("buffer": a per-layer buffer, `KeyRules.buffers`).
 
     "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
     """
@@ -136,7 +143,12 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None
+    for name in (*rules.unsuffixed, *rules.buffers):  # dotted names (a sub-module's parameter, e.g. MonteCLoRA's)
+        if "." in name and key.endswith(f".{name}") and len(key) > len(PREFIX) + len(name) + 1:
+            return "buffer" if name in rules.buffers else "adapter", (key[len(PREFIX):-len(name) - 1], name)
     last, prev = parts[-1], parts[-2]
+    if last in rules.buffers:
+        return "buffer", (".".join(parts[:-1]), last)
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (".".join(parts[:-1]), last)
     if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, layer_params
+from ._replicate import PEFT_MERGE_ERROR
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
 from .methods.base import LayerKind, LayerSpec, Params
@@ -43,7 +44,10 @@ Tree = dict[str, torch.Tensor]
 
 
 # -- per-layer hooks -----------------------------------------------------------------------------------------
-def _check_mergeable(spec: LayerSpec[Any]) -> None:
+def _check_mergeable(spec: LayerSpec[Any], what: str = "merge") -> None:
+    refuse = weight_method(spec.method).merge.refuse
+    if refuse is not None:  # a method no single weight represents (aLoRA, Arrow): PEFT's own error
+        raise refuse(what)
     if spec.kind is LayerKind.CONV and spec.conv.groups > 1 and not weight_method(spec.method).merge.grouped_conv:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")  # PEFT's message
 
@@ -80,7 +84,7 @@ def unmerge_weight(
 ) -> torch.Tensor:
     """Inverse of `merge_weight` (PEFT's unmerge: `w.data -= delta`); `base_weight`: the weight before the
     merge when known (a method like DoRA needs it)."""
-    _check_mergeable(spec)
+    _check_mergeable(spec, "unmerge")
     hooks = weight_method(spec.method).merge
     if hooks.unweight is not None:
         return hooks.unweight(spec, params, merged, base_weight)
@@ -110,6 +114,8 @@ Entry = tuple[str, str, PlanEntry, Mapping[str, torch.Tensor]]  # (adapter name,
 def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | None = None) -> list[Entry]:
     """[(adapter_name, module_path, plan_entry, tree_entry)] in merge order; the trees are checked first
     (structure, and with `base` every leaf's shape, dtype and device)."""
+    if fn.layer_replication:
+        raise ValueError(PEFT_MERGE_ERROR)  # PEFT's LoraModel._check_merge_allowed: the layers share their weights
     out: list[Entry] = []
     names = Names(fn.aliases)
     for name, tree in fn.split_adapters(adapter):

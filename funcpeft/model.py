@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
+from ._plan import Plan, check_adapter_name, init_adapter, init_buffers, init_shared, plan_adapter
+from ._replicate import prepared
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
 from .counting import count_parameters, format_trainable
@@ -34,9 +35,12 @@ class FunctionalPeftModel:
     """What `get_peft_model` returns. Unpacks to `(fn, base, adapter)`.
 
     fn: `PeftFunction`, pure `fn(base, adapter, *args, **kwargs)`.
-    base: `{param_name: Tensor}`, the model's parameters (detached, shared storage, requires_grad=False).
+    base: `{param_name: Tensor}`, the model's parameters (detached, shared storage, requires_grad=False), plus
+      frozen method tensors under reserved keys (shared projections, per-layer buffers; see funcpeft.trees).
     adapter: the trainable tree of `adapter_name` (see funcpeft.trees).
     peft_config: `{adapter_name: resolved config}`, like PEFT's `PeftModel.peft_config`.
+    model: the module tree the adapters are planned on: the user's model, or with `layer_replication` its
+      replicated copy (sharing the model's tensors; funcpeft._replicate).
     """
 
     fn: PeftFunction
@@ -79,11 +83,34 @@ class FunctionalPeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
+        _check_no_second_replication(peft_config)
         resolved, plan = plan_adapter(self.model, peft_config)
         self.base.update(init_shared(self.model, plan))
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
-        return self.init_adapter(adapter_name, generator)
+        tree = self.init_adapter(adapter_name, generator)
+        self.base.update(init_buffers(self.model, plan, adapter_name, generator, self.autocast_adapter_dtype))
+        return tree
+
+    def load_adapter(
+        self, directory: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> AdapterTree:
+        """PEFT's `PeftModel.load_adapter`: register the adapter saved in `directory` as `adapter_name` and return
+        its tree; its per-layer buffers (e.g. VeLoRA's projection) go into `base`, like PEFT's layers hold them.
+
+        kwargs: `autocast_adapter_dtype`, `strict`, `allow_pickle` (see funcpeft.load_adapter).
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
+        loaded = load_for_model(self.model, directory, adapter_name, is_trainable=is_trainable, root_fallback=True, **kwargs)
+        _check_combinable(loaded.config, self.peft_config[self.adapter_name], self.mixed)
+        _check_no_second_replication(loaded.config)
+        params = dict(self.model.named_parameters())
+        self.base.update({n: t for n, t in loaded.base.items() if n not in params})
+        self.peft_config[adapter_name] = loaded.config
+        self.plans[adapter_name] = loaded.plan
+        return loaded.tree
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -100,15 +127,25 @@ class FunctionalPeftModel:
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
     def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
-        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter)."""
+        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter), or for
+        each adapter of `{adapter_name: tree, ...}` (PEFT saves every adapter: non-default ones in subdirectories)."""
         if adapter_params is None:
             raise TypeError(
                 "save_pretrained(directory, adapter_params): pass the trained tree to save. funcpeft never updates "
                 "pm.adapter, which is the tree get_peft_model initialised: saving it after training would silently "
                 "write the untrained adapter."
             )
-        kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
-        return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+        named = self.fn.split_adapters(adapter_params)
+        if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
+            for name, tree in named:
+                self.save_pretrained_adapter(directory, name, tree, **kwargs)
+            return os.fspath(directory)
+        return self.save_pretrained_adapter(directory, self.adapter_name, adapter_params, **kwargs)
+
+    def save_pretrained_adapter(self, directory: str | os.PathLike[str], adapter_name: str, tree: Any, **kwargs: Any) -> str:
+        """Write registered adapter `adapter_name`'s `tree` (PEFT's layout: `directory/<adapter_name>` unless default)."""
+        kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[adapter_name], **kwargs}
+        return save_adapter(directory, tree, self.peft_config[adapter_name], adapter_name, **kwargs)
 
     def merge_and_unload(self, adapter_params: Any) -> nn.Module:
         """A new plain model with `adapter_params` merged in (see funcpeft.merge); the original model is untouched."""
@@ -167,12 +204,27 @@ def get_peft_model(
     check_adapter_name(adapter_name)
     if mixed:
         _check_combinable(peft_config, None, mixed)
+    model = prepared(model, peft_config)  # layer_replication: a replicated structure sharing the model's tensors
     resolved, plan = plan_adapter(model, peft_config, revision)
     adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))
-    fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed)
+    base.update(init_buffers(model, plan, adapter_name, generator, autocast_adapter_dtype))
+    fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+
+
+def _layer_map(config: PeftConfig) -> list[list[int]] | None:
+    return getattr(config, "layer_replication", None)
+
+
+def _check_no_second_replication(config: PeftConfig) -> None:
+    if _layer_map(config):
+        raise NotImplementedError(
+            f"{type(config).__name__}.layer_replication on an added adapter: PEFT replicates the already replicated "
+            "layers again (cloning the first adapter's layers with them); funcpeft plans layer replication once, with "
+            "the first adapter (get_peft_model / from_pretrained). Give the added adapter layer_replication=None."
+        )
 
 
 def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool) -> None:
@@ -212,9 +264,10 @@ def from_pretrained(
         model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
         strict=strict, allow_pickle=allow_pickle, root_fallback=True,
     )
+    model = loaded.model  # the replicated structure with layer_replication
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
-    fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
+    fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name, layer_replication=_layer_map(loaded.config))
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
 
 

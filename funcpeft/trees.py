@@ -36,6 +36,16 @@ def shared_key(*parts: Any) -> str:
     return SHARED_PREFIX + ".".join(map(str, parts))
 
 
+BUFFER_PREFIX = SHARED_PREFIX + "buffers."
+"""`base` key prefix of adapters' per-layer buffers (see `buffer_key`)."""
+
+
+def buffer_key(adapter_name: str, path: str, name: str) -> str:
+    """The reserved `base` key of adapter `adapter_name`'s per-layer buffer `name` at module `path` (see
+    funcpeft.methods.base.LayerBuffers), e.g. '<shared>.buffers.default.lin0.lora_velora_embed'."""
+    return f"{BUFFER_PREFIX}{adapter_name}.{path}.{name}"
+
+
 def stack_adapters(trees: Sequence[Any]) -> Any:
     """K trees of the same structure -> one tree whose leaves have a leading dimension K."""
     if not trees:

@@ -11,14 +11,14 @@ adapter term.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .methods import weight_method
-from .methods.base import Dropout, ForwardFn, LayerSpec, OpContext, Params
+from .methods.base import Dropout, ForwardFn, Generators, LayerSpec, OpContext, Params, no_generator
 
 
 class Applied(NamedTuple):
@@ -28,6 +28,9 @@ class Applied(NamedTuple):
     params: Params
     forward: ForwardFn  # the method's forward (or a routing wrapper around it, see funcpeft.routing)
     uses_result: bool  # False: `forward` gets result=None and runs the layer below itself (IA3 feed-forward)
+    call: Any = None  # the layer's per-call data (Method.prepare_call), OpContext.call
+    path: str = ""  # the module path, OpContext.path
+    peers: Mapping[str, tuple[LayerSpec[Any], Params]] = {}  # adapters this one reads here (OpContext.peers)
 
 
 Adapters = tuple[Applied, ...]
@@ -64,20 +67,23 @@ _PASSTHROUGH |= {
 class AdaptedWeight(torch.Tensor):
     """A weight plus the adapters applied to the layer that owns it.
 
-    Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`.
+    Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`,
+    `generator` (the call's randomness for methods that sample, OpContext.generator).
     """
 
     weight: torch.Tensor
     adapters: Adapters
     dropout: Dropout
+    generator: Generators
 
     @staticmethod
-    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> AdaptedWeight:
+    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout, generator: Generators = no_generator) -> AdaptedWeight:
         """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
         out = weight.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
         out.dropout = dropout
+        out.generator = generator
         return out  # type: ignore[return-value]
 
     @classmethod
@@ -107,8 +113,8 @@ def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Op, bias: torch.Tensor | 
     For additive methods this is: run the base op once, then let each adapter add its term.
     """
     op = base_op
-    for applied in w.adapters:
-        op = _stacked(applied, OpContext(w.weight, base_op, w.dropout, bias, op))
+    for a in w.adapters:
+        op = _stacked(a, OpContext(w.weight, base_op, w.dropout, bias, op, w.generator, a.call, a.path, a.peers))
     return op(x)
 
 

@@ -4,7 +4,17 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from ..config import (
+    PEFT_VERSION,
+    ArrowConfig,
+    LoraConfig,
+    LoraRuntimeConfig,
+    MontecloraConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+    VeloraConfig,
+)
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
@@ -18,6 +28,7 @@ from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "ArrowConfig",
     "BOFTConfig",
     "C3AConfig",
     "FourierFTConfig",
@@ -26,12 +37,15 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraRuntimeConfig",
     "LycorisConfig",
     "MissConfig",
+    "MontecloraConfig",
     "OFTConfig",
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",
     "TaskType",
+    "VeloraConfig",
     "VeraConfig",
 ]

@@ -4,7 +4,25 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import boft, c3a, dora, fourierft, hra, ia3, loha, lokr, lora, miss, oft, randlora, vera
+from . import (
+    alora,
+    arrow,
+    boft,
+    c3a,
+    dora,
+    fourierft,
+    hra,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    miss,
+    monteclora,
+    oft,
+    randlora,
+    velora,
+    vera,
+)
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,6 +62,8 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "alora",
+    "arrow",
     "boft",
     "c3a",
     "dora",
@@ -56,10 +76,12 @@ __all__ = [
     "method_for",
     "miss",
     "mixed_compatible_types",
+    "monteclora",
     "oft",
     "randlora",
     "register",
     "unregister",
     "vera",
+    "velora",
     "weight_method",
 ]

@@ -130,6 +130,13 @@ def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x
 
 
+def no_generator(device: torch.device) -> torch.Generator | None:
+    return None
+
+
+Generators = Callable[[torch.device], "torch.Generator | None"]
+
+
 @dataclass(frozen=True)
 class OpContext:
     """What a method's forward may use besides its params: never mutate any of it.
@@ -138,7 +145,11 @@ class OpContext:
     plain weight and the layer's own bias/args; dropout: `(x, p) -> x` (identity unless training randomness
     was requested); bias: the base layer's bias (None if it has none); inner_op: `x -> output of the layer
     below this adapter` (the base op plus the adapters applied before this one, like PEFT's nested tuner
-    layers; `base_op` when this adapter is the first).
+    layers; `base_op` when this adapter is the first). generator: the call's randomness for a device, for
+    methods that sample in training (MonteCLoRA): a `torch.Generator`, or None for the call's seeded fork of
+    the global RNG (an int `dropout_rng`); draw from it only when `training`. call: this layer's entry of
+    `Method.prepare_call`'s result (None without the hook). path: the adapted module's path. peers: the
+    adapters this one reads at this layer (`Method.reads_adapters`): {adapter name: (its spec, its params)}.
     """
 
     weight: torch.Tensor
@@ -146,6 +157,10 @@ class OpContext:
     dropout: Dropout
     bias: torch.Tensor | None = None
     inner_op: Callable[[torch.Tensor], torch.Tensor] | None = None
+    generator: Generators = no_generator
+    call: Any = None
+    path: str = ""
+    peers: Mapping[str, tuple[LayerSpec[Any], Params]] = field(default_factory=dict)
 
     @property
     def training(self) -> bool:
@@ -211,7 +226,9 @@ class MergeHooks:
 
     weight / unweight: W -> W' and back (IA3 scales, DoRA renormalises); bias / unbias: the same for the
     layer's bias (IA3's output scaling). grouped_conv: whether an additive merge is valid on a conv with
-    groups > 1 (PEFT refuses it for LoRA, but LoHa / LoKr build a full grouped kernel).
+    groups > 1 (PEFT refuses it for LoRA, but LoHa / LoKr build a full grouped kernel). refuse: for a method
+    no single weight can represent (aLoRA's token-selective term, Arrow's per-token routing), `"merge" |
+    "unmerge" -> the exception PEFT raises`.
     """
 
     weight: MergeWeightFn | None = None
@@ -219,6 +236,7 @@ class MergeHooks:
     bias: MergeBiasFn | None = None
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
+    refuse: Callable[[str], Exception] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +263,47 @@ class SharedTensors:
     layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
 
 
+@dataclass(frozen=True)
+class LayerBuffers:
+    """Per-layer tensors of ONE adapter that PEFT keeps as persistent buffers: in its files, never trained, not
+    counted as parameters (VeLoRA's projection, MonteCLoRA's sampler state).
+
+    funcpeft keeps them on the frozen side, in `base`, under `funcpeft.trees.buffer_key(adapter name, module
+    path, name)`, and hands them to the layer's forward with its params (read-only: `fn` never updates state;
+    a method whose PEFT layer updates a buffer in its forward says how to do that functionally).
+    names(spec) -> their names, which are also their checkpoint names (`{path}.{name}`, no `.weight`);
+    init(spec, generator) -> fresh float32 values (drawn after the layer's params, like PEFT's variant init);
+    layer_dtype: they take the base weight's dtype (VeLoRA's projection), else the adapter's (MonteCLoRA).
+    """
+
+    names: Callable[[LayerSpec[Any]], tuple[str, ...]]
+    init: Callable[[LayerSpec[Any], torch.Generator | None], Params]
+    layer_dtype: bool = False
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """What a method's `prepare_call` sees of one `fn` call, before the model runs.
+
+    args / kwargs: the model call's arguments (the method's own `call_kwargs` included); training: whether
+    the call has training randomness (`dropout_rng`); generator: the call's randomness, as `OpContext.generator`.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    training: bool = False
+    generator: Generators = no_generator
+
+
+class PrepareCallFn(Protocol):
+    def __call__(
+        self, layers: Mapping[str, tuple[LayerSpec[Any], Params]], call: CallInputs, /
+    ) -> Mapping[str, Any]:
+        """Per-call data of one adapter, computed once before the model runs from the call's inputs: `{module
+        path: what that layer's forward gets as ctx.call}` (aLoRA's invocation offsets from input_ids).
+        layers: the adapter's layers of this method, in plan order, with their params."""
+
+
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
 
@@ -258,6 +317,7 @@ class KeyRules:
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+    buffers: frozenset[str] = frozenset()  # `LayerBuffers` names: saved unsuffixed, never tree leaves
 
     def is_method_param(self, name: str) -> bool:
         return name in self.unsuffixed or name.startswith(self.param_prefix)
@@ -279,7 +339,12 @@ class Method:
     method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
     active adapters to the input in activation order, the first adapter's transform meeting the input first
     (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
-    instead of innermost-first (funcpeft.weights.nesting_order).
+    instead of innermost-first (funcpeft.weights.nesting_order). buffers: per-layer persistent buffers PEFT
+    saves (see `LayerBuffers`). prepare_call: per-call data from the call's inputs (see `PrepareCallFn`);
+    call_kwargs: keyword arguments of `fn` the method consumes instead of the model (PEFT's special forward
+    arguments, e.g. `alora_offsets`), read by prepare_call. reads_adapters(spec) -> names of other registered
+    adapters whose layers this one reads (`OpContext.peers`) instead of them being applied (Arrow's router
+    reads its experts): in a call that passes them, only the reader is applied (PEFT: only it is active).
     """
 
     name: str
@@ -298,6 +363,10 @@ class Method:
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
     outermost_first: bool = False
+    buffers: LayerBuffers | None = None
+    prepare_call: PrepareCallFn | None = None
+    call_kwargs: frozenset[str] = frozenset()
+    reads_adapters: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
 
     @property
     def peft_type(self) -> str:

@@ -154,7 +154,7 @@ LORA = register(
     Method(
         name="lora",
         config=LoraConfig,
-        accepts=lambda config: not config.use_dora,
+        accepts=lambda config: not config.lora_variants(),  # plain LoRA: no variant requested
         hyper=hyper,
         param_names=param_names,
         init=init,

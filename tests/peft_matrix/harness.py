@@ -34,6 +34,7 @@ from torch import nn
 
 import funcpeft
 import funcpeft.io
+from funcpeft.trees import BUFFER_PREFIX
 
 from . import models
 from .cases import Case, MultiCase, build_config
@@ -320,7 +321,8 @@ def check_row(case: Case, tmp: str | os.PathLike, seed: int = 0, grads: str = "a
         and the check fails if PEFT's own gradients pass that test (the deviation would be obsolete).
 
     get_peft_model: the row's kwargs build `funcpeft.<config_cls>`; `funcpeft.get_peft_model` counts like
-        PEFT and saving the loaded values through it writes PEFT's files (same keys, bitwise tensors, JSON).
+        PEFT and saving the loaded values through it writes PEFT's files (same keys, bitwise tensors, JSON);
+        per-layer buffers (state, not values of the tree) are PEFT's.
     from_pretrained: funcpeft loads PEFT's files (fatal: the checks below need it).
     forward, grads: eval outputs and the gradients of a fixed random-weighted loss, per checkpoint key.
     counts: `get_nb_trainable_parameters` and the `print_trainable_parameters` line.
@@ -353,8 +355,12 @@ def check_row(case: Case, tmp: str | os.PathLike, seed: int = 0, grads: str = "a
         direct = _quiet(lambda: funcpeft.get_peft_model(copy.deepcopy(model), fconfig))
         _check_counts(pm, direct)
         loaded, _ = _quiet(lambda: funcpeft.load_adapter(peft_dir, model=model, is_trainable=True))
+        # per-layer buffers PEFT saves (VeLoRA's projection, ...) are state funcpeft keeps in `base`, not tree
+        # values: the files are written with PEFT's (from_pretrained's base), not the fresh model's
+        state = {k: v for k, v in _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), peft_dir)).base.items()
+                 if k.startswith(BUFFER_PREFIX)}
         out_dir = os.path.join(tmp, "funcpeft_direct")
-        _quiet(lambda: direct.save_pretrained(out_dir, loaded))
+        _quiet(lambda: direct.save_pretrained(out_dir, loaded, base_params={**direct.base, **state}))
         _same_files("files saved by get_peft_model(row config)", out_dir, peft_dir, set_fields)
 
     fmodel = copy.deepcopy(model)
