@@ -11,7 +11,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import (
+    IA3Config,
+    LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
+    ShiraConfig,
+    TrainableTokensConfig,
+    VBLoRAConfig,
+    VeraConfig,
+)
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import save_adapter
@@ -35,6 +44,7 @@ __all__ = [
     "BaseTree",
     "FunctionalPeftModel",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
@@ -43,8 +53,11 @@ __all__ = [
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "UnsupportedWeightOp",
+    "VBLoRAConfig",
     "VeraConfig",
     "__version__",
     "add_weighted_adapter",

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._plan import Plan, check_adapter_structure, shared_params
+from ._plan import Plan, check_adapter_structure, check_stack, shared_params
 from .methods.base import no_dropout
 from .routing import PerExample, route_layer, split_routed
+from .trees import SHARED_PATH
 from .weights import AdaptedWeight, Applied
 
 
@@ -102,8 +103,19 @@ class PeftFunction:
         default_plan = self.plans.get(self.default_adapter, {})
         if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
             names = [name for name in (self.plans if self.mixed else adapter) if adapter.get(name) is not None]
+            self._check_copies(names)
             return [(name, adapter[name]) for name in names]
         return [(self.default_adapter, adapter)]
+
+    def _check_copies(self, names: list[str]) -> None:
+        """PEFT's LN tuning runs and merges one adapter at a time (`Method.copies_modules`)."""
+        copying = [n for n in names if any(e.copied_by for e in self.plans[n].values())]
+        if copying and len(names) > 1:
+            method = next(e.copied_by for e in self.plans[copying[0]].values() if e.copied_by)
+            raise ValueError(
+                f"Trying to run forward with {len(names)} active adapters ({names}), but {method!r} adapters "
+                f"({copying}) replace whole modules and do not allow more than one adapter at a time (PEFT's rule)"
+            )
 
     def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights."""
@@ -130,13 +142,17 @@ class PeftFunction:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
+                own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
-                if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing)
-                else:
-                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
-                carried.setdefault(f"{path}.weight", []).append(applied)
+                # the layer itself, then layers tied to it that apply the same parameters (PlanEntry.tied)
+                for lpath, spec in ((path, entry.spec), *entry.tied):
+                    if routing is not None:
+                        applied = route_layer(spec, method, own, frozen, routing)
+                    else:
+                        applied = Applied(spec, {**own, **frozen}, method.forward, method.uses_result(spec))
+                    carried.setdefault(f"{lpath}.weight", []).append(applied)
         for wname, adapters in carried.items():
+            check_stack(tuple(a.spec for a in adapters))
             params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
         return params
 

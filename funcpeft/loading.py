@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._plan import init_adapter, init_shared, method_shapes, plan_adapter
+from ._plan import init_adapter, init_shared, method_shapes, plan_adapter, shared_shapes
 from .config import PeftConfig
 from .io import CONFIG_NAME, adapter_dir, read_config, read_tensors
 from .keys import (
@@ -27,14 +27,17 @@ from .keys import (
     Leaf,
     base_file_key,
     file_key,
+    frozen_file_keys,
     is_saved_module,
     is_wrapper_duplicate,
     key_rules,
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
+    tree_entry_adapted,
     tree_file_keys,
 )
+from .methods import Method, method_for
 from .methods._layers import adapter_dtype
 
 
@@ -84,6 +87,11 @@ def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
+        if e.owner is not None:  # the shared trainable tensors: on the first layer's device, in its adapter dtype
+            w = next(modules[p].weight for p, f in plan.items() if f.shared)
+            shapes = shared_shapes(e.owner)
+            for n in e.params:
+                out[(path, n)] = LeafSpec(tuple(shapes[n]), adapter_dtype(w.dtype, autocast_adapter_dtype), _device(w))
         if e.spec is not None:
             w = modules[path].weight
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
@@ -101,7 +109,9 @@ def check_tree(tree: Mapping[str, Any], plan: Mapping[str, Any], model: nn.Modul
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     leaves = expected_leaves(model, plan)
-    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules).items()}
+    tied = {p: tuple(t for t, _ in e.tied) for p, e in plan.items() if e.tied}
+    mts = getattr(config, "modules_to_save", None)
+    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts, tied).items()}
     problems = Problems(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],
@@ -120,11 +130,11 @@ class Matched(NamedTuple):
 
 def match_checkpoint(
     tensors: Mapping[str, torch.Tensor], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor],
+    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor], adapter_name: str = "default",
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
-    shared: the method's frozen shared base entries (funcpeft.mapping.init_shared), which it may save.
+    shared: the method's frozen base entries (funcpeft._plan.init_shared), which it may save.
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
@@ -135,6 +145,7 @@ def match_checkpoint(
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
     shared_keys = shared_file_keys(config, shared)
+    shared_keys.update(frozen_file_keys(config, adapted, adapter_name))
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
@@ -217,15 +228,15 @@ def load_for_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name)
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
+    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
     shared = init_shared(model, plan)
-    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
+    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
     ref = {**dict(model.named_parameters()), **shared}
@@ -233,9 +244,15 @@ def load_for_model(
     return Loaded(resolved, plan, tree, {**shared, **loaded})
 
 
+def _decoded(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint as the method's leaves are keyed (`FileCodec.decode`, e.g. VB-LoRA's top-k logits)."""
+    method = method_for(config)
+    return method.codec.decode(config, tensors) if isinstance(method, Method) and method.codec else tensors
+
+
 def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pickle: bool) -> tuple[dict, PeftConfig]:
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
     tree: dict[str, dict[str, torch.Tensor]] = {}
@@ -250,8 +267,7 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
             tree.setdefault(path, {})[name] = t.requires_grad_(is_trainable)
             keys[(path, name)] = key
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        adapted = any(rules.is_method_param(n) for n in tree[path])
-        if file_key(path, name, rules, adapted) != key:
+        if file_key(path, name, rules, tree_entry_adapted(path, tree[path], rules, mts)) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}

@@ -6,18 +6,26 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
 from .ia3 import IA3Config
+from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .shira import ShiraConfig
+from .trainable_tokens import TrainableTokensConfig
+from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
     "PeftConfig",
     "PeftType",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
+    "VBLoRAConfig",
     "VeraConfig",
 ]

@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import dora, ia3, loha, lokr, lora, vera
+from . import dora, ia3, ln_tuning, loha, lokr, lora, shira, trainable_tokens, vblora, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -17,14 +17,17 @@ from ._registry import (
 from .base import (
     ConvGeometry,
     EmbeddingGeometry,
+    FileCodec,
     InputMethod,
     KeyRules,
+    LayerFrozen,
     LayerKind,
     LayerSpec,
     MergeHooks,
     Method,
     ModelCall,
     OpContext,
+    SharedParams,
     SharedTensors,
     Target,
 )
@@ -34,25 +37,32 @@ __all__ = [
     "METHODS",
     "ConvGeometry",
     "EmbeddingGeometry",
+    "FileCodec",
     "InputMethod",
     "KeyRules",
+    "LayerFrozen",
     "LayerKind",
     "LayerSpec",
     "MergeHooks",
     "Method",
     "ModelCall",
     "OpContext",
+    "SharedParams",
     "SharedTensors",
     "Target",
     "dora",
     "ia3",
+    "ln_tuning",
     "loha",
     "lokr",
     "lora",
     "method_for",
     "mixed_compatible_types",
     "register",
+    "shira",
+    "trainable_tokens",
     "unregister",
+    "vblora",
     "vera",
     "weight_method",
 ]
