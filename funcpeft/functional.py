@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._plan import Plan, check_adapter_structure, check_stack, shared_params
+from .methods import weight_method
 from .methods.base import no_dropout
 from .routing import PerExample, route_layer, split_routed
 from .trees import SHARED_PATH
@@ -113,8 +114,9 @@ class PeftFunction:
         if copying and len(names) > 1:
             method = next(e.copied_by for e in self.plans[copying[0]].values() if e.copied_by)
             raise ValueError(
-                f"Trying to run forward with {len(names)} active adapters ({names}), but {method!r} adapters "
-                f"({copying}) replace whole modules and do not allow more than one adapter at a time (PEFT's rule)"
+                f"Trying to use {len(names)} adapters at once ({names}), but {weight_method(method).peft_type} "
+                f"({copying}) replaces whole modules' parameters and does not allow inference or merging with more "
+                "than one adapter at a time (PEFT's rule)"
             )
 
     def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
@@ -132,9 +134,12 @@ class PeftFunction:
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
+                    what = "modules_to_save or a trainable bias"
+                    if entry.copied_by:
+                        what = f"{weight_method(entry.copied_by).peft_type} replaces its parameters"
                     raise NotImplementedError(
-                        f"per-example adapters: {path} overrides {entry.overrides} (modules_to_save or a trainable "
-                        "bias); only method parameters can be routed per example"
+                        f"per-example adapters: {path} overrides {entry.overrides} ({what}); only method parameters "
+                        "can be routed per example"
                     )
                 for pname in entry.overrides:
                     params[f"{path}.{pname}"] = leaves[pname]

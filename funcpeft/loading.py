@@ -255,10 +255,14 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
     tensors = _decoded(config, read_tensors(where, allow_pickle))
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
+    method = method_for(config)
+    frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
     tree: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[Leaf, str] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.rsplit(".", 1)[-1] in frozen:
+            continue  # a layer's frozen tensor (SHiRA's mask indices): the base side, which needs the model
         parsed = parse_file_key(key, rules, mts, bias)
         if parsed is None:
             unexpected.append(key)

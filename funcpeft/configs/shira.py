@@ -66,7 +66,7 @@ class ShiraConfig(PeftConfig):
             warnings.warn(
                 f"Argument self.mask_type={self.mask_type!r} is not recognized, please supply your own masking "
                 "function by calling `config.mask_fn = my_mask_fn`.",
-                stacklevel=3,
+                stacklevel=4,  # the user's call, past __post_init__, the dataclass __init__ and validated_init
             )
         if self.mask_fn is not None and not callable(self.mask_fn):
             raise ValueError(f"ShiraConfig.mask_fn must be callable (base_layer, r) -> mask, got {self.mask_fn!r}")
