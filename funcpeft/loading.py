@@ -304,10 +304,13 @@ def load_adapter(
     )
     params = dict(model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
+    fresh = init_shared(model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(
-            f"The checkpoint also carries base-model weights that differ from the model's: {differing}. "
-            "load_adapter ignores them; funcpeft.from_pretrained uses them (in `base`), like PEFT.",
+            f"The checkpoint also carries base-model weights that differ from the model's (or frozen adapter tensors "
+            f"its config alone does not give): {differing}. load_adapter ignores them; funcpeft.from_pretrained uses "
+            "them (in `base`), like PEFT.",
             stacklevel=2,
         )
     return loaded.tree, loaded.config

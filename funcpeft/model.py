@@ -53,7 +53,7 @@ class FunctionalPeftModel:
 
     def __repr__(self) -> str:
         configs = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in self.peft_config.items())
-        layers = sum(e.spec is not None for e in self.plans[self.adapter_name].values())
+        layers = sum(e.spec is not None or e.copied_by is not None for e in self.plans[self.adapter_name].values())
         return (
             f"FunctionalPeftModel({type(self.model).__name__}, adapters={{{configs}}}, active={self.adapter_name!r}, "
             f"{layers} adapted layers, {tree_numel(self.adapter):,} adapter values, {len(self.base)} base tensors"

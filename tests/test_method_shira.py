@@ -5,6 +5,7 @@ rows run in test_peft_matrix.py / test_contract.py."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import optree
@@ -182,3 +183,16 @@ def test_per_example_adapters_equal_each_alone() -> None:
         for i, k in enumerate([1, -1, 0]):
             want = fn(base, trees[k] if k >= 0 else None, x=x)[i]
             torch.testing.assert_close(routed[i], want, atol=1e-6, rtol=0)
+
+
+def test_load_adapter_warns_that_it_drops_a_custom_mask(tmp_path: Any) -> None:
+    model = T.tiny_llama()
+    config = quiet(peft.ShiraConfig, r=2, target_modules=["v_proj"], mask_type="magnitude")
+    config.mask_fn = magnitude_mask
+    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="frozen adapter tensors its config alone does not give.*shira_indices"):
+        funcpeft.load_adapter(tmp_path, model=model)
+    peft.get_peft_model(copy.deepcopy(model), peft.ShiraConfig(r=2, target_modules=["v_proj"])).save_pretrained(tmp_path / "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a random mask: the config gives the same indices, nothing is dropped
+        funcpeft.load_adapter(tmp_path / "r", model=model)
