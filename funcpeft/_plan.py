@@ -149,19 +149,22 @@ def plan_adapter(
     if hasattr(resolved, "fan_in_fan_out"):
         _fix_fan_in_fan_out(kinds, resolved)
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    shared_names = _shared_names(method, resolved, modules, layers, kinds, common)
     for name in layers:
         spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         if method.layer_frozen is not None:
             frozen += tuple((n, layer_frozen_key(adapter_name, name, n)) for n in method.layer_frozen.names)
-        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shared=shared_names)
+        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen)
+    if method.shared_trainable is not None and layers:  # one tree entry for them; every layer reads it
+        owner = plan[layers[0]].spec
+        assert owner is not None
+        names = tuple(shared_shapes(owner))
+        plan.update({n: dataclasses.replace(plan[n], shared=names) for n in layers})
+        plan[SHARED_PATH] = PlanEntry(params=names, owner=owner)
     if tied:  # PEFT ties them to the input embedding's adapter (which is targeted: see tied_to_input_embedding)
         emb = next(n for n in layers if modules[n] is model.get_input_embeddings())  # type: ignore[operator]
         specs = tuple((n, layer_spec(Target(n, modules[n], kinds[n], common), resolved, method)) for n in tied)
         plan[emb] = dataclasses.replace(plan[emb], tied=specs)
-    if shared_names:
-        plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=plan[layers[0]].spec)
     saved = find_modules_to_save(model, resolved, set(targets))
     for name in saved:
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in modules[name].named_parameters()))
@@ -191,18 +194,6 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
         n: PlanEntry(overrides=tuple(p for p, _ in modules[n].named_parameters()), copied_by=method.name)
         for n in targets
     }
-
-
-def _shared_names(
-    method: Method, config: Any, modules: Mapping[str, nn.Module], layers: list[str], kinds: Mapping[str, LayerKind],
-    common: Any,
-) -> tuple[str, ...]:
-    """Names of the method's trainable shared tensors (`Method.shared_trainable`), from a meta-device draw."""
-    if method.shared_trainable is None or not layers:
-        return ()
-    spec = layer_spec(Target(layers[0], modules[layers[0]], kinds[layers[0]], common), config, method)
-    with torch.device("meta"):
-        return tuple(method.shared_trainable.init(spec, None))
 
 
 def fresh_method_params(
