@@ -183,6 +183,8 @@ class PeftConfig:
     _unimplemented: ClassVar[dict[str, Any]] = {}
     # fields PEFT drops when it writes adapter_config.json
     _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
+    # PEFT's save_embedding_layers="auto" saves a targeted embedding, except for trainable tokens
+    SAVES_TARGETED_EMBEDDINGS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -206,6 +208,10 @@ class PeftConfig:
     def model_defaults(self, model_type: str | None) -> dict[str, Any]:
         """Fields PEFT fills in from the model type at get_peft_model time (e.g. IA3's feedforward_modules)."""
         return {}
+
+    def default_targets(self, model: Any) -> Any:
+        """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (sets become sorted lists, enums their values)."""
