@@ -6,6 +6,7 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import enum
@@ -118,7 +119,17 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
     container = origin or hint
+    if container is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
     if container is list:
         return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
     if container is set:
