@@ -19,35 +19,27 @@ import torch
 from torch import nn
 
 from ._checks import AdapterMismatchError, LeafSpec, Problems, device_of, expected_leaves
-from ._plan import (
-    PlanEntry,
-    buffer_dtype,
-    buffer_names,
-    buffer_shapes,
-    init_adapter,
-    init_buffers,
-    init_shared,
-    method_shapes,
-    plan_adapter,
-)
+from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
 from ._replicate import prepared
 from .config import PeftConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors, tensor_shapes
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors
 from .keys import (
     PREFIX,
     Leaf,
     base_file_key,
     file_key,
+    frozen_file_keys,
     is_saved_module,
     is_wrapper_duplicate,
     key_rules,
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
+    tree_entry_adapted,
 )
+from .methods import Method, method_for
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
-from .trees import buffer_key
 
 # -- sizes the config implies, checked before anything is allocated ---------------------------------------------
 RANK_FACTOR, RANK_FLOOR = 4, 4096  # a loaded config may give a layer a rank up to max(4 * min(in, out), 4096)
@@ -120,15 +112,12 @@ class Matched(NamedTuple):
 
 def match_checkpoint(
     tensors: Mapping[str, torch.Tensor], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor],
-    buffers: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor], adapter_name: str = "default",
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
-    shared: the method's frozen shared base entries (funcpeft._plan.init_shared), which it may save.
-    buffers: {checkpoint key: (base key, shape)} of the adapter's per-layer buffers (`expected_buffers`).
+    shared: the method's frozen base entries (funcpeft._plan.init_shared), which it may save.
     """
-    buffers = buffers or {}
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     adapted = {p for p, e in plan.items() if e.spec is not None}
@@ -138,6 +127,7 @@ def match_checkpoint(
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
     shared_keys = shared_file_keys(config, shared, sorted(adapted))
+    shared_keys.update(frozen_file_keys(config, adapted, adapter_name))
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
@@ -150,12 +140,6 @@ def match_checkpoint(
                 problems.shapes.append((key, tuple(t.shape), want))
             else:
                 found[expected[key]] = t
-        elif key in buffers:
-            name, shape = buffers[key]
-            if tuple(t.shape) != shape:
-                problems.shapes.append((key, tuple(t.shape), shape))
-            else:
-                base[name] = t
         elif key in base_keys:
             name = base_keys[key]
             if tuple(t.shape) != tuple(reference[name].shape):
@@ -167,19 +151,7 @@ def match_checkpoint(
     mis_shaped = {k for k, _, _ in problems.shapes}
     problems.missing = [k for k, leaf in expected.items() if leaf not in found and k not in mis_shaped]
     problems.missing += [k for k, name in shared_keys.items() if name not in base and k not in mis_shaped]
-    problems.missing += [k for k, (name, _) in buffers.items() if name not in base and k not in mis_shaped]
     return Matched(found, base, problems)
-
-
-def expected_buffers(plan: Mapping[str, PlanEntry], adapter_name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{checkpoint key: (base key, shape)} of adapter `adapter_name`'s per-layer buffers (VeLoRA's projection, ...)."""
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for path, e in plan.items():
-        if buffer_names(e):
-            assert e.spec is not None
-            for name, shape in buffer_shapes(e.spec).items():
-                out[f"{PREFIX}{path}.{name}"] = (buffer_key(adapter_name, path, name), tuple(shape))
-    return out
 
 
 def _report(problems: Problems, what: str, model: nn.Module, strict: bool) -> None:
@@ -240,7 +212,7 @@ class Loaded(NamedTuple):
     config: PeftConfig  # resolved against the model, like FunctionalPeftModel.peft_config
     plan: dict[str, Any]
     tree: dict[str, dict[str, torch.Tensor]]
-    # shared method tensors, per-layer buffers + base parameters the checkpoint carries (model's dtype/device)
+    # shared method tensors, per-layer frozen tensors + base parameters the checkpoint carries (model's dtype/device)
     base: dict[str, torch.Tensor]
     model: nn.Module  # what the plan is for: the model, or its replicated structure (layer_replication)
 
@@ -254,61 +226,54 @@ def load_for_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
-    shapes = tensor_shapes(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
     model = prepared(model, config)  # layer_replication: plan on the replicated structure, like PEFT
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
+    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
     check_sizes(shapes, plan, resolved, leaves, where)
     shared = init_shared(model, plan)
-    tensors = read_tensors(where, allow_pickle)
-    buffers = expected_buffers(plan, adapter_name)
-    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, buffers)
+    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
-    absent = {p for p, e in plan.items() if any(buffer_key(adapter_name, p, n) not in matched.base for n in buffer_names(e))}
-    # buffers the file lacks (strict=False) keep a fresh init, like PEFT's layers
-    fresh = init_buffers(model, {p: plan[p] for p in absent}, adapter_name, None, autocast_adapter_dtype) if absent else {}
-    ref = {**dict(model.named_parameters()), **shared, **_buffer_refs(model, plan, adapter_name, autocast_adapter_dtype)}
+    # frozen tensors the file lacks (strict=False) keep their fresh values, like PEFT's layers
+    ref = {**dict(model.named_parameters()), **shared}
     loaded = {n: t.to(device=device_of(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
-    return Loaded(resolved, plan, tree, {**shared, **fresh, **loaded}, model)
+    return Loaded(resolved, plan, tree, {**shared, **loaded}, model)
 
 
-def _buffer_refs(model: nn.Module, plan: Mapping[str, PlanEntry], adapter_name: str, autocast: bool) -> dict[str, torch.Tensor]:
-    """Empty tensors with each buffer's device and dtype (what a loaded buffer is converted to)."""
-    modules = dict(model.named_modules())
-    out = {}
-    for path, e in plan.items():
-        for name in buffer_names(e):
-            w = modules[path].weight
-            out[buffer_key(adapter_name, path, name)] = torch.empty(0, dtype=buffer_dtype(e, w.dtype, autocast), device=device_of(w))
-    return out
+def _decoded(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint as the method's leaves are keyed (`FileCodec.decode`, e.g. VB-LoRA's top-k logits)."""
+    method = method_for(config)
+    return method.codec.decode(config, tensors) if isinstance(method, Method) and method.codec else tensors
 
 
 def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pickle: bool) -> tuple[dict, PeftConfig]:
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
+    method = method_for(config)
+    frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
     tree: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[Leaf, str] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
+        if key.startswith(PREFIX) and any(key.endswith(f".{n}") for n in frozen):
+            continue  # a layer's frozen tensor (SHiRA's mask indices): the base side, which needs the model
         parsed = parse_file_key(key, rules, mts, bias)
         if parsed is None:
             unexpected.append(key)
-        elif parsed[0] == "buffer":  # per-layer buffers are state, not tree leaves: from_pretrained keeps them
-            continue
         elif parsed[0] == "adapter":
             (path, name) = parsed[1]
             tree.setdefault(path, {})[name] = t.requires_grad_(is_trainable)
             keys[(path, name)] = key
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        adapted = any(rules.is_method_param(n) for n in tree[path])
-        if file_key(path, name, rules, adapted) != key:
+        if file_key(path, name, rules, tree_entry_adapted(path, tree[path], rules, mts)) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}
@@ -340,19 +305,15 @@ def load_adapter(
         model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
         strict=strict, allow_pickle=allow_pickle,
     )
-    params = dict(model.named_parameters())
+    params = dict(loaded.model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
+    fresh = init_shared(loaded.model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(
-            f"The checkpoint also carries base-model weights that differ from the model's: {differing}. "
-            "load_adapter ignores them; funcpeft.from_pretrained uses them (in `base`), like PEFT.",
-            stacklevel=2,
-        )
-    if expected_buffers(loaded.plan, adapter_name):
-        warnings.warn(
-            f"The checkpoint holds per-layer buffers of {type(loaded.config).__name__} (state PEFT saves, e.g. VeLoRA's "
-            "projection); they are not trainable and not part of the returned tree, so load_adapter drops them. "
-            "funcpeft.from_pretrained and pm.load_adapter keep them (in `base`).",
+            f"The checkpoint also carries base-model weights that differ from the model's (or frozen adapter tensors "
+            f"its config alone does not give): {differing}. load_adapter ignores them; funcpeft.from_pretrained uses "
+            "them (in `base`), like PEFT.",
             stacklevel=2,
         )
     return loaded.tree, loaded.config

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._plan import Plan, check_adapter_name, init_adapter, init_buffers, init_shared, plan_adapter
+from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
 from ._replicate import prepared
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
@@ -57,7 +57,7 @@ class FunctionalPeftModel:
 
     def __repr__(self) -> str:
         configs = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in self.peft_config.items())
-        layers = sum(e.spec is not None for e in self.plans[self.adapter_name].values())
+        layers = sum(e.spec is not None or e.copied_by is not None for e in self.plans[self.adapter_name].values())
         return (
             f"FunctionalPeftModel({type(self.model).__name__}, adapters={{{configs}}}, active={self.adapter_name!r}, "
             f"{layers} adapted layers, {tree_numel(self.adapter):,} adapter values, {len(self.base)} base tensors"
@@ -84,19 +84,20 @@ class FunctionalPeftModel:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
         _check_no_second_replication(peft_config)
-        resolved, plan = plan_adapter(self.model, peft_config)
-        self.base.update(init_shared(self.model, plan))
+        resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
+        _check_nesting(plan, self.plans)
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
         tree = self.init_adapter(adapter_name, generator)
-        self.base.update(init_buffers(self.model, plan, adapter_name, generator, self.autocast_adapter_dtype))
+        # after the params: a random frozen tensor (VeLoRA's projection) is drawn after them, as in PEFT
+        self.base.update(init_shared(self.model, plan, generator))
         return tree
 
     def load_adapter(
         self, directory: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> AdapterTree:
         """PEFT's `PeftModel.load_adapter`: register the adapter saved in `directory` as `adapter_name` and return
-        its tree; its per-layer buffers (e.g. VeLoRA's projection) go into `base`, like PEFT's layers hold them.
+        its tree; its per-layer frozen tensors (e.g. VeLoRA's projection) go into `base`, like PEFT's layers hold them.
 
         kwargs: `autocast_adapter_dtype`, `strict`, `allow_pickle` (see funcpeft.load_adapter).
         """
@@ -205,11 +206,10 @@ def get_peft_model(
     if mixed:
         _check_combinable(peft_config, None, mixed)
     model = prepared(model, peft_config)  # layer_replication: a replicated structure sharing the model's tensors
-    resolved, plan = plan_adapter(model, peft_config, revision)
+    resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update(init_shared(model, plan))
-    base.update(init_buffers(model, plan, adapter_name, generator, autocast_adapter_dtype))
+    base.update(init_shared(model, plan, generator))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
 
@@ -241,6 +241,22 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
             f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
             "Pass mixed=True to get_peft_model to mix adapter types."
         )
+
+
+def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A method that cannot wrap another method's layer (`Method.nests`, PEFT's SHiRA) must be added first there."""
+    for path, entry in plan.items():
+        if entry.spec is None or entry.method.nests:
+            continue
+        below = [
+            (n, p[path].method.peft_type) for n, p in plans.items()
+            if (e := p.get(path)) is not None and e.spec is not None and e.method.peft_type != entry.method.peft_type
+        ]
+        if below:
+            raise ValueError(
+                f"{entry.method.peft_type} does not support nested base layers: {path!r} is already adapted by "
+                f"{below} (PEFT's rule); add the {entry.method.peft_type} adapter before the others on that layer"
+            )
 
 
 def from_pretrained(

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..configs import LoraConfig
 from . import lora
@@ -42,7 +43,7 @@ from .base import (
     CallInputs,
     Generators,
     KeyRules,
-    LayerBuffers,
+    LayerFrozen,
     LayerSpec,
     Method,
     OpContext,
@@ -90,9 +91,12 @@ def init(spec: LayerSpec[Any], generator: torch.Generator | None) -> Params:
     return params
 
 
-def _init_buffers(spec: LayerSpec[Any], generator: torch.Generator | None) -> Params:
-    n = spec.hyper.num_samples
-    return {GAUSSIAN_VAR: torch.eye(spec.hyper.r), EXPERT_WEIGHTS: torch.ones(n) / n}
+def make_buffers(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
+    """The sampler's fresh buffers, float32 on the base weight's device (PEFT's `MontecloraSampler`)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    n, device = spec.hyper.num_samples, weight.device
+    return {GAUSSIAN_VAR: torch.eye(spec.hyper.r, device=device), EXPERT_WEIGHTS: torch.ones(n, device=device) / n}
 
 
 # -- the samples ----------------------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def monteclora_loss(
     return out
 
 
-_KEYS = KeyRules(unsuffixed=LORA_UNSUFFIXED | {STD, EXPERT}, buffers=frozenset({GAUSSIAN_VAR, EXPERT_WEIGHTS}))
+_KEYS = KeyRules(unsuffixed=LORA_UNSUFFIXED | {STD, EXPERT})
 
 MONTECLORA = register(
     Method(
@@ -282,7 +286,7 @@ MONTECLORA = register(
         forward=forward,
         forward_per_example=forward_per_example,
         delta_weight=lambda spec, params: lora.delta_weight(spec, {k: params[k] for k in ("lora_A", "lora_B")}),
-        buffers=LayerBuffers(names=lambda spec: (GAUSSIAN_VAR, EXPERT_WEIGHTS), init=_init_buffers),
+        layer_frozen=LayerFrozen(names=(GAUSSIAN_VAR, EXPERT_WEIGHTS), make=make_buffers),
         prepare_call=prepare_call,
         keys=_KEYS,
     )

@@ -14,7 +14,7 @@ funcpeft reproduces exactly, not autograd's true gradient. The activation memory
 in to num_groups values per token.
 
 The projection `embed` is the per-layer buffer `lora_velora_embed` (d,), in the base weight's dtype, that PEFT
-saves; funcpeft keeps it in `base` (see funcpeft.methods.base.LayerBuffers):
+saves; funcpeft keeps it in `base` (see funcpeft.methods.base.LayerFrozen):
 
 - init_type="random": drawn at init (normalised N(0, 1)) and fixed;
 - "batch_average": each training call uses the normalised mean sub-token of its own (dropped-out) input
@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..configs import LoraConfig
-from ..trees import buffer_key
+from ..trees import layer_frozen_key
 from . import lora
 from ._registry import register
 from ._variant import linear_lora_hyper
-from .base import KeyRules, LayerBuffers, LayerSpec, Method, OpContext, Params, Target
+from .base import LayerFrozen, LayerSpec, Method, OpContext, Params, Target
 
 EMBED = "lora_velora_embed"
 
@@ -90,12 +91,15 @@ def batch_projection(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     return normalize(_subtokens(x.detach(), num_groups).reshape(-1, group_dim(x.shape[-1], num_groups)).mean(dim=0))
 
 
-def _init_buffers(spec: LayerSpec[Any], generator: torch.Generator | None) -> Params:
-    h = spec.hyper
+def make_embed(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
+    """The fresh projection (d,), in the base weight's dtype and on its device (PEFT's buffer)."""
+    h, weight = spec.hyper, module.weight
+    assert isinstance(weight, torch.Tensor)
     d = group_dim(spec.in_features, h.num_groups)
-    if h.init_type == "random":
-        return {EMBED: normalize(torch.randn(d, generator=generator))}
-    return {EMBED: torch.zeros(d)}
+    if weight.is_meta:
+        return {EMBED: torch.empty(d, device="meta", dtype=weight.dtype)}
+    embed = normalize(torch.randn(d, generator=generator)) if h.init_type == "random" else torch.zeros(d)
+    return {EMBED: embed.to(weight.device, weight.dtype)}
 
 
 class _VeloraLinear(torch.autograd.Function):
@@ -202,7 +206,7 @@ def velora_update(
             continue
         if path not in found:
             raise ValueError(f"velora_update: the call did not run the VeLoRA layer {path} (is dropout_rng set?)")
-        key = buffer_key(name, path, EMBED)
+        key = layer_frozen_key(name, path, EMBED)
         out[key] = found[path].to(base[key].dtype)
     return out
 
@@ -217,7 +221,6 @@ VELORA = register(
         init=lora.init,
         forward=forward,
         delta_weight=lora.delta_weight,
-        buffers=LayerBuffers(names=lambda spec: (EMBED,), init=_init_buffers, layer_dtype=True),
-        keys=KeyRules(buffers=frozenset({EMBED})),
+        layer_frozen=LayerFrozen(names=(EMBED,), make=make_embed),
     )
 )

@@ -34,7 +34,7 @@ from torch import nn
 
 import funcpeft
 import funcpeft.io
-from funcpeft.trees import BUFFER_PREFIX
+from funcpeft.trees import SHARED_PREFIX
 
 from . import models
 from .cases import Case, MultiCase, build_config
@@ -355,10 +355,12 @@ def check_row(case: Case, tmp: str | os.PathLike, seed: int = 0, grads: str = "a
         direct = _quiet(lambda: funcpeft.get_peft_model(copy.deepcopy(model), fconfig))
         _check_counts(pm, direct)
         loaded, _ = _quiet(lambda: funcpeft.load_adapter(peft_dir, model=model, is_trainable=True))
-        # per-layer buffers PEFT saves (VeLoRA's projection, ...) are state funcpeft keeps in `base`, not tree
-        # values: the files are written with PEFT's (from_pretrained's base), not the fresh model's
+        # per-layer frozen tensors PEFT saves (VeLoRA's projection, ...) are state funcpeft keeps in `base`, not
+        # tree values: the files are written with PEFT's (from_pretrained's base), not the fresh model's
+        method = funcpeft.methods.method_for(fconfig)
+        frozen = method.layer_frozen.names if getattr(method, "layer_frozen", None) is not None else ()
         state = {k: v for k, v in _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), peft_dir)).base.items()
-                 if k.startswith(BUFFER_PREFIX)}
+                 if k.startswith(SHARED_PREFIX) and any(k.endswith(f".{n}") for n in frozen)}
         out_dir = os.path.join(tmp, "funcpeft_direct")
         _quiet(lambda: direct.save_pretrained(out_dir, loaded, base_params={**direct.base, **state}))
         _same_files("files saved by get_peft_model(row config)", out_dir, peft_dir, set_fields)
