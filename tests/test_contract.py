@@ -13,8 +13,8 @@ import dataclasses
 import math
 import os
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import optree

@@ -164,7 +164,7 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     x = ctx.dropout(x.to(a.dtype), h.dropout)
     capture = _CAPTURE.get()
     if capture is not None and ctx.training:
-        capture[ctx.path] = batch_projection(x, h.num_groups)
+        capture[ctx.path] = projection(spec, params[EMBED], x)
     if ctx.training and torch.is_grad_enabled():
         after_a = velora_linear(x, a, projection(spec, params[EMBED], x), h.num_groups, h.scale)
     else:
@@ -184,19 +184,31 @@ def _capturing() -> Iterator[dict[str, torch.Tensor]]:
 
 def velora_update(
     pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any, adapter_name: str | None = None,
-    **kwargs: Any,
+    first_step: bool = False, **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
-    """PEFT's projection update of one training step, functionally: a new `base` whose VeLoRA projections (init_type
-    "batch_average" and "batch_average_once") are this batch's, as PEFT's layers store them in a training forward.
+    """PEFT's projection update of one training step, functionally: a new `base` whose VeLoRA projections are the
+    ones that training call uses, as PEFT's layers store them in a training forward: this batch's for
+    "batch_average"; for "batch_average_once" this batch's if the stored one is zero (fresh), else the stored one.
 
     pm: what get_peft_model / from_pretrained returned; adapter: the adapter's tree; args / kwargs: the model call;
     dropout_rng: the seed (or a Generator in the same state) of the training call whose inputs to use, so the
-    dropout masks match. Runs the model once without gradients. For "batch_average_once", call it with the first
-    training batch (after creating or loading the adapter: PEFT recomputes it then) and pass the result as `base`
-    from then on. "random" projections and every other entry are unchanged (the same tensors).
+    dropout masks match. Runs the model once without gradients. Call it with each training batch (or at least
+    the first one for "batch_average_once") and pass the result as `base` from then on. first_step: treat the
+    stored "batch_average_once" projections as not computed yet, as PEFT does in the first training forward
+    after loading an adapter (it keeps that state in memory, not in its files); then also pass
+    `velora_update(..., first_step=True)`'s result to that first call. "random" projections and every other entry
+    are unchanged (the same tensors).
     """
     name = adapter_name or pm.adapter_name
     plan = pm.plans[name]
+    if first_step:
+        base = {
+            **base, **{
+                k: torch.zeros_like(base[k]) for p, e in plan.items()
+                if e.spec is not None and e.spec.method == VELORA.name and e.spec.hyper.init_type == "batch_average_once"
+                for k in [layer_frozen_key(name, p, EMBED)]
+            },
+        }
     with _capturing() as found, torch.no_grad():
         pm.fn(base, {name: adapter} if name != pm.fn.default_adapter else adapter, *args, dropout_rng=dropout_rng, **kwargs)
     out = dict(base)
