@@ -309,11 +309,13 @@ def _fresh(
     return {k: v.to(weight.device, dtype) for k, v in init(spec, generator).items()}
 
 
-def init_shared(model: nn.Module, plan: Plan, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def init_shared(
+    model: nn.Module, plan: Plan, generator: torch.Generator | None = None, autocast_adapter_dtype: bool = True
+) -> dict[str, torch.Tensor]:
     """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
     FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
     and each layer's own (`Method.layer_frozen`: SHiRA's mask indices; random ones, VeLoRA's projection, draw
-    from `generator`).
+    from `generator`; `LayerFrozen.autocast` ones follow `autocast_adapter_dtype`).
 
     Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
@@ -328,6 +330,8 @@ def init_shared(model: nn.Module, plan: Plan, generator: torch.Generator | None 
             out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path], generator)
+            if method.layer_frozen.autocast:
+                made = {k: v.to(adapter_dtype(v.dtype, autocast_adapter_dtype)) for k, v in made.items()}
             keys = dict(entry.frozen)
             out.update({keys[n]: made[n] for n in method.layer_frozen.names})
     assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)

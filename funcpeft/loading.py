@@ -236,7 +236,7 @@ def load_for_model(
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
     check_sizes(shapes, plan, resolved, leaves, where)
-    shared = init_shared(model, plan)
+    shared = init_shared(model, plan, None, autocast_adapter_dtype)
     matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
@@ -307,7 +307,7 @@ def load_adapter(
     )
     params = dict(loaded.model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
-    fresh = init_shared(loaded.model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    fresh = init_shared(loaded.model, loaded.plan, None, autocast_adapter_dtype)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
     differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(

@@ -90,7 +90,7 @@ class FunctionalPeftModel:
         self.plans[adapter_name] = plan
         tree = self.init_adapter(adapter_name, generator)
         # after the params: a random frozen tensor (VeLoRA's projection) is drawn after them, as in PEFT
-        self.base.update(init_shared(self.model, plan, generator))
+        self.base.update(init_shared(self.model, plan, generator, self.autocast_adapter_dtype))
         return tree
 
     def load_adapter(
@@ -209,7 +209,7 @@ def get_peft_model(
     resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update(init_shared(model, plan, generator))
+    base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
 

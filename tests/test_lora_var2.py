@@ -17,7 +17,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from method_helpers import quiet
+from method_helpers import assert_same_state, quiet
 from peft.utils import get_peft_model_state_dict
 from peft_matrix import models
 from peft_matrix.cases import Case
@@ -119,6 +119,27 @@ def test_velora_training_matches_peft(init_type: str, tmp_path: Any) -> None:
     torch.testing.assert_close(_our_embeds(back, back.base), _peft_embeds(pm), atol=1e-7, rtol=1e-6)
 
 
+def test_velora_batch_average_once_after_loading(tmp_path: Any) -> None:
+    """PEFT recomputes a loaded "batch_average_once" projection in its first training forward (in-memory state):
+    `velora_update(..., first_step=True)` does the same; without it the stored projection is kept."""
+    pm, fpm = _pair(_mlp(), _velora("batch_average_once"), os.fspath(tmp_path / "fresh"))
+    pm.train()
+    _peft_grads(pm, ["default"], X)  # one training step: PEFT stores X's projection
+    trained = os.fspath(tmp_path / "trained")
+    quiet(pm.save_pretrained, trained)
+    stored = _peft_embeds(pm)
+    back = quiet(peft.PeftModel.from_pretrained, _mlp(), trained, is_trainable=True).train()
+    fpm = quiet(funcpeft.from_pretrained, _mlp(), trained, is_trainable=True)
+    torch.testing.assert_close(_our_embeds(fpm, fpm.base), stored, atol=0, rtol=0)
+    kept = funcpeft.velora_update(fpm, fpm.base, fpm.adapter, **X2, dropout_rng=0)
+    torch.testing.assert_close(_our_embeds(fpm, kept), stored, atol=0, rtol=0)
+    base = funcpeft.velora_update(fpm, fpm.base, fpm.adapter, **X2, dropout_rng=0, first_step=True)
+    want = _peft_grads(back, ["default"], X2)["default"]
+    assert not torch.allclose(_peft_embeds(back)["lin0"], stored["lin0"]), "PEFT kept the loaded projection"
+    torch.testing.assert_close(_our_embeds(fpm, base), _peft_embeds(back), atol=1e-7, rtol=1e-6)
+    _same_grads(_our_grads(fpm, X2, base, dropout_rng=0), want, (velora.EMBED,))
+
+
 def test_velora_random_projection_draws_from_the_generator() -> None:
     """init_type="random": the projection is a unit vector drawn from get_peft_model's generator (reproducible)."""
     def draw(seed: int) -> dict[str, torch.Tensor]:
@@ -200,6 +221,32 @@ def test_monteclora_files_hold_the_sampler_buffers(tmp_path: Any) -> None:
     back = quiet(peft.PeftModel.from_pretrained, _mlp(), out)  # PEFT loads funcpeft's files
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(**X), fpm.fn(fpm.base, fpm.adapter, **X))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("variant", ["velora", "monteclora"])
+def test_fresh_state_and_buffer_dtypes_are_peft_s(variant: str, autocast: bool) -> None:
+    """A bfloat16 model: the fresh file state has PEFT's keys, shapes and dtypes, and PEFT's buffer values (PEFT
+    keeps the buffers in the base weight's dtype; autocast_adapter_dtype casts only parameters)."""
+    make = {
+        "velora": _velora("batch_average"),  # a zero projection: "random" draws it after all layers' params
+        # one layer: PEFT's sampler also fills its sample buffer from the global RNG at init, funcpeft does not
+        "monteclora": lambda lib: lib.LoraConfig(target_modules=["lin0"], monteclora_config=lib.MontecloraConfig(num_samples=3)),
+    }[variant]
+    model = models.build("MLP", dtype=torch.bfloat16)
+    configs = [make(lib) for lib in (funcpeft, peft)]
+    torch.manual_seed(0)
+    fpm = quiet(funcpeft.get_peft_model, copy.deepcopy(model), configs[0], autocast_adapter_dtype=autocast)
+    ours = funcpeft.io.checkpoint_state(fpm.adapter, fpm.peft_config["default"], fpm.model, base_params=fpm.base)
+    torch.manual_seed(0)
+    pm = quiet(peft.get_peft_model, copy.deepcopy(model), configs[1], autocast_adapter_dtype=autocast)
+    theirs = {k: v.detach() for k, v in get_peft_model_state_dict(pm).items()}
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert (ours[k].dtype, ours[k].shape) == (v.dtype, v.shape), (k, ours[k].dtype, v.dtype)
+    buffers = [k for k in theirs if k.endswith((velora.EMBED, monteclora.GAUSSIAN_VAR, monteclora.EXPERT_WEIGHTS))]
+    assert buffers
+    assert_same_state({k: ours[k] for k in buffers}, {k: theirs[k] for k in buffers})
 
 
 # -- aLoRA ----------------------------------------------------------------------------------------------------

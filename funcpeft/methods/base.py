@@ -272,11 +272,14 @@ class LayerFrozen:
       random one draws from `generator` (the adapter's, None: the global RNG; VeLoRA's random projection) after
       every layer's params; a meta tensor marks a value only a checkpoint can provide. Names may be dotted
       (a PEFT sub-module's buffer, `sampler.gaussian_var_prior`).
+    autocast: `autocast_adapter_dtype` upcasts them like the adapter's parameters (PEFT's upcast covers a
+      layer's own BufferDicts: VeLoRA's projection; not a sub-module's buffers: MonteCLoRA's).
     """
 
     names: tuple[str, ...]
     make: Callable[[LayerSpec[Any], nn.Module, torch.Generator | None], dict[str, torch.Tensor]]
     saved: bool = True
+    autocast: bool = False  # like the adapter's params, fp16/bf16 ones become float32 under autocast_adapter_dtype
 
 
 @dataclass(frozen=True)

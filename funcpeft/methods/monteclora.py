@@ -92,11 +92,15 @@ def init(spec: LayerSpec[Any], generator: torch.Generator | None) -> Params:
 
 
 def make_buffers(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
-    """The sampler's fresh buffers, float32 on the base weight's device (PEFT's `MontecloraSampler`)."""
+    """The sampler's fresh buffers (PEFT's `MontecloraSampler`), in the base weight's dtype (PEFT's layer moves
+    them there; autocast_adapter_dtype casts only parameters) and on its device."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    n, device = spec.hyper.num_samples, weight.device
-    return {GAUSSIAN_VAR: torch.eye(spec.hyper.r, device=device), EXPERT_WEIGHTS: torch.ones(n, device=device) / n}
+    n, r = spec.hyper.num_samples, spec.hyper.r
+    return {
+        GAUSSIAN_VAR: torch.eye(r, device=weight.device, dtype=weight.dtype),
+        EXPERT_WEIGHTS: (torch.ones(n) / n).to(weight.device, weight.dtype),
+    }
 
 
 # -- the samples ----------------------------------------------------------------------------------------------

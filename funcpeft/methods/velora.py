@@ -92,7 +92,8 @@ def batch_projection(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 def make_embed(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
-    """The fresh projection (d,), in the base weight's dtype and on its device (PEFT's buffer)."""
+    """The fresh projection (d,), in the base weight's dtype (upcast like the adapter: `LayerFrozen.autocast`) and
+    on its device (PEFT's buffer)."""
     h, weight = spec.hyper, module.weight
     assert isinstance(weight, torch.Tensor)
     d = group_dim(spec.in_features, h.num_groups)
@@ -233,6 +234,6 @@ VELORA = register(
         init=lora.init,
         forward=forward,
         delta_weight=lora.delta_weight,
-        layer_frozen=LayerFrozen(names=(EMBED,), make=make_embed),
+        layer_frozen=LayerFrozen(names=(EMBED,), make=make_embed, autocast=True),
     )
 )
