@@ -166,13 +166,18 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     the model's attributes and hooks it read, so a later change retraces.
     """
     flipped = [m for m in model.modules() if m.training]
+    hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
     for m in flipped:
         m.training = False
+    for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
+        m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
     try:
         return torch.func.functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
     finally:
         for m in flipped:
             m.training = True
+        for m, hooks in hooked:
+            m._forward_hooks = hooks
 
 
 def _randomness(dropout_rng: Any) -> CallRandomness | None:

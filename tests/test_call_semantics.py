@@ -540,6 +540,7 @@ def test_compiled_fn_retraces_when_the_model_changes() -> None:
     ignores hooks added after compiling, for funcpeft as for any compiled model)."""
     fn, base, trees, ids, want = _compile_setup("gpt2")
     attn = fn._model.transformer.h[0].attn
+    before = snapshot(fn._model)
     torch._dynamo.reset()
     counter = CompileCounter()
     with torch.no_grad(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
@@ -564,4 +565,27 @@ def test_compiled_fn_retraces_when_the_model_changes() -> None:
         torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
         torch.testing.assert_close(compiled(base, trees[0], input_ids=ids).logits, want[0], atol=1e-5, rtol=0)
     assert counter.frame_count >= 3
+    assert_unchanged(fn._model, before)
+    torch._dynamo.reset()
+
+
+def test_compiled_grad_with_checkpointing_enabled_leaves_out_the_input_grad_hook() -> None:
+    """gradient_checkpointing_enable() registers transformers' `requires_grad_` hook on the embeddings, which
+    torch.compile cannot return from a graph (and torch.func rejects); fn leaves it out, compiled or not."""
+    fn, base, trees, ids, _ = _compile_setup("gpt2")
+    fn._model.gradient_checkpointing_enable()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    def loss(a: Any) -> torch.Tensor:
+        return fn(base, a, input_ids=ids).logits.square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eval mode: nothing is checkpointed (the warning's subject)
+        got = value_and_grad(compiled)(trees[0])
+        want = value_and_grad(loss)(trees[0])
+    assert abs(got[0].item() - want[0].item()) <= 1e-6
+    T.assert_trees_close(got[1], want[1], atol=1e-5)
+    assert counter.frame_count == 1
+    assert len(fn._model.transformer.wte._forward_hooks) == 1  # the model keeps its hook
     torch._dynamo.reset()
