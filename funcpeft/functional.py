@@ -9,7 +9,7 @@ model, or `{adapter_name: tree, ...}` for several registered adapters at once (t
 like PEFT's list of active adapters).
 
 Each eager call runs the model on its own *call skeleton*: a shallow copy of the module tree, built from
-the model when the call starts (~6 us per module), whose modules hold this call's tensors (base weights,
+the model when the call starts (~3 us per module), whose modules hold this call's tensors (base weights,
 AdaptedWeights, overrides) in their own `_parameters` dicts and share every other attribute value with the
 model's modules. Nothing is swapped on a shared module, so concurrent calls (threads, compiled or eager)
 cannot see each other, and the call's tensors stay bound until its autograd graph is gone (gradient
@@ -67,6 +67,7 @@ Plan = dict[str, dict[str, Any]]  # module_path -> {"spec": LayerSpec | None, "p
 
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train
+_new = object.__new__
 
 
 class PeftFunction:
@@ -215,38 +216,41 @@ class _Call:
         return skel
 
     def _copy(self, module: nn.Module, prefix: str) -> nn.Module:
-        # attribute access (not __dict__[...]) keeps a source for each module under torch.compile
-        skel = object.__new__(type(module))
+        # hot path (~3 us a module): plain dict operations on the module's __dict__
+        cls = type(module)
+        skel = _new(cls)
         own = module.__dict__
-        d = skel.__dict__
-        d.update(own)
-        if module._parameters:
-            bound: dict[str, Any] = {}
-            for name, value in module._parameters.items():
+        d = own.copy()
+        params = own["_parameters"]
+        if params:
+            bound = params.copy()
+            for name in params:
                 t = self.params.get(prefix + name, _MISSING)
-                if t is _MISSING:
-                    bound[name] = value
-                else:
+                if t is not _MISSING:
                     bound[name] = t
                     self.bound += 1
             d["_parameters"] = bound
         else:
             d["_parameters"] = {}
-        if module._forward_hooks and any(_input_grad_hook(h) for h in module._forward_hooks.values()):
-            d["_forward_hooks"] = type(module._forward_hooks)(
-                (k, h) for k, h in module._forward_hooks.items() if not _input_grad_hook(h))
-        d["_buffers"] = dict(module._buffers)
-        d["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-        d["_modules"] = {n: None if c is None else self._copy(c, f"{prefix}{n}.") for n, c in module._modules.items()}
+        buffers = own["_buffers"]
+        d["_buffers"] = buffers.copy() if buffers else {}
+        d["_non_persistent_buffers_set"] = set(own["_non_persistent_buffers_set"])
+        children = own["_modules"]
+        d["_modules"] = {n: None if c is None else self._copy(c, f"{prefix}{n}.") for n, c in children.items()} if children else {}
         d["training"] = self.training
+        hooks = own["_forward_hooks"]
+        if hooks and any(_input_grad_hook(h) for h in hooks.values()):
+            d["_forward_hooks"] = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
         if "_gradient_checkpointing_func" in own:
             d["_gradient_checkpointing_func"] = functools.partial(_checkpoint, own["_gradient_checkpointing_func"], self.rng)
             self.checkpointing = self.checkpointing or own.get("gradient_checkpointing") is True
         for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
-        if type(module).train is not _MODULE_TRAIN:
-            self.custom_train = True
+        train = cls.train
+        if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
+            self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
+        object.__setattr__(skel, "__dict__", d)
         return skel
 
     def _unbound(self, model: nn.Module) -> None:
