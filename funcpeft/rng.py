@@ -9,6 +9,18 @@ as given. While the call runs, a thread-local `TorchFunctionMode` redirects the 
 that generator (kernels as torch's own, so masks equal PEFT's under `torch.manual_seed(seed)` on CPU when
 draws happen in the same order) and raises `GlobalRNGError` for random ops it cannot redirect.
 
+Redirected: F.dropout / dropout1d/2d/3d / alpha_dropout / feature_alpha_dropout, torch.dropout and its
+feature/alpha/in-place/native variants, F.rrelu, F.scaled_dot_product_attention with dropout_p > 0 (torch's
+math path with the mask drawn here), and every op taking `generator=` (torch.rand*, randn*, randint*,
+randperm, bernoulli, multinomial, normal, poisson, binomial, the distributions' gamma/dirichlet samplers,
+Tensor.bernoulli_/uniform_/normal_/random_/exponential_/..., nn.init.*). Refused: F.gumbel_softmax,
+F.fractional_max_pool* without _random_samples, F.multi_head_attention_forward with dropout in training.
+The mode sees top-level torch calls only: a torch function not listed here that draws random numbers
+*inside* itself would still use the global RNG. On CUDA the masks are torch's bernoulli draws from the
+call's generator, not the fused dropout kernel's (which takes no generator): reproducible, but not equal
+to PEFT's under `torch.manual_seed`. While a seeded call runs, every torch op in it passes through the mode
+(a few microseconds each).
+
 `snapshot()` / `replay(state)` let gradient checkpointing re-run a layer in backward with the same masks
 (see `funcpeft.functional`).
 """
@@ -296,7 +308,8 @@ for _method in ("bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "ex
                 "log_normal_", "multinomial"):
     _HANDLERS[getattr(torch.Tensor, _method)] = _with_generator(lambda a, k: a[0].device)
 _TAKES_INPUT: tuple[Any, ...] = (torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.binomial,
-                                 torch.rand_like, torch.randn_like, torch.randint_like)
+                                 torch.rand_like, torch.randn_like, torch.randint_like,
+                                 torch._standard_gamma, torch._sample_dirichlet)  # torch.distributions' samplers
 for _fn in _TAKES_INPUT:
     _HANDLERS[_fn] = _with_generator(_first_tensor_device)
 _FACTORIES: tuple[Any, ...] = (torch.rand, torch.randn, torch.randint, torch.randperm)

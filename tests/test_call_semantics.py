@@ -246,7 +246,8 @@ def test_seeded_dropout_under_vmap(gpt2_dropout: tuple[Any, ...], randomness: st
 
 
 class RandomModel(nn.Module):
-    """A model drawing random numbers itself: torch.rand, Tensor.bernoulli_, F.dropout, and optionally gumbel."""
+    """A model drawing random numbers itself: torch.rand, Tensor.bernoulli_, a distribution, F.dropout(1d), and
+    optionally F.gumbel_softmax (which draws inside itself: refused)."""
 
     def __init__(self, gumbel: bool = False) -> None:
         super().__init__()
@@ -255,6 +256,7 @@ class RandomModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lin(x) + torch.rand(x.shape) + torch.empty_like(x).bernoulli_(0.5)
+        h = h + torch.distributions.Gamma(torch.ones(()), torch.ones(())).sample(x.shape)  # torch._standard_gamma
         h = F.dropout(h, 0.2, self.training) + F.dropout1d(h.unsqueeze(0), 0.2, self.training).squeeze(0)
         return F.gumbel_softmax(h) if self.gumbel and self.training else h
 
