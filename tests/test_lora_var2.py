@@ -14,9 +14,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import hypothesis.strategies as st
 import peft
 import pytest
 import torch
+from helpers import examples
+from hypothesis import given, settings
 from method_helpers import assert_same_state, quiet
 from peft.utils import get_peft_model_state_dict
 from peft_matrix import models
@@ -396,3 +399,75 @@ def test_layer_replication_shares_weights_and_never_mutates_the_model(tmp_path: 
         funcpeft.merge_and_unload(fpm, fpm.adapter)
     with pytest.raises(NotImplementedError, match="layer_replication on an added adapter"):
         fpm.add_adapter("other", funcpeft.LoraConfig(r=2, target_modules=["q_proj"], layer_replication=LAYER_MAP))
+
+
+# -- laws -----------------------------------------------------------------------------------------------------
+_LLAMA = models.build("tiny-llama")
+_ALORA_PM = funcpeft.get_peft_model(_LLAMA, _alora(funcpeft), generator=torch.Generator().manual_seed(0))
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(o0=st.integers(0, 7), o1=st.integers(0, 7), seed=st.integers(0, 2**16))
+def test_alora_tokens_before_the_invocation_are_the_base_model_s(o0: int, o1: int, seed: int) -> None:
+    """aLoRA's promise: in a causal LM every token before the invocation start sees only unadapted tokens, so its
+    logits are the base model's (the KV cache can be shared); from the start on the adapter acts."""
+    fn, base, fresh = _ALORA_PM
+    tree = {p: {k: v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in e.items()}
+            for p, e in fresh.items()}
+    x = models.inputs("tiny-llama", seed)
+    with torch.no_grad():
+        plain = _LLAMA(**x).logits
+        out = fn(base, tree, **x, alora_offsets=[o0, o1]).logits
+    t = x["input_ids"].shape[1]
+    for row, o in enumerate((o0, o1)):
+        torch.testing.assert_close(out[row, : t - o], plain[row, : t - o], atol=1e-5, rtol=0)
+        if o:
+            assert not torch.allclose(out[row, t - o:], plain[row, t - o:], atol=1e-4)
+
+
+@settings(max_examples=examples(10), deadline=None)
+@given(groups=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_velora_changes_only_lora_a_s_gradient(groups: int, seed: int) -> None:
+    """VeLoRA's training forward is LoRA's; only lora_A's gradient is approximated (input and lora_B exact).
+    With one feature per group (num_groups >= in) each sub-token is its own projection, so lora_A's gradient is
+    exactly `scale` times autograd's; with wider groups it is not."""
+    model = _mlp()
+    g = torch.Generator().manual_seed(seed)
+    fpm = funcpeft.get_peft_model(model, _velora("batch_average", groups)(funcpeft), generator=g)
+    tree = {p: {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in e.items()} for p, e in fresh_items(fpm)}
+    x = {"X": torch.randn(5, 10, generator=g)}
+
+    def loss(a: Any, inp: torch.Tensor, **call: Any) -> torch.Tensor:
+        return _loss(fpm.fn(fpm.base, a, X=inp, **call))
+
+    train = torch.func.grad(loss, argnums=(0, 1))(tree, x["X"], dropout_rng=0)
+    exact = torch.func.grad(loss, argnums=(0, 1))(tree, x["X"])
+    torch.testing.assert_close(train[1], exact[1], atol=1e-5, rtol=1e-5)
+    for path in tree:
+        torch.testing.assert_close(train[0][path]["lora_B"], exact[0][path]["lora_B"], atol=1e-5, rtol=1e-5)
+    scaled = 0.7 * exact[0]["lin0"]["lora_A"]  # lin0 has in = 10 features; _velora's scale is 0.7
+    if groups >= 10:
+        torch.testing.assert_close(train[0]["lin0"]["lora_A"], scaled, atol=1e-5, rtol=1e-4)
+    else:
+        assert not torch.allclose(train[0]["lin0"]["lora_A"], scaled, atol=1e-4, rtol=1e-3)
+
+
+def fresh_items(fpm: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    return [(p, dict(e)) for p, e in fpm.adapter.items()]
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_monteclora_training_calls_are_reproducible_and_sampled(seed: int) -> None:
+    """The same seed gives the same training output (no hidden sampler state), another seed another one, and an
+    eval call is plain LoRA on the same lora_A / lora_B."""
+    fpm = funcpeft.get_peft_model(_mlp(), _monteclora(funcpeft), generator=torch.Generator().manual_seed(seed))
+    lora = funcpeft.get_peft_model(_mlp(), funcpeft.LoraConfig(target_modules=["lin0", "lin1"], r=3))
+    tree = {p: {k: v + 0.2 for k, v in e.items()} for p, e in fpm.adapter.items()}
+    with torch.no_grad():
+        a, b = (fpm.fn(fpm.base, tree, **X, dropout_rng=seed) for _ in range(2))
+        other = fpm.fn(fpm.base, tree, **X, dropout_rng=seed + 1)
+        plain = lora.fn(lora.base, {p: {k: e[k] for k in ("lora_A", "lora_B")} for p, e in tree.items()}, **X)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert not torch.allclose(a, other, atol=1e-5)
+        torch.testing.assert_close(fpm.fn(fpm.base, tree, **X), plain, atol=1e-6, rtol=0)
