@@ -183,8 +183,7 @@ def is_wrapper_duplicate(key: str, saved_paths: Iterable[str]) -> bool:
 
 
 def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bias: str) -> tuple[str, Leaf] | None:
-    """Inverse of `file_key` without a model: ("adapter" | "base" | "duplicate" | "buffer", (path, name)), None if
-    foreign ("buffer": a per-layer buffer, `KeyRules.buffers`).
+    """Inverse of `file_key` without a model: ("adapter" | "base" | "duplicate", (path, name)), None if foreign.
 
     "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
     """
