@@ -383,7 +383,7 @@ def _owner_forward(skel: nn.Module, adapted: dict[str, AdaptedWeight], forward: 
     """
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
-        bound = skel._parameters
+        bound: dict[str, Any] = skel._parameters  # type: ignore[assignment]  # holds plain tensors in a skeleton
         plain = {n: bound[n] for n in adapted}
         bound.update(adapted)
         try:
