@@ -35,6 +35,7 @@ from .configs import (
     VeraConfig,
 )
 from .functional import PeftFunction
+from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
@@ -94,6 +95,7 @@ __all__ = [
     "create_arrow_model",
     "distributed",
     "from_pretrained",
+    "generate",
     "get_peft_model",
     "load_adapter",
     "merge",
