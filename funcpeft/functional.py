@@ -91,7 +91,8 @@ class PeftFunction:
             (n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
         )
         self._model = model
-        self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
+        # filled here, not on first use: a compiled call must find it in the same state every time (no recompile)
+        self._shapes: dict[str, tuple[Plan, LeafShapes]] = {n: (p, leaf_shapes(p)) for n, p in plans.items()}
         self._warned_eval_checkpointing = False
         names: dict[int, list[str]] = {}
         for path, m in model.named_modules(remove_duplicate=False):
@@ -132,7 +133,9 @@ class PeftFunction:
         plan = self.plans[name]
         cached = self._shapes.get(name)
         if cached is None or cached[0] is not plan:
-            cached = self._shapes[name] = (plan, leaf_shapes(plan))
+            cached = (plan, leaf_shapes(plan))
+            if not torch.compiler.is_dynamo_compiling():  # a traced write would make dynamo guard on the cache's state
+                self._shapes[name] = cached
         return cached[1]
 
     def check_tree(
