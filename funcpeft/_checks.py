@@ -66,7 +66,7 @@ def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
         if e.spec is not None:
-            w = modules[path].weight
+            w = getattr(modules[path], e.spec.kind.weight_name)
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             shapes = dict(e.shapes)
             for n in e.params:

@@ -19,12 +19,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targeting import find_modules_to_save, find_targets, layer_kind, resolve_config
+from ._targeting import find_modules_to_save, find_targets, layer_kind, module_name, resolve_config, tied_layers
 from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
-from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
-from .trees import SHARED_PREFIX
+from .methods.base import (
+    ConvGeometry,
+    EmbeddingGeometry,
+    LayerKind,
+    LayerSpec,
+    Method,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
+from .trees import SHARED_PREFIX, layer_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """A layer whose adapter is another layer's, tied (LoraConfig(ensure_weight_tying=True): lm_head gets the
+    input embedding's LoRA, transposed; see `Method.tie`). It has no leaves of its own in the adapter tree.
+
+    path: the tied module; spec: its layer facts; shapes: ((param name, shape), ...) of its params.
+    """
+
+    path: str
+    spec: LayerSpec[Any]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +58,10 @@ class PlanEntry:
     overrides: the module's own parameters the adapter's copies replace (modules_to_save, trainable biases).
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
-    frozen: ((param name, base key), ...) of shared frozen tensors the forward reads from `base` (VeRA).
+    frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared by all layers
+      (VeRA's) or the layer's own (`Method.frozen`: MiCA's lora_B, under `trees.layer_key` keys).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
+    ties: layers that use this layer's params, tied (`Tie`: lm_head with ensure_weight_tying).
     """
 
     spec: LayerSpec[Any] | None = None
@@ -46,6 +70,7 @@ class PlanEntry:
     in_place: tuple[str, ...] = ()
     frozen: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    ties: tuple[Tie, ...] = ()
 
     @property
     def keys(self) -> frozenset[str]:
@@ -76,11 +101,22 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
-    _check_plain_weight(target.name, module, config)
-    weight: Any = module.weight
+    if kind not in method.kinds:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
+            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer); it adapts "
+            f"{sorted(k.value for k in method.kinds)} layers. Do not target this module."
+        )
+    if kind is LayerKind.MHA and not module._qkv_same_embed_dim:
+        raise ValueError(
+            f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
+            "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
+        )
+    _check_plain_weight(target.name, module, config, kind.weight_name)
+    weight: Any = getattr(module, kind.weight_name)
     shape = tuple(weight.shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
-    if kind is LayerKind.LINEAR:
+    if kind in (LayerKind.LINEAR, LayerKind.MHA):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
         in_f, out_f = shape[0], shape[1]
@@ -99,19 +135,19 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
 
 
-def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> None:
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, attr: str = "weight") -> None:
     """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
     from torch.nn.utils import parametrize
 
     what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
-    if parametrize.is_parametrized(module, "weight"):
-        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[index,union-attr]
+    if parametrize.is_parametrized(module, attr):
+        kinds = [type(p).__name__ for p in module.parametrizations[attr]]  # type: ignore[index,union-attr]
         raise NotImplementedError(
             f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
             "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
             "target this module."
         )
-    weight: Any = module.weight
+    weight: Any = getattr(module, attr)
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
@@ -137,29 +173,93 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
-def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = None) -> tuple[PeftConfig, Plan]:
-    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves."""
+def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any) -> list[Target]:
+    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
+    out: list[Target] = []
+    for name in names:
+        kind = layer_kind(modules[name])
+        assert kind is not None  # find_targets raised for anything else
+        target = Target(name, modules[name], kind, common)
+        out.append(target)
+        if kind is LayerKind.MHA:
+            out_proj = getattr(modules[name], "out_proj", None)
+            if not isinstance(out_proj, nn.Linear):
+                raise TypeError(f"out_proj must be an instance of nn.Linear for MultiheadAttention ({name!r}).")
+            if f"{name}.out_proj" in names:
+                raise ValueError(
+                    f"{name!r} (an nn.MultiheadAttention) and its out_proj are both targeted: PEFT adapts the out_proj "
+                    "of a targeted MultiheadAttention itself (and ignores an adapter on out_proj alone, whose forward "
+                    "the attention never calls). Target only the MultiheadAttention."
+                )
+            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target))
+    return out
+
+
+def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan) -> None:
+    """Record the layers tied to the input embedding on the embedding's plan entry (ensure_weight_tying)."""
+    tied = tied_layers(model, config)
+    if not tied:
+        return
+    if method.tie is None:
+        raise NotImplementedError(
+            f"ensure_weight_tying=True with {type(config).__name__} ({method.name}): funcpeft ties only plain LoRA "
+            f"adapters (the layers tied to the input embedding: {tied})."
+        )
+    source = module_name(model, model.get_input_embeddings())  # type: ignore[operator]
+    entry = plan.get(source or "")
+    if entry is None or entry.spec is None:
+        raise ValueError(
+            f"ensure_weight_tying=True: {tied} would share the LoRA of the input embedding {source!r}, which this "
+            "config does not adapt (excluded?)."
+        )
+    modules = dict(model.named_modules())
+    ties = []
+    for path in tied:
+        kind = layer_kind(modules[path])
+        if kind is None:
+            raise TypeError(f"ensure_weight_tying: the tied module {path!r} is a {type(modules[path]).__name__}, not a layer")
+        spec = layer_spec(Target(path, modules[path], kind), config, method)
+        with torch.device("meta"):
+            tied_params = method.tie({k: torch.empty(shape) for k, shape in entry.shapes})
+        shapes = tuple((k, tuple(v.shape)) for k, v in tied_params.items())
+        want = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        if sorted(shapes) != sorted(want):
+            raise ValueError(
+                f"ensure_weight_tying: {path!r} would take the LoRA of {source!r} tied, shaped {dict(shapes)}, but its "
+                f"own rank / layout needs {dict(want)} (a rank_pattern giving them different ranks?)"
+            )
+        ties.append(Tie(path, spec, shapes))
+    assert source is not None
+    plan[source] = dataclasses.replace(entry, ties=tuple(ties))
+
+
+def plan_adapter(
+    model: nn.Module, config: PeftConfig, revision: str | None = None, adapter_name: str = "default"
+) -> tuple[PeftConfig, Plan]:
+    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
+
+    adapter_name: names the `base` keys of the adapter's frozen per-layer tensors (`Method.frozen`).
+    """
     method = method_for(config)
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    targets = find_targets(model, resolved)
+    names = find_targets(model, resolved)
     modules = dict(model.named_modules())
-    kinds: dict[str, LayerKind] = {}
-    for name in targets:
-        kind = layer_kind(modules[name])
-        assert kind is not None  # find_targets raised for anything else
-        kinds[name] = kind
+    common = method.shared.common_hyper(resolved, {n: modules[n] for n in names}) if method.shared else None
+    targets = _targets(names, modules, common)
     if hasattr(resolved, "fan_in_fan_out"):
-        _fix_fan_in_fan_out(kinds, resolved)
-    common = method.shared.common_hyper(resolved, {n: modules[n] for n in targets}) if method.shared else None
+        _fix_fan_in_fan_out({t.name: t.kind for t in targets}, resolved)
     plan: Plan = {}
-    for name in targets:
-        spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
+    for target in targets:
+        spec = layer_spec(target, resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
+        if method.frozen is not None:
+            frozen += tuple((n, layer_key(adapter_name, target.name, n)) for n in method.frozen.shapes(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
-        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
-    saved = find_modules_to_save(model, resolved, set(targets))
+        plan[target.name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
+    _ties(model, resolved, method, plan)
+    saved = find_modules_to_save(model, resolved, {t.name for t in targets})
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -220,7 +320,7 @@ def init_adapter(
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
-            w = modules[path].weight
+            w = getattr(modules[path], entry.spec.kind.weight_name)
             out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
         for pname in entry.overrides:
             out[pname] = params[f"{path}.{pname}"].detach().clone()
@@ -230,23 +330,39 @@ def init_adapter(
 
 
 def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Frozen tensors shared by the plan's layers (VeRA's projections), as extra `base` entries.
+    """Frozen tensors the plan's layers read from `base`, as extra `base` entries: those shared by all layers
+    (VeRA's projections, on the first target's device) and each layer's own (`Method.frozen`, made from its base
+    weight, on its device; meta tensors for a meta-device weight).
 
-    Keys start with `funcpeft.trees.SHARED_PREFIX`; values sit on the first target's device. Empty for
-    methods without `shared` tensors.
+    Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
     adapted = [(path, e) for path, e in plan.items() if e.spec is not None]
     if not adapted:
         return {}
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for path, entry in adapted:
+        spec, frozen = entry.spec, entry.method.frozen
+        assert spec is not None
+        if frozen is None:
+            continue
+        weight = getattr(modules[path], spec.kind.weight_name).detach()
+        shapes = frozen.shapes(spec)
+        if weight.is_meta:
+            tensors = {n: torch.empty(shape, device="meta") for n, shape in shapes.items()}
+        else:
+            tensors = frozen.make(spec, weight)
+        keys = dict(entry.frozen)
+        out.update({keys[n]: tensors[n] for n in shapes})
     path, entry = adapted[0]
     shared = entry.method.shared
     if shared is None:
-        return {}
+        return out
     assert entry.spec is not None
-    device = dict(model.named_modules())[path].weight.device
+    device = getattr(modules[path], entry.spec.kind.weight_name).device
     tensors = shared.make(entry.spec)
     assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
-    return {k: v.to(device) for k, v in tensors.items()}
+    return {**out, **{k: v.to(device) for k, v in tensors.items()}}
 
 
 def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:

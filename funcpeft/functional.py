@@ -123,7 +123,8 @@ class PeftFunction:
         """
         plan = self.plans[name]
         check_adapter_structure(tree, plan, name)
-        devices = {p: base[f"{p}.weight"].device for p, e in plan.items() if e.spec is not None and f"{p}.weight" in base}
+        weights = {p: f"{p}.{e.spec.kind.weight_name}" for p, e in plan.items() if e.spec is not None}
+        devices = {p: base[w].device for p, w in weights.items() if w in base}
         check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
 
     def _check_base(self, base: Any) -> None:
@@ -177,11 +178,16 @@ class PeftFunction:
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
                 frozen = shared_params(entry, base)  # the same for every example: never routed
-                if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)
-                else:
-                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
-                carried.setdefault(f"{path}.weight", []).append(applied)
+                layers = [(path, entry.spec, own, frozen)]
+                if entry.ties:  # layers tied to this one (ensure_weight_tying) use its params, transformed
+                    assert method.tie is not None
+                    layers += [(tie.path, tie.spec, method.tie(own), {}) for tie in entry.ties]
+                for where, spec, mine, shared in layers:
+                    if routing is not None:
+                        applied = route_layer(spec, method, mine, shared, routing, batch)
+                    else:
+                        applied = Applied(spec, {**mine, **shared}, method.forward, method.uses_result(spec))
+                    carried.setdefault(f"{where}.{spec.kind.weight_name}", []).append(applied)
         for wname, adapters in carried.items():
             params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
         return params

@@ -42,18 +42,21 @@ from torch import nn
 
 from ._checks import check_tree
 from ._plan import check_adapter_name
+from ._targeting import module_name, tied_layers
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
     KeyRules,
     base_file_key,
     bias_all_duplicates,
     embedding_is_targeted,
+    file_key,
     is_saved_module,
     key_rules,
     shared_file_keys,
     tree_file_keys,
 )
 from .methods import CONFIG_CLASSES, Method, method_for
+from .trees import layer_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -374,6 +377,12 @@ def checkpoint_state(
     if base is None and model is not None:
         base = dict(model.named_parameters())
     adapted = {p for p, e in adapter_params.items() if any(rules.is_method_param(n) for n in e)}
+    method = method_for(config)
+    if isinstance(method, Method):
+        state.update(_frozen_state(adapter_params, method, rules, adapted, base, adapter_name))
+        ties = _tie_state(adapter_params, config, method, rules, adapted, model)
+        adapted |= {p for p, _ in ties.values()}
+        state.update({k: _for_file(k, t) for k, (_, t) in ties.items()})
     if getattr(config, "bias", "none") == "all":
         mts = getattr(config, "modules_to_save", None)
         saved = {p: list(e) for p, e in adapter_params.items() if p not in adapted and is_saved_module(p, mts)}
@@ -383,7 +392,6 @@ def checkpoint_state(
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
     shared = shared_file_keys(config, base or {})
-    method = method_for(config)
     if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
         raise ValueError(
             f"{type(config).__name__}(save_projection=True): PEFT's file must hold the method's frozen shared "
@@ -399,6 +407,54 @@ def checkpoint_state(
     elif save_embedding_layers is True:
         raise ValueError("save_embedding_layers=True needs the model (pass model=...)")
     return _unshare(state)
+
+
+def _frozen_state(
+    tree: Mapping[str, Mapping[str, Any]], method: Method, rules: KeyRules, adapted: set[str],
+    base: Mapping[str, torch.Tensor] | None, adapter_name: str,
+) -> dict[str, torch.Tensor]:
+    """The frozen per-layer tensors PEFT saves with the adapter (MiCA's lora_B), from their `base` entries."""
+    if method.frozen is None or not method.frozen.saved:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(adapted):
+        keys = {n: layer_key(adapter_name, path, n) for n in sorted(method.frozen.saved)}
+        found = {n: k for n, k in keys.items() if base is not None and k in base}
+        if not found:
+            raise ValueError(
+                f"{method.name}: PEFT's file holds the frozen {sorted(method.frozen.saved)} of {path!r}, which live in "
+                f"`base` (key {next(iter(keys.values()))!r}), not in the adapter tree. Pass base_params= (the `base` "
+                "from funcpeft.get_peft_model / from_pretrained) and the adapter's name, or save with "
+                "pm.save_pretrained(directory, adapter). Nothing was written."
+            )
+        for n, k in found.items():
+            key = file_key(path, n, rules, True, True, adapted)
+            out[key] = _for_file(key, base[k])  # type: ignore[index]
+    return out
+
+
+def _tie_state(
+    tree: Mapping[str, Mapping[str, Any]], config: PeftConfig, method: Method, rules: KeyRules, adapted: set[str],
+    model: nn.Module | None,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """{checkpoint key: (tied path, tensor)} of the layers tied to the input embedding (ensure_weight_tying):
+    PEFT saves their params too (lm_head.lora_A.weight = the embedding's lora_embedding_B transposed)."""
+    if not getattr(config, "ensure_weight_tying", False):
+        return {}
+    if model is None:
+        raise ValueError(
+            "ensure_weight_tying=True: PEFT's file holds the LoRA of the layers tied to the input embedding (lm_head), "
+            "which only the model says: pass model=. Nothing was written."
+        )
+    tied = tied_layers(model, config)
+    source = module_name(model, model.get_input_embeddings()) if tied else None  # type: ignore[operator]
+    if not tied or source not in tree or method.tie is None:
+        return {}
+    wrapped = adapted | set(tied)
+    return {
+        file_key(path, n, rules, True, True, wrapped): (path, t)
+        for path in tied for n, t in method.tie(dict(tree[source])).items()  # type: ignore[index]
+    }
 
 
 # -- atomic writes -------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
     own param of any other module         base_model.model.{path}.{name}   (modules_to_save copies, bias="all")
 
 A method declares its rules in its contract (funcpeft.methods.base): `Method.keys` (a `KeyRules`: the prefix
-PEFT gives its parameter names and the names saved without `.weight`) and `SharedTensors.file_keys` (frozen
-shared tensors PEFT saves, e.g. VeRA's projections). Nothing here is specific to one method.
+PEFT gives its parameter names, the names saved without `.weight`, names saved under another tail such as
+`lora_B.bias`) and `SharedTensors.file_keys` (frozen shared tensors PEFT saves, e.g. VeRA's projections).
+A module inside an adapted module sits under its `base_layer` in PEFT's names (an nn.MultiheadAttention's
+out_proj: `mha.base_layer.out_proj.lora_A.weight`). Nothing here is specific to one method.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any
 
 from ._plan import PlanEntry
 from ._targeting import is_saved_module
+from .constants import EMBEDDING_LAYER_NAMES
 from .methods import method_for
 from .methods.base import KeyRules, Method
 from .trees import SHARED_PREFIX
 
 PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
 BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
 
 Leaf = tuple[str, str]  # (module path, name inside the entry)
@@ -47,31 +49,69 @@ def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
     return dict(method.shared.file_keys(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)]))
 
 
-def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
-    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters."""
+def peft_path(path: str, adapted: Iterable[str] = ()) -> str:
+    """`path` as PEFT names it: `.base_layer` after each adapted module it lies in (PEFT wraps those modules)."""
+    wrapped = set(adapted)
+    parts = path.split(".")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        if i < len(parts) - 1 and ".".join(parts[: i + 1]) in wrapped:
+            out.append("base_layer")
+    return ".".join(out)
+
+
+def file_key(
+    path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None, wrapped: Iterable[str] = ()
+) -> str:
+    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters;
+    `wrapped`: the adapted module paths (a module inside one is under its `base_layer`)."""
+    where = peft_path(path, wrapped)
     if rules.is_method_param(name) if method_param is None else method_param:
-        return f"{PREFIX}{path}.{name}" + ("" if name in rules.unsuffixed else ".weight")
-    return f"{PREFIX}{path}.base_layer.{name}" if adapted else f"{PREFIX}{path}.{name}"
+        return f"{PREFIX}{where}.{rules.tail(name)}"
+    return f"{PREFIX}{where}.base_layer.{name}" if adapted else f"{PREFIX}{where}.{name}"
 
 
 def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
     """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes)."""
+    adapted = {p for p, entry in tree.items() if any(rules.is_method_param(n) for n in entry)}
     out: dict[str, Leaf] = {}
     for path, entry in tree.items():
-        adapted = any(rules.is_method_param(n) for n in entry)
         for name in entry:
-            out[file_key(path, name, rules, adapted)] = (path, name)
+            out[file_key(path, name, rules, path in adapted, wrapped=adapted)] = (path, name)
     return out
 
 
 def plan_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
     """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None}
     out: dict[str, Leaf] = {}
     for path, e in plan.items():
-        adapted = e.spec is not None
         for name in (*e.params, *e.overrides):
-            out[file_key(path, name, rules, adapted, name in e.params)] = (path, name)
+            out[file_key(path, name, rules, path in adapted, name in e.params, adapted)] = (path, name)
     return out
+
+
+def frozen_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, str]:
+    """{checkpoint key: base key} of the frozen per-layer tensors PEFT saves (`FrozenTensors.saved`: MiCA's lora_B)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None}
+    out: dict[str, str] = {}
+    for path, e in plan.items():
+        frozen = e.method.frozen if e.spec is not None else None
+        for name, key in e.frozen if frozen is not None else ():
+            if name in frozen.saved:  # type: ignore[union-attr]
+                out[file_key(path, name, rules, True, True, adapted)] = key
+    return out
+
+
+def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, tuple[str, str, str]]:
+    """{checkpoint key: (source path, tied path, name)} of the params PEFT saves for layers tied to an adapted
+    layer (ensure_weight_tying: `lm_head.lora_A.weight`, the embedding's lora_embedding_B transposed)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None} | {t.path for e in plan.values() for t in e.ties}
+    return {
+        file_key(t.path, name, rules, True, True, adapted): (path, t.path, name)
+        for path, e in plan.items() for t in e.ties for name, _ in t.shapes
+    }
 
 
 def base_file_key(param_name: str, adapted_paths: Iterable[str] | set[str]) -> str:
@@ -131,14 +171,18 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     """
     if not key.startswith(PREFIX):  # tuner-level tensors (VeRA's `base_model.vera_A`) belong to the base side
         return ("base", (key, "")) if key.startswith("base_model.") else None
+    rest = key[len(PREFIX):]
+    for leaf, tail in rules.renamed:
+        if rest.endswith(f".{tail}"):
+            return "adapter", (_unwrapped(rest.removesuffix(f".{tail}")), leaf)
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None
     last, prev = parts[-1], parts[-2]
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
-        return "adapter", (".".join(parts[:-1]), last)
+        return "adapter", (_unwrapped(".".join(parts[:-1])), last)
     if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:
-        return "adapter", (".".join(parts[:-2]), prev)
+        return "adapter", (_unwrapped(".".join(parts[:-2])), prev)
     mts = list(modules_to_save)
     split = saved_module_split(".".join(parts), mts)
     if split is not None:
@@ -154,6 +198,11 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     if last == "bias" and bias == "all":
         return "adapter", (".".join(parts[:-1]), last)
     return "base", (".".join(parts), "")
+
+
+def _unwrapped(path: str) -> str:
+    """Inverse of `peft_path` for a module path (PEFT's `base_layer` wrappers removed)."""
+    return ".".join(p for p in path.split(".") if p != "base_layer")
 
 
 def embedding_is_targeted(target_modules: Any, module_names: Iterable[str]) -> bool:

@@ -27,12 +27,14 @@ from .keys import (
     Leaf,
     base_file_key,
     file_key,
+    frozen_file_keys,
     is_saved_module,
     is_wrapper_duplicate,
     key_rules,
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
+    tie_file_keys,
 )
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
@@ -104,6 +106,7 @@ class Matched(NamedTuple):
     adapter: dict[Leaf, torch.Tensor]
     base: dict[str, torch.Tensor]  # base-model parameters PEFT saved too (embeddings), by canonical name
     problems: Problems
+    tied: dict[str, torch.Tensor]  # params PEFT saved for layers tied to another (ensure_weight_tying), by key
 
 
 def match_checkpoint(
@@ -116,20 +119,29 @@ def match_checkpoint(
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
-    adapted = {p for p, e in plan.items() if e.spec is not None}
+    ties = tie_file_keys(plan, rules)
+    tie_shapes = {t.path: dict(t.shapes) for e in plan.values() for t in e.ties}
+    adapted = {p for p, e in plan.items() if e.spec is not None} | set(tie_shapes)
     mts = getattr(config, "modules_to_save", None)
     saved = [p for p, e in plan.items() if e.spec is None and is_saved_module(p, mts)]
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
-    shared_keys = shared_file_keys(config, shared)
+    shared_keys = {**shared_file_keys(config, shared), **frozen_file_keys(plan, rules)}
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
     base: dict[str, torch.Tensor] = {}
+    tied: dict[str, torch.Tensor] = {}
     problems = Problems()
     for key, t in tensors.items():
-        if key in expected:
+        if key in ties:
+            want = tie_shapes[ties[key][1]][ties[key][2]]
+            if tuple(t.shape) != want:
+                problems.shapes.append((key, tuple(t.shape), want))
+            else:
+                tied[key] = t
+        elif key in expected:
             want = leaves[expected[key]].shape
             if want is not None and tuple(t.shape) != want:
                 problems.shapes.append((key, tuple(t.shape), want))
@@ -146,7 +158,33 @@ def match_checkpoint(
     mis_shaped = {k for k, _, _ in problems.shapes}
     problems.missing = [k for k, leaf in expected.items() if leaf not in found and k not in mis_shaped]
     problems.missing += [k for k, name in shared_keys.items() if name not in base and k not in mis_shaped]
-    return Matched(found, base, problems)
+    problems.missing += [k for k in ties if k not in tied and k not in mis_shaped]
+    return Matched(found, base, problems, tied)
+
+
+def check_ties(
+    tied: Mapping[str, torch.Tensor], tree: Mapping[str, Mapping[str, torch.Tensor]], plan: Mapping[str, Any],
+    config: PeftConfig, where: str, strict: bool,
+) -> None:
+    """The params a checkpoint holds for tied layers must be the ones the tie gives (funcpeft keeps them once)."""
+    ties = tie_file_keys(plan, key_rules(config))
+    differ = []
+    for key, t in tied.items():
+        source, _, name = ties[key]
+        tie = plan[source].method.tie
+        assert tie is not None
+        want = tie(dict(tree[source]))[name]
+        if not torch.equal(t.to(device=want.device, dtype=want.dtype), want.detach()):
+            differ.append(f"{key} (tied to {source})")
+    if differ:
+        msg = (
+            f"The adapter checkpoint in {where!r} holds values for layers tied to the input embedding "
+            f"(ensure_weight_tying) that differ from the embedding's LoRA: {differ}. funcpeft keeps tied adapters once "
+            "(the embedding's)"
+        )
+        if strict:
+            raise AdapterMismatchError(msg + "; pass strict=False to load the embedding's values for them.")
+        warnings.warn(msg + "; using the embedding's values (strict=False).", stacklevel=4)
 
 
 def _report(problems: Problems, what: str, model: nn.Module, strict: bool) -> None:
@@ -222,7 +260,7 @@ def load_for_model(
     shapes = tensor_shapes(where, allow_pickle)
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
+    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
@@ -232,6 +270,7 @@ def load_for_model(
     matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
+    check_ties(matched.tied, tree, plan, resolved, where, strict)
     ref = {**dict(model.named_parameters()), **shared}
     loaded = {n: t.to(device=device_of(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
     return Loaded(resolved, plan, tree, {**shared, **loaded})
@@ -253,9 +292,9 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
             (path, name) = parsed[1]
             tree.setdefault(path, {})[name] = t.requires_grad_(is_trainable)
             keys[(path, name)] = key
+    wrapped = {p for p, e in tree.items() if any(rules.is_method_param(n) for n in e)}
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        adapted = any(rules.is_method_param(n) for n in tree[path])
-        if file_key(path, name, rules, adapted) != key:
+        if file_key(path, name, rules, path in wrapped, wrapped=wrapped) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}
@@ -293,6 +332,15 @@ def load_adapter(
         warnings.warn(
             f"The checkpoint also carries base-model weights that differ from the model's: {differing}. "
             "load_adapter ignores them; funcpeft.from_pretrained uses them (in `base`), like PEFT.",
+            stacklevel=2,
+        )
+    fresh = init_shared(model, loaded.plan)  # frozen tensors a registered adapter would make from the model
+    frozen = [k for k, t in loaded.base.items() if k in fresh and not torch.equal(t, fresh[k])]
+    if frozen:
+        warnings.warn(
+            f"The checkpoint carries frozen adapter tensors (e.g. MiCA's lora_B) that differ from the ones the model "
+            f"gives: {frozen}. load_adapter returns only the trainable tree, and an adapter registered with "
+            "add_adapter recomputes them from the model; funcpeft.from_pretrained uses the checkpoint's.",
             stacklevel=2,
         )
     return loaded.tree, loaded.config

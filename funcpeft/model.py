@@ -79,7 +79,8 @@ class FunctionalPeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
-        resolved, plan = plan_adapter(self.model, peft_config)
+        peft_config.check_new_adapter_config(self.peft_config)
+        resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
         self.base.update(init_shared(self.model, plan))
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
@@ -167,7 +168,7 @@ def get_peft_model(
     check_adapter_name(adapter_name)
     if mixed:
         _check_combinable(peft_config, None, mixed)
-    resolved, plan = plan_adapter(model, peft_config, revision)
+    resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))

@@ -36,6 +36,12 @@ def shared_key(*parts: Any) -> str:
     return SHARED_PREFIX + ".".join(map(str, parts))
 
 
+def layer_key(adapter_name: str, path: str, name: str) -> str:
+    """The reserved `base` key of a frozen tensor one adapter keeps for one layer (MiCA's lora_B, see
+    funcpeft.methods.base.FrozenTensors), e.g. layer_key("default", "lin0", "lora_B") -> '<shared>.default/lin0.lora_B'."""
+    return f"{SHARED_PREFIX}{adapter_name}/{path}.{name}"
+
+
 def stack_adapters(trees: Sequence[Any]) -> Any:
     """K trees of the same structure -> one tree whose leaves have a leading dimension K."""
     if not trees:

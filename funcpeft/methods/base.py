@@ -53,11 +53,21 @@ class LayerKind(enum.Enum):
     CONV1D_HF = "conv1d_hf"  # transformers' GPT-2 style Conv1D: weight (in, out)
     EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
     CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
+    MHA = "mha"  # nn.MultiheadAttention (one in_proj_weight): in_proj_weight (3 * embed, embed), read as data
 
     @property
     def out_dim(self) -> int:
         """The weight dimension holding the output features."""
         return 1 if self in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING) else 0
+
+    @property
+    def weight_name(self) -> str:
+        """The module attribute holding the adapted weight."""
+        return "in_proj_weight" if self is LayerKind.MHA else "weight"
+
+
+# the kinds a method adapts unless it says otherwise (`Method.kinds`): every kind whose layer calls its own op
+WEIGHT_OP_KINDS = frozenset({LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.EMBEDDING, LayerKind.CONV})
 
 
 @dataclass(frozen=True)
@@ -118,12 +128,17 @@ class UnsupportedLayerError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result."""
+    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result.
+
+    owner: the targeted module this one is adapted along with, when it is not a target itself (PEFT wraps an
+    nn.MultiheadAttention's `out_proj` with LoRA together with it); rank / alpha patterns follow the owner's name.
+    """
 
     name: str
     module: Any  # the nn.Module (typed Any: its attributes differ by layer kind)
     kind: LayerKind
     common: Any = None
+    owner: Target | None = None
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -219,6 +234,9 @@ class MergeHooks:
     bias: MergeBiasFn | None = None
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
+    # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
+    # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
+    needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,25 @@ class SharedTensors:
     saved: Callable[[Any], bool] = lambda config: False
 
 
+@dataclass(frozen=True)
+class FrozenTensors:
+    """Frozen tensors a method derives for each layer from its base weight (MiCA's lora_B, KaSA's dropped
+    singular components).
+
+    They live in `base` under reserved keys, one per adapter, layer and name (funcpeft.trees.layer_key), never
+    in the adapter tree; the layer's forward / delta_weight / merge hooks get them in `params`, like VeRA's.
+    shapes(spec) -> {name: shape}; make(spec, weight) -> {name: Tensor}: from the layer's detached base weight
+    (base layout), in the adapter dtype the caller casts to. saved: the names PEFT keeps as frozen
+    nn.Parameters of the layer: they are written to and read from its checkpoint files (under the method's key
+    rules) and counted as (frozen) parameters. The other names exist only in funcpeft (PEFT rewrote its base
+    weight instead): neither saved nor counted.
+    """
+
+    shapes: Callable[[LayerSpec[Any]], dict[str, tuple[int, ...]]]
+    make: Callable[[LayerSpec[Any], torch.Tensor], dict[str, torch.Tensor]]
+    saved: frozenset[str] = frozenset()
+
+
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
 
@@ -254,9 +291,18 @@ class KeyRules:
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+    # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def is_method_param(self, name: str) -> bool:
-        return name in self.unsuffixed or name.startswith(self.param_prefix)
+        return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
+
+    def tail(self, name: str) -> str:
+        """What follows the module path in the checkpoint key of method parameter `name`."""
+        renamed = dict(self.renamed)
+        if name in renamed:
+            return renamed[name]
+        return name if name in self.unsuffixed else f"{name}.weight"
 
 
 def _always(*_: Any) -> bool:
@@ -272,6 +318,12 @@ class Method:
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
     mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
+    frozen: frozen per-layer tensors derived from the base weight (see `FrozenTensors`).
+    tie: for LoraConfig(ensure_weight_tying=True): the params of a layer tied to the input embedding (lm_head)
+      as a function of the embedding layer's params (leaves may carry leading batch dims); None: no tying.
+    changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
+      for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     """
 
     name: str
@@ -289,6 +341,10 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
+    frozen: FrozenTensors | None = None
+    tie: Callable[[Params], Params] | None = None
+    changes_base: bool = False
 
     @property
     def peft_type(self) -> str:
