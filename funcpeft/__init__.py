@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from ._checks import AdapterMismatchError
-from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import BdLoraConfig, ConfigTypeError, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
@@ -34,9 +34,11 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterTree",
     "BaseTree",
+    "BdLoraConfig",
     "ConfigTypeError",
     "FunctionalPeftModel",
     "IA3Config",
+    "KasaConfig",
     "InterruptedSaveError",
     "LoHaConfig",
     "LoKrConfig",

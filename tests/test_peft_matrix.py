@@ -24,8 +24,6 @@ _BOTH = "get_peft_model, from_pretrained: "
 
 KNOWN_FAILURES: dict[str, str] = {
     # LoRA variants / options funcpeft does not implement
-    "Vanilla MLP 1 LoRA with KaSA": _BOTH + f"kasa_config (KaSA) is not implemented: {_NOT_IMPL}",
-    "Vanilla MLP 1 LoRA with MiCA": _BOTH + f"init_lora_weights='mica' is not implemented: {_NOT_IMPL}",
     "Vanilla MLP 10 LoRA with VeLoRA random": _BOTH + f"velora_config (VeLoRA) is not implemented: {_NOT_IMPL}",
     "Vanilla MLP 11 LoRA with VeLoRA batch_average": _BOTH + f"velora_config (VeLoRA) is not implemented: {_NOT_IMPL}",
     "Vanilla MLP 12 LoRA with VeLoRA batch_average_once": _BOTH + f"velora_config (VeLoRA) is not implemented: {_NOT_IMPL}",
@@ -33,9 +31,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "MLP 1 using nn.Parameter LoRA": _BOTH + f"target_parameters is not implemented: {_NOT_IMPL}",
     "MLP 2 using nn.Parameter LoRA": _BOTH + f"target_parameters is not implemented: {_NOT_IMPL}",
     "Vanilla MLP 1 LoRA with Monteclora": _BOTH + f"monteclora_config (MonteCLoRA) is not implemented: {_NOT_IMPL}",
-    "BD-LoRA A only": _BOTH + f"use_bdlora (BD-LoRA) is not implemented: {_NOT_IMPL}",
-    "BD-LoRA B only": _BOTH + f"use_bdlora (BD-LoRA) is not implemented: {_NOT_IMPL}",
-    "BD-LoRA both A and B": _BOTH + f"use_bdlora (BD-LoRA) is not implemented: {_NOT_IMPL}",
 }
 
 # rows where PEFT is wrong: LoHa's use_effective_conv2d backward (HadaWeightCP) gives wrong gradients for

@@ -4,14 +4,16 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from ..config import PEFT_VERSION, BdLoraConfig, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .ia3 import IA3Config
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "BdLoraConfig",
     "IA3Config",
+    "KasaConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",

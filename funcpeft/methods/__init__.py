@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import dora, ia3, loha, lokr, lora, vera
+from . import bdlora, dora, ia3, kasa, loha, lokr, lora, mica, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,11 +44,14 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "bdlora",
     "dora",
     "ia3",
+    "kasa",
     "loha",
     "lokr",
     "lora",
+    "mica",
     "method_for",
     "mixed_compatible_types",
     "register",

@@ -267,7 +267,7 @@ class FrozenTensors:
     They live in `base` under reserved keys, one per adapter, layer and name (funcpeft.trees.layer_key), never
     in the adapter tree; the layer's forward / delta_weight / merge hooks get them in `params`, like VeRA's.
     shapes(spec) -> {name: shape}; make(spec, weight) -> {name: Tensor}: from the layer's detached base weight
-    (base layout), in the adapter dtype the caller casts to. saved: the names PEFT keeps as frozen
+    (base layout), on its device, in the dtype the method needs (used as is). saved: the names PEFT keeps as frozen
     nn.Parameters of the layer: they are written to and read from its checkpoint files (under the method's key
     rules) and counted as (frozen) parameters. The other names exist only in funcpeft (PEFT rewrote its base
     weight instead): neither saved nor counted.
