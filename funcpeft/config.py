@@ -292,7 +292,7 @@ class BdLoraConfig:
 
 def _sub_config(config: Any, name: str, cls: Any) -> None:
     """A nested sub-config as the dict PEFT saves (`dataclasses.asdict`), from an instance or a dict (PEFT's
-    `_get_lora_subconfig`; unknown keys are refused with close matches)."""
+    `_get_lora_subconfig`, which drops keys the class does not know: funcpeft warns about them, with close matches)."""
     value = getattr(config, name)
     if value is None:
         return
@@ -301,8 +301,18 @@ def _sub_config(config: Any, name: str, cls: Any) -> None:
         return
     if not isinstance(value, dict):
         raise ConfigTypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None (LoraConfig.{name}), got {value!r}")
-    _check_init_kwargs(cls, value)
-    setattr(config, name, dataclasses.asdict(cls(**value)))
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in value if k not in known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in close.items())
+        warnings.warn(
+            f"LoraConfig.{name}: unexpected keys {hints} for {cls.__name__} are ignored (PEFT drops them too; "
+            f"known: {sorted(known)})",
+            UserWarning,
+            stacklevel=4,
+        )
+    setattr(config, name, dataclasses.asdict(cls(**{k: v for k, v in value.items() if k in known})))
 
 
 # PEFT's LoRA variants (`LoraLayer.resolve_lora_variant`): config fields tagged `is_lora_variant`, and the
