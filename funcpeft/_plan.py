@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targeting import find_modules_to_save, find_targets, layer_kind, module_name, resolve_config, tied_layers
+from ._targeting import (
+    find_modules_to_save,
+    find_targets,
+    layer_kind,
+    module_name,
+    resolve_config,
+    tied_layers,
+    tied_to_input_embedding,
+)
 from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
@@ -33,15 +41,16 @@ from .methods.base import (
     Target,
     UnsupportedLayerError,
 )
-from .trees import SHARED_PREFIX, layer_key
+from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 
 @dataclasses.dataclass(frozen=True)
 class Tie:
-    """A layer whose adapter is another layer's, tied (LoraConfig(ensure_weight_tying=True): lm_head gets the
-    input embedding's LoRA, transposed; see `Method.tie`). It has no leaves of its own in the adapter tree.
+    """A layer whose weight is tied to an adapted input embedding and that applies the embedding's adapter
+    (`Method.tie`: lm_head gets the embedding's LoRA transposed with ensure_weight_tying, or trainable tokens'
+    rows). It has no leaves of its own in the adapter tree.
 
-    path: the tied module; spec: its layer facts; shapes: ((param name, shape), ...) of its params.
+    path: the tied module; spec: its layer facts (its own op); shapes: ((param name, shape), ...) of its params.
     """
 
     path: str
@@ -58,10 +67,17 @@ class PlanEntry:
     overrides: the module's own parameters the adapter's copies replace (modules_to_save, trainable biases).
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
-    frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared by all layers
-      (VeRA's) or the layer's own (`Method.frozen`: MiCA's lora_B, under `trees.layer_key` keys).
+    frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared ones (VeRA's
+      projections) and the layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, under
+      `trees.layer_frozen_key` keys).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
-    ties: layers that use this layer's params, tied (`Tie`: lm_head with ensure_weight_tying).
+    shared: names of the trainable tensors shared by all layers (`Method.shared_trainable`) the forward reads
+      from the adapter tree's `trees.SHARED_PATH` entry (VB-LoRA's vector bank).
+    owner: on the `SHARED_PATH` entry only: a layer's spec, whose method draws the shared tensors.
+    tied: layers whose weight is tied to this one's and that apply this entry's adapter parameters, passed
+      through `Method.tie`, with their own op (`Tie`: lm_head with LoRA's ensure_weight_tying, trainable tokens).
+    copied_by: the method whose trainable copies `overrides` are (`Method.copies_modules`: LN tuning), None for
+      modules_to_save copies and trainable biases.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -70,7 +86,10 @@ class PlanEntry:
     in_place: tuple[str, ...] = ()
     frozen: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    ties: tuple[Tie, ...] = ()
+    shared: tuple[str, ...] = ()
+    owner: LayerSpec[Any] | None = None
+    tied: tuple[Tie, ...] = ()
+    copied_by: str | None = None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -195,21 +214,29 @@ def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any) ->
     return out
 
 
-def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan) -> None:
-    """Record the layers tied to the input embedding on the embedding's plan entry (ensure_weight_tying)."""
-    tied = tied_layers(model, config)
+def _tied_paths(model: nn.Module, config: PeftConfig, method: Method, targets: list[str]) -> list[str]:
+    """The layers tied to the input embedding that take its adapter (`Method.tie`), in `named_modules` order."""
+    requested = tied_layers(model, config)  # LoraConfig(ensure_weight_tying=True)
+    if method.tie is None:
+        if requested:
+            raise NotImplementedError(
+                f"ensure_weight_tying=True with {type(config).__name__} ({method.name}): funcpeft ties only plain "
+                f"LoRA adapters (the layers tied to the input embedding: {requested})."
+            )
+        return []
+    return requested if method.tie.on_request else tied_to_input_embedding(model, targets)
+
+
+def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan, tied: list[str], common: Any) -> None:
+    """Record the layers tied to the input embedding (`_tied_paths`) on the embedding's plan entry."""
     if not tied:
         return
-    if method.tie is None:
-        raise NotImplementedError(
-            f"ensure_weight_tying=True with {type(config).__name__} ({method.name}): funcpeft ties only plain LoRA "
-            f"adapters (the layers tied to the input embedding: {tied})."
-        )
+    assert method.tie is not None
     source = module_name(model, model.get_input_embeddings())  # type: ignore[operator]
     entry = plan.get(source or "")
     if entry is None or entry.spec is None:
         raise ValueError(
-            f"ensure_weight_tying=True: {tied} would share the LoRA of the input embedding {source!r}, which this "
+            f"{type(config).__name__}: {tied} would share the adapter of the input embedding {source!r}, which this "
             "config does not adapt (excluded?)."
         )
     modules = dict(model.named_modules())
@@ -217,20 +244,20 @@ def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan) -> N
     for path in tied:
         kind = layer_kind(modules[path])
         if kind is None:
-            raise TypeError(f"ensure_weight_tying: the tied module {path!r} is a {type(modules[path]).__name__}, not a layer")
-        spec = layer_spec(Target(path, modules[path], kind), config, method)
+            raise TypeError(f"the tied module {path!r} is a {type(modules[path]).__name__}, not a layer funcpeft adapts")
+        spec = layer_spec(Target(path, modules[path], kind, common), config, method)
         with torch.device("meta"):
-            tied_params = method.tie({k: torch.empty(shape) for k, shape in entry.shapes})
+            tied_params = method.tie.params({k: torch.empty(shape) for k, shape in entry.shapes if k in entry.params})
         shapes = tuple((k, tuple(v.shape)) for k, v in tied_params.items())
         want = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         if sorted(shapes) != sorted(want):
             raise ValueError(
-                f"ensure_weight_tying: {path!r} would take the LoRA of {source!r} tied, shaped {dict(shapes)}, but its "
+                f"{path!r} would take the adapter of {source!r} tied, shaped {dict(shapes)}, but its "
                 f"own rank / layout needs {dict(want)} (a rank_pattern giving them different ranks?)"
             )
         ties.append(Tie(path, spec, shapes))
     assert source is not None
-    plan[source] = dataclasses.replace(entry, ties=tuple(ties))
+    plan[source] = dataclasses.replace(entry, tied=tuple(ties))
 
 
 def plan_adapter(
@@ -238,28 +265,38 @@ def plan_adapter(
 ) -> tuple[PeftConfig, Plan]:
     """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
 
-    adapter_name: names the `base` keys of the adapter's frozen per-layer tensors (`Method.frozen`).
+    adapter_name: names the `base` keys of the adapter's per-layer frozen tensors (`Method.layer_frozen`).
     """
     method = method_for(config)
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    names = find_targets(model, resolved)
+    names = find_targets(model, resolved, any_module=method.copies_modules)
     modules = dict(model.named_modules())
-    common = method.shared.common_hyper(resolved, {n: modules[n] for n in names}) if method.shared else None
-    targets = _targets(names, modules, common)
+    plan: Plan = _copies_plan(method, names, modules) if method.copies_modules else {}
+    tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
+    layers = [n for n in names if n not in tied] if not method.copies_modules else []
+    common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
+    targets = _targets(layers, modules, common)
     if hasattr(resolved, "fan_in_fan_out"):
-        _fix_fan_in_fan_out({t.name: t.kind for t in targets}, resolved)
-    plan: Plan = {}
+        kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
+        _fix_fan_in_fan_out(kinds, resolved)
     for target in targets:
         spec = layer_spec(target, resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
-        if method.frozen is not None:
-            frozen += tuple((n, layer_key(adapter_name, target.name, n)) for n in method.frozen.shapes(spec))
+        if method.layer_frozen is not None:
+            frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         plan[target.name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
-    _ties(model, resolved, method, plan)
-    saved = find_modules_to_save(model, resolved, {t.name for t in targets})
+    if method.shared_trainable is not None and targets:  # one tree entry for them; every layer reads it
+        owner = plan[targets[0].name].spec
+        assert owner is not None
+        own_shapes = tuple((k, tuple(v)) for k, v in shared_shapes(owner).items())
+        shared_names = tuple(k for k, _ in own_shapes)
+        plan.update({t.name: dataclasses.replace(plan[t.name], shared=shared_names) for t in targets})
+        plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=owner, shapes=own_shapes)
+    _ties(model, resolved, method, plan, tied, common)
+    saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets})
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -279,6 +316,22 @@ def plan_adapter(
     return resolved, plan
 
 
+def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Module]) -> Plan:
+    """LN tuning's plan: each target carries trainable copies of its own parameters (PEFT deep-copies it)."""
+    for outer in targets:
+        inner = next((t for t in targets if t.startswith(outer + ".")), None)
+        if inner is not None:
+            raise ValueError(
+                f"{method.config.__name__}: target {inner!r} lies inside target {outer!r}; the method copies each "
+                "targeted module whole, so nested targets are ambiguous. Target one of them."
+            )
+    plan: Plan = {}
+    for n in targets:
+        own = tuple((p, tuple(t.shape)) for p, t in modules[n].named_parameters())
+        plan[n] = PlanEntry(overrides=tuple(p for p, _ in own), copied_by=method.name, shapes=own)
+    return plan
+
+
 def fresh_method_params(
     entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
 ) -> Params:
@@ -287,7 +340,9 @@ def fresh_method_params(
     method = entry.method
     if weight.device.type == "meta":
         return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
-    fresh = {k: v.to(weight.device, dtype) for k, v in method.init(entry.spec, generator).items()}
+    # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
+    via = weight.dtype if weight.dtype.is_floating_point else dtype
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
         fresh = method.finish_init(entry.spec, fresh, weight.detach())
     return fresh
@@ -301,6 +356,14 @@ def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
         if method.finish_init is not None:
             params = method.finish_init(spec, params, torch.empty(spec.weight_shape))
     return {k: v.shape for k, v in params.items()}
+
+
+def shared_shapes(owner: LayerSpec[Any]) -> dict[str, torch.Size]:
+    """{name: shape} of the trainable tensors shared by the layers of `owner`'s method, from a meta-device draw."""
+    draw = weight_method(owner.method).shared_trainable
+    assert draw is not None
+    with torch.device("meta"):
+        return {k: v.shape for k, v in draw.init(owner, None).items()}
 
 
 def init_adapter(
@@ -317,52 +380,62 @@ def init_adapter(
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
+    shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
             w = getattr(modules[path], entry.spec.kind.weight_name)
-            out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            draw = entry.method.shared_trainable
+            if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
+                shared = _fresh(draw.init, entry.spec, w, generator, dtype)
+            out.update(fresh_method_params(entry, w, generator, dtype))
         for pname in entry.overrides:
             out[pname] = params[f"{path}.{pname}"].detach().clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
+    owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
+    if owner is not None:
+        if shared is None:  # a plan holding only the shared entry (a partial re-init): CPU float32
+            draw = weight_method(owner.method).shared_trainable
+            assert draw is not None
+            shared = _fresh(draw.init, owner, torch.empty(()), generator, torch.float32)
+        tree[SHARED_PATH] = {k: v.requires_grad_(trainable) for k, v in shared.items()}
     return tree
 
 
+def _fresh(
+    init: Any, spec: LayerSpec[Any], weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
+) -> Params:
+    """`init(spec, generator)` on the weight's device in `dtype` (meta tensors, and no draw, for a meta weight)."""
+    if weight.device.type == "meta":
+        with torch.device("meta"):
+            return {k: v.to(dtype) for k, v in init(spec, None).items()}
+    return {k: v.to(weight.device, dtype) for k, v in init(spec, generator).items()}
+
+
 def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Frozen tensors the plan's layers read from `base`, as extra `base` entries: those shared by all layers
-    (VeRA's projections, on the first target's device) and each layer's own (`Method.frozen`, made from its base
-    weight, on its device; meta tensors for a meta-device weight).
+    """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
+    FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
+    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, on its weight's device).
 
     Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
-    adapted = [(path, e) for path, e in plan.items() if e.spec is not None]
-    if not adapted:
-        return {}
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
-    for path, entry in adapted:
-        spec, frozen = entry.spec, entry.method.frozen
-        assert spec is not None
-        if frozen is None:
+    for path, entry in plan.items():
+        if entry.spec is None:
             continue
-        weight = getattr(modules[path], spec.kind.weight_name).detach()
-        shapes = frozen.shapes(spec)
-        if weight.is_meta:
-            tensors = {n: torch.empty(shape, device="meta") for n, shape in shapes.items()}
-        else:
-            tensors = frozen.make(spec, weight)
-        keys = dict(entry.frozen)
-        out.update({keys[n]: tensors[n] for n in shapes})
-    path, entry = adapted[0]
-    shared = entry.method.shared
-    if shared is None:
-        return out
-    assert entry.spec is not None
-    device = getattr(modules[path], entry.spec.kind.weight_name).device
-    tensors = shared.make(entry.spec)
-    assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
-    return {**out, **{k: v.to(device) for k, v in tensors.items()}}
+        method = entry.method
+        if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
+            device = getattr(modules[path], entry.spec.kind.weight_name).device
+            out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
+        if method.layer_frozen is not None:
+            made = method.layer_frozen.make(entry.spec, modules[path])
+            keys = dict(entry.frozen)
+            out.update({keys[n]: made[n] for n in method.layer_frozen.of(entry.spec)})
+    assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
+    return out
 
 
 def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
@@ -379,8 +452,23 @@ def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
 
 
 def layer_params(entry: PlanEntry, leaves: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> Params:
-    """A layer's method params: its own (from the adapter tree's entry) plus frozen shared ones (from `base`)."""
-    return {**{k: leaves[k] for k in entry.params}, **shared_params(entry, base)}
+    """A layer's method params: its own and the shared trainable ones (`leaves`: the adapter tree's entry plus
+    its `SHARED_PATH` tensors, see `with_shared`) plus frozen ones (from `base`)."""
+    return {**{k: leaves[k] for k in (*entry.params, *entry.shared)}, **shared_params(entry, base)}
+
+
+def with_shared(tree: Mapping[str, Mapping[str, Any]], path: str, entry: PlanEntry) -> dict[str, Any]:
+    """Adapter tree entry `path` plus the shared trainable tensors its layer reads (`PlanEntry.shared`)."""
+    return {**tree[path], **{k: tree[SHARED_PATH][k] for k in entry.shared}}
+
+
+def check_stack(specs: tuple[LayerSpec[Any], ...]) -> None:
+    """Let each method refuse how its adapters stack on one layer (`Method.check_stack`, innermost first)."""
+    for name in dict.fromkeys(s.method for s in specs):
+        own = tuple(s for s in specs if s.method == name)
+        hook = weight_method(name).check_stack
+        if hook is not None and len(own) > 1:
+            hook(own)
 
 
 # -- checking a tree against a plan -------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from torch import nn
 
 from ._checks import check_tree
 from ._plan import check_adapter_name
-from ._targeting import module_name, tied_layers
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
     KeyRules,
@@ -53,10 +52,11 @@ from .keys import (
     is_saved_module,
     key_rules,
     shared_file_keys,
+    tied_paths,
     tree_file_keys,
 )
 from .methods import CONFIG_CLASSES, Method, method_for
-from .trees import layer_key
+from .trees import SHARED_PATH, layer_frozen_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -335,7 +335,7 @@ def _embedding_keys(
     names = {m: n for n, m in model.named_modules()}
     targeted = embedding_is_targeted(getattr(config, "target_modules", None), names.values())
     if save_embedding_layers == "auto":
-        if targeted and getattr(config, "trainable_token_indices", None) is None:
+        if targeted and config.SAVES_TARGETED_EMBEDDINGS and getattr(config, "trainable_token_indices", None) is None:
             reason = "embedding layers found in `target_modules`."
         elif _vocab_resized(config, model):
             reason = "the embedding layer has been resized during finetuning."
@@ -372,7 +372,9 @@ def checkpoint_state(
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
     rules: KeyRules = key_rules(config)
-    state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in tree_file_keys(adapter_params, rules).items()}
+    mts = getattr(config, "modules_to_save", None)
+    keys = tree_file_keys(adapter_params, rules, mts)
+    state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in keys.items()}
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:
         base = dict(model.named_parameters())
@@ -391,7 +393,7 @@ def checkpoint_state(
                 state[key] = _for_file(key, adapter_params[path][name])
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
-    shared = shared_file_keys(config, base or {})
+    shared = shared_file_keys(config, base or {}, sorted(adapted))
     if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
         raise ValueError(
             f"{type(config).__name__}(save_projection=True): PEFT's file must hold the method's frozen shared "
@@ -406,6 +408,9 @@ def checkpoint_state(
             state[key] = _for_file(key, base[name])
     elif save_embedding_layers is True:
         raise ValueError("save_embedding_layers=True needs the model (pass model=...)")
+    method = method_for(config)
+    if isinstance(method, Method) and method.codec is not None:
+        state = method.codec.encode(config, state)
     return _unshare(state)
 
 
@@ -413,17 +418,19 @@ def _frozen_state(
     tree: Mapping[str, Mapping[str, Any]], method: Method, rules: KeyRules, adapted: set[str],
     base: Mapping[str, torch.Tensor] | None, adapter_name: str,
 ) -> dict[str, torch.Tensor]:
-    """The frozen per-layer tensors PEFT saves with the adapter (MiCA's lora_B), from their `base` entries."""
-    if method.frozen is None or not method.frozen.saved:
+    """The frozen per-layer tensors PEFT saves with the adapter (`LayerFrozen.saved`: SHiRA's mask indices,
+    MiCA's lora_B), from their `base` entries."""
+    frozen = method.layer_frozen
+    if frozen is None or not frozen.saved:
         return {}
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(adapted):
-        keys = {n: layer_key(adapter_name, path, n) for n in sorted(method.frozen.saved)}
+    for path in sorted(adapted - {SHARED_PATH}):
+        keys = {n: layer_frozen_key(adapter_name, path, n) for n in frozen.names}
         found = {n: k for n, k in keys.items() if base is not None and k in base}
         if not found:
             raise ValueError(
-                f"{method.name}: PEFT's file holds the frozen {sorted(method.frozen.saved)} of {path!r}, which live in "
-                f"`base` (key {next(iter(keys.values()))!r}), not in the adapter tree. Pass base_params= (the `base` "
+                f"{method.name}: PEFT's file holds the adapter's frozen {list(frozen.names)} of {path!r}, which live "
+                f"in `base` (key {next(iter(keys.values()))!r}), not in the adapter tree. Pass base_params= (the `base` "
                 "from funcpeft.get_peft_model / from_pretrained) and the adapter's name, or save with "
                 "pm.save_pretrained(directory, adapter). Nothing was written."
             )
@@ -437,24 +444,24 @@ def _tie_state(
     tree: Mapping[str, Mapping[str, Any]], config: PeftConfig, method: Method, rules: KeyRules, adapted: set[str],
     model: nn.Module | None,
 ) -> dict[str, tuple[str, torch.Tensor]]:
-    """{checkpoint key: (tied path, tensor)} of the layers tied to the input embedding (ensure_weight_tying):
-    PEFT saves their params too (lm_head.lora_A.weight = the embedding's lora_embedding_B transposed)."""
-    if not getattr(config, "ensure_weight_tying", False):
+    """{checkpoint key: (tied path, tensor)} of the layers tied to an adapted input embedding (`Method.tie`):
+    PEFT saves their params too (ensure_weight_tying: lm_head.lora_A.weight = the embedding's lora_embedding_B
+    transposed; trainable tokens: lm_head's copy of the embedding's rows)."""
+    if method.tie is None:
         return {}
     if model is None:
-        raise ValueError(
-            "ensure_weight_tying=True: PEFT's file holds the LoRA of the layers tied to the input embedding (lm_head), "
-            "which only the model says: pass model=. Nothing was written."
-        )
-    tied = tied_layers(model, config)
-    source = module_name(model, model.get_input_embeddings()) if tied else None  # type: ignore[operator]
-    if not tied or source not in tree or method.tie is None:
+        if getattr(config, "ensure_weight_tying", False):
+            raise ValueError(
+                "ensure_weight_tying=True: PEFT's file holds the LoRA of the layers tied to the input embedding "
+                "(lm_head), which only the model says: pass model=. Nothing was written."
+            )
         return {}
-    wrapped = adapted | set(tied)
-    return {
-        file_key(path, n, rules, True, True, wrapped): (path, t)
-        for path in tied for n, t in method.tie(dict(tree[source])).items()  # type: ignore[index]
-    }
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for source, tied in tied_paths(model, config, tree).items():
+        wrapped = adapted | set(tied)
+        params = method.tie.params(dict(tree[source]))
+        out.update({file_key(path, n, rules, True, True, wrapped): (path, t) for path in tied for n, t in params.items()})
+    return out
 
 
 # -- atomic writes -------------------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
     ... in the method's `unsuffixed` set  base_model.model.{path}.{name}        (lora_embedding_A/B, DoRA magnitude)
     own param of an adapted layer         base_model.model.{path}.base_layer.{name}   (bias="lora_only"/"all")
     own param of any other module         base_model.model.{path}.{name}   (modules_to_save copies, bias="all")
+    copy of a targeted module's param     base_model.model.{path}.{copies_part}.{name}   (LN tuning)
+    shared trainable (path '<shared>')    base_model.{name}                 (VB-LoRA's vector bank)
+
+plus, from `base`, a method's per-layer frozen tensors (`LayerFrozen`: base_model.model.{path}.{name}, with the
+method's tail) and, for a method that ties (`Method.tie`), the params of each tied layer under its own path
+(lm_head's LoRA with ensure_weight_tying, trainable tokens' lm_head).
 
 A method declares its rules in its contract (funcpeft.methods.base): `Method.keys` (a `KeyRules`: the prefix
 PEFT gives its parameter names, the names saved without `.weight`, names saved under another tail such as
@@ -20,12 +26,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torch import nn
+
 from ._plan import PlanEntry
-from ._targeting import is_saved_module
+from ._targeting import is_saved_module, module_name, tied_layers, tied_to_input_embedding
 from .constants import EMBEDDING_LAYER_NAMES
 from .methods import method_for
 from .methods.base import KeyRules, Method
-from .trees import SHARED_PREFIX
+from .trees import SHARED_PATH, SHARED_PREFIX
 
 PREFIX = "base_model.model."
 BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
@@ -38,15 +46,17 @@ def key_rules(config: Any) -> KeyRules:
     return method_for(config).keys
 
 
-def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
+def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[str] = ()) -> dict[str, str]:
     """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
 
-    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`).
+    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`); `adapted`: the
+    adapted module paths, for copies PEFT writes under each layer (`SharedTensors.layer_file_keys`).
     """
     method = method_for(config)
     if not isinstance(method, Method) or method.shared is None:
         return {}
-    return dict(method.shared.file_keys(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)]))
+    shared = [k for k in base_keys if k.startswith(SHARED_PREFIX)]
+    return {**method.shared.file_keys(config, shared), **method.shared.layer_file_keys(config, shared, list(adapted))}
 
 
 def peft_path(path: str, adapted: Iterable[str] = ()) -> str:
@@ -65,16 +75,36 @@ def file_key(
     path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None, wrapped: Iterable[str] = ()
 ) -> str:
     """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters;
-    `wrapped`: the adapted module paths (a module inside one is under its `base_layer`)."""
+    `wrapped`: the adapted module paths (a module inside one is under its `base_layer`).
+
+    Tensors shared by all layers (path `SHARED_PATH`) are PEFT's tuner-level `base_model.{name}`; an adapted
+    module's own parameters go under `base_layer` (trainable biases) or the method's `copies_part` (LN tuning).
+    """
+    if path == SHARED_PATH:
+        return f"base_model.{name}"
     where = peft_path(path, wrapped)
     if rules.is_method_param(name) if method_param is None else method_param:
         return f"{PREFIX}{where}.{rules.tail(name)}"
-    return f"{PREFIX}{where}.base_layer.{name}" if adapted else f"{PREFIX}{where}.{name}"
+    return f"{PREFIX}{where}.{rules.copies_part or 'base_layer'}.{name}" if adapted else f"{PREFIX}{where}.{name}"
 
 
-def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes)."""
-    adapted = {p for p, entry in tree.items() if any(rules.is_method_param(n) for n in entry)}
+def tree_entry_adapted(path: str, entry: Iterable[str], rules: KeyRules, modules_to_save: Iterable[str]) -> bool:
+    """Whether a tree entry belongs to an adapted module (else it is a modules_to_save copy or a plain bias)."""
+    if rules.copies_part is not None:  # LN tuning: every entry but modules_to_save copies is the method's
+        return not is_saved_module(path, modules_to_save)
+    return any(rules.is_method_param(n) for n in entry)
+
+
+def tree_file_keys(
+    tree: Mapping[str, Mapping[str, Any]], rules: KeyRules, modules_to_save: Iterable[str] | None = None
+) -> dict[str, Leaf]:
+    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes, but for the
+    params of tied layers: `tie_file_keys`).
+
+    modules_to_save: the config's (tells LN tuning's copies from modules_to_save ones).
+    """
+    mts = list(modules_to_save or [])
+    adapted = {p for p, entry in tree.items() if p != SHARED_PATH and tree_entry_adapted(p, entry, rules, mts)}
     out: dict[str, Leaf] = {}
     for path, entry in tree.items():
         for name in entry:
@@ -83,35 +113,55 @@ def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> di
 
 
 def plan_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan)."""
-    adapted = {p for p, e in plan.items() if e.spec is not None}
+    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan; the params of
+    tied layers: `tie_file_keys`)."""
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
     out: dict[str, Leaf] = {}
     for path, e in plan.items():
+        adapted = e.spec is not None or e.copied_by is not None
         for name in (*e.params, *e.overrides):
-            out[file_key(path, name, rules, path in adapted, name in e.params, adapted)] = (path, name)
+            out[file_key(path, name, rules, adapted, name in e.params, wrapped)] = (path, name)
     return out
 
 
 def frozen_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, str]:
-    """{checkpoint key: base key} of the frozen per-layer tensors PEFT saves (`FrozenTensors.saved`: MiCA's lora_B)."""
+    """{checkpoint key: base key} of the frozen per-layer tensors PEFT saves (`LayerFrozen.saved`: SHiRA's mask
+    indices as `base_model.model.{path}.shira_indices`, MiCA's lora_B)."""
     adapted = {p for p, e in plan.items() if e.spec is not None}
     out: dict[str, str] = {}
     for path, e in plan.items():
-        frozen = e.method.frozen if e.spec is not None else None
-        for name, key in e.frozen if frozen is not None else ():
-            if name in frozen.saved:  # type: ignore[union-attr]
+        frozen = e.method.layer_frozen if e.spec is not None else None
+        if frozen is None or not frozen.saved:
+            continue
+        for name, key in e.frozen:
+            if name in frozen.names:
                 out[file_key(path, name, rules, True, True, adapted)] = key
     return out
 
 
 def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, tuple[str, str, str]]:
     """{checkpoint key: (source path, tied path, name)} of the params PEFT saves for layers tied to an adapted
-    layer (ensure_weight_tying: `lm_head.lora_A.weight`, the embedding's lora_embedding_B transposed)."""
-    adapted = {p for p, e in plan.items() if e.spec is not None} | {t.path for e in plan.values() for t in e.ties}
+    layer (`PlanEntry.tied`: with ensure_weight_tying `lm_head.lora_A.weight`, the embedding's lora_embedding_B
+    transposed; trainable tokens' lm_head rows)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None} | {t.path for e in plan.values() for t in e.tied}
     return {
         file_key(t.path, name, rules, True, True, adapted): (path, t.path, name)
-        for path, e in plan.items() for t in e.ties for name, _ in t.shapes
+        for path, e in plan.items() for t in e.tied for name, _ in t.shapes
     }
+
+
+def tied_paths(model: nn.Module | None, config: Any, paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{adapted input embedding's path: layers tied to it} without a plan: the layers whose params PEFT saves
+    too (`Method.tie`; PEFT's rule: the config's `target_modules_to_tie`, or the model's tied weights)."""
+    method = method_for(config)
+    if model is None or not isinstance(method, Method) or method.tie is None:
+        return {}
+    paths = [p for p in paths if p != SHARED_PATH]
+    tied = tied_layers(model, config) if method.tie.on_request else tied_to_input_embedding(model, paths)
+    source = module_name(model, model.get_input_embeddings()) if tied else None  # type: ignore[operator]
+    if not tied or source is None or source not in paths:
+        return {}
+    return {source: tuple(tied)}
 
 
 def base_file_key(param_name: str, adapted_paths: Iterable[str] | set[str]) -> str:
@@ -169,8 +219,11 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
 
     "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
     """
-    if not key.startswith(PREFIX):  # tuner-level tensors (VeRA's `base_model.vera_A`) belong to the base side
-        return ("base", (key, "")) if key.startswith("base_model.") else None
+    if not key.startswith(PREFIX):  # tuner-level tensors: trainable shared ones (VB-LoRA's bank) or VeRA's frozen
+        if not key.startswith("base_model."):
+            return None
+        name = key[len("base_model."):]
+        return ("adapter", (SHARED_PATH, name)) if rules.is_method_param(name) else ("base", (key, ""))
     rest = key[len(PREFIX):]
     for leaf, tail in rules.renamed:
         if rest.endswith(f".{tail}"):
@@ -178,6 +231,9 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None
+    if rules.copies_part is not None and rules.copies_part in parts[1:-1]:  # LN tuning's copies
+        at = parts.index(rules.copies_part, 1)
+        return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1:]))
     last, prev = parts[-1], parts[-2]
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (_unwrapped(".".join(parts[:-1])), last)

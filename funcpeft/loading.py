@@ -21,7 +21,7 @@ from torch import nn
 from ._checks import AdapterMismatchError, LeafSpec, Problems, device_of, expected_leaves
 from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
 from .config import PeftConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors, tensor_shapes
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors
 from .keys import (
     PREFIX,
     Leaf,
@@ -35,7 +35,9 @@ from .keys import (
     plan_file_keys,
     shared_file_keys,
     tie_file_keys,
+    tree_entry_adapted,
 )
+from .methods import Method, method_for
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
 
@@ -106,28 +108,28 @@ class Matched(NamedTuple):
     adapter: dict[Leaf, torch.Tensor]
     base: dict[str, torch.Tensor]  # base-model parameters PEFT saved too (embeddings), by canonical name
     problems: Problems
-    tied: dict[str, torch.Tensor]  # params PEFT saved for layers tied to another (ensure_weight_tying), by key
+    tied: dict[str, torch.Tensor]  # params PEFT saved for layers tied to another (`PlanEntry.tied`), by key
 
 
 def match_checkpoint(
     tensors: Mapping[str, torch.Tensor], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor],
+    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor], adapter_name: str = "default",
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
-    shared: the method's frozen shared base entries (funcpeft._plan.init_shared), which it may save.
+    shared: the method's frozen base entries (funcpeft._plan.init_shared), which it may save.
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     ties = tie_file_keys(plan, rules)
-    tie_shapes = {t.path: dict(t.shapes) for e in plan.values() for t in e.ties}
+    tie_shapes = {t.path: dict(t.shapes) for e in plan.values() for t in e.tied}
     adapted = {p for p, e in plan.items() if e.spec is not None} | set(tie_shapes)
     mts = getattr(config, "modules_to_save", None)
     saved = [p for p, e in plan.items() if e.spec is None and is_saved_module(p, mts)]
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
-    shared_keys = {**shared_file_keys(config, shared), **frozen_file_keys(plan, rules)}
+    shared_keys = {**shared_file_keys(config, shared, sorted(adapted)), **frozen_file_keys(plan, rules)}
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
@@ -173,13 +175,13 @@ def check_ties(
         source, _, name = ties[key]
         tie = plan[source].method.tie
         assert tie is not None
-        want = tie(dict(tree[source]))[name]
+        want = tie.params(dict(tree[source]))[name]
         if not torch.equal(t.to(device=want.device, dtype=want.dtype), want.detach()):
             differ.append(f"{key} (tied to {source})")
     if differ:
         msg = (
             f"The adapter checkpoint in {where!r} holds values for layers tied to the input embedding "
-            f"(ensure_weight_tying) that differ from the embedding's LoRA: {differ}. funcpeft keeps tied adapters once "
+            f"that differ from what the embedding's adapter gives them: {differ}. funcpeft keeps tied adapters once "
             "(the embedding's)"
         )
         if strict:
@@ -257,7 +259,8 @@ def load_for_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
-    shapes = tensor_shapes(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
     resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
@@ -266,8 +269,7 @@ def load_for_model(
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
     check_sizes(shapes, plan, resolved, leaves, where)
     shared = init_shared(model, plan)
-    tensors = read_tensors(where, allow_pickle)
-    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
+    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
     check_ties(matched.tied, tree, plan, resolved, where, strict)
@@ -276,15 +278,26 @@ def load_for_model(
     return Loaded(resolved, plan, tree, {**shared, **loaded})
 
 
+def _decoded(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint as the method's leaves are keyed (`FileCodec.decode`, e.g. VB-LoRA's top-k logits)."""
+    method = method_for(config)
+    return method.codec.decode(config, tensors) if isinstance(method, Method) and method.codec else tensors
+
+
 def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pickle: bool) -> tuple[dict, PeftConfig]:
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
+    method = method_for(config)
+    frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
+    tails = {rules.tail(n) for n in frozen}
     tree: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[Leaf, str] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
+        if key.startswith(PREFIX) and any(key.endswith(f".{t}") for t in tails):
+            continue  # a layer's frozen tensor (SHiRA's mask indices, MiCA's lora_B): the base side, needs the model
         parsed = parse_file_key(key, rules, mts, bias)
         if parsed is None:
             unexpected.append(key)
@@ -294,7 +307,8 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
             keys[(path, name)] = key
     wrapped = {p for p, e in tree.items() if any(rules.is_method_param(n) for n in e)}
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        if file_key(path, name, rules, path in wrapped, wrapped=wrapped) != key:
+        adapted = tree_entry_adapted(path, tree[path], rules, mts)
+        if file_key(path, name, rules, adapted, wrapped=wrapped) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}
@@ -328,10 +342,13 @@ def load_adapter(
     )
     params = dict(model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
+    fresh = init_shared(model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(
-            f"The checkpoint also carries base-model weights that differ from the model's: {differing}. "
-            "load_adapter ignores them; funcpeft.from_pretrained uses them (in `base`), like PEFT.",
+            f"The checkpoint also carries base-model weights that differ from the model's (or frozen adapter tensors "
+            f"its config alone does not give): {differing}. load_adapter ignores them; funcpeft.from_pretrained uses "
+            "them (in `base`), like PEFT.",
             stacklevel=2,
         )
     fresh = init_shared(model, loaded.plan)  # frozen tensors a registered adapter would make from the model

@@ -245,7 +245,7 @@ def _combine(
         s: LayerSpec[LoraHyper] = info.spec
         if s.method != "lora":
             raise NotImplementedError(f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}")
-        if s.hyper.lora_bias or s.hyper.mha_out_proj or s.kind is LayerKind.MHA or info.ties:
+        if s.hyper.lora_bias or s.hyper.mha_out_proj or s.kind is LayerKind.MHA or info.tied:
             raise NotImplementedError(
                 f"add_weighted_adapter: {name!r} at {path!r} has a lora_B bias, adapts an nn.MultiheadAttention or is "
                 "tied (ensure_weight_tying); funcpeft combines plain LoRA layers only"

@@ -29,7 +29,7 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import kasa
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import layer_key
+from funcpeft.trees import layer_frozen_key
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
@@ -247,7 +247,7 @@ def test_mica_init_equals_peft(build: Callable[[], nn.Module], targets: list[str
         suffix = ".default" if b == "lora_embedding_B" else ".default.weight"
         theirs = named[f"base_model.model.{path}.{b}{suffix}"]
         assert not theirs.requires_grad  # PEFT freezes it
-        assert torch.equal(fpm.base[layer_key("default", path, b)], theirs.detach()), path
+        assert torch.equal(fpm.base[layer_frozen_key("default", path, b)], theirs.detach()), path
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
 
 
@@ -256,7 +256,7 @@ def test_kasa_truncation_equals_peft_and_leaves_the_model_alone() -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pm = _peft_model(model, dict(target_modules=["lin0"], r=4, kasa_config=peft.tuners.lora.config.KasaConfig()))
     fpm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(target_modules=["lin0"], r=4, kasa_config={}))
-    truncated = fpm.base[layer_key("default", "lin0", kasa.TRUNCATED)]
+    truncated = fpm.base[layer_frozen_key("default", "lin0", kasa.TRUNCATED)]
     assert torch.equal(truncated, pm.base_model.model.lin0.base_layer.weight.detach())
     assert torch.linalg.matrix_rank(truncated).item() == 10 - 4
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # PEFT truncated its copy only
@@ -436,7 +436,7 @@ def test_ensure_weight_tying_matches_peft(targets: list[str], tmp_path: Any) -> 
     fpm = _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), tmp_path / "peft", is_trainable=True))
     fn, base, tree = fpm
     emb = "model.embed_tokens"
-    assert emb in tree and "lm_head" not in tree and [t.path for t in fpm.plans["default"][emb].ties] == ["lm_head"]
+    assert emb in tree and "lm_head" not in tree and [t.path for t in fpm.plans["default"][emb].tied] == ["lm_head"]
     with torch.no_grad():
         want = pm(**x).logits
         torch.testing.assert_close(fn(base, tree, **x).logits, want, atol=1e-5, rtol=1e-5)

@@ -240,6 +240,86 @@ class MergeHooks:
 
 
 @dataclass(frozen=True)
+class SharedParams:
+    """TRAINABLE tensors shared by all of an adapter's layers (VB-LoRA's vector bank).
+
+    They live once in the adapter tree, under the reserved path `funcpeft.trees.SHARED_PATH` ('<shared>'), so
+    they are trained, counted, stacked and routed like any leaf; every layer of the method finds them in its
+    `params` (forward, delta_weight) next to its own. PEFT keeps such tensors on its tuner model and saves
+    them as `base_model.{name}`.
+    init(spec, generator) -> {name: Tensor}: fresh float32 values (spec: one of the adapter's layers; its hyper
+      carries what the draw needs).
+    per_layer_draw: PEFT draws them again before each layer's own parameters and keeps the last draw
+      (VB-LoRA's `_create_and_replace`); True reproduces PEFT's random stream, so a seeded init equals PEFT's.
+    """
+
+    init: InitFn
+    per_layer_draw: bool = False
+
+
+@dataclass(frozen=True)
+class LayerFrozen:
+    """Frozen tensors of each adapted layer that belong to the adapter but are never trained (SHiRA's mask
+    indices, trainable tokens' original rows, MiCA's lora_B, KaSA's truncated weight).
+
+    They live in `base` under reserved keys (`funcpeft.trees.layer_frozen_key(adapter_name, path, name)`), not
+    in the adapter tree; each layer's forward / delta_weight / merge hooks find them in `params`.
+    names: every name the method keeps (a checkpoint key ending in one is such a tensor, not a leaf);
+    select(spec) -> the names one layer holds, when not all of `names` (MiCA: lora_B or lora_embedding_B);
+    make(spec, module) -> {name: Tensor}: the layer's tensors, computed at get_peft_model time from its spec and
+      its base module (e.g. a mask function or an SVD of the weight), on the weight's device, in the dtype the
+      method needs; meta tensors for a meta-device weight, and a meta tensor marks a value only a checkpoint
+      can provide.
+    saved: PEFT writes them into its files (`base_model.model.{path}.{KeyRules.tail(name)}`) and a checkpoint's
+      values replace the computed ones (funcpeft.from_pretrained). Unsaved ones exist only in funcpeft (KaSA:
+      PEFT rewrote its base weight instead).
+    counted: PEFT keeps them as frozen nn.Parameters (MiCA's lora_B), counted among all (not trainable)
+      parameters; otherwise buffers or plain attributes, not counted.
+    """
+
+    names: tuple[str, ...]
+    make: Callable[[LayerSpec[Any], nn.Module], dict[str, torch.Tensor]]
+    saved: bool = True
+    counted: bool = False
+    select: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
+
+    def of(self, spec: LayerSpec[Any]) -> tuple[str, ...]:
+        """The names layer `spec` holds."""
+        return self.select(spec) if self.select is not None else self.names
+
+
+@dataclass(frozen=True)
+class Tying:
+    """How a method's adapter on the input embedding also applies to the layers whose weight is tied to it
+    (lm_head). Tied layers carry no leaves of their own (funcpeft._plan.PlanEntry.tied); PEFT saves their
+    params under their own path too.
+
+    params(the embedding layer's params) -> the tied layer's params (leaves may carry leading batch dims):
+      LoRA transposes (lm_head's lora_A = lora_embedding_B^T), trainable tokens uses the same rows.
+    on_request: True: only the layers the config asks to tie (LoraConfig(ensure_weight_tying=True): its
+      `target_modules_to_tie`); False: every layer the model ties to a targeted input embedding
+      (`tie_word_embeddings` and `_tied_weights_keys`: PEFT's trainable tokens rule).
+    counted: PEFT gives each tied layer its own nn.Parameters (sharing storage with the embedding's: LoRA), so
+      its params are counted again; False: the tied layer reuses the embedding layer's parameter objects.
+    """
+
+    params: Callable[[Params], Params]
+    on_request: bool = False
+    counted: bool = False
+
+
+@dataclass(frozen=True)
+class FileCodec:
+    """How a method's tensors are stored when PEFT does not write one tensor per leaf (VB-LoRA's
+    `save_only_topk_weights`). Both act on a whole `{checkpoint key: Tensor}` state and leave keys they do not
+    own alone: encode(config, state) -> the file's state; decode(config, tensors) -> the state `encode` got
+    (as far as the file keeps it)."""
+
+    encode: Callable[[Any, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+    decode: Callable[[Any, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class SharedTensors:
     """Frozen tensors shared by all of an adapter's layers (VeRA's random projections).
 
@@ -247,8 +327,11 @@ class SharedTensors:
     are not counted as parameters (PEFT keeps them as buffers).
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
-    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
+    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config (called for each layer whose
+    `frozen_params` keys are not made yet, so per-layer tensors such as FourierFT's spectral indices work too);
     file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
+    layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
+    also writes under each adapted layer (RandLoRA's bases, which every layer references).
     saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
     """
 
@@ -257,25 +340,7 @@ class SharedTensors:
     make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
-
-
-@dataclass(frozen=True)
-class FrozenTensors:
-    """Frozen tensors a method derives for each layer from its base weight (MiCA's lora_B, KaSA's dropped
-    singular components).
-
-    They live in `base` under reserved keys, one per adapter, layer and name (funcpeft.trees.layer_key), never
-    in the adapter tree; the layer's forward / delta_weight / merge hooks get them in `params`, like VeRA's.
-    shapes(spec) -> {name: shape}; make(spec, weight) -> {name: Tensor}: from the layer's detached base weight
-    (base layout), on its device, in the dtype the method needs (used as is). saved: the names PEFT keeps as frozen
-    nn.Parameters of the layer: they are written to and read from its checkpoint files (under the method's key
-    rules) and counted as (frozen) parameters. The other names exist only in funcpeft (PEFT rewrote its base
-    weight instead): neither saved nor counted.
-    """
-
-    shapes: Callable[[LayerSpec[Any]], dict[str, tuple[int, ...]]]
-    make: Callable[[LayerSpec[Any], torch.Tensor], dict[str, torch.Tensor]]
-    saved: frozenset[str] = frozenset()
+    layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
 
 
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
@@ -286,13 +351,17 @@ class KeyRules:
     """How PEFT names a method's parameters in its checkpoint files (see funcpeft.io.keys).
 
     param_prefix: every parameter name starts with it (PEFT's `prefix`, e.g. "lora_", "hada_");
-    unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT).
+    unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT);
+    copies_part: set for a method whose adapter is a trainable copy of each targeted module's own parameters
+    (PEFT's LN tuning): PEFT saves them as `{path}.{copies_part}.{param}` (e.g. `ln_tuning_layers`), and any
+    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`).
     """
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
     # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
     renamed: tuple[tuple[str, str], ...] = ()
+    copies_part: str | None = None
 
     def is_method_param(self, name: str) -> bool:
         return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
@@ -317,11 +386,21 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. outermost_first: for a
+    method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
+    active adapters to the input in activation order, the first adapter's transform meeting the input first
+    (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
+    instead of innermost-first (funcpeft.weights.nesting_order).
+    shared_trainable: trainable tensors all its layers share (`SharedParams`, VB-LoRA's vector bank).
+    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`: SHiRA's mask indices, MiCA's lora_B).
+    codec: how PEFT stores its tensors when not one per leaf (`FileCodec`).
+    tie: how the adapter of an input embedding also applies to the layers whose weight is tied to it (`Tying`:
+      lm_head; LoRA with ensure_weight_tying, trainable tokens); None: the method does not tie.
+    nests: whether, in a mixed model, it may wrap a layer another method already adapted (PEFT's SHiRA may
+      not: "SHiRA does not support nested base layers").
+    check_stack: called with the specs of every adapter of this method applied to one layer in one call or
+      merge (innermost first); raises to refuse the combination (trainable tokens: overlapping indices).
     kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
-    frozen: frozen per-layer tensors derived from the base weight (see `FrozenTensors`).
-    tie: for LoraConfig(ensure_weight_tying=True): the params of a layer tied to the input embedding (lm_head)
-      as a function of the embedding layer's params (leaves may carry leading batch dims); None: no tying.
     changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
       for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     """
@@ -341,14 +420,24 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    outermost_first: bool = False
+    shared_trainable: SharedParams | None = None
+    layer_frozen: LayerFrozen | None = None
+    codec: FileCodec | None = None
+    tie: Tying | None = None
+    nests: bool = True
+    check_stack: Callable[[tuple[LayerSpec[Any], ...]], None] | None = None
     kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
-    frozen: FrozenTensors | None = None
-    tie: Callable[[Params], Params] | None = None
     changes_base: bool = False
 
     @property
     def peft_type(self) -> str:
         return self.config.PEFT_TYPE.value
+
+    @property
+    def copies_modules(self) -> bool:
+        """The adapter is a trainable copy of each targeted module's parameters (`KeyRules.copies_part`)."""
+        return self.keys.copies_part is not None
 
 
 # -- input-level methods (prompt learning) ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ PEFT truncates each targeted nn.Linear's frozen weight once, dropping its r smal
     y = W_trunc x + b + s * B (lora_diag * A(dropout(x)))
 
 funcpeft never changes the model: `base` keeps W, and W_trunc (computed exactly as PEFT does, in the weight's
-dtype) is a frozen per-layer tensor in `base` (`Method.frozen`; neither saved nor counted: in PEFT it *is* the
+dtype) is a frozen per-layer tensor in `base` (`Method.layer_frozen`; neither saved nor counted: in PEFT it *is* the
 layer's weight). So, unlike PEFT, which overwrites its weight, funcpeft holds one extra weight-sized tensor per
 adapted layer (made once, not per call); the forward runs the layer's op on W_trunc itself (`uses_result` is
 False). A low-rank correction of W x would be smaller but differs from PEFT's W_trunc by the SVD's
@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..configs import LoraConfig
 from . import lora
 from ._registry import register
 from .base import (
     LORA_UNSUFFIXED,
-    FrozenTensors,
     KeyRules,
+    LayerFrozen,
     LayerKind,
     LayerSpec,
     MergeHooks,
@@ -81,12 +82,12 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {**lora.init(spec, generator), DIAG: torch.randn(spec.hyper.r, generator=generator)}
 
 
-def frozen_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
-    return {TRUNCATED: spec.weight_shape}
-
-
-def make_truncated(spec: Spec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def make_truncated(spec: Spec, module: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT's `_truncate_base_weight`: float32 SVD, the r smallest components dropped, back in W's dtype."""
+    weight: Any = module.weight
+    weight = weight.detach()
+    if weight.is_meta:
+        return {TRUNCATED: torch.empty(spec.weight_shape, dtype=weight.dtype, device="meta")}
     u, s, vh = torch.linalg.svd(weight.to(torch.float32), full_matrices=False)
     keep = min(weight.shape) - spec.hyper.r
     return {TRUNCATED: ((u[:, :keep] * s[:keep]) @ vh[:keep]).to(weight.dtype)}
@@ -153,7 +154,7 @@ KASA = register(
         delta_weight=delta_weight,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         uses_result=lambda spec: False,
-        frozen=FrozenTensors(shapes=frozen_shapes, make=make_truncated),
+        layer_frozen=LayerFrozen(names=(TRUNCATED,), make=make_truncated, saved=False),
         keys=KeyRules(unsuffixed=LORA_UNSUFFIXED | {DIAG}),
         mixed_compatible=True,
         changes_base=True,

@@ -30,7 +30,18 @@ from ..configs import LoraConfig
 from ._layers import conv_op, embed
 from ._patterns import rank_and_alpha
 from ._registry import register
-from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    Tying,
+)
 
 BIAS = "lora_B_bias"  # lora_B's bias (lora_bias=True); PEFT's file key `...lora_B.bias`
 KEYS = KeyRules(renamed=((BIAS, "lora_B.bias"),))
@@ -253,6 +264,6 @@ LORA = register(
         keys=KEYS,
         mixed_compatible=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.MHA},
-        tie=tie,
+        tie=Tying(params=tie, on_request=True, counted=True),
     )
 )

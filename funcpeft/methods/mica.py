@@ -6,7 +6,7 @@ LoRA whose B is frozen at the base weight's minor left singular vectors and whos
     lora_B = U[:, -r:]  (frozen)      lora_A = 0  (trained)      y = base(x) + s * B A x   (LoRA's forward)
 
 Trainable, per layer: lora_A (r, in) or lora_embedding_A (r, num_embeddings). lora_B (out, r) / lora_embedding_B
-(dim, r) is a frozen per-layer tensor (`Method.frozen`): it lives in `base` (funcpeft.trees.layer_key), is saved
+(dim, r) is a frozen per-layer tensor (`Method.layer_frozen`): it lives in `base` (trees.layer_frozen_key), is saved
 in and loaded from PEFT's files like PEFT's frozen nn.Parameter, and is counted among all (not trainable)
 parameters. Forward, merge and files are LoRA's otherwise. Layers: nn.Linear, GPT-2 Conv1D, nn.Embedding.
 """
@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..configs import LoraConfig
 from . import lora
 from ._layers import adapter_dtype
 from ._registry import register
-from .base import FrozenTensors, LayerKind, LayerSpec, Method, Params, Target, UnsupportedLayerError
+from .base import LayerFrozen, LayerKind, LayerSpec, Method, Params, Target, UnsupportedLayerError
 from .lora import LoraHyper
 
 Spec = LayerSpec[LoraHyper]
@@ -58,20 +59,21 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {param_names(spec)[0]: torch.zeros(spec.hyper.r, spec.in_features)}
 
 
-def frozen_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
-    return {_b_name(spec): (spec.out_features, spec.hyper.r)}
-
-
-def make_b(spec: Spec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def make_b(spec: Spec, module: nn.Module) -> dict[str, torch.Tensor]:
     """B = the last r left singular vectors of W (out, in) (fp32 SVD), in the adapter dtype."""
+    weight: Any = module.weight
+    weight = weight.detach()
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError("Please initialize MiCA under float32, float16, or bfloat16.")
+    dtype = adapter_dtype(weight.dtype)
+    if weight.is_meta:
+        return {_b_name(spec): torch.empty(spec.out_features, spec.hyper.r, dtype=dtype, device="meta")}
     w = weight.to(torch.float32)
     if spec.kind is not LayerKind.LINEAR:  # Conv1D (in, out) and embeddings (vocab, dim): the projection is W^T
         w = w.T
     u, _, _ = torch.linalg.svd(w, full_matrices=False)
     # PEFT stores it in the base dtype; its autocast then upcasts fp16/bf16 adapter params to float32
-    return {_b_name(spec): u[:, -spec.hyper.r :].contiguous().to(weight.dtype).to(adapter_dtype(weight.dtype))}
+    return {_b_name(spec): u[:, -spec.hyper.r :].contiguous().to(weight.dtype).to(dtype)}
 
 
 MICA = register(
@@ -84,8 +86,8 @@ MICA = register(
         init=init,
         forward=lora.forward,
         delta_weight=lora.delta_weight,
-        frozen=FrozenTensors(
-            shapes=frozen_shapes, make=make_b, saved=frozenset({"lora_B", "lora_embedding_B"})
+        layer_frozen=LayerFrozen(
+            names=("lora_B", "lora_embedding_B"), make=make_b, counted=True, select=lambda spec: (_b_name(spec),)
         ),
         mixed_compatible=True,
     )
