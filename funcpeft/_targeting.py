@@ -89,7 +89,9 @@ def _tie_targets(model: nn.Module, config: Any, warn: bool) -> tuple[Any, list[s
     """PEFT's `_check_tied_modules` + `LoraModel._add_targets_to_tie`: (target_modules with the input embedding
     added and the tied layers removed, the tied layers' names), or None when nothing is tied."""
     ensure = bool(getattr(config, "ensure_weight_tying", False))
-    to_save, targeted = _embedding_in(config.modules_to_save or []), _embedding_in(config.target_modules)
+    # TrainableTokensConfig has no modules_to_save (and ties by its own rule: tied_to_input_embedding)
+    to_save = _embedding_in(getattr(config, "modules_to_save", None) or [])
+    targeted = _embedding_in(getattr(config, "target_modules", None))
     tied = tied_to_embedding(model) if ensure or to_save or targeted else []
     if not ensure:
         if warn and tied and (to_save or targeted):
