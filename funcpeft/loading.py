@@ -342,22 +342,14 @@ def load_adapter(
     )
     params = dict(model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
-    fresh = init_shared(model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    # frozen adapter tensors as the config and model alone give them (SHiRA's mask, MiCA's lora_B)
+    fresh = init_shared(model, loaded.plan)
     differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(
             f"The checkpoint also carries base-model weights that differ from the model's (or frozen adapter tensors "
             f"its config alone does not give): {differing}. load_adapter ignores them; funcpeft.from_pretrained uses "
             "them (in `base`), like PEFT.",
-            stacklevel=2,
-        )
-    fresh = init_shared(model, loaded.plan)  # frozen tensors a registered adapter would make from the model
-    frozen = [k for k, t in loaded.base.items() if k in fresh and not torch.equal(t, fresh[k])]
-    if frozen:
-        warnings.warn(
-            f"The checkpoint carries frozen adapter tensors (e.g. MiCA's lora_B) that differ from the ones the model "
-            f"gives: {frozen}. load_adapter returns only the trainable tree, and an adapter registered with "
-            "add_adapter recomputes them from the model; funcpeft.from_pretrained uses the checkpoint's.",
             stacklevel=2,
         )
     return loaded.tree, loaded.config
