@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from ._checks import AdapterMismatchError
-from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import BdLoraConfig, ConfigTypeError, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import (
     BOFTConfig,
     C3AConfig,
@@ -52,12 +52,14 @@ __all__ = [
     "AdapterTree",
     "BOFTConfig",
     "BaseTree",
+    "BdLoraConfig",
     "ConfigTypeError",
     "C3AConfig",
     "FourierFTConfig",
     "FunctionalPeftModel",
     "HRAConfig",
     "IA3Config",
+    "KasaConfig",
     "InterruptedSaveError",
     "LNTuningConfig",
     "LoHaConfig",

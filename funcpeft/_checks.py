@@ -72,7 +72,7 @@ def expected_leaves(model: nn.Module, plan: Mapping[str, PlanEntry], autocast_ad
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], adapter_dtype(w.dtype, autocast_adapter_dtype), device_of(w))
         if e.spec is not None:
-            w = modules[path].weight
+            w = getattr(modules[path], e.spec.kind.weight_name)
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             shapes = dict(e.shapes)
             for n in e.params:
@@ -88,9 +88,8 @@ def check_tree(tree: Mapping[str, Any], plan: Mapping[str, PlanEntry], model: nn
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     leaves = expected_leaves(model, plan)
-    tied = {p: tuple(t for t, _ in e.tied) for p, e in plan.items() if e.tied}
     mts = getattr(config, "modules_to_save", None)
-    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts, tied).items()}
+    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts).items()}
     problems = Problems(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],

@@ -19,12 +19,43 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targeting import find_modules_to_save, find_targets, layer_kind, resolve_config, tied_to_input_embedding
+from ._targeting import (
+    find_modules_to_save,
+    find_targets,
+    layer_kind,
+    module_name,
+    resolve_config,
+    tied_layers,
+    tied_to_input_embedding,
+)
 from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
-from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
+from .methods.base import (
+    ConvGeometry,
+    EmbeddingGeometry,
+    LayerKind,
+    LayerSpec,
+    Method,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """A layer whose weight is tied to an adapted input embedding and that applies the embedding's adapter
+    (`Method.tie`: lm_head gets the embedding's LoRA transposed with ensure_weight_tying, or trainable tokens'
+    rows). It has no leaves of its own in the adapter tree.
+
+    path: the tied module; spec: its layer facts (its own op); shapes: ((param name, shape), ...) of its params.
+    """
+
+    path: str
+    spec: LayerSpec[Any]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +68,14 @@ class PlanEntry:
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
     frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared ones (VeRA's
-      projections) and the layer's own (SHiRA's mask indices, `Method.layer_frozen`).
+      projections) and the layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, under
+      `trees.layer_frozen_key` keys).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
     shared: names of the trainable tensors shared by all layers (`Method.shared_trainable`) the forward reads
       from the adapter tree's `trees.SHARED_PATH` entry (VB-LoRA's vector bank).
     owner: on the `SHARED_PATH` entry only: a layer's spec, whose method draws the shared tensors.
-    tied: ((module path, its spec), ...): layers whose weight is tied to this one's and that apply this entry's
-      adapter parameters with their own op (`Method.follows_ties`: trainable tokens on a tied lm_head).
+    tied: layers whose weight is tied to this one's and that apply this entry's adapter parameters, passed
+      through `Method.tie`, with their own op (`Tie`: lm_head with LoRA's ensure_weight_tying, trainable tokens).
     copied_by: the method whose trainable copies `overrides` are (`Method.copies_modules`: LN tuning), None for
       modules_to_save copies and trainable biases.
     """
@@ -56,7 +88,7 @@ class PlanEntry:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     shared: tuple[str, ...] = ()
     owner: LayerSpec[Any] | None = None
-    tied: tuple[tuple[str, LayerSpec[Any]], ...] = ()
+    tied: tuple[Tie, ...] = ()
     copied_by: str | None = None
 
     @property
@@ -88,11 +120,22 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
-    _check_plain_weight(target.name, module, config)
-    weight: Any = module.weight
+    if kind not in method.kinds:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
+            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer); it adapts "
+            f"{sorted(k.value for k in method.kinds)} layers. Do not target this module."
+        )
+    if kind is LayerKind.MHA and not module._qkv_same_embed_dim:
+        raise ValueError(
+            f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
+            "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
+        )
+    _check_plain_weight(target.name, module, config, kind.weight_name)
+    weight: Any = getattr(module, kind.weight_name)
     shape = tuple(weight.shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
-    if kind is LayerKind.LINEAR:
+    if kind in (LayerKind.LINEAR, LayerKind.MHA):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
         in_f, out_f = shape[0], shape[1]
@@ -111,19 +154,19 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
 
 
-def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> None:
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, attr: str = "weight") -> None:
     """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
     from torch.nn.utils import parametrize
 
     what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
-    if parametrize.is_parametrized(module, "weight"):
-        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[index,union-attr]
+    if parametrize.is_parametrized(module, attr):
+        kinds = [type(p).__name__ for p in module.parametrizations[attr]]  # type: ignore[index,union-attr]
         raise NotImplementedError(
             f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
             "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
             "target this module."
         )
-    weight: Any = module.weight
+    weight: Any = getattr(module, attr)
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
@@ -149,6 +192,74 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
+def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any) -> list[Target]:
+    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
+    out: list[Target] = []
+    for name in names:
+        kind = layer_kind(modules[name])
+        assert kind is not None  # find_targets raised for anything else
+        target = Target(name, modules[name], kind, common)
+        out.append(target)
+        if kind is LayerKind.MHA:
+            out_proj = getattr(modules[name], "out_proj", None)
+            if not isinstance(out_proj, nn.Linear):
+                raise TypeError(f"out_proj must be an instance of nn.Linear for MultiheadAttention ({name!r}).")
+            if f"{name}.out_proj" in names:
+                raise ValueError(
+                    f"{name!r} (an nn.MultiheadAttention) and its out_proj are both targeted: PEFT adapts the out_proj "
+                    "of a targeted MultiheadAttention itself (and ignores an adapter on out_proj alone, whose forward "
+                    "the attention never calls). Target only the MultiheadAttention."
+                )
+            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target))
+    return out
+
+
+def _tied_paths(model: nn.Module, config: PeftConfig, method: Method, targets: list[str]) -> list[str]:
+    """The layers tied to the input embedding that take its adapter (`Method.tie`), in `named_modules` order."""
+    requested = tied_layers(model, config)  # LoraConfig(ensure_weight_tying=True)
+    if method.tie is None:
+        if requested:
+            raise NotImplementedError(
+                f"ensure_weight_tying=True with {type(config).__name__} ({method.name}): funcpeft ties only plain "
+                f"LoRA adapters (the layers tied to the input embedding: {requested})."
+            )
+        return []
+    return requested if method.tie.on_request else tied_to_input_embedding(model, targets)
+
+
+def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan, tied: list[str], common: Any) -> None:
+    """Record the layers tied to the input embedding (`_tied_paths`) on the embedding's plan entry."""
+    if not tied:
+        return
+    assert method.tie is not None
+    source = module_name(model, model.get_input_embeddings())  # type: ignore[operator]
+    entry = plan.get(source or "")
+    if entry is None or entry.spec is None:
+        raise ValueError(
+            f"{type(config).__name__}: {tied} would share the adapter of the input embedding {source!r}, which this "
+            "config does not adapt (excluded?)."
+        )
+    modules = dict(model.named_modules())
+    ties = []
+    for path in tied:
+        kind = layer_kind(modules[path])
+        if kind is None:
+            raise TypeError(f"the tied module {path!r} is a {type(modules[path]).__name__}, not a layer funcpeft adapts")
+        spec = layer_spec(Target(path, modules[path], kind, common), config, method)
+        with torch.device("meta"):
+            tied_params = method.tie.params({k: torch.empty(shape) for k, shape in entry.shapes if k in entry.params})
+        shapes = tuple((k, tuple(v.shape)) for k, v in tied_params.items())
+        want = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        if sorted(shapes) != sorted(want):
+            raise ValueError(
+                f"{path!r} would take the adapter of {source!r} tied, shaped {dict(shapes)}, but its "
+                f"own rank / layout needs {dict(want)} (a rank_pattern giving them different ranks?)"
+            )
+        ties.append(Tie(path, spec, shapes))
+    assert source is not None
+    plan[source] = dataclasses.replace(entry, tied=tuple(ties))
+
+
 def plan_adapter(
     model: nn.Module, config: PeftConfig, revision: str | None = None, adapter_name: str = "default"
 ) -> tuple[PeftConfig, Plan]:
@@ -160,38 +271,32 @@ def plan_adapter(
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    targets = find_targets(model, resolved, any_module=method.copies_modules)
+    names = find_targets(model, resolved, any_module=method.copies_modules)
     modules = dict(model.named_modules())
-    plan: Plan = _copies_plan(method, targets, modules) if method.copies_modules else {}
-    tied = tied_to_input_embedding(model, targets) if method.follows_ties else []
-    layers = [n for n in targets if n not in tied] if not method.copies_modules else []
-    kinds: dict[str, LayerKind] = {}
-    for name in (*layers, *tied):
-        kind = layer_kind(modules[name])
-        assert kind is not None  # find_targets raised for anything else
-        kinds[name] = kind
-    if hasattr(resolved, "fan_in_fan_out"):
-        _fix_fan_in_fan_out(kinds, resolved)
+    plan: Plan = _copies_plan(method, names, modules) if method.copies_modules else {}
+    tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
+    layers = [n for n in names if n not in tied] if not method.copies_modules else []
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    for name in layers:
-        spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
+    targets = _targets(layers, modules, common)
+    if hasattr(resolved, "fan_in_fan_out"):
+        kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
+        _fix_fan_in_fan_out(kinds, resolved)
+    for target in targets:
+        spec = layer_spec(target, resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         if method.layer_frozen is not None:
-            frozen += tuple((n, layer_frozen_key(adapter_name, name, n)) for n in method.layer_frozen.names)
+            frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
-        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
-    if method.shared_trainable is not None and layers:  # one tree entry for them; every layer reads it
-        owner = plan[layers[0]].spec
+        plan[target.name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
+    if method.shared_trainable is not None and targets:  # one tree entry for them; every layer reads it
+        owner = plan[targets[0].name].spec
         assert owner is not None
         own_shapes = tuple((k, tuple(v)) for k, v in shared_shapes(owner).items())
-        names = tuple(k for k, _ in own_shapes)
-        plan.update({n: dataclasses.replace(plan[n], shared=names) for n in layers})
-        plan[SHARED_PATH] = PlanEntry(params=names, owner=owner, shapes=own_shapes)
-    if tied:  # PEFT ties them to the input embedding's adapter (which is targeted: see tied_to_input_embedding)
-        emb = next(n for n in layers if modules[n] is model.get_input_embeddings())  # type: ignore[operator]
-        specs = tuple((n, layer_spec(Target(n, modules[n], kinds[n], common), resolved, method)) for n in tied)
-        plan[emb] = dataclasses.replace(plan[emb], tied=specs)
-    saved = find_modules_to_save(model, resolved, set(targets))
+        shared_names = tuple(k for k, _ in own_shapes)
+        plan.update({t.name: dataclasses.replace(plan[t.name], shared=shared_names) for t in targets})
+        plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=owner, shapes=own_shapes)
+    _ties(model, resolved, method, plan, tied, common)
+    saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets})
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -279,7 +384,7 @@ def init_adapter(
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
-            w = modules[path].weight
+            w = getattr(modules[path], entry.spec.kind.weight_name)
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
@@ -312,7 +417,7 @@ def _fresh(
 def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
     FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
-    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices).
+    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, on its weight's device).
 
     Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
@@ -323,12 +428,12 @@ def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
             continue
         method = entry.method
         if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
-            device = modules[path].weight.device
+            device = getattr(modules[path], entry.spec.kind.weight_name).device
             out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path])
             keys = dict(entry.frozen)
-            out.update({keys[n]: made[n] for n in method.layer_frozen.names})
+            out.update({keys[n]: made[n] for n in method.layer_frozen.of(entry.spec)})
     assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
     return out
 

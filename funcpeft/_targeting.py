@@ -17,7 +17,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
 from .config import TaskType
-from .constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION, SEQ_CLS_HEAD_NAMES, TASK_MODULES_TO_SAVE
+from .constants import (
+    EMBEDDING_LAYER_NAMES,
+    MIN_TARGET_MODULES_FOR_OPTIMIZATION,
+    SEQ_CLS_HEAD_NAMES,
+    TASK_MODULES_TO_SAVE,
+)
 from .methods.base import LayerKind
 
 _LINEAR_TYPES: tuple[type, ...] = (nn.Linear, HFConv1D)
@@ -34,7 +39,109 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         return LayerKind.LINEAR
     if isinstance(module, HFConv1D):
         return LayerKind.CONV1D_HF
+    if isinstance(module, nn.MultiheadAttention):
+        return LayerKind.MHA
     return None
+
+
+# -- weight tying (LoraConfig.ensure_weight_tying) ------------------------------------------------------------
+def module_name(model: nn.Module, module: Any) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+def tied_to_embedding(model: nn.Module) -> list[str]:
+    """Names of the modules whose weight is tied to the input embedding (e.g. ["lm_head"]): PEFT's
+    `_get_module_names_tied_with_embedding` (transformers' `_tied_weights_keys`; none if tie_word_embeddings=False)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", None) is False:
+        return []
+    keys = getattr(model, "_tied_weights_keys", None)
+    if keys is None:
+        return []
+    if isinstance(keys, dict):
+        get = getattr(model, "get_input_embeddings", None)
+        if get is None:
+            raise ValueError(
+                "The supplied model implements `_tied_weights_keys` as a dict but doesn't implement "
+                "'get_input_embeddings' so we can't determine which weights are tied to embeddings."
+            )
+        pairs: dict[str, str] = {}
+        for name, module in model.named_modules():
+            own = getattr(module, "_tied_weights_keys", None)
+            if own and isinstance(own, dict):
+                pairs.update({f"{name}.{k}" if name else k: f"{name}.{v}" if name else v for k, v in own.items()})
+        embedding = {id(p) for p in get().parameters()}
+        sources = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in embedding}
+        tied = [k for k, v in pairs.items() if v in sources]
+    else:
+        tied = list(keys)
+    return sorted({n.rpartition(".")[0] for n in tied})
+
+
+def _embedding_in(names: Any) -> bool:
+    """PEFT's `_check_tied_modules` test: a list entry, or a str pattern, naming an embedding layer."""
+    if isinstance(names, str):
+        return any(re.fullmatch(names, m) for m in EMBEDDING_LAYER_NAMES)
+    return any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in names or ())
+
+
+def _tie_targets(model: nn.Module, config: Any, warn: bool) -> tuple[Any, list[str]] | None:
+    """PEFT's `_check_tied_modules` + `LoraModel._add_targets_to_tie`: (target_modules with the input embedding
+    added and the tied layers removed, the tied layers' names), or None when nothing is tied."""
+    ensure = bool(getattr(config, "ensure_weight_tying", False))
+    # TrainableTokensConfig has no modules_to_save (and ties by its own rule: tied_to_input_embedding)
+    to_save = _embedding_in(getattr(config, "modules_to_save", None) or [])
+    targeted = _embedding_in(getattr(config, "target_modules", None))
+    tied = tied_to_embedding(model) if ensure or to_save or targeted else []
+    if not ensure:
+        if warn and tied and (to_save or targeted):
+            what = "`ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying") else (
+                "no implementation exists to tie the adapters")
+            warnings.warn(
+                f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but {what}. This can "
+                "lead to complications, for example when merging the adapter or converting your model to formats "
+                "other than safetensors. Check the discussion here: https://github.com/huggingface/peft/issues/2777",
+                stacklevel=4,
+            )
+        return None
+    if not tied:
+        if warn:
+            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=4)
+        return None
+    if to_save:
+        raise NotImplementedError(
+            "ensure_weight_tying=True with an embedding layer in modules_to_save (PEFT ties the tied layers' copies to "
+            "the embedding's) is not implemented in funcpeft; target the embedding with LoRA instead, or untie."
+        )
+    if not targeted:
+        if warn:
+            warnings.warn(
+                "You have requested `ensure_weight_tying`, but no tied modules are added in either `modules_to_save` "
+                "or `target_modules`",
+                stacklevel=4,
+            )
+        return None
+    embedding = module_name(model, model.get_input_embeddings()) or ""  # type: ignore[operator]
+    raw = config.target_modules
+    if isinstance(raw, str):  # adapters go on the input embedding, never on the tied output layer
+        return rf"(?:{raw}|^{re.escape(embedding)}$)", tied
+    targets = set(raw or []) | {embedding}
+    for key in tied:
+        match = next((m for m in sorted(targets) if re.match(rf"(^|.*\.){m}($|\..*)", key)), None)
+        if match is not None:
+            targets.discard(match)
+    return targets, tied
+
+
+def tied_layers(model: nn.Module, config: Any) -> list[str]:
+    """Modules that get the input embedding's adapter, tied (LoraConfig(ensure_weight_tying=True)), in
+    `named_modules` order: those matching the config's `target_modules_to_tie` (PEFT's attribute, set by
+    `resolve_config`; recomputed for a config that was not resolved against a model)."""
+    to_tie = getattr(config, "target_modules_to_tie", None)
+    if to_tie is None:
+        tie = _tie_targets(model, config, warn=False) if getattr(config, "ensure_weight_tying", False) else None
+        to_tie = tie[1] if tie else []
+    return [n for n, _ in model.named_modules() if n and _matches_list(to_tie, n)]
 
 
 def _matches_list(names: Any, key: str) -> bool:
@@ -144,7 +251,8 @@ def _minimal_suffixes(targets: set[str], others: list[str]) -> set[str]:
 def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -> Any:
     """A new config with what PEFT fills in at `get_peft_model` time.
 
-    task-type modules_to_save, default targets per model type, "all-linear" expanded to names
+    task-type modules_to_save, ensure_weight_tying (the input embedding targeted, the layers tied to it in
+    `target_modules_to_tie` instead), default targets per model type, "all-linear" expanded to names
     (compressed to suffixes at >= 20 names), `base_model_name_or_path` and `revision`.
     """
     changes: dict[str, Any] = {}
@@ -168,7 +276,12 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
                 stacklevel=3,
             )
         changes["revision"] = revision
+    resolved = dataclasses.replace(config, **changes)
     targets = config.target_modules
+    tie = _tie_targets(model, resolved, warn=True)  # before defaults and all-linear, like PEFT
+    if tie is not None:
+        targets = tie[0]
+        resolved.target_modules_to_tie = set(tie[1])  # type: ignore[attr-defined]  # PEFT's attribute (not saved)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:
         targets = config.default_targets(model)  # e.g. trainable tokens: the input embedding's name
@@ -181,7 +294,6 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
                 f"model_type {model_type!r} (known: {sorted(table)[:8]}...)"
             )
         targets = default if isinstance(default, str) else set(default)
-    resolved = dataclasses.replace(config, **changes)
     for name, value in config.model_defaults(model_type).items():  # e.g. IA3's feedforward_modules per model type
         setattr(resolved, name, value)  # set like PEFT's _prepare_adapter_config: no __post_init__ re-check
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -205,15 +317,18 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
     method that copies whole modules, such as LN tuning, may target any module).
     """
     named = [(n, m) for n, m in model.named_modules() if n]
+    tied = set(tied_layers(model, config))  # they get the embedding's adapter instead (PEFT skips them here)
     targets: list[str] = []
     excluded = 0
     for name, module in named:
+        if name in tied:
+            continue
         if is_target(config, name):
             if layer_kind(module) is None and not any_module:
                 raise TypeError(
                     f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
                     "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
-                    "torch.nn.Conv1d/2d/3d and transformers.pytorch_utils.Conv1D."
+                    "torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention and transformers.pytorch_utils.Conv1D."
                 )
             targets.append(name)
         elif is_excluded(config, name):

@@ -220,6 +220,10 @@ class PeftConfig:
         """Fields PEFT fills in from the model type at get_peft_model time (e.g. IA3's feedforward_modules)."""
         return {}
 
+    def check_new_adapter_config(self, others: Mapping[str, PeftConfig]) -> None:
+        """Raise when this config cannot join a model holding adapters `others` ({name: config}); PEFT's
+        `_check_new_adapter_config` (e.g. KaSA with non-KaSA LoRA adapters)."""
+
     def default_targets(self, model: Any) -> Any:
         """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
         return None
@@ -259,14 +263,94 @@ class PeftConfig:
 
 
 @dataclass
+class KasaConfig:
+    """PEFT's `KasaConfig` (KaSA, `LoraConfig(kasa_config=...)`): the regulariser weights of `kasa_loss`.
+
+    beta: weight of `sum(lora_diag ** 2)`; gamma: weight of `||B^T B - I|| + ||A A^T - I||` (both >= 0).
+    LoraConfig stores it as the dict PEFT writes to adapter_config.json.
+    """
+
+    beta: float = 1e-4
+    gamma: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
+
+
+@dataclass
+class BdLoraConfig:
+    """PEFT's `BdLoraConfig` (BD-LoRA, `LoraConfig(use_bdlora=...)`): which layers get a block-diagonal lora_A or lora_B.
+
+    A target whose full name contains a `target_modules_bd_a` entry (substring match, PEFT's rule) gets a
+    block-diagonal lora_A of `nblocks` blocks, one matching `target_modules_bd_b` a block-diagonal lora_B;
+    with `match_strict`, every target must match one of them. LoraConfig stores it as the dict PEFT writes.
+    """
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ValueError(
+                "Found overlapping modules in target_modules_bd lists:"
+                f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B)."
+            )
+        if self.nblocks <= 0:
+            raise ValueError(f"`nblocks` must be a positive integer, got {self.nblocks}")
+
+
+def _sub_config(config: Any, name: str, cls: Any) -> None:
+    """A nested sub-config as the dict PEFT saves (`dataclasses.asdict`), from an instance or a dict (PEFT's
+    `_get_lora_subconfig`, which drops keys the class does not know: funcpeft warns about them, with close matches)."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    if isinstance(value, cls):
+        setattr(config, name, dataclasses.asdict(value))
+        return
+    if not isinstance(value, dict):
+        raise ConfigTypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None (LoraConfig.{name}), got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in value if k not in known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in close.items())
+        warnings.warn(
+            f"LoraConfig.{name}: unexpected keys {hints} for {cls.__name__} are ignored (PEFT drops them too; "
+            f"known: {sorted(known)})",
+            UserWarning,
+            stacklevel=4,
+        )
+    setattr(config, name, dataclasses.asdict(cls(**{k: v for k, v in value.items() if k in known})))
+
+
+# PEFT's LoRA variants (`LoraLayer.resolve_lora_variant`): config fields tagged `is_lora_variant`, and the
+# init_lora_weights values that select one; a layer takes at most one
+LORA_VARIANT_FIELDS = (
+    "use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
+    "kasa_config",
+)
+LORA_VARIANT_INITS = ("mica",)
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
 
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
-    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
-    layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
-    inference_mode. Every other field must keep its default: a non-default value raises
-    NotImplementedError naming the field.
+    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"/"mica"),
+    layers_to_transform, layers_pattern, rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its
+    dict), use_bdlora (a `BdLoraConfig` or its dict), ensure_weight_tying, task_type, base_model_name_or_path,
+    revision, inference_mode. Every other field must keep its default: a non-default value raises
+    NotImplementedError naming the field. Nested sub-configs are stored as the dicts PEFT writes.
     """
 
     r: int = 8
@@ -318,34 +402,77 @@ class LoraConfig(PeftConfig):
         "use_qalora": False,
         "monteclora_config": None,
         "layer_replication": None,
-        "lora_bias": False,
         "target_parameters": None,
-        "use_bdlora": None,
         "arrow_config": None,
-        "kasa_config": None,
-        "ensure_weight_tying": False,
     }
 
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
+        _sub_config(self, "kasa_config", KasaConfig)
+        _sub_config(self, "use_bdlora", BdLoraConfig)
         super().__post_init__()
         check_rank(self)
         check_probability(self, "lora_dropout")
         check_module_names(self, "target_modules", "exclude_modules")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian", "mica"):
             if isinstance(self.init_lora_weights, str):
                 raise NotImplementedError(
                     f"init_lora_weights={self.init_lora_weights!r} is not implemented in funcpeft yet "
-                    "(supported: True, False, 'gaussian')."
+                    "(supported: True, False, 'gaussian', 'mica')."
                 )
             raise ValueError(f"`init_lora_weights` must be True, False or a str, got {self.init_lora_weights!r}")
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(
+                    f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={self.init_lora_weights} instead."
+                )
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        variants = self.requested_variants()
+        if len(variants) > 1:  # PEFT raises this when it builds the first layer; the config alone decides it
+            raise ValueError(
+                f"Invalid or unsupported variant combination: {variants} (a LoRA layer takes at most one of the "
+                f"variants {sorted(LORA_VARIANT_FIELDS + LORA_VARIANT_INITS)})"
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         check_layers_and_saved(self)
+
+    def requested_variants(self) -> tuple[str, ...]:
+        """PEFT's requested LoRA variant keys, sorted (`resolve_lora_variant`): e.g. () for plain LoRA, ("use_dora",)."""
+        names = [f for f in LORA_VARIANT_FIELDS if getattr(self, f)]
+        names += [v for v in LORA_VARIANT_INITS if self.init_lora_weights == v]
+        return tuple(sorted(names))
+
+    @property
+    def lora_variant(self) -> str | None:
+        """The one LoRA variant this config selects (a `requested_variants` key), None for plain LoRA."""
+        variants = self.requested_variants()
+        return variants[0] if variants else None
+
+    def check_new_adapter_config(self, others: Mapping[str, PeftConfig]) -> None:
+        """PEFT's rule: KaSA truncates the base weight, so it cannot share a model with non-KaSA adapters. funcpeft
+        also refuses a second KaSA adapter (PEFT truncates the weight again, so each sees another base)."""
+        uses_kasa = self.kasa_config is not None
+        for name, other in others.items():
+            other_kasa = getattr(other, "kasa_config", None) is not None
+            if uses_kasa is not other_kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base "
+                    f"weights: the new adapter {'uses' if uses_kasa else 'does not use'} KaSA but adapter "
+                    f"'{name}' {'does not' if uses_kasa else 'does'}."
+                )
+            if uses_kasa:
+                raise NotImplementedError(
+                    f"A second KaSA adapter next to {name!r}: PEFT truncates the base weight once more for each KaSA "
+                    "adapter it adds, so the base each adapter sees depends on the order they were added; funcpeft "
+                    "supports one KaSA adapter per model (stack several trees of one adapter for ensembles instead)."
+                )
 
 
 # -- checks shared by the configs (PEFT's __post_init__ rules; lists become sets) -----------------------------

@@ -147,7 +147,8 @@ class PeftFunction:
         """
         plan = self.plans[name]
         check_adapter_structure(tree, plan, name)
-        devices = {p: base[f"{p}.weight"].device for p, e in plan.items() if e.spec is not None and f"{p}.weight" in base}
+        weights = {p: f"{p}.{e.spec.kind.weight_name}" for p, e in plan.items() if e.spec is not None}
+        devices = {p: base[w].device for p, w in weights.items() if w in base}
         check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
 
     def _check_base(self, base: Any) -> None:
@@ -205,13 +206,18 @@ class PeftFunction:
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
-                # the layer itself, then layers tied to it that apply the same parameters (PlanEntry.tied)
-                for lpath, spec in ((path, entry.spec), *entry.tied):
+                # the layer itself, then layers tied to it applying its params through `Method.tie` (PlanEntry.tied)
+                layers = [(path, entry.spec, own)]
+                if entry.tied:
+                    assert method.tie is not None
+                    tied_own = method.tie.params(own)
+                    layers += [(tie.path, tie.spec, tied_own) for tie in entry.tied]
+                for lpath, spec, mine in layers:
                     if routing is not None:
-                        applied = route_layer(spec, method, own, frozen, routing, batch)
+                        applied = route_layer(spec, method, mine, frozen, routing, batch)
                     else:
-                        applied = Applied(spec, {**own, **frozen}, method.forward, method.uses_result(spec))
-                    carried.setdefault(f"{lpath}.weight", []).append(applied)
+                        applied = Applied(spec, {**mine, **frozen}, method.forward, method.uses_result(spec))
+                    carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
         for wname, adapters in carried.items():
             check_stack(tuple(a.spec for a in adapters))
             params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)

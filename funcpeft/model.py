@@ -80,6 +80,7 @@ class FunctionalPeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
+        peft_config.check_new_adapter_config(self.peft_config)
         resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
         _check_nesting(plan, self.plans)
         self.base.update(init_shared(self.model, plan))

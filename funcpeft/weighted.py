@@ -213,7 +213,7 @@ def add_weighted_adapter(
     config = dataclasses.replace(
         first, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={}
     )
-    planned, plan = plan_adapter(pm.model, config)
+    planned, plan = plan_adapter(pm.model, config, None, adapter_name or "default")
     assert isinstance(planned, LoraConfig)
     resolved = dataclasses.replace(planned, modules_to_save=config.modules_to_save)  # no task-type re-append
     names = Names(fn.aliases)
@@ -245,6 +245,11 @@ def _combine(
         s: LayerSpec[LoraHyper] = info.spec
         if s.method != "lora":
             raise NotImplementedError(f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}")
+        if s.hyper.lora_bias or s.hyper.mha_out_proj or s.kind is LayerKind.MHA or info.tied:
+            raise NotImplementedError(
+                f"add_weighted_adapter: {name!r} at {path!r} has a lora_B bias, adapts an nn.MultiheadAttention or is "
+                "tied (ensure_weight_tying); funcpeft combines plain LoRA layers only"
+            )
         layers.append((float(w), s, {k: tree[path][k].detach() for k in info.params}))
     if not layers:
         raise ValueError(f"No matching LoRAs found for {path!r}: none of the adapters targets it.")

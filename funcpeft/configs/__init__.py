@@ -4,7 +4,7 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from ..config import PEFT_VERSION, BdLoraConfig, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
@@ -22,11 +22,13 @@ from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "BdLoraConfig",
     "BOFTConfig",
     "C3AConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
+    "KasaConfig",
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",

@@ -5,16 +5,19 @@ CONTRIBUTING.md ("Adding a method").
 """
 
 from . import (
+    bdlora,
     boft,
     c3a,
     dora,
     fourierft,
     hra,
     ia3,
+    kasa,
     ln_tuning,
     loha,
     lokr,
     lora,
+    mica,
     miss,
     oft,
     randlora,
@@ -48,6 +51,7 @@ from .base import (
     SharedParams,
     SharedTensors,
     Target,
+    Tying,
 )
 
 __all__ = [
@@ -68,16 +72,20 @@ __all__ = [
     "SharedParams",
     "SharedTensors",
     "Target",
+    "Tying",
+    "bdlora",
     "boft",
     "c3a",
     "dora",
     "fourierft",
     "hra",
     "ia3",
+    "kasa",
     "ln_tuning",
     "loha",
     "lokr",
     "lora",
+    "mica",
     "method_for",
     "miss",
     "mixed_compatible_types",

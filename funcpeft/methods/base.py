@@ -53,11 +53,21 @@ class LayerKind(enum.Enum):
     CONV1D_HF = "conv1d_hf"  # transformers' GPT-2 style Conv1D: weight (in, out)
     EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
     CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
+    MHA = "mha"  # nn.MultiheadAttention (one in_proj_weight): in_proj_weight (3 * embed, embed), read as data
 
     @property
     def out_dim(self) -> int:
         """The weight dimension holding the output features."""
         return 1 if self in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING) else 0
+
+    @property
+    def weight_name(self) -> str:
+        """The module attribute holding the adapted weight."""
+        return "in_proj_weight" if self is LayerKind.MHA else "weight"
+
+
+# the kinds a method adapts unless it says otherwise (`Method.kinds`): every kind whose layer calls its own op
+WEIGHT_OP_KINDS = frozenset({LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.EMBEDDING, LayerKind.CONV})
 
 
 @dataclass(frozen=True)
@@ -118,12 +128,17 @@ class UnsupportedLayerError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result."""
+    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result.
+
+    owner: the targeted module this one is adapted along with, when it is not a target itself (PEFT wraps an
+    nn.MultiheadAttention's `out_proj` with LoRA together with it); rank / alpha patterns follow the owner's name.
+    """
 
     name: str
     module: Any  # the nn.Module (typed Any: its attributes differ by layer kind)
     kind: LayerKind
     common: Any = None
+    owner: Target | None = None
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -219,6 +234,9 @@ class MergeHooks:
     bias: MergeBiasFn | None = None
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
+    # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
+    # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
+    needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False
 
 
 @dataclass(frozen=True)
@@ -242,19 +260,52 @@ class SharedParams:
 @dataclass(frozen=True)
 class LayerFrozen:
     """Frozen tensors of each adapted layer that belong to the adapter but are never trained (SHiRA's mask
-    indices, trainable tokens' original rows).
+    indices, trainable tokens' original rows, MiCA's lora_B, KaSA's truncated weight).
 
     They live in `base` under reserved keys (`funcpeft.trees.layer_frozen_key(adapter_name, path, name)`), not
-    in the adapter tree, and are not counted as parameters; each layer's forward / merge hooks find them in
-    `params`. With `saved`, PEFT writes them into its files as `base_model.model.{path}.{name}` and a
-    checkpoint's values replace the computed ones (funcpeft.from_pretrained).
-    make(spec, module) -> {name: Tensor}: computed at get_peft_model time from the layer's spec and its base
-      module (e.g. a mask function of the weight); a meta tensor marks a value only a checkpoint can provide.
+    in the adapter tree; each layer's forward / delta_weight / merge hooks find them in `params`.
+    names: every name the method keeps (a checkpoint key ending in one is such a tensor, not a leaf);
+    select(spec) -> the names one layer holds, when not all of `names` (MiCA: lora_B or lora_embedding_B);
+    make(spec, module) -> {name: Tensor}: the layer's tensors, computed at get_peft_model time from its spec and
+      its base module (e.g. a mask function or an SVD of the weight), on the weight's device, in the dtype the
+      method needs; meta tensors for a meta-device weight, and a meta tensor marks a value only a checkpoint
+      can provide.
+    saved: PEFT writes them into its files (`base_model.model.{path}.{KeyRules.tail(name)}`) and a checkpoint's
+      values replace the computed ones (funcpeft.from_pretrained). Unsaved ones exist only in funcpeft (KaSA:
+      PEFT rewrote its base weight instead).
+    counted: PEFT keeps them as frozen nn.Parameters (MiCA's lora_B), counted among all (not trainable)
+      parameters; otherwise buffers or plain attributes, not counted.
     """
 
     names: tuple[str, ...]
     make: Callable[[LayerSpec[Any], nn.Module], dict[str, torch.Tensor]]
     saved: bool = True
+    counted: bool = False
+    select: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
+
+    def of(self, spec: LayerSpec[Any]) -> tuple[str, ...]:
+        """The names layer `spec` holds."""
+        return self.select(spec) if self.select is not None else self.names
+
+
+@dataclass(frozen=True)
+class Tying:
+    """How a method's adapter on the input embedding also applies to the layers whose weight is tied to it
+    (lm_head). Tied layers carry no leaves of their own (funcpeft._plan.PlanEntry.tied); PEFT saves their
+    params under their own path too.
+
+    params(the embedding layer's params) -> the tied layer's params (leaves may carry leading batch dims):
+      LoRA transposes (lm_head's lora_A = lora_embedding_B^T), trainable tokens uses the same rows.
+    on_request: True: only the layers the config asks to tie (LoraConfig(ensure_weight_tying=True): its
+      `target_modules_to_tie`); False: every layer the model ties to a targeted input embedding
+      (`tie_word_embeddings` and `_tied_weights_keys`: PEFT's trainable tokens rule).
+    counted: PEFT gives each tied layer its own nn.Parameters (sharing storage with the embedding's: LoRA), so
+      its params are counted again; False: the tied layer reuses the embedding layer's parameter objects.
+    """
+
+    params: Callable[[Params], Params]
+    on_request: bool = False
+    counted: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,10 +359,19 @@ class KeyRules:
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+    # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
+    renamed: tuple[tuple[str, str], ...] = ()
     copies_part: str | None = None
 
     def is_method_param(self, name: str) -> bool:
-        return name in self.unsuffixed or name.startswith(self.param_prefix)
+        return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
+
+    def tail(self, name: str) -> str:
+        """What follows the module path in the checkpoint key of method parameter `name`."""
+        renamed = dict(self.renamed)
+        if name in renamed:
+            return renamed[name]
+        return name if name in self.unsuffixed else f"{name}.weight"
 
 
 def _always(*_: Any) -> bool:
@@ -332,14 +392,17 @@ class Method:
     (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
     instead of innermost-first (funcpeft.weights.nesting_order).
     shared_trainable: trainable tensors all its layers share (`SharedParams`, VB-LoRA's vector bank).
-    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`, SHiRA's mask indices).
+    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`: SHiRA's mask indices, MiCA's lora_B).
     codec: how PEFT stores its tensors when not one per leaf (`FileCodec`).
-    follows_ties: PEFT also applies the adapter of a targeted input embedding to the layers whose weight is
-      tied to it (`tie_word_embeddings`: trainable tokens on the lm_head), with the same parameters.
+    tie: how the adapter of an input embedding also applies to the layers whose weight is tied to it (`Tying`:
+      lm_head; LoRA with ensure_weight_tying, trainable tokens); None: the method does not tie.
     nests: whether, in a mixed model, it may wrap a layer another method already adapted (PEFT's SHiRA may
       not: "SHiRA does not support nested base layers").
     check_stack: called with the specs of every adapter of this method applied to one layer in one call or
       merge (innermost first); raises to refuse the combination (trainable tokens: overlapping indices).
+    kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
+    changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
+      for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     """
 
     name: str
@@ -361,9 +424,11 @@ class Method:
     shared_trainable: SharedParams | None = None
     layer_frozen: LayerFrozen | None = None
     codec: FileCodec | None = None
-    follows_ties: bool = False
+    tie: Tying | None = None
     nests: bool = True
     check_stack: Callable[[tuple[LayerSpec[Any], ...]], None] | None = None
+    kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
+    changes_base: bool = False
 
     @property
     def peft_type(self) -> str:

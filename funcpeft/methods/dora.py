@@ -138,7 +138,7 @@ DORA = register(
     Method(
         name="dora",
         config=LoraConfig,
-        accepts=lambda config: bool(config.use_dora),
+        accepts=lambda config: config.lora_variant == "use_dora",
         hyper=lora.hyper,
         param_names=param_names,
         init=init,
