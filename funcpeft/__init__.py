@@ -11,12 +11,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import save_adapter
 from .loading import AdapterMismatchError, load_adapter
 from .merge import merge, merge_and_unload, unmerge
+from .methods.adalora_allocator import RankAllocatorState, orthogonal_regularizer, rank_allocator, rank_pattern, with_rank_pattern
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
 from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
@@ -29,6 +30,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
@@ -43,6 +45,7 @@ __all__ = [
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "RankAllocatorState",
     "TaskType",
     "UnsupportedWeightOp",
     "VeraConfig",
@@ -56,11 +59,15 @@ __all__ = [
     "merge_and_unload",
     "mixed_batch",
     "optim",
+    "orthogonal_regularizer",
     "per_example",
     "per_sample_grads",
+    "rank_allocator",
+    "rank_pattern",
     "save_adapter",
     "stack_adapters",
     "unmerge",
     "unstack_adapters",
     "value_and_grad",
+    "with_rank_pattern",
 ]

@@ -113,8 +113,13 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
-def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = None) -> tuple[PeftConfig, Plan]:
-    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves."""
+def plan_adapter(
+    model: nn.Module, config: PeftConfig, revision: str | None = None, *, for_checkpoint: bool = False
+) -> tuple[PeftConfig, Plan]:
+    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
+
+    for_checkpoint: plan the shapes of a saved adapter (see `Target.for_checkpoint`), for loading.
+    """
     method = method_for(config)
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
@@ -131,7 +136,7 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in targets}) if method.shared else None
     plan: Plan = {}
     for name in targets:
-        spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
+        spec = layer_spec(Target(name, modules[name], kinds[name], common, for_checkpoint), resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen)
     saved = find_modules_to_save(model, resolved, set(targets))

@@ -8,6 +8,7 @@ from typing import Any
 import optree
 import torch
 
+from .methods import weight_method
 from .trees import SHARED_PREFIX
 
 
@@ -29,6 +30,8 @@ def count_parameters(base: Mapping[str, torch.Tensor], adapter: Any, plan: Mappi
         for path, entry in adapter.items():
             in_place += sum(int(entry[k].numel()) for k in plan[path].in_place if k in entry)
     frozen = sum(_numel(t) for k, t in base.items() if not k.startswith(SHARED_PREFIX))  # PEFT: shared = buffers
+    if adapter is not None:  # frozen per-layer parameters PEFT registers and funcpeft keeps in the spec
+        frozen += sum(weight_method(e.spec.method).frozen_count(e.spec) for e in plan.values() if e.spec is not None)
     total = frozen + sum(_numel(t) for t in leaves) - in_place
     return trainable, total
 

@@ -32,7 +32,7 @@ from .keys import (
     shared_file_keys,
     tree_file_keys,
 )
-from .methods import CONFIG_CLASSES
+from .methods import CONFIG_CLASSES, Method, method_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -197,6 +197,11 @@ def checkpoint_state(
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
     rules: KeyRules = key_rules(config)
+    method = method_for(config)
+    hook = method.file_params if isinstance(method, Method) else None
+    if hook is not None:  # e.g. AdaLoRA writes only the ranks its rank_pattern keeps
+        adapter_params = {p: hook(config, p, dict(e)) if any(rules.is_method_param(n) for n in e) else e
+                          for p, e in adapter_params.items()}
     state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in tree_file_keys(adapter_params, rules).items()}
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:

@@ -220,7 +220,7 @@ def load_for_model(
     tensors = read_tensors(where, allow_pickle)
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
+    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), for_checkpoint=True)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)

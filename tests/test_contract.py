@@ -43,6 +43,9 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
     ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
+    ("adalora-llama", "adalora", "tiny-llama", "AdaLoraConfig",
+     dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10)),
+    ("adalora-gpt2", "adalora", "tiny-gpt2", "AdaLoraConfig", dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=10)),
 ]
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 

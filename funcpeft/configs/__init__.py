@@ -5,12 +5,14 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 """
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from .adalora import AdaLoraConfig
 from .ia3 import IA3Config
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "AdaLoraConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",

@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import dora, ia3, loha, lokr, lora, vera
+from . import adalora, dora, ia3, loha, lokr, lora, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -44,6 +44,7 @@ __all__ = [
     "OpContext",
     "SharedTensors",
     "Target",
+    "adalora",
     "dora",
     "ia3",
     "loha",

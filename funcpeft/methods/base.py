@@ -118,12 +118,18 @@ class UnsupportedLayerError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result."""
+    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result.
+
+    for_checkpoint: the plan is made to load a saved adapter (PEFT's `from_pretrained` / `load_adapter`);
+    a method whose saved layers differ in shape from fresh ones plans the saved shapes (AdaLoRA's ranks
+    pruned by its rank_pattern, which PEFT resizes its layers to on load but not in `get_peft_model`).
+    """
 
     name: str
     module: Any  # the nn.Module (typed Any: its attributes differ by layer kind)
     kind: LayerKind
     common: Any = None
+    for_checkpoint: bool = False
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -192,6 +198,15 @@ class ForwardPerExampleFn(Protocol):
 class DeltaWeightFn(Protocol):
     def __call__(self, spec: LayerSpec[Any], params: Params, /) -> torch.Tensor:
         """The additive delta in the base weight's layout and shape (`weight_shape`)."""
+
+
+class FileParamsFn(Protocol):
+    def __call__(self, config: Any, path: str, params: Params, /) -> Params:
+        """A layer's leaves as PEFT writes them to its checkpoint (e.g. only the ranks AdaLoRA's rank_pattern keeps)."""
+
+
+def _no_frozen_params(spec: LayerSpec[Any]) -> int:
+    return 0
 
 
 class MergeWeightFn(Protocol):
@@ -269,7 +284,10 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. file_params: the
+    leaves of one layer as PEFT saves them (None: as they are); `hyper` plans the saved shapes when
+    `Target.for_checkpoint`. frozen_count: values PEFT registers per layer as frozen parameters that
+    funcpeft keeps as constants of the spec (AdaLoRA's `ranknum`): counted in "all params" like PEFT's.
     """
 
     name: str
@@ -287,6 +305,8 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    file_params: FileParamsFn | None = None
+    frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
 
     @property
     def peft_type(self) -> str:
