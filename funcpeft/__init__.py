@@ -17,7 +17,13 @@ from .grad import value_and_grad
 from .io import save_adapter
 from .loading import AdapterMismatchError, load_adapter
 from .merge import merge, merge_and_unload, unmerge
-from .methods.adalora_allocator import RankAllocatorState, orthogonal_regularizer, rank_allocator, rank_pattern, with_rank_pattern
+from .methods.adalora_allocator import (
+    RankAllocatorState,
+    orthogonal_regularizer,
+    rank_allocator,
+    rank_pattern,
+    with_rank_pattern,
+)
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
 from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters

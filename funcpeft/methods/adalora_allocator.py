@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..configs import AdaLoraConfig
+from ..configs import AdaLoraConfig, PeftConfig
 from ..configs.adalora import RANK_PATTERN_SUFFIX
 
 Tree = dict[str, dict[str, torch.Tensor]]
@@ -147,7 +147,7 @@ def _masked(adapter: Mapping[str, Mapping[str, torch.Tensor]], pattern: Mapping[
     return out
 
 
-def rank_allocator(config: AdaLoraConfig) -> RankAllocator:
+def rank_allocator(config: PeftConfig) -> RankAllocator:
     """PEFT's `RankAllocator` + `AdaLoraModel.update_and_allocate`, as a pair of pure functions.
 
     init(adapter) -> RankAllocatorState: zero EMAs shaped like the adapter's AdaLoRA leaves, no rank_pattern.
@@ -250,12 +250,14 @@ def rank_pattern(state: RankAllocatorState, adapter_name: str | None = "default"
     return {path + tail: [bool(b) for b in keep.tolist()] for path, keep in state.rank_pattern.items()}
 
 
-def with_rank_pattern(config: AdaLoraConfig, state: RankAllocatorState) -> AdaLoraConfig:
+def with_rank_pattern(config: PeftConfig, state: RankAllocatorState) -> AdaLoraConfig:
     """`config` with the allocator's rank_pattern (a new config): saving with it writes only the kept ranks."""
+    if not isinstance(config, AdaLoraConfig):
+        raise TypeError(f"with_rank_pattern needs an AdaLoraConfig, got {type(config).__name__}")
     return dataclasses.replace(config, rank_pattern=rank_pattern(state, None))
 
 
-def orthogonal_regularizer(adapter: Mapping[str, Mapping[str, torch.Tensor]], config: AdaLoraConfig) -> torch.Tensor:
+def orthogonal_regularizer(adapter: Mapping[str, Mapping[str, torch.Tensor]], config: PeftConfig) -> torch.Tensor:
     """`orth_reg_weight * mean(||A A^T - I||_F, ||B^T B - I||_F over every layer's lora_A, lora_B)`: a 0-d tensor.
 
     PEFT adds exactly this to `outputs.loss` inside `AdaLoraModel.forward` whenever the model returns a loss,
@@ -264,6 +266,8 @@ def orthogonal_regularizer(adapter: Mapping[str, Mapping[str, torch.Tensor]], co
     (`task_type="CAUSAL_LM"`, ...): a plain `PeftModel` (task_type None) and a `PeftMixedModel` call the base
     model directly, and their loss has no regulariser. lora_A (r, in) -> A A^T (r, r); lora_B (out, r) -> B^T B.
     """
+    if not isinstance(config, AdaLoraConfig):
+        raise TypeError(f"orthogonal_regularizer needs an AdaLoraConfig, got {type(config).__name__}")
     regu: torch.Tensor | None = None
     num_param = 0
     for entry in adapter.values():
