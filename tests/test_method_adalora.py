@@ -283,6 +283,8 @@ def test_allocator_refuses_what_peft_cannot_run() -> None:
     alloc = funcpeft.rank_allocator(fpm.peft_config["default"])
     state = alloc.init(fpm.adapter)
     grads: Any = optree.tree_map(torch.ones_like, fpm.adapter)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="step must be an int"):
+        alloc.update(state, fpm.adapter, grads, 1.0)
     with pytest.raises(ValueError, match="no allocation has run yet"):
         alloc.update(state, fpm.adapter, grads, 4)  # PEFT: AttributeError on its rank_pattern None
     with pytest.raises(ValueError, match=r"grads\['lin1'\]\['lora_A'\] should be a tensor of shape \(4, 16\)"):

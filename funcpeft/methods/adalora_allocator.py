@@ -34,6 +34,7 @@ lora_E) and its config, while funcpeft.optim is method-agnostic (any tree, no co
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -99,9 +100,12 @@ def _zeros(adapter: Mapping[str, Mapping[str, torch.Tensor]], layers: list[str])
 def _check_step(step: Any) -> int:
     if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.dtype.is_floating_point and step.dtype != torch.bool:
         return int(step.item())
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int (PEFT's global_step), got {step!r}")
-    return step
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)  # int, numpy integers
+        except TypeError:
+            pass
+    raise TypeError(f"step must be an int (PEFT's global_step), got {step!r}")
 
 
 def _check_like(what: str, tree: Any, state: Tree) -> None:
