@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # A CPU build of torch: on this kind of machine pip takes 2.13.0 from local disk in seconds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test lint bench env notebooks
+.PHONY: run test test-fast lint bench env notebooks
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ lint: env
 
 test: lint
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+# the inner loop: everything not marked slow (see CONTRIBUTING.md)
+test-fast: env
+	$(BIN)/python -m pytest -n 2 -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 bench: env
 	$(BIN)/python benchmarks/bench_core.py

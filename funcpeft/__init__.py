@@ -10,12 +10,13 @@ The public API is what this module exports, plus the public submodules `optim`, 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, optim
-from .config import LoraConfig, PeftConfig, PeftType, TaskType
+from ._checks import AdapterMismatchError
+from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from .functional import PeftFunction
 from .grad import value_and_grad
-from .io import save_adapter
-from .loading import AdapterMismatchError, load_adapter
+from .io import InterruptedSaveError, save_adapter
+from .loading import load_adapter
 from .merge import merge, merge_and_unload, unmerge
 from .methods.adalora_allocator import (
     RankAllocatorState,
@@ -41,8 +42,10 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterTree",
     "BaseTree",
+    "ConfigTypeError",
     "FunctionalPeftModel",
     "IA3Config",
+    "InterruptedSaveError",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",

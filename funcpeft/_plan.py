@@ -37,6 +37,7 @@ class PlanEntry:
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
     frozen: ((param name, base key), ...) of shared frozen tensors the forward reads from `base` (VeRA).
+    shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -44,6 +45,7 @@ class PlanEntry:
     overrides: tuple[str, ...] = ()
     in_place: tuple[str, ...] = ()
     frozen: tuple[tuple[str, str], ...] = ()
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def keys(self) -> frozenset[str]:
@@ -74,6 +76,7 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
+    _check_plain_weight(target.name, module, config)
     weight: Any = module.weight
     shape = tuple(weight.shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
@@ -94,6 +97,27 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
         in_f, out_f = module.in_channels, module.out_channels
         geometry = ConvGeometry(tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
+
+
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> None:
+    """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
+    from torch.nn.utils import parametrize
+
+    what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[index,union-attr]
+        raise NotImplementedError(
+            f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
+            "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
+            "target this module."
+        )
+    weight: Any = module.weight
+    if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
+        raise NotImplementedError(
+            f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
+            "plain floating-point tensor (a quantised or otherwise wrapped layer); funcpeft does not support such "
+            "layers yet. Do not target this module, or load the model unquantised."
+        )
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
@@ -138,10 +162,12 @@ def plan_adapter(
     for name in targets:
         spec = layer_spec(Target(name, modules[name], kinds[name], common, for_checkpoint), resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
-        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen)
+        shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
     saved = find_modules_to_save(model, resolved, set(targets))
     for name in saved:
-        plan[name] = PlanEntry(overrides=tuple(n for n, _ in modules[name].named_parameters()))
+        own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
+        plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
     bias = getattr(resolved, "bias", "none")
     if bias != "none":
         for pname, _ in model.named_parameters():
@@ -151,7 +177,10 @@ def plan_adapter(
             adapted = path in plan and plan[path].spec is not None
             if bias == "all" or adapted:
                 entry = plan.get(path, PlanEntry())
-                plan[path] = dataclasses.replace(entry, overrides=("bias",), in_place=("bias",))
+                shape = tuple(modules[path].bias.shape)
+                plan[path] = dataclasses.replace(
+                    entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
+                )
     return resolved, plan
 
 
@@ -274,3 +303,38 @@ def check_adapter_structure(tree: Any, plan: Mapping[str, PlanEntry], adapter_na
                 raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is missing (expected keys {sorted(want)})")
             if key not in want:
                 raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is unexpected (expected keys {sorted(want)})")
+
+
+LeafShapes = dict[tuple[str, str], tuple[int, ...]]
+
+
+def leaf_shapes(plan: Plan) -> LeafShapes:
+    """{(module path, leaf name): shape} of every leaf `plan` expects."""
+    return {(path, name): shape for path, entry in plan.items() for name, shape in entry.shapes}
+
+
+def check_leaves(
+    tree: Mapping[str, Mapping[str, Any]], shapes: LeafShapes, devices: Mapping[str, torch.device],
+    adapter_name: str, lead: tuple[int, ...] = (),
+) -> None:
+    """Every leaf is a floating-point tensor of the expected shape on its layer's device (O(leaves), metadata only).
+
+    A wrong shape that broadcasts, integer leaves or a meta-device leaf would otherwise run and be silently wrong.
+    devices: {module path: device of the layer's weight}; lead: extra leading dims (K for per-example routing).
+    """
+    for path, leaves in tree.items():
+        for name, t in leaves.items():
+            where = f"adapter {adapter_name!r}: {path}.{name}"
+            want = lead + shapes[(path, name)]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where} is a {type(t).__name__}, expected a Tensor of shape {want}")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{where} has shape {tuple(t.shape)}, expected {want}")
+            if not (t.is_floating_point() or t.is_complex()):
+                raise TypeError(f"{where} has dtype {t.dtype}, expected a floating-point tensor")
+            device = devices.get(path)
+            if device is not None and t.device != device:
+                raise ValueError(
+                    f"{where} is on device {t.device}, but the layer's weight is on {device}: move the adapter "
+                    "there (e.g. optree.tree_map(lambda t: t.to(device), adapter))"
+                )

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import enum
 import json
+import types
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +83,74 @@ class PeftType(str, enum.Enum):
     DEFT = "DEFT"
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config field holds a value of the wrong type.
+
+    A TypeError, and also a ValueError like every other config check, so `except ValueError` still catches it.
+    """
+
+
+def _type_name(hint: Any) -> str:
+    """`list[str] | set[str] | str | None` as written in the class, without module prefixes."""
+    if hint is type(None):
+        return "None"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if args:
+        return f"{typing.get_origin(hint).__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the field annotation `hint`. An int is a float; a bool is not an int;
+    a tuple is a list (JSON has no tuples; PEFT treats both alike)."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    container = origin or hint
+    if container is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if container is set:
+        return isinstance(value, (set, frozenset)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (set, frozenset))
+    if container is dict:
+        return isinstance(value, dict) and (not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+    if origin is None and isinstance(hint, type):  # str, an Enum
+        return isinstance(value, hint)
+    raise TypeError(f"funcpeft cannot check values against the annotation {hint!r}")  # a new kind of field type
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    return _FIELD_TYPES[cls]
+
+
+def check_types(config: Any) -> None:
+    """Every field against its dataclass annotation: one generic rule for all config classes."""
+    for name, hint in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, hint):
+            note = " (true or false, not a string)" if hint is bool else " (an int is fine)" if hint is float else ""
+            raise ConfigTypeError(
+                f"{type(config).__name__}.{name} must be {_type_name(hint)}{note}, got {value!r} ({type(value).__name__})"
+            )
+
+
 def _check_init_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in kwargs if k not in names]
@@ -115,6 +185,7 @@ class PeftConfig:
     _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.peft_version is None:  # PEFT auto-fills it (peft.config.PeftConfig.__post_init__)
             self.peft_version = PEFT_VERSION
         if self.task_type is not None:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._plan import Plan, check_adapter_structure, shared_params
+from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
 from .methods.base import no_dropout
-from .routing import PerExample, route_layer, split_routed
+from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .weights import AdaptedWeight, Applied
 
 
@@ -74,6 +74,7 @@ class PeftFunction:
             (n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
         )
         self._model = model
+        self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
         self._main = {t: _skeleton(model, t) for t in (False, True)}
         self._local = threading.local()  # per-thread skeletons, freed with their thread
         self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
@@ -105,8 +106,52 @@ class PeftFunction:
             return [(name, adapter[name]) for name in names]
         return [(self.default_adapter, adapter)]
 
-    def build_params(self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout) -> dict[str, torch.Tensor]:
-        """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights."""
+    def _leaf_shapes(self, name: str) -> LeafShapes:
+        """The shapes adapter `name`'s leaves must have (computed once per registered plan)."""
+        plan = self.plans[name]
+        cached = self._shapes.get(name)
+        if cached is None or cached[0] is not plan:
+            cached = self._shapes[name] = (plan, leaf_shapes(plan))
+        return cached[1]
+
+    def check_tree(
+        self, name: str, tree: Any, base: Mapping[str, torch.Tensor], lead: tuple[int, ...] = ()
+    ) -> None:
+        """Adapter `name`'s tree has the plan's structure, and every leaf the right shape, dtype and device.
+
+        base: `{parameter name: Tensor}` with every alias (for the layers' devices); lead: leading dims (K when routed).
+        """
+        plan = self.plans[name]
+        check_adapter_structure(tree, plan, name)
+        devices = {p: base[f"{p}.weight"].device for p, e in plan.items() if e.spec is not None and f"{p}.weight" in base}
+        check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
+
+    def _check_base(self, base: Any) -> None:
+        """A clear error for a base tree that is not one (e.g. base and adapter swapped) or lacks parameters."""
+        if not isinstance(base, Mapping):
+            raise TypeError(f"base must be a dict {{parameter name: Tensor}}, got {type(base).__name__}")
+        first = next(iter(base.values()), None)
+        if isinstance(first, Mapping):
+            raise TypeError(
+                "base looks like an adapter tree (its values are dicts of tensors): did you swap the arguments? "
+                "Call fn(base, adapter, ...), with `base` the {parameter name: Tensor} dict get_peft_model returned."
+            )
+        missing = [alias for alias, canon in self.aliases if alias not in base and canon not in base]
+        if missing:
+            raise KeyError(
+                f"base is missing {len(missing)} of the model's parameters, e.g. {missing[:3]}; pass the `base` "
+                "get_peft_model returned (or a merged / modified copy of it with the same keys)"
+            )
+
+    def build_params(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout,
+        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+    ) -> dict[str, torch.Tensor]:
+        """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights.
+
+        inputs: the model call's (args, kwargs), to check per-example routing against the batch size.
+        """
+        self._check_base(base)
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
@@ -116,7 +161,8 @@ class PeftFunction:
                 raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(self.plans)}")
             routing = tree if isinstance(tree, PerExample) else None
             tree = routing.stacked if routing is not None else tree
-            check_adapter_structure(tree, plan, name)
+            batch = check_batch(routing, batch_size(*inputs)) if routing is not None else 0
+            self.check_tree(name, tree, params, lead=(routing.k,) if routing is not None else ())
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
@@ -132,7 +178,7 @@ class PeftFunction:
                 own = {k: leaves[k] for k in entry.params}
                 frozen = shared_params(entry, base)  # the same for every example: never routed
                 if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing)
+                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)
                 else:
                     applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
                 carried.setdefault(f"{path}.weight", []).append(applied)
@@ -152,7 +198,7 @@ class PeftFunction:
             dropout, ctx = _Dropout(None), _seeded(dropout_rng)
         else:
             dropout, ctx = no_dropout, nullcontext()
-        params = self.build_params(base, adapter, dropout)
+        params = self.build_params(base, adapter, dropout, (args, kwargs))
         skel = self._get_skeleton(training)
         with ctx:
             return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)

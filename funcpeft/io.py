@@ -1,25 +1,46 @@
-"""PEFT's on-disk adapter format: `adapter_model.safetensors` + `adapter_config.json`, written atomically.
+"""PEFT's on-disk adapter format: `adapter_model.safetensors` + `adapter_config.json`, saved as one unit.
 
-`save_adapter` writes what PEFT 0.21.2's `save_pretrained` writes (key names: funcpeft.keys). Both files
-go to temporary files in the target directory first and are moved into place with `os.replace` only
-once both are complete: a failure midway leaves any earlier adapter untouched and no temporary files.
+`save_adapter` writes what PEFT 0.21.2's `save_pretrained` writes (key names: funcpeft.keys), and records
+the sha256 of the `adapter_config.json` it writes in the safetensors header metadata (key
+`funcpeft_config_sha256`, next to PEFT's `"format": "pt"`; PEFT ignores it). The digest is of the config's
+canonical JSON (sorted keys, no whitespace), so line endings and indentation (git autocrlf, a formatter)
+do not count, while any change of a key or value does. Both files go to temporary
+files in the target directory first (fsync'd), then the weights and then the config are moved into
+place with `os.replace`. A crash between the two moves leaves new weights beside the old config: loading
+detects that from the digest and raises `InterruptedSaveError` naming both files and the leftover
+temporary file that holds the complete new config, instead of mixing two adapters. Every other crash
+point leaves the old adapter or the new one. The next successful save into the directory removes
+temporary files left by interrupted saves. Files without the digest (written by PEFT) load as before.
+
+| crash point (save of adapter NEW over OLD)         | the directory afterwards              | loading gives                |
+|----------------------------------------------------|---------------------------------------|------------------------------|
+| before the weights are moved into place            | OLD files (+ stale temporary files)   | OLD                          |
+| after the weights are moved, before the config     | NEW weights, OLD config, NEW temp cfg | InterruptedSaveError (*)     |
+| after the config is moved                          | NEW files (+ stale temporary files)   | NEW                          |
+
+(*) unless the two configs are equal (periodic checkpoints of one run): then NEW.
 Reading is safetensors-only: a pickled `adapter_model.bin` is never unpickled unless asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._checks import check_tree
 from ._plan import check_adapter_name
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
@@ -37,6 +58,12 @@ from .methods import CONFIG_CLASSES, Method, method_for
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
+DIGEST_KEY = "funcpeft_config_sha256"  # safetensors metadata: sha256 of the adapter_config.json saved alongside
+_TEMP = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json)\.[0-9a-f]{32}\.tmp")
+
+
+class InterruptedSaveError(ValueError):
+    """adapter_model.safetensors and adapter_config.json in one directory come from two different saves."""
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> str:
@@ -59,8 +86,18 @@ def config_dict(config: PeftConfig, model: nn.Module | None = None) -> dict[str,
     return out
 
 
+def _with_source(error: Exception, source: str) -> Exception:
+    """The same exception (same type) with `source: ` in front of its message."""
+    out = copy.copy(error)
+    out.args = (f"{source}: {error}", *error.args[1:])
+    return out
+
+
 def config_from_dict(data: Any, source: str = CONFIG_NAME) -> PeftConfig:
-    """A config from PEFT's JSON dict: unknown keys warn and are ignored; an unknown method raises."""
+    """A config from PEFT's JSON dict: unknown keys warn and are ignored; an unknown method raises.
+
+    Invalid values raise the config class's error with `source` (the file) in front of the message.
+    """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
     data = dict(data)
@@ -80,19 +117,133 @@ def config_from_dict(data: Any, source: str = CONFIG_NAME) -> PeftConfig:
             f"{source} is a {peft_type} adapter (peft_type={peft_type!r}); funcpeft does not implement the PEFT method "
             f"{peft_type} (supported peft_type values: {sorted(CONFIG_CLASSES)})."
         )
-    return cls.from_dict(data)
+    try:
+        return cls.from_dict(data)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise _with_source(e, source) from None
+
+
+def _read_file(path: str) -> bytes | None:
+    """The file's bytes; None if it does not exist; a clear error if it is a directory."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, but PEFT's adapter format needs a file of that name there")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _parse_json(raw: bytes, path: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bom = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(
+            f"{path} is not UTF-8 text{bom}: {e.reason} at byte {e.start}. PEFT writes and reads {CONFIG_NAME} "
+            "as UTF-8 JSON: save it again as UTF-8."
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (it contains NUL characters: UTF-16 text? PEFT's files are UTF-8)" if "\x00" in text else ""
+        raise ValueError(f"{path} is not valid JSON{hint}: {e}") from None
 
 
 def read_config(directory: str | os.PathLike) -> PeftConfig:
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {os.fspath(directory)!r}: not a PEFT adapter directory")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    """The directory's adapter config, after checking it is the one its weights were saved with (see module doc)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    raw = _read_file(path)
+    data = None if raw is None else _parse_json(raw, path)
+    _check_saved_together(directory, data)
+    if raw is None:
+        named = [n for n in adapters_in(directory) if n != "default"]
+        hint = f" It holds adapters in subdirectories: {named} (pass adapter_name=...)." if named else ""
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!r}: not a PEFT adapter directory.{hint}")
     return config_from_dict(data, path)
+
+
+def adapters_in(directory: str) -> list[str]:
+    """The adapters `directory` holds in PEFT's layout: 'default' (at its root), then subdirectories with one."""
+    found = ["default"] if os.path.exists(os.path.join(directory, CONFIG_NAME)) else []
+    with contextlib.suppress(OSError):
+        found += sorted(
+            n for n in os.listdir(directory) if n != "default" and os.path.exists(os.path.join(directory, n, CONFIG_NAME))
+        )
+    return found
+
+
+# -- the digest that ties the two files together ----------------------------------------------------------------
+def _digest(data: Any) -> str:
+    """sha256 of a config's canonical JSON: sorted keys, no whitespace (line endings or indentation do not count)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _corrupt(path: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({os.path.getsize(path)} bytes; {error}). It is truncated or "
+        "corrupt (an interrupted copy or download?): copy or save it again."
+    )
+
+
+def _open_safetensors(path: str) -> Any:
+    """`safe_open(path)` (reads the header only), with an error naming the file when it is not safetensors."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as e:
+        raise _corrupt(path, e) from None
+
+
+def _temps(directory: str, final_name: str) -> list[str]:
+    """Temporary files a save into `directory` made for `final_name` and did not move into place."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names if _TEMP.fullmatch(n) and n.startswith(f".{final_name}.")]
+
+
+def _temp_with_digest(directory: str, digest: str) -> str | None:
+    for temp in _temps(directory, CONFIG_NAME):
+        with contextlib.suppress(OSError, ValueError):  # unreadable or half-written: not the one
+            with open(temp, "rb") as f:
+                if _digest(_parse_json(f.read(), temp)) == digest:
+                    return temp
+    return None
+
+
+def _check_saved_together(directory: str, config: Any) -> None:
+    """Raise InterruptedSaveError when the weights record a config digest that the config file does not have."""
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isdir(weights) or not os.path.exists(weights):
+        return  # reported by read_tensors
+    with _open_safetensors(weights) as f:
+        recorded = (f.metadata() or {}).get(DIGEST_KEY)
+    if recorded is None or (config is not None and _digest(config) == recorded):
+        return  # not written by funcpeft (PEFT's files), or the two belong together
+    config = os.path.join(directory, CONFIG_NAME)
+    if config is None:
+        what = f"{weights} was written by funcpeft.save_adapter, but there is no {config}"
+    else:
+        what = (
+            f"{config} is not the config that {weights} was saved with (sha256 recorded in the weights' header: "
+            f"{recorded[:16]}..., of the file: {_digest(config)[:16]}...); loading them together would mix two adapters"
+        )
+    temp = _temp_with_digest(directory, recorded)
+    if temp is not None:
+        raise InterruptedSaveError(
+            f"{what}. A save into {directory!r} was interrupted after it replaced the weights and before it replaced "
+            f"the config. The complete config saved with these weights is in {temp}: move it into place to load the "
+            f"new adapter (os.replace({temp!r}, {config!r})), or save the adapter again."
+        )
+    raise InterruptedSaveError(
+        f"{what}. Either a save was interrupted between writing the two files (and its temporary files were removed "
+        f"since), or {CONFIG_NAME} was edited or rewritten by another program after saving. Save the adapter again; "
+        f"or, if {config} is the right config for these weights, drop the recorded digest:\n\n"
+        "    import safetensors.torch as st\n"
+        f"    st.save_file(st.load_file({weights!r}), {weights!r}, metadata={{'format': 'pt'}})\n"
+    )
 
 
 # -- tensors -------------------------------------------------------------------------------------------------
@@ -108,21 +259,42 @@ def _pickle_message(directory: str) -> str:
     )
 
 
-def read_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's {key: CPU tensor}; safetensors only unless `allow_pickle` (then weights_only=True)."""
-    directory = os.fspath(directory)
+def _weights_path(directory: str, allow_pickle: bool) -> str:
+    """The checkpoint file to read: the safetensors file, or (only with allow_pickle) PEFT's pickle."""
     path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, but PEFT's adapter format needs a file of that name there")
     if os.path.isfile(path):
-        return load_file(path)
+        return path
     pickled = os.path.join(directory, PICKLE_NAME)
     if os.path.isfile(pickled):
         if not allow_pickle:
             raise ValueError(_pickle_message(directory))
-        state = torch.load(pickled, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{pickled} does not hold a dict of tensors")
-        return state
+        return pickled
     raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r} (files: {sorted(os.listdir(directory))[:10]})")
+
+
+def read_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's {key: CPU tensor}; safetensors only unless `allow_pickle` (then weights_only=True)."""
+    path = _weights_path(os.fspath(directory), allow_pickle)
+    if path.endswith(WEIGHTS_NAME):
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise _corrupt(path, e) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def tensor_shapes(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the checkpoint, from the safetensors header alone (no tensor data is read)."""
+    path = _weights_path(os.fspath(directory), allow_pickle)
+    if not path.endswith(WEIGHTS_NAME):
+        return {k: tuple(v.shape) for k, v in read_tensors(directory, allow_pickle).items()}
+    with _open_safetensors(path) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _for_file(key: str, t: Any) -> torch.Tensor:
@@ -215,7 +387,16 @@ def checkpoint_state(
                 state[key] = _for_file(key, adapter_params[path][name])
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
-    for key, name in shared_file_keys(config, base or {}).items():
+    shared = shared_file_keys(config, base or {})
+    method = method_for(config)
+    if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
+        raise ValueError(
+            f"{type(config).__name__}(save_projection=True): PEFT's file must hold the method's frozen shared "
+            "projections (base_model.vera_A, base_model.vera_B), and they live in `base`, not in the adapter tree "
+            "or the model. Pass base_params= (the `base` from funcpeft.get_peft_model), or save with "
+            "pm.save_pretrained(directory, adapter). Nothing was written."
+        )
+    for key, name in shared.items():
         state[key] = _for_file(key, base[name])  # type: ignore[index]
     if model is not None and base is not None:
         for key, name in _embedding_keys(config, model, adapted, save_embedding_layers).items():
@@ -234,12 +415,28 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def write_files_atomically(writers: Mapping[str, Callable[[str], None]], fsync: bool = True) -> None:
-    """Write each final path through `writer(temp_path)` in the same directory, then `os.replace` them all.
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in `directory` durable (POSIX; Windows cannot open a directory)."""
+    if os.name == "posix":
+        _fsync(directory)
 
-    If any writer fails, no final file is touched and every temporary file is removed.
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def write_files_atomically(writers: Mapping[str, Callable[[str], None]], fsync: bool = True) -> None:
+    """Write each final path through `writer(temp_path)` in its directory, then `os.replace` them in order.
+
+    If a writer fails, no final file is touched and every temporary file is removed. If moving a file
+    into place fails after an earlier one was moved, the temporary files not yet moved are kept (they
+    complete the save; funcpeft's InterruptedSaveError names them) and the error says so. With `fsync`,
+    each file is flushed before any is moved, and the directory after each move, so that the moves
+    reach the disk in order too.
     """
     temps: dict[str, str] = {}
+    moved: list[str] = []
     try:
         for final, write in writers.items():
             head, tail = os.path.split(final)
@@ -249,10 +446,33 @@ def write_files_atomically(writers: Mapping[str, Callable[[str], None]], fsync: 
                 _fsync(temps[final])
         for final, temp in temps.items():
             os.replace(temp, final)
+            moved.append(final)
+            if fsync:
+                _fsync_dir(os.path.dirname(final) or ".")
+    except BaseException as e:
+        left = [temps[f] for f in temps if f not in moved]
+        if moved and len(moved) < len(temps) and hasattr(e, "add_note"):
+            e.add_note(f"funcpeft: the save was interrupted after replacing {moved}; the rest is in {left}.")
+        raise
     finally:
-        for temp in temps.values():
-            with contextlib.suppress(FileNotFoundError):
+        if not moved:
+            for temp in temps.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(temp)
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Delete the temporary files that interrupted saves left in `directory`; returns their paths.
+
+    Any save's temporary files match, so two saves into one directory at once are not supported (nor in PEFT).
+    """
+    removed = []
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for temp in _temps(directory, name):
+            with contextlib.suppress(OSError):  # the save itself is complete: a file that stays is only clutter
                 os.remove(temp)
+                removed.append(temp)
+    return removed
 
 
 def _makedirs(path: str) -> list[str]:
@@ -284,9 +504,12 @@ def save_adapter(
     """Write `adapter_params` in PEFT's format to `directory` (`directory/<adapter_name>` unless "default").
 
     Returns the directory written. `model` (and `base_params`) make the files complete like PEFT's:
-    `auto_mapping` (task_type None), embedding layers when an embedding is targeted. With `plan` (what
+    `auto_mapping` (task_type None), embedding layers when an embedding is targeted. VeRA with
+    save_projection=True needs `base_params` (the `base` holding its shared projections). With `plan` (what
     `FunctionalPeftModel.save_pretrained` passes) the tree is first checked against the model: missing,
     unexpected or mis-shaped leaves raise one `AdapterMismatchError` before anything is written.
+    The two files replace any earlier adapter as one unit (see the module docstring); a successful save
+    then removes temporary files left in the directory by interrupted saves.
     fsync: flush both files to disk before they replace the old ones (durable across a power loss).
     """
     if not safe_serialization:
@@ -295,22 +518,17 @@ def save_adapter(
         raise TypeError(f"peft_config must be a funcpeft config (e.g. funcpeft.LoraConfig), got {type(peft_config).__name__}")
     out_dir = adapter_dir(directory, adapter_name)
     if plan is not None and model is not None:
-        from .loading import check_tree
-
         check_tree(adapter_params, plan, model, peft_config)
     state = checkpoint_state(adapter_params, peft_config, model, base_params, save_embedding_layers, adapter_name)
-    text = json.dumps(config_dict(peft_config, model), indent=2, sort_keys=True)
-
-    def write_config(path: str) -> None:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(text)
+    config_bytes = json.dumps(config_dict(peft_config, model), indent=2, sort_keys=True).encode("utf-8")
+    metadata = {"format": "pt", DIGEST_KEY: _digest(json.loads(config_bytes))}  # exactly what a reader parses
 
     created = _makedirs(out_dir)
     try:
-        write_files_atomically(
+        write_files_atomically(  # weights first: they carry the digest, so weights newer than the config show
             {
-                os.path.join(out_dir, WEIGHTS_NAME): lambda path: save_file(state, path, metadata={"format": "pt"}),
-                os.path.join(out_dir, CONFIG_NAME): write_config,
+                os.path.join(out_dir, WEIGHTS_NAME): lambda path: save_file(state, path, metadata=metadata),
+                os.path.join(out_dir, CONFIG_NAME): lambda path: _write_bytes(path, config_bytes),
             },
             fsync=fsync,
         )
@@ -319,4 +537,5 @@ def save_adapter(
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         raise
+    remove_stale_temps(out_dir)
     return out_dir

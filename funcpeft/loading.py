@@ -10,7 +10,6 @@ Leaves get PEFT's dtype (the layer's, upcast to float32 for fp16/bf16 layers whe
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import warnings
 from collections.abc import Mapping
@@ -19,9 +18,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._plan import init_adapter, init_shared, method_shapes, plan_adapter
+from ._checks import AdapterMismatchError, LeafSpec, Problems, device_of, expected_leaves
+from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
 from .config import PeftConfig
-from .io import CONFIG_NAME, adapter_dir, read_config, read_tensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors, tensor_shapes
 from .keys import (
     PREFIX,
     Leaf,
@@ -33,82 +33,70 @@ from .keys import (
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
-    tree_file_keys,
 )
-from .methods._layers import adapter_dtype
+from .methods._patterns import pattern_key
+from .methods.base import LayerSpec
+
+# -- sizes the config implies, checked before anything is allocated ---------------------------------------------
+RANK_FACTOR, RANK_FLOOR = 4, 4096  # a loaded config may give a layer a rank up to max(4 * min(in, out), 4096)
 
 
-class AdapterMismatchError(ValueError):
-    """An adapter checkpoint (or tree) does not fit the model: lists every missing, unexpected and mis-shaped key."""
+def _with_rank(spec: LayerSpec[Any], r: int) -> LayerSpec[Any]:
+    return dataclasses.replace(spec, hyper=dataclasses.replace(spec.hyper, r=r))
 
 
-class LeafSpec(NamedTuple):
-    shape: tuple[int, ...] | None  # None: not known up front (accepted as found)
-    dtype: torch.dtype
-    device: torch.device
+def _rank_field(config: PeftConfig, path: str) -> str:
+    """The config field that sets the rank of layer `path`: `r`, or the rank_pattern entry that matches."""
+    k = pattern_key(getattr(config, "rank_pattern", None) or {}, path)
+    return "r" if k is None else f"rank_pattern[{k!r}]"
 
 
-@dataclasses.dataclass
-class Problems:
-    missing: list[str] = dataclasses.field(default_factory=list)
-    unexpected: list[str] = dataclasses.field(default_factory=list)
-    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+def check_sizes(
+    shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, PlanEntry], config: PeftConfig,
+    leaves: Mapping[Leaf, LeafSpec], where: str,
+) -> None:
+    """The layer ranks the config sets, against the checkpoint's tensor shapes (`shapes`, read from the file
+    header) and against a sane limit, before any fresh init or shared tensor is allocated.
 
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.shapes)
-
-    def message(self, what: str, model: nn.Module) -> str:
-        lines = [f"{what} does not match the adapter layout of this {type(model).__name__}:"]
-        if self.missing:
-            lines.append(f"  {len(self.missing)} missing key(s) (expected by the model, absent from the checkpoint):")
-            lines += [f"    {k}" for k in self.missing]
-        if self.unexpected:
-            lines.append(f"  {len(self.unexpected)} unexpected key(s) (in the checkpoint, not expected by the model):")
-            for k in self.unexpected:
-                close = difflib.get_close_matches(k, self.missing, n=1, cutoff=0.8)
-                lines.append(f"    {k}" + (f"  (did you mean {close[0]}?)" if close else ""))
-        if self.shapes:
-            lines.append(f"  {len(self.shapes)} shape mismatch(es):")
-            lines += [f"    {k}: checkpoint {list(got)}, model expects {list(want)}" for k, got, want in self.shapes]
-        return "\n".join(lines)
-
-
-# -- what the model expects ----------------------------------------------------------------------------------
-def _device(t: torch.Tensor) -> torch.device:
-    return torch.device("cpu") if t.is_meta else t.device
-
-
-def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
-    """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out: dict[Leaf, LeafSpec] = {}
-    for path, e in plan.items():
-        if e.spec is not None:
-            w = modules[path].weight
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
-            shapes = method_shapes(e.spec)
-            for n in e.params:
-                out[(path, n)] = LeafSpec(tuple(shapes[n]), dtype, _device(w))
-        for n in e.overrides:
-            p = params[f"{path}.{n}"]
-            out[(path, n)] = LeafSpec(tuple(p.shape), p.dtype, _device(p))
-    return out
-
-
-def check_tree(tree: Mapping[str, Any], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig) -> None:
-    """Raise one AdapterMismatchError listing every leaf of `tree` that is missing, unexpected or mis-shaped."""
-    rules = key_rules(config)
-    expected = plan_file_keys(plan, rules)
-    leaves = expected_leaves(model, plan)
-    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules).items()}
-    problems = Problems(
-        missing=[k for k in expected if k not in found],
-        unexpected=[k for k in found if k not in expected],
-        shapes=[(k, s, w) for k, s in found.items() if k in expected and (w := leaves[expected[k]].shape) not in (None, s)],
-    )
-    if problems:
-        raise AdapterMismatchError(problems.message("The adapter tree", model))
+    A rank that differs from the checkpoint's means the config does not describe these weights: an error even
+    with strict=False (PEFT cannot load such a pair either). A layer the checkpoint does not hold in full gets
+    a fresh init sized by the config alone: there a rank above max(RANK_FACTOR * min(in, out), RANK_FLOOR) is
+    refused (a rank above min(in, out) adds nothing; a corrupt one would allocate gigabytes before any error).
+    """
+    config_file, weights_file = os.path.join(where, CONFIG_NAME), os.path.join(where, WEIGHTS_NAME)
+    by_path: dict[str, list[tuple[str, str]]] = {}
+    for key, (path, name) in plan_file_keys(plan, key_rules(config)).items():
+        if plan[path].spec is not None and name in plan[path].params:
+            by_path.setdefault(path, []).append((key, name))
+    for path, keys in by_path.items():
+        spec = plan[path].spec
+        assert spec is not None
+        r = getattr(spec.hyper, "r", None)  # a method's hyper-parameters name their rank `r` when they have one
+        if not isinstance(r, int):
+            continue  # no rank (IA3): every size follows from the model
+        field, fresh = _rank_field(config, path), []
+        for key, name in keys:
+            want, got = leaves[(path, name)].shape, shapes.get(key)
+            if want is None or got == want:
+                continue
+            fresh.append((key, want))
+            for w, g in zip(want, got or ()):
+                if w == r != g and tuple(method_shapes(_with_rank(spec, g)).get(name, ())) == got:  # exactly rank g's shape
+                    raise ValueError(
+                        f"{config_file} sets `{field}` = {r} for {path}, which makes {key} {list(want)}, but "
+                        f"{weights_file} holds it as {list(got or ())} (rank {g}): the config does not describe these "
+                        f"weights. Fix `{field}` in the config or save the adapter again."
+                    )
+        limit = max(RANK_FACTOR * min(spec.in_features, spec.out_features), RANK_FLOOR)
+        if fresh and r > limit:
+            key, want = fresh[0]
+            raise ValueError(
+                f"{config_file} sets `{field}` = {r} for {path} (in_features {spec.in_features}, out_features "
+                f"{spec.out_features}), above the largest rank funcpeft initialises for it ({limit} = max({RANK_FACTOR} "
+                f"* min(in, out), {RANK_FLOOR})): {key} would be {list(want)}"
+                + (f" (the checkpoint holds {list(shapes[key])})" if key in shapes else f" ({weights_file} lacks it)")
+                + ". The config is corrupt or not this adapter's."
+            )
 
 
 # -- checkpoint vs model -------------------------------------------------------------------------------------
@@ -124,7 +112,7 @@ def match_checkpoint(
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
-    shared: the method's frozen shared base entries (funcpeft.mapping.init_shared), which it may save.
+    shared: the method's frozen shared base entries (funcpeft._plan.init_shared), which it may save.
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
@@ -192,13 +180,27 @@ def build_tree(
 
 
 # -- public API ----------------------------------------------------------------------------------------------
-def _locate(directory: str | os.PathLike, adapter_name: str) -> str:
-    """`directory` itself, or `directory/<adapter_name>` (where save_adapter puts a non-default adapter)."""
+def _locate(directory: str | os.PathLike, adapter_name: str, root_fallback: bool = False) -> str:
+    """Where `adapter_name` lives in PEFT's layout: `directory` for "default", else `directory/<adapter_name>`.
+
+    root_fallback (from_pretrained): a non-default name with no such subdirectory names the adapter in
+    `directory` itself, as in PEFT's `PeftModel.from_pretrained(model, path, adapter_name=...)`.
+    """
     here = os.fspath(directory)
-    sub = adapter_dir(here, adapter_name)  # validates the name
-    if not os.path.isfile(os.path.join(here, CONFIG_NAME)) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
-        return sub
-    return here
+    where = adapter_dir(here, adapter_name)  # validates the name
+    if adapter_name == "default" or os.path.exists(os.path.join(where, CONFIG_NAME)):
+        return where
+    found = adapters_in(here)
+    if root_fallback and "default" in found:
+        return here
+    listing = ", ".join(
+        repr(n) + (f" (in {here!r} itself)" if n == "default" else f" (in {os.path.join(here, n)!r})") for n in found
+    )
+    hint = " Leave adapter_name out (or pass 'default') to load the adapter at its root." if "default" in found else ""
+    raise FileNotFoundError(
+        f"No adapter {adapter_name!r} in {here!r}: PEFT's layout keeps it in {where!r}, which has no {CONFIG_NAME}. "
+        f"Adapters there: {listing or 'none'}.{hint}"
+    )
 
 
 class Loaded(NamedTuple):
@@ -210,26 +212,28 @@ class Loaded(NamedTuple):
 
 def load_for_model(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
-    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False, root_fallback: bool = False,
 ) -> Loaded:
     """Read, resolve, check and convert a saved adapter for `model` (shared by load_adapter and from_pretrained)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    where = _locate(directory, adapter_name)
+    where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    shapes = tensor_shapes(where, allow_pickle)
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
     resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), for_checkpoint=True)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
+    check_sizes(shapes, plan, resolved, leaves, where)
     shared = init_shared(model, plan)
+    tensors = read_tensors(where, allow_pickle)
     matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
     ref = {**dict(model.named_parameters()), **shared}
-    loaded = {n: t.to(device=_device(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
+    loaded = {n: t.to(device=device_of(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
     return Loaded(resolved, plan, tree, {**shared, **loaded})
 
 
@@ -272,8 +276,9 @@ def load_adapter(
     With `model`: the tree is checked against the model (one AdapterMismatchError listing every missing,
     unexpected and mis-shaped key; `strict=False` warns instead), has PEFT's dtypes, lives on each layer's
     device, and the config is resolved against the model. Without: the tree is read from the key names
-    alone (CPU, the file's dtypes) and the config is the file's. `adapter_name` also finds an adapter saved
-    under `directory/<adapter_name>/`. Base-model tensors PEFT saves along (embedding layers) are not part
+    alone (CPU, the file's dtypes) and the config is the file's. `adapter_name` selects the adapter in
+    PEFT's layout: "default" in `directory`, any other in `directory/<adapter_name>/` (where saving puts it;
+    FileNotFoundError listing the adapters there if it is absent). Base-model tensors PEFT saves along (embedding layers) are not part
     of the tree: `from_pretrained` applies them.
     """
     if model is None:

@@ -107,14 +107,19 @@ def unmerge_bias(
 Entry = tuple[str, str, PlanEntry, Mapping[str, torch.Tensor]]  # (adapter name, module path, plan entry, leaves)
 
 
-def _entries(fn: PeftFunction, adapter: Any) -> list[Entry]:
-    """[(adapter_name, module_path, plan_entry, tree_entry)] in merge order; structure checked first."""
+def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | None = None) -> list[Entry]:
+    """[(adapter_name, module_path, plan_entry, tree_entry)] in merge order; the trees are checked first
+    (structure, and with `base` every leaf's shape, dtype and device)."""
     out: list[Entry] = []
+    names = Names(fn.aliases)
     for name, tree in fn.split_adapters(adapter):
         plan = fn.plans.get(name)
         if plan is None:
             raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(fn.plans)}")
-        check_adapter_structure(tree, plan, name)
+        if base is None:
+            check_adapter_structure(tree, plan, name)
+        else:
+            fn.check_tree(name, tree, {alias: names.read(base, alias) for alias, _ in fn.aliases})
         out += [(name, path, plan[path], leaves) for path, leaves in tree.items()]
     return out
 
@@ -161,7 +166,7 @@ def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge
     non-finite results.
     """
     fn = peft_function(pm)
-    return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter), safe_merge)
+    return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter, base), safe_merge)
 
 
 def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: Mapping[str, torch.Tensor] | None = None) -> Tree:
@@ -173,7 +178,7 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     """
     fn = peft_function(pm)
     names = Names(fn.aliases)
-    entries = _entries(fn, adapter)
+    entries = _entries(fn, adapter, merged)
     overridden = [f"{path}.{p}" for _, path, entry, _ in entries for p in entry.overrides]
     if overridden and base is None:
         raise ValueError(

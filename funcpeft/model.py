@@ -103,9 +103,9 @@ class FunctionalPeftModel:
         """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter)."""
         if adapter_params is None:
             raise TypeError(
-                "save_pretrained(directory, adapter_params): pass the adapter tree to save (e.g. the trained one). "
-                "funcpeft never updates pm.adapter, which is the tree get_peft_model initialised: saving it after "
-                "training would silently write the untrained adapter."
+                "save_pretrained(directory, adapter_params): pass the trained tree to save. funcpeft never updates "
+                "pm.adapter, which is the tree get_peft_model initialised: saving it after training would silently "
+                "write the untrained adapter."
             )
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
         return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
@@ -201,11 +201,16 @@ def from_pretrained(
     trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
     carries (PEFT saves the embedding when an embedding is targeted) replace the model's in the returned
     `base` dict when they differ; the model itself is never modified.
+    `adapter_name`: the adapter in `directory/<adapter_name>/` if there is one (PEFT's save layout), else the
+    one in `directory` itself, given that name (PEFT's `from_pretrained(model, path, adapter_name=...)`).
+    Shapes the config implies are checked against the file and a sane rank limit before anything is
+    allocated (see `funcpeft.loading.check_sizes`); a config that is not the one its weights were saved with
+    raises `funcpeft.io.InterruptedSaveError`.
     """
     _reject_peft_model(model)
     loaded = load_for_model(
         model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-        strict=strict, allow_pickle=allow_pickle,
+        strict=strict, allow_pickle=allow_pickle, root_fallback=True,
     )
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})

@@ -48,6 +48,17 @@ class PerExample:
     index: torch.Tensor | None
     adapter_name: str | None = None
     any_base: bool = True  # whether some index may be -1 (False skips the masking; known when index was concrete)
+    origin: str = "index"  # what the user passed, for error messages ("index", "adapter_names")
+
+    @property
+    def k(self) -> int:
+        """How many adapters are stacked (the leaves' leading dim)."""
+        return int(_first_leaf(self.stacked).shape[0])
+
+    @property
+    def length(self) -> int:
+        """How many examples this routing describes (B): the index's length, or K when index is None."""
+        return int(self.index.shape[0]) if self.index is not None else self.k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +83,7 @@ class MixedBatch:
             stacked = stack_adapters([self.adapters[m] for m in members])
             slot = {m: j for j, m in enumerate(members)}
             index = torch.tensor([slot.get(n, -1) for n in self.adapter_names], device=_first_leaf(stacked).device)
-            out.append((members[0], per_example(stacked, index, members[0])))
+            out.append((members[0], dataclasses.replace(per_example(stacked, index, members[0]), origin="adapter_names")))
         return out
 
 
@@ -144,11 +155,57 @@ def split_routed(adapter: Any, plans: Mapping[str, Any], default: str) -> list[t
     return None
 
 
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x", "X")
+
+
+def batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(batch size, where it was read) of a model call: dim 0 of its first tensor input, or None if it has none.
+
+    Positional tensors come first, then the usual keyword names (input_ids, inputs_embeds, pixel_values, ...),
+    then any other tensor keyword.
+    """
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim():
+            return int(a.shape[0]), f"positional argument {i}"
+    names = [k for k in _BATCH_KEYS if k in kwargs] + [k for k in kwargs if k not in _BATCH_KEYS]
+    for k in names:
+        v = kwargs[k]
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0]), k
+    return None
+
+
+def check_batch(routing: PerExample, batch: tuple[int, str] | None) -> int:
+    """The batch size, after checking that the routing has one entry per example (PEFT raises on a mismatch)."""
+    n = routing.length
+    if routing.origin == "adapter_names":
+        what = f"mixed_batch adapter_names has length {n}"
+    elif routing.index is None:
+        what = f"per_example(stacked) without an index uses stacked adapter i for example i, but K = {n} adapters"
+    else:
+        what = f"per_example index has length {n}"
+    if batch is None:
+        raise ValueError(
+            f"per-example adapters: the {what}, and the model call has no tensor input to read the batch size from; "
+            "pass the inputs as tensors (e.g. input_ids=...)"
+        )
+    size, where = batch
+    if n != size:
+        raise ValueError(
+            f"per-example adapters: the {what}, but the batch has {size} examples (dim 0 of {where}); "
+            "they must be equal: one adapter choice per example"
+        )
+    return size
+
+
 # -- the per-layer op ------------------------------------------------------------------------------------
-def route_layer(spec: LayerSpec[Any], method: Method, stacked: Params, shared: Params, routing: PerExample) -> Applied:
+def route_layer(
+    spec: LayerSpec[Any], method: Method, stacked: Params, shared: Params, routing: PerExample, batch: int
+) -> Applied:
     """One layer's adapter, routed per example: what `fn` hands to the layer's AdaptedWeight.
 
-    stacked: the method's own params with a leading K dim; shared: frozen tensors every example uses (VeRA's).
+    stacked: the method's own params with a leading K dim; shared: frozen tensors every example uses (VeRA's);
+    batch: the model call's batch size B (checked against the routing by `check_batch`).
     """
     index = routing.index
     any_base = routing.any_base
@@ -158,31 +215,30 @@ def route_layer(spec: LayerSpec[Any], method: Method, stacked: Params, shared: P
     def forward(spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None,
                 ctx: OpContext) -> torch.Tensor:
         assert result is not None
-        return _routed_forward(method, spec, keys, any_base, params, x, result, ctx)
+        return _routed_forward(method, spec, keys, any_base, batch, params, x, result, ctx)
 
     return Applied(spec, params, forward, True)
 
 
 def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:
-    """(B, ...) as is, or (B*n, ...) viewed as (B, n, ...); the flag says whether it was flattened."""
+    """(B, ...) as is, or (B*n, ...) viewed as (B, n, ...) (GPT-2's Conv1D flattens batch and tokens, example-major)."""
     if t.shape[0] == b:
         return t, False
     if t.dim() and t.shape[0] % b == 0:
         return t.reshape(b, t.shape[0] // b, *t.shape[1:]), True
     raise ValueError(
         f"per-example adapters: a layer got input of shape {tuple(t.shape)} whose leading dim is neither the batch "
-        f"size {b} (length of the index) nor a multiple of it"
+        f"size {b} nor a multiple of it (the layer must see the batch first, or batch x tokens flattened)"
     )
 
 
 def _routed_forward(
-    method: Method, inner: LayerSpec[Any], stacked_keys: tuple[str, ...], any_base: bool, params: Params,
+    method: Method, inner: LayerSpec[Any], stacked_keys: tuple[str, ...], any_base: bool, b: int, params: Params,
     x: torch.Tensor, result: torch.Tensor, ctx: OpContext,
 ) -> torch.Tensor:
     index = params.get(_INDEX)
     stacked = {k: params[k] for k in stacked_keys}
     shared = {k: v for k, v in params.items() if k not in stacked and k != _INDEX}
-    b = index.shape[0] if index is not None else next(iter(stacked.values())).shape[0]
     if index is not None:
         index = index.to(result.device)
         stacked = {k: v.index_select(0, index.clamp(min=0)) for k, v in stacked.items()}

@@ -18,6 +18,8 @@ from funcpeft import optim
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
+
 
 def _setup(kind: str, targets: Any = "all-linear") -> tuple[Any, Any, list[Any], torch.Tensor, torch.Tensor]:
     with warnings.catch_warnings():

@@ -19,6 +19,8 @@ from funcpeft import optim
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
+
 WORLD, STEPS, BATCH = 2, 2, 4
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import errno
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -19,11 +20,12 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODELS, Pair, assert_unchanged, out_tensor, snapshot
+from conftest import MODELS, Pair, assert_unchanged, make_inputs, out_tensor, snapshot
 from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcpeft
 import funcpeft.io as fio
@@ -90,9 +92,12 @@ def test_weights_file_matches_peft(saved: Saved) -> None:
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    for d in (saved.peft_dir, saved.func_dir):
-        with safe_open(d / fio.WEIGHTS_NAME, "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+    with safe_open(saved.peft_dir / fio.WEIGHTS_NAME, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with safe_open(saved.func_dir / fio.WEIGHTS_NAME, "pt") as f:  # + the digest of the config saved with it
+        canonical = json.dumps(json.loads((saved.func_dir / fio.CONFIG_NAME).read_text()), sort_keys=True, separators=(",", ":"))
+        config_digest = hashlib.sha256(canonical.encode()).hexdigest()
+        assert f.metadata() == {"format": "pt", fio.DIGEST_KEY: config_digest}
 
 
 def test_config_file_matches_peft(saved: Saved) -> None:
@@ -286,6 +291,15 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pair, Path]:
     return pair, d
 
 
+@pytest.fixture(scope="module")
+def peft_llama_dir(llama_dir: tuple[Pair, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Pair, Path]:
+    """The same adapter saved by PEFT: files from elsewhere, whose config may have been edited."""
+    pair, _ = llama_dir
+    d = tmp_path_factory.mktemp("peft-llama")
+    _quiet(pair.peft_model.save_pretrained, d)
+    return pair, d
+
+
 def _copy_dir(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(src):
@@ -328,8 +342,8 @@ def test_pickle_is_never_unpickled_and_the_error_says_how_to_convert(llama_dir: 
     T.assert_trees_close(fpm.adapter, _detached(pair.adapter), atol=0)
 
 
-def test_unknown_config_keys_warn_and_are_ignored(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
-    pair, src = llama_dir
+def test_unknown_config_keys_warn_and_are_ignored(peft_llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, src = peft_llama_dir
     d = _copy_dir(src, tmp_path / "future")
     data = json.loads((d / fio.CONFIG_NAME).read_text())
     (d / fio.CONFIG_NAME).write_text(json.dumps({**data, "a_future_option": 3, "another_one": None}))
@@ -340,9 +354,9 @@ def test_unknown_config_keys_warn_and_are_ignored(llama_dir: tuple[Pair, Path], 
 
 @pytest.mark.parametrize("peft_type, match", [("PREFIX_TUNING", "PREFIX_TUNING"), (None, "peft_type")])
 def test_unsupported_or_missing_peft_type_is_a_clear_error(
-    llama_dir: tuple[Pair, Path], tmp_path: Path, peft_type: str | None, match: str
+    peft_llama_dir: tuple[Pair, Path], tmp_path: Path, peft_type: str | None, match: str
 ) -> None:
-    pair, src = llama_dir
+    pair, src = peft_llama_dir
     d = _copy_dir(src, tmp_path / "other")
     data = json.loads((d / fio.CONFIG_NAME).read_text())
     data.pop("peft_type")
@@ -454,3 +468,192 @@ def test_pickle_output_is_refused(llama_dir: tuple[Pair, Path], tmp_path: Path) 
     with pytest.raises(ValueError, match="safetensors only"):
         pair.fpm.save_pretrained(tmp_path / "out", pair.adapter, safe_serialization=False)
     assert not (tmp_path / "out").exists()
+
+
+# -- the adapter tree is required --------------------------------------------------------------------------------
+def test_save_pretrained_without_the_tree_is_a_type_error(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, _ = llama_dir
+    with pytest.raises(TypeError, match=r"pass the trained tree[\s\S]*pm\.adapter"):
+        pair.fpm.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- VeRA's shared projections ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vera() -> tuple[torch.nn.Module, funcpeft.FunctionalPeftModel, dict]:
+    from funcpeft.configs import VeraConfig
+
+    model = MODELS["llama"]()
+    fpm = funcpeft.get_peft_model(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    return model, fpm, T.random_like(fpm.adapter, torch.Generator().manual_seed(4))
+
+
+def test_vera_save_without_its_projections_is_refused_before_writing(vera: Any, tmp_path: Path) -> None:
+    model, fpm, adapter = vera
+    config = fpm.peft_config["default"]
+    for kwargs in ({}, {"model": model}):  # the model's parameters do not hold the shared projections either
+        with pytest.raises(ValueError, match=r"save_projection=True[\s\S]*base_model\.vera_A[\s\S]*base_params="):
+            funcpeft.save_adapter(tmp_path / "out", adapter, config, **kwargs)
+        assert not (tmp_path / "out").exists()
+    funcpeft.save_adapter(tmp_path / "out", adapter, config, model=model, base_params=fpm.base)
+    saved = safetensors.torch.load_file(tmp_path / "out" / fio.WEIGHTS_NAME)
+    assert {"base_model.vera_A", "base_model.vera_B"} <= set(saved)
+    loaded = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(model), tmp_path / "out")
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        want = out_tensor(fpm.fn(fpm.base, adapter, **inputs))
+        assert (out_tensor(loaded(**inputs)) - want).abs().max().item() <= 1e-5
+
+
+# -- which adapter a name selects ---------------------------------------------------------------------------------
+def test_a_named_adapter_is_read_from_its_subdirectory(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, _ = llama_dir
+    other = T.random_like(pair.adapter, torch.Generator().manual_seed(11))
+    pair.fpm.save_pretrained(tmp_path, pair.adapter)  # "default" at the root ...
+    funcpeft.save_adapter(tmp_path, other, pair.fpm.peft_config["default"], "other", model=pair.model)  # ... "other" below
+    for load in (lambda **kw: funcpeft.load_adapter(tmp_path, **kw)[0],
+                 lambda **kw: funcpeft.load_adapter(tmp_path, model=pair.model, **kw)[0],
+                 lambda **kw: funcpeft.from_pretrained(pair.model, tmp_path, **kw).adapter):
+        T.assert_trees_close(load(), _detached(pair.adapter), atol=0)
+        T.assert_trees_close(load(adapter_name="other"), _detached(other), atol=0)
+
+
+def test_a_named_adapter_that_is_not_there_lists_what_is(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, src = llama_dir
+    root = _copy_dir(src, tmp_path / "root")
+    funcpeft.save_adapter(root, pair.adapter, pair.fpm.peft_config["default"], "second", model=pair.model)
+    for kwargs in ({}, {"model": pair.model}):
+        with pytest.raises(FileNotFoundError) as info:
+            funcpeft.load_adapter(root, "third", **kwargs)
+        msg = str(info.value)
+        assert "'third'" in msg and "'default'" in msg and "'second'" in msg and str(root) in msg, msg
+    only_sub = tmp_path / "only-sub"
+    funcpeft.save_adapter(only_sub, pair.adapter, pair.fpm.peft_config["default"], "second", model=pair.model)
+    with pytest.raises(FileNotFoundError, match=r"subdirectories: \['second'\]"):
+        funcpeft.load_adapter(only_sub)
+
+
+def test_from_pretrained_names_a_root_adapter_like_peft(peft_llama_dir: tuple[Pair, Path]) -> None:
+    """PEFT's `from_pretrained(model, path, adapter_name=x)` loads the adapter in `path` and calls it x."""
+    pair, d = peft_llama_dir
+    theirs = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(pair.model), d, adapter_name="mine")
+    ours = funcpeft.from_pretrained(pair.model, d, adapter_name="mine")
+    assert ours.adapter_name == "mine" and set(theirs.peft_config) == {"mine"}
+    named = dict(theirs.named_parameters())
+    for path, entry in ours.adapter.items():
+        for key, value in entry.items():
+            assert torch.equal(named[T.peft_param_name(path, key, ours.plans["mine"][path], "mine")], value), (path, key)
+
+
+# -- sizes from the config, checked before allocating ---------------------------------------------------------------
+class _NoLargeAllocations(TorchDispatchMode):
+    """Fails any op that would create a tensor over `limit` bytes, before it allocates."""
+
+    def __init__(self, limit: int = 100 * 2**20) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        size = args[0] if args and isinstance(args[0], (list, tuple, torch.Size)) else None
+        if size is not None and all(isinstance(n, int) for n in size) and str(kwargs.get("device")) != "meta":
+            numel = functools.reduce(lambda a, b: a * b, size, 1)
+            assert numel * 4 <= self.limit, f"{func} would allocate {numel * 4 / 2**30:.1f} GiB"
+        return func(*args, **kwargs)
+
+
+def _edit_config(d: Path, **changes: Any) -> None:
+    path = d / fio.CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_config_rank_that_contradicts_the_checkpoint_fails_before_allocating(
+    peft_llama_dir: tuple[Pair, Path], tmp_path: Path, strict: bool
+) -> None:
+    pair, src = peft_llama_dir
+    d = _copy_dir(src, tmp_path / "huge")
+    _edit_config(d, r=2**24)
+    with _NoLargeAllocations(), pytest.raises(ValueError) as info:
+        funcpeft.from_pretrained(pair.model, d, strict=strict)
+    msg = str(info.value)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert str(d / fio.CONFIG_NAME) in msg and "`r` = 16777216" in msg and key in msg, msg
+    assert "[16777216, 64]" in msg and "[4, 64]" in msg, msg
+    _edit_config(d, r=4, rank_pattern={"v_proj": 8})  # a smaller contradiction, through rank_pattern
+    with pytest.raises(ValueError, match=r"`rank_pattern\['v_proj'\]` = 8 .*v_proj\.lora_A\.weight \[8, 64\].*\[4, 64\]"):
+        funcpeft.load_adapter(d, model=pair.model, strict=strict)
+
+
+def test_a_config_rank_beyond_any_use_fails_before_allocating(peft_llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    """Nothing in the checkpoint to compare with (strict=False would init it fresh): the sane limit catches it."""
+    pair, src = peft_llama_dir
+    d = _copy_dir(src, tmp_path / "huge")
+    _edit_config(d, r=2**24, target_modules=["k_proj"])  # k_proj has no tensors in the file
+    with _NoLargeAllocations(), pytest.raises(ValueError) as info:
+        funcpeft.from_pretrained(pair.model, d, strict=False)
+    msg = str(info.value)
+    assert "`r` = 16777216" in msg and "k_proj" in msg and "4096 = max(4 * min(in, out), 4096)" in msg, msg
+    assert "[16777216, 64]" in msg, msg
+
+
+def test_a_large_rank_the_checkpoint_holds_loads(tmp_path: Path) -> None:
+    """The limit only guards fresh inits: whatever funcpeft saves, it loads back."""
+    model = MODELS["llama"]()
+    fpm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=5000, target_modules=["q_proj"]))
+    assert 5000 > max(4 * 64, 4096)
+    adapter = T.random_like(fpm.adapter, torch.Generator().manual_seed(2))
+    fpm.save_pretrained(tmp_path, adapter)
+    T.assert_trees_close(funcpeft.from_pretrained(model, tmp_path).adapter, _detached(adapter), atol=0)
+
+
+def test_a_vera_rank_beyond_any_use_fails_before_the_shared_projections(vera: Any, tmp_path: Path) -> None:
+    model, fpm, adapter = vera
+    fpm.save_pretrained(tmp_path, adapter)
+    path = tmp_path / fio.CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["r"] = 2**24
+    path.write_text(json.dumps(data))
+    import safetensors.torch as st  # an edited config: drop the digest as the InterruptedSaveError message says
+
+    st.save_file(st.load_file(tmp_path / fio.WEIGHTS_NAME), tmp_path / fio.WEIGHTS_NAME, metadata={"format": "pt"})
+    for strict in (True, False):
+        with _NoLargeAllocations(), pytest.raises(ValueError, match=r"`r` = 16777216 .*vera_lambda_d \[16777216\].*\[8\]"):
+            funcpeft.from_pretrained(model, tmp_path, strict=strict)
+
+
+# -- unreadable files are named -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["funcpeft", "peft"])
+def test_weights_path_that_is_a_directory(llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path],
+                                          tmp_path: Path, which: str) -> None:
+    pair, src = llama_dir if which == "funcpeft" else peft_llama_dir
+    d = _copy_dir(src, tmp_path / "d")
+    os.remove(d / fio.WEIGHTS_NAME)
+    os.mkdir(d / fio.WEIGHTS_NAME)
+    for load in (lambda: funcpeft.load_adapter(d), lambda: funcpeft.from_pretrained(pair.model, d)):
+        with pytest.raises(ValueError, match=re.escape(f"{d / fio.WEIGHTS_NAME} is a directory")):
+            load()
+
+
+def test_config_path_that_is_a_directory(peft_llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+    pair, src = peft_llama_dir
+    d = _copy_dir(src, tmp_path / "d")
+    os.remove(d / fio.CONFIG_NAME)
+    os.mkdir(d / fio.CONFIG_NAME)
+    with pytest.raises(ValueError, match=re.escape(f"{d / fio.CONFIG_NAME} is a directory")):
+        funcpeft.from_pretrained(pair.model, d)
+
+
+@pytest.mark.parametrize("which", ["funcpeft", "peft"])
+@pytest.mark.parametrize("damage", ["truncated", "header-cut", "garbage", "empty"])
+def test_corrupt_weights_are_named(llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path],
+                                   tmp_path: Path, which: str, damage: str) -> None:
+    pair, src = llama_dir if which == "funcpeft" else peft_llama_dir
+    d = _copy_dir(src, tmp_path / "d")
+    path = d / fio.WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "header-cut": data[:40], "garbage": b"not safetensors " * 9,
+                      "empty": b""}[damage])
+    for load in (lambda: funcpeft.load_adapter(d), lambda: funcpeft.from_pretrained(pair.model, d)):
+        with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable safetensors file")):
+            load()

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 import funcpeft
 from funcpeft.testing import assert_trees_close
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune_minilm.py"
 STEPS, RANK = 30, 4
 

@@ -98,7 +98,7 @@ def test_negative_init_r_is_refused_with_peft_s_message() -> None:
 def test_rank_pattern_must_be_the_allocator_s_and_drops_the_adapter_name() -> None:
     with pytest.raises(ValueError, match="not LoRA's regex -> rank dict"):
         funcpeft.AdaLoraConfig(total_step=5, rank_pattern={"q_proj": [True]})
-    with pytest.raises(ValueError, match="must be a list of bool"):
+    with pytest.raises(ValueError, match=r"rank_pattern must be dict\[str, list\[bool\]\] \| None"):
         lora_style: Any = {"lin0.lora_E": 2}
         funcpeft.AdaLoraConfig(total_step=5, rank_pattern=lora_style)
     config = funcpeft.AdaLoraConfig(total_step=5, rank_pattern={"a.lin0.lora_E.default": [True, False], "b.lora_E": [False]})
@@ -428,6 +428,8 @@ def test_compiles_to_one_graph_and_new_values_do_not_recompile() -> None:
     fpm = funcpeft.get_peft_model(MODELS["conv"](), funcpeft.AdaLoraConfig(init_r=3, target_modules=["conv2d", "fc"], total_step=5))
     fn, base, fresh = fpm
     x = make_inputs("conv")["x"]
+    with torch.no_grad():
+        fn(base, fresh, x=x)  # eager first: fn caches the plan's leaf shapes (tests/test_compile.py checks a cold start)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(fn, fullgraph=True, backend=counter)

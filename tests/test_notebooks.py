@@ -15,6 +15,8 @@ import jupytext
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_quickstart", "02_ensembles", "03_property_testing"]

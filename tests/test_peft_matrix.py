@@ -17,6 +17,8 @@ from peft_matrix import cases, harness
 
 import funcpeft
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
+
 _NOT_IMPL = "NotImplementedError from funcpeft.LoraConfig (row config) and from_pretrained (PEFT's files)"
 _BOTH = "get_peft_model, from_pretrained: "
 

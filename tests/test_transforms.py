@@ -219,7 +219,7 @@ def test_per_example_bad_input(llama: tuple[Any, ...]) -> None:
     stacked = funcpeft.stack_adapters(trees)
     with pytest.raises(ValueError, match=r"index values must be in \[-1, 3\)"):
         funcpeft.per_example(stacked, [0, 3, 0, 0])
-    with pytest.raises(ValueError, match="neither the batch size 3"):
+    with pytest.raises(ValueError, match="index has length 3, but the batch has 4 examples"):
         fn(base, funcpeft.per_example(stacked, [0, 1, 2]), input_ids=ids[:, :5])
     with pytest.raises(ValueError, match="same leading"):
         funcpeft.per_example({"a": {"x": torch.zeros(2, 3), "y": torch.zeros(3, 3)}}, [0])

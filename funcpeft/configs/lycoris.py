@@ -23,7 +23,7 @@ class LycorisConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     r: int = 8
-    alpha: int = 8
+    alpha: float = 8  # PEFT annotates int but only divides by it: a float alpha works there too
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False

@@ -245,13 +245,15 @@ class SharedTensors:
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
     make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
-    file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files.
+    file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
+    saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
     """
 
     common_hyper: Callable[[Any, Mapping[str, nn.Module]], Any]
     frozen_params: Callable[[LayerSpec[Any]], tuple[tuple[str, str], ...]]
     make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
+    saved: Callable[[Any], bool] = lambda config: False
 
 
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})

@@ -171,7 +171,8 @@ VERA = register(
         forward=forward,
         delta_weight=delta_weight,
         shared=SharedTensors(
-            common_hyper=common_hyper, frozen_params=frozen_params, make=make_shared, file_keys=peft_shared_keys
+            common_hyper=common_hyper, frozen_params=frozen_params, make=make_shared, file_keys=peft_shared_keys,
+            saved=lambda config: bool(config.save_projection),
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
     )

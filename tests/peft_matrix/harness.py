@@ -420,7 +420,7 @@ def check_multi_row(case: MultiCase, tmp: str | os.PathLike, seed: int = 0) -> l
 
     PEFT: `get_peft_model(model, config_1, adapter_name="adapter_1")`, `add_adapter("adapter_2", config_2)`,
     both set active on every layer, random values, `save_pretrained` (one directory per adapter).
-    funcpeft: `from_pretrained(dir/adapter_1)`, `add_adapter("adapter_2", load_adapter(dir/adapter_2)'s config)`.
+    funcpeft: `from_pretrained(dir, "adapter_1")`, `add_adapter("adapter_2", load_adapter(dir, "adapter_2")'s config)`.
     Checks each adapter alone and both together (forward), the combined gradients, counts with both
     active, each adapter's files saved back by funcpeft, and merging both.
     """
@@ -458,8 +458,9 @@ def check_multi_row(case: MultiCase, tmp: str | os.PathLike, seed: int = 0) -> l
     fmodel = copy.deepcopy(model)
 
     def funcpeft_side() -> tuple[Any, dict[str, Any]]:
-        fpm = funcpeft.from_pretrained(fmodel, os.path.join(peft_dir, names[0]), names[0], is_trainable=True)
-        tree2, config2 = funcpeft.load_adapter(os.path.join(peft_dir, names[1]), names[1], model=fmodel, is_trainable=True)
+        # the save root: a non-default adapter lives in root/<name>/ (PEFT's layout), found by name
+        fpm = funcpeft.from_pretrained(fmodel, peft_dir, names[0], is_trainable=True)
+        tree2, config2 = funcpeft.load_adapter(peft_dir, names[1], model=fmodel, is_trainable=True)
         fpm.add_adapter(names[1], config2)
         return fpm, {names[0]: fpm.adapter, names[1]: tree2}
 

@@ -1,0 +1,80 @@
+"""Tiny randomly initialised transformers models (no downloads), seeded, in eval mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+VOCAB = 128
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return _seeded(lambda: LlamaForCausalLM(cfg), seed)
+
+
+def tiny_mistral(seed: int = 0) -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64,
+    )
+    return _seeded(lambda: MistralForCausalLM(cfg), seed)
+
+
+def tiny_qwen2(seed: int = 0) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64,
+    )
+    return _seeded(lambda: Qwen2ForCausalLM(cfg), seed)
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return _seeded(lambda: GPT2LMHeadModel(cfg), seed)
+
+
+def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(  # type: ignore[call-arg]
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    return _seeded(lambda: BertForSequenceClassification(cfg), seed)
+
+
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(  # type: ignore[call-arg]
+        d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
+        decoder_start_token_id=0, pad_token_id=0,
+    )
+    return _seeded(lambda: T5ForConditionalGeneration(cfg), seed)
+
+
+TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2,
+    "bert_seq_cls": tiny_bert_seq_cls, "t5": tiny_t5,
+}
