@@ -12,7 +12,20 @@ from importlib.metadata import PackageNotFoundError, version
 from . import distributed, optim
 from ._checks import AdapterMismatchError
 from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import (
+    AdaLoraConfig,
+    BOFTConfig,
+    C3AConfig,
+    FourierFTConfig,
+    HRAConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    MissConfig,
+    OFTConfig,
+    RandLoraConfig,
+    VeraConfig,
+)
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
@@ -41,19 +54,26 @@ __all__ = [
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
+    "BOFTConfig",
     "BaseTree",
     "ConfigTypeError",
+    "C3AConfig",
+    "FourierFTConfig",
     "FunctionalPeftModel",
+    "HRAConfig",
     "IA3Config",
     "InterruptedSaveError",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "MixedBatch",
+    "OFTConfig",
     "PeftConfig",
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "RandLoraConfig",
     "RankAllocatorState",
     "TaskType",
     "UnsupportedWeightOp",

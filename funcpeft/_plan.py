@@ -192,7 +192,9 @@ def fresh_method_params(
     method = entry.method
     if weight.device.type == "meta":
         return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
-    fresh = {k: v.to(weight.device, dtype) for k, v in method.init(entry.spec, generator).items()}
+    # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
+    via = weight.dtype if weight.dtype.is_floating_point else dtype
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
         fresh = method.finish_init(entry.spec, fresh, weight.detach())
     return fresh
@@ -235,23 +237,22 @@ def init_adapter(
 
 
 def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Frozen tensors shared by the plan's layers (VeRA's projections), as extra `base` entries.
+    """Frozen tensors the plan's layers read from `base` (VeRA's projections, FourierFT's indices), as extra entries.
 
-    Keys start with `funcpeft.trees.SHARED_PREFIX`; values sit on the first target's device. Empty for
-    methods without `shared` tensors.
+    Keys start with `funcpeft.trees.SHARED_PREFIX`; each value sits on the device of the first layer that
+    needs it. `make` runs only for a layer whose keys are not made yet (shared ones once, per-layer ones per
+    layer). Empty for methods without `shared` tensors.
     """
-    adapted = [(path, e) for path, e in plan.items() if e.spec is not None]
-    if not adapted:
-        return {}
-    path, entry = adapted[0]
-    shared = entry.method.shared
-    if shared is None:
-        return {}
-    assert entry.spec is not None
-    device = dict(model.named_modules())[path].weight.device
-    tensors = shared.make(entry.spec)
-    assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
-    return {k: v.to(device) for k, v in tensors.items()}
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for path, entry in plan.items():
+        if entry.spec is None or entry.method.shared is None or all(k in out for _, k in entry.frozen):
+            continue
+        device = modules[path].weight.device
+        tensors = entry.method.shared.make(entry.spec)
+        assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
+        out.update({k: v.to(device) for k, v in tensors.items() if k not in out})
+    return out
 
 
 def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:

@@ -85,3 +85,6 @@ IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
 }
 # PEFT: the LoHa / LoKr tables are copies of LoRA's; VeRA's too, with phi -> q_proj, v_proj
 VERA_TARGET_MODULES: dict[str, list[str] | str] = {**DEFAULT_TARGET_MODULES, "phi": ["q_proj", "v_proj"]}
+# PEFT: TRANSFORMERS_MODELS_TO_FOURIERFT/C3A_TARGET_MODULES_MAPPING (LoRA's, but GPT-2 style models target mlp.c_proj)
+FOURIERFT_TARGET_MODULES: dict[str, list[str] | str] = {**DEFAULT_TARGET_MODULES, "gpt_bigcode": ["mlp.c_proj"], "gpt2": ["mlp.c_proj"]}
+C3A_TARGET_MODULES: dict[str, list[str] | str] = dict(FOURIERFT_TARGET_MODULES)

@@ -28,7 +28,7 @@ from torch import nn
 from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
 from .methods.base import no_dropout
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
-from .weights import AdaptedWeight, Applied
+from .weights import AdaptedWeight, Applied, nesting_order
 
 
 def _skeleton(model: nn.Module, training: bool) -> nn.Module:
@@ -183,7 +183,7 @@ class PeftFunction:
                     applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
                 carried.setdefault(f"{path}.weight", []).append(applied)
         for wname, adapters in carried.items():
-            params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
+            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)
         return params
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:

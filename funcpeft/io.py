@@ -387,7 +387,7 @@ def checkpoint_state(
                 state[key] = _for_file(key, adapter_params[path][name])
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
-    shared = shared_file_keys(config, base or {})
+    shared = shared_file_keys(config, base or {}, sorted(adapted))
     method = method_for(config)
     if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
         raise ValueError(

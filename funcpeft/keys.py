@@ -36,15 +36,17 @@ def key_rules(config: Any) -> KeyRules:
     return method_for(config).keys
 
 
-def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
+def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[str] = ()) -> dict[str, str]:
     """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
 
-    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`).
+    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`); `adapted`: the
+    adapted module paths, for copies PEFT writes under each layer (`SharedTensors.layer_file_keys`).
     """
     method = method_for(config)
     if not isinstance(method, Method) or method.shared is None:
         return {}
-    return dict(method.shared.file_keys(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)]))
+    shared = [k for k in base_keys if k.startswith(SHARED_PREFIX)]
+    return {**method.shared.file_keys(config, shared), **method.shared.layer_file_keys(config, shared, list(adapted))}
 
 
 def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:

@@ -122,7 +122,7 @@ def match_checkpoint(
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
-    shared_keys = shared_file_keys(config, shared)
+    shared_keys = shared_file_keys(config, shared, sorted(adapted))
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}

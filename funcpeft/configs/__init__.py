@@ -6,20 +6,34 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
 from .adalora import AdaLoraConfig
+from .boft import BOFTConfig
+from .c3a import C3AConfig
+from .fourierft import FourierFTConfig
+from .hra import HRAConfig
 from .ia3 import IA3Config
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .miss import MissConfig
+from .oft import OFTConfig
+from .randlora import RandLoraConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
     "AdaLoraConfig",
+    "BOFTConfig",
+    "C3AConfig",
+    "FourierFTConfig",
+    "HRAConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
+    "MissConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
+    "RandLoraConfig",
     "TaskType",
     "VeraConfig",
 ]

@@ -4,7 +4,7 @@ Importing this package registers the built-in methods. Method authors: see funcp
 CONTRIBUTING.md ("Adding a method").
 """
 
-from . import adalora, dora, ia3, loha, lokr, lora, vera
+from . import adalora, boft, c3a, dora, fourierft, hra, ia3, loha, lokr, lora, miss, oft, randlora, vera
 from ._registry import (
     CONFIG_CLASSES,
     METHODS,
@@ -45,13 +45,20 @@ __all__ = [
     "SharedTensors",
     "Target",
     "adalora",
+    "boft",
+    "c3a",
     "dora",
+    "fourierft",
+    "hra",
     "ia3",
     "loha",
     "lokr",
     "lora",
     "method_for",
+    "miss",
     "mixed_compatible_types",
+    "oft",
+    "randlora",
     "register",
     "unregister",
     "vera",

@@ -244,8 +244,11 @@ class SharedTensors:
     are not counted as parameters (PEFT keeps them as buffers).
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
-    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
+    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config (called for each layer whose
+    `frozen_params` keys are not made yet, so per-layer tensors such as FourierFT's spectral indices work too);
     file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
+    layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
+    also writes under each adapted layer (RandLoRA's bases, which every layer references).
     saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
     """
 
@@ -254,6 +257,7 @@ class SharedTensors:
     make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
+    layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
 
 
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
@@ -286,7 +290,11 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. file_params: the
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. outermost_first: for a
+    method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
+    active adapters to the input in activation order, the first adapter's transform meeting the input first
+    (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
+    instead of innermost-first (funcpeft.weights.nesting_order). file_params: the
     leaves of one layer as PEFT saves them (None: as they are); `hyper` plans the saved shapes when
     `Target.for_checkpoint`. frozen_count: values PEFT registers per layer as frozen parameters that
     funcpeft keeps as constants of the spec (AdaLoRA's `ranknum`): counted in "all params" like PEFT's.
@@ -307,6 +315,7 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    outermost_first: bool = False
     file_params: FileParamsFn | None = None
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
 
