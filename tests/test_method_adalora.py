@@ -153,6 +153,27 @@ def test_fresh_adapter_equals_peft_s_for_the_same_seed(init: bool) -> None:
         torch.testing.assert_close(fpm.fn(fpm.base, tree, **x), pm.eval()(**x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_model_init_forward_and_merge_are_peft_s_bitwise(autocast: bool) -> None:
+    """PEFT rounds a fresh adapter through the layer's dtype (and back to float32 when autocasting); ranknum too."""
+    model = T.tiny_gpt2().to(torch.bfloat16)  # Conv1D layers: the transposed delta
+    kwargs: dict[str, Any] = dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=5, init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+    torch.manual_seed(0)
+    fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.AdaLoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+    named = dict(pm.named_parameters())
+    for path, entry in fpm.adapter.items():
+        assert named[_peft_name(path, "ranknum")].dtype == entry["lora_A"].dtype == (torch.float32 if autocast else torch.bfloat16)
+        for key, value in entry.items():
+            assert torch.equal(value, named[_peft_name(path, key)]), (path, key)
+    ids = make_inputs("gpt2")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(fpm.fn(fpm.base, fpm.adapter, input_ids=ids).logits, pm.eval()(input_ids=ids).logits)
+        merged = _quiet(funcpeft.merge_and_unload, fpm, fpm.adapter)(input_ids=ids).logits
+        assert torch.equal(merged, _quiet(copy.deepcopy(pm).merge_and_unload)(input_ids=ids).logits)
+
+
 # -- training with the rank allocator --------------------------------------------------------------------------
 def _train_peft(model: nn.Module, batches: list[torch.Tensor]) -> SimpleNamespace:
     """PEFT's loop: loss (with its orthogonal regulariser) -> backward -> AdamW step -> update_and_allocate."""
