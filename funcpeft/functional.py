@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
+from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, check_stack, leaf_shapes, shared_params
+from .methods import weight_method
 from .methods.base import no_dropout
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
+from .trees import SHARED_PATH
 from .weights import AdaptedWeight, Applied, nesting_order
 
 
@@ -103,8 +105,20 @@ class PeftFunction:
         default_plan = self.plans.get(self.default_adapter, {})
         if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
             names = [name for name in (self.plans if self.mixed else adapter) if adapter.get(name) is not None]
+            self._check_copies(names)
             return [(name, adapter[name]) for name in names]
         return [(self.default_adapter, adapter)]
+
+    def _check_copies(self, names: list[str]) -> None:
+        """PEFT's LN tuning runs and merges one adapter at a time (`Method.copies_modules`)."""
+        copying = [n for n in names if any(e.copied_by for e in self.plans[n].values())]
+        if copying and len(names) > 1:
+            method = next(e.copied_by for e in self.plans[copying[0]].values() if e.copied_by)
+            raise ValueError(
+                f"Trying to use {len(names)} adapters at once ({names}), but {weight_method(method).peft_type} "
+                f"({copying}) replaces whole modules' parameters and does not allow inference or merging with more "
+                "than one adapter at a time (PEFT's rule)"
+            )
 
     def _leaf_shapes(self, name: str) -> LeafShapes:
         """The shapes adapter `name`'s leaves must have (computed once per registered plan)."""
@@ -166,9 +180,12 @@ class PeftFunction:
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
+                    what = "modules_to_save or a trainable bias"
+                    if entry.copied_by:
+                        what = f"{weight_method(entry.copied_by).peft_type} replaces its parameters"
                     raise NotImplementedError(
-                        f"per-example adapters: {path} overrides {entry.overrides} (modules_to_save or a trainable "
-                        "bias); only method parameters can be routed per example"
+                        f"per-example adapters: {path} overrides {entry.overrides} ({what}); only method parameters "
+                        "can be routed per example"
                     )
                 for pname in entry.overrides:
                     params[f"{path}.{pname}"] = leaves[pname]
@@ -176,13 +193,17 @@ class PeftFunction:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
+                own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
-                if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)
-                else:
-                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
-                carried.setdefault(f"{path}.weight", []).append(applied)
+                # the layer itself, then layers tied to it that apply the same parameters (PlanEntry.tied)
+                for lpath, spec in ((path, entry.spec), *entry.tied):
+                    if routing is not None:
+                        applied = route_layer(spec, method, own, frozen, routing, batch)
+                    else:
+                        applied = Applied(spec, {**own, **frozen}, method.forward, method.uses_result(spec))
+                    carried.setdefault(f"{lpath}.weight", []).append(applied)
         for wname, adapters in carried.items():
+            check_stack(tuple(a.spec for a in adapters))
             params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)
         return params
 

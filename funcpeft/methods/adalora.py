@@ -18,6 +18,7 @@ layers never build a weight-sized tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from ..configs import AdaLoraConfig
 from ..configs.adalora import RANK_PATTERN_SUFFIX
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import FileCodec, KeyRules, LayerKind, LayerSpec, Method, OpContext, Params, Target, UnsupportedLayerError
 
 NAMES = ("lora_A", "lora_B", "lora_E")  # PEFT keeps them in ParameterDicts: saved without `.weight`
+FILE_PREFIX = "base_model.model."  # PEFT's checkpoint keys: base_model.model.{path}.lora_A
 
 
 @dataclass(frozen=True)
@@ -138,29 +140,45 @@ def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
     return (w.T if spec.kind is LayerKind.CONV1D_HF else w) * spec.hyper.scaling / _ranknum(spec, a)
 
 
-def file_params(config: Any, path: str, params: Params) -> Params:
-    """What PEFT writes for one layer: with a `rank_pattern`, only the kept ranks (`resize_state_dict_by_rank_pattern`).
+def _encode(config: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's `resize_state_dict_by_rank_pattern`: with a `rank_pattern`, the file holds only the kept ranks.
 
-    lora_A / lora_E keep rows, lora_B columns, where the mask is True; a tensor already of the kept size
-    (an adapter loaded from such a file) is written as it is.
+    state: {checkpoint key: Tensor}; lora_A (r, in) / lora_E (r, 1) keep the rows, lora_B (out, r) the
+    columns where the module's mask is True. A tensor already of the kept size (an adapter loaded from such
+    a file) is written as it is. Keys of other modules are left alone.
     """
-    mask = (config.rank_pattern or {}).get(path + RANK_PATTERN_SUFFIX)
-    if mask is None:
-        return params
-    rank = sum(mask)
-    out = dict(params)
-    for name, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
-        t = params[name]
-        if t.shape[dim] == rank:
-            continue
-        if t.shape[dim] != len(mask):
-            raise ValueError(
-                f"{path}.{name} has {t.shape[dim]} ranks but rank_pattern[{path + RANK_PATTERN_SUFFIX!r}] has "
-                f"{len(mask)} entries ({rank} kept): the adapter does not belong to this config"
-            )
-        keep = torch.tensor(mask, device=t.device)
-        out[name] = t[keep] if dim == 0 else t[:, keep]
+    out = dict(state)
+    for key, mask in (config.rank_pattern or {}).items():
+        path = key[: -len(RANK_PATTERN_SUFFIX)]
+        rank = sum(mask)
+        for name, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
+            file_key = f"{FILE_PREFIX}{path}.{name}"
+            t = state.get(file_key)
+            if t is None:
+                raise ValueError(
+                    f"AdaLoraConfig.rank_pattern names {key!r}, but the adapter has no {path}.{name} to prune "
+                    f"(adapted AdaLoRA layers: {_adapted(state)}); the rank_pattern belongs to another adapter"
+                )
+            if t.shape[dim] == rank:
+                continue
+            if t.shape[dim] != len(mask):
+                raise ValueError(
+                    f"{path}.{name} has {t.shape[dim]} ranks but rank_pattern[{key!r}] has {len(mask)} entries "
+                    f"({rank} kept): the adapter does not belong to this config"
+                )
+            keep = torch.tensor(mask, dtype=torch.bool, device=t.device)
+            out[file_key] = t[keep] if dim == 0 else t[:, keep]
     return out
+
+
+def _adapted(state: Mapping[str, torch.Tensor]) -> list[str]:
+    tail = ".lora_E"
+    return sorted(k[len(FILE_PREFIX) : -len(tail)] for k in state if k.startswith(FILE_PREFIX) and k.endswith(tail))
+
+
+def _decode(config: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors as they are: loading plans the pruned shapes instead (`hyper`, Target.for_checkpoint)."""
+    return dict(tensors)
 
 
 def frozen_count(spec: LayerSpec[Any]) -> int:
@@ -177,7 +195,7 @@ ADALORA = register(
         forward=forward,
         delta_weight=delta_weight,
         keys=KeyRules(param_prefix="lora_", unsuffixed=frozenset(NAMES)),
-        file_params=file_params,
+        codec=FileCodec(_encode, _decode),
         frozen_count=frozen_count,
         mixed_compatible=True,
     )
