@@ -475,6 +475,23 @@ def test_get_peft_model_with_a_rank_pattern_keeps_init_r_like_peft(tmp_path: Any
         fpm.save_pretrained(tmp_path / "bad", bad)
 
 
+def test_rank_patterns_that_do_not_fit_the_adapter_are_clear_errors(tmp_path: Any) -> None:
+    """PEFT fails with a bare KeyError (saving) or IndexError (loading); funcpeft names the key and writes nothing."""
+    model = MODELS["mlp"]()
+    kwargs: dict[str, Any] = dict(init_r=3, target_modules=["lin0"], total_step=5)
+    fpm = funcpeft.get_peft_model(model, funcpeft.AdaLoraConfig(**kwargs, rank_pattern={"lin1.lora_E": [True] * 3}))
+    with pytest.raises(ValueError, match=r"names 'lin1.lora_E', but the adapter has no lin1.lora_E .*\['lin0'\]"):
+        fpm.save_pretrained(tmp_path / "other", fpm.adapter)
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+    _quiet(peft.get_peft_model(copy.deepcopy(model), peft.AdaLoraConfig(**kwargs)).save_pretrained, tmp_path / "ok")
+    with open(tmp_path / "ok" / "adapter_config.json") as f:
+        saved = json.load(f)
+    with open(tmp_path / "ok" / "adapter_config.json", "w") as f:
+        json.dump({**saved, "rank_pattern": {"lin0.lora_E": [True, False]}}, f)
+    with pytest.raises(ValueError, match=r"rank_pattern\['lin0.lora_E'\] has 2 entries; it needs one per initial rank"):
+        funcpeft.from_pretrained(model, str(tmp_path / "ok"))
+
+
 # -- mixed model, compile, vmap, weighted adapters --------------------------------------------------------------
 def test_mixed_with_lora_equals_peft_mixed_model() -> None:
     model = T.tiny_llama()
