@@ -290,7 +290,7 @@ def test_budget_schedule_is_peft_s(tinit: int, budgeting: int, tfinal: int, delt
         assert budget_schedule(config, init_bgt, target, step) == theirs.budget_schedule(step), step
 
 
-def _peft_allocator_state(pm: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+def _peft_allocator_state(pm: Any) -> dict[str, dict[str, torch.Tensor]]:
     alloc = pm.base_model.rankallocator
     return {"exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc)}
 
@@ -316,7 +316,7 @@ def test_update_and_allocate_equals_peft_step_by_step(
     pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs))
     fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.AdaLoraConfig(**kwargs))
     g = torch.Generator().manual_seed(seed)
-    adapter = optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, g, scale=0.5))
+    adapter: Any = optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, g, scale=0.5))
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     named = {n: p for n, p in pm.named_parameters() if "lora_" in n}
     alloc = funcpeft.rank_allocator(fpm.peft_config["default"])
@@ -326,8 +326,8 @@ def test_update_and_allocate_equals_peft_step_by_step(
             r = torch.randint(-2, 3, t.shape, generator=g).float() if ties else torch.randn(t.shape, generator=g)
             return r.to(t.dtype)
 
-        grads = optree.tree_map(draw, adapter)
-        step_ = optree.tree_map(lambda t: 0.05 * draw(t), adapter)  # an optimiser's update, before the allocator
+        grads: Any = optree.tree_map(draw, adapter)
+        step_: Any = optree.tree_map(lambda t: 0.05 * draw(t), adapter)  # an optimiser's update, before the allocator
         adapter = optree.tree_map(torch.add, adapter, step_)
         with torch.no_grad():
             for path, entry in adapter.items():
