@@ -109,7 +109,7 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
 
 def _checking() -> bool:
     """Value checks need concrete tensors: skip them while compiling or inside a torch.func transform."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+    return not torch.compiler.is_dynamo_compiling() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def lora_matrices(
