@@ -174,6 +174,31 @@ def test_bf16_model_init_forward_and_merge_are_peft_s_bitwise(autocast: bool) ->
         assert torch.equal(merged, _quiet(copy.deepcopy(pm).merge_and_unload)(input_ids=ids).logits)
 
 
+def test_training_dropout_matches_peft_given_the_same_masks() -> None:
+    """lora_dropout on the layer input only (PEFT's nn.Dropout before `@ (A * E).T`), drawn like funcpeft's."""
+    model = T.tiny_llama()
+    kwargs: dict[str, Any] = dict(init_r=4, lora_dropout=0.3, target_modules=["q_proj", "down_proj"], total_step=5)
+    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs))
+    fpm = funcpeft.get_peft_model(model, funcpeft.AdaLoraConfig(**kwargs))
+    adapter = optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(3), scale=0.3))
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    g = torch.Generator().manual_seed(5)
+
+    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
+        return x * torch.empty_like(x).bernoulli_(0.7, generator=g) / 0.7
+
+    for module in pm.modules():
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict) and "default" in module.lora_dropout:
+            module.lora_dropout["default"].forward = shared_dropout
+    ids = make_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        want = pm.train()(input_ids=ids).logits
+        got = fpm.fn(fpm.base, adapter, input_ids=ids, dropout_rng=torch.Generator().manual_seed(5)).logits
+        plain = fpm.fn(fpm.base, adapter, input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - plain).abs().max() > 1e-4
+
+
 # -- training with the rank allocator --------------------------------------------------------------------------
 def _train_peft(model: nn.Module, batches: list[torch.Tensor]) -> SimpleNamespace:
     """PEFT's loop: loss (with its orthogonal regulariser) -> backward -> AdamW step -> update_and_allocate."""
