@@ -242,6 +242,18 @@ class PeftFunction:
         with redirect(rng):
             return skel(*args, **kwargs)
 
+    def bound_model(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+    ) -> nn.Module:
+        """The model with `base` and `adapter` bound, in eval mode: a fresh call skeleton (see the module docstring).
+
+        For code that calls the model's other methods (`generate`) rather than its forward. Like a call of fn,
+        it reads the model now and shares every attribute value and buffer with it; setting an attribute on it
+        changes only the skeleton. inputs: the calls' (args, kwargs), to check per-example routing's length.
+        """
+        params = self.build_params(base, adapter, no_dropout, inputs)
+        return _Call(params, None).skeleton(self._model)
+
     @torch.compiler.disable(
         reason="funcpeft: a targeted module is registered in the model under several names; PEFT adapts it only under "
         "the targeted one, which a traced call (running the model's own modules) cannot tell apart: run eagerly"
