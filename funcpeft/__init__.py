@@ -13,6 +13,7 @@ from . import distributed, optim
 from ._checks import AdapterMismatchError
 from .config import BdLoraConfig, ConfigTypeError, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .configs import (
+    AdaLoraConfig,
     BOFTConfig,
     C3AConfig,
     FourierFTConfig,
@@ -35,6 +36,13 @@ from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
 from .merge import merge, merge_and_unload, unmerge
+from .methods.adalora_allocator import (
+    RankAllocatorState,
+    orthogonal_regularizer,
+    rank_allocator,
+    rank_pattern,
+    with_rank_pattern,
+)
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
 from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
@@ -47,6 +55,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
@@ -73,6 +82,7 @@ __all__ = [
     "PeftType",
     "PerExample",
     "RandLoraConfig",
+    "RankAllocatorState",
     "ShiraConfig",
     "TaskType",
     "TrainableTokensConfig",
@@ -90,11 +100,15 @@ __all__ = [
     "merge_and_unload",
     "mixed_batch",
     "optim",
+    "orthogonal_regularizer",
     "per_example",
     "per_sample_grads",
+    "rank_allocator",
+    "rank_pattern",
     "save_adapter",
     "stack_adapters",
     "unmerge",
     "unstack_adapters",
     "value_and_grad",
+    "with_rank_pattern",
 ]

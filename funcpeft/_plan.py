@@ -192,13 +192,13 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
-def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any) -> list[Target]:
+def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False) -> list[Target]:
     """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
     out: list[Target] = []
     for name in names:
         kind = layer_kind(modules[name])
         assert kind is not None  # find_targets raised for anything else
-        target = Target(name, modules[name], kind, common)
+        target = Target(name, modules[name], kind, common, for_checkpoint=for_checkpoint)
         out.append(target)
         if kind is LayerKind.MHA:
             out_proj = getattr(modules[name], "out_proj", None)
@@ -210,7 +210,7 @@ def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any) ->
                     "of a targeted MultiheadAttention itself (and ignores an adapter on out_proj alone, whose forward "
                     "the attention never calls). Target only the MultiheadAttention."
                 )
-            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target))
+            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target, for_checkpoint=for_checkpoint))
     return out
 
 
@@ -261,11 +261,17 @@ def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan, tied
 
 
 def plan_adapter(
-    model: nn.Module, config: PeftConfig, revision: str | None = None, adapter_name: str = "default"
+    model: nn.Module,
+    config: PeftConfig,
+    revision: str | None = None,
+    adapter_name: str = "default",
+    *,
+    for_checkpoint: bool = False,
 ) -> tuple[PeftConfig, Plan]:
     """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
 
     adapter_name: names the `base` keys of the adapter's per-layer frozen tensors (`Method.layer_frozen`).
+    for_checkpoint: plan the shapes of a saved adapter (see `Target.for_checkpoint`), for loading.
     """
     method = method_for(config)
     if not isinstance(method, Method):
@@ -277,7 +283,7 @@ def plan_adapter(
     tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
     layers = [n for n in names if n not in tied] if not method.copies_modules else []
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    targets = _targets(layers, modules, common)
+    targets = _targets(layers, modules, common, for_checkpoint)
     if hasattr(resolved, "fan_in_fan_out"):
         kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
         _fix_fan_in_fan_out(kinds, resolved)

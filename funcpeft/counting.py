@@ -36,6 +36,7 @@ def count_parameters(base: Mapping[str, torch.Tensor], adapter: Any, plan: Mappi
             if info.spec is None:
                 continue
             method = info.method
+            extra += method.frozen_count(info.spec)  # frozen per-layer parameters PEFT registers (AdaLoRA's ranknum)
             frozen = method.layer_frozen
             if frozen is not None and frozen.counted:
                 extra += sum(_numel(base[key]) for name, key in info.frozen if name in frozen.names and key in base)

@@ -263,7 +263,8 @@ def load_for_model(
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
+    config_for_plan = dataclasses.replace(config, base_model_name_or_path=name)
+    resolved, plan = plan_adapter(model, config_for_plan, None, adapter_name, for_checkpoint=True)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)

@@ -78,7 +78,7 @@ def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: st
     for name, tree in pairs:
         if name not in pm.peft_config:
             raise ValueError(f"Adapter {name} does not exist (registered: {sorted(pm.peft_config)})")
-        if not isinstance(pm.peft_config[name], LoraConfig):
+        if type(pm.peft_config[name]) is not LoraConfig:  # subclasses (AdaLoraConfig) are other methods, as in PEFT
             raise TypeError(f"add_weighted_adapter combines LoRA adapters; {name!r} is a {type(pm.peft_config[name]).__name__}")
         check_adapter_structure(tree, pm.plans[name], name)
     saved: dict[str, int] = {}

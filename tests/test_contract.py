@@ -83,6 +83,9 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("trainable_tokens-llama-tied", "trainable_tokens", "tiny-llama-tied", "TrainableTokensConfig",
      dict(token_indices=[3, 43, 95, 120])),
     ("trainable_tokens-gpt2", "trainable_tokens", "tiny-gpt2", "TrainableTokensConfig", dict(token_indices=[15, 7])),
+    ("adalora-llama", "adalora", "tiny-llama", "AdaLoraConfig",
+     dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10)),
+    ("adalora-gpt2", "adalora", "tiny-gpt2", "AdaLoraConfig", dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=10)),
 ]
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)

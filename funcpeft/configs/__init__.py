@@ -5,6 +5,7 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 """
 
 from ..config import PEFT_VERSION, BdLoraConfig, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
@@ -23,6 +24,7 @@ from .vera import VeraConfig
 __all__ = [
     "PEFT_VERSION",
     "BdLoraConfig",
+    "AdaLoraConfig",
     "BOFTConfig",
     "C3AConfig",
     "FourierFTConfig",

@@ -5,6 +5,7 @@ CONTRIBUTING.md ("Adding a method").
 """
 
 from . import (
+    adalora,
     bdlora,
     boft,
     c3a,
@@ -74,6 +75,7 @@ __all__ = [
     "Target",
     "Tying",
     "bdlora",
+    "adalora",
     "boft",
     "c3a",
     "dora",

@@ -132,6 +132,9 @@ class Target:
 
     owner: the targeted module this one is adapted along with, when it is not a target itself (PEFT wraps an
     nn.MultiheadAttention's `out_proj` with LoRA together with it); rank / alpha patterns follow the owner's name.
+    for_checkpoint: the plan is made to load a saved adapter (PEFT's `from_pretrained` / `load_adapter`);
+    a method whose saved layers differ in shape from fresh ones plans the saved shapes (AdaLoRA's ranks
+    pruned by its rank_pattern, which PEFT resizes its layers to on load but not in `get_peft_model`).
     """
 
     name: str
@@ -139,6 +142,7 @@ class Target:
     kind: LayerKind
     common: Any = None
     owner: Target | None = None
+    for_checkpoint: bool = False
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -207,6 +211,10 @@ class ForwardPerExampleFn(Protocol):
 class DeltaWeightFn(Protocol):
     def __call__(self, spec: LayerSpec[Any], params: Params, /) -> torch.Tensor:
         """The additive delta in the base weight's layout and shape (`weight_shape`)."""
+
+
+def _no_frozen_params(spec: LayerSpec[Any]) -> int:
+    return 0
 
 
 class MergeWeightFn(Protocol):
@@ -403,6 +411,8 @@ class Method:
     kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
     changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
       for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
+    frozen_count: values PEFT registers per layer as frozen parameters that funcpeft keeps as constants of
+      the spec (AdaLoRA's `ranknum`): counted in "all params" like PEFT's.
     """
 
     name: str
@@ -429,6 +439,7 @@ class Method:
     check_stack: Callable[[tuple[LayerSpec[Any], ...]], None] | None = None
     kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
     changes_base: bool = False
+    frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
 
     @property
     def peft_type(self) -> str:
