@@ -78,6 +78,8 @@ class PlanEntry:
       through `Method.tie`, with their own op (`Tie`: lm_head with LoRA's ensure_weight_tying, trainable tokens).
     copied_by: the method whose trainable copies `overrides` are (`Method.copies_modules`: LN tuning), None for
       modules_to_save copies and trainable biases.
+    applies_in: the module whose forward uses this layer's weight, when it is not the layer itself (`Target.owner`:
+      a targeted nn.MultiheadAttention's forward reads its out_proj's weight); the adapter applies only there.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -90,6 +92,7 @@ class PlanEntry:
     owner: LayerSpec[Any] | None = None
     tied: tuple[Tie, ...] = ()
     copied_by: str | None = None
+    applies_in: str | None = None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -198,6 +201,13 @@ def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any, fo
     for name in names:
         kind = layer_kind(modules[name])
         assert kind is not None  # find_targets raised for anything else
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention) and parent not in names:
+            raise NotImplementedError(
+                f"{name!r}: an adapter on an nn.MultiheadAttention's out_proj alone would have no effect: the attention "
+                "reads out_proj.weight directly and never calls out_proj (PEFT silently ignores such an adapter). "
+                f"Target the MultiheadAttention {parent!r} itself (PEFT adapts its in_proj_weight and out_proj together)."
+            )
         target = Target(name, modules[name], kind, common, for_checkpoint=for_checkpoint)
         out.append(target)
         if kind is LayerKind.MHA:
@@ -293,7 +303,10 @@ def plan_adapter(
         if method.layer_frozen is not None:
             frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
-        plan[target.name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
+        plan[target.name] = PlanEntry(
+            spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes,
+            applies_in=target.owner.name if target.owner is not None else None,
+        )
     if method.shared_trainable is not None and targets:  # one tree entry for them; every layer reads it
         owner = plan[targets[0].name].spec
         assert owner is not None

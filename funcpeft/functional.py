@@ -180,6 +180,7 @@ class PeftFunction:
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
+        applies_in: dict[str, str] = {}  # weight name -> the module whose forward uses it, when not its own
         for name, tree in self.split_adapters(adapter):
             plan = self.plans.get(name)
             if plan is None:
@@ -218,9 +219,11 @@ class PeftFunction:
                     else:
                         applied = Applied(spec, {**mine, **frozen}, method.forward, method.uses_result(spec))
                     carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
+                if entry.applies_in is not None:
+                    applies_in[f"{path}.{entry.spec.kind.weight_name}"] = entry.applies_in
         for wname, adapters in carried.items():
             check_stack(tuple(a.spec for a in adapters))
-            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)
+            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout, applies_in.get(wname))
         return params
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
@@ -281,11 +284,11 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     """
     flipped = [m for m in model.modules() if m.training]
     hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
-    owners: dict[str, dict[str, AdaptedWeight]] = {}
+    owners: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
     for name, t in params.items():
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
             path, _, pname = name.rpartition(".")
-            owners.setdefault(path, {})[pname] = t
+            owners.setdefault(t.applies_in or path, []).append((model.get_submodule(path), pname, t))
     plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
     swapped = [(m, m.__dict__.get("forward", _MISSING)) for m in (model.get_submodule(p) for p in owners)]
     for m in flipped:
@@ -293,7 +296,7 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
         m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
     for (m, own), adapted in zip(swapped, owners.values()):
-        m.__dict__["forward"] = _owner_forward(m, adapted, m.forward if own is _MISSING else own)
+        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own)
     try:
         return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
     finally:
@@ -333,6 +336,8 @@ class _Call:
         self.bound = 0
         self.checkpointing = False
         self.custom_train = False
+        # owner path -> [(skeleton module, parameter name, adapted weight)]: filled by a module and its children
+        self.adapted: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         skel = self._copy(model, "")
@@ -349,15 +354,14 @@ class _Call:
         own = module.__dict__
         d = own.copy()
         params = own["_parameters"]
-        adapted: dict[str, AdaptedWeight] | None = None
+        path = prefix[:-1]
         if params:
             bound = params.copy()
             for name in params:
                 t = self.params.get(prefix + name, _MISSING)
                 if t is not _MISSING:
-                    if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside the module's forward
-                        adapted = adapted or {}
-                        adapted[name] = t
+                    if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside its owner's forward
+                        self.adapted.setdefault(t.applies_in or path, []).append((skel, name, t))
                         t = t.weight
                     bound[name] = t
                     self.bound += 1
@@ -379,8 +383,9 @@ class _Call:
         for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
+        adapted = self.adapted.pop(path, None)  # its own weights and its children's it uses (see _owner_forward)
         if adapted is not None:
-            d["forward"] = _owner_forward(skel, adapted, d.get("forward") or types.MethodType(cls.forward, skel))
+            d["forward"] = _owner_forward(adapted, d.get("forward") or types.MethodType(cls.forward, skel))
         train = cls.train
         if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
             self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
@@ -396,21 +401,24 @@ class _Call:
         )
 
 
-def _owner_forward(skel: nn.Module, adapted: dict[str, AdaptedWeight], forward: Any) -> Any:
+def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward: Any) -> Any:
     """`forward` of a targeted module that sees its adapted weight(s) only while it runs.
 
     As in PEFT, where the adapter term is added by the layer's own forward: anything else that reads the
     weight (a parent's `F.linear(x, self.proj.weight)`, a hook, a tied module) gets the plain tensor.
+    adapted: (module, parameter name, adapted weight): the module's own, and children's its forward reads
+    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj).
     """
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
-        bound: dict[str, Any] = skel._parameters  # type: ignore[assignment]  # holds plain tensors in a skeleton
-        plain = {n: bound[n] for n in adapted}
-        bound.update(adapted)
+        plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]
+        for m, n, w in adapted:
+            m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
             return forward(*args, **kwargs)
         finally:
-            bound.update(plain)
+            for m, n, p in plain:
+                m._parameters[n] = p
 
     return adapted_forward
 

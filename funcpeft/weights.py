@@ -70,20 +70,24 @@ _PASSTHROUGH |= {
 class AdaptedWeight(torch.Tensor):
     """A weight plus the adapters applied to the layer that owns it.
 
-    Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`.
+    Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`,
+    `applies_in` (the module path whose forward sees it: the layer's own, or `PlanEntry.applies_in`; None: the
+    module holding it).
     """
 
     weight: torch.Tensor
     adapters: Adapters
     dropout: Dropout
+    applies_in: str | None
 
     @staticmethod
-    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout) -> AdaptedWeight:
+    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout, applies_in: str | None = None) -> AdaptedWeight:
         """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
         out = weight.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
         out.dropout = dropout
+        out.applies_in = applies_in
         return out  # type: ignore[return-value]
 
     @classmethod
