@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
+from ._names import Names
+from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
 from .counting import count_parameters, format_trainable
@@ -72,18 +73,30 @@ class FunctionalPeftModel:
         return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None
+        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None, *,
+        init_data: Mapping[str, Any] | None = None,
     ) -> AdapterTree:
-        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree."""
+        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree.
+
+        An init that changes base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) reads them from `self.base` (as
+        PEFT's second adapter sees the first one's changes) and replaces them in `self.base` (new tensors).
+        """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
         resolved, plan = plan_adapter(self.model, peft_config)
+        names = Names(self.fn.aliases)
+        weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
+        trainable = not getattr(resolved, "inference_mode", False)
+        tree, changed = init_adapter_and_weights(
+            self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights
+        )
         self.base.update(init_shared(self.model, plan))
+        _write_weights(self.base, names, changed)
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
-        return self.init_adapter(adapter_name, generator)
+        return tree
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -135,6 +148,7 @@ def get_peft_model(
     revision: str | None = None,
     *,
     generator: torch.Generator | None = None,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `get_peft_model`, functionally: returns `(fn, base, adapter)` (as a FunctionalPeftModel).
 
@@ -151,10 +165,14 @@ def get_peft_model(
         revision: recorded in the config, like PEFT.
         generator: a `torch.Generator` for the adapter init (default: the global RNG, so `torch.manual_seed`
             makes it reproducible, with the same draws as PEFT).
+        init_data: `{module path: data}` for data-driven inits: CorDA's eigens (`funcpeft.corda.preprocess_corda`),
+            LoRA-GA's gradients (`funcpeft.loraga.preprocess_loraga`). PEFT attaches these to the modules instead.
 
     Returns:
         A `FunctionalPeftModel`; `fn, base, adapter = pm`. base: `{name: Tensor}` sharing the model's storage;
         adapter: `{module_path: {leaf name: Tensor}}`, e.g. lora_A (r, in) and lora_B (out, r) per layer.
+        Inits that change base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: PEFT writes them into the model) put
+        new tensors into `base` under those weights' names; the model and its tensors are untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -168,11 +186,19 @@ def get_peft_model(
     if mixed:
         _check_combinable(peft_config, None, mixed)
     resolved, plan = plan_adapter(model, peft_config, revision)
-    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
+    trainable = not getattr(resolved, "inference_mode", False)
+    adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed)
+    _write_weights(base, Names(fn.aliases), changed)
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+
+
+def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor]) -> None:
+    """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
+    for path, weight in changed.items():
+        names.write_shared(base, f"{path}.weight", weight)
 
 
 def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool) -> None:

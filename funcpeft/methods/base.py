@@ -173,6 +173,35 @@ class FinishInitFn(Protocol):
         """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it."""
 
 
+class _NoInitData:
+    def __repr__(self) -> str:
+        return "NO_INIT_DATA"
+
+
+NO_INIT_DATA: Any = _NoInitData()  # what `init_from_weight` gets for a layer `init_data` has no entry for
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """What `Method.init_from_weight` returns for one layer.
+
+    params: the layer's fresh parameters; weight: its new base weight (same shape, layout, dtype and device as
+    the old one) for inits that change it (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), None when it is unchanged.
+    """
+
+    params: Params
+    weight: torch.Tensor | None = None
+
+
+class InitFromWeightFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None, /
+    ) -> WeightInit:
+        """Init that reads the base weight and per-layer data: `params` is `init`'s result (on the weight's
+        device), `weight` the current base weight (detached; never modify it), `data` the layer's entry of the
+        `init_data` given to get_peft_model (`NO_INIT_DATA` when there is none)."""
+
+
 class ForwardFn(Protocol):
     def __call__(
         self, spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext, /
@@ -271,7 +300,10 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. init_from_weight:
+    init from the base weight and per-layer data (get_peft_model's `init_data`), which may also replace the
+    layer's base weight (the new weight goes into `base`; the model is untouched); it runs after `init` and
+    before `finish_init`, which then sees the new weight.
     """
 
     name: str
@@ -283,6 +315,7 @@ class Method:
     delta_weight: DeltaWeightFn | None = None
     accepts: Callable[[Any], bool] = _always
     finish_init: FinishInitFn | None = None
+    init_from_weight: InitFromWeightFn | None = None
     uses_result: Callable[[LayerSpec[Any]], bool] = _always
     forward_per_example: ForwardPerExampleFn | None = None
     merge: MergeHooks = field(default_factory=MergeHooks)

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import init_mode
 from ..configs import LoraConfig
+from . import lora_init
 from ._layers import conv_op, embed
 from ._patterns import rank_and_alpha
 from ._registry import register
@@ -29,6 +31,7 @@ class LoraHyper:
     scaling: float  # alpha / r, or alpha / sqrt(r) with use_rslora
     dropout: float  # on the input of lora_A (never on embeddings, like PEFT)
     init: bool | str  # init_lora_weights
+    init_args: tuple[Any, ...] = ()  # the init's own settings (funcpeft.methods.lora_init.init_args)
 
 
 Spec = LayerSpec[LoraHyper]
@@ -46,9 +49,11 @@ def hyper(config: Any, target: Target) -> LoraHyper:
                 "Currently, support is limited to conv layers where the rank is divisible by groups. Either choose a "
                 "different rank or do not target this specific layer."
             )
+    lora_init.check_target(config.init_lora_weights, r, target)
     scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
     dropout = 0.0 if target.kind is LayerKind.EMBEDDING else float(config.lora_dropout)
-    return LoraHyper(r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights)
+    init = config.init_lora_weights
+    return LoraHyper(r=r, scaling=scaling, dropout=dropout, init=init, init_args=lora_init.init_args(config))
 
 
 def param_names(spec: LayerSpec[Any]) -> tuple[str, ...]:
@@ -72,9 +77,12 @@ def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -
 
 
 def init(spec: Spec, generator: torch.Generator | None) -> Params:
-    """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (True, False or "gaussian")."""
+    """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (see funcpeft.methods.lora_init for the
+    inits beyond True, False and "gaussian"; those that read the base weight finish in `init_from_weight`)."""
     shape_a, shape_b = _shapes(spec)
     mode = spec.hyper.init
+    if spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and init_mode(mode) in lora_init.WEIGHT_INITS:
+        return lora_init.init(spec, generator)
     names = param_names(spec)
     if spec.kind is LayerKind.EMBEDDING:
         a = torch.randn(shape_a, generator=generator) if mode is False else torch.zeros(shape_a)
@@ -82,7 +90,7 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
         return dict(zip(names, (a, b)))
     if mode is False:
         a, b = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
-    elif mode == "gaussian":
+    elif init_mode(mode) == "gaussian":
         a, b = torch.randn(shape_a, generator=generator) / spec.hyper.r, torch.zeros(shape_b)
     else:
         a, b = kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
@@ -161,6 +169,7 @@ LORA = register(
         forward=forward,
         delta_weight=delta_weight,
         forward_per_example=forward_per_example,
+        init_from_weight=lora_init.init_from_weight,
         mixed_compatible=True,
     )
 )
