@@ -31,7 +31,9 @@ from .routing import PerExample, batch_size, check_batch, route_layer, split_rou
 from .weights import AdaptedWeight, Applied
 
 
-def _skeleton(model: nn.Module, training: bool) -> nn.Module:
+def skeleton(model: nn.Module, training: bool) -> nn.Module:
+    """A copy of `model`'s module tree sharing every parameter and buffer (no weight is copied), in train or
+    eval mode: hooks and mode changes on it never reach the model."""
     memo: dict[int, Any] = {id(t): t for t in model.parameters()}
     memo.update({id(t): t for t in model.buffers()})
     skel = copy.deepcopy(model, memo)
@@ -75,7 +77,7 @@ class PeftFunction:
         )
         self._model = model
         self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
-        self._main = {t: _skeleton(model, t) for t in (False, True)}
+        self._main = {t: skeleton(model, t) for t in (False, True)}
         self._local = threading.local()  # per-thread skeletons, freed with their thread
         self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
 
@@ -87,7 +89,7 @@ class PeftFunction:
         if skeletons is None:
             skeletons = self._local.skeletons = {}
         if training not in skeletons:
-            skeletons[training] = _skeleton(self._model, training)  # reads the model only: no lock needed
+            skeletons[training] = skeleton(self._model, training)  # reads the model only: no lock needed
         return skeletons[training]
 
     # -- the call ------------------------------------------------------------------------------------------
