@@ -9,14 +9,27 @@ The public API is what this module exports, plus the public submodules `optim`, 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import distributed, optim
+from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
-from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import (
+    ConfigTypeError,
+    CordaConfig,
+    EvaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+)
 from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .corda import preprocess_corda
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
+from .loraga import preprocess_loraga
 from .merge import merge, merge_and_unload, unmerge
 from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
@@ -30,6 +43,17 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "CordaConfig",
+    "EvaConfig",
+    "LoftQConfig",
+    "LoraGAConfig",
+    "corda",
+    "eva",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "loraga",
+    "preprocess_corda",
+    "preprocess_loraga",
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._capture import detached_params, hooked_forward, linear_targets
-from .config import LoraConfig
+from .config import CordaConfig, LoraConfig
 from .methods._patterns import rank_and_alpha
 
 
@@ -40,6 +40,13 @@ class CordaEigens:
 def _as_linear(module: nn.Module) -> torch.Tensor:
     w: Any = module.weight
     return w.detach().float().T if type(module).__name__ == "Conv1D" else w.detach().float()
+
+
+def _corda_config(config: Any) -> CordaConfig:
+    cfg = getattr(config, "corda_config", None)
+    if not isinstance(config, LoraConfig) or not isinstance(cfg, CordaConfig):
+        raise ValueError("CorDA needs a funcpeft.LoraConfig with init_lora_weights='corda' (which sets its corda_config).")
+    return cfg
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -63,7 +70,7 @@ def covariances(
 ) -> dict[str, torch.Tensor]:
     """`{path: (in, in) mean input covariance}` of the targeted layers (PEFT's `calib_cov_distribution`)."""
     targets = linear_targets(model, config)
-    half = config.corda_config.use_float16_for_covariance if config.corda_config is not None else False
+    half = _corda_config(config).use_float16_for_covariance
     hooked = model if hooked_model is None else hooked_model
     hooked_targets = linear_targets(hooked, config)
     sums: dict[str, Any] = {}
@@ -145,15 +152,13 @@ def preprocess_corda(
             cache_file or covariance_file already exists.
         hooked_model: another model to take the layer inputs from (PEFT's argument of that name).
     """
-    if not isinstance(lora_config, LoraConfig) or lora_config.corda_config is None:
-        raise ValueError("preprocess_corda needs a funcpeft.LoraConfig with init_lora_weights='corda' (and its corda_config).")
-    cfg = lora_config.corda_config
+    cfg = _corda_config(lora_config)
     targets = linear_targets(model, lora_config)
     device = _device(model)
-    if _exists(cfg.cache_file):
+    if cfg.cache_file is not None and _exists(cfg.cache_file):
         cache = torch.load(cfg.cache_file, map_location=device, weights_only=True)
         return {p: CordaEigens(*(cache[f"{p}.eigens.{k}"] for k in ("S_WC", "U_WC", "V_WC"))) for p in targets}
-    if _exists(cfg.covariance_file):
+    if cfg.covariance_file is not None and _exists(cfg.covariance_file):
         loaded = torch.load(cfg.covariance_file, map_location=device, weights_only=True)
         covs = {p: loaded[p] for p in targets}
     else:

@@ -35,8 +35,9 @@ def estimate_gradients(
             "Please ensure your model contains at least one of these layer types in target_modules."
         )
     # one leaf per parameter object: tied names share it, so their gradients add up as on PEFT's shared weight
-    leaves = {p: module.weight.detach().requires_grad_(True) for p, module in targets.items()}
-    by_id = {id(module.weight): leaves[p] for p, module in targets.items()}
+    weights: dict[str, torch.Tensor] = {p: module.weight for p, module in targets.items()}  # type: ignore[misc]
+    leaves = {p: w.detach().requires_grad_(True) for p, w in weights.items()}
+    by_id = {id(w): leaves[p] for p, w in weights.items()}
     params = {n: by_id.get(id(t), t.detach()) for n, t in model.named_parameters(remove_duplicate=False)}
     counts = dict.fromkeys(targets, 0)
 
