@@ -21,6 +21,7 @@ from ._names import Names
 from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
+from .conversion import convert_mutated_init
 from .counting import count_parameters, format_trainable
 from .functional import PeftFunction
 from .io import save_adapter
@@ -112,16 +113,30 @@ class FunctionalPeftModel:
         """Print PEFT's line: `trainable params: N || all params: M || trainable%: P` (4 decimals)."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
-    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
-        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter)."""
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], adapter_params: Any = None, *,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None, **kwargs: Any,
+    ) -> str:
+        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter).
+
+        path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
+        get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
+        the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
+        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT.
+        """
         if adapter_params is None:
             raise TypeError(
                 "save_pretrained(directory, adapter_params): pass the trained tree to save. funcpeft never updates "
                 "pm.adapter, which is the tree get_peft_model initialised: saving it after training would silently "
                 "write the untrained adapter."
             )
+        config = self.peft_config[self.adapter_name]
+        if path_initial_model_for_weight_conversion is not None:
+            self.fn.check_tree(self.adapter_name, adapter_params, self.base)
+            tree, plain = convert_mutated_init(adapter_params, config, path_initial_model_for_weight_conversion, self.model)
+            return save_adapter(directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs)
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
-        return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+        return save_adapter(directory, adapter_params, config, self.adapter_name, **kwargs)
 
     def merge_and_unload(self, adapter_params: Any) -> nn.Module:
         """A new plain model with `adapter_params` merged in (see funcpeft.merge); the original model is untouched."""
