@@ -235,8 +235,15 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
 def from_pretrained(
     model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, *,
     autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
+
+    Like PEFT, loading runs the config's `init_lora_weights` on the base weights: an adapter saved with
+    "pissa", "olora" or "loftq" gets `base` = the residual / quantised weights of `model` (PEFT's advice: save
+    such adapters converted, see `save_pretrained(path_initial_model_for_weight_conversion=...)`, or with
+    init_lora_weights=True and the residual model); "corda" needs `init_data` (preprocess_corda's result,
+    PEFT raises without it); "lora_ga" without `init_data` leaves the weights as they are (PEFT's fallback).
 
     `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
     trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
@@ -254,8 +261,14 @@ def from_pretrained(
         strict=strict, allow_pickle=allow_pickle, root_fallback=True,
     )
     base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
+    # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
+    # (None for every layer: no data, PEFT's loading fallback where there is one)
+    data = init_data if init_data is not None else {p: None for p, e in loaded.plan.items() if e.spec is not None}
+    if any(e.spec is not None and e.method.init_from_weight is not None for e in loaded.plan.values()):
+        _, changed = init_adapter_and_weights(model, loaded.plan, autocast_adapter_dtype, None, False, data)
+        _write_weights(base, Names(fn.aliases), changed)
+    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
 
 
