@@ -597,3 +597,49 @@ def test_init_data_for_unknown_modules_is_refused() -> None:
         eigens = funcpeft.preprocess_corda(model, config, _run)
     with _quiet(), pytest.raises(ValueError, match="does not adapt"):
         funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights="corda"), init_data=eigens)
+
+
+# -- training: outputs and gradients on the new base weights ---------------------------------------------------
+TRAIN = [("llama", "pissa", {}), ("llama", "olora", {}), ("llama", "orthogonal", {}), ("gpt2", "pissa_niter_2", {}),
+         ("llama", "pissa", {"use_dora": True}), ("llama", "loftq", {"loftq_config": {"loftq_bits": 4, "loftq_iter": 2}})]
+
+
+@pytest.mark.parametrize(("kind", "init", "extra"), TRAIN, ids=[f"{k}-{i}-{'-'.join(e) or 'plain'}" for k, i, e in TRAIN])
+def test_trained_loss_and_gradients_equal_peft(monkeypatch: pytest.MonkeyPatch, kind: str, init: str, extra: dict[str, Any]) -> None:
+    """A moved adapter on pm.base: loss and every adapter gradient equal PEFT's on its mutated layers."""
+    if init == "loftq":
+        _peft_loftq_on_cpu(monkeypatch, real_bnb=False)
+    pm, twin, model, snap = _pair(kind, dict(r=4, lora_alpha=8, target_modules=TARGETS[kind], init_lora_weights=init, **extra))
+    plan = pm.plans["default"]
+    trained = {p: {k: v.requires_grad_(True) for k, v in e.items()} for p, e in _trained(pm.adapter, seed=5).items()}
+    T.copy_into_peft(twin, trained, plan)
+    ids = BATCHES[2]
+    loss = pm.fn(pm.base, trained, input_ids=ids, labels=ids).loss
+    loss.backward()
+    twin.eval()
+    want = twin(input_ids=ids, labels=ids).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=TOL, rtol=0)
+    theirs = T.peft_grads(twin, trained, plan)
+    for path, entry in trained.items():
+        for key, leaf in entry.items():
+            assert leaf.grad is not None and theirs[path][key] is not None, f"{path}.{key}: no gradient"
+            torch.testing.assert_close(leaf.grad, theirs[path][key], atol=1e-5, rtol=1e-4, msg=f"{path}.{key}")
+    assert all(not t.requires_grad or t.grad is None for t in pm.base.values()), "gradients reached the base tree"
+    assert_unchanged(model, snap)
+
+
+def test_peft_saved_olora_adapter_loads_in_funcpeft(tmp_path: Any) -> None:
+    """PEFT's file (init_lora_weights='olora' saved unconverted): funcpeft re-derives the same residual and outputs."""
+    pm, twin, model, snap = _pair("llama", dict(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights="olora"))
+    T.copy_into_peft(twin, _trained(pm.adapter, seed=9), pm.plans["default"])
+    twin.save_pretrained(str(tmp_path))
+    with _quiet():
+        theirs = type(twin).from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    ours = funcpeft.from_pretrained(model, tmp_path)
+    for name, w in _peft_layer_weights(theirs).items():
+        torch.testing.assert_close(ours.base[name], w, atol=TOL, rtol=0, msg=name)
+    ids = BATCHES[3]
+    with torch.no_grad():
+        torch.testing.assert_close(ours.fn(ours.base, ours.adapter, input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert_unchanged(model, snap)
