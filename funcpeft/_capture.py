@@ -1,7 +1,7 @@
 """Running a model with hooks on some of its layers, for data-driven inits (CorDA, LoRA-GA, EVA), without touching it.
 
 PEFT registers hooks on the user's model, switches its mode and accumulates gradients into its weights. Here
-the hooks live on a private skeleton of the module tree (funcpeft.functional.skeleton), the parameters are
+the hooks live on a private deep copy of the module tree (`skeleton` below), the parameters are
 passed functionally (detached: nothing reaches the model's `.grad`), and buffers are copies (a BatchNorm in
 train mode updates the copies, not the model's running statistics).
 """
@@ -9,6 +9,7 @@ train mode updates the copies, not the model's running statistics).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -16,10 +17,19 @@ import torch
 from torch import nn
 
 from ._targeting import find_targets, layer_kind, resolve_config
-from .functional import skeleton
 from .methods.base import LayerKind
 
 Hook = Callable[..., Any]
+
+
+def skeleton(model: nn.Module, training: bool) -> nn.Module:
+    """A copy of `model`'s module tree sharing every parameter and buffer (no weight is copied), in train or
+    eval mode: hooks and mode changes on it never reach the model."""
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    skel = copy.deepcopy(model, memo)
+    skel.train(training)
+    return skel
 
 
 @contextlib.contextmanager

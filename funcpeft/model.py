@@ -28,6 +28,7 @@ from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
 from .methods import method_for
+from .methods.lora_init import changes_base
 from .trees import AdapterTree, BaseTree, tree_numel
 
 
@@ -55,7 +56,7 @@ class FunctionalPeftModel:
 
     def __repr__(self) -> str:
         configs = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in self.peft_config.items())
-        layers = sum(e.spec is not None for e in self.plans[self.adapter_name].values())
+        layers = sum(e.spec is not None or e.copied_by is not None for e in self.plans[self.adapter_name].values())
         return (
             f"FunctionalPeftModel({type(self.model).__name__}, adapters={{{configs}}}, active={self.adapter_name!r}, "
             f"{layers} adapted layers, {tree_numel(self.adapter):,} adapter values, {len(self.base)} base tensors"
@@ -86,7 +87,8 @@ class FunctionalPeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
-        resolved, plan = plan_adapter(self.model, peft_config)
+        resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
+        _check_nesting(plan, self.plans)
         names = Names(self.fn.aliases)
         weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
         trainable = not getattr(resolved, "inference_mode", False)
@@ -200,7 +202,7 @@ def get_peft_model(
     check_adapter_name(adapter_name)
     if mixed:
         _check_combinable(peft_config, None, mixed)
-    resolved, plan = plan_adapter(model, peft_config, revision)
+    resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     trainable = not getattr(resolved, "inference_mode", False)
     adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
     base = {n: p.detach() for n, p in model.named_parameters()}
@@ -230,6 +232,22 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
             f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
             "Pass mixed=True to get_peft_model to mix adapter types."
         )
+
+
+def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A method that cannot wrap another method's layer (`Method.nests`, PEFT's SHiRA) must be added first there."""
+    for path, entry in plan.items():
+        if entry.spec is None or entry.method.nests:
+            continue
+        below = [
+            (n, p[path].method.peft_type) for n, p in plans.items()
+            if (e := p.get(path)) is not None and e.spec is not None and e.method.peft_type != entry.method.peft_type
+        ]
+        if below:
+            raise ValueError(
+                f"{entry.method.peft_type} does not support nested base layers: {path!r} is already adapted by "
+                f"{below} (PEFT's rule); add the {entry.method.peft_type} adapter before the others on that layer"
+            )
 
 
 def from_pretrained(
@@ -264,9 +282,12 @@ def from_pretrained(
     fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
     # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
     # (None for every layer: no data, PEFT's loading fallback where there is one)
-    data = init_data if init_data is not None else {p: None for p, e in loaded.plan.items() if e.spec is not None}
-    if any(e.spec is not None and e.method.init_from_weight is not None for e in loaded.plan.values()):
-        _, changed = init_adapter_and_weights(model, loaded.plan, autocast_adapter_dtype, None, False, data)
+    # (only those layers: the others' random draws would be thrown away)
+    redo = {p: e for p, e in loaded.plan.items() if e.spec is not None and e.method.init_from_weight is not None
+            and changes_base(e.spec)}
+    if redo:
+        data = {p: None for p in redo} if init_data is None else init_data
+        _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
         _write_weights(base, Names(fn.aliases), changed)
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)

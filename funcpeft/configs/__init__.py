@@ -15,23 +15,45 @@ from ..config import (
     PeftType,
     TaskType,
 )
+from .boft import BOFTConfig
+from .c3a import C3AConfig
+from .fourierft import FourierFTConfig
+from .hra import HRAConfig
 from .ia3 import IA3Config
+from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .miss import MissConfig
+from .oft import OFTConfig
+from .randlora import RandLoraConfig
+from .shira import ShiraConfig
+from .trainable_tokens import TrainableTokensConfig
+from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "BOFTConfig",
+    "C3AConfig",
     "CordaConfig",
     "EvaConfig",
+    "FourierFTConfig",
+    "HRAConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
     "LycorisConfig",
+    "MissConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
+    "RandLoraConfig",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
+    "VBLoRAConfig",
     "VeraConfig",
 ]

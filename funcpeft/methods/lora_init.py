@@ -36,6 +36,14 @@ from ._loftq import loftq_init
 from .base import NO_INIT_DATA, LayerKind, LayerSpec, Params, Target, UnsupportedLayerError, WeightInit
 
 WEIGHT_INITS = ("eva", "pissa", "olora", "corda", "loftq", "orthogonal", "lora_ga")
+BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")  # inits that write a new base weight
+
+
+def changes_base(spec: LayerSpec[Any]) -> bool:
+    """Whether this layer's init replaces its base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA on a linear layer)."""
+    init = getattr(spec.hyper, "init", None)
+    return (init is not None and init_mode(init) in BASE_CHANGING
+            and spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF))
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
