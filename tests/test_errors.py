@@ -55,7 +55,7 @@ def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> 
     ("kwargs", "name"),
     [
         ({"layer_replication": [[0, 1]]}, "layer_replication"), ({"lora_bias": True}, "lora_bias"),
-        ({"init_lora_weights": "pissa"}, "pissa"), ({"use_qalora": True}, "use_qalora"),
+        ({"init_lora_weights": "mica"}, "mica"), ({"use_qalora": True}, "use_qalora"),
     ],
 )
 def test_unimplemented_options_are_not_implemented_errors(kwargs: dict[str, Any], name: str) -> None:
