@@ -9,9 +9,21 @@ The public API is what this module exports, plus the public submodules `optim`, 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import distributed, optim
+from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
-from .config import BdLoraConfig, ConfigTypeError, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import (
+    BdLoraConfig,
+    ConfigTypeError,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+)
 from .configs import (
     AdaLoraConfig,
     BOFTConfig,
@@ -30,11 +42,14 @@ from .configs import (
     VBLoRAConfig,
     VeraConfig,
 )
+from .corda import preprocess_corda
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
 from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
+from .loraga import preprocess_loraga
 from .merge import merge, merge_and_unload, unmerge
 from .methods.adalora_allocator import (
     RankAllocatorState,
@@ -56,6 +71,17 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
 
 __all__ = [
     "AdaLoraConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "LoftQConfig",
+    "LoraGAConfig",
+    "corda",
+    "eva",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "loraga",
+    "preprocess_corda",
+    "preprocess_loraga",
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",

@@ -32,6 +32,7 @@ from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import (
+    NO_INIT_DATA,
     ConvGeometry,
     EmbeddingGeometry,
     LayerKind,
@@ -40,6 +41,7 @@ from .methods.base import (
     Params,
     Target,
     UnsupportedLayerError,
+    WeightInit,
 )
 from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
@@ -352,19 +354,28 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
 
 
 def fresh_method_params(
-    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
-) -> Params:
-    """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight)."""
+    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype,
+    data: Any = NO_INIT_DATA,
+) -> WeightInit:
+    """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
+    new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
+
+    data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
+    """
     assert entry.spec is not None
     method = entry.method
     if weight.device.type == "meta":
-        return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
+        return WeightInit({k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()})
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
     via = weight.dtype if weight.dtype.is_floating_point else dtype
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
-    if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, weight.detach())
-    return fresh
+    new_weight = None
+    if method.init_from_weight is not None:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... (may replace the weight)
+        done = method.init_from_weight(entry.spec, fresh, weight.detach(), data, generator)
+        fresh, new_weight = done.params, done.weight
+    if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
+        fresh = method.finish_init(entry.spec, fresh, (weight if new_weight is None else new_weight).detach())
+    return WeightInit(fresh, new_weight)
 
 
 def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
@@ -389,26 +400,51 @@ def init_adapter(
     model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
     trainable: bool = True,
 ) -> dict[str, Params]:
-    """A fresh adapter tree for `plan`: method params from their init, overrides cloned from the model.
+    """A fresh adapter tree for `plan` (see `init_adapter_and_weights`; new base weights are dropped)."""
+    return init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable)[0]
 
-    Each leaf is a new leaf tensor with requires_grad=`trainable` (False for a config with
-    inference_mode=True, like PEFT; trainable biases stay trainable, as in PEFT), on its layer's device;
-    fp16/bf16 method params are float32 when `autocast_adapter_dtype` (PEFT's rule). On a meta-device
-    model leaves are meta tensors.
+
+def init_adapter_and_weights(
+    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
+    trainable: bool = True, init_data: Mapping[str, Any] | None = None, weights: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, Params], dict[str, torch.Tensor]]:
+    """A fresh adapter tree for `plan`, and `{module path: new base weight}` for layers whose init changes it.
+
+    Method params come from their init, overrides are cloned from the model. Each leaf is a new leaf tensor
+    with requires_grad=`trainable` (False for a config with inference_mode=True, like PEFT; trainable biases
+    stay trainable, as in PEFT), on its layer's device; fp16/bf16 method params are float32 when
+    `autocast_adapter_dtype` (PEFT's rule). On a meta-device model leaves are meta tensors.
+    init_data: `{module path: data}` for inits that need it (funcpeft.corda, funcpeft.loraga); weights:
+    `{module path: base weight}` to initialise from instead of the model's (a `base` already changed by an
+    earlier adapter's init, as PEFT's second adapter sees it).
     """
+    if init_data is not None:
+        unknown = sorted(set(init_data) - {p for p, e in plan.items() if e.spec is not None})
+        if unknown:
+            raise ValueError(
+                f"init_data has entries for modules this adapter does not adapt: {unknown[:5]} (adapted: "
+                f"{sorted(p for p, e in plan.items() if e.spec is not None)[:5]}...); was it computed for another "
+                "config or model?"
+            )
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
+    changed: dict[str, torch.Tensor] = {}
     shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
             w = getattr(modules[path], entry.spec.kind.weight_name)
+            w = weights.get(path, w) if weights is not None else w
+            data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            out.update(fresh_method_params(entry, w, generator, dtype))
+            done = fresh_method_params(entry, w, generator, dtype, data)
+            out.update(done.params)
+            if done.weight is not None:
+                changed[path] = done.weight
         for pname in entry.overrides:
             out[pname] = params[f"{path}.{pname}"].detach().clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
@@ -420,7 +456,7 @@ def init_adapter(
             assert draw is not None
             shared = _fresh(draw.init, owner, torch.empty(()), generator, torch.float32)
         tree[SHARED_PATH] = {k: v.requires_grad_(trainable) for k, v in shared.items()}
-    return tree
+    return tree, changed
 
 
 def _fresh(

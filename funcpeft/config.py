@@ -262,6 +262,128 @@ class PeftConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# -- LoRA init sub-configs (peft/tuners/lora/config.py): same names, fields, defaults and checks ---------------
+@dataclass
+class LoftQConfig:
+    """PEFT's `LoftQConfig`: quantisation bits (4: NF4, 8: int8) and alternating iterations."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's `EvaConfig` (Explained Variance Adaptation; see funcpeft.eva)."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
+
+
+@dataclass
+class CordaConfig:
+    """PEFT's `CordaConfig` (see funcpeft.corda.preprocess_corda)."""
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.corda_method not in ("ipm", "kpm"):  # PEFT raises this in preprocess_corda; here at once
+            raise ValueError(f"Invalid corda_method found: {self.corda_method}, it should be 'ipm' or 'kpm'.")
+
+
+@dataclass
+class LoraGAConfig:
+    """PEFT's `LoraGAConfig` (see funcpeft.loraga.preprocess_loraga)."""
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        # PEFT leaves these unchecked (an unknown value fails later with a NameError in lora_ga_init)
+        if self.direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ValueError(f"`direction` must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', got {self.direction!r}")
+        if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ValueError(f"`scale` must be 'stable', 'weight_svd', 'gd_scale' or 'unit', got {self.scale!r}")
+
+
+_SUB_CONFIGS: dict[str, type] = {"eva_config": EvaConfig, "corda_config": CordaConfig, "lora_ga_config": LoraGAConfig}
+
+
+def _sub_config(owner: str, name: str, value: Any, cls: type) -> Any:
+    """PEFT's `_get_lora_subconfig`: None, an instance, or a dict (as loaded from adapter_config.json)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in value.items() if k in known})
+    raise TypeError(f"{owner}.{name}: `{cls.__name__}` must be a `{cls.__name__}`, a dict, or None, got {value!r}")
+
+
+# init_lora_weights values: True/False and these strings ("pissa_niter_<K>" too)
+INIT_LORA_WEIGHTS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga")
+# inits that change the base weights (PiSSA, OLoRA, CorDA, LoRA-GA): their adapters convert to plain LoRA on save
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
+def normalize_init(value: Any) -> bool | str:
+    """`init_lora_weights` as funcpeft handles it: True/False, one of INIT_LORA_WEIGHTS or 'pissa_niter_<K>'.
+
+    PEFT compares 'olora' and 'gaussian' case-insensitively (so 'OLoRA' is OLoRA); other values are exact.
+    """
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"`init_lora_weights` must be True, False or a str, got {value!r}")
+    low = value.lower()
+    if low in ("olora", "gaussian"):
+        return value
+    if value in INIT_LORA_WEIGHTS:
+        return value
+    if value.startswith("pissa_niter_"):
+        niter = value[len("pissa_niter_"):]
+        if niter.isdigit():
+            return value
+        raise ValueError(
+            f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]' with a non-negative integer "
+            f"number of iterations, got {value!r}"
+        )
+    if value == "mica":  # a LoRA variant (funcpeft.methods.mica)
+        return value
+    close = difflib.get_close_matches(value, [*INIT_LORA_WEIGHTS, "pissa_niter_16"], n=2)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"Unknown initialization init_lora_weights={value!r}: expected True, False, 'gaussian', 'eva', 'olora', "
+        f"'pissa', 'pissa_niter_[number of iters]', 'corda', 'loftq', 'orthogonal' or 'lora_ga'.{hint}"
+    )
+
+
+def init_mode(value: bool | str) -> bool | str:
+    """The init family of a normalized `init_lora_weights`: 'pissa_niter_4' -> 'pissa', 'OLoRA' -> 'olora'."""
+    if isinstance(value, bool):
+        return value
+    if value.startswith("pissa"):
+        return "pissa"
+    return value.lower() if value.lower() in ("olora", "gaussian") else value
+
+
 @dataclass
 class KasaConfig:
     """PEFT's `KasaConfig` (KaSA, `LoraConfig(kasa_config=...)`): the regulariser weights of `kasa_loss`.
@@ -307,7 +429,7 @@ class BdLoraConfig:
             raise ValueError(f"`nblocks` must be a positive integer, got {self.nblocks}")
 
 
-def _sub_config(config: Any, name: str, cls: Any) -> None:
+def _sub_config_dict(config: Any, name: str, cls: Any) -> None:
     """A nested sub-config as the dict PEFT saves (`dataclasses.asdict`), from an instance or a dict (PEFT's
     `_get_lora_subconfig`, which drops keys the class does not know: funcpeft warns about them, with close matches)."""
     value = getattr(config, name)
@@ -346,11 +468,12 @@ class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
 
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
-    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"/"mica"),
-    layers_to_transform, layers_pattern, rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its
-    dict), use_bdlora (a `BdLoraConfig` or its dict), ensure_weight_tying, task_type, base_model_name_or_path,
-    revision, inference_mode. Every other field must keep its default: a non-default value raises
-    NotImplementedError naming the field. Nested sub-configs are stored as the dicts PEFT writes.
+    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (all of PEFT's: True/False/
+    "gaussian"/"mica"/PiSSA/OLoRA/orthogonal/LoftQ/EVA/CorDA/LoRA-GA), layers_to_transform, layers_pattern,
+    rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its dict), use_bdlora (a `BdLoraConfig`
+    or its dict), ensure_weight_tying, task_type, base_model_name_or_path, revision, inference_mode. Every other
+    field must keep its default: a non-default value raises NotImplementedError naming the field. Nested
+    sub-configs are stored as the dicts PEFT writes.
     """
 
     r: int = 8
@@ -370,10 +493,10 @@ class LoraConfig(PeftConfig):
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict | None = None
-    loftq_config: dict = field(default_factory=dict)
-    eva_config: dict | None = None
-    corda_config: dict | None = None
-    lora_ga_config: dict | None = None
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    eva_config: EvaConfig | dict | None = None
+    corda_config: CordaConfig | dict | None = None
+    lora_ga_config: LoraGAConfig | dict | None = None
     use_dora: bool = False
     velora_config: dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -393,10 +516,6 @@ class LoraConfig(PeftConfig):
     _unimplemented: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
         "trainable_token_indices": None,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
         "velora_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
@@ -408,21 +527,18 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
-        _sub_config(self, "kasa_config", KasaConfig)
-        _sub_config(self, "use_bdlora", BdLoraConfig)
+        _sub_config_dict(self, "kasa_config", KasaConfig)
+        _sub_config_dict(self, "use_bdlora", BdLoraConfig)
         super().__post_init__()
         check_rank(self)
         check_probability(self, "lora_dropout")
         check_module_names(self, "target_modules", "exclude_modules")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian", "mica"):
-            if isinstance(self.init_lora_weights, str):
-                raise NotImplementedError(
-                    f"init_lora_weights={self.init_lora_weights!r} is not implemented in funcpeft yet "
-                    "(supported: True, False, 'gaussian', 'mica')."
-                )
-            raise ValueError(f"`init_lora_weights` must be True, False or a str, got {self.init_lora_weights!r}")
+        self.init_lora_weights = normalize_init(self.init_lora_weights)
+        for name, cls in _SUB_CONFIGS.items():
+            setattr(self, name, _sub_config(type(self).__name__, name, getattr(self, name), cls))
+        self._check_init_sub_configs()
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -473,6 +589,51 @@ class LoraConfig(PeftConfig):
                     "adapter it adds, so the base each adapter sees depends on the order they were added; funcpeft "
                     "supports one KaSA adapter per model (stack several trees of one adapter for ensembles instead)."
                 )
+
+
+    def _check_init_sub_configs(self) -> None:
+        """PEFT's rules for init_lora_weights and its sub-configs (one `elif` chain, warnings included)."""
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dict(vars(self.loftq_config))
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits not in (4, 8):  # PEFT raises these in loftq_init, at get_peft_model time
+                raise ValueError(f"Only nf4 and int8 quantization is supported (loftq_bits 4 or 8), got {bits!r}")
+            if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+                raise ValueError(f"Number of iterations must be greater than 0 (loftq_iter), got {iters!r}")
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=4)
+        elif self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.", stacklevel=4)
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.", stacklevel=4)
+        elif self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn(
+                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.", stacklevel=4
+            )
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.", stacklevel=4)
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and init_mode(self.init_lora_weights) in MUTATING_INITS:
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or rank_pattern/alpha_pattern.",
+                stacklevel=4,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict: sub-configs become dicts (PEFT's `asdict`)."""
+        out = super().to_dict()
+        for name in _SUB_CONFIGS:
+            if dataclasses.is_dataclass(out.get(name)):
+                out[name] = dataclasses.asdict(out[name])
+        return out
 
 
 # -- checks shared by the configs (PEFT's __post_init__ rules; lists become sets) -----------------------------
@@ -533,4 +694,5 @@ def validated_init(cls: type) -> type:
     return cls
 
 
-validated_init(LoraConfig)
+for _cls in (LoraConfig, LoftQConfig, EvaConfig, CordaConfig, LoraGAConfig):
+    validated_init(_cls)

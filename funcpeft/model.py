@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
+from ._names import Names
+from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
+from .conversion import convert_mutated_init
 from .counting import count_parameters, format_trainable
 from .functional import PeftFunction
 from .generation import generate
@@ -27,6 +29,7 @@ from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
 from .methods import method_for
+from .methods.lora_init import changes_base
 from .trees import AdapterTree, BaseTree, tree_numel
 
 
@@ -73,9 +76,14 @@ class FunctionalPeftModel:
         return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None
+        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None, *,
+        init_data: Mapping[str, Any] | None = None,
     ) -> AdapterTree:
-        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree."""
+        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree.
+
+        An init that changes base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) reads them from `self.base` (as
+        PEFT's second adapter sees the first one's changes) and replaces them in `self.base` (new tensors).
+        """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
@@ -83,10 +91,17 @@ class FunctionalPeftModel:
         peft_config.check_new_adapter_config(self.peft_config)
         resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
         _check_nesting(plan, self.plans)
+        names = Names(self.fn.aliases)
+        weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
+        trainable = not getattr(resolved, "inference_mode", False)
+        tree, changed = init_adapter_and_weights(
+            self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights
+        )
         self.base.update(init_shared(self.model, plan))
+        _write_weights(self.base, names, changed)
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
-        return self.init_adapter(adapter_name, generator)
+        return tree
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -102,16 +117,30 @@ class FunctionalPeftModel:
         """Print PEFT's line: `trainable params: N || all params: M || trainable%: P` (4 decimals)."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
-    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
-        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter)."""
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], adapter_params: Any = None, *,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None, **kwargs: Any,
+    ) -> str:
+        """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter).
+
+        path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
+        get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
+        the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
+        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT.
+        """
         if adapter_params is None:
             raise TypeError(
                 "save_pretrained(directory, adapter_params): pass the trained tree to save. funcpeft never updates "
                 "pm.adapter, which is the tree get_peft_model initialised: saving it after training would silently "
                 "write the untrained adapter."
             )
+        config = self.peft_config[self.adapter_name]
+        if path_initial_model_for_weight_conversion is not None:
+            self.fn.check_tree(self.adapter_name, adapter_params, self.base)
+            tree, plain = convert_mutated_init(adapter_params, config, path_initial_model_for_weight_conversion, self.model)
+            return save_adapter(directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs)
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
-        return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+        return save_adapter(directory, adapter_params, config, self.adapter_name, **kwargs)
 
     def generate(self, base: BaseTree, adapter: Any, **kwargs: Any) -> Any:
         """PEFT's `peft_model.generate(...)` with `adapter` applied (see `funcpeft.generate`; `rng=` for sampling)."""
@@ -142,6 +171,7 @@ def get_peft_model(
     revision: str | None = None,
     *,
     generator: torch.Generator | None = None,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `get_peft_model`, functionally: returns `(fn, base, adapter)` (as a FunctionalPeftModel).
 
@@ -158,10 +188,14 @@ def get_peft_model(
         revision: recorded in the config, like PEFT.
         generator: a `torch.Generator` for the adapter init (default: the global RNG, so `torch.manual_seed`
             makes it reproducible, with the same draws as PEFT).
+        init_data: `{module path: data}` for data-driven inits: CorDA's eigens (`funcpeft.corda.preprocess_corda`),
+            LoRA-GA's gradients (`funcpeft.loraga.preprocess_loraga`). PEFT attaches these to the modules instead.
 
     Returns:
         A `FunctionalPeftModel`; `fn, base, adapter = pm`. base: `{name: Tensor}` sharing the model's storage;
         adapter: `{module_path: {leaf name: Tensor}}`, e.g. lora_A (r, in) and lora_B (out, r) per layer.
+        Inits that change base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: PEFT writes them into the model) put
+        new tensors into `base` under those weights' names; the model and its tensors are untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -175,11 +209,19 @@ def get_peft_model(
     if mixed:
         _check_combinable(peft_config, None, mixed)
     resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
-    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
+    trainable = not getattr(resolved, "inference_mode", False)
+    adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed)
+    _write_weights(base, Names(fn.aliases), changed)
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+
+
+def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor]) -> None:
+    """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
+    for path, weight in changed.items():
+        names.write_shared(base, f"{path}.weight", weight)
 
 
 def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool) -> None:
@@ -217,8 +259,15 @@ def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
 def from_pretrained(
     model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, *,
     autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
+
+    Like PEFT, loading runs the config's `init_lora_weights` on the base weights: an adapter saved with
+    "pissa", "olora" or "loftq" gets `base` = the residual / quantised weights of `model` (PEFT's advice: save
+    such adapters converted, see `save_pretrained(path_initial_model_for_weight_conversion=...)`, or with
+    init_lora_weights=True and the residual model); "corda" needs `init_data` (preprocess_corda's result,
+    PEFT raises without it); "lora_ga" without `init_data` leaves the weights as they are (PEFT's fallback).
 
     `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
     trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
@@ -236,8 +285,17 @@ def from_pretrained(
         strict=strict, allow_pickle=allow_pickle, root_fallback=True,
     )
     base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name)
+    # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
+    # (None for every layer: no data, PEFT's loading fallback where there is one)
+    # (only those layers: the others' random draws would be thrown away)
+    redo = {p: e for p, e in loaded.plan.items() if e.spec is not None and e.method.init_from_weight is not None
+            and changes_base(e.spec)}
+    if redo:
+        data = {p: None for p in redo} if init_data is None else init_data
+        _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
+        _write_weights(base, Names(fn.aliases), changed)
+    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
 
 

@@ -4,7 +4,19 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import PEFT_VERSION, BdLoraConfig, KasaConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from ..config import (
+    PEFT_VERSION,
+    BdLoraConfig,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+)
 from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
@@ -27,6 +39,8 @@ __all__ = [
     "AdaLoraConfig",
     "BOFTConfig",
     "C3AConfig",
+    "CordaConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
@@ -34,7 +48,9 @@ __all__ = [
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "LycorisConfig",
     "MissConfig",
     "OFTConfig",

@@ -192,6 +192,35 @@ class FinishInitFn(Protocol):
         """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it."""
 
 
+class _NoInitData:
+    def __repr__(self) -> str:
+        return "NO_INIT_DATA"
+
+
+NO_INIT_DATA: Any = _NoInitData()  # what `init_from_weight` gets for a layer `init_data` has no entry for
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """What `Method.init_from_weight` returns for one layer.
+
+    params: the layer's fresh parameters; weight: its new base weight (same shape, layout, dtype and device as
+    the old one) for inits that change it (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), None when it is unchanged.
+    """
+
+    params: Params
+    weight: torch.Tensor | None = None
+
+
+class InitFromWeightFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None, /
+    ) -> WeightInit:
+        """Init that reads the base weight and per-layer data: `params` is `init`'s result (on the weight's
+        device), `weight` the current base weight (detached; never modify it), `data` the layer's entry of the
+        `init_data` given to get_peft_model (`NO_INIT_DATA` when there is none)."""
+
+
 class ForwardFn(Protocol):
     def __call__(
         self, spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext, /
@@ -413,6 +442,9 @@ class Method:
       for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     frozen_count: values PEFT registers per layer as frozen parameters that funcpeft keeps as constants of
       the spec (AdaLoRA's `ranknum`): counted in "all params" like PEFT's.
+    init_from_weight: init from the base weight and per-layer data (get_peft_model's `init_data`), which may
+      also replace the layer's base weight (the new weight goes into `base`; the model is untouched); it runs
+      after `init` and before `finish_init`, which then sees the new weight.
     """
 
     name: str
@@ -424,6 +456,7 @@ class Method:
     delta_weight: DeltaWeightFn | None = None
     accepts: Callable[[Any], bool] = _always
     finish_init: FinishInitFn | None = None
+    init_from_weight: InitFromWeightFn | None = None
     uses_result: Callable[[LayerSpec[Any]], bool] = _always
     forward_per_example: ForwardPerExampleFn | None = None
     merge: MergeHooks = field(default_factory=MergeHooks)

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import init_mode
 from ..configs import LoraConfig
+from . import lora_init
 from ._layers import conv_op, embed
 from ._patterns import rank_and_alpha
 from ._registry import register
@@ -55,6 +57,7 @@ class LoraHyper:
     init: bool | str  # init_lora_weights
     lora_bias: bool = False  # lora_B has a bias (LoraConfig.lora_bias)
     mha_out_proj: bool = False  # the out_proj of a targeted nn.MultiheadAttention: only used through it
+    init_args: tuple[Any, ...] = ()  # the init's own settings (funcpeft.methods.lora_init.init_args)
 
 
 Spec = LayerSpec[LoraHyper]
@@ -96,12 +99,16 @@ def hyper(config: Any, target: Target) -> LoraHyper:
                 "Currently, support is limited to conv layers where the rank is divisible by groups. Either choose a "
                 "different rank or do not target this specific layer."
             )
+    lora_init.check_target(config.init_lora_weights, r, target)
     scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
     if mha_out_proj:
         scaling *= 2  # PEFT merges out_proj's delta twice (module docstring)
     merged_only = target.kind in (LayerKind.EMBEDDING, LayerKind.MHA) or mha_out_proj
     dropout = 0.0 if merged_only else float(config.lora_dropout)
-    return LoraHyper(r, scaling, dropout, config.init_lora_weights, lora_bias, mha_out_proj)
+    return LoraHyper(
+        r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights, lora_bias=lora_bias,
+        mha_out_proj=mha_out_proj, init_args=lora_init.init_args(config),
+    )
 
 
 def param_names(spec: LayerSpec[Any]) -> tuple[str, ...]:
@@ -125,13 +132,16 @@ def kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -
 
 
 def init(spec: Spec, generator: torch.Generator | None) -> Params:
-    """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (True, False or "gaussian").
+    """Fresh float32 CPU parameters following PEFT's `init_lora_weights` (see funcpeft.methods.lora_init for the
+    inits beyond True, False and "gaussian"; those that read the base weight finish in `init_from_weight`).
 
     lora_B_bias: zeros, or nn.Linear's / nn.ConvNd's default bias draw (U(+-1/sqrt(fan_in))) for False, drawn
     after lora_B as PEFT's nn.Linear(r, out, bias=True) does.
     """
     shape_a, shape_b = _shapes(spec)
     mode = spec.hyper.init
+    if spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and init_mode(mode) in lora_init.WEIGHT_INITS:
+        return lora_init.init(spec, generator)
     names = param_names(spec)
     if spec.kind is LayerKind.EMBEDDING:
         a = torch.randn(shape_a, generator=generator) if mode is False else torch.zeros(shape_a)
@@ -139,7 +149,7 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
         return dict(zip(names, (a, b)))
     if mode is False:
         a, b = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
-    elif mode == "gaussian":
+    elif init_mode(mode) == "gaussian":
         a, b = torch.randn(shape_a, generator=generator) / spec.hyper.r, torch.zeros(shape_b)
     else:
         a, b = kaiming_uniform(shape_a, generator), torch.zeros(shape_b)
@@ -262,6 +272,7 @@ LORA = register(
         forward_per_example=forward_per_example,
         merge=MERGE,
         keys=KEYS,
+        init_from_weight=lora_init.init_from_weight,
         mixed_compatible=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.MHA},
         tie=Tying(params=tie, on_request=True, counted=True),
