@@ -586,8 +586,7 @@ def test_config_errors() -> None:
         funcpeft.EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="direction"):
         funcpeft.LoraGAConfig(direction="AB")
-    with pytest.raises(NotImplementedError, match="MiCA"):
-        funcpeft.LoraConfig(init_lora_weights="mica")
+    assert funcpeft.LoraConfig(init_lora_weights="mica").requested_variants() == ("mica",)  # a variant (methods/mica.py)
 
 
 def test_init_data_for_unknown_modules_is_refused() -> None:
