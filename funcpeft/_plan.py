@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -112,12 +113,29 @@ def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> Non
             "target this module."
         )
     weight: Any = module.weight
+    if _is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                f"{what}: its weight is a DTensor shard (FSDP2 fully_shard), but torch.distributed has no initialized "
+                "process group: call torch.distributed.init_process_group first (see docs/distributed.md)"
+            )
+        weight = weight.to_local()
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
             "plain floating-point tensor (a quantised or otherwise wrapped layer); funcpeft does not support such "
             "layers yet. Do not target this module, or load the model unquantised."
         )
+
+
+def _is_dtensor(t: Any) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported wherever a DTensor exists
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard gathered whole (a collective: every rank plans the same modules in the same order); else `t`."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
@@ -191,7 +209,7 @@ def fresh_method_params(
     via = weight.dtype if weight.dtype.is_floating_point else dtype
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, weight.detach())
+        fresh = method.finish_init(entry.spec, fresh, _whole(weight.detach()))
     return fresh
 
 
@@ -225,7 +243,7 @@ def init_adapter(
             w = modules[path].weight
             out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
         for pname in entry.overrides:
-            out[pname] = params[f"{path}.{pname}"].detach().clone()
+            out[pname] = _whole(params[f"{path}.{pname}"].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
     return tree

@@ -16,6 +16,7 @@ never touched, and each thread gets its own skeleton, so concurrent calls cannot
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fsdp import ShardedModel, check_not_sharded
 from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
 from .methods.base import no_dropout
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
@@ -75,7 +77,9 @@ class PeftFunction:
         )
         self._model = model
         self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
-        self._main = {t: _skeleton(model, t) for t in (False, True)}
+        # a model sharded with FSDP2's fully_shard runs as itself, with no skeleton (funcpeft._fsdp)
+        self.sharded = ShardedModel.of(model)
+        self._main = {} if self.sharded is not None else {t: _skeleton(model, t) for t in (False, True)}
         self._local = threading.local()  # per-thread skeletons, freed with their thread
         self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
 
@@ -198,6 +202,11 @@ class PeftFunction:
             dropout, ctx = _Dropout(None), _seeded(dropout_rng)
         else:
             dropout, ctx = no_dropout, nullcontext()
+        if self.sharded is not None:
+            build = functools.partial(self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs))
+            replayable = not isinstance(dropout_rng, torch.Generator)
+            return self.sharded.call(build, base, args, kwargs, training, ctx, replayable)
+        check_not_sharded(self._model)
         params = self.build_params(base, adapter, dropout, (args, kwargs))
         skel = self._get_skeleton(training)
         with ctx:
