@@ -30,12 +30,13 @@ import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from .rng import CallRandomness, redirect
 from .weights import AdaptedWeight
 
 
@@ -202,12 +203,13 @@ class ShardedModel:
     # -- the call --------------------------------------------------------------------------------------------
     def call(
         self, build: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
-        args: tuple[Any, ...], kwargs: dict[str, Any], training: bool, ctx: AbstractContextManager[Any], replayable: bool,
+        args: tuple[Any, ...], kwargs: dict[str, Any], rng: CallRandomness | None, checkpoint: Callable[..., Any],
     ) -> Any:
         """`model(*args, **kwargs)` with the tensors `build(base)` returns (fn's build_params).
 
-        replayable: the call's random draws come from the global RNG, so a checkpointed layer's recompute
-        (which restores it) redraws the same dropout masks.
+        rng: the call's randomness (None: eval mode); checkpoint: `functional._checkpoint(model_func, rng,
+        function, *args, **kwargs)`, which a checkpointed layer's `_gradient_checkpointing_func` becomes (it
+        recomputes with the same dropout masks).
         """
         if torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling():
             raise NotImplementedError(
@@ -218,14 +220,14 @@ class ShardedModel:
         self.check_base(base)
         local = {k: local_tensor(v) for k, v in base.items()}
         params = build(local)
-        install = _Install(self, params, local, training, replayable)
+        install = _Install(self, params, local, rng, checkpoint)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 "funcpeft: another call is running on this sharded model (another thread?). FSDP keeps one gather "
                 "state per model: run one call at a time."
             )
         try:
-            with ctx, install.installed():
+            with redirect(rng) if rng is not None else nullcontext(), install.installed():
                 return self.model(*args, **kwargs)
         finally:
             self._lock.release()
@@ -251,10 +253,11 @@ class _Install:
     """One call's changes to the model (hooks, unmanaged slots, training flags, checkpoint functions), undoable."""
 
     def __init__(self, runner: ShardedModel, params: dict[str, torch.Tensor], local: Mapping[str, torch.Tensor],
-                 training: bool, replayable: bool):
+                 rng: CallRandomness | None, checkpoint: Callable[..., Any]):
         self.runner = runner
-        self.training = training
-        self.replayable = replayable
+        self.training = rng is not None
+        self.rng = rng
+        self.checkpoint = checkpoint
         self.active = False
         # module path -> [(param name, AdaptedWeight or override tensor)] applied after FSDP gathers
         self.late: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -344,15 +347,9 @@ class _Install:
 
     def _checkpoint(self, func: Callable[..., Any], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A layer's `_gradient_checkpointing_func` during the call: its recompute runs with the call's changes."""
-        if not self.replayable:
-            raise NotImplementedError(
-                "funcpeft: gradient checkpointing with a sharded base (FSDP2) needs dropout_rng=<int seed>: the "
-                "recompute must redraw the forward's dropout masks, which torch's checkpoint does from the global RNG "
-                "(a torch.Generator would draw new ones)"
-            )
 
         def run(*a: Any, **kw: Any) -> Any:
             with self.installed():
                 return function(*a, **kw)
 
-        return func(run, *args, **{**kwargs, "use_reentrant": False})
+        return self.checkpoint(func, self.rng, run, *args, **kwargs)

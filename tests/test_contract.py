@@ -62,6 +62,19 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("hra-llama", "hra", "tiny-llama", "HRAConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     ("hra-llama-gs", "hra", "tiny-llama", "HRAConfig", dict(r=3, apply_GS=True, init_weights=False, target_modules=["o_proj", "up_proj"])),
     ("hra-gpt2", "hra", "tiny-gpt2", "HRAConfig", dict(r=2, target_modules=["lm_head"])),
+    ("shira-llama", "shira", "tiny-llama", "ShiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # GPT-2's blocks are Conv1D, which PEFT's SHiRA refuses; its lm_head (tied to wte) is an nn.Linear
+    ("shira-gpt2-lm_head", "shira", "tiny-gpt2", "ShiraConfig", dict(r=4, target_modules=["lm_head"], random_seed=3)),
+    ("vblora-llama", "vblora", "tiny-llama", "VBLoRAConfig",
+     dict(r=4, vector_length=16, num_vectors=32, target_modules=["q_proj", "v_proj", "up_proj"])),
+    ("vblora-gpt2", "vblora", "tiny-gpt2", "VBLoRAConfig",
+     dict(r=2, vector_length=32, num_vectors=16, topk=3, target_modules=["c_attn", "c_fc"], bias="vblora_only")),
+    ("ln_tuning-llama", "ln_tuning", "tiny-llama", "LNTuningConfig", dict()),
+    ("ln_tuning-gpt2", "ln_tuning", "tiny-gpt2", "LNTuningConfig", dict()),
+    ("trainable_tokens-llama", "trainable_tokens", "tiny-llama", "TrainableTokensConfig", dict(token_indices=[12, 94, 3])),
+    ("trainable_tokens-llama-tied", "trainable_tokens", "tiny-llama-tied", "TrainableTokensConfig",
+     dict(token_indices=[3, 43, 95, 120])),
+    ("trainable_tokens-gpt2", "trainable_tokens", "tiny-gpt2", "TrainableTokensConfig", dict(token_indices=[15, 7])),
 ]
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
@@ -112,7 +125,7 @@ def test_row_functional_laws(row: tuple[str, str, str, str, dict[str, Any]]) -> 
     fn, base, fresh = pm
     with torch.no_grad():
         plain = _logits(model(**x))
-        no_op_init = row[1] != "dora" and not (row[1] == "lora" and "wte" in str(row[4]))
+        no_op_init = row[1] not in ("dora", "vblora") and not (row[1] == "lora" and "wte" in str(row[4]))
         if no_op_init and row[4].get("init_weights", True) is not False:  # their init is a no-op
             torch.testing.assert_close(_logits(fn(base, fresh, **x)), plain, atol=1e-6, rtol=0)
         trees = [_random_tree(fresh, s) for s in range(3)]

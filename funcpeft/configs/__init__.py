@@ -10,10 +10,14 @@ from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
+from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
 from .randlora import RandLoraConfig
+from .shira import ShiraConfig
+from .trainable_tokens import TrainableTokensConfig
+from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
@@ -32,6 +37,9 @@ __all__ = [
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
+    "VBLoRAConfig",
     "VeraConfig",
 ]

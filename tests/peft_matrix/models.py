@@ -452,6 +452,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 # funcpeft's own rows (tests/test_contract.py): tiny random transformers models, outputs compared on their logits
 TRANSFORMERS_MODELS: dict[str, Callable[[], nn.Module]] = {
     "tiny-llama": lambda: funcpeft.testing.tiny_llama().train(False),
+    "tiny-llama-tied": lambda: funcpeft.testing.tiny_llama(tie=True).train(False),  # lm_head tied to embed_tokens
     "tiny-gpt2": lambda: funcpeft.testing.tiny_gpt2().train(False),
     "tiny-bert-seq-cls": lambda: funcpeft.testing.tiny_bert_seq_cls().train(False),
 }
