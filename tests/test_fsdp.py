@@ -39,6 +39,8 @@ CONFIGS: dict[str, Callable[[], funcpeft.LoraConfig]] = {
     # DoRA reads the gathered weight in the forward and, at init, the whole weight (gathered)
     "dora": lambda: funcpeft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
 }
+# with gradient checkpointing: the recompute in backward must redraw the forward's adapter dropout masks
+GC_CONFIG = lambda: funcpeft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.25)  # noqa: E731
 
 
 def _model(checkpointing: bool = False) -> Any:
@@ -97,6 +99,19 @@ def _digest(directory: str) -> dict[str, Any]:
             "data": hashlib.sha256(raw[8 + n:]).hexdigest()}
 
 
+def _peft_twin(pm: Any, adapter: Any) -> Any:
+    """PEFT's model for CONFIGS["lora"] holding `adapter` (`pm`'s tree), sharded as shard_base does (its LoRA too)."""
+    import peft
+    from torch.distributed.fsdp import fully_shard
+
+    twin = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules="all-linear")).eval()
+    T.copy_into_peft(twin, adapter, pm.plans[pm.adapter_name])
+    for layer in twin.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(twin)
+    return twin
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -145,8 +160,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["wire"], res["gathered"] = wire, gathered
         res["after"] = [type(layer.input_layernorm.weight).__name__ for layer in layers]
 
-        # gradient checkpointing: each layer recomputed in backward, with the adapter
-        pm_gc = funcpeft.get_peft_model(D.shard_base(_model(checkpointing=True)), CONFIGS["lora"]())
+        # PEFT under the same FSDP2 sharding: its LoRA parameters sharded too, their gradients reduce-scattered (mean)
+        twin = _peft_twin(pms["lora"], _adapter(pms["lora"]))
+        out = twin(input_ids=ids, labels=ids)
+        out.loss.backward()
+        loss = out.loss.detach()
+        dist.all_reduce(loss)
+        res["peft/loss"] = loss / WORLD
+        grads = T.peft_grads(twin, _adapter(pms["lora"]), pms["lora"].plans[pms["lora"].adapter_name])
+        res["peft/grads"] = optree.tree_map(lambda g: g.full_tensor(), grads)
+
+        # gradient checkpointing with dropout: each layer recomputed in backward, with the adapter and the same masks
+        pm_gc = funcpeft.get_peft_model(D.shard_base(_model(checkpointing=True)), GC_CONFIG())
         calls: list[int] = []
         pm_gc.model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
         loss, grads = _loss_and_grads(pm_gc, _adapter(pm_gc), ids, seed=7)
@@ -222,7 +247,12 @@ def test_sharded_base_equals_one_process_on_the_full_batch() -> None:
     adapter = _adapter(pm)
     want = _train(pm, adapter, ids)
     assert max((a - b).abs().max().item() for a, b in zip(optree.tree_leaves(want), optree.tree_leaves(adapter))) > 1e-3
-    _, want_gc = _loss_and_grads(pm, adapter, ids, seed=7)
+    # checkpointing with dropout: each rank draws its masks for its half of the batch from seed 7
+    pm_drop = funcpeft.get_peft_model(_model(), GC_CONFIG())
+    halves = [_loss_and_grads(pm_drop, adapter, half, seed=7)[1] for half in ids.chunk(WORLD)]
+    want_gc = optree.tree_map(lambda *g: sum(g) / WORLD, *halves)
+    _, no_dropout = _loss_and_grads(pm_drop, adapter, ids)
+    assert optim.global_norm(optree.tree_map(torch.sub, want_gc, no_dropout)) > 1e-3  # the masks matter
     n_adapter = funcpeft.trees.tree_numel(adapter)
     for r in ranks:
         T.assert_trees_close(r["trained"], want, atol=1e-5)
@@ -236,6 +266,8 @@ def test_sharded_base_equals_one_process_on_the_full_batch() -> None:
         assert 1 <= max(r["gathered"]) <= 2 < LAYERS
         assert r["after"] == ["DTensor"] * LAYERS
         T.assert_trees_close(r["gc/grads"], want_gc, atol=1e-5)
+        torch.testing.assert_close(r["peft/loss"], r["lora/loss"], atol=1e-5, rtol=0)  # PEFT, sharded alike
+        T.assert_trees_close(r["peft/grads"], ranks[0]["lora/grads"], atol=1e-5)
         assert r["gc/calls"] == 2  # forward and recompute: the recompute saw the adapter (the gradients agree)
         for name in ("lora", "embed"):
             assert r[f"{name}/digest"] == digests[name]  # the same files as a single process saves (see _digest)
