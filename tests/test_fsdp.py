@@ -32,12 +32,20 @@ from funcpeft.grad import value_and_grad
 pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
 
 WORLD, BATCH, STEPS, LAYERS = 2, 4, 3, 4
-CONFIGS: dict[str, Callable[[], funcpeft.LoraConfig]] = {
+CONFIGS: dict[str, Callable[[], funcpeft.PeftConfig]] = {
     "lora": lambda: funcpeft.LoraConfig(r=4, target_modules="all-linear"),
     # an adapted embedding (saved with the base embedding: gathered for the file) and an override (modules_to_save)
     "embed": lambda: funcpeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"]),
     # DoRA reads the gathered weight in the forward and, at init, the whole weight (gathered)
     "dora": lambda: funcpeft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+    # other methods on the same path: shared frozen tensors (VeRA), per-layer frozen tensors made from the sharded
+    # weight (trainable tokens' original rows: gathered) or not (SHiRA's indices), replaced parameters (LN tuning)
+    "ia3": lambda: funcpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "vera": lambda: funcpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "oft": lambda: funcpeft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "up_proj"]),
+    "shira": lambda: funcpeft.ShiraConfig(r=4, target_modules=["v_proj", "down_proj"]),
+    "lntuning": lambda: funcpeft.LNTuningConfig(target_modules=["input_layernorm"]),
+    "tokens": lambda: funcpeft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 70]),
 }
 # with gradient checkpointing: the recompute in backward must redraw the forward's adapter dropout masks
 GC_CONFIG = lambda: funcpeft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.25)  # noqa: E731
@@ -212,6 +220,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["err/trainable_base"] = _error(lambda: call(pm.base))
         weight.requires_grad_(False)
         res["err/shard_trainable"] = _error(lambda: D.shard_base(T.tiny_llama()))
+        res["err/func_grad"] = _error(lambda: torch.func.grad(lambda a: pm.fn(pm.base, a, input_ids=ids).logits.sum())(adapter))
         res["err/after_errors_ok"] = _error(lambda: call(pm.base))  # the model is left as it was after each error
         dist.barrier()
     finally:
@@ -287,6 +296,7 @@ def test_sharded_base_equals_one_process_on_the_full_batch() -> None:
         "dtensor_leaf": r"TypeError: .*model\.layers\.1\.mlp\.up_proj\.lora_A is a DTensor.*Linear",
         "trainable_base": r"RuntimeError: .*'model\.layers\.0\.mlp\.gate_proj\.weight' .*FSDPLlamaDecoderLayer.* requires grad",
         "shard_trainable": r"ValueError: shard_base: the base must be frozen",
+        "func_grad": r"NotImplementedError: .*sharded base \(FSDP2\).*torch\.func transforms",
         "after_errors_ok": r"no error",
         "no_group_call": r"RuntimeError: .*'model\..*' .*DTensor shard .*no initialized process group",
         "no_group_plan": r"RuntimeError: .*DTensor shard .*no initialized process group",
