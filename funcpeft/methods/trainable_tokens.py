@@ -102,7 +102,8 @@ def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
 
 
 def make_original(spec: Spec, module: nn.Module) -> dict[str, torch.Tensor]:
-    weight: Any = module.weight.detach()
+    weight: Any = module.weight
+    weight = weight.detach()
     if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the rows may live on other ranks (a collective)
         weight = weight.full_tensor()
     return {ORIGINAL: weight[_index(spec, weight.device)].clone()}
