@@ -6,9 +6,10 @@ into the model's own module slots; after the unit it frees them, and gathers the
 A copy of the module tree (funcpeft's usual call path) would never see those gathered tensors, so a sharded
 model runs as itself, and for the call funcpeft:
 
-- wraps, in a forward pre-hook on each adapted module, the weight FSDP has just gathered into that module in
-  an `AdaptedWeight` (or puts an override leaf, modules_to_save or a trainable bias, in its slot); a post-hook
-  puts FSDP's tensor back;
+- wraps, in a forward pre-hook on each adapted module (the last pre-hook), the weight FSDP has just gathered
+  into that module in an `AdaptedWeight` (or puts an override leaf, modules_to_save or a trainable bias, in its
+  slot); a post-hook (the first) puts FSDP's tensor back: as in a call skeleton, the adapted weight is seen only
+  while the module's own forward runs;
 - puts the call's tensors into the slots of parameters FSDP does not manage (restored after);
 - sets every module's `training` flag to the call's mode (restored after);
 - on modules with transformers' gradient checkpointing, runs the checkpoint non-reentrantly and redoes all of
@@ -166,6 +167,12 @@ class ShardedModel:
         return ShardedModel(model)
 
     # -- checks ----------------------------------------------------------------------------------------------
+    def refuse(self, what: str) -> None:
+        raise NotImplementedError(
+            f"funcpeft: {what} is not supported on a model sharded with FSDP2 (fully_shard): FSDP gathers the weights "
+            "into the model's own modules, which only fn's forward call runs with the adapter applied"
+        )
+
     def check_base(self, base: Mapping[str, torch.Tensor]) -> None:
         """Each managed entry of `base` is the shard FSDP holds now, frozen; a clear error otherwise."""
         first = next(iter(self.managed.values()), None)
@@ -307,7 +314,8 @@ class _Install:
                 module = self.runner.modules[path]
                 gathered: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = []
                 undo.append(module.register_forward_pre_hook(functools.partial(self._pre, path, items, gathered)).remove)
-                undo.append(module.register_forward_hook(functools.partial(self._post, gathered), always_call=True).remove)
+                undo.append(module.register_forward_hook(
+                    functools.partial(self._post, gathered), prepend=True, always_call=True).remove)
             for m in model.modules():
                 func = m.__dict__.get("_gradient_checkpointing_func")
                 if func is not None:

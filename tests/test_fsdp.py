@@ -220,6 +220,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["err/trainable_base"] = _error(lambda: call(pm.base))
         weight.requires_grad_(False)
         res["err/shard_trainable"] = _error(lambda: D.shard_base(T.tiny_llama()))
+        res["err/generate"] = _error(lambda: pm.generate(pm.base, adapter, input_ids=ids, max_new_tokens=2))
         res["err/func_grad"] = _error(lambda: torch.func.grad(lambda a: pm.fn(pm.base, a, input_ids=ids).logits.sum())(adapter))
         res["err/after_errors_ok"] = _error(lambda: call(pm.base))  # the model is left as it was after each error
         dist.barrier()
@@ -296,6 +297,7 @@ def test_sharded_base_equals_one_process_on_the_full_batch() -> None:
         "dtensor_leaf": r"TypeError: .*model\.layers\.1\.mlp\.up_proj\.lora_A is a DTensor.*Linear",
         "trainable_base": r"RuntimeError: .*'model\.layers\.0\.mlp\.gate_proj\.weight' .*FSDPLlamaDecoderLayer.* requires grad",
         "shard_trainable": r"ValueError: shard_base: the base must be frozen",
+        "generate": r"NotImplementedError: .*generate .*not supported on a model sharded with FSDP2",
         "func_grad": r"NotImplementedError: .*sharded base \(FSDP2\).*torch\.func transforms",
         "after_errors_ok": r"no error",
         "no_group_call": r"RuntimeError: .*'model\..*' .*DTensor shard .*no initialized process group",
