@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -172,12 +173,29 @@ def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, attr: 
             "target this module."
         )
     weight: Any = getattr(module, attr)
+    if _is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                f"{what}: its weight is a DTensor shard (FSDP2 fully_shard), but torch.distributed has no initialized "
+                "process group: call torch.distributed.init_process_group first (see docs/distributed.md)"
+            )
+        weight = weight.to_local()
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
             "plain floating-point tensor (a quantised or otherwise wrapped layer); funcpeft does not support such "
             "layers yet. Do not target this module, or load the model unquantised."
         )
+
+
+def _is_dtensor(t: Any) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported wherever a DTensor exists
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard gathered whole (a collective: every rank plans the same modules in the same order); else `t`."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
@@ -371,10 +389,10 @@ def fresh_method_params(
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     new_weight = None
     if method.init_from_weight is not None:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... (may replace the weight)
-        done = method.init_from_weight(entry.spec, fresh, weight.detach(), data, generator)
+        done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
         fresh, new_weight = done.params, done.weight
     if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, (weight if new_weight is None else new_weight).detach())
+        fresh = method.finish_init(entry.spec, fresh, _whole((weight if new_weight is None else new_weight).detach()))
     return WeightInit(fresh, new_weight)
 
 
@@ -446,7 +464,7 @@ def init_adapter_and_weights(
             if done.weight is not None:
                 changed[path] = done.weight
         for pname in entry.overrides:
-            out[pname] = params[f"{path}.{pname}"].detach().clone()
+            out[pname] = _whole(params[f"{path}.{pname}"].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
     owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None

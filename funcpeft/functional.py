@@ -34,6 +34,9 @@ CompileableContextVar (transformers' Llama, Mistral, Qwen2, ...): an eager call 
 another thread during a compile breaks the compile, with or without funcpeft (it follows the process-wide
 `torch.compiler.is_compiling()` flag).
 
+A model sharded with FSDP2's `fully_shard` runs as itself instead of on call skeletons, as FSDP gathers
+weights into the model's own modules (funcpeft._fsdp; one call at a time per model).
+
 Gradient checkpointing (`model.gradient_checkpointing_enable()`, before or after `get_peft_model`) works
 as in transformers: layers are checkpointed when the model runs in training mode, i.e. when `fn` gets a
 `dropout_rng` (PEFT's `model.train()`; in eval mode fn warns once that nothing is checkpointed). funcpeft
@@ -57,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._fsdp import ShardedModel, check_not_sharded
 from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, check_stack, leaf_shapes, shared_params
 from .methods import weight_method
 from .methods.base import no_dropout
@@ -99,6 +103,8 @@ class PeftFunction:
             names.setdefault(id(m), []).append(path)
         # module path -> its other names, for modules registered under several (one Linear as `a` and `b`)
         self._aliased: dict[str, list[str]] = {p: [q for q in ps if q != p] for ps in names.values() if len(ps) > 1 for p in ps}
+        # a model sharded with FSDP2's fully_shard runs as itself, not on call skeletons (funcpeft._fsdp)
+        self.sharded = ShardedModel.of(model)
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -228,6 +234,11 @@ class PeftFunction:
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         rng = _randomness(dropout_rng)
+        if self.sharded is not None:
+            build = functools.partial(self.build_params, adapter=adapter, dropout=no_dropout if rng is None else rng.dropout,
+                                      inputs=(args, kwargs))
+            return self.sharded.call(build, base, args, kwargs, rng, _checkpoint)
+        check_not_sharded(self._model)
         params = self.build_params(base, adapter, no_dropout if rng is None else rng.dropout, (args, kwargs))
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
@@ -263,6 +274,8 @@ class PeftFunction:
         it reads the model now and shares every attribute value and buffer with it; setting an attribute on it
         changes only the skeleton. inputs: the calls' (args, kwargs), to check per-example routing's length.
         """
+        if self.sharded is not None:
+            self.sharded.refuse("generate (a bound model)")
         params = self.build_params(base, adapter, no_dropout, inputs)
         return _Call(params, None).skeleton(self._model)
 

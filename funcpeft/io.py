@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import check_tree
+from ._fsdp import model_class
 from ._plan import check_adapter_name
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
@@ -84,7 +85,7 @@ def config_dict(config: PeftConfig, model: nn.Module | None = None) -> dict[str,
     if out.get("base_model_name_or_path") is None and model is not None:
         out["base_model_name_or_path"] = model.__dict__.get("name_or_path", None) or None
     if config.task_type is None and model is not None:
-        cls = type(model)
+        cls = model_class(model)  # not the FSDP subclass fully_shard swaps in
         out["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return out
 

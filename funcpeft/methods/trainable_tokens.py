@@ -104,7 +104,10 @@ def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
 
 def make_original(spec: Spec, module: nn.Module) -> dict[str, torch.Tensor]:
     weight: Any = module.weight
-    return {ORIGINAL: weight.detach()[_index(spec, weight.device)].clone()}
+    weight = weight.detach()
+    if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the rows may live on other ranks (a collective)
+        weight = weight.full_tensor()
+    return {ORIGINAL: weight[_index(spec, weight.device)].clone()}
 
 
 def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
