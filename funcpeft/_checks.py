@@ -61,18 +61,17 @@ def device_of(t: torch.Tensor) -> torch.device:
 
 def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
     """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
-    modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
         if e.spec is not None:
-            w = modules[path].weight
+            w = params[e.weight_key(path)]
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             shapes = dict(e.shapes)
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], dtype, device_of(w))
         for n in e.overrides:
-            p = params[f"{path}.{n}"]
+            p = params[e.base_key(path, n)]
             out[(path, n)] = LeafSpec(tuple(p.shape), p.dtype, device_of(p))
     return out
 

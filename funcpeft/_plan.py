@@ -19,11 +19,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targeting import find_modules_to_save, find_targets, layer_kind, resolve_config
+from ._targeting import (
+    find_modules_to_save,
+    find_parameter_targets,
+    find_targets,
+    layer_kind,
+    match_targets,
+    parameter_paths,
+    resolve_config,
+)
 from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
-from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
+from .methods.base import (
+    ConvGeometry,
+    EmbeddingGeometry,
+    LayerKind,
+    LayerSpec,
+    Method,
+    ParameterGeometry,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 from .trees import SHARED_PREFIX
 
 
@@ -38,6 +56,10 @@ class PlanEntry:
       counted once, never frozen by inference_mode, written through ties on merge.
     frozen: ((param name, base key), ...) of shared frozen tensors the forward reads from `base` (VeRA).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
+    parameter: for a bare-parameter target (`target_parameters`, LayerKind.PARAMETER), the targeted parameter's
+      model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
+      its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
+      parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -46,11 +68,24 @@ class PlanEntry:
     in_place: tuple[str, ...] = ()
     frozen: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    parameter: str | None = None
 
     @property
     def keys(self) -> frozenset[str]:
         """Every key of the adapter tree's entry at this module."""
         return frozenset(self.params) | frozenset(self.overrides)
+
+    def module(self, path: str) -> str:
+        """The model's module this entry (at tree path `path`) belongs to."""
+        return self.parameter.rpartition(".")[0] if self.parameter is not None else path
+
+    def weight_key(self, path: str) -> str:
+        """The base parameter the method adapts: the layer's `{path}.weight`, or the targeted bare parameter."""
+        return self.parameter if self.parameter is not None else f"{path}.weight"
+
+    def base_key(self, path: str, name: str) -> str:
+        """The model parameter that override `name` (modules_to_save copy, trained bias) replaces."""
+        return f"{self.module(path)}.{name}"
 
     @property
     def method(self) -> Method:
@@ -99,19 +134,47 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
 
 
-def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> None:
+def parameter_spec(target: Target, param_name: str, config: PeftConfig, method: Method) -> LayerSpec[Any]:
+    """Static facts of a targeted bare parameter (`target.name` is its model name; `param_name` its name on
+    `target.module`), read like PEFT's `lora.ParamWrapper._get_in_out_features` / `update_layer`."""
+    _check_plain_weight(target.name, target.module, config, param_name)
+    shape = tuple(getattr(target.module, param_name).shape)
+    if len(shape) == 3:
+        experts, in_f, out_f = shape
+    elif len(shape) == 2:
+        experts, in_f, out_f = 1, shape[1], shape[0]
+    else:
+        raise ValueError(
+            f"lora.ParamWrapper was initialized with {len(shape)} dimensional Parameter, but only 2d and 3d are "
+            f"supported ({target.name!r} has shape {list(shape)})."
+        )
+    # a 3-D stack is (E, out, in) unless the module says it is transposed (E, in, out), e.g. GPT-OSS's experts
+    swapped = len(shape) == 3 and not getattr(target.module, "is_transposed", False)
+    if swapped:
+        in_f, out_f = out_f, in_f
+    geometry = ParameterGeometry(param_name, experts, swapped)
+    hyper = method.hyper(config, target)  # raises PEFT's errors for options a parameter target cannot take
+    if method.parameter_value is None:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__}: method {method.name!r} cannot adapt a bare nn.Parameter ({target.name!r}, "
+            "targeted by `target_parameters`); only plain LoRA can."
+        )
+    return LayerSpec(method.name, LayerKind.PARAMETER, shape, in_f, out_f, hyper, geometry)
+
+
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, param: str = "weight") -> None:
     """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
     from torch.nn.utils import parametrize
 
     what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
-    if parametrize.is_parametrized(module, "weight"):
-        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[index,union-attr]
+    if parametrize.is_parametrized(module, param):
+        kinds = [type(p).__name__ for p in module.parametrizations[param]]  # type: ignore[index,union-attr]
         raise NotImplementedError(
-            f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
+            f"{what}: its {param} is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
             "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
-            "target this module."
+            "target it."
         )
-    weight: Any = module.weight
+    weight: Any = getattr(module, param)
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
@@ -143,7 +206,11 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    targets = find_targets(model, resolved)
+    found = find_parameter_targets(model, resolved)
+    targets = find_targets(model, resolved) if not found else _module_targets(model, resolved, found)
+    if getattr(resolved, "target_parameters", None) and not found:
+        wanted = resolved.target_parameters
+        warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
     modules = dict(model.named_modules())
     kinds: dict[str, LayerKind] = {}
     for name in targets:
@@ -159,7 +226,14 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
-    saved = find_modules_to_save(model, resolved, set(targets))
+    owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
+    for path, (module_name, pname) in zip(parameter_paths(found), found):
+        key = f"{module_name}.{pname}"
+        spec = parameter_spec(Target(key, modules[module_name], LayerKind.PARAMETER, common), pname, resolved, method)
+        shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        plan[path] = PlanEntry(spec=spec, params=method.param_names(spec), shapes=shapes, parameter=key)
+        owners.setdefault(module_name, path)
+    saved = find_modules_to_save(model, resolved, set(targets), set(owners))
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -169,14 +243,33 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
             path, _, leaf = pname.rpartition(".")
             if leaf != "bias" or any(path == s or path.startswith(s + ".") for s in saved):
                 continue
+            path = owners.get(path, path)
             adapted = path in plan and plan[path].spec is not None
             if bias == "all" or adapted:
                 entry = plan.get(path, PlanEntry())
-                shape = tuple(modules[path].bias.shape)
+                shape = tuple(model.get_parameter(pname).shape)
                 plan[path] = dataclasses.replace(
                     entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
                 )
     return resolved, plan
+
+
+def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:
+    """The modules `target_modules` matches when `target_parameters` matched too (then none is fine: PEFT's rules).
+
+    A module holding a targeted parameter cannot also be a LoRA layer (PEFT's ValueError).
+    """
+    targets, _ = match_targets(model, config)
+    if config.target_modules and not targets:
+        warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+    clash = next((m for m, _ in found if m in targets), None)
+    if clash is not None:
+        raise ValueError(
+            f"Trying to wrap an `nn.Parameter` of layer '{clash}' of type {type(model.get_submodule(clash)).__name__}, "
+            "which is not a valid target. Make sure that this layer is not also targeted with `target_modules`. For "
+            "some models, PEFT will do this automatically, try setting `target_modules=[]` to prevent it."
+        )
+    return targets
 
 
 def fresh_method_params(
@@ -214,16 +307,15 @@ def init_adapter(
     fp16/bf16 method params are float32 when `autocast_adapter_dtype` (PEFT's rule). On a meta-device
     model leaves are meta tensors.
     """
-    modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
-            w = modules[path].weight
+            w = params[entry.weight_key(path)]
             out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
         for pname in entry.overrides:
-            out[pname] = params[f"{path}.{pname}"].detach().clone()
+            out[pname] = params[entry.base_key(path, pname)].detach().clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
     return tree
@@ -243,7 +335,7 @@ def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     if shared is None:
         return {}
     assert entry.spec is not None
-    device = dict(model.named_modules())[path].weight.device
+    device = dict(model.named_parameters(remove_duplicate=False))[entry.weight_key(path)].device
     tensors = shared.make(entry.spec)
     assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
     return {k: v.to(device) for k, v in tensors.items()}

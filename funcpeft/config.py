@@ -178,6 +178,8 @@ class PeftConfig:
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = DEFAULT_TARGET_MODULES
     # whether >= 20 matched names are compressed to suffixes (PEFT skips it for IA3, coupled to feedforward_modules)
     COMPRESS_TARGET_MODULES: ClassVar[bool] = True
+    # whether PEFT rewrites the targets for transformers-v5 MoE models (funcpeft._targeting.convert_moe_targets)
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = False
 
     # fields that exist for file compatibility but whose non-default values funcpeft does not implement
     _unimplemented: ClassVar[dict[str, Any]] = {}
@@ -247,6 +249,7 @@ class LoraConfig(PeftConfig):
 
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
     use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
+    target_parameters (bare nn.Parameters such as MoE expert stacks; funcpeft.methods.lora),
     layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
     inference_mode. Every other field must keep its default: a non-default value raises
     NotImplementedError naming the field.
@@ -282,13 +285,14 @@ class LoraConfig(PeftConfig):
     layer_replication: list[list[int]] | None = None
     runtime_config: dict | None = None
     lora_bias: bool = False
-    target_parameters: list[str] | None = None
+    target_parameters: list[str] | set[str] | None = None
     use_bdlora: dict | None = None
     arrow_config: dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
     _unimplemented: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
         "trainable_token_indices": None,
@@ -302,7 +306,6 @@ class LoraConfig(PeftConfig):
         "monteclora_config": None,
         "layer_replication": None,
         "lora_bias": False,
-        "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,

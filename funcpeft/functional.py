@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
-from .methods.base import no_dropout
+from .methods.base import LayerSpec, Method, Params, no_dropout
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .weights import AdaptedWeight, Applied
 
@@ -123,7 +123,8 @@ class PeftFunction:
         """
         plan = self.plans[name]
         check_adapter_structure(tree, plan, name)
-        devices = {p: base[f"{p}.weight"].device for p, e in plan.items() if e.spec is not None and f"{p}.weight" in base}
+        keys = {p: e.weight_key(p) for p, e in plan.items() if e.spec is not None}
+        devices = {p: base[k].device for p, k in keys.items() if k in base}
         check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
 
     def _check_base(self, base: Any) -> None:
@@ -155,6 +156,7 @@ class PeftFunction:
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
+        targeted: dict[str, list[tuple[Method, LayerSpec[Any], Params]]] = {}  # bare parameters (target_parameters)
         for name, tree in self.split_adapters(adapter):
             plan = self.plans.get(name)
             if plan is None:
@@ -171,12 +173,21 @@ class PeftFunction:
                         "bias); only method parameters can be routed per example"
                     )
                 for pname in entry.overrides:
-                    params[f"{path}.{pname}"] = leaves[pname]
+                    params[entry.base_key(path, pname)] = leaves[pname]
                 if entry.spec is None:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
                 frozen = shared_params(entry, base)  # the same for every example: never routed
+                if entry.parameter is not None:
+                    if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
+                        raise NotImplementedError(
+                            f"per-example adapters: {path} adapts the bare parameter {entry.parameter!r} "
+                            "(target_parameters), whose value is one tensor for the whole batch; PEFT's "
+                            "lora.ParamWrapper does not support mixed adapter batches either"
+                        )
+                    targeted.setdefault(entry.parameter, []).append((method, entry.spec, {**own, **frozen}))
+                    continue
                 if routing is not None:
                     applied = route_layer(entry.spec, method, own, frozen, routing, batch)
                 else:
@@ -184,6 +195,8 @@ class PeftFunction:
                 carried.setdefault(f"{path}.weight", []).append(applied)
         for wname, adapters in carried.items():
             params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
+        for pname, on_param in targeted.items():
+            params[pname] = parameter_value(pname, on_param, params[pname])
         return params
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
@@ -202,6 +215,18 @@ class PeftFunction:
         skel = self._get_skeleton(training)
         with ctx:
             return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
+
+
+def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
+    """The value the model reads for bare parameter `name` with these adapters active (their method's rule)."""
+    method = applied[0][0]
+    if any(m is not method for m, _, _ in applied):
+        raise NotImplementedError(
+            f"adapters of different methods ({sorted({m.name for m, _, _ in applied})}) target the parameter {name!r}; "
+            "a bare parameter takes one method's adapters"
+        )
+    assert method.parameter_value is not None  # planning refused the method otherwise
+    return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
 
 
 class _seeded:

@@ -79,7 +79,9 @@ class FunctionalPeftModel:
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
+        _check_same_parameters(peft_config, self.peft_config)
         resolved, plan = plan_adapter(self.model, peft_config)
+        _check_parameter_layers(plan, self.plans)
         self.base.update(init_shared(self.model, plan))
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
@@ -189,6 +191,41 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
             f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
             "Pass mixed=True to get_peft_model to mix adapter types."
         )
+
+
+def _check_same_parameters(config: PeftConfig, others: dict[str, PeftConfig]) -> None:
+    """PEFT's `LoraModel._check_new_adapter_config`: adapters with target_parameters all target the same set
+    (PEFT encodes which parameter a LoRA belongs to by its ParamWrapper's nesting, shared by all adapters)."""
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return
+    for name, other in others.items():
+        theirs = getattr(other, "target_parameters", None)
+        if theirs and set(theirs) != set(wanted):
+            raise ValueError(
+                "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
+                f"parameters, but got {sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter '{name}'."
+            )
+
+
+def _check_parameter_layers(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A module cannot be a LoRA layer for one adapter and hold a targeted bare parameter for another."""
+    layers = {path for p in plans.values() for path, e in p.items() if e.spec is not None and e.parameter is None}
+    owners = {e.module(path): e.parameter for p in plans.values() for path, e in p.items() if e.parameter is not None}
+    for path, entry in plan.items():
+        if entry.parameter is not None and entry.module(path) in layers:
+            module = entry.module(path)
+            raise ValueError(
+                f"Trying to wrap an `nn.Parameter` of layer '{module}', which another adapter adapts as a layer "
+                "(`target_modules`): not a valid target. Make sure that this layer is not also targeted with "
+                "`target_modules`."
+            )
+        if entry.spec is not None and entry.parameter is None and path in owners:
+            raise NotImplementedError(
+                f"{path!r} holds {owners[path]!r}, which another adapter targets with `target_parameters`; PEFT would "
+                "add this adapter to that parameter's wrapper instead of the layer. Target the layer in neither or "
+                "both adapters the same way."
+            )
 
 
 def from_pretrained(

@@ -81,6 +81,9 @@ def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: st
         if not isinstance(pm.peft_config[name], LoraConfig):
             raise TypeError(f"add_weighted_adapter combines LoRA adapters; {name!r} is a {type(pm.peft_config[name]).__name__}")
         check_adapter_structure(tree, pm.plans[name], name)
+    for name, _ in pairs:
+        if pm.peft_config[name].target_parameters:
+            raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}')")
     saved: dict[str, int] = {}
     for name, _ in pairs:
         for path, info in pm.plans[name].items():
@@ -220,7 +223,7 @@ def add_weighted_adapter(
     tree: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for path, info in plan.items():
-            entry = {k: names.read(pm.base, f"{path}.{k}").detach().clone() for k in info.overrides}
+            entry = {k: names.read(pm.base, info.base_key(path, k)).detach().clone() for k in info.overrides}
             spec = info.spec
             if spec is not None:
                 entry.update(_combine(pm, pairs, weights, path, spec, combination_type, new_rank,

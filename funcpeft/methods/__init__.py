@@ -25,6 +25,7 @@ from .base import (
     Method,
     ModelCall,
     OpContext,
+    ParameterGeometry,
     SharedTensors,
     Target,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Method",
     "ModelCall",
     "OpContext",
+    "ParameterGeometry",
     "SharedTensors",
     "Target",
     "dora",
