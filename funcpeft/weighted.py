@@ -273,6 +273,11 @@ def _rule(
         )
     if density < 0:
         raise ValueError(f"Density should be >= 0, got {density}")
+    if density == 0 and combination_type.startswith("dare"):
+        raise ValueError(
+            f"combination_type={combination_type!r} rescales what it keeps by 1 / density: density 0 would give NaN "
+            "(as in PEFT); pass a density > 0"
+        )
     if density >= 1:
         warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3)
     return Rule(kind, float(density), majority_sign_method, generator)
