@@ -26,6 +26,7 @@ from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
 from .methods import method_for
+from .methods.lora import LoraHyper
 from .trees import AdapterTree, BaseTree, tree_numel
 
 
@@ -86,6 +87,12 @@ class FunctionalPeftModel:
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
         return self.init_adapter(adapter_name, generator)
+
+    def lora_scalings(self, adapter_name: str | None = None) -> dict[str, float]:
+        """{module path: LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)} of a LoRA / DoRA adapter's layers:
+        PEFT's per-layer `module.scaling[adapter]`, as `funcpeft.optim.lorafa` needs it."""
+        plan = self.plans[adapter_name or self.adapter_name]
+        return {p: e.spec.hyper.scaling for p, e in plan.items() if e.spec is not None and isinstance(e.spec.hyper, LoraHyper)}
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
