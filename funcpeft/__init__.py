@@ -12,7 +12,23 @@ from importlib.metadata import PackageNotFoundError, version
 from . import distributed, optim
 from ._checks import AdapterMismatchError
 from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
-from .configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from .configs import (
+    BOFTConfig,
+    C3AConfig,
+    FourierFTConfig,
+    HRAConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
+    MissConfig,
+    OFTConfig,
+    RandLoraConfig,
+    ShiraConfig,
+    TrainableTokensConfig,
+    VBLoRAConfig,
+    VeraConfig,
+)
 from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
@@ -33,21 +49,32 @@ __all__ = [
     "AdaptedWeight",
     "AdapterMismatchError",
     "AdapterTree",
+    "BOFTConfig",
     "BaseTree",
     "ConfigTypeError",
+    "C3AConfig",
+    "FourierFTConfig",
     "FunctionalPeftModel",
+    "HRAConfig",
     "IA3Config",
     "InterruptedSaveError",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "MixedBatch",
+    "OFTConfig",
     "PeftConfig",
     "PeftFunction",
     "PeftType",
     "PerExample",
+    "RandLoraConfig",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "UnsupportedWeightOp",
+    "VBLoRAConfig",
     "VeraConfig",
     "__version__",
     "add_weighted_adapter",

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ._plan import PlanEntry
 from .config import PeftConfig
 from .keys import Leaf, key_rules, plan_file_keys, tree_file_keys
 from .methods._layers import adapter_dtype
@@ -59,11 +60,16 @@ def device_of(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.is_meta else t.device
 
 
-def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
+def expected_leaves(model: nn.Module, plan: Mapping[str, PlanEntry], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
     """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
+        if e.owner is not None:  # the shared trainable tensors: on the first layer's device, in its adapter dtype
+            w = next(params[f.weight_key(p)] for p, f in plan.items() if f.shared)
+            shapes = dict(e.shapes)
+            for n in e.params:
+                out[(path, n)] = LeafSpec(shapes[n], adapter_dtype(w.dtype, autocast_adapter_dtype), device_of(w))
         if e.spec is not None:
             w = params[e.weight_key(path)]
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
@@ -76,12 +82,14 @@ def expected_leaves(model: nn.Module, plan: Mapping[str, Any], autocast_adapter_
     return out
 
 
-def check_tree(tree: Mapping[str, Any], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig) -> None:
+def check_tree(tree: Mapping[str, Any], plan: Mapping[str, PlanEntry], model: nn.Module, config: PeftConfig) -> None:
     """Raise one AdapterMismatchError listing every leaf of `tree` that is missing, unexpected or mis-shaped."""
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     leaves = expected_leaves(model, plan)
-    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules).items()}
+    tied = {p: tuple(t for t, _ in e.tied) for p, e in plan.items() if e.tied}
+    mts = getattr(config, "modules_to_save", None)
+    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts, tied).items()}
     problems = Problems(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],

@@ -27,6 +27,7 @@ from ._targeting import (
     match_targets,
     parameter_paths,
     resolve_config,
+    tied_to_input_embedding,
 )
 from .config import PeftConfig
 from .methods import method_for, weight_method
@@ -42,7 +43,7 @@ from .methods.base import (
     Target,
     UnsupportedLayerError,
 )
-from .trees import SHARED_PREFIX
+from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,16 @@ class PlanEntry:
     overrides: the module's own parameters the adapter's copies replace (modules_to_save, trainable biases).
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
-    frozen: ((param name, base key), ...) of shared frozen tensors the forward reads from `base` (VeRA).
+    frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared ones (VeRA's
+      projections) and the layer's own (SHiRA's mask indices, `Method.layer_frozen`).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
+    shared: names of the trainable tensors shared by all layers (`Method.shared_trainable`) the forward reads
+      from the adapter tree's `trees.SHARED_PATH` entry (VB-LoRA's vector bank).
+    owner: on the `SHARED_PATH` entry only: a layer's spec, whose method draws the shared tensors.
+    tied: ((module path, its spec), ...): layers whose weight is tied to this one's and that apply this entry's
+      adapter parameters with their own op (`Method.follows_ties`: trainable tokens on a tied lm_head).
+    copied_by: the method whose trainable copies `overrides` are (`Method.copies_modules`: LN tuning), None for
+      modules_to_save copies and trainable biases.
     parameter: for a bare-parameter target (`target_parameters`, LayerKind.PARAMETER), the targeted parameter's
       model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
       its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
@@ -68,6 +77,10 @@ class PlanEntry:
     in_place: tuple[str, ...] = ()
     frozen: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    shared: tuple[str, ...] = ()
+    owner: LayerSpec[Any] | None = None
+    tied: tuple[tuple[str, LayerSpec[Any]], ...] = ()
+    copied_by: str | None = None
     parameter: str | None = None
 
     @property
@@ -200,30 +213,42 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
-def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = None) -> tuple[PeftConfig, Plan]:
-    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves."""
+def plan_adapter(
+    model: nn.Module, config: PeftConfig, revision: str | None = None, adapter_name: str = "default"
+) -> tuple[PeftConfig, Plan]:
+    """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
+
+    adapter_name: names the `base` keys of the adapter's per-layer frozen tensors (`Method.layer_frozen`).
+    """
     method = method_for(config)
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
     found = find_parameter_targets(model, resolved)
-    targets = find_targets(model, resolved) if not found else _module_targets(model, resolved, found)
-    if getattr(resolved, "target_parameters", None) and not found:
-        wanted = resolved.target_parameters
-        warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
+    if found:
+        targets = _module_targets(model, resolved, found)
+    else:
+        targets = find_targets(model, resolved, any_module=method.copies_modules)
+        if getattr(resolved, "target_parameters", None):
+            wanted = resolved.target_parameters
+            warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
     modules = dict(model.named_modules())
+    plan: Plan = _copies_plan(method, targets, modules) if method.copies_modules else {}
+    tied = tied_to_input_embedding(model, targets) if method.follows_ties else []
+    layers = [n for n in targets if n not in tied] if not method.copies_modules else []
     kinds: dict[str, LayerKind] = {}
-    for name in targets:
+    for name in (*layers, *tied):
         kind = layer_kind(modules[name])
         assert kind is not None  # find_targets raised for anything else
         kinds[name] = kind
     if hasattr(resolved, "fan_in_fan_out"):
         _fix_fan_in_fan_out(kinds, resolved)
-    common = method.shared.common_hyper(resolved, {n: modules[n] for n in targets}) if method.shared else None
-    plan: Plan = {}
-    for name in targets:
+    common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
+    for name in layers:
         spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
+        if method.layer_frozen is not None:
+            frozen += tuple((n, layer_frozen_key(adapter_name, name, n)) for n in method.layer_frozen.names)
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
     owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
@@ -233,6 +258,17 @@ def plan_adapter(model: nn.Module, config: PeftConfig, revision: str | None = No
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         plan[path] = PlanEntry(spec=spec, params=method.param_names(spec), shapes=shapes, parameter=key)
         owners.setdefault(module_name, path)
+    if method.shared_trainable is not None and layers:  # one tree entry for them; every layer reads it
+        owner = plan[layers[0]].spec
+        assert owner is not None
+        own_shapes = tuple((k, tuple(v)) for k, v in shared_shapes(owner).items())
+        names = tuple(k for k, _ in own_shapes)
+        plan.update({n: dataclasses.replace(plan[n], shared=names) for n in layers})
+        plan[SHARED_PATH] = PlanEntry(params=names, owner=owner, shapes=own_shapes)
+    if tied:  # PEFT ties them to the input embedding's adapter (which is targeted: see tied_to_input_embedding)
+        emb = next(n for n in layers if modules[n] is model.get_input_embeddings())  # type: ignore[operator]
+        specs = tuple((n, layer_spec(Target(n, modules[n], kinds[n], common), resolved, method)) for n in tied)
+        plan[emb] = dataclasses.replace(plan[emb], tied=specs)
     saved = find_modules_to_save(model, resolved, set(targets), set(owners))
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
@@ -272,6 +308,22 @@ def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]])
     return targets
 
 
+def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Module]) -> Plan:
+    """LN tuning's plan: each target carries trainable copies of its own parameters (PEFT deep-copies it)."""
+    for outer in targets:
+        inner = next((t for t in targets if t.startswith(outer + ".")), None)
+        if inner is not None:
+            raise ValueError(
+                f"{method.config.__name__}: target {inner!r} lies inside target {outer!r}; the method copies each "
+                "targeted module whole, so nested targets are ambiguous. Target one of them."
+            )
+    plan: Plan = {}
+    for n in targets:
+        own = tuple((p, tuple(t.shape)) for p, t in modules[n].named_parameters())
+        plan[n] = PlanEntry(overrides=tuple(p for p, _ in own), copied_by=method.name, shapes=own)
+    return plan
+
+
 def fresh_method_params(
     entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
 ) -> Params:
@@ -280,7 +332,9 @@ def fresh_method_params(
     method = entry.method
     if weight.device.type == "meta":
         return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
-    fresh = {k: v.to(weight.device, dtype) for k, v in method.init(entry.spec, generator).items()}
+    # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
+    via = weight.dtype if weight.dtype.is_floating_point else dtype
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
     if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
         fresh = method.finish_init(entry.spec, fresh, weight.detach())
     return fresh
@@ -296,6 +350,14 @@ def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in params.items()}
 
 
+def shared_shapes(owner: LayerSpec[Any]) -> dict[str, torch.Size]:
+    """{name: shape} of the trainable tensors shared by the layers of `owner`'s method, from a meta-device draw."""
+    draw = weight_method(owner.method).shared_trainable
+    assert draw is not None
+    with torch.device("meta"):
+        return {k: v.shape for k, v in draw.init(owner, None).items()}
+
+
 def init_adapter(
     model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
     trainable: bool = True,
@@ -309,36 +371,63 @@ def init_adapter(
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
+    shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
             w = params[entry.weight_key(path)]
-            out.update(fresh_method_params(entry, w, generator, adapter_dtype(w.dtype, autocast_adapter_dtype)))
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            draw = entry.method.shared_trainable
+            if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
+                shared = _fresh(draw.init, entry.spec, w, generator, dtype)
+            out.update(fresh_method_params(entry, w, generator, dtype))
         for pname in entry.overrides:
             out[pname] = params[entry.base_key(path, pname)].detach().clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
+    owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
+    if owner is not None:
+        if shared is None:  # a plan holding only the shared entry (a partial re-init): CPU float32
+            draw = weight_method(owner.method).shared_trainable
+            assert draw is not None
+            shared = _fresh(draw.init, owner, torch.empty(()), generator, torch.float32)
+        tree[SHARED_PATH] = {k: v.requires_grad_(trainable) for k, v in shared.items()}
     return tree
 
 
-def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Frozen tensors shared by the plan's layers (VeRA's projections), as extra `base` entries.
+def _fresh(
+    init: Any, spec: LayerSpec[Any], weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
+) -> Params:
+    """`init(spec, generator)` on the weight's device in `dtype` (meta tensors, and no draw, for a meta weight)."""
+    if weight.device.type == "meta":
+        with torch.device("meta"):
+            return {k: v.to(dtype) for k, v in init(spec, None).items()}
+    return {k: v.to(weight.device, dtype) for k, v in init(spec, generator).items()}
 
-    Keys start with `funcpeft.trees.SHARED_PREFIX`; values sit on the first target's device. Empty for
-    methods without `shared` tensors.
+
+def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
+    FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
+    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices).
+
+    Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
-    adapted = [(path, e) for path, e in plan.items() if e.spec is not None]
-    if not adapted:
-        return {}
-    path, entry = adapted[0]
-    shared = entry.method.shared
-    if shared is None:
-        return {}
-    assert entry.spec is not None
-    device = dict(model.named_parameters(remove_duplicate=False))[entry.weight_key(path)].device
-    tensors = shared.make(entry.spec)
-    assert all(k.startswith(SHARED_PREFIX) for k in tensors), sorted(tensors)
-    return {k: v.to(device) for k, v in tensors.items()}
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    for path, entry in plan.items():
+        if entry.spec is None:
+            continue
+        method = entry.method
+        if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
+            device = params[entry.weight_key(path)].device
+            out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
+        if method.layer_frozen is not None:
+            made = method.layer_frozen.make(entry.spec, modules[path])
+            keys = dict(entry.frozen)
+            out.update({keys[n]: made[n] for n in method.layer_frozen.names})
+    assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
+    return out
 
 
 def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
@@ -355,8 +444,23 @@ def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
 
 
 def layer_params(entry: PlanEntry, leaves: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> Params:
-    """A layer's method params: its own (from the adapter tree's entry) plus frozen shared ones (from `base`)."""
-    return {**{k: leaves[k] for k in entry.params}, **shared_params(entry, base)}
+    """A layer's method params: its own and the shared trainable ones (`leaves`: the adapter tree's entry plus
+    its `SHARED_PATH` tensors, see `with_shared`) plus frozen ones (from `base`)."""
+    return {**{k: leaves[k] for k in (*entry.params, *entry.shared)}, **shared_params(entry, base)}
+
+
+def with_shared(tree: Mapping[str, Mapping[str, Any]], path: str, entry: PlanEntry) -> dict[str, Any]:
+    """Adapter tree entry `path` plus the shared trainable tensors its layer reads (`PlanEntry.shared`)."""
+    return {**tree[path], **{k: tree[SHARED_PATH][k] for k in entry.shared}}
+
+
+def check_stack(specs: tuple[LayerSpec[Any], ...]) -> None:
+    """Let each method refuse how its adapters stack on one layer (`Method.check_stack`, innermost first)."""
+    for name in dict.fromkeys(s.method for s in specs):
+        own = tuple(s for s in specs if s.method == name)
+        hook = weight_method(name).check_stack
+        if hook is not None and len(own) > 1:
+            hook(own)
 
 
 # -- checking a tree against a plan -------------------------------------------------------------------------

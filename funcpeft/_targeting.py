@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -60,7 +61,7 @@ def is_excluded(config: Any, key: str) -> bool:
                 return True
         elif _matches_list(ex, key):
             return True
-    return overlaps_saved_module(key, config.modules_to_save)
+    return overlaps_saved_module(key, getattr(config, "modules_to_save", None))  # TrainableTokensConfig has none
 
 
 def layer_index(key: str, layers_pattern: Any) -> int | None:
@@ -238,7 +239,7 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     """
     changes: dict[str, Any] = {}
     extra = TASK_MODULES_TO_SAVE.get(config.task_type.value if config.task_type else None, [])
-    if extra:
+    if extra and hasattr(config, "modules_to_save"):
         changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra)
     new_name = model.__dict__.get("name_or_path", None) or None
     old_name = config.base_model_name_or_path
@@ -263,6 +264,8 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     targets = resolved.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:
+        targets = config.default_targets(model)  # e.g. trainable tokens: the input embedding's name
+    if targets is None:
         table = config.DEFAULT_TARGET_MODULES
         default = table.get(model_type) if model_type else None
         if default is None and not getattr(resolved, "target_parameters", None):
@@ -286,10 +289,11 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     return resolved
 
 
-def match_targets(model: nn.Module, config: Any) -> tuple[list[str], int]:
+def match_targets(model: nn.Module, config: Any, any_module: bool = False) -> tuple[list[str], int]:
     """(names of the modules a resolved config targets, in `named_modules` order; how many were excluded).
 
-    Raises TypeError naming the module and its type when a matched module is not a layer funcpeft can adapt.
+    Raises TypeError naming the module and its type when a matched module is not a layer funcpeft can adapt
+    (unless `any_module`: see find_targets).
     """
     targets: list[str] = []
     excluded = 0
@@ -297,7 +301,7 @@ def match_targets(model: nn.Module, config: Any) -> tuple[list[str], int]:
         if not name:
             continue
         if is_target(config, name):
-            if layer_kind(module) is None:
+            if layer_kind(module) is None and not any_module:
                 raise TypeError(
                     f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
                     "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
@@ -310,13 +314,14 @@ def match_targets(model: nn.Module, config: Any) -> tuple[list[str], int]:
     return targets, excluded
 
 
-def find_targets(model: nn.Module, config: Any) -> list[str]:
+def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> list[str]:
     """Names of the modules a resolved config targets, in `named_modules` order.
 
     Raises ValueError listing close module names when nothing matches, and TypeError naming the
-    module and its type when a matched module is not a layer funcpeft can adapt.
+    module and its type when a matched module is not a layer funcpeft can adapt (unless `any_module`: a
+    method that copies whole modules, such as LN tuning, may target any module).
     """
-    targets, excluded = match_targets(model, config)
+    targets, excluded = match_targets(model, config, any_module)
     if targets:
         return targets
     if excluded and config.target_modules:
@@ -332,7 +337,7 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
     named = [(n, m) for n, m in model.named_modules() if n]
     spec = config.target_modules
     wanted = [spec] if isinstance(spec, str) else sorted(spec or [])
-    adaptable = [n for n, m in named if layer_kind(m) is not None]
+    adaptable = [n for n, m in named if any_module or layer_kind(m) is not None]
     short = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
     close: list[str] = []
     for w in wanted:
@@ -385,6 +390,38 @@ def parameter_paths(found: list[tuple[str, str]]) -> list[str]:
     return paths
 
 
+def tied_to_input_embedding(model: nn.Module, targets: list[str]) -> list[str]:
+    """Modules whose weight is tied to the input embedding, when that embedding is among `targets` (else []).
+
+    PEFT's rule (`TrainableTokensModel.inject_adapter` with `_get_module_names_tied_with_embedding`): only with
+    `config.tie_word_embeddings`; the tied names come from the model's `_tied_weights_keys` (tied to the input
+    embedding's parameters), and every module whose name ends with one of them is tied.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
+        return []
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    if not any(model.get_submodule(t) is embedding for t in targets):
+        return []
+    keys = getattr(model, "_tied_weights_keys", None)
+    if not keys:
+        return []
+    if isinstance(keys, Mapping):
+        table: dict[str, str] = {}
+        for name, module in model.named_modules():
+            sub = getattr(module, "_tied_weights_keys", None)
+            if isinstance(sub, Mapping) and sub:
+                table.update({f"{name}.{k}" if name else k: f"{name}.{v}" if name else v for k, v in sub.items()})
+        own = {id(p) for p in embedding.parameters()}
+        candidates = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in own}
+        tied_params = [k for k, v in table.items() if v in candidates]
+    else:
+        tied_params = list(keys)
+    tied_modules = sorted({k.rpartition(".")[0] for k in tied_params})
+    found = [n for n, _ in model.named_modules(remove_duplicate=False) if any(n.endswith(t) for t in tied_modules)]
+    return list(dict.fromkeys(found))
+
+
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
@@ -394,7 +431,7 @@ def find_modules_to_save(model: nn.Module, config: Any, targets: Any = (), param
     Raises TypeError, like PEFT, when such a module is a container, one of the adapter's `targets`, or holds a
     parameter the adapter targets (`parameter_owners`: PEFT's lora.ParamWrapper cannot be saved whole).
     """
-    names = config.modules_to_save or []
+    names = getattr(config, "modules_to_save", None) or []
     found: list[str] = []
     for key, module in model.named_modules():
         if key and is_saved_module(key, names):

@@ -6,6 +6,7 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import enum
@@ -118,7 +119,17 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
     container = origin or hint
+    if container is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
     if container is list:
         return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
     if container is set:
@@ -185,6 +196,8 @@ class PeftConfig:
     _unimplemented: ClassVar[dict[str, Any]] = {}
     # fields PEFT drops when it writes adapter_config.json
     _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
+    # PEFT's save_embedding_layers="auto" saves a targeted embedding, except for trainable tokens
+    SAVES_TARGETED_EMBEDDINGS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -208,6 +221,10 @@ class PeftConfig:
     def model_defaults(self, model_type: str | None) -> dict[str, Any]:
         """Fields PEFT fills in from the model type at get_peft_model time (e.g. IA3's feedforward_modules)."""
         return {}
+
+    def default_targets(self, model: Any) -> Any:
+        """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (sets become sorted lists, enums their values)."""

@@ -85,3 +85,37 @@ IA3_FEEDFORWARD_MODULES: dict[str, list[str]] = {
 }
 # PEFT: the LoHa / LoKr tables are copies of LoRA's; VeRA's too, with phi -> q_proj, v_proj
 VERA_TARGET_MODULES: dict[str, list[str] | str] = {**DEFAULT_TARGET_MODULES, "phi": ["q_proj", "v_proj"]}
+# PEFT: TRANSFORMERS_MODELS_TO_FOURIERFT/C3A_TARGET_MODULES_MAPPING (LoRA's, but GPT-2 style models target mlp.c_proj)
+FOURIERFT_TARGET_MODULES: dict[str, list[str] | str] = {**DEFAULT_TARGET_MODULES, "gpt_bigcode": ["mlp.c_proj"], "gpt2": ["mlp.c_proj"]}
+C3A_TARGET_MODULES: dict[str, list[str] | str] = dict(FOURIERFT_TARGET_MODULES)
+# PEFT: TRANSFORMERS_MODELS_TO_SHIRA_TARGET_MODULES_MAPPING (LoRA's, with phi -> q_proj, v_proj)
+SHIRA_TARGET_MODULES: dict[str, list[str] | str] = {**DEFAULT_TARGET_MODULES, "phi": ["q_proj", "v_proj"]}
+# PEFT: TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING
+VBLORA_TARGET_MODULES: dict[str, list[str] | str] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"], "deberta": ["in_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+# PEFT: TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING
+LNTUNING_TARGET_MODULES: dict[str, list[str] | str] = {
+    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "llava": ["multi_modal_projector", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens", "lm_head"],
+    "t5": ["layer_norm", "final_layer_norm"], "mt5": ["layer_norm", "final_layer_norm"],
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"], "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "blip-2": ["layernorm", "LayerNorm", "final_layer_norm", "self_attn_layer_norm"], "gptj": ["ln_1", "ln_f"],
+    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"], "phi": ["input_layernorm", "final_layernorm"],
+    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "gemma2": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm"],
+    "gemma3_text": [
+        "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm",
+    ],
+    "qwen2": ["post_attention_layernorm"], "qwen3": ["post_attention_layernorm"],
+}

@@ -8,59 +8,76 @@ plain adapter tree `{module_path: {param_name: Tensor}}` (see `funcpeft.trees`),
 model, or `{adapter_name: tree, ...}` for several registered adapters at once (their terms are summed,
 like PEFT's list of active adapters).
 
-Each call runs `torch.func.functional_call` on a private *skeleton* of the model (a copy of the module
-tree that shares every parameter and buffer with the model, so no weight is copied): the user's model is
-never touched, and each thread gets its own skeleton, so concurrent calls cannot see each other's swaps.
+Each eager call runs the model on its own *call skeleton*: a shallow copy of the module tree, built from
+the model when the call starts (~3 us per module), whose modules hold this call's tensors (base weights,
+AdaptedWeights, overrides) in their own `_parameters` dicts and share every other attribute value with the
+model's modules. Nothing is swapped on a shared module, so concurrent calls (threads, compiled or eager)
+cannot see each other, and the call's tensors stay bound until its autograd graph is gone (gradient
+checkpointing recomputes with them).
+
+What the model may change after `get_peft_model` — one rule, the same in every thread: module attributes
+(`config`, flags such as `gradient_checkpointing`, `_gradient_checkpointing_func`, ...), forward /
+pre-forward (with_kwargs too) / backward hooks (registered before or after `get_peft_model`; removing the
+handle stops them) and the module structure are read from the model at call time. Parameters come from
+`base` and the adapter, buffers from the model. Hooks receive the skeleton module as `module`. Attribute
+values are the model's own objects: a forward that rebinds an attribute (`self.x = ...`) changes only the
+skeleton, one that mutates a shared object in place changes the model's.
+
+Under `torch.compile` (dynamo cannot trace module objects created while tracing) the call traces
+`functional_call` on the model itself; the swaps and the eval-mode switch are symbolic and undone inside
+the traced code, so the model is never changed. The model is read when the call is traced and dynamo
+guards on what it read: a changed attribute retraces; hooks added or removed later are seen only if
+torch guards on hooks (`torch._dynamo.config.skip_nnmodule_hook_guards` defaults to True, ignoring them, as
+for any compiled model), and compiled hooks receive the model's modules. Compiled and eager calls run in
+different threads at once, and so does a compile, except for models using `kernels`'
+CompileableContextVar (transformers' Llama, Mistral, Qwen2, ...): an eager call of such a model in
+another thread during a compile breaks the compile, with or without funcpeft (it follows the process-wide
+`torch.compiler.is_compiling()` flag).
+
+Gradient checkpointing (`model.gradient_checkpointing_enable()`, before or after `get_peft_model`) works
+as in transformers: layers are checkpointed when the model runs in training mode, i.e. when `fn` gets a
+`dropout_rng` (PEFT's `model.train()`; in eval mode fn warns once that nothing is checkpointed). funcpeft
+always runs it with `use_reentrant=False`, whatever the model was given: the reentrant variant needs
+inputs that require grad and cannot be used with `torch.autograd.grad` (which `funcpeft.value_and_grad`
+uses); the gradients are the same. transformers' `enable_input_require_grads` hook, which only the
+reentrant variant needs, is left out of call skeletons (torch.func rejects its `requires_grad_`). A
+recompute redraws the forward's dropout masks from copies of the call's generators (`funcpeft.rng`).
+Inside torch.func transforms torch cannot checkpoint (grad/vjp reject saved-tensor hooks; a backward after
+vmap cannot replay a vmapped layer): that raises a clear error.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
+import functools
+import types
+import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, leaf_shapes, shared_params
+from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, check_stack, leaf_shapes, shared_params
+from .methods import weight_method
 from .methods.base import LayerSpec, Method, Params, no_dropout
+from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
-from .weights import AdaptedWeight, Applied
+from .trees import SHARED_PATH
+from .weights import AdaptedWeight, Applied, nesting_order
 
-
-def _skeleton(model: nn.Module, training: bool) -> nn.Module:
-    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
-    memo.update({id(t): t for t in model.buffers()})
-    skel = copy.deepcopy(model, memo)
-    skel.train(training)
-    return skel
-
-
-class _Dropout:
-    """Training-mode dropout on the adapter input, driven by an explicit generator or seed."""
-
-    def __init__(self, generator: torch.Generator | None):
-        self.generator = generator
-
-    def __call__(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        if p == 0.0:
-            return x
-        if self.generator is None:  # global RNG inside a seeded fork: works under vmap(randomness=...)
-            return F.dropout(x, p, training=True)
-        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.generator)
-        return x * keep / (1.0 - p)
+_MISSING = object()
+_MODULE_TRAIN = nn.Module.train
+_new = object.__new__
 
 
 class PeftFunction:
     """`fn(base, adapter, *args, dropout_rng=None, **kwargs) -> model(*args, **kwargs)` with the adapter applied.
 
     dropout_rng: None (default) runs the model in eval mode with no dropout anywhere: `fn` is
-    deterministic. An `int` seed or a `torch.Generator` runs the model and the adapters' lora_dropout in
-    training mode, reproducibly given the seed/generator. Use an int seed under `torch.func.vmap`
-    (randomness="different" or "same"); a Generator is not supported by vmap's random ops.
+    deterministic. An `int` seed or a `torch.Generator` runs the model in training mode (its own dropout,
+    the adapters' lora_dropout, gradient checkpointing if enabled on the model), reproducibly given the
+    seed/generator and without touching the process-global RNG (see `funcpeft.rng`). An int seed is
+    thread-safe; both work under `torch.func.vmap(randomness="different" | "same")`.
     """
 
     def __init__(self, model: nn.Module, plans: dict[str, Plan], default_adapter: str, mixed: bool = False):
@@ -75,20 +92,7 @@ class PeftFunction:
         )
         self._model = model
         self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
-        self._main = {t: _skeleton(model, t) for t in (False, True)}
-        self._local = threading.local()  # per-thread skeletons, freed with their thread
-        self._local.skeletons = dict(self._main)  # the creating thread uses the main ones
-
-    def _get_skeleton(self, training: bool) -> nn.Module:
-        """This thread's private copy of the module tree (compiled code uses the creating thread's)."""
-        if torch.compiler.is_compiling():
-            return self._main[training]
-        skeletons = getattr(self._local, "skeletons", None)
-        if skeletons is None:
-            skeletons = self._local.skeletons = {}
-        if training not in skeletons:
-            skeletons[training] = _skeleton(self._model, training)  # reads the model only: no lock needed
-        return skeletons[training]
+        self._warned_eval_checkpointing = False
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -103,8 +107,20 @@ class PeftFunction:
         default_plan = self.plans.get(self.default_adapter, {})
         if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
             names = [name for name in (self.plans if self.mixed else adapter) if adapter.get(name) is not None]
+            self._check_copies(names)
             return [(name, adapter[name]) for name in names]
         return [(self.default_adapter, adapter)]
+
+    def _check_copies(self, names: list[str]) -> None:
+        """PEFT's LN tuning runs and merges one adapter at a time (`Method.copies_modules`)."""
+        copying = [n for n in names if any(e.copied_by for e in self.plans[n].values())]
+        if copying and len(names) > 1:
+            method = next(e.copied_by for e in self.plans[copying[0]].values() if e.copied_by)
+            raise ValueError(
+                f"Trying to use {len(names)} adapters at once ({names}), but {weight_method(method).peft_type} "
+                f"({copying}) replaces whole modules' parameters and does not allow inference or merging with more "
+                "than one adapter at a time (PEFT's rule)"
+            )
 
     def _leaf_shapes(self, name: str) -> LeafShapes:
         """The shapes adapter `name`'s leaves must have (computed once per registered plan)."""
@@ -168,9 +184,12 @@ class PeftFunction:
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
+                    what = "modules_to_save or a trainable bias"
+                    if entry.copied_by:
+                        what = f"{weight_method(entry.copied_by).peft_type} replaces its parameters"
                     raise NotImplementedError(
-                        f"per-example adapters: {path} overrides {entry.overrides} (modules_to_save or a trainable "
-                        "bias); only method parameters can be routed per example"
+                        f"per-example adapters: {path} overrides {entry.overrides} ({what}); only method parameters "
+                        "can be routed per example"
                     )
                 for pname in entry.overrides:
                     params[entry.base_key(path, pname)] = leaves[pname]
@@ -178,6 +197,7 @@ class PeftFunction:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
+                own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
                 if entry.parameter is not None:
                     if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
@@ -188,33 +208,145 @@ class PeftFunction:
                         )
                     targeted.setdefault(entry.parameter, []).append((method, entry.spec, {**own, **frozen}))
                     continue
-                if routing is not None:
-                    applied = route_layer(entry.spec, method, own, frozen, routing, batch)
-                else:
-                    applied = Applied(entry.spec, {**own, **frozen}, method.forward, method.uses_result(entry.spec))
-                carried.setdefault(f"{path}.weight", []).append(applied)
+                # the layer itself, then layers tied to it that apply the same parameters (PlanEntry.tied)
+                for lpath, spec in ((path, entry.spec), *entry.tied):
+                    if routing is not None:
+                        applied = route_layer(spec, method, own, frozen, routing, batch)
+                    else:
+                        applied = Applied(spec, {**own, **frozen}, method.forward, method.uses_result(spec))
+                    carried.setdefault(f"{lpath}.weight", []).append(applied)
         for wname, adapters in carried.items():
-            params[wname] = AdaptedWeight.wrap(params[wname], tuple(adapters), dropout)
+            check_stack(tuple(a.spec for a in adapters))
+            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout)
         for pname, on_param in targeted.items():
             params[pname] = parameter_value(pname, on_param, params[pname])
         return params
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
-        training = dropout_rng is not None
-        dropout: Any
-        ctx: Any
-        if isinstance(dropout_rng, torch.Generator):
-            dropout, ctx = _Dropout(dropout_rng), nullcontext()
-        elif training:
-            if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
-                raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
-            dropout, ctx = _Dropout(None), _seeded(dropout_rng)
+        rng = _randomness(dropout_rng)
+        params = self.build_params(base, adapter, no_dropout if rng is None else rng.dropout, (args, kwargs))
+        # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
+        # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
+        if torch.compiler.is_dynamo_compiling():
+            return _traced_call(self._model, params, args, kwargs)
+        call = _Call(params, rng)
+        skel = call.skeleton(self._model)
+        if call.checkpointing and rng is None and not self._warned_eval_checkpointing and torch.is_grad_enabled():
+            self._warned_eval_checkpointing = True
+            warnings.warn(
+                "funcpeft: gradient checkpointing is enabled on the model, but fn runs it in eval mode (no dropout_rng), "
+                "where transformers does not checkpoint: no activation memory is saved. Pass dropout_rng=<seed> to "
+                "train in training mode (with checkpointing), as PEFT does after model.train().",
+                stacklevel=2,
+            )
+        if rng is None:
+            return skel(*args, **kwargs)
+        with redirect(rng):
+            return skel(*args, **kwargs)
+
+
+def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """The eval-mode call as torch.compile traces it: functional_call on the model itself.
+
+    Dynamo cannot trace a call skeleton (module objects created while tracing have no source). Under
+    dynamo, functional_call's swaps (and the eval-mode switch) are symbolic and undone inside the traced
+    code, so the model is never changed, at trace time or when the compiled code runs; and dynamo guards on
+    the model's attributes and hooks it read, so a later change retraces.
+    """
+    flipped = [m for m in model.modules() if m.training]
+    hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
+    for m in flipped:
+        m.training = False
+    for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
+        m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
+    try:
+        return torch.func.functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
+    finally:
+        for m in flipped:
+            m.training = True
+        for m, hooks in hooked:
+            m._forward_hooks = hooks
+
+
+def _randomness(dropout_rng: Any) -> CallRandomness | None:
+    if dropout_rng is None:
+        return None
+    if torch.compiler.is_dynamo_compiling():
+        raise NotImplementedError(
+            "funcpeft: fn(..., dropout_rng=...) cannot be compiled (torch.compile does not trace private "
+            "torch.Generators); compile the eval-mode call (no dropout_rng), or run the training-mode call eagerly"
+        )
+    if isinstance(dropout_rng, torch.Generator):
+        return CallRandomness(user_generator=dropout_rng)
+    if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
+        raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
+    return CallRandomness(seed=dropout_rng)
+
+
+class _Call:
+    """One call's skeleton builder: the tensors to bind, the randomness, and what the build saw."""
+
+    def __init__(self, params: dict[str, torch.Tensor], rng: CallRandomness | None):
+        self.params = params
+        self.rng = rng
+        self.training = rng is not None
+        self.bound = 0
+        self.checkpointing = False
+        self.custom_train = False
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        skel = self._copy(model, "")
+        if self.bound != len(self.params):
+            self._unbound(model)
+        if self.custom_train:  # a module overrides train() (e.g. keeps a frozen part in eval): let it decide
+            skel.train(self.training)
+        return skel
+
+    def _copy(self, module: nn.Module, prefix: str) -> nn.Module:
+        # hot path (~3 us a module): plain dict operations on the module's __dict__
+        cls = type(module)
+        skel = _new(cls)
+        own = module.__dict__
+        d = own.copy()
+        params = own["_parameters"]
+        if params:
+            bound = params.copy()
+            for name in params:
+                t = self.params.get(prefix + name, _MISSING)
+                if t is not _MISSING:
+                    bound[name] = t
+                    self.bound += 1
+            d["_parameters"] = bound
         else:
-            dropout, ctx = no_dropout, nullcontext()
-        params = self.build_params(base, adapter, dropout, (args, kwargs))
-        skel = self._get_skeleton(training)
-        with ctx:
-            return torch.func.functional_call(skel, params, args, kwargs, tie_weights=False, strict=False)
+            d["_parameters"] = {}
+        buffers = own["_buffers"]
+        d["_buffers"] = buffers.copy() if buffers else {}
+        d["_non_persistent_buffers_set"] = set(own["_non_persistent_buffers_set"])
+        children = own["_modules"]
+        d["_modules"] = {n: None if c is None else self._copy(c, f"{prefix}{n}.") for n, c in children.items()} if children else {}
+        d["training"] = self.training
+        hooks = own["_forward_hooks"]
+        if hooks and any(_input_grad_hook(h) for h in hooks.values()):
+            d["_forward_hooks"] = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
+        if "_gradient_checkpointing_func" in own:
+            d["_gradient_checkpointing_func"] = functools.partial(_checkpoint, own["_gradient_checkpointing_func"], self.rng)
+            self.checkpointing = self.checkpointing or own.get("gradient_checkpointing") is True
+        for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
+            if key in own:
+                d[key] = _rebind(own[key], module, skel)
+        train = cls.train
+        if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
+            self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
+        object.__setattr__(skel, "__dict__", d)
+        return skel
+
+    def _unbound(self, model: nn.Module) -> None:
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        lost = sorted(set(self.params) - names)
+        raise RuntimeError(
+            f"funcpeft: the model no longer has the parameter(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} that fn "
+            "was built for: its module structure changed after get_peft_model. Call get_peft_model on the model as it is now."
+        )
 
 
 def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
@@ -229,20 +361,59 @@ def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Param
     return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
 
 
-class _seeded:
-    """Fork the global RNG (CPU and the current accelerator) and seed it; restore on exit."""
+def _input_grad_hook(hook: Any) -> bool:
+    """transformers' / PEFT's `enable_input_require_grads` hook: `output.requires_grad_(True)` on the embeddings.
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    Only reentrant checkpointing needs it, which funcpeft never runs; and torch.func transforms reject
+    `requires_grad_`. Call skeletons leave it out (the model keeps it).
+    """
+    return getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS and str(getattr(hook, "__module__", "")).startswith(
+        ("transformers.", "peft."))
 
-    def __enter__(self) -> None:
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
 
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def _rebind(value: Any, module: nn.Module, skel: nn.Module) -> Any:
+    """A bound method or functools.partial of `module` -> the same bound to `skel` (anything else as is)."""
+    if isinstance(value, types.MethodType) and value.__self__ is module:
+        return types.MethodType(value.__func__, skel)
+    if isinstance(value, functools.partial) and any(a is module for a in value.args):
+        args = tuple(skel if a is module else a for a in value.args)
+        return functools.update_wrapper(functools.partial(value.func, *args, **value.keywords), value)
+    return value
+
+
+def _checkpoint(model_func: Any, rng: CallRandomness | None, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """A layer's `_gradient_checkpointing_func` in a call skeleton: the model's, non-reentrant, same masks on recompute.
+
+    `function` runs the layer on this call's skeleton, whose tensors stay bound until backward, so the
+    recompute sees the adapter. Dropout masks are redrawn from copies of the call's generators as they were
+    when the layer first ran; the global RNG is never saved or restored (`preserve_rng_state=False`): no
+    draw of the call uses it.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            "funcpeft: gradient checkpointing is enabled on the model (gradient_checkpointing_enable()), and torch's "
+            "checkpointing cannot run inside torch.func transforms: grad/vjp do not support its saved-tensor hooks, and "
+            "a backward after vmap cannot replay a vmapped layer. Take gradients with funcpeft.value_and_grad or "
+            "loss.backward() outside torch.func transforms, or disable checkpointing (model.gradient_checkpointing_disable())."
+        )
+    if rng is None:
+        run = function
+    else:
+        state = rng.snapshot()
+        calls = 0
+
+        def run(*a: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*a, **kw)
+            with rng.replay(state):
+                return function(*a, **kw)
+
+    return model_func(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def peft_function(pm: Any) -> PeftFunction:

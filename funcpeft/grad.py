@@ -3,9 +3,14 @@
 `torch.func.grad` wraps every tensor in the forward for its transform level, which measured 2.3x PEFT's
 peak training memory on the benchmark Llama. At top level (no torch.func transform active, not being
 compiled) this helper instead detaches the adapter leaves, marks them `requires_grad` and calls
-`torch.autograd.grad`: the same numbers at PEFT's memory. Inside `vmap`/`grad`/`jvp` or `torch.compile`
-it is `torch.func.grad_and_value`, so it still composes (e.g. `vmap(value_and_grad(loss))` trains an
-ensemble, or gives per-sample gradients).
+`torch.autograd.grad`: the same numbers at PEFT's memory. Inside `vmap`/`grad`/`jvp` or code traced by
+`torch.compile` it is `torch.func.grad_and_value`, so it still composes (e.g. `vmap(value_and_grad(loss))`
+trains an ensemble, or gives per-sample gradients). "Traced" is `torch.compiler.is_dynamo_compiling()`:
+`is_compiling()` is also True in other threads' eager code while any thread compiles.
+
+Gradient checkpointing enabled on the model (funcpeft.functional) works at top level, where this uses
+`torch.autograd.grad` (checkpointing is always run non-reentrant, which autograd.grad needs); inside
+torch.func transforms it raises a clear error (torch cannot checkpoint there).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def value_and_grad(fn: Callable[..., Any], argnums: int = 0, has_aux: bool = Fal
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or _inside_functorch() or not torch.is_grad_enabled():
+        if torch.compiler.is_dynamo_compiling() or _inside_functorch() or not torch.is_grad_enabled():
             grads, value = torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
             return value, grads
         leaves, spec = optree.tree_flatten(args[argnums])

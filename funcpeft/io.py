@@ -48,9 +48,11 @@ from .keys import (
     base_file_key,
     bias_all_duplicates,
     embedding_is_targeted,
+    frozen_file_keys,
     is_saved_module,
     key_rules,
     shared_file_keys,
+    tied_paths,
     tree_file_keys,
 )
 from .methods import CONFIG_CLASSES, Method, method_for
@@ -332,7 +334,7 @@ def _embedding_keys(
     names = {m: n for n, m in model.named_modules()}
     targeted = embedding_is_targeted(getattr(config, "target_modules", None), names.values())
     if save_embedding_layers == "auto":
-        if targeted and getattr(config, "trainable_token_indices", None) is None:
+        if targeted and config.SAVES_TARGETED_EMBEDDINGS and getattr(config, "trainable_token_indices", None) is None:
             reason = "embedding layers found in `target_modules`."
         elif _vocab_resized(config, model):
             reason = "the embedding layer has been resized during finetuning."
@@ -369,11 +371,21 @@ def checkpoint_state(
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
     rules: KeyRules = key_rules(config)
-    state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in tree_file_keys(adapter_params, rules).items()}
+    mts = getattr(config, "modules_to_save", None)
+    keys = tree_file_keys(adapter_params, rules, mts, tied_paths(model, config, adapter_params))
+    state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in keys.items()}
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:
         base = dict(model.named_parameters())
     adapted = {p for p, e in adapter_params.items() if any(rules.is_method_param(n) for n in e)}
+    for key, name in frozen_file_keys(config, adapted, adapter_name).items():
+        if base is None or name not in base:
+            raise ValueError(
+                f"{type(config).__name__}: the file needs the adapter's frozen {key.rsplit('.', 1)[-1]!r} of "
+                f"{key.removeprefix('base_model.model.').rsplit('.', 1)[0]!r}, kept in `base` as {name!r}; pass the "
+                "`base` get_peft_model / from_pretrained returned as base_params= (and the adapter's name)"
+            )
+        state[key] = _for_file(key, base[name])
     if getattr(config, "bias", "none") == "all":
         mts = getattr(config, "modules_to_save", None)
         saved = {p: list(e) for p, e in adapter_params.items() if p not in adapted and is_saved_module(p, mts)}
@@ -382,7 +394,7 @@ def checkpoint_state(
                 state[key] = _for_file(key, adapter_params[path][name])
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
-    shared = shared_file_keys(config, base or {})
+    shared = shared_file_keys(config, base or {}, sorted(adapted))
     method = method_for(config)
     if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
         raise ValueError(
@@ -398,6 +410,9 @@ def checkpoint_state(
             state[key] = _for_file(key, base[name])
     elif save_embedding_layers is True:
         raise ValueError("save_embedding_layers=True needs the model (pass model=...)")
+    method = method_for(config)
+    if isinstance(method, Method) and method.codec is not None:
+        state = method.codec.encode(config, state)
     return _unshare(state)
 
 

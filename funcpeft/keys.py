@@ -6,6 +6,11 @@ A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
     ... in the method's `unsuffixed` set  base_model.model.{path}.{name}        (lora_embedding_A/B, DoRA magnitude)
     own param of an adapted layer         base_model.model.{path}.base_layer.{name}   (bias="lora_only"/"all")
     own param of any other module         base_model.model.{path}.{name}   (modules_to_save copies, bias="all")
+    copy of a targeted module's param     base_model.model.{path}.{copies_part}.{name}   (LN tuning)
+    shared trainable (path '<shared>')    base_model.{name}                 (VB-LoRA's vector bank)
+
+plus, from `base`, a method's per-layer frozen tensors (`LayerFrozen`: base_model.model.{path}.{name}) and, for
+a method that follows ties, the same leaves again under each tied layer's path (trainable tokens' lm_head).
 
 A method declares its rules in its contract (funcpeft.methods.base): `Method.keys` (a `KeyRules`: the prefix
 PEFT gives its parameter names and the names saved without `.weight`) and `SharedTensors.file_keys` (frozen
@@ -18,11 +23,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torch import nn
+
 from ._plan import PlanEntry
-from ._targeting import is_saved_module
+from ._targeting import is_saved_module, tied_to_input_embedding
 from .methods import method_for
 from .methods.base import KeyRules, Method
-from .trees import SHARED_PREFIX
+from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
@@ -36,42 +43,93 @@ def key_rules(config: Any) -> KeyRules:
     return method_for(config).keys
 
 
-def shared_file_keys(config: Any, base_keys: Iterable[str]) -> dict[str, str]:
+def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[str] = ()) -> dict[str, str]:
     """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
 
-    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`).
+    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`); `adapted`: the
+    adapted module paths, for copies PEFT writes under each layer (`SharedTensors.layer_file_keys`).
     """
     method = method_for(config)
     if not isinstance(method, Method) or method.shared is None:
         return {}
-    return dict(method.shared.file_keys(config, [k for k in base_keys if k.startswith(SHARED_PREFIX)]))
+    shared = [k for k in base_keys if k.startswith(SHARED_PREFIX)]
+    return {**method.shared.file_keys(config, shared), **method.shared.layer_file_keys(config, shared, list(adapted))}
 
 
 def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
-    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters."""
+    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters.
+
+    Tensors shared by all layers (path `SHARED_PATH`) are PEFT's tuner-level `base_model.{name}`; an adapted
+    module's own parameters go under `base_layer` (trainable biases) or the method's `copies_part` (LN tuning).
+    """
+    if path == SHARED_PATH:
+        return f"base_model.{name}"
     if rules.is_method_param(name) if method_param is None else method_param:
         return f"{PREFIX}{path}.{name}" + ("" if name in rules.unsuffixed else ".weight")
-    return f"{PREFIX}{path}.base_layer.{name}" if adapted else f"{PREFIX}{path}.{name}"
+    return f"{PREFIX}{path}.{rules.copies_part or 'base_layer'}.{name}" if adapted else f"{PREFIX}{path}.{name}"
 
 
-def tree_file_keys(tree: Mapping[str, Mapping[str, Any]], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes)."""
+def tree_entry_adapted(path: str, entry: Iterable[str], rules: KeyRules, modules_to_save: Iterable[str]) -> bool:
+    """Whether a tree entry belongs to an adapted module (else it is a modules_to_save copy or a plain bias)."""
+    if rules.copies_part is not None:  # LN tuning: every entry but modules_to_save copies is the method's
+        return not is_saved_module(path, modules_to_save)
+    return any(rules.is_method_param(n) for n in entry)
+
+
+def tree_file_keys(
+    tree: Mapping[str, Mapping[str, Any]], rules: KeyRules, modules_to_save: Iterable[str] | None = None,
+    tied: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Leaf]:
+    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes).
+
+    modules_to_save: the config's (tells LN tuning's copies from modules_to_save ones); tied: {path: layers
+    tied to it} (`tied_paths`): PEFT also saves their adapter under each tied layer's name.
+    """
+    mts = list(modules_to_save or [])
     out: dict[str, Leaf] = {}
     for path, entry in tree.items():
-        adapted = any(rules.is_method_param(n) for n in entry)
+        adapted = tree_entry_adapted(path, entry, rules, mts)
         for name in entry:
             out[file_key(path, name, rules, adapted)] = (path, name)
+            for other in (tied or {}).get(path, ()):
+                out[file_key(other, name, rules, adapted)] = (path, name)
     return out
 
 
 def plan_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan)."""
+    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan); the keys
+    PEFT writes for a tied layer (`PlanEntry.tied`) point at the leaf of the layer it is tied to."""
     out: dict[str, Leaf] = {}
     for path, e in plan.items():
-        adapted = e.spec is not None
+        adapted = e.spec is not None or e.copied_by is not None
         for name in (*e.params, *e.overrides):
             out[file_key(path, name, rules, adapted, name in e.params)] = (path, name)
+            for other, _ in e.tied:
+                out[file_key(other, name, rules, adapted, name in e.params)] = (path, name)
     return out
+
+
+def tied_paths(model: nn.Module | None, config: Any, paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{targeted input embedding's path: layers tied to it} for a method that follows ties (PEFT's rule)."""
+    method = method_for(config)
+    if model is None or not isinstance(method, Method) or not method.follows_ties:
+        return {}
+    paths = [p for p in paths if p != SHARED_PATH]
+    tied = tied_to_input_embedding(model, paths)
+    if not tied:
+        return {}
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    return {p: tuple(tied) for p in paths if model.get_submodule(p) is embedding}
+
+
+def frozen_file_keys(config: Any, paths: Iterable[str], adapter_name: str) -> dict[str, str]:
+    """{checkpoint key: base key} of the per-layer frozen tensors PEFT saves (`LayerFrozen.saved`: SHiRA's
+    mask indices as `base_model.model.{path}.shira_indices`) for the adapted modules `paths`."""
+    method = method_for(config)
+    if not isinstance(method, Method) or method.layer_frozen is None or not method.layer_frozen.saved:
+        return {}
+    names = method.layer_frozen.names
+    return {f"{PREFIX}{p}.{n}": layer_frozen_key(adapter_name, p, n) for p in paths if p != SHARED_PATH for n in names}
 
 
 def base_file_key(param_name: str, adapted_paths: Iterable[str] | set[str]) -> str:
@@ -129,11 +187,17 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
 
     "base": a base-model parameter PEFT saved (e.g. the embedding under `base_layer`), as (param name, "").
     """
-    if not key.startswith(PREFIX):  # tuner-level tensors (VeRA's `base_model.vera_A`) belong to the base side
-        return ("base", (key, "")) if key.startswith("base_model.") else None
+    if not key.startswith(PREFIX):  # tuner-level tensors: trainable shared ones (VB-LoRA's bank) or VeRA's frozen
+        if not key.startswith("base_model."):
+            return None
+        name = key[len("base_model."):]
+        return ("adapter", (SHARED_PATH, name)) if rules.is_method_param(name) else ("base", (key, ""))
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None
+    if rules.copies_part is not None and rules.copies_part in parts[1:-1]:  # LN tuning's copies
+        at = parts.index(rules.copies_part, 1)
+        return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1:]))
     last, prev = parts[-1], parts[-2]
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (".".join(parts[:-1]), last)

@@ -21,19 +21,22 @@ from torch import nn
 from ._checks import AdapterMismatchError, LeafSpec, Problems, device_of, expected_leaves
 from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
 from .config import PeftConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors, tensor_shapes
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors
 from .keys import (
     PREFIX,
     Leaf,
     base_file_key,
     file_key,
+    frozen_file_keys,
     is_saved_module,
     is_wrapper_duplicate,
     key_rules,
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
+    tree_entry_adapted,
 )
+from .methods import Method, method_for
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
 
@@ -108,11 +111,11 @@ class Matched(NamedTuple):
 
 def match_checkpoint(
     tensors: Mapping[str, torch.Tensor], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor],
+    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor], adapter_name: str = "default",
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
-    shared: the method's frozen shared base entries (funcpeft._plan.init_shared), which it may save.
+    shared: the method's frozen base entries (funcpeft._plan.init_shared), which it may save.
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
@@ -122,7 +125,8 @@ def match_checkpoint(
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
-    shared_keys = shared_file_keys(config, shared)
+    shared_keys = shared_file_keys(config, shared, sorted(adapted))
+    shared_keys.update(frozen_file_keys(config, adapted, adapter_name))
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
@@ -219,17 +223,17 @@ def load_for_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
-    shapes = tensor_shapes(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name))
+    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
     check_sizes(shapes, plan, resolved, leaves, where)
     shared = init_shared(model, plan)
-    tensors = read_tensors(where, allow_pickle)
-    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared)
+    matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
     ref = {**dict(model.named_parameters()), **shared}
@@ -237,15 +241,25 @@ def load_for_model(
     return Loaded(resolved, plan, tree, {**shared, **loaded})
 
 
+def _decoded(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint as the method's leaves are keyed (`FileCodec.decode`, e.g. VB-LoRA's top-k logits)."""
+    method = method_for(config)
+    return method.codec.decode(config, tensors) if isinstance(method, Method) and method.codec else tensors
+
+
 def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pickle: bool) -> tuple[dict, PeftConfig]:
     config = read_config(where)
-    tensors = read_tensors(where, allow_pickle)
+    tensors = _decoded(config, read_tensors(where, allow_pickle))
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
+    method = method_for(config)
+    frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
     tree: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[Leaf, str] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.rsplit(".", 1)[-1] in frozen:
+            continue  # a layer's frozen tensor (SHiRA's mask indices): the base side, which needs the model
         parsed = parse_file_key(key, rules, mts, bias)
         if parsed is None:
             unexpected.append(key)
@@ -254,8 +268,7 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
             tree.setdefault(path, {})[name] = t.requires_grad_(is_trainable)
             keys[(path, name)] = key
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        adapted = any(rules.is_method_param(n) for n in tree[path])
-        if file_key(path, name, rules, adapted) != key:
+        if file_key(path, name, rules, tree_entry_adapted(path, tree[path], rules, mts)) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}
@@ -289,10 +302,13 @@ def load_adapter(
     )
     params = dict(model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
+    fresh = init_shared(model, loaded.plan)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(
-            f"The checkpoint also carries base-model weights that differ from the model's: {differing}. "
-            "load_adapter ignores them; funcpeft.from_pretrained uses them (in `base`), like PEFT.",
+            f"The checkpoint also carries base-model weights that differ from the model's (or frozen adapter tensors "
+            f"its config alone does not give): {differing}. load_adapter ignores them; funcpeft.from_pretrained uses "
+            "them (in `base`), like PEFT.",
             stacklevel=2,
         )
     return loaded.tree, loaded.config

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._names import Names
-from ._plan import PlanEntry, check_adapter_structure, layer_params
+from ._plan import PlanEntry, check_adapter_structure, check_stack, layer_params, with_shared
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
 from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
@@ -134,7 +134,13 @@ def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | 
             check_adapter_structure(tree, plan, name)
         else:
             fn.check_tree(name, tree, {alias: names.read(base, alias) for alias, _ in fn.aliases})
-        out += [(name, path, plan[path], leaves) for path, leaves in tree.items()]
+        out += [(name, path, plan[path], with_shared(tree, path, plan[path])) for path in tree]
+    by_layer: dict[str, list[LayerSpec[Any]]] = {}
+    for _, path, entry, _ in out:
+        if entry.spec is not None:
+            by_layer.setdefault(path, []).append(entry.spec)
+    for specs in by_layer.values():
+        check_stack(tuple(specs))
     return out
 
 
@@ -229,7 +235,8 @@ def _warn_tied_merges(fn: PeftFunction, adapter: Any) -> None:
     names = Names(fn.aliases)
     for _, path, entry, _ in _entries(fn, adapter):
         wname = entry.weight_key(path)
-        tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n != wname]
+        applied = {wname, *(f"{p}.weight" for p, _ in entry.tied)}  # tied layers the adapter covers (PlanEntry.tied)
+        tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n not in applied]
         if entry.spec is not None and tied:
             warnings.warn(
                 f"Merging the adapter on {path!r} changes its weight, which is tied to {tied}: like PEFT, the "

@@ -54,7 +54,7 @@ class FunctionalPeftModel:
 
     def __repr__(self) -> str:
         configs = ", ".join(f"{n!r}: {type(c).__name__}" for n, c in self.peft_config.items())
-        layers = sum(e.spec is not None for e in self.plans[self.adapter_name].values())
+        layers = sum(e.spec is not None or e.copied_by is not None for e in self.plans[self.adapter_name].values())
         return (
             f"FunctionalPeftModel({type(self.model).__name__}, adapters={{{configs}}}, active={self.adapter_name!r}, "
             f"{layers} adapted layers, {tree_numel(self.adapter):,} adapter values, {len(self.base)} base tensors"
@@ -81,8 +81,9 @@ class FunctionalPeftModel:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
         _check_same_parameters(peft_config, self.peft_config)
-        resolved, plan = plan_adapter(self.model, peft_config)
+        resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
         _check_parameter_layers(plan, self.plans)
+        _check_nesting(plan, self.plans)
         self.base.update(init_shared(self.model, plan))
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
@@ -176,7 +177,7 @@ def get_peft_model(
     check_adapter_name(adapter_name)
     if mixed:
         _check_combinable(peft_config, None, mixed)
-    resolved, plan = plan_adapter(model, peft_config, revision)
+    resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan))
@@ -232,6 +233,22 @@ def _check_parameter_layers(plan: Plan, plans: dict[str, Plan]) -> None:
                 f"{path!r} holds {owners[path]!r}, which another adapter targets with `target_parameters`; PEFT would "
                 "add this adapter to that parameter's wrapper instead of the layer. Target the layer in neither or "
                 "both adapters the same way."
+            )
+
+
+def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A method that cannot wrap another method's layer (`Method.nests`, PEFT's SHiRA) must be added first there."""
+    for path, entry in plan.items():
+        if entry.spec is None or entry.method.nests:
+            continue
+        below = [
+            (n, p[path].method.peft_type) for n, p in plans.items()
+            if (e := p.get(path)) is not None and e.spec is not None and e.method.peft_type != entry.method.peft_type
+        ]
+        if below:
+            raise ValueError(
+                f"{entry.method.peft_type} does not support nested base layers: {path!r} is already adapted by "
+                f"{below} (PEFT's rule); add the {entry.method.peft_type} adapter before the others on that layer"
             )
 
 

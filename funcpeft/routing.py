@@ -96,7 +96,7 @@ def _first_leaf(tree: Any) -> torch.Tensor:
 
 def _checking() -> bool:
     """Value checks need concrete tensors: skip them while compiling or inside a torch.func transform."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+    return not torch.compiler.is_dynamo_compiling() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None) -> PerExample:

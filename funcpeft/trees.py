@@ -9,7 +9,8 @@
 
 Keys are module paths (as in `model.named_modules()`); inside, a key is either a method parameter
 (`lora_A`, ...) or the name of one of the module's own parameters (`weight`, `bias`), which the
-adapter's copy replaces. Any optree / torch pytree function works on it; stacking K trees leaf-wise
+adapter's copy replaces. The reserved path `SHARED_PATH` ('<shared>') holds trainable tensors all layers of a
+method share (VB-LoRA's vector bank). Any optree / torch pytree function works on it; stacking K trees leaf-wise
 gives a tree with a leading K dimension that `torch.func.vmap` maps over.
 """
 
@@ -31,9 +32,19 @@ SHARED_PREFIX = "<shared>."
 belong to the frozen side, never to this tree; see funcpeft.functional."""
 
 
+SHARED_PATH = "<shared>"
+"""Reserved adapter-tree path of the TRAINABLE tensors all of an adapter's layers share (VB-LoRA's vector bank,
+`funcpeft.methods.base.SharedParams`): `adapter["<shared>"] = {"vblora_vector_bank": Tensor}`."""
+
+
 def shared_key(*parts: Any) -> str:
     """A reserved `base` key, e.g. shared_key("vera_A", "prng0", "256x64") -> '<shared>.vera_A.prng0.256x64'."""
     return SHARED_PREFIX + ".".join(map(str, parts))
+
+
+def layer_frozen_key(adapter_name: str, path: str, name: str) -> str:
+    """The `base` key of a layer's frozen adapter tensor (SHiRA's mask indices): '<shared>.{adapter}.{path}.{name}'."""
+    return shared_key(adapter_name, path, name)
 
 
 def stack_adapters(trees: Sequence[Any]) -> Any:

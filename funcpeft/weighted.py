@@ -348,10 +348,12 @@ def _combine(
 ) -> dict[str, torch.Tensor]:
     """The new adapter's method parameters at `path` (e.g. {"lora_A": ..., "lora_B": ...})."""
     layers: list[Layer] = []
+    weight_key = f"{path}.weight"
     for (name, tree), w in zip(pairs, weights):
         info = pm.plans[name].get(path)
         if info is None or info.spec is None or path not in tree:
             continue
+        weight_key = info.weight_key(path)  # the targeted bare parameter for a target_parameters entry
         s: LayerSpec[LoraHyper] = info.spec
         if s.method != "lora":
             raise NotImplementedError(f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}")
@@ -359,7 +361,7 @@ def _combine(
     if not layers:
         raise ValueError(f"No matching LoRAs found for {path!r}: none of the adapters targets it.")
     if combination_type == "cat":
-        base_w = Names(peft_function(pm).aliases).read(pm.base, f"{path}.weight")
+        base_w = Names(peft_function(pm).aliases).read(pm.base, weight_key)
         dtype = adapter_dtype(base_w.dtype, pm.autocast_adapter_dtype)
         a, b = _cat(layers, new_rank, dtype)
     elif combination_type.endswith("svd"):

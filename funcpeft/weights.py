@@ -10,12 +10,14 @@ adapter term.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .methods import weight_method
 from .methods.base import Dropout, ForwardFn, LayerSpec, OpContext, Params
 
 
@@ -29,6 +31,17 @@ class Applied(NamedTuple):
 
 
 Adapters = tuple[Applied, ...]
+
+
+def nesting_order(adapters: Sequence[Applied]) -> Adapters:
+    """A layer's adapters, innermost first, from their activation order: the same order, except that a run of
+    consecutive adapters of one method with `Method.outermost_first` is reversed (PEFT applies their input
+    transforms in activation order, so the first one must be the outermost op)."""
+    out: list[Applied] = []
+    for name, run in itertools.groupby(adapters, key=lambda a: a.spec.method):
+        group = list(run)
+        out += reversed(group) if weight_method(name).outermost_first else group
+    return tuple(out)
 
 
 class UnsupportedWeightOp(RuntimeError):

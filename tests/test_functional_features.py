@@ -98,13 +98,15 @@ def test_dropout_reproducible_given_rng_and_varies_with_it(mlp_dropout: tuple[An
     assert not torch.allclose(run(0), no_dropout)
 
 
-def test_dropout_under_vmap_randomness_different(mlp_dropout: tuple[Any, ...]) -> None:
+@pytest.mark.parametrize("rng", ["int", "generator"])
+def test_dropout_under_vmap_randomness_different(mlp_dropout: tuple[Any, ...], rng: str) -> None:
     _, fn, base, _, adapter = mlp_dropout
     x = make_inputs("mlp", batch=16)["x"]
     stacked = funcpeft.stack_adapters([adapter] * 3)  # the same adapter three times
 
     def run(seed: int) -> torch.Tensor:
-        return torch.func.vmap(lambda a: fn(base, a, x, dropout_rng=seed), randomness="different")(stacked)
+        dropout_rng = seed if rng == "int" else torch.Generator().manual_seed(seed)
+        return torch.func.vmap(lambda a: fn(base, a, x, dropout_rng=dropout_rng), randomness="different")(stacked)
 
     out = run(0)
     assert out.shape == (3, 16, 4)

@@ -67,8 +67,9 @@ def test_build_config_gives_each_library_its_own_objects() -> None:
 
     with pytest.raises(NotImplementedError, match="velora_config"):  # funcpeft gets the dict, and refuses it
         cases.build_config(funcpeft, row.config_cls, row.config_kwargs)
-    with pytest.raises(AttributeError, match="funcpeft has no config class OFTConfig"):
-        cases.build_config(funcpeft, "OFTConfig", {})
+    missing = next(c.config_cls for c in cases.TEST_CASES if not hasattr(funcpeft, c.config_cls))
+    with pytest.raises(AttributeError, match=f"funcpeft has no config class {missing}"):
+        cases.build_config(funcpeft, missing, {})
 
 
 def test_build_is_peft_seeded_and_leaves_the_global_rng_alone() -> None:

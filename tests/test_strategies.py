@@ -200,7 +200,7 @@ def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monk
         T.assert_matches_peft(model, {"r": 2, "target_modules": ["q_proj"]}, extra, **inputs)
     with monkeypatch.context() as m:  # a targeting bug: the last target is dropped
         find = funcpeft._plan.find_targets
-        m.setattr(funcpeft._plan, "find_targets", lambda model, config: find(model, config)[:-1])
+        m.setattr(funcpeft._plan, "find_targets", lambda model, config, **kw: find(model, config, **kw)[:-1])
         with pytest.raises(AssertionError, match=r"trainable parameters differ: only funcpeft \[\], only peft .*v_proj"):
             T.assert_matches_peft(model, kw, **inputs)
     lora = METHODS["lora"]

@@ -5,19 +5,41 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 """
 
 from ..config import PEFT_VERSION, LoraConfig, PeftConfig, PeftType, TaskType
+from .boft import BOFTConfig
+from .c3a import C3AConfig
+from .fourierft import FourierFTConfig
+from .hra import HRAConfig
 from .ia3 import IA3Config
+from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from .miss import MissConfig
+from .oft import OFTConfig
+from .randlora import RandLoraConfig
+from .shira import ShiraConfig
+from .trainable_tokens import TrainableTokensConfig
+from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
     "PEFT_VERSION",
+    "BOFTConfig",
+    "C3AConfig",
+    "FourierFTConfig",
+    "HRAConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
+    "MissConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
+    "RandLoraConfig",
+    "ShiraConfig",
     "TaskType",
+    "TrainableTokensConfig",
+    "VBLoRAConfig",
     "VeraConfig",
 ]

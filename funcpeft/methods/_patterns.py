@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -20,3 +20,10 @@ def rank_and_alpha(config: Any, key: str, alpha_field: str = "lora_alpha") -> tu
     rk = pattern_key(config.rank_pattern.keys(), key)
     ak = pattern_key(config.alpha_pattern.keys(), key)
     return config.rank_pattern.get(rk, config.r), config.alpha_pattern.get(ak, getattr(config, alpha_field))
+
+
+def dotted_pattern_value(pattern: Mapping[str, Any], key: str, default: Any) -> Any:
+    """FourierFT's / C3A's per-module override (n_frequency_pattern, block_size_pattern), PEFT's rule exactly:
+    the first pattern key k with `re.match(rf".*\\.{k}$", key)`, else the module name `key` itself looked up."""
+    found = next((k for k in pattern if re.match(rf".*\.{k}$", key)), key)
+    return pattern.get(found, default)

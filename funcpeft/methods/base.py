@@ -250,6 +250,53 @@ class MergeHooks:
 
 
 @dataclass(frozen=True)
+class SharedParams:
+    """TRAINABLE tensors shared by all of an adapter's layers (VB-LoRA's vector bank).
+
+    They live once in the adapter tree, under the reserved path `funcpeft.trees.SHARED_PATH` ('<shared>'), so
+    they are trained, counted, stacked and routed like any leaf; every layer of the method finds them in its
+    `params` (forward, delta_weight) next to its own. PEFT keeps such tensors on its tuner model and saves
+    them as `base_model.{name}`.
+    init(spec, generator) -> {name: Tensor}: fresh float32 values (spec: one of the adapter's layers; its hyper
+      carries what the draw needs).
+    per_layer_draw: PEFT draws them again before each layer's own parameters and keeps the last draw
+      (VB-LoRA's `_create_and_replace`); True reproduces PEFT's random stream, so a seeded init equals PEFT's.
+    """
+
+    init: InitFn
+    per_layer_draw: bool = False
+
+
+@dataclass(frozen=True)
+class LayerFrozen:
+    """Frozen tensors of each adapted layer that belong to the adapter but are never trained (SHiRA's mask
+    indices, trainable tokens' original rows).
+
+    They live in `base` under reserved keys (`funcpeft.trees.layer_frozen_key(adapter_name, path, name)`), not
+    in the adapter tree, and are not counted as parameters; each layer's forward / merge hooks find them in
+    `params`. With `saved`, PEFT writes them into its files as `base_model.model.{path}.{name}` and a
+    checkpoint's values replace the computed ones (funcpeft.from_pretrained).
+    make(spec, module) -> {name: Tensor}: computed at get_peft_model time from the layer's spec and its base
+      module (e.g. a mask function of the weight); a meta tensor marks a value only a checkpoint can provide.
+    """
+
+    names: tuple[str, ...]
+    make: Callable[[LayerSpec[Any], nn.Module], dict[str, torch.Tensor]]
+    saved: bool = True
+
+
+@dataclass(frozen=True)
+class FileCodec:
+    """How a method's tensors are stored when PEFT does not write one tensor per leaf (VB-LoRA's
+    `save_only_topk_weights`). Both act on a whole `{checkpoint key: Tensor}` state and leave keys they do not
+    own alone: encode(config, state) -> the file's state; decode(config, tensors) -> the state `encode` got
+    (as far as the file keeps it)."""
+
+    encode: Callable[[Any, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+    decode: Callable[[Any, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class SharedTensors:
     """Frozen tensors shared by all of an adapter's layers (VeRA's random projections).
 
@@ -257,8 +304,11 @@ class SharedTensors:
     are not counted as parameters (PEFT keeps them as buffers).
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
-    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config;
+    make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config (called for each layer whose
+    `frozen_params` keys are not made yet, so per-layer tensors such as FourierFT's spectral indices work too);
     file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
+    layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
+    also writes under each adapted layer (RandLoRA's bases, which every layer references).
     saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
     """
 
@@ -267,6 +317,7 @@ class SharedTensors:
     make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
+    layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
 
 
 LORA_UNSUFFIXED = frozenset({"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
@@ -277,11 +328,15 @@ class KeyRules:
     """How PEFT names a method's parameters in its checkpoint files (see funcpeft.io.keys).
 
     param_prefix: every parameter name starts with it (PEFT's `prefix`, e.g. "lora_", "hada_");
-    unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT).
+    unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT);
+    copies_part: set for a method whose adapter is a trainable copy of each targeted module's own parameters
+    (PEFT's LN tuning): PEFT saves them as `{path}.{copies_part}.{param}` (e.g. `ln_tuning_layers`), and any
+    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`).
     """
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+    copies_part: str | None = None
 
     def is_method_param(self, name: str) -> bool:
         return name in self.unsuffixed or name.startswith(self.param_prefix)
@@ -299,7 +354,20 @@ class Method:
     picks among methods sharing a config (DoRA is `LoraConfig(use_dora=True)`). delta_weight: None for a
     method that is not additive (it then needs `merge.weight` / `merge.unweight` to merge). uses_result:
     False for a layer where `forward` calls `ctx.inner_op` itself (IA3 scaling a feed-forward layer's input).
-    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type.
+    mixed_compatible: whether PEFT's PeftMixedModel accepts the method's config type. outermost_first: for a
+    method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
+    active adapters to the input in activation order, the first adapter's transform meeting the input first
+    (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
+    instead of innermost-first (funcpeft.weights.nesting_order).
+    shared_trainable: trainable tensors all its layers share (`SharedParams`, VB-LoRA's vector bank).
+    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`, SHiRA's mask indices).
+    codec: how PEFT stores its tensors when not one per leaf (`FileCodec`).
+    follows_ties: PEFT also applies the adapter of a targeted input embedding to the layers whose weight is
+      tied to it (`tie_word_embeddings`: trainable tokens on the lm_head), with the same parameters.
+    nests: whether, in a mixed model, it may wrap a layer another method already adapted (PEFT's SHiRA may
+      not: "SHiRA does not support nested base layers").
+    check_stack: called with the specs of every adapter of this method applied to one layer in one call or
+      merge (innermost first); raises to refuse the combination (trainable tokens: overlapping indices).
     parameter_value: how the method adapts a bare parameter (LayerKind.PARAMETER, e.g. LoraConfig's
     `target_parameters`: MoE expert stacks that no Linear owns). Such a target has no op of its own, so `forward`
     is not used for it: `fn` computes W' = parameter_value([(spec, params), ...], W) once per call and the model
@@ -322,11 +390,23 @@ class Method:
     shared: SharedTensors | None = None
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    outermost_first: bool = False
+    shared_trainable: SharedParams | None = None
+    layer_frozen: LayerFrozen | None = None
+    codec: FileCodec | None = None
+    follows_ties: bool = False
+    nests: bool = True
+    check_stack: Callable[[tuple[LayerSpec[Any], ...]], None] | None = None
     parameter_value: ParameterValueFn | None = None
 
     @property
     def peft_type(self) -> str:
         return self.config.PEFT_TYPE.value
+
+    @property
+    def copies_modules(self) -> bool:
+        """The adapter is a trainable copy of each targeted module's parameters (`KeyRules.copies_part`)."""
+        return self.keys.copies_part is not None
 
 
 # -- input-level methods (prompt learning) ---------------------------------------------------------------------

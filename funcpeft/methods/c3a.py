@@ -1,0 +1,136 @@
+"""C3A (`C3AConfig`): a block-circulant weight update applied by FFT (nn.Linear only, like PEFT).
+
+    c3a_kernel K: (out / b, in / b, b), float32 at init
+    y = base(x) + BCC(x, K) / in        BCC: y_m = Re(fft(sum_n ifft(x_n) * fft(K_mn))), x_n the n-th b-block of x
+    dW = circulant(K) / in              (out, in): BCC applied to the identity, transposed
+
+The forward never builds dW: it runs the FFTs on the input, in float32 (PEFT's casts). PEFT wraps BCC in a
+hand-written autograd Function; here it is plain differentiable torch ops (so vmap, jvp and compile apply),
+and tests/test_method_c3a.py checks that both give the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fft import fft, ifft
+
+from ..configs.c3a import C3AConfig
+from ._patterns import dotted_pattern_value
+from ._registry import register
+from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
+
+NAME = "c3a_kernel"
+
+
+@dataclass(frozen=True)
+class C3AHyper:
+    block_size: int
+    init: bool | str  # init_weights
+
+
+Spec = LayerSpec[C3AHyper]
+
+
+def hyper(config: Any, target: Target) -> C3AHyper:
+    """block_size after block_size_pattern; it must divide the layer's in and out features (PEFT's messages)."""
+    if target.kind is not LayerKind.LINEAR:
+        raise UnsupportedLayerError(
+            f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
+            "`torch.nn.Linear` is supported."
+        )
+    b = dotted_pattern_value(config.block_size_pattern or {}, target.name, config.block_size)
+    out_f, in_f = target.module.weight.shape
+    if b <= 0:
+        raise ValueError(f"`block_size` should be a positive integer value but the value passed is {b}")
+    if in_f % b != 0:
+        raise ValueError(
+            f"The block size should be a factor of the input size. However, the input size is {in_f} and the block "
+            f"size is {b} (module {target.name!r})"
+        )
+    if out_f % b != 0:
+        raise ValueError(
+            f"The block size should be a factor of the output size. However, the output size is {out_f} and the "
+            f"block size is {b} (module {target.name!r})"
+        )
+    return C3AHyper(block_size=b, init=config.init_weights)
+
+
+def param_names(spec: Spec) -> tuple[str, ...]:
+    return (NAME,)
+
+
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    """PEFT's `reset_c3a_parameters`: zeros (True), normal (gaussian), or uniform (xavier / kaiming bounds)."""
+    b = spec.hyper.block_size
+    kernel = torch.zeros(spec.out_features // b, spec.in_features // b, b, dtype=torch.float32)
+    mode = spec.hyper.init
+    if mode is True:
+        return {NAME: kernel}
+    if mode == "gaussian":
+        return {NAME: kernel.normal_(generator=generator)}
+    if mode in ("xavier_uniform", False):
+        bound = math.sqrt(3.0) * math.sqrt(2.0 / float(spec.in_features + spec.out_features))
+    else:  # "kaiming_uniform" (the config rejects anything else)
+        bound = math.sqrt(1.0 / float(spec.in_features))
+    return {NAME: kernel.uniform_(-bound, bound, generator=generator)}
+
+
+def block_circular(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """PEFT's `BlockCircularConvolution.forward`: x (..., n * b), kernel (m, n, b) -> (..., m * b), real."""
+    _, n, b = kernel.shape
+    x = x.reshape(*x.shape[:-1], n, b)
+    y = fft(torch.einsum("...nb,mnb->...mb", ifft(x), fft(kernel))).real
+    return y.reshape(*y.shape[:-2], -1)
+
+
+def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
+    """`result + BCC(x, K) / in` computed in float32, added in the result's dtype (PEFT's casts)."""
+    assert result is not None
+    previous_dtype = x.dtype
+    x = x.to(torch.float32)
+    term = block_circular(x, params[NAME].to(torch.float32)) / x.size(-1)
+    return (result + term.to(result.dtype)).to(previous_dtype)
+
+
+def _circulant(kernel: torch.Tensor) -> torch.Tensor:
+    """PEFT's `get_circulant_fast`: the (out, in) matrix of BCC with this kernel, float32."""
+    _, n, b = kernel.shape
+    eye = torch.eye(n * b, dtype=kernel.dtype, device=kernel.device)
+    return block_circular(eye, kernel).T
+
+
+def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
+    """dW (out, in) = circulant(K) / in, float32."""
+    return _circulant(params[NAME].to(torch.float32)) / spec.in_features
+
+
+def _delta_like(spec: Spec, params: Params, weight: torch.Tensor) -> torch.Tensor:
+    # PEFT casts the circulant to the weight's dtype before dividing by in_features
+    return _circulant(params[NAME].to(torch.float32)).to(weight.dtype) / weight.size(-1)
+
+
+def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    return weight + _delta_like(spec, params, weight).to(weight.device)
+
+
+def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    return weight - _delta_like(spec, params, weight).to(weight.device)
+
+
+C3A = register(
+    Method(
+        name="c3a",
+        config=C3AConfig,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=forward,
+        delta_weight=delta_weight,
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
+        keys=KeyRules(param_prefix="c3a_", unsuffixed=frozenset({NAME})),
+    )
+)

@@ -1,0 +1,117 @@
+"""Checks the per-method test files (tests/test_method_*.py) share: one method against PEFT 0.21.2.
+
+    fpm, pm = build_both(model, "MissConfig", dict(r=2, target_modules=["lin0"]), seed=0)
+    assert_fresh_equals_peft(fpm, pm)                       # the same init draws, bitwise
+    assert_matches_peft_with(fpm, pm, adapter, inputs)      # outputs and every gradient
+    assert_raises_like_peft(model, "C3AConfig", kwargs, ValueError, "block size should be a factor")
+    assert_compiles_once(fn, base, trees, inputs)           # torch.compile(fullgraph=True), no recompiles
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optree
+import peft
+import pytest
+import torch
+from conftest import out_tensor
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import funcpeft
+from funcpeft import testing as T
+
+
+def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def build_both(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0) -> tuple[Any, Any]:
+    """funcpeft's and PEFT's `get_peft_model` on copies of `model`, each right after `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    fpm = _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
+    torch.manual_seed(seed)
+    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
+    return fpm, pm.eval()
+
+
+def _peft_names(fpm: Any) -> dict[tuple[str, str], str]:
+    plan = fpm.plans[fpm.adapter_name]
+    return {(p, k): T.peft_param_name(p, k, plan[p]) for p, e in plan.items() for k in e.keys}
+
+
+def assert_fresh_equals_peft(fpm: Any, pm: nn.Module) -> None:
+    """Same trainable parameters as PEFT, and every fresh leaf bitwise equal to PEFT's (same dtype too)."""
+    names = _peft_names(fpm)
+    theirs = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert set(names.values()) == set(theirs), (sorted(names.values()), sorted(theirs))
+    for (path, key), name in names.items():
+        ours = fpm.adapter[path][key]
+        assert ours.dtype == theirs[name].dtype, (name, ours.dtype, theirs[name].dtype)
+        assert torch.equal(ours, theirs[name].detach()), f"{name}: fresh value differs from PEFT's"
+
+
+def assert_matches_peft_with(
+    fpm: Any, pm: nn.Module, adapter: Any, inputs: Mapping[str, Any], atol: float = 1e-5
+) -> None:
+    """`adapter` copied into PEFT: eval outputs and the gradients of a random-weighted loss agree."""
+    fn, base, _ = fpm
+    T.copy_into_peft(pm, adapter, fpm.plans[fpm.adapter_name])
+    adapter = optree.tree_map(lambda t: t.detach().requires_grad_(True), adapter)
+    out = out_tensor(fn(base, adapter, **inputs))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * weights).sum().backward()
+    pm.zero_grad(set_to_none=True)
+    want = out_tensor(pm(**inputs))
+    (want * weights).sum().backward()
+    torch.testing.assert_close(out.detach(), want.detach(), atol=atol, rtol=1e-5)
+    theirs = T.peft_grads(pm, adapter, fpm.plans[fpm.adapter_name])
+    ours = optree.tree_map(lambda t: t.grad, adapter)
+    T.assert_trees_close(ours, theirs, atol=atol, rtol=1e-4)
+
+
+def assert_raises_like_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], exc: type[BaseException], match: str
+) -> pytest.ExceptionInfo[Any]:
+    """Both libraries refuse (config or get_peft_model) with `exc` and a message matching `match`; funcpeft's info."""
+    with pytest.raises(exc, match=match):
+        _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
+    with pytest.raises(exc, match=match) as info:
+        _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
+    return info
+
+
+def assert_compiles_once(fn: Any, base: Any, trees: Sequence[Any], inputs: Mapping[str, Any]) -> None:
+    """`torch.compile(fn, fullgraph=True)` (aot_eager) equals eager for each tree, with one graph for all of them."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for tree in trees:
+            got, want = out_tensor(compiled(base, tree, **inputs)), out_tensor(fn(base, tree, **inputs))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapters"
+
+
+def random_trees(fresh: Any, n: int = 3, scale: float = 0.2) -> list[Any]:
+    """n adapters near `fresh` (fresh + scale * N(0, 1)), detached."""
+    out = []
+    for s in range(n):
+        noise = T.random_like(fresh, torch.Generator().manual_seed(s), scale=scale)
+        out.append(optree.tree_map(lambda f, e: (f + e).detach(), fresh, noise))
+    return out
+
+
+def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any]) -> None:
+    """PeftMixedModel does not take this method: both refuse `mixed=True` with PEFT's message."""
+    match = "is not compatible with the `PeftMixedModel`"
+    with pytest.raises(ValueError, match=match):
+        _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), mixed=True)
+    with pytest.raises(ValueError, match=match):
+        _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)

@@ -1,0 +1,166 @@
+"""FourierFT (`FourierFTConfig`) against PEFT 0.21.2: config checks and errors, unsupported layers, init draws and
+spectral indices (frozen, rebuilt from the seed, never saved), n_frequency_pattern, GPT-2 Conv1D, merge, compile,
+per-example routing; laws (hypothesis)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import peft
+import pytest
+import torch
+from conftest import MODELS, make_inputs
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from method_checks import (
+    assert_compiles_once,
+    assert_fresh_equals_peft,
+    assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
+    assert_raises_like_peft,
+    build_both,
+    random_trees,
+)
+from peft_matrix import models
+from safetensors.torch import load_file
+from torch import nn
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.methods.base import UnsupportedLayerError
+from funcpeft.trees import SHARED_PREFIX
+
+
+def test_config_fields_and_defaults_equal_peft() -> None:
+    ours, theirs = funcpeft.FourierFTConfig().to_dict(), peft.FourierFTConfig().to_dict()
+    assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
+    (dict(n_frequency=201, target_modules=["lin0"]), ValueError, "`n_frequency` should be less than or equal to the product"),
+    (dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]), ValueError, "value passed is 300 and the product is 200"),
+    (dict(target_modules=["lin0"], layers_pattern="layers"), ValueError, "`layers_to_transform` must also be specified"),
+    (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+])
+def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
+    info = assert_raises_like_peft(models.build("MLP"), "FourierFTConfig", kwargs, exc, match)
+    if "product" in match:
+        assert "'lin0'" in str(info.value)  # funcpeft names the module
+
+
+def test_a_missing_seed_is_refused_up_front() -> None:
+    """PEFT accepts random_loc_seed=None and fails at get_peft_model (manual_seed(None)); funcpeft says why at once."""
+    with pytest.raises(ValueError, match="`random_loc_seed` must be an int"):
+        funcpeft.FourierFTConfig(random_loc_seed=None)
+
+
+def test_unsupported_layers_name_module_and_type() -> None:
+    model = T.tiny_gpt2()
+    with pytest.raises(TypeError, match="is not supported"):
+        peft.get_peft_model(copy.deepcopy(model), peft.FourierFTConfig(target_modules=["wte"]))
+    with pytest.raises(UnsupportedLayerError, match=r"Target module 'transformer.wte' \(Embedding\) is not supported"):
+        funcpeft.get_peft_model(model, funcpeft.FourierFTConfig(target_modules=["wte"]))
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("llama", dict(n_frequency=50, target_modules="all-linear")),  # init_weights=False: randn spectra (PEFT's default)
+    ("gpt2", dict(n_frequency=40, random_loc_seed=3)),  # PEFT's gpt2 default target: mlp.c_proj (Conv1D)
+])
+def test_fresh_adapter_and_indices_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
+    fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs, seed=2)
+    assert_fresh_equals_peft(fpm, pm)
+    for path, entry in fpm.plans["default"].items():
+        (_, key), = entry.frozen
+        layer = pm.get_submodule(f"base_model.model.{path}")
+        assert torch.equal(fpm.base[key], layer.indices["default"]), path
+    assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
+
+
+def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
+    """PEFT matches `.*\\.{key}$` first, then the full module name as a key: "lin0" still hits the top-level lin0,
+    but a regex key "lin." does not (LoRA's rank_pattern rule would match it)."""
+    cases = [
+        (models.build("MLP"), ["lin0", "lin1"], {"lin0": 5}),
+        (models.build("MLP"), ["lin0", "lin1"], {"lin.": 6}),
+        (T.tiny_llama(), "all-linear", {"layers.1.mlp.up_proj": 3, "q_proj": 7, "k_pro.": 2}),
+    ]
+    for model, targets, pattern in cases:
+        kwargs = dict(n_frequency=8, n_frequency_pattern=pattern, target_modules=targets)
+        fpm, pm = build_both(model, "FourierFTConfig", kwargs)
+        for path, entry in fpm.plans["default"].items():
+            layer = pm.get_submodule(f"base_model.model.{path}")
+            assert entry.spec.hyper.n_frequency == layer.fourierft_n_frequency["default"], path
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("llama", dict(n_frequency=60, scaling=30.0, target_modules=["q_proj", "down_proj"])),
+    ("gpt2", dict(n_frequency=60, scaling=30.0, target_modules=["c_attn", "mlp.c_proj"])),
+])
+def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
+    fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs)
+    adapter = random_trees(fpm.adapter, 1)[0]
+    x = make_inputs(kind)
+    assert_matches_peft_with(fpm, pm, adapter, x)
+    with torch.no_grad():
+        want = pm.merge_and_unload()(**x).logits
+        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
+        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
+    for path in fpm.plans["default"]:
+        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any) -> None:
+    model = T.tiny_llama()
+    config = funcpeft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "k_proj"], random_loc_seed=11)
+    fpm = funcpeft.get_peft_model(model, config)
+    keys = {k for _, k in fpm.plans["default"]["model.layers.0.self_attn.q_proj"].frozen}
+    assert all(not t.is_floating_point() for t in (fpm.base[k] for k in keys))  # int64 indices on the frozen side
+    assert fpm.get_nb_trainable_parameters()[0] == 4 * 20  # the indices are not counted
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(f"base_model.model.{p}.fourierft_spectrum" for p in fpm.plans["default"])
+    back = funcpeft.from_pretrained(model, tmp_path)
+    for k in keys:
+        assert torch.equal(back.base[k], fpm.base[k])
+    # q_proj (64 x 64) and k_proj (32 x 64) have different shapes: different index tensors
+    assert len({k for e in fpm.plans["default"].values() for _, k in e.frozen}) == 2
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "FourierFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
+
+
+def test_compiles_to_one_graph_for_new_adapter_values() -> None:
+    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"]))
+    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
+
+
+def test_per_example_adapters_equal_each_alone() -> None:
+    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"]))
+    trees = random_trees(fresh)
+    x = make_inputs("mlp", batch=4)
+    index = torch.tensor([1, 2, 0, 1])
+    with torch.no_grad():
+        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
+        for i, k in enumerate(index.tolist()):
+            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=examples(15))
+@given(out_f=st.integers(1, 8), in_f=st.integers(1, 8), frac=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_the_update_is_the_inverse_dft_of_the_sparse_spectrum(out_f: int, in_f: int, frac: float, seed: int) -> None:
+    """dW[p, q] = scaling / (out * in) * sum_k c_k cos(2 pi (p u_k / out + q v_k / in)) at the spectral entries (u, v)."""
+    n = max(1, int(frac * out_f * in_f))
+    model = nn.Sequential(nn.Linear(in_f, out_f)).eval()
+    fpm = funcpeft.get_peft_model(model, funcpeft.FourierFTConfig(n_frequency=n, scaling=2.0, random_loc_seed=seed, target_modules=["0"]))
+    (_, key), = fpm.plans["default"]["0"].frozen
+    u, v = fpm.base[key].double()
+    c = fpm.adapter["0"]["fourierft_spectrum"].detach().double()
+    p, q = torch.arange(out_f).double()[:, None, None], torch.arange(in_f).double()[None, :, None]
+    want = 2.0 / (out_f * in_f) * (c * torch.cos(2 * torch.pi * (p * u / out_f + q * v / in_f))).sum(-1)
+    merged = funcpeft.merge(fpm, fpm.base, fpm.adapter)["0.weight"]
+    torch.testing.assert_close((merged - fpm.base["0.weight"]).double(), want, atol=1e-5, rtol=1e-4)

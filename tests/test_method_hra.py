@@ -1,0 +1,277 @@
+"""HRA (`HRAConfig`) against PEFT 0.21.2: config and layer checks, init (symmetric, odd r, random), forward /
+gradients / merges with and without Gram-Schmidt, several adapters, per-example routing, compile, laws."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import optree
+import peft
+import pytest
+import torch
+from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.methods import hra
+from funcpeft.methods.base import UnsupportedLayerError
+
+
+class MLP(nn.Module):
+    """x (B, 8) -> (B, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 16)
+        self.lin1 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+class Conv(nn.Module):
+    """x (B, 2, 5, 5) -> (B, 4): a 3x3 conv, then a linear layer."""
+
+    def __init__(self, **conv: Any) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, **{"padding": 1, **conv})
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.conv(x)).flatten(1)[:, :12])
+
+
+def _seeded(build: Any, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+MLP_X = {"x": torch.randn(3, 8, generator=torch.Generator().manual_seed(0))}
+CONV_X = {"x": torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))}
+
+
+# -- config and layers ------------------------------------------------------------------------------------------
+def test_config_errors_are_peft_s() -> None:
+    kwargs: dict[str, Any] = dict(target_modules="lin0", layers_to_transform=[0])
+    with pytest.raises(ValueError) as theirs:
+        peft.HRAConfig(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        funcpeft.HRAConfig(**kwargs)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError) as theirs:  # PEFT checks r when it builds the layer; funcpeft in the config
+        peft.get_peft_model(_seeded(MLP), peft.HRAConfig(r=0, target_modules=["lin0"]))
+    with pytest.raises(ValueError) as ours:
+        funcpeft.HRAConfig(r=0, target_modules=["lin0"])
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="`bias` must be 'none', 'all' or 'hra_only'"):
+        funcpeft.HRAConfig(bias="lora_only")
+
+
+def test_config_fields_and_defaults_are_peft_s() -> None:
+    ours, theirs = funcpeft.HRAConfig().to_dict(), peft.HRAConfig().to_dict()
+    theirs.pop("runtime_config", None)
+    assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
+
+
+def test_unsupported_layers_name_module_and_type() -> None:
+    llama = T.tiny_llama()
+    with pytest.raises(TypeError, match="is not supported"):
+        peft.get_peft_model(copy.deepcopy(llama), peft.HRAConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(UnsupportedLayerError, match=r"'model\.embed_tokens' \(Embedding\) is not supported by HRA"):
+        funcpeft.get_peft_model(llama, funcpeft.HRAConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(UnsupportedLayerError, match=r"'0' \(Conv1d\) is not supported by HRA"):
+        funcpeft.get_peft_model(nn.Sequential(nn.Conv1d(2, 2, 3)), funcpeft.HRAConfig(target_modules=["0"]))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(NotImplementedError) as theirs:
+        peft.get_peft_model(copy.deepcopy(grouped), peft.HRAConfig(target_modules=["0"]))
+    with pytest.raises(NotImplementedError) as ours:
+        funcpeft.get_peft_model(grouped, funcpeft.HRAConfig(target_modules=["0"]))
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_a_dilated_conv_is_refused_where_peft_silently_drops_the_dilation() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, dilation=2, padding=2))
+    x = torch.randn(2, 2, 6, 6)
+    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.HRAConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        assert pm(x).shape != model(x).shape  # PEFT's fresh (identity) HRA already changes the layer
+    with pytest.raises(NotImplementedError, match="is not this layer's convolution"):
+        funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=2, target_modules=["0"]))
+
+
+# -- init -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("r, init_weights", [(4, True), (3, True), (3, False)])
+def test_fresh_adapter_equals_peft_s_for_the_same_seed(r: int, init_weights: bool) -> None:
+    model = _seeded(Conv)
+    config: dict[str, Any] = dict(r=r, target_modules=["conv", "lin"], init_weights=init_weights)
+    torch.manual_seed(3)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.HRAConfig(**config))
+    torch.manual_seed(3)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(**config))
+    odd = "The symmetric initialization can NOT be performed when r is odd!"
+    assert (
+        [str(w.message) for w in ours].count(odd)
+        == [str(w.message) for w in theirs].count(odd)
+        == (2 if init_weights and r % 2 else 0)
+    )
+    named = dict(pm.named_parameters())
+    plan = fpm.plans["default"]
+    for path, entry in fpm.adapter.items():
+        for key, value in entry.items():
+            assert torch.equal(value, named[T.peft_param_name(path, key, plan[path])]), (path, key)
+    if init_weights and r % 2 == 0:  # pairs of equal reflections: the identity, up to rounding
+        with torch.no_grad():
+            torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **CONV_X), model(**CONV_X), atol=1e-5, rtol=0)
+
+
+# -- forward, gradients, merges ---------------------------------------------------------------------------------
+CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
+    "conv-and-linear": (Conv, dict(r=4, target_modules=["conv", "lin"]), CONV_X),
+    "conv-gram-schmidt-bias": (
+        Conv,
+        dict(r=3, apply_GS=True, init_weights=False, target_modules=["conv"], bias="hra_only"),
+        CONV_X,
+    ),
+    "mlp-gram-schmidt": (MLP, dict(r=5, apply_GS=True, init_weights=False, target_modules=["lin0", "lin1"]), MLP_X),
+    "mlp-bias-all": (MLP, dict(r=6, target_modules=["lin0", "lin1"], bias="all"), MLP_X),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_gradients_and_merges_equal_peft(case: str) -> None:
+    build, config, x = CASES[case]
+    model = _seeded(build)
+    fpm, pm, adapter = method_pair(model, "HRAConfig", config)
+    assert_forward_and_grads_equal_peft(fpm, pm, adapter, x)
+    with torch.no_grad():
+        merged = funcpeft.merge_and_unload(fpm, adapter)(**x)
+        torch.testing.assert_close(merged, copy.deepcopy(pm).merge_and_unload()(**x), atol=1e-5, rtol=0)
+        merged_base = funcpeft.merge(fpm, fpm.base, adapter)
+        back = funcpeft.unmerge(fpm, merged_base, adapter, base=fpm.base)
+        for k, v in fpm.base.items():
+            torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_layers_cast_like_peft() -> None:
+    model = _seeded(MLP).to(torch.bfloat16)
+    fpm, pm, adapter = method_pair(model, "HRAConfig", dict(r=2, target_modules=["lin0", "lin1"]))
+    x = {"x": MLP_X["x"].to(torch.bfloat16)}
+    with torch.no_grad():
+        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+# -- several adapters, routing, transforms ----------------------------------------------------------------------
+def test_two_adapters_on_a_conv_are_refused_clearly() -> None:
+    model = _seeded(Conv)
+    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=2, target_modules=["conv"]), adapter_name="a")
+    fpm.add_adapter("b", funcpeft.HRAConfig(r=2, target_modules=["conv"]))
+    with pytest.raises(NotImplementedError, match="HRA on a conv layer builds the adapted kernel"):
+        fpm.fn(fpm.base, {"a": fpm.adapter, "b": fpm.adapter}, **CONV_X)
+
+
+def test_three_adapters_on_one_linear_layer_equal_peft() -> None:
+    """PEFT multiplies W H_a H_b H_c; the outer adapters here rotate the input instead."""
+    model = _seeded(MLP)
+    config: dict[str, Any] = dict(r=3, init_weights=False, target_modules=["lin0"])
+    names = ["a", "b", "c"]
+    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(**config), adapter_name="a")
+    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.HRAConfig(**config), adapter_name="a")
+    for n in names[1:]:
+        fpm.add_adapter(n, funcpeft.HRAConfig(**config))
+        pm.add_adapter(n, peft.HRAConfig(**config))
+    pm.base_model.model.lin0.set_adapter(names)
+    g = torch.Generator().manual_seed(1)
+    trees = {n: T.random_like(fpm.adapter, g) for n in names}
+    for n in names:
+        T.copy_into_peft(pm, trees[n], fpm.plans[n], n)
+    with torch.no_grad():
+        want = pm(**MLP_X)
+        torch.testing.assert_close(fpm.fn(fpm.base, trees, **MLP_X), want, atol=1e-5, rtol=0)
+        merged = funcpeft.merge_and_unload(fpm, trees)(**MLP_X)
+        torch.testing.assert_close(
+            merged, copy.deepcopy(pm).merge_and_unload(adapter_names=names)(**MLP_X), atol=1e-5, rtol=0
+        )
+
+
+def test_per_example_routing_rotates_inputs_and_equals_each_adapter_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _seeded(MLP)
+    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=4, target_modules=["lin0", "lin1"]))
+    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(3)]
+    index = [2, -1, 0]
+    built: list[bool] = []
+    real = hra._adapted
+
+    def spy(spec: Any, ctx: Any, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        built.append(torch._C._functorch.is_batchedtensor(w))
+        return real(spec, ctx, w, x)
+
+    monkeypatch.setattr(hra, "_adapted", spy)
+    with torch.no_grad():
+        routed = fpm.fn(fpm.base, funcpeft.per_example(trees, index), **MLP_X)
+    assert built and not any(built)  # the base weight, not one adapted weight per example (vmap of forward)
+    monkeypatch.undo()
+    with torch.no_grad():
+        for i, k in enumerate(index):
+            want = fpm.fn(fpm.base, trees[k], **MLP_X)[i] if k >= 0 else model(**MLP_X)[i]
+            torch.testing.assert_close(routed[i], want, atol=1e-5, rtol=0)
+
+
+def test_per_example_adapters_on_a_conv_equal_each_adapter_alone() -> None:
+    model = _seeded(Conv)
+    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=2, target_modules=["conv"]))
+    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(2)]
+    with torch.no_grad():
+        routed = fpm.fn(fpm.base, funcpeft.per_example(trees, [1, 0]), **CONV_X)
+        for i, k in enumerate([1, 0]):
+            torch.testing.assert_close(routed[i], fpm.fn(fpm.base, trees[k], **CONV_X)[i], atol=1e-5, rtol=0)
+
+
+def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile() -> None:
+    model = _seeded(MLP)
+    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=4, apply_GS=True, target_modules=["lin0", "lin1"]))
+    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(2)]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fpm.fn, fullgraph=True, backend=counter)
+    for tree in trees:
+        got = compiled(fpm.base, tree, **MLP_X)
+        torch.testing.assert_close(got, fpm.fn(fpm.base, tree, **MLP_X), atol=1e-6, rtol=0)
+        got.sum().backward()
+        assert all(t.grad is not None for t in optree.tree_leaves(tree))
+    assert counter.frame_count == 1
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(n=st.integers(2, 8), r=st.integers(1, 4), gs=st.booleans(), seed=st.integers(0, 2**16))
+def test_householder_products_are_orthogonal_and_merging_inverts(n: int, r: int, gs: bool, seed: int) -> None:
+    lin = nn.Linear(n, 3)
+    model = nn.Sequential(lin)
+    fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.HRAConfig(r=min(r, n), apply_GS=gs, target_modules=["0"]))
+    spec = fpm.plans["default"]["0"].spec
+    assert spec is not None
+    u = torch.randn(n, min(r, n), generator=torch.Generator().manual_seed(seed))
+    h = hra.householder(spec, u)
+    torch.testing.assert_close(h @ h.t(), torch.eye(n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h @ hra.householder(spec, u, reverse=True), torch.eye(n), atol=1e-5, rtol=0)
+    w = lin.weight.detach()
+    merged = hra.merge_weight(spec, {"hra_u": u}, w, None)
+    torch.testing.assert_close(hra.unmerge_weight(spec, {"hra_u": u}, merged, None), w, atol=1e-5, rtol=0)

@@ -1,0 +1,197 @@
+"""RandLoRA (`RandLoraConfig`) against PEFT 0.21.2: config checks and errors, unsupported layers, the shared random
+bases (dense / sparse / very_sparse, frozen, bitwise PEFT's), init draws, dropout, files with and without the
+bases, merging (also in bfloat16), compile, per-example routing; laws (hypothesis)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import peft
+import pytest
+import torch
+from conftest import MODELS, make_inputs
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from method_checks import (
+    assert_compiles_once,
+    assert_fresh_equals_peft,
+    assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
+    assert_raises_like_peft,
+    build_both,
+    random_trees,
+)
+from peft_matrix import models
+from safetensors.torch import load_file
+from torch import nn
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.methods.base import UnsupportedLayerError
+from funcpeft.trees import SHARED_PREFIX
+
+
+def test_config_fields_and_defaults_equal_peft() -> None:
+    ours, theirs = funcpeft.RandLoraConfig().to_dict(), peft.RandLoraConfig().to_dict()
+    assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+
+
+def test_config_checks() -> None:
+    with pytest.warns(UserWarning, match="Specified to not save basis_A and basis_B"):
+        funcpeft.RandLoraConfig(save_projection=False)
+    # PEFT accepts r=0 and fails with a ZeroDivisionError at get_peft_model
+    with pytest.raises(ValueError, match="`r` should be a positive integer value but the value passed is 0"):
+        funcpeft.RandLoraConfig(r=0)
+    with pytest.raises(NotImplementedError, match="Requested bias"):
+        funcpeft.RandLoraConfig(bias="lora")
+
+
+def test_unsupported_layers_raise_like_peft() -> None:
+    model = T.tiny_gpt2()
+    assert_raises_like_peft(model, "RandLoraConfig", dict(target_modules=["wte"]), ValueError,
+                            "No layers types compatible with RandLora were found")
+    info = assert_raises_like_peft(model, "RandLoraConfig", dict(target_modules=["c_attn", "wte"]), ValueError, "is not supported")
+    assert isinstance(info.value, UnsupportedLayerError)
+    assert "Target module 'transformer.wte' (Embedding)" in str(info.value)
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("llama", dict(r=8, target_modules="all-linear", init_weights=False)),  # in > out and in < out layers
+    ("llama", dict(r=24, target_modules=["k_proj", "up_proj"], sparse=True)),  # 24 does not divide 64: ceil
+    ("gpt2", dict(r=8, target_modules=["c_attn", "c_fc"], very_sparse=True, init_weights=False, projection_prng_key=5)),
+])
+def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
+    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
+    assert_fresh_equals_peft(fpm, pm)
+    entry = next(iter(fpm.plans["default"].values()))
+    for name, key in entry.frozen:
+        assert key.startswith(SHARED_PREFIX)
+        assert torch.equal(fpm.base[key], getattr(pm.base_model, name)["default"]), name
+    shared = [k for k in fpm.base if k.startswith(SHARED_PREFIX)]
+    assert len(shared) == 2  # one A and one B for all layers
+    assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()  # the bases are not counted
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("llama", dict(r=8, randlora_alpha=16, target_modules=["k_proj", "up_proj", "down_proj"])),
+    ("gpt2", dict(r=8, randlora_alpha=16, target_modules=["c_attn", "mlp.c_proj"], sparse=True)),
+])
+def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
+    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs)
+    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    x = make_inputs(kind)
+    assert_matches_peft_with(fpm, pm, adapter, x)
+    with torch.no_grad():
+        want = pm.merge_and_unload()(**x).logits
+        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_training_dropout_matches_peft_given_the_same_masks() -> None:
+    fpm, pm = build_both(T.tiny_llama(), "RandLoraConfig", dict(r=8, randlora_dropout=0.3, target_modules=["q_proj", "down_proj"]))
+    fn, base, fresh = fpm
+    adapter = random_trees(fresh, 1, scale=0.05)[0]
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    g = torch.Generator().manual_seed(5)
+
+    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
+        return x * torch.empty_like(x).bernoulli_(0.7, generator=g) / 0.7
+
+    for module in pm.modules():
+        if hasattr(module, "randlora_dropout"):
+            module.randlora_dropout["default"].forward = shared_dropout
+    x = make_inputs("llama")
+    with torch.no_grad():
+        want = pm.train()(**x).logits
+        got = fn(base, adapter, **x, dropout_rng=torch.Generator().manual_seed(5)).logits
+        plain = fn(base, adapter, **x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_files_with_and_without_the_bases_load_both_ways(save_projection: bool, tmp_path: Any) -> None:
+    model = T.tiny_llama()
+    kwargs = dict(r=8, target_modules=["q_proj", "k_proj"], save_projection=save_projection, projection_prng_key=9)
+    fpm, pm = build_both(model, "RandLoraConfig", kwargs)
+    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm.save_pretrained(tmp_path / "ours", adapter)
+        pm.save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    bases = [k for k in ours if k.endswith(("randlora_A", "randlora_B"))]
+    assert len(bases) == (2 + 2 * 4 if save_projection else 0)  # base_model.* and a copy under each layer
+    x = make_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = funcpeft.from_pretrained(model, tmp_path / "peft")
+        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        want = pm(**x).logits
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(peft_back(**x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_merged_bfloat16_weights_equal_peft_s() -> None:
+    """PEFT casts the delta to the weight's dtype before adding it; so does funcpeft."""
+    model = MODELS["mlp"]().to(torch.bfloat16)
+    fpm, pm = build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
+    adapter = random_trees(fpm.adapter, 1)[0]
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    merged = funcpeft.merge(fpm, fpm.base, adapter)
+    theirs = dict(pm.merge_and_unload().named_parameters())
+    for name in ("lin0.weight", "lin1.weight"):
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], theirs[name]), name
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
+
+
+def test_compiles_to_one_graph_for_new_adapter_values() -> None:
+    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
+
+
+def test_per_example_adapters_equal_each_alone() -> None:
+    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    trees = random_trees(fresh)
+    x = make_inputs("mlp", batch=4)
+    index = torch.tensor([1, 2, 0, 1])
+    with torch.no_grad():
+        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
+        for i, k in enumerate(index.tolist()):
+            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=examples(15))
+@given(in_f=st.integers(2, 12), out_f=st.integers(2, 12), r=st.integers(1, 5), seed=st.integers(0, 2**16))  # 1 x 1: std of one value is nan (in PEFT too)
+def test_the_update_is_lambda_gamma_scaled_bases(in_f: int, out_f: int, r: int, seed: int) -> None:
+    """dW = s * sum_t B[:, t // r, t % r] (lambda[t // n, t % n] A[t // n, 0, :] gamma[t % n]) in (max, min)
+    orientation (PEFT flattens B as (n, r) but lambda * A * gamma as (r, n): its pairing, kept), and the forward adds
+    exactly x @ dW^T (both orientations: in <= out and in > out)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_f, out_f)).eval()
+    fpm = funcpeft.get_peft_model(model, funcpeft.RandLoraConfig(r=r, randlora_alpha=3, target_modules=["0"], init_weights=False))
+    (_, key_a), (_, key_b) = fpm.plans["default"]["0"].frozen
+    a, b = fpm.base[key_a].double(), fpm.base[key_b].double()
+    lam, gamma = (fpm.adapter["0"][k].detach().double() for k in ("randlora_lambda", "randlora_gamma"))
+    k, big, n = min(in_f, out_f), max(in_f, out_f), lam.shape[1]
+    update = torch.zeros(big, k, dtype=torch.float64)
+    for t in range(r * n):
+        update += torch.outer(b[:big, t // r, t % r], lam[t // n, t % n] * a[t // n, 0, :k] * gamma[t % n])
+    update = update * 3 / r  # (max, min)
+    dw = update if k == in_f else update.T  # (out, in)
+    delta = funcpeft.merge(fpm, fpm.base, fpm.adapter)["0.weight"] - fpm.base["0.weight"]
+    torch.testing.assert_close(delta.double(), dw, atol=1e-5, rtol=1e-4)
+    x = torch.randn(3, in_f)
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, x).double(), model(x).double() + x.double() @ dw.T, atol=1e-4, rtol=1e-4)
