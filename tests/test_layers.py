@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "funcpeft"
 
 # module (dotted, relative to funcpeft; a package's modules by prefix) -> layer
 LAYERS: dict[str, int] = {
-    "constants": 0, "config": 0, "configs": 0, "trees": 0, "optim": 0, "distributed": 0,
+    "constants": 0, "config": 0, "configs": 0, "trees": 0, "optim": 0, "distributed": 0, "rng": 0,
     "methods": 1,
     "_targeting": 2, "_plan": 2, "_names": 2, "counting": 2,
     "weights": 3, "routing": 3, "grad": 3, "functional": 3,
