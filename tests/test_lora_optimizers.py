@@ -16,6 +16,9 @@ import optree
 import peft
 import pytest
 import torch
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer, create_riemannian_optimizer
 
 import funcpeft
@@ -173,6 +176,47 @@ def test_riemannian_preconditions_only_linear_lora_pairs() -> None:
         for name, g in entry.items():
             changed = not torch.equal(-seen[path][name], g)
             assert changed == (name in ("lora_A", "lora_B")), (path, name)
+
+
+# -- partition's law ----------------------------------------------------------------------------------------------------
+def _small_tree(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.q": {"lora_A": torch.randn(2, 5, generator=g), "lora_B": torch.randn(3, 2, generator=g)},
+        "a.v": {"lora_A": torch.randn(2, 4, generator=g), "lora_B": torch.randn(4, 2, generator=g), "bias": torch.randn(4, generator=g)},
+        "e": {"lora_embedding_A": torch.randn(2, 7, generator=g), "lora_embedding_B": torch.randn(3, 2, generator=g)},
+    }
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(seed=st.integers(0, 2**16), groups=st.lists(st.sampled_from("xy"), min_size=7, max_size=7))
+def test_partition_is_each_transform_on_its_own_leaves(seed: int, groups: list[str]) -> None:
+    """partition(label, {x: adamw, y: sgd}) updates each leaf exactly as its group's transform alone on that group's
+    sub-tree does, over 3 steps (bitwise), whatever the grouping."""
+    params = _small_tree(seed)
+    order = [(p, n) for p, e in params.items() for n in e]
+    label = dict(zip(order, groups))
+    transforms = {"x": optim.adamw(1e-2, weight_decay=0.1), "y": optim.sgd(5e-2, momentum=0.9)}
+    opt = optim.partition(lambda p, n, t: label[(p, n)], transforms)
+    alone = {g: _sub(params, label, g) for g in "xy"}
+    state, states = opt.init(params), {g: transforms[g].init(alone[g]) for g in "xy"}
+    for step in range(3):
+        grads = _small_tree(seed + 1 + step)
+        updates, state = opt.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        for g in "xy":
+            u, states[g] = transforms[g].update(_sub(grads, label, g), states[g], alone[g])
+            alone[g] = optim.apply_updates(alone[g], u)
+    for (p, n), g in label.items():
+        assert torch.equal(params[p][n], alone[g][p][n]), (p, n, g)
+
+
+def _sub(tree: Any, label: dict[tuple[str, str], str], group: str) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (p, n), g in label.items():
+        if g == group:
+            out.setdefault(p, {})[n] = tree[p][n]
+    return out
 
 
 # -- purity and errors --------------------------------------------------------------------------------------------------
