@@ -30,6 +30,7 @@ from .configs import (
     VeraConfig,
 )
 from .functional import PeftFunction
+from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
@@ -80,6 +81,7 @@ __all__ = [
     "add_weighted_adapter",
     "distributed",
     "from_pretrained",
+    "generate",
     "get_peft_model",
     "load_adapter",
     "merge",

@@ -344,9 +344,17 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
         close += difflib.get_close_matches(w.rsplit(".", 1)[-1], short, n=3, cutoff=0.5)
         close += difflib.get_close_matches(w, adaptable, n=3, cutoff=0.6)
     close = list(dict.fromkeys(close))
+    # a module registered under several names is listed once, under its first (as in PEFT's named_modules())
+    first = {id(m): n for n, m in named}
+    hidden = [
+        f"{n!r} is the module {first[id(m)]!r} under a second name"
+        for n, m in model.named_modules(remove_duplicate=False)
+        if first.get(id(m), n) != n and any(n == w or n.endswith("." + w) for w in wanted)
+    ]
     raise ValueError(
         f"Target modules {wanted} not found in the base model. Close module names: {close or 'none'}. "
         f"Adaptable module names in this model (suffixes): {short[:20]}"
+        + (f". Note: {'; '.join(hidden[:3])}: target that name (as in PEFT, only the first name counts)" if hidden else "")
     )
 
 

@@ -93,6 +93,11 @@ class PeftFunction:
         self._model = model
         self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
         self._warned_eval_checkpointing = False
+        names: dict[int, list[str]] = {}
+        for path, m in model.named_modules(remove_duplicate=False):
+            names.setdefault(id(m), []).append(path)
+        # module path -> its other names, for modules registered under several (one Linear as `a` and `b`)
+        self._aliased: dict[str, list[str]] = {p: [q for q in ps if q != p] for ps in names.values() if len(ps) > 1 for p in ps}
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -228,7 +233,13 @@ class PeftFunction:
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
         if torch.compiler.is_dynamo_compiling():
+            if self._aliased and any(type(t) is AdaptedWeight and n.rpartition(".")[0] in self._aliased for n, t in params.items()):
+                return self._eager_call(params, rng, args, kwargs)  # a graph break, see _eager_call
             return _traced_call(self._model, params, args, kwargs)
+        return self._run(params, rng, args, kwargs)
+
+    def _run(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict) -> Any:
+        """The eager call: the model run on a call skeleton holding `params`."""
         call = _Call(params, rng)
         skel = call.skeleton(self._model)
         if call.checkpointing and rng is None and not self._warned_eval_checkpointing and torch.is_grad_enabled():
@@ -244,6 +255,25 @@ class PeftFunction:
         with redirect(rng):
             return skel(*args, **kwargs)
 
+    def bound_model(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+    ) -> nn.Module:
+        """The model with `base` and `adapter` bound, in eval mode: a fresh call skeleton (see the module docstring).
+
+        For code that calls the model's other methods (`generate`) rather than its forward. Like a call of fn,
+        it reads the model now and shares every attribute value and buffer with it; setting an attribute on it
+        changes only the skeleton. inputs: the calls' (args, kwargs), to check per-example routing's length.
+        """
+        params = self.build_params(base, adapter, no_dropout, inputs)
+        return _Call(params, None).skeleton(self._model)
+
+    @torch.compiler.disable(
+        reason="funcpeft: a targeted module is registered in the model under several names; PEFT adapts it only under "
+        "the targeted one, which a traced call (running the model's own modules) cannot tell apart: run eagerly"
+    )
+    def _eager_call(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict) -> Any:
+        return self._run(params, rng, args, kwargs)
+
 
 def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
     """The eval-mode call as torch.compile traces it: functional_call on the model itself.
@@ -255,17 +285,31 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     """
     flipped = [m for m in model.modules() if m.training]
     hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
+    owners: dict[str, dict[str, AdaptedWeight]] = {}
+    for name, t in params.items():
+        if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
+            path, _, pname = name.rpartition(".")
+            owners.setdefault(path, {})[pname] = t
+    plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
+    swapped = [(m, m.__dict__.get("forward", _MISSING)) for m in (model.get_submodule(p) for p in owners)]
     for m in flipped:
         m.training = False
     for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
         m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
+    for (m, own), adapted in zip(swapped, owners.values()):
+        m.__dict__["forward"] = _owner_forward(m, adapted, m.forward if own is _MISSING else own)
     try:
-        return torch.func.functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
+        return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
     finally:
         for m in flipped:
             m.training = True
         for m, hooks in hooked:
             m._forward_hooks = hooks
+        for m, own in swapped:
+            if own is _MISSING:
+                m.__dict__.pop("forward")
+            else:
+                m.__dict__["forward"] = own
 
 
 def _randomness(dropout_rng: Any) -> CallRandomness | None:
@@ -309,11 +353,16 @@ class _Call:
         own = module.__dict__
         d = own.copy()
         params = own["_parameters"]
+        adapted: dict[str, AdaptedWeight] | None = None
         if params:
             bound = params.copy()
             for name in params:
                 t = self.params.get(prefix + name, _MISSING)
                 if t is not _MISSING:
+                    if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside the module's forward
+                        adapted = adapted or {}
+                        adapted[name] = t
+                        t = t.weight
                     bound[name] = t
                     self.bound += 1
             d["_parameters"] = bound
@@ -334,6 +383,8 @@ class _Call:
         for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
+        if adapted is not None:
+            d["forward"] = _owner_forward(skel, adapted, d.get("forward") or types.MethodType(cls.forward, skel))
         train = cls.train
         if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
             self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
@@ -359,6 +410,25 @@ def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Param
         )
     assert method.parameter_value is not None  # planning refused the method otherwise
     return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
+
+
+def _owner_forward(skel: nn.Module, adapted: dict[str, AdaptedWeight], forward: Any) -> Any:
+    """`forward` of a targeted module that sees its adapted weight(s) only while it runs.
+
+    As in PEFT, where the adapter term is added by the layer's own forward: anything else that reads the
+    weight (a parent's `F.linear(x, self.proj.weight)`, a hook, a tied module) gets the plain tensor.
+    """
+
+    def adapted_forward(*args: Any, **kwargs: Any) -> Any:
+        bound: dict[str, Any] = skel._parameters  # type: ignore[assignment]  # holds plain tensors in a skeleton
+        plain = {n: bound[n] for n in adapted}
+        bound.update(adapted)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            bound.update(plain)
+
+    return adapted_forward
 
 
 def _input_grad_hook(hook: Any) -> bool:

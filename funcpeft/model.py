@@ -22,6 +22,7 @@ from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
 from .counting import count_parameters, format_trainable
 from .functional import PeftFunction
+from .generation import generate
 from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
@@ -119,6 +120,10 @@ class FunctionalPeftModel:
             )
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[self.adapter_name], **kwargs}
         return save_adapter(directory, adapter_params, self.peft_config[self.adapter_name], self.adapter_name, **kwargs)
+
+    def generate(self, base: BaseTree, adapter: Any, **kwargs: Any) -> Any:
+        """PEFT's `peft_model.generate(...)` with `adapter` applied (see `funcpeft.generate`; `rng=` for sampling)."""
+        return generate(self, base, adapter, **kwargs)
 
     def merge_and_unload(self, adapter_params: Any) -> nn.Module:
         """A new plain model with `adapter_params` merged in (see funcpeft.merge); the original model is untouched."""

@@ -197,3 +197,64 @@ def test_checks_keep_the_right_trees_running(llama: tuple[Any, ...]) -> None:
     fn(base, half, input_ids=ids)
     fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), input_ids=ids)
 
+
+
+# -- item 7: the adapter applies exactly where PEFT applies it ------------------------------------------------
+class _SharedLinear(nn.Module):
+    """One Linear registered under two names; only the first is targeted (PEFT wraps `a`, `b` stays plain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x) + 2 * self.a(x)
+
+
+class _ParentReadsWeight(nn.Module):
+    """A parent that uses its child's weight directly: PEFT's LoRA layer hands it the plain base weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + torch.nn.functional.linear(x, self.proj.weight)
+
+
+@pytest.mark.parametrize("build, target", [(_SharedLinear, "a"), (_ParentReadsWeight, "proj")])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adapter_applies_only_inside_the_targeted_modules_forward(build: Any, target: str, compiled: bool) -> None:
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(3, 4)
+    pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(target_modules=[target], init_lora_weights=False))
+    fn, base, adapter = pm
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=[target], init_lora_weights=False))
+    T.copy_into_peft(twin, adapter, pm.plans[pm.adapter_name])
+
+    def loss_grad(a: Any) -> Any:
+        return torch.func.grad(lambda a: fn(base, a, x).pow(2).sum())(a)
+
+    call, grad = (torch.compile(fn, fullgraph=True), torch.compile(loss_grad)) if compiled else (fn, loss_grad)
+    want = twin(x)
+    assert not torch.equal(want, model(x))  # the adapter matters here
+    if compiled and build is _SharedLinear:
+        # a traced call would run the shared module object itself: dynamo runs this call eagerly (a graph break
+        # whose reason fullgraph=True reports), which matches PEFT
+        with pytest.raises(Exception, match="registered in the model under several names"):
+            call(base, adapter, x)
+        call = torch.compile(fn)
+    torch.testing.assert_close(call(base, adapter, x), want, atol=1e-6, rtol=1e-6)
+    want.pow(2).sum().backward()
+    grads = grad(adapter)
+    for path, leaves in T.peft_grads(twin, adapter, pm.plans[pm.adapter_name]).items():
+        for name, g in leaves.items():
+            torch.testing.assert_close(grads[path][name], g, atol=1e-6, rtol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+
+
+def test_a_second_name_of_a_module_is_explained_when_targeted() -> None:
+    with pytest.raises(peft.tuners.tuners_utils.NoMatchingPeftModuleError):  # PEFT refuses it too
+        peft.get_peft_model(_SharedLinear(), peft.LoraConfig(target_modules=["b"]))
+    with pytest.raises(ValueError, match="'b' is the module 'a' under a second name"):
+        funcpeft.get_peft_model(_SharedLinear(), funcpeft.LoraConfig(target_modules=["b"]))

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "methods": 1,
     "_targeting": 2, "_plan": 2, "_names": 2, "counting": 2,
     "weights": 3, "routing": 3, "grad": 3, "functional": 3,
-    "keys": 4, "_checks": 4, "io": 4, "loading": 4, "merge": 4, "weighted": 4,
+    "keys": 4, "_checks": 4, "io": 4, "loading": 4, "merge": 4, "weighted": 4, "generation": 4,
     "model": 5,
     "__init__": 6, "testing": 6, "strategies": 6,
 }

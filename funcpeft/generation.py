@@ -1,0 +1,161 @@
+"""`generate` with an adapter: transformers' generation on the model with `base` and an adapter bound.
+
+    out = funcpeft.generate(pm, base, adapter, input_ids=ids, attention_mask=mask, max_new_tokens=20)
+    out = pm.generate(base, funcpeft.mixed_batch({"a": ta, "b": tb}, ["a", "b", "__base__"]), input_ids=ids, ...)
+    out = pm.generate(base, adapter, input_ids=ids, do_sample=True, top_k=50, rng=7)   # explicit randomness
+
+The model's own `generate` runs on a call skeleton (`PeftFunction.bound_model`): the adapter is applied
+exactly as in `fn` (un-merged), the model, `base` and the adapter are never mutated, and concurrent calls
+do not see each other. Every transformers generation kwarg and `generation_config` is passed through.
+
+Per-example adapters (`per_example`, `mixed_batch`) follow the batch through beam search and
+`num_return_sequences`: transformers repeats each example `max(num_beams, num_return_sequences)` times
+(example-major), and so is the routing (PEFT's `generate(adapter_names=...)` does the same).
+
+Sampling draws from `rng` (an int seed or a `torch.Generator`), never from the process-global RNG: on CPU
+the tokens equal PEFT's after `torch.manual_seed(seed)`. Sampling without `rng` is an error, as is any other
+random draw in a call without `rng`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .functional import PeftFunction, peft_function
+from .rng import CallRandomness, GlobalRNGError, redirect
+from .routing import MixedBatch, PerExample, batch_size, check_batch, split_routed
+
+
+def generate(
+    pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, rng: int | torch.Generator | None = None, **kwargs: Any
+) -> Any:
+    """PEFT's `peft_model.generate(**kwargs)` with `adapter` applied (what transformers' generate returns).
+
+    Args:
+        pm: what `funcpeft.get_peft_model` returned (or its `fn`).
+        base: the `{parameter name: Tensor}` tree.
+        adapter: anything `fn` accepts: a tree, None (the base model), `{adapter name: tree}`,
+            `funcpeft.per_example(...)` or `funcpeft.mixed_batch(...)` (one entry per prompt, B).
+        rng: randomness for sampling: an int seed or a `torch.Generator` (required when sampling).
+        **kwargs: transformers' generate arguments (`input_ids` (B, L), `attention_mask` (B, L),
+            `max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
+
+    Returns:
+        What the model's `generate` returns: token ids (B * num_return_sequences, L + new) by default.
+    """
+    fn = peft_function(pm)
+    model = fn.model
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"funcpeft.generate: the model ({type(model).__name__}) has no `generate` method")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    sampling = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
+    if sampling and rng is None:
+        raise ValueError(
+            "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
+            "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
+        )
+    adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
+    skel: Any = fn.bound_model(
+        base, adapter, ((), {"input_ids": torch.empty((expanded, 0), device="meta")}) if expanded else ((), {})
+    )
+    if expanded:
+        _check_expansion(skel, expanded // _rows(kwargs))
+    randomness = _Refused() if rng is None else _randomness(rng)
+    with redirect(randomness):
+        return skel.generate(**kwargs)
+
+
+def _randomness(rng: Any) -> CallRandomness:
+    if isinstance(rng, torch.Generator):
+        return CallRandomness(user_generator=rng)
+    if isinstance(rng, bool) or not isinstance(rng, int):
+        raise TypeError(f"funcpeft.generate: rng must be None, an int seed or a torch.Generator, got {rng!r}")
+    return CallRandomness(seed=rng)
+
+
+class _Refused(CallRandomness):
+    """A call without `rng`: any random draw is an error (it would read the process-global RNG)."""
+
+    def generator(self, device: Any) -> torch.Generator:
+        raise GlobalRNGError(
+            "funcpeft.generate: the generation drew random numbers, but no rng was given; pass rng=<int seed> or "
+            "rng=<torch.Generator> (funcpeft never uses the process-global RNG)"
+        )
+
+
+def _rows(kwargs: Mapping[str, Any]) -> int:
+    found = batch_size((), {k: kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if k in kwargs})
+    if found is None:
+        raise ValueError(
+            "funcpeft.generate: per-example adapters need the prompts as a tensor (input_ids=... of shape (B, L)), "
+            "to check one adapter choice per prompt"
+        )
+    return found[0]
+
+
+def _expand_routing(fn: PeftFunction, adapter: Any, kwargs: Mapping[str, Any], config: Any) -> tuple[Any, int]:
+    """The adapter with per-example routing repeated as transformers repeats the prompts, and the new batch size.
+
+    transformers expands each prompt `max(num_beams, num_return_sequences)` times, example-major
+    (`_expand_inputs_for_generation`); (adapter, 0) when nothing is routed.
+    """
+    routed = split_routed(adapter, fn.plans, fn.default_adapter)
+    if routed is None and isinstance(adapter, Mapping):
+        routed = [(n, t) for n, t in adapter.items() if isinstance(t, PerExample)] or None
+    if not routed:
+        return adapter, 0
+    rows = _rows(kwargs)
+    for _, routing in routed:
+        check_batch(routing, (rows, "input_ids"))
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    factor = max(int(beams), int(returned))
+    if factor > 1 and getattr(getattr(fn.model, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            "funcpeft.generate: per-example adapters with num_beams / num_return_sequences > 1 on an encoder-decoder "
+            "model: its encoder runs on the B prompts and its decoder on B x beams rows, which one routing cannot "
+            "describe. Generate per adapter, or with num_beams=1."
+        )
+    return _repeat(adapter, factor), rows * factor
+
+
+def _repeat(adapter: Any, factor: int) -> Any:
+    if factor == 1:
+        return adapter
+    if isinstance(adapter, MixedBatch):
+        return dataclasses.replace(
+            adapter, adapter_names=tuple(n for n in adapter.adapter_names for _ in range(factor))
+        )
+    if isinstance(adapter, PerExample):
+        index = adapter.index
+        if index is None:  # stacked adapter i for prompt i
+            index = torch.arange(adapter.k, device=next(iter(_leaves(adapter.stacked))).device)
+        return dataclasses.replace(adapter, index=index.repeat_interleave(factor))
+    return {n: _repeat(t, factor) if isinstance(t, PerExample) else t for n, t in adapter.items()}
+
+
+def _leaves(tree: Any) -> Any:
+    for v in tree.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        else:
+            yield from _leaves(v)
+
+
+def _check_expansion(skel: Any, factor: int) -> None:
+    """Check that transformers repeats the prompts `factor` times, as the routing was repeated (else a clear error)."""
+    original = skel._expand_inputs_for_generation
+
+    def expand(*args: Any, expand_size: int = 1, **kw: Any) -> Any:
+        if expand_size != factor:
+            raise RuntimeError(
+                f"funcpeft.generate: transformers repeats each prompt {expand_size} times, but the per-example routing "
+                f"was repeated {factor} times (from num_beams / num_return_sequences); please report this"
+            )
+        return original(*args, expand_size=expand_size, **kw)
+
+    skel.__dict__["_expand_inputs_for_generation"] = expand
