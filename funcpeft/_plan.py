@@ -22,9 +22,12 @@ from torch import nn
 
 from ._targeting import (
     find_modules_to_save,
+    find_parameter_targets,
     find_targets,
     layer_kind,
+    match_targets,
     module_name,
+    parameter_paths,
     resolve_config,
     tied_layers,
     tied_to_input_embedding,
@@ -39,6 +42,7 @@ from .methods.base import (
     LayerKind,
     LayerSpec,
     Method,
+    ParameterGeometry,
     Params,
     Target,
     UnsupportedLayerError,
@@ -83,6 +87,10 @@ class PlanEntry:
       modules_to_save copies and trainable biases.
     applies_in: the module whose forward uses this layer's weight, when it is not the layer itself (`Target.owner`:
       a targeted nn.MultiheadAttention's forward reads its out_proj's weight); the adapter applies only there.
+    parameter: for a bare-parameter target (`target_parameters`, LayerKind.PARAMETER), the targeted parameter's
+      model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
+      its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
+      parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -96,11 +104,27 @@ class PlanEntry:
     tied: tuple[Tie, ...] = ()
     copied_by: str | None = None
     applies_in: str | None = None
+    parameter: str | None = None
 
     @property
     def keys(self) -> frozenset[str]:
         """Every key of the adapter tree's entry at this module."""
         return frozenset(self.params) | frozenset(self.overrides)
+
+    def module(self, path: str) -> str:
+        """The model's module this entry (at tree path `path`) belongs to."""
+        return self.parameter.rpartition(".")[0] if self.parameter is not None else path
+
+    def weight_key(self, path: str) -> str:
+        """The base parameter the method adapts: the layer's weight (`{path}.weight`, an attention's
+        `{path}.in_proj_weight`), or the targeted bare parameter."""
+        if self.parameter is not None:
+            return self.parameter
+        return f"{path}.{self.spec.kind.weight_name if self.spec is not None else 'weight'}"
+
+    def base_key(self, path: str, name: str) -> str:
+        """The model parameter that override `name` (modules_to_save copy, trained bias) replaces."""
+        return f"{self.module(path)}.{name}"
 
     @property
     def method(self) -> Method:
@@ -160,19 +184,47 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
 
 
-def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, attr: str = "weight") -> None:
+def parameter_spec(target: Target, param_name: str, config: PeftConfig, method: Method) -> LayerSpec[Any]:
+    """Static facts of a targeted bare parameter (`target.name` is its model name; `param_name` its name on
+    `target.module`), read like PEFT's `lora.ParamWrapper._get_in_out_features` / `update_layer`."""
+    _check_plain_weight(target.name, target.module, config, param_name)
+    shape = tuple(getattr(target.module, param_name).shape)
+    if len(shape) == 3:
+        experts, in_f, out_f = shape
+    elif len(shape) == 2:
+        experts, in_f, out_f = 1, shape[1], shape[0]
+    else:
+        raise ValueError(
+            f"lora.ParamWrapper was initialized with {len(shape)} dimensional Parameter, but only 2d and 3d are "
+            f"supported ({target.name!r} has shape {list(shape)})."
+        )
+    # a 3-D stack is (E, out, in) unless the module says it is transposed (E, in, out), e.g. GPT-OSS's experts
+    swapped = len(shape) == 3 and not getattr(target.module, "is_transposed", False)
+    if swapped:
+        in_f, out_f = out_f, in_f
+    geometry = ParameterGeometry(param_name, experts, swapped)
+    hyper = method.hyper(config, target)  # raises PEFT's errors for options a parameter target cannot take
+    if method.parameter_value is None:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__}: method {method.name!r} cannot adapt a bare nn.Parameter ({target.name!r}, "
+            "targeted by `target_parameters`); only plain LoRA can."
+        )
+    return LayerSpec(method.name, LayerKind.PARAMETER, shape, in_f, out_f, hyper, geometry)
+
+
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, param: str = "weight") -> None:
     """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
     from torch.nn.utils import parametrize
 
     what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
-    if parametrize.is_parametrized(module, attr):
-        kinds = [type(p).__name__ for p in module.parametrizations[attr]]  # type: ignore[index,union-attr]
+    if parametrize.is_parametrized(module, param):
+        kinds = [type(p).__name__ for p in module.parametrizations[param]]  # type: ignore[index,union-attr]
         raise NotImplementedError(
-            f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
+            f"{what}: its {param} is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
             "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
-            "target this module."
+            "target it."
         )
-    weight: Any = getattr(module, attr)
+    weight: Any = getattr(module, param)
     if _is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError(
@@ -307,7 +359,14 @@ def plan_adapter(
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    names = find_targets(model, resolved, any_module=method.copies_modules)
+    found = find_parameter_targets(model, resolved)
+    if found:
+        names = _module_targets(model, resolved, found)
+    else:
+        names = find_targets(model, resolved, any_module=method.copies_modules)
+        if getattr(resolved, "target_parameters", None):
+            wanted = resolved.target_parameters
+            warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
     modules = dict(model.named_modules())
     plan: Plan = _copies_plan(method, names, modules) if method.copies_modules else {}
     tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
@@ -327,6 +386,14 @@ def plan_adapter(
             spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes,
             applies_in=target.owner.name if target.owner is not None else None,
         )
+    owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
+    for path, (module_name_, pname) in zip(parameter_paths(found), found):
+        key = f"{module_name_}.{pname}"
+        target = Target(key, modules[module_name_], LayerKind.PARAMETER, common, for_checkpoint=for_checkpoint)
+        spec = parameter_spec(target, pname, resolved, method)
+        shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        plan[path] = PlanEntry(spec=spec, params=method.param_names(spec), shapes=shapes, parameter=key)
+        owners.setdefault(module_name_, path)
     if method.shared_trainable is not None and targets:  # one tree entry for them; every layer reads it
         owner = plan[targets[0].name].spec
         assert owner is not None
@@ -335,7 +402,7 @@ def plan_adapter(
         plan.update({t.name: dataclasses.replace(plan[t.name], shared=shared_names) for t in targets})
         plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=owner, shapes=own_shapes)
     _ties(model, resolved, method, plan, tied, common)
-    saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets})
+    saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets}, set(owners))
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -345,14 +412,33 @@ def plan_adapter(
             path, _, leaf = pname.rpartition(".")
             if leaf != "bias" or any(path == s or path.startswith(s + ".") for s in saved):
                 continue
+            path = owners.get(path, path)
             adapted = path in plan and plan[path].spec is not None
             if bias == "all" or adapted:
                 entry = plan.get(path, PlanEntry())
-                shape = tuple(modules[path].bias.shape)
+                shape = tuple(model.get_parameter(pname).shape)
                 plan[path] = dataclasses.replace(
                     entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
                 )
     return resolved, plan
+
+
+def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:
+    """The modules `target_modules` matches when `target_parameters` matched too (then none is fine: PEFT's rules).
+
+    A module holding a targeted parameter cannot also be a LoRA layer (PEFT's ValueError).
+    """
+    targets, _ = match_targets(model, config)
+    if config.target_modules and not targets:
+        warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+    clash = next((m for m, _ in found if m in targets), None)
+    if clash is not None:
+        raise ValueError(
+            f"Trying to wrap an `nn.Parameter` of layer '{clash}' of type {type(model.get_submodule(clash)).__name__}, "
+            "which is not a valid target. Make sure that this layer is not also targeted with `target_modules`. For "
+            "some models, PEFT will do this automatically, try setting `target_modules=[]` to prevent it."
+        )
+    return targets
 
 
 def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Module]) -> Plan:
@@ -444,7 +530,6 @@ def init_adapter_and_weights(
                 f"{sorted(p for p, e in plan.items() if e.spec is not None)[:5]}...); was it computed for another "
                 "config or model?"
             )
-    modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
     changed: dict[str, torch.Tensor] = {}
@@ -452,7 +537,7 @@ def init_adapter_and_weights(
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
-            w = getattr(modules[path], entry.spec.kind.weight_name)
+            w: torch.Tensor = params[entry.weight_key(path)]
             w = weights.get(path, w) if weights is not None else w
             data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
@@ -464,7 +549,7 @@ def init_adapter_and_weights(
             if done.weight is not None:
                 changed[path] = done.weight
         for pname in entry.overrides:
-            out[pname] = _whole(params[f"{path}.{pname}"].detach()).clone()
+            out[pname] = _whole(params[entry.base_key(path, pname)].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
     owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
@@ -495,13 +580,14 @@ def init_shared(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
     for path, entry in plan.items():
         if entry.spec is None:
             continue
         method = entry.method
         if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
-            device = getattr(modules[path], entry.spec.kind.weight_name).device
+            device = params[entry.weight_key(path)].device
             out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path])

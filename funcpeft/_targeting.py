@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
 from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
 from .config import TaskType
@@ -248,12 +249,101 @@ def _minimal_suffixes(targets: set[str], others: list[str]) -> set[str]:
     return required or set(targets)
 
 
+# -- transformers v5 MoE models: PEFT's config conversion ---------------------------------------------------------
+# transformers v5 fuses each MoE layer's experts into stacked parameters (`experts.gate_up_proj` (E, 2I, H),
+# `experts.down_proj` (E, H, I)) and makes the router `gate` a module with a bare `weight`. PEFT 0.21.2 rewrites a
+# LoRA config for these model types at get_peft_model / load time (peft/utils/transformers_weight_conversion.py,
+# `_convert_peft_config_moe`): v4 expert names in `target_modules` (w1/w3/w2, gate_proj/up_proj/down_proj, gate)
+# move to `target_parameters`, a fused pair gets twice the rank and alpha (rank/alpha patterns), and both fields
+# become sets. funcpeft rewrites its resolved copy the same way (the user's config is never touched).
+# PEFT's copies (peft/utils/transformers_weight_conversion.py): part of its behaviour
+_CONVERSION_PATTERN = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}
+_MOE_TARGET_MODULE_MAPPING: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
+}
+_MOE_FUSED_TARGETS: dict[str, dict[str, list[str]]] = {
+    "mixtral": {"gate_up_proj": ["w1", "w3"]},
+    "qwen2_moe": {"gate_up_proj": ["gate_proj", "up_proj"]},
+}
+
+
+def _resolve_string_targets(config: Any, model: nn.Module, mapping: dict[str, str]) -> set[str]:
+    """PEFT's `_resolve_string_target_modules`: a regex or "all-linear" `target_modules` as the leaf names it targets.
+
+    The v4 expert and router names (mapping keys) no longer exist as keys on v5: "all-linear" adds them all (they
+    were nn.Linear in v4); a regex gets each one whose reconstructed v4 key (`{container}.{old name}`) it matches.
+    """
+    if config.target_modules.lower() == "all-linear":
+        return {name.rsplit(".", 1)[-1] for name in _all_linear(model, config)} | mapping.keys()
+    module_keys = [name for name, _ in model.named_modules()]
+    param_keys = [name for name, _ in model.named_parameters()]
+    matched = {key.rsplit(".", 1)[-1] for key in (*module_keys, *param_keys) if is_target(config, key)}
+    containers: dict[str, set[str]] = {}
+    for name in param_keys:
+        container, _, leaf = name.rpartition(".")
+        containers.setdefault(leaf, set()).add(container)
+    for old, new in mapping.items():
+        if old not in matched and any(is_target(config, f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return matched
+
+
+def convert_moe_targets(config: Any, model: nn.Module) -> None:
+    """Rewrite `config` (funcpeft's resolved copy; its pattern dicts are copied first) like PEFT for v5 MoE models.
+
+    No-op unless the model's `config.model_type` has a transformers checkpoint conversion of the Mixtral or
+    Qwen2-MoE kind. Raises PEFT's ValueError when only part of a fused pair is targeted (e.g. `w1` without `w3`).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return
+    kind = _CONVERSION_PATTERN.get(model_type)
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(kind or "")
+    fused = _MOE_FUSED_TARGETS.get(kind or "", {})
+    if not mapping or not fused:
+        return
+    if isinstance(config.target_modules, str):
+        resolved = _resolve_string_targets(config, model, mapping)
+        if not resolved:
+            return  # nothing matched: the usual not-found error follows
+        config.target_modules = resolved
+    config.rank_pattern = dict(config.rank_pattern or {})
+    config.alpha_pattern = dict(config.alpha_pattern or {})
+    parameters = set(config.target_parameters or [])
+    remaining: set[str] = set()
+    matched: dict[str, set[str]] = {new: set() for new in fused}
+    for target in set(config.target_modules or []):
+        hit = next(((old, new) for old, new in mapping.items() if target == old or target.endswith(f".{old}")), None)
+        if hit is None:
+            remaining.add(target)
+            continue
+        old, new = hit
+        parameters.add(new)
+        if new in fused:
+            matched.setdefault(new, set()).add(old)
+    for new, required in fused.items():
+        present = matched.get(new, set())
+        if 0 < len(present) < len(required):
+            raise ValueError(
+                f"Cannot convert PEFT target(s) {', '.join(sorted(present))} without also targeting "
+                f"{', '.join(sorted(set(required) - present))} because they are fused into {new}."
+            )
+        if len(present) == len(required) > 1:
+            key = rf".*\.{re.escape(new)}"
+            config.rank_pattern[key] = config.r * len(required)
+            config.alpha_pattern[key] = config.lora_alpha * len(required)
+    config.target_parameters = parameters
+    config.target_modules = remaining
+
+
 def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -> Any:
     """A new config with what PEFT fills in at `get_peft_model` time.
 
     task-type modules_to_save, ensure_weight_tying (the input embedding targeted, the layers tied to it in
-    `target_modules_to_tie` instead), default targets per model type, "all-linear" expanded to names
-    (compressed to suffixes at >= 20 names), `base_model_name_or_path` and `revision`.
+    `target_modules_to_tie` instead), PEFT's transformers-v5 MoE rewrite (`convert_moe_targets`), default targets
+    per model type, "all-linear" expanded to names (compressed to suffixes at >= 20 names),
+    `base_model_name_or_path` and `revision`.
     """
     changes: dict[str, Any] = {}
     extra = TASK_MODULES_TO_SAVE.get(config.task_type.value if config.task_type else None, [])
@@ -277,7 +367,9 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
             )
         changes["revision"] = revision
     resolved = dataclasses.replace(config, **changes)
-    targets = config.target_modules
+    if config.CONVERTS_MOE_TARGETS:
+        convert_moe_targets(resolved, model)
+    targets = resolved.target_modules
     tie = _tie_targets(model, resolved, warn=True)  # before defaults and all-linear, like PEFT
     if tie is not None:
         targets = tie[0]
@@ -288,12 +380,12 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     if targets is None:
         table = config.DEFAULT_TARGET_MODULES
         default = table.get(model_type) if model_type else None
-        if default is None:
+        if default is None and not getattr(resolved, "target_parameters", None):
             raise ValueError(
-                "Please specify `target_modules` in the config: there is no default for "
+                "Please specify `target_modules` (or `target_parameters`) in the config: there is no default for "
                 f"model_type {model_type!r} (known: {sorted(table)[:8]}...)"
             )
-        targets = default if isinstance(default, str) else set(default)
+        targets = default if default is None or isinstance(default, str) else set(default)
     for name, value in config.model_defaults(model_type).items():  # e.g. IA3's feedforward_modules per model type
         setattr(resolved, name, value)  # set like PEFT's _prepare_adapter_config: no __post_init__ re-check
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -309,6 +401,32 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
     return resolved
 
 
+def match_targets(model: nn.Module, config: Any, any_module: bool = False) -> tuple[list[str], int]:
+    """(names of the modules a resolved config targets, in `named_modules` order; how many were excluded).
+
+    Raises TypeError naming the module and its type when a matched module is not a layer funcpeft can adapt
+    (unless `any_module`: see find_targets).
+    """
+    targets: list[str] = []
+    excluded = 0
+    tied = set(tied_layers(model, config))  # they get the embedding's adapter instead (PEFT skips them here)
+    for name, module in model.named_modules():
+        if not name or name in tied:
+            continue
+        if is_target(config, name):
+            if layer_kind(module) is None and not any_module:
+                raise TypeError(
+                    f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
+                    "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
+                    "torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention and transformers.pytorch_utils.Conv1D"
+                    + (" (or target its parameters with `target_parameters`)." if hasattr(config, "target_parameters") else ".")
+                )
+            targets.append(name)
+        elif is_excluded(config, name):
+            excluded += 1
+    return targets, excluded
+
+
 def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> list[str]:
     """Names of the modules a resolved config targets, in `named_modules` order.
 
@@ -316,23 +434,7 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
     module and its type when a matched module is not a layer funcpeft can adapt (unless `any_module`: a
     method that copies whole modules, such as LN tuning, may target any module).
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    tied = set(tied_layers(model, config))  # they get the embedding's adapter instead (PEFT skips them here)
-    targets: list[str] = []
-    excluded = 0
-    for name, module in named:
-        if name in tied:
-            continue
-        if is_target(config, name):
-            if layer_kind(module) is None and not any_module:
-                raise TypeError(
-                    f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
-                    "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
-                    "torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention and transformers.pytorch_utils.Conv1D."
-                )
-            targets.append(name)
-        elif is_excluded(config, name):
-            excluded += 1
+    targets, excluded = match_targets(model, config, any_module)
     if targets:
         return targets
     if excluded and config.target_modules:
@@ -340,6 +442,12 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
             "All modules were excluded. This is likely unintended. "
             "Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration."
         )
+    if not excluded and not config.target_modules:
+        raise ValueError(
+            "No `target_modules` passed but also no `target_parameters` found. Please check the values for these "
+            "arguments."
+        )
+    named = [(n, m) for n, m in model.named_modules() if n]
     spec = config.target_modules
     wanted = [spec] if isinstance(spec, str) else sorted(spec or [])
     adaptable = [n for n, m in named if any_module or layer_kind(m) is not None]
@@ -361,6 +469,46 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
         f"Adaptable module names in this model (suffixes): {short[:20]}"
         + (f". Note: {'; '.join(hidden[:3])}: target that name (as in PEFT, only the first name counts)" if hidden else "")
     )
+
+
+def find_parameter_targets(model: nn.Module, config: Any) -> list[tuple[str, str]]:
+    """PEFT's `_inject_parameters` matching for `target_parameters`: [(module name, parameter name)].
+
+    A parameter `{module}.{name}` (each module's own parameters, `named_modules` order, then the module's
+    registration order) matches an entry that equals it or is a dot-suffix of it; exclude_modules and layer
+    selection do not apply (as in PEFT). Empty when the config has no target_parameters.
+    """
+    names = list(getattr(config, "target_parameters", None) or ())
+    if not names:
+        return []
+    found: list[tuple[str, str]] = []
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{pname}"
+            if key in names or any(key.endswith(f".{t}") for t in names):
+                if module_name == "":
+                    raise ValueError(
+                        f"Targeting an nn.Parameter on the top-level module is not supported (parameter '{pname}'). "
+                    )
+                found.append((module_name, pname))
+    return found
+
+
+def parameter_paths(found: list[tuple[str, str]]) -> list[str]:
+    """PEFT's module path of each targeted parameter's `lora.ParamWrapper` (its checkpoint keys live there).
+
+    PEFT wraps a module once per targeted parameter, in order, each wrapper around the previous one: the last
+    parameter's wrapper takes the module's name, and each earlier one sits one `.base_layer` deeper.
+    """
+    count: dict[str, int] = {}
+    for module_name, _ in found:
+        count[module_name] = count.get(module_name, 0) + 1
+    seen: dict[str, int] = {}
+    paths = []
+    for module_name, _ in found:
+        seen[module_name] = seen.get(module_name, 0) + 1
+        paths.append(module_name + ".base_layer" * (count[module_name] - seen[module_name]))
+    return paths
 
 
 def tied_to_input_embedding(model: nn.Module, targets: list[str]) -> list[str]:
@@ -398,16 +546,23 @@ def tied_to_input_embedding(model: nn.Module, targets: list[str]) -> list[str]:
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
-def find_modules_to_save(model: nn.Module, config: Any, targets: Any = ()) -> list[str]:
+def find_modules_to_save(model: nn.Module, config: Any, targets: Any = (), parameter_owners: Any = ()) -> list[str]:
     """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only).
 
-    Raises TypeError, like PEFT, when such a module is a container or one of the adapter's `targets`.
+    Raises TypeError, like PEFT, when such a module is a container, one of the adapter's `targets`, or holds a
+    parameter the adapter targets (`parameter_owners`: PEFT's lora.ParamWrapper cannot be saved whole).
     """
     names = getattr(config, "modules_to_save", None) or []
     found: list[str] = []
     for key, module in model.named_modules():
         if key and is_saved_module(key, names):
             if not any(key.startswith(f + ".") for f in found):
+                if key in parameter_owners:
+                    raise TypeError(
+                        f"modules_to_save {names} matches {key!r}, which holds a parameter the adapter targets with "
+                        "`target_parameters`; PEFT refuses this too (modules_to_save cannot be applied to modules of "
+                        "type lora.ParamWrapper)."
+                    )
                 if key in targets or isinstance(module, _CONTAINERS):
                     what = "a LoRA target" if key in targets else f"a {type(module).__name__}"
                     raise TypeError(

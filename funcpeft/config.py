@@ -189,6 +189,8 @@ class PeftConfig:
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = DEFAULT_TARGET_MODULES
     # whether >= 20 matched names are compressed to suffixes (PEFT skips it for IA3, coupled to feedforward_modules)
     COMPRESS_TARGET_MODULES: ClassVar[bool] = True
+    # whether PEFT rewrites the targets for transformers-v5 MoE models (funcpeft._targeting.convert_moe_targets)
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = False
 
     # fields that exist for file compatibility but whose non-default values funcpeft does not implement
     _unimplemented: ClassVar[dict[str, Any]] = {}
@@ -471,9 +473,10 @@ class LoraConfig(PeftConfig):
     use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (all of PEFT's: True/False/
     "gaussian"/"mica"/PiSSA/OLoRA/orthogonal/LoftQ/EVA/CorDA/LoRA-GA), layers_to_transform, layers_pattern,
     rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its dict), use_bdlora (a `BdLoraConfig`
-    or its dict), ensure_weight_tying, task_type, base_model_name_or_path, revision, inference_mode. Every other
-    field must keep its default: a non-default value raises NotImplementedError naming the field. Nested
-    sub-configs are stored as the dicts PEFT writes.
+    or its dict), ensure_weight_tying, target_parameters (bare nn.Parameters such as MoE expert stacks;
+    funcpeft.methods.lora), task_type, base_model_name_or_path, revision, inference_mode. Every other field must
+    keep its default: a non-default value raises NotImplementedError naming the field. Nested sub-configs are
+    stored as the dicts PEFT writes.
     """
 
     r: int = 8
@@ -506,13 +509,14 @@ class LoraConfig(PeftConfig):
     layer_replication: list[list[int]] | None = None
     runtime_config: dict | None = None
     lora_bias: bool = False
-    target_parameters: list[str] | None = None
+    target_parameters: list[str] | set[str] | None = None
     use_bdlora: dict | None = None
     arrow_config: dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
     _unimplemented: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
         "trainable_token_indices": None,
@@ -521,7 +525,6 @@ class LoraConfig(PeftConfig):
         "use_qalora": False,
         "monteclora_config": None,
         "layer_replication": None,
-        "target_parameters": None,
         "arrow_config": None,
     }
 

@@ -63,7 +63,7 @@ from torch import nn
 from ._fsdp import ShardedModel, check_not_sharded
 from ._plan import LeafShapes, Plan, check_adapter_structure, check_leaves, check_stack, leaf_shapes, shared_params
 from .methods import weight_method
-from .methods.base import no_dropout
+from .methods.base import LayerSpec, Method, Params, no_dropout
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .trees import SHARED_PATH
@@ -153,8 +153,8 @@ class PeftFunction:
         """
         plan = self.plans[name]
         check_adapter_structure(tree, plan, name)
-        weights = {p: f"{p}.{e.spec.kind.weight_name}" for p, e in plan.items() if e.spec is not None}
-        devices = {p: base[w].device for p, w in weights.items() if w in base}
+        keys = {p: e.weight_key(p) for p, e in plan.items() if e.spec is not None}
+        devices = {p: base[k].device for p, k in keys.items() if k in base}
         check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
 
     def _check_base(self, base: Any) -> None:
@@ -187,6 +187,7 @@ class PeftFunction:
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
         applies_in: dict[str, str] = {}  # weight name -> the module whose forward uses it, when not its own
+        targeted: dict[str, list[tuple[Method, LayerSpec[Any], Params]]] = {}  # bare parameters (target_parameters)
         for name, tree in self.split_adapters(adapter):
             plan = self.plans.get(name)
             if plan is None:
@@ -206,13 +207,22 @@ class PeftFunction:
                         "can be routed per example"
                     )
                 for pname in entry.overrides:
-                    params[f"{path}.{pname}"] = leaves[pname]
+                    params[entry.base_key(path, pname)] = leaves[pname]
                 if entry.spec is None:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
+                if entry.parameter is not None:
+                    if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
+                        raise NotImplementedError(
+                            f"per-example adapters: {path} adapts the bare parameter {entry.parameter!r} "
+                            "(target_parameters), whose value is one tensor for the whole batch; PEFT's "
+                            "lora.ParamWrapper does not support mixed adapter batches either"
+                        )
+                    targeted.setdefault(entry.parameter, []).append((method, entry.spec, {**own, **frozen}))
+                    continue
                 # the layer itself, then layers tied to it applying its params through `Method.tie` (PlanEntry.tied)
                 layers = [(path, entry.spec, own)]
                 if entry.tied:
@@ -230,6 +240,8 @@ class PeftFunction:
         for wname, adapters in carried.items():
             check_stack(tuple(a.spec for a in adapters))
             params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(adapters), dropout, applies_in.get(wname))
+        for pname, on_param in targeted.items():
+            params[pname] = parameter_value(pname, on_param, params[pname])
         return params
 
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
@@ -412,6 +424,18 @@ class _Call:
             f"funcpeft: the model no longer has the parameter(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} that fn "
             "was built for: its module structure changed after get_peft_model. Call get_peft_model on the model as it is now."
         )
+
+
+def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
+    """The value the model reads for bare parameter `name` with these adapters active (their method's rule)."""
+    method = applied[0][0]
+    if any(m is not method for m, _, _ in applied):
+        raise NotImplementedError(
+            f"adapters of different methods ({sorted({m.name for m, _, _ in applied})}) target the parameter {name!r}; "
+            "a bare parameter takes one method's adapters"
+        )
+    assert method.parameter_value is not None  # planning refused the method otherwise
+    return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
 
 
 def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward: Any) -> Any:

@@ -37,6 +37,7 @@ from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, layer_params, with_shared
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
+from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
 from .methods.base import LayerKind, LayerSpec, Params
 
 Tree = dict[str, torch.Tensor]
@@ -64,6 +65,8 @@ def merge_weight(
     hook = weight_method(spec.method).merge.weight
     if hook is not None:
         out = hook(spec, params, weight, base_weight)
+    elif spec.kind is LayerKind.PARAMETER:
+        out = _merge_parameter(spec, params, weight)
     else:
         delta = _delta(spec, params).to(weight.device)
         # PEFT: `w.data += delta` (promoted add, cast back); safe_merge: `w.clone() += delta.to(w.dtype)`
@@ -86,8 +89,19 @@ def unmerge_weight(
         return hooks.unweight(spec, params, merged, base_weight)
     if hooks.weight is not None:
         raise NotImplementedError(f"method {spec.method!r} has a merge.weight hook but no merge.unweight: cannot unmerge")
+    if spec.kind is LayerKind.PARAMETER:
+        return _merge_parameter(spec, params, merged, sign=-1)
     delta = _delta(spec, params).to(merged.device)
     return (merged - delta).to(merged.dtype)
+
+
+def _merge_parameter(spec: LayerSpec[Any], params: Params, weight: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """PEFT's `ParamWrapper.merge` / `unmerge`: `W +/- delta`, delta already in W's dtype; a float8 W adds in the
+    adapter's precision, clamped (like the forward; PEFT's own float8 merge raises a dtype-promotion error)."""
+    delta = sign * _delta(spec, params)
+    if weight.dtype in FLOAT8_DTYPES:
+        return low_precision_add(weight, delta.to(weight.device))
+    return weight + cast_delta(delta, weight)
 
 
 def unmerge_bias(
@@ -165,11 +179,12 @@ def _merge_entries(
     for _, path, entry, leaves in entries:
         for pname in entry.overrides:
             write = names.write_shared if pname in entry.in_place else names.write_own
-            write(out, f"{path}.{pname}", leaves[pname])
+            write(out, entry.base_key(path, pname), leaves[pname])
         if entry.spec is None:
             continue
         for where, spec, params in _layers(path, entry, layer_params(entry, leaves, base)):
-            wname, bname = f"{where}.{spec.kind.weight_name}", _bias_name(names, spec, where)
+            wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+            bname = _bias_name(names, spec, where)
             weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
             if before is not None:
                 before.append((weight, bias))
@@ -203,7 +218,7 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     fn = peft_function(pm)
     names = Names(fn.aliases)
     entries = _entries(fn, adapter, merged)
-    overridden = [f"{path}.{p}" for _, path, entry, _ in entries for p in entry.overrides]
+    overridden = [entry.base_key(path, p) for _, path, entry, _ in entries for p in entry.overrides]
     if overridden and base is None:
         raise ValueError(
             f"unmerge: the adapter replaces {overridden[:3]}{' ...' if len(overridden) > 3 else ''} "
@@ -218,14 +233,15 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     for _, path, entry, leaves in reversed(entries):
         if entry.spec is not None:
             for where, spec, params in reversed(_layers(path, entry, layer_params(entry, leaves, merged))):
-                wname, bname = f"{where}.{spec.kind.weight_name}", _bias_name(names, spec, where)
+                wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+                bname = _bias_name(names, spec, where)
                 pre_weight, pre_bias = next(layers, (None, None))
                 names.write_shared(out, wname, unmerge_weight(spec, params, names.read(out, wname), pre_weight))
                 if bname:
                     names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
         for pname in entry.overrides:
             assert base is not None
-            key = f"{path}.{pname}"
+            key = entry.base_key(path, pname)
             if pname in entry.in_place:
                 names.write_shared(out, key, names.read(base, key))
             else:
@@ -237,7 +253,7 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
 def _warn_tied_merges(fn: PeftFunction, adapter: Any) -> None:
     names = Names(fn.aliases)
     for _, path, entry, _ in _entries(fn, adapter):
-        wname = f"{path}.{entry.spec.kind.weight_name}" if entry.spec is not None else f"{path}.weight"
+        wname = entry.weight_key(path)
         # tied layers the adapter covers (PlanEntry.tied)
         applied = {wname, *(f"{t.path}.{t.spec.kind.weight_name}" for t in entry.tied)}
         tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n not in applied]

@@ -29,6 +29,7 @@ from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
 from .methods import method_for
+from .methods.lora import LoraHyper
 from .methods.lora_init import changes_base
 from .trees import AdapterTree, BaseTree, tree_numel
 
@@ -89,7 +90,9 @@ class FunctionalPeftModel:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
         peft_config.check_new_adapter_config(self.peft_config)
+        _check_same_parameters(peft_config, self.peft_config)
         resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
+        _check_parameter_layers(plan, self.plans)
         _check_nesting(plan, self.plans)
         names = Names(self.fn.aliases)
         weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
@@ -102,6 +105,12 @@ class FunctionalPeftModel:
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
         return tree
+
+    def lora_scalings(self, adapter_name: str | None = None) -> dict[str, float]:
+        """{module path: LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)} of a LoRA / DoRA adapter's layers:
+        PEFT's per-layer `module.scaling[adapter]`, as `funcpeft.optim.lorafa` needs it."""
+        plan = self.plans[adapter_name or self.adapter_name]
+        return {p: e.spec.hyper.scaling for p, e in plan.items() if e.spec is not None and isinstance(e.spec.hyper, LoraHyper)}
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -238,6 +247,41 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
             f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
             "Pass mixed=True to get_peft_model to mix adapter types."
         )
+
+
+def _check_same_parameters(config: PeftConfig, others: dict[str, PeftConfig]) -> None:
+    """PEFT's `LoraModel._check_new_adapter_config`: adapters with target_parameters all target the same set
+    (PEFT encodes which parameter a LoRA belongs to by its ParamWrapper's nesting, shared by all adapters)."""
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return
+    for name, other in others.items():
+        theirs = getattr(other, "target_parameters", None)
+        if theirs and set(theirs) != set(wanted):
+            raise ValueError(
+                "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
+                f"parameters, but got {sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter '{name}'."
+            )
+
+
+def _check_parameter_layers(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A module cannot be a LoRA layer for one adapter and hold a targeted bare parameter for another."""
+    layers = {path for p in plans.values() for path, e in p.items() if e.spec is not None and e.parameter is None}
+    owners = {e.module(path): e.parameter for p in plans.values() for path, e in p.items() if e.parameter is not None}
+    for path, entry in plan.items():
+        if entry.parameter is not None and entry.module(path) in layers:
+            module = entry.module(path)
+            raise ValueError(
+                f"Trying to wrap an `nn.Parameter` of layer '{module}', which another adapter adapts as a layer "
+                "(`target_modules`): not a valid target. Make sure that this layer is not also targeted with "
+                "`target_modules`."
+            )
+        if entry.spec is not None and entry.parameter is None and path in owners:
+            raise NotImplementedError(
+                f"{path!r} holds {owners[path]!r}, which another adapter targets with `target_parameters`; PEFT would "
+                "add this adapter to that parameter's wrapper instead of the layer. Target the layer in neither or "
+                "both adapters the same way."
+            )
 
 
 def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:

@@ -31,7 +31,7 @@ See CONTRIBUTING.md for the checklist to add a method.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -54,10 +54,11 @@ class LayerKind(enum.Enum):
     EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
     CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
     MHA = "mha"  # nn.MultiheadAttention (one in_proj_weight): in_proj_weight (3 * embed, embed), read as data
+    PARAMETER = "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
 
     @property
     def out_dim(self) -> int:
-        """The weight dimension holding the output features."""
+        """The weight dimension holding the output features (for a bare parameter: see `ParameterGeometry`)."""
         return 1 if self in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING) else 0
 
     @property
@@ -92,6 +93,20 @@ class EmbeddingGeometry:
 
 
 @dataclass(frozen=True)
+class ParameterGeometry:
+    """A targeted bare parameter (LayerKind.PARAMETER; PEFT's `lora.ParamWrapper`): how its shape is read.
+
+    name: the parameter's name on its module (e.g. "gate_up_proj"). experts: E of a 3-D expert stack, 1 for a 2-D
+    (out, in) parameter. swapped: the stack is stored (E, out, in) (PEFT: a 3-D parameter whose module does not say
+    `is_transposed=True`, e.g. Mixtral); False: (E, in, out) (GPT-OSS) or 2-D.
+    """
+
+    name: str
+    experts: int
+    swapped: bool
+
+
+@dataclass(frozen=True)
 class LayerSpec(Generic[H]):
     """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
 
@@ -106,7 +121,7 @@ class LayerSpec(Generic[H]):
     in_features: int
     out_features: int
     hyper: H
-    geometry: ConvGeometry | EmbeddingGeometry | None = None
+    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | None = None
 
     @property
     def conv(self) -> ConvGeometry:
@@ -118,6 +133,12 @@ class LayerSpec(Generic[H]):
     def embedding(self) -> EmbeddingGeometry:
         if not isinstance(self.geometry, EmbeddingGeometry):
             raise TypeError(f"{self.method} on a {self.kind.value} layer has no embedding geometry")
+        return self.geometry
+
+    @property
+    def parameter(self) -> ParameterGeometry:
+        if not isinstance(self.geometry, ParameterGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer is not a bare-parameter target")
         return self.geometry
 
 
@@ -244,6 +265,11 @@ class DeltaWeightFn(Protocol):
 
 def _no_frozen_params(spec: LayerSpec[Any]) -> int:
     return 0
+class ParameterValueFn(Protocol):
+    def __call__(self, adapters: Sequence[tuple[LayerSpec[Any], Params]], weight: torch.Tensor, /) -> torch.Tensor:
+        """The value a model reads for a targeted bare parameter `weight` with these adapters active, in order.
+
+        Computed once per call and put where the parameter was, so every op that reads it sees the adapted value."""
 
 
 class MergeWeightFn(Protocol):
@@ -445,6 +471,11 @@ class Method:
     init_from_weight: init from the base weight and per-layer data (get_peft_model's `init_data`), which may
       also replace the layer's base weight (the new weight goes into `base`; the model is untouched); it runs
       after `init` and before `finish_init`, which then sees the new weight.
+    parameter_value: how the method adapts a bare parameter (LayerKind.PARAMETER, e.g. LoraConfig's
+    `target_parameters`: MoE expert stacks that no Linear owns). Such a target has no op of its own, so `forward`
+    is not used for it: `fn` computes W' = parameter_value([(spec, params), ...], W) once per call and the model
+    reads W' wherever it reads the parameter; merging uses `delta_weight`. None: the method cannot target bare
+    parameters (planning raises UnsupportedLayerError).
     """
 
     name: str
@@ -473,6 +504,7 @@ class Method:
     kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
     changes_base: bool = False
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
+    parameter_value: ParameterValueFn | None = None
 
     @property
     def peft_type(self) -> str:

@@ -14,12 +14,20 @@ one weight-sized temporary each per call, no dropout. PEFT merges the out_proj d
 once through the wrapped lora.Linear's own merge), in its forward and in merge_and_unload alike; funcpeft
 reproduces that as a doubled out_proj scaling (its gradients are autograd's: PEFT's are half of its own forward's
 derivative there, as the second merge bypasses autograd; docs/usage.md "Limits").
+  bare parameter:      lora_A (r * E, in), lora_B (out, r * E)   (`target_parameters`, PEFT's lora.ParamWrapper)
+
+A bare parameter W (2-D (out, in), or an expert stack (E, in, out) / (E, out, in)) has no op to hook, so its
+adapted value is materialised once per call, as PEFT's parametrization does: `W' = baddbmm(W, lhs, rhs, alpha=s)`
+per expert for one adapter on a stack (lhs @ rhs is expert e's B_e @ A_e in W's layout, A_e = lora_A rows
+e*r:(e+1)*r, B_e = lora_B columns e::E), else `W + sum_i delta_i`; float8 weights are added in the adapters'
+precision, clamped to the float8 range and cast back.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from ..config import init_mode
 from ..configs import LoraConfig
 from . import lora_init
-from ._layers import conv_op, embed
+from ._layers import FLOAT8_DTYPES, cast_delta, conv_op, embed, low_precision_add
 from ._patterns import rank_and_alpha
 from ._registry import register
 from .base import (
@@ -99,6 +107,8 @@ def hyper(config: Any, target: Target) -> LoraHyper:
                 "Currently, support is limited to conv layers where the rank is divisible by groups. Either choose a "
                 "different rank or do not target this specific layer."
             )
+    if target.kind is LayerKind.PARAMETER:
+        _check_parameter_target(config)
     lora_init.check_target(config.init_lora_weights, r, target)
     scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
     if mha_out_proj:
@@ -109,6 +119,16 @@ def hyper(config: Any, target: Target) -> LoraHyper:
         r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights, lora_bias=lora_bias,
         mha_out_proj=mha_out_proj, init_args=lora_init.init_args(config),
     )
+
+
+def _check_parameter_target(config: Any) -> None:
+    """PEFT's `lora.ParamWrapper.__init__` checks, in its order (the maths cannot factor these through W')."""
+    for bad, what in (
+        (bool(config.lora_dropout), "lora_dropout != 0"), (config.fan_in_fan_out, "fan_in_fan_out"),
+        (config.lora_bias, "lora_bias=True"), (config.use_dora, "use_dora=True"),
+    ):
+        if bad:
+            raise ValueError(f"lora.ParamWrapper does not work with {what}.")
 
 
 def param_names(spec: LayerSpec[Any]) -> tuple[str, ...]:
@@ -122,6 +142,8 @@ def _shapes(spec: Spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if spec.kind is LayerKind.CONV:
         kernel = spec.weight_shape[2:]
         return (r, spec.in_features, *kernel), (spec.out_features, r // spec.conv.groups, *([1] * len(kernel)))
+    if spec.kind is LayerKind.PARAMETER:
+        r *= spec.parameter.experts  # PEFT: one nn.Linear pair holding every expert's factors
     return (r, spec.in_features), (spec.out_features, r)
 
 
@@ -178,6 +200,8 @@ def _check_op(spec: Spec) -> None:
 def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
     """`result + s * B(A(dropout(x)))` in PEFT's order and dtypes (`s * (B A x + b)` with lora_bias); x is the
     base layer's input."""
+    if spec.kind is LayerKind.PARAMETER:
+        raise TypeError("a bare-parameter target has no layer op: its value comes from `parameter_value`")
     assert result is not None
     s = spec.hyper.scaling
     if spec.kind is LayerKind.EMBEDDING:
@@ -222,8 +246,11 @@ def low_rank(spec: Spec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, bias
 
 
 def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
-    """s * B @ A in the base weight's layout (transposed for Conv1D and Embedding; conv kernels composed)."""
+    """s * B @ A in the base weight's layout (transposed for Conv1D and Embedding; conv kernels composed;
+    per expert for a bare parameter), in the adapter's dtype."""
     s = spec.hyper.scaling
+    if spec.kind is LayerKind.PARAMETER:
+        return _parameter_delta(spec, params)
     if spec.kind is LayerKind.EMBEDDING:
         return (params["lora_embedding_B"] @ params["lora_embedding_A"]).T * s
     a, b = params["lora_A"], params["lora_B"]
@@ -257,6 +284,48 @@ def tie(params: Params) -> Params:
     """PEFT's `ensure_weight_tying`: the LoRA of a layer tied to the input embedding (lm_head) is the embedding's,
     transposed: lora_A = lora_embedding_B^T (r, dim), lora_B = lora_embedding_A^T (vocab, r); leading dims kept."""
     return {"lora_A": params["lora_embedding_B"].transpose(-2, -1), "lora_B": params["lora_embedding_A"].transpose(-2, -1)}
+# -- bare parameters (target_parameters) ------------------------------------------------------------------------
+def _parameter_delta(spec: Spec, params: Params) -> torch.Tensor:
+    """PEFT's `ParamWrapper.get_delta_weight` before its cast to W's dtype: (out, in) or (E, ., .) like W."""
+    a, b, s = params["lora_A"], params["lora_B"], spec.hyper.scaling
+    geo = spec.parameter
+    if geo.experts == 1:  # PEFT's lora.Linear.get_delta_weight: half-precision factors multiply in fp32 on CPU
+        half = a.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16)
+        delta = (b.float() @ a.float()) * s if half else (b @ a) * s
+        return delta.to(b.dtype) if half else delta
+    a3 = a.reshape(geo.experts, -1, a.shape[-1])  # (E, r, in)
+    b3 = b.reshape(b.shape[0], -1, geo.experts)  # (out, r, E): expert e's B is columns e::E
+    return torch.einsum("o r e, e r i -> e o i" if geo.swapped else "o r e, e r i -> e i o", b3, a3) * s
+
+
+def _factors(spec: Spec, params: Params, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `ParamWrapper.get_delta_factors`: (lhs, rhs) with `s * lhs @ rhs` = the delta, in W's dtype."""
+    a, b, e = params["lora_A"], params["lora_B"], spec.parameter.experts
+    a3 = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
+    b3 = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+    lhs, rhs = (b3, a3) if spec.parameter.swapped else (a3.transpose(-2, -1), b3.transpose(-2, -1))
+    return lhs.to(dtype), rhs.to(dtype)
+
+
+def parameter_value(adapters: Sequence[tuple[LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
+    """W' for a targeted bare parameter, as PEFT's `ParamWrapper._activate_lora` parametrizes it.
+
+    adapters: [(spec, {"lora_A": (r*E, in), "lora_B": (out, r*E)})] of every active adapter, in order; weight: W.
+    One adapter on an expert stack: `baddbmm(W, lhs, rhs, alpha=s)` in W's dtype (no delta the size of W); else
+    `W + sum_i cast(delta_i)`, float8 W via `low_precision_add`.
+    """
+    low = weight.dtype in FLOAT8_DTYPES
+    if len(adapters) == 1 and adapters[0][0].parameter.experts > 1 and not low:
+        spec, params = adapters[0]
+        lhs, rhs = _factors(spec, params, weight.dtype)
+        with torch.autocast(device_type=weight.device.type, enabled=False):  # PEFT folds in W's dtype
+            return torch.baddbmm(weight, lhs, rhs, alpha=spec.hyper.scaling)
+    delta: torch.Tensor | None = None
+    for spec, params in adapters:
+        d = cast_delta(_parameter_delta(spec, params), weight)
+        delta = d if delta is None else delta + d
+    assert delta is not None
+    return low_precision_add(weight, delta) if low else weight + delta
 
 
 LORA = register(
@@ -276,5 +345,6 @@ LORA = register(
         mixed_compatible=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.MHA},
         tie=Tying(params=tie, on_request=True, counted=True),
+        parameter_value=parameter_value,
     )
 )
