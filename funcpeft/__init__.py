@@ -9,11 +9,24 @@ The public API is what this module exports, plus the public submodules `optim`, 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import distributed, optim
+from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
 from .arrow import create_arrow_model
-from .config import ConfigTypeError, LoraConfig, PeftConfig, PeftType, TaskType
+from .config import (
+    BdLoraConfig,
+    ConfigTypeError,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+)
 from .configs import (
+    AdaLoraConfig,
     ArrowConfig,
     BOFTConfig,
     C3AConfig,
@@ -34,12 +47,22 @@ from .configs import (
     VeloraConfig,
     VeraConfig,
 )
+from .corda import preprocess_corda
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
 from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter
+from .loraga import preprocess_loraga
 from .merge import merge, merge_and_unload, unmerge
+from .methods.adalora_allocator import (
+    RankAllocatorState,
+    orthogonal_regularizer,
+    rank_allocator,
+    rank_pattern,
+    with_rank_pattern,
+)
 from .methods.alora import invocation_offsets as alora_offsets
 from .methods.monteclora import monteclora_loss
 from .methods.velora import velora_update
@@ -55,18 +78,32 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaLoraConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "LoftQConfig",
+    "LoraGAConfig",
+    "corda",
+    "eva",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "loraga",
+    "preprocess_corda",
+    "preprocess_loraga",
     "AdaptedWeight",
     "ArrowConfig",
     "AdapterMismatchError",
     "AdapterTree",
     "BOFTConfig",
     "BaseTree",
+    "BdLoraConfig",
     "ConfigTypeError",
     "C3AConfig",
     "FourierFTConfig",
     "FunctionalPeftModel",
     "HRAConfig",
     "IA3Config",
+    "KasaConfig",
     "InterruptedSaveError",
     "LNTuningConfig",
     "LoHaConfig",
@@ -82,6 +119,7 @@ __all__ = [
     "PeftType",
     "PerExample",
     "RandLoraConfig",
+    "RankAllocatorState",
     "ShiraConfig",
     "TaskType",
     "TrainableTokensConfig",
@@ -103,12 +141,16 @@ __all__ = [
     "mixed_batch",
     "monteclora_loss",
     "optim",
+    "orthogonal_regularizer",
     "per_example",
     "per_sample_grads",
+    "rank_allocator",
+    "rank_pattern",
     "save_adapter",
     "stack_adapters",
     "unmerge",
     "unstack_adapters",
     "value_and_grad",
     "velora_update",
+    "with_rank_pattern",
 ]

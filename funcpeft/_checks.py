@@ -62,23 +62,22 @@ def device_of(t: torch.Tensor) -> torch.device:
 
 def expected_leaves(model: nn.Module, plan: Mapping[str, PlanEntry], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
     """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
-    modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
     for path, e in plan.items():
         if e.owner is not None:  # the shared trainable tensors: on the first layer's device, in its adapter dtype
-            w = next(modules[p].weight for p, f in plan.items() if f.shared)
+            w = next(params[f.weight_key(p)] for p, f in plan.items() if f.shared)
             shapes = dict(e.shapes)
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], adapter_dtype(w.dtype, autocast_adapter_dtype), device_of(w))
         if e.spec is not None:
-            w = modules[path].weight
+            w = params[e.weight_key(path)]
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             shapes = dict(e.shapes)
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], dtype, device_of(w))
         for n in e.overrides:
-            p = params[f"{path}.{n}"]
+            p = params[e.base_key(path, n)]
             out[(path, n)] = LeafSpec(tuple(p.shape), p.dtype, device_of(p))
     return out
 
@@ -88,9 +87,8 @@ def check_tree(tree: Mapping[str, Any], plan: Mapping[str, PlanEntry], model: nn
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
     leaves = expected_leaves(model, plan)
-    tied = {p: tuple(t for t, _ in e.tied) for p, e in plan.items() if e.tied}
     mts = getattr(config, "modules_to_save", None)
-    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts, tied).items()}
+    found = {k: tuple(tree[p][n].shape) for k, (p, n) in tree_file_keys(tree, rules, mts).items()}
     problems = Problems(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],

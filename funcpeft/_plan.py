@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,12 +20,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targeting import find_modules_to_save, find_targets, layer_kind, resolve_config, tied_to_input_embedding
+from ._targeting import (
+    find_modules_to_save,
+    find_parameter_targets,
+    find_targets,
+    layer_kind,
+    match_targets,
+    module_name,
+    parameter_paths,
+    resolve_config,
+    tied_layers,
+    tied_to_input_embedding,
+)
 from .config import PeftConfig
 from .methods import method_for, weight_method
 from .methods._layers import adapter_dtype
-from .methods.base import ConvGeometry, EmbeddingGeometry, LayerKind, LayerSpec, Method, Params, Target
+from .methods.base import (
+    NO_INIT_DATA,
+    ConvGeometry,
+    EmbeddingGeometry,
+    LayerKind,
+    LayerSpec,
+    Method,
+    ParameterGeometry,
+    Params,
+    Target,
+    UnsupportedLayerError,
+    WeightInit,
+)
 from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """A layer whose weight is tied to an adapted input embedding and that applies the embedding's adapter
+    (`Method.tie`: lm_head gets the embedding's LoRA transposed with ensure_weight_tying, or trainable tokens'
+    rows). It has no leaves of its own in the adapter tree.
+
+    path: the tied module; spec: its layer facts (its own op); shapes: ((param name, shape), ...) of its params.
+    """
+
+    path: str
+    spec: LayerSpec[Any]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +75,22 @@ class PlanEntry:
     in_place: the subset of `overrides` PEFT trains in place on the base layer (bias="all"/"lora_only"):
       counted once, never frozen by inference_mode, written through ties on merge.
     frozen: ((param name, base key), ...) of frozen tensors the forward reads from `base`: shared ones (VeRA's
-      projections) and the layer's own (SHiRA's mask indices, `Method.layer_frozen`).
+      projections) and the layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, under
+      `trees.layer_frozen_key` keys).
     shapes: ((leaf name, shape), ...) of every leaf (params and overrides): what `fn` checks trees against.
     shared: names of the trainable tensors shared by all layers (`Method.shared_trainable`) the forward reads
       from the adapter tree's `trees.SHARED_PATH` entry (VB-LoRA's vector bank).
     owner: on the `SHARED_PATH` entry only: a layer's spec, whose method draws the shared tensors.
-    tied: ((module path, its spec), ...): layers whose weight is tied to this one's and that apply this entry's
-      adapter parameters with their own op (`Method.follows_ties`: trainable tokens on a tied lm_head).
+    tied: layers whose weight is tied to this one's and that apply this entry's adapter parameters, passed
+      through `Method.tie`, with their own op (`Tie`: lm_head with LoRA's ensure_weight_tying, trainable tokens).
     copied_by: the method whose trainable copies `overrides` are (`Method.copies_modules`: LN tuning), None for
       modules_to_save copies and trainable biases.
+    applies_in: the module whose forward uses this layer's weight, when it is not the layer itself (`Target.owner`:
+      a targeted nn.MultiheadAttention's forward reads its out_proj's weight); the adapter applies only there.
+    parameter: for a bare-parameter target (`target_parameters`, LayerKind.PARAMETER), the targeted parameter's
+      model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
+      its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
+      parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -56,13 +101,30 @@ class PlanEntry:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     shared: tuple[str, ...] = ()
     owner: LayerSpec[Any] | None = None
-    tied: tuple[tuple[str, LayerSpec[Any]], ...] = ()
+    tied: tuple[Tie, ...] = ()
     copied_by: str | None = None
+    applies_in: str | None = None
+    parameter: str | None = None
 
     @property
     def keys(self) -> frozenset[str]:
         """Every key of the adapter tree's entry at this module."""
         return frozenset(self.params) | frozenset(self.overrides)
+
+    def module(self, path: str) -> str:
+        """The model's module this entry (at tree path `path`) belongs to."""
+        return self.parameter.rpartition(".")[0] if self.parameter is not None else path
+
+    def weight_key(self, path: str) -> str:
+        """The base parameter the method adapts: the layer's weight (`{path}.weight`, an attention's
+        `{path}.in_proj_weight`), or the targeted bare parameter."""
+        if self.parameter is not None:
+            return self.parameter
+        return f"{path}.{self.spec.kind.weight_name if self.spec is not None else 'weight'}"
+
+    def base_key(self, path: str, name: str) -> str:
+        """The model parameter that override `name` (modules_to_save copy, trained bias) replaces."""
+        return f"{self.module(path)}.{name}"
 
     @property
     def method(self) -> Method:
@@ -88,11 +150,22 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
-    _check_plain_weight(target.name, module, config)
-    weight: Any = module.weight
+    if kind not in method.kinds:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
+            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer); it adapts "
+            f"{sorted(k.value for k in method.kinds)} layers. Do not target this module."
+        )
+    if kind is LayerKind.MHA and not module._qkv_same_embed_dim:
+        raise ValueError(
+            f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
+            "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
+        )
+    _check_plain_weight(target.name, module, config, kind.weight_name)
+    weight: Any = getattr(module, kind.weight_name)
     shape = tuple(weight.shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
-    if kind is LayerKind.LINEAR:
+    if kind in (LayerKind.LINEAR, LayerKind.MHA):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
         in_f, out_f = shape[0], shape[1]
@@ -111,25 +184,70 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     return LayerSpec(method.name, kind, shape, in_f, out_f, method.hyper(config, target), geometry)
 
 
-def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig) -> None:
+def parameter_spec(target: Target, param_name: str, config: PeftConfig, method: Method) -> LayerSpec[Any]:
+    """Static facts of a targeted bare parameter (`target.name` is its model name; `param_name` its name on
+    `target.module`), read like PEFT's `lora.ParamWrapper._get_in_out_features` / `update_layer`."""
+    _check_plain_weight(target.name, target.module, config, param_name)
+    shape = tuple(getattr(target.module, param_name).shape)
+    if len(shape) == 3:
+        experts, in_f, out_f = shape
+    elif len(shape) == 2:
+        experts, in_f, out_f = 1, shape[1], shape[0]
+    else:
+        raise ValueError(
+            f"lora.ParamWrapper was initialized with {len(shape)} dimensional Parameter, but only 2d and 3d are "
+            f"supported ({target.name!r} has shape {list(shape)})."
+        )
+    # a 3-D stack is (E, out, in) unless the module says it is transposed (E, in, out), e.g. GPT-OSS's experts
+    swapped = len(shape) == 3 and not getattr(target.module, "is_transposed", False)
+    if swapped:
+        in_f, out_f = out_f, in_f
+    geometry = ParameterGeometry(param_name, experts, swapped)
+    hyper = method.hyper(config, target)  # raises PEFT's errors for options a parameter target cannot take
+    if method.parameter_value is None:
+        raise UnsupportedLayerError(
+            f"{type(config).__name__}: method {method.name!r} cannot adapt a bare nn.Parameter ({target.name!r}, "
+            "targeted by `target_parameters`); only plain LoRA can."
+        )
+    return LayerSpec(method.name, LayerKind.PARAMETER, shape, in_f, out_f, hyper, geometry)
+
+
+def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, param: str = "weight") -> None:
     """funcpeft adapts layers whose weight is an ordinary floating-point parameter; anything else is refused clearly."""
     from torch.nn.utils import parametrize
 
     what = f"{type(config).__name__} on {name!r} ({type(module).__module__}.{type(module).__name__})"
-    if parametrize.is_parametrized(module, "weight"):
-        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]  # type: ignore[index,union-attr]
+    if parametrize.is_parametrized(module, param):
+        kinds = [type(p).__name__ for p in module.parametrizations[param]]  # type: ignore[index,union-attr]
         raise NotImplementedError(
-            f"{what}: its weight is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
+            f"{what}: its {param} is computed by a parametrization ({kinds}, e.g. weight_norm); funcpeft cannot adapt "
             "parametrized weights. Remove it first (torch.nn.utils.parametrize.remove_parametrizations) or do not "
-            "target this module."
+            "target it."
         )
-    weight: Any = module.weight
+    weight: Any = getattr(module, param)
+    if _is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                f"{what}: its weight is a DTensor shard (FSDP2 fully_shard), but torch.distributed has no initialized "
+                "process group: call torch.distributed.init_process_group first (see docs/distributed.md)"
+            )
+        weight = weight.to_local()
     if type(weight) not in (nn.Parameter, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         raise NotImplementedError(
             f"{what}: its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a "
             "plain floating-point tensor (a quantised or otherwise wrapped layer); funcpeft does not support such "
             "layers yet. Do not target this module, or load the model unquantised."
         )
+
+
+def _is_dtensor(t: Any) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported wherever a DTensor exists
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard gathered whole (a collective: every rank plans the same modules in the same order); else `t`."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
@@ -149,49 +267,142 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
+def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False) -> list[Target]:
+    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
+    out: list[Target] = []
+    for name in names:
+        kind = layer_kind(modules[name])
+        assert kind is not None  # find_targets raised for anything else
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention) and parent not in names:
+            raise NotImplementedError(
+                f"{name!r}: an adapter on an nn.MultiheadAttention's out_proj alone would have no effect: the attention "
+                "reads out_proj.weight directly and never calls out_proj (PEFT silently ignores such an adapter). "
+                f"Target the MultiheadAttention {parent!r} itself (PEFT adapts its in_proj_weight and out_proj together)."
+            )
+        target = Target(name, modules[name], kind, common, for_checkpoint=for_checkpoint)
+        out.append(target)
+        if kind is LayerKind.MHA:
+            out_proj = getattr(modules[name], "out_proj", None)
+            if not isinstance(out_proj, nn.Linear):
+                raise TypeError(f"out_proj must be an instance of nn.Linear for MultiheadAttention ({name!r}).")
+            if f"{name}.out_proj" in names:
+                raise ValueError(
+                    f"{name!r} (an nn.MultiheadAttention) and its out_proj are both targeted: PEFT adapts the out_proj "
+                    "of a targeted MultiheadAttention itself (and ignores an adapter on out_proj alone, whose forward "
+                    "the attention never calls). Target only the MultiheadAttention."
+                )
+            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target, for_checkpoint=for_checkpoint))
+    return out
+
+
+def _tied_paths(model: nn.Module, config: PeftConfig, method: Method, targets: list[str]) -> list[str]:
+    """The layers tied to the input embedding that take its adapter (`Method.tie`), in `named_modules` order."""
+    requested = tied_layers(model, config)  # LoraConfig(ensure_weight_tying=True)
+    if method.tie is None:
+        if requested:
+            raise NotImplementedError(
+                f"ensure_weight_tying=True with {type(config).__name__} ({method.name}): funcpeft ties only plain "
+                f"LoRA adapters (the layers tied to the input embedding: {requested})."
+            )
+        return []
+    return requested if method.tie.on_request else tied_to_input_embedding(model, targets)
+
+
+def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan, tied: list[str], common: Any) -> None:
+    """Record the layers tied to the input embedding (`_tied_paths`) on the embedding's plan entry."""
+    if not tied:
+        return
+    assert method.tie is not None
+    source = module_name(model, model.get_input_embeddings())  # type: ignore[operator]
+    entry = plan.get(source or "")
+    if entry is None or entry.spec is None:
+        raise ValueError(
+            f"{type(config).__name__}: {tied} would share the adapter of the input embedding {source!r}, which this "
+            "config does not adapt (excluded?)."
+        )
+    modules = dict(model.named_modules())
+    ties = []
+    for path in tied:
+        kind = layer_kind(modules[path])
+        if kind is None:
+            raise TypeError(f"the tied module {path!r} is a {type(modules[path]).__name__}, not a layer funcpeft adapts")
+        spec = layer_spec(Target(path, modules[path], kind, common), config, method)
+        with torch.device("meta"):
+            tied_params = method.tie.params({k: torch.empty(shape) for k, shape in entry.shapes if k in entry.params})
+        shapes = tuple((k, tuple(v.shape)) for k, v in tied_params.items())
+        want = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        if sorted(shapes) != sorted(want):
+            raise ValueError(
+                f"{path!r} would take the adapter of {source!r} tied, shaped {dict(shapes)}, but its "
+                f"own rank / layout needs {dict(want)} (a rank_pattern giving them different ranks?)"
+            )
+        ties.append(Tie(path, spec, shapes))
+    assert source is not None
+    plan[source] = dataclasses.replace(entry, tied=tuple(ties))
+
+
 def plan_adapter(
-    model: nn.Module, config: PeftConfig, revision: str | None = None, adapter_name: str = "default"
+    model: nn.Module,
+    config: PeftConfig,
+    revision: str | None = None,
+    adapter_name: str = "default",
+    *,
+    for_checkpoint: bool = False,
 ) -> tuple[PeftConfig, Plan]:
     """Resolve `config` against `model` (a new config) and lay out which module gets which leaves.
 
     adapter_name: names the `base` keys of the adapter's per-layer frozen tensors (`Method.layer_frozen`).
+    for_checkpoint: plan the shapes of a saved adapter (see `Target.for_checkpoint`), for loading.
     """
     method = method_for(config)
     if not isinstance(method, Method):
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
-    targets = find_targets(model, resolved, any_module=method.copies_modules)
+    found = find_parameter_targets(model, resolved)
+    if found:
+        names = _module_targets(model, resolved, found)
+    else:
+        names = find_targets(model, resolved, any_module=method.copies_modules)
+        if getattr(resolved, "target_parameters", None):
+            wanted = resolved.target_parameters
+            warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
     modules = dict(model.named_modules())
-    plan: Plan = _copies_plan(method, targets, modules) if method.copies_modules else {}
-    tied = tied_to_input_embedding(model, targets) if method.follows_ties else []
-    layers = [n for n in targets if n not in tied] if not method.copies_modules else []
-    kinds: dict[str, LayerKind] = {}
-    for name in (*layers, *tied):
-        kind = layer_kind(modules[name])
-        assert kind is not None  # find_targets raised for anything else
-        kinds[name] = kind
-    if hasattr(resolved, "fan_in_fan_out"):
-        _fix_fan_in_fan_out(kinds, resolved)
+    plan: Plan = _copies_plan(method, names, modules) if method.copies_modules else {}
+    tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
+    layers = [n for n in names if n not in tied] if not method.copies_modules else []
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    for name in layers:
-        spec = layer_spec(Target(name, modules[name], kinds[name], common), resolved, method)
+    targets = _targets(layers, modules, common, for_checkpoint)
+    if hasattr(resolved, "fan_in_fan_out"):
+        kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
+        _fix_fan_in_fan_out(kinds, resolved)
+    for target in targets:
+        spec = layer_spec(target, resolved, method)
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         if method.layer_frozen is not None:
-            frozen += tuple((n, layer_frozen_key(adapter_name, name, n)) for n in method.layer_frozen.names)
+            frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
-        plan[name] = PlanEntry(spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes)
-    if method.shared_trainable is not None and layers:  # one tree entry for them; every layer reads it
-        owner = plan[layers[0]].spec
+        plan[target.name] = PlanEntry(
+            spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes,
+            applies_in=target.owner.name if target.owner is not None else None,
+        )
+    owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
+    for path, (module_name_, pname) in zip(parameter_paths(found), found):
+        key = f"{module_name_}.{pname}"
+        target = Target(key, modules[module_name_], LayerKind.PARAMETER, common, for_checkpoint=for_checkpoint)
+        spec = parameter_spec(target, pname, resolved, method)
+        shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
+        plan[path] = PlanEntry(spec=spec, params=method.param_names(spec), shapes=shapes, parameter=key)
+        owners.setdefault(module_name_, path)
+    if method.shared_trainable is not None and targets:  # one tree entry for them; every layer reads it
+        owner = plan[targets[0].name].spec
         assert owner is not None
         own_shapes = tuple((k, tuple(v)) for k, v in shared_shapes(owner).items())
-        names = tuple(k for k, _ in own_shapes)
-        plan.update({n: dataclasses.replace(plan[n], shared=names) for n in layers})
-        plan[SHARED_PATH] = PlanEntry(params=names, owner=owner, shapes=own_shapes)
-    if tied:  # PEFT ties them to the input embedding's adapter (which is targeted: see tied_to_input_embedding)
-        emb = next(n for n in layers if modules[n] is model.get_input_embeddings())  # type: ignore[operator]
-        specs = tuple((n, layer_spec(Target(n, modules[n], kinds[n], common), resolved, method)) for n in tied)
-        plan[emb] = dataclasses.replace(plan[emb], tied=specs)
-    saved = find_modules_to_save(model, resolved, set(targets))
+        shared_names = tuple(k for k, _ in own_shapes)
+        plan.update({t.name: dataclasses.replace(plan[t.name], shared=shared_names) for t in targets})
+        plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=owner, shapes=own_shapes)
+    _ties(model, resolved, method, plan, tied, common)
+    saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets}, set(owners))
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
         plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
@@ -201,14 +412,33 @@ def plan_adapter(
             path, _, leaf = pname.rpartition(".")
             if leaf != "bias" or any(path == s or path.startswith(s + ".") for s in saved):
                 continue
+            path = owners.get(path, path)
             adapted = path in plan and plan[path].spec is not None
             if bias == "all" or adapted:
                 entry = plan.get(path, PlanEntry())
-                shape = tuple(modules[path].bias.shape)
+                shape = tuple(model.get_parameter(pname).shape)
                 plan[path] = dataclasses.replace(
                     entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
                 )
     return resolved, plan
+
+
+def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:
+    """The modules `target_modules` matches when `target_parameters` matched too (then none is fine: PEFT's rules).
+
+    A module holding a targeted parameter cannot also be a LoRA layer (PEFT's ValueError).
+    """
+    targets, _ = match_targets(model, config)
+    if config.target_modules and not targets:
+        warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+    clash = next((m for m, _ in found if m in targets), None)
+    if clash is not None:
+        raise ValueError(
+            f"Trying to wrap an `nn.Parameter` of layer '{clash}' of type {type(model.get_submodule(clash)).__name__}, "
+            "which is not a valid target. Make sure that this layer is not also targeted with `target_modules`. For "
+            "some models, PEFT will do this automatically, try setting `target_modules=[]` to prevent it."
+        )
+    return targets
 
 
 def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Module]) -> Plan:
@@ -228,19 +458,28 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
 
 
 def fresh_method_params(
-    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
-) -> Params:
-    """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight)."""
+    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype,
+    data: Any = NO_INIT_DATA,
+) -> WeightInit:
+    """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
+    new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
+
+    data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
+    """
     assert entry.spec is not None
     method = entry.method
     if weight.device.type == "meta":
-        return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
+        return WeightInit({k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()})
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
     via = weight.dtype if weight.dtype.is_floating_point else dtype
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
-    if method.finish_init is not None:  # init that needs the base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, weight.detach())
-    return fresh
+    new_weight = None
+    if method.init_from_weight is not None:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... (may replace the weight)
+        done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
+        fresh, new_weight = done.params, done.weight
+    if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
+        fresh = method.finish_init(entry.spec, fresh, _whole((weight if new_weight is None else new_weight).detach()))
+    return WeightInit(fresh, new_weight)
 
 
 def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
@@ -265,28 +504,52 @@ def init_adapter(
     model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
     trainable: bool = True,
 ) -> dict[str, Params]:
-    """A fresh adapter tree for `plan`: method params from their init, overrides cloned from the model.
+    """A fresh adapter tree for `plan` (see `init_adapter_and_weights`; new base weights are dropped)."""
+    return init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable)[0]
 
-    Each leaf is a new leaf tensor with requires_grad=`trainable` (False for a config with
-    inference_mode=True, like PEFT; trainable biases stay trainable, as in PEFT), on its layer's device;
-    fp16/bf16 method params are float32 when `autocast_adapter_dtype` (PEFT's rule). On a meta-device
-    model leaves are meta tensors.
+
+def init_adapter_and_weights(
+    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
+    trainable: bool = True, init_data: Mapping[str, Any] | None = None, weights: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, Params], dict[str, torch.Tensor]]:
+    """A fresh adapter tree for `plan`, and `{module path: new base weight}` for layers whose init changes it.
+
+    Method params come from their init, overrides are cloned from the model. Each leaf is a new leaf tensor
+    with requires_grad=`trainable` (False for a config with inference_mode=True, like PEFT; trainable biases
+    stay trainable, as in PEFT), on its layer's device; fp16/bf16 method params are float32 when
+    `autocast_adapter_dtype` (PEFT's rule). On a meta-device model leaves are meta tensors.
+    init_data: `{module path: data}` for inits that need it (funcpeft.corda, funcpeft.loraga); weights:
+    `{module path: base weight}` to initialise from instead of the model's (a `base` already changed by an
+    earlier adapter's init, as PEFT's second adapter sees it).
     """
-    modules = dict(model.named_modules())
+    if init_data is not None:
+        unknown = sorted(set(init_data) - {p for p, e in plan.items() if e.spec is not None})
+        if unknown:
+            raise ValueError(
+                f"init_data has entries for modules this adapter does not adapt: {unknown[:5]} (adapted: "
+                f"{sorted(p for p, e in plan.items() if e.spec is not None)[:5]}...); was it computed for another "
+                "config or model?"
+            )
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
+    changed: dict[str, torch.Tensor] = {}
     shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
         if entry.spec is not None:
-            w = modules[path].weight
+            w: torch.Tensor = params[entry.weight_key(path)]
+            w = weights.get(path, w) if weights is not None else w
+            data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
             dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            out.update(fresh_method_params(entry, w, generator, dtype))
+            done = fresh_method_params(entry, w, generator, dtype, data)
+            out.update(done.params)
+            if done.weight is not None:
+                changed[path] = done.weight
         for pname in entry.overrides:
-            out[pname] = params[f"{path}.{pname}"].detach().clone()
+            out[pname] = _whole(params[entry.base_key(path, pname)].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
         tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
     owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
@@ -296,7 +559,7 @@ def init_adapter(
             assert draw is not None
             shared = _fresh(draw.init, owner, torch.empty(()), generator, torch.float32)
         tree[SHARED_PATH] = {k: v.requires_grad_(trainable) for k, v in shared.items()}
-    return tree
+    return tree, changed
 
 
 def _fresh(
@@ -314,26 +577,28 @@ def init_shared(
 ) -> dict[str, torch.Tensor]:
     """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
     FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
-    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices; random ones, VeLoRA's projection, draw
-    from `generator`; `LayerFrozen.autocast` ones follow `autocast_adapter_dtype`).
+    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, on its weight's device;
+    random ones, VeLoRA's projection, draw from `generator`; `LayerFrozen.autocast` ones follow
+    `autocast_adapter_dtype`).
 
     Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
     for path, entry in plan.items():
         if entry.spec is None:
             continue
         method = entry.method
         if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
-            device = modules[path].weight.device
+            device = params[entry.weight_key(path)].device
             out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path], generator)
             if method.layer_frozen.autocast:
                 made = {k: v.to(adapter_dtype(v.dtype, autocast_adapter_dtype)) for k, v in made.items()}
             keys = dict(entry.frozen)
-            out.update({keys[n]: made[n] for n in method.layer_frozen.names})
+            out.update({keys[n]: made[n] for n in method.layer_frozen.of(entry.spec)})
     assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
     return out
 

@@ -189,6 +189,8 @@ class PeftConfig:
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = DEFAULT_TARGET_MODULES
     # whether >= 20 matched names are compressed to suffixes (PEFT skips it for IA3, coupled to feedforward_modules)
     COMPRESS_TARGET_MODULES: ClassVar[bool] = True
+    # whether PEFT rewrites the targets for transformers-v5 MoE models (funcpeft._targeting.convert_moe_targets)
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = False
 
     # fields that exist for file compatibility but whose non-default values funcpeft does not implement
     _unimplemented: ClassVar[dict[str, Any]] = {}
@@ -219,6 +221,10 @@ class PeftConfig:
     def model_defaults(self, model_type: str | None) -> dict[str, Any]:
         """Fields PEFT fills in from the model type at get_peft_model time (e.g. IA3's feedforward_modules)."""
         return {}
+
+    def check_new_adapter_config(self, others: Mapping[str, PeftConfig]) -> None:
+        """Raise when this config cannot join a model holding adapters `others` ({name: config}); PEFT's
+        `_check_new_adapter_config` (e.g. KaSA with non-KaSA LoRA adapters)."""
 
     def default_targets(self, model: Any) -> Any:
         """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
@@ -338,8 +344,73 @@ class ArrowConfig:
             raise ValueError("router_temperature must be greater than 0.")
 
 
+# -- LoRA init sub-configs (peft/tuners/lora/config.py): same names, fields, defaults and checks ---------------
+@dataclass
+class LoftQConfig:
+    """PEFT's `LoftQConfig`: quantisation bits (4: NF4, 8: int8) and alternating iterations."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's `EvaConfig` (Explained Variance Adaptation; see funcpeft.eva)."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
+
+
+@dataclass
+class CordaConfig:
+    """PEFT's `CordaConfig` (see funcpeft.corda.preprocess_corda)."""
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.corda_method not in ("ipm", "kpm"):  # PEFT raises this in preprocess_corda; here at once
+            raise ValueError(f"Invalid corda_method found: {self.corda_method}, it should be 'ipm' or 'kpm'.")
+
+
+@dataclass
+class LoraGAConfig:
+    """PEFT's `LoraGAConfig` (see funcpeft.loraga.preprocess_loraga)."""
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        # PEFT leaves these unchecked (an unknown value fails later with a NameError in lora_ga_init)
+        if self.direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ValueError(f"`direction` must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', got {self.direction!r}")
+        if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ValueError(f"`scale` must be 'stable', 'weight_svd', 'gd_scale' or 'unit', got {self.scale!r}")
+
+
+_SUB_CONFIGS: dict[str, type] = {"eva_config": EvaConfig, "corda_config": CordaConfig, "lora_ga_config": LoraGAConfig}
+
+
 def _sub_config(owner: str, name: str, value: Any, cls: type, strict: bool = False) -> Any:
-    """PEFT's `_get_lora_subconfig`: None, an instance, or a dict (as read back from adapter_config.json).
+    """PEFT's `_get_lora_subconfig`: None, an instance, or a dict (as loaded from adapter_config.json).
 
     A dict's `init=False` fields (ArrowConfig's adapter names) are set after construction: PEFT drops them, which
     leaves a reloaded Arrow router without its experts. strict: unknown keys are an error (PEFT's
@@ -367,10 +438,130 @@ _VARIANT_SUB_CONFIGS: tuple[tuple[str, type, bool], ...] = (
     ("arrow_config", ArrowConfig, False),
     ("runtime_config", LoraRuntimeConfig, False),
 )
-# LoraConfig fields PEFT tags `is_lora_variant` (LoraLayer.resolve_lora_variant): at most one may be set
+# init_lora_weights values: True/False and these strings ("pissa_niter_<K>" too)
+INIT_LORA_WEIGHTS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga")
+# inits that change the base weights (PiSSA, OLoRA, CorDA, LoRA-GA): their adapters convert to plain LoRA on save
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
+def normalize_init(value: Any) -> bool | str:
+    """`init_lora_weights` as funcpeft handles it: True/False, one of INIT_LORA_WEIGHTS or 'pissa_niter_<K>'.
+
+    PEFT compares 'olora' and 'gaussian' case-insensitively (so 'OLoRA' is OLoRA); other values are exact.
+    """
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"`init_lora_weights` must be True, False or a str, got {value!r}")
+    low = value.lower()
+    if low in ("olora", "gaussian"):
+        return value
+    if value in INIT_LORA_WEIGHTS:
+        return value
+    if value.startswith("pissa_niter_"):
+        niter = value[len("pissa_niter_"):]
+        if niter.isdigit():
+            return value
+        raise ValueError(
+            f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]' with a non-negative integer "
+            f"number of iterations, got {value!r}"
+        )
+    if value == "mica":  # a LoRA variant (funcpeft.methods.mica)
+        return value
+    close = difflib.get_close_matches(value, [*INIT_LORA_WEIGHTS, "pissa_niter_16"], n=2)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"Unknown initialization init_lora_weights={value!r}: expected True, False, 'gaussian', 'eva', 'olora', "
+        f"'pissa', 'pissa_niter_[number of iters]', 'corda', 'loftq', 'orthogonal' or 'lora_ga'.{hint}"
+    )
+
+
+def init_mode(value: bool | str) -> bool | str:
+    """The init family of a normalized `init_lora_weights`: 'pissa_niter_4' -> 'pissa', 'OLoRA' -> 'olora'."""
+    if isinstance(value, bool):
+        return value
+    if value.startswith("pissa"):
+        return "pissa"
+    return value.lower() if value.lower() in ("olora", "gaussian") else value
+
+
+@dataclass
+class KasaConfig:
+    """PEFT's `KasaConfig` (KaSA, `LoraConfig(kasa_config=...)`): the regulariser weights of `kasa_loss`.
+
+    beta: weight of `sum(lora_diag ** 2)`; gamma: weight of `||B^T B - I|| + ||A A^T - I||` (both >= 0).
+    LoraConfig stores it as the dict PEFT writes to adapter_config.json.
+    """
+
+    beta: float = 1e-4
+    gamma: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
+
+
+@dataclass
+class BdLoraConfig:
+    """PEFT's `BdLoraConfig` (BD-LoRA, `LoraConfig(use_bdlora=...)`): which layers get a block-diagonal lora_A or lora_B.
+
+    A target whose full name contains a `target_modules_bd_a` entry (substring match, PEFT's rule) gets a
+    block-diagonal lora_A of `nblocks` blocks, one matching `target_modules_bd_b` a block-diagonal lora_B;
+    with `match_strict`, every target must match one of them. LoraConfig stores it as the dict PEFT writes.
+    """
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ValueError(
+                "Found overlapping modules in target_modules_bd lists:"
+                f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B)."
+            )
+        if self.nblocks <= 0:
+            raise ValueError(f"`nblocks` must be a positive integer, got {self.nblocks}")
+
+
+def _sub_config_dict(config: Any, name: str, cls: Any) -> None:
+    """A nested sub-config as the dict PEFT saves (`dataclasses.asdict`), from an instance or a dict (PEFT's
+    `_get_lora_subconfig`, which drops keys the class does not know: funcpeft warns about them, with close matches)."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    if isinstance(value, cls):
+        setattr(config, name, dataclasses.asdict(value))
+        return
+    if not isinstance(value, dict):
+        raise ConfigTypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None (LoraConfig.{name}), got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in value if k not in known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = ", ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in close.items())
+        warnings.warn(
+            f"LoraConfig.{name}: unexpected keys {hints} for {cls.__name__} are ignored (PEFT drops them too; "
+            f"known: {sorted(known)})",
+            UserWarning,
+            stacklevel=4,
+        )
+    setattr(config, name, dataclasses.asdict(cls(**{k: v for k, v in value.items() if k in known})))
+
+
+# PEFT's LoRA variants (`LoraLayer.resolve_lora_variant`): config fields tagged `is_lora_variant`, and the
+# init_lora_weights values that select one; a layer takes at most one
 LORA_VARIANT_FIELDS = (
-    "alora_invocation_tokens", "arrow_config", "kasa_config", "monteclora_config", "use_bdlora", "use_dora", "velora_config",
+    "use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
+    "kasa_config",
 )
+LORA_VARIANT_INITS = ("mica",)
 
 
 @dataclass
@@ -378,12 +569,16 @@ class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
 
     Implemented: r, lora_alpha, lora_dropout, target_modules, exclude_modules, fan_in_fan_out, bias,
-    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (True/False/"gaussian"), layers_to_transform,
-    layers_pattern, rank_pattern, alpha_pattern, task_type, base_model_name_or_path, revision,
-    inference_mode, velora_config, monteclora_config, alora_invocation_tokens, arrow_config (funcpeft.methods:
-    velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT on CPU).
-    use_qalora and megatron_config raise NotImplementedError with the reason (GPTQ / Megatron layers). Every
-    other field must keep its default: a non-default value raises NotImplementedError naming the field.
+    use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (all of PEFT's: True/False/
+    "gaussian"/"mica"/PiSSA/OLoRA/orthogonal/LoftQ/EVA/CorDA/LoRA-GA), layers_to_transform, layers_pattern,
+    rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its dict), use_bdlora (a `BdLoraConfig`
+    or its dict), ensure_weight_tying, target_parameters (bare nn.Parameters such as MoE expert stacks;
+    funcpeft.methods.lora), velora_config, monteclora_config, alora_invocation_tokens, arrow_config
+    (funcpeft.methods: velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT
+    on CPU), task_type, base_model_name_or_path, revision, inference_mode. use_qalora and megatron_config raise
+    NotImplementedError with the reason (GPTQ / Megatron layers). Every other field must keep its default: a
+    non-default value raises NotImplementedError naming the field. Nested sub-configs are stored as the dicts
+    PEFT writes.
     """
 
     r: int = 8
@@ -403,10 +598,10 @@ class LoraConfig(PeftConfig):
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict | None = None
-    loftq_config: dict = field(default_factory=dict)
-    eva_config: dict | None = None
-    corda_config: dict | None = None
-    lora_ga_config: dict | None = None
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    eva_config: EvaConfig | dict | None = None
+    corda_config: CordaConfig | dict | None = None
+    lora_ga_config: LoraGAConfig | dict | None = None
     use_dora: bool = False
     velora_config: VeloraConfig | dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -416,59 +611,57 @@ class LoraConfig(PeftConfig):
     layer_replication: list[list[int]] | None = None
     runtime_config: LoraRuntimeConfig | dict | None = None
     lora_bias: bool = False
-    target_parameters: list[str] | None = None
+    target_parameters: list[str] | set[str] | None = None
     use_bdlora: dict | None = None
     arrow_config: ArrowConfig | dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
     _unimplemented: ClassVar[dict[str, Any]] = {
         "trainable_token_indices": None,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "lora_bias": False,
-        "target_parameters": None,
-        "use_bdlora": None,
-        "kasa_config": None,
-        "ensure_weight_tying": False,
     }
 
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
+        _sub_config_dict(self, "kasa_config", KasaConfig)
+        _sub_config_dict(self, "use_bdlora", BdLoraConfig)
         super().__post_init__()
         check_rank(self)
         check_probability(self, "lora_dropout")
         check_module_names(self, "target_modules", "exclude_modules")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            if isinstance(self.init_lora_weights, str):
-                raise NotImplementedError(
-                    f"init_lora_weights={self.init_lora_weights!r} is not implemented in funcpeft yet "
-                    "(supported: True, False, 'gaussian')."
+        self.init_lora_weights = normalize_init(self.init_lora_weights)
+        for name, cls in _SUB_CONFIGS.items():
+            setattr(self, name, _sub_config(type(self).__name__, name, getattr(self, name), cls))
+        for name, cls, strict in _VARIANT_SUB_CONFIGS:
+            setattr(self, name, _sub_config(type(self).__name__, name, getattr(self, name), cls, strict))
+        self._check_init_sub_configs()
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(
+                    f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={self.init_lora_weights} instead."
                 )
-            raise ValueError(f"`init_lora_weights` must be True, False or a str, got {self.init_lora_weights!r}")
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        variants = self.requested_variants()
+        if len(variants) > 1:  # PEFT raises this when it builds the first layer; the config alone decides it
+            raise ValueError(
+                f"Invalid or unsupported variant combination: {variants} (a LoRA layer takes at most one of the "
+                f"variants {sorted(LORA_VARIANT_FIELDS + LORA_VARIANT_INITS)})"
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         check_layers_and_saved(self)
-        for name, cls, strict in _VARIANT_SUB_CONFIGS:
-            setattr(self, name, _sub_config(type(self).__name__, name, getattr(self, name), cls, strict))
         self._check_variant_options()
-
-    def lora_variants(self) -> tuple[str, ...]:
-        """The LoRA variants this config requests, sorted (PEFT's `resolve_lora_variant` keys): () is plain LoRA."""
-        return tuple(sorted(name for name in LORA_VARIANT_FIELDS if getattr(self, name)))
 
     def _check_variant_options(self) -> None:
         """PEFT's rules for the variant options, raised here rather than when the layers are built."""
-        variants = self.lora_variants()
-        if len(variants) > 1:  # PEFT: resolve_lora_variant, at get_peft_model time
-            raise ValueError(f"Invalid or unsupported variant combination: {variants}")
         if self.use_dora and self.megatron_config:
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if self.megatron_config is not None:
@@ -504,10 +697,77 @@ class LoraConfig(PeftConfig):
                 )
             self.layer_replication = [[int(a), int(b)] for a, b in pairs]
 
+    def requested_variants(self) -> tuple[str, ...]:
+        """PEFT's requested LoRA variant keys, sorted (`resolve_lora_variant`): e.g. () for plain LoRA, ("use_dora",)."""
+        names = [f for f in LORA_VARIANT_FIELDS if getattr(self, f)]
+        names += [v for v in LORA_VARIANT_INITS if self.init_lora_weights == v]
+        return tuple(sorted(names))
+
+    @property
+    def lora_variant(self) -> str | None:
+        """The one LoRA variant this config selects (a `requested_variants` key), None for plain LoRA."""
+        variants = self.requested_variants()
+        return variants[0] if variants else None
+
+    def check_new_adapter_config(self, others: Mapping[str, PeftConfig]) -> None:
+        """PEFT's rule: KaSA truncates the base weight, so it cannot share a model with non-KaSA adapters. funcpeft
+        also refuses a second KaSA adapter (PEFT truncates the weight again, so each sees another base)."""
+        uses_kasa = self.kasa_config is not None
+        for name, other in others.items():
+            other_kasa = getattr(other, "kasa_config", None) is not None
+            if uses_kasa is not other_kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base "
+                    f"weights: the new adapter {'uses' if uses_kasa else 'does not use'} KaSA but adapter "
+                    f"'{name}' {'does not' if uses_kasa else 'does'}."
+                )
+            if uses_kasa:
+                raise NotImplementedError(
+                    f"A second KaSA adapter next to {name!r}: PEFT truncates the base weight once more for each KaSA "
+                    "adapter it adds, so the base each adapter sees depends on the order they were added; funcpeft "
+                    "supports one KaSA adapter per model (stack several trees of one adapter for ensembles instead)."
+                )
+
+    def _check_init_sub_configs(self) -> None:
+        """PEFT's rules for init_lora_weights and its sub-configs (one `elif` chain, warnings included)."""
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dict(vars(self.loftq_config))
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits not in (4, 8):  # PEFT raises these in loftq_init, at get_peft_model time
+                raise ValueError(f"Only nf4 and int8 quantization is supported (loftq_bits 4 or 8), got {bits!r}")
+            if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+                raise ValueError(f"Number of iterations must be greater than 0 (loftq_iter), got {iters!r}")
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=4)
+        elif self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.", stacklevel=4)
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.", stacklevel=4)
+        elif self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn(
+                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.", stacklevel=4
+            )
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.", stacklevel=4)
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and init_mode(self.init_lora_weights) in MUTATING_INITS:
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or rank_pattern/alpha_pattern.",
+                stacklevel=4,
+            )
+
     def to_dict(self) -> dict[str, Any]:
-        """PEFT's dict: the variant sub-configs become dicts (PEFT's `asdict`)."""
+        """PEFT's dict: sub-configs become dicts (PEFT's `asdict`)."""
         out = super().to_dict()
-        for name, _, _ in _VARIANT_SUB_CONFIGS:
+        for name in [*_SUB_CONFIGS, *(name for name, _, _ in _VARIANT_SUB_CONFIGS)]:
             if dataclasses.is_dataclass(out.get(name)):
                 out[name] = dataclasses.asdict(out[name])
         return out
@@ -571,4 +831,5 @@ def validated_init(cls: type) -> type:
     return cls
 
 
-validated_init(LoraConfig)
+for _cls in (LoraConfig, LoftQConfig, EvaConfig, CordaConfig, LoraGAConfig):
+    validated_init(_cls)

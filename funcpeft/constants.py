@@ -46,6 +46,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 
 
 SEQ_CLS_HEAD_NAMES = ["score", "classifier"]
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
 
 # modules PEFT's task-specific PeftModel classes append to modules_to_save

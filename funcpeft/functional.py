@@ -34,6 +34,9 @@ CompileableContextVar (transformers' Llama, Mistral, Qwen2, ...): an eager call 
 another thread during a compile breaks the compile, with or without funcpeft (it follows the process-wide
 `torch.compiler.is_compiling()` flag).
 
+A model sharded with FSDP2's `fully_shard` runs as itself instead of on call skeletons, as FSDP gathers
+weights into the model's own modules (funcpeft._fsdp; one call at a time per model).
+
 Gradient checkpointing (`model.gradient_checkpointing_enable()`, before or after `get_peft_model`) works
 as in transformers: layers are checkpointed when the model runs in training mode, i.e. when `fn` gets a
 `dropout_rng` (PEFT's `model.train()`; in eval mode fn warns once that nothing is checkpointed). funcpeft
@@ -57,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._fsdp import ShardedModel, check_not_sharded
 from ._plan import (
     LeafShapes,
     Plan,
@@ -106,13 +110,16 @@ class PeftFunction:
             (n, canon[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
         )
         self._model = model
-        self._shapes: dict[str, tuple[Plan, LeafShapes]] = {}
+        # filled here, not on first use: a compiled call must find it in the same state every time (no recompile)
+        self._shapes: dict[str, tuple[Plan, LeafShapes]] = {n: (p, leaf_shapes(p)) for n, p in plans.items()}
         self._warned_eval_checkpointing = False
         names: dict[int, list[str]] = {}
         for path, m in model.named_modules(remove_duplicate=False):
             names.setdefault(id(m), []).append(path)
         # module path -> its other names, for modules registered under several (one Linear as `a` and `b`)
         self._aliased: dict[str, list[str]] = {p: [q for q in ps if q != p] for ps in names.values() if len(ps) > 1 for p in ps}
+        # a model sharded with FSDP2's fully_shard runs as itself, not on call skeletons (funcpeft._fsdp)
+        self.sharded = ShardedModel.of(model)
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -147,7 +154,9 @@ class PeftFunction:
         plan = self.plans[name]
         cached = self._shapes.get(name)
         if cached is None or cached[0] is not plan:
-            cached = self._shapes[name] = (plan, leaf_shapes(plan))
+            cached = (plan, leaf_shapes(plan))
+            if not torch.compiler.is_dynamo_compiling():  # a traced write would make dynamo guard on the cache's state
+                self._shapes[name] = cached
         return cached[1]
 
     def check_tree(
@@ -159,7 +168,8 @@ class PeftFunction:
         """
         plan = self.plans[name]
         check_adapter_structure(tree, plan, name)
-        devices = {p: base[f"{p}.weight"].device for p, e in plan.items() if e.spec is not None and f"{p}.weight" in base}
+        keys = {p: e.weight_key(p) for p, e in plan.items() if e.spec is not None}
+        devices = {p: base[k].device for p, k in keys.items() if k in base}
         check_leaves(tree, self._leaf_shapes(name), devices, name, lead)
 
     def _check_base(self, base: Any) -> None:
@@ -202,6 +212,8 @@ class PeftFunction:
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
         params = {alias: base[alias] if alias in base else base[canon] for alias, canon in self.aliases}
         carried: dict[str, list[Applied]] = {}
+        applies_in: dict[str, str] = {}  # weight name -> the module whose forward uses it, when not its own
+        targeted: dict[str, list[tuple[Method, LayerSpec[Any], Params]]] = {}  # bare parameters (target_parameters)
         adapters = self.split_adapters(adapter)
         read = self._read_adapters(adapters)
         for name, tree in adapters:
@@ -231,13 +243,22 @@ class PeftFunction:
                         "can be routed per example"
                     )
                 for pname in entry.overrides:
-                    params[f"{path}.{pname}"] = leaves[pname]
+                    params[entry.base_key(path, pname)] = leaves[pname]
                 if entry.spec is None:
                     continue
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
+                if entry.parameter is not None:
+                    if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
+                        raise NotImplementedError(
+                            f"per-example adapters: {path} adapts the bare parameter {entry.parameter!r} "
+                            "(target_parameters), whose value is one tensor for the whole batch; PEFT's "
+                            "lora.ParamWrapper does not support mixed adapter batches either"
+                        )
+                    targeted.setdefault(entry.parameter, []).append((method, entry.spec, {**own, **frozen}))
+                    continue
                 data = None
                 if method.prepare_call is not None:
                     if method.name not in prepared:
@@ -249,18 +270,29 @@ class PeftFunction:
                         f"per-example adapters: adapter {name!r} ({method.name}) reads the adapters "
                         f"{sorted(peers)} at {path}; it cannot be routed per example"
                     )
-                # the layer itself, then layers tied to it that apply the same parameters (PlanEntry.tied)
-                for lpath, spec in ((path, entry.spec), *entry.tied):
+                # the layer itself, then layers tied to it applying its params through `Method.tie` (PlanEntry.tied)
+                layers = [(path, entry.spec, own)]
+                if entry.tied:
+                    assert method.tie is not None
+                    tied_own = method.tie.params(own)
+                    layers += [(tie.path, tie.spec, tied_own) for tie in entry.tied]
+                for lpath, spec, mine in layers:
                     if routing is not None:
-                        applied = route_layer(spec, method, own, frozen, routing, batch)._replace(call=data, path=lpath)
+                        applied = route_layer(spec, method, mine, frozen, routing, batch)._replace(call=data, path=lpath)
                     else:
                         applied = Applied(
-                            spec, {**own, **frozen}, method.forward, method.uses_result(spec), data, lpath, peers
+                            spec, {**mine, **frozen}, method.forward, method.uses_result(spec), data, lpath, peers
                         )
-                    carried.setdefault(f"{lpath}.weight", []).append(applied)
+                    carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
+                if entry.applies_in is not None:
+                    applies_in[f"{path}.{entry.spec.kind.weight_name}"] = entry.applies_in
         for wname, applied_list in carried.items():
             check_stack(tuple(a.spec for a in applied_list))
-            params[wname] = AdaptedWeight.wrap(params[wname], nesting_order(applied_list), dropout, generator)
+            params[wname] = AdaptedWeight.wrap(
+                params[wname], nesting_order(applied_list), dropout, generator, applies_in.get(wname)
+            )
+        for pname, on_param in targeted.items():
+            params[pname] = parameter_value(pname, on_param, params[pname])
         return params
 
     def _layers(
@@ -309,9 +341,16 @@ class PeftFunction:
     def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         rng = _randomness(dropout_rng)
         generator: Generators = no_generator if rng is None else rng.generator
-        params = self.build_params(base, adapter, no_dropout if rng is None else rng.dropout, (args, kwargs), generator)
+        dropout = no_dropout if rng is None else rng.dropout
         consumed = self.call_kwargs()  # methods' own arguments (aLoRA's alora_offsets) never reach the model
-        kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
+        if self.sharded is not None:
+            build = functools.partial(self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs),
+                                      generator=generator)
+            return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
+        check_not_sharded(self._model)
+        params = self.build_params(base, adapter, dropout, (args, kwargs), generator)
+        kwargs = model_kwargs
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
         if torch.compiler.is_dynamo_compiling():
@@ -346,6 +385,8 @@ class PeftFunction:
         it reads the model now and shares every attribute value and buffer with it; setting an attribute on it
         changes only the skeleton. inputs: the calls' (args, kwargs), to check per-example routing's length.
         """
+        if self.sharded is not None:
+            self.sharded.refuse("generate (a bound model)")
         params = self.build_params(base, adapter, no_dropout, inputs)
         return _Call(params, None).skeleton(self._model)
 
@@ -367,11 +408,11 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     """
     flipped = [m for m in model.modules() if m.training]
     hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
-    owners: dict[str, dict[str, AdaptedWeight]] = {}
+    owners: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
     for name, t in params.items():
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
             path, _, pname = name.rpartition(".")
-            owners.setdefault(path, {})[pname] = t
+            owners.setdefault(t.applies_in or path, []).append((model.get_submodule(path), pname, t))
     plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
     swapped = [(m, m.__dict__.get("forward", _MISSING)) for m in (model.get_submodule(p) for p in owners)]
     for m in flipped:
@@ -379,7 +420,7 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
         m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
     for (m, own), adapted in zip(swapped, owners.values()):
-        m.__dict__["forward"] = _owner_forward(m, adapted, m.forward if own is _MISSING else own)
+        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own)
     try:
         return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
     finally:
@@ -419,6 +460,8 @@ class _Call:
         self.bound = 0
         self.checkpointing = False
         self.custom_train = False
+        # owner path -> [(skeleton module, parameter name, adapted weight)]: filled by a module and its children
+        self.adapted: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         skel = self._copy(model, "")
@@ -435,15 +478,14 @@ class _Call:
         own = module.__dict__
         d = own.copy()
         params = own["_parameters"]
-        adapted: dict[str, AdaptedWeight] | None = None
+        path = prefix[:-1]
         if params:
             bound = params.copy()
             for name in params:
                 t = self.params.get(prefix + name, _MISSING)
                 if t is not _MISSING:
-                    if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside the module's forward
-                        adapted = adapted or {}
-                        adapted[name] = t
+                    if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside its owner's forward
+                        self.adapted.setdefault(t.applies_in or path, []).append((skel, name, t))
                         t = t.weight
                     bound[name] = t
                     self.bound += 1
@@ -465,8 +507,9 @@ class _Call:
         for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
+        adapted = self.adapted.pop(path, None)  # its own weights and its children's it uses (see _owner_forward)
         if adapted is not None:
-            d["forward"] = _owner_forward(skel, adapted, d.get("forward") or types.MethodType(cls.forward, skel))
+            d["forward"] = _owner_forward(adapted, d.get("forward") or types.MethodType(cls.forward, skel))
         train = cls.train
         if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
             self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
@@ -482,21 +525,36 @@ class _Call:
         )
 
 
-def _owner_forward(skel: nn.Module, adapted: dict[str, AdaptedWeight], forward: Any) -> Any:
+def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
+    """The value the model reads for bare parameter `name` with these adapters active (their method's rule)."""
+    method = applied[0][0]
+    if any(m is not method for m, _, _ in applied):
+        raise NotImplementedError(
+            f"adapters of different methods ({sorted({m.name for m, _, _ in applied})}) target the parameter {name!r}; "
+            "a bare parameter takes one method's adapters"
+        )
+    assert method.parameter_value is not None  # planning refused the method otherwise
+    return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
+
+
+def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward: Any) -> Any:
     """`forward` of a targeted module that sees its adapted weight(s) only while it runs.
 
     As in PEFT, where the adapter term is added by the layer's own forward: anything else that reads the
     weight (a parent's `F.linear(x, self.proj.weight)`, a hook, a tied module) gets the plain tensor.
+    adapted: (module, parameter name, adapted weight): the module's own, and children's its forward reads
+    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj).
     """
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
-        bound: dict[str, Any] = skel._parameters  # type: ignore[assignment]  # holds plain tensors in a skeleton
-        plain = {n: bound[n] for n in adapted}
-        bound.update(adapted)
+        plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]
+        for m, n, w in adapted:
+            m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
             return forward(*args, **kwargs)
         finally:
-            bound.update(plain)
+            for m, n, p in plain:
+                m._parameters[n] = p
 
     return adapted_forward
 

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import check_tree
+from ._fsdp import model_class
 from ._plan import check_adapter_name
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
@@ -48,7 +49,7 @@ from .keys import (
     base_file_key,
     bias_all_duplicates,
     embedding_is_targeted,
-    frozen_file_keys,
+    file_key,
     is_saved_module,
     key_rules,
     shared_file_keys,
@@ -56,6 +57,7 @@ from .keys import (
     tree_file_keys,
 )
 from .methods import CONFIG_CLASSES, Method, method_for
+from .trees import SHARED_PATH, layer_frozen_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -83,7 +85,7 @@ def config_dict(config: PeftConfig, model: nn.Module | None = None) -> dict[str,
     if out.get("base_model_name_or_path") is None and model is not None:
         out["base_model_name_or_path"] = model.__dict__.get("name_or_path", None) or None
     if config.task_type is None and model is not None:
-        cls = type(model)
+        cls = model_class(model)  # not the FSDP subclass fully_shard swaps in
         out["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return out
 
@@ -373,20 +375,18 @@ def checkpoint_state(
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
     rules: KeyRules = key_rules(config)
     mts = getattr(config, "modules_to_save", None)
-    keys = tree_file_keys(adapter_params, rules, mts, tied_paths(model, config, adapter_params))
+    keys = tree_file_keys(adapter_params, rules, mts)
     state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in keys.items()}
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:
         base = dict(model.named_parameters())
     adapted = {p for p, e in adapter_params.items() if any(rules.is_method_param(n) for n in e)}
-    for key, name in frozen_file_keys(config, adapted, adapter_name).items():
-        if base is None or name not in base:
-            raise ValueError(
-                f"{type(config).__name__}: the file needs the adapter's frozen {key.rsplit('.', 1)[-1]!r} of "
-                f"{key.removeprefix('base_model.model.').rsplit('.', 1)[0]!r}, kept in `base` as {name!r}; pass the "
-                "`base` get_peft_model / from_pretrained returned as base_params= (and the adapter's name)"
-            )
-        state[key] = _for_file(key, base[name])
+    method = method_for(config)
+    if isinstance(method, Method):
+        state.update(_frozen_state(adapter_params, method, rules, adapted, base, adapter_name))
+        ties = _tie_state(adapter_params, config, method, rules, adapted, model)
+        adapted |= {p for p, _ in ties.values()}
+        state.update({k: _for_file(k, t) for k, (_, t) in ties.items()})
     if getattr(config, "bias", "none") == "all":
         mts = getattr(config, "modules_to_save", None)
         saved = {p: list(e) for p, e in adapter_params.items() if p not in adapted and is_saved_module(p, mts)}
@@ -396,7 +396,6 @@ def checkpoint_state(
             elif base is not None:
                 state[key] = _for_file(key, base[f"{path}.{name}"])
     shared = shared_file_keys(config, base or {}, sorted(adapted))
-    method = method_for(config)
     if not shared and isinstance(method, Method) and method.shared is not None and method.shared.saved(config):
         raise ValueError(
             f"{type(config).__name__}(save_projection=True): PEFT's file must hold the method's frozen shared "
@@ -415,6 +414,56 @@ def checkpoint_state(
     if isinstance(method, Method) and method.codec is not None:
         state = method.codec.encode(config, state)
     return _unshare(state)
+
+
+def _frozen_state(
+    tree: Mapping[str, Mapping[str, Any]], method: Method, rules: KeyRules, adapted: set[str],
+    base: Mapping[str, torch.Tensor] | None, adapter_name: str,
+) -> dict[str, torch.Tensor]:
+    """The frozen per-layer tensors PEFT saves with the adapter (`LayerFrozen.saved`: SHiRA's mask indices,
+    MiCA's lora_B), from their `base` entries."""
+    frozen = method.layer_frozen
+    if frozen is None or not frozen.saved:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(adapted - {SHARED_PATH}):
+        keys = {n: layer_frozen_key(adapter_name, path, n) for n in frozen.names}
+        found = {n: k for n, k in keys.items() if base is not None and k in base}
+        if not found:
+            raise ValueError(
+                f"{method.name}: PEFT's file holds the adapter's frozen {list(frozen.names)} of {path!r}, which live "
+                f"in `base` (key {next(iter(keys.values()))!r}), not in the adapter tree. Pass base_params= (the `base` "
+                "from funcpeft.get_peft_model / from_pretrained) and the adapter's name, or save with "
+                "pm.save_pretrained(directory, adapter). Nothing was written."
+            )
+        for n, k in found.items():
+            key = file_key(path, n, rules, True, True, adapted)
+            out[key] = _for_file(key, base[k])  # type: ignore[index]
+    return out
+
+
+def _tie_state(
+    tree: Mapping[str, Mapping[str, Any]], config: PeftConfig, method: Method, rules: KeyRules, adapted: set[str],
+    model: nn.Module | None,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """{checkpoint key: (tied path, tensor)} of the layers tied to an adapted input embedding (`Method.tie`):
+    PEFT saves their params too (ensure_weight_tying: lm_head.lora_A.weight = the embedding's lora_embedding_B
+    transposed; trainable tokens: lm_head's copy of the embedding's rows)."""
+    if method.tie is None:
+        return {}
+    if model is None:
+        if getattr(config, "ensure_weight_tying", False):
+            raise ValueError(
+                "ensure_weight_tying=True: PEFT's file holds the LoRA of the layers tied to the input embedding "
+                "(lm_head), which only the model says: pass model=. Nothing was written."
+            )
+        return {}
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for source, tied in tied_paths(model, config, tree).items():
+        wrapped = adapted | set(tied)
+        params = method.tie.params(dict(tree[source]))
+        out.update({file_key(path, n, rules, True, True, wrapped): (path, t) for path in tied for n, t in params.items()})
+    return out
 
 
 # -- atomic writes -------------------------------------------------------------------------------------------

@@ -9,12 +9,15 @@ A leaf `adapter[path][name]` is saved by PEFT 0.21.2 as
     copy of a targeted module's param     base_model.model.{path}.{copies_part}.{name}   (LN tuning)
     shared trainable (path '<shared>')    base_model.{name}                 (VB-LoRA's vector bank)
 
-plus, from `base`, a method's per-layer frozen tensors (`LayerFrozen`: base_model.model.{path}.{name}) and, for
-a method that follows ties, the same leaves again under each tied layer's path (trainable tokens' lm_head).
+plus, from `base`, a method's per-layer frozen tensors (`LayerFrozen`: base_model.model.{path}.{name}, with the
+method's tail) and, for a method that ties (`Method.tie`), the params of each tied layer under its own path
+(lm_head's LoRA with ensure_weight_tying, trainable tokens' lm_head).
 
 A method declares its rules in its contract (funcpeft.methods.base): `Method.keys` (a `KeyRules`: the prefix
-PEFT gives its parameter names and the names saved without `.weight`) and `SharedTensors.file_keys` (frozen
-shared tensors PEFT saves, e.g. VeRA's projections). Nothing here is specific to one method.
+PEFT gives its parameter names, the names saved without `.weight`, names saved under another tail such as
+`lora_B.bias`) and `SharedTensors.file_keys` (frozen shared tensors PEFT saves, e.g. VeRA's projections).
+A module inside an adapted module sits under its `base_layer` in PEFT's names (an nn.MultiheadAttention's
+out_proj: `mha.base_layer.out_proj.lora_A.weight`). Nothing here is specific to one method.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ from typing import Any
 from torch import nn
 
 from ._plan import PlanEntry
-from ._targeting import is_saved_module, tied_to_input_embedding
+from ._targeting import is_saved_module, module_name, tied_layers, tied_to_input_embedding
+from .constants import EMBEDDING_LAYER_NAMES
 from .methods import method_for
 from .methods.base import KeyRules, Method
-from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
+from .trees import SHARED_PATH, SHARED_PREFIX
 
 PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's utils.constants.EMBEDDING_LAYER_NAMES
 BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
 
 Leaf = tuple[str, str]  # (module path, name inside the entry)
@@ -56,17 +59,33 @@ def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[st
     return {**method.shared.file_keys(config, shared), **method.shared.layer_file_keys(config, shared, list(adapted))}
 
 
-def file_key(path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None) -> str:
-    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters.
+def peft_path(path: str, adapted: Iterable[str] = ()) -> str:
+    """`path` as PEFT names it: `.base_layer` after each adapted module it lies in (PEFT wraps those modules)."""
+    wrapped = set(adapted)
+    parts = path.split(".")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        if i < len(parts) - 1 and ".".join(parts[: i + 1]) in wrapped:
+            out.append("base_layer")
+    return ".".join(out)
+
+
+def file_key(
+    path: str, name: str, rules: KeyRules, adapted: bool, method_param: bool | None = None, wrapped: Iterable[str] = ()
+) -> str:
+    """The checkpoint key of leaf `adapter[path][name]`; `adapted`: the module carries method parameters;
+    `wrapped`: the adapted module paths (a module inside one is under its `base_layer`).
 
     Tensors shared by all layers (path `SHARED_PATH`) are PEFT's tuner-level `base_model.{name}`; an adapted
     module's own parameters go under `base_layer` (trainable biases) or the method's `copies_part` (LN tuning).
     """
     if path == SHARED_PATH:
         return f"base_model.{name}"
+    where = peft_path(path, wrapped)
     if rules.is_method_param(name) if method_param is None else method_param:
-        return f"{PREFIX}{path}.{name}" + ("" if name in rules.unsuffixed else ".weight")
-    return f"{PREFIX}{path}.{rules.copies_part or 'base_layer'}.{name}" if adapted else f"{PREFIX}{path}.{name}"
+        return f"{PREFIX}{where}.{rules.tail(name)}"
+    return f"{PREFIX}{where}.{rules.copies_part or 'base_layer'}.{name}" if adapted else f"{PREFIX}{where}.{name}"
 
 
 def tree_entry_adapted(path: str, entry: Iterable[str], rules: KeyRules, modules_to_save: Iterable[str]) -> bool:
@@ -77,59 +96,72 @@ def tree_entry_adapted(path: str, entry: Iterable[str], rules: KeyRules, modules
 
 
 def tree_file_keys(
-    tree: Mapping[str, Mapping[str, Any]], rules: KeyRules, modules_to_save: Iterable[str] | None = None,
-    tied: Mapping[str, Iterable[str]] | None = None,
+    tree: Mapping[str, Mapping[str, Any]], rules: KeyRules, modules_to_save: Iterable[str] | None = None
 ) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes).
+    """{checkpoint key: (path, name)} for every leaf of an adapter tree (what `save_adapter` writes, but for the
+    params of tied layers: `tie_file_keys`).
 
-    modules_to_save: the config's (tells LN tuning's copies from modules_to_save ones); tied: {path: layers
-    tied to it} (`tied_paths`): PEFT also saves their adapter under each tied layer's name.
+    modules_to_save: the config's (tells LN tuning's copies from modules_to_save ones).
     """
     mts = list(modules_to_save or [])
+    adapted = {p for p, entry in tree.items() if p != SHARED_PATH and tree_entry_adapted(p, entry, rules, mts)}
     out: dict[str, Leaf] = {}
     for path, entry in tree.items():
-        adapted = tree_entry_adapted(path, entry, rules, mts)
         for name in entry:
-            out[file_key(path, name, rules, adapted)] = (path, name)
-            for other in (tied or {}).get(path, ()):
-                out[file_key(other, name, rules, adapted)] = (path, name)
+            out[file_key(path, name, rules, path in adapted, wrapped=adapted)] = (path, name)
     return out
 
 
 def plan_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
-    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan); the keys
-    PEFT writes for a tied layer (`PlanEntry.tied`) point at the leaf of the layer it is tied to."""
+    """{checkpoint key: (path, name)} for every leaf an adapter plan expects (see funcpeft._plan; the params of
+    tied layers: `tie_file_keys`)."""
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
     out: dict[str, Leaf] = {}
     for path, e in plan.items():
         adapted = e.spec is not None or e.copied_by is not None
         for name in (*e.params, *e.overrides):
-            out[file_key(path, name, rules, adapted, name in e.params)] = (path, name)
-            for other, _ in e.tied:
-                out[file_key(other, name, rules, adapted, name in e.params)] = (path, name)
+            out[file_key(path, name, rules, adapted, name in e.params, wrapped)] = (path, name)
     return out
 
 
+def frozen_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, str]:
+    """{checkpoint key: base key} of the frozen per-layer tensors PEFT saves (`LayerFrozen.saved`: SHiRA's mask
+    indices as `base_model.model.{path}.shira_indices`, MiCA's lora_B)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None}
+    out: dict[str, str] = {}
+    for path, e in plan.items():
+        frozen = e.method.layer_frozen if e.spec is not None else None
+        if frozen is None or not frozen.saved:
+            continue
+        for name, key in e.frozen:
+            if name in frozen.names:
+                out[file_key(path, name, rules, True, True, adapted)] = key
+    return out
+
+
+def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, tuple[str, str, str]]:
+    """{checkpoint key: (source path, tied path, name)} of the params PEFT saves for layers tied to an adapted
+    layer (`PlanEntry.tied`: with ensure_weight_tying `lm_head.lora_A.weight`, the embedding's lora_embedding_B
+    transposed; trainable tokens' lm_head rows)."""
+    adapted = {p for p, e in plan.items() if e.spec is not None} | {t.path for e in plan.values() for t in e.tied}
+    return {
+        file_key(t.path, name, rules, True, True, adapted): (path, t.path, name)
+        for path, e in plan.items() for t in e.tied for name, _ in t.shapes
+    }
+
+
 def tied_paths(model: nn.Module | None, config: Any, paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """{targeted input embedding's path: layers tied to it} for a method that follows ties (PEFT's rule)."""
+    """{adapted input embedding's path: layers tied to it} without a plan: the layers whose params PEFT saves
+    too (`Method.tie`; PEFT's rule: the config's `target_modules_to_tie`, or the model's tied weights)."""
     method = method_for(config)
-    if model is None or not isinstance(method, Method) or not method.follows_ties:
+    if model is None or not isinstance(method, Method) or method.tie is None:
         return {}
     paths = [p for p in paths if p != SHARED_PATH]
-    tied = tied_to_input_embedding(model, paths)
-    if not tied:
+    tied = tied_layers(model, config) if method.tie.on_request else tied_to_input_embedding(model, paths)
+    source = module_name(model, model.get_input_embeddings()) if tied else None  # type: ignore[operator]
+    if not tied or source is None or source not in paths:
         return {}
-    embedding = model.get_input_embeddings()  # type: ignore[operator]
-    return {p: tuple(tied) for p in paths if model.get_submodule(p) is embedding}
-
-
-def frozen_file_keys(config: Any, paths: Iterable[str], adapter_name: str) -> dict[str, str]:
-    """{checkpoint key: base key} of the per-layer frozen tensors PEFT saves (`LayerFrozen.saved`: SHiRA's
-    mask indices as `base_model.model.{path}.shira_indices`) for the adapted modules `paths`."""
-    method = method_for(config)
-    if not isinstance(method, Method) or method.layer_frozen is None or not method.layer_frozen.saved:
-        return {}
-    names = method.layer_frozen.names
-    return {f"{PREFIX}{p}.{n}": layer_frozen_key(adapter_name, p, n) for p in paths if p != SHARED_PATH for n in names}
+    return {source: tuple(tied)}
 
 
 def base_file_key(param_name: str, adapted_paths: Iterable[str] | set[str]) -> str:
@@ -192,6 +224,10 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
             return None
         name = key[len("base_model."):]
         return ("adapter", (SHARED_PATH, name)) if rules.is_method_param(name) else ("base", (key, ""))
+    rest = key[len(PREFIX):]
+    for leaf, tail in rules.renamed:
+        if rest.endswith(f".{tail}"):
+            return "adapter", (_unwrapped(rest.removesuffix(f".{tail}")), leaf)
     parts = key[len(PREFIX):].split(".")
     if len(parts) < 2:
         return None
@@ -203,9 +239,9 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
         return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1:]))
     last, prev = parts[-1], parts[-2]
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
-        return "adapter", (".".join(parts[:-1]), last)
+        return "adapter", (_unwrapped(".".join(parts[:-1])), last)
     if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:
-        return "adapter", (".".join(parts[:-2]), prev)
+        return "adapter", (_unwrapped(".".join(parts[:-2])), prev)
     mts = list(modules_to_save)
     split = saved_module_split(".".join(parts), mts)
     if split is not None:
@@ -221,6 +257,11 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     if last == "bias" and bias == "all":
         return "adapter", (".".join(parts[:-1]), last)
     return "base", (".".join(parts), "")
+
+
+def _unwrapped(path: str) -> str:
+    """Inverse of `peft_path` for a module path (PEFT's `base_layer` wrappers removed)."""
+    return ".".join(p for p in path.split(".") if p != "base_layer")
 
 
 def embedding_is_targeted(target_modules: Any, module_names: Iterable[str]) -> bool:

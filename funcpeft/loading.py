@@ -35,6 +35,7 @@ from .keys import (
     parse_file_key,
     plan_file_keys,
     shared_file_keys,
+    tie_file_keys,
     tree_entry_adapted,
 )
 from .methods import Method, method_for
@@ -108,6 +109,7 @@ class Matched(NamedTuple):
     adapter: dict[Leaf, torch.Tensor]
     base: dict[str, torch.Tensor]  # base-model parameters PEFT saved too (embeddings), by canonical name
     problems: Problems
+    tied: dict[str, torch.Tensor]  # params PEFT saved for layers tied to another (`PlanEntry.tied`), by key
 
 
 def match_checkpoint(
@@ -120,21 +122,29 @@ def match_checkpoint(
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
-    adapted = {p for p, e in plan.items() if e.spec is not None}
+    ties = tie_file_keys(plan, rules)
+    tie_shapes = {t.path: dict(t.shapes) for e in plan.values() for t in e.tied}
+    adapted = {p for p, e in plan.items() if e.spec is not None} | set(tie_shapes)
     mts = getattr(config, "modules_to_save", None)
     saved = [p for p, e in plan.items() if e.spec is None and is_saved_module(p, mts)]
     canon = {id(p): n for n, p in model.named_parameters()}
     named = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {base_file_key(n, adapted): canon[id(p)] for n, p in named.items()}
-    shared_keys = shared_file_keys(config, shared, sorted(adapted))
-    shared_keys.update(frozen_file_keys(config, adapted, adapter_name))
+    shared_keys = {**shared_file_keys(config, shared, sorted(adapted)), **frozen_file_keys(plan, rules)}
     base_keys.update(shared_keys)
     reference = {**named, **shared}
     found: dict[Leaf, torch.Tensor] = {}
     base: dict[str, torch.Tensor] = {}
+    tied: dict[str, torch.Tensor] = {}
     problems = Problems()
     for key, t in tensors.items():
-        if key in expected:
+        if key in ties:
+            want = tie_shapes[ties[key][1]][ties[key][2]]
+            if tuple(t.shape) != want:
+                problems.shapes.append((key, tuple(t.shape), want))
+            else:
+                tied[key] = t
+        elif key in expected:
             want = leaves[expected[key]].shape
             if want is not None and tuple(t.shape) != want:
                 problems.shapes.append((key, tuple(t.shape), want))
@@ -151,7 +161,33 @@ def match_checkpoint(
     mis_shaped = {k for k, _, _ in problems.shapes}
     problems.missing = [k for k, leaf in expected.items() if leaf not in found and k not in mis_shaped]
     problems.missing += [k for k, name in shared_keys.items() if name not in base and k not in mis_shaped]
-    return Matched(found, base, problems)
+    problems.missing += [k for k in ties if k not in tied and k not in mis_shaped]
+    return Matched(found, base, problems, tied)
+
+
+def check_ties(
+    tied: Mapping[str, torch.Tensor], tree: Mapping[str, Mapping[str, torch.Tensor]], plan: Mapping[str, Any],
+    config: PeftConfig, where: str, strict: bool,
+) -> None:
+    """The params a checkpoint holds for tied layers must be the ones the tie gives (funcpeft keeps them once)."""
+    ties = tie_file_keys(plan, key_rules(config))
+    differ = []
+    for key, t in tied.items():
+        source, _, name = ties[key]
+        tie = plan[source].method.tie
+        assert tie is not None
+        want = tie.params(dict(tree[source]))[name]
+        if not torch.equal(t.to(device=want.device, dtype=want.dtype), want.detach()):
+            differ.append(f"{key} (tied to {source})")
+    if differ:
+        msg = (
+            f"The adapter checkpoint in {where!r} holds values for layers tied to the input embedding "
+            f"that differ from what the embedding's adapter gives them: {differ}. funcpeft keeps tied adapters once "
+            "(the embedding's)"
+        )
+        if strict:
+            raise AdapterMismatchError(msg + "; pass strict=False to load the embedding's values for them.")
+        warnings.warn(msg + "; using the embedding's values (strict=False).", stacklevel=4)
 
 
 def _report(problems: Problems, what: str, model: nn.Module, strict: bool) -> None:
@@ -231,7 +267,8 @@ def load_for_model(
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
     name = model.__dict__.get("name_or_path", None) or None
     model = prepared(model, config)  # layer_replication: plan on the replicated structure, like PEFT
-    resolved, plan = plan_adapter(model, dataclasses.replace(config, base_model_name_or_path=name), None, adapter_name)
+    config_for_plan = dataclasses.replace(config, base_model_name_or_path=name)
+    resolved, plan = plan_adapter(model, config_for_plan, None, adapter_name, for_checkpoint=True)
     resolved.base_model_name_or_path = config.base_model_name_or_path
     resolved.inference_mode = not is_trainable
     leaves = expected_leaves(model, plan, autocast_adapter_dtype)
@@ -241,6 +278,7 @@ def load_for_model(
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
     tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
     # frozen tensors the file lacks (strict=False) keep their fresh values, like PEFT's layers
+    check_ties(matched.tied, tree, plan, resolved, where, strict)
     ref = {**dict(model.named_parameters()), **shared}
     loaded = {n: t.to(device=device_of(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
     return Loaded(resolved, plan, tree, {**shared, **loaded}, model)
@@ -259,12 +297,13 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
     method = method_for(config)
     frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
+    tails = {rules.tail(n) for n in frozen}
     tree: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[Leaf, str] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
-        if key.startswith(PREFIX) and any(key.endswith(f".{n}") for n in frozen):
-            continue  # a layer's frozen tensor (SHiRA's mask indices): the base side, which needs the model
+        if key.startswith(PREFIX) and any(key.endswith(f".{t}") for t in tails):
+            continue  # a layer's frozen tensor (SHiRA's mask indices, MiCA's lora_B): the base side, needs the model
         parsed = parse_file_key(key, rules, mts, bias)
         if parsed is None:
             unexpected.append(key)
@@ -272,8 +311,10 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
             (path, name) = parsed[1]
             tree.setdefault(path, {})[name] = t.requires_grad_(is_trainable)
             keys[(path, name)] = key
+    wrapped = {p for p, e in tree.items() if any(rules.is_method_param(n) for n in e)}
     for (path, name), key in keys.items():  # the key must be exactly what saving this leaf would write
-        if file_key(path, name, rules, tree_entry_adapted(path, tree[path], rules, mts)) != key:
+        adapted = tree_entry_adapted(path, tree[path], rules, mts)
+        if file_key(path, name, rules, adapted, wrapped=wrapped) != key:
             unexpected.append(key)
             del tree[path][name]
     tree = {p: e for p, e in tree.items() if e}
@@ -307,7 +348,8 @@ def load_adapter(
     )
     params = dict(loaded.model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]
-    fresh = init_shared(loaded.model, loaded.plan, None, autocast_adapter_dtype)  # frozen adapter tensors as the config alone gives them (SHiRA's mask)
+    # frozen adapter tensors as the config and model alone give them (SHiRA's mask, MiCA's lora_B)
+    fresh = init_shared(loaded.model, loaded.plan, None, autocast_adapter_dtype)
     differing += [n for n, t in fresh.items() if n in loaded.base and (t.is_meta or not torch.equal(t, loaded.base[n]))]
     if differing:
         warnings.warn(

@@ -38,6 +38,7 @@ from ._plan import PlanEntry, check_adapter_structure, check_stack, layer_params
 from ._replicate import PEFT_MERGE_ERROR
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
+from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
 from .methods.base import LayerKind, LayerSpec, Params
 
 Tree = dict[str, torch.Tensor]
@@ -68,6 +69,8 @@ def merge_weight(
     hook = weight_method(spec.method).merge.weight
     if hook is not None:
         out = hook(spec, params, weight, base_weight)
+    elif spec.kind is LayerKind.PARAMETER:
+        out = _merge_parameter(spec, params, weight)
     else:
         delta = _delta(spec, params).to(weight.device)
         # PEFT: `w.data += delta` (promoted add, cast back); safe_merge: `w.clone() += delta.to(w.dtype)`
@@ -90,8 +93,19 @@ def unmerge_weight(
         return hooks.unweight(spec, params, merged, base_weight)
     if hooks.weight is not None:
         raise NotImplementedError(f"method {spec.method!r} has a merge.weight hook but no merge.unweight: cannot unmerge")
+    if spec.kind is LayerKind.PARAMETER:
+        return _merge_parameter(spec, params, merged, sign=-1)
     delta = _delta(spec, params).to(merged.device)
     return (merged - delta).to(merged.dtype)
+
+
+def _merge_parameter(spec: LayerSpec[Any], params: Params, weight: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """PEFT's `ParamWrapper.merge` / `unmerge`: `W +/- delta`, delta already in W's dtype; a float8 W adds in the
+    adapter's precision, clamped (like the forward; PEFT's own float8 merge raises a dtype-promotion error)."""
+    delta = sign * _delta(spec, params)
+    if weight.dtype in FLOAT8_DTYPES:
+        return low_precision_add(weight, delta.to(weight.device))
+    return weight + cast_delta(delta, weight)
 
 
 def unmerge_bias(
@@ -138,9 +152,28 @@ def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | 
 
 # -- tree merge / unmerge ------------------------------------------------------------------------------------
 def _bias_name(names: Names, spec: LayerSpec[Any], path: str) -> str | None:
-    """The layer's bias name if its method also merges into the bias (IA3) and the layer has one."""
-    has_hook = weight_method(spec.method).merge.bias is not None
-    return f"{path}.bias" if has_hook and f"{path}.bias" in names.canon else None
+    """The layer's bias name if its method also merges into the bias (IA3, LoRA's lora_B bias) and the layer has one."""
+    hooks = weight_method(spec.method).merge
+    if hooks.bias is None:
+        return None
+    if f"{path}.bias" in names.canon:
+        return f"{path}.bias"
+    if hooks.needs_bias(spec):
+        raise RuntimeError(
+            f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias ({path!r})."
+        )  # PEFT's message
+    return None
+
+
+def _layers(path: str, entry: PlanEntry, params: Params) -> list[tuple[str, LayerSpec[Any], Params]]:
+    """(module path, spec, params) of the layer an entry adapts and of the layers tied to it (`PlanEntry.tied`)."""
+    assert entry.spec is not None
+    out = [(path, entry.spec, params)]
+    if entry.tied:
+        tie = entry.method.tie
+        assert tie is not None
+        out += [(t.path, t.spec, tie.params(params)) for t in entry.tied]
+    return out
 
 
 def _merge_entries(
@@ -152,19 +185,19 @@ def _merge_entries(
     for _, path, entry, leaves in entries:
         for pname in entry.overrides:
             write = names.write_shared if pname in entry.in_place else names.write_own
-            write(out, f"{path}.{pname}", leaves[pname])
-        spec = entry.spec
-        if spec is None:
+            write(out, entry.base_key(path, pname), leaves[pname])
+        if entry.spec is None:
             continue
-        wname, bname = f"{path}.weight", _bias_name(names, spec, path)
-        params = layer_params(entry, leaves, base)
-        weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
-        if before is not None:
-            before.append((weight, bias))
-        names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge))
-        merge_bias = entry.method.merge.bias
-        if bname and bias is not None and merge_bias is not None:
-            names.write_shared(out, bname, merge_bias(spec, params, bias))
+        for where, spec, params in _layers(path, entry, layer_params(entry, leaves, base)):
+            wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+            bname = _bias_name(names, spec, where)
+            weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
+            if before is not None:
+                before.append((weight, bias))
+            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge))
+            merge_bias = entry.method.merge.bias
+            if bname and bias is not None and merge_bias is not None:
+                names.write_shared(out, bname, merge_bias(spec, params, bias))
     return out
 
 
@@ -191,7 +224,7 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     fn = peft_function(pm)
     names = Names(fn.aliases)
     entries = _entries(fn, adapter, merged)
-    overridden = [f"{path}.{p}" for _, path, entry, _ in entries for p in entry.overrides]
+    overridden = [entry.base_key(path, p) for _, path, entry, _ in entries for p in entry.overrides]
     if overridden and base is None:
         raise ValueError(
             f"unmerge: the adapter replaces {overridden[:3]}{' ...' if len(overridden) > 3 else ''} "
@@ -204,17 +237,17 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     layers = iter(reversed(before))
     out = dict(merged)
     for _, path, entry, leaves in reversed(entries):
-        spec = entry.spec
-        if spec is not None:
-            wname, bname = f"{path}.weight", _bias_name(names, spec, path)
-            params = layer_params(entry, leaves, merged)
-            pre_weight, pre_bias = next(layers, (None, None))
-            names.write_shared(out, wname, unmerge_weight(spec, params, names.read(out, wname), pre_weight))
-            if bname:
-                names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
+        if entry.spec is not None:
+            for where, spec, params in reversed(_layers(path, entry, layer_params(entry, leaves, merged))):
+                wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+                bname = _bias_name(names, spec, where)
+                pre_weight, pre_bias = next(layers, (None, None))
+                names.write_shared(out, wname, unmerge_weight(spec, params, names.read(out, wname), pre_weight))
+                if bname:
+                    names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
         for pname in entry.overrides:
             assert base is not None
-            key = f"{path}.{pname}"
+            key = entry.base_key(path, pname)
             if pname in entry.in_place:
                 names.write_shared(out, key, names.read(base, key))
             else:
@@ -226,8 +259,9 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
 def _warn_tied_merges(fn: PeftFunction, adapter: Any) -> None:
     names = Names(fn.aliases)
     for _, path, entry, _ in _entries(fn, adapter):
-        wname = f"{path}.weight"
-        applied = {wname, *(f"{p}.weight" for p, _ in entry.tied)}  # tied layers the adapter covers (PlanEntry.tied)
+        wname = entry.weight_key(path)
+        # tied layers the adapter covers (PlanEntry.tied)
+        applied = {wname, *(f"{t.path}.{t.spec.kind.weight_name}" for t in entry.tied)}
         tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n not in applied]
         if entry.spec is not None and tied:
             warnings.warn(

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._plan import Plan, check_adapter_name, init_adapter, init_shared, plan_adapter
+from ._names import Names
+from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from ._replicate import prepared
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
+from .conversion import convert_mutated_init
 from .counting import count_parameters, format_trainable
 from .functional import PeftFunction
 from .generation import generate
@@ -28,6 +30,8 @@ from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload
 from .methods import method_for
+from .methods.lora import LoraHyper
+from .methods.lora_init import changes_base
 from .trees import AdapterTree, BaseTree, tree_numel
 
 
@@ -77,21 +81,35 @@ class FunctionalPeftModel:
         return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None
+        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None, *,
+        init_data: Mapping[str, Any] | None = None,
     ) -> AdapterTree:
-        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree."""
+        """Register another adapter (PEFT's `add_adapter`) and return its fresh tree.
+
+        An init that changes base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) reads them from `self.base` (as
+        PEFT's second adapter sees the first one's changes) and replaces them in `self.base` (new tensors).
+        """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
         _check_combinable(peft_config, self.peft_config[self.adapter_name], self.mixed)
         _check_no_second_replication(peft_config)
+        peft_config.check_new_adapter_config(self.peft_config)
+        _check_same_parameters(peft_config, self.peft_config)
         resolved, plan = plan_adapter(self.model, peft_config, None, adapter_name)
+        _check_parameter_layers(plan, self.plans)
         _check_nesting(plan, self.plans)
-        self.peft_config[adapter_name] = resolved
-        self.plans[adapter_name] = plan
-        tree = self.init_adapter(adapter_name, generator)
+        names = Names(self.fn.aliases)
+        weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
+        trainable = not getattr(resolved, "inference_mode", False)
+        tree, changed = init_adapter_and_weights(
+            self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights
+        )
         # after the params: a random frozen tensor (VeLoRA's projection) is drawn after them, as in PEFT
         self.base.update(init_shared(self.model, plan, generator, self.autocast_adapter_dtype))
+        _write_weights(self.base, names, changed)
+        self.peft_config[adapter_name] = resolved
+        self.plans[adapter_name] = plan
         return tree
 
     def load_adapter(
@@ -108,11 +126,20 @@ class FunctionalPeftModel:
         loaded = load_for_model(self.model, directory, adapter_name, is_trainable=is_trainable, root_fallback=True, **kwargs)
         _check_combinable(loaded.config, self.peft_config[self.adapter_name], self.mixed)
         _check_no_second_replication(loaded.config)
+        loaded.config.check_new_adapter_config(self.peft_config)
+        _check_same_parameters(loaded.config, self.peft_config)
+        _check_parameter_layers(loaded.plan, self.plans)
         params = dict(self.model.named_parameters())
         self.base.update({n: t for n, t in loaded.base.items() if n not in params})
         self.peft_config[adapter_name] = loaded.config
         self.plans[adapter_name] = loaded.plan
         return loaded.tree
+
+    def lora_scalings(self, adapter_name: str | None = None) -> dict[str, float]:
+        """{module path: LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)} of a LoRA / DoRA adapter's layers:
+        PEFT's per-layer `module.scaling[adapter]`, as `funcpeft.optim.lorafa` needs it."""
+        plan = self.plans[adapter_name or self.adapter_name]
+        return {p: e.spec.hyper.scaling for p, e in plan.items() if e.spec is not None and isinstance(e.spec.hyper, LoraHyper)}
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -128,9 +155,18 @@ class FunctionalPeftModel:
         """Print PEFT's line: `trainable params: N || all params: M || trainable%: P` (4 decimals)."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
-    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], adapter_params: Any = None, *,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None, **kwargs: Any,
+    ) -> str:
         """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter), or for
-        each adapter of `{adapter_name: tree, ...}` (PEFT saves every adapter: non-default ones in subdirectories)."""
+        each adapter of `{adapter_name: tree, ...}` (PEFT saves every adapter: non-default ones in subdirectories).
+
+        path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
+        get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
+        the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
+        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT.
+        """
         if adapter_params is None:
             raise TypeError(
                 "save_pretrained(directory, adapter_params): pass the trained tree to save. funcpeft never updates "
@@ -139,9 +175,19 @@ class FunctionalPeftModel:
             )
         named = self.fn.split_adapters(adapter_params)
         if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
+            if path_initial_model_for_weight_conversion is not None:
+                raise NotImplementedError(
+                    "save_pretrained(path_initial_model_for_weight_conversion=...) converts the default adapter "
+                    f"{self.adapter_name!r} only; pass its tree alone, got adapters {[n for n, _ in named]}"
+                )
             for name, tree in named:
                 self.save_pretrained_adapter(directory, name, tree, **kwargs)
             return os.fspath(directory)
+        config = self.peft_config[self.adapter_name]
+        if path_initial_model_for_weight_conversion is not None:
+            self.fn.check_tree(self.adapter_name, adapter_params, self.base)
+            tree, plain = convert_mutated_init(adapter_params, config, path_initial_model_for_weight_conversion, self.model)
+            return save_adapter(directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs)
         return self.save_pretrained_adapter(directory, self.adapter_name, adapter_params, **kwargs)
 
     def save_pretrained_adapter(self, directory: str | os.PathLike[str], adapter_name: str, tree: Any, **kwargs: Any) -> str:
@@ -178,6 +224,7 @@ def get_peft_model(
     revision: str | None = None,
     *,
     generator: torch.Generator | None = None,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `get_peft_model`, functionally: returns `(fn, base, adapter)` (as a FunctionalPeftModel).
 
@@ -194,10 +241,14 @@ def get_peft_model(
         revision: recorded in the config, like PEFT.
         generator: a `torch.Generator` for the adapter init (default: the global RNG, so `torch.manual_seed`
             makes it reproducible, with the same draws as PEFT).
+        init_data: `{module path: data}` for data-driven inits: CorDA's eigens (`funcpeft.corda.preprocess_corda`),
+            LoRA-GA's gradients (`funcpeft.loraga.preprocess_loraga`). PEFT attaches these to the modules instead.
 
     Returns:
         A `FunctionalPeftModel`; `fn, base, adapter = pm`. base: `{name: Tensor}` sharing the model's storage;
         adapter: `{module_path: {leaf name: Tensor}}`, e.g. lora_A (r, in) and lora_B (out, r) per layer.
+        Inits that change base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: PEFT writes them into the model) put
+        new tensors into `base` under those weights' names; the model and its tensors are untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -212,11 +263,19 @@ def get_peft_model(
         _check_combinable(peft_config, None, mixed)
     model = prepared(model, peft_config)  # layer_replication: a replicated structure sharing the model's tensors
     resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
-    adapter = init_adapter(model, plan, autocast_adapter_dtype, generator, not getattr(resolved, "inference_mode", False))
+    trainable = not getattr(resolved, "inference_mode", False)
+    adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
+    _write_weights(base, Names(fn.aliases), changed)
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+
+
+def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor]) -> None:
+    """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
+    for path, weight in changed.items():
+        names.write_shared(base, f"{path}.weight", weight)
 
 
 def _layer_map(config: PeftConfig) -> list[list[int]] | None:
@@ -248,6 +307,41 @@ def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool)
         )
 
 
+def _check_same_parameters(config: PeftConfig, others: dict[str, PeftConfig]) -> None:
+    """PEFT's `LoraModel._check_new_adapter_config`: adapters with target_parameters all target the same set
+    (PEFT encodes which parameter a LoRA belongs to by its ParamWrapper's nesting, shared by all adapters)."""
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return
+    for name, other in others.items():
+        theirs = getattr(other, "target_parameters", None)
+        if theirs and set(theirs) != set(wanted):
+            raise ValueError(
+                "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
+                f"parameters, but got {sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter '{name}'."
+            )
+
+
+def _check_parameter_layers(plan: Plan, plans: dict[str, Plan]) -> None:
+    """A module cannot be a LoRA layer for one adapter and hold a targeted bare parameter for another."""
+    layers = {path for p in plans.values() for path, e in p.items() if e.spec is not None and e.parameter is None}
+    owners = {e.module(path): e.parameter for p in plans.values() for path, e in p.items() if e.parameter is not None}
+    for path, entry in plan.items():
+        if entry.parameter is not None and entry.module(path) in layers:
+            module = entry.module(path)
+            raise ValueError(
+                f"Trying to wrap an `nn.Parameter` of layer '{module}', which another adapter adapts as a layer "
+                "(`target_modules`): not a valid target. Make sure that this layer is not also targeted with "
+                "`target_modules`."
+            )
+        if entry.spec is not None and entry.parameter is None and path in owners:
+            raise NotImplementedError(
+                f"{path!r} holds {owners[path]!r}, which another adapter targets with `target_parameters`; PEFT would "
+                "add this adapter to that parameter's wrapper instead of the layer. Target the layer in neither or "
+                "both adapters the same way."
+            )
+
+
 def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
     """A method that cannot wrap another method's layer (`Method.nests`, PEFT's SHiRA) must be added first there."""
     for path, entry in plan.items():
@@ -267,8 +361,15 @@ def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
 def from_pretrained(
     model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, *,
     autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
+
+    Like PEFT, loading runs the config's `init_lora_weights` on the base weights: an adapter saved with
+    "pissa", "olora" or "loftq" gets `base` = the residual / quantised weights of `model` (PEFT's advice: save
+    such adapters converted, see `save_pretrained(path_initial_model_for_weight_conversion=...)`, or with
+    init_lora_weights=True and the residual model); "corda" needs `init_data` (preprocess_corda's result,
+    PEFT raises without it); "lora_ga" without `init_data` leaves the weights as they are (PEFT's fallback).
 
     `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
     trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
@@ -287,8 +388,17 @@ def from_pretrained(
     )
     model = loaded.model  # the replicated structure with layer_replication
     base = {n: p.detach() for n, p in model.named_parameters()}
-    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name, layer_replication=_layer_map(loaded.config))
+    # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
+    # (None for every layer: no data, PEFT's loading fallback where there is one)
+    # (only those layers: the others' random draws would be thrown away)
+    redo = {p: e for p, e in loaded.plan.items() if e.spec is not None and e.method.init_from_weight is not None
+            and changes_base(e.spec)}
+    if redo:
+        data = {p: None for p in redo} if init_data is None else init_data
+        _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
+        _write_weights(base, Names(fn.aliases), changed)
+    base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
 
 

@@ -209,6 +209,12 @@ def route_layer(
     """
     index = routing.index
     any_base = routing.any_base
+    if any_base and method.changes_base:
+        raise NotImplementedError(
+            f"per-example adapters with {method.name}: an example routed to no adapter (index -1 / '__base__') is "
+            f"ambiguous, because {method.name} changes the base layer itself (PEFT gives such examples its changed "
+            "base, funcpeft's fn(base, None) is the unchanged model). Route every example to an adapter."
+        )
     params = {**stacked, **shared, **({_INDEX: index} if index is not None else {})}
     keys = tuple(stacked)
 
@@ -217,7 +223,7 @@ def route_layer(
         assert result is not None
         return _routed_forward(method, spec, keys, any_base, batch, params, x, result, ctx)
 
-    return Applied(spec, params, forward, True)
+    return Applied(spec, params, forward, True, routed=True)
 
 
 def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:

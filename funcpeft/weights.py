@@ -6,6 +6,11 @@ computes the base op on the plain weight and hands its output to each adapter's 
 weight-sized is built; the weight's storage is the model's. Metadata reads (`.dtype`, `.shape`, ...)
 pass through; any other op on the weight raises `UnsupportedWeightOp` instead of silently dropping the
 adapter term.
+
+An op that reads a weight as data instead of applying it as a layer (`F.multi_head_attention_forward` reads
+an nn.MultiheadAttention's in_proj_weight and out_proj.weight) gets the merged weights instead, computed
+from the adapters' own merge (`W + delta_weight`, or the method's merge hook), as PEFT's
+lora.MultiheadAttention merges before the call: one weight-sized temporary per weight and call.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Applied(NamedTuple):
     call: Any = None  # the layer's per-call data (Method.prepare_call), OpContext.call
     path: str = ""  # the module path, OpContext.path
     peers: Mapping[str, tuple[LayerSpec[Any], Params]] = {}  # adapters this one reads here (OpContext.peers)
+    routed: bool = False  # params differ per example (funcpeft.routing): there is no single merged weight
 
 
 Adapters = tuple[Applied, ...]
@@ -68,22 +74,28 @@ class AdaptedWeight(torch.Tensor):
     """A weight plus the adapters applied to the layer that owns it.
 
     Attributes: `weight` (the plain base tensor), `adapters` (tuple of `Applied`, innermost first), `dropout`,
-    `generator` (the call's randomness for methods that sample, OpContext.generator).
+    `generator` (the call's randomness for methods that sample, OpContext.generator), `applies_in` (the module
+    path whose forward sees it: the layer's own, or `PlanEntry.applies_in`; None: the module holding it).
     """
 
     weight: torch.Tensor
     adapters: Adapters
     dropout: Dropout
     generator: Generators
+    applies_in: str | None
 
     @staticmethod
-    def wrap(weight: torch.Tensor, adapters: Adapters, dropout: Dropout, generator: Generators = no_generator) -> AdaptedWeight:
+    def wrap(
+        weight: torch.Tensor, adapters: Adapters, dropout: Dropout, generator: Generators = no_generator,
+        applies_in: str | None = None,
+    ) -> AdaptedWeight:
         """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
         out = weight.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
         out.dropout = dropout
         out.generator = generator
+        out.applies_in = applies_in
         return out  # type: ignore[return-value]
 
     @classmethod
@@ -158,6 +170,48 @@ def _conv(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return handler
 
 
+def merged(w: torch.Tensor) -> torch.Tensor:
+    """The weight with its adapters merged in, in order (each method's merge: `W + delta` or its merge hook)."""
+    if not isinstance(w, AdaptedWeight):
+        return w
+    out = w.weight
+    for applied in w.adapters:
+        spec = applied.spec
+        if applied.routed:
+            raise NotImplementedError(
+                f"per-example adapters on a {spec.kind.value} weight that its layer reads as data (PEFT: "
+                f"lora.MultiheadAttention does not support mixed adapter batches): there is no single merged weight"
+            )
+        method = weight_method(spec.method)
+        if method.merge.weight is not None:
+            out = method.merge.weight(spec, applied.params, out, None)
+        elif method.delta_weight is not None:
+            out = out + method.delta_weight(spec, applied.params).to(out.dtype)  # PEFT: W.detach() + delta.to(W.dtype)
+        else:
+            raise NotImplementedError(f"method {spec.method!r} cannot merge, so it cannot adapt a weight read as data")
+    return out
+
+
+def _multi_head_attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, embed_dim_to_check: int, num_heads: int,
+    in_proj_weight: torch.Tensor | None, in_proj_bias: torch.Tensor | None, bias_k: torch.Tensor | None,
+    bias_v: torch.Tensor | None, add_zero_attn: bool, dropout_p: float, out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None, *args: Any, **kwargs: Any,
+) -> Any:
+    if not isinstance(in_proj_weight, AdaptedWeight):
+        raise UnsupportedWeightOp(
+            "funcpeft: an adapter on an nn.MultiheadAttention's out_proj alone: the attention reads out_proj.weight "
+            "directly and never calls out_proj, so PEFT silently ignores such an adapter. Target the "
+            "MultiheadAttention itself (PEFT adapts its in_proj_weight and out_proj together)."
+        )
+    if any(isinstance(a, AdaptedWeight) for a in (*args, *kwargs.values())):
+        raise UnsupportedWeightOp("funcpeft: separate q/k/v projection weights of nn.MultiheadAttention cannot be adapted")
+    return F.multi_head_attention_forward(
+        query, key, value, embed_dim_to_check, num_heads, merged(in_proj_weight), in_proj_bias, bias_k, bias_v,
+        add_zero_attn, dropout_p, merged(out_proj_weight), out_proj_bias, *args, **kwargs,
+    )
+
+
 _HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
     F.linear: _linear,
     torch.addmm: _addmm,
@@ -165,4 +219,5 @@ _HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
     F.conv1d: _conv(F.conv1d),
     F.conv2d: _conv(F.conv2d),
     F.conv3d: _conv(F.conv3d),
+    F.multi_head_attention_forward: _multi_head_attention_forward,
 }

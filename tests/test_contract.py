@@ -44,6 +44,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
     ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
+    ("mica-llama", "mica", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                             init_lora_weights="mica")),
+    ("mica-gpt2", "mica", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn", "wte"], init_lora_weights="mica")),
+    ("kasa-llama", "kasa", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                             kasa_config={"beta": 0.01})),
+    ("bdlora-llama", "bdlora", "tiny-llama", "LoraConfig", dict(
+        r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.1,
+        use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2})),
     # MiSS and C3A: PEFT supports nn.Linear only (no GPT-2 Conv1D)
     ("miss-llama", "miss", "tiny-llama", "MissConfig", dict(r=6, target_modules="all-linear")),
     ("miss-mini-llama", "miss", "tiny-llama", "MissConfig", dict(r=8, init_weights="mini", mini_r=16, target_modules=["q_proj", "down_proj"])),
@@ -76,6 +84,9 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("trainable_tokens-llama-tied", "trainable_tokens", "tiny-llama-tied", "TrainableTokensConfig",
      dict(token_indices=[3, 43, 95, 120])),
     ("trainable_tokens-gpt2", "trainable_tokens", "tiny-gpt2", "TrainableTokensConfig", dict(token_indices=[15, 7])),
+    ("adalora-llama", "adalora", "tiny-llama", "AdaLoraConfig",
+     dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10)),
+    ("adalora-gpt2", "adalora", "tiny-gpt2", "AdaLoraConfig", dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=10)),
     ("velora-llama", "velora", "tiny-llama", "LoraConfig",
      dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], velora_config=Sub("VeloraConfig", {"num_groups": 4}))),
     ("monteclora-llama", "monteclora", "tiny-llama", "LoraConfig",
@@ -90,6 +101,9 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
 TESTED_ELSEWHERE: dict[str, str] = {
     "arrow": "test_lora_var2.py",  # a router over trained LoRA experts: funcpeft.create_arrow_model
 }
+# rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
+# VB-LoRA's logits start random)
+NOT_NOOP_INIT = {"dora", "kasa", "vblora"}
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
 # rows where PEFT's own gradients are wrong: funcpeft's are checked against finite differences of PEFT's forward
@@ -143,7 +157,7 @@ def test_row_functional_laws(row: tuple[str, str, str, str, dict[str, Any]]) -> 
     fn, base, fresh = pm
     with torch.no_grad():
         plain = _logits(model(**x))
-        no_op_init = row[1] not in ("dora", "vblora") and not (row[1] == "lora" and "wte" in str(row[4]))
+        no_op_init = row[1] not in NOT_NOOP_INIT and not (row[1] == "lora" and "wte" in str(row[4]))
         if no_op_init and row[4].get("init_weights", True) is not False:  # their init is a no-op
             torch.testing.assert_close(_logits(fn(base, fresh, **x)), plain, atol=1e-6, rtol=0)
         trees = [_random_tree(fresh, s) for s in range(3)]

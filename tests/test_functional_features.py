@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
 import optree
+import peft
 import pytest
 import torch
 from conftest import MODELS, WeightSum, assert_unchanged, make_inputs, snapshot
+from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
@@ -155,15 +158,32 @@ def test_torch_compile_fullgraph_matches_eager(llama: tuple[Any, ...]) -> None:
     assert (got - want).abs().max().item() <= 1e-5
 
 
-# -- ops the adapter cannot see --------------------------------------------------------------------------------
+# -- where the weight is read ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("op", ["sum", "T"])
-@pytest.mark.parametrize("init", ["fresh", "random"])
-def test_unhandled_weight_op_raises(op: str, init: str) -> None:
+def test_a_parent_reading_the_weight_gets_the_plain_weight_like_peft(op: str) -> None:
     model = WeightSum(op).eval()
     fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["lin"]))
+    adapter = T.random_like(adapter)
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["lin"])).eval()
+    T.copy_into_peft(twin, adapter, fn.plans["default"])
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fn(base, adapter, x), twin(x), atol=0, rtol=0)  # PEFT's LoraLayer.weight is the base's
+
+
+class _OwnOp(nn.Linear):
+    """A Linear whose own forward uses its weight in an op that is not F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize("init", ["fresh", "random"])
+def test_unhandled_weight_op_in_the_layers_own_forward_raises(init: str) -> None:
+    model = nn.Sequential(_OwnOp(8, 4)).eval()
+    fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["0"]))
     if init == "random":
         adapter = T.random_like(adapter)
     x = torch.randn(3, 8)
     model(x)  # the model itself runs
-    with pytest.raises(funcpeft.UnsupportedWeightOp, match="lin|weight"):
+    with pytest.raises(funcpeft.UnsupportedWeightOp, match="was applied to an adapted layer weight"):
         fn(base, adapter, x)

@@ -22,7 +22,7 @@ def test_config_keeps_target_modules_as_given_like_peft() -> None:
         target_modules=["norm", "input_layernorm"]
     )
     assert ours.target_modules == theirs.target_modules == ["norm", "input_layernorm"]  # a list, not a set
-    with pytest.raises(ValueError, match="`target_modules` must be"):
+    with pytest.raises(ValueError, match="target_modules must be"):
         funcpeft.LNTuningConfig(target_modules=[1])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="target_modules"):
         funcpeft.LNTuningConfig(target_module=["norm"])  # type: ignore[call-arg]

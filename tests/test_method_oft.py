@@ -103,7 +103,7 @@ def test_files_from_old_peft_are_refused_or_warned_like_peft() -> None:
         peft.OFTConfig.check_kwargs(**old)
     with pytest.raises(ValueError) as ours:
         funcpeft.io.config_from_dict(old)
-    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value).endswith(str(theirs.value)) and "adapter_config.json" in str(ours.value)  # + the file
     neumann = {**funcpeft.OFTConfig(target_modules=["q"]).to_dict(), "peft_version": "0.17.1"}
     with pytest.warns(UserWarning, match="cayley-neumann parameterization has been slightly changed"):
         funcpeft.io.config_from_dict(neumann)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 
 import optree
 import peft
@@ -82,14 +84,52 @@ def test_several_adapters_sum_like_peft_active_list(case):
 
 
 # -- add_weighted_adapter ------------------------------------------------------------------------------------
-def check_weighted(pm, ref, trees, weights, new: str, x: torch.Tensor, **kw):  # noqa: ANN001, ANN201
-    """Our tree/config vs PEFT's add_weighted_adapter, leaf by leaf and in the forward."""
+@contextlib.contextmanager
+def peft_masks_seeded(seed: int) -> Iterator[None]:
+    """PEFT draws DARE's masks from the global RNG after initialising the new adapter's layers (which draws too):
+    seed the global RNG at its first per-layer combine, so its masks are those of `torch.Generator().manual_seed(seed)`
+    in funcpeft (the same draws, in the same order, from then on)."""
+    from peft.tuners.lora.model import LoraModel
+
+    names = ("_generalized_task_arithmetic_weighted_adapter", "_svd_generalized_task_arithmetic_weighted_adapter")
+    originals = {n: getattr(LoraModel, n) for n in names}
+    first = [True]
+
+    def seeding(f):  # noqa: ANN001, ANN202
+        def wrapped(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if first[0]:
+                torch.manual_seed(seed)
+                first[0] = False
+            return f(self, *args, **kwargs)
+
+        return wrapped
+
+    try:
+        for n, f in originals.items():
+            setattr(LoraModel, n, seeding(f))
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for n, f in originals.items():
+            setattr(LoraModel, n, f)
+
+
+def check_weighted(pm, ref, trees, weights, new: str, x: torch.Tensor, seed: int | None = None, **kw):  # noqa: ANN001, ANN201
+    """Our tree/config vs PEFT's add_weighted_adapter, leaf by leaf and in the forward.
+
+    seed: for the DARE types, funcpeft gets `generator=torch.Generator().manual_seed(seed)` and PEFT's global RNG
+    is seeded with it at its first mask draw (`peft_masks_seeded`).
+    """
     leaves = [t for t in optree.tree_leaves(trees) if isinstance(t, torch.Tensor)]
     snap = [t.clone() for t in leaves]
-    tree, cfg = funcpeft.add_weighted_adapter(pm, trees, weights, adapter_name=new, **kw)
+    rng = torch.random.get_rng_state()
+    gen = {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+    tree, cfg = funcpeft.add_weighted_adapter(pm, trees, weights, adapter_name=new, **kw, **gen)
     assert all(torch.equal(a, b) for a, b in zip(leaves, snap))
+    assert torch.equal(torch.random.get_rng_state(), rng) or seed is None  # a generator leaves the global RNG alone
     names = [n for n, _ in trees] if isinstance(trees, list) else list(trees)
-    ref.base_model.add_weighted_adapter(names, list(weights), new, **kw)
+    with peft_masks_seeded(seed) if seed is not None else contextlib.nullcontext():
+        ref.base_model.add_weighted_adapter(names, list(weights), new, **kw)
     want = ref.peft_config[new]
     for field in ("r", "lora_alpha", "target_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "use_rslora"):
         assert getattr(cfg, field) == getattr(want, field), field
@@ -127,6 +167,23 @@ WEIGHTED = {
     "modules_to_save-copied-from-base": (
         "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), dict(target_modules=["q_proj"]), dict(combination_type="cat"),
     ),
+    # PEFT's pruning types (peft/utils/merge_utils.py); DARE draws its masks from a seeded generator (see check_weighted)
+    **{
+        # PEFT's SVD handles conv deltas of nn.Conv2d only: the *_svd rows leave out the Conv1d c3
+        f"{kind}-{ct}": (kind, cfg_a, cfg_b if kind != "conv" or not ct.endswith("svd") else {**cfg_b, "target_modules": ["c1"]},
+                         dict(combination_type=ct, density=density, majority_sign_method=sign, seed=seed))
+        for kind, cfg_a, cfg_b in (
+            ("llama", dict(target_modules=["q_proj", "v_proj", "embed_tokens"]),
+             dict(target_modules=["v_proj", "k_proj", "embed_tokens"], lora_alpha=16)),
+            ("gpt2", dict(target_modules=["c_attn"]), dict(target_modules=["c_attn", "c_fc"], lora_alpha=3)),
+            ("conv", dict(target_modules=["c1", "c2"]), dict(target_modules=["c1", "c2", "c3"], lora_alpha=5)),
+        )
+        for ct, density, sign, seed in (
+            ("ties", 0.5, "total", None), ("ties_svd", 0.3, "frequency", None), ("magnitude_prune", 0.6, "total", None),
+            ("magnitude_prune_svd", 0.5, "total", None), ("dare_linear", 0.5, "total", 11), ("dare_ties", 0.4, "frequency", 12),
+            ("dare_linear_svd", 0.7, "total", 13), ("dare_ties_svd", 0.5, "total", 14),
+        )
+    },
 }
 
 
@@ -187,7 +244,7 @@ def test_add_weighted_adapter_rejects_bad_arguments():
         funcpeft.add_weighted_adapter(pm, {"nope": tree_a}, [1.0])
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
         funcpeft.add_weighted_adapter(pm, [("default", tree_a), ("default", tree_a)], [1.0])
-    with pytest.raises(NotImplementedError, match="'ties' is not implemented"):
+    with pytest.raises(ValueError, match="'ties' prunes the adapters: pass density"):
         funcpeft.add_weighted_adapter(pm, [("default", tree_a), ("default", tree_a)], [1.0, 1.0], combination_type="ties")
     with pytest.raises(ValueError, match="already exists"):
         funcpeft.add_weighted_adapter(pm, {"default": tree_a}, [1.0], adapter_name="default")

@@ -7,7 +7,13 @@ expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.r
 from ..config import (
     PEFT_VERSION,
     ArrowConfig,
+    BdLoraConfig,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
     LoraConfig,
+    LoraGAConfig,
     LoraRuntimeConfig,
     MontecloraConfig,
     PeftConfig,
@@ -15,6 +21,7 @@ from ..config import (
     TaskType,
     VeloraConfig,
 )
+from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
@@ -33,16 +40,23 @@ from .vera import VeraConfig
 __all__ = [
     "PEFT_VERSION",
     "ArrowConfig",
+    "BdLoraConfig",
+    "AdaLoraConfig",
     "BOFTConfig",
     "C3AConfig",
+    "CordaConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
+    "KasaConfig",
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LoftQConfig",
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoraGAConfig",
     "LycorisConfig",
     "MissConfig",
     "MontecloraConfig",

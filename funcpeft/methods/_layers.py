@@ -13,7 +13,14 @@ import torch.nn.functional as F
 
 from .base import LayerKind, LayerSpec
 
-UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # PEFT's autocast_adapter_dtype upcasts these to float32
+# PEFT's float8 dtypes (utils/constants.UPCAST_DTYPES), those this torch has: low precision, no arithmetic of their own
+FLOAT8_DTYPES: tuple[torch.dtype, ...] = tuple(
+    d for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if isinstance(d := getattr(torch, n, None), torch.dtype)
+)
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # PEFT's ALLOWED_COMPUTE_DTYPES
+# PEFT's autocast_adapter_dtype upcasts these to float32 (tuners_utils.cast_adapter_dtype)
+UPCAST_DTYPES = (torch.float16, torch.bfloat16, *FLOAT8_DTYPES)
 
 _CONV_BY_WEIGHT_DIM: dict[int, Callable[..., torch.Tensor]] = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -54,3 +61,20 @@ def layer_op(spec: LayerSpec[Any], x: torch.Tensor, weight: torch.Tensor, bias: 
     if spec.kind is LayerKind.LINEAR:
         return F.linear(x, weight, bias)
     raise TypeError(f"layer_op: no plain op for a {spec.kind.value} layer")
+
+
+# -- bare parameters (LayerKind.PARAMETER): PEFT's lora.ParamWrapper dtype rules --------------------------------
+def low_precision_add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """PEFT's `_LoraParameterProxy._low_prec_add`: a float8 W plus delta in delta's dtype, clamped, cast back."""
+    if delta.dtype not in COMPUTE_DTYPES:
+        raise RuntimeError(
+            f"There is an attempt to upcast the targeted parameter to {delta.dtype} but the only supported are: "
+            f"{COMPUTE_DTYPES}."
+        )
+    info = torch.finfo(weight.dtype)
+    return (weight.to(delta.dtype) + delta).clamp(min=info.min, max=info.max).to(weight.dtype)
+
+
+def cast_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PEFT's final cast in `ParamWrapper.get_delta_weight`: to W's dtype unless W is float8 (added in high precision)."""
+    return delta.to(weight.device, weight.dtype) if weight.dtype in COMPUTE_DTYPES else delta.to(weight.device)

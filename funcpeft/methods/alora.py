@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..configs import LoraConfig, TaskType
 from . import lora
 from ._registry import register
-from ._variant import linear_lora_hyper
+from ._variant import base_fields, linear_lora_hyper
 from .base import CallInputs, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 OFFSETS_KWARG = "alora_offsets"
@@ -62,7 +62,7 @@ Spec = LayerSpec[AloraHyper]
 def hyper(config: Any, target: Target) -> AloraHyper:
     base = linear_lora_hyper(config, target, "alora_invocation_tokens")
     causal = config.task_type == TaskType.CAUSAL_LM
-    return AloraHyper(base.r, base.scaling, base.dropout, base.init, tuple(config.alora_invocation_tokens), causal)
+    return AloraHyper(**base_fields(base), tokens=tuple(config.alora_invocation_tokens), causal_lm=causal)
 
 
 def invocation_offsets(input_ids: torch.Tensor, tokens: Any) -> torch.Tensor:
@@ -178,7 +178,7 @@ ALORA = register(
     Method(
         name="alora",
         config=LoraConfig,
-        accepts=lambda config: config.lora_variants() == ("alora_invocation_tokens",),
+        accepts=lambda config: config.lora_variant == "alora_invocation_tokens",
         hyper=hyper,
         param_names=lora.param_names,
         init=lora.init,

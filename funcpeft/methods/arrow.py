@@ -31,7 +31,7 @@ import torch
 from ..configs import LoraConfig
 from . import lora
 from ._registry import register
-from ._variant import linear_lora_hyper
+from ._variant import base_fields, linear_lora_hyper
 from .base import LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 
@@ -59,8 +59,8 @@ def hyper(config: Any, target: Target) -> ArrowHyper:
         )
     gks = tuple(a.gks_adapter_names or ()) if a.use_gks else ()
     return ArrowHyper(
-        base.r, base.scaling, base.dropout, base.init, a.top_k, float(a.router_temperature), a.use_gks, a.rng_seed,
-        tuple(a.task_adapter_names), gks,
+        **base_fields(base), top_k=a.top_k, temperature=float(a.router_temperature), use_gks=a.use_gks,
+        rng_seed=a.rng_seed, task_names=tuple(a.task_adapter_names), gks_names=gks,
     )
 
 
@@ -135,7 +135,7 @@ ARROW = register(
     Method(
         name="arrow",
         config=LoraConfig,
-        accepts=lambda config: config.lora_variants() == ("arrow_config",),
+        accepts=lambda config: config.lora_variant == "arrow_config",
         hyper=hyper,
         param_names=lora.param_names,
         init=lora.init,

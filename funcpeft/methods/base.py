@@ -31,7 +31,7 @@ See CONTRIBUTING.md for the checklist to add a method.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -53,11 +53,22 @@ class LayerKind(enum.Enum):
     CONV1D_HF = "conv1d_hf"  # transformers' GPT-2 style Conv1D: weight (in, out)
     EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
     CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
+    MHA = "mha"  # nn.MultiheadAttention (one in_proj_weight): in_proj_weight (3 * embed, embed), read as data
+    PARAMETER = "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
 
     @property
     def out_dim(self) -> int:
-        """The weight dimension holding the output features."""
+        """The weight dimension holding the output features (for a bare parameter: see `ParameterGeometry`)."""
         return 1 if self in (LayerKind.CONV1D_HF, LayerKind.EMBEDDING) else 0
+
+    @property
+    def weight_name(self) -> str:
+        """The module attribute holding the adapted weight."""
+        return "in_proj_weight" if self is LayerKind.MHA else "weight"
+
+
+# the kinds a method adapts unless it says otherwise (`Method.kinds`): every kind whose layer calls its own op
+WEIGHT_OP_KINDS = frozenset({LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.EMBEDDING, LayerKind.CONV})
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,20 @@ class EmbeddingGeometry:
 
 
 @dataclass(frozen=True)
+class ParameterGeometry:
+    """A targeted bare parameter (LayerKind.PARAMETER; PEFT's `lora.ParamWrapper`): how its shape is read.
+
+    name: the parameter's name on its module (e.g. "gate_up_proj"). experts: E of a 3-D expert stack, 1 for a 2-D
+    (out, in) parameter. swapped: the stack is stored (E, out, in) (PEFT: a 3-D parameter whose module does not say
+    `is_transposed=True`, e.g. Mixtral); False: (E, in, out) (GPT-OSS) or 2-D.
+    """
+
+    name: str
+    experts: int
+    swapped: bool
+
+
+@dataclass(frozen=True)
 class LayerSpec(Generic[H]):
     """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
 
@@ -96,7 +121,7 @@ class LayerSpec(Generic[H]):
     in_features: int
     out_features: int
     hyper: H
-    geometry: ConvGeometry | EmbeddingGeometry | None = None
+    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | None = None
 
     @property
     def conv(self) -> ConvGeometry:
@@ -110,6 +135,12 @@ class LayerSpec(Generic[H]):
             raise TypeError(f"{self.method} on a {self.kind.value} layer has no embedding geometry")
         return self.geometry
 
+    @property
+    def parameter(self) -> ParameterGeometry:
+        if not isinstance(self.geometry, ParameterGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer is not a bare-parameter target")
+        return self.geometry
+
 
 class UnsupportedLayerError(TypeError, ValueError):
     """A method was asked to adapt a layer type it does not support (a TypeError; also a ValueError, as PEFT
@@ -118,12 +149,21 @@ class UnsupportedLayerError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result."""
+    """A module a config targets, as `Method.hyper` sees it. common: `SharedTensors.common_hyper`'s result.
+
+    owner: the targeted module this one is adapted along with, when it is not a target itself (PEFT wraps an
+    nn.MultiheadAttention's `out_proj` with LoRA together with it); rank / alpha patterns follow the owner's name.
+    for_checkpoint: the plan is made to load a saved adapter (PEFT's `from_pretrained` / `load_adapter`);
+    a method whose saved layers differ in shape from fresh ones plans the saved shapes (AdaLoRA's ranks
+    pruned by its rank_pattern, which PEFT resizes its layers to on load but not in `get_peft_model`).
+    """
 
     name: str
     module: Any  # the nn.Module (typed Any: its attributes differ by layer kind)
     kind: LayerKind
     common: Any = None
+    owner: Target | None = None
+    for_checkpoint: bool = False
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -188,6 +228,35 @@ class FinishInitFn(Protocol):
         """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it."""
 
 
+class _NoInitData:
+    def __repr__(self) -> str:
+        return "NO_INIT_DATA"
+
+
+NO_INIT_DATA: Any = _NoInitData()  # what `init_from_weight` gets for a layer `init_data` has no entry for
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """What `Method.init_from_weight` returns for one layer.
+
+    params: the layer's fresh parameters; weight: its new base weight (same shape, layout, dtype and device as
+    the old one) for inits that change it (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), None when it is unchanged.
+    """
+
+    params: Params
+    weight: torch.Tensor | None = None
+
+
+class InitFromWeightFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None, /
+    ) -> WeightInit:
+        """Init that reads the base weight and per-layer data: `params` is `init`'s result (on the weight's
+        device), `weight` the current base weight (detached; never modify it), `data` the layer's entry of the
+        `init_data` given to get_peft_model (`NO_INIT_DATA` when there is none)."""
+
+
 class ForwardFn(Protocol):
     def __call__(
         self, spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext, /
@@ -207,6 +276,15 @@ class ForwardPerExampleFn(Protocol):
 class DeltaWeightFn(Protocol):
     def __call__(self, spec: LayerSpec[Any], params: Params, /) -> torch.Tensor:
         """The additive delta in the base weight's layout and shape (`weight_shape`)."""
+
+
+def _no_frozen_params(spec: LayerSpec[Any]) -> int:
+    return 0
+class ParameterValueFn(Protocol):
+    def __call__(self, adapters: Sequence[tuple[LayerSpec[Any], Params]], weight: torch.Tensor, /) -> torch.Tensor:
+        """The value a model reads for a targeted bare parameter `weight` with these adapters active, in order.
+
+        Computed once per call and put where the parameter was, so every op that reads it sees the adapted value."""
 
 
 class MergeWeightFn(Protocol):
@@ -237,6 +315,9 @@ class MergeHooks:
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
     refuse: Callable[[str], Exception] | None = None
+    # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
+    # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
+    needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False
 
 
 @dataclass(frozen=True)
@@ -260,18 +341,24 @@ class SharedParams:
 @dataclass(frozen=True)
 class LayerFrozen:
     """Frozen tensors of each adapted layer that belong to the adapter but are never trained (SHiRA's mask
-    indices, trainable tokens' original rows, the persistent buffers PEFT saves: VeLoRA's projection,
-    MonteCLoRA's sampler state).
+    indices, trainable tokens' original rows, MiCA's lora_B, KaSA's truncated weight, the persistent buffers PEFT
+    saves: VeLoRA's projection, MonteCLoRA's sampler state).
 
     They live in `base` under reserved keys (`funcpeft.trees.layer_frozen_key(adapter_name, path, name)`), not
-    in the adapter tree, and are not counted as parameters; each layer's forward / merge hooks find them in
-    `params`. With `saved`, PEFT writes them into its files as `base_model.model.{path}.{name}` and a
-    checkpoint's values replace the computed ones (funcpeft.from_pretrained).
-    make(spec, module, generator) -> {name: Tensor}: computed at get_peft_model time from the layer's spec and
-      its base module (e.g. a mask function of the weight), on its device, in the dtype the method needs; a
-      random one draws from `generator` (the adapter's, None: the global RNG; VeLoRA's random projection) after
-      every layer's params; a meta tensor marks a value only a checkpoint can provide. Names may be dotted
-      (a PEFT sub-module's buffer, `sampler.gaussian_var_prior`).
+    in the adapter tree; each layer's forward / delta_weight / merge hooks find them in `params`.
+    names: every name the method keeps (a checkpoint key ending in one is such a tensor, not a leaf); names may
+      be dotted (a PEFT sub-module's buffer, `sampler.gaussian_var_prior`).
+    select(spec) -> the names one layer holds, when not all of `names` (MiCA: lora_B or lora_embedding_B);
+    make(spec, module, generator) -> {name: Tensor}: the layer's tensors, computed at get_peft_model time from
+      its spec and its base module (e.g. a mask function or an SVD of the weight), on the weight's device, in the
+      dtype the method needs; a random one draws from `generator` (the adapter's, None: the global RNG; VeLoRA's
+      random projection) after every layer's params; meta tensors for a meta-device weight, and a meta tensor
+      marks a value only a checkpoint can provide.
+    saved: PEFT writes them into its files (`base_model.model.{path}.{KeyRules.tail(name)}`) and a checkpoint's
+      values replace the computed ones (funcpeft.from_pretrained). Unsaved ones exist only in funcpeft (KaSA:
+      PEFT rewrote its base weight instead).
+    counted: PEFT keeps them as frozen nn.Parameters (MiCA's lora_B), counted among all (not trainable)
+      parameters; otherwise buffers or plain attributes, not counted.
     autocast: `autocast_adapter_dtype` upcasts them like the adapter's parameters (PEFT's upcast covers a
       layer's own BufferDicts: VeLoRA's projection; not a sub-module's buffers: MonteCLoRA's).
     """
@@ -280,6 +367,32 @@ class LayerFrozen:
     make: Callable[[LayerSpec[Any], nn.Module, torch.Generator | None], dict[str, torch.Tensor]]
     saved: bool = True
     autocast: bool = False  # like the adapter's params, fp16/bf16 ones become float32 under autocast_adapter_dtype
+    counted: bool = False
+    select: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
+
+    def of(self, spec: LayerSpec[Any]) -> tuple[str, ...]:
+        """The names layer `spec` holds."""
+        return self.select(spec) if self.select is not None else self.names
+
+
+@dataclass(frozen=True)
+class Tying:
+    """How a method's adapter on the input embedding also applies to the layers whose weight is tied to it
+    (lm_head). Tied layers carry no leaves of their own (funcpeft._plan.PlanEntry.tied); PEFT saves their
+    params under their own path too.
+
+    params(the embedding layer's params) -> the tied layer's params (leaves may carry leading batch dims):
+      LoRA transposes (lm_head's lora_A = lora_embedding_B^T), trainable tokens uses the same rows.
+    on_request: True: only the layers the config asks to tie (LoraConfig(ensure_weight_tying=True): its
+      `target_modules_to_tie`); False: every layer the model ties to a targeted input embedding
+      (`tie_word_embeddings` and `_tied_weights_keys`: PEFT's trainable tokens rule).
+    counted: PEFT gives each tied layer its own nn.Parameters (sharing storage with the embedding's: LoRA), so
+      its params are counted again; False: the tied layer reuses the embedding layer's parameter objects.
+    """
+
+    params: Callable[[Params], Params]
+    on_request: bool = False
+    counted: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,10 +469,19 @@ class KeyRules:
 
     param_prefix: str = "lora_"
     unsuffixed: frozenset[str] = LORA_UNSUFFIXED
+    # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
+    renamed: tuple[tuple[str, str], ...] = ()
     copies_part: str | None = None
 
     def is_method_param(self, name: str) -> bool:
-        return name in self.unsuffixed or name.startswith(self.param_prefix)
+        return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
+
+    def tail(self, name: str) -> str:
+        """What follows the module path in the checkpoint key of method parameter `name`."""
+        renamed = dict(self.renamed)
+        if name in renamed:
+            return renamed[name]
+        return name if name in self.unsuffixed else f"{name}.weight"
 
 
 def _always(*_: Any) -> bool:
@@ -380,10 +502,10 @@ class Method:
     (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
     instead of innermost-first (funcpeft.weights.nesting_order).
     shared_trainable: trainable tensors all its layers share (`SharedParams`, VB-LoRA's vector bank).
-    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`, SHiRA's mask indices).
+    layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`: SHiRA's mask indices, MiCA's lora_B).
     codec: how PEFT stores its tensors when not one per leaf (`FileCodec`).
-    follows_ties: PEFT also applies the adapter of a targeted input embedding to the layers whose weight is
-      tied to it (`tie_word_embeddings`: trainable tokens on the lm_head), with the same parameters.
+    tie: how the adapter of an input embedding also applies to the layers whose weight is tied to it (`Tying`:
+      lm_head; LoRA with ensure_weight_tying, trainable tokens); None: the method does not tie.
     nests: whether, in a mixed model, it may wrap a layer another method already adapted (PEFT's SHiRA may
       not: "SHiRA does not support nested base layers").
     check_stack: called with the specs of every adapter of this method applied to one layer in one call or
@@ -394,6 +516,19 @@ class Method:
     reads_adapters(spec) -> names of other registered adapters whose layers this one reads (`OpContext.peers`)
       instead of them being applied (Arrow's router reads its experts): in a call that passes them, only the
       reader is applied (PEFT: only it is active).
+    kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
+    changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
+      for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
+    frozen_count: values PEFT registers per layer as frozen parameters that funcpeft keeps as constants of
+      the spec (AdaLoRA's `ranknum`): counted in "all params" like PEFT's.
+    init_from_weight: init from the base weight and per-layer data (get_peft_model's `init_data`), which may
+      also replace the layer's base weight (the new weight goes into `base`; the model is untouched); it runs
+      after `init` and before `finish_init`, which then sees the new weight.
+    parameter_value: how the method adapts a bare parameter (LayerKind.PARAMETER, e.g. LoraConfig's
+    `target_parameters`: MoE expert stacks that no Linear owns). Such a target has no op of its own, so `forward`
+    is not used for it: `fn` computes W' = parameter_value([(spec, params), ...], W) once per call and the model
+    reads W' wherever it reads the parameter; merging uses `delta_weight`. None: the method cannot target bare
+    parameters (planning raises UnsupportedLayerError).
     """
 
     name: str
@@ -405,6 +540,7 @@ class Method:
     delta_weight: DeltaWeightFn | None = None
     accepts: Callable[[Any], bool] = _always
     finish_init: FinishInitFn | None = None
+    init_from_weight: InitFromWeightFn | None = None
     uses_result: Callable[[LayerSpec[Any]], bool] = _always
     forward_per_example: ForwardPerExampleFn | None = None
     merge: MergeHooks = field(default_factory=MergeHooks)
@@ -415,12 +551,16 @@ class Method:
     shared_trainable: SharedParams | None = None
     layer_frozen: LayerFrozen | None = None
     codec: FileCodec | None = None
-    follows_ties: bool = False
+    tie: Tying | None = None
     nests: bool = True
     check_stack: Callable[[tuple[LayerSpec[Any], ...]], None] | None = None
     prepare_call: PrepareCallFn | None = None
     call_kwargs: frozenset[str] = frozenset()
     reads_adapters: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
+    kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
+    changes_base: bool = False
+    frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
+    parameter_value: ParameterValueFn | None = None
 
     @property
     def peft_type(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..configs import LoraConfig
-from . import lora
+from . import lora, lora_init
 from ._layers import layer_op
 from ._registry import register
 from .base import LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params
@@ -138,11 +138,12 @@ DORA = register(
     Method(
         name="dora",
         config=LoraConfig,
-        accepts=lambda config: config.lora_variants() == ("use_dora",),
+        accepts=lambda config: config.lora_variant == "use_dora",
         hyper=lora.hyper,
         param_names=param_names,
         init=init,
         finish_init=finish_init,
+        init_from_weight=lora_init.init_from_weight,  # PiSSA & co. change W first; the magnitude sees the new W
         forward=forward,
         delta_weight=delta_weight,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),

@@ -37,7 +37,7 @@ from torch import nn
 from ..configs import LoraConfig
 from . import lora
 from ._registry import register
-from ._variant import linear_lora_hyper
+from ._variant import base_fields, linear_lora_hyper
 from .base import (
     LORA_UNSUFFIXED,
     CallInputs,
@@ -74,8 +74,9 @@ def hyper(config: Any, target: Target) -> MontecloraHyper:
     base = linear_lora_hyper(config, target, "monteclora_config")
     m = config.monteclora_config
     return MontecloraHyper(
-        base.r, base.scaling, base.dropout, base.init, m.num_samples, m.use_entropy, float(m.dirichlet_prior),
-        float(m.sample_scaler), float(m.kl_loss_weight),
+        **base_fields(base), num_samples=m.num_samples, use_entropy=m.use_entropy,
+        dirichlet_prior=float(m.dirichlet_prior), sample_scaler=float(m.sample_scaler),
+        kl_loss_weight=float(m.kl_loss_weight),
     )
 
 
@@ -283,7 +284,7 @@ MONTECLORA = register(
     Method(
         name="monteclora",
         config=LoraConfig,
-        accepts=lambda config: config.lora_variants() == ("monteclora_config",),
+        accepts=lambda config: config.lora_variant == "monteclora_config",
         hyper=hyper,
         param_names=param_names,
         init=init,

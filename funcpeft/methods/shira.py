@@ -128,8 +128,8 @@ SHIRA = register(
         init=init,
         forward=forward,
         delta_weight=delta_weight,
-        layer_frozen=LayerFrozen(names=(INDICES,), make=make_indices, saved=True),
-        keys=KeyRules(param_prefix="shira_", unsuffixed=frozenset({WEIGHT})),
+        layer_frozen=LayerFrozen(names=(INDICES,), make=make_indices),
+        keys=KeyRules(param_prefix="shira_", unsuffixed=frozenset({WEIGHT, INDICES})),
         mixed_compatible=True,
         nests=False,
     )

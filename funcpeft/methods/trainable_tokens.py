@@ -8,7 +8,7 @@ On an nn.Embedding, tokens in `token_indices` look up their row of trainable_tok
 token keeps the layer's output: the forward builds tensors of the output's size and (n + 1, dim), never an
 embedding-sized one (PEFT's forward copies the whole embedding with the rows replaced on every call). With
 `tie_word_embeddings`, layers whose weight is tied to the targeted input embedding (the lm_head: an
-nn.Linear) use the same rows (`Method.follows_ties`): their output columns for those tokens become
+nn.Linear) use the same rows (`Method.tie`): their output columns for those tokens become
 `x @ delta.T`. Init: the current rows (a no-op adapter) or randn. Merging writes the rows into the weight
 (tied layers share it).
 
@@ -37,6 +37,7 @@ from .base import (
     OpContext,
     Params,
     Target,
+    Tying,
     UnsupportedLayerError,
 )
 
@@ -103,7 +104,10 @@ def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
 
 def make_original(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     weight: Any = module.weight
-    return {ORIGINAL: weight.detach()[_index(spec, weight.device)].clone()}
+    weight = weight.detach()
+    if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the rows may live on other ranks (a collective)
+        weight = weight.full_tensor()
+    return {ORIGINAL: weight[_index(spec, weight.device)].clone()}
 
 
 def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
@@ -161,7 +165,7 @@ TRAINABLE_TOKENS = register(
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         layer_frozen=LayerFrozen(names=(ORIGINAL,), make=make_original, saved=False),
         keys=KeyRules(param_prefix="trainable_tokens_", unsuffixed=frozenset({DELTA})),
-        follows_ties=True,
+        tie=Tying(params=dict),  # the tied layer uses the embedding's rows as they are
         check_stack=check_stack,
     )
 )

@@ -44,7 +44,7 @@ from ..configs import LoraConfig
 from ..trees import layer_frozen_key
 from . import lora
 from ._registry import register
-from ._variant import linear_lora_hyper
+from ._variant import base_fields, linear_lora_hyper
 from .base import LayerFrozen, LayerSpec, Method, OpContext, Params, Target
 
 EMBED = "lora_velora_embed"
@@ -63,7 +63,7 @@ Spec = LayerSpec[VeloraHyper]
 def hyper(config: Any, target: Target) -> VeloraHyper:
     base = linear_lora_hyper(config, target, "velora_config")
     v = config.velora_config
-    return VeloraHyper(base.r, base.scaling, base.dropout, base.init, v.num_groups, float(v.scale), v.init_type)
+    return VeloraHyper(**base_fields(base), num_groups=v.num_groups, scale=float(v.scale), init_type=v.init_type)
 
 
 def group_dim(in_features: int, num_groups: int) -> int:
@@ -228,7 +228,7 @@ VELORA = register(
     Method(
         name="velora",
         config=LoraConfig,
-        accepts=lambda config: config.lora_variants() == ("velora_config",),
+        accepts=lambda config: config.lora_variant == "velora_config",
         hyper=hyper,
         param_names=lora.param_names,
         init=lora.init,

@@ -12,12 +12,17 @@ from typing import Any
 from ._asserts import assert_adapter_is_noop, assert_only_adapter_gets_grads, assert_trees_close, random_like
 from ._models import (
     TINY_MODELS,
+    TINY_MOE_MODELS,
     VOCAB,
     tiny_bert_seq_cls,
     tiny_gpt2,
+    tiny_gpt_oss,
     tiny_llama,
     tiny_mistral,
+    tiny_mixtral,
     tiny_qwen2,
+    tiny_qwen2_moe,
+    tiny_qwen3_moe,
     tiny_t5,
 )
 from ._peft import assert_matches_peft, copy_into_peft, peft_grads, peft_param_name
@@ -36,6 +41,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "TINY_MODELS",
+    "TINY_MOE_MODELS",
     "VOCAB",
     "assert_adapter_is_noop",
     "assert_matches_peft",
@@ -47,8 +53,12 @@ __all__ = [
     "random_like",
     "tiny_bert_seq_cls",
     "tiny_gpt2",
+    "tiny_gpt_oss",
     "tiny_llama",
     "tiny_mistral",
+    "tiny_mixtral",
     "tiny_qwen2",
+    "tiny_qwen2_moe",
+    "tiny_qwen3_moe",
     "tiny_t5",
 ]

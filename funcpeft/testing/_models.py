@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,54 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     )
     return _seeded(lambda: T5ForConditionalGeneration(cfg), seed)
 
+
+_MOE: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+        "max_position_embeddings": 64}
+_MOE_HEAD8: dict[str, Any] = {**_MOE, "head_dim": 8}
+
+
+def tiny_mixtral(seed: int = 0) -> nn.Module:
+    """Mixtral (transformers v5): 4 experts as stacked (E, out, in) parameters `experts.gate_up_proj` / `down_proj`."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **_MOE)
+    return _seeded(lambda: MixtralForCausalLM(cfg), seed)
+
+
+def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
+    """Qwen2-MoE: 4 stacked experts plus a shared expert of nn.Linear layers."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        intermediate_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, **_MOE,
+    )
+    return _seeded(lambda: Qwen2MoeForCausalLM(cfg), seed)
+
+
+def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
+    """Qwen3-MoE: 4 stacked experts (PEFT rewrites v4 expert names in LoRA configs for it)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(intermediate_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **_MOE_HEAD8)
+    return _seeded(lambda: Qwen3MoeForCausalLM(cfg), seed)
+
+
+def tiny_gpt_oss(seed: int = 0) -> nn.Module:
+    """GPT-OSS: 4 experts stored transposed (E, in, out) (`is_transposed=True`), with per-expert biases."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(
+        intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention", "full_attention"],
+        **_MOE_HEAD8,
+    )
+    return _seeded(lambda: GptOssForCausalLM(cfg), seed)
+
+
+TINY_MOE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss,
+}
+"""Tiny mixture-of-experts models whose experts are bare parameters (`LoraConfig(target_parameters=...)`)."""
 
 TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
     "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2,

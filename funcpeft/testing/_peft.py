@@ -12,19 +12,27 @@ from torch import nn
 
 from .. import configs
 from .._plan import PlanEntry, check_adapter_structure
+from ..keys import peft_path
 from ..model import get_peft_model
 from ._asserts import random_like
 
 
-def peft_param_name(path: str, key: str, plan_entry: PlanEntry, adapter_name: str = "default") -> str:
+def peft_param_name(
+    path: str, key: str, plan_entry: PlanEntry, adapter_name: str = "default", wrapped: Any = ()
+) -> str:
     """The in-memory parameter name in a `peft` PeftModel for adapter leaf `adapter[path][key]`.
 
     lora_A/B -> `...{path}.lora_A.{name}.weight`; lora_embedding_A/B -> `...{path}.lora_embedding_A.{name}`
-    (likewise ia3_l, hada_*, lokr_*, vera_lambda_*: a method's `peft_unsuffixed`);
-    modules_to_save copies -> `...{path}.modules_to_save.{name}.{key}`; a trainable bias -> `...{path}.base_layer.bias`
-    on an adapted layer, else `...{path}.bias`.
+    (likewise ia3_l, hada_*, lokr_*, vera_lambda_*: a method's `peft_unsuffixed`); lora_B_bias ->
+    `...{path}.lora_B.{name}.bias` (a method's `renamed`); modules_to_save copies ->
+    `...{path}.modules_to_save.{name}.{key}`; a trainable bias -> `...{path}.base_layer.bias` on an adapted layer,
+    else `...{path}.bias`. wrapped: the adapted module paths (a module inside one lies under its `base_layer`).
     """
-    prefix = f"base_model.model.{path}"
+    prefix = f"base_model.model.{peft_path(path, wrapped)}"
+    renamed = dict(plan_entry.method.keys.renamed) if plan_entry.spec is not None else {}
+    if key in renamed:
+        module, _, leaf = renamed[key].rpartition(".")
+        return f"{prefix}.{module}.{adapter_name}.{leaf}"
     if key in plan_entry.params:
         # parameters PEFT saves without `.weight` are nn.Parameter / ParameterDict entries in memory too, except
         # DoRA's magnitude, which is a module's weight in memory (PEFT strips `.weight` only in its files)
@@ -39,10 +47,11 @@ def peft_param_name(path: str, key: str, plan_entry: PlanEntry, adapter_name: st
 def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> None:
     """Copy funcpeft adapter values into a `peft` model's parameters (test helper; mutates peft_model)."""
     named = dict(peft_model.named_parameters())
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
     with torch.no_grad():
         for path, entry in adapter.items():
             for key, value in entry.items():
-                name = peft_param_name(path, key, plan[path], adapter_name)
+                name = peft_param_name(path, key, plan[path], adapter_name, wrapped)
                 if name not in named:
                     raise KeyError(f"{name} not in the peft model (close: {[n for n in named if path in n][:6]})")
                 named[name].copy_(value)
@@ -51,8 +60,9 @@ def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanE
 def peft_grads(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> Any:
     """The `.grad` of each peft parameter, in the structure of `adapter`."""
     named = dict(peft_model.named_parameters())
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
     return {
-        path: {key: named[peft_param_name(path, key, plan[path], adapter_name)].grad for key in entry}
+        path: {key: named[peft_param_name(path, key, plan[path], adapter_name, wrapped)].grad for key in entry}
         for path, entry in adapter.items()
     }
 
@@ -79,7 +89,8 @@ def assert_matches_peft(
     adapter = random_like(fresh, torch.Generator().manual_seed(0)) if adapter is None else adapter
     plan = pm.plans[pm.adapter_name]
     check_adapter_structure(adapter, plan, pm.adapter_name)  # ValueError naming the path: a wrong tree, not a mismatch
-    ours = {peft_param_name(p, k, plan[p]) for p, e in plan.items() for k in e.keys}
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
+    ours = {peft_param_name(p, k, plan[p], "default", wrapped) for p, e in plan.items() for k in e.keys}
     theirs = {n for n, t in twin.named_parameters() if t.requires_grad}
     if ours != theirs:
         raise AssertionError(

@@ -450,11 +450,16 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 # funcpeft's own rows (tests/test_contract.py): tiny random transformers models, outputs compared on their logits
+def _moe(kind: str) -> Callable[[], nn.Module]:
+    return lambda: funcpeft.testing.TINY_MOE_MODELS[kind]().train(False)
+
+
 TRANSFORMERS_MODELS: dict[str, Callable[[], nn.Module]] = {
     "tiny-llama": lambda: funcpeft.testing.tiny_llama().train(False),
     "tiny-llama-tied": lambda: funcpeft.testing.tiny_llama(tie=True).train(False),  # lm_head tied to embed_tokens
     "tiny-gpt2": lambda: funcpeft.testing.tiny_gpt2().train(False),
     "tiny-bert-seq-cls": lambda: funcpeft.testing.tiny_bert_seq_cls().train(False),
+    **{f"tiny-{k.replace('_', '-')}": _moe(k) for k in funcpeft.testing.TINY_MOE_MODELS},
 }
 
 
