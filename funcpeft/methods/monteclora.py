@@ -278,7 +278,7 @@ def monteclora_loss(
     return out
 
 
-_KEYS = KeyRules(unsuffixed=LORA_UNSUFFIXED | {STD, EXPERT})
+_KEYS = KeyRules(unsuffixed=LORA_UNSUFFIXED | {STD, EXPERT, GAUSSIAN_VAR, EXPERT_WEIGHTS})  # buffers: no .weight
 
 MONTECLORA = register(
     Method(

@@ -45,7 +45,7 @@ from ..trees import layer_frozen_key
 from . import lora
 from ._registry import register
 from ._variant import base_fields, linear_lora_hyper
-from .base import LayerFrozen, LayerSpec, Method, OpContext, Params, Target
+from .base import KeyRules, LayerFrozen, LayerSpec, Method, OpContext, Params, Target
 
 EMBED = "lora_velora_embed"
 
@@ -235,5 +235,6 @@ VELORA = register(
         forward=forward,
         delta_weight=lora.delta_weight,
         layer_frozen=LayerFrozen(names=(EMBED,), make=make_embed, autocast=True),
+        keys=KeyRules(unsuffixed=lora.KEYS.unsuffixed | {EMBED}, renamed=lora.KEYS.renamed),  # a buffer: no .weight
     )
 )
