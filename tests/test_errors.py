@@ -54,7 +54,7 @@ def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"layer_replication": [[0, 1]]}, "layer_replication"), ({"target_parameters": ["w"]}, "target_parameters"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"), ({"trainable_token_indices": [1]}, "trainable_token_indices"),
         ({"use_qalora": True}, "use_qalora"),
     ],
 )
