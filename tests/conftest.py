@@ -35,6 +35,19 @@ settings.register_profile("dev", **_COMMON)
 settings.register_profile("explore", **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
+# The fast tier (`make test-fast`, -m "not slow") leaves out, besides tests marked slow where they are defined,
+# what costs seconds per test by nature: torch.compile (tests named *compile*), thread stress tests (*thread*),
+# and whole files of drawn or tabulated PEFT comparisons. `make test` (CI) runs everything.
+SLOW_FILES = frozenset({"test_peft_matrix_data.py", "test_strategies.py"})
+SLOW_NAME_PARTS = ("compile", "thread")
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    for item in items:
+        name = item.name.lower()
+        if item.path.name in SLOW_FILES or any(part in name for part in SLOW_NAME_PARTS):
+            item.add_marker("slow")
+
 
 # -- small custom models (PEFT supports custom nn.Modules too) -------------------------------------------------
 class ConvNet(nn.Module):
