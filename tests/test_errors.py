@@ -13,7 +13,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS, assert_unchanged, make_inputs, snapshot
+from helpers import MODELS, assert_unchanged, make_inputs, snapshot
 
 import funcpeft
 import funcpeft.io as fio
