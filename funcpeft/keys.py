@@ -66,7 +66,8 @@ def peft_path(path: str, adapted: Iterable[str] = ()) -> str:
     out: list[str] = []
     for i, part in enumerate(parts):
         out.append(part)
-        if i < len(parts) - 1 and ".".join(parts[: i + 1]) in wrapped:
+        # a path already in PEFT's form (a target_parameters wrapper path `experts.base_layer`) keeps its own
+        if i < len(parts) - 1 and parts[i + 1] != "base_layer" and ".".join(parts[: i + 1]) in wrapped:
             out.append("base_layer")
     return ".".join(out)
 
@@ -260,8 +261,12 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
 
 
 def _unwrapped(path: str) -> str:
-    """Inverse of `peft_path` for a module path (PEFT's `base_layer` wrappers removed)."""
-    return ".".join(p for p in path.split(".") if p != "base_layer")
+    """Inverse of `peft_path` for a module path: a `base_layer` before a child module's name is PEFT's wrapper
+    (an attention's `mha.base_layer.out_proj`) and goes; trailing ones are target_parameters wrapper paths
+    (`experts.base_layer`, funcpeft's tree path too) and stay."""
+    parts = path.split(".")
+    keep = [p for i, p in enumerate(parts) if p != "base_layer" or all(q == "base_layer" for q in parts[i + 1:])]
+    return ".".join(keep)
 
 
 def embedding_is_targeted(target_modules: Any, module_names: Iterable[str]) -> bool:

@@ -100,14 +100,14 @@ class FunctionalPeftModel:
         _check_parameter_layers(plan, self.plans)
         _check_nesting(plan, self.plans)
         names = Names(self.fn.aliases)
-        weights = {p: names.read(self.base, f"{p}.weight") for p, e in plan.items() if e.spec is not None}
+        weights = {p: names.read(self.base, e.weight_key(p)) for p, e in plan.items() if e.spec is not None}
         trainable = not getattr(resolved, "inference_mode", False)
         tree, changed = init_adapter_and_weights(
             self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights
         )
         # after the params: a random frozen tensor (VeLoRA's projection) is drawn after them, as in PEFT
         self.base.update(init_shared(self.model, plan, generator, self.autocast_adapter_dtype))
-        _write_weights(self.base, names, changed)
+        _write_weights(self.base, names, changed, plan)
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
         return tree
@@ -268,14 +268,14 @@ def get_peft_model(
     base = {n: p.detach() for n, p in model.named_parameters()}
     base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
-    _write_weights(base, Names(fn.aliases), changed)
+    _write_weights(base, Names(fn.aliases), changed, plan)
     return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
 
 
-def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor]) -> None:
+def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor], plan: Plan) -> None:
     """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
     for path, weight in changed.items():
-        names.write_shared(base, f"{path}.weight", weight)
+        names.write_shared(base, plan[path].weight_key(path), weight)
 
 
 def _layer_map(config: PeftConfig) -> list[list[int]] | None:
@@ -397,7 +397,7 @@ def from_pretrained(
     if redo:
         data = {p: None for p in redo} if init_data is None else init_data
         _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
-        _write_weights(base, Names(fn.aliases), changed)
+        _write_weights(base, Names(fn.aliases), changed, redo)
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
     return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
 

@@ -18,7 +18,7 @@ import optree
 import peft
 import pytest
 import torch
-from conftest import out_tensor
+from helpers import out_tensor
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 

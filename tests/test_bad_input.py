@@ -13,7 +13,7 @@ import optree
 import peft
 import pytest
 import torch
-from conftest import MODELS
+from helpers import MODELS
 from torch import nn
 
 import funcpeft

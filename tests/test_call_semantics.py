@@ -21,7 +21,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODELS, assert_unchanged, snapshot
+from helpers import MODELS, assert_unchanged, snapshot
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 

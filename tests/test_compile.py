@@ -10,7 +10,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import funcpeft

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MODELS, Pair, capture_stdout, funcpeft_lora_modules, out_tensor, peft_lora_modules
+from helpers import MODELS, Pair, capture_stdout, funcpeft_lora_modules, out_tensor, peft_lora_modules
 
 import funcpeft
 from funcpeft import testing as T

@@ -29,7 +29,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS
+from helpers import MODELS
 
 import funcpeft
 import funcpeft.io as fio

@@ -13,7 +13,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS, assert_unchanged, make_inputs, snapshot
+from helpers import MODELS, assert_unchanged, make_inputs, snapshot
 
 import funcpeft
 import funcpeft.io as fio
@@ -54,7 +54,8 @@ def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron"), ({"use_qalora": True}, "use_qalora"),
+        ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron"),
+        ({"trainable_token_indices": [1]}, "trainable_token_indices"), ({"use_qalora": True}, "use_qalora"),
     ],
 )
 def test_unimplemented_options_are_not_implemented_errors(kwargs: dict[str, Any], name: str) -> None:

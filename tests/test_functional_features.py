@@ -10,7 +10,7 @@ import optree
 import peft
 import pytest
 import torch
-from conftest import MODELS, WeightSum, assert_unchanged, make_inputs, snapshot
+from helpers import MODELS, WeightSum, assert_unchanged, make_inputs, snapshot
 from torch import nn
 
 import funcpeft

@@ -20,8 +20,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODELS, Pair, assert_unchanged, make_inputs, out_tensor, snapshot
-from helpers import examples
+from helpers import MODELS, Pair, assert_unchanged, examples, make_inputs, out_tensor, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open

@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, assert_unchanged, snapshot
-from helpers import examples
+from helpers import MODELS, assert_unchanged, examples, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

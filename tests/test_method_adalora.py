@@ -20,8 +20,7 @@ import optree
 import peft
 import pytest
 import torch
-from conftest import MODELS, capture_stdout, make_inputs
-from helpers import examples
+from helpers import MODELS, capture_stdout, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.tuners.adalora import RankAllocator as PeftRankAllocator

@@ -10,8 +10,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS, make_inputs
-from helpers import examples
+from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (

@@ -10,7 +10,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from method_helpers import assert_same_state, compiles_once, fresh_states, quiet
 
 import funcpeft

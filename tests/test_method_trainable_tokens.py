@@ -12,7 +12,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from method_helpers import assert_same_state, compiles_once, fresh_states
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -13,7 +13,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from method_helpers import assert_same_state, compiles_once, fresh_states, quiet
 
 import funcpeft

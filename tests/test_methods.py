@@ -16,8 +16,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODELS, Pair, capture_stdout, make_inputs, out_tensor
-from helpers import examples
+from helpers import MODELS, Pair, capture_stdout, examples, make_inputs, out_tensor
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -61,7 +60,7 @@ def configs(method: str, kwargs: dict[str, Any]) -> tuple[Any, Any]:
 class MethodPair(Pair):
     """funcpeft and PEFT with one method config on copies of one model, sharing a random non-zero adapter.
 
-    Only the construction differs from conftest.Pair (any method config; DoRA needs a perturbed fresh tree).
+    Only the construction differs from helpers.Pair (any method config; DoRA needs a perturbed fresh tree).
     """
 
     def __init__(self, case: str, seed: int = 1) -> None:

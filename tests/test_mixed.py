@@ -17,8 +17,7 @@ import optree
 import peft
 import pytest
 import torch
-from conftest import capture_stdout, make_inputs
-from helpers import examples
+from helpers import capture_stdout, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

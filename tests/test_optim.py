@@ -8,7 +8,7 @@ from typing import Any
 import optree
 import pytest
 import torch
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 

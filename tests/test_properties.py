@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, assert_unchanged, make_inputs, out_tensor, snapshot
-from helpers import examples
+from helpers import MODELS, assert_unchanged, examples, make_inputs, out_tensor, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, funcpeft_lora_modules, peft_lora_modules
-from helpers import examples
+from helpers import MODELS, examples, funcpeft_lora_modules, peft_lora_modules
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

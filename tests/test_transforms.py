@@ -11,7 +11,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODELS, make_inputs
+from helpers import MODELS, make_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
