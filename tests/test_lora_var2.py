@@ -471,3 +471,23 @@ def test_monteclora_training_calls_are_reproducible_and_sampled(seed: int) -> No
         torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert not torch.allclose(a, other, atol=1e-5)
         torch.testing.assert_close(fpm.fn(fpm.base, tree, **X), plain, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"velora_config": {"num_groups": 2}},
+        {"monteclora_config": {"num_samples": 2}},
+        {"alora_invocation_tokens": [1], "task_type": "CAUSAL_LM"},
+    ],
+    ids=["velora", "monteclora", "alora"],
+)
+@pytest.mark.parametrize(
+    ("option", "what"), [({"lora_bias": True}, "lora_bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights")]
+)
+def test_variant_options_they_cannot_carry_are_refused(variant: dict[str, Any], option: dict[str, Any], what: str) -> None:
+    """A LoRA variant layer has no lora_B bias and no weight-changing init: refused, never silently dropped."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    config = funcpeft.LoraConfig(r=2, target_modules=["0"], **variant, **option)
+    with pytest.raises(NotImplementedError, match=what):
+        funcpeft.get_peft_model(model, config)
