@@ -30,9 +30,17 @@ def _inside_functorch() -> bool:
 def value_and_grad(fn: Callable[..., Any], argnums: int = 0, has_aux: bool = False) -> Callable[..., Any]:
     """`value_and_grad(loss_fn)(*args) -> (loss, grads)` (or `((loss, aux), grads)` with has_aux).
 
-    loss_fn(*args) returns a scalar tensor (or `(scalar, aux)`); grads has the structure of
-    `args[argnums]` (e.g. the adapter tree), each leaf shaped like its parameter. Leaves the loss does
-    not depend on get zeros (like torch.func.grad).
+    Leaves the loss does not depend on get zeros (like torch.func.grad). At top level it uses
+    `torch.autograd.grad` (PEFT's memory); inside torch.func transforms and torch.compile, `torch.func`.
+
+    Args:
+        fn: `loss_fn(*args, **kwargs)` returning a scalar tensor (or `(scalar, aux)` with has_aux).
+        argnums: which positional argument to differentiate (a tree of tensors, e.g. the adapter).
+        has_aux: loss_fn returns `(loss, aux)`; aux is returned untouched.
+
+    Returns:
+        A function of loss_fn's arguments returning `(loss, grads)` (or `((loss, aux), grads)`); grads has the
+        structure of `args[argnums]`, each leaf shaped like its parameter.
     """
 
     @functools.wraps(fn)

@@ -563,14 +563,25 @@ def save_adapter(
 ) -> str:
     """Write `adapter_params` in PEFT's format to `directory` (`directory/<adapter_name>` unless "default").
 
-    Returns the directory written. `model` (and `base_params`) make the files complete like PEFT's:
-    `auto_mapping` (task_type None), embedding layers when an embedding is targeted. VeRA with
-    save_projection=True needs `base_params` (the `base` holding its shared projections). With `plan` (what
-    `FunctionalPeftModel.save_pretrained` passes) the tree is first checked against the model: missing,
-    unexpected or mis-shaped leaves raise one `AdapterMismatchError` before anything is written.
     The two files replace any earlier adapter as one unit (see the module docstring); a successful save
     then removes temporary files left in the directory by interrupted saves.
-    fsync: flush both files to disk before they replace the old ones (durable across a power loss).
+
+    Args:
+        directory: where to write (created if needed).
+        adapter_params: the adapter tree `{module path: {leaf name: Tensor}}`.
+        peft_config: the adapter's config (written as adapter_config.json).
+        adapter_name: "default" writes into `directory`, any other name into `directory/<adapter_name>`.
+        model, base_params: make the files complete like PEFT's (`auto_mapping` for task_type None, embedding
+            layers when an embedding is targeted); VeRA with save_projection=True needs `base_params` (the
+            `base` holding its shared projections).
+        plan: (what `FunctionalPeftModel.save_pretrained` passes) check the tree against the model first:
+            missing, unexpected or mis-shaped leaves raise one `AdapterMismatchError` before anything is written.
+        save_embedding_layers: PEFT's ("auto", True or False).
+        safe_serialization: must be True (safetensors; pickled files are not written).
+        fsync: flush both files to disk before they replace the old ones (durable across a power loss).
+
+    Returns:
+        The directory written.
     """
     if not safe_serialization:
         raise ValueError("funcpeft writes safetensors only (safe_serialization=False would write a pickle)")

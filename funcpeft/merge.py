@@ -204,11 +204,18 @@ def _merge_entries(
 def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge: bool = False) -> Tree:
     """A new base tree with `adapter` merged in: `fn(merge(pm, base, a), None, ...) == fn(base, a, ...)`.
 
-    pm: a FunctionalPeftModel or its PeftFunction. base: `{param_name: Tensor}`. adapter: a tree,
-    `{adapter_name: tree}` or None. Adapted weights (and biases, for a method with `merge_bias`) become
-    new tensors; overridden parameters (modules_to_save copies, trainable biases) become the adapter's
-    tensors; every other leaf is the same tensor as in `base`. Differentiable; `safe_merge` raises on
-    non-finite results.
+    Differentiable; nothing is modified in place.
+
+    Args:
+        pm: a FunctionalPeftModel or its PeftFunction.
+        base: `{param_name: Tensor}` (pm's `base` or a merged / modified copy with the same keys).
+        adapter: a tree, `{adapter_name: tree}` or None.
+        safe_merge: raise ValueError naming the layer if a merged weight is not finite.
+
+    Returns:
+        A new base tree: adapted weights (and biases, for a method with a bias merge) are new tensors of their
+        base shapes and dtypes; overridden parameters (modules_to_save copies, trainable biases) are the
+        adapter's tensors; every other entry is the same tensor as in `base`.
     """
     fn = peft_function(pm)
     return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter, base), safe_merge)
@@ -220,6 +227,15 @@ def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: 
     Overridden parameters (modules_to_save, trainable biases) cannot be recovered from `merged`: pass
     the original `base` to restore them; without it, an adapter that has overrides raises ValueError.
     With `base`, each layer's unmerge also gets its exact pre-merge weight (DoRA's unmerge needs it).
+
+    Args:
+        pm: a FunctionalPeftModel or its PeftFunction.
+        merged: a base tree `merge(pm, base, adapter)` returned.
+        adapter: the same adapter value that was merged.
+        base: the original base tree (optional; see above).
+
+    Returns:
+        A new base tree equal to the original within float tolerance for the adapted weights.
     """
     fn = peft_function(pm)
     names = Names(fn.aliases)
@@ -329,11 +345,19 @@ def merge_and_unload(
 ) -> nn.Module:
     """PEFT's `merge_and_unload`, without touching the original: a NEW plain model with `adapter` merged.
 
-    base: the base tree to merge into (default: pm's `base`, i.e. the model's own weights). Weights that
-    the adapter does not change share storage with `base` unless `share_storage=False` (see
-    `build_model`); the original model and `base` are never modified. The result's forward equals
-    `fn(base, adapter, ...)` (and PEFT's merged model), except where a merged weight is tied (see the
-    module docstring).
+    The original model and `base` are never modified. The result's forward equals `fn(base, adapter, ...)`
+    (and PEFT's merged model), except where a merged weight is tied (see the module docstring).
+
+    Args:
+        pm: what get_peft_model returned (or its `fn`).
+        adapter: the trained tree (or `{adapter_name: tree}`) to merge.
+        base: the base tree to merge into (default: pm's `base`, i.e. the model's own weights).
+        safe_merge: raise if a merged weight is not finite.
+        share_storage: weights the adapter does not change share storage with `base` (False: copies; see
+            `build_model`).
+
+    Returns:
+        A new plain `nn.Module` of the model's class, no adapter layers, merged weights in place.
     """
     fn = peft_function(pm)
     if base is None:

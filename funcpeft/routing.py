@@ -102,8 +102,13 @@ def _checking() -> bool:
 def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None) -> PerExample:
     """Route example i of the batch to adapter `index[i]` of `stacked` (-1: no adapter); pass the result to fn.
 
-    stacked: tree with leaves (K, ...) (`funcpeft.stack_adapters(trees)`), or a list of K trees.
-    index: ints or a LongTensor (B,) with values in [-1, K); None: example i uses adapter i (B == K).
+    Args:
+        stacked: tree with leaves (K, ...) (`funcpeft.stack_adapters(trees)`), or a list of K trees.
+        index: ints or a LongTensor (B,) with values in [-1, K); None: example i uses adapter i (B == K).
+        adapter_name: the registered adapter whose plan the trees follow (None: fn's default adapter).
+
+    Returns:
+        A `PerExample` to pass to fn (or `generate`) as the adapter; fn checks its length against the batch.
     """
     if isinstance(stacked, Sequence):
         stacked = stack_adapters(list(stacked))
@@ -128,8 +133,14 @@ def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None
 def mixed_batch(adapters: Mapping[str, Any], adapter_names: Sequence[str]) -> MixedBatch:
     """PEFT's `model(..., adapter_names=[...])`: example i uses registered adapter `adapter_names[i]`.
 
-    adapters: {registered adapter name: tree}; "__base__" in adapter_names means no adapter. Adapters with
-    identical configs are stacked and run as one batched op; others each add their own routed term.
+    Adapters with identical configs are stacked and run as one batched op; others each add their own routed term.
+
+    Args:
+        adapters: {registered adapter name: tree}.
+        adapter_names: one name per example (length B); "__base__" means no adapter.
+
+    Returns:
+        A `MixedBatch` to pass to fn (or `generate`) as the adapter.
     """
     if not isinstance(adapters, Mapping):
         raise TypeError(f"mixed_batch: adapters must be a dict of adapter name -> tree, got {type(adapters).__name__}")
@@ -271,10 +282,20 @@ def per_sample_grads(
 ) -> tuple[torch.Tensor, Any]:
     """Per-example losses (B,) and per-example gradients (leaves (B, *leaf.shape)) in one backward pass.
 
-    loss_fn(routed_adapter, *args, **kwargs) -> losses (B,): pass `routed_adapter` to fn as the adapter;
-    losses[i] must depend on example i only. Each example gets its own copy of the adapter (no vmap over
-    the model), so padded batches with an attention_mask work. One backward pass of `sum(losses)` gives every
-    copy its example's gradient (`funcpeft.value_and_grad`: autograd at top level, torch.func inside transforms).
+    Each example gets its own copy of the adapter (no vmap over the model), so padded batches with an
+    attention_mask work. One backward pass of `sum(losses)` gives every copy its example's gradient
+    (`funcpeft.value_and_grad`: autograd at top level, torch.func inside transforms).
+
+    Args:
+        loss_fn: `loss_fn(routed_adapter, *args, **kwargs) -> losses (B,)`; pass `routed_adapter` to fn as the
+            adapter; losses[i] must depend on example i only.
+        adapter: the adapter tree (leaves of any shape).
+        *args, **kwargs: passed to loss_fn.
+        batch_size: B.
+        adapter_name: the registered adapter the tree belongs to (None: the default).
+
+    Returns:
+        (losses (B,), grads): grads has the adapter's structure with leaves (B, *leaf.shape).
     """
 
     def total(copies: Any) -> tuple[torch.Tensor, torch.Tensor]:

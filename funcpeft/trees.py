@@ -48,7 +48,14 @@ def layer_frozen_key(adapter_name: str, path: str, name: str) -> str:
 
 
 def stack_adapters(trees: Sequence[Any]) -> Any:
-    """K trees of the same structure -> one tree whose leaves have a leading dimension K."""
+    """K trees of the same structure -> one tree whose leaves have a leading dimension K.
+
+    Args:
+        trees: K adapter trees with the same structure, leaf shapes and dtypes.
+
+    Returns:
+        One tree whose leaf at each position is `torch.stack` of the K leaves: shape (K, *leaf.shape).
+    """
     if not trees:
         raise ValueError("stack_adapters needs at least one adapter tree")
     first = optree.tree_structure(trees[0])
@@ -59,7 +66,14 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
 
 
 def unstack_adapters(stacked: Any) -> list[Any]:
-    """Inverse of `stack_adapters`: a list of K trees (views into the stacked leaves)."""
+    """Inverse of `stack_adapters`: a list of K trees (views into the stacked leaves).
+
+    Args:
+        stacked: a tree whose leaves all have the same leading dimension K.
+
+    Returns:
+        K trees; tree k's leaf is `leaf[k]` (shape `leaf.shape[1:]`, a view: no copy).
+    """
     leaves, spec = optree.tree_flatten(stacked)
     if not leaves:
         return []

@@ -301,12 +301,24 @@ def add_weighted_adapter(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], LoraConfig]:
     """Combine registered LoRA adapters into one: `(adapter_tree, config)` (see the module docstring).
 
-    pm: what `get_peft_model` returned. adapter_name: if given, the new adapter is registered in `pm`
-    under that name (PEFT's side effect), so `pm.fn(base, {adapter_name: tree}, ...)` runs it; otherwise
-    register it yourself with `pm.add_adapter(name, config)`. Nothing passed in is modified otherwise.
-    density / majority_sign_method: PEFT's, for the pruning types (ties, dare_*, magnitude_prune, and their
-    *_svd forms). generator: where DARE's random masks come from (a torch.Generator or an int seed; None: the
-    global RNG, as PEFT); a generator is advanced, never reseeded.
+    Nothing passed in is modified (except registering the result in `pm` when `adapter_name` is given).
+
+    Args:
+        pm: what `get_peft_model` returned.
+        adapters: `{registered adapter name: tree}` (or (name, tree) pairs) of plain LoRA adapters.
+        weights: one float per adapter.
+        adapter_name: if given, the new adapter is registered in `pm` under that name (PEFT's side effect), so
+            `pm.fn(base, {adapter_name: tree}, ...)` runs it; otherwise register it with `pm.add_adapter`.
+        combination_type: PEFT's: "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
+            "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd".
+        svd_rank, svd_clamp, svd_full_matrices, svd_driver: PEFT's, for the *svd types.
+        density, majority_sign_method: PEFT's, for the pruning types.
+        generator: where DARE's random masks come from (a torch.Generator or an int seed; None: the global RNG,
+            as PEFT); a generator is advanced, never reseeded.
+
+    Returns:
+        (tree, config): the new adapter's tree (lora_A (r', in), lora_B (out, r') per layer, r' as PEFT picks
+        it for the combination type) and its LoraConfig.
     """
     fn = peft_function(pm)
     if not hasattr(pm, "peft_config"):

@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #   dev      random draws, the tests' own example counts (the default locally)
 #   explore  random draws, 10x the examples (HYPOTHESIS_PROFILE=explore)
 # Tests size their runs with helpers.examples(n), which scales n for the explore profile.
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, **_COMMON)
 settings.register_profile("dev", **_COMMON)
 settings.register_profile("explore", **_COMMON)

@@ -58,3 +58,40 @@ def compiles_once(fn: Callable[[Any], torch.Tensor], trees: list[Any]) -> None:
         for tree in trees:
             torch.testing.assert_close(compiled(tree), fn(tree), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapter values"
+
+
+# -- the small models of the orthogonal methods' tests (OFT, BOFT, HRA) ------------------------------------------
+class OrthMLP(nn.Module):
+    """x (B, 8) -> (B, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 16)
+        self.lin1 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+class OrthConv(nn.Module):
+    """x (B, 2, 5, 5) -> (B, 4): a 3x3 conv (in_channels * 9 = 18 rotated features; `out_channels` x 25 positions,
+    so PEFT's patch overlap matters), then a linear layer on the first 12 features."""
+
+    def __init__(self, out_channels: int = 4, **conv: Any) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, out_channels, 3, **{"padding": 1, **conv})
+        self.lin = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.conv(x)).flatten(1)[:, :12])
+
+
+def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """`build()` in eval mode, its init drawn after `manual_seed(seed)` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+MLP_X = {"x": torch.randn(3, 8, generator=torch.Generator().manual_seed(0))}
+CONV_X = {"x": torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))}

@@ -74,7 +74,7 @@ class CkptPair:
     def __init__(self, kind: str, reentrant: bool | None, when: str, dropout: float = 0.2):
         model = MODELS[kind]()
         kw = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
-        cfg = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+        cfg: dict[str, Any] = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
         twin = copy.deepcopy(model)
         self.calls = _recompute_counter(model)  # registered before get_peft_model
         if when == "before":

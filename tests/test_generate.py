@@ -80,7 +80,7 @@ def test_tokens_equal_peft_on_llama(method: str, mode: dict[str, Any]) -> None:
     model = T.tiny_llama()
     pm, tree, twin = _pair(model, *METHODS[method])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kw = {**_prompts(model.config.vocab_size), "max_new_tokens": 8, "pad_token_id": 0}
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 8, "pad_token_id": 0}
     want = _peft_generate(twin, mode, **kw)
     global_state = torch.get_rng_state()
     got = pm.generate(pm.base, tree, **kw, **mode, **({"rng": 5} if mode.get("do_sample") else {}))
@@ -98,7 +98,7 @@ def test_tokens_equal_peft_on_gpt2_and_t5(
 ) -> None:
     model = build()
     pm, tree, twin = _pair(model, "LoraConfig", {"r": 4, "target_modules": targets, "init_lora_weights": False})
-    kw = {**_prompts(model.config.vocab_size), "max_new_tokens": 6, "pad_token_id": 0}
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 6, "pad_token_id": 0}
     if model.config.is_encoder_decoder:
         kw["decoder_start_token_id"] = 0
     assert torch.equal(pm.generate(pm.base, tree, **kw, **mode), _peft_generate(twin, mode, **kw))
@@ -107,7 +107,7 @@ def test_tokens_equal_peft_on_gpt2_and_t5(
 @pytest.mark.parametrize("mode", [GREEDY, BEAMS], ids=["greedy", "beams"])
 def test_mixed_batch_equals_peft_adapter_names(mode: dict[str, Any]) -> None:
     model = T.tiny_llama()
-    cfg = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    cfg: dict[str, Any] = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
     pm, tree_a, twin = _pair(model, "LoraConfig", cfg, seed=0)
     pm.add_adapter("b", funcpeft.LoraConfig(**cfg))
     tree_b = T.random_like(tree_a, torch.Generator().manual_seed(9))

@@ -220,7 +220,7 @@ def test_round_trip_is_bitwise_exact(case: int, dtype: torch.dtype, autocast: bo
 
 def test_dtypes_and_requires_grad_follow_peft(tmp_path: Path) -> None:
     model = MODELS["bert"]().to(torch.bfloat16)
-    config = dict(task_type="SEQ_CLS", r=2, target_modules=["query"], bias="lora_only")
+    config: dict[str, Any] = dict(task_type="SEQ_CLS", r=2, target_modules=["query"], bias="lora_only")
     _quiet(peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).save_pretrained, tmp_path)
     plan = funcpeft.get_peft_model(model, funcpeft.LoraConfig(**config)).plans["default"]
     for autocast in (True, False):
@@ -262,7 +262,7 @@ def test_resized_vocabulary_saves_embeddings_like_peft(tmp_path: Path) -> None:
     MODELS["llama"]().save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model.resize_token_embeddings(T.VOCAB + 8)
-    config = dict(r=4, target_modules=["q_proj"])
+    config: dict[str, Any] = dict(r=4, target_modules=["q_proj"])
     fpm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(**config))
     adapter = T.random_like(fpm.adapter, torch.Generator().manual_seed(5))
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))

@@ -130,7 +130,7 @@ def test_dora_with_pissa_takes_its_magnitude_from_the_residual_weight() -> None:
 
 def test_second_pissa_adapter_decomposes_the_first_ones_residual() -> None:
     """PEFT's second adapter sees the base weights the first one changed; pm.add_adapter reads them from pm.base."""
-    kwargs = dict(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    kwargs: dict[str, Any] = dict(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
     pm, twin, model, snap = _pair("llama", kwargs)
     with _quiet():
         tree = pm.add_adapter("second", funcpeft.LoraConfig(**kwargs))
@@ -258,7 +258,7 @@ def _run(forward: Any) -> None:
 def test_corda_equals_peft(kind: str, method: str) -> None:
     from peft.tuners.lora.corda import preprocess_corda
 
-    kwargs = dict(r=4, target_modules=TARGETS[kind], init_lora_weights="corda", corda_config={"corda_method": method})
+    kwargs: dict[str, Any] = dict(r=4, target_modules=TARGETS[kind], init_lora_weights="corda", corda_config={"corda_method": method})
     model = MODELS[kind]()
     snap = snapshot(model)
     with _quiet():
@@ -281,7 +281,7 @@ def test_corda_cache_and_covariance_files_are_peft_s(tmp_path: Any) -> None:
     from peft.tuners.lora.corda import preprocess_corda
 
     cache, cov = str(tmp_path / "c" / "cache.pt"), str(tmp_path / "c" / "cov.pt")
-    kwargs = dict(r=2, target_modules=["q_proj"], init_lora_weights="corda",
+    kwargs: dict[str, Any] = dict(r=2, target_modules=["q_proj"], init_lora_weights="corda",
                   corda_config={"cache_file": cache, "covariance_file": cov})
     model = MODELS["llama"]()
     twin_model = copy.deepcopy(model)
@@ -312,7 +312,7 @@ def test_lora_ga_equals_peft(kind: str, direction: str, scale: str) -> None:
     import peft
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    kwargs = dict(r=2, target_modules=TARGETS[kind], init_lora_weights="lora_ga",
+    kwargs: dict[str, Any] = dict(r=2, target_modules=TARGETS[kind], init_lora_weights="lora_ga",
                   lora_ga_config={"direction": direction, "scale": scale})
     model = MODELS[kind]()
     snap = snapshot(model)
@@ -335,7 +335,7 @@ def test_lora_ga_equals_peft(kind: str, direction: str, scale: str) -> None:
 
 def test_lora_ga_layer_without_gradient_falls_back_like_peft() -> None:
     """A targeted layer no backward pass reached gets PEFT's init_lora_weights=True (and keeps its weight)."""
-    kwargs = dict(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights="lora_ga", lora_ga_config={})
+    kwargs: dict[str, Any] = dict(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights="lora_ga", lora_ga_config={})
     model = MODELS["llama"]()
     with _quiet():
         grads = funcpeft.preprocess_loraga(model, funcpeft.LoraConfig(**kwargs), lambda f: f(input_ids=BATCHES[0]).logits[..., :3].sum().backward())
@@ -450,7 +450,7 @@ def test_orthogonal_init_is_a_no_op(i: int, o: int, half: int, seed: int) -> Non
 def test_corda_and_lora_ga_residual_laws() -> None:
     """CorDA / LoRA-GA: base' + s * B @ A == W for every adapted layer."""
     model = MODELS["gpt2"]()
-    kw = dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"])
+    kw: dict[str, Any] = dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"])
     with _quiet():
         c = funcpeft.LoraConfig(**kw, init_lora_weights="corda")
         pm_c = funcpeft.get_peft_model(model, c, init_data=funcpeft.preprocess_corda(model, c, _run))

@@ -197,7 +197,7 @@ def test_sub_configs_take_peft_objects_dicts_and_warn_about_unknown_keys() -> No
 
 def test_lora_bias_without_a_base_bias_cannot_merge_like_peft() -> None:
     model = nn.Sequential(nn.Linear(4, 3, bias=False))
-    kwargs = dict(target_modules=["0"], lora_bias=True)
+    kwargs: dict[str, Any] = dict(target_modules=["0"], lora_bias=True)
     with pytest.warns(UserWarning, match="has no bias. This means that merging LoRA weights won't be possible"):
         fpm = funcpeft.get_peft_model(copy.deepcopy(model), funcpeft.LoraConfig(**kwargs))
     pm = _peft_model(model, kwargs)

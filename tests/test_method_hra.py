@@ -4,6 +4,7 @@ gradients / merges with and without Gram-Schmidt, several adapters, per-example 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -22,45 +24,9 @@ from funcpeft import testing as T
 from funcpeft.methods import hra
 from funcpeft.methods.base import UnsupportedLayerError
 
-
-class MLP(nn.Module):
-    """x (B, 8) -> (B, 4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(8, 16)
-        self.lin1 = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.tanh(self.lin0(x)))
-
-
-class Conv(nn.Module):
-    """x (B, 2, 5, 5) -> (B, 4): a 3x3 conv, then a linear layer."""
-
-    def __init__(self, **conv: Any) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, **{"padding": 1, **conv})
-        self.lin = nn.Linear(12, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.tanh(self.conv(x)).flatten(1)[:, :12])
-
-
-def _seeded(build: Any, seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build().eval()
-
-
-def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-MLP_X = {"x": torch.randn(3, 8, generator=torch.Generator().manual_seed(0))}
-CONV_X = {"x": torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))}
+MLP = OrthMLP
+Conv = functools.partial(OrthConv, 4)
+_seeded, _quiet = seeded, quiet
 
 
 # -- config and layers ------------------------------------------------------------------------------------------

@@ -441,7 +441,7 @@ def test_merged_weights_give_the_adapted_function(method: str, seed: int) -> Non
 def test_two_ia3_adapters_multiply_like_peft_s_active_list() -> None:
     """Feed-forward IA3 re-runs the layer below on the scaled input, so stacked IA3 adapters multiply."""
     model = T.tiny_llama()
-    cfg = dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    cfg: dict[str, Any] = dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])
     fpm = funcpeft.get_peft_model(model, funcpeft.IA3Config(**cfg))
     second = fpm.add_adapter("other", funcpeft.IA3Config(**cfg))
     trees = {"default": T.random_like(fpm.adapter, scale=1.0), "other": T.random_like(second, scale=1.0)}

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import optree
 import peft
@@ -123,7 +124,7 @@ def check_weighted(pm, ref, trees, weights, new: str, x: torch.Tensor, seed: int
     leaves = [t for t in optree.tree_leaves(trees) if isinstance(t, torch.Tensor)]
     snap = [t.clone() for t in leaves]
     rng = torch.random.get_rng_state()
-    gen = {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+    gen: dict[str, Any] = {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
     tree, cfg = funcpeft.add_weighted_adapter(pm, trees, weights, adapter_name=new, **kw, **gen)
     assert all(torch.equal(a, b) for a, b in zip(leaves, snap))
     assert torch.equal(torch.random.get_rng_state(), rng) or seed is None  # a generator leaves the global RNG alone

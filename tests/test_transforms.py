@@ -138,8 +138,8 @@ MIXED = {
 def test_mixed_batch_matches_peft_adapter_names(kind: str) -> None:
     import peft
 
-    cfg = MIXED[kind]
-    configs = {"default": cfg, "same": cfg, "other": {**cfg, "lora_alpha": 3, "r": 2}}  # "same" stacks with default
+    cfg: dict[str, Any] = MIXED[kind]
+    configs: dict[str, Any] = {"default": cfg, "same": cfg, "other": {**cfg, "lora_alpha": 3, "r": 2}}  # "same" stacks with default
     model = MODELS[kind]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
