@@ -21,7 +21,7 @@ run: env
 
 lint: env
 	$(BIN)/ruff check funcpeft tests examples benchmarks notebooks
-	$(BIN)/ruff format --check notebooks
+	$(BIN)/ruff format --check funcpeft tests examples benchmarks notebooks
 	$(BIN)/mypy funcpeft
 
 test: lint

@@ -83,7 +83,9 @@ def paired_ratio(ours: Sequence[float], ref: Sequence[float]) -> float:
     return statistics.median(o / r for o, r in zip(ours, ref, strict=True))
 
 
-def paired_ratio_ci(ours: Sequence[float], ref: Sequence[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+def paired_ratio_ci(
+    ours: Sequence[float], ref: Sequence[float], level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
     """Bootstrap confidence interval of `paired_ratio` (rounds resampled with replacement, fixed seed)."""
     ratios = [o / r for o, r in zip(ours, ref, strict=True)]
     rng = random.Random(0)

@@ -102,7 +102,11 @@ def check(on: Side, off: Side, kw: dict[str, torch.Tensor]) -> float:
         side.zero_grads()
     for g in grads[1:]:
         assert_trees_close(g, grads[0], atol=1e-5)
-    return max((a - b).abs().max().item() for g in grads[1:] for a, b in zip(optree.tree_leaves(g), optree.tree_leaves(grads[0])))
+    return max(
+        (a - b).abs().max().item()
+        for g in grads[1:]
+        for a, b in zip(optree.tree_leaves(g), optree.tree_leaves(grads[0]))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,19 +139,54 @@ def main(argv: list[str] | None = None) -> int:
     table = Table()
     if not args.no_memory:
         mem = peak_memories(variants(on, off, kw), zero)
-        table.memory("peak memory: funcpeft ckpt (value_and_grad) vs PEFT ckpt", mem["funcpeft ckpt value_and_grad"],
-                     mem["PEFT ckpt"], 1.00, "PEFT ckpt")
-        table.memory("peak memory: funcpeft ckpt (.backward()) vs PEFT ckpt", mem["funcpeft ckpt .backward()"],
-                     mem["PEFT ckpt"], 1.00, "PEFT ckpt")
-        table.memory("peak memory: funcpeft ckpt vs funcpeft without", mem["funcpeft ckpt value_and_grad"],
-                     mem["funcpeft value_and_grad"], None, "funcpeft")
+        table.memory(
+            "peak memory: funcpeft ckpt (value_and_grad) vs PEFT ckpt",
+            mem["funcpeft ckpt value_and_grad"],
+            mem["PEFT ckpt"],
+            1.00,
+            "PEFT ckpt",
+        )
+        table.memory(
+            "peak memory: funcpeft ckpt (.backward()) vs PEFT ckpt",
+            mem["funcpeft ckpt .backward()"],
+            mem["PEFT ckpt"],
+            1.00,
+            "PEFT ckpt",
+        )
+        table.memory(
+            "peak memory: funcpeft ckpt vs funcpeft without",
+            mem["funcpeft ckpt value_and_grad"],
+            mem["funcpeft value_and_grad"],
+            None,
+            "funcpeft",
+        )
         table.memory("peak memory: PEFT ckpt vs PEFT without", mem["PEFT ckpt"], mem["PEFT"], None, "PEFT")
-        table.memory("peak memory: funcpeft vs PEFT, no ckpt", mem["funcpeft value_and_grad"], mem["PEFT"], 1.00, "PEFT")
+        table.memory(
+            "peak memory: funcpeft vs PEFT, no ckpt", mem["funcpeft value_and_grad"], mem["PEFT"], 1.00, "PEFT"
+        )
     timing = {"rounds": args.rounds, "warmup": args.warmup, "clock": args.clock, "warm_each": not args.no_warm_each}
     t = interleaved(variants(on, off, kw), before=zero, **timing)
-    table.time("step: funcpeft ckpt (value_and_grad) vs PEFT ckpt", t["funcpeft ckpt value_and_grad"], t["PEFT ckpt"], 1.00, "PEFT ckpt")
-    table.time("step: funcpeft ckpt (.backward()) vs PEFT ckpt", t["funcpeft ckpt .backward()"], t["PEFT ckpt"], None, "PEFT ckpt")
-    table.time("step: funcpeft ckpt vs funcpeft without", t["funcpeft ckpt value_and_grad"], t["funcpeft value_and_grad"], None, "funcpeft")
+    table.time(
+        "step: funcpeft ckpt (value_and_grad) vs PEFT ckpt",
+        t["funcpeft ckpt value_and_grad"],
+        t["PEFT ckpt"],
+        1.00,
+        "PEFT ckpt",
+    )
+    table.time(
+        "step: funcpeft ckpt (.backward()) vs PEFT ckpt",
+        t["funcpeft ckpt .backward()"],
+        t["PEFT ckpt"],
+        None,
+        "PEFT ckpt",
+    )
+    table.time(
+        "step: funcpeft ckpt vs funcpeft without",
+        t["funcpeft ckpt value_and_grad"],
+        t["funcpeft value_and_grad"],
+        None,
+        "funcpeft",
+    )
     table.time("step: PEFT ckpt vs PEFT without", t["PEFT ckpt"], t["PEFT"], None, "PEFT")
     table.time("step: funcpeft vs PEFT, no ckpt", t["funcpeft value_and_grad"], t["PEFT"], 1.00, "PEFT")
     table.time("step: noise floor (PEFT ckpt A/A)", t["PEFT ckpt" + AA], t["PEFT ckpt"], None, "PEFT ckpt")

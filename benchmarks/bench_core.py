@@ -56,8 +56,12 @@ def build_llama(hidden: int, intermediate: int, seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        vocab_size=VOCAB, max_position_embeddings=2 * SEQ,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=2 * SEQ,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -104,7 +108,11 @@ class Fixture:
     def check_equal(self) -> tuple[float, float]:
         """(max |logit diff|, max |grad diff|) funcpeft vs PEFT; raises if they disagree."""
         with torch.no_grad():
-            diff = (self.fn(self.base, self.adapter, **self.infer_kw).logits - self.peft(**self.infer_kw).logits).abs().max()
+            diff = (
+                (self.fn(self.base, self.adapter, **self.infer_kw).logits - self.peft(**self.infer_kw).logits)
+                .abs()
+                .max()
+            )
         self.zero_grads()
         self.peft(**self.train_kw).loss.backward()
         _, grads = value_and_grad(self.loss)(self.adapter)
@@ -221,7 +229,9 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[list[str]] = []
 
-    def add(self, what: str, ours: str, ref: str, r: float, target: float | None, ci: tuple[float, float] | None = None) -> None:
+    def add(
+        self, what: str, ours: str, ref: str, r: float, target: float | None, ci: tuple[float, float] | None = None
+    ) -> None:
         """verdict: met (ratio <= target), parity (the ratio's 95% CI reaches the target) or MISSED."""
         if target is None:
             verdict, goal = "-", "report"
@@ -252,12 +262,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="discarded rounds first (default 5)")
     ap.add_argument("--setup-rounds", type=int, default=10, help="rounds for get_peft_model setup timing (default 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                    help="cpu (default): process CPU time, robust to other processes on a shared machine; wall: elapsed")
-    ap.add_argument("--no-warm-each", action="store_true",
-                    help="do not run each variant once untimed before its timed call (halves the time; cache-order bias)")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="keep glibc's default trim/mmap thresholds (page faults then add noise; see _common.steady_malloc)")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu (default): process CPU time, robust to other processes on a shared machine; wall: elapsed",
+    )
+    ap.add_argument(
+        "--no-warm-each",
+        action="store_true",
+        help="do not run each variant once untimed before its timed call (halves the time; cache-order bias)",
+    )
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default trim/mmap thresholds (page faults then add noise; see _common.steady_malloc)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warmup: a smoke run, numbers are rough")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = ap.parse_args(argv)
@@ -311,14 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         imem = peak_memories(infer_variants(fx, merged), lambda: None)
         table.memory("inference peak memory: fn", imem["fn"], imem["PEFT"], 1.00, "PEFT")
-        table.memory("inference peak memory: fn over merged weights", imem["fn, merged"], imem["base model"], None, "base model")
+        table.memory(
+            "inference peak memory: fn over merged weights", imem["fn, merged"], imem["base model"], None, "base model"
+        )
     table.time("get_peft_model setup, hidden 512", setup["funcpeft 512"], setup["PEFT 512"], 1.00, "PEFT")
     table.time("get_peft_model setup, hidden 1024", setup["funcpeft 1024"], setup["PEFT 1024"], 1.00, "PEFT")
-    table.time("setup scaling, funcpeft: hidden 1024 vs 512", setup["funcpeft 1024"], setup["funcpeft 512"], None, "512")
+    table.time(
+        "setup scaling, funcpeft: hidden 1024 vs 512", setup["funcpeft 1024"], setup["funcpeft 512"], None, "512"
+    )
     table.time("setup scaling, PEFT: hidden 1024 vs 512", setup["PEFT 1024"], setup["PEFT 512"], None, "512")
     print(table)
-    print("\nminor page faults per call (median of 3): train: " + faults_per_call(train_variants(fx), fx.zero_grads)
-          + "; inference: " + faults_per_call(infer_variants(fx, merged), lambda: None))
+    print(
+        "\nminor page faults per call (median of 3): train: "
+        + faults_per_call(train_variants(fx), fx.zero_grads)
+        + "; inference: "
+        + faults_per_call(infer_variants(fx, merged), lambda: None)
+    )
 
     sizes = {h: (sum(p.numel() for p in m.parameters()), _adapter_numel(m)) for h, m in ((512, fx.model), (1024, big))}
     (w5, a5), (w10, a10) = sizes[512], sizes[1024]

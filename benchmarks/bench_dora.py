@@ -110,17 +110,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# funcpeft DoRA benchmark\n\nbefore: {machine_note()}")
     fx = DoraFixture()
     loss_diff = fx.check_equal()
-    print(f"DoRA r={RANK} alpha={ALPHA} on 28 modules, batch {BATCH}x{SEQ}, fp32; |loss diff| vs PEFT {loss_diff:.2g}, "
-          f"gradients equal (atol 1e-4). {args.clock} clock, {args.rounds} rounds (+{args.warmup} warmup); ratios are "
-          "medians of per-round ratios; PEFT A/A (PEFT timed twice a round) is the noise floor.\n", flush=True)
+    print(
+        f"DoRA r={RANK} alpha={ALPHA} on 28 modules, batch {BATCH}x{SEQ}, fp32; |loss diff| vs PEFT {loss_diff:.2g}, "
+        f"gradients equal (atol 1e-4). {args.clock} clock, {args.rounds} rounds (+{args.warmup} warmup); ratios are "
+        "medians of per-round ratios; PEFT A/A (PEFT timed twice a round) is the noise floor.\n",
+        flush=True,
+    )
     variants = {"PEFT": fx.peft_step, "PEFT A/A": fx.peft_step, "funcpeft": lambda: fx.step(fx.adapter)}
     times = interleaved(variants, args.rounds, args.warmup, before=fx.zero_grads, clock=args.clock)
     ratio = paired_ratio(times["funcpeft"], times["PEFT"])
     noise = abs(paired_ratio(times["PEFT A/A"], times["PEFT"]) - 1)
     rows = [
-        ["DoRA train step (value_and_grad)", cell(times["funcpeft"]), f"PEFT: {cell(times['PEFT'])}", f"{ratio:.3f}",
-         "<= 1.00", "met" if ratio <= 1 else "MISSED"],
-        ["noise floor (PEFT A/A)", cell(times["PEFT A/A"]), f"PEFT: {cell(times['PEFT'])}", f"{1 + noise:.3f}", "-", "-"],
+        [
+            "DoRA train step (value_and_grad)",
+            cell(times["funcpeft"]),
+            f"PEFT: {cell(times['PEFT'])}",
+            f"{ratio:.3f}",
+            "<= 1.00",
+            "met" if ratio <= 1 else "MISSED",
+        ],
+        [
+            "noise floor (PEFT A/A)",
+            cell(times["PEFT A/A"]),
+            f"PEFT: {cell(times['PEFT'])}",
+            f"{1 + noise:.3f}",
+            "-",
+            "-",
+        ],
     ]
     peaks, kept = {}, {}
     for name in ("PEFT", "funcpeft"):
@@ -130,10 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         kept[name] = retained_after(variants[name], fx)
         fx.zero_grads()
     mem_ratio = peaks["funcpeft"] / peaks["PEFT"]
-    rows.append(["DoRA train peak memory", fmt_mb(peaks["funcpeft"]), f"PEFT: {fmt_mb(peaks['PEFT'])}", f"{mem_ratio:.3f}",
-                 "<= 1.00", "met" if mem_ratio <= 1 else "MISSED"])
-    rows.append(["allocated after a step (besides loss, grads)", fmt_mb(kept["funcpeft"]), f"PEFT: {fmt_mb(kept['PEFT'])}",
-                 "-", "< one 512x512 fp32 weight", "met" if kept["funcpeft"] < 512 * 512 * 4 else "MISSED"])
+    rows.append(
+        [
+            "DoRA train peak memory",
+            fmt_mb(peaks["funcpeft"]),
+            f"PEFT: {fmt_mb(peaks['PEFT'])}",
+            f"{mem_ratio:.3f}",
+            "<= 1.00",
+            "met" if mem_ratio <= 1 else "MISSED",
+        ]
+    )
+    rows.append(
+        [
+            "allocated after a step (besides loss, grads)",
+            fmt_mb(kept["funcpeft"]),
+            f"PEFT: {fmt_mb(kept['PEFT'])}",
+            "-",
+            "< one 512x512 fp32 weight",
+            "met" if kept["funcpeft"] < 512 * 512 * 4 else "MISSED",
+        ]
+    )
     print(markdown_table(["measurement", "funcpeft", "reference", "ratio", "target", "verdict"], rows))
     print(f"\nafter: {machine_note()}")
     return 0

@@ -35,8 +35,13 @@ def build_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -76,7 +81,8 @@ def main() -> None:
                 "funcpeft save (fsync=False)": lambda: fpm.save_pretrained(f_dir, adapter, fsync=False),
                 "peft save": lambda: pm.save_pretrained(p_dir),
             },
-            args.rounds, args.warmup,
+            args.rounds,
+            args.warmup,
         )
         fresh: list[nn.Module] = []
 
@@ -90,7 +96,9 @@ def main() -> None:
                 "funcpeft load": lambda: funcpeft.from_pretrained(model, p_dir),
                 "peft load": lambda: peft.PeftModel.from_pretrained(fresh[0], p_dir),
             },
-            args.rounds, args.warmup, before=before,
+            args.rounds,
+            args.warmup,
+            before=before,
         )
 
     rows = []
@@ -98,8 +106,10 @@ def main() -> None:
         for name, ts in times.items():
             ratio = "1.00x" if name == ref else f"{paired_ratio(ts, times[ref]):.2f}x"
             rows.append([name, fmt_ms(median(ts)), f"{spread(ts):.0%}", ratio])
-    print(f"Llama {LAYERS} layers, hidden {HIDDEN}, LoRA r={RANK} all-linear: {n_tensors} adapter tensors; "
-          f"{args.rounds} interleaved rounds (+{args.warmup} warm-up), wall clock")
+    print(
+        f"Llama {LAYERS} layers, hidden {HIDDEN}, LoRA r={RANK} all-linear: {n_tensors} adapter tensors; "
+        f"{args.rounds} interleaved rounds (+{args.warmup} warm-up), wall clock"
+    )
     print(machine_note())
     print(markdown_table(["variant", "median", "IQR/median", "funcpeft / PEFT (paired median)"], rows))
 

@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.warmup = 2, 1
     torch.set_num_threads(args.threads)
     print(f"# funcpeft per-method benchmark\n\nbefore: {machine_note()}\n")
-    print(f"Llama h512/i1376/4 layers, batch {BATCH}x{SEQ}, fp32, {args.clock} clock, {args.rounds} rounds "
-          f"(+{args.warmup} warmup), 1 thread. Ratio = funcpeft / PEFT (median of per-round ratios).\n", flush=True)
+    print(
+        f"Llama h512/i1376/4 layers, batch {BATCH}x{SEQ}, fp32, {args.clock} clock, {args.rounds} rounds "
+        f"(+{args.warmup} warmup), 1 thread. Ratio = funcpeft / PEFT (median of per-round ratios).\n",
+        flush=True,
+    )
     rows = []
     for method in args.methods:
         cls, _ = METHODS[method]
@@ -148,17 +151,35 @@ def main(argv: list[str] | None = None) -> int:
             fx.zero_grads()
             peak_ours = peak_memory(lambda fx=fx: fx.step(fx.adapter))
             fx.zero_grads()
-        rows.append([
-            method, fmt_ms(median(times["funcpeft"])), fmt_ms(median(times["PEFT"])), f"{ratio:.3f} (noise {noise:.3f})",
-            fmt_mb(peak_ours), fmt_mb(peak_peft), f"{peak_ours / peak_peft:.3f}",
-            f"loss diff {loss_diff:.1e}, grad diff {grad_diff:.1e}",
-        ])
+        rows.append(
+            [
+                method,
+                fmt_ms(median(times["funcpeft"])),
+                fmt_ms(median(times["PEFT"])),
+                f"{ratio:.3f} (noise {noise:.3f})",
+                fmt_mb(peak_ours),
+                fmt_mb(peak_peft),
+                f"{peak_ours / peak_peft:.3f}",
+                f"loss diff {loss_diff:.1e}, grad diff {grad_diff:.1e}",
+            ]
+        )
         print(f"{method}: time ratio {ratio:.3f}, memory ratio {peak_ours / peak_peft:.3f}", flush=True)
     print()
-    print(markdown_table(
-        ["method", "funcpeft step", "PEFT step", "time ratio", "funcpeft peak", "PEFT peak", "memory ratio", "equal?"],
-        rows,
-    ))
+    print(
+        markdown_table(
+            [
+                "method",
+                "funcpeft step",
+                "PEFT step",
+                "time ratio",
+                "funcpeft peak",
+                "PEFT peak",
+                "memory ratio",
+                "equal?",
+            ],
+            rows,
+        )
+    )
     print(f"\nafter: {machine_note()}")
     return 0
 

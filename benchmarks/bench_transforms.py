@@ -38,10 +38,19 @@ SECTIONS = ("compile", "ensemble", "per_example", "per_sample")
 class Row:
     """One table row: ours vs a reference, with the target ratio."""
 
-    def __init__(self, what: str, times: dict[str, list[float]], ours: str, ref: str, target: str, ok: Callable[[float], bool]):
+    def __init__(
+        self, what: str, times: dict[str, list[float]], ours: str, ref: str, target: str, ok: Callable[[float], bool]
+    ):
         self.ratio = paired_ratio(times[ours], times[ref])
-        self.cells = [what, fmt_ms(median(times[ours])), fmt_ms(median(times[ref])), f"{self.ratio:.2f}",
-                      f"{max(spread(times[ours]), spread(times[ref])):.2f}", target, "yes" if ok(self.ratio) else "**no**"]
+        self.cells = [
+            what,
+            fmt_ms(median(times[ours])),
+            fmt_ms(median(times[ref])),
+            f"{self.ratio:.2f}",
+            f"{max(spread(times[ours]), spread(times[ref])):.2f}",
+            target,
+            "yes" if ok(self.ratio) else "**no**",
+        ]
 
 
 def lora_config(lib: Any) -> Any:
@@ -97,27 +106,45 @@ def bench_compile(model: torch.nn.Module, timing: dict[str, Any], rows: list[Row
         updates, s = compiled_update(grads, s, a)
         return loss, optim.apply_updates(a, updates), s
 
-    state = {"whole": (adapter, opt.init(adapter)), "split": (adapter, opt.init(adapter)), "eager": (adapter, opt.init(adapter))}
+    state = {
+        "whole": (adapter, opt.init(adapter)),
+        "split": (adapter, opt.init(adapter)),
+        "eager": (adapter, opt.init(adapter)),
+    }
     steps = {"whole": whole, "split": split_step, "eager": step}
 
     def run(name: str) -> Callable[[], None]:
         def go() -> None:
             _, a, s = steps[name](*state[name])
             state[name] = (a, s)
+
         return go
 
     for name in ("whole", "split"):
         t0 = time.perf_counter()
         with torch._inductor.config.patch(force_disable_caches=True):  # a cold compile, as on a fresh machine
             run(name)()
-        notes.append(f"first call of the compiled step ({name}) incl. cold compilation: {time.perf_counter() - t0:.1f} s wall")
-    times = interleaved({"peft eager": peft_step, "funcpeft eager": run("eager"), "compiled whole step": run("whole"),
-                         "compiled loss+update": run("split")}, **timing)
+        notes.append(
+            f"first call of the compiled step ({name}) incl. cold compilation: {time.perf_counter() - t0:.1f} s wall"
+        )
+    times = interleaved(
+        {
+            "peft eager": peft_step,
+            "funcpeft eager": run("eager"),
+            "compiled whole step": run("whole"),
+            "compiled loss+update": run("split"),
+        },
+        **timing,
+    )
     for name in ("compiled whole step", "compiled loss+update", "funcpeft eager"):
-        rows.append(Row(f"train step ({name}) vs PEFT eager", times, name, "peft eager", "<= 0.85", lambda r: r <= 0.85))
+        rows.append(
+            Row(f"train step ({name}) vs PEFT eager", times, name, "peft eager", "<= 0.85", lambda r: r <= 0.85)
+        )
     share = gemm_and_attention_share(peft_step)
-    notes.append(f"bound for the compiled step: {share:.0%} of PEFT's eager step is matmuls + attention (torch.profiler, "
-                 f"self CPU time), so a compiled step that removed everything else would still be ~{share:.2f}x")
+    notes.append(
+        f"bound for the compiled step: {share:.0%} of PEFT's eager step is matmuls + attention (torch.profiler, "
+        f"self CPU time), so a compiled step that removed everything else would still be ~{share:.2f}x"
+    )
 
 
 def gemm_and_attention_share(step: Callable[[], None]) -> float:
@@ -137,7 +164,9 @@ _GEMMS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul
 
 
 # -- 2. K adapters as one vmapped ensemble vs a Python loop -----------------------------------------------------
-def bench_ensemble(model: torch.nn.Module, timing: dict[str, Any], rows: list[Row], notes: list[str], memory: bool) -> None:
+def bench_ensemble(
+    model: torch.nn.Module, timing: dict[str, Any], rows: list[Row], notes: list[str], memory: bool
+) -> None:
     pm = funcpeft.get_peft_model(model, lora_config(funcpeft))
     fn, base = pm.fn, pm.base
     trees = [detached(random_like(pm.adapter, torch.Generator().manual_seed(s))) for s in range(K)]
@@ -156,13 +185,20 @@ def bench_ensemble(model: torch.nn.Module, timing: dict[str, Any], rows: list[Ro
     summed_grad = value_and_grad(lambda s: torch.func.vmap(loss)(s).sum())  # vmapped forward, one autograd backward
     summed_chunked = value_and_grad(lambda s: torch.func.vmap(loss, chunk_size=2)(s).sum())
     with torch.no_grad():
-        fwd = {"vmap": lambda: mapped(stacked), "vmap(chunk_size=2)": lambda: chunked(stacked),
-               "loop": lambda: [logits(t) for t in trees]}
+        fwd = {
+            "vmap": lambda: mapped(stacked),
+            "vmap(chunk_size=2)": lambda: chunked(stacked),
+            "loop": lambda: [logits(t) for t in trees],
+        }
         times = interleaved(fwd, **timing)
     for name in ("vmap", "vmap(chunk_size=2)"):
         rows.append(Row(f"ensemble forward, K={K}: {name} vs loop", times, name, "loop", "<= 1.0", lambda r: r <= 1.0))
-    train = {"vmap(value_and_grad)": lambda: mapped_grad(stacked), "value_and_grad(sum of vmap)": lambda: summed_grad(stacked),
-             "same, chunk_size=2": lambda: summed_chunked(stacked), "loop": lambda: [value_and_grad(loss)(t) for t in trees]}
+    train = {
+        "vmap(value_and_grad)": lambda: mapped_grad(stacked),
+        "value_and_grad(sum of vmap)": lambda: summed_grad(stacked),
+        "same, chunk_size=2": lambda: summed_chunked(stacked),
+        "loop": lambda: [value_and_grad(loss)(t) for t in trees],
+    }
     times = interleaved(train, **{**timing, "rounds": max(3, timing["rounds"] // 2)})
     for name in ("vmap(value_and_grad)", "value_and_grad(sum of vmap)", "same, chunk_size=2"):
         rows.append(Row(f"ensemble training, K={K}: {name} vs loop", times, name, "loop", "<= 1.0", lambda r: r <= 1.0))
@@ -203,12 +239,36 @@ def bench_per_example(model: torch.nn.Module, timing: dict[str, Any], rows: list
         got, want = variants["funcpeft per_example"](), variants["peft adapter_names"]()
         notes.append(f"per-example vs PEFT adapter_names: max abs diff {(got - want).abs().max().item():.2e}")
         times = interleaved(variants, **timing)
-    rows.append(Row(f"per-example, {K} adapters, {SMALL_BATCH}x{SMALL_SEQ} vs PEFT adapter_names", times,
-                    "funcpeft per_example", "peft adapter_names", "<= 0.8", lambda r: r <= 0.8))
-    rows.append(Row("per-example vs the base model alone", times, "funcpeft per_example", "base model alone",
-                    "<= 1.15", lambda r: r <= 1.15))
-    rows.append(Row("(bound) base model alone vs PEFT adapter_names", times, "base model alone", "peft adapter_names",
-                    "-", lambda r: True))
+    rows.append(
+        Row(
+            f"per-example, {K} adapters, {SMALL_BATCH}x{SMALL_SEQ} vs PEFT adapter_names",
+            times,
+            "funcpeft per_example",
+            "peft adapter_names",
+            "<= 0.8",
+            lambda r: r <= 0.8,
+        )
+    )
+    rows.append(
+        Row(
+            "per-example vs the base model alone",
+            times,
+            "funcpeft per_example",
+            "base model alone",
+            "<= 1.15",
+            lambda r: r <= 1.15,
+        )
+    )
+    rows.append(
+        Row(
+            "(bound) base model alone vs PEFT adapter_names",
+            times,
+            "base model alone",
+            "peft adapter_names",
+            "-",
+            lambda r: True,
+        )
+    )
 
 
 # -- 4. per-sample gradients vs a Python loop over examples -----------------------------------------------------
@@ -234,9 +294,19 @@ def bench_per_sample(model: torch.nn.Module, timing: dict[str, Any], rows: list[
     }
     times = interleaved(variants, **{**timing, "rounds": max(3, timing["rounds"] // 2)})
     for name in ("vmap(grad)", "per_sample_grads"):
-        rows.append(Row(f"per-sample grads ({name}), {SMALL_BATCH}x{SMALL_SEQ} vs loop", times, name, "loop",
-                        ">= 3x faster (<= 0.33)", lambda r: r <= 1 / 3))
-    rows.append(Row("(bound) one ordinary batch gradient vs the loop", times, "batch gradient", "loop", "-", lambda r: True))
+        rows.append(
+            Row(
+                f"per-sample grads ({name}), {SMALL_BATCH}x{SMALL_SEQ} vs loop",
+                times,
+                name,
+                "loop",
+                ">= 3x faster (<= 0.33)",
+                lambda r: r <= 1 / 3,
+            )
+        )
+    rows.append(
+        Row("(bound) one ordinary batch gradient vs the loop", times, "batch gradient", "loop", "-", lambda r: True)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bench_per_sample(model, timing, rows, notes)
         print(f"[{section} done in {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    print(markdown_table(["measurement", "ours (median)", "reference (median)", "ratio", "spread (IQR/med)", "target", "met"],
-                         [r.cells for r in rows]))
+    print(
+        markdown_table(
+            ["measurement", "ours (median)", "reference (median)", "ratio", "spread (IQR/med)", "target", "met"],
+            [r.cells for r in rows],
+        )
+    )
     for note in notes:
         print(f"- {note}")
     return 0

@@ -42,17 +42,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog='Example: make run ARGS="--steps 300 --rank 16 --output-dir outputs/r16"',
     )
     p.add_argument("--steps", type=int, default=100, help="optimisation steps, one batch each (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r, the adapter's inner dimension (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default: 2 * rank)")
+    p.add_argument(
+        "--rank", type=int, default=8, help="LoRA rank r, the adapter's inner dimension (default: %(default)s)"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default: 2 * rank)"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=48, help="truncate sentences to this many tokens (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the classifier head, the LoRA init, dropout and the batch order (default: %(default)s)")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/minilm-topics"),
-                   help="where loss.png and adapter/ are written, created if missing (default: %(default)s)")
-    p.add_argument("--data", type=Path, default=DATA,
-                   help="TSV file with a header split<TAB>label<TAB>text (default: examples/data/topics.tsv)")
+    p.add_argument(
+        "--max-length", type=int, default=48, help="truncate sentences to this many tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the classifier head, the LoRA init, dropout and the batch order (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/minilm-topics"),
+        help="where loss.png and adapter/ are written, created if missing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="TSV file with a header split<TAB>label<TAB>text (default: examples/data/topics.tsv)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "batch_size", "max_length"):
@@ -101,7 +119,10 @@ def load_classifier(labels: list[str], seed: int) -> tuple[torch.nn.Module, Any]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
         )
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
@@ -113,7 +134,9 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch
 @torch.no_grad()
 def batched_logits(forward: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
     """`forward(**encoded).logits` over `texts` in batches of 64: (len(texts), num_labels)."""
-    return torch.cat([forward(**encode(tokenizer, texts[i:i + 64], max_length)).logits for i in range(0, len(texts), 64)])
+    return torch.cat(
+        [forward(**encode(tokenizer, texts[i : i + 64], max_length)).logits for i in range(0, len(texts), 64)]
+    )
 
 
 def predict_logits(fn: Any, base: Any, adapter: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
@@ -135,7 +158,9 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         order = order[batch_size:]
 
 
-def train(fn: Any, base: Any, adapter: Any, tokenizer: Any, data: list[tuple[str, int]], args: argparse.Namespace) -> tuple[Any, list[float]]:
+def train(
+    fn: Any, base: Any, adapter: Any, tokenizer: Any, data: list[tuple[str, int]], args: argparse.Namespace
+) -> tuple[Any, list[float]]:
     """(trained adapter, loss of each step): pure AdamW steps (funcpeft.optim) with warm-up and linear decay."""
 
     def loss_fn(adapter: Any, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -149,8 +174,13 @@ def train(fn: Any, base: Any, adapter: Any, tokenizer: Any, data: list[tuple[str
     state = opt.init(adapter)
     grad_fn = funcpeft.value_and_grad(loss_fn)
     losses: list[float] = []
-    bar = tqdm(batches(len(data), args.batch_size, args.steps, torch.Generator().manual_seed(args.seed)),
-               total=args.steps, desc="training", unit="step", disable=args.no_progress)
+    bar = tqdm(
+        batches(len(data), args.batch_size, args.steps, torch.Generator().manual_seed(args.seed)),
+        total=args.steps,
+        desc="training",
+        unit="step",
+        disable=args.no_progress,
+    )
     for step, idx in enumerate(bar):
         batch = encode(tokenizer, [data[i][0] for i in idx], args.max_length)
         batch["labels"] = torch.tensor([data[i][1] for i in idx])
@@ -172,7 +202,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     ax.plot(losses, alpha=0.4, label="loss per step")
     k = max(1, len(losses) // 15)
     if k > 1:
-        mean = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
+        mean = [sum(losses[max(0, i - k + 1) : i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
         ax.plot(mean, label=f"mean of the last {k} steps")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy)")
@@ -184,7 +214,9 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 # -- reload -----------------------------------------------------------------------------------------------
-def reload_logits(adapter_dir: Path, labels: list[str], tokenizer: Any, texts: list[str], args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def reload_logits(
+    adapter_dir: Path, labels: list[str], tokenizer: Any, texts: list[str], args: argparse.Namespace
+) -> dict[str, torch.Tensor]:
     """Test logits from the saved adapter, loaded onto a *fresh* MiniLM (another head seed) by funcpeft and by peft."""
     out = {}
     model, _ = load_classifier(labels, seed=args.seed + 1)  # the head must come from the file, not from the seed
@@ -239,8 +271,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         diff = (got - logits).abs().max().item()
         print(f"reloaded with {who}: {'same' if same[who] else 'DIFFERENT'} predictions (max logit diff {diff:.2g})")
     return {
-        "accuracy_before": before, "accuracy_after": after, "losses": losses, "plot": plot_path,
-        "adapter_dir": adapter_dir, "adapter": adapter, "logits": logits, "reloaded_logits": reloaded, "same_predictions": same,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "losses": losses,
+        "plot": plot_path,
+        "adapter_dir": adapter_dir,
+        "adapter": adapter,
+        "logits": logits,
+        "reloaded_logits": reloaded,
+        "same_predictions": same,
     }
 
 

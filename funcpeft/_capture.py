@@ -34,8 +34,12 @@ def skeleton(model: nn.Module, training: bool) -> nn.Module:
 
 @contextlib.contextmanager
 def hooked_forward(
-    model: nn.Module, params: Mapping[str, torch.Tensor], *, training: bool,
-    forward_hooks: Mapping[str, Hook] | None = None, backward_hooks: Mapping[str, Hook] | None = None,
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    *,
+    training: bool,
+    forward_hooks: Mapping[str, Hook] | None = None,
+    backward_hooks: Mapping[str, Hook] | None = None,
 ) -> Iterator[Callable[..., Any]]:
     """Yield `forward(*args, **kwargs)`: the model's call on a hooked skeleton with `params` (every parameter
     name of the model, aliases included; buffers are copied). Hooks: `{module path: hook}` with PyTorch's

@@ -60,7 +60,9 @@ def device_of(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.is_meta else t.device
 
 
-def expected_leaves(model: nn.Module, plan: Mapping[str, PlanEntry], autocast_adapter_dtype: bool = True) -> dict[Leaf, LeafSpec]:
+def expected_leaves(
+    model: nn.Module, plan: Mapping[str, PlanEntry], autocast_adapter_dtype: bool = True
+) -> dict[Leaf, LeafSpec]:
     """Shape, dtype and device of every leaf `plan` expects: what PEFT's layers would hold for this model."""
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[Leaf, LeafSpec] = {}
@@ -92,7 +94,9 @@ def check_tree(tree: Mapping[str, Any], plan: Mapping[str, PlanEntry], model: nn
     problems = Problems(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],
-        shapes=[(k, s, w) for k, s in found.items() if k in expected and (w := leaves[expected[k]].shape) not in (None, s)],
+        shapes=[
+            (k, s, w) for k, s in found.items() if k in expected and (w := leaves[expected[k]].shape) not in (None, s)
+        ],
     )
     if problems:
         raise AdapterMismatchError(problems.message("The adapter tree", model))

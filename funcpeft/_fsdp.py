@@ -102,8 +102,10 @@ class Managed:
     unit_type: str
 
     def where(self) -> str:
-        return (f"parameter {self.name!r} of module {self.owner or '<root>'!r} ({self.owner_type}), sharded by "
-                f"fully_shard on {self.unit or '<root>'!r} ({self.unit_type})")
+        return (
+            f"parameter {self.name!r} of module {self.owner or '<root>'!r} ({self.owner_type}), sharded by "
+            f"fully_shard on {self.unit or '<root>'!r} ({self.unit_type})"
+        )
 
     @property
     def shard(self) -> Any:
@@ -120,9 +122,13 @@ def managed_params(model: nn.Module) -> dict[str, Managed]:
         try:
             groups = unit._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
             found = [
-                (fp, [(fp._module_info.module, fp._module_info.param_name)]
-                 + list(zip(fp._module_info.shared_modules, fp._module_info.shared_param_names)))
-                for group in groups for fp in group.fsdp_params
+                (
+                    fp,
+                    [(fp._module_info.module, fp._module_info.param_name)]
+                    + list(zip(fp._module_info.shared_modules, fp._module_info.shared_param_names)),
+                )
+                for group in groups
+                for fp in group.fsdp_params
             ]
         except AttributeError as e:
             raise RuntimeError(
@@ -209,8 +215,13 @@ class ShardedModel:
 
     # -- the call --------------------------------------------------------------------------------------------
     def call(
-        self, build: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
-        args: tuple[Any, ...], kwargs: dict[str, Any], rng: CallRandomness | None, checkpoint: Callable[..., Any],
+        self,
+        build: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+        base: Mapping[str, torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rng: CallRandomness | None,
+        checkpoint: Callable[..., Any],
     ) -> Any:
         """`model(*args, **kwargs)` with the tensors `build(base)` returns (fn's build_params).
 
@@ -242,15 +253,21 @@ class ShardedModel:
 
 def _sharding(t: Any) -> str:
     local = t.to_local()
-    return (f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s), local shape "
-            f"{tuple(local.shape)}")
+    return (
+        f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s), local shape "
+        f"{tuple(local.shape)}"
+    )
 
 
 def _same_shard(a: Any, b: Any) -> bool:
     la, lb = a.to_local(), b.to_local()
     return (
-        a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements) and a.shape == b.shape
-        and la.shape == lb.shape and la.dtype == lb.dtype and la.device == lb.device
+        a.device_mesh == b.device_mesh
+        and tuple(a.placements) == tuple(b.placements)
+        and a.shape == b.shape
+        and la.shape == lb.shape
+        and la.dtype == lb.dtype
+        and la.device == lb.device
         and la.untyped_storage().data_ptr() == lb.untyped_storage().data_ptr()
         and la.storage_offset() == lb.storage_offset()
     )
@@ -259,8 +276,14 @@ def _same_shard(a: Any, b: Any) -> bool:
 class _Install:
     """One call's changes to the model (hooks, unmanaged slots, training flags, checkpoint functions), undoable."""
 
-    def __init__(self, runner: ShardedModel, params: dict[str, torch.Tensor], local: Mapping[str, torch.Tensor],
-                 rng: CallRandomness | None, checkpoint: Callable[..., Any]):
+    def __init__(
+        self,
+        runner: ShardedModel,
+        params: dict[str, torch.Tensor],
+        local: Mapping[str, torch.Tensor],
+        rng: CallRandomness | None,
+        checkpoint: Callable[..., Any],
+    ):
         self.runner = runner
         self.training = rng is not None
         self.rng = rng
@@ -313,9 +336,14 @@ class _Install:
             for path, items in self.late.items():
                 module = self.runner.modules[path]
                 gathered: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = []
-                undo.append(module.register_forward_pre_hook(functools.partial(self._pre, path, items, gathered)).remove)
-                undo.append(module.register_forward_hook(
-                    functools.partial(self._post, gathered), prepend=True, always_call=True).remove)
+                undo.append(
+                    module.register_forward_pre_hook(functools.partial(self._pre, path, items, gathered)).remove
+                )
+                undo.append(
+                    module.register_forward_hook(
+                        functools.partial(self._post, gathered), prepend=True, always_call=True
+                    ).remove
+                )
             for m in model.modules():
                 func = m.__dict__.get("_gradient_checkpointing_func")
                 if func is not None:
@@ -329,7 +357,9 @@ class _Install:
                 m.training = flag
             self.active = False
 
-    def _pre(self, path: str, items: list[tuple[str, torch.Tensor]], gathered: list[Any], module: nn.Module, args: Any) -> None:
+    def _pre(
+        self, path: str, items: list[tuple[str, torch.Tensor]], gathered: list[Any], module: nn.Module, args: Any
+    ) -> None:
         done = []
         for pname, value in items:
             current = module._parameters[pname]

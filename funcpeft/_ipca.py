@@ -54,7 +54,11 @@ class IncrementalPCA:
             return last_mean, last_variance, last_count
         new_count = torch.tensor([X.shape[0]], device=X.device)
         updated_count = last_count + new_count
-        last_sum = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device) if last_mean is None else last_mean * last_count
+        last_sum = (
+            torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+            if last_mean is None
+            else last_mean * last_count
+        )
         new_sum = X.sum(dim=0, dtype=torch.float64)
         updated_mean = (last_sum + new_sum) / updated_count
         T = new_sum / new_count
@@ -93,7 +97,9 @@ class IncrementalPCA:
             self.n_samples_seen_ = torch.tensor([0], device=X.device)
             self.n_features_ = n_features
         if n_features != self.n_features_:
-            raise ValueError("Number of features of the new batch does not match the number of features of the first batch.")
+            raise ValueError(
+                "Number of features of the new batch does not match the number of features of the first batch."
+            )
         col_mean, col_var, n_total_samples = self._mean_and_var(X, self.mean_, self.var_, self.n_samples_seen_)
         assert col_mean is not None and col_var is not None
         if first_pass:

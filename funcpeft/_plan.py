@@ -267,7 +267,9 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
             config.fan_in_fan_out = True
 
 
-def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False) -> list[Target]:
+def _targets(
+    names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False
+) -> list[Target]:
     """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
     out: list[Target] = []
     for name in names:
@@ -292,7 +294,11 @@ def _targets(names: list[str], modules: Mapping[str, nn.Module], common: Any, fo
                     "of a targeted MultiheadAttention itself (and ignores an adapter on out_proj alone, whose forward "
                     "the attention never calls). Target only the MultiheadAttention."
                 )
-            out.append(Target(f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target, for_checkpoint=for_checkpoint))
+            out.append(
+                Target(
+                    f"{name}.out_proj", out_proj, LayerKind.LINEAR, common, owner=target, for_checkpoint=for_checkpoint
+                )
+            )
     return out
 
 
@@ -326,7 +332,9 @@ def _ties(model: nn.Module, config: PeftConfig, method: Method, plan: Plan, tied
     for path in tied:
         kind = layer_kind(modules[path])
         if kind is None:
-            raise TypeError(f"the tied module {path!r} is a {type(modules[path]).__name__}, not a layer funcpeft adapts")
+            raise TypeError(
+                f"the tied module {path!r} is a {type(modules[path]).__name__}, not a layer funcpeft adapts"
+            )
         spec = layer_spec(Target(path, modules[path], kind, common), config, method)
         with torch.device("meta"):
             tied_params = method.tie.params({k: torch.empty(shape) for k, shape in entry.shapes if k in entry.params})
@@ -366,7 +374,9 @@ def plan_adapter(
         names = find_targets(model, resolved, any_module=method.copies_modules)
         if getattr(resolved, "target_parameters", None):
             wanted = resolved.target_parameters
-            warnings.warn(f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"target_parameters={wanted} were set but no parameter was matched.", RuntimeWarning, stacklevel=3
+            )
     modules = dict(model.named_modules())
     plan: Plan = _copies_plan(method, names, modules) if method.copies_modules else {}
     tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
@@ -383,7 +393,10 @@ def plan_adapter(
             frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
         shapes = tuple((k, tuple(v)) for k, v in method_shapes(spec).items())
         plan[target.name] = PlanEntry(
-            spec=spec, params=method.param_names(spec), frozen=frozen, shapes=shapes,
+            spec=spec,
+            params=method.param_names(spec),
+            frozen=frozen,
+            shapes=shapes,
             applies_in=target.owner.name if target.owner is not None else None,
         )
     owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
@@ -430,7 +443,9 @@ def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]])
     """
     targets, _ = match_targets(model, config)
     if config.target_modules and not targets:
-        warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning, stacklevel=4
+        )
     clash = next((m for m, _ in found if m in targets), None)
     if clash is not None:
         raise ValueError(
@@ -458,7 +473,10 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
 
 
 def fresh_method_params(
-    entry: PlanEntry, weight: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype,
+    entry: PlanEntry,
+    weight: torch.Tensor,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
     data: Any = NO_INIT_DATA,
 ) -> WeightInit:
     """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
@@ -469,7 +487,9 @@ def fresh_method_params(
     assert entry.spec is not None
     method = entry.method
     if weight.device.type == "meta":
-        return WeightInit({k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()})
+        return WeightInit(
+            {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
+        )
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
     via = weight.dtype if weight.dtype.is_floating_point else dtype
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
@@ -501,7 +521,10 @@ def shared_shapes(owner: LayerSpec[Any]) -> dict[str, torch.Size]:
 
 
 def init_adapter(
-    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
+    model: nn.Module,
+    plan: Plan,
+    autocast_adapter_dtype: bool = True,
+    generator: torch.Generator | None = None,
     trainable: bool = True,
 ) -> dict[str, Params]:
     """A fresh adapter tree for `plan` (see `init_adapter_and_weights`; new base weights are dropped)."""
@@ -509,8 +532,13 @@ def init_adapter(
 
 
 def init_adapter_and_weights(
-    model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True, generator: torch.Generator | None = None,
-    trainable: bool = True, init_data: Mapping[str, Any] | None = None, weights: Mapping[str, torch.Tensor] | None = None,
+    model: nn.Module,
+    plan: Plan,
+    autocast_adapter_dtype: bool = True,
+    generator: torch.Generator | None = None,
+    trainable: bool = True,
+    init_data: Mapping[str, Any] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Params], dict[str, torch.Tensor]]:
     """A fresh adapter tree for `plan`, and `{module path: new base weight}` for layers whose init changes it.
 
@@ -661,7 +689,9 @@ def check_adapter_structure(tree: Any, plan: Mapping[str, PlanEntry], adapter_na
             )
         entry, want = tree[path], plan[path].keys
         if not isinstance(entry, Mapping):
-            raise ValueError(f"adapter {adapter_name!r}: {path!r} should be a dict with keys {sorted(want)}, got {_describe(entry)}")
+            raise ValueError(
+                f"adapter {adapter_name!r}: {path!r} should be a dict with keys {sorted(want)}, got {_describe(entry)}"
+            )
         for key in sorted(set(want) | set(entry)):
             if key not in entry:
                 raise ValueError(f"adapter {adapter_name!r}: {path}.{key} is missing (expected keys {sorted(want)})")
@@ -678,8 +708,11 @@ def leaf_shapes(plan: Plan) -> LeafShapes:
 
 
 def check_leaves(
-    tree: Mapping[str, Mapping[str, Any]], shapes: LeafShapes, devices: Mapping[str, torch.device],
-    adapter_name: str, lead: tuple[int, ...] = (),
+    tree: Mapping[str, Mapping[str, Any]],
+    shapes: LeafShapes,
+    devices: Mapping[str, torch.device],
+    adapter_name: str,
+    lead: tuple[int, ...] = (),
 ) -> None:
     """Every leaf is a floating-point tensor of the expected shape on its layer's device (O(leaves), metadata only).
 

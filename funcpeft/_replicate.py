@@ -55,8 +55,10 @@ def replicated(model: nn.Module, layer_map: Sequence[Sequence[int]]) -> nn.Modul
     n = len(layers)
     bad = [list(p) for p in layer_map if not 0 <= p[0] < p[1] <= n]
     if bad:
-        raise ValueError(f"layer_replication: the ranges {bad} are out of the model's {n} layers (each [start, end) "
-                         f"must satisfy 0 <= start < end <= {n})")
+        raise ValueError(
+            f"layer_replication: the ranges {bad} are out of the model's {n} layers (each [start, end) "
+            f"must satisfy 0 <= start < end <= {n})"
+        )
     # the structural copy: every tensor shared, the layer list left out (it is rebuilt below)
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     memo[id(layers)] = nn.ModuleList()

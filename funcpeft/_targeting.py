@@ -96,8 +96,11 @@ def _tie_targets(model: nn.Module, config: Any, warn: bool) -> tuple[Any, list[s
     tied = tied_to_embedding(model) if ensure or to_save or targeted else []
     if not ensure:
         if warn and tied and (to_save or targeted):
-            what = "`ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying") else (
-                "no implementation exists to tie the adapters")
+            what = (
+                "`ensure_weight_tying` is not set to True"
+                if hasattr(config, "ensure_weight_tying")
+                else ("no implementation exists to tie the adapters")
+            )
             warnings.warn(
                 f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but {what}. This can "
                 "lead to complications, for example when merging the adapter or converting your model to formats "
@@ -107,7 +110,9 @@ def _tie_targets(model: nn.Module, config: Any, warn: bool) -> tuple[Any, list[s
         return None
     if not tied:
         if warn:
-            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=4)
+            warnings.warn(
+                "You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=4
+            )
         return None
     if to_save:
         raise NotImplementedError(
@@ -260,7 +265,12 @@ def _minimal_suffixes(targets: set[str], others: list[str]) -> set[str]:
 _CONVERSION_PATTERN = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}
 _MOE_TARGET_MODULE_MAPPING: dict[str, dict[str, str]] = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
-    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
 }
 _MOE_FUSED_TARGETS: dict[str, dict[str, list[str]]] = {
     "mixtral": {"gate_up_proj": ["w1", "w3"]},
@@ -390,7 +400,11 @@ def resolve_config(model: nn.Module, config: Any, revision: str | None = None) -
         setattr(resolved, name, value)  # set like PEFT's _prepare_adapter_config: no __post_init__ re-check
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, resolved)
-    if config.COMPRESS_TARGET_MODULES and isinstance(targets, (set, list)) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+    if (
+        config.COMPRESS_TARGET_MODULES
+        and isinstance(targets, (set, list))
+        and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION
+    ):
         keys = [n for n, _ in model.named_modules()]
         suffixes = tuple("." + t for t in targets)
         others = [n for n in keys if n not in targets and not n.endswith(suffixes)]
@@ -419,7 +433,11 @@ def match_targets(model: nn.Module, config: Any, any_module: bool = False) -> tu
                     f"Target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
                     "funcpeft cannot adapt. Supported: torch.nn.Linear, torch.nn.Embedding, "
                     "torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention and transformers.pytorch_utils.Conv1D"
-                    + (" (or target its parameters with `target_parameters`)." if hasattr(config, "target_parameters") else ".")
+                    + (
+                        " (or target its parameters with `target_parameters`)."
+                        if hasattr(config, "target_parameters")
+                        else "."
+                    )
                 )
             targets.append(name)
         elif is_excluded(config, name):
@@ -467,7 +485,11 @@ def find_targets(model: nn.Module, config: Any, any_module: bool = False) -> lis
     raise ValueError(
         f"Target modules {wanted} not found in the base model. Close module names: {close or 'none'}. "
         f"Adaptable module names in this model (suffixes): {short[:20]}"
-        + (f". Note: {'; '.join(hidden[:3])}: target that name (as in PEFT, only the first name counts)" if hidden else "")
+        + (
+            f". Note: {'; '.join(hidden[:3])}: target that name (as in PEFT, only the first name counts)"
+            if hidden
+            else ""
+        )
     )
 
 

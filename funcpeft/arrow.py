@@ -35,7 +35,9 @@ def _check_compatible(pm: FunctionalPeftModel, names: Sequence[str]) -> tuple[li
         modules = {p.split(".")[-1] for p, _ in entries}
         last = entries[-1][1].spec if entries else None
         r = getattr(last.hyper, "r", None) if last is not None else None
-        shapes = (dict(entries[-1][1].shapes).get("lora_A"), dict(entries[-1][1].shapes).get("lora_B")) if entries else None
+        shapes = (
+            (dict(entries[-1][1].shapes).get("lora_A"), dict(entries[-1][1].shapes).get("lora_B")) if entries else None
+        )
         if reference is None:
             reference = {"r": r, "shapes": shapes, "modules": modules}
             continue
@@ -64,8 +66,10 @@ def _check_linear_only(pm: FunctionalPeftModel, names: Sequence[str]) -> None:
             if e.spec.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and not isinstance(module, nn.Conv1d):
                 offenders.append((name, path, type(module).__name__))
     if offenders:
-        lines = ["LoRA adapters must only target Linear-like layers (nn.Linear, nn.Conv1d, HF Conv1D, or "
-                 "bitsandbytes.nn.Linear4bit). Found:"]
+        lines = [
+            "LoRA adapters must only target Linear-like layers (nn.Linear, nn.Conv1d, HF Conv1D, or "
+            "bitsandbytes.nn.Linear4bit). Found:"
+        ]
         lines += [f"  - adapter '{n}' on module '{p}' of type {t}" for n, p, t in offenders]
         raise TypeError("\n".join(lines))
 

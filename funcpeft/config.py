@@ -131,11 +131,21 @@ def _matches(value: Any, hint: Any) -> bool:
             return all(_matches(v, args[0]) for v in value)
         return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
     if container is list:
-        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+        return (
+            isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+            if args
+            else isinstance(value, (list, tuple))
+        )
     if container is set:
-        return isinstance(value, (set, frozenset)) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, (set, frozenset))
+        return (
+            isinstance(value, (set, frozenset)) and all(_matches(v, args[0]) for v in value)
+            if args
+            else isinstance(value, (set, frozenset))
+        )
     if container is dict:
-        return isinstance(value, dict) and (not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+        return isinstance(value, dict) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
     if origin is None and isinstance(hint, type):  # str, an Enum
         return isinstance(value, hint)
     raise TypeError(f"funcpeft cannot check values against the annotation {hint!r}")  # a new kind of field type
@@ -207,9 +217,7 @@ class PeftConfig:
             try:
                 self.task_type = TaskType(self.task_type)
             except ValueError:
-                raise ValueError(
-                    f"task_type {self.task_type!r} is not one of {[t.value for t in TaskType]}"
-                ) from None
+                raise ValueError(f"task_type {self.task_type!r} is not one of {[t.value for t in TaskType]}") from None
         for name, default in self._unimplemented.items():
             value = getattr(self, name)
             if value != default and not (value is None and default in ({}, [], None)):
@@ -419,7 +427,9 @@ def _sub_config(owner: str, name: str, value: Any, cls: type, strict: bool = Fal
     if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, dict):
-        raise ConfigTypeError(f"{owner}.{name}: `{cls.__name__}` must be a `{cls.__name__}`, a dict, or None, got {value!r}")
+        raise ConfigTypeError(
+            f"{owner}.{name}: `{cls.__name__}` must be a `{cls.__name__}`, a dict, or None, got {value!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if strict:
         _check_init_kwargs(cls, {k: v for k, v in value.items() if k not in fields or fields[k].init})
@@ -459,7 +469,7 @@ def normalize_init(value: Any) -> bool | str:
     if value in INIT_LORA_WEIGHTS:
         return value
     if value.startswith("pissa_niter_"):
-        niter = value[len("pissa_niter_"):]
+        niter = value[len("pissa_niter_") :]
         if niter.isdigit():
             return value
         raise ValueError(
@@ -540,7 +550,9 @@ def _sub_config_dict(config: Any, name: str, cls: Any) -> None:
         setattr(config, name, dataclasses.asdict(value))
         return
     if not isinstance(value, dict):
-        raise ConfigTypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None (LoraConfig.{name}), got {value!r}")
+        raise ConfigTypeError(
+            f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None (LoraConfig.{name}), got {value!r}"
+        )
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(k for k in value if k not in known)
     if unknown:
@@ -558,7 +570,12 @@ def _sub_config_dict(config: Any, name: str, cls: Any) -> None:
 # PEFT's LoRA variants (`LoraLayer.resolve_lora_variant`): config fields tagged `is_lora_variant`, and the
 # init_lora_weights values that select one; a layer takes at most one
 LORA_VARIANT_FIELDS = (
-    "use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
+    "use_dora",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
     "kasa_config",
 )
 LORA_VARIANT_INITS = ("mica",)
@@ -742,20 +759,34 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"Number of iterations must be greater than 0 (loftq_iter), got {iters!r}")
         elif self.loftq_config:
             self.loftq_config = {}
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=4)
+            warnings.warn(
+                "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=4
+            )
         elif self.init_lora_weights == "eva" and self.eva_config is None:
-            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.", stacklevel=4)
+            warnings.warn(
+                "`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
+                stacklevel=4,
+            )
             self.eva_config = EvaConfig()
         elif self.init_lora_weights != "eva" and self.eva_config is not None:
-            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.", stacklevel=4)
+            warnings.warn(
+                "`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.", stacklevel=4
+            )
         elif self.init_lora_weights == "corda" and self.corda_config is None:
             warnings.warn(
-                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.", stacklevel=4
+                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.",
+                stacklevel=4,
             )
             self.corda_config = CordaConfig()
         elif self.init_lora_weights != "corda" and self.corda_config is not None:
-            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.", stacklevel=4)
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and init_mode(self.init_lora_weights) in MUTATING_INITS:
+            warnings.warn(
+                "`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.", stacklevel=4
+            )
+        if (
+            self.use_rslora
+            and (self.rank_pattern or self.alpha_pattern)
+            and init_mode(self.init_lora_weights) in MUTATING_INITS
+        ):
             warnings.warn(
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
                 "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "

@@ -48,7 +48,9 @@ def subtract_mutated_init(trained: Tree, initial: Tree) -> dict[str, dict[str, t
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, leaves in trained.items():
         if path not in initial:
-            raise ValueError(f"the initial adapter has no layer {path!r}: it is not the one this adapter was trained from")
+            raise ValueError(
+                f"the initial adapter has no layer {path!r}: it is not the one this adapter was trained from"
+            )
         a0, b0 = initial[path]["lora_A"], initial[path]["lora_B"]
         a, b = leaves["lora_A"].detach(), leaves["lora_B"].detach()
         if a.shape != a0.shape or b.shape != b0.shape:
@@ -70,7 +72,9 @@ def convert_mutated_init(
     funcpeft rewrites both files (they are saved as a unit).
     """
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"path_initial_model_for_weight_conversion applies to LoRA adapters, not {type(config).__name__}")
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion applies to LoRA adapters, not {type(config).__name__}"
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(
             "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "

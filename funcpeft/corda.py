@@ -45,7 +45,9 @@ def _as_linear(module: nn.Module) -> torch.Tensor:
 def _corda_config(config: Any) -> CordaConfig:
     cfg = getattr(config, "corda_config", None)
     if not isinstance(config, LoraConfig) or not isinstance(cfg, CordaConfig):
-        raise ValueError("CorDA needs a funcpeft.LoraConfig with init_lora_weights='corda' (which sets its corda_config).")
+        raise ValueError(
+            "CorDA needs a funcpeft.LoraConfig with init_lora_weights='corda' (which sets its corda_config)."
+        )
     return cfg
 
 
@@ -65,7 +67,9 @@ def _exists(path: str | None) -> bool:
 
 @torch.no_grad()
 def covariances(
-    model: nn.Module, config: LoraConfig, run_model: Callable[[Callable[..., Any]], Any],
+    model: nn.Module,
+    config: LoraConfig,
+    run_model: Callable[[Callable[..., Any]], Any],
     hooked_model: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """`{path: (in, in) mean input covariance}` of the targeted layers (PEFT's `calib_cov_distribution`)."""
@@ -140,7 +144,9 @@ def crop(eigens: CordaEigens, r: int, method: str, device: torch.device) -> Cord
 
 
 def preprocess_corda(
-    model: nn.Module, lora_config: LoraConfig, run_model: Callable[[Callable[..., Any]], Any] | None = None,
+    model: nn.Module,
+    lora_config: LoraConfig,
+    run_model: Callable[[Callable[..., Any]], Any] | None = None,
     hooked_model: nn.Module | None = None,
 ) -> dict[str, CordaEigens]:
     """CorDA's per-layer decomposition, `{module path: CordaEigens}`: pass it as get_peft_model's `init_data`.
@@ -174,5 +180,7 @@ def preprocess_corda(
         r = rank_and_alpha(lora_config, path)[0]
         out[path] = crop(eigens_for_layer(module, covs[path]), r, cfg.corda_method, device)
     if cfg.cache_file is not None:
-        _save({f"{p}.eigens.{k}": getattr(e, k) for p, e in out.items() for k in ("S_WC", "U_WC", "V_WC")}, cfg.cache_file)
+        _save(
+            {f"{p}.eigens.{k}": getattr(e, k) for p, e in out.items() for k in ("S_WC", "U_WC", "V_WC")}, cfg.cache_file
+        )
     return out

@@ -69,8 +69,10 @@ def _flat_collective(tree: Any, collective: Any) -> Any:
 
 def _require_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first "
-                           "(torchrun sets the environment for it; see docs/distributed.md)")
+        raise RuntimeError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group first "
+            "(torchrun sets the environment for it; see docs/distributed.md)"
+        )
 
 
 def all_reduce_grads(grads: Any, group: Any = None, average: bool = True) -> Any:
@@ -107,14 +109,18 @@ def shard(batch: Any, rank: int | None = None, world_size: int | None = None) ->
         if t.shape[0] % world_size:
             raise ValueError(f"shard: batch dim {t.shape[0]} is not divisible by world size {world_size}")
         n = t.shape[0] // world_size
-        return t[rank * n:(rank + 1) * n]
+        return t[rank * n : (rank + 1) * n]
 
     return optree.tree_map(piece, batch)
 
 
 # -- a base sharded with FSDP2 ------------------------------------------------------------------------------
 def shard_base(
-    model: nn.Module, mesh: Any = None, *, units: Sequence[type[nn.Module] | str] | None = None, **fully_shard_kwargs: Any
+    model: nn.Module,
+    mesh: Any = None,
+    *,
+    units: Sequence[type[nn.Module] | str] | None = None,
+    **fully_shard_kwargs: Any,
 ) -> nn.Module:
     """Shard `model`'s frozen base with FSDP2, in place: `fully_shard` on each unit module, then on the root.
 
@@ -231,6 +237,11 @@ def is_sharded(pm: Any) -> bool:
 
 
 __all__ = [
-    "all_reduce_grads", "broadcast_adapter", "is_sharded", "local_bytes", "save_pretrained",
-    "shard", "shard_base",
+    "all_reduce_grads",
+    "broadcast_adapter",
+    "is_sharded",
+    "local_bytes",
+    "save_pretrained",
+    "shard",
+    "shard_base",
 ]

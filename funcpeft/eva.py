@@ -166,13 +166,18 @@ def _eva_config(config: Any) -> EvaConfig:
 # -- the SVD over the data ------------------------------------------------------------------------------------
 @torch.no_grad()
 def get_eva_state_dict(
-    pm: Any, base: Mapping[str, torch.Tensor], dataloader: Iterable[Any], *,
+    pm: Any,
+    base: Mapping[str, torch.Tensor],
+    dataloader: Iterable[Any],
+    *,
     forward_fn: Callable[[Callable[..., Any], Any], Any] | None = forward_fn_dict,
     prepare_model_inputs_fn: Callable[[Any, Any], Any] | None = prepare_model_inputs_fn_language_modeling,
     prepare_layer_inputs_fn: Callable[..., torch.Tensor] | Mapping[str, Callable[..., torch.Tensor]] | None = (
         prepare_layer_inputs_fn_language_modeling
     ),
-    adapter_name: str = "default", gather_distributed_inputs: bool = True, show_progress_bar: bool = False,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`{module path: components (rank, in)}`: each adapted linear layer's top input components after EVA's
     rank redistribution (PEFT's `get_eva_state_dict`). The base model (`base`, no adapter) runs on the batches.
@@ -206,7 +211,9 @@ def get_eva_state_dict(
     def model_inputs(inputs: Any) -> Any:
         return prepare_model_inputs_fn(inputs, config) if prepare_model_inputs_fn is not None else deepcopy(inputs)
 
-    layers = [p for p, e in plan.items() if e.spec is not None and e.spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF)]
+    layers = [
+        p for p, e in plan.items() if e.spec is not None and e.spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF)
+    ]
     layer_fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
     switches = {p: _Switch() for p in layers}
     max_components: dict[str, int] = {}
@@ -246,7 +253,9 @@ def get_eva_state_dict(
             switches[name].enabled = False
             if name in equal_inputs_map:
                 continue
-            hooks[name] = _SVDHook(max_components[name], eva.tau, name, switches[name].hook.prepare, gather_distributed_inputs)
+            hooks[name] = _SVDHook(
+                max_components[name], eva.tau, name, switches[name].hook.prepare, gather_distributed_inputs
+            )
             switches[name].hook, switches[name].enabled = hooks[name], True
         layer_hook_map = {**{n: n for n in hooks}, **equal_inputs_map}
         batches: Iterable[Any] = cycle(dataloader)
@@ -291,8 +300,11 @@ def get_eva_state_dict(
 
 
 def _rank_distribution(
-    hooks: Mapping[str, _SVDHook], layer_hook_map: Mapping[str, str], equal_inputs_map: Mapping[str, str],
-    rank_budget: int, max_components: Mapping[str, int],
+    hooks: Mapping[str, _SVDHook],
+    layer_hook_map: Mapping[str, str],
+    equal_inputs_map: Mapping[str, str],
+    rank_budget: int,
+    max_components: Mapping[str, int],
 ) -> dict[str, int]:
     """PEFT's rank redistribution: the `rank_budget` components with the largest explained variance ratio."""
     exp_vars = {k: h.svd.explained_variance_ratio_[: max_components[k]] for k, h in hooks.items()}
@@ -310,14 +322,19 @@ def _rank_distribution(
 
 # -- applying it ----------------------------------------------------------------------------------------------
 def initialize_lora_eva_weights(
-    pm: Any, base: Mapping[str, torch.Tensor], dataloader: Iterable[Any] | None = None,
-    eva_state_dict: Mapping[str, torch.Tensor] | None = None, *,
+    pm: Any,
+    base: Mapping[str, torch.Tensor],
+    dataloader: Iterable[Any] | None = None,
+    eva_state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
     forward_fn: Callable[[Callable[..., Any], Any], Any] | None = forward_fn_dict,
     prepare_model_inputs_fn: Callable[[Any, Any], Any] | None = prepare_model_inputs_fn_language_modeling,
     prepare_layer_inputs_fn: Callable[..., torch.Tensor] | Mapping[str, Callable[..., torch.Tensor]] | None = (
         prepare_layer_inputs_fn_language_modeling
     ),
-    adapter_name: str = "default", gather_distributed_inputs: bool = True, show_progress_bar: bool = False,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = False,
     generator: torch.Generator | None = None,
 ) -> AdapterTree:
     """PEFT's `initialize_lora_eva_weights`: the EVA-initialised adapter tree for `pm`'s adapter `adapter_name`.
@@ -336,15 +353,23 @@ def initialize_lora_eva_weights(
         if dataloader is None:
             raise ValueError("dataloader is required if eva_state_dict is not provided")
         eva_state_dict = get_eva_state_dict(
-            pm, base, dataloader, forward_fn=forward_fn, prepare_model_inputs_fn=prepare_model_inputs_fn,
-            prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name,
-            gather_distributed_inputs=gather_distributed_inputs, show_progress_bar=show_progress_bar,
+            pm,
+            base,
+            dataloader,
+            forward_fn=forward_fn,
+            prepare_model_inputs_fn=prepare_model_inputs_fn,
+            prepare_layer_inputs_fn=prepare_layer_inputs_fn,
+            adapter_name=adapter_name,
+            gather_distributed_inputs=gather_distributed_inputs,
+            show_progress_bar=show_progress_bar,
         )
     plan = pm.plans[adapter_name]
     adapted = [p for p, e in plan.items() if e.spec is not None]
     unknown = sorted(set(eva_state_dict) - set(adapted))
     if unknown:
-        raise ValueError(f"eva_state_dict has entries for modules adapter {adapter_name!r} does not adapt: {unknown[:5]}")
+        raise ValueError(
+            f"eva_state_dict has entries for modules adapter {adapter_name!r} does not adapt: {unknown[:5]}"
+        )
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     targets, missing = [], []

@@ -95,7 +95,11 @@ class PeftFunction:
     """
 
     def __init__(
-        self, model: nn.Module, plans: dict[str, Plan], default_adapter: str, mixed: bool = False,
+        self,
+        model: nn.Module,
+        plans: dict[str, Plan],
+        default_adapter: str,
+        mixed: bool = False,
         layer_replication: list[list[int]] | None = None,
     ):
         self.plans = plans
@@ -117,7 +121,9 @@ class PeftFunction:
         for path, m in model.named_modules(remove_duplicate=False):
             names.setdefault(id(m), []).append(path)
         # module path -> its other names, for modules registered under several (one Linear as `a` and `b`)
-        self._aliased: dict[str, list[str]] = {p: [q for q in ps if q != p] for ps in names.values() if len(ps) > 1 for p in ps}
+        self._aliased: dict[str, list[str]] = {
+            p: [q for q in ps if q != p] for ps in names.values() if len(ps) > 1 for p in ps
+        }
         # a model sharded with FSDP2's fully_shard runs as itself, not on call skeletons (funcpeft._fsdp)
         self.sharded = ShardedModel.of(model)
 
@@ -130,7 +136,9 @@ class PeftFunction:
         if routed is not None:
             return routed
         if not isinstance(adapter, Mapping):
-            raise TypeError(f"adapter must be a dict tree, a dict of adapter name -> tree, or None; got {type(adapter).__name__}")
+            raise TypeError(
+                f"adapter must be a dict tree, a dict of adapter name -> tree, or None; got {type(adapter).__name__}"
+            )
         default_plan = self.plans.get(self.default_adapter, {})
         if adapter and all(k in self.plans for k in adapter) and not any(k in default_plan for k in adapter):
             names = [name for name in (self.plans if self.mixed else adapter) if adapter.get(name) is not None]
@@ -159,9 +167,7 @@ class PeftFunction:
                 self._shapes[name] = cached
         return cached[1]
 
-    def check_tree(
-        self, name: str, tree: Any, base: Mapping[str, torch.Tensor], lead: tuple[int, ...] = ()
-    ) -> None:
+    def check_tree(self, name: str, tree: Any, base: Mapping[str, torch.Tensor], lead: tuple[int, ...] = ()) -> None:
         """Adapter `name`'s tree has the plan's structure, and every leaf the right shape, dtype and device.
 
         base: `{parameter name: Tensor}` with every alias (for the layers' devices); lead: leading dims (K when routed).
@@ -200,8 +206,12 @@ class PeftFunction:
         return out
 
     def build_params(
-        self, base: Mapping[str, torch.Tensor], adapter: Any, dropout: Any = no_dropout,
-        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}), generator: Generators = no_generator,
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        dropout: Any = no_dropout,
+        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+        generator: Generators = no_generator,
     ) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights.
 
@@ -278,7 +288,9 @@ class PeftFunction:
                     layers += [(tie.path, tie.spec, tied_own) for tie in entry.tied]
                 for lpath, spec, mine in layers:
                     if routing is not None:
-                        applied = route_layer(spec, method, mine, frozen, routing, batch)._replace(call=data, path=lpath)
+                        applied = route_layer(spec, method, mine, frozen, routing, batch)._replace(
+                            call=data, path=lpath
+                        )
                     else:
                         applied = Applied(
                             spec, {**mine, **frozen}, method.forward, method.uses_result(spec), data, lpath, peers
@@ -334,19 +346,24 @@ class PeftFunction:
                 )
             entry = self.plans[peer].get(path)
             if entry is None or entry.spec is None or path not in tree:
-                raise ValueError(f"adapter {name!r} ({method.name}) reads adapter {peer!r} at {path}, which {peer!r} does not adapt")
+                raise ValueError(
+                    f"adapter {name!r} ({method.name}) reads adapter {peer!r} at {path}, which {peer!r} does not adapt"
+                )
             out[peer] = (entry.spec, {k: tree[path][k] for k in entry.params})
         return out
 
-    def __call__(self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any
+    ) -> Any:
         rng = _randomness(dropout_rng)
         generator: Generators = no_generator if rng is None else rng.generator
         dropout = no_dropout if rng is None else rng.dropout
         consumed = self.call_kwargs()  # methods' own arguments (aLoRA's alora_offsets) never reach the model
         model_kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
         if self.sharded is not None:
-            build = functools.partial(self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs),
-                                      generator=generator)
+            build = functools.partial(
+                self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs), generator=generator
+            )
             return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
         check_not_sharded(self._model)
         params = self.build_params(base, adapter, dropout, (args, kwargs), generator)
@@ -354,7 +371,9 @@ class PeftFunction:
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
         if torch.compiler.is_dynamo_compiling():
-            if self._aliased and any(type(t) is AdaptedWeight and n.rpartition(".")[0] in self._aliased for n, t in params.items()):
+            if self._aliased and any(
+                type(t) is AdaptedWeight and n.rpartition(".")[0] in self._aliased for n, t in params.items()
+            ):
                 return self._eager_call(params, rng, args, kwargs)  # a graph break, see _eager_call
             return _traced_call(self._model, params, args, kwargs)
         return self._run(params, rng, args, kwargs)
@@ -377,7 +396,10 @@ class PeftFunction:
             return skel(*args, **kwargs)
 
     def bound_model(
-        self, base: Mapping[str, torch.Tensor], adapter: Any, inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
     ) -> nn.Module:
         """The model with `base` and `adapter` bound, in eval mode: a fresh call skeleton (see the module docstring).
 
@@ -394,7 +416,9 @@ class PeftFunction:
         reason="funcpeft: a targeted module is registered in the model under several names; PEFT adapts it only under "
         "the targeted one, which a traced call (running the model's own modules) cannot tell apart: run eagerly"
     )
-    def _eager_call(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict) -> Any:
+    def _eager_call(
+        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict
+    ) -> Any:
         return self._run(params, rng, args, kwargs)
 
 
@@ -407,7 +431,9 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
     the model's attributes and hooks it read, so a later change retraces.
     """
     flipped = [m for m in model.modules() if m.training]
-    hooked = [(m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())]
+    hooked = [
+        (m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())
+    ]
     owners: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
     for name, t in params.items():
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
@@ -496,13 +522,17 @@ class _Call:
         d["_buffers"] = buffers.copy() if buffers else {}
         d["_non_persistent_buffers_set"] = set(own["_non_persistent_buffers_set"])
         children = own["_modules"]
-        d["_modules"] = {n: None if c is None else self._copy(c, f"{prefix}{n}.") for n, c in children.items()} if children else {}
+        d["_modules"] = (
+            {n: None if c is None else self._copy(c, f"{prefix}{n}.") for n, c in children.items()} if children else {}
+        )
         d["training"] = self.training
         hooks = own["_forward_hooks"]
         if hooks and any(_input_grad_hook(h) for h in hooks.values()):
             d["_forward_hooks"] = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
         if "_gradient_checkpointing_func" in own:
-            d["_gradient_checkpointing_func"] = functools.partial(_checkpoint, own["_gradient_checkpointing_func"], self.rng)
+            d["_gradient_checkpointing_func"] = functools.partial(
+                _checkpoint, own["_gradient_checkpointing_func"], self.rng
+            )
             self.checkpointing = self.checkpointing or own.get("gradient_checkpointing") is True
         for key in ("forward", "_old_forward"):  # per-instance forwards (e.g. accelerate's hooks) bound to the module
             if key in own:
@@ -525,7 +555,9 @@ class _Call:
         )
 
 
-def parameter_value(name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor) -> torch.Tensor:
+def parameter_value(
+    name: str, applied: list[tuple[Method, LayerSpec[Any], Params]], weight: torch.Tensor
+) -> torch.Tensor:
     """The value the model reads for bare parameter `name` with these adapters active (their method's rule)."""
     method = applied[0][0]
     if any(m is not method for m, _, _ in applied):
@@ -566,7 +598,8 @@ def _input_grad_hook(hook: Any) -> bool:
     `requires_grad_`. Call skeletons leave it out (the model keeps it).
     """
     return getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS and str(getattr(hook, "__module__", "")).startswith(
-        ("transformers.", "peft."))
+        ("transformers.", "peft.")
+    )
 
 
 _INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")

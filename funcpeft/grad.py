@@ -55,8 +55,10 @@ def value_and_grad(fn: Callable[..., Any], argnums: int = 0, has_aux: bool = Fal
         out = fn(*call_args, **kwargs)
         loss, aux = out if has_aux else (out, None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"value_and_grad: the function must return a scalar tensor, got {type(loss).__name__}"
-                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+            raise ValueError(
+                f"value_and_grad: the function must return a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            )
         raw = torch.autograd.grad(loss, fresh, allow_unused=True)
         grads = [torch.zeros_like(f) if g is None else g for f, g in zip(fresh, raw)]
         result: Any = loss.detach()

@@ -173,7 +173,9 @@ def adapters_in(directory: str) -> list[str]:
     found = ["default"] if os.path.exists(os.path.join(directory, CONFIG_NAME)) else []
     with contextlib.suppress(OSError):
         found += sorted(
-            n for n in os.listdir(directory) if n != "default" and os.path.exists(os.path.join(directory, n, CONFIG_NAME))
+            n
+            for n in os.listdir(directory)
+            if n != "default" and os.path.exists(os.path.join(directory, n, CONFIG_NAME))
         )
     return found
 
@@ -417,8 +419,12 @@ def checkpoint_state(
 
 
 def _frozen_state(
-    tree: Mapping[str, Mapping[str, Any]], method: Method, rules: KeyRules, adapted: set[str],
-    base: Mapping[str, torch.Tensor] | None, adapter_name: str,
+    tree: Mapping[str, Mapping[str, Any]],
+    method: Method,
+    rules: KeyRules,
+    adapted: set[str],
+    base: Mapping[str, torch.Tensor] | None,
+    adapter_name: str,
 ) -> dict[str, torch.Tensor]:
     """The frozen per-layer tensors PEFT saves with the adapter (`LayerFrozen.saved`: SHiRA's mask indices,
     MiCA's lora_B), from their `base` entries."""
@@ -443,7 +449,11 @@ def _frozen_state(
 
 
 def _tie_state(
-    tree: Mapping[str, Mapping[str, Any]], config: PeftConfig, method: Method, rules: KeyRules, adapted: set[str],
+    tree: Mapping[str, Mapping[str, Any]],
+    config: PeftConfig,
+    method: Method,
+    rules: KeyRules,
+    adapted: set[str],
     model: nn.Module | None,
 ) -> dict[str, tuple[str, torch.Tensor]]:
     """{checkpoint key: (tied path, tensor)} of the layers tied to an adapted input embedding (`Method.tie`):
@@ -462,7 +472,9 @@ def _tie_state(
     for source, tied in tied_paths(model, config, tree).items():
         wrapped = adapted | set(tied)
         params = method.tie.params(dict(tree[source]))
-        out.update({file_key(path, n, rules, True, True, wrapped): (path, t) for path in tied for n, t in params.items()})
+        out.update(
+            {file_key(path, n, rules, True, True, wrapped): (path, t) for path in tied for n, t in params.items()}
+        )
     return out
 
 
@@ -586,7 +598,9 @@ def save_adapter(
     if not safe_serialization:
         raise ValueError("funcpeft writes safetensors only (safe_serialization=False would write a pickle)")
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a funcpeft config (e.g. funcpeft.LoraConfig), got {type(peft_config).__name__}")
+        raise TypeError(
+            f"peft_config must be a funcpeft config (e.g. funcpeft.LoraConfig), got {type(peft_config).__name__}"
+        )
     out_dir = adapter_dir(directory, adapter_name)
     if plan is not None and model is not None:
         check_tree(adapter_params, plan, model, peft_config)

@@ -147,7 +147,9 @@ def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, t
     adapted = {p for p, e in plan.items() if e.spec is not None} | {t.path for e in plan.values() for t in e.tied}
     return {
         file_key(t.path, name, rules, True, True, adapted): (path, t.path, name)
-        for path, e in plan.items() for t in e.tied for name, _ in t.shapes
+        for path, e in plan.items()
+        for t in e.tied
+        for name, _ in t.shapes
     }
 
 
@@ -223,21 +225,21 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
     if not key.startswith(PREFIX):  # tuner-level tensors: trainable shared ones (VB-LoRA's bank) or VeRA's frozen
         if not key.startswith("base_model."):
             return None
-        name = key[len("base_model."):]
+        name = key[len("base_model.") :]
         return ("adapter", (SHARED_PATH, name)) if rules.is_method_param(name) else ("base", (key, ""))
-    rest = key[len(PREFIX):]
+    rest = key[len(PREFIX) :]
     for leaf, tail in rules.renamed:
         if rest.endswith(f".{tail}"):
             return "adapter", (_unwrapped(rest.removesuffix(f".{tail}")), leaf)
-    parts = key[len(PREFIX):].split(".")
+    parts = key[len(PREFIX) :].split(".")
     if len(parts) < 2:
         return None
     for name in rules.unsuffixed:  # dotted names (a sub-module's parameter, e.g. MonteCLoRA's)
         if "." in name and key.endswith(f".{name}") and len(key) > len(PREFIX) + len(name) + 1:
-            return "adapter", (key[len(PREFIX):-len(name) - 1], name)
+            return "adapter", (key[len(PREFIX) : -len(name) - 1], name)
     if rules.copies_part is not None and rules.copies_part in parts[1:-1]:  # LN tuning's copies
         at = parts.index(rules.copies_part, 1)
-        return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1:]))
+        return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1 :]))
     last, prev = parts[-1], parts[-2]
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (_unwrapped(".".join(parts[:-1])), last)
@@ -265,7 +267,7 @@ def _unwrapped(path: str) -> str:
     (an attention's `mha.base_layer.out_proj`) and goes; trailing ones are target_parameters wrapper paths
     (`experts.base_layer`, funcpeft's tree path too) and stay."""
     parts = path.split(".")
-    keep = [p for i, p in enumerate(parts) if p != "base_layer" or all(q == "base_layer" for q in parts[i + 1:])]
+    keep = [p for i, p in enumerate(parts) if p != "base_layer" or all(q == "base_layer" for q in parts[i + 1 :])]
     return ".".join(keep)
 
 

@@ -57,8 +57,11 @@ def _rank_field(config: PeftConfig, path: str) -> str:
 
 
 def check_sizes(
-    shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, PlanEntry], config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], where: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    plan: Mapping[str, PlanEntry],
+    config: PeftConfig,
+    leaves: Mapping[Leaf, LeafSpec],
+    where: str,
 ) -> None:
     """The layer ranks the config sets, against the checkpoint's tensor shapes (`shapes`, read from the file
     header) and against a sane limit, before any fresh init or shared tensor is allocated.
@@ -86,7 +89,9 @@ def check_sizes(
                 continue
             fresh.append((key, want))
             for w, g in zip(want, got or ()):
-                if w == r != g and tuple(method_shapes(_with_rank(spec, g)).get(name, ())) == got:  # exactly rank g's shape
+                if (
+                    w == r != g and tuple(method_shapes(_with_rank(spec, g)).get(name, ())) == got
+                ):  # exactly rank g's shape
                     raise ValueError(
                         f"{config_file} sets `{field}` = {r} for {path}, which makes {key} {list(want)}, but "
                         f"{weights_file} holds it as {list(got or ())} (rank {g}): the config does not describe these "
@@ -113,8 +118,13 @@ class Matched(NamedTuple):
 
 
 def match_checkpoint(
-    tensors: Mapping[str, torch.Tensor], plan: Mapping[str, Any], model: nn.Module, config: PeftConfig,
-    leaves: Mapping[Leaf, LeafSpec], shared: Mapping[str, torch.Tensor], adapter_name: str = "default",
+    tensors: Mapping[str, torch.Tensor],
+    plan: Mapping[str, Any],
+    model: nn.Module,
+    config: PeftConfig,
+    leaves: Mapping[Leaf, LeafSpec],
+    shared: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
 ) -> Matched:
     """Sort checkpoint tensors into adapter leaves and base entries; collect every problem.
 
@@ -166,8 +176,12 @@ def match_checkpoint(
 
 
 def check_ties(
-    tied: Mapping[str, torch.Tensor], tree: Mapping[str, Mapping[str, torch.Tensor]], plan: Mapping[str, Any],
-    config: PeftConfig, where: str, strict: bool,
+    tied: Mapping[str, torch.Tensor],
+    tree: Mapping[str, Mapping[str, torch.Tensor]],
+    plan: Mapping[str, Any],
+    config: PeftConfig,
+    where: str,
+    strict: bool,
 ) -> None:
     """The params a checkpoint holds for tied layers must be the ones the tie gives (funcpeft keeps them once)."""
     ties = tie_file_keys(plan, key_rules(config))
@@ -195,13 +209,21 @@ def _report(problems: Problems, what: str, model: nn.Module, strict: bool) -> No
         return
     msg = problems.message(what, model)
     if strict:
-        raise AdapterMismatchError(msg + "\nPass strict=False to load anyway (missing or mis-shaped leaves keep a fresh init).")
-    warnings.warn(msg + "\nLoading anyway (strict=False): missing or mis-shaped leaves keep a fresh init.", stacklevel=4)
+        raise AdapterMismatchError(
+            msg + "\nPass strict=False to load anyway (missing or mis-shaped leaves keep a fresh init)."
+        )
+    warnings.warn(
+        msg + "\nLoading anyway (strict=False): missing or mis-shaped leaves keep a fresh init.", stacklevel=4
+    )
 
 
 def build_tree(
-    found: Mapping[Leaf, torch.Tensor], plan: Mapping[str, Any], model: nn.Module,
-    leaves: Mapping[Leaf, LeafSpec], autocast_adapter_dtype: bool, is_trainable: bool,
+    found: Mapping[Leaf, torch.Tensor],
+    plan: Mapping[str, Any],
+    model: nn.Module,
+    leaves: Mapping[Leaf, LeafSpec],
+    autocast_adapter_dtype: bool,
+    is_trainable: bool,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The adapter tree in plan order; leaves absent from `found` get a fresh init (PEFT's non-strict load)."""
     absent = {p for p, e in plan.items() if any((p, n) not in found for n in (*e.params, *e.overrides))}
@@ -254,8 +276,15 @@ class Loaded(NamedTuple):
 
 
 def load_for_model(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
-    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False, root_fallback: bool = False,
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    root_fallback: bool = False,
 ) -> Loaded:
     """Read, resolve, check and convert a saved adapter for `model` (shared by load_adapter and from_pretrained)."""
     if not isinstance(model, nn.Module):
@@ -327,8 +356,14 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
 
 
 def load_adapter(
-    directory: str | os.PathLike, adapter_name: str = "default", model: nn.Module | None = None, *,
-    strict: bool = True, is_trainable: bool = False, autocast_adapter_dtype: bool = True, allow_pickle: bool = False,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    model: nn.Module | None = None,
+    *,
+    strict: bool = True,
+    is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
+    allow_pickle: bool = False,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], PeftConfig]:
     """Read a PEFT adapter directory: `(adapter_params, peft_config)`.
 
@@ -343,8 +378,13 @@ def load_adapter(
     if model is None:
         return _load_without_model(_locate(directory, adapter_name), strict, is_trainable, allow_pickle)
     loaded = load_for_model(
-        model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-        strict=strict, allow_pickle=allow_pickle,
+        model,
+        directory,
+        adapter_name,
+        is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        strict=strict,
+        allow_pickle=allow_pickle,
     )
     params = dict(loaded.model.named_parameters())
     differing = [n for n, t in loaded.base.items() if n in params and not torch.equal(t, params[n])]

@@ -58,7 +58,9 @@ def estimate_gradients(
 
 
 def preprocess_loraga(
-    model: nn.Module, lora_config: LoraConfig, train_step: Callable[[Callable[..., Any]], Any] | None = None,
+    model: nn.Module,
+    lora_config: LoraConfig,
+    train_step: Callable[[Callable[..., Any]], Any] | None = None,
     cache_file: str | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """LoRA-GA's per-layer gradients, `{module path: gradient or None}`: pass it as get_peft_model's `init_data`.

@@ -61,7 +61,10 @@ def _delta(spec: LayerSpec[Any], params: Params) -> torch.Tensor:
 
 
 def merge_weight(
-    spec: LayerSpec[Any], params: Params, weight: torch.Tensor, safe_merge: bool = False,
+    spec: LayerSpec[Any],
+    params: Params,
+    weight: torch.Tensor,
+    safe_merge: bool = False,
     base_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is."""
@@ -92,7 +95,9 @@ def unmerge_weight(
     if hooks.unweight is not None:
         return hooks.unweight(spec, params, merged, base_weight)
     if hooks.weight is not None:
-        raise NotImplementedError(f"method {spec.method!r} has a merge.weight hook but no merge.unweight: cannot unmerge")
+        raise NotImplementedError(
+            f"method {spec.method!r} has a merge.weight hook but no merge.unweight: cannot unmerge"
+        )
     if spec.kind is LayerKind.PARAMETER:
         return _merge_parameter(spec, params, merged, sign=-1)
     delta = _delta(spec, params).to(merged.device)
@@ -177,7 +182,10 @@ def _layers(path: str, entry: PlanEntry, params: Params) -> list[tuple[str, Laye
 
 
 def _merge_entries(
-    names: Names, base: Mapping[str, torch.Tensor], entries: list[Entry], safe_merge: bool,
+    names: Names,
+    base: Mapping[str, torch.Tensor],
+    entries: list[Entry],
+    safe_merge: bool,
     before: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> Tree:
     """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias)."""
@@ -221,7 +229,9 @@ def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge
     return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter, base), safe_merge)
 
 
-def unmerge(pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: Mapping[str, torch.Tensor] | None = None) -> Tree:
+def unmerge(
+    pm: Any, merged: Mapping[str, torch.Tensor], adapter: Any, *, base: Mapping[str, torch.Tensor] | None = None
+) -> Tree:
     """Inverse of `merge` (within float tolerance for the adapted weights), in reverse order.
 
     Overridden parameters (modules_to_save, trainable biases) cannot be recovered from `merged`: pass

@@ -81,7 +81,11 @@ class FunctionalPeftModel:
         return init_adapter(self.model, self.plans[name], self.autocast_adapter_dtype, generator, trainable)
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, generator: torch.Generator | None = None, *,
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        generator: torch.Generator | None = None,
+        *,
         init_data: Mapping[str, Any] | None = None,
     ) -> AdapterTree:
         """Register another adapter (PEFT's `add_adapter`) and return its fresh tree.
@@ -123,7 +127,9 @@ class FunctionalPeftModel:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; registered: {sorted(self.peft_config)}")
-        loaded = load_for_model(self.model, directory, adapter_name, is_trainable=is_trainable, root_fallback=True, **kwargs)
+        loaded = load_for_model(
+            self.model, directory, adapter_name, is_trainable=is_trainable, root_fallback=True, **kwargs
+        )
         _check_combinable(loaded.config, self.peft_config[self.adapter_name], self.mixed)
         _check_no_second_replication(loaded.config)
         loaded.config.check_new_adapter_config(self.peft_config)
@@ -139,7 +145,11 @@ class FunctionalPeftModel:
         """{module path: LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)} of a LoRA / DoRA adapter's layers:
         PEFT's per-layer `module.scaling[adapter]`, as `funcpeft.optim.lorafa` needs it."""
         plan = self.plans[adapter_name or self.adapter_name]
-        return {p: e.spec.hyper.scaling for p, e in plan.items() if e.spec is not None and isinstance(e.spec.hyper, LoraHyper)}
+        return {
+            p: e.spec.hyper.scaling
+            for p, e in plan.items()
+            if e.spec is not None and isinstance(e.spec.hyper, LoraHyper)
+        }
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) counted like PEFT (tied weights once; modules_to_save original and copy).
@@ -156,8 +166,12 @@ class FunctionalPeftModel:
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], adapter_params: Any = None, *,
-        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None, **kwargs: Any,
+        self,
+        directory: str | os.PathLike[str],
+        adapter_params: Any = None,
+        *,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
     ) -> str:
         """Write PEFT's on-disk format for `adapter_params` (the trained tree; see funcpeft.io.save_adapter), or for
         each adapter of `{adapter_name: tree, ...}` (PEFT saves every adapter: non-default ones in subdirectories).
@@ -186,11 +200,17 @@ class FunctionalPeftModel:
         config = self.peft_config[self.adapter_name]
         if path_initial_model_for_weight_conversion is not None:
             self.fn.check_tree(self.adapter_name, adapter_params, self.base)
-            tree, plain = convert_mutated_init(adapter_params, config, path_initial_model_for_weight_conversion, self.model)
-            return save_adapter(directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs)
+            tree, plain = convert_mutated_init(
+                adapter_params, config, path_initial_model_for_weight_conversion, self.model
+            )
+            return save_adapter(
+                directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs
+            )
         return self.save_pretrained_adapter(directory, self.adapter_name, adapter_params, **kwargs)
 
-    def save_pretrained_adapter(self, directory: str | os.PathLike[str], adapter_name: str, tree: Any, **kwargs: Any) -> str:
+    def save_pretrained_adapter(
+        self, directory: str | os.PathLike[str], adapter_name: str, tree: Any, **kwargs: Any
+    ) -> str:
         """Write registered adapter `adapter_name`'s `tree` (PEFT's layout: `directory/<adapter_name>` unless default)."""
         kwargs = {"model": self.model, "base_params": self.base, "plan": self.plans[adapter_name], **kwargs}
         return save_adapter(directory, tree, self.peft_config[adapter_name], adapter_name, **kwargs)
@@ -269,10 +289,14 @@ def get_peft_model(
     base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     _write_weights(base, Names(fn.aliases), changed, plan)
-    return FunctionalPeftModel(fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed)
+    return FunctionalPeftModel(
+        fn, base, adapter, {adapter_name: resolved}, adapter_name, model, autocast_adapter_dtype, mixed
+    )
 
 
-def _write_weights(base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor], plan: Plan) -> None:
+def _write_weights(
+    base: dict[str, torch.Tensor], names: Names, changed: Mapping[str, torch.Tensor], plan: Plan
+) -> None:
     """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
     for path, weight in changed.items():
         names.write_shared(base, plan[path].weight_key(path), weight)
@@ -348,7 +372,8 @@ def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
         if entry.spec is None or entry.method.nests:
             continue
         below = [
-            (n, p[path].method.peft_type) for n, p in plans.items()
+            (n, p[path].method.peft_type)
+            for n, p in plans.items()
             if (e := p.get(path)) is not None and e.spec is not None and e.method.peft_type != entry.method.peft_type
         ]
         if below:
@@ -359,8 +384,14 @@ def _check_nesting(plan: Plan, plans: dict[str, Plan]) -> None:
 
 
 def from_pretrained(
-    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, *,
-    autocast_adapter_dtype: bool = True, strict: bool = True, allow_pickle: bool = False,
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    *,
+    autocast_adapter_dtype: bool = True,
+    strict: bool = True,
+    allow_pickle: bool = False,
     init_data: Mapping[str, Any] | None = None,
 ) -> FunctionalPeftModel:
     """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
@@ -383,8 +414,14 @@ def from_pretrained(
     """
     _reject_peft_model(model)
     loaded = load_for_model(
-        model, directory, adapter_name, is_trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-        strict=strict, allow_pickle=allow_pickle, root_fallback=True,
+        model,
+        directory,
+        adapter_name,
+        is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        root_fallback=True,
     )
     model = loaded.model  # the replicated structure with layer_replication
     base = {n: p.detach() for n, p in model.named_parameters()}
@@ -392,14 +429,19 @@ def from_pretrained(
     # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
     # (None for every layer: no data, PEFT's loading fallback where there is one)
     # (only those layers: the others' random draws would be thrown away)
-    redo = {p: e for p, e in loaded.plan.items() if e.spec is not None and e.method.init_from_weight is not None
-            and changes_base(e.spec)}
+    redo = {
+        p: e
+        for p, e in loaded.plan.items()
+        if e.spec is not None and e.method.init_from_weight is not None and changes_base(e.spec)
+    }
     if redo:
         data = {p: None for p in redo} if init_data is None else init_data
         _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
         _write_weights(base, Names(fn.aliases), changed, redo)
     base.update({n: t for n, t in loaded.base.items() if n not in base or not torch.equal(t, base[n])})
-    return FunctionalPeftModel(fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype)
+    return FunctionalPeftModel(
+        fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype
+    )
 
 
 __all__ = ["FunctionalPeftModel", "from_pretrained", "get_peft_model"]

@@ -87,8 +87,11 @@ def _check(name: str, value: float, low: float, high: float = float("inf")) -> N
 
 
 def adamw(
-    lr: float | Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-    weight_decay: float = 1e-2, maximize: bool = False,
+    lr: float | Schedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """AdamW with torch.optim.AdamW's defaults and arithmetic; `lr` may be a schedule `step -> lr`."""
     b1, b2 = betas
@@ -125,7 +128,10 @@ def adamw(
 
 
 def sgd(
-    lr: float | Schedule, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+    lr: float | Schedule,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
     dampening: float = 0.0,
 ) -> GradientTransformation:
     """SGD with torch.optim.SGD's momentum / dampening / nesterov / (coupled) weight decay."""
@@ -286,8 +292,13 @@ def loraplus_group(path: str, name: str, leaf: torch.Tensor, layernorms: frozens
 
 
 def loraplus(
-    optimizer: Callable[..., GradientTransformation], *, lr: float | Schedule, loraplus_lr_ratio: float,
-    loraplus_lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0, model: nn.Module | None = None,
+    optimizer: Callable[..., GradientTransformation],
+    *,
+    lr: float | Schedule,
+    loraplus_lr_ratio: float,
+    loraplus_lr_embedding: float = 1e-6,
+    loraplus_weight_decay: float = 0.0,
+    model: nn.Module | None = None,
     **kwargs: Any,
 ) -> GradientTransformation:
     """PEFT's `create_loraplus_optimizer`: `optimizer` per parameter group with LoRA+'s learning rates.
@@ -305,11 +316,15 @@ def loraplus(
             f"and weight_decay), got {optimizer!r}"
         )
     if "weight_decay" in kwargs:
-        raise TypeError("loraplus: the groups set their own weight decay; pass loraplus_weight_decay instead of weight_decay")
+        raise TypeError(
+            "loraplus: the groups set their own weight decay; pass loraplus_weight_decay instead of weight_decay"
+        )
     _check("loraplus_lr_ratio", loraplus_lr_ratio, 0.0)
     _check("loraplus_lr_embedding", loraplus_lr_embedding, 0.0)
     _check("loraplus_weight_decay", loraplus_weight_decay, 0.0)
-    layernorms = None if model is None else frozenset(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    layernorms = (
+        None if model is None else frozenset(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    )
     wd = loraplus_weight_decay
     transforms = {
         "groupA": optimizer(lr=lr, weight_decay=wd, **kwargs),
@@ -347,8 +362,13 @@ def _lora_pair(path: str, entry: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def lorafa(
-    lr: float | Schedule, scalings: float | Mapping[str, float], *, betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
+    lr: float | Schedule,
+    scalings: float | Mapping[str, float],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    correct_bias: bool = True,
     projection_dtype: torch.dtype | None = torch.bfloat16,
 ) -> GradientTransformation:
     """PEFT's `create_lorafa_optimizer` (`LoraFAOptimizer`): lora_A frozen, lora_B's gradient projected, AdamW.
@@ -375,7 +395,9 @@ def lorafa(
         if isinstance(scalings, Mapping):
             if path not in scalings:
                 close = difflib.get_close_matches(path, list(scalings), n=3)
-                raise KeyError(f"lorafa: no scaling for {path!r} (close: {close}); pass pm.lora_scalings() or one float")
+                raise KeyError(
+                    f"lorafa: no scaling for {path!r} (close: {close}); pass pm.lora_scalings() or one float"
+                )
             return float(scalings[path])
         return float(scalings)
 
@@ -437,7 +459,8 @@ def riemannian(optimizer: GradientTransformation, reg: float = 1e-2) -> Gradient
 
     def pairs(params: Tree) -> list[str]:
         return [
-            path for path, entry in params.items()
+            path
+            for path, entry in params.items()
             if "lora_A" in entry and "lora_B" in entry and entry["lora_A"].ndim == 2 and entry["lora_B"].ndim == 2
         ]
 

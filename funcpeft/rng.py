@@ -114,8 +114,15 @@ class _Redirect(TorchFunctionMode):
 
 
 # -- dropout: torch's kernels (aten/src/ATen/native/Dropout.cpp), drawing from the call's generator --------------
-def _dropout(rng: CallRandomness, x: torch.Tensor, p: float, train: bool, feature: bool = False, alpha: bool = False,
-             inplace: bool = False) -> torch.Tensor:
+def _dropout(
+    rng: CallRandomness,
+    x: torch.Tensor,
+    p: float,
+    train: bool,
+    feature: bool = False,
+    alpha: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if p == 0.0 or not train or x.numel() == 0:
@@ -153,7 +160,9 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-def _functional(feature: bool, alpha: bool, train_default: bool, unbatched_dim: int | None = None) -> Callable[..., Any]:
+def _functional(
+    feature: bool, alpha: bool, train_default: bool, unbatched_dim: int | None = None
+) -> Callable[..., Any]:
     """F.dropout / alpha_dropout / feature_alpha_dropout / dropout1d/2d/3d: (input, p, training, inplace)."""
 
     def handler(rng: CallRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -193,8 +202,9 @@ def _native_dropout(rng: CallRandomness, func: Any, args: tuple, kwargs: dict) -
 def _sdpa(rng: CallRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
     """F.scaled_dot_product_attention with dropout: torch's math path, the mask drawn from the call's generator."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    q, k, v, attn_mask, dropout_p, is_causal = (_arg(args, kwargs, i, n, d) for i, (n, d) in
-                                                enumerate(zip(names, (None, None, None, None, 0.0, False))))
+    q, k, v, attn_mask, dropout_p, is_causal = (
+        _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, None, 0.0, False)))
+    )
     if not dropout_p:
         return func(*args, **kwargs)
     scale, gqa = kwargs.get("scale"), kwargs.get("enable_gqa", False)
@@ -208,7 +218,11 @@ def _sdpa(rng: CallRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         attn = attn.masked_fill(causal.logical_not(), float("-inf"))
     if attn_mask is not None:
-        attn = attn.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        attn = (
+            attn.masked_fill(attn_mask.logical_not(), float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else attn + attn_mask
+        )
     softmax = getattr(torch, "_safe_softmax", None)  # fully masked rows give 0, like the kernel
     attn = softmax(attn, -1) if softmax is not None else attn.softmax(-1)
     return _dropout(rng, attn, dropout_p, True) @ v
@@ -300,21 +314,54 @@ _HANDLERS: dict[Any, Callable[..., Any]] = {
         "nn.MultiheadAttention's attention dropout, drawn inside F.multi_head_attention_forward",
     ),
 }
-for _name in ("fractional_max_pool2d", "fractional_max_pool3d", "fractional_max_pool2d_with_indices",
-              "fractional_max_pool3d_with_indices"):
-    _HANDLERS[getattr(F, _name)] = _refuse_when(lambda a, k: k.get("_random_samples") is None,
-                                                f"F.{_name} without _random_samples")
-for _method in ("bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_", "cauchy_",
-                "log_normal_", "multinomial"):
+for _name in (
+    "fractional_max_pool2d",
+    "fractional_max_pool3d",
+    "fractional_max_pool2d_with_indices",
+    "fractional_max_pool3d_with_indices",
+):
+    _HANDLERS[getattr(F, _name)] = _refuse_when(
+        lambda a, k: k.get("_random_samples") is None, f"F.{_name} without _random_samples"
+    )
+for _method in (
+    "bernoulli",
+    "bernoulli_",
+    "uniform_",
+    "normal_",
+    "random_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "multinomial",
+):
     _HANDLERS[getattr(torch.Tensor, _method)] = _with_generator(lambda a, k: a[0].device)
-_TAKES_INPUT: tuple[Any, ...] = (torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.binomial,
-                                 torch.rand_like, torch.randn_like, torch.randint_like,
-                                 torch._standard_gamma, torch._sample_dirichlet)  # torch.distributions' samplers
+_TAKES_INPUT: tuple[Any, ...] = (
+    torch.bernoulli,
+    torch.multinomial,
+    torch.normal,
+    torch.poisson,
+    torch.binomial,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint_like,
+    torch._standard_gamma,
+    torch._sample_dirichlet,
+)  # torch.distributions' samplers
 for _fn in _TAKES_INPUT:
     _HANDLERS[_fn] = _with_generator(_first_tensor_device)
 _FACTORIES: tuple[Any, ...] = (torch.rand, torch.randn, torch.randint, torch.randperm)
 for _fn in _FACTORIES:
     _HANDLERS[_fn] = _with_generator(_factory_device)
-for _name in ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-              "kaiming_normal_", "orthogonal_", "sparse_"):
+for _name in (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+):
     _HANDLERS[getattr(torch.nn.init, _name)] = _with_generator(lambda a, k: a[0].device if a else k["tensor"].device)

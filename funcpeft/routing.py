@@ -83,7 +83,9 @@ class MixedBatch:
             stacked = stack_adapters([self.adapters[m] for m in members])
             slot = {m: j for j, m in enumerate(members)}
             index = torch.tensor([slot.get(n, -1) for n in self.adapter_names], device=_first_leaf(stacked).device)
-            out.append((members[0], dataclasses.replace(per_example(stacked, index, members[0]), origin="adapter_names")))
+            out.append(
+                (members[0], dataclasses.replace(per_example(stacked, index, members[0]), origin="adapter_names"))
+            )
         return out
 
 
@@ -113,7 +115,9 @@ def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None
     if isinstance(stacked, Sequence):
         stacked = stack_adapters(list(stacked))
     if not isinstance(stacked, Mapping):
-        raise TypeError(f"per_example: stacked must be an adapter tree (dict) or a list of trees, got {type(stacked).__name__}")
+        raise TypeError(
+            f"per_example: stacked must be an adapter tree (dict) or a list of trees, got {type(stacked).__name__}"
+        )
     leaves: list[Any] = optree.tree_leaves(stacked)  # type: ignore[arg-type]
     first = _first_leaf(stacked)
     k = first.shape[0] if first.dim() else 0
@@ -123,9 +127,13 @@ def per_example(stacked: Any, index: Any = None, adapter_name: str | None = None
     if index is not None:
         index = torch.as_tensor(index, device=first.device)
         if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"per_example: index must be 1-D integers (B,), got {index.dtype} of shape {tuple(index.shape)}")
+            raise ValueError(
+                f"per_example: index must be 1-D integers (B,), got {index.dtype} of shape {tuple(index.shape)}"
+            )
         if _checking() and index.numel() and (int(index.min()) < -1 or int(index.max()) >= k):
-            raise ValueError(f"per_example: index values must be in [-1, {k}) for K={k} stacked adapters, got {index.tolist()}")
+            raise ValueError(
+                f"per_example: index values must be in [-1, {k}) for K={k} stacked adapters, got {index.tolist()}"
+            )
         return PerExample(stacked, index.long(), adapter_name, not _checking() or bool((index < 0).any()))
     return PerExample(stacked, None, adapter_name, False)
 
@@ -149,8 +157,10 @@ def mixed_batch(adapters: Mapping[str, Any], adapter_names: Sequence[str]) -> Mi
     for n in adapter_names:
         if n != BASE and n not in adapters:
             close = difflib.get_close_matches(str(n), [*adapters, BASE], n=3)
-            raise ValueError(f"mixed_batch: adapter name {n!r} is not in adapters {sorted(adapters)} nor {BASE!r}"
-                             + (f"; did you mean {close}?" if close else ""))
+            raise ValueError(
+                f"mixed_batch: adapter name {n!r} is not in adapters {sorted(adapters)} nor {BASE!r}"
+                + (f"; did you mean {close}?" if close else "")
+            )
     return MixedBatch(dict(adapters), tuple(adapter_names))
 
 
@@ -229,8 +239,9 @@ def route_layer(
     params = {**stacked, **shared, **({_INDEX: index} if index is not None else {})}
     keys = tuple(stacked)
 
-    def forward(spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None,
-                ctx: OpContext) -> torch.Tensor:
+    def forward(
+        spec: LayerSpec[Any], params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
+    ) -> torch.Tensor:
         assert result is not None
         return _routed_forward(method, spec, keys, any_base, batch, params, x, result, ctx)
 
@@ -250,8 +261,15 @@ def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:
 
 
 def _routed_forward(
-    method: Method, inner: LayerSpec[Any], stacked_keys: tuple[str, ...], any_base: bool, b: int, params: Params,
-    x: torch.Tensor, result: torch.Tensor, ctx: OpContext,
+    method: Method,
+    inner: LayerSpec[Any],
+    stacked_keys: tuple[str, ...],
+    any_base: bool,
+    b: int,
+    params: Params,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    ctx: OpContext,
 ) -> torch.Tensor:
     index = params.get(_INDEX)
     stacked = {k: params[k] for k in stacked_keys}
@@ -277,7 +295,11 @@ def _routed_forward(
 
 # -- per-sample gradients ----------------------------------------------------------------------------------
 def per_sample_grads(
-    loss_fn: Callable[..., torch.Tensor], adapter: Any, *args: Any, batch_size: int, adapter_name: str | None = None,
+    loss_fn: Callable[..., torch.Tensor],
+    adapter: Any,
+    *args: Any,
+    batch_size: int,
+    adapter_name: str | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """Per-example losses (B,) and per-example gradients (leaves (B, *leaf.shape)) in one backward pass.
@@ -302,7 +324,9 @@ def per_sample_grads(
         losses = loss_fn(PerExample(copies, None, adapter_name, False), *args, **kwargs)
         if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"per_sample_grads: loss_fn must return per-example losses of shape ({batch_size},), got {got}")
+            raise ValueError(
+                f"per_sample_grads: loss_fn must return per-example losses of shape ({batch_size},), got {got}"
+            )
         return losses.sum(), losses
 
     copies = optree.tree_map(lambda t: t.expand(batch_size, *t.shape), adapter)

@@ -52,13 +52,23 @@ from .methods._layers import adapter_dtype
 from .methods.base import LayerKind, LayerSpec
 from .methods.lora import LoraHyper
 
-_PRUNED = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
-           "magnitude_prune_svd")  # the types that need `density`
+_PRUNED = (
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)  # the types that need `density`
 _SUPPORTED = ("svd", "linear", "cat", *_PRUNED)
 _SIGN_METHODS = ("total", "frequency")
 
 Pairs = list[tuple[str, Mapping[str, Any]]]
-Layer = tuple[float, LayerSpec[LoraHyper], dict[str, torch.Tensor]]  # (weight, spec, params) of one input adapter at one path
+Layer = tuple[
+    float, LayerSpec[LoraHyper], dict[str, torch.Tensor]
+]  # (weight, spec, params) of one input adapter at one path
 
 
 def _ab(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +79,10 @@ def _ab(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
 def _pairs(adapters: Any) -> Pairs:
     if isinstance(adapters, Mapping):
         return list(adapters.items())
-    if isinstance(adapters, Sequence) and not isinstance(adapters, str) and all(
-        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in adapters
+    if (
+        isinstance(adapters, Sequence)
+        and not isinstance(adapters, str)
+        and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in adapters)
     ):
         return list(adapters)
     raise TypeError(
@@ -83,7 +95,9 @@ def _rank(config: LoraConfig) -> int:
     return config.r if not config.rank_pattern else max(config.r, *config.rank_pattern.values())
 
 
-def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: str, svd_rank: int | None) -> tuple[str, int, Any]:
+def _check(
+    pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: str, svd_rank: int | None
+) -> tuple[str, int, Any]:
     """PEFT's `_check_add_weighted_adapter`: (combination_type, new_rank, new_target_modules)."""
     if not pairs:
         raise ValueError("add_weighted_adapter needs at least one adapter")
@@ -93,11 +107,15 @@ def _check(pm: Any, pairs: Pairs, weights: Sequence[float], combination_type: st
         if name not in pm.peft_config:
             raise ValueError(f"Adapter {name} does not exist (registered: {sorted(pm.peft_config)})")
         if type(pm.peft_config[name]) is not LoraConfig:  # subclasses (AdaLoraConfig) are other methods, as in PEFT
-            raise TypeError(f"add_weighted_adapter combines LoRA adapters; {name!r} is a {type(pm.peft_config[name]).__name__}")
+            raise TypeError(
+                f"add_weighted_adapter combines LoRA adapters; {name!r} is a {type(pm.peft_config[name]).__name__}"
+            )
         check_adapter_structure(tree, pm.plans[name], name)
     for name, _ in pairs:
         if pm.peft_config[name].target_parameters:
-            raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}')")
+            raise ValueError(
+                f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}')"
+            )
     saved: dict[str, int] = {}
     for name, _ in pairs:
         for path, info in pm.plans[name].items():
@@ -213,7 +231,9 @@ def _task_arithmetic(layers: list[Layer], rule: Rule) -> tuple[torch.Tensor, tor
     """The A/B-level types (linear, ties, dare_*, magnitude_prune): A's with signed sqrt(|w s|), B's with sqrt(|w s|)."""
     shapes = {tuple(_ab(layer)[0].shape) for layer in layers}
     if len(shapes) > 1:
-        raise ValueError(f"combination_type={rule.kind!r} needs equal LoRA shapes per layer, got lora_A shapes {sorted(shapes)}")
+        raise ValueError(
+            f"combination_type={rule.kind!r} needs equal LoRA shapes per layer, got lora_A shapes {sorted(shapes)}"
+        )
     signed, plain = [], []
     for w, spec, _ in layers:
         ws = w * spec.hyper.scaling
@@ -228,7 +248,12 @@ def _task_arithmetic(layers: list[Layer], rule: Rule) -> tuple[torch.Tensor, tor
 
 
 def _svd(
-    layers: list[Layer], new_rank: int, clamp: float | None, full_matrices: bool, driver: str | None, rule: Rule,
+    layers: list[Layer],
+    new_rank: int,
+    clamp: float | None,
+    full_matrices: bool,
+    driver: str | None,
+    rule: Rule,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec0 = layers[0][1]
     deltas = [_lora_delta(spec, p) for _, spec, p in layers]
@@ -251,7 +276,10 @@ def _svd(
 
 
 def _rule(
-    combination_type: str, density: float | None, majority_sign_method: str, generator: torch.Generator | int | None,
+    combination_type: str,
+    density: float | None,
+    majority_sign_method: str,
+    generator: torch.Generator | int | None,
     device: torch.device,
 ) -> Rule:
     """The checked combination rule (PEFT checks density only when it prunes; funcpeft before anything runs)."""
@@ -279,7 +307,9 @@ def _rule(
             "(as in PEFT); pass a density > 0"
         )
     if density >= 1:
-        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3)
+        warnings.warn(
+            f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3
+        )
     return Rule(kind, float(density), majority_sign_method, generator)
 
 
@@ -322,7 +352,9 @@ def add_weighted_adapter(
     """
     fn = peft_function(pm)
     if not hasattr(pm, "peft_config"):
-        raise TypeError("add_weighted_adapter needs what funcpeft.get_peft_model returned (its configs and base), not its fn")
+        raise TypeError(
+            "add_weighted_adapter needs what funcpeft.get_peft_model returned (its configs and base), not its fn"
+        )
     pairs = _pairs(adapters)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
@@ -345,8 +377,21 @@ def add_weighted_adapter(
             entry = {k: names.read(pm.base, info.base_key(path, k)).detach().clone() for k in info.overrides}
             spec = info.spec
             if spec is not None:
-                entry.update(_combine(pm, pairs, weights, path, spec, combination_type, new_rank,
-                                      svd_clamp, svd_full_matrices, svd_driver, rule))
+                entry.update(
+                    _combine(
+                        pm,
+                        pairs,
+                        weights,
+                        path,
+                        spec,
+                        combination_type,
+                        new_rank,
+                        svd_clamp,
+                        svd_full_matrices,
+                        svd_driver,
+                        rule,
+                    )
+                )
             tree[path] = entry
     if adapter_name is not None:
         pm.peft_config[adapter_name] = resolved
@@ -355,8 +400,17 @@ def add_weighted_adapter(
 
 
 def _combine(
-    pm: Any, pairs: Pairs, weights: Sequence[float], path: str, spec: LayerSpec, combination_type: str,
-    new_rank: int, clamp: float | None, full_matrices: bool, driver: str | None, rule: Rule,
+    pm: Any,
+    pairs: Pairs,
+    weights: Sequence[float],
+    path: str,
+    spec: LayerSpec,
+    combination_type: str,
+    new_rank: int,
+    clamp: float | None,
+    full_matrices: bool,
+    driver: str | None,
+    rule: Rule,
 ) -> dict[str, torch.Tensor]:
     """The new adapter's method parameters at `path` (e.g. {"lora_A": ..., "lora_B": ...})."""
     layers: list[Layer] = []
@@ -368,7 +422,9 @@ def _combine(
         weight_key = info.weight_key(path)  # the targeted bare parameter for a target_parameters entry
         s: LayerSpec[LoraHyper] = info.spec
         if s.method != "lora":
-            raise NotImplementedError(f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}")
+            raise NotImplementedError(
+                f"add_weighted_adapter combines plain LoRA layers; {name!r} at {path!r} is {s.method!r}"
+            )
         if s.hyper.lora_bias or s.hyper.mha_out_proj or s.kind is LayerKind.MHA or info.tied:
             raise NotImplementedError(
                 f"add_weighted_adapter: {name!r} at {path!r} has a lora_B bias, adapts an nn.MultiheadAttention or is "

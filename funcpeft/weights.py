@@ -58,15 +58,43 @@ class UnsupportedWeightOp(RuntimeError):
 
 
 _PASSTHROUGH_PROPERTIES = (
-    "dtype", "device", "shape", "ndim", "is_cuda", "is_meta", "is_cpu", "layout", "requires_grad", "is_leaf",
-    "is_sparse", "is_quantized", "is_mkldnn", "is_nested", "names", "grad_fn", "itemsize", "nbytes", "_base",
+    "dtype",
+    "device",
+    "shape",
+    "ndim",
+    "is_cuda",
+    "is_meta",
+    "is_cpu",
+    "layout",
+    "requires_grad",
+    "is_leaf",
+    "is_sparse",
+    "is_quantized",
+    "is_mkldnn",
+    "is_nested",
+    "names",
+    "grad_fn",
+    "itemsize",
+    "nbytes",
+    "_base",
 )
 _PASSTHROUGH: set[Any] = {getattr(torch.Tensor, n).__get__ for n in _PASSTHROUGH_PROPERTIES if hasattr(torch.Tensor, n)}
 _PASSTHROUGH |= {
-    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
-    torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.data_ptr,
-    torch.Tensor.stride, torch.Tensor.is_contiguous, torch.Tensor.__len__, torch.Tensor.storage_offset,
-    torch.Tensor.untyped_storage, torch.Tensor.__format__, torch.Tensor.__repr__,
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+    torch.Tensor.data_ptr,
+    torch.Tensor.stride,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.__len__,
+    torch.Tensor.storage_offset,
+    torch.Tensor.untyped_storage,
+    torch.Tensor.__format__,
+    torch.Tensor.__repr__,
 }
 
 
@@ -86,7 +114,10 @@ class AdaptedWeight(torch.Tensor):
 
     @staticmethod
     def wrap(
-        weight: torch.Tensor, adapters: Adapters, dropout: Dropout, generator: Generators = no_generator,
+        weight: torch.Tensor,
+        adapters: Adapters,
+        dropout: Dropout,
+        generator: Generators = no_generator,
         applies_in: str | None = None,
     ) -> AdaptedWeight:
         """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
@@ -144,27 +175,49 @@ def _linear(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | Non
 
 
 def _addmm(
-    input: torch.Tensor, mat1: torch.Tensor, mat2: AdaptedWeight, *, beta: float = 1, alpha: float = 1,
+    input: torch.Tensor,
+    mat1: torch.Tensor,
+    mat2: AdaptedWeight,
+    *,
+    beta: float = 1,
+    alpha: float = 1,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if not isinstance(mat2, AdaptedWeight) or isinstance(mat1, AdaptedWeight) or out is not None or beta != 1 or alpha != 1:
+    if (
+        not isinstance(mat2, AdaptedWeight)
+        or isinstance(mat1, AdaptedWeight)
+        or out is not None
+        or beta != 1
+        or alpha != 1
+    ):
         raise UnsupportedWeightOp("funcpeft: torch.addmm on an adapted weight is only supported as Conv1D calls it")
     return _apply(mat2, mat1, lambda x: torch.addmm(input, x, mat2.weight), input)
 
 
 def _embedding(
-    input: torch.Tensor, weight: AdaptedWeight, padding_idx: int | None = None, max_norm: float | None = None,
-    norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
+    input: torch.Tensor,
+    weight: AdaptedWeight,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
 ) -> torch.Tensor:
     if max_norm is not None:
-        raise UnsupportedWeightOp("funcpeft: nn.Embedding(max_norm=...) renormalises its weight in place; not supported")
+        raise UnsupportedWeightOp(
+            "funcpeft: nn.Embedding(max_norm=...) renormalises its weight in place; not supported"
+        )
     return _apply(
-        weight, input, lambda x: F.embedding(x, weight.weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        weight,
+        input,
+        lambda x: F.embedding(x, weight.weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
     )
 
 
 def _conv(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def handler(input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None, *args: Any, **kw: Any) -> torch.Tensor:
+    def handler(
+        input: torch.Tensor, weight: AdaptedWeight, bias: torch.Tensor | None = None, *args: Any, **kw: Any
+    ) -> torch.Tensor:
         return _apply(weight, input, lambda x: conv(x, weight.weight, bias, *args, **kw), bias)
 
     return handler
@@ -193,10 +246,21 @@ def merged(w: torch.Tensor) -> torch.Tensor:
 
 
 def _multi_head_attention_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, embed_dim_to_check: int, num_heads: int,
-    in_proj_weight: torch.Tensor | None, in_proj_bias: torch.Tensor | None, bias_k: torch.Tensor | None,
-    bias_v: torch.Tensor | None, add_zero_attn: bool, dropout_p: float, out_proj_weight: torch.Tensor,
-    out_proj_bias: torch.Tensor | None, *args: Any, **kwargs: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: torch.Tensor | None,
+    in_proj_bias: torch.Tensor | None,
+    bias_k: torch.Tensor | None,
+    bias_v: torch.Tensor | None,
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     if not isinstance(in_proj_weight, AdaptedWeight):
         raise UnsupportedWeightOp(
@@ -205,10 +269,25 @@ def _multi_head_attention_forward(
             "MultiheadAttention itself (PEFT adapts its in_proj_weight and out_proj together)."
         )
     if any(isinstance(a, AdaptedWeight) for a in (*args, *kwargs.values())):
-        raise UnsupportedWeightOp("funcpeft: separate q/k/v projection weights of nn.MultiheadAttention cannot be adapted")
+        raise UnsupportedWeightOp(
+            "funcpeft: separate q/k/v projection weights of nn.MultiheadAttention cannot be adapted"
+        )
     return F.multi_head_attention_forward(
-        query, key, value, embed_dim_to_check, num_heads, merged(in_proj_weight), in_proj_bias, bias_k, bias_v,
-        add_zero_attn, dropout_p, merged(out_proj_weight), out_proj_bias, *args, **kwargs,
+        query,
+        key,
+        value,
+        embed_dim_to_check,
+        num_heads,
+        merged(in_proj_weight),
+        in_proj_bias,
+        bias_k,
+        bias_v,
+        add_zero_attn,
+        dropout_p,
+        merged(out_proj_weight),
+        out_proj_bias,
+        *args,
+        **kwargs,
     )
 
 

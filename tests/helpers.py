@@ -24,7 +24,9 @@ def examples(n: int) -> int:
     return n * _SCALE.get(os.environ.get("HYPOTHESIS_PROFILE", ""), 1)
 
 
-def method_pair(model: Any, config_cls: str, kwargs: dict[str, Any], seed: int = 1, scale: float = 0.3) -> tuple[Any, Any, Any]:
+def method_pair(
+    model: Any, config_cls: str, kwargs: dict[str, Any], seed: int = 1, scale: float = 0.3
+) -> tuple[Any, Any, Any]:
     """(funcpeft model, PEFT model, adapter): one config on copies of `model`, both sharing a random adapter.
 
     The adapter is the fresh funcpeft tree plus N(0, scale) noise (multiplicative methods stay near their
@@ -51,7 +53,9 @@ def method_pair(model: Any, config_cls: str, kwargs: dict[str, Any], seed: int =
     return fpm, peft_model.eval(), adapter
 
 
-def assert_forward_and_grads_equal_peft(fpm: Any, peft_model: Any, adapter: Any, inputs: dict[str, Any], atol: float = 1e-5) -> None:
+def assert_forward_and_grads_equal_peft(
+    fpm: Any, peft_model: Any, adapter: Any, inputs: dict[str, Any], atol: float = 1e-5
+) -> None:
     """Same output and the same gradient of a fixed random-weighted loss for every adapter leaf."""
     import torch
 
@@ -162,7 +166,7 @@ def peft_lora_modules(peft_model: nn.Module) -> set[str]:
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
-    return {n[len(prefix):] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    return {n[len(prefix) :] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def funcpeft_lora_modules(fpm: funcpeft.FunctionalPeftModel, adapter_name: str = "default") -> set[str]:
@@ -212,8 +216,14 @@ class Pair:
 
 # -- model snapshots: "the model is untouched" ----------------------------------------------------------------
 _HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
 )
 
 

@@ -1,10 +1,10 @@
 """Checks the per-method test files (tests/test_method_*.py) share: one method against PEFT 0.21.2.
 
-    fpm, pm = build_both(model, "MissConfig", dict(r=2, target_modules=["lin0"]), seed=0)
-    assert_fresh_equals_peft(fpm, pm)                       # the same init draws, bitwise
-    assert_matches_peft_with(fpm, pm, adapter, inputs)      # outputs and every gradient
-    assert_raises_like_peft(model, "C3AConfig", kwargs, ValueError, "block size should be a factor")
-    assert_compiles_once(fn, base, trees, inputs)           # torch.compile(fullgraph=True), no recompiles
+fpm, pm = build_both(model, "MissConfig", dict(r=2, target_modules=["lin0"]), seed=0)
+assert_fresh_equals_peft(fpm, pm)                       # the same init draws, bitwise
+assert_matches_peft_with(fpm, pm, adapter, inputs)      # outputs and every gradient
+assert_raises_like_peft(model, "C3AConfig", kwargs, ValueError, "block size should be a factor")
+assert_compiles_once(fn, base, trees, inputs)           # torch.compile(fullgraph=True), no recompiles
 """
 
 from __future__ import annotations

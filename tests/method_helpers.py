@@ -24,7 +24,11 @@ def quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def fresh_states(
-    model: nn.Module, config_cls: str, kwargs: dict[str, Any], seed: int = 0, prepare: Callable[[Any], None] | None = None
+    model: nn.Module,
+    config_cls: str,
+    kwargs: dict[str, Any],
+    seed: int = 0,
+    prepare: Callable[[Any], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(funcpeft's, PEFT's) freshly initialised adapter keyed like PEFT's checkpoint, each drawn after
     `torch.manual_seed(seed)` from the global RNG; `prepare(config)` runs on both configs (e.g. sets mask_fn)."""

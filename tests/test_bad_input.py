@@ -42,11 +42,15 @@ def _ids(batch: int, length: int = 5) -> torch.Tensor:
 
 
 # -- 5: routing with the wrong number of choices ---------------------------------------------------------------
-@pytest.mark.parametrize("index", [[0, 1], [0], [0, 1, 0, 1, 0], [1, 0, 1]], ids=["2-of-4", "1-of-4", "5-of-4", "3-of-4"])
+@pytest.mark.parametrize(
+    "index", [[0, 1], [0], [0, 1, 0, 1, 0], [1, 0, 1]], ids=["2-of-4", "1-of-4", "5-of-4", "3-of-4"]
+)
 def test_per_example_index_must_have_one_entry_per_example(llama: tuple[Any, ...], index: list[int]) -> None:
     _, fn, base, trees = llama
     stacked = funcpeft.stack_adapters(trees)
-    with pytest.raises(ValueError, match=rf"index has length {len(index)}, but the batch has 4 examples \(dim 0 of input_ids\)"):
+    with pytest.raises(
+        ValueError, match=rf"index has length {len(index)}, but the batch has 4 examples \(dim 0 of input_ids\)"
+    ):
         fn(base, funcpeft.per_example(stacked, index), input_ids=_ids(4))
 
 
@@ -60,7 +64,10 @@ def test_gpt2_flattened_layers_cannot_hide_a_wrong_length(gpt2: tuple[Any, ...])
 
 def test_index_none_needs_one_stacked_adapter_per_example(llama: tuple[Any, ...]) -> None:
     _, fn, base, trees = llama
-    with pytest.raises(ValueError, match=r"without an index uses stacked adapter i for example i, but K = 2 adapters, but the batch has 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"without an index uses stacked adapter i for example i, but K = 2 adapters, but the batch has 4",
+    ):
         fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees)), input_ids=_ids(4))
 
 
@@ -98,13 +105,21 @@ def _with_leaf(tree: Any, path: str, name: str, value: Any) -> Any:
 Q = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (lambda t: t[Q]["lora_B"][:1], ValueError, rf"{Q}.lora_B has shape \(1, 2\), expected \(64, 2\)"),
-    (lambda t: t[Q]["lora_A"].T, ValueError, rf"{Q}.lora_A has shape \(64, 2\), expected \(2, 64\)"),
-    (lambda t: t[Q]["lora_A"].long(), TypeError, rf"{Q}.lora_A has dtype torch.int64, expected a floating-point"),
-    (lambda t: torch.empty(2, 64, device="meta"), ValueError, rf"{Q}.lora_A is on device meta, but the layer's weight is on cpu"),
-    (lambda t: t[Q]["lora_A"].tolist(), TypeError, rf"{Q}.lora_A is a list, expected a Tensor of shape \(2, 64\)"),
-], ids=["broadcastable-B", "transposed-A", "int64", "meta", "list"])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda t: t[Q]["lora_B"][:1], ValueError, rf"{Q}.lora_B has shape \(1, 2\), expected \(64, 2\)"),
+        (lambda t: t[Q]["lora_A"].T, ValueError, rf"{Q}.lora_A has shape \(64, 2\), expected \(2, 64\)"),
+        (lambda t: t[Q]["lora_A"].long(), TypeError, rf"{Q}.lora_A has dtype torch.int64, expected a floating-point"),
+        (
+            lambda t: torch.empty(2, 64, device="meta"),
+            ValueError,
+            rf"{Q}.lora_A is on device meta, but the layer's weight is on cpu",
+        ),
+        (lambda t: t[Q]["lora_A"].tolist(), TypeError, rf"{Q}.lora_A is a list, expected a Tensor of shape \(2, 64\)"),
+    ],
+    ids=["broadcastable-B", "transposed-A", "int64", "meta", "list"],
+)
 def test_wrong_leaves_are_named(llama: tuple[Any, ...], bad: Any, error: type, match: str) -> None:
     pm, fn, base, trees = llama
     name = "lora_B" if "lora_B" in match else "lora_A"
@@ -138,7 +153,9 @@ def test_swapped_base_and_adapter_say_so(llama: tuple[Any, ...]) -> None:
 def test_incomplete_base_names_missing_parameters(llama: tuple[Any, ...]) -> None:
     _, fn, base, trees = llama
     partial = {k: v for k, v in base.items() if "embed_tokens" not in k}
-    with pytest.raises(KeyError, match=r"base is missing 1 of the model's parameters, e.g. \['model.embed_tokens.weight'\]"):
+    with pytest.raises(
+        KeyError, match=r"base is missing 1 of the model's parameters, e.g. \['model.embed_tokens.weight'\]"
+    ):
         fn(partial, trees[0], input_ids=_ids(2))
 
 
@@ -174,7 +191,10 @@ class _Int8Linear(nn.Linear):
 
 def test_quantised_layers_are_refused_by_name_and_type() -> None:
     model = nn.Sequential(_Int8Linear())
-    with pytest.raises(NotImplementedError, match=r"'0'.*_Int8Linear\): its weight is a torch.nn.parameter.Parameter of dtype torch.int8"):
+    with pytest.raises(
+        NotImplementedError,
+        match=r"'0'.*_Int8Linear\): its weight is a torch.nn.parameter.Parameter of dtype torch.int8",
+    ):
         funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["0"]))
 
 
@@ -196,7 +216,6 @@ def test_checks_keep_the_right_trees_running(llama: tuple[Any, ...]) -> None:
     half = optree.tree_map(lambda t: t.detach().to(torch.bfloat16), trees[0])
     fn(base, half, input_ids=ids)
     fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), input_ids=ids)
-
 
 
 # -- item 7: the adapter applies exactly where PEFT applies it ------------------------------------------------

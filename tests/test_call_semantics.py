@@ -29,7 +29,9 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
 
-pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out", "ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:fan_in_fan_out", "ignore:.*gradient_checkpointing_enable.*:FutureWarning"
+)
 
 
 def _quiet_transformers() -> None:
@@ -120,7 +122,9 @@ def test_checkpointing_gradients_equal_peft(kind: str, reentrant: bool | None, w
     assert pair.calls[0] == 2, "layer 0 is checkpointed: its MLP runs in the forward and again in backward"
     assert abs(loss.item() - want_loss.item()) <= 1e-6
     T.assert_trees_close(got, want, atol=1e-5)
-    T.assert_trees_close(_backward_grads(pair.fn, pair.base, pair.adapter, input_ids=ids, dropout_rng=seed), want, atol=1e-5)
+    T.assert_trees_close(
+        _backward_grads(pair.fn, pair.base, pair.adapter, input_ids=ids, dropout_rng=seed), want, atol=1e-5
+    )
     assert_unchanged(pair.model, before)
 
 
@@ -197,7 +201,9 @@ def gpt2_dropout() -> tuple[Any, ...]:
     model = MODELS["gpt2"]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, lora_dropout=0.3, target_modules=["c_attn", "c_fc"]))
+        fn, base, fresh = funcpeft.get_peft_model(
+            model, funcpeft.LoraConfig(r=4, lora_dropout=0.3, target_modules=["c_attn", "c_fc"])
+        )
     return model, fn, base, _detached(T.random_like(fresh, torch.Generator().manual_seed(1)))
 
 
@@ -236,7 +242,9 @@ def test_seeded_dropout_under_vmap(gpt2_dropout: tuple[Any, ...], randomness: st
 
     def run(seed: int) -> torch.Tensor:
         dropout_rng = seed if rng == "int" else torch.Generator().manual_seed(seed)
-        return torch.func.vmap(lambda a: fn(base, a, input_ids=ids, dropout_rng=dropout_rng).logits, randomness=randomness)(stacked)
+        return torch.func.vmap(
+            lambda a: fn(base, a, input_ids=ids, dropout_rng=dropout_rng).logits, randomness=randomness
+        )(stacked)
 
     with torch.no_grad():
         out = run(0)
@@ -271,7 +279,9 @@ def test_model_random_ops_use_the_call_generator_and_opaque_ones_raise() -> None
         a, b, c = (fn(base, fresh, x, dropout_rng=s) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.get_rng_state(), state)
-    fn, base, fresh = funcpeft.get_peft_model(RandomModel(gumbel=True), funcpeft.LoraConfig(r=2, target_modules=["lin"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        RandomModel(gumbel=True), funcpeft.LoraConfig(r=2, target_modules=["lin"])
+    )
     with pytest.raises(GlobalRNGError, match="gumbel_softmax.*global RNG"):
         fn(base, fresh, x, dropout_rng=1)
     assert fn(base, fresh, x).shape == (3, 8)  # eval mode: no randomness, nothing to refuse
@@ -316,7 +326,9 @@ def test_16_threads_x_100_seeded_calls_equal_serial_and_spare_other_threads_rng(
         model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=T.VOCAB, n_positions=16)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, lora_dropout=0.3, target_modules=["c_attn"]))
+        fn, base, fresh = funcpeft.get_peft_model(
+            model, funcpeft.LoraConfig(r=2, lora_dropout=0.3, target_modules=["c_attn"])
+        )
     adapter = _detached(T.random_like(fresh, torch.Generator().manual_seed(1)))
     ids = _ids(1, 4)
     n_threads, n_calls = 16, 100
@@ -346,7 +358,9 @@ def test_16_threads_x_100_seeded_calls_equal_serial_and_spare_other_threads_rng(
     differ = [k for k, v in got.items() if not torch.equal(v, serial[k])]
     assert len(got) == n_threads * n_calls
     assert not differ, f"{len(differ)} of {len(got)} threaded seeded calls differ from the same calls run one by one"
-    assert all(torch.equal(a, b) for a, b in zip(bystander, want_bystander, strict=True)), "another thread's RNG was disturbed"
+    assert all(torch.equal(a, b) for a, b in zip(bystander, want_bystander, strict=True)), (
+        "another thread's RNG was disturbed"
+    )
 
 
 # -- 3. one rule: hooks and attributes read from the model at call time, in every thread --------------------------
@@ -360,7 +374,9 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     layer = model.model.layers[1]
 
     def hook(module: nn.Module, args: Any, out: Any) -> None:
-        seen.setdefault(threading.current_thread().name, []).append((out[0] if isinstance(out, tuple) else out).detach())
+        seen.setdefault(threading.current_thread().name, []).append(
+            (out[0] if isinstance(out, tuple) else out).detach()
+        )
 
     handle = layer.register_forward_hook(hook) if registered == "before" else None
     fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -371,7 +387,9 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     ref = peft.get_peft_model(twin, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     T.copy_into_peft(ref, adapter, fn.plans["default"])
     want: list[torch.Tensor] = []
-    ref.base_model.model.model.layers[1].register_forward_hook(lambda m, a, o: want.append((o[0] if isinstance(o, tuple) else o).detach()))
+    ref.base_model.model.model.layers[1].register_forward_hook(
+        lambda m, a, o: want.append((o[0] if isinstance(o, tuple) else o).detach())
+    )
 
     def work(i: int) -> None:
         with torch.no_grad():
@@ -386,7 +404,9 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     assert len(seen) == 4, f"the hook fired in {sorted(seen)}; expected the main thread and 3 workers"
     for outs in seen.values():
         assert len(outs) == 1
-        torch.testing.assert_close(outs[0], want[0], atol=1e-5, rtol=0)  # the adapted layer output, as PEFT's hook sees it
+        torch.testing.assert_close(
+            outs[0], want[0], atol=1e-5, rtol=0
+        )  # the adapted layer output, as PEFT's hook sees it
     assert not torch.allclose(plain[0], want[0], atol=1e-4)
     handle.remove()
     seen.clear()
@@ -404,7 +424,9 @@ def test_kwargs_pre_hook_and_attribute_changes_apply_in_every_thread() -> None:
         before = fn(base, adapter, input_ids=ids).logits
     attn = model.model.layers[0].self_attn
     handle = model.model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: ((args[0] * 2,), kwargs) if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 2}),
+        lambda m, args, kwargs: (
+            ((args[0] * 2,), kwargs) if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 2})
+        ),
         with_kwargs=True,
     )
     old_scaling = attn.scaling
@@ -473,7 +495,9 @@ def _compile_setup(kind: str) -> tuple[Any, ...]:
     return fn, base, trees, ids, want
 
 
-def _eager_until(done: threading.Event, fn: Any, base: Any, trees: list[Any], ids: torch.Tensor, want: list[torch.Tensor]) -> None:
+def _eager_until(
+    done: threading.Event, fn: Any, base: Any, trees: list[Any], ids: torch.Tensor, want: list[torch.Tensor]
+) -> None:
     with torch.no_grad():
         rounds = 0
         while not done.is_set() or rounds < 2:
@@ -578,6 +602,7 @@ def test_compiled_grad_with_checkpointing_enabled_leaves_out_the_input_grad_hook
     fn._model.gradient_checkpointing_enable()
     torch._dynamo.reset()
     counter = CompileCounter()
+
     def loss(a: Any) -> torch.Tensor:
         return fn(base, a, input_ids=ids).logits.square().mean()
 

@@ -25,7 +25,9 @@ def _setup(kind: str, targets: Any = "all-linear") -> tuple[Any, Any, list[Any],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2: fan_in_fan_out forced for Conv1D
         fn, base, fresh = funcpeft.get_peft_model(MODELS[kind](), funcpeft.LoraConfig(r=4, target_modules=targets))
-    trees = [optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)]
+    trees = [
+        optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)
+    ]
     ids = make_inputs(kind, batch=2, seq=8)["input_ids"]
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -76,10 +78,13 @@ def _lm_loss(fn: Any, base: Any, adapter: Any, ids: torch.Tensor, mask: torch.Te
     return (tok * keep).sum() / keep.sum()
 
 
-@pytest.mark.parametrize("kind,backend,targets", [
-    ("llama", "inductor", ["q_proj", "v_proj"]),  # the one real (slow) inductor compile: few leaves
-    ("gpt2", "aot_eager", "all-linear"),
-])
+@pytest.mark.parametrize(
+    "kind,backend,targets",
+    [
+        ("llama", "inductor", ["q_proj", "v_proj"]),  # the one real (slow) inductor compile: few leaves
+        ("gpt2", "aot_eager", "all-linear"),
+    ],
+)
 def test_compiled_training_step_equals_eager_without_recompiling(kind: str, backend: str, targets: Any) -> None:
     fn, base, trees, ids, mask = _setup(kind, targets)
     opt = optim.adamw(1e-2)

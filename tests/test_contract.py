@@ -36,7 +36,13 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lora-llama", "lora", "tiny-llama", "LoraConfig", dict(r=4, target_modules="all-linear", use_rslora=True)),
     ("lora-gpt2", "lora", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn", "c_fc", "wte"])),
     ("lora-bert-seq-cls", "lora", "tiny-bert-seq-cls", "LoraConfig", dict(r=4, task_type="SEQ_CLS", bias="lora_only")),
-    ("dora-llama", "dora", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True)),
+    (
+        "dora-llama",
+        "dora",
+        "tiny-llama",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True),
+    ),
     ("dora-gpt2", "dora", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn"], use_dora=True)),
     ("ia3-llama", "ia3", "tiny-llama", "IA3Config", dict()),
     ("ia3-gpt2", "ia3", "tiny-gpt2", "IA3Config", dict()),
@@ -44,58 +50,224 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
     ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
-    ("mica-llama", "mica", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                                                             init_lora_weights="mica")),
-    ("mica-gpt2", "mica", "tiny-gpt2", "LoraConfig", dict(r=4, target_modules=["c_attn", "wte"], init_lora_weights="mica")),
-    ("kasa-llama", "kasa", "tiny-llama", "LoraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                             kasa_config={"beta": 0.01})),
-    ("bdlora-llama", "bdlora", "tiny-llama", "LoraConfig", dict(
-        r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.1,
-        use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2})),
+    (
+        "mica-llama",
+        "mica",
+        "tiny-llama",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights="mica"),
+    ),
+    (
+        "mica-gpt2",
+        "mica",
+        "tiny-gpt2",
+        "LoraConfig",
+        dict(r=4, target_modules=["c_attn", "wte"], init_lora_weights="mica"),
+    ),
+    (
+        "kasa-llama",
+        "kasa",
+        "tiny-llama",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], kasa_config={"beta": 0.01}),
+    ),
+    (
+        "bdlora-llama",
+        "bdlora",
+        "tiny-llama",
+        "LoraConfig",
+        dict(
+            r=4,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            lora_dropout=0.1,
+            use_bdlora={
+                "target_modules_bd_a": ["o_proj", "down_proj"],
+                "target_modules_bd_b": ["q_proj", "v_proj"],
+                "nblocks": 2,
+            },
+        ),
+    ),
     # MiSS and C3A: PEFT supports nn.Linear only (no GPT-2 Conv1D)
     ("miss-llama", "miss", "tiny-llama", "MissConfig", dict(r=6, target_modules="all-linear")),
-    ("miss-mini-llama", "miss", "tiny-llama", "MissConfig", dict(r=8, init_weights="mini", mini_r=16, target_modules=["q_proj", "down_proj"])),
-    ("miss-bat-llama", "miss_bat", "tiny-llama", "MissConfig", dict(r=8, init_weights="bat", target_modules="all-linear")),
-    ("fourierft-llama", "fourierft", "tiny-llama", "FourierFTConfig", dict(
-        n_frequency=64, target_modules=["q_proj", "v_proj", "down_proj"], n_frequency_pattern={"down_proj": 32}, init_weights=True)),
-    ("fourierft-gpt2", "fourierft", "tiny-gpt2", "FourierFTConfig", dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], init_weights=True)),
-    ("c3a-llama", "c3a", "tiny-llama", "C3AConfig", dict(
-        block_size=16, target_modules="all-linear", block_size_pattern={"v_proj": 32}, init_weights=True)),
-    ("randlora-llama", "randlora", "tiny-llama", "RandLoraConfig", dict(r=8, target_modules="all-linear", randlora_alpha=16)),
-    ("randlora-gpt2", "randlora", "tiny-gpt2", "RandLoraConfig", dict(r=8, target_modules=["c_attn", "c_fc"], sparse=True, bias="randlora_only")),
-    ("oft-llama", "oft", "tiny-llama", "OFTConfig", dict(oft_block_size=8, target_modules="all-linear", coft=True, eps=0.1)),
-    ("oft-llama-embedding", "oft", "tiny-llama", "OFTConfig", dict(r=4, oft_block_size=0, target_modules=["embed_tokens", "v_proj"], use_cayley_neumann=False, block_share=True)),
-    ("oft-gpt2", "oft", "tiny-gpt2", "OFTConfig", dict(oft_block_size=4, target_modules=["wte"])),  # Conv1D: not in PEFT
-    ("boft-llama", "boft", "tiny-llama", "BOFTConfig", dict(boft_block_size=4, target_modules="all-linear", bias="boft_only")),
-    ("boft-gpt2", "boft", "tiny-gpt2", "BOFTConfig", dict(boft_block_num=8, boft_block_size=0, target_modules=["lm_head"])),
+    (
+        "miss-mini-llama",
+        "miss",
+        "tiny-llama",
+        "MissConfig",
+        dict(r=8, init_weights="mini", mini_r=16, target_modules=["q_proj", "down_proj"]),
+    ),
+    (
+        "miss-bat-llama",
+        "miss_bat",
+        "tiny-llama",
+        "MissConfig",
+        dict(r=8, init_weights="bat", target_modules="all-linear"),
+    ),
+    (
+        "fourierft-llama",
+        "fourierft",
+        "tiny-llama",
+        "FourierFTConfig",
+        dict(
+            n_frequency=64,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            n_frequency_pattern={"down_proj": 32},
+            init_weights=True,
+        ),
+    ),
+    (
+        "fourierft-gpt2",
+        "fourierft",
+        "tiny-gpt2",
+        "FourierFTConfig",
+        dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], init_weights=True),
+    ),
+    (
+        "c3a-llama",
+        "c3a",
+        "tiny-llama",
+        "C3AConfig",
+        dict(block_size=16, target_modules="all-linear", block_size_pattern={"v_proj": 32}, init_weights=True),
+    ),
+    (
+        "randlora-llama",
+        "randlora",
+        "tiny-llama",
+        "RandLoraConfig",
+        dict(r=8, target_modules="all-linear", randlora_alpha=16),
+    ),
+    (
+        "randlora-gpt2",
+        "randlora",
+        "tiny-gpt2",
+        "RandLoraConfig",
+        dict(r=8, target_modules=["c_attn", "c_fc"], sparse=True, bias="randlora_only"),
+    ),
+    (
+        "oft-llama",
+        "oft",
+        "tiny-llama",
+        "OFTConfig",
+        dict(oft_block_size=8, target_modules="all-linear", coft=True, eps=0.1),
+    ),
+    (
+        "oft-llama-embedding",
+        "oft",
+        "tiny-llama",
+        "OFTConfig",
+        dict(
+            r=4, oft_block_size=0, target_modules=["embed_tokens", "v_proj"], use_cayley_neumann=False, block_share=True
+        ),
+    ),
+    (
+        "oft-gpt2",
+        "oft",
+        "tiny-gpt2",
+        "OFTConfig",
+        dict(oft_block_size=4, target_modules=["wte"]),
+    ),  # Conv1D: not in PEFT
+    (
+        "boft-llama",
+        "boft",
+        "tiny-llama",
+        "BOFTConfig",
+        dict(boft_block_size=4, target_modules="all-linear", bias="boft_only"),
+    ),
+    (
+        "boft-gpt2",
+        "boft",
+        "tiny-gpt2",
+        "BOFTConfig",
+        dict(boft_block_num=8, boft_block_size=0, target_modules=["lm_head"]),
+    ),
     ("hra-llama", "hra", "tiny-llama", "HRAConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
-    ("hra-llama-gs", "hra", "tiny-llama", "HRAConfig", dict(r=3, apply_GS=True, init_weights=False, target_modules=["o_proj", "up_proj"])),
+    (
+        "hra-llama-gs",
+        "hra",
+        "tiny-llama",
+        "HRAConfig",
+        dict(r=3, apply_GS=True, init_weights=False, target_modules=["o_proj", "up_proj"]),
+    ),
     ("hra-gpt2", "hra", "tiny-gpt2", "HRAConfig", dict(r=2, target_modules=["lm_head"])),
     ("shira-llama", "shira", "tiny-llama", "ShiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
     # GPT-2's blocks are Conv1D, which PEFT's SHiRA refuses; its lm_head (tied to wte) is an nn.Linear
     ("shira-gpt2-lm_head", "shira", "tiny-gpt2", "ShiraConfig", dict(r=4, target_modules=["lm_head"], random_seed=3)),
-    ("vblora-llama", "vblora", "tiny-llama", "VBLoRAConfig",
-     dict(r=4, vector_length=16, num_vectors=32, target_modules=["q_proj", "v_proj", "up_proj"])),
-    ("vblora-gpt2", "vblora", "tiny-gpt2", "VBLoRAConfig",
-     dict(r=2, vector_length=32, num_vectors=16, topk=3, target_modules=["c_attn", "c_fc"], bias="vblora_only")),
+    (
+        "vblora-llama",
+        "vblora",
+        "tiny-llama",
+        "VBLoRAConfig",
+        dict(r=4, vector_length=16, num_vectors=32, target_modules=["q_proj", "v_proj", "up_proj"]),
+    ),
+    (
+        "vblora-gpt2",
+        "vblora",
+        "tiny-gpt2",
+        "VBLoRAConfig",
+        dict(r=2, vector_length=32, num_vectors=16, topk=3, target_modules=["c_attn", "c_fc"], bias="vblora_only"),
+    ),
     ("ln_tuning-llama", "ln_tuning", "tiny-llama", "LNTuningConfig", dict()),
     ("ln_tuning-gpt2", "ln_tuning", "tiny-gpt2", "LNTuningConfig", dict()),
-    ("trainable_tokens-llama", "trainable_tokens", "tiny-llama", "TrainableTokensConfig", dict(token_indices=[12, 94, 3])),
-    ("trainable_tokens-llama-tied", "trainable_tokens", "tiny-llama-tied", "TrainableTokensConfig",
-     dict(token_indices=[3, 43, 95, 120])),
+    (
+        "trainable_tokens-llama",
+        "trainable_tokens",
+        "tiny-llama",
+        "TrainableTokensConfig",
+        dict(token_indices=[12, 94, 3]),
+    ),
+    (
+        "trainable_tokens-llama-tied",
+        "trainable_tokens",
+        "tiny-llama-tied",
+        "TrainableTokensConfig",
+        dict(token_indices=[3, 43, 95, 120]),
+    ),
     ("trainable_tokens-gpt2", "trainable_tokens", "tiny-gpt2", "TrainableTokensConfig", dict(token_indices=[15, 7])),
-    ("adalora-llama", "adalora", "tiny-llama", "AdaLoraConfig",
-     dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10)),
-    ("adalora-gpt2", "adalora", "tiny-gpt2", "AdaLoraConfig", dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=10)),
-    ("velora-llama", "velora", "tiny-llama", "LoraConfig",
-     dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], velora_config=Sub("VeloraConfig", {"num_groups": 4}))),
-    ("monteclora-llama", "monteclora", "tiny-llama", "LoraConfig",
-     dict(r=4, target_modules=["q_proj", "up_proj"], monteclora_config=Sub("MontecloraConfig", {"num_samples": 3}))),
+    (
+        "adalora-llama",
+        "adalora",
+        "tiny-llama",
+        "AdaLoraConfig",
+        dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10),
+    ),
+    (
+        "adalora-gpt2",
+        "adalora",
+        "tiny-gpt2",
+        "AdaLoraConfig",
+        dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=10),
+    ),
+    (
+        "velora-llama",
+        "velora",
+        "tiny-llama",
+        "LoraConfig",
+        dict(
+            r=4, target_modules=["q_proj", "v_proj", "down_proj"], velora_config=Sub("VeloraConfig", {"num_groups": 4})
+        ),
+    ),
+    (
+        "monteclora-llama",
+        "monteclora",
+        "tiny-llama",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "up_proj"], monteclora_config=Sub("MontecloraConfig", {"num_samples": 3})),
+    ),
     # input_ids row 0 holds the invocation [48, 65] (adapted from it on), row 1 does not (never adapted)
-    ("alora-llama", "alora", "tiny-llama", "LoraConfig",
-     dict(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM")),
-    ("alora-gpt2", "alora", "tiny-gpt2", "LoraConfig",
-     dict(r=4, target_modules=["c_attn"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM")),
+    (
+        "alora-llama",
+        "alora",
+        "tiny-llama",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"),
+    ),
+    (
+        "alora-gpt2",
+        "alora",
+        "tiny-gpt2",
+        "LoraConfig",
+        dict(r=4, target_modules=["c_attn"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
@@ -141,7 +313,7 @@ def test_row_matches_peft(row: tuple[str, str, str, str, dict[str, Any]]) -> Non
 def _random_tree(fresh: Any, seed: int) -> Any:
     """Non-trivial values around the init (multiplicative methods such as DoRA/IA3 must stay near it)."""
     noise = T.random_like(fresh, torch.Generator().manual_seed(seed), scale=0.2)
-    return optree.tree_map(lambda f, n: (f.detach() + n.detach()), fresh, noise)
+    return optree.tree_map(lambda f, n: f.detach() + n.detach(), fresh, noise)
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -212,8 +384,14 @@ def _half_delta(spec: Any, params: Any) -> torch.Tensor:
 @pytest.fixture
 def half_lora() -> Any:
     method = Method(
-        name="half_lora", config=HalfLoraConfig, hyper=lora_method.hyper, param_names=lora_method.param_names,
-        init=lora_method.init, forward=_half_forward, delta_weight=_half_delta, keys=KeyRules(param_prefix="lora_"),
+        name="half_lora",
+        config=HalfLoraConfig,
+        hyper=lora_method.hyper,
+        param_names=lora_method.param_names,
+        init=lora_method.init,
+        forward=_half_forward,
+        delta_weight=_half_delta,
+        keys=KeyRules(param_prefix="lora_"),
     )
     try:
         yield register(method)

@@ -16,21 +16,42 @@ from funcpeft.grad import value_and_grad
 CASES: dict[str, tuple[str, dict]] = {
     "llama-all-linear": ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     "llama3-all-linear-compressed": ("llama3", dict(r=2, target_modules="all-linear")),
-    "llama-rslora-patterns": ("llama", dict(
-        r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"down_proj": 3},
-    )),
-    "llama-embedding-init-false": ("llama", dict(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)),
+    "llama-rslora-patterns": (
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+            alpha_pattern={"down_proj": 3},
+        ),
+    ),
+    "llama-embedding-init-false": (
+        "llama",
+        dict(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False),
+    ),
     "llama-exclude-list": ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj", "mlp.up_proj"])),
-    "mistral-layers-pattern": ("mistral", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1], layers_pattern="layers")),
-    "qwen2-layer-int-exclude-regex": ("qwen2", dict(
-        target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=0, exclude_modules=r".*\.v_proj",
-    )),
+    "mistral-layers-pattern": (
+        "mistral",
+        dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    ),
+    "qwen2-layer-int-exclude-regex": (
+        "qwen2",
+        dict(
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            layers_to_transform=0,
+            exclude_modules=r".*\.v_proj",
+        ),
+    ),
     "qwen2-bias-lora-only": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
     "gpt2-conv1d-wte": ("gpt2", dict(r=4, target_modules=["c_attn", "wte"])),
     "gpt2-all-linear-bias-all": ("gpt2", dict(target_modules="all-linear", bias="all", init_lora_weights="gaussian")),
     "bert-seq-cls": ("bert", dict(task_type="SEQ_CLS", r=4)),
-    "bert-seq-cls-bias-all": ("bert", dict(task_type="SEQ_CLS", target_modules=["query", "dense"], bias="all", modules_to_save=["pooler"])),
+    "bert-seq-cls-bias-all": (
+        "bert",
+        dict(task_type="SEQ_CLS", target_modules=["query", "dense"], bias="all", modules_to_save=["pooler"]),
+    ),
     "t5-default-targets": ("t5", dict(r=4, lora_alpha=4)),
     "custom-conv": ("conv", dict(r=2, lora_alpha=4, target_modules=["conv2d", "conv1d", "fc"], bias="lora_only")),
 }
@@ -111,7 +132,10 @@ def test_all_linear_compression_happened() -> None:
 INIT_CASES = [
     ("llama", dict(target_modules=["q_proj", "embed_tokens"], init_lora_weights=init))
     for init in (True, False, "gaussian")
-] + [("conv", dict(r=2, target_modules=["conv2d", "conv1d"], init_lora_weights=init)) for init in (True, False, "gaussian")]
+] + [
+    ("conv", dict(r=2, target_modules=["conv2d", "conv1d"], init_lora_weights=init))
+    for init in (True, False, "gaussian")
+]
 
 
 @pytest.mark.parametrize(("kind", "config"), INIT_CASES, ids=[f"{k}-{c['init_lora_weights']}" for k, c in INIT_CASES])
@@ -148,7 +172,11 @@ def test_llama2_7b_shape_on_meta_device_counts_like_peft() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -161,10 +189,13 @@ def test_llama2_7b_shape_on_meta_device_counts_like_peft() -> None:
 
 
 @pytest.mark.parametrize("inference_mode", [True, False])
-@pytest.mark.parametrize("name, kwargs", [
-    ("llama", dict(target_modules=["q_proj", "v_proj"])),
-    ("bert_seq_cls", dict(task_type="SEQ_CLS", target_modules=["query"], bias="all")),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("llama", dict(target_modules=["q_proj", "v_proj"])),
+        ("bert_seq_cls", dict(task_type="SEQ_CLS", target_modules=["query"], bias="all")),
+    ],
+)
 def test_inference_mode_freezes_the_adapter_like_peft(name, kwargs, inference_mode):
     """PEFT: inference_mode=True creates the adapter frozen; counts follow requires_grad."""
     import copy as _copy

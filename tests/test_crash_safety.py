@@ -46,7 +46,9 @@ class Adapters:
         self.model = MODELS["llama"]()
         self.fpms, self.trees = [], []
         for seed, alpha in ((1, 8), (2, 16)):
-            fpm = funcpeft.get_peft_model(self.model, funcpeft.LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS))
+            fpm = funcpeft.get_peft_model(
+                self.model, funcpeft.LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS)
+            )
             self.fpms.append(fpm)
             self.trees.append(T.random_like(fpm.adapter, torch.Generator().manual_seed(seed)))
         self.expected = []  # what loading each one back gives: (tree, config dict)
@@ -81,8 +83,14 @@ class Adapters:
 
     def which(self, tree: dict, config: dict) -> str:
         same = [config == c and _equal(tree, t) for t, c in self.expected]
-        return "old" if same[0] else "new" if same[1] else f"weights {[_equal(tree, t) for t, _ in self.expected]}, " \
+        return (
+            "old"
+            if same[0]
+            else "new"
+            if same[1]
+            else f"weights {[_equal(tree, t) for t, _ in self.expected]}, "
             f"config {[config == c for _, c in self.expected]}"
+        )
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -137,6 +145,7 @@ class Steps:
 
         def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             if isinstance(file, str) and file.startswith(self.directory) and any(c in mode for c in "wxa"):
+
                 def half() -> None:
                     with real_open(file, "wb") as f:
                         f.write(b'{\n  "alpha_pattern": {},\n')
@@ -310,7 +319,9 @@ def test_sigkill_during_a_save_loop_never_loads_a_mix(adapters: Adapters, tmp_pa
 def test_peft_reads_funcpeft_files_without_warnings(adapters: Adapters, tmp_path: Path) -> None:
     """The digest in the header is invisible to PEFT: loading our files warns exactly as loading PEFT's own."""
     adapters.save(1, tmp_path / "funcpeft")
-    ref = peft.get_peft_model(copy.deepcopy(adapters.model), peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS))
+    ref = peft.get_peft_model(
+        copy.deepcopy(adapters.model), peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS)
+    )
     T.copy_into_peft(ref, adapters.trees[1], adapters.fpms[1].plans["default"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -68,7 +68,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_two_gloo_ranks_equal_one_process_on_the_full_batch() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn"
+        )
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     fn, base, adapter, ids = _setup()
     want = _train(fn, base, adapter, ids)

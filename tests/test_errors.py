@@ -29,7 +29,9 @@ def llama() -> torch.nn.Module:
 
 
 # -- config ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("field", "close"), [("lora_alhpa", "lora_alpha"), ("target_module", "target_modules"), ("rank", None)])
+@pytest.mark.parametrize(
+    ("field", "close"), [("lora_alhpa", "lora_alpha"), ("target_module", "target_modules"), ("rank", None)]
+)
 def test_unknown_config_field_is_a_type_error_with_close_matches(field: str, close: str | None) -> None:
     with pytest.raises(TypeError, match=re.escape(field)) as info:
         funcpeft.LoraConfig(**{field: 1})
@@ -40,10 +42,16 @@ def test_unknown_config_field_is_a_type_error_with_close_matches(field: str, clo
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [
-        ({"r": 0}, "r"), ({"r": -2}, "r"), ({"r": 2.5}, "r"),
-        ({"lora_dropout": -0.1}, "lora_dropout"), ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_dropout": 3}, "lora_dropout"),
-        ({"target_modules": 5}, "target_modules"), ({"target_modules": ["q_proj", 3]}, "target_modules"),
-        ({"target_modules": {"q_proj": 1}}, "target_modules"), ({"exclude_modules": 1.5}, "exclude_modules"),
+        ({"r": 0}, "r"),
+        ({"r": -2}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": 3}, "lora_dropout"),
+        ({"target_modules": 5}, "target_modules"),
+        ({"target_modules": ["q_proj", 3]}, "target_modules"),
+        ({"target_modules": {"q_proj": 1}}, "target_modules"),
+        ({"exclude_modules": 1.5}, "exclude_modules"),
     ],
 )
 def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> None:
@@ -55,7 +63,8 @@ def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> 
     ("kwargs", "name"),
     [
         ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron"),
-        ({"trainable_token_indices": [1]}, "trainable_token_indices"), ({"use_qalora": True}, "use_qalora"),
+        ({"trainable_token_indices": [1]}, "trainable_token_indices"),
+        ({"use_qalora": True}, "use_qalora"),
     ],
 )
 def test_unimplemented_options_are_not_implemented_errors(kwargs: dict[str, Any], name: str) -> None:
@@ -65,7 +74,12 @@ def test_unimplemented_options_are_not_implemented_errors(kwargs: dict[str, Any]
 
 # Wrong types, for every config class, derived from the field annotations: the value each scalar kind must refuse.
 CONFIG_CLASSES = [funcpeft.LoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig]
-WRONG = {float: ["16", True, None, [1.0]], int: ["8", True, 2.5, None], bool: ["false", "true", 0, 1, None], str: [3, None, ["x"]]}
+WRONG = {
+    float: ["16", True, None, [1.0]],
+    int: ["8", True, 2.5, None],
+    bool: ["false", "true", 0, 1, None],
+    str: [3, None, ["x"]],
+}
 
 
 def _scalar_fields(cls: type) -> list[tuple[str, type]]:
@@ -74,8 +88,12 @@ def _scalar_fields(cls: type) -> list[tuple[str, type]]:
 
 
 def _wrong_cases() -> list[Any]:
-    return [pytest.param(cls, name, kind, bad, id=f"{cls.__name__}.{name}={bad!r}")
-            for cls in CONFIG_CLASSES for name, kind in _scalar_fields(cls) for bad in WRONG[kind]]
+    return [
+        pytest.param(cls, name, kind, bad, id=f"{cls.__name__}.{name}={bad!r}")
+        for cls in CONFIG_CLASSES
+        for name, kind in _scalar_fields(cls)
+        for bad in WRONG[kind]
+    ]
 
 
 @pytest.mark.parametrize(("cls", "name", "kind", "bad"), _wrong_cases())
@@ -92,14 +110,17 @@ def test_every_config_class_has_checked_fields_of_each_kind() -> None:
         assert bool in kinds and (cls is IA3Config or {int, float} <= kinds), (cls, kinds)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"rank_pattern": {"q_proj": "2"}}, r"rank_pattern must be dict\[str, int\].*'2'"),
-    ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern must be dict\[str, float\]"),
-    ({"layers_to_transform": [0, "1"]}, r"layers_to_transform must be list\[int\] \| int \| None"),
-    ({"layers_to_transform": [True]}, r"layers_to_transform"),
-    ({"modules_to_save": "lm_head"}, r"modules_to_save must be list\[str\] \| None"),
-    ({"task_type": 3}, r"task_type must be TaskType \| str \| None"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank_pattern": {"q_proj": "2"}}, r"rank_pattern must be dict\[str, int\].*'2'"),
+        ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern must be dict\[str, float\]"),
+        ({"layers_to_transform": [0, "1"]}, r"layers_to_transform must be list\[int\] \| int \| None"),
+        ({"layers_to_transform": [True]}, r"layers_to_transform"),
+        ({"modules_to_save": "lm_head"}, r"modules_to_save must be list\[str\] \| None"),
+        ({"task_type": 3}, r"task_type must be TaskType \| str \| None"),
+    ],
+)
 def test_wrong_types_inside_containers(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigTypeError, match=match):
         funcpeft.LoraConfig(**kwargs)
@@ -123,24 +144,73 @@ def test_what_funcpeft_accepts_peft_accepts(cls: type) -> None:
     for name in kwargs:
         want = getattr(config, name)
         got = ours[name]
-        assert (sorted(got) if isinstance(got, (set, list)) else got) == (sorted(want) if isinstance(want, set) else want), name
+        assert (sorted(got) if isinstance(got, (set, list)) else got) == (
+            sorted(want) if isinstance(want, set) else want
+        ), name
 
 
 # -- config files ------------------------------------------------------------------------------------------------
 PEFT_CONFIGS = {
-    "LoraConfig": dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], bias="lora_only",
-                       use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 8}, layers_to_transform=[0, 1],
-                       layers_pattern="layers", modules_to_save=["lm_head"], init_lora_weights="gaussian",
-                       task_type="CAUSAL_LM", exclude_modules=["x"], fan_in_fan_out=False, use_dora=True),
-    "IA3Config": dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False,
-                      modules_to_save=["lm_head"], task_type="CAUSAL_LM", exclude_modules="nothing"),
-    "LoHaConfig": dict(r=4, alpha=16, rank_dropout=0.1, module_dropout=0.2, use_effective_conv2d=True,
-                       target_modules=["q_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 3},
-                       init_weights=False, layers_to_transform=1, layers_pattern=["layers"]),
-    "LoKrConfig": dict(r=4, alpha=16, decompose_both=True, decompose_factor=4, rank_dropout_scale=True,
-                       init_weights="lycoris", target_modules="q_proj|v_proj", module_dropout=0.1),
-    "VeraConfig": dict(r=16, projection_prng_key=3, vera_dropout=0.1, d_initial=0.2, target_modules=["q_proj", "v_proj"],
-                       bias="vera_only", init_weights=False, layers_to_transform=[1], layers_pattern="layers"),
+    "LoraConfig": dict(
+        r=4,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        bias="lora_only",
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 8},
+        layers_to_transform=[0, 1],
+        layers_pattern="layers",
+        modules_to_save=["lm_head"],
+        init_lora_weights="gaussian",
+        task_type="CAUSAL_LM",
+        exclude_modules=["x"],
+        fan_in_fan_out=False,
+        use_dora=True,
+    ),
+    "IA3Config": dict(
+        target_modules=["k_proj", "down_proj"],
+        feedforward_modules=["down_proj"],
+        init_ia3_weights=False,
+        modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM",
+        exclude_modules="nothing",
+    ),
+    "LoHaConfig": dict(
+        r=4,
+        alpha=16,
+        rank_dropout=0.1,
+        module_dropout=0.2,
+        use_effective_conv2d=True,
+        target_modules=["q_proj"],
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"q_proj": 3},
+        init_weights=False,
+        layers_to_transform=1,
+        layers_pattern=["layers"],
+    ),
+    "LoKrConfig": dict(
+        r=4,
+        alpha=16,
+        decompose_both=True,
+        decompose_factor=4,
+        rank_dropout_scale=True,
+        init_weights="lycoris",
+        target_modules="q_proj|v_proj",
+        module_dropout=0.1,
+    ),
+    "VeraConfig": dict(
+        r=16,
+        projection_prng_key=3,
+        vera_dropout=0.1,
+        d_initial=0.2,
+        target_modules=["q_proj", "v_proj"],
+        bias="vera_only",
+        init_weights=False,
+        layers_to_transform=[1],
+        layers_pattern="layers",
+    ),
 }
 
 
@@ -161,7 +231,9 @@ def test_configs_peft_writes_load_unchanged(name: str, tmp_path: Path) -> None:
     assert type(config).__name__ == name
     written = json.loads((d / fio.CONFIG_NAME).read_text())
     written.pop("runtime_config", None)
-    ours = {k: sorted(v) if isinstance(v, (set, list)) and k.endswith("modules") else v for k, v in config.to_dict().items()}
+    ours = {
+        k: sorted(v) if isinstance(v, (set, list)) and k.endswith("modules") else v for k, v in config.to_dict().items()
+    }
     written = {k: sorted(v) if isinstance(v, list) and k.endswith("modules") else v for k, v in written.items()}
     assert ours == written
 
@@ -177,9 +249,15 @@ def test_a_wrong_type_in_a_config_file_names_the_file(name: str, field: str, bad
     assert str(info.value).startswith(f"{path}: {name}.{field} must be ") and repr(bad) in str(info.value)
 
 
-@pytest.mark.parametrize(("field", "bad", "expected"), [
-    ("lora_alpha", "16", "float"), ("use_rslora", "false", "bool"), ("r", 4.0, "int"), ("lora_dropout", "0.1", "float"),
-])
+@pytest.mark.parametrize(
+    ("field", "bad", "expected"),
+    [
+        ("lora_alpha", "16", "float"),
+        ("use_rslora", "false", "bool"),
+        ("r", 4.0, "int"),
+        ("lora_dropout", "0.1", "float"),
+    ],
+)
 def test_lora_config_file_with_wrong_types(field: str, bad: Any, expected: str, tmp_path: Path) -> None:
     d = _peft_config_dir("LoraConfig", tmp_path)
     path = d / fio.CONFIG_NAME
@@ -192,8 +270,14 @@ def test_config_file_in_utf16_is_named(tmp_path: Path) -> None:
     d = _peft_config_dir("LoraConfig", tmp_path)
     path = d / fio.CONFIG_NAME
     text = path.read_text(encoding="utf-8")
-    for encoding, what in (("utf-16", "UTF-16 byte-order mark"), ("utf-16-le", "NUL characters"), ("latin-1", "not UTF-8")):
-        path.write_bytes((text.replace('"layers"', '"l\u00e4yers"') if encoding == "latin-1" else text).encode(encoding))
+    for encoding, what in (
+        ("utf-16", "UTF-16 byte-order mark"),
+        ("utf-16-le", "NUL characters"),
+        ("latin-1", "not UTF-8"),
+    ):
+        path.write_bytes(
+            (text.replace('"layers"', '"l\u00e4yers"') if encoding == "latin-1" else text).encode(encoding)
+        )
         with pytest.raises(ValueError) as info:
             fio.read_config(d)
         assert str(path) in str(info.value) and what in str(info.value), (encoding, str(info.value))
@@ -211,11 +295,16 @@ def test_targets_matching_nothing_list_close_names(llama: torch.nn.Module, targe
     assert_unchanged(llama, before)
 
 
-@pytest.mark.parametrize(("kind", "target", "name", "type_name"), [
-    ("gpt2", "ln_1", "transformer.h.0.ln_1", "LayerNorm"),
-    ("llama", "input_layernorm", "model.layers.0.input_layernorm", "LlamaRMSNorm"),
-])
-def test_unsupported_layer_type_is_a_type_error_naming_module_and_type(kind: str, target: str, name: str, type_name: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "target", "name", "type_name"),
+    [
+        ("gpt2", "ln_1", "transformer.h.0.ln_1", "LayerNorm"),
+        ("llama", "input_layernorm", "model.layers.0.input_layernorm", "LlamaRMSNorm"),
+    ],
+)
+def test_unsupported_layer_type_is_a_type_error_naming_module_and_type(
+    kind: str, target: str, name: str, type_name: str
+) -> None:
     model = MODELS[kind]()
     before = snapshot(model)
     with pytest.raises(TypeError, match=re.escape(name)) as info:

@@ -35,7 +35,9 @@ WORLD, BATCH, STEPS, LAYERS = 2, 4, 3, 4
 CONFIGS: dict[str, Callable[[], funcpeft.PeftConfig]] = {
     "lora": lambda: funcpeft.LoraConfig(r=4, target_modules="all-linear"),
     # an adapted embedding (saved with the base embedding: gathered for the file) and an override (modules_to_save)
-    "embed": lambda: funcpeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "embed": lambda: funcpeft.LoraConfig(
+        r=4, target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"]
+    ),
     # DoRA reads the gathered weight in the forward and, at init, the whole weight (gathered)
     "dora": lambda: funcpeft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
     # other methods on the same path: shared frozen tensors (VeRA), per-layer frozen tensors made from the sharded
@@ -103,8 +105,11 @@ def _digest(directory: str) -> dict[str, Any]:
     n = struct.unpack("<Q", raw[:8])[0]
     with open(os.path.join(directory, fio.CONFIG_NAME), "rb") as f:
         config = f.read()
-    return {"config": hashlib.sha256(config).hexdigest(), "header": json.loads(raw[8:8 + n]),
-            "data": hashlib.sha256(raw[8 + n:]).hexdigest()}
+    return {
+        "config": hashlib.sha256(config).hexdigest(),
+        "header": json.loads(raw[8 : 8 + n]),
+        "data": hashlib.sha256(raw[8 + n :]).hexdigest(),
+    }
 
 
 def _peft_twin(pm: Any, adapter: Any) -> Any:
@@ -125,12 +130,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     res: dict[str, Any] = {}
     wire: dict[str, list[int]] = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
-    real = {n: getattr(dist, n) for n in ("all_reduce", "all_gather_single", "reduce_scatter_single", "reduce_scatter_tensor")}
+    real = {
+        n: getattr(dist, n)
+        for n in ("all_reduce", "all_gather_single", "reduce_scatter_single", "reduce_scatter_tensor")
+    }
 
     def counting(kind: str, name: str) -> Any:
         def call(tensor: Any, *args: Any, **kwargs: Any) -> Any:
             wire[kind].append(tensor.numel())
             return real[name](tensor, *args, **kwargs)
+
         return call
 
     writes: list[str] = []
@@ -158,9 +167,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         gathered: list[int] = []  # how many decoder layers hold whole weights, seen as each layer starts
         for layer in layers:
             layer.input_layernorm.register_forward_pre_hook(
-                lambda m, a: gathered.append(sum(not D.is_dtensor(x.input_layernorm.weight) for x in layers)))
-        for n, name in (("all_reduce", "all_reduce"), ("all_gather", "all_gather_single"),
-                        ("reduce_scatter", "reduce_scatter_single"), ("reduce_scatter", "reduce_scatter_tensor")):
+                lambda m, a: gathered.append(sum(not D.is_dtensor(x.input_layernorm.weight) for x in layers))
+            )
+        for n, name in (
+            ("all_reduce", "all_reduce"),
+            ("all_gather", "all_gather_single"),
+            ("reduce_scatter", "reduce_scatter_single"),
+            ("reduce_scatter", "reduce_scatter_tensor"),
+        ):
             setattr(dist, name, counting(n, name))
         res["trained"] = _train(pm, _adapter(pm), ids, reduce=D.all_reduce_grads)
         for name, f in real.items():
@@ -213,7 +227,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         replicated = distribute_tensor(pm.base[key].full_tensor(), pm.base[key].device_mesh, [Replicate()])
         res["err/other_sharding"] = _error(lambda: call({**pm.base, key: replicated}))
         path = "model.layers.1.mlp.up_proj"
-        as_dtensor = {**adapter, path: {**adapter[path], "lora_A": distribute_tensor(adapter[path]["lora_A"], replicated.device_mesh, [Replicate()])}}
+        as_dtensor = {
+            **adapter,
+            path: {
+                **adapter[path],
+                "lora_A": distribute_tensor(adapter[path]["lora_A"], replicated.device_mesh, [Replicate()]),
+            },
+        }
         res["err/dtensor_leaf"] = _error(lambda: call(pm.base, as_dtensor))
         weight = pm.model.model.layers[0].mlp.gate_proj.weight
         weight.requires_grad_(True)
@@ -221,7 +241,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         weight.requires_grad_(False)
         res["err/shard_trainable"] = _error(lambda: D.shard_base(T.tiny_llama()))
         res["err/generate"] = _error(lambda: pm.generate(pm.base, adapter, input_ids=ids, max_new_tokens=2))
-        res["err/func_grad"] = _error(lambda: torch.func.grad(lambda a: pm.fn(pm.base, a, input_ids=ids).logits.sum())(adapter))
+        res["err/func_grad"] = _error(
+            lambda: torch.func.grad(lambda a: pm.fn(pm.base, a, input_ids=ids).logits.sum())(adapter)
+        )
         res["err/after_errors_ok"] = _error(lambda: call(pm.base))  # the model is left as it was after each error
         dist.barrier()
     finally:
@@ -233,7 +255,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_sharded_base_equals_one_process_on_the_full_batch() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True, start_method="spawn"
+        )
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
         ids = _ids()
         single = {name: funcpeft.get_peft_model(_model(), config()) for name, config in CONFIGS.items()}

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out")
 @pytest.fixture(scope="module")
 def llama() -> tuple[Any, ...]:
     model = MODELS["llama"]()
-    fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    fn, base, adapter = funcpeft.get_peft_model(
+        model, funcpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     adapters = [T.random_like(adapter, torch.Generator().manual_seed(s)) for s in range(4)]
     return model, fn, base, adapters
 
@@ -133,7 +135,9 @@ def test_dropout_only_on_the_input_of_lora_a(mlp_dropout: tuple[Any, ...]) -> No
 def test_adamw_training_loop_decreases_loss_and_leaves_model_untouched() -> None:
     model = MODELS["llama"]()
     before = snapshot(model)
-    fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    fn, base, adapter = funcpeft.get_peft_model(
+        model, funcpeft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear")
+    )
     ids = make_inputs("llama", batch=4, seq=8)["input_ids"]
     opt = torch.optim.AdamW(optree.tree_leaves(adapter), lr=1e-2)
     losses = []

@@ -31,18 +31,39 @@ import funcpeft.io as fio
 from funcpeft import testing as T
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-all-linear-rslora-patterns": ("llama", dict(
-        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True,
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 16},
-    )),
+    "llama-all-linear-rslora-patterns": (
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 16},
+        ),
+    ),
     "llama-embed-tokens": ("llama", dict(r=4, target_modules=["embed_tokens", "q_proj"])),  # + base embedding
     "gpt2-conv1d-wte": ("gpt2", dict(r=4, target_modules=["c_attn", "wte"])),
-    "bert-seq-cls-lora-only": ("bert", dict(
-        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], modules_to_save=["pooler.dense"], bias="lora_only",
-    )),
-    "bert-seq-cls-bias-all-nested": ("bert", dict(
-        task_type="SEQ_CLS", r=4, target_modules=["query"], modules_to_save=["pooler"], bias="all",
-    )),
+    "bert-seq-cls-lora-only": (
+        "bert",
+        dict(
+            task_type="SEQ_CLS",
+            r=4,
+            target_modules=["query", "value"],
+            modules_to_save=["pooler.dense"],
+            bias="lora_only",
+        ),
+    ),
+    "bert-seq-cls-bias-all-nested": (
+        "bert",
+        dict(
+            task_type="SEQ_CLS",
+            r=4,
+            target_modules=["query"],
+            modules_to_save=["pooler"],
+            bias="all",
+        ),
+    ),
 }
 
 
@@ -94,7 +115,9 @@ def test_weights_file_matches_peft(saved: Saved) -> None:
     with safe_open(saved.peft_dir / fio.WEIGHTS_NAME, "pt") as f:
         assert f.metadata() == {"format": "pt"}
     with safe_open(saved.func_dir / fio.WEIGHTS_NAME, "pt") as f:  # + the digest of the config saved with it
-        canonical = json.dumps(json.loads((saved.func_dir / fio.CONFIG_NAME).read_text()), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            json.loads((saved.func_dir / fio.CONFIG_NAME).read_text()), sort_keys=True, separators=(",", ":")
+        )
         config_digest = hashlib.sha256(canonical.encode()).hexdigest()
         assert f.metadata() == {"format": "pt", fio.DIGEST_KEY: config_digest}
 
@@ -140,7 +163,9 @@ def _peft_config_dict(config: Any) -> dict[str, Any]:
 
 def test_loaded_config_matches_peft(saved: Saved) -> None:
     for trainable in (False, True):
-        pm = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(saved.pair.model), saved.func_dir, is_trainable=trainable)
+        pm = _quiet(
+            peft.PeftModel.from_pretrained, copy.deepcopy(saved.pair.model), saved.func_dir, is_trainable=trainable
+        )
         fpm = funcpeft.from_pretrained(saved.pair.model, saved.func_dir, is_trainable=trainable)
         assert _peft_config_dict(fpm.peft_config["default"]) == _peft_config_dict(pm.peft_config["default"])
 
@@ -208,10 +233,19 @@ def test_round_trip_is_bitwise_exact(case: int, dtype: torch.dtype, autocast: bo
             for k, v in entry.items():
                 assert tree[path][k].dtype == v.dtype and torch.equal(tree[path][k], v.detach()), (path, k)
     in_place = {(p, n) for p, e in back.plans["default"].items() for n in e.in_place}
-    assert all(t.requires_grad == (trainable or (p, n) in in_place) for p, e in back.adapter.items() for n, t in e.items())
-    auto_mapping = None if config.get("task_type") else {"base_model_class": type(model).__name__,
-                                                         "parent_library": type(model).__module__}
-    want_config = {**fpm.peft_config["default"].to_dict(), "inference_mode": not trainable, "auto_mapping": auto_mapping}
+    assert all(
+        t.requires_grad == (trainable or (p, n) in in_place) for p, e in back.adapter.items() for n, t in e.items()
+    )
+    auto_mapping = (
+        None
+        if config.get("task_type")
+        else {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    )
+    want_config = {
+        **fpm.peft_config["default"].to_dict(),
+        "inference_mode": not trainable,
+        "auto_mapping": auto_mapping,
+    }
     got_config = back.peft_config["default"].to_dict()
     for c in (want_config, got_config):  # PEFT's task classes append their heads again on load: compared below
         c["modules_to_save"] = c["modules_to_save"] and sorted(set(c["modules_to_save"]))
@@ -225,8 +259,13 @@ def test_dtypes_and_requires_grad_follow_peft(tmp_path: Path) -> None:
     plan = funcpeft.get_peft_model(model, funcpeft.LoraConfig(**config)).plans["default"]
     for autocast in (True, False):
         for trainable in (True, False):
-            pm = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(model), tmp_path,
-                        is_trainable=trainable, autocast_adapter_dtype=autocast)
+            pm = _quiet(
+                peft.PeftModel.from_pretrained,
+                copy.deepcopy(model),
+                tmp_path,
+                is_trainable=trainable,
+                autocast_adapter_dtype=autocast,
+            )
             named = dict(pm.named_parameters())
             fpm = funcpeft.from_pretrained(model, tmp_path, is_trainable=trainable, autocast_adapter_dtype=autocast)
             for path, entry in fpm.adapter.items():
@@ -315,7 +354,9 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_pickle_is_never_unpickled_and_the_error_says_how_to_convert(llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+def test_pickle_is_never_unpickled_and_the_error_says_how_to_convert(
+    llama_dir: tuple[Pair, Path], tmp_path: Path
+) -> None:
     pair, src = llama_dir
     evil = _copy_dir(src, tmp_path / "evil")
     os.remove(evil / fio.WEIGHTS_NAME)
@@ -377,8 +418,10 @@ def test_all_checkpoint_problems_are_reported_in_one_error(llama_dir: tuple[Pair
     state[unexpected] = state.pop(missing)
     state[reshaped] = torch.zeros(3, 3)
     safetensors.torch.save_file(state, d / fio.WEIGHTS_NAME, metadata={"format": "pt"})
-    for load in (lambda **kw: funcpeft.from_pretrained(pair.model, d, **kw),
-                 lambda **kw: funcpeft.load_adapter(d, model=pair.model, **kw)):
+    for load in (
+        lambda **kw: funcpeft.from_pretrained(pair.model, d, **kw),
+        lambda **kw: funcpeft.load_adapter(d, model=pair.model, **kw),
+    ):
         with pytest.raises(funcpeft.AdapterMismatchError) as info:
             load()
         msg = str(info.value)
@@ -420,7 +463,9 @@ def test_failed_save_keeps_the_previous_adapter(
     pair, _ = llama_dir
     d = tmp_path / "adapter"
     pair.fpm.save_pretrained(d, pair.adapter)
-    pair.fpm.save_pretrained(d / "x", pair.adapter)  # a fresh directory inside, to check a failure there is cleaned up too
+    pair.fpm.save_pretrained(
+        d / "x", pair.adapter
+    )  # a fresh directory inside, to check a failure there is cleaned up too
     before = _listing(d)
     new = T.random_like(pair.adapter, torch.Generator().manual_seed(9))
     if failure == "serialise-error":
@@ -509,10 +554,14 @@ def test_a_named_adapter_is_read_from_its_subdirectory(llama_dir: tuple[Pair, Pa
     pair, _ = llama_dir
     other = T.random_like(pair.adapter, torch.Generator().manual_seed(11))
     pair.fpm.save_pretrained(tmp_path, pair.adapter)  # "default" at the root ...
-    funcpeft.save_adapter(tmp_path, other, pair.fpm.peft_config["default"], "other", model=pair.model)  # ... "other" below
-    for load in (lambda **kw: funcpeft.load_adapter(tmp_path, **kw)[0],
-                 lambda **kw: funcpeft.load_adapter(tmp_path, model=pair.model, **kw)[0],
-                 lambda **kw: funcpeft.from_pretrained(pair.model, tmp_path, **kw).adapter):
+    funcpeft.save_adapter(
+        tmp_path, other, pair.fpm.peft_config["default"], "other", model=pair.model
+    )  # ... "other" below
+    for load in (
+        lambda **kw: funcpeft.load_adapter(tmp_path, **kw)[0],
+        lambda **kw: funcpeft.load_adapter(tmp_path, model=pair.model, **kw)[0],
+        lambda **kw: funcpeft.from_pretrained(pair.model, tmp_path, **kw).adapter,
+    ):
         T.assert_trees_close(load(), _detached(pair.adapter), atol=0)
         T.assert_trees_close(load(adapter_name="other"), _detached(other), atol=0)
 
@@ -541,7 +590,10 @@ def test_from_pretrained_names_a_root_adapter_like_peft(peft_llama_dir: tuple[Pa
     named = dict(theirs.named_parameters())
     for path, entry in ours.adapter.items():
         for key, value in entry.items():
-            assert torch.equal(named[T.peft_param_name(path, key, ours.plans["mine"][path], "mine")], value), (path, key)
+            assert torch.equal(named[T.peft_param_name(path, key, ours.plans["mine"][path], "mine")], value), (
+                path,
+                key,
+            )
 
 
 # -- sizes from the config, checked before allocating ---------------------------------------------------------------
@@ -580,11 +632,15 @@ def test_a_config_rank_that_contradicts_the_checkpoint_fails_before_allocating(
     assert str(d / fio.CONFIG_NAME) in msg and "`r` = 16777216" in msg and key in msg, msg
     assert "[16777216, 64]" in msg and "[4, 64]" in msg, msg
     _edit_config(d, r=4, rank_pattern={"v_proj": 8})  # a smaller contradiction, through rank_pattern
-    with pytest.raises(ValueError, match=r"`rank_pattern\['v_proj'\]` = 8 .*v_proj\.lora_A\.weight \[8, 64\].*\[4, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"`rank_pattern\['v_proj'\]` = 8 .*v_proj\.lora_A\.weight \[8, 64\].*\[4, 64\]"
+    ):
         funcpeft.load_adapter(d, model=pair.model, strict=strict)
 
 
-def test_a_config_rank_beyond_any_use_fails_before_allocating(peft_llama_dir: tuple[Pair, Path], tmp_path: Path) -> None:
+def test_a_config_rank_beyond_any_use_fails_before_allocating(
+    peft_llama_dir: tuple[Pair, Path], tmp_path: Path
+) -> None:
     """Nothing in the checkpoint to compare with (strict=False would init it fresh): the sane limit catches it."""
     pair, src = peft_llama_dir
     d = _copy_dir(src, tmp_path / "huge")
@@ -617,14 +673,18 @@ def test_a_vera_rank_beyond_any_use_fails_before_the_shared_projections(vera: An
 
     st.save_file(st.load_file(tmp_path / fio.WEIGHTS_NAME), tmp_path / fio.WEIGHTS_NAME, metadata={"format": "pt"})
     for strict in (True, False):
-        with _NoLargeAllocations(), pytest.raises(ValueError, match=r"`r` = 16777216 .*vera_lambda_d \[16777216\].*\[8\]"):
+        with (
+            _NoLargeAllocations(),
+            pytest.raises(ValueError, match=r"`r` = 16777216 .*vera_lambda_d \[16777216\].*\[8\]"),
+        ):
             funcpeft.from_pretrained(model, tmp_path, strict=strict)
 
 
 # -- unreadable files are named -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["funcpeft", "peft"])
-def test_weights_path_that_is_a_directory(llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path],
-                                          tmp_path: Path, which: str) -> None:
+def test_weights_path_that_is_a_directory(
+    llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path], tmp_path: Path, which: str
+) -> None:
     pair, src = llama_dir if which == "funcpeft" else peft_llama_dir
     d = _copy_dir(src, tmp_path / "d")
     os.remove(d / fio.WEIGHTS_NAME)
@@ -645,14 +705,21 @@ def test_config_path_that_is_a_directory(peft_llama_dir: tuple[Pair, Path], tmp_
 
 @pytest.mark.parametrize("which", ["funcpeft", "peft"])
 @pytest.mark.parametrize("damage", ["truncated", "header-cut", "garbage", "empty"])
-def test_corrupt_weights_are_named(llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path],
-                                   tmp_path: Path, which: str, damage: str) -> None:
+def test_corrupt_weights_are_named(
+    llama_dir: tuple[Pair, Path], peft_llama_dir: tuple[Pair, Path], tmp_path: Path, which: str, damage: str
+) -> None:
     pair, src = llama_dir if which == "funcpeft" else peft_llama_dir
     d = _copy_dir(src, tmp_path / "d")
     path = d / fio.WEIGHTS_NAME
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "header-cut": data[:40], "garbage": b"not safetensors " * 9,
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "header-cut": data[:40],
+            "garbage": b"not safetensors " * 9,
+            "empty": b"",
+        }[damage]
+    )
     for load in (lambda: funcpeft.load_adapter(d), lambda: funcpeft.from_pretrained(pair.model, d)):
         with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable safetensors file")):
             load()

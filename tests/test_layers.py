@@ -13,14 +13,42 @@ PACKAGE = Path(__file__).resolve().parent.parent / "funcpeft"
 
 # module (dotted, relative to funcpeft; a package's modules by prefix) -> layer
 LAYERS: dict[str, int] = {
-    "constants": 0, "config": 0, "configs": 0, "trees": 0, "optim": 0, "rng": 0,
+    "constants": 0,
+    "config": 0,
+    "configs": 0,
+    "trees": 0,
+    "optim": 0,
+    "rng": 0,
     "methods": 1,
-    "_targeting": 2, "_plan": 2, "_names": 2, "_replicate": 2, "counting": 2,
-    "weights": 3, "routing": 3, "grad": 3, "functional": 3, "_capture": 3, "_fsdp": 3,
-    "keys": 4, "_checks": 4, "io": 4, "loading": 4, "merge": 4, "weighted": 4, "generation": 4, "corda": 4, "loraga": 4,
-    "conversion": 4, "distributed": 4,
-    "model": 5, "arrow": 5, "eva": 5, "_ipca": 0,
-    "__init__": 6, "testing": 6, "strategies": 6,
+    "_targeting": 2,
+    "_plan": 2,
+    "_names": 2,
+    "_replicate": 2,
+    "counting": 2,
+    "weights": 3,
+    "routing": 3,
+    "grad": 3,
+    "functional": 3,
+    "_capture": 3,
+    "_fsdp": 3,
+    "keys": 4,
+    "_checks": 4,
+    "io": 4,
+    "loading": 4,
+    "merge": 4,
+    "weighted": 4,
+    "generation": 4,
+    "corda": 4,
+    "loraga": 4,
+    "conversion": 4,
+    "distributed": 4,
+    "model": 5,
+    "arrow": 5,
+    "eva": 5,
+    "_ipca": 0,
+    "__init__": 6,
+    "testing": 6,
+    "strategies": 6,
 }
 
 
@@ -114,7 +142,7 @@ def test_the_import_graph_has_no_cycles() -> None:
         state[m] = 1
         for t in graph.get(m, ()):
             if state.get(t) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(t):], t])}")
+                raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(t) :], t])}")
             if t not in state:
                 visit(t, [*path, t])
         state[m] = 2

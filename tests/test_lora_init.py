@@ -53,7 +53,11 @@ def _peft_config(kwargs: dict[str, Any]) -> Any:
     from peft.tuners.lora import config as pc
 
     kw = dict(kwargs)
-    for name, cls in (("eva_config", pc.EvaConfig), ("corda_config", pc.CordaConfig), ("lora_ga_config", pc.LoraGAConfig)):
+    for name, cls in (
+        ("eva_config", pc.EvaConfig),
+        ("corda_config", pc.CordaConfig),
+        ("lora_ga_config", pc.LoraGAConfig),
+    ):
         if isinstance(kw.get(name), dict):
             kw[name] = cls(**kw[name])
     return peft.LoraConfig(**kw)
@@ -87,7 +91,9 @@ def assert_equal_to_peft(pm: Any, twin: nn.Module, model: nn.Module, *, changes_
     assert changed == (adapted if changes_base else set()), sorted(changed ^ adapted)[:4]
 
 
-def _pair(kind: str, kwargs: dict[str, Any], init_data: Any = None, seed: int = 3) -> tuple[Any, nn.Module, nn.Module, dict]:
+def _pair(
+    kind: str, kwargs: dict[str, Any], init_data: Any = None, seed: int = 3
+) -> tuple[Any, nn.Module, nn.Module, dict]:
     """(funcpeft pm, PEFT twin, model, model snapshot before), both from the same global RNG state."""
     import peft
 
@@ -103,9 +109,16 @@ def _pair(kind: str, kwargs: dict[str, Any], init_data: Any = None, seed: int = 
 
 # -- the inits that need no data ------------------------------------------------------------------------------
 PLAIN = [
-    ("llama", "pissa", True), ("llama", "pissa_niter_2", True), ("llama", "olora", True), ("llama", "OLoRA", True),
-    ("llama", "orthogonal", False), ("llama", "eva", False),
-    ("gpt2", "pissa", True), ("gpt2", "pissa_niter_3", True), ("gpt2", "orthogonal", False), ("gpt2", "eva", False),
+    ("llama", "pissa", True),
+    ("llama", "pissa_niter_2", True),
+    ("llama", "olora", True),
+    ("llama", "OLoRA", True),
+    ("llama", "orthogonal", False),
+    ("llama", "eva", False),
+    ("gpt2", "pissa", True),
+    ("gpt2", "pissa_niter_3", True),
+    ("gpt2", "orthogonal", False),
+    ("gpt2", "eva", False),
 ]
 
 
@@ -115,7 +128,9 @@ def test_init_equals_peft(kind: str, init: str, changes_base: bool) -> None:
     assert_equal_to_peft(pm, twin, model, changes_base=changes_base)
     assert_unchanged(model, snap)
     inputs = {"input_ids": BATCHES[0]}
-    with torch.no_grad():  # the adapted model at init: PiSSA & co. rebuild W exactly (up to rounding), orthogonal's B A = 0
+    with (
+        torch.no_grad()
+    ):  # the adapted model at init: PiSSA & co. rebuild W exactly (up to rounding), orthogonal's B A = 0
         got = pm.fn(pm.base, pm.adapter, **inputs).logits
         torch.testing.assert_close(got, twin.eval()(**inputs).logits, atol=1e-4, rtol=0)
         if init not in ("eva",):
@@ -123,7 +138,9 @@ def test_init_equals_peft(kind: str, init: str, changes_base: bool) -> None:
 
 
 def test_dora_with_pissa_takes_its_magnitude_from_the_residual_weight() -> None:
-    pm, twin, model, snap = _pair("llama", dict(r=4, target_modules=["q_proj"], init_lora_weights="pissa", use_dora=True))
+    pm, twin, model, snap = _pair(
+        "llama", dict(r=4, target_modules=["q_proj"], init_lora_weights="pissa", use_dora=True)
+    )
     assert_equal_to_peft(pm, twin, model, changes_base=True)
     assert_unchanged(model, snap)
 
@@ -190,8 +207,12 @@ class _StandIn8bit(_StandIn4bit):
 @pytest.mark.parametrize("real_bnb", [False, True], ids=["standin-quantiser", "bitsandbytes"])
 def test_loftq_equals_peft(monkeypatch: pytest.MonkeyPatch, bits: int, iters: int, real_bnb: bool) -> None:
     _peft_loftq_on_cpu(monkeypatch, real_bnb)
-    kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="loftq",
-                  loftq_config={"loftq_bits": bits, "loftq_iter": iters})
+    kwargs = dict(
+        r=4,
+        target_modules=["q_proj", "down_proj"],
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": bits, "loftq_iter": iters},
+    )
     pm, twin, model, snap = _pair("llama", kwargs)
     assert_equal_to_peft(pm, twin, model, changes_base=True)
     assert_unchanged(model, snap)
@@ -258,7 +279,9 @@ def _run(forward: Any) -> None:
 def test_corda_equals_peft(kind: str, method: str) -> None:
     from peft.tuners.lora.corda import preprocess_corda
 
-    kwargs: dict[str, Any] = dict(r=4, target_modules=TARGETS[kind], init_lora_weights="corda", corda_config={"corda_method": method})
+    kwargs: dict[str, Any] = dict(
+        r=4, target_modules=TARGETS[kind], init_lora_weights="corda", corda_config={"corda_method": method}
+    )
     model = MODELS[kind]()
     snap = snapshot(model)
     with _quiet():
@@ -281,8 +304,12 @@ def test_corda_cache_and_covariance_files_are_peft_s(tmp_path: Any) -> None:
     from peft.tuners.lora.corda import preprocess_corda
 
     cache, cov = str(tmp_path / "c" / "cache.pt"), str(tmp_path / "c" / "cov.pt")
-    kwargs: dict[str, Any] = dict(r=2, target_modules=["q_proj"], init_lora_weights="corda",
-                  corda_config={"cache_file": cache, "covariance_file": cov})
+    kwargs: dict[str, Any] = dict(
+        r=2,
+        target_modules=["q_proj"],
+        init_lora_weights="corda",
+        corda_config={"cache_file": cache, "covariance_file": cov},
+    )
     model = MODELS["llama"]()
     twin_model = copy.deepcopy(model)
     with _quiet():
@@ -290,7 +317,9 @@ def test_corda_cache_and_covariance_files_are_peft_s(tmp_path: Any) -> None:
         from_peft_files = funcpeft.preprocess_corda(model, funcpeft.LoraConfig(**kwargs))  # no run_model: the cache
         os.remove(cache)
         from_covariance = funcpeft.preprocess_corda(model, funcpeft.LoraConfig(**kwargs))  # the covariance file
-        fresh = funcpeft.preprocess_corda(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="corda"), _run)
+        fresh = funcpeft.preprocess_corda(
+            model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="corda"), _run
+        )
     for path, e in fresh.items():
         for other in (from_peft_files[path], from_covariance[path]):
             for k in ("S_WC", "U_WC", "V_WC"):
@@ -312,8 +341,12 @@ def test_lora_ga_equals_peft(kind: str, direction: str, scale: str) -> None:
     import peft
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    kwargs: dict[str, Any] = dict(r=2, target_modules=TARGETS[kind], init_lora_weights="lora_ga",
-                  lora_ga_config={"direction": direction, "scale": scale})
+    kwargs: dict[str, Any] = dict(
+        r=2,
+        target_modules=TARGETS[kind],
+        init_lora_weights="lora_ga",
+        lora_ga_config={"direction": direction, "scale": scale},
+    )
     model = MODELS[kind]()
     snap = snapshot(model)
     with _quiet():
@@ -335,21 +368,33 @@ def test_lora_ga_equals_peft(kind: str, direction: str, scale: str) -> None:
 
 def test_lora_ga_layer_without_gradient_falls_back_like_peft() -> None:
     """A targeted layer no backward pass reached gets PEFT's init_lora_weights=True (and keeps its weight)."""
-    kwargs: dict[str, Any] = dict(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights="lora_ga", lora_ga_config={})
+    kwargs: dict[str, Any] = dict(
+        r=2, target_modules=["q_proj", "lm_head"], init_lora_weights="lora_ga", lora_ga_config={}
+    )
     model = MODELS["llama"]()
     with _quiet():
-        grads = funcpeft.preprocess_loraga(model, funcpeft.LoraConfig(**kwargs), lambda f: f(input_ids=BATCHES[0]).logits[..., :3].sum().backward())
+        grads = funcpeft.preprocess_loraga(
+            model, funcpeft.LoraConfig(**kwargs), lambda f: f(input_ids=BATCHES[0]).logits[..., :3].sum().backward()
+        )
         grads["lm_head"] = None
         pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(**kwargs), init_data=grads)
     assert torch.equal(pm.base["lm_head.weight"], model.lm_head.weight)
-    assert not torch.equal(pm.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        pm.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight
+    )
     assert bool((pm.adapter["lm_head"]["lora_B"] == 0).all()) and not bool((pm.adapter["lm_head"]["lora_A"] == 0).all())
 
 
 # -- EVA ----------------------------------------------------------------------------------------------------------
 def _eva_data() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(1, T.VOCAB, (4, 16), generator=g), "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(6)]
+    data = [
+        {
+            "input_ids": torch.randint(1, T.VOCAB, (4, 16), generator=g),
+            "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        }
+        for _ in range(6)
+    ]
     for b in data:
         b["attention_mask"][0, 10:] = 0
     return data
@@ -375,7 +420,9 @@ def test_eva_equals_peft(kind: str, targets: list[str], rho: float, tmp_path: An
     assert ours == {n for n, t in twin.named_parameters() if t.requires_grad}
     for path, entry in tree.items():
         for key, value in entry.items():
-            torch.testing.assert_close(value, named[T.peft_param_name(path, key, pm.plans["default"][path])].detach(), atol=TOL, rtol=0)
+            torch.testing.assert_close(
+                value, named[T.peft_param_name(path, key, pm.plans["default"][path])].detach(), atol=TOL, rtol=0
+            )
     ours_c, theirs_c = pm.peft_config["default"], twin.peft_config["default"]
     assert ours_c.rank_pattern == theirs_c.rank_pattern and ours_c.alpha_pattern == theirs_c.alpha_pattern
     assert set(ours_c.target_modules) == set(theirs_c.target_modules)
@@ -389,7 +436,9 @@ def test_eva_equals_peft(kind: str, targets: list[str], rho: float, tmp_path: An
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
     for path, entry in tree.items():
         for key, value in entry.items():
-            torch.testing.assert_close(value, dict(loaded.named_parameters())[T.peft_param_name(path, key, pm.plans["default"][path])])
+            torch.testing.assert_close(
+                value, dict(loaded.named_parameters())[T.peft_param_name(path, key, pm.plans["default"][path])]
+            )
 
 
 def test_eva_components_are_orthonormal_rows() -> None:
@@ -419,19 +468,35 @@ class _Lin(nn.Module):
 
 
 @settings(max_examples=examples(12))
-@given(i=st.integers(4, 24), o=st.integers(4, 24), r=st.integers(1, 4), alpha=st.sampled_from([1, 8, 16]),
-       init=st.sampled_from(["pissa", "pissa_niter_2", "olora"]), seed=st.integers(0, 1000), rslora=st.booleans())
-def test_residual_plus_adapter_is_the_original_weight(i: int, o: int, r: int, alpha: int, init: str, seed: int, rslora: bool) -> None:
+@given(
+    i=st.integers(4, 24),
+    o=st.integers(4, 24),
+    r=st.integers(1, 4),
+    alpha=st.sampled_from([1, 8, 16]),
+    init=st.sampled_from(["pissa", "pissa_niter_2", "olora"]),
+    seed=st.integers(0, 1000),
+    rslora=st.booleans(),
+)
+def test_residual_plus_adapter_is_the_original_weight(
+    i: int, o: int, r: int, alpha: int, init: str, seed: int, rslora: bool
+) -> None:
     """PiSSA / OLoRA: base' + s * B @ A == W, and base' has no component in the adapter's subspace (PiSSA)."""
     model = _Lin(i, o, seed)
     with _quiet():
-        pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], init_lora_weights=init, use_rslora=rslora))
+        pm = funcpeft.get_peft_model(
+            model,
+            funcpeft.LoraConfig(
+                r=r, lora_alpha=alpha, target_modules=["lin"], init_lora_weights=init, use_rslora=rslora
+            ),
+        )
     a, b = pm.adapter["lin"]["lora_A"].detach(), pm.adapter["lin"]["lora_B"].detach()
     s = pm.plans["default"]["lin"].spec.hyper.scaling
     torch.testing.assert_close(pm.base["lin.weight"] + s * b @ a, model.lin.weight.detach(), atol=1e-5, rtol=1e-5)
     if init == "pissa":  # the residual holds the minor singular values only
         sv = torch.linalg.svdvals(model.lin.weight.detach())
-        torch.testing.assert_close(torch.linalg.svdvals(pm.base["lin.weight"])[: min(i, o) - r], sv[r:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.linalg.svdvals(pm.base["lin.weight"])[: min(i, o) - r], sv[r:], atol=1e-4, rtol=1e-4
+        )
 
 
 @settings(max_examples=examples(10))
@@ -439,8 +504,11 @@ def test_residual_plus_adapter_is_the_original_weight(i: int, o: int, r: int, al
 def test_orthogonal_init_is_a_no_op(i: int, o: int, half: int, seed: int) -> None:
     """B @ A = 0 (the rows of A and the columns of B come from orthogonal halves of one Q), A and B are not 0."""
     model = _Lin(i, o, seed)
-    pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2 * half, target_modules=["lin"], init_lora_weights="orthogonal"),
-                                 generator=torch.Generator().manual_seed(seed))
+    pm = funcpeft.get_peft_model(
+        model,
+        funcpeft.LoraConfig(r=2 * half, target_modules=["lin"], init_lora_weights="orthogonal"),
+        generator=torch.Generator().manual_seed(seed),
+    )
     a, b = pm.adapter["lin"]["lora_A"].detach(), pm.adapter["lin"]["lora_B"].detach()
     torch.testing.assert_close(b @ a, torch.zeros(o, i), atol=1e-6, rtol=0)
     assert a.abs().max() > 0 and b.abs().max() > 0
@@ -460,13 +528,17 @@ def test_corda_and_lora_ga_residual_laws() -> None:
         for path, entry in pm.adapter.items():
             spec = pm.plans["default"][path].spec
             delta = spec.hyper.scaling * (entry["lora_B"] @ entry["lora_A"]).detach().T  # Conv1D layout
-            torch.testing.assert_close(pm.base[f"{path}.weight"] + delta, dict(model.named_parameters())[f"{path}.weight"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                pm.base[f"{path}.weight"] + delta, dict(model.named_parameters())[f"{path}.weight"], atol=1e-5, rtol=0
+            )
 
 
 # -- conversion to plain LoRA -----------------------------------------------------------------------------------
 def _trained(tree: Any, seed: int = 0) -> Any:
     g = torch.Generator().manual_seed(seed)
-    return {p: {k: v.detach() + 0.05 * torch.randn(v.shape, generator=g) for k, v in e.items()} for p, e in tree.items()}
+    return {
+        p: {k: v.detach() + 0.05 * torch.randn(v.shape, generator=g) for k, v in e.items()} for p, e in tree.items()
+    }
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "corda", "lora_ga"])
@@ -480,8 +552,13 @@ def test_conversion_equals_peft_and_loads_in_peft(init: str, tmp_path: Any) -> N
     model = MODELS["llama"]()
     config = funcpeft.LoraConfig(**kwargs)
     with _quiet():
-        data = (funcpeft.preprocess_corda(model, config, _run) if init == "corda"
-                else funcpeft.preprocess_loraga(model, config, _train) if init == "lora_ga" else None)
+        data = (
+            funcpeft.preprocess_corda(model, config, _run)
+            if init == "corda"
+            else funcpeft.preprocess_loraga(model, config, _train)
+            if init == "lora_ga"
+            else None
+        )
         pm = funcpeft.get_peft_model(model, config, init_data=data)
     fn, base, fresh = pm
     pm.save_pretrained(tmp_path / "init", fresh)
@@ -501,29 +578,45 @@ def test_conversion_equals_peft_and_loads_in_peft(init: str, tmp_path: Any) -> N
     assert json.loads((tmp_path / "init" / "adapter_config.json").read_text())["init_lora_weights"] is True
     funcpeft.load_adapter(tmp_path / "init", model=model)  # the rewritten initial adapter still loads (one save)
     # PEFT's own conversion of the same trained values gives the same file
-    twin = peft.get_peft_model(copy.deepcopy(model), _peft_config({k: v for k, v in kwargs.items() if k != "lora_ga_config"} | {"init_lora_weights": True}))
+    twin = peft.get_peft_model(
+        copy.deepcopy(model),
+        _peft_config({k: v for k, v in kwargs.items() if k != "lora_ga_config"} | {"init_lora_weights": True}),
+    )
     T.copy_into_peft(twin, fresh, pm.plans["default"])
     twin.save_pretrained(str(tmp_path / "pinit"))
     T.copy_into_peft(twin, trained, pm.plans["default"])
     with _quiet():
         twin.save_pretrained(str(tmp_path / "plora"), path_initial_model_for_weight_conversion=str(tmp_path / "pinit"))
-    a, b = load_file(str(tmp_path / "lora" / "adapter_model.safetensors")), load_file(str(tmp_path / "plora" / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "lora" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "plora" / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_conversion_refusals(tmp_path: Any) -> None:
     model = MODELS["llama"]()
     with _quiet():
-        pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa",
-                                                               use_rslora=True, rank_pattern={"q_proj": 2}))
+        pm = funcpeft.get_peft_model(
+            model,
+            funcpeft.LoraConfig(
+                r=2, target_modules=["q_proj"], init_lora_weights="pissa", use_rslora=True, rank_pattern={"q_proj": 2}
+            ),
+        )
     pm.save_pretrained(tmp_path / "init", pm.adapter)
     with pytest.raises(ValueError, match="use_rslora=True"):
-        pm.save_pretrained(tmp_path / "out", pm.adapter, path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        pm.save_pretrained(
+            tmp_path / "out", pm.adapter, path_initial_model_for_weight_conversion=str(tmp_path / "init")
+        )
     with _quiet():
-        pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights="pissa"))
+        pm = funcpeft.get_peft_model(
+            model, funcpeft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights="pissa")
+        )
     pm.save_pretrained(tmp_path / "init2", pm.adapter)
     with pytest.raises(ValueError, match="embedding LoRA"):
-        pm.save_pretrained(tmp_path / "out", pm.adapter, path_initial_model_for_weight_conversion=str(tmp_path / "init2"))
+        pm.save_pretrained(
+            tmp_path / "out", pm.adapter, path_initial_model_for_weight_conversion=str(tmp_path / "init2")
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -538,32 +631,67 @@ def test_from_pretrained_reapplies_pissa_like_peft(tmp_path: Any) -> None:
     ours = funcpeft.from_pretrained(model, tmp_path)
     for name, w in _peft_layer_weights(theirs).items():
         assert torch.equal(ours.base[name], w), name
-    assert not torch.equal(ours.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        ours.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight
+    )
     assert_unchanged(model, snap)
 
 
 # -- configs and errors -----------------------------------------------------------------------------------------
 def test_sub_configs_serialise_like_peft() -> None:
-    cases = [dict(init_lora_weights="eva", eva_config={"rho": 1.5}), dict(init_lora_weights="corda", corda_config={"corda_method": "kpm"}),
-             dict(init_lora_weights="lora_ga", lora_ga_config={"direction": "ArBr"}),
-             dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 2})]
+    cases = [
+        dict(init_lora_weights="eva", eva_config={"rho": 1.5}),
+        dict(init_lora_weights="corda", corda_config={"corda_method": "kpm"}),
+        dict(init_lora_weights="lora_ga", lora_ga_config={"direction": "ArBr"}),
+        dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 2}),
+    ]
     for kw in cases:
         with _quiet():
-            ours, theirs = funcpeft.LoraConfig(target_modules=["q"], **kw).to_dict(), _peft_config(dict(target_modules=["q"], **kw)).to_dict()
+            ours, theirs = (
+                funcpeft.LoraConfig(target_modules=["q"], **kw).to_dict(),
+                _peft_config(dict(target_modules=["q"], **kw)).to_dict(),
+            )
             for key in ("eva_config", "corda_config", "lora_ga_config", "loftq_config", "init_lora_weights"):
                 assert ours[key] == theirs[key], key
             assert funcpeft.LoraConfig.from_dict(json.loads(json.dumps(ours))).to_dict() == ours  # through JSON
 
 
-@pytest.mark.parametrize(("kind", "kwargs", "error", "match"), [
-    ("conv", dict(target_modules=["conv2d"], init_lora_weights="pissa"), UnsupportedLayerError, "'conv2d'.*nn.Linear"),
-    ("gpt2", dict(target_modules=["c_attn"], init_lora_weights="olora"), UnsupportedLayerError, "fan_in_fan_out"),
-    ("llama", dict(target_modules=["embed_tokens"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}), UnsupportedLayerError, "embed_tokens"),
-    ("llama", dict(r=3, target_modules=["q_proj"], init_lora_weights="orthogonal"), ValueError, "even"),
-    ("llama", dict(r=80, target_modules=["q_proj"], init_lora_weights="pissa"), ValueError, "min\\(in_features, out_features\\) = 64"),
-    ("llama", dict(target_modules=["q_proj"], init_lora_weights="corda"), ValueError, "preprocess_corda"),
-    ("llama", dict(target_modules=["q_proj"], init_lora_weights="lora_ga", lora_ga_config={}), ValueError, "preprocess_loraga"),
-])
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "error", "match"),
+    [
+        (
+            "conv",
+            dict(target_modules=["conv2d"], init_lora_weights="pissa"),
+            UnsupportedLayerError,
+            "'conv2d'.*nn.Linear",
+        ),
+        ("gpt2", dict(target_modules=["c_attn"], init_lora_weights="olora"), UnsupportedLayerError, "fan_in_fan_out"),
+        (
+            "llama",
+            dict(
+                target_modules=["embed_tokens"],
+                init_lora_weights="loftq",
+                loftq_config={"loftq_bits": 4, "loftq_iter": 1},
+            ),
+            UnsupportedLayerError,
+            "embed_tokens",
+        ),
+        ("llama", dict(r=3, target_modules=["q_proj"], init_lora_weights="orthogonal"), ValueError, "even"),
+        (
+            "llama",
+            dict(r=80, target_modules=["q_proj"], init_lora_weights="pissa"),
+            ValueError,
+            "min\\(in_features, out_features\\) = 64",
+        ),
+        ("llama", dict(target_modules=["q_proj"], init_lora_weights="corda"), ValueError, "preprocess_corda"),
+        (
+            "llama",
+            dict(target_modules=["q_proj"], init_lora_weights="lora_ga", lora_ga_config={}),
+            ValueError,
+            "preprocess_loraga",
+        ),
+    ],
+)
 def test_refusals(kind: str, kwargs: dict[str, Any], error: type, match: str) -> None:
     model = MODELS[kind]()
     snap = snapshot(model)
@@ -585,7 +713,9 @@ def test_config_errors() -> None:
         funcpeft.EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="direction"):
         funcpeft.LoraGAConfig(direction="AB")
-    assert funcpeft.LoraConfig(init_lora_weights="mica").requested_variants() == ("mica",)  # a variant (methods/mica.py)
+    assert funcpeft.LoraConfig(init_lora_weights="mica").requested_variants() == (
+        "mica",
+    )  # a variant (methods/mica.py)
 
 
 def test_init_data_for_unknown_modules_is_refused() -> None:
@@ -594,20 +724,34 @@ def test_init_data_for_unknown_modules_is_refused() -> None:
     with _quiet():
         eigens = funcpeft.preprocess_corda(model, config, _run)
     with _quiet(), pytest.raises(ValueError, match="does not adapt"):
-        funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights="corda"), init_data=eigens)
+        funcpeft.get_peft_model(
+            model, funcpeft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights="corda"), init_data=eigens
+        )
 
 
 # -- training: outputs and gradients on the new base weights ---------------------------------------------------
-TRAIN = [("llama", "pissa", {}), ("llama", "olora", {}), ("llama", "orthogonal", {}), ("gpt2", "pissa_niter_2", {}),
-         ("llama", "pissa", {"use_dora": True}), ("llama", "loftq", {"loftq_config": {"loftq_bits": 4, "loftq_iter": 2}})]
+TRAIN = [
+    ("llama", "pissa", {}),
+    ("llama", "olora", {}),
+    ("llama", "orthogonal", {}),
+    ("gpt2", "pissa_niter_2", {}),
+    ("llama", "pissa", {"use_dora": True}),
+    ("llama", "loftq", {"loftq_config": {"loftq_bits": 4, "loftq_iter": 2}}),
+]
 
 
-@pytest.mark.parametrize(("kind", "init", "extra"), TRAIN, ids=[f"{k}-{i}-{'-'.join(e) or 'plain'}" for k, i, e in TRAIN])
-def test_trained_loss_and_gradients_equal_peft(monkeypatch: pytest.MonkeyPatch, kind: str, init: str, extra: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("kind", "init", "extra"), TRAIN, ids=[f"{k}-{i}-{'-'.join(e) or 'plain'}" for k, i, e in TRAIN]
+)
+def test_trained_loss_and_gradients_equal_peft(
+    monkeypatch: pytest.MonkeyPatch, kind: str, init: str, extra: dict[str, Any]
+) -> None:
     """A moved adapter on pm.base: loss and every adapter gradient equal PEFT's on its mutated layers."""
     if init == "loftq":
         _peft_loftq_on_cpu(monkeypatch, real_bnb=False)
-    pm, twin, model, snap = _pair(kind, dict(r=4, lora_alpha=8, target_modules=TARGETS[kind], init_lora_weights=init, **extra))
+    pm, twin, model, snap = _pair(
+        kind, dict(r=4, lora_alpha=8, target_modules=TARGETS[kind], init_lora_weights=init, **extra)
+    )
     plan = pm.plans["default"]
     trained = {p: {k: v.requires_grad_(True) for k, v in e.items()} for p, e in _trained(pm.adapter, seed=5).items()}
     T.copy_into_peft(twin, trained, plan)
@@ -639,5 +783,7 @@ def test_peft_saved_olora_adapter_loads_in_funcpeft(tmp_path: Any) -> None:
         torch.testing.assert_close(ours.base[name], w, atol=TOL, rtol=0, msg=name)
     ids = BATCHES[3]
     with torch.no_grad():
-        torch.testing.assert_close(ours.fn(ours.base, ours.adapter, input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            ours.fn(ours.base, ours.adapter, input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
     assert_unchanged(model, snap)

@@ -53,7 +53,11 @@ def _twins(model: torch.nn.Module, **cfg: Any) -> tuple[Any, Any, Any]:
 
 
 def _train_both(
-    pm: Any, adapter: Any, ref: Any, ours: optim.GradientTransformation, theirs: torch.optim.Optimizer,
+    pm: Any,
+    adapter: Any,
+    ref: Any,
+    ours: optim.GradientTransformation,
+    theirs: torch.optim.Optimizer,
 ) -> float:
     """STEPS steps each from the same gradients; returns the largest |funcpeft - PEFT| over adapter values and steps.
 
@@ -76,22 +80,52 @@ def _train_both(
         theirs.step()
         updates, state = ours.update(grads, state, adapter)
         adapter = optim.apply_updates(adapter, updates)
-        worst = max(worst, *((adapter[p][n].detach() - named[k].detach()).abs().max().item() for (p, n), k in key.items()))
+        worst = max(
+            worst, *((adapter[p][n].detach() - named[k].detach()).abs().max().item() for (p, n), k in key.items())
+        )
     assert all(torch.isfinite(t).all() for t in optree.tree_leaves(adapter))
     assert any(not torch.equal(a, b) for a, b in zip(optree.tree_leaves(adapter), optree.tree_leaves(before)))
     return worst
 
 
-LLAMA = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16})
-BERT = dict(r=4, target_modules=["query", "value", "word_embeddings"], task_type="SEQ_CLS", bias="lora_only", modules_to_save=["LayerNorm"])
+LLAMA = dict(
+    r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}
+)
+BERT = dict(
+    r=4,
+    target_modules=["query", "value", "word_embeddings"],
+    task_type="SEQ_CLS",
+    bias="lora_only",
+    modules_to_save=["LayerNorm"],
+)
 
 
 # -- LoRA+ -----------------------------------------------------------------------------------------------------------
 LORAPLUS: dict[str, tuple[Callable[[], torch.nn.Module], dict[str, Any], str, dict[str, Any]]] = {
-    "llama-adamw": (T.tiny_llama, LLAMA, "adamw", dict(lr=2e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=5e-3, loraplus_weight_decay=0.1, betas=(0.8, 0.99))),
-    "llama-sgd": (T.tiny_llama, {**LLAMA, "modules_to_save": ["lm_head"]}, "sgd", dict(lr=1e-2, loraplus_lr_ratio=4, momentum=0.9)),
-    "llama-dora-adamw": (T.tiny_llama, {**LLAMA, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}, "adamw", dict(lr=1e-3, loraplus_lr_ratio=4, loraplus_weight_decay=0.2)),
-    "bert-adamw-groups": (T.tiny_bert_seq_cls, BERT, "adamw", dict(lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.3)),
+    "llama-adamw": (
+        T.tiny_llama,
+        LLAMA,
+        "adamw",
+        dict(lr=2e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=5e-3, loraplus_weight_decay=0.1, betas=(0.8, 0.99)),
+    ),
+    "llama-sgd": (
+        T.tiny_llama,
+        {**LLAMA, "modules_to_save": ["lm_head"]},
+        "sgd",
+        dict(lr=1e-2, loraplus_lr_ratio=4, momentum=0.9),
+    ),
+    "llama-dora-adamw": (
+        T.tiny_llama,
+        {**LLAMA, "use_dora": True, "target_modules": ["q_proj", "v_proj"]},
+        "adamw",
+        dict(lr=1e-3, loraplus_lr_ratio=4, loraplus_weight_decay=0.2),
+    ),
+    "bert-adamw-groups": (
+        T.tiny_bert_seq_cls,
+        BERT,
+        "adamw",
+        dict(lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.3),
+    ),
 }
 
 
@@ -112,7 +146,11 @@ def test_loraplus_groups_are_peft_s() -> None:
     pm, adapter, ref = _twins(model, **BERT)
     theirs = create_loraplus_optimizer(ref, torch.optim.AdamW, lr=1.0, loraplus_lr_ratio=2.0)
     names = {id(p): n for n, p in ref.named_parameters()}
-    peft_group = {names[id(p)]: g for g, group in zip(("groupA", "embedding", "groupB", "groupB_no_decay"), theirs.param_groups) for p in group["params"]}
+    peft_group = {
+        names[id(p)]: g
+        for g, group in zip(("groupA", "embedding", "groupB", "groupB_no_decay"), theirs.param_groups)
+        for p in group["params"]
+    }
     layernorms = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm))
     ours = {(p, n): optim.loraplus_group(p, n, t, layernorms) for p, e in adapter.items() for n, t in e.items()}
     assert set(ours.values()) == set(peft_group.values()) == {"groupA", "embedding", "groupB", "groupB_no_decay"}
@@ -183,7 +221,11 @@ def _small_tree(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return {
         "a.q": {"lora_A": torch.randn(2, 5, generator=g), "lora_B": torch.randn(3, 2, generator=g)},
-        "a.v": {"lora_A": torch.randn(2, 4, generator=g), "lora_B": torch.randn(4, 2, generator=g), "bias": torch.randn(4, generator=g)},
+        "a.v": {
+            "lora_A": torch.randn(2, 4, generator=g),
+            "lora_B": torch.randn(4, 2, generator=g),
+            "bias": torch.randn(4, generator=g),
+        },
         "e": {"lora_embedding_A": torch.randn(2, 7, generator=g), "lora_embedding_B": torch.randn(3, 2, generator=g)},
     }
 
@@ -264,14 +306,18 @@ def test_errors_are_specific() -> None:
         optim.loraplus(optim.adamw(1e-3), lr=1e-3, loraplus_lr_ratio=4)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be in"):
         optim.loraplus(optim.adamw, lr=1e-3, loraplus_lr_ratio=-1)
-    with pytest.raises(KeyError, match=r"no scaling for 'model.layers.0.self_attn.v_proj' \(close: \['model.layers.0.self_attn.q_proj'"):
+    with pytest.raises(
+        KeyError, match=r"no scaling for 'model.layers.0.self_attn.v_proj' \(close: \['model.layers.0.self_attn.q_proj'"
+    ):
         opt = optim.lorafa(1e-3, {"model.embed_tokens": 1.0, "model.layers.0.self_attn.q_proj": 2.0})  # v_proj missing
         opt.update(adapter, opt.init(adapter), adapter)
     with pytest.raises(ValueError, match="scaling must be in"):
         optim.lorafa(1e-3, 0.0)
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     conv_adapter = funcpeft.get_peft_model(conv, funcpeft.LoraConfig(r=2, target_modules=["0"])).adapter
-    with pytest.raises(NotImplementedError, match=r"0's lora_A \(2, 3, 3, 3\) and lora_B \(4, 2, 1, 1\) are not matrices"):
+    with pytest.raises(
+        NotImplementedError, match=r"0's lora_A \(2, 3, 3, 3\) and lora_B \(4, 2, 1, 1\) are not matrices"
+    ):
         opt = optim.lorafa(1e-3, 1.0)
         opt.update(conv_adapter, opt.init(conv_adapter), conv_adapter)
     with pytest.raises(TypeError, match="already built"):

@@ -71,14 +71,18 @@ def _same_grads(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor
 # -- VeLoRA ---------------------------------------------------------------------------------------------------
 def _velora(init_type: str, num_groups: int = 3) -> Callable[[Any], Any]:
     return lambda lib: lib.LoraConfig(
-        target_modules=["lin0", "lin1"], lora_dropout=0.0,
+        target_modules=["lin0", "lin1"],
+        lora_dropout=0.0,
         velora_config=lib.VeloraConfig(num_groups=num_groups, init_type=init_type, scale=0.7),
     )
 
 
 def _peft_embeds(pm: nn.Module) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("base_model.model.").removesuffix(".lora_velora_embed.default"): b.detach().clone()
-            for n, b in pm.named_buffers() if "lora_velora_embed" in n}
+    return {
+        n.removeprefix("base_model.model.").removesuffix(".lora_velora_embed.default"): b.detach().clone()
+        for n, b in pm.named_buffers()
+        if "lora_velora_embed" in n
+    }
 
 
 def _our_embeds(fpm: Any, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,8 +149,11 @@ def test_velora_batch_average_once_after_loading(tmp_path: Any) -> None:
 
 def test_velora_random_projection_draws_from_the_generator() -> None:
     """init_type="random": the projection is a unit vector drawn from get_peft_model's generator (reproducible)."""
+
     def draw(seed: int) -> dict[str, torch.Tensor]:
-        fpm = funcpeft.get_peft_model(_mlp(), _velora("random")(funcpeft), generator=torch.Generator().manual_seed(seed))
+        fpm = funcpeft.get_peft_model(
+            _mlp(), _velora("random")(funcpeft), generator=torch.Generator().manual_seed(seed)
+        )
         return _our_embeds(fpm, fpm.base)
 
     first, again, other = draw(0), draw(0), draw(1)
@@ -159,7 +166,9 @@ def test_velora_random_projection_draws_from_the_generator() -> None:
 # -- MonteCLoRA -----------------------------------------------------------------------------------------------
 def _monteclora(lib: Any) -> Any:
     return lib.LoraConfig(
-        target_modules=["lin0", "lin1"], r=3, lora_dropout=0.0,
+        target_modules=["lin0", "lin1"],
+        r=3,
+        lora_dropout=0.0,
         monteclora_config=lib.MontecloraConfig(num_samples=4, buffer_size=1, use_entropy=True),
     )
 
@@ -234,7 +243,9 @@ def test_fresh_state_and_buffer_dtypes_are_peft_s(variant: str, autocast: bool) 
     make = {
         "velora": _velora("batch_average"),  # a zero projection: "random" draws it after all layers' params
         # one layer: PEFT's sampler also fills its sample buffer from the global RNG at init, funcpeft does not
-        "monteclora": lambda lib: lib.LoraConfig(target_modules=["lin0"], monteclora_config=lib.MontecloraConfig(num_samples=3)),
+        "monteclora": lambda lib: lib.LoraConfig(
+            target_modules=["lin0"], monteclora_config=lib.MontecloraConfig(num_samples=3)
+        ),
     }[variant]
     model = models.build("MLP", dtype=torch.bfloat16)
     configs = [make(lib) for lib in (funcpeft, peft)]
@@ -254,7 +265,9 @@ def test_fresh_state_and_buffer_dtypes_are_peft_s(variant: str, autocast: bool) 
 
 # -- aLoRA ----------------------------------------------------------------------------------------------------
 def _alora(lib: Any) -> Any:
-    return lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM")
+    return lib.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"
+    )
 
 
 def test_alora_explicit_offsets_and_gradients_match_peft(tmp_path: Any) -> None:
@@ -270,7 +283,9 @@ def test_alora_explicit_offsets_and_gradients_match_peft(tmp_path: Any) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     pm.zero_grad(set_to_none=True)
     _loss(pm(**x, alora_offsets=[3, 5]).logits).backward()
-    _, tree = funcpeft.value_and_grad(lambda a: _loss(fpm.fn(fpm.base, a, **x, alora_offsets=[3, 5]).logits))(fpm.adapter)
+    _, tree = funcpeft.value_and_grad(lambda a: _loss(fpm.fn(fpm.base, a, **x, alora_offsets=[3, 5]).logits))(
+        fpm.adapter
+    )
     for path, leaves in tree.items():
         for name, g in leaves.items():
             theirs = pm.get_submodule(f"base_model.model.{path}.{name}")["default"].weight.grad
@@ -369,8 +384,12 @@ def test_layer_replication_matches_peft(tmp_path: Any) -> None:
     """Outputs, every gradient, counts, files both ways. Merging: funcpeft raises the error PEFT means to raise
     (`LoraModel._check_merge_allowed`), while PEFT's check reads `peft_config.get("layer_replication")` on its
     {adapter name: config} dict, never fires, and merges wrongly (see the next test): the only failing check."""
-    case = Case("layer_replication", "tiny-llama", "LoraConfig",
-                {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "layer_replication": LAYER_MAP})
+    case = Case(
+        "layer_replication",
+        "tiny-llama",
+        "LoraConfig",
+        {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "layer_replication": LAYER_MAP},
+    )
     with pytest.raises(RowMismatch) as info:
         check_row(case, tmp_path)
     assert info.value.failed_checks == ["merge"], info.value
@@ -412,8 +431,10 @@ def test_alora_tokens_before_the_invocation_are_the_base_model_s(o0: int, o1: in
     """aLoRA's promise: in a causal LM every token before the invocation start sees only unadapted tokens, so its
     logits are the base model's (the KV cache can be shared); from the start on the adapter acts."""
     fn, base, fresh = _ALORA_PM
-    tree = {p: {k: v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in e.items()}
-            for p, e in fresh.items()}
+    tree = {
+        p: {k: v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in e.items()}
+        for p, e in fresh.items()
+    }
     x = models.inputs("tiny-llama", seed)
     with torch.no_grad():
         plain = _LLAMA(**x).logits
@@ -422,7 +443,7 @@ def test_alora_tokens_before_the_invocation_are_the_base_model_s(o0: int, o1: in
     for row, o in enumerate((o0, o1)):
         torch.testing.assert_close(out[row, : t - o], plain[row, : t - o], atol=1e-5, rtol=0)
         if o:
-            assert not torch.allclose(out[row, t - o:], plain[row, t - o:], atol=1e-4)
+            assert not torch.allclose(out[row, t - o :], plain[row, t - o :], atol=1e-4)
 
 
 @settings(max_examples=examples(10), deadline=None)
@@ -485,7 +506,9 @@ def test_monteclora_training_calls_are_reproducible_and_sampled(seed: int) -> No
 @pytest.mark.parametrize(
     ("option", "what"), [({"lora_bias": True}, "lora_bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights")]
 )
-def test_variant_options_they_cannot_carry_are_refused(variant: dict[str, Any], option: dict[str, Any], what: str) -> None:
+def test_variant_options_they_cannot_carry_are_refused(
+    variant: dict[str, Any], option: dict[str, Any], what: str
+) -> None:
     """A LoRA variant layer has no lora_B bias and no weight-changing init: refused, never silently dropped."""
     model = nn.Sequential(nn.Linear(8, 8))
     config = funcpeft.LoraConfig(r=2, target_modules=["0"], **variant, **option)

@@ -59,11 +59,19 @@ X = models.inputs("MLP")
 # -- PEFT's validation errors ---------------------------------------------------------------------------------
 CONFIG_ERRORS = [  # (kwargs, exception, PEFT's message): LoraConfig itself raises, in both libraries
     (dict(lora_bias=True, use_dora=True), ValueError, "lora_bias=True is not supported for DoRA"),
-    (dict(lora_bias=True, init_lora_weights="gaussian"), ValueError, "only supported with init_lora_weights=True or False"),
+    (
+        dict(lora_bias=True, init_lora_weights="gaussian"),
+        ValueError,
+        "only supported with init_lora_weights=True or False",
+    ),
     (dict(lora_bias=True, init_lora_weights="mica"), ValueError, "only supported with init_lora_weights=True or False"),
     (dict(kasa_config={"beta": -1.0}), ValueError, "`beta` must be non-negative"),
     (dict(kasa_config={"gamma": -0.5}), ValueError, "`gamma` must be non-negative"),
-    (dict(use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin0"]}), ValueError, "overlapping modules"),
+    (
+        dict(use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin0"]}),
+        ValueError,
+        "overlapping modules",
+    ),
 ]
 
 
@@ -126,22 +134,43 @@ LAYER_ERRORS = [  # (model, kwargs, PEFT's message): raised when the layers are 
     ("MLP", dict(target_modules=["lin1"], r=2, kasa_config={}), "KaSA requires `r` .* to be smaller than"),
     ("gpt2", dict(target_modules=["c_attn"], r=2, kasa_config={}), "KaSA does not support `fan_in_fan_out=True`"),
     ("embedding", dict(target_modules=["emb"], r=2, kasa_config={}), "Invalid or unsupported variant combination"),
-    ("Conv2d", dict(target_modules=["conv2d"], r=2, init_lora_weights="mica"), "Invalid or unsupported variant combination"),
-    ("Conv2d", dict(target_modules=["conv2d"], use_bdlora={"target_modules_bd_a": ["conv2d"]}),
-     "Invalid or unsupported variant combination"),
-    ("MLP", dict(target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"]}), "matches neither A nor B"),
-    ("MLP", dict(target_modules=["lin0"], use_bdlora={"target_modules_bd_a": ["lin0"], "nblocks": 3}), "not divisible by 3"),
+    (
+        "Conv2d",
+        dict(target_modules=["conv2d"], r=2, init_lora_weights="mica"),
+        "Invalid or unsupported variant combination",
+    ),
+    (
+        "Conv2d",
+        dict(target_modules=["conv2d"], use_bdlora={"target_modules_bd_a": ["conv2d"]}),
+        "Invalid or unsupported variant combination",
+    ),
+    (
+        "MLP",
+        dict(target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"]}),
+        "matches neither A nor B",
+    ),
+    (
+        "MLP",
+        dict(target_modules=["lin0"], use_bdlora={"target_modules_bd_a": ["lin0"], "nblocks": 3}),
+        "not divisible by 3",
+    ),
     ("MHA", dict(target_modules=["mha"], use_dora=True), "MultiheadAttention|DoRA"),
     ("MHA", dict(target_modules=["mha"], r=2, kasa_config={}), "MultiheadAttention|KaSA|kasa"),
     ("kdim", dict(target_modules=["mha"]), "Only same embed for query/key/value"),
 ]
 LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "MLP": lambda: models.build("MLP"), "Conv2d": lambda: models.build("Conv2d"), "MHA": lambda: models.build("MHA"),
-    "gpt2": T.tiny_gpt2, "kdim": _Kdim, "embedding": _Emb,
+    "MLP": lambda: models.build("MLP"),
+    "Conv2d": lambda: models.build("Conv2d"),
+    "MHA": lambda: models.build("MHA"),
+    "gpt2": T.tiny_gpt2,
+    "kdim": _Kdim,
+    "embedding": _Emb,
 }
 
 
-@pytest.mark.parametrize(("model", "kwargs", "message"), LAYER_ERRORS, ids=[f"{m}-{msg[:30]}" for m, _, msg in LAYER_ERRORS])
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"), LAYER_ERRORS, ids=[f"{m}-{msg[:30]}" for m, _, msg in LAYER_ERRORS]
+)
 def test_layer_errors_are_peft_errors(model: str, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message if "|" not in message else None):
         _peft_model(LAYER_MODELS[model](), _peft_sub(kwargs))
@@ -192,7 +221,12 @@ def test_sub_configs_take_peft_objects_dicts_and_warn_about_unknown_keys() -> No
     with pytest.raises(TypeError, match="KasaConfig"):
         funcpeft.LoraConfig(kasa_config=[0.5])
     d = funcpeft.LoraConfig(use_bdlora={"target_modules_bd_a": ["q"]})
-    assert d.use_bdlora == {"target_modules_bd_a": ["q"], "target_modules_bd_b": None, "nblocks": 1, "match_strict": True}
+    assert d.use_bdlora == {
+        "target_modules_bd_a": ["q"],
+        "target_modules_bd_b": None,
+        "nblocks": 1,
+        "match_strict": True,
+    }
 
 
 def test_lora_bias_without_a_base_bias_cannot_merge_like_peft() -> None:
@@ -213,7 +247,9 @@ def test_lora_bias_without_a_base_bias_cannot_merge_like_peft() -> None:
 def test_lora_bias_init_false_draws_exactly_peft_values(model_id: str) -> None:
     """init_lora_weights=False keeps nn.Linear / nn.ConvNd's default draws: A, B, then B's bias, like PEFT's layers."""
     model = models.build(model_id)
-    kwargs = dict(target_modules=["lin0", "lin1"] if model_id == "MLP" else ["conv2d"], lora_bias=True, init_lora_weights=False)
+    kwargs = dict(
+        target_modules=["lin0", "lin1"] if model_id == "MLP" else ["conv2d"], lora_bias=True, init_lora_weights=False
+    )
     pm, fpm = _peft_model(model, kwargs, seed=3), _funcpeft_model(model, kwargs, seed=3)
     named = dict(pm.named_parameters())
     plan = fpm.plans["default"]
@@ -229,9 +265,16 @@ def test_lora_bias_init_false_draws_exactly_peft_values(model_id: str) -> None:
     ("build", "targets", "b_names"),
     [
         (lambda: models.build("MLP"), ["lin0"], {"lin0": "lora_B"}),
-        (T.tiny_gpt2, ["c_attn", "wte"], {"transformer.h.0.attn.c_attn": "lora_B", "transformer.wte": "lora_embedding_B"}),
-        (T.tiny_llama, ["embed_tokens", "v_proj"], {"model.embed_tokens": "lora_embedding_B",
-                                                    "model.layers.1.self_attn.v_proj": "lora_B"}),
+        (
+            T.tiny_gpt2,
+            ["c_attn", "wte"],
+            {"transformer.h.0.attn.c_attn": "lora_B", "transformer.wte": "lora_embedding_B"},
+        ),
+        (
+            T.tiny_llama,
+            ["embed_tokens", "v_proj"],
+            {"model.embed_tokens": "lora_embedding_B", "model.layers.1.self_attn.v_proj": "lora_B"},
+        ),
     ],
     ids=["linear", "gpt2-conv1d-embedding", "llama-embedding"],
 )
@@ -266,7 +309,11 @@ def test_kasa_truncation_equals_peft_and_leaves_the_model_alone() -> None:
 def test_bdlora_init_and_shapes() -> None:
     """A block-diagonal A: PEFT's BlockDiagonalLinear kaiming draw (a=0, bound sqrt(6 / (in / n))); a block-diagonal
     B: zeros; the other factor is LoRA's."""
-    kwargs = dict(r=8, target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2})
+    kwargs = dict(
+        r=8,
+        target_modules=["lin0", "lin1"],
+        use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
+    )
     fpm = _funcpeft_model(MLP, kwargs)
     pm = _peft_model(MLP, _peft_sub(kwargs))
     named = dict(pm.named_parameters())
@@ -281,10 +328,19 @@ def test_bdlora_init_and_shapes() -> None:
 
 # -- mixed batches and per-example routing ------------------------------------------------------------------------
 MIXED_CONFIGS = {
-    "lora_bias": (dict(target_modules=["lin0", "lin1"], lora_bias=True), dict(target_modules=["lin0"], r=2, lora_bias=True)),
-    "mica": (dict(target_modules=["lin0"], r=4, init_lora_weights="mica"), dict(target_modules=["lin0"], r=2, init_lora_weights="mica")),
+    "lora_bias": (
+        dict(target_modules=["lin0", "lin1"], lora_bias=True),
+        dict(target_modules=["lin0"], r=2, lora_bias=True),
+    ),
+    "mica": (
+        dict(target_modules=["lin0"], r=4, init_lora_weights="mica"),
+        dict(target_modules=["lin0"], r=2, init_lora_weights="mica"),
+    ),
     "bdlora": (
-        dict(target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2}),
+        dict(
+            target_modules=["lin0", "lin1"],
+            use_bdlora={"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
+        ),
         dict(target_modules=["lin0"], use_bdlora={"target_modules_bd_b": ["lin0"], "nblocks": 4}),
     ),
 }
@@ -362,8 +418,10 @@ def _mha_pair() -> tuple[Any, Any, Any]:
     named = dict(pm.named_parameters())
     plan = fpm.plans["default"]
     wrapped = {p for p, e in plan.items() if e.spec is not None}
-    tree = {p: {k: named[T.peft_param_name(p, k, plan[p], "default", wrapped)].detach().clone() for k in e}
-            for p, e in fpm.adapter.items()}
+    tree = {
+        p: {k: named[T.peft_param_name(p, k, plan[p], "default", wrapped)].detach().clone() for k in e}
+        for p, e in fpm.adapter.items()
+    }
     return pm.eval(), fpm, tree
 
 
@@ -450,14 +508,19 @@ def test_ensure_weight_tying_matches_peft(targets: list[str], tmp_path: Any) -> 
     (pm(**x).logits * loss_w).sum().backward()
     named = dict(pm.named_parameters())
     _, grads = funcpeft.value_and_grad(lambda a: (fn(base, a, **x).logits * loss_w).sum())(tree)
-    head_a, head_b = named["base_model.model.lm_head.lora_A.default.weight"], named["base_model.model.lm_head.lora_B.default.weight"]
+    head_a, head_b = (
+        named["base_model.model.lm_head.lora_A.default.weight"],
+        named["base_model.model.lm_head.lora_B.default.weight"],
+    )
     emb_a, emb_b = (named[f"base_model.model.{emb}.lora_embedding_{k}.default"] for k in "AB")
     torch.testing.assert_close(grads[emb]["lora_embedding_A"], emb_a.grad + head_b.grad.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grads[emb]["lora_embedding_B"], emb_b.grad + head_a.grad.T, atol=1e-4, rtol=1e-4)
     assert head_a.grad.abs().sum() > 0 and emb_a.grad.abs().sum() > 0  # both uses contribute
     for path in tree:
         if path != emb:
-            torch.testing.assert_close(grads[path]["lora_A"], named[T.peft_param_name(path, "lora_A", fpm.plans["default"][path])].grad)
+            torch.testing.assert_close(
+                grads[path]["lora_A"], named[T.peft_param_name(path, "lora_A", fpm.plans["default"][path])].grad
+            )
 
     # files both ways
     _quiet(lambda: fpm.save_pretrained(tmp_path / "funcpeft", tree))
@@ -477,7 +540,9 @@ def test_ensure_weight_tying_matches_peft(targets: list[str], tmp_path: Any) -> 
 
 
 def test_ensure_weight_tying_routes_and_vmaps_like_each_adapter_alone() -> None:
-    fpm = _funcpeft_model(T.tiny_llama(tie=True), dict(r=4, target_modules=["embed_tokens", "v_proj"], ensure_weight_tying=True))
+    fpm = _funcpeft_model(
+        T.tiny_llama(tie=True), dict(r=4, target_modules=["embed_tokens", "v_proj"], ensure_weight_tying=True)
+    )
     trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(3)]
     ids = models.inputs("tiny-llama")["input_ids"]
     index = [2, -1]
@@ -494,16 +559,24 @@ def test_ensure_weight_tying_routes_and_vmaps_like_each_adapter_alone() -> None:
 
 def test_ensure_weight_tying_warnings_and_refusals() -> None:
     with pytest.warns(UserWarning, match="no tied modules were found in the model"):
-        funcpeft.get_peft_model(T.tiny_llama(), funcpeft.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True))
+        funcpeft.get_peft_model(
+            T.tiny_llama(), funcpeft.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True)
+        )
     with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
         funcpeft.get_peft_model(T.tiny_llama(tie=True), funcpeft.LoraConfig(target_modules=["embed_tokens"]))
     with pytest.warns(UserWarning, match="no tied modules are added in either"):
-        funcpeft.get_peft_model(T.tiny_llama(tie=True), funcpeft.LoraConfig(target_modules=["q_proj"], ensure_weight_tying=True))
+        funcpeft.get_peft_model(
+            T.tiny_llama(tie=True), funcpeft.LoraConfig(target_modules=["q_proj"], ensure_weight_tying=True)
+        )
     with pytest.raises(NotImplementedError, match="modules_to_save"):
-        funcpeft.get_peft_model(T.tiny_llama(tie=True), funcpeft.LoraConfig(
-            target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True))
+        funcpeft.get_peft_model(
+            T.tiny_llama(tie=True),
+            funcpeft.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+        )
     with pytest.raises(NotImplementedError, match=r"ensure_weight_tying=True with LoraConfig \(dora\)"):
-        _funcpeft_model(T.tiny_llama(tie=True), dict(target_modules=["embed_tokens"], use_dora=True, ensure_weight_tying=True))
+        _funcpeft_model(
+            T.tiny_llama(tie=True), dict(target_modules=["embed_tokens"], use_dora=True, ensure_weight_tying=True)
+        )
 
 
 def test_tied_values_that_differ_in_a_checkpoint_are_an_error(tmp_path: Any) -> None:
@@ -551,7 +624,9 @@ def test_mica_trains_only_a_and_its_frozen_b_needs_base_to_save(tmp_path: Any) -
 COMPILE_CONFIGS = {
     "mica": dict(target_modules=["lin0"], r=4, init_lora_weights="mica"),
     "kasa": dict(target_modules=["lin0"], r=4, kasa_config={}),
-    "bdlora": dict(target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"], "match_strict": False}),
+    "bdlora": dict(
+        target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin0"], "match_strict": False}
+    ),
     "lora_bias": dict(target_modules=["lin0", "lin1"], lora_bias=True),
     "mha": dict(target_modules=["mha"]),
 }
@@ -562,7 +637,10 @@ COMPILE_CONFIGS = {
 def test_compiles_to_one_graph_without_recompiles(variant: str) -> None:
     model = MHA if variant == "mha" else MLP
     fpm = _funcpeft_model(model, COMPILE_CONFIGS[variant])
-    trees = [optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(s))) for s in range(3)]
+    trees = [
+        optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(s)))
+        for s in range(3)
+    ]
     x = models.inputs("MHA")["X"].float() if variant == "mha" else X["X"]
     with torch.no_grad():
         fpm.fn(fpm.base, trees[0], X=x)  # fills fn's per-plan shape cache (a first compiled call would guard on it)

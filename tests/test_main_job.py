@@ -41,8 +41,21 @@ def test_main_job_end_to_end(script: Any, tmp_path: Path) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each
         torch.set_num_threads(1)
     try:
-        run = script.main(["--steps", str(STEPS), "--rank", str(RANK), "--lr", "5e-3", "--seed", "0",
-                           "--output-dir", str(tmp_path), "--no-progress"])
+        run = script.main(
+            [
+                "--steps",
+                str(STEPS),
+                "--rank",
+                str(RANK),
+                "--lr",
+                "5e-3",
+                "--seed",
+                "0",
+                "--output-dir",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     check_accuracy_clearly_improves(run)
@@ -73,8 +86,12 @@ def check_adapter_in_peft_format(run: dict[str, Any]) -> None:
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and config["r"] == RANK
     assert sorted(config["target_modules"]) == ["query", "value"]  # PEFT's default for BERT
     keys = set(load_file(adapter_dir / "adapter_model.safetensors"))
-    want = {f"base_model.model.bert.encoder.layer.{layer}.attention.self.{proj}.{ab}.weight"
-            for layer in range(6) for proj in ("query", "value") for ab in ("lora_A", "lora_B")}  # MiniLM-L6
+    want = {
+        f"base_model.model.bert.encoder.layer.{layer}.attention.self.{proj}.{ab}.weight"
+        for layer in range(6)
+        for proj in ("query", "value")
+        for ab in ("lora_A", "lora_B")
+    }  # MiniLM-L6
     want |= {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}  # SEQ_CLS head: saved whole
     assert keys == want, f"missing {sorted(want - keys)[:3]}, unexpected {sorted(keys - want)[:3]}"
 
@@ -104,10 +121,17 @@ def test_help_names_every_flag(script: Any, capsys: pytest.CaptureFixture[str]) 
     assert "outputs/minilm-topics" in text  # the default output directory is shown
 
 
-@pytest.mark.parametrize("argv, wanted", [(["--steps", "0"], "--steps must be a positive"),
-                                          (["--lr", "-1"], "--lr must be positive"),
-                                          (["--rank", "x"], "invalid int value")])
-def test_bad_flags_are_rejected_clearly(script: Any, capsys: pytest.CaptureFixture[str], argv: list[str], wanted: str) -> None:
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [
+        (["--steps", "0"], "--steps must be a positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--rank", "x"], "invalid int value"),
+    ],
+)
+def test_bad_flags_are_rejected_clearly(
+    script: Any, capsys: pytest.CaptureFixture[str], argv: list[str], wanted: str
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(argv)
     assert exit_info.value.code == 2

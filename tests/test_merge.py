@@ -120,11 +120,23 @@ def test_merge_matches_fn_and_copies_only_the_adapted_weights():
 
 
 CASES = {
-    "llama-embed-lora_only-bias": ("llama", dict(target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"], bias="lora_only")),
-    "gpt2-conv1d-modules_to_save-bias_all": ("gpt2", dict(target_modules=["c_attn", "c_proj"], modules_to_save=["ln_f"], bias="all")),
+    "llama-embed-lora_only-bias": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"], bias="lora_only"),
+    ),
+    "gpt2-conv1d-modules_to_save-bias_all": (
+        "gpt2",
+        dict(target_modules=["c_attn", "c_proj"], modules_to_save=["ln_f"], bias="all"),
+    ),
     "bert-seq_cls-rslora-rank_pattern": (
         "bert_seq_cls",
-        dict(task_type="SEQ_CLS", target_modules=["query", "value"], use_rslora=True, lora_alpha=16, rank_pattern={"value": 2}),
+        dict(
+            task_type="SEQ_CLS",
+            target_modules=["query", "value"],
+            use_rslora=True,
+            lora_alpha=16,
+            rank_pattern={"value": 2},
+        ),
     ),
     "conv-2d-1x1-1d": ("conv", dict(target_modules=["c1", "c2", "c3", "fc"], r=4, lora_alpha=6)),
 }
@@ -202,7 +214,9 @@ def test_merge_and_unload_storage_sharing_and_independence():
 def test_pm_method_merges_the_tree_it_is_given_and_requires_one():
     pm, adapter, _, _ = twins("llama", target_modules=["q_proj"])
     with torch.no_grad():
-        torch.testing.assert_close(pm.merge_and_unload(adapter)(TOKENS).logits, run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            pm.merge_and_unload(adapter)(TOKENS).logits, run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0
+        )
     with pytest.raises(TypeError, match="adapter_params"):  # pm.adapter is the untrained init: never a silent default
         pm.merge_and_unload()  # type: ignore[call-arg]
 
@@ -211,7 +225,8 @@ METHOD_CASES = {
     "dora-linear": ("llama", dict(config="LoraConfig", target_modules=["q_proj", "v_proj"], use_dora=True)),
     "dora-conv1d-hf": ("gpt2", dict(config="LoraConfig", target_modules=["c_attn"], use_dora=True)),
     "ia3-scales-bias-and-feedforward": (
-        "gpt2_biased", dict(config="IA3Config", target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+        "gpt2_biased",
+        dict(config="IA3Config", target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
     ),
     "loha": ("llama", dict(config="LoHaConfig", target_modules=["q_proj", "v_proj"], r=4)),
     "lokr": ("llama", dict(config="LoKrConfig", target_modules=["q_proj", "v_proj"], r=4)),
@@ -421,7 +436,9 @@ def test_law_merged_forward_equals_unmerged_and_unmerge_inverts(example):
     name, cfg, seed = example
     pm, adapter = fresh(name, cfg, seed)
     merged = funcpeft.merge(pm, pm.base, adapter)
-    torch.testing.assert_close(run(pm.fn, merged, None, TOKENS), run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        run(pm.fn, merged, None, TOKENS), run(pm.fn, pm.base, adapter, TOKENS), atol=1e-5, rtol=0
+    )
     back = funcpeft.unmerge(pm, merged, adapter)
     for k, v in pm.base.items():
         torch.testing.assert_close(back[k], v, atol=1e-6, rtol=0)

@@ -34,8 +34,17 @@ from funcpeft.methods.adalora_allocator import budget_schedule
 
 STEPS = 20
 # the budget shrinks from step tinit=3 to total_step - tfinal = 16, with an allocation every deltaT=2 steps
-TRAIN: dict[str, Any] = dict(init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=STEPS,
-             tinit=3, tfinal=4, deltaT=2, task_type="CAUSAL_LM")
+TRAIN: dict[str, Any] = dict(
+    init_r=6,
+    target_r=2,
+    lora_alpha=16,
+    target_modules=["q_proj", "v_proj", "down_proj"],
+    total_step=STEPS,
+    tinit=3,
+    tfinal=4,
+    deltaT=2,
+    task_type="CAUSAL_LM",
+)
 LR = 1e-2
 SNAPSHOT = 12  # a budgeting step at which the allocators' sensitivity EMAs are compared
 
@@ -89,7 +98,11 @@ def test_config_warns_about_r_like_peft_and_defaults_match() -> None:
 def test_negative_init_r_is_refused_with_peft_s_message() -> None:
     model = MODELS["mlp"]()
     with pytest.raises(ValueError) as want:
-        _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(init_r=-1, total_step=5, target_modules=["lin0"]))
+        _quiet(
+            peft.get_peft_model,
+            copy.deepcopy(model),
+            peft.AdaLoraConfig(init_r=-1, total_step=5, target_modules=["lin0"]),
+        )
     with pytest.raises(ValueError, match=re.escape(str(want.value))):
         funcpeft.AdaLoraConfig(init_r=-1, total_step=5, target_modules=["lin0"])
 
@@ -100,7 +113,9 @@ def test_rank_pattern_must_be_the_allocator_s_and_drops_the_adapter_name() -> No
     with pytest.raises(ValueError, match=r"rank_pattern must be dict\[str, list\[bool\]\] \| None"):
         lora_style: Any = {"lin0.lora_E": 2}
         funcpeft.AdaLoraConfig(total_step=5, rank_pattern=lora_style)
-    config = funcpeft.AdaLoraConfig(total_step=5, rank_pattern={"a.lin0.lora_E.default": [True, False], "b.lora_E": [False]})
+    config = funcpeft.AdaLoraConfig(
+        total_step=5, rank_pattern={"a.lin0.lora_E.default": [True, False], "b.lora_E": [False]}
+    )
     assert config.rank_pattern == {"a.lin0.lora_E": [True, False], "b.lora_E": [False]}  # the keys PEFT saves
 
 
@@ -158,12 +173,18 @@ def test_bf16_model_init_forward_and_merge_are_peft_s_bitwise(autocast: bool) ->
     model = T.tiny_gpt2().to(torch.bfloat16)  # Conv1D layers: the transposed delta
     kwargs: dict[str, Any] = dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=5, init_lora_weights=False)
     torch.manual_seed(0)
-    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+    pm = _quiet(
+        peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs), autocast_adapter_dtype=autocast
+    )
     torch.manual_seed(0)
     fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.AdaLoraConfig(**kwargs), autocast_adapter_dtype=autocast)
     named = dict(pm.named_parameters())
     for path, entry in fpm.adapter.items():
-        assert named[_peft_name(path, "ranknum")].dtype == entry["lora_A"].dtype == (torch.float32 if autocast else torch.bfloat16)
+        assert (
+            named[_peft_name(path, "ranknum")].dtype
+            == entry["lora_A"].dtype
+            == (torch.float32 if autocast else torch.bfloat16)
+        )
         for key, value in entry.items():
             assert torch.equal(value, named[_peft_name(path, key)]), (path, key)
     ids = make_inputs("gpt2")["input_ids"]
@@ -179,7 +200,9 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
     kwargs: dict[str, Any] = dict(init_r=4, lora_dropout=0.3, target_modules=["q_proj", "down_proj"], total_step=5)
     pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs))
     fpm = funcpeft.get_peft_model(model, funcpeft.AdaLoraConfig(**kwargs))
-    adapter = optree.tree_map(torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(3), scale=0.3))
+    adapter = optree.tree_map(
+        torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(3), scale=0.3)
+    )
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     g = torch.Generator().manual_seed(5)
 
@@ -259,16 +282,19 @@ def _train_funcpeft(model: nn.Module, batches: list[torch.Tensor], optimiser: st
         patterns.append(funcpeft.rank_pattern(alloc_state))
         losses.append(loss.item())
         if step == SNAPSHOT:
-            emas = {k: {f"{p}.{n}.default": t for p, e in getattr(alloc_state, k).items() for n, t in e.items()}
-                    for k in ("exp_avg_ipt", "exp_avg_unc")}
+            emas = {
+                k: {f"{p}.{n}.default": t for p, e in getattr(alloc_state, k).items() for n, t in e.items()}
+                for k in ("exp_avg_ipt", "exp_avg_unc")
+            }
     return SimpleNamespace(pm=fpm, adapter=adapter, state=alloc_state, patterns=patterns, losses=losses, emas=emas)
 
 
 @pytest.fixture(scope="module")
 def trained() -> SimpleNamespace:
     model, batches = T.tiny_llama(), _batches()
-    return SimpleNamespace(model=model, batches=batches, peft=_train_peft(model, batches),
-                           ours=_train_funcpeft(model, batches, "funcpeft"))
+    return SimpleNamespace(
+        model=model, batches=batches, peft=_train_peft(model, batches), ours=_train_funcpeft(model, batches, "funcpeft")
+    )
 
 
 def _check_training_equals_peft(ours: SimpleNamespace, theirs: SimpleNamespace) -> None:
@@ -301,10 +327,16 @@ def test_twenty_steps_equal_peft_with_torch_optim_on_the_leaves(trained: SimpleN
 
 @settings(max_examples=examples(60))
 @given(
-    tinit=st.integers(0, 5), budgeting=st.integers(1, 12), tfinal=st.integers(0, 5), delta=st.integers(1, 4),
-    init_bgt=st.integers(2, 40), data=st.data(),
+    tinit=st.integers(0, 5),
+    budgeting=st.integers(1, 12),
+    tfinal=st.integers(0, 5),
+    delta=st.integers(1, 4),
+    init_bgt=st.integers(2, 40),
+    data=st.data(),
 )
-def test_budget_schedule_is_peft_s(tinit: int, budgeting: int, tfinal: int, delta: int, init_bgt: int, data: Any) -> None:
+def test_budget_schedule_is_peft_s(
+    tinit: int, budgeting: int, tfinal: int, delta: int, init_bgt: int, data: Any
+) -> None:
     total = tinit + budgeting + tfinal
     config = _quiet(funcpeft.AdaLoraConfig, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=delta)
     target = data.draw(st.integers(0, init_bgt - 1))
@@ -321,21 +353,45 @@ def _peft_allocator_state(pm: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 @settings(max_examples=examples(25), deadline=None)
 @given(
-    tinit=st.integers(0, 3), budgeting=st.integers(1, 8), tfinal=st.integers(0, 3), delta=st.integers(1, 3),
-    init_r=st.integers(1, 5), beta1=st.sampled_from([0.1, 0.5, 0.85, 0.99]), beta2=st.sampled_from([0.2, 0.85, 0.95]),
-    ties=st.booleans(), seed=st.integers(0, 2**16), data=st.data(),
+    tinit=st.integers(0, 3),
+    budgeting=st.integers(1, 8),
+    tfinal=st.integers(0, 3),
+    delta=st.integers(1, 3),
+    init_r=st.integers(1, 5),
+    beta1=st.sampled_from([0.1, 0.5, 0.85, 0.99]),
+    beta2=st.sampled_from([0.2, 0.85, 0.95]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
 )
 def test_update_and_allocate_equals_peft_step_by_step(
-    tinit: int, budgeting: int, tfinal: int, delta: int, init_r: int, beta1: float, beta2: float, ties: bool,
-    seed: int, data: Any,
+    tinit: int,
+    budgeting: int,
+    tfinal: int,
+    delta: int,
+    init_r: int,
+    beta1: float,
+    beta2: float,
+    ties: bool,
+    seed: int,
+    data: Any,
 ) -> None:
     """The same gradients and parameter updates at every step, through all three phases and two steps past the
     end: the same EMAs, masks (PEFT's rank_pattern) and lora_E (with its zeros) as PEFT's update_and_allocate.
     ties: small-integer gradients, so that many ranks score the same (the threshold's `<=` decides)."""
     total = tinit + budgeting + tfinal
     target_r = data.draw(st.integers(0, init_r - 1))
-    kwargs: dict[str, Any] = dict(init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta,
-                                  total_step=total, beta1=beta1, beta2=beta2, target_modules=["lin0", "lin1"])
+    kwargs: dict[str, Any] = dict(
+        init_r=init_r,
+        target_r=target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=delta,
+        total_step=total,
+        beta1=beta1,
+        beta2=beta2,
+        target_modules=["lin0", "lin1"],
+    )
     model = MODELS["mlp"]()
     pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs))
     fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.AdaLoraConfig(**kwargs))
@@ -346,6 +402,7 @@ def test_update_and_allocate_equals_peft_step_by_step(
     alloc = funcpeft.rank_allocator(fpm.peft_config["default"])
     state = alloc.init(adapter)
     for step in range(total + 2):
+
         def draw(t: torch.Tensor) -> torch.Tensor:
             r = torch.randint(-2, 3, t.shape, generator=g).float() if ties else torch.randn(t.shape, generator=g)
             return r.to(t.dtype)
@@ -379,7 +436,9 @@ def test_update_and_allocate_equals_peft_step_by_step(
 
 def test_allocator_refuses_what_peft_cannot_run() -> None:
     model = MODELS["mlp"]()
-    fpm = funcpeft.get_peft_model(model, funcpeft.AdaLoraConfig(init_r=2, target_r=2, target_modules=["lin0"], total_step=4))
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.AdaLoraConfig(init_r=2, target_r=2, target_modules=["lin0"], total_step=4)
+    )
     with pytest.raises(ValueError, match="nothing to prune"):
         funcpeft.rank_allocator(fpm.peft_config["default"]).init(fpm.adapter)
     with pytest.raises(ValueError, match="beta1 must be in \\(0, 1\\)"):
@@ -465,8 +524,9 @@ def test_loading_resizes_to_the_rank_pattern_like_peft(trained: SimpleNamespace,
     assert capture_stdout(fpm.print_trainable_parameters) == capture_stdout(theirs.print_trainable_parameters)
     ids = trained.batches[1]
     with torch.no_grad():
-        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, input_ids=ids).logits, theirs(input_ids=ids).logits,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            fpm.fn(fpm.base, fpm.adapter, input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-6, rtol=0
+        )
     _quiet(fpm.save_pretrained, tmp_path / "ours", fpm.adapter)
     _quiet(theirs.save_pretrained, tmp_path / "peft2")
     (got, got_cfg), (want, want_cfg) = _files(str(tmp_path / "ours")), _files(str(tmp_path / "peft2"))
@@ -476,8 +536,12 @@ def test_loading_resizes_to_the_rank_pattern_like_peft(trained: SimpleNamespace,
 def test_get_peft_model_with_a_rank_pattern_keeps_init_r_like_peft(tmp_path: Any) -> None:
     """PEFT resizes only on load: a rank_pattern in get_peft_model's config changes nothing but the saved files."""
     model = MODELS["mlp"]()
-    kwargs: dict[str, Any] = dict(init_r=3, target_modules=["lin0", "lin1"], total_step=5,
-                  rank_pattern={"lin0.lora_E": [True, False, True], "lin1.lora_E": [False, False, False]})
+    kwargs: dict[str, Any] = dict(
+        init_r=3,
+        target_modules=["lin0", "lin1"],
+        total_step=5,
+        rank_pattern={"lin0.lora_E": [True, False, True], "lin1.lora_E": [False, False, False]},
+    )
     torch.manual_seed(0)
     pm = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.AdaLoraConfig(**kwargs))
     fpm = funcpeft.get_peft_model(model, funcpeft.AdaLoraConfig(**kwargs))
@@ -495,7 +559,9 @@ def test_get_peft_model_with_a_rank_pattern_keeps_init_r_like_peft(tmp_path: Any
     with torch.no_grad():
         torch.testing.assert_close(loaded.fn(loaded.base, loaded.adapter, x=x), theirs(x=x), atol=1e-6, rtol=0)
     bad = {**tree, "lin0": {**tree["lin0"], "lora_E": tree["lin0"]["lora_E"][:1]}}
-    with pytest.raises(funcpeft.AdapterMismatchError, match="lin0.lora_E: checkpoint \\[1, 1\\], model expects \\[3, 1\\]"):
+    with pytest.raises(
+        funcpeft.AdapterMismatchError, match="lin0.lora_E: checkpoint \\[1, 1\\], model expects \\[3, 1\\]"
+    ):
         fpm.save_pretrained(tmp_path / "bad", bad)
 
 
@@ -550,11 +616,15 @@ def test_mixed_with_lora_equals_peft_mixed_model() -> None:
 
 
 def test_compiles_to_one_graph_and_new_values_do_not_recompile() -> None:
-    fpm = funcpeft.get_peft_model(MODELS["conv"](), funcpeft.AdaLoraConfig(init_r=3, target_modules=["conv2d", "fc"], total_step=5))
+    fpm = funcpeft.get_peft_model(
+        MODELS["conv"](), funcpeft.AdaLoraConfig(init_r=3, target_modules=["conv2d", "fc"], total_step=5)
+    )
     fn, base, fresh = fpm
     x = make_inputs("conv")["x"]
     with torch.no_grad():
-        fn(base, fresh, x=x)  # eager first: fn caches the plan's leaf shapes (tests/test_compile.py checks a cold start)
+        fn(
+            base, fresh, x=x
+        )  # eager first: fn caches the plan's leaf shapes (tests/test_compile.py checks a cold start)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(fn, fullgraph=True, backend=counter)
@@ -566,10 +636,14 @@ def test_compiles_to_one_graph_and_new_values_do_not_recompile() -> None:
 
 
 def test_vmap_and_per_example_routing_on_conv2d_equal_each_adapter_alone() -> None:
-    fpm = funcpeft.get_peft_model(MODELS["conv"](), funcpeft.AdaLoraConfig(init_r=3, target_modules=["conv2d", "fc"], total_step=5))
+    fpm = funcpeft.get_peft_model(
+        MODELS["conv"](), funcpeft.AdaLoraConfig(init_r=3, target_modules=["conv2d", "fc"], total_step=5)
+    )
     fn, base, fresh = fpm
     x = make_inputs("conv", batch=3)["x"]
-    trees = [optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)]
+    trees = [
+        optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)
+    ]
     stacked = funcpeft.stack_adapters(trees)
     with torch.no_grad():
         alone = [fn(base, t, x=x) for t in trees]

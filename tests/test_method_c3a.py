@@ -34,17 +34,35 @@ from funcpeft.methods.c3a import block_circular
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.C3AConfig().to_dict() == {**peft.C3AConfig().to_dict(), "peft_version": funcpeft.config.PEFT_VERSION}
+    assert funcpeft.C3AConfig().to_dict() == {
+        **peft.C3AConfig().to_dict(),
+        "peft_version": funcpeft.config.PEFT_VERSION,
+    }
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(block_size=0, target_modules=["lin0"]), "`block_size` should be a positive integer value but the value passed is 0"),
-    (dict(block_size=4, target_modules=["lin0"]), "a factor of the input size. However, the input size is 10 and the block size is 4"),
-    (dict(block_size=4, target_modules=["lin1"]), "a factor of the output size. However, the output size is 2 and the block size is 4"),
-    (dict(block_size=2, block_size_pattern={"lin0": 3}, target_modules=["lin0"]), "the input size is 10 and the block size is 3"),
-    (dict(block_size=2, init_weights="foo", target_modules=["lin0"]), "Unknown init_weights: .?foo"),
-    (dict(block_size=2, init_weights=None, target_modules=["lin0"]), "Unknown init_weights: None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(block_size=0, target_modules=["lin0"]),
+            "`block_size` should be a positive integer value but the value passed is 0",
+        ),
+        (
+            dict(block_size=4, target_modules=["lin0"]),
+            "a factor of the input size. However, the input size is 10 and the block size is 4",
+        ),
+        (
+            dict(block_size=4, target_modules=["lin1"]),
+            "a factor of the output size. However, the output size is 2 and the block size is 4",
+        ),
+        (
+            dict(block_size=2, block_size_pattern={"lin0": 3}, target_modules=["lin0"]),
+            "the input size is 10 and the block size is 3",
+        ),
+        (dict(block_size=2, init_weights="foo", target_modules=["lin0"]), "Unknown init_weights: .?foo"),
+        (dict(block_size=2, init_weights=None, target_modules=["lin0"]), "Unknown init_weights: None"),
+    ],
+)
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
     info = assert_raises_like_peft(models.build("MLP"), "C3AConfig", kwargs, ValueError, match)
     if "size is" in match:
@@ -69,7 +87,9 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(init: Any) -> None:
 
 def test_fresh_adapter_is_float32_on_a_bfloat16_model_like_peft() -> None:
     model = MODELS["mlp"]().to(torch.bfloat16)
-    fpm, pm = build_both(model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"]))
+    fpm, pm = build_both(
+        model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
+    )
     assert_fresh_equals_peft(fpm, pm)  # dtype included
 
 
@@ -85,14 +105,18 @@ def test_peft_block_circular_input_gradient_is_wrong_and_ours_is_right() -> None
     torch.testing.assert_close(block_circular(x, w), BlockCircularConvolution.apply(x, w))
     with pytest.raises(GradcheckError, match="Jacobian mismatch for output 0 with respect to input 0"):
         torch.autograd.gradcheck(BlockCircularConvolution.apply, (x, w), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda k: BlockCircularConvolution.apply(x.detach(), k), (w,), fast_mode=True)  # kernel: right
+    assert torch.autograd.gradcheck(
+        lambda k: BlockCircularConvolution.apply(x.detach(), k), (w,), fast_mode=True
+    )  # kernel: right
 
 
 def test_stacked_c3a_layers_get_gradients_by_finite_differences_where_peft_s_are_wrong() -> None:
     """lin0's kernel gets its gradient through lin1's C3A input gradient: PEFT's is off, ours is the derivative
     (central differences of the loss along random directions; C3A computes in float32 like PEFT). lin1's kernel
     gradient does not involve that path: there both agree."""
-    fpm, pm = build_both(MODELS["mlp"](), "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"]))
+    fpm, pm = build_both(
+        MODELS["mlp"](), "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
+    )
     fn, base, fresh = fpm
     adapter = {p: {k: t.detach().requires_grad_(True) for k, t in e.items()} for p, e in fresh.items()}
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
@@ -119,7 +143,9 @@ def test_stacked_c3a_layers_get_gradients_by_finite_differences_where_peft_s_are
 
 def test_forward_and_gradients_equal_peft_where_its_backward_is_right() -> None:
     """No C3A layer below another trainable one: PEFT's wrong input gradient is never used."""
-    kwargs = dict(block_size=16, init_weights=True, target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[1])
+    kwargs = dict(
+        block_size=16, init_weights=True, target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[1]
+    )
     fpm, pm = build_both(T.tiny_llama(), "C3AConfig", kwargs)
     assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"))
 
@@ -129,7 +155,9 @@ def test_forward_and_gradients_equal_peft_where_its_backward_is_right() -> None:
 def test_merged_weights_equal_peft_s(dtype: torch.dtype) -> None:
     """bfloat16: PEFT casts the circulant to the weight's dtype before dividing by in_features; so does funcpeft."""
     model = MODELS["mlp"]().to(dtype)
-    fpm, pm = build_both(model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"]))
+    fpm, pm = build_both(
+        model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
+    )
     adapter = random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     merged = funcpeft.merge(fpm, fpm.base, adapter)
@@ -138,7 +166,9 @@ def test_merged_weights_equal_peft_s(dtype: torch.dtype) -> None:
         assert merged[name].dtype == dtype
         torch.testing.assert_close(merged[name], theirs[name], atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
     back = funcpeft.unmerge(fpm, merged, adapter)
-    torch.testing.assert_close(back["lin0.weight"], fpm.base["lin0.weight"], atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    torch.testing.assert_close(
+        back["lin0.weight"], fpm.base["lin0.weight"], atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0
+    )
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
@@ -147,12 +177,16 @@ def test_mixed_models_refuse_it_like_peft() -> None:
 
 # -- compile, per-example, laws -----------------------------------------------------------------------------------
 def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"])
+    )
     assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
 
 
 def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"])
+    )
     trees = random_trees(fresh)
     x = make_inputs("mlp", batch=4)
     index = torch.tensor([1, 2, 0, 1])
@@ -168,7 +202,9 @@ def test_the_update_is_a_block_circulant_matrix(m: int, n: int, b: int, seed: in
     """dW's (i, j) block is the circulant of K[i, j]: dW[i*b + p, j*b + q] = K[i, j, (q - p) mod b] / in."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(n * b, m * b)).eval()
-    fpm = funcpeft.get_peft_model(model, funcpeft.C3AConfig(block_size=b, init_weights="gaussian", target_modules=["0"]))
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.C3AConfig(block_size=b, init_weights="gaussian", target_modules=["0"])
+    )
     kernel = fpm.adapter["0"]["c3a_kernel"].detach()
     p = torch.arange(b)
     circ = kernel[:, :, (p[None, :] - p[:, None]) % b]  # (m, n, b, b): [i, j, p, q] = K[i, j, (q - p) mod b]

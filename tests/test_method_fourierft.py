@@ -38,13 +38,28 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
-    (dict(n_frequency=201, target_modules=["lin0"]), ValueError, "`n_frequency` should be less than or equal to the product"),
-    (dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]), ValueError, "value passed is 300 and the product is 200"),
-    (dict(target_modules=["lin0"], layers_pattern="layers"), ValueError, "`layers_to_transform` must also be specified"),
-    (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
+        (
+            dict(n_frequency=201, target_modules=["lin0"]),
+            ValueError,
+            "`n_frequency` should be less than or equal to the product",
+        ),
+        (
+            dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
+            ValueError,
+            "value passed is 300 and the product is 200",
+        ),
+        (
+            dict(target_modules=["lin0"], layers_pattern="layers"),
+            ValueError,
+            "`layers_to_transform` must also be specified",
+        ),
+        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+    ],
+)
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
     info = assert_raises_like_peft(models.build("MLP"), "FourierFTConfig", kwargs, exc, match)
     if "product" in match:
@@ -65,15 +80,21 @@ def test_unsupported_layers_name_module_and_type() -> None:
         funcpeft.get_peft_model(model, funcpeft.FourierFTConfig(target_modules=["wte"]))
 
 
-@pytest.mark.parametrize("kind, kwargs", [
-    ("llama", dict(n_frequency=50, target_modules="all-linear")),  # init_weights=False: randn spectra (PEFT's default)
-    ("gpt2", dict(n_frequency=40, random_loc_seed=3)),  # PEFT's gpt2 default target: mlp.c_proj (Conv1D)
-])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        (
+            "llama",
+            dict(n_frequency=50, target_modules="all-linear"),
+        ),  # init_weights=False: randn spectra (PEFT's default)
+        ("gpt2", dict(n_frequency=40, random_loc_seed=3)),  # PEFT's gpt2 default target: mlp.c_proj (Conv1D)
+    ],
+)
 def test_fresh_adapter_and_indices_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs, seed=2)
     assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
-        (_, key), = entry.frozen
+        ((_, key),) = entry.frozen
         layer = pm.get_submodule(f"base_model.model.{path}")
         assert torch.equal(fpm.base[key], layer.indices["default"]), path
     assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
@@ -95,10 +116,13 @@ def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
             assert entry.spec.hyper.n_frequency == layer.fourierft_n_frequency["default"], path
 
 
-@pytest.mark.parametrize("kind, kwargs", [
-    ("llama", dict(n_frequency=60, scaling=30.0, target_modules=["q_proj", "down_proj"])),
-    ("gpt2", dict(n_frequency=60, scaling=30.0, target_modules=["c_attn", "mlp.c_proj"])),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("llama", dict(n_frequency=60, scaling=30.0, target_modules=["q_proj", "down_proj"])),
+        ("gpt2", dict(n_frequency=60, scaling=30.0, target_modules=["c_attn", "mlp.c_proj"])),
+    ],
+)
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs)
     adapter = random_trees(fpm.adapter, 1)[0]
@@ -134,12 +158,16 @@ def test_mixed_models_refuse_it_like_peft() -> None:
 
 
 def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"])
+    )
     assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
 
 
 def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"])
+    )
     trees = random_trees(fresh)
     x = make_inputs("mlp", batch=4)
     index = torch.tensor([1, 2, 0, 1])
@@ -155,8 +183,10 @@ def test_the_update_is_the_inverse_dft_of_the_sparse_spectrum(out_f: int, in_f: 
     """dW[p, q] = scaling / (out * in) * sum_k c_k cos(2 pi (p u_k / out + q v_k / in)) at the spectral entries (u, v)."""
     n = max(1, int(frac * out_f * in_f))
     model = nn.Sequential(nn.Linear(in_f, out_f)).eval()
-    fpm = funcpeft.get_peft_model(model, funcpeft.FourierFTConfig(n_frequency=n, scaling=2.0, random_loc_seed=seed, target_modules=["0"]))
-    (_, key), = fpm.plans["default"]["0"].frozen
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.FourierFTConfig(n_frequency=n, scaling=2.0, random_loc_seed=seed, target_modules=["0"])
+    )
+    ((_, key),) = fpm.plans["default"]["0"].frozen
     u, v = fpm.base[key].double()
     c = fpm.adapter["0"]["fourierft_spectrum"].detach().double()
     p, q = torch.arange(out_f).double()[:, None, None], torch.arange(in_f).double()[None, :, None]

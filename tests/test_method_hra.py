@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
@@ -228,16 +228,20 @@ def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile() -> N
 
 @settings(max_examples=examples(20), deadline=None)
 @given(n=st.integers(2, 8), r=st.integers(1, 4), gs=st.booleans(), seed=st.integers(0, 2**16))
+@example(n=2, r=2, gs=True, seed=378)  # float32 lost 2e-4 of orthogonality here
 def test_householder_products_are_orthogonal_and_merging_inverts(n: int, r: int, gs: bool, seed: int) -> None:
-    lin = nn.Linear(n, 3)
+    # float64: the laws are exact; in float32 Gram-Schmidt on near-parallel draws (n=2, r=2) loses ~1e-4 of
+    # orthogonality to rounding, as PEFT's does, which says nothing about the algebra
+    lin = nn.Linear(n, 3).double()
     model = nn.Sequential(lin)
     fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.HRAConfig(r=min(r, n), apply_GS=gs, target_modules=["0"]))
     spec = fpm.plans["default"]["0"].spec
     assert spec is not None
-    u = torch.randn(n, min(r, n), generator=torch.Generator().manual_seed(seed))
+    u = torch.randn(n, min(r, n), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
     h = hra.householder(spec, u)
-    torch.testing.assert_close(h @ h.t(), torch.eye(n), atol=1e-5, rtol=0)
-    torch.testing.assert_close(h @ hra.householder(spec, u, reverse=True), torch.eye(n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h @ h.t(), eye, atol=1e-9, rtol=0)
+    torch.testing.assert_close(h @ hra.householder(spec, u, reverse=True), eye, atol=1e-9, rtol=0)
     w = lin.weight.detach()
     merged = hra.merge_weight(spec, {"hra_u": u}, w, None)
-    torch.testing.assert_close(hra.unmerge_weight(spec, {"hra_u": u}, merged, None), w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hra.unmerge_weight(spec, {"hra_u": u}, merged, None), w, atol=1e-9, rtol=0)

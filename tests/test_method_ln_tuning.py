@@ -18,8 +18,9 @@ from funcpeft import testing as T
 
 
 def test_config_keeps_target_modules_as_given_like_peft() -> None:
-    ours, theirs = funcpeft.LNTuningConfig(target_modules=["norm", "input_layernorm"]), peft.LNTuningConfig(
-        target_modules=["norm", "input_layernorm"]
+    ours, theirs = (
+        funcpeft.LNTuningConfig(target_modules=["norm", "input_layernorm"]),
+        peft.LNTuningConfig(target_modules=["norm", "input_layernorm"]),
     )
     assert ours.target_modules == theirs.target_modules == ["norm", "input_layernorm"]  # a list, not a set
     with pytest.raises(ValueError, match="target_modules must be"):
@@ -28,11 +29,14 @@ def test_config_keeps_target_modules_as_given_like_peft() -> None:
         funcpeft.LNTuningConfig(target_module=["norm"])  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize("kind, dtype, kwargs", [
-    ("llama", torch.float32, {}),  # PEFT's defaults for llama: both RMSNorms of each layer and the final one
-    ("gpt2", torch.bfloat16, {}),  # ln_1, ln_2, ln_f; the copies keep the model's dtype (no adapter upcast)
-    ("llama", torch.float32, dict(target_modules=["o_proj"], modules_to_save=["lm_head"])),  # any module
-])
+@pytest.mark.parametrize(
+    "kind, dtype, kwargs",
+    [
+        ("llama", torch.float32, {}),  # PEFT's defaults for llama: both RMSNorms of each layer and the final one
+        ("gpt2", torch.bfloat16, {}),  # ln_1, ln_2, ln_f; the copies keep the model's dtype (no adapter upcast)
+        ("llama", torch.float32, dict(target_modules=["o_proj"], modules_to_save=["lm_head"])),  # any module
+    ],
+)
 def test_fresh_copies_equal_peft_s(kind: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> None:
     ours, theirs = fresh_states(MODELS[kind]().to(dtype), "LNTuningConfig", kwargs)
     assert_same_state(ours, theirs)
@@ -43,8 +47,9 @@ def test_the_adapter_is_the_copies_only_and_counts_like_peft() -> None:
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.LNTuningConfig())
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LNTuningConfig())
-    assert set(fpm.adapter) == {"model.norm"} | {f"model.layers.{i}.{n}" for i in range(2)
-                                                  for n in ("input_layernorm", "post_attention_layernorm")}
+    assert set(fpm.adapter) == {"model.norm"} | {
+        f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+    }
     assert all(set(e) == {"weight"} for e in fpm.adapter.values())
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     x = make_inputs("llama")
@@ -75,7 +80,11 @@ def test_one_adapter_at_a_time_like_peft() -> None:
 def test_nested_targets_are_refused_with_both_names() -> None:
     model = T.tiny_llama()
     with pytest.raises(AttributeError):  # PEFT replaces the block, then cannot find the norm inside it
-        quiet(peft.get_peft_model, copy.deepcopy(model), peft.LNTuningConfig(target_modules=["layers.0", "input_layernorm"]))
+        quiet(
+            peft.get_peft_model,
+            copy.deepcopy(model),
+            peft.LNTuningConfig(target_modules=["layers.0", "input_layernorm"]),
+        )
     with pytest.raises(ValueError, match="'model.layers.0.input_layernorm' lies inside target 'model.layers.0'"):
         funcpeft.get_peft_model(model, funcpeft.LNTuningConfig(target_modules=["layers.0", "input_layernorm"]))
 
@@ -83,7 +92,10 @@ def test_nested_targets_are_refused_with_both_names() -> None:
 def test_stacked_copies_vmap_but_per_example_routing_is_refused_naming_the_method() -> None:
     fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.LNTuningConfig())
     x = make_inputs("llama")
-    trees = [{p: {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in e.items()} for p, e in fresh.items()} for _ in range(2)]
+    trees = [
+        {p: {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in e.items()} for p, e in fresh.items()}
+        for _ in range(2)
+    ]
     stacked = funcpeft.stack_adapters(trees)
     with torch.no_grad():
         mapped = torch.func.vmap(lambda a: fn(base, a, **x).logits)(stacked)

@@ -48,17 +48,39 @@ def _odd() -> nn.Module:
 
 # -- config and errors -----------------------------------------------------------------------------------------
 def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.MissConfig().to_dict() == {**peft.MissConfig().to_dict(), "peft_version": funcpeft.config.PEFT_VERSION}
+    assert funcpeft.MissConfig().to_dict() == {
+        **peft.MissConfig().to_dict(),
+        "peft_version": funcpeft.config.PEFT_VERSION,
+    }
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(r=0, target_modules=["lin0"]), ValueError, "`r` should be a positive integer value but the value passed is 0"),
-    (dict(r=11, target_modules=["lin0"]), ValueError, r"`r` \(11\) must be less than or equal to in_features \(10\)"),
-    (dict(r=3, init_weights="bat", target_modules=["lin0"]), ValueError, r"fully divisible into \[r, r\] blocks"),
-    (dict(r=2, init_weights="mini", mini_r=3, target_modules=["lin0"]), ValueError, "mini_r is divided along the out_features"),
-    (dict(r=2, bias="foo", target_modules=["lin0"]), NotImplementedError, "Requested bias: .*foo.*is not implemented"),
-    (dict(r=2, target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (
+            dict(r=0, target_modules=["lin0"]),
+            ValueError,
+            "`r` should be a positive integer value but the value passed is 0",
+        ),
+        (
+            dict(r=11, target_modules=["lin0"]),
+            ValueError,
+            r"`r` \(11\) must be less than or equal to in_features \(10\)",
+        ),
+        (dict(r=3, init_weights="bat", target_modules=["lin0"]), ValueError, r"fully divisible into \[r, r\] blocks"),
+        (
+            dict(r=2, init_weights="mini", mini_r=3, target_modules=["lin0"]),
+            ValueError,
+            "mini_r is divided along the out_features",
+        ),
+        (
+            dict(r=2, bias="foo", target_modules=["lin0"]),
+            NotImplementedError,
+            "Requested bias: .*foo.*is not implemented",
+        ),
+        (dict(r=2, target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+    ],
+)
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
     info = assert_raises_like_peft(models.build("MLP"), "MissConfig", kwargs, exc, match)
     if "in_features" in match or "blocks" in match or "mini_r" in match:
@@ -81,12 +103,15 @@ def test_unsupported_layers_name_module_and_type(target: str, kind: str) -> None
 
 
 # -- init, forward, gradients ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [
-    dict(r=4, init_weights=False, target_modules="all-linear"),  # kaiming-uniform blocks
-    dict(r=4, target_modules="all-linear"),
-    dict(r=8, init_weights="bat", target_modules="all-linear"),
-    dict(r=4, init_weights="mini", mini_r=8, target_modules=["q_proj", "up_proj"]),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4, init_weights=False, target_modules="all-linear"),  # kaiming-uniform blocks
+        dict(r=4, target_modules="all-linear"),
+        dict(r=8, init_weights="bat", target_modules="all-linear"),
+        dict(r=4, init_weights="mini", mini_r=8, target_modules=["q_proj", "up_proj"]),
+    ],
+)
 def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(T.tiny_llama(), "MissConfig", kwargs, seed=3)
     assert_fresh_equals_peft(fpm, pm)
@@ -96,7 +121,9 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any]) -> 
 def test_inputs_not_a_multiple_of_r_match_peft(init: Any) -> None:
     """in_features=10, r=4: the balanced forward zero-pads x (bat needs r | in, so it uses r=2 here)."""
     r = 4 if init is True else 2
-    fpm, pm = build_both(_odd(), "MissConfig", dict(r=r, init_weights=init, target_modules=["lin", "out"] if r == 2 else ["lin"]))
+    fpm, pm = build_both(
+        _odd(), "MissConfig", dict(r=r, init_weights=init, target_modules=["lin", "out"] if r == 2 else ["lin"])
+    )
     adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
     assert_matches_peft_with(fpm, pm, adapter, {"x": torch.randn(5, 10)})
 
@@ -125,11 +152,14 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
 
 
 # -- merge / unmerge ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [
-    dict(r=4, init_weights=False, target_modules=["lin", "out"]),  # in 10 % 4: the last block is partial
-    dict(r=4, init_weights="mini", mini_r=6, target_modules=["lin"]),
-    dict(r=2, init_weights="bat", target_modules=["lin", "out"]),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4, init_weights=False, target_modules=["lin", "out"]),  # in 10 % 4: the last block is partial
+        dict(r=4, init_weights="mini", mini_r=6, target_modules=["lin"]),
+        dict(r=2, init_weights="bat", target_modules=["lin", "out"]),
+    ],
+)
 def test_merge_and_unmerge_equal_peft(kwargs: dict[str, Any]) -> None:
     model = _odd()
     fpm, pm = build_both(model, "MissConfig", kwargs)
@@ -140,7 +170,9 @@ def test_merge_and_unmerge_equal_peft(kwargs: dict[str, Any]) -> None:
         adapted = fpm.fn(fpm.base, adapter, x=x)
         merged = funcpeft.merge(fpm, fpm.base, adapter)
         torch.testing.assert_close(fpm.fn(merged, None, x=x), adapted, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(x), pm.merge_and_unload()(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            funcpeft.merge_and_unload(fpm, adapter)(x), pm.merge_and_unload()(x), atol=1e-6, rtol=0
+        )
         back = funcpeft.unmerge(fpm, merged, adapter)
     for name in ("lin.weight", "out.weight"):
         torch.testing.assert_close(back[name], fpm.base[name], atol=1e-5, rtol=0)
@@ -167,7 +199,9 @@ def test_compiles_to_one_graph_for_new_adapter_values(init: Any) -> None:
 
 @pytest.mark.parametrize("init", [True, "bat"])
 def test_per_example_adapters_equal_each_alone(init: Any) -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.MissConfig(r=4, init_weights=init, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.MissConfig(r=4, init_weights=init, target_modules=["lin0", "lin1"])
+    )
     trees = random_trees(fresh)
     x = make_inputs("mlp", batch=4)
     index = torch.tensor([2, 0, 1, 2])
@@ -202,4 +236,6 @@ def test_bat_unmerge_inverts_merge(blocks: tuple[int, int], r: int, seed: int) -
     adapter = random_trees(fpm.adapter, 1, scale=0.1)[0]  # small: I + B stays invertible
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     assert not torch.allclose(merged["0.weight"], fpm.base["0.weight"])
-    torch.testing.assert_close(funcpeft.unmerge(fpm, merged, adapter)["0.weight"], fpm.base["0.weight"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        funcpeft.unmerge(fpm, merged, adapter)["0.weight"], fpm.base["0.weight"], atol=1e-5, rtol=1e-5
+    )

@@ -51,18 +51,31 @@ def test_config_checks() -> None:
 
 def test_unsupported_layers_raise_like_peft() -> None:
     model = T.tiny_gpt2()
-    assert_raises_like_peft(model, "RandLoraConfig", dict(target_modules=["wte"]), ValueError,
-                            "No layers types compatible with RandLora were found")
-    info = assert_raises_like_peft(model, "RandLoraConfig", dict(target_modules=["c_attn", "wte"]), ValueError, "is not supported")
+    assert_raises_like_peft(
+        model,
+        "RandLoraConfig",
+        dict(target_modules=["wte"]),
+        ValueError,
+        "No layers types compatible with RandLora were found",
+    )
+    info = assert_raises_like_peft(
+        model, "RandLoraConfig", dict(target_modules=["c_attn", "wte"]), ValueError, "is not supported"
+    )
     assert isinstance(info.value, UnsupportedLayerError)
     assert "Target module 'transformer.wte' (Embedding)" in str(info.value)
 
 
-@pytest.mark.parametrize("kind, kwargs", [
-    ("llama", dict(r=8, target_modules="all-linear", init_weights=False)),  # in > out and in < out layers
-    ("llama", dict(r=24, target_modules=["k_proj", "up_proj"], sparse=True)),  # 24 does not divide 64: ceil
-    ("gpt2", dict(r=8, target_modules=["c_attn", "c_fc"], very_sparse=True, init_weights=False, projection_prng_key=5)),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("llama", dict(r=8, target_modules="all-linear", init_weights=False)),  # in > out and in < out layers
+        ("llama", dict(r=24, target_modules=["k_proj", "up_proj"], sparse=True)),  # 24 does not divide 64: ceil
+        (
+            "gpt2",
+            dict(r=8, target_modules=["c_attn", "c_fc"], very_sparse=True, init_weights=False, projection_prng_key=5),
+        ),
+    ],
+)
 def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
     assert_fresh_equals_peft(fpm, pm)
@@ -75,10 +88,13 @@ def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs:
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()  # the bases are not counted
 
 
-@pytest.mark.parametrize("kind, kwargs", [
-    ("llama", dict(r=8, randlora_alpha=16, target_modules=["k_proj", "up_proj", "down_proj"])),
-    ("gpt2", dict(r=8, randlora_alpha=16, target_modules=["c_attn", "mlp.c_proj"], sparse=True)),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("llama", dict(r=8, randlora_alpha=16, target_modules=["k_proj", "up_proj", "down_proj"])),
+        ("gpt2", dict(r=8, randlora_alpha=16, target_modules=["c_attn", "mlp.c_proj"], sparse=True)),
+    ],
+)
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs)
     adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
@@ -90,7 +106,9 @@ def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any
 
 
 def test_training_dropout_matches_peft_given_the_same_masks() -> None:
-    fpm, pm = build_both(T.tiny_llama(), "RandLoraConfig", dict(r=8, randlora_dropout=0.3, target_modules=["q_proj", "down_proj"]))
+    fpm, pm = build_both(
+        T.tiny_llama(), "RandLoraConfig", dict(r=8, randlora_dropout=0.3, target_modules=["q_proj", "down_proj"])
+    )
     fn, base, fresh = fpm
     adapter = random_trees(fresh, 1, scale=0.05)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
@@ -156,12 +174,16 @@ def test_mixed_models_refuse_it_like_peft() -> None:
 
 
 def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"])
+    )
     assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
 
 
 def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"])
+    )
     trees = random_trees(fresh)
     x = make_inputs("mlp", batch=4)
     index = torch.tensor([1, 2, 0, 1])
@@ -172,14 +194,18 @@ def test_per_example_adapters_equal_each_alone() -> None:
 
 
 @settings(max_examples=examples(15))
-@given(in_f=st.integers(2, 12), out_f=st.integers(2, 12), r=st.integers(1, 5), seed=st.integers(0, 2**16))  # 1 x 1: std of one value is nan (in PEFT too)
+@given(
+    in_f=st.integers(2, 12), out_f=st.integers(2, 12), r=st.integers(1, 5), seed=st.integers(0, 2**16)
+)  # 1 x 1: std of one value is nan (in PEFT too)
 def test_the_update_is_lambda_gamma_scaled_bases(in_f: int, out_f: int, r: int, seed: int) -> None:
     """dW = s * sum_t B[:, t // r, t % r] (lambda[t // n, t % n] A[t // n, 0, :] gamma[t % n]) in (max, min)
     orientation (PEFT flattens B as (n, r) but lambda * A * gamma as (r, n): its pairing, kept), and the forward adds
     exactly x @ dW^T (both orientations: in <= out and in > out)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_f, out_f)).eval()
-    fpm = funcpeft.get_peft_model(model, funcpeft.RandLoraConfig(r=r, randlora_alpha=3, target_modules=["0"], init_weights=False))
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.RandLoraConfig(r=r, randlora_alpha=3, target_modules=["0"], init_weights=False)
+    )
     (_, key_a), (_, key_b) = fpm.plans["default"]["0"].frozen
     a, b = fpm.base[key_a].double(), fpm.base[key_b].double()
     lam, gamma = (fpm.adapter["0"][k].detach().double() for k in ("randlora_lambda", "randlora_gamma"))
@@ -193,4 +219,6 @@ def test_the_update_is_lambda_gamma_scaled_bases(in_f: int, out_f: int, r: int, 
     torch.testing.assert_close(delta.double(), dw, atol=1e-5, rtol=1e-4)
     x = torch.randn(3, in_f)
     with torch.no_grad():
-        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, x).double(), model(x).double() + x.double() @ dw.T, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            fpm.fn(fpm.base, fpm.adapter, x).double(), model(x).double() + x.double() @ dw.T, atol=1e-4, rtol=1e-4
+        )

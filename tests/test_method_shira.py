@@ -61,10 +61,13 @@ def test_unsupported_layers_raise_like_peft(kind: str, targets: list[str]) -> No
 
 
 # -- init and masks ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [
-    dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),  # random_seed None: torch's default generator seed
-    dict(r=1, target_modules=["k_proj", "up_proj"], random_seed=56, init_weights=False),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),  # random_seed None: torch's default generator seed
+        dict(r=1, target_modules=["k_proj", "up_proj"], random_seed=56, init_weights=False),
+    ],
+)
 def test_fresh_adapter_and_mask_equal_peft_s(kwargs: dict[str, Any]) -> None:
     ours, theirs = fresh_states(T.tiny_llama(), "ShiraConfig", kwargs, seed=5)
     assert_same_state(ours, theirs)
@@ -110,7 +113,9 @@ def test_a_custom_mask_checkpoint_loads_its_indices_from_the_file(tmp_path: Any)
     tree, _ = funcpeft.load_adapter(tmp_path)  # without the model: the indices are not adapter leaves
     assert {k for e in tree.values() for k in e} == {"shira_weight"}
     # a fresh adapter of that config has no mask function: PEFT fails at its first forward, funcpeft says why
-    fresh = quiet(funcpeft.get_peft_model, model, funcpeft.ShiraConfig(r=2, target_modules=["v_proj"], mask_type="magnitude"))
+    fresh = quiet(
+        funcpeft.get_peft_model, model, funcpeft.ShiraConfig(r=2, target_modules=["v_proj"], mask_type="magnitude")
+    )
     with pytest.raises(ValueError, match="mask indices are unknown.*mask_fn"):
         fresh.fn(fresh.base, fresh.adapter, **x)
 
@@ -139,8 +144,11 @@ def test_shira_under_lora_in_a_mixed_model_equals_peft() -> None:
     named = dict(pm.named_parameters())
     with torch.no_grad():  # the same values in PEFT's layers (LoRA wraps SHiRA on q_proj), and the same masks
         for path, e in trees["default"].items():
-            named[f"base_model.model.{path}.base_layer.shira_weight.default" if "q_proj" in path
-                  else f"base_model.model.{path}.shira_weight.default"].copy_(e["shira_weight"])
+            named[
+                f"base_model.model.{path}.base_layer.shira_weight.default"
+                if "q_proj" in path
+                else f"base_model.model.{path}.shira_weight.default"
+            ].copy_(e["shira_weight"])
         for path, e in trees["lora"].items():
             for k, v in e.items():
                 named[f"base_model.model.{path}.{k}.lora.weight"].copy_(v)
@@ -168,14 +176,18 @@ def test_shira_over_another_method_is_refused_like_peft() -> None:
 
 # -- compile, routing ---------------------------------------------------------------------------------------
 def test_fn_compiles_once_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"])
+    )
     x = make_inputs("mlp")["x"]
     trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
     compiles_once(lambda a: fn(base, a, x=x), trees)
 
 
 def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"])
+    )
     x = make_inputs("mlp", batch=3)["x"]
     trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(2)]
     with torch.no_grad():
@@ -192,7 +204,9 @@ def test_load_adapter_warns_that_it_drops_a_custom_mask(tmp_path: Any) -> None:
     peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="frozen adapter tensors its config alone does not give.*shira_indices"):
         funcpeft.load_adapter(tmp_path, model=model)
-    peft.get_peft_model(copy.deepcopy(model), peft.ShiraConfig(r=2, target_modules=["v_proj"])).save_pretrained(tmp_path / "r")
+    peft.get_peft_model(copy.deepcopy(model), peft.ShiraConfig(r=2, target_modules=["v_proj"])).save_pretrained(
+        tmp_path / "r"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a random mask: the config gives the same indices, nothing is dropped
         funcpeft.load_adapter(tmp_path / "r", model=model)

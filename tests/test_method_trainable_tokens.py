@@ -41,7 +41,12 @@ IDS = torch.tensor([[3, 5, 3, 1, 7], [5, 5, 0, 3, 9]])
 # -- config and layers ---------------------------------------------------------------------------------------
 def test_config_checks() -> None:
     bad: Any
-    for bad, why in (([1, 1, 2], "duplicates \\[1\\]"), ([-1], "non-negative"), ("12", r"must be list\[int\]"), ([True], r"must be list\[int\]")):
+    for bad, why in (
+        ([1, 1, 2], "duplicates \\[1\\]"),
+        ([-1], "non-negative"),
+        ("12", r"must be list\[int\]"),
+        ([True], r"must be list\[int\]"),
+    ):
         with pytest.raises(ValueError, match=why):
             funcpeft.TrainableTokensConfig(token_indices=bad)
     with pytest.raises(TypeError, match="token_indices"):
@@ -49,28 +54,38 @@ def test_config_checks() -> None:
     model = T.tiny_llama()
     with pytest.raises(IndexError):  # PEFT: an index error while cloning the rows
         peft.get_peft_model(copy.deepcopy(model), peft.TrainableTokensConfig(token_indices=[1, 500]))
-    with pytest.raises(ValueError, match=r"token_indices \[500\] are out of range for 'model.embed_tokens', which has 128 rows"):
+    with pytest.raises(
+        ValueError, match=r"token_indices \[500\] are out of range for 'model.embed_tokens', which has 128 rows"
+    ):
         funcpeft.get_peft_model(model, funcpeft.TrainableTokensConfig(token_indices=[1, 500]))
     # target_modules default: the input embedding's name (PEFT's _prepare_adapter_config), saved as a str
-    resolved: Any = funcpeft.get_peft_model(model, funcpeft.TrainableTokensConfig(token_indices=[1])).peft_config["default"]
+    resolved: Any = funcpeft.get_peft_model(model, funcpeft.TrainableTokensConfig(token_indices=[1])).peft_config[
+        "default"
+    ]
     assert resolved.target_modules == "model.embed_tokens"
 
 
 def test_layers_peft_cannot_handle_are_refused_clearly() -> None:
     gpt2 = MODELS["gpt2"]()
     with pytest.raises(AttributeError, match="no attribute 'in_features'"):  # PEFT: an AttributeError
-        peft.get_peft_model(copy.deepcopy(gpt2), peft.TrainableTokensConfig(target_modules=["c_attn"], token_indices=[1]))
+        peft.get_peft_model(
+            copy.deepcopy(gpt2), peft.TrainableTokensConfig(target_modules=["c_attn"], token_indices=[1])
+        )
     with pytest.raises(UnsupportedLayerError, match="unknown layer type.*'transformer.h.0.attn.c_attn' is a Conv1D"):
         funcpeft.get_peft_model(gpt2, funcpeft.TrainableTokensConfig(target_modules=["c_attn"], token_indices=[1]))
     with pytest.raises(NotImplementedError, match="'head'.*without its bias"):  # PEFT silently drops the bias
-        funcpeft.get_peft_model(TokenModel(), funcpeft.TrainableTokensConfig(target_modules=["head"], token_indices=[1]))
+        funcpeft.get_peft_model(
+            TokenModel(), funcpeft.TrainableTokensConfig(target_modules=["head"], token_indices=[1])
+        )
 
 
 # -- init ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, init_weights", [("llama-tied", True), ("llama-tied", False), ("gpt2", False)])
 def test_fresh_adapter_equals_peft_s(kind: str, init_weights: bool) -> None:
     model = T.tiny_llama(tie=True) if kind == "llama-tied" else MODELS[kind]()
-    ours, theirs = fresh_states(model, "TrainableTokensConfig", dict(token_indices=[4, 0, 77], init_weights=init_weights), 2)
+    ours, theirs = fresh_states(
+        model, "TrainableTokensConfig", dict(token_indices=[4, 0, 77], init_weights=init_weights), 2
+    )
     assert_same_state(ours, theirs)
     assert any(k.startswith("base_model.model.lm_head") for k in ours)  # PEFT saves the tied layer's copy too
 
@@ -85,7 +100,11 @@ class _NewStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
@@ -110,11 +129,15 @@ def test_no_embedding_sized_tensor_per_call_unlike_peft() -> None:
 
 
 # -- gradients: PEFT's F.embedding options ---------------------------------------------------------------------
-@pytest.mark.parametrize("embedding", [dict(padding_idx=3), dict(scale_grad_by_freq=True), dict(padding_idx=0, scale_grad_by_freq=True)])
+@pytest.mark.parametrize(
+    "embedding", [dict(padding_idx=3), dict(scale_grad_by_freq=True), dict(padding_idx=0, scale_grad_by_freq=True)]
+)
 def test_padding_idx_and_scale_grad_by_freq_gradients_equal_peft_s(embedding: dict[str, Any], tmp_path: Any) -> None:
     torch.manual_seed(0)
     model: Any = TokenModel(**embedding)
-    pm: Any = peft.get_peft_model(copy.deepcopy(model), peft.TrainableTokensConfig(target_modules=["emb"], token_indices=[3, 5, 0]))
+    pm: Any = peft.get_peft_model(
+        copy.deepcopy(model), peft.TrainableTokensConfig(target_modules=["emb"], token_indices=[3, 5, 0])
+    )
     with torch.no_grad():
         pm.base_model.model.emb.trainable_tokens_delta["default"].normal_()
     pm.save_pretrained(tmp_path)
@@ -133,8 +156,12 @@ def test_two_adapters_need_disjoint_tokens_like_peft() -> None:
     # untied: PEFT's second adapter on a tied lm_head wraps the first one's layer and cannot run
     model, x = T.tiny_llama(), make_inputs("llama", seq=12)
     configs = {"one": [3, 43], "two": [95, 7], "three": [43, 1]}
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.TrainableTokensConfig(token_indices=configs["one"]), adapter_name="one")
-    fpm = funcpeft.get_peft_model(model, funcpeft.TrainableTokensConfig(token_indices=configs["one"]), adapter_name="one")
+    pm = peft.get_peft_model(
+        copy.deepcopy(model), peft.TrainableTokensConfig(token_indices=configs["one"]), adapter_name="one"
+    )
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.TrainableTokensConfig(token_indices=configs["one"]), adapter_name="one"
+    )
     trees = {"one": fpm.adapter}
     for name in ("two", "three"):
         pm.add_adapter(name, peft.TrainableTokensConfig(token_indices=configs[name]))
@@ -144,7 +171,9 @@ def test_two_adapters_need_disjoint_tokens_like_peft() -> None:
     both, overlapping = ["one", "two"], ["one", "three"]
     with torch.no_grad():
         for n, t in trees.items():
-            named[f"base_model.model.model.embed_tokens.trainable_tokens_delta.{n}"].copy_(t["model.embed_tokens"]["trainable_tokens_delta"])
+            named[f"base_model.model.model.embed_tokens.trainable_tokens_delta.{n}"].copy_(
+                t["model.embed_tokens"]["trainable_tokens_delta"]
+            )
         pm.base_model.set_adapter(both)  # type: ignore[operator]
         got = fpm.fn(fpm.base, {n: trees[n] for n in both}, **x).logits
         torch.testing.assert_close(got, pm(**x).logits, atol=1e-5, rtol=0)
@@ -172,7 +201,9 @@ def test_merging_a_tied_embedding_keeps_the_function_and_does_not_warn() -> None
 
 
 def test_fn_compiles_once_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(layers=1, tie=True), funcpeft.TrainableTokensConfig(token_indices=[3, 43]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        T.tiny_llama(layers=1, tie=True), funcpeft.TrainableTokensConfig(token_indices=[3, 43])
+    )
     ids = make_inputs("llama")["input_ids"]
     trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
     compiles_once(lambda a: fn(base, a, input_ids=ids).logits, trees)

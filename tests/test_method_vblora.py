@@ -55,11 +55,24 @@ def test_unsupported_layers_raise_like_peft(kind: str, targets: list[str]) -> No
 
 
 # -- init: the bank is drawn again before each layer (PEFT), the last draw is kept -----------------------------
-@pytest.mark.parametrize("kind, kwargs", [
-    ("llama", dict(r=2, vector_length=16, num_vectors=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    ("gpt2", dict(r=3, vector_length=32, num_vectors=5, topk=1, target_modules=["c_attn", "c_proj"],
-                  init_vector_bank_bound=0.5, init_logits_std=2.0)),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("llama", dict(r=2, vector_length=16, num_vectors=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+        (
+            "gpt2",
+            dict(
+                r=3,
+                vector_length=32,
+                num_vectors=5,
+                topk=1,
+                target_modules=["c_attn", "c_proj"],
+                init_vector_bank_bound=0.5,
+                init_logits_std=2.0,
+            ),
+        ),
+    ],
+)
 def test_fresh_adapter_equals_peft_s(kind: str, kwargs: dict[str, Any]) -> None:
     ours, theirs = fresh_states(MODELS[kind](), "VBLoRAConfig", kwargs, seed=11)
     assert_same_state(ours, theirs)
@@ -70,7 +83,10 @@ def test_the_bank_is_one_trainable_leaf_shared_by_every_layer() -> None:
     kwargs: dict[str, Any] = dict(r=2, vector_length=16, num_vectors=8, target_modules=["q_proj", "v_proj"])
     fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.VBLoRAConfig(**kwargs))
     fn, base, adapter = fpm
-    assert list(adapter[SHARED_PATH]) == ["vblora_vector_bank"] and adapter[SHARED_PATH]["vblora_vector_bank"].requires_grad
+    assert (
+        list(adapter[SHARED_PATH]) == ["vblora_vector_bank"]
+        and adapter[SHARED_PATH]["vblora_vector_bank"].requires_grad
+    )
     assert all(set(e) == {"vblora_logits_A", "vblora_logits_B"} for p, e in adapter.items() if p != SHARED_PATH)
     trainable, _ = fpm.get_nb_trainable_parameters()
     assert trainable == funcpeft.trees.tree_numel(adapter)  # the bank once
@@ -88,7 +104,9 @@ def test_the_bank_is_one_trainable_leaf_shared_by_every_layer() -> None:
 # -- save_only_topk_weights ------------------------------------------------------------------------------------
 def test_topk_files_equal_peft_s_and_load_both_ways(tmp_path: Any) -> None:
     model, x = T.tiny_llama(), make_inputs("llama")
-    kwargs: dict[str, Any] = dict(r=2, vector_length=16, num_vectors=8, topk=3, target_modules=["q_proj", "v_proj"], save_only_topk_weights=True)
+    kwargs: dict[str, Any] = dict(
+        r=2, vector_length=16, num_vectors=8, topk=3, target_modules=["q_proj", "v_proj"], save_only_topk_weights=True
+    )
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.VBLoRAConfig(**kwargs)).eval()
     pm.save_pretrained(tmp_path / "peft")
@@ -101,7 +119,10 @@ def test_topk_files_equal_peft_s_and_load_both_ways(tmp_path: Any) -> None:
     fpm.save_pretrained(tmp_path / "ours", fpm.adapter)
     # the reference is PEFT's own load -> save (weights -> logits -> weights rounds the same way)
     quiet(peft.PeftModel.from_pretrained, copy.deepcopy(model), tmp_path / "peft").save_pretrained(tmp_path / "resaved")
-    got, theirs = (safetensors.torch.load_file(os.path.join(tmp_path / d, "adapter_model.safetensors")) for d in ("ours", "resaved"))
+    got, theirs = (
+        safetensors.torch.load_file(os.path.join(tmp_path / d, "adapter_model.safetensors"))
+        for d in ("ours", "resaved")
+    )
     assert_same_state(got, theirs)
     assert got["base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_A_topk_indices"].dtype == torch.uint8
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()

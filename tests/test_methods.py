@@ -24,25 +24,58 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
 
-METHOD_CONFIG = {"dora": "LoraConfig", "ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig"}
+METHOD_CONFIG = {
+    "dora": "LoraConfig",
+    "ia3": "IA3Config",
+    "loha": "LoHaConfig",
+    "lokr": "LoKrConfig",
+    "vera": "VeraConfig",
+}
 
 CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dora-llama-all-linear": ("llama", "dora", dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)),
     "dora-llama-embedding": ("llama", "dora", dict(r=4, target_modules=["embed_tokens", "v_proj"], use_dora=True)),
-    "dora-gpt2-conv1d-rslora": ("gpt2", "dora", dict(r=4, target_modules=["c_attn", "c_fc"], use_dora=True, use_rslora=True)),
+    "dora-gpt2-conv1d-rslora": (
+        "gpt2",
+        "dora",
+        dict(r=4, target_modules=["c_attn", "c_fc"], use_dora=True, use_rslora=True),
+    ),
     "dora-conv": ("conv", "dora", dict(r=2, target_modules=["conv2d", "conv1d", "fc"], use_dora=True)),
     "ia3-llama-defaults": ("llama", "ia3", {}),
-    "ia3-gpt2-feedforward": ("gpt2", "ia3", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
+    "ia3-gpt2-feedforward": (
+        "gpt2",
+        "ia3",
+        dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+    ),
     "ia3-conv": ("conv", "ia3", dict(target_modules=["conv2d", "fc"], feedforward_modules=["conv2d"])),
-    "loha-llama-all-linear": ("llama", "loha", dict(r=4, alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 2})),
+    "loha-llama-all-linear": (
+        "llama",
+        "loha",
+        dict(r=4, alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 2}),
+    ),
     "loha-conv": ("conv", "loha", dict(r=2, alpha=4, target_modules=["conv2d", "conv1d", "fc"])),
-    "loha-conv-effective": ("conv", "loha", dict(r=2, alpha=4, target_modules=["conv2d", "conv1d"], use_effective_conv2d=True)),
+    "loha-conv-effective": (
+        "conv",
+        "loha",
+        dict(r=2, alpha=4, target_modules=["conv2d", "conv1d"], use_effective_conv2d=True),
+    ),
     "lokr-llama-all-linear": ("llama", "lokr", dict(r=4, alpha=8, target_modules="all-linear")),
-    "lokr-llama-decompose-both": ("llama", "lokr", dict(
-        r=2, alpha=4, target_modules=["q_proj", "gate_proj"], decompose_both=True, decompose_factor=4)),
-    "lokr-conv-effective": ("conv", "lokr", dict(r=1, alpha=2, target_modules=["conv2d", "fc"], use_effective_conv2d=True)),
+    "lokr-llama-decompose-both": (
+        "llama",
+        "lokr",
+        dict(r=2, alpha=4, target_modules=["q_proj", "gate_proj"], decompose_both=True, decompose_factor=4),
+    ),
+    "lokr-conv-effective": (
+        "conv",
+        "lokr",
+        dict(r=1, alpha=2, target_modules=["conv2d", "fc"], use_effective_conv2d=True),
+    ),
     "vera-llama-all-linear": ("llama", "vera", dict(r=8, target_modules="all-linear")),
-    "vera-gpt2-conv1d-bias": ("gpt2", "vera", dict(r=8, target_modules=["c_attn", "c_fc"], projection_prng_key=3, bias="vera_only")),
+    "vera-gpt2-conv1d-bias": (
+        "gpt2",
+        "vera",
+        dict(r=8, target_modules=["c_attn", "c_fc"], projection_prng_key=3, bias="vera_only"),
+    ),
 }
 
 
@@ -107,12 +140,17 @@ def test_forward_and_gradients_equal_peft(pair: MethodPair, monkeypatch: pytest.
 
 def test_trainable_parameters_equal_peft(pair: MethodPair) -> None:
     assert pair.fpm.get_nb_trainable_parameters() == pair.peft_model.get_nb_trainable_parameters()
-    assert capture_stdout(pair.fpm.print_trainable_parameters) == capture_stdout(pair.peft_model.print_trainable_parameters)
+    assert capture_stdout(pair.fpm.print_trainable_parameters) == capture_stdout(
+        pair.peft_model.print_trainable_parameters
+    )
 
 
 def test_resolved_config_equals_peft(pair: MethodPair) -> None:
     def plain(d: dict[str, Any]) -> dict[str, Any]:
-        out = {k: sorted(v) if isinstance(v, (set, list)) and k.endswith("modules") else getattr(v, "value", v) for k, v in d.items()}
+        out = {
+            k: sorted(v) if isinstance(v, (set, list)) and k.endswith("modules") else getattr(v, "value", v)
+            for k, v in d.items()
+        }
         out.pop("runtime_config", None)
         return out
 
@@ -141,19 +179,27 @@ def test_fresh_init_matches_peft_in_distribution(pair: MethodPair) -> None:
             _same_distribution(value, pair.peft_fresh[name], name)
 
 
-@pytest.mark.parametrize("method, kwargs", [
-    ("dora", dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False)),
-    ("ia3", dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)),
-    ("loha", dict(r=4, target_modules=["q_proj"], init_weights=False)),
-    ("lokr", dict(r=4, target_modules=["q_proj", "gate_proj"], init_weights=False)),
-    ("lokr", dict(r=1, target_modules=["q_proj", "gate_proj"], init_weights="lycoris", decompose_both=True)),
-    ("vera", dict(r=4, target_modules=["q_proj"], init_weights=False)),
-])
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("dora", dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False)),
+        (
+            "ia3",
+            dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
+        ),
+        ("loha", dict(r=4, target_modules=["q_proj"], init_weights=False)),
+        ("lokr", dict(r=4, target_modules=["q_proj", "gate_proj"], init_weights=False)),
+        ("lokr", dict(r=1, target_modules=["q_proj", "gate_proj"], init_weights="lycoris", decompose_both=True)),
+        ("vera", dict(r=4, target_modules=["q_proj"], init_weights=False)),
+    ],
+)
 def test_other_inits_match_peft_in_distribution(method: str, kwargs: dict[str, Any]) -> None:
     model = T.tiny_llama(hidden=128)
     ours, theirs = configs(method, kwargs)
     fpm = funcpeft.get_peft_model(model, ours)
-    named = {n: p for n, p in _quiet(peft.get_peft_model, copy.deepcopy(model), theirs).named_parameters() if p.requires_grad}
+    named = {
+        n: p for n, p in _quiet(peft.get_peft_model, copy.deepcopy(model), theirs).named_parameters() if p.requires_grad
+    }
     for path, entry in fpm.adapter.items():
         for key, value in entry.items():
             if key != "lora_magnitude_vector":  # depends on the random A, B: see the next test
@@ -163,8 +209,13 @@ def test_other_inits_match_peft_in_distribution(method: str, kwargs: dict[str, A
 
 def test_dora_magnitude_is_the_row_norm_of_w_plus_scaled_ba() -> None:
     model = T.tiny_gpt2()  # Conv1D: the weight is (in, out), the norm runs over rows of W.T
-    fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=["c_attn", "wte"], use_dora=True, init_lora_weights=False))
+    fpm = _quiet(
+        funcpeft.get_peft_model,
+        model,
+        funcpeft.LoraConfig(
+            r=4, lora_alpha=16, target_modules=["c_attn", "wte"], use_dora=True, init_lora_weights=False
+        ),
+    )
     weights = dict(model.named_parameters())
     for path, e in fpm.adapter.items():
         w = weights[f"{path}.weight"].T  # (out, in) for Conv1D, (dim, vocab) for the embedding
@@ -229,13 +280,16 @@ def test_vera_projections_are_peft_buffers_on_the_frozen_side() -> None:
 
 
 # -- layers PEFT cannot adapt ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, method, kwargs", [
-    ("gpt2", "loha", dict(target_modules=["c_attn"])),
-    ("gpt2", "lokr", dict(target_modules=["c_attn"])),
-    ("llama", "ia3", dict(target_modules=["embed_tokens"], feedforward_modules=[])),
-    ("conv", "ia3", dict(target_modules=["conv1d"], feedforward_modules=[])),
-    ("conv", "vera", dict(target_modules=["conv2d", "fc"])),
-])
+@pytest.mark.parametrize(
+    "kind, method, kwargs",
+    [
+        ("gpt2", "loha", dict(target_modules=["c_attn"])),
+        ("gpt2", "lokr", dict(target_modules=["c_attn"])),
+        ("llama", "ia3", dict(target_modules=["embed_tokens"], feedforward_modules=[])),
+        ("conv", "ia3", dict(target_modules=["conv1d"], feedforward_modules=[])),
+        ("conv", "vera", dict(target_modules=["conv2d", "fc"])),
+    ],
+)
 def test_unsupported_layers_raise_like_peft(kind: str, method: str, kwargs: dict[str, Any]) -> None:
     model = MODELS[kind]()
     ours, theirs = configs(method, kwargs)
@@ -274,10 +328,13 @@ class _SharedDropout(torch.nn.Module):
         return x * keep / (1.0 - self.p)
 
 
-@pytest.mark.parametrize("method, kwargs, attr", [
-    ("dora", dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, lora_dropout=0.3), "lora_dropout"),
-    ("vera", dict(r=4, target_modules=["q_proj", "down_proj"], vera_dropout=0.3), "vera_dropout"),
-])
+@pytest.mark.parametrize(
+    "method, kwargs, attr",
+    [
+        ("dora", dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, lora_dropout=0.3), "lora_dropout"),
+        ("vera", dict(r=4, target_modules=["q_proj", "down_proj"], vera_dropout=0.3), "vera_dropout"),
+    ],
+)
 def test_training_dropout_matches_peft_given_the_same_masks(method: str, kwargs: dict[str, Any], attr: str) -> None:
     model = T.tiny_llama()
     ours, theirs = configs(method, kwargs)
@@ -301,8 +358,14 @@ def test_training_dropout_matches_peft_given_the_same_masks(method: str, kwargs:
 
 
 # -- files: PEFT's format both ways ------------------------------------------------------------------------------
-FILE_CASES = ["dora-llama-embedding", "dora-conv", "ia3-gpt2-feedforward", "loha-conv-effective", "lokr-llama-all-linear",
-              "vera-gpt2-conv1d-bias"]
+FILE_CASES = [
+    "dora-llama-embedding",
+    "dora-conv",
+    "ia3-gpt2-feedforward",
+    "loha-conv-effective",
+    "lokr-llama-all-linear",
+    "vera-gpt2-conv1d-bias",
+]
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
@@ -325,14 +388,26 @@ def test_files_equal_peft_and_load_both_ways(case: str, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = out_tensor(pair.fn(pair.base, pair.adapter, **pair.inputs))
         loaded = _quiet(funcpeft.from_pretrained, pair.model, theirs)
-        torch.testing.assert_close(out_tensor(loaded.fn(loaded.base, loaded.adapter, **pair.inputs)), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out_tensor(loaded.fn(loaded.base, loaded.adapter, **pair.inputs)), expected, atol=1e-5, rtol=0
+        )
         back = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(pair.model), ours)
         torch.testing.assert_close(out_tensor(back(**pair.inputs)), expected, atol=1e-5, rtol=0)
 
 
 # -- merging ------------------------------------------------------------------------------------------------------
-MERGE_CASES = ["dora-llama-embedding", "dora-gpt2-conv1d-rslora", "dora-conv", "ia3-gpt2-feedforward", "ia3-conv",
-               "loha-conv", "loha-conv-effective", "lokr-conv-effective", "lokr-llama-decompose-both", "vera-gpt2-conv1d-bias"]
+MERGE_CASES = [
+    "dora-llama-embedding",
+    "dora-gpt2-conv1d-rslora",
+    "dora-conv",
+    "ia3-gpt2-feedforward",
+    "ia3-conv",
+    "loha-conv",
+    "loha-conv-effective",
+    "lokr-conv-effective",
+    "lokr-llama-decompose-both",
+    "vera-gpt2-conv1d-bias",
+]
 
 
 @pytest.mark.parametrize("case", MERGE_CASES)
@@ -344,7 +419,9 @@ def test_merge_and_unload_equals_peft(case: str) -> None:
     for name, p in want.named_parameters():
         torch.testing.assert_close(got[name], p, atol=1e-5, rtol=1e-6, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(out_tensor(merged(**pair.inputs)), out_tensor(want(**pair.inputs)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out_tensor(merged(**pair.inputs)), out_tensor(want(**pair.inputs)), atol=1e-5, rtol=0
+        )
 
 
 def test_peft_loha_cp_gradient_is_wrong_and_ours_is_right() -> None:
@@ -358,7 +435,9 @@ def test_peft_loha_cp_gradient_is_wrong_and_ours_is_right() -> None:
     from funcpeft.methods.lycoris import LycorisHyper
 
     g = torch.Generator().manual_seed(0)
-    hyper = LycorisHyper(r=2, alpha=4.0, scaling=2.0, rank_dropout=0.0, module_dropout=0.0, init=True, effective_conv=True)
+    hyper = LycorisHyper(
+        r=2, alpha=4.0, scaling=2.0, rank_dropout=0.0, module_dropout=0.0, init=True, effective_conv=True
+    )
     spec = LayerSpec("loha", LayerKind.CONV, (6, 4, 3), 4, 6, hyper)
     shapes = {"hada_t1": (2, 2, 3, 1), "hada_w1_a": (2, 6), "hada_w1_b": (2, 4)}
     shapes.update({k.replace("1", "2"): v for k, v in shapes.items()})
@@ -416,7 +495,9 @@ def test_fresh_adapters_are_no_ops(method: str, seed: int) -> None:
     """Every method's default init leaves the model's function unchanged (up to DoRA's f = m/||W|| = 1 rounding)."""
     kind, kwargs = NOOP_CASES[method]
     model = MODELS[kind]()
-    fn, base, adapter = _quiet(funcpeft.get_peft_model, model, configs(method, kwargs)[0], generator=torch.Generator().manual_seed(seed))
+    fn, base, adapter = _quiet(
+        funcpeft.get_peft_model, model, configs(method, kwargs)[0], generator=torch.Generator().manual_seed(seed)
+    )
     x = make_inputs(kind, seed=seed)
     with torch.no_grad():
         torch.testing.assert_close(out_tensor(fn(base, adapter, **x)), out_tensor(model(**x)), atol=2e-6, rtol=0)
@@ -435,7 +516,9 @@ def test_merged_weights_give_the_adapted_function(method: str, seed: int) -> Non
     x = make_inputs(kind, seed=seed)
     with torch.no_grad():
         merged = funcpeft.merge(fpm, base, adapter)
-        torch.testing.assert_close(out_tensor(fn(merged, None, **x)), out_tensor(fn(base, adapter, **x)), atol=2e-5, rtol=0)
+        torch.testing.assert_close(
+            out_tensor(fn(merged, None, **x)), out_tensor(fn(base, adapter, **x)), atol=2e-5, rtol=0
+        )
 
 
 def test_two_ia3_adapters_multiply_like_peft_s_active_list() -> None:

@@ -109,8 +109,10 @@ def test_forward_and_gradients_equal_peft_mixed_model(mixed: Mixed) -> None:
     assert (got - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, ref.logits.detach(), atol=1e-5, rtol=0)
     _, grads = value_and_grad(mixed.loss)(mixed.trees)
-    want = {a: {p: {k: mixed.named[peft_name(mixed.named, p, k, a)].grad for k in e} for p, e in t.items()}
-            for a, t in mixed.trees.items()}
+    want = {
+        a: {p: {k: mixed.named[peft_name(mixed.named, p, k, a)].grad for k in e} for p, e in t.items()}
+        for a, t in mixed.trees.items()
+    }
     T.assert_trees_close(grads, want, atol=1e-5)
 
 
@@ -144,7 +146,11 @@ def test_a_subset_of_the_adapters_is_a_subset_of_peft_s_active_adapters() -> Non
 @pytest.mark.parametrize("config", ["IA3Config", "VeraConfig"])
 def test_types_peft_cannot_mix_are_refused_like_peft(config: str) -> None:
     model = T.tiny_llama()
-    kwargs = dict(target_modules=["q_proj"]) if config == "VeraConfig" else dict(target_modules=["q_proj"], feedforward_modules=[])
+    kwargs = (
+        dict(target_modules=["q_proj"])
+        if config == "VeraConfig"
+        else dict(target_modules=["q_proj"], feedforward_modules=[])
+    )
     with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`") as want:
         peft.get_peft_model(copy.deepcopy(model), getattr(peft, config)(**kwargs), mixed=True)
     with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):

@@ -50,11 +50,21 @@ def test_none_is_the_base_model_like_peft_disable_adapter():
 
 
 MULTI = {
-    "llama-same-targets": ("llama", dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)),
-    "llama-different-targets": (
-        "llama", dict(target_modules=["q_proj"]), dict(target_modules=["v_proj", "embed_tokens", "down_proj"], r=3),
+    "llama-same-targets": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4),
     ),
-    "gpt2-overlapping": ("gpt2", dict(target_modules=["c_attn"]), dict(target_modules=["c_attn", "c_fc"], r=3, use_rslora=True)),
+    "llama-different-targets": (
+        "llama",
+        dict(target_modules=["q_proj"]),
+        dict(target_modules=["v_proj", "embed_tokens", "down_proj"], r=3),
+    ),
+    "gpt2-overlapping": (
+        "gpt2",
+        dict(target_modules=["c_attn"]),
+        dict(target_modules=["c_attn", "c_fc"], r=3, use_rslora=True),
+    ),
     "conv": ("conv", dict(target_modules=["c1", "c2"]), dict(target_modules=["c2", "c3", "fc"], r=2, lora_alpha=5)),
 }
 
@@ -132,7 +142,15 @@ def check_weighted(pm, ref, trees, weights, new: str, x: torch.Tensor, seed: int
     with peft_masks_seeded(seed) if seed is not None else contextlib.nullcontext():
         ref.base_model.add_weighted_adapter(names, list(weights), new, **kw)
     want = ref.peft_config[new]
-    for field in ("r", "lora_alpha", "target_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "use_rslora"):
+    for field in (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "modules_to_save",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+    ):
         assert getattr(cfg, field) == getattr(want, field), field
     named = dict(ref.named_parameters())
     ours = {}
@@ -149,40 +167,99 @@ def check_weighted(pm, ref, trees, weights, new: str, x: torch.Tensor, seed: int
 
 
 WEIGHTED = {
-    "llama-cat": ("llama", dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["v_proj", "k_proj"], lora_alpha=16), dict(combination_type="cat")),
-    "llama-linear-negative": ("llama", dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["v_proj", "k_proj"], lora_alpha=16), dict(combination_type="linear")),
-    "llama-svd-default": ("llama", dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["v_proj", "k_proj"], lora_alpha=16), {}),
+    "llama-cat": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=["v_proj", "k_proj"], lora_alpha=16),
+        dict(combination_type="cat"),
+    ),
+    "llama-linear-negative": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=["v_proj", "k_proj"], lora_alpha=16),
+        dict(combination_type="linear"),
+    ),
+    "llama-svd-default": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=["v_proj", "k_proj"], lora_alpha=16),
+        {},
+    ),
     "llama-embed-svd-options": (
-        "llama", dict(target_modules=["embed_tokens", "q_proj"], r=4), dict(target_modules=["embed_tokens", "lm_head"], r=6),
+        "llama",
+        dict(target_modules=["embed_tokens", "q_proj"], r=4),
+        dict(target_modules=["embed_tokens", "lm_head"], r=6),
         dict(combination_type="svd", svd_rank=3, svd_clamp=0.9, svd_full_matrices=False),
     ),
     "llama-cat-rank_pattern-rslora": (
-        "llama", dict(target_modules=["q_proj", "v_proj"], r=2, rank_pattern={"v_proj": 5}, use_rslora=True),
-        dict(target_modules=["v_proj"], r=3), dict(combination_type="cat"),
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"], r=2, rank_pattern={"v_proj": 5}, use_rslora=True),
+        dict(target_modules=["v_proj"], r=3),
+        dict(combination_type="cat"),
     ),
-    "llama-regex-targets": ("llama", dict(target_modules=r".*\.q_proj"), dict(target_modules=r".*\.(v|o)_proj"), dict(combination_type="cat")),
-    "gpt2-conv1d-svd": ("gpt2", dict(target_modules=["c_attn"]), dict(target_modules=["c_attn", "c_fc"], r=3), dict(combination_type="svd")),
-    "gpt2-conv1d-linear": ("gpt2", dict(target_modules=["c_attn"]), dict(target_modules=["c_attn", "c_fc"], lora_alpha=3), dict(combination_type="linear")),
-    "conv-cat": ("conv", dict(target_modules=["c1", "c3"]), dict(target_modules=["c1", "c2", "fc"], r=3), dict(combination_type="cat")),
-    "conv2d-svd": ("conv", dict(target_modules=["c1", "c2"]), dict(target_modules=["c1"], r=3), dict(combination_type="svd")),
+    "llama-regex-targets": (
+        "llama",
+        dict(target_modules=r".*\.q_proj"),
+        dict(target_modules=r".*\.(v|o)_proj"),
+        dict(combination_type="cat"),
+    ),
+    "gpt2-conv1d-svd": (
+        "gpt2",
+        dict(target_modules=["c_attn"]),
+        dict(target_modules=["c_attn", "c_fc"], r=3),
+        dict(combination_type="svd"),
+    ),
+    "gpt2-conv1d-linear": (
+        "gpt2",
+        dict(target_modules=["c_attn"]),
+        dict(target_modules=["c_attn", "c_fc"], lora_alpha=3),
+        dict(combination_type="linear"),
+    ),
+    "conv-cat": (
+        "conv",
+        dict(target_modules=["c1", "c3"]),
+        dict(target_modules=["c1", "c2", "fc"], r=3),
+        dict(combination_type="cat"),
+    ),
+    "conv2d-svd": (
+        "conv",
+        dict(target_modules=["c1", "c2"]),
+        dict(target_modules=["c1"], r=3),
+        dict(combination_type="svd"),
+    ),
     "modules_to_save-copied-from-base": (
-        "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), dict(target_modules=["q_proj"]), dict(combination_type="cat"),
+        "llama",
+        dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        dict(target_modules=["q_proj"]),
+        dict(combination_type="cat"),
     ),
     # PEFT's pruning types (peft/utils/merge_utils.py); DARE draws its masks from a seeded generator (see check_weighted)
     **{
         # PEFT's SVD handles conv deltas of nn.Conv2d only: the *_svd rows leave out the Conv1d c3
-        f"{kind}-{ct}": (kind, cfg_a, cfg_b if kind != "conv" or not ct.endswith("svd") else {**cfg_b, "target_modules": ["c1"]},
-                         dict(combination_type=ct, density=density, majority_sign_method=sign, seed=seed))
+        f"{kind}-{ct}": (
+            kind,
+            cfg_a,
+            cfg_b if kind != "conv" or not ct.endswith("svd") else {**cfg_b, "target_modules": ["c1"]},
+            dict(combination_type=ct, density=density, majority_sign_method=sign, seed=seed),
+        )
         for kind, cfg_a, cfg_b in (
-            ("llama", dict(target_modules=["q_proj", "v_proj", "embed_tokens"]),
-             dict(target_modules=["v_proj", "k_proj", "embed_tokens"], lora_alpha=16)),
+            (
+                "llama",
+                dict(target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                dict(target_modules=["v_proj", "k_proj", "embed_tokens"], lora_alpha=16),
+            ),
             ("gpt2", dict(target_modules=["c_attn"]), dict(target_modules=["c_attn", "c_fc"], lora_alpha=3)),
             ("conv", dict(target_modules=["c1", "c2"]), dict(target_modules=["c1", "c2", "c3"], lora_alpha=5)),
         )
         for ct, density, sign, seed in (
-            ("ties", 0.5, "total", None), ("ties_svd", 0.3, "frequency", None), ("magnitude_prune", 0.6, "total", None),
-            ("magnitude_prune_svd", 0.5, "total", None), ("dare_linear", 0.5, "total", 11), ("dare_ties", 0.4, "frequency", 12),
-            ("dare_linear_svd", 0.7, "total", 13), ("dare_ties_svd", 0.5, "total", 14),
+            ("ties", 0.5, "total", None),
+            ("ties_svd", 0.3, "frequency", None),
+            ("magnitude_prune", 0.6, "total", None),
+            ("magnitude_prune_svd", 0.5, "total", None),
+            ("dare_linear", 0.5, "total", 11),
+            ("dare_ties", 0.4, "frequency", 12),
+            ("dare_linear_svd", 0.7, "total", 13),
+            ("dare_ties_svd", 0.5, "total", 14),
         )
     },
 }
@@ -202,7 +279,15 @@ def test_add_weighted_adapter_equals_peft(case):
 def test_single_adapter_is_linear_and_pairs_may_repeat_a_name():
     pm, tree_a, ref, _ = twins("llama", target_modules=["q_proj", "v_proj"])
     check_weighted(pm, ref, {"default": tree_a}, [0.5], "one", inputs("llama"), combination_type="svd")
-    check_weighted(pm, ref, [("default", tree_a), ("default", tree_a)], [0.3, 0.4], "twice", inputs("llama"), combination_type="svd")
+    check_weighted(
+        pm,
+        ref,
+        [("default", tree_a), ("default", tree_a)],
+        [0.3, 0.4],
+        "twice",
+        inputs("llama"),
+        combination_type="svd",
+    )
 
 
 def test_weighted_adapter_without_a_name_leaves_pm_alone_and_can_be_registered():
@@ -211,8 +296,12 @@ def test_weighted_adapter_without_a_name_leaves_pm_alone_and_can_be_registered()
     tree, cfg = funcpeft.add_weighted_adapter(pm, {"default": tree_a}, [1.0], combination_type="linear")
     assert pm.plans == plans and pm.peft_config == configs
     pm.add_adapter("w", cfg)
-    torch.testing.assert_close(run(pm.fn, pm.base, {"w": tree}, inputs("llama")),
-                               run(pm.fn, pm.base, tree_a, inputs("llama")), atol=1e-5, rtol=0)  # weight 1: the same delta
+    torch.testing.assert_close(
+        run(pm.fn, pm.base, {"w": tree}, inputs("llama")),
+        run(pm.fn, pm.base, tree_a, inputs("llama")),
+        atol=1e-5,
+        rtol=0,
+    )  # weight 1: the same delta
     assert cfg.r == cfg.lora_alpha == 8
 
 
@@ -221,7 +310,11 @@ ERRORS = {
     "invalid-type": ({}, {}, dict(combination_type="bogus"), ValueError, "Invalid combination_type: bogus"),
     "mixed-target-types": ({}, dict(target_modules=r".*q_proj"), {}, ValueError, "same target modules type"),
     "modules_to_save-twice": (
-        dict(modules_to_save=["lm_head"]), dict(modules_to_save=["lm_head"]), {}, ValueError, "same module with modules_to_save",
+        dict(modules_to_save=["lm_head"]),
+        dict(modules_to_save=["lm_head"]),
+        {},
+        ValueError,
+        "same module with modules_to_save",
     ),
     "bias-on-first": (dict(bias="lora_only"), {}, {}, ValueError, "supports only 1 adapter with bias"),
 }
@@ -246,7 +339,9 @@ def test_add_weighted_adapter_rejects_bad_arguments():
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
         funcpeft.add_weighted_adapter(pm, [("default", tree_a), ("default", tree_a)], [1.0])
     with pytest.raises(ValueError, match="'ties' prunes the adapters: pass density"):
-        funcpeft.add_weighted_adapter(pm, [("default", tree_a), ("default", tree_a)], [1.0, 1.0], combination_type="ties")
+        funcpeft.add_weighted_adapter(
+            pm, [("default", tree_a), ("default", tree_a)], [1.0, 1.0], combination_type="ties"
+        )
     with pytest.raises(ValueError, match="already exists"):
         funcpeft.add_weighted_adapter(pm, {"default": tree_a}, [1.0], adapter_name="default")
     with pytest.raises(TypeError, match="registered_adapter_name"):

@@ -107,7 +107,10 @@ def test_usage_doc_ten_line_example_runs(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(source, "docs/usage.md", "exec"), scope)
-    assert sorted(os.listdir(tmp_path / "outputs" / "my-adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "outputs" / "my-adapter")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     import funcpeft
 
     tree, _ = funcpeft.load_adapter(tmp_path / "outputs" / "my-adapter")

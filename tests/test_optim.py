@@ -22,8 +22,10 @@ STEPS = 4
 
 def _tree(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return {"a.q": {"lora_A": torch.randn(2, 5, generator=g), "lora_B": torch.randn(3, 2, generator=g)},
-            "b": {"lora_embedding_A": torch.randn(4, generator=g)}}
+    return {
+        "a.q": {"lora_A": torch.randn(2, 5, generator=g), "lora_B": torch.randn(3, 2, generator=g)},
+        "b": {"lora_embedding_A": torch.randn(4, generator=g)},
+    }
 
 
 def _grads(step: int) -> dict[str, Any]:
@@ -38,8 +40,12 @@ def _run_ours(opt: optim.GradientTransformation, params: Any) -> Any:
     return params
 
 
-def _run_torch(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params: Any,
-               clip: float | None = None, lr_at: Callable[[int], float] | None = None) -> Any:
+def _run_torch(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    params: Any,
+    clip: float | None = None,
+    lr_at: Callable[[int], float] | None = None,
+) -> Any:
     leaves = [t.clone().requires_grad_(True) for t in optree.tree_leaves(params)]
     opt = make(leaves)
     for step in range(STEPS):
@@ -55,27 +61,41 @@ def _run_torch(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], para
 
 
 @given(
-    lr=st.sampled_from([1e-3, 3e-2, 0.5]), b1=st.sampled_from([0.0, 0.9]), b2=st.sampled_from([0.99, 0.999]),
-    eps=st.sampled_from([1e-8, 1e-3]), wd=st.sampled_from([0.0, 0.01, 0.3]), maximize=st.booleans(),
+    lr=st.sampled_from([1e-3, 3e-2, 0.5]),
+    b1=st.sampled_from([0.0, 0.9]),
+    b2=st.sampled_from([0.99, 0.999]),
+    eps=st.sampled_from([1e-8, 1e-3]),
+    wd=st.sampled_from([0.0, 0.01, 0.3]),
+    maximize=st.booleans(),
 )
 def test_adamw_equals_torch_adamw(lr: float, b1: float, b2: float, eps: float, wd: float, maximize: bool) -> None:
     params = _tree(0)
     ours = _run_ours(optim.adamw(lr, (b1, b2), eps, wd, maximize=maximize), params)
-    want = _run_torch(lambda p: torch.optim.AdamW(p, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, maximize=maximize), params)
+    want = _run_torch(
+        lambda p: torch.optim.AdamW(p, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, maximize=maximize), params
+    )
     T.assert_trees_close(ours, want, atol=1e-6, rtol=1e-5)
     T.assert_trees_close(params, _tree(0), atol=0.0)  # inputs untouched
 
 
-@given(momentum=st.sampled_from([0.0, 0.9]), wd=st.sampled_from([0.0, 0.1]), nesterov=st.booleans(),
-       dampening=st.sampled_from([0.0, 0.5]))
+@given(
+    momentum=st.sampled_from([0.0, 0.9]),
+    wd=st.sampled_from([0.0, 0.1]),
+    nesterov=st.booleans(),
+    dampening=st.sampled_from([0.0, 0.5]),
+)
 def test_sgd_equals_torch_sgd(momentum: float, wd: float, nesterov: bool, dampening: float) -> None:
     if nesterov and (momentum == 0 or dampening):
         with pytest.raises(ValueError, match="Nesterov"):
             optim.sgd(0.1, momentum, wd, nesterov, dampening)
         return
     ours = _run_ours(optim.sgd(0.1, momentum, wd, nesterov, dampening), _tree(0))
-    want = _run_torch(lambda p: torch.optim.SGD(p, lr=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov,
-                                                dampening=dampening), _tree(0))
+    want = _run_torch(
+        lambda p: torch.optim.SGD(
+            p, lr=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov, dampening=dampening
+        ),
+        _tree(0),
+    )
     T.assert_trees_close(ours, want, atol=1e-6, rtol=1e-5)
 
 
@@ -95,8 +115,11 @@ def test_clip_per_sample_bounds_each_example_and_keeps_directions() -> None:
     norms = torch.cat([grads["x"]["lora_A"].flatten(1), grads["x"]["lora_B"]], 1).norm(dim=1)
     got = torch.cat([out["x"]["lora_A"].flatten(1), out["x"]["lora_B"]], 1)
     assert torch.allclose(got.norm(dim=1), norms.clamp(max=1.0), rtol=1e-5)
-    assert torch.allclose(got / got.norm(dim=1, keepdim=True),
-                          torch.cat([grads["x"]["lora_A"].flatten(1), grads["x"]["lora_B"]], 1) / norms[:, None], atol=1e-6)
+    assert torch.allclose(
+        got / got.norm(dim=1, keepdim=True),
+        torch.cat([grads["x"]["lora_A"].flatten(1), grads["x"]["lora_B"]], 1) / norms[:, None],
+        atol=1e-6,
+    )
 
 
 def test_bad_hyper_parameters_raise() -> None:

@@ -24,7 +24,8 @@ _BOTH = "get_peft_model, from_pretrained: "
 
 KNOWN_FAILURES: dict[str, str] = {
     # LoRA variants / options funcpeft does not implement
-    "Embedding + transformers Conv1D 1 LoRA trainable_tokens": _BOTH + f"trainable_token_indices is not implemented: {_NOT_IMPL}",
+    "Embedding + transformers Conv1D 1 LoRA trainable_tokens": _BOTH
+    + f"trainable_token_indices is not implemented: {_NOT_IMPL}",
 }
 
 # rows where PEFT is wrong: LoHa's use_effective_conv2d backward (HadaWeightCP) gives wrong gradients for
@@ -76,13 +77,18 @@ def _expect(row_id: str, known: dict[str, str], run: Any) -> None:
         if row_id in known:
             expected = known[row_id].split(": ", 1)[0].split(", ")
             if e.failed_checks != expected:
-                raise AssertionError(f"{row_id!r} fails in {e.failed_checks}, KNOWN_FAILURES says {expected}:\n{e}") from e
+                raise AssertionError(
+                    f"{row_id!r} fails in {e.failed_checks}, KNOWN_FAILURES says {expected}:\n{e}"
+                ) from e
         raise
     assert isinstance(notes, list)
 
 
 def test_known_failures_name_real_rows() -> None:
-    ids, multi_ids = set(cases.case_ids(cases.TEST_CASES)), set(cases.case_ids(cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES))
+    ids, multi_ids = (
+        set(cases.case_ids(cases.TEST_CASES)),
+        set(cases.case_ids(cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES)),
+    )
     assert set(KNOWN_FAILURES) <= ids and set(DEVIATIONS) <= ids and set(KNOWN_MULTI_FAILURES) <= multi_ids
     assert not set(KNOWN_FAILURES) & set(DEVIATIONS)
 
@@ -111,7 +117,9 @@ def _check_both_refuse(case: cases.MultiCase) -> None:
     errors = []
     for lib in (peft, funcpeft):
         model = models.build_multi(case.tuner_method)
-        pm = lib.get_peft_model(model, cases.build_config(lib, case.config_cls, case.config_kwargs_1), adapter_name="adapter_1")
+        pm = lib.get_peft_model(
+            model, cases.build_config(lib, case.config_cls, case.config_kwargs_1), adapter_name="adapter_1"
+        )
         with pytest.raises(Exception) as info:  # noqa: PT011 - compared with PEFT's below
             pm.add_adapter("adapter_2", cases.build_config(lib, case.config_cls, case.config_kwargs_2))
         errors.append((type(info.value), str(info.value)))

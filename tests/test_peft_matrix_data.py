@@ -17,22 +17,76 @@ from peft_matrix import cases, harness, models
 
 # PEFT's TEST_CASES: rows per config class
 PEFT_TEST_CASES_PER_CLASS = {
-    "AdaLoraConfig": 4, "AdamssConfig": 7, "BOFTConfig": 12, "BeftConfig": 5, "C3AConfig": 6, "DeftConfig": 9,
-    "DeloraConfig": 5, "FourierFTConfig": 6, "FrodConfig": 5, "GloraConfig": 6, "GraloraConfig": 8, "HRAConfig": 5,
-    "HiraConfig": 14, "IA3Config": 22, "LNTuningConfig": 5, "LilyConfig": 5, "LoHaConfig": 20, "LoKrConfig": 23,
-    "LoraConfig": 46, "MissConfig": 8, "OFTConfig": 17, "OSFConfig": 2, "PeanutConfig": 5, "PsoftConfig": 10,
-    "PveraConfig": 6, "RandLoraConfig": 7, "RoadConfig": 6, "ShiraConfig": 5, "SupertuningConfig": 5,
-    "TinyLoraConfig": 8, "TrainableTokensConfig": 1, "UniLoraConfig": 6, "VBLoRAConfig": 6, "VeraConfig": 6,
+    "AdaLoraConfig": 4,
+    "AdamssConfig": 7,
+    "BOFTConfig": 12,
+    "BeftConfig": 5,
+    "C3AConfig": 6,
+    "DeftConfig": 9,
+    "DeloraConfig": 5,
+    "FourierFTConfig": 6,
+    "FrodConfig": 5,
+    "GloraConfig": 6,
+    "GraloraConfig": 8,
+    "HRAConfig": 5,
+    "HiraConfig": 14,
+    "IA3Config": 22,
+    "LNTuningConfig": 5,
+    "LilyConfig": 5,
+    "LoHaConfig": 20,
+    "LoKrConfig": 23,
+    "LoraConfig": 46,
+    "MissConfig": 8,
+    "OFTConfig": 17,
+    "OSFConfig": 2,
+    "PeanutConfig": 5,
+    "PsoftConfig": 10,
+    "PveraConfig": 6,
+    "RandLoraConfig": 7,
+    "RoadConfig": 6,
+    "ShiraConfig": 5,
+    "SupertuningConfig": 5,
+    "TinyLoraConfig": 8,
+    "TrainableTokensConfig": 1,
+    "UniLoraConfig": 6,
+    "VBLoRAConfig": 6,
+    "VeraConfig": 6,
     "WaveFTConfig": 20,
 }
 # PEFT's MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES: rows per config class
 PEFT_MULTI_CASES_PER_CLASS = {
-    "AdaLoraConfig": 2, "AdamssConfig": 2, "BOFTConfig": 2, "BeftConfig": 2, "C3AConfig": 1, "DeftConfig": 2,
-    "DeloraConfig": 2, "FourierFTConfig": 2, "FrodConfig": 1, "GloraConfig": 2, "GraloraConfig": 2, "HRAConfig": 2,
-    "HiraConfig": 2, "IA3Config": 2, "LilyConfig": 2, "LoHaConfig": 2, "LoKrConfig": 2, "LoraConfig": 6,
-    "MissConfig": 2, "OFTConfig": 2, "PeanutConfig": 2, "PsoftConfig": 2, "PveraConfig": 1, "RandLoraConfig": 1,
-    "RoadConfig": 4, "ShiraConfig": 2, "SupertuningConfig": 2, "TinyLoraConfig": 2, "UniLoraConfig": 1,
-    "VBLoRAConfig": 2, "VeraConfig": 1, "WaveFTConfig": 4,
+    "AdaLoraConfig": 2,
+    "AdamssConfig": 2,
+    "BOFTConfig": 2,
+    "BeftConfig": 2,
+    "C3AConfig": 1,
+    "DeftConfig": 2,
+    "DeloraConfig": 2,
+    "FourierFTConfig": 2,
+    "FrodConfig": 1,
+    "GloraConfig": 2,
+    "GraloraConfig": 2,
+    "HRAConfig": 2,
+    "HiraConfig": 2,
+    "IA3Config": 2,
+    "LilyConfig": 2,
+    "LoHaConfig": 2,
+    "LoKrConfig": 2,
+    "LoraConfig": 6,
+    "MissConfig": 2,
+    "OFTConfig": 2,
+    "PeanutConfig": 2,
+    "PsoftConfig": 2,
+    "PveraConfig": 1,
+    "RandLoraConfig": 1,
+    "RoadConfig": 4,
+    "ShiraConfig": 2,
+    "SupertuningConfig": 2,
+    "TinyLoraConfig": 2,
+    "UniLoraConfig": 1,
+    "VBLoRAConfig": 2,
+    "VeraConfig": 1,
+    "WaveFTConfig": 4,
 }
 
 
@@ -114,7 +168,9 @@ def test_every_multi_row_builds_in_peft(case: cases.MultiCase) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        pm = peft.get_peft_model(model, cases.build_config(peft, case.config_cls, case.config_kwargs_1), adapter_name="adapter_1")
+        pm = peft.get_peft_model(
+            model, cases.build_config(peft, case.config_cls, case.config_kwargs_1), adapter_name="adapter_1"
+        )
         pm.add_adapter("adapter_2", cases.build_config(peft, case.config_cls, case.config_kwargs_2))
     assert set(pm.peft_config) == {"adapter_1", "adapter_2"}
     with torch.no_grad():

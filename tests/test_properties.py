@@ -131,4 +131,6 @@ def test_base_shares_storage_and_no_weight_copy_is_made(kind: str) -> None:
     with torch.no_grad(), mode:
         fn(base, adapter, **make_inputs(kind, batch=3, seq=5))
     assert mode.fresh_shapes, "the dispatch mode saw no op"
-    assert not (mode.fresh_shapes & weight_shapes), f"weight-shaped tensors were built: {mode.fresh_shapes & weight_shapes}"
+    assert not (mode.fresh_shapes & weight_shapes), (
+        f"weight-shaped tensors were built: {mode.fresh_shapes & weight_shapes}"
+    )

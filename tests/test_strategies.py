@@ -162,9 +162,11 @@ def test_testing_reexports_the_strategies_lazily() -> None:
 # -- the assertions can fail -----------------------------------------------------------------------------------
 def _llama_pm() -> tuple[nn.Module, funcpeft.FunctionalPeftModel, dict]:
     model = T.tiny_llama()
-    return model, funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"])), {
-        "input_ids": torch.tensor([[1, 2, 3, 4]])
-    }
+    return (
+        model,
+        funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"])),
+        {"input_ids": torch.tensor([[1, 2, 3, 4]])},
+    )
 
 
 def test_noop_assertion_fails_for_a_non_trivial_adapter() -> None:
@@ -201,11 +203,15 @@ def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monk
     with monkeypatch.context() as m:  # a targeting bug: the last target is dropped
         find = funcpeft._plan.find_targets
         m.setattr(funcpeft._plan, "find_targets", lambda model, config, **kw: find(model, config, **kw)[:-1])
-        with pytest.raises(AssertionError, match=r"trainable parameters differ: only funcpeft \[\], only peft .*v_proj"):
+        with pytest.raises(
+            AssertionError, match=r"trainable parameters differ: only funcpeft \[\], only peft .*v_proj"
+        ):
             T.assert_matches_peft(model, kw, **inputs)
     lora = METHODS["lora"]
     right = lora.forward
-    doubled = dataclasses.replace(lora, forward=lambda spec, params, x, result, ctx: 2 * right(spec, params, x, result, ctx) - result)
+    doubled = dataclasses.replace(
+        lora, forward=lambda spec, params, x, result, ctx: 2 * right(spec, params, x, result, ctx) - result
+    )
     monkeypatch.setitem(METHODS, "lora", doubled)
     with pytest.raises(AssertionError, match="outputs differ"):  # a LoRA term twice too large
         T.assert_matches_peft(model, kw, **inputs)

@@ -38,7 +38,11 @@ class _Experts(nn.Module):
     def __init__(self, transposed: bool) -> None:
         super().__init__()
         self.is_transposed = transposed
-        up, down = (torch.randn(3, 10, 8), torch.randn(3, 8, 2)) if transposed else (torch.randn(3, 8, 10), torch.randn(3, 2, 8))
+        up, down = (
+            (torch.randn(3, 10, 8), torch.randn(3, 8, 2))
+            if transposed
+            else (torch.randn(3, 8, 10), torch.randn(3, 2, 8))
+        )
         self.up = nn.Parameter(up / 3)
         self.down = nn.Parameter(down / 3)
         self.bias = nn.Parameter(torch.full((8,), 0.1))
@@ -76,14 +80,27 @@ def _quiet(fn: Any) -> Any:
 ROWS = [
     ("tiny-mixtral", {"target_modules": [], "target_parameters": EXPERTS, "init_lora_weights": False, "r": 2}),
     ("tiny-mixtral", {"target_modules": ["w1", "w3", "w2", "gate", "q_proj"], "r": 2}),  # PEFT's v4 -> v5 rewrite
-    ("tiny-qwen2-moe", {"target_modules": ["q_proj", "shared_expert.down_proj"], "target_parameters": ["experts.gate_up_proj"], "r": 2}),
+    (
+        "tiny-qwen2-moe",
+        {
+            "target_modules": ["q_proj", "shared_expert.down_proj"],
+            "target_parameters": ["experts.gate_up_proj"],
+            "r": 2,
+        },
+    ),
     ("tiny-qwen3-moe", {"target_modules": "all-linear", "r": 2, "use_rslora": True}),
-    ("tiny-gpt-oss", {"target_modules": ["q_proj"], "target_parameters": EXPERTS, "r": 2, "rank_pattern": {"down_proj": 3}}),
+    (
+        "tiny-gpt-oss",
+        {"target_modules": ["q_proj"], "target_parameters": EXPERTS, "r": 2, "rank_pattern": {"down_proj": 3}},
+    ),
     ("ExpertsTransposed", {"target_modules": ["head"], "target_parameters": ["experts.up", "experts.down"], "r": 2}),
     ("ExpertsStacked", {"target_parameters": ["experts.up", "experts.down"], "r": 2, "bias": "lora_only"}),
     ("ExpertsStacked", {"target_parameters": ["up"], "r": 2, "bias": "all", "alpha_pattern": {"up": 4}}),
     ("ExpertsTransposed", {"target_parameters": ["experts.down"], "r": 3, "modules_to_save": ["head"]}),
-    ("MLP", {"target_modules": [], "target_parameters": ["lin0.weight", "lin1.weight"], "init_lora_weights": "gaussian"}),
+    (
+        "MLP",
+        {"target_modules": [], "target_parameters": ["lin0.weight", "lin1.weight"], "init_lora_weights": "gaussian"},
+    ),
 ]
 
 
@@ -96,7 +113,9 @@ def test_row_matches_peft(model_id: str, kwargs: dict[str, Any], tmp_path: Any) 
 
 def test_nested_parameters_use_peft_paths() -> None:
     """Several parameters of one module: PEFT nests one ParamWrapper per parameter, the first innermost."""
-    fpm = _quiet(lambda: funcpeft.get_peft_model(ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], r=2)))
+    fpm = _quiet(
+        lambda: funcpeft.get_peft_model(ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], r=2))
+    )
     plan = fpm.plans["default"]
     assert {p: e.parameter for p, e in plan.items()} == {"experts.base_layer": "experts.up", "experts": "experts.down"}
     assert fpm.adapter["experts.base_layer"]["lora_A"].shape == (2 * 3, 10)  # (r * E, in)
@@ -119,7 +138,8 @@ def test_two_active_adapters_match_peft(build: Any, tmp_path: Any) -> None:
     model = build()
     names = ["a", "b"]
     kwargs: list[dict[str, Any]] = [
-        dict(target_parameters=EXPERTS, r=2, target_modules=["k_proj"]), dict(target_parameters=EXPERTS, r=3, target_modules=[])
+        dict(target_parameters=EXPERTS, r=2, target_modules=["k_proj"]),
+        dict(target_parameters=EXPERTS, r=3, target_modules=[]),
     ]
     torch.manual_seed(0)
     pm = _quiet(lambda: peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kwargs[0]), adapter_name="a"))
@@ -165,7 +185,9 @@ def _peft_and_funcpeft(model: nn.Module, kwargs: dict[str, Any], tmp: str, scale
 def test_bf16_experts_equal_peft(build: Any, tmp_path: Any) -> None:
     """bf16 stacks: fp32 adapters, the fold `baddbmm(W, lhs, rhs)` in bf16 as PEFT does it: equal outputs."""
     model = build().to(torch.bfloat16)
-    pm, fpm = _peft_and_funcpeft(model, dict(target_parameters=EXPERTS, target_modules=[], r=2, init_lora_weights=False), str(tmp_path))
+    pm, fpm = _peft_and_funcpeft(
+        model, dict(target_parameters=EXPERTS, target_modules=[], r=2, init_lora_weights=False), str(tmp_path)
+    )
     assert {t.dtype for e in fpm.adapter.values() for t in e.values()} == {torch.float32}
     ids = models.inputs("tiny-llama")["input_ids"]
     with torch.no_grad():
@@ -304,8 +326,12 @@ def test_top_level_parameter_and_saved_owner_are_refused_like_peft() -> None:
 
 def test_no_targets_at_all_is_peft_error() -> None:
     ours, theirs = _both_raise(ExpertsModel(), {"target_modules": [], "target_parameters": []})
-    assert str(ours) == str(theirs) == (
-        "No `target_modules` passed but also no `target_parameters` found. Please check the values for these arguments."
+    assert (
+        str(ours)
+        == str(theirs)
+        == (
+            "No `target_modules` passed but also no `target_parameters` found. Please check the values for these arguments."
+        )
     )
 
 
@@ -336,12 +362,17 @@ def test_adapters_must_target_the_same_parameters() -> None:
 
 
 def test_mixed_batches_and_weighted_merges_are_refused_like_peft() -> None:
-    fpm = funcpeft.get_peft_model(ExpertsModel(), funcpeft.LoraConfig(target_parameters=["experts.up"], init_lora_weights=False))
+    fpm = funcpeft.get_peft_model(
+        ExpertsModel(), funcpeft.LoraConfig(target_parameters=["experts.up"], init_lora_weights=False)
+    )
     x = models.inputs("MLP")["X"][:2]
     stacked = funcpeft.stack_adapters([fpm.adapter, fpm.adapter])
     with pytest.raises(NotImplementedError, match="does not support mixed adapter batches"):
         fpm.fn(fpm.base, funcpeft.per_example(stacked, torch.tensor([0, 1])), x)
-    with pytest.raises(ValueError, match=r"add_weighted_adapter does not support targeting nn.Parameter \(problematic adapter 'default'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"add_weighted_adapter does not support targeting nn.Parameter \(problematic adapter 'default'\)",
+    ):
         funcpeft.add_weighted_adapter(fpm, {"default": fpm.adapter}, [1.0])
 
 
@@ -351,7 +382,9 @@ def test_model_is_never_parametrized_and_every_read_sees_the_adapted_value() -> 
     than the layer's own (here einsum on a transposed view) reads W + s * B @ A."""
     model = ExpertsModel()
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fpm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(target_parameters=["experts.up"], init_lora_weights=False, r=2))
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.LoraConfig(target_parameters=["experts.up"], init_lora_weights=False, r=2)
+    )
     x = models.inputs("MLP")["X"]
     adapted = fpm.fn(fpm.base, fpm.adapter, x)
     assert not parametrize.is_parametrized(model.experts)
@@ -363,7 +396,9 @@ def test_model_is_never_parametrized_and_every_read_sees_the_adapted_value() -> 
 
 
 def test_vmap_over_stacked_adapters_equals_each() -> None:
-    fpm = funcpeft.get_peft_model(ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], init_lora_weights=False))
+    fpm = funcpeft.get_peft_model(
+        ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], init_lora_weights=False)
+    )
     trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(3)]
     x = models.inputs("MLP")["X"]
     out = torch.func.vmap(lambda t: fpm.fn(fpm.base, t, x))(funcpeft.stack_adapters(trees))
@@ -379,7 +414,9 @@ def test_compiles_to_one_graph_without_recompiling_for_new_values() -> None:
         models.build("MlpUsingParameters"), funcpeft.LoraConfig(target_parameters=["lin0.weight", "lin1.weight"])
     )
     x = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
-    trees = [optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)]
+    trees = [
+        optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in range(3)
+    ]
     fn(base, trees[0], x)  # fills fn's per-adapter shape cache before tracing
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -410,7 +447,9 @@ def test_fresh_init_is_peft_s() -> None:
 
 def test_files_load_without_a_model_at_peft_paths(tmp_path: Any) -> None:
     """`load_adapter` without a model reads the same tree paths get_peft_model uses (PEFT's wrapper paths)."""
-    fpm = funcpeft.get_peft_model(ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], init_lora_weights=False))
+    fpm = funcpeft.get_peft_model(
+        ExpertsModel(), funcpeft.LoraConfig(target_parameters=["up", "down"], init_lora_weights=False)
+    )
     fpm.save_pretrained(str(tmp_path), fpm.adapter)
     tree, config = funcpeft.load_adapter(str(tmp_path))
     assert set(tree) == set(fpm.adapter) == {"experts", "experts.base_layer"}

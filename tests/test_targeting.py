@@ -16,20 +16,61 @@ import funcpeft
 
 NAMES = {  # exact names, suffixes and near-misses per model
     "llama": [
-        "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj", "self_attn.q_proj",
-        "mlp.up_proj", "layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj", "lm_head", "embed_tokens",
-        "proj", "q", "nonexistent",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+        "gate_proj",
+        "self_attn.q_proj",
+        "mlp.up_proj",
+        "layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.v_proj",
+        "lm_head",
+        "embed_tokens",
+        "proj",
+        "q",
+        "nonexistent",
     ],
     "gpt2": [
-        "c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj", "h.1.attn.c_attn", "transformer.h.0.mlp.c_fc",
-        "wte", "wpe", "attn", "proj", "nonexistent",
+        "c_attn",
+        "c_proj",
+        "c_fc",
+        "attn.c_proj",
+        "mlp.c_proj",
+        "h.1.attn.c_attn",
+        "transformer.h.0.mlp.c_fc",
+        "wte",
+        "wpe",
+        "attn",
+        "proj",
+        "nonexistent",
     ],
 }
 REGEXES = {
-    "llama": [r".*\.(q_proj|v_proj)", r".*attn.*", r"model\.layers\.0\..*_proj", r".*mlp\.(up|down)_proj", r".*_proj", "lm_head", r"nothing.*"],
-    "gpt2": [r".*\.c_attn", r".*\.h\.1\..*", r".*c_(fc|proj)", r"transformer\.h\.0\.attn\.c_proj", r".*\.wte", r"nothing.*"],
+    "llama": [
+        r".*\.(q_proj|v_proj)",
+        r".*attn.*",
+        r"model\.layers\.0\..*_proj",
+        r".*mlp\.(up|down)_proj",
+        r".*_proj",
+        "lm_head",
+        r"nothing.*",
+    ],
+    "gpt2": [
+        r".*\.c_attn",
+        r".*\.h\.1\..*",
+        r".*c_(fc|proj)",
+        r"transformer\.h\.0\.attn\.c_proj",
+        r".*\.wte",
+        r"nothing.*",
+    ],
 }
-MODULES_TO_SAVE = {"llama": ["lm_head", "embed_tokens", "norm", "q_proj", "down_proj", "proj"], "gpt2": ["ln_f", "c_fc", "proj", "lm_head"]}
+MODULES_TO_SAVE = {
+    "llama": ["lm_head", "embed_tokens", "norm", "q_proj", "down_proj", "proj"],
+    "gpt2": ["ln_f", "c_fc", "proj", "lm_head"],
+}
 LAYERS_PATTERNS = {"llama": ["layers", ["layers"], "h"], "gpt2": ["h", ["h", "layers"], "layers"]}
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out")
@@ -53,7 +94,9 @@ def target_specs(draw: Any, kind: str) -> dict[str, Any]:
         if draw(st.booleans()):
             spec["layers_pattern"] = draw(st.sampled_from(LAYERS_PATTERNS[kind]))
     if draw(st.integers(0, 2)) == 0:
-        spec["modules_to_save"] = draw(st.lists(st.sampled_from(MODULES_TO_SAVE[kind]), min_size=1, max_size=2, unique=True))
+        spec["modules_to_save"] = draw(
+            st.lists(st.sampled_from(MODULES_TO_SAVE[kind]), min_size=1, max_size=2, unique=True)
+        )
     return spec
 
 
@@ -122,4 +165,3 @@ def test_error_cases_match_peft(kind: str, spec: dict[str, Any]) -> None:
         theirs, ours = _peft(kind, spec), _funcpeft(kind, spec)
     assert isinstance(theirs, Exception), f"PEFT accepted {spec}"
     assert isinstance(ours, _expected_error(theirs)), f"PEFT raised {theirs!r}, funcpeft gave {ours!r}"
-

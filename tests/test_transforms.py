@@ -28,14 +28,16 @@ def _padded_batch(batch: int = 4, seq: int = 8, seed: int = 0) -> tuple[torch.Te
     ids = make_inputs("llama", batch=batch, seq=seq, seed=seed)["input_ids"]
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    mask[-1, seq - 2:] = 0
+    mask[-1, seq - 2 :] = 0
     return ids, mask
 
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[Any, ...]:
     model = MODELS["llama"]()
-    fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        model, funcpeft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"])
+    )
     trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(K)]
     return fn, base, trees
 
@@ -84,7 +86,8 @@ def test_vmapped_ensemble_equals_loop_and_never_copies_the_base(llama: tuple[Any
     assert mode.shapes, "the dispatch mode saw no ops"
     assert not mode.shapes & per_member_weights, "a base weight was materialised once per ensemble member"
     assert funcpeft.unstack_adapters(stacked)[1]["model.layers.0.self_attn.q_proj"]["lora_A"].equal(
-        trees[1]["model.layers.0.self_attn.q_proj"]["lora_A"])
+        trees[1]["model.layers.0.self_attn.q_proj"]["lora_A"]
+    )
 
 
 def test_training_k_adapters_at_once_equals_k_separate_steps(llama: tuple[Any, ...]) -> None:
@@ -139,7 +142,11 @@ def test_mixed_batch_matches_peft_adapter_names(kind: str) -> None:
     import peft
 
     cfg: dict[str, Any] = MIXED[kind]
-    configs: dict[str, Any] = {"default": cfg, "same": cfg, "other": {**cfg, "lora_alpha": 3, "r": 2}}  # "same" stacks with default
+    configs: dict[str, Any] = {
+        "default": cfg,
+        "same": cfg,
+        "other": {**cfg, "lora_alpha": 3, "r": 2},
+    }  # "same" stacks with default
     model = MODELS[kind]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -168,7 +175,9 @@ def test_mixed_batch_matches_peft_adapter_names(kind: str) -> None:
 
 def test_per_example_on_conv_layers_equals_single_runs() -> None:
     model = MODELS["conv"]()
-    fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["conv2d", "conv1d", "fc"]))
+    fn, base, fresh = funcpeft.get_peft_model(
+        model, funcpeft.LoraConfig(r=2, target_modules=["conv2d", "conv1d", "fc"])
+    )
     trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(2)]
     x = make_inputs("conv", batch=3)["x"]
     index = [1, -1, 0]
@@ -180,7 +189,9 @@ def test_per_example_on_conv_layers_equals_single_runs() -> None:
 
 OTHER_METHODS = {  # the generic path: each method's own forward, vmapped over the examples
     "dora": lambda: funcpeft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "down_proj"]),
-    "ia3-feedforward": lambda: funcpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "ia3-feedforward": lambda: funcpeft.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
     "loha": lambda: funcpeft.LoHaConfig(r=4, target_modules=["q_proj", "down_proj"]),
     "lokr": lambda: funcpeft.LoKrConfig(r=4, target_modules=["q_proj", "down_proj"]),
     "vera-shared-projections": lambda: funcpeft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
@@ -206,10 +217,16 @@ def test_per_example_gradients_reach_only_the_adapters_used(llama: tuple[Any, ..
     ids, mask = _padded_batch()
     index = [0, -1, 0, 2]  # adapter 1 unused
     grads = value_and_grad(lambda s: _lm_loss(fn, base, funcpeft.per_example(s, index), ids, mask).sum())(
-        funcpeft.stack_adapters(trees))[1]
+        funcpeft.stack_adapters(trees)
+    )[1]
     for k in range(K):
-        want = value_and_grad(lambda a, k=k: _lm_loss(fn, base, a, ids, mask)[[r for r, i in enumerate(index) if i == k]].sum())(
-            trees[k])[1] if k in index else optree.tree_map(torch.zeros_like, trees[k])
+        want = (
+            value_and_grad(
+                lambda a, k=k: _lm_loss(fn, base, a, ids, mask)[[r for r, i in enumerate(index) if i == k]].sum()
+            )(trees[k])[1]
+            if k in index
+            else optree.tree_map(torch.zeros_like, trees[k])
+        )
         T.assert_trees_close(funcpeft.unstack_adapters(grads)[k], want, atol=1e-5)
 
 
@@ -228,7 +245,11 @@ def test_per_example_bad_input(llama: tuple[Any, ...]) -> None:
     with pytest.raises(KeyError, match="not registered"):
         fn(base, funcpeft.mixed_batch({"nope": trees[0]}, ["nope"]), input_ids=ids)
     with pytest.raises(ValueError, match="is missing"):
-        fn(base, funcpeft.per_example([{k: v for k, v in trees[0].items() if "q_proj" not in k}], [0] * 4), input_ids=ids)
+        fn(
+            base,
+            funcpeft.per_example([{k: v for k, v in trees[0].items() if "q_proj" not in k}], [0] * 4),
+            input_ids=ids,
+        )
 
 
 def test_per_example_refuses_modules_to_save() -> None:
@@ -240,8 +261,12 @@ def test_per_example_refuses_modules_to_save() -> None:
 
 # -- per-sample gradients ----------------------------------------------------------------------------------------
 def _loop_grads(fn: Any, base: Any, tree: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> Any:
-    rows = [value_and_grad(lambda a, r=r: _lm_loss(fn, base, a, ids[r:r + 1], None if mask is None else mask[r:r + 1])[0])(tree)[1]
-            for r in range(ids.shape[0])]
+    rows = [
+        value_and_grad(
+            lambda a, r=r: _lm_loss(fn, base, a, ids[r : r + 1], None if mask is None else mask[r : r + 1])[0]
+        )(tree)[1]
+        for r in range(ids.shape[0])
+    ]
     return funcpeft.stack_adapters(rows)
 
 
@@ -279,7 +304,9 @@ def gpt2_64() -> tuple[Any, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out forced for Conv1D
         fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
-    a, v = (optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in (0, 1))
+    a, v = (
+        optree.tree_map(torch.Tensor.detach, T.random_like(fresh, torch.Generator().manual_seed(s))) for s in (0, 1)
+    )
     return fn, base, a, v
 
 

@@ -44,7 +44,9 @@ def task_tensors(draw: Any) -> tuple[list[torch.Tensor], torch.Tensor, int]:
 
 
 @settings(max_examples=examples(60), derandomize=True)
-@given(task_tensors(), st.sampled_from(sorted(PEFT_RULES)), st.floats(0.0, 1.0), st.sampled_from(["total", "frequency"]))
+@given(
+    task_tensors(), st.sampled_from(sorted(PEFT_RULES)), st.floats(0.0, 1.0), st.sampled_from(["total", "frequency"])
+)
 def test_rules_equal_peft_merge_utils(case: Any, kind: str, density: float, sign: str) -> None:
     """Every rule on the same tensors: DARE with a generator seeded like PEFT's global RNG gives PEFT's tensor."""
     tensors, weights, seed = case
@@ -73,7 +75,9 @@ def test_pruning_keeps_what_peft_keeps(case: Any, density: float) -> None:
     assert torch.equal(random_prune(t, density, torch.Generator().manual_seed(seed)), want)
     stacked = torch.stack(tensors)
     for method in ("total", "frequency"):
-        assert torch.equal(majority_sign_mask(stacked, method), peft_merge.calculate_majority_sign_mask(stacked, method))
+        assert torch.equal(
+            majority_sign_mask(stacked, method), peft_merge.calculate_majority_sign_mask(stacked, method)
+        )
 
 
 @settings(max_examples=examples(30), derandomize=True)
@@ -145,11 +149,27 @@ def test_pruned_adapter_runs_and_is_frozen() -> None:
 BAD: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
     "no-density": (dict(combination_type="ties"), ValueError, "'ties' prunes the adapters: pass density"),
     "density-not-a-number": (dict(combination_type="dare_linear", density="0.5"), ValueError, "pass density"),
-    "negative-density": (dict(combination_type="magnitude_prune", density=-0.1), ValueError, r"Density should be >= 0, got -0.1"),
+    "negative-density": (
+        dict(combination_type="magnitude_prune", density=-0.1),
+        ValueError,
+        r"Density should be >= 0, got -0.1",
+    ),
     "dare-density-zero": (dict(combination_type="dare_ties", density=0.0), ValueError, "density 0 would give NaN"),
-    "sign-method": (dict(combination_type="ties", density=0.5, majority_sign_method="mean"), ValueError, "majority_sign_method must be one of"),
-    "unknown-svd-type": (dict(combination_type="bogus_svd"), ValueError, "Invalid value passed to combination type: bogus_svd"),
-    "generator-type": (dict(combination_type="dare_linear", density=0.5, generator="seed"), TypeError, "generator must be"),
+    "sign-method": (
+        dict(combination_type="ties", density=0.5, majority_sign_method="mean"),
+        ValueError,
+        "majority_sign_method must be one of",
+    ),
+    "unknown-svd-type": (
+        dict(combination_type="bogus_svd"),
+        ValueError,
+        "Invalid value passed to combination type: bogus_svd",
+    ),
+    "generator-type": (
+        dict(combination_type="dare_linear", density=0.5, generator="seed"),
+        TypeError,
+        "generator must be",
+    ),
 }
 
 
@@ -164,7 +184,13 @@ def test_bad_arguments_are_refused_before_anything_runs(case: str) -> None:
 
 def test_density_one_warns_like_peft() -> None:
     pm, tree_a, tree_b = _pair()
-    with pytest.warns(UserWarning, match="The density 1.0 is greater than or equal to 1, no pruning will be performed."):
-        tree, _ = funcpeft.add_weighted_adapter(pm, {"default": tree_a, "b": tree_b}, [1.0, 0.5], combination_type="magnitude_prune", density=1.0)
-    linear, _ = funcpeft.add_weighted_adapter(pm, {"default": tree_a, "b": tree_b}, [1.0, 0.5], combination_type="linear")
+    with pytest.warns(
+        UserWarning, match="The density 1.0 is greater than or equal to 1, no pruning will be performed."
+    ):
+        tree, _ = funcpeft.add_weighted_adapter(
+            pm, {"default": tree_a, "b": tree_b}, [1.0, 0.5], combination_type="magnitude_prune", density=1.0
+        )
+    linear, _ = funcpeft.add_weighted_adapter(
+        pm, {"default": tree_a, "b": tree_b}, [1.0, 0.5], combination_type="linear"
+    )
     assert all(torch.equal(v, linear[p][k]) for p, e in tree.items() for k, v in e.items())

@@ -66,7 +66,9 @@ def _normalise_rank_pattern(pattern: Any) -> dict[str, list[bool]] | None:
     if pattern is None:
         return None
     if not isinstance(pattern, Mapping):
-        raise ValueError(f"AdaLoraConfig.rank_pattern must be None or a dict '<module>.lora_E' -> list of bool, got {pattern!r}")
+        raise ValueError(
+            f"AdaLoraConfig.rank_pattern must be None or a dict '<module>.lora_E' -> list of bool, got {pattern!r}"
+        )
     out: dict[str, list[bool]] = {}
     for key, mask in pattern.items():
         if not isinstance(key, str):
@@ -78,7 +80,9 @@ def _normalise_rank_pattern(pattern: Any) -> dict[str, list[bool]] | None:
             )
         name = rank_pattern_module(key) + RANK_PATTERN_SUFFIX
         if name in out:
-            raise ValueError(f"AdaLoraConfig.rank_pattern names module {name!r} twice (keys with and without an adapter name)")
+            raise ValueError(
+                f"AdaLoraConfig.rank_pattern names module {name!r} twice (keys with and without an adapter name)"
+            )
         out[name] = list(mask)
     return out
 
@@ -140,7 +144,9 @@ class AdaLoraConfig(LoraConfig):
             )
         for name in ("use_rslora", "alpha_pattern"):
             if getattr(self, name):
-                warnings.warn(f"AdaLoRA ignores `{name}` (as PEFT does): its scaling is lora_alpha / ranknum.", stacklevel=3)
+                warnings.warn(
+                    f"AdaLoRA ignores `{name}` (as PEFT does): its scaling is lora_alpha / ranknum.", stacklevel=3
+                )
         if self.total_step is None or self.total_step <= 0:
             raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0.")
         if self.orth_reg_weight < 0:

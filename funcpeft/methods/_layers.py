@@ -15,7 +15,8 @@ from .base import LayerKind, LayerSpec
 
 # PEFT's float8 dtypes (utils/constants.UPCAST_DTYPES), those this torch has: low precision, no arithmetic of their own
 FLOAT8_DTYPES: tuple[torch.dtype, ...] = tuple(
-    d for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    d
+    for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
     if isinstance(d := getattr(torch, n, None), torch.dtype)
 )
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # PEFT's ALLOWED_COMPUTE_DTYPES
@@ -51,7 +52,9 @@ def embed(spec: LayerSpec[Any], ids: torch.Tensor, table: torch.Tensor) -> torch
     return F.embedding(ids, table, g.padding_idx, g.max_norm, g.norm_type, g.scale_grad_by_freq, g.sparse)
 
 
-def layer_op(spec: LayerSpec[Any], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def layer_op(
+    spec: LayerSpec[Any], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The base layer's own op with `weight` in the base weight's layout (linear / Conv1D / conv with its geometry)."""
     if spec.kind is LayerKind.CONV:
         g = spec.conv

@@ -125,7 +125,9 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
     if spec.kind is LayerKind.CONV:
         g = spec.conv
-        delta = F.conv2d(x, _conv_delta(spec, a, b, e), stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups)
+        delta = F.conv2d(
+            x, _conv_delta(spec, a, b, e), stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups
+        )
     else:
         delta = (x @ (a * e).T @ b.T) * spec.hyper.scaling / _ranknum(spec, a)
     return (result + delta).to(result.dtype)  # PEFT: `result += delta` keeps the base output's dtype

@@ -73,7 +73,9 @@ class RankAllocator(NamedTuple):
 def _layers(adapter: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
     """Paths of the AdaLoRA layers of a tree (entries with a lora_E), in tree order (the model's)."""
     if not isinstance(adapter, Mapping):
-        raise TypeError(f"expected an AdaLoRA adapter tree {{module path: {{'lora_A': ..., ...}}}}, got {type(adapter).__name__}")
+        raise TypeError(
+            f"expected an AdaLoRA adapter tree {{module path: {{'lora_A': ..., ...}}}}, got {type(adapter).__name__}"
+        )
     return [p for p, e in adapter.items() if isinstance(e, Mapping) and "lora_E" in e]
 
 
@@ -98,7 +100,12 @@ def _zeros(adapter: Mapping[str, Mapping[str, torch.Tensor]], layers: list[str])
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.dtype.is_floating_point and step.dtype != torch.bool:
+    if (
+        isinstance(step, torch.Tensor)
+        and step.numel() == 1
+        and not step.dtype.is_floating_point
+        and step.dtype != torch.bool
+    ):
         return int(step.item())
     if not isinstance(step, bool):
         try:
@@ -179,7 +186,9 @@ def rank_allocator(config: PeftConfig) -> RankAllocator:
         if not 0 < value < 1:
             raise ValueError(f"AdaLoraConfig.{name} must be in (0, 1) for the rank allocator, got {value!r}")
     if config.deltaT <= 0:
-        raise ValueError(f"AdaLoraConfig.deltaT must be a positive int (steps between allocations), got {config.deltaT}")
+        raise ValueError(
+            f"AdaLoraConfig.deltaT must be a positive int (steps between allocations), got {config.deltaT}"
+        )
     total_step = config.total_step
     assert total_step is not None
     final_step = total_step - config.tfinal
@@ -233,7 +242,9 @@ def rank_allocator(config: PeftConfig) -> RankAllocator:
         if step == final_step:  # PEFT: force_mask=True, then reset_ipt()
             budget, _ = budget_schedule(config, init_bgt, target_bgt, step)
             pattern = _mask_to_budget(state, init_bgt, budget)
-            return RankAllocatorState(_zeros(adapter, layers), _zeros(adapter, layers), pattern), _masked(adapter, pattern)
+            return RankAllocatorState(_zeros(adapter, layers), _zeros(adapter, layers), pattern), _masked(
+                adapter, pattern
+            )
         if state.rank_pattern is None:
             raise ValueError(
                 f"rank allocator: step {step} is past total_step - tfinal = {final_step}, but no allocation has run yet "

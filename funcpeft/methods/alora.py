@@ -147,7 +147,9 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     r3, t = _tokens(spec, result, rows, ctx.path)
     x3, _ = _tokens(spec, x.to(a.dtype), rows, ctx.path)
     delta = F.linear(F.linear(ctx.dropout(x3, spec.hyper.dropout), a), b) * spec.hyper.scaling
-    out = r3 + torch.where(_mask(offsets.to(result.device), t), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    out = r3 + torch.where(
+        _mask(offsets.to(result.device), t), delta, torch.zeros((), dtype=delta.dtype, device=delta.device)
+    )
     return out.to(result.dtype).reshape(result.shape)
 
 
@@ -171,7 +173,9 @@ def forward_per_example(
 
 
 def _refuse(what: str) -> Exception:
-    return NotImplementedError("aLoRA does not support merging." if what == "merge" else "aLoRA does not support unmerging.")
+    return NotImplementedError(
+        "aLoRA does not support merging." if what == "merge" else "aLoRA does not support unmerging."
+    )
 
 
 ALORA = register(

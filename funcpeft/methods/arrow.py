@@ -59,8 +59,13 @@ def hyper(config: Any, target: Target) -> ArrowHyper:
         )
     gks = tuple(a.gks_adapter_names or ()) if a.use_gks else ()
     return ArrowHyper(
-        **base_fields(base), top_k=a.top_k, temperature=float(a.router_temperature), use_gks=a.use_gks,
-        rng_seed=a.rng_seed, task_names=tuple(a.task_adapter_names), gks_names=gks,
+        **base_fields(base),
+        top_k=a.top_k,
+        temperature=float(a.router_temperature),
+        use_gks=a.use_gks,
+        rng_seed=a.rng_seed,
+        task_names=tuple(a.task_adapter_names),
+        gks_names=gks,
     )
 
 

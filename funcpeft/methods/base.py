@@ -54,7 +54,9 @@ class LayerKind(enum.Enum):
     EMBEDDING = "embedding"  # nn.Embedding: weight (num_embeddings, dim)
     CONV = "conv"  # nn.Conv1d/2d/3d: weight (out, in / groups, *kernel)
     MHA = "mha"  # nn.MultiheadAttention (one in_proj_weight): in_proj_weight (3 * embed, embed), read as data
-    PARAMETER = "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
+    PARAMETER = (
+        "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
+    )
 
     @property
     def out_dim(self) -> int:
@@ -250,7 +252,13 @@ class WeightInit:
 
 class InitFromWeightFn(Protocol):
     def __call__(
-        self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None, /
+        self,
+        spec: LayerSpec[Any],
+        params: Params,
+        weight: torch.Tensor,
+        data: Any,
+        generator: torch.Generator | None,
+        /,
     ) -> WeightInit:
         """Init that reads the base weight and per-layer data: `params` is `init`'s result (on the weight's
         device), `weight` the current base weight (detached; never modify it), `data` the layer's entry of the
@@ -280,6 +288,8 @@ class DeltaWeightFn(Protocol):
 
 def _no_frozen_params(spec: LayerSpec[Any]) -> int:
     return 0
+
+
 class ParameterValueFn(Protocol):
     def __call__(self, adapters: Sequence[tuple[LayerSpec[Any], Params]], weight: torch.Tensor, /) -> torch.Tensor:
         """The value a model reads for a targeted bare parameter `weight` with these adapters active, in order.
@@ -445,9 +455,7 @@ class CallInputs:
 
 
 class PrepareCallFn(Protocol):
-    def __call__(
-        self, layers: Mapping[str, tuple[LayerSpec[Any], Params]], call: CallInputs, /
-    ) -> Mapping[str, Any]:
+    def __call__(self, layers: Mapping[str, tuple[LayerSpec[Any], Params]], call: CallInputs, /) -> Mapping[str, Any]:
         """Per-call data of one adapter, computed once before the model runs from the call's inputs: `{module
         path: what that layer's forward gets as ctx.call}` (aLoRA's invocation offsets from input_ids).
         layers: the adapter's layers of this method, in plan order, with their params."""

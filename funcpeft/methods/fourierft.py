@@ -64,13 +64,16 @@ def hyper(config: Any, target: Target) -> FourierHyper:
             f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
             f"but the value passed is {n} and the product is {shape[0] * shape[1]} (module {target.name!r})"
         )
-    return FourierHyper(n_frequency=n, scaling=float(config.scaling), seed=config.random_loc_seed,
-                        init=bool(config.init_weights))
+    return FourierHyper(
+        n_frequency=n, scaling=float(config.scaling), seed=config.random_loc_seed, init=bool(config.init_weights)
+    )
 
 
 def _key(spec: Spec) -> str:
     h = spec.hyper
-    return shared_key("fourierft_indices", f"seed{h.seed}", f"{spec.out_features}x{spec.in_features}", f"n{h.n_frequency}")
+    return shared_key(
+        "fourierft_indices", f"seed{h.seed}", f"{spec.out_features}x{spec.in_features}", f"n{h.n_frequency}"
+    )
 
 
 def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:

@@ -77,9 +77,7 @@ def _vector(spec: Spec, scale: torch.Tensor) -> torch.Tensor:
     return scale if spec.kind is LayerKind.CONV else scale.flatten()
 
 
-def forward(
-    spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
-) -> torch.Tensor:
+def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
     """PEFT's IA3 forward and casts: scale the output, or run the layer below on `x * scale`."""
     scale = params[NAME]
     if spec.hyper.is_feedforward:
@@ -106,17 +104,13 @@ def _weight_scale(spec: Spec, scale: torch.Tensor, groups: int = 1) -> torch.Ten
     return scale.T if spec.kind is LayerKind.CONV1D_HF else scale
 
 
-def merge_weight(
-    spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None
-) -> torch.Tensor:
+def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
     """`W * scale` (rows for output scaling, columns for feed-forward), in W's dtype."""
     groups = spec.conv.groups if spec.kind is LayerKind.CONV else 1
     return (weight * _weight_scale(spec, params[NAME], groups)).to(weight.dtype)
 
 
-def unmerge_weight(
-    spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None
-) -> torch.Tensor:
+def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
     """PEFT's inexact inverse: `W / (scale + 1e-8)`."""
     groups = spec.conv.groups if spec.kind is LayerKind.CONV else 1
     return (weight / (_weight_scale(spec, params[NAME], groups) + 1e-8)).to(weight.dtype)

@@ -35,8 +35,14 @@ def _shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     k = lycoris.kernel(spec)
     if spec.hyper.effective_conv:
         t = (r, r, *k) if len(k) == 2 else (r, r, k[0], 1)
-        return {"hada_w1_a": (r, out), "hada_w1_b": (r, in_), "hada_w2_a": (r, out), "hada_w2_b": (r, in_),
-                "hada_t1": t, "hada_t2": t}
+        return {
+            "hada_w1_a": (r, out),
+            "hada_w1_b": (r, in_),
+            "hada_w2_a": (r, out),
+            "hada_w2_b": (r, in_),
+            "hada_t1": t,
+            "hada_t2": t,
+        }
     flat_in = in_ * math.prod(k)
     return {"hada_w1_a": (out, r), "hada_w1_b": (r, flat_in), "hada_w2_a": (out, r), "hada_w2_b": (r, flat_in)}
 

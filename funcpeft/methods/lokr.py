@@ -35,7 +35,15 @@ class LokrHyper(LycorisHyper):
 
 Spec = LayerSpec[LokrHyper]
 
-_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # saved without `.weight`
+_NAMES = (
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+)  # saved without `.weight`
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -66,14 +74,19 @@ def hyper(config: Any, target: Target) -> LokrHyper:
     out_dim = module.out_channels if conv else module.out_features
     (a, b), (c, d) = factorization(out_dim, config.decompose_factor), factorization(in_dim, config.decompose_factor)
     return LokrHyper(
-        **vars(common), factors=(a, b, c, d), rank_dropout_scale=bool(config.rank_dropout_scale),
-        use_w1=not (config.decompose_both and r < max(a, c) / 2), use_w2=not (r < max(b, d) / 2),
+        **vars(common),
+        factors=(a, b, c, d),
+        rank_dropout_scale=bool(config.rank_dropout_scale),
+        use_w1=not (config.decompose_both and r < max(a, c) / 2),
+        use_w2=not (r < max(b, d) / 2),
     )
 
 
 def _shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     r, (a, b, c, d), k = spec.hyper.r, spec.hyper.factors, lycoris.kernel(spec)
-    shapes: dict[str, tuple[int, ...]] = {"lokr_w1": (a, c)} if spec.hyper.use_w1 else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+    shapes: dict[str, tuple[int, ...]] = (
+        {"lokr_w1": (a, c)} if spec.hyper.use_w1 else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+    )
     if spec.hyper.use_w2:
         shapes["lokr_w2"] = (b, d, *k)
     elif spec.hyper.effective_conv:

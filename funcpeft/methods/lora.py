@@ -116,16 +116,23 @@ def hyper(config: Any, target: Target) -> LoraHyper:
     merged_only = target.kind in (LayerKind.EMBEDDING, LayerKind.MHA) or mha_out_proj
     dropout = 0.0 if merged_only else float(config.lora_dropout)
     return LoraHyper(
-        r=r, scaling=scaling, dropout=dropout, init=config.init_lora_weights, lora_bias=lora_bias,
-        mha_out_proj=mha_out_proj, init_args=lora_init.init_args(config),
+        r=r,
+        scaling=scaling,
+        dropout=dropout,
+        init=config.init_lora_weights,
+        lora_bias=lora_bias,
+        mha_out_proj=mha_out_proj,
+        init_args=lora_init.init_args(config),
     )
 
 
 def _check_parameter_target(config: Any) -> None:
     """PEFT's `lora.ParamWrapper.__init__` checks, in its order (the maths cannot factor these through W')."""
     for bad, what in (
-        (bool(config.lora_dropout), "lora_dropout != 0"), (config.fan_in_fan_out, "fan_in_fan_out"),
-        (config.lora_bias, "lora_bias=True"), (config.use_dora, "use_dora=True"),
+        (bool(config.lora_dropout), "lora_dropout != 0"),
+        (config.fan_in_fan_out, "fan_in_fan_out"),
+        (config.lora_bias, "lora_bias=True"),
+        (config.use_dora, "use_dora=True"),
     ):
         if bad:
             raise ValueError(f"lora.ParamWrapper does not work with {what}.")
@@ -210,7 +217,9 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     a, b = params["lora_A"], params["lora_B"]
     out_dtype = result.dtype
     x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
-    delta = low_rank(spec, a, b, x, params.get(BIAS)) * s  # rebinding frees the unscaled delta first: PEFT's peak memory
+    delta = (
+        low_rank(spec, a, b, x, params.get(BIAS)) * s
+    )  # rebinding frees the unscaled delta first: PEFT's peak memory
     return (result + delta).to(out_dtype)
 
 
@@ -236,7 +245,9 @@ def forward_per_example(
     return out.reshape(result.shape).to(result.dtype)
 
 
-def low_rank(spec: Spec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def low_rank(
+    spec: Spec, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`B(A(x))` (+ lora_B's bias) for a linear / Conv1D / conv layer (PEFT's lora_A, lora_B modules), unscaled."""
     if spec.kind is LayerKind.CONV:
         conv = conv_op(spec)
@@ -283,7 +294,12 @@ MERGE = MergeHooks(bias=merge_bias, unbias=unmerge_bias, needs_bias=lambda spec:
 def tie(params: Params) -> Params:
     """PEFT's `ensure_weight_tying`: the LoRA of a layer tied to the input embedding (lm_head) is the embedding's,
     transposed: lora_A = lora_embedding_B^T (r, dim), lora_B = lora_embedding_A^T (vocab, r); leading dims kept."""
-    return {"lora_A": params["lora_embedding_B"].transpose(-2, -1), "lora_B": params["lora_embedding_A"].transpose(-2, -1)}
+    return {
+        "lora_A": params["lora_embedding_B"].transpose(-2, -1),
+        "lora_B": params["lora_embedding_A"].transpose(-2, -1),
+    }
+
+
 # -- bare parameters (target_parameters) ------------------------------------------------------------------------
 def _parameter_delta(spec: Spec, params: Params) -> torch.Tensor:
     """PEFT's `ParamWrapper.get_delta_weight` before its cast to W's dtype: (out, in) or (E, ., .) like W."""

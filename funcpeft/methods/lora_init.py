@@ -42,8 +42,11 @@ BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")  # inits that wr
 def changes_base(spec: LayerSpec[Any]) -> bool:
     """Whether this layer's init replaces its base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA on a linear layer)."""
     init = getattr(spec.hyper, "init", None)
-    return (init is not None and init_mode(init) in BASE_CHANGING
-            and spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF))
+    return (
+        init is not None and init_mode(init) in BASE_CHANGING and spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF)
+    )
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -165,8 +168,10 @@ def _corda(spec: LayerSpec[Any], weight: torch.Tensor, eigens: Any, where: str) 
         if torch.isnan(t).any() or torch.isinf(t).any():
             raise ValueError(f"{where}: invalid value (nan or inf) found in CorDA's matrix {name}.")
     out_dim, in_dim = spec.out_features, spec.in_features
-    hint = ("Please make sure the config and model given to preprocess_corda are the ones given to get_peft_model "
-            "(same rank), and that a cache file was built with them.")
+    hint = (
+        "Please make sure the config and model given to preprocess_corda are the ones given to get_peft_model "
+        "(same rank), and that a cache file was built with them."
+    )
     if U.shape != (out_dim, r):
         raise ValueError(f"{where}: Matrix U size mismatch: {tuple(U.shape)} vs. ({out_dim}, {r}). {hint}")
     if S.shape != (r,):

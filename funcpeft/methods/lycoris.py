@@ -40,12 +40,19 @@ def lycoris_hyper(config: Any, target: Target) -> LycorisHyper:
             "currently only adapters for Conv2d, Conv1d, Linear are supported"
         )
     r, alpha = rank_and_alpha(config, target.name, alpha_field="alpha")
-    effective = bool(config.use_effective_conv2d) and target.kind is LayerKind.CONV and any(
-        k != 1 for k in module.weight.shape[2:]
+    effective = (
+        bool(config.use_effective_conv2d)
+        and target.kind is LayerKind.CONV
+        and any(k != 1 for k in module.weight.shape[2:])
     )
     return LycorisHyper(
-        r=r, alpha=alpha, scaling=alpha / r, rank_dropout=float(config.rank_dropout),
-        module_dropout=float(config.module_dropout), init=config.init_weights, effective_conv=effective,
+        r=r,
+        alpha=alpha,
+        scaling=alpha / r,
+        rank_dropout=float(config.rank_dropout),
+        module_dropout=float(config.module_dropout),
+        init=config.init_weights,
+        effective_conv=effective,
     )
 
 

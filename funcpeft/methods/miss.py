@@ -62,8 +62,9 @@ def hyper(config: Any, target: Target) -> MissHyper:
             f"({config.mini_r})" + where
         )
     variant = init if init in ("bat", "mini") else "miss"
-    return MissHyper(r=r, variant=variant, random_init=init is False, mini_r=int(config.mini_r),
-                     dropout=float(config.miss_dropout))
+    return MissHyper(
+        r=r, variant=variant, random_init=init is False, mini_r=int(config.mini_r), dropout=float(config.miss_dropout)
+    )
 
 
 def param_names(spec: Spec) -> tuple[str, ...]:
@@ -77,7 +78,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
         return {NAME: torch.zeros(spec.out_features // r, r, r)}
     if h.variant == "mini":
         return {NAME: torch.zeros(r, h.mini_r)}
-    return {NAME: kaiming_uniform((r, spec.out_features), generator) if h.random_init else torch.zeros(r, spec.out_features)}
+    return {
+        NAME: kaiming_uniform((r, spec.out_features), generator) if h.random_init else torch.zeros(r, spec.out_features)
+    }
 
 
 def _block(spec: Spec, params: Params) -> torch.Tensor:
@@ -127,7 +130,9 @@ def _bat(block: torch.Tensor, weight: torch.Tensor, reverse: bool = False) -> to
     return out.to(dtype) if cast else out
 
 
-def bat_forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
+def bat_forward(
+    spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext
+) -> torch.Tensor:
     """`F.linear(x, W + bat_delta(W), bias)` with the adapted weight built here (as PEFT does on every call)."""
     if ctx.inner_op is not ctx.base_op:
         raise NotImplementedError(

@@ -74,8 +74,11 @@ def hyper(config: Any, target: Target) -> MontecloraHyper:
     base = linear_lora_hyper(config, target, "monteclora_config")
     m = config.monteclora_config
     return MontecloraHyper(
-        **base_fields(base), num_samples=m.num_samples, use_entropy=m.use_entropy,
-        dirichlet_prior=float(m.dirichlet_prior), sample_scaler=float(m.sample_scaler),
+        **base_fields(base),
+        num_samples=m.num_samples,
+        use_entropy=m.use_entropy,
+        dirichlet_prior=float(m.dirichlet_prior),
+        sample_scaler=float(m.sample_scaler),
         kl_loss_weight=float(m.kl_loss_weight),
     )
 

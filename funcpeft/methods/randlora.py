@@ -100,11 +100,14 @@ def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> RandLoraBases
         elif type(m).__name__ == "Conv1D":
             shapes.append((int(shape[1]), int(shape[0])))
     if not shapes:
-        raise ValueError("No layers types compatible with RandLora were found. Please check `peft_config.target_modules`.")
+        raise ValueError(
+            "No layers types compatible with RandLora were found. Please check `peft_config.target_modules`."
+        )
     out_dim, in_dim = max(s[0] for s in shapes), max(s[1] for s in shapes)
     min_dim = min(out_dim, in_dim)
-    return RandLoraBases(config.projection_prng_key, _kind(config), config.r, max(out_dim, in_dim), min_dim,
-                         _ceil_div(min_dim, config.r))
+    return RandLoraBases(
+        config.projection_prng_key, _kind(config), config.r, max(out_dim, in_dim), min_dim, _ceil_div(min_dim, config.r)
+    )
 
 
 def hyper(config: Any, target: Target) -> RandLoraHyper:
@@ -114,8 +117,14 @@ def hyper(config: Any, target: Target) -> RandLoraHyper:
             "following modules are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
         )
     shape = target.module.weight.shape
-    return RandLoraHyper(r=config.r, scaling=config.randlora_alpha / config.r, dropout=float(config.randlora_dropout),
-                         init=bool(config.init_weights), num_bases=_ceil_div(min(shape), config.r), bases=target.common)
+    return RandLoraHyper(
+        r=config.r,
+        scaling=config.randlora_alpha / config.r,
+        dropout=float(config.randlora_dropout),
+        init=bool(config.init_weights),
+        num_bases=_ceil_div(min(shape), config.r),
+        bases=target.common,
+    )
 
 
 def _keys(bases: RandLoraBases) -> tuple[str, str]:
@@ -256,7 +265,10 @@ RANDLORA = register(
         delta_weight=delta_weight,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         shared=SharedTensors(
-            common_hyper=common_hyper, frozen_params=frozen_params, make=make_bases, file_keys=peft_shared_keys,
+            common_hyper=common_hyper,
+            frozen_params=frozen_params,
+            make=make_bases,
+            file_keys=peft_shared_keys,
             layer_file_keys=peft_layer_keys,
         ),
         keys=KeyRules(param_prefix="randlora_lambda", unsuffixed=frozenset({LAMBDA, GAMMA})),

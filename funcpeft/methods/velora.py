@@ -131,18 +131,24 @@ class _VeloraLinear(torch.autograd.Function):
             grad_x = (g @ weight.to(dtype)).reshape(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             e = embed.to(dtype)
-            rebuilt = (compressed.to(dtype).unsqueeze(-1) * e.view(1, 1, -1)).reshape(-1, compressed.shape[-1] * e.numel())
+            rebuilt = (compressed.to(dtype).unsqueeze(-1) * e.view(1, 1, -1)).reshape(
+                -1, compressed.shape[-1] * e.numel()
+            )
             grad_w = (g.transpose(0, 1) @ (rebuilt[:, : ctx.input_shape[-1]] * ctx.scale)).to(weight.dtype)
         return grad_x, grad_w, None, None, None
 
 
-def velora_linear(x: torch.Tensor, weight: torch.Tensor, embed: torch.Tensor, num_groups: int, scale: float) -> torch.Tensor:
+def velora_linear(
+    x: torch.Tensor, weight: torch.Tensor, embed: torch.Tensor, num_groups: int, scale: float
+) -> torch.Tensor:
     """`x @ weight.T` (x (..., in), weight (r, in)) whose weight gradient is VeLoRA's (PEFT's VeloraFunction)."""
     out: torch.Tensor = _VeloraLinear.apply(x, weight, embed, num_groups, scale)[0]
     return out
 
 
-_CAPTURE: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar("velora_capture", default=None)
+_CAPTURE: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar(
+    "velora_capture", default=None
+)
 
 
 def projection(spec: Spec, stored: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +190,14 @@ def _capturing() -> Iterator[dict[str, torch.Tensor]]:
 
 
 def velora_update(
-    pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any, adapter_name: str | None = None,
-    first_step: bool = False, **kwargs: Any,
+    pm: Any,
+    base: Mapping[str, torch.Tensor],
+    adapter: Any,
+    *args: Any,
+    dropout_rng: Any,
+    adapter_name: str | None = None,
+    first_step: bool = False,
+    **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """PEFT's projection update of one training step, functionally: a new `base` whose VeLoRA projections are the
     ones that training call uses, as PEFT's layers store them in a training forward: this batch's for
@@ -204,14 +216,24 @@ def velora_update(
     plan = pm.plans[name]
     if first_step:
         base = {
-            **base, **{
-                k: torch.zeros_like(base[k]) for p, e in plan.items()
-                if e.spec is not None and e.spec.method == VELORA.name and e.spec.hyper.init_type == "batch_average_once"
+            **base,
+            **{
+                k: torch.zeros_like(base[k])
+                for p, e in plan.items()
+                if e.spec is not None
+                and e.spec.method == VELORA.name
+                and e.spec.hyper.init_type == "batch_average_once"
                 for k in [layer_frozen_key(name, p, EMBED)]
             },
         }
     with _capturing() as found, torch.no_grad():
-        pm.fn(base, {name: adapter} if name != pm.fn.default_adapter else adapter, *args, dropout_rng=dropout_rng, **kwargs)
+        pm.fn(
+            base,
+            {name: adapter} if name != pm.fn.default_adapter else adapter,
+            *args,
+            dropout_rng=dropout_rng,
+            **kwargs,
+        )
     out = dict(base)
     for path, entry in plan.items():
         spec = entry.spec

@@ -63,8 +63,13 @@ def hyper(config: Any, target: Target) -> VeraHyper:
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
             "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
         )
-    return VeraHyper(r=config.r, d_initial=float(config.d_initial), init=bool(config.init_weights),
-                     dropout=float(config.vera_dropout), shared=target.common)
+    return VeraHyper(
+        r=config.r,
+        d_initial=float(config.d_initial),
+        init=bool(config.init_weights),
+        dropout=float(config.vera_dropout),
+        shared=target.common,
+    )
 
 
 def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> VeraShapes:
@@ -124,7 +129,9 @@ def peft_shared_keys(config: Any, base_keys: list[str]) -> dict[str, str]:
         prefix = shared_key(name, f"prng{config.projection_prng_key}", lead)
         found = [k for k in base_keys if k.startswith(prefix) and (lead or k.endswith(f"x{config.r}"))]
         if len(found) > 1:
-            raise ValueError(f"several shared VeRA projections match this config: {found}; pass only this adapter's base")
+            raise ValueError(
+                f"several shared VeRA projections match this config: {found}; pass only this adapter's base"
+            )
         if found:
             out[f"base_model.{name}"] = found[0]
     return out
@@ -132,8 +139,14 @@ def peft_shared_keys(config: Any, base_keys: list[str]) -> dict[str, str]:
 
 def init(spec: Spec, generator: torch.Generator | None) -> Params:
     if spec.hyper.init:
-        return {"vera_lambda_b": torch.zeros(spec.out_features), "vera_lambda_d": torch.full((spec.hyper.r,), spec.hyper.d_initial)}
-    return {"vera_lambda_b": torch.ones(spec.out_features), "vera_lambda_d": torch.randn(spec.hyper.r, generator=generator)}
+        return {
+            "vera_lambda_b": torch.zeros(spec.out_features),
+            "vera_lambda_d": torch.full((spec.hyper.r,), spec.hyper.d_initial),
+        }
+    return {
+        "vera_lambda_b": torch.ones(spec.out_features),
+        "vera_lambda_d": torch.randn(spec.hyper.r, generator=generator),
+    }
 
 
 def _sliced(spec: Spec, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +184,10 @@ VERA = register(
         forward=forward,
         delta_weight=delta_weight,
         shared=SharedTensors(
-            common_hyper=common_hyper, frozen_params=frozen_params, make=make_shared, file_keys=peft_shared_keys,
+            common_hyper=common_hyper,
+            frozen_params=frozen_params,
+            make=make_shared,
+            file_keys=peft_shared_keys,
             saved=lambda config: bool(config.save_projection),
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),

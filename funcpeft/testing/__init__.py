@@ -27,7 +27,14 @@ from ._models import (
 )
 from ._peft import assert_matches_peft, copy_into_peft, peft_grads, peft_param_name
 
-_STRATEGIES = ("tiny_models", "lora_config_kwargs", "lora_configs", "models_and_configs", "adapter_trees", "model_inputs")
+_STRATEGIES = (
+    "tiny_models",
+    "lora_config_kwargs",
+    "lora_configs",
+    "models_and_configs",
+    "adapter_trees",
+    "model_inputs",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -37,7 +37,9 @@ def assert_trees_close(a: Any, b: Any, atol: float = 1e-5, rtol: float = 0.0) ->
             raise AssertionError(f"{'.'.join(map(str, p))}: max abs diff {diff:.3g} > atol {atol}")
 
 
-def assert_adapter_is_noop(fn: Callable[..., Any], base: Any, adapter: Any, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+def assert_adapter_is_noop(
+    fn: Callable[..., Any], base: Any, adapter: Any, model: nn.Module, *args: Any, **kwargs: Any
+) -> None:
     """`fn(base, adapter, ...)` equals `model(...)` exactly (e.g. for a freshly initialised LoRA adapter)."""
     with torch.no_grad():
         got, want = fn(base, adapter, *args, **kwargs), model(*args, **kwargs)
@@ -53,9 +55,11 @@ def assert_only_adapter_gets_grads(loss_fn: Callable[[Any, Any], torch.Tensor], 
     fresh = optree.tree_unflatten(optree.tree_structure(adapter), leaves)
     loss = loss_fn(fresh, base)
     if not loss.requires_grad:
-        raise AssertionError("no adapter leaf received a gradient: the loss does not depend on the adapter (no grad_fn)")
+        raise AssertionError(
+            "no adapter leaf received a gradient: the loss does not depend on the adapter (no grad_fn)"
+        )
     loss.backward()
-    for name, t in (base.items() if isinstance(base, Mapping) else []):
+    for name, t in base.items() if isinstance(base, Mapping) else []:
         if t.requires_grad or t.grad is not None:
             raise AssertionError(f"base leaf {name} requires or received a gradient")
     if not any(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves):

@@ -22,8 +22,14 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = Fal
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tie,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
     )
     return _seeded(lambda: LlamaForCausalLM(cfg), seed)
 
@@ -32,8 +38,13 @@ def tiny_mistral(seed: int = 0) -> nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
     )
     return _seeded(lambda: MistralForCausalLM(cfg), seed)
 
@@ -42,8 +53,13 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
     )
     return _seeded(lambda: Qwen2ForCausalLM(cfg), seed)
 
@@ -59,8 +75,13 @@ def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(  # type: ignore[call-arg]
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        max_position_embeddings=64, num_labels=num_labels,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return _seeded(lambda: BertForSequenceClassification(cfg), seed)
 
@@ -69,14 +90,27 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = T5Config(  # type: ignore[call-arg]
-        d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
-        decoder_start_token_id=0, pad_token_id=0,
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+        pad_token_id=0,
     )
     return _seeded(lambda: T5ForConditionalGeneration(cfg), seed)
 
 
-_MOE: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
-        "max_position_embeddings": 64}
+_MOE: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+}
 _MOE_HEAD8: dict[str, Any] = {**_MOE, "head_dim": 8}
 
 
@@ -93,8 +127,12 @@ def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
-        intermediate_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=4,
-        num_experts_per_tok=2, **_MOE,
+        intermediate_size=16,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        **_MOE,
     )
     return _seeded(lambda: Qwen2MoeForCausalLM(cfg), seed)
 
@@ -103,7 +141,9 @@ def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
     """Qwen3-MoE: 4 stacked experts (PEFT rewrites v4 expert names in LoRA configs for it)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(intermediate_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **_MOE_HEAD8)
+    cfg = Qwen3MoeConfig(
+        intermediate_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **_MOE_HEAD8
+    )
     return _seeded(lambda: Qwen3MoeForCausalLM(cfg), seed)
 
 
@@ -112,18 +152,28 @@ def tiny_gpt_oss(seed: int = 0) -> nn.Module:
     from transformers import GptOssConfig, GptOssForCausalLM
 
     cfg = GptOssConfig(
-        intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention", "full_attention"],
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"],
         **_MOE_HEAD8,
     )
     return _seeded(lambda: GptOssForCausalLM(cfg), seed)
 
 
 TINY_MOE_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+    "qwen3_moe": tiny_qwen3_moe,
+    "gpt_oss": tiny_gpt_oss,
 }
 """Tiny mixture-of-experts models whose experts are bare parameters (`LoraConfig(target_parameters=...)`)."""
 
 TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2,
-    "bert_seq_cls": tiny_bert_seq_cls, "t5": tiny_t5,
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "gpt2": tiny_gpt2,
+    "bert_seq_cls": tiny_bert_seq_cls,
+    "t5": tiny_t5,
 }

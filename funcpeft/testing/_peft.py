@@ -44,7 +44,9 @@ def peft_param_name(
     return f"{prefix}.modules_to_save.{adapter_name}.{key}"
 
 
-def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> None:
+def copy_into_peft(
+    peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default"
+) -> None:
     """Copy funcpeft adapter values into a `peft` model's parameters (test helper; mutates peft_model)."""
     named = dict(peft_model.named_parameters())
     wrapped = {p for p, e in plan.items() if e.spec is not None}
@@ -57,7 +59,9 @@ def copy_into_peft(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanE
                 named[name].copy_(value)
 
 
-def peft_grads(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default") -> Any:
+def peft_grads(
+    peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry], adapter_name: str = "default"
+) -> Any:
     """The `.grad` of each peft parameter, in the structure of `adapter`."""
     named = dict(peft_model.named_parameters())
     wrapped = {p for p, e in plan.items() if e.spec is not None}
@@ -68,8 +72,14 @@ def peft_grads(peft_model: nn.Module, adapter: Any, plan: Mapping[str, PlanEntry
 
 
 def assert_matches_peft(
-    model: nn.Module, config_kwargs: Mapping[str, Any], adapter: Any = None, *, config_class: str = "LoraConfig",
-    atol: float = 1e-5, rtol: float = 1e-5, **inputs: Any,
+    model: nn.Module,
+    config_kwargs: Mapping[str, Any],
+    adapter: Any = None,
+    *,
+    config_class: str = "LoraConfig",
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    **inputs: Any,
 ) -> None:
     """funcpeft and `peft` (on a deep copy of `model`, same config) adapt the same parameters and agree.
 
@@ -103,5 +113,7 @@ def assert_matches_peft(
     want_t = want.logits if hasattr(want, "logits") else want
     if got_t.shape != want_t.shape or not torch.allclose(got_t, want_t, atol=atol, rtol=rtol):
         diff = (got_t - want_t).abs().max().item() if got_t.shape == want_t.shape else float("nan")
-        raise AssertionError(f"funcpeft and peft outputs differ: shapes {tuple(got_t.shape)} / {tuple(want_t.shape)}, "
-                             f"max abs diff {diff:.3g} (atol {atol}, rtol {rtol})")
+        raise AssertionError(
+            f"funcpeft and peft outputs differ: shapes {tuple(got_t.shape)} / {tuple(want_t.shape)}, "
+            f"max abs diff {diff:.3g} (atol {atol}, rtol {rtol})"
+        )

@@ -48,8 +48,13 @@ __all__ = [
 ]
 
 LINEAR_KINDS = ("linear", "conv1d_hf")
-_TASK_BY_CLASS = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                  ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"))
+_TASK_BY_CLASS = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+)
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -62,13 +67,14 @@ def tiny_models(kinds: Sequence[str] | None = None, max_seed: int = 3) -> st.Sea
     unknown = [k for k in names if k not in TINY_MODELS]
     if unknown or not names:
         raise ValueError(f"tiny_models: unknown kinds {unknown or names}; known: {sorted(TINY_MODELS)}")
-    return st.builds(lambda kind, seed: TINY_MODELS[kind](seed=seed),
-                     st.sampled_from(names), st.integers(0, max_seed))
+    return st.builds(lambda kind, seed: TINY_MODELS[kind](seed=seed), st.sampled_from(names), st.integers(0, max_seed))
 
 
 def adaptable_modules(model: nn.Module, layer_kinds: Sequence[str] = LINEAR_KINDS) -> list[str]:
     """Names of the modules of `model` whose layer kind (funcpeft.targeting.layer_kind) is in `layer_kinds`."""
-    return [n for n, m in model.named_modules() if n and (kind := layer_kind(m)) is not None and kind.value in layer_kinds]
+    return [
+        n for n, m in model.named_modules() if n and (kind := layer_kind(m)) is not None and kind.value in layer_kinds
+    ]
 
 
 def _norm_modules(model: nn.Module, avoid: set[str]) -> list[str]:
@@ -108,9 +114,13 @@ def _targets(
     if not names:
         raise ValueError(f"{type(model).__name__} has no module of kinds {list(layer_kinds)} to target")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    usable = [f for f in forms if f not in ("default", "all-linear") or
-              (f == "default" and model_type in DEFAULT_TARGET_MODULES) or
-              (f == "all-linear" and set(layer_kinds) <= set(LINEAR_KINDS))]
+    usable = [
+        f
+        for f in forms
+        if f not in ("default", "all-linear")
+        or (f == "default" and model_type in DEFAULT_TARGET_MODULES)
+        or (f == "all-linear" and set(layer_kinds) <= set(LINEAR_KINDS))
+    ]
     if not usable:
         raise ValueError(f"no usable target form among {list(forms)} for {type(model).__name__}")
     form = draw(st.sampled_from(usable))
@@ -169,7 +179,9 @@ def lora_config_kwargs(
             kw["layers_to_transform"] = sorted(layers)
             matched = [n for n in matched if layer_index(n, None) in layers]
         if len(matched) > 1 and draw(st.booleans()):
-            kw["exclude_modules"] = draw(st.lists(st.sampled_from(matched), min_size=1, max_size=len(matched) - 1, unique=True))
+            kw["exclude_modules"] = draw(
+                st.lists(st.sampled_from(matched), min_size=1, max_size=len(matched) - 1, unique=True)
+            )
             matched = [n for n in matched if n not in kw["exclude_modules"]]
         if draw(st.booleans()):
             key = draw(st.sampled_from(sorted({n.rsplit(".", 1)[-1] for n in matched})))
@@ -187,7 +199,9 @@ def lora_configs(model: nn.Module, **kwargs: Any) -> st.SearchStrategy[LoraConfi
     return lora_config_kwargs(model, **kwargs).map(lambda kw: LoraConfig(**kw))
 
 
-def models_and_configs(kinds: Sequence[str] | None = None, **kwargs: Any) -> st.SearchStrategy[tuple[nn.Module, dict[str, Any]]]:
+def models_and_configs(
+    kinds: Sequence[str] | None = None, **kwargs: Any
+) -> st.SearchStrategy[tuple[nn.Module, dict[str, Any]]]:
     """(tiny model, LoraConfig kwargs valid for it)."""
     return tiny_models(kinds).flatmap(lambda m: lora_config_kwargs(m, **kwargs).map(lambda kw: (m, kw)))
 
@@ -199,13 +213,21 @@ def adapter_trees(template: Any, scales: Sequence[float] = (0.01, 0.1, 1.0)) -> 
     Each leaf is N(0, scale^2) from a drawn seed, in the template leaf's dtype and device, requires_grad=True.
     Unlike a fresh LoRA adapter (B = 0), these make every adapted layer change the output.
     """
-    return st.builds(lambda seed, scale: random_like(template, torch.Generator().manual_seed(seed), scale),
-                     st.integers(0, 2**31 - 1), st.sampled_from(list(scales)))
+    return st.builds(
+        lambda seed, scale: random_like(template, torch.Generator().manual_seed(seed), scale),
+        st.integers(0, 2**31 - 1),
+        st.sampled_from(list(scales)),
+    )
 
 
 @st.composite
 def model_inputs(
-    draw: Callable[..., Any], model: nn.Module, max_batch: int = 3, max_len: int = 8, padded: bool = True, min_len: int = 1,
+    draw: Callable[..., Any],
+    model: nn.Module,
+    max_batch: int = 3,
+    max_len: int = 8,
+    padded: bool = True,
+    min_len: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Keyword inputs for a tiny transformers `model`: input_ids (B, L), attention_mask (right padding when
     `padded`; every row keeps at least `min_len` tokens) and, for encoder-decoders, decoder_input_ids.

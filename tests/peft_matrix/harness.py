@@ -217,7 +217,9 @@ def _loss(out: Any) -> torch.Tensor:
     return (out * _loss_weights(out)).sum()
 
 
-def _peft_grads(pm: nn.Module, adapter_names: list[str], x: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _peft_grads(
+    pm: nn.Module, adapter_names: list[str], x: Mapping[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT's gradients keyed like its checkpoint: `get_peft_model_state_dict` while each param holds its grad."""
     pm.zero_grad(set_to_none=True)
     _loss(pm(**x)).backward()
@@ -227,7 +229,10 @@ def _peft_grads(pm: nn.Module, adapter_names: list[str], x: Mapping[str, torch.T
         with torch.no_grad():
             for p in trainable:
                 p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-        return {n: {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm, adapter_name=n).items()} for n in adapter_names}
+        return {
+            n: {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm, adapter_name=n).items()}
+            for n in adapter_names
+        }
     finally:
         with torch.no_grad():
             for p, d in zip(trainable, saved):
@@ -235,7 +240,9 @@ def _peft_grads(pm: nn.Module, adapter_names: list[str], x: Mapping[str, torch.T
         pm.zero_grad(set_to_none=True)
 
 
-def _checkpoint_directions(pm: nn.Module, seed: int) -> Iterator[tuple[nn.Parameter, torch.Tensor, dict[str, torch.Tensor]]]:
+def _checkpoint_directions(
+    pm: nn.Module, seed: int
+) -> Iterator[tuple[nn.Parameter, torch.Tensor, dict[str, torch.Tensor]]]:
     """For each trainable PEFT parameter: a random direction, and that direction keyed like PEFT's checkpoint.
 
     The keyed form is `get_peft_model_state_dict` while the parameter holds the direction and every other
@@ -265,8 +272,13 @@ def _checkpoint_directions(pm: nn.Module, seed: int) -> Iterator[tuple[nn.Parame
 
 
 def _check_grads_by_finite_differences(
-    pm: nn.Module, x: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], peft_autograd: Mapping[str, torch.Tensor],
-    eps: float = 1e-3, atol: float = 1e-2, rtol: float = 2e-2,
+    pm: nn.Module,
+    x: Mapping[str, torch.Tensor],
+    got: Mapping[str, torch.Tensor],
+    peft_autograd: Mapping[str, torch.Tensor],
+    eps: float = 1e-3,
+    atol: float = 1e-2,
+    rtol: float = 2e-2,
 ) -> list[str]:
     """funcpeft's gradients against central differences of PEFT's FORWARD, one random direction per parameter.
 
@@ -307,7 +319,10 @@ def _check_counts(pm: nn.Module, fpm: Any, adapter: Any = None) -> None:
     got, want = fpm.get_nb_trainable_parameters(adapter), pm.get_nb_trainable_parameters()
     if tuple(got) != tuple(want):
         raise AssertionError(f"get_nb_trainable_parameters() = {tuple(got)}, PEFT {tuple(want)}")
-    got_line, want_line = _stdout(lambda: fpm.print_trainable_parameters(adapter)), _stdout(pm.print_trainable_parameters)
+    got_line, want_line = (
+        _stdout(lambda: fpm.print_trainable_parameters(adapter)),
+        _stdout(pm.print_trainable_parameters),
+    )
     if got_line != want_line:
         raise AssertionError(f"print_trainable_parameters: {got_line!r} != PEFT {want_line!r}")
 
@@ -359,14 +374,19 @@ def check_row(case: Case, tmp: str | os.PathLike, seed: int = 0, grads: str = "a
         # tree values: the files are written with PEFT's (from_pretrained's base), not the fresh model's
         method = funcpeft.methods.method_for(fconfig)
         frozen = method.layer_frozen.names if getattr(method, "layer_frozen", None) is not None else ()
-        state = {k: v for k, v in _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), peft_dir)).base.items()
-                 if k.startswith(SHARED_PREFIX) and any(k.endswith(f".{n}") for n in frozen)}
+        state = {
+            k: v
+            for k, v in _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), peft_dir)).base.items()
+            if k.startswith(SHARED_PREFIX) and any(k.endswith(f".{n}") for n in frozen)
+        }
         out_dir = os.path.join(tmp, "funcpeft_direct")
         _quiet(lambda: direct.save_pretrained(out_dir, loaded, base_params={**direct.base, **state}))
         _same_files("files saved by get_peft_model(row config)", out_dir, peft_dir, set_fields)
 
     fmodel = copy.deepcopy(model)
-    fpm = checks.fatal("from_pretrained", lambda: _quiet(lambda: funcpeft.from_pretrained(fmodel, peft_dir, is_trainable=True)))
+    fpm = checks.fatal(
+        "from_pretrained", lambda: _quiet(lambda: funcpeft.from_pretrained(fmodel, peft_dir, is_trainable=True))
+    )
     fn, base, adapter = fpm
 
     with checks.check("forward"):
@@ -450,7 +470,9 @@ def check_multi_row(case: MultiCase, tmp: str | os.PathLike, seed: int = 0) -> l
 
     def peft_side() -> nn.Module:
         torch.manual_seed(seed)
-        pm = peft.get_peft_model(copy.deepcopy(model), build_config(peft, case.config_cls, case.config_kwargs_1), adapter_name=names[0])
+        pm = peft.get_peft_model(
+            copy.deepcopy(model), build_config(peft, case.config_cls, case.config_kwargs_1), adapter_name=names[0]
+        )
         pm.add_adapter(names[1], build_config(peft, case.config_cls, case.config_kwargs_2))
         set_active(pm, names)  # makes both adapters' parameters trainable, so both get perturbed
         _perturb(pm, PERTURB_SEED)
@@ -490,7 +512,9 @@ def check_multi_row(case: MultiCase, tmp: str | os.PathLike, seed: int = 0) -> l
 
     with checks.check("save"):
         for n, fields in zip(names, set_fields):
-            out = funcpeft.save_adapter(os.path.join(tmp, "funcpeft"), trees[n], fpm.peft_config[n], n, model=fmodel, base_params=base)
+            out = funcpeft.save_adapter(
+                os.path.join(tmp, "funcpeft"), trees[n], fpm.peft_config[n], n, model=fmodel, base_params=base
+            )
             _same_files(f"files of {n} saved by funcpeft", out, os.path.join(peft_dir, n), fields)
 
     reason = peft_merge_skip_reason(case.name, case.config_cls, case.config_kwargs_1)  # PEFT passes the test name

@@ -449,6 +449,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "MlpUsingParameters": MlpUsingParameters,
 }
 
+
 # funcpeft's own rows (tests/test_contract.py): tiny random transformers models, outputs compared on their logits
 def _moe(kind: str) -> Callable[[], nn.Module]:
     return lambda: funcpeft.testing.TINY_MOE_MODELS[kind]().train(False)
