@@ -367,13 +367,22 @@ def load_adapter(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], PeftConfig]:
     """Read a PEFT adapter directory: `(adapter_params, peft_config)`.
 
-    With `model`: the tree is checked against the model (one AdapterMismatchError listing every missing,
-    unexpected and mis-shaped key; `strict=False` warns instead), has PEFT's dtypes, lives on each layer's
-    device, and the config is resolved against the model. Without: the tree is read from the key names
-    alone (CPU, the file's dtypes) and the config is the file's. `adapter_name` selects the adapter in
-    PEFT's layout: "default" in `directory`, any other in `directory/<adapter_name>/` (where saving puts it;
-    FileNotFoundError listing the adapters there if it is absent). Base-model tensors PEFT saves along (embedding layers) are not part
-    of the tree: `from_pretrained` applies them.
+    Base-model tensors PEFT saves along (embedding layers) are not part of the tree: `from_pretrained` applies them.
+
+    Args:
+        directory: a local directory in PEFT's layout.
+        adapter_name: "default" reads `directory`, any other name `directory/<adapter_name>/` (where saving puts
+            it; FileNotFoundError listing the adapters there if it is absent).
+        model: if given, the tree is checked against it (one AdapterMismatchError listing every missing,
+            unexpected and mis-shaped key), has PEFT's dtypes, lives on each layer's device, and the config is
+            resolved against it. Without: the tree is read from the key names alone (CPU, the file's dtypes).
+        strict: False warns about mismatches instead of raising (mismatched leaves keep a fresh init).
+        is_trainable: leaves require grad.
+        autocast_adapter_dtype: PEFT's rule: fp16/bf16 adapter leaves become float32.
+        allow_pickle: read a pickled `adapter_model.bin` (refused by default).
+
+    Returns:
+        (adapter tree `{module path: {leaf name: Tensor}}`, the PeftConfig).
     """
     if model is None:
         return _load_without_model(_locate(directory, adapter_name), strict, is_trainable, allow_pickle)

@@ -402,15 +402,24 @@ def from_pretrained(
     init_lora_weights=True and the residual model); "corda" needs `init_data` (preprocess_corda's result,
     PEFT raises without it); "lora_ga" without `init_data` leaves the weights as they are (PEFT's fallback).
 
-    `is_trainable`: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
-    trained in place (bias="lora_only"/"all") require grad either way. Base-model tensors the checkpoint
-    carries (PEFT saves the embedding when an embedding is targeted) replace the model's in the returned
-    `base` dict when they differ; the model itself is never modified.
-    `adapter_name`: the adapter in `directory/<adapter_name>/` if there is one (PEFT's save layout), else the
-    one in `directory` itself, given that name (PEFT's `from_pretrained(model, path, adapter_name=...)`).
-    Shapes the config implies are checked against the file and a sane rank limit before anything is
-    allocated (see `funcpeft.loading.check_sizes`); a config that is not the one its weights were saved with
-    raises `funcpeft.io.InterruptedSaveError`.
+    Base-model tensors the checkpoint carries (PEFT saves the embedding when an embedding is targeted) replace
+    the model's in the returned `base` dict when they differ; the model itself is never modified. Shapes the
+    config implies are checked against the file and a sane rank limit before anything is allocated (see
+    `funcpeft.loading.check_sizes`); a config that is not the one its weights were saved with raises
+    `funcpeft.io.InterruptedSaveError`.
+
+    Args:
+        model: the base model (never modified).
+        directory: a local directory in PEFT's layout.
+        adapter_name: the adapter in `directory/<adapter_name>/` if there is one (PEFT's save layout), else the
+            one in `directory` itself, given that name (PEFT's `from_pretrained(model, path, adapter_name=...)`).
+        is_trainable: leaves require grad (and the config's inference_mode is False); as in PEFT, biases
+            trained in place (bias="lora_only"/"all") require grad either way.
+        autocast_adapter_dtype, strict, allow_pickle: as in `funcpeft.load_adapter`.
+        init_data: per-layer data for inits that need it on load (CorDA).
+
+    Returns:
+        A `FunctionalPeftModel` (`fn, base, adapter = pm`) holding the loaded adapter.
     """
     _reject_peft_model(model)
     loaded = load_for_model(
