@@ -18,49 +18,37 @@ def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model.eval()
 
 
+def _decoder(layers: int = 2, hidden: int = 64) -> dict[str, Any]:
+    """The tiny decoder-only shape the Llama, Mistral and Qwen2 test models share (4 heads, 2 KV heads)."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+    }
+
+
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    cfg = LlamaConfig(**_decoder(layers, hidden), tie_word_embeddings=tie)
     return _seeded(lambda: LlamaForCausalLM(cfg), seed)
 
 
 def tiny_mistral(seed: int = 0) -> nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
+    cfg = MistralConfig(**_decoder())
     return _seeded(lambda: MistralForCausalLM(cfg), seed)
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
+    cfg = Qwen2Config(**_decoder())
     return _seeded(lambda: Qwen2ForCausalLM(cfg), seed)
 
 
