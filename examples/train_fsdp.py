@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = optim.adamw(args.lr)
     state = opt.init(adapter)
     losses = []
-    for ids in batches(args.steps, args.batch, args.seq, model.config.vocab_size):
+    config: Any = model.config
+    for ids in batches(args.steps, args.batch, args.seq, config.vocab_size):
         ids = ids.to(device)
         local = D.shard(ids) if sharded else ids
         loss, grads = funcpeft.value_and_grad(lambda a, x=local: fn(base, a, input_ids=x, labels=x).loss)(adapter)
