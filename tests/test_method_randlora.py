@@ -19,6 +19,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_memory_lean_function_is_autograd,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
@@ -222,3 +223,25 @@ def test_the_update_is_lambda_gamma_scaled_bases(in_f: int, out_f: int, r: int, 
         torch.testing.assert_close(
             fpm.fn(fpm.base, fpm.adapter, x).double(), model(x).double() + x.double() @ dw.T, atol=1e-4, rtol=1e-4
         )
+
+
+def test_scaled_basis_saves_only_its_inputs_and_keeps_every_transform() -> None:
+    """`lam[:, :, None] * A * gamma[None]` is a custom Function saving only A (r, 1, k), lam (r, n) and gamma
+    (n, k) (PEFT's UniqueBaseGrad memory, not autograd's extra (r, n, k) product), with autograd's derivatives."""
+    from peft.tuners.randlora.layer import UniqueBaseGrad
+
+    from funcpeft.methods.randlora import _ScaledBasis
+
+    r, n, k = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((r, 1, k), (r, n), (n, k))]
+    assert_memory_lean_function_is_autograd(
+        _ScaledBasis.apply, lambda a, lam, gamma: lam[:, :, None] * a * gamma[None], xs, max_saved=n * k
+    )
+    # and its lambda / gamma gradients are PEFT's (A frozen there)
+    out = _ScaledBasis.apply(xs[0].detach(), xs[1], xs[2])
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((out * weights).sum(), xs[1:])
+    theirs = torch.autograd.grad((UniqueBaseGrad.apply(xs[0].detach(), xs[1], xs[2]) * weights).sum(), xs[1:])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

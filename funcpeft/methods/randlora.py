@@ -215,6 +215,44 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {LAMBDA: lam, GAMMA: torch.ones(h.num_bases, k) / big}
 
 
+class _ScaledBasis(torch.autograd.Function):
+    """`lam[:, :, None] * a * gamma[None]`: a (r, 1, k), lam (r, n), gamma (n, k) -> (r, n, k), saving only its
+    inputs (PEFT's `UniqueBaseGrad`, with its einsums). Plain autograd would also keep `lam[:, :, None] * a`, an
+    (r, n, k) tensor per layer until backward (1.24x PEFT's training peak on the benchmark Llama).
+    `generate_vmap_rule` and `jvp` keep vmap and forward-mode AD; the backward is plain torch ops."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return lam[:, :, None] * a * gamma[None]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        a, lam, gamma = (t.to(grad.dtype) for t in ctx.saved_tensors)
+        grad_a = torch.einsum("kbj,kb,bj->kj", grad, lam, gamma)[:, None, :] if ctx.needs_input_grad[0] else None
+        grad_lam = torch.einsum("kbj,kvj,bj->kb", grad, a, gamma)  # v: A's singleton dim (PEFT's einsum)
+        grad_gamma = torch.einsum("kbj,kvj,kb->bj", grad, a, lam)
+        return grad_a, grad_lam, grad_gamma
+
+    @staticmethod
+    def jvp(ctx: Any, ta: Any, tlam: Any, tgamma: Any) -> torch.Tensor:
+        a, lam, gamma = ctx.saved_tensors
+        out = torch.zeros(torch.broadcast_shapes(a.shape, (*lam.shape, 1)), dtype=a.dtype, device=a.device)
+        if ta is not None:
+            out = out + lam[:, :, None] * ta * gamma[None]
+        if tlam is not None:
+            out = out + tlam[:, :, None] * a * gamma[None]
+        if tgamma is not None:
+            out = out + lam[:, :, None] * a * tgamma[None]
+        return out
+
+
 def scaled_bases(spec: Spec, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's `get_scaled_bases`: (first, second) with `x @ first^T @ second^T` the unscaled update."""
     a, b = params["randlora_A"], params["randlora_B"]
@@ -224,7 +262,7 @@ def scaled_bases(spec: Spec, params: Params, device: torch.device) -> tuple[torc
     n = spec.hyper.num_bases
     k, big = min(spec.in_features, spec.out_features), max(spec.in_features, spec.out_features)
     update_b = b[:big, :n, :].to(device).flatten(start_dim=1)  # (K, n * r)
-    update_a = (lam[:, :, None] * a[:, :n, :k].to(device) * gamma[None]).flatten(end_dim=1)  # (r * n, k)
+    update_a = _ScaledBasis.apply(a[:, :n, :k].to(device), lam, gamma).flatten(end_dim=1)  # (r * n, k)
     if k == spec.in_features:
         return update_a, update_b
     return update_b.T, update_a.T
