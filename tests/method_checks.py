@@ -117,21 +117,30 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)
 
 
-def assert_memory_lean_function_is_autograd(
-    f: Any, want: Any, xs: Sequence[torch.Tensor], max_saved: int, vmapped: int = 3
-) -> None:
+def _saved_bytes(fn: Any, xs: Sequence[torch.Tensor]) -> list[int]:
+    """The sizes in bytes of the tensors autograd saves for backward when `fn(*xs)` runs."""
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        fn(*xs)
+    return saved
+
+
+def assert_memory_lean_function_is_autograd(f: Any, want: Any, xs: Sequence[torch.Tensor], vmapped: int = 3) -> None:
     """A method's hand-written autograd Function `f(*xs)` (saving less than autograd would, like PEFT's) keeps
     every transform: its values equal the plain expression `want(*xs)`; gradcheck, gradgradcheck and forward-mode
-    gradcheck pass in float64; nothing saved for backward has more than `max_saved` elements; and vmap over a
-    stack of inputs (values and gradients) equals a loop. `xs`: float64 leaves that require grad."""
+    gradcheck pass in float64; what it saves for backward is no more bytes than its inputs (plain autograd would
+    also keep intermediates); and vmap over a stack of inputs (values and gradients) equals a loop.
+    `xs`: float64 leaves that require grad."""
     torch.testing.assert_close(f(*xs), want(*xs), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(f, xs)
     assert torch.autograd.gradgradcheck(f, xs)
     assert torch.autograd.gradcheck(f, xs, check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
-    sizes: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        f(*xs)
-    assert sizes and max(sizes) <= max_saved, f"saved for backward: {sorted(sizes)}, allowed <= {max_saved}"
+    inputs = sum(x.numel() * x.element_size() for x in xs)
+    for fn, bounded in ((f, True), (want, False)):  # the bound must hold for f and fail for plain autograd
+        saved = _saved_bytes(fn, xs)
+        assert (sum(saved) <= inputs) is bounded, f"saved for backward: {sorted(saved)} bytes, inputs {inputs} bytes"
     stacked = [torch.stack([x.detach() * (1 + i) for i in range(vmapped)]) for x in xs]
     torch.testing.assert_close(
         torch.func.vmap(f)(*stacked), torch.stack([f(*[s[i] for s in stacked]) for i in range(vmapped)])

