@@ -81,3 +81,21 @@ def low_precision_add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor
 def cast_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """PEFT's final cast in `ParamWrapper.get_delta_weight`: to W's dtype unless W is float8 (added in high precision)."""
     return delta.to(weight.device, weight.dtype) if weight.dtype in COMPUTE_DTYPES else delta.to(weight.device)
+
+
+class SavesInputs(torch.autograd.Function):
+    """Base of the methods' memory-lean autograd Functions (PEFT's hand-written ones: LoHa, RandLoRA, C3A).
+
+    It saves only the tensor inputs, for backward and for forward AD (`ctx.saved_tensors`), and keeps the other
+    inputs in `ctx.consts`; a subclass writes `forward` (inputs only), `backward` of plain torch ops (so double
+    backward works) and `jvp`. `generate_vmap_rule` makes vmap (ensembles, per-example routing) apply.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        ctx.consts = tuple(x for x in inputs if not isinstance(x, torch.Tensor))

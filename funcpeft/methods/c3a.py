@@ -19,6 +19,7 @@ import torch
 from torch.fft import fft, ifft
 
 from ..configs.c3a import C3AConfig
+from ._layers import SavesInputs
 from ._patterns import dotted_pattern_value
 from ._registry import register
 from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
@@ -90,21 +91,14 @@ def _bcc(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return y.reshape(*y.shape[:-2], -1)
 
 
-class _BlockCircular(torch.autograd.Function):
+class _BlockCircular(SavesInputs):
     """BCC saving only x and the kernel (PEFT's `BlockCircularConvolution`, its backward corrected). Plain autograd
     would keep `ifft(x)` (complex: twice x's bytes) until backward, 1.38x PEFT's training peak on the benchmark
-    Llama. BCC is bilinear, so `jvp` is BCC of the tangents; `generate_vmap_rule` keeps vmap."""
-
-    generate_vmap_rule = True
+    Llama. BCC is bilinear, so `jvp` is BCC of the tangents."""
 
     @staticmethod
     def forward(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         return _bcc((x, kernel))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:

@@ -17,6 +17,7 @@ import torch
 
 from ..configs import LoHaConfig
 from . import lycoris
+from ._layers import SavesInputs
 from ._registry import register
 from .base import KeyRules, LayerSpec, MergeHooks, Method, Params
 from .lora import kaiming_uniform
@@ -56,15 +57,12 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     }
 
 
-class _Hadamard(torch.autograd.Function):
+class _Hadamard(SavesInputs):
     """`(w1a @ w1b) * (w2a @ w2b) * scale` saving only the four factors (PEFT's `HadaWeight`).
 
     Plain autograd would keep both (out, in) products alive until backward (1.67x PEFT's training peak on the
-    benchmark Llama); recomputing them in backward matches PEFT's memory and arithmetic. `generate_vmap_rule`
-    and `jvp` keep vmap, forward-mode AD and double backward (the backward is plain torch ops) working.
+    benchmark Llama); recomputing them in backward matches PEFT's memory and arithmetic.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(
@@ -73,16 +71,9 @@ class _Hadamard(torch.autograd.Function):
         return ((w1a @ w1b) * (w2a @ w2b)) * scale
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        w1a, w1b, w2a, w2b, scale = inputs
-        ctx.save_for_backward(w1a, w1b, w2a, w2b)
-        ctx.save_for_forward(w1a, w1b, w2a, w2b)
-        ctx.scale = scale
-
-    @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        g = grad_out * ctx.scale
+        g = grad_out * ctx.consts[0]
         temp = g * (w2a @ w2b)
         grad_w1a, grad_w1b = temp @ w1b.T, w1a.T @ temp
         temp = g * (w1a @ w1b)
@@ -102,7 +93,7 @@ class _Hadamard(torch.autograd.Function):
             out = out + d1 * (w2a @ w2b)
         if d2 is not None:
             out = out + (w1a @ w1b) * d2
-        return out * ctx.scale
+        return out * ctx.consts[0]
 
 
 def delta_weight(spec: Spec, params: Params) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..configs.randlora import RandLoraConfig
 from ..trees import shared_key
-from ._layers import UPCAST_DTYPES
+from ._layers import UPCAST_DTYPES, SavesInputs
 from ._registry import register
 from .base import (
     KeyRules,
@@ -215,22 +215,14 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {LAMBDA: lam, GAMMA: torch.ones(h.num_bases, k) / big}
 
 
-class _ScaledBasis(torch.autograd.Function):
+class _ScaledBasis(SavesInputs):
     """`lam[:, :, None] * a * gamma[None]`: a (r, 1, k), lam (r, n), gamma (n, k) -> (r, n, k), saving only its
     inputs (PEFT's `UniqueBaseGrad`, with its einsums). Plain autograd would also keep `lam[:, :, None] * a`, an
-    (r, n, k) tensor per layer until backward (1.24x PEFT's training peak on the benchmark Llama).
-    `generate_vmap_rule` and `jvp` keep vmap and forward-mode AD; the backward is plain torch ops."""
-
-    generate_vmap_rule = True
+    (r, n, k) tensor per layer until backward (1.24x PEFT's training peak on the benchmark Llama)."""
 
     @staticmethod
     def forward(a: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return lam[:, :, None] * a * gamma[None]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
