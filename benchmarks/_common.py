@@ -74,6 +74,38 @@ def interleaved(
     return times
 
 
+def timing_args(ap: Any, rounds: int, warmup: int, quick: tuple[int, int] = (2, 1)) -> Any:
+    """Add the usual flags (--rounds, --warmup, --threads, --clock, --quick) to an argparse parser; returns a
+    `finish(args)` that applies --quick (`quick` = (rounds, warmup)) and the thread count."""
+    ap.add_argument("--rounds", type=int, default=rounds, help=f"timed interleaved rounds (default {rounds})")
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"discarded rounds first (default {warmup})")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help=f"{quick[0]} rounds, {quick[1]} warmup: a smoke run")
+
+    def finish(args: Any) -> Any:
+        if args.quick:
+            args.rounds, args.warmup = quick
+        torch.set_num_threads(args.threads)
+        return args
+
+    return finish
+
+
+def versus_peft(
+    peft_step: Callable[[], Any],
+    ours: Callable[[], Any],
+    args: Any,
+    before: Callable[[str], Any] | None = None,
+) -> tuple[dict[str, list[float]], float, float]:
+    """PEFT, PEFT again (A/A: the noise floor) and funcpeft, interleaved: (times, ratio, noise) with ratio the
+    median per-round funcpeft / PEFT and noise |A/A ratio - 1|. `args`: from `timing_args`."""
+    variants = {"PEFT": peft_step, "PEFT A/A": peft_step, "funcpeft": ours}
+    times = interleaved(variants, args.rounds, args.warmup, before=before, clock=args.clock)
+    ratio = paired_ratio(times["funcpeft"], times["PEFT"])
+    return times, ratio, abs(paired_ratio(times["PEFT A/A"], times["PEFT"]) - 1)
+
+
 def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 

@@ -20,7 +20,17 @@ from typing import Any
 
 import optree
 import torch
-from _common import fmt_mb, fmt_ms, interleaved, machine_note, markdown_table, median, paired_ratio, peak_memory, spread
+from _common import (
+    fmt_mb,
+    fmt_ms,
+    machine_note,
+    markdown_table,
+    median,
+    peak_memory,
+    spread,
+    timing_args,
+    versus_peft,
+)
 from bench_core import ALPHA, BATCH, RANK, SEQ, VOCAB, build_llama
 
 import funcpeft
@@ -98,15 +108,8 @@ def cell(xs: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warmup")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup = 3, 1
-    torch.set_num_threads(args.threads)
+    finish = timing_args(ap, rounds=15, warmup=3, quick=(3, 1))
+    args = finish(ap.parse_args(argv))
     print(f"# funcpeft DoRA benchmark\n\nbefore: {machine_note()}")
     fx = DoraFixture()
     loss_diff = fx.check_equal()
@@ -116,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians of per-round ratios; PEFT A/A (PEFT timed twice a round) is the noise floor.\n",
         flush=True,
     )
-    variants = {"PEFT": fx.peft_step, "PEFT A/A": fx.peft_step, "funcpeft": lambda: fx.step(fx.adapter)}
-    times = interleaved(variants, args.rounds, args.warmup, before=fx.zero_grads, clock=args.clock)
-    ratio = paired_ratio(times["funcpeft"], times["PEFT"])
-    noise = abs(paired_ratio(times["PEFT A/A"], times["PEFT"]) - 1)
+    times, ratio, noise = versus_peft(fx.peft_step, lambda: fx.step(fx.adapter), args, before=fx.zero_grads)
     rows = [
         [
             "DoRA train step (value_and_grad)",
@@ -139,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
     ]
     peaks, kept = {}, {}
+    steps = {"PEFT": fx.peft_step, "funcpeft": lambda: fx.step(fx.adapter)}
     for name in ("PEFT", "funcpeft"):
         fx.zero_grads()
-        peaks[name] = peak_memory(variants[name])
+        peaks[name] = peak_memory(steps[name])
         fx.zero_grads()
-        kept[name] = retained_after(variants[name], fx)
+        kept[name] = retained_after(steps[name], fx)
         fx.zero_grads()
     mem_ratio = peaks["funcpeft"] / peaks["PEFT"]
     rows.append(

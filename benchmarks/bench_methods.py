@@ -24,7 +24,7 @@ import warnings
 from typing import Any
 
 import torch
-from _common import fmt_mb, fmt_ms, interleaved, machine_note, markdown_table, median, paired_ratio, peak_memory
+from _common import fmt_mb, fmt_ms, machine_note, markdown_table, median, peak_memory, timing_args, versus_peft
 from bench_core import BATCH, SEQ, VOCAB, build_llama
 
 import funcpeft
@@ -118,15 +118,8 @@ class Fixture:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="2 rounds, 1 warmup")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup = 2, 1
-    torch.set_num_threads(args.threads)
+    finish = timing_args(ap, rounds=8, warmup=2)
+    args = finish(ap.parse_args(argv))
     print(f"# funcpeft per-method benchmark\n\nbefore: {machine_note()}\n")
     print(
         f"Llama h512/i1376/4 layers, batch {BATCH}x{SEQ}, fp32, {args.clock} clock, {args.rounds} rounds "
@@ -142,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             fx = Fixture(method, tmp)
             loss_diff, grad_diff = fx.check_equal()
-            variants = {"PEFT": fx.peft_step, "PEFT A/A": fx.peft_step, "funcpeft": lambda fx=fx: fx.step(fx.adapter)}
-            times = interleaved(variants, args.rounds, args.warmup, before=fx.zero_grads, clock=args.clock)
-            ratio = paired_ratio(times["funcpeft"], times["PEFT"])
-            noise = abs(paired_ratio(times["PEFT A/A"], times["PEFT"]) - 1)
+            times, ratio, noise = versus_peft(
+                fx.peft_step, lambda fx=fx: fx.step(fx.adapter), args, before=fx.zero_grads
+            )
             fx.zero_grads()
             peak_peft = peak_memory(fx.peft_step)
             fx.zero_grads()
