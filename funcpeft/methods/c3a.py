@@ -105,8 +105,9 @@ class _BlockCircular(SavesInputs):
         x, kernel = ctx.saved_tensors
         m, n, b = kernel.shape
         grad_fft = fft(grad.reshape(*grad.shape[:-1], m, b))
-        # PEFT's input gradient lacks this conj (its known bug, see the tests); the kernel's is PEFT's
-        grad_x = fft(torch.einsum("...mb,mnb->...nb", grad_fft.conj(), ifft(kernel))).real
+        # the adjoint of x -> BCC(x, K) is fft(conj(G) ifft(K)).real = ifft(G fft(K)).real for real K (no conj of
+        # the large G); PEFT computes fft(G ifft(K)).real, its known bug (see the tests). The kernel's is PEFT's.
+        grad_x = ifft(torch.einsum("...mb,mnb->...nb", grad_fft, fft(kernel))).real
         xs = x.reshape(*x.shape[:-1], n, b)
         grad_kernel = fft(torch.einsum("...mb,...nb->mnb", grad_fft, ifft(xs))).real
         return grad_x.reshape(x.shape), grad_kernel
