@@ -1,5 +1,6 @@
 """BOFT (`BOFTConfig`) against PEFT 0.21.2's pure-torch path: config and per-layer checks, unsupported layers and
-conv geometries, init, forward / gradients / merges, block dropout, the butterfly factor, compile, routing."""
+conv geometries, init, forward / gradients / merges, block dropout, the butterfly factor. Compile and routing:
+tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import functools
 import itertools
 from typing import Any
 
-import optree
 import peft
 import pytest
 import torch
@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
@@ -235,31 +234,6 @@ def test_mixed_models_refuse_boft_like_peft() -> None:
     with pytest.raises(ValueError) as ours:
         funcpeft.get_peft_model(model, funcpeft.BOFTConfig(target_modules=["lin0"]), mixed=True)
     assert "BOFT" in str(ours.value) and "BOFT" in str(theirs.value)
-
-
-def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile() -> None:
-    model = _seeded(MLP)
-    fpm = funcpeft.get_peft_model(model, funcpeft.BOFTConfig(boft_block_size=4, target_modules=["lin0", "lin1"]))
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s), 0.3) for s in range(2)]
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(fpm.fn, fullgraph=True, backend=counter)
-    for tree in trees:
-        got = compiled(fpm.base, tree, **MLP_X)
-        torch.testing.assert_close(got, fpm.fn(fpm.base, tree, **MLP_X), atol=1e-6, rtol=0)
-        got.sum().backward()
-        assert all(t.grad is not None for t in optree.tree_leaves(tree))
-    assert counter.frame_count == 1
-
-
-def test_per_example_adapters_on_a_conv_equal_each_adapter_alone() -> None:
-    model = _seeded(Conv)
-    fpm = funcpeft.get_peft_model(model, funcpeft.BOFTConfig(boft_block_size=3, target_modules=["conv", "lin"]))
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s), 0.3) for s in range(2)]
-    with torch.no_grad():
-        routed = fpm.fn(fpm.base, funcpeft.per_example(trees, [1, 0]), **CONV_X)
-        for i, k in enumerate([1, 0]):
-            torch.testing.assert_close(routed[i], fpm.fn(fpm.base, trees[k], **CONV_X)[i], atol=1e-6, rtol=0)
 
 
 @settings(max_examples=examples(20), deadline=None)

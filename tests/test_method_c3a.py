@@ -1,6 +1,6 @@
 """C3A (`C3AConfig`) against PEFT 0.21.2: config checks and errors, unsupported layers, init draws, forward,
 gradients (PEFT's hand-written backward is wrong for the input: proven by finite differences), merging (also in
-bfloat16), compile, per-example routing; laws (hypothesis)."""
+bfloat16); laws (hypothesis). Compile and per-example routing: tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_memory_lean_function_is_autograd,
@@ -176,27 +175,7 @@ def test_mixed_models_refuse_it_like_peft() -> None:
     assert_mixed_refused_like_peft(models.build("MLP"), "C3AConfig", dict(block_size=2, target_modules=["lin0"]))
 
 
-# -- compile, per-example, laws -----------------------------------------------------------------------------------
-def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"])
-    )
-    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
-
-
-def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.C3AConfig(block_size=4, target_modules=["lin0", "lin1"])
-    )
-    trees = random_trees(fresh)
-    x = make_inputs("mlp", batch=4)
-    index = torch.tensor([1, 2, 0, 1])
-    with torch.no_grad():
-        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
-        for i, k in enumerate(index.tolist()):
-            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
-
-
+# -- laws ---------------------------------------------------------------------------------------------------------
 @settings(max_examples=examples(15))
 @given(m=st.integers(1, 3), n=st.integers(1, 3), b=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_the_update_is_a_block_circulant_matrix(m: int, n: int, b: int, seed: int) -> None:

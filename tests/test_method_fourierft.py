@@ -1,6 +1,6 @@
 """FourierFT (`FourierFTConfig`) against PEFT 0.21.2: config checks and errors, unsupported layers, init draws and
-spectral indices (frozen, rebuilt from the seed, never saved), n_frequency_pattern, GPT-2 Conv1D, merge, compile,
-per-example routing; laws (hypothesis)."""
+spectral indices (frozen, rebuilt from the seed, never saved), n_frequency_pattern, GPT-2 Conv1D, merge; laws
+(hypothesis). Compile and per-example routing: tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
@@ -155,26 +154,6 @@ def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any)
 
 def test_mixed_models_refuse_it_like_peft() -> None:
     assert_mixed_refused_like_peft(models.build("MLP"), "FourierFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
-
-
-def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"])
-    )
-    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
-
-
-def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.FourierFTConfig(n_frequency=16, target_modules=["lin0", "lin1"])
-    )
-    trees = random_trees(fresh)
-    x = make_inputs("mlp", batch=4)
-    index = torch.tensor([1, 2, 0, 1])
-    with torch.no_grad():
-        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
-        for i, k in enumerate(index.tolist()):
-            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=examples(15))

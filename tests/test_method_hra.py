@@ -1,5 +1,6 @@
 """HRA (`HRAConfig`) against PEFT 0.21.2: config and layer checks, init (symmetric, odd r, random), forward /
-gradients / merges with and without Gram-Schmidt, several adapters, per-example routing, compile, laws."""
+gradients / merges with and without Gram-Schmidt, several adapters, per-example routing, laws. Compile:
+tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import functools
 import warnings
 from typing import Any
 
-import optree
 import peft
 import pytest
 import torch
@@ -17,7 +17,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
@@ -199,31 +198,6 @@ def test_per_example_routing_rotates_inputs_and_equals_each_adapter_alone(monkey
         for i, k in enumerate(index):
             want = fpm.fn(fpm.base, trees[k], **MLP_X)[i] if k >= 0 else model(**MLP_X)[i]
             torch.testing.assert_close(routed[i], want, atol=1e-5, rtol=0)
-
-
-def test_per_example_adapters_on_a_conv_equal_each_adapter_alone() -> None:
-    model = _seeded(Conv)
-    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=2, target_modules=["conv"]))
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(2)]
-    with torch.no_grad():
-        routed = fpm.fn(fpm.base, funcpeft.per_example(trees, [1, 0]), **CONV_X)
-        for i, k in enumerate([1, 0]):
-            torch.testing.assert_close(routed[i], fpm.fn(fpm.base, trees[k], **CONV_X)[i], atol=1e-5, rtol=0)
-
-
-def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile() -> None:
-    model = _seeded(MLP)
-    fpm = funcpeft.get_peft_model(model, funcpeft.HRAConfig(r=4, apply_GS=True, target_modules=["lin0", "lin1"]))
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s)) for s in range(2)]
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(fpm.fn, fullgraph=True, backend=counter)
-    for tree in trees:
-        got = compiled(fpm.base, tree, **MLP_X)
-        torch.testing.assert_close(got, fpm.fn(fpm.base, tree, **MLP_X), atol=1e-6, rtol=0)
-        got.sum().backward()
-        assert all(t.grad is not None for t in optree.tree_leaves(tree))
-    assert counter.frame_count == 1
 
 
 @settings(max_examples=examples(20), deadline=None)

@@ -1,6 +1,6 @@
-"""LN tuning (`LNTuningConfig`): trainable copies of targeted modules' parameters, against PEFT 0.21.2: config,
-init and dtypes, one adapter at a time, nested targets, routing, compile. PEFT's own matrix rows and the
-tiny-model rows run in test_peft_matrix.py / test_contract.py."""
+"""LN tuning (`LNTuningConfig`): trainable copies of targeted modules' parameters, against PEFT 0.21.2: config, init and
+dtypes, one adapter at a time, nested targets, routing (compile: test_method_transforms.py). PEFT's own matrix rows and
+the tiny-model rows run in test_peft_matrix.py / test_contract.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 from helpers import MODELS, make_inputs
-from method_helpers import assert_same_state, compiles_once, fresh_states, quiet
+from method_helpers import assert_same_state, fresh_states, quiet
 
 import funcpeft
 from funcpeft import testing as T
@@ -103,10 +103,3 @@ def test_stacked_copies_vmap_but_per_example_routing_is_refused_naming_the_metho
             torch.testing.assert_close(mapped[k], fn(base, trees[k], **x).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(NotImplementedError, match="LN_TUNING replaces its parameters"):
         fn(base, funcpeft.per_example(stacked, [0, 1]), **x)
-
-
-def test_fn_compiles_once_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(layers=1), funcpeft.LNTuningConfig())
-    ids = make_inputs("llama")["input_ids"]
-    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
-    compiles_once(lambda a: fn(base, a, input_ids=ids).logits, trees)

@@ -1,5 +1,6 @@
-"""MiSS (`MissConfig`: balanced, "mini", "bat") against PEFT 0.21.2: config checks and errors, unsupported layers,
-init draws, padding (in % r != 0), dropout, merge / unmerge, compile, per-example routing; laws (hypothesis)."""
+"""MiSS (`MissConfig`: balanced, "mini", "bat") against PEFT 0.21.2: config checks and errors, unsupported layers, init
+draws, padding (in % r != 0), dropout, merge / unmerge; laws (hypothesis). Compile and routing:
+test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import MODELS, examples, make_inputs
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
@@ -187,28 +187,6 @@ def test_bat_cannot_stack_on_another_adapter_of_the_layer() -> None:
 
 def test_mixed_models_refuse_it_like_peft() -> None:
     assert_mixed_refused_like_peft(models.build("MLP"), "MissConfig", dict(r=2, target_modules=["lin0"]))
-
-
-# -- compile, per-example ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init", [True, "mini", "bat"])
-def test_compiles_to_one_graph_for_new_adapter_values(init: Any) -> None:
-    kwargs = dict(r=4, init_weights=init, mini_r=4, target_modules=["lin0", "lin1"])
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.MissConfig(**kwargs))
-    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
-
-
-@pytest.mark.parametrize("init", [True, "bat"])
-def test_per_example_adapters_equal_each_alone(init: Any) -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.MissConfig(r=4, init_weights=init, target_modules=["lin0", "lin1"])
-    )
-    trees = random_trees(fresh)
-    x = make_inputs("mlp", batch=4)
-    index = torch.tensor([2, 0, 1, 2])
-    with torch.no_grad():
-        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
-        for i, k in enumerate(index.tolist()):
-            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
 
 
 # -- laws --------------------------------------------------------------------------------------------------------

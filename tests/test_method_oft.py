@@ -1,5 +1,6 @@
 """OFT (`OFTConfig`) against PEFT 0.21.2: config checks, unsupported layers, init, forward / gradients / merges on
-the layer kinds PEFT supports, several adapters on one layer, mixed models, COFT training, compile, routing."""
+the layer kinds PEFT supports, several adapters on one layer, mixed models, COFT training. Compile and routing:
+tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
@@ -343,33 +343,6 @@ def _peft_values(pm: nn.Module, plan: Any, like: Any) -> Any:
 
 
 # -- transforms -------------------------------------------------------------------------------------------------
-def test_fn_compiles_to_one_graph_and_new_adapter_values_do_not_recompile() -> None:
-    model = _seeded(MLP)
-    fpm = funcpeft.get_peft_model(
-        model, funcpeft.OFTConfig(oft_block_size=4, target_modules=["lin0", "lin1"], coft=True)
-    )
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s), 0.3) for s in range(2)]
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(fpm.fn, fullgraph=True, backend=counter)
-    for tree in trees:
-        got = compiled(fpm.base, tree, **MLP_X)
-        torch.testing.assert_close(got, fpm.fn(fpm.base, tree, **MLP_X), atol=1e-6, rtol=0)
-        got.sum().backward()
-        assert all(t.grad is not None for t in optree.tree_leaves(tree))
-    assert counter.frame_count == 1
-
-
-def test_per_example_adapters_on_a_conv_equal_each_adapter_alone() -> None:
-    model = _seeded(Conv)
-    fpm = _quiet(funcpeft.get_peft_model, model, funcpeft.OFTConfig(r=2, oft_block_size=0, target_modules=["conv"]))
-    trees = [T.random_like(fpm.adapter, torch.Generator().manual_seed(s), 0.3) for s in range(2)]
-    with torch.no_grad():
-        routed = fpm.fn(fpm.base, funcpeft.per_example(trees, [1, -1]), **CONV_X)
-        torch.testing.assert_close(routed[0], fpm.fn(fpm.base, trees[1], **CONV_X)[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(routed[1], model(**CONV_X)[1], atol=1e-6, rtol=0)
-
-
 @settings(max_examples=examples(20), deadline=None)
 @given(block=st.integers(2, 6), neumann=st.booleans(), seed=st.integers(0, 2**16))
 def test_cayley_blocks_are_orthogonal_and_merging_inverts(block: int, neumann: bool, seed: int) -> None:

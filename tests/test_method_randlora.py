@@ -1,6 +1,6 @@
 """RandLoRA (`RandLoraConfig`) against PEFT 0.21.2: config checks and errors, unsupported layers, the shared random
 bases (dense / sparse / very_sparse, frozen, bitwise PEFT's), init draws, dropout, files with and without the
-bases, merging (also in bfloat16), compile, per-example routing; laws (hypothesis)."""
+bases, merging (also in bfloat16); laws (hypothesis). Compile and routing: test_method_transforms.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_memory_lean_function_is_autograd,
@@ -172,26 +171,6 @@ def test_merged_bfloat16_weights_equal_peft_s() -> None:
 
 def test_mixed_models_refuse_it_like_peft() -> None:
     assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
-
-
-def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"])
-    )
-    assert_compiles_once(fn, base, random_trees(fresh), make_inputs("mlp", batch=3))
-
-
-def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.RandLoraConfig(r=4, target_modules=["lin0", "lin1"])
-    )
-    trees = random_trees(fresh)
-    x = make_inputs("mlp", batch=4)
-    index = torch.tensor([1, 2, 0, 1])
-    with torch.no_grad():
-        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x)
-        for i, k in enumerate(index.tolist()):
-            torch.testing.assert_close(routed[i], fn(base, trees[k], **x)[i], atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=examples(15))

@@ -1,6 +1,6 @@
-"""SHiRA (`ShiraConfig`): config checks, layers, init and masks against PEFT 0.21.2, the frozen mask on the base
-side, custom mask functions and checkpoints, mixed models, compile. PEFT's own matrix rows and the tiny-model
-rows run in test_peft_matrix.py / test_contract.py."""
+"""SHiRA (`ShiraConfig`): config checks, layers, init and masks against PEFT 0.21.2, the frozen mask on the base side,
+custom mask functions and checkpoints, mixed models (compile: test_method_transforms.py). PEFT's own matrix rows and the
+tiny-model rows run in test_peft_matrix.py / test_contract.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 from helpers import MODELS, make_inputs
-from method_helpers import assert_same_state, compiles_once, fresh_states, quiet
+from method_helpers import assert_same_state, fresh_states, quiet
 
 import funcpeft
 from funcpeft import testing as T
@@ -174,29 +174,7 @@ def test_shira_over_another_method_is_refused_like_peft() -> None:
     fpm.add_adapter("s", funcpeft.ShiraConfig(r=1, target_modules=["k_proj"]))  # another layer: fine
 
 
-# -- compile, routing ---------------------------------------------------------------------------------------
-def test_fn_compiles_once_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"])
-    )
-    x = make_inputs("mlp")["x"]
-    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
-    compiles_once(lambda a: fn(base, a, x=x), trees)
-
-
-def test_per_example_adapters_equal_each_alone() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        MODELS["mlp"](), funcpeft.ShiraConfig(r=1, target_modules=["lin0", "lin1"])
-    )
-    x = make_inputs("mlp", batch=3)["x"]
-    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(2)]
-    with torch.no_grad():
-        routed = fn(base, funcpeft.per_example(trees, [1, -1, 0]), x=x)
-        for i, k in enumerate([1, -1, 0]):
-            want = fn(base, trees[k] if k >= 0 else None, x=x)[i]
-            torch.testing.assert_close(routed[i], want, atol=1e-6, rtol=0)
-
-
+# -- files --------------------------------------------------------------------------------------------------
 def test_load_adapter_warns_that_it_drops_a_custom_mask(tmp_path: Any) -> None:
     model = T.tiny_llama()
     config = quiet(peft.ShiraConfig, r=2, target_modules=["v_proj"], mask_type="magnitude")

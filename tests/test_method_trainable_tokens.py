@@ -1,6 +1,6 @@
-"""Trainable tokens (`TrainableTokensConfig`) against PEFT 0.21.2: config and layers, init, tied embeddings (the
-lm_head uses the same rows), no embedding-sized tensor per call, padding_idx / scale_grad_by_freq gradients,
-several adapters, merging, compile. PEFT's own matrix row and the tiny-model rows (tied Llama, GPT-2, untied
+"""Trainable tokens (`TrainableTokensConfig`) against PEFT 0.21.2: config and layers, init, tied embeddings (the lm_head
+uses the same rows), no embedding-sized tensor per call, padding_idx / scale_grad_by_freq gradients, several adapters,
+merging (compile: test_method_transforms.py). PEFT's own matrix row and the tiny-model rows (tied Llama, GPT-2, untied
 Llama) run in test_peft_matrix.py / test_contract.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 from helpers import MODELS, make_inputs
-from method_helpers import assert_same_state, compiles_once, fresh_states
+from method_helpers import assert_same_state, fresh_states
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -198,12 +198,3 @@ def test_merging_a_tied_embedding_keeps_the_function_and_does_not_warn() -> None
         torch.testing.assert_close(merged(**x).logits, fpm.fn(fpm.base, tree, **x).logits, atol=1e-5, rtol=0)
         unmerged = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, tree), tree)  # PEFT's originals, no base=
     assert all(torch.equal(unmerged[k], fpm.base[k]) for k in fpm.base)
-
-
-def test_fn_compiles_once_for_new_adapter_values() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(
-        T.tiny_llama(layers=1, tie=True), funcpeft.TrainableTokensConfig(token_indices=[3, 43])
-    )
-    ids = make_inputs("llama")["input_ids"]
-    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
-    compiles_once(lambda a: fn(base, a, input_ids=ids).logits, trees)

@@ -1,6 +1,6 @@
-"""VB-LoRA (`VBLoRAConfig`): config checks, layers, init against PEFT 0.21.2 (the shared bank drawn in PEFT's
-order), the trainable bank shared by all layers, `save_only_topk_weights` files both ways, compile. PEFT's own
-matrix rows and the tiny-model rows run in test_peft_matrix.py / test_contract.py."""
+"""VB-LoRA (`VBLoRAConfig`): config checks, layers, init against PEFT 0.21.2 (the shared bank drawn in PEFT's order),
+the trainable bank shared by all layers, `save_only_topk_weights` files both ways (compile: test_method_transforms.py).
+PEFT's own matrix rows and the tiny-model rows run in test_peft_matrix.py / test_contract.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import MODELS, make_inputs
-from method_helpers import assert_same_state, compiles_once, fresh_states, quiet
+from method_helpers import assert_same_state, fresh_states, quiet
 
 import funcpeft
 from funcpeft import testing as T
@@ -136,15 +136,7 @@ def test_topk_files_equal_peft_s_and_load_both_ways(tmp_path: Any) -> None:
         torch.testing.assert_close(merged(**x).logits, want, atol=1e-5, rtol=0)
 
 
-# -- compile, routing ---------------------------------------------------------------------------------------
-def test_fn_compiles_once_for_new_adapter_values() -> None:
-    kwargs: dict[str, Any] = dict(r=2, vector_length=4, num_vectors=6, target_modules=["lin0", "lin1"])
-    fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.VBLoRAConfig(**kwargs))
-    x = make_inputs("mlp")["x"]
-    trees = [T.random_like(fresh, torch.Generator().manual_seed(s)) for s in range(3)]
-    compiles_once(lambda a: fn(base, a, x=x), trees)
-
-
+# -- routing ------------------------------------------------------------------------------------------------
 def test_per_example_adapters_each_use_their_own_bank() -> None:
     kwargs: dict[str, Any] = dict(r=2, vector_length=4, num_vectors=6, target_modules=["lin0", "lin1"])
     fn, base, fresh = funcpeft.get_peft_model(MODELS["mlp"](), funcpeft.VBLoRAConfig(**kwargs))

@@ -87,11 +87,19 @@ class SavesInputs(torch.autograd.Function):
     """Base of the methods' memory-lean autograd Functions (PEFT's hand-written ones: LoHa, RandLoRA, C3A).
 
     It saves only the tensor inputs, for backward and for forward AD (`ctx.saved_tensors`), and keeps the other
-    inputs in `ctx.consts`; a subclass writes `forward` (inputs only), `backward` of plain torch ops (so double
-    backward works) and `jvp`. `generate_vmap_rule` makes vmap (ensembles, per-example routing) apply.
+    inputs in `ctx.consts`; a subclass writes `forward` (inputs only, plain torch ops), `backward` of plain torch
+    ops (so double backward works) and `jvp`. `generate_vmap_rule` makes vmap (ensembles, per-example routing)
+    apply. Call it with `run`: under torch.compile it is the plain `forward` (dynamo cannot trace a custom jvp, and
+    the compiler's own partitioner decides what to save), eagerly the Function.
     """
 
     generate_vmap_rule = True
+
+    @classmethod
+    def run(cls, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return cls.forward(*args)
+        return cls.apply(*args)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -120,7 +120,7 @@ class _BlockCircular(SavesInputs):
 
 def block_circular(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """PEFT's `BlockCircularConvolution`: x (..., n * b), kernel (m, n, b) -> (..., m * b), real."""
-    out: torch.Tensor = _BlockCircular.apply(x, kernel)
+    out: torch.Tensor = _BlockCircular.run(x, kernel)
     return out
 
 

@@ -105,7 +105,7 @@ def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
         two = torch.einsum("i j k l, j r, i p -> p r k l", p["hada_t2"], p["hada_w2_b"], p["hada_w2_a"])
         w = one * two * scale
     else:
-        w = _Hadamard.apply(p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"], scale)
+        w = _Hadamard.run(p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"], scale)
     return w.reshape(spec.weight_shape)
 
 

@@ -254,7 +254,7 @@ def scaled_bases(spec: Spec, params: Params, device: torch.device) -> tuple[torc
     n = spec.hyper.num_bases
     k, big = min(spec.in_features, spec.out_features), max(spec.in_features, spec.out_features)
     update_b = b[:big, :n, :].to(device).flatten(start_dim=1)  # (K, n * r)
-    update_a = _ScaledBasis.apply(a[:, :n, :k].to(device), lam, gamma).flatten(end_dim=1)  # (r * n, k)
+    update_a = _ScaledBasis.run(a[:, :n, :k].to(device), lam, gamma).flatten(end_dim=1)  # (r * n, k)
     if k == spec.in_features:
         return update_a, update_b
     return update_b.T, update_a.T
