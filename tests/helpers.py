@@ -10,8 +10,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 import funcpeft
 from funcpeft import testing as T
@@ -22,6 +24,24 @@ _SCALE = {"explore": 10}
 def examples(n: int) -> int:
     """A test's hypothesis example count under the active profile (10x with HYPOTHESIS_PROFILE=explore)."""
     return n * _SCALE.get(os.environ.get("HYPOTHESIS_PROFILE", ""), 1)
+
+
+def tree_leaves(tree: Any) -> list[torch.Tensor]:
+    """optree.tree_leaves of a tensor tree; typed here because mypy cannot match optree's recursive `PyTree[T]`
+    alias against concrete dicts and tuples."""
+    return optree.tree_leaves(tree)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """optree.tree_map over tensor trees (typed as `tree_leaves` is)."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """A transformers model's config (nn.Module's `__getattr__` types `model.config` as `Tensor | Module`)."""
+    config = model.config
+    assert isinstance(config, PretrainedConfig), f"{type(model).__name__} has no transformers config"
+    return config
 
 
 def method_pair(
