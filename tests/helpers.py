@@ -13,7 +13,7 @@ from typing import Any
 import optree
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 import funcpeft
 from funcpeft import testing as T
@@ -35,6 +35,12 @@ def tree_leaves(tree: Any) -> list[torch.Tensor]:
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """optree.tree_map over tensor trees (typed as `tree_leaves` is)."""
     return optree.tree_map(fn, tree, *rest)
+
+
+def hf(model: nn.Module) -> PreTrainedModel:
+    """`model`, checked to be a transformers model (MODELS also holds plain nn.Modules)."""
+    assert isinstance(model, PreTrainedModel), f"{type(model).__name__} is not a transformers model"
+    return model
 
 
 def hf_config(model: nn.Module) -> PretrainedConfig:
