@@ -8,7 +8,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import optree
 import torch
@@ -35,6 +35,20 @@ def tree_leaves(tree: Any) -> list[torch.Tensor]:
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """optree.tree_map over tensor trees (typed as `tree_leaves` is)."""
     return optree.tree_map(fn, tree, *rest)
+
+
+_T = TypeVar("_T")
+
+
+def msg_prefixed(prefix: str) -> Callable[[str], str]:
+    """A `torch.testing.assert_close(msg=...)` that puts `prefix` (e.g. the checked key) before torch's message."""
+    return lambda message: f"{prefix}: {message}"
+
+
+def as_type(value: object, cls: type[_T]) -> _T:
+    """`value`, checked to be a `cls`: narrows a base-typed value (e.g. `fpm.peft_config[name]`) for mypy."""
+    assert isinstance(value, cls), f"expected a {cls.__name__}, got {type(value).__name__}"
+    return value
 
 
 def hf(model: nn.Module) -> PreTrainedModel:
