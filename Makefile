@@ -22,7 +22,7 @@ run: env
 lint: env
 	$(BIN)/ruff check funcpeft tests examples benchmarks notebooks
 	$(BIN)/ruff format --check funcpeft tests examples benchmarks notebooks
-	$(BIN)/mypy funcpeft
+	$(BIN)/mypy funcpeft tests
 
 test: lint
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

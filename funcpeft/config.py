@@ -631,7 +631,7 @@ class LoraConfig(PeftConfig):
     target_parameters: list[str] | set[str] | None = None
     use_bdlora: dict | None = None
     arrow_config: ArrowConfig | dict | None = None
-    kasa_config: dict | None = None
+    kasa_config: KasaConfig | dict | None = None
     ensure_weight_tying: bool = False
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA

@@ -157,6 +157,10 @@ def preprocess_corda(
         run_model: called once as `run_model(forward)`; `forward` is the model's call. Needed unless the config's
             cache_file or covariance_file already exists.
         hooked_model: another model to take the layer inputs from (PEFT's argument of that name).
+
+    Returns:
+        `{module path: CordaEigens}` for every targeted linear layer, cropped to the layer's rank r: S_WC (r,),
+        U_WC (out, r), V_WC (in, r). Written to the config's cache_file when one is set.
     """
     cfg = _corda_config(lora_config)
     targets = linear_targets(model, lora_config)

@@ -179,13 +179,26 @@ def get_eva_state_dict(
     gather_distributed_inputs: bool = True,
     show_progress_bar: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """`{module path: components (rank, in)}`: each adapted linear layer's top input components after EVA's
-    rank redistribution (PEFT's `get_eva_state_dict`). The base model (`base`, no adapter) runs on the batches.
+    """Each adapted linear layer's top input components after EVA's rank redistribution (PEFT's
+    `get_eva_state_dict`). The base model (`base`, no adapter) runs on the batches; nothing is modified.
 
-    forward_fn(model, inputs): runs one batch; `model` is the model's call (default: `model(**inputs)`).
-    prepare_model_inputs_fn(inputs, config) / prepare_layer_inputs_fn(layer_input, model_input, layer_name):
-    PEFT's hooks choosing the rows (n, in) of each layer's input used for the SVD (a dict of the latter maps
-    module paths to functions).
+    Args:
+        pm: a FunctionalPeftModel whose adapter `adapter_name` has init_lora_weights="eva".
+        base: `{param_name: Tensor}`, the base tree the batches run on (usually `pm.base`).
+        dataloader: a sized iterable of batches (PEFT's `dataloader`); must not be empty.
+        forward_fn: `forward_fn(model, inputs)` runs one batch; `model` is the model's call (default:
+            `model(**inputs)`).
+        prepare_model_inputs_fn: `(inputs, config) -> model_input`, PEFT's hook run once per batch (default:
+            the language-modelling one, which keeps the attention mask's non-padding positions).
+        prepare_layer_inputs_fn: `(layer_input, model_input, layer_name) -> (n, in)` rows of a layer's input
+            used for the SVD, or a dict mapping module paths to such functions.
+        adapter_name: the adapter whose config (eva_config, r, rank_pattern) and plan are used.
+        gather_distributed_inputs: under torch.distributed, gather the rows of all ranks (PEFT's warning).
+        show_progress_bar: print a tqdm progress bar over the batches.
+
+    Returns:
+        `{module path: components (new_rank, in)}`, the rows of lora_A for each adapted linear layer; ranks
+        follow EVA's redistribution (a layer given rank 0 is no longer adapted).
     """
     config = pm.peft_config[adapter_name]
     eva = _eva_config(config)
@@ -344,6 +357,20 @@ def initialize_lora_eva_weights(
     PEFT's warning. `pm.peft_config[adapter_name]` and `pm.plans[adapter_name]` are replaced by the updated config
     (rank_pattern, alpha_pattern, target_modules) and its plan, so that `pm.fn` and `pm.save_pretrained` take the
     returned tree. `eva_state_dict` (from `get_eva_state_dict`) skips the data pass. The model is not modified.
+
+    Args:
+        pm: a FunctionalPeftModel whose adapter `adapter_name` has init_lora_weights="eva".
+        base: `{param_name: Tensor}`, the base tree the batches run on (usually `pm.base`).
+        dataloader: the batches (see `get_eva_state_dict`); required unless `eva_state_dict` is given.
+        eva_state_dict: `{module path: components (new_rank, in)}` from `get_eva_state_dict`.
+        forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn, gather_distributed_inputs,
+            show_progress_bar: as in `get_eva_state_dict`.
+        adapter_name: the adapter to initialise.
+        generator: the random generator for the fresh (non-EVA) layers' init.
+
+    Returns:
+        The adapter tree `{module path: {"lora_A": (new_rank, in), "lora_B": (out, new_rank), ...}}` for the
+        updated config now in `pm.peft_config[adapter_name]`.
     """
     config = pm.peft_config[adapter_name]
     if not isinstance(config, LoraConfig) or init_mode(config.init_lora_weights) != "eva":

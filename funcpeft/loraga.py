@@ -72,6 +72,11 @@ def preprocess_loraga(
             Needed unless `cache_file` exists.
         cache_file: PEFT's gradient cache (torch.save of `{f"{path}._peft_loraga_grad": grad}`): read when it
             exists, else written after the estimation.
+
+    Returns:
+        `{module path: gradient}` for every targeted nn.Linear / Conv1D layer: the mean gradient of its weight, in
+        the weight's shape and layout ((out, in); (in, out) for Conv1D), or None for a layer no backward pass
+        reached.
     """
     if not isinstance(lora_config, LoraConfig) or lora_config.lora_ga_config is None:
         raise ValueError(

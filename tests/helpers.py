@@ -8,10 +8,12 @@ import io
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import optree
 import torch
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 import funcpeft
 from funcpeft import testing as T
@@ -22,6 +24,44 @@ _SCALE = {"explore": 10}
 def examples(n: int) -> int:
     """A test's hypothesis example count under the active profile (10x with HYPOTHESIS_PROFILE=explore)."""
     return n * _SCALE.get(os.environ.get("HYPOTHESIS_PROFILE", ""), 1)
+
+
+def tree_leaves(tree: Any) -> list[torch.Tensor]:
+    """optree.tree_leaves of a tensor tree; typed here because mypy cannot match optree's recursive `PyTree[T]`
+    alias against concrete dicts and tuples."""
+    return optree.tree_leaves(tree)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """optree.tree_map over tensor trees (typed as `tree_leaves` is)."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+_T = TypeVar("_T")
+
+
+def msg_prefixed(prefix: str) -> Callable[[str], str]:
+    """A `torch.testing.assert_close(msg=...)` that puts `prefix` (e.g. the checked key) before torch's message."""
+    return lambda message: f"{prefix}: {message}"
+
+
+def as_type(value: object, cls: type[_T]) -> _T:
+    """`value`, checked to be a `cls`: narrows a base-typed value (e.g. `fpm.peft_config[name]`) for mypy."""
+    assert isinstance(value, cls), f"expected a {cls.__name__}, got {type(value).__name__}"
+    return value
+
+
+def hf(model: nn.Module) -> PreTrainedModel:
+    """`model`, checked to be a transformers model (MODELS also holds plain nn.Modules)."""
+    assert isinstance(model, PreTrainedModel), f"{type(model).__name__} is not a transformers model"
+    return model
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """A transformers model's config (nn.Module's `__getattr__` types `model.config` as `Tensor | Module`)."""
+    config = model.config
+    assert isinstance(config, PretrainedConfig), f"{type(model).__name__} has no transformers config"
+    return config
 
 
 def method_pair(

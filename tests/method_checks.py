@@ -106,9 +106,12 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
 def _saved_bytes(fn: Any, xs: Sequence[torch.Tensor]) -> list[int]:
     """The sizes in bytes of the tensors autograd saves for backward when `fn(*xs)` runs."""
     saved: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
-    ):
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*xs)
     return saved
 

@@ -165,7 +165,9 @@ def test_a_peft_model_is_refused() -> None:
     with pytest.raises(TypeError, match="PEFT-wrapped model"):
         funcpeft.get_peft_model(wrapped, funcpeft.LoraConfig(r=2, target_modules=["lora_A"]))
     with pytest.raises(TypeError, match="PEFT-wrapped model"):
-        funcpeft.get_peft_model(wrapped.base_model.model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+        funcpeft.get_peft_model(
+            wrapped.get_submodule("base_model.model"), funcpeft.LoraConfig(r=2, target_modules=["q_proj"])
+        )
 
 
 def test_repr_is_short(llama: tuple[Any, ...]) -> None:
@@ -176,7 +178,7 @@ def test_repr_is_short(llama: tuple[Any, ...]) -> None:
 
 def test_weight_norm_layers_are_refused_by_name() -> None:
     model = MODELS["mlp"]()
-    torch.nn.utils.parametrizations.weight_norm(model.lin0)
+    torch.nn.utils.parametrizations.weight_norm(model.get_submodule("lin0"))
     with pytest.raises(NotImplementedError, match=r"'lin0'.*parametrization \(\['_WeightNorm'\]"):
         funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["lin0"]))
 

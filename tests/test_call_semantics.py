@@ -14,20 +14,23 @@ import copy
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import optree
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MODELS, assert_unchanged, snapshot
+from helpers import MODELS, assert_unchanged, hf, snapshot
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
+
+if TYPE_CHECKING:
+    from transformers.models.llama.modeling_llama import LlamaAttention
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:fan_in_fan_out", "ignore:.*gradient_checkpointing_enable.*:FutureWarning"
@@ -74,7 +77,7 @@ class CkptPair:
     """funcpeft and PEFT on copies of one tiny model with checkpointing on, one random adapter, lora_dropout>0."""
 
     def __init__(self, kind: str, reentrant: bool | None, when: str, dropout: float = 0.2):
-        model = MODELS[kind]()
+        model = hf(MODELS[kind]())
         kw = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
         cfg: dict[str, Any] = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
         twin = copy.deepcopy(model)
@@ -134,7 +137,7 @@ def _recompute_counter(model: nn.Module) -> list[int]:
     A pre-hook: the recompute stops (torch's early_stop) inside the MLP's last op, before forward hooks run.
     """
     calls = [0]
-    mlp = model.model.layers[0].mlp if hasattr(model, "model") else model.transformer.h[0].mlp
+    mlp = model.get_submodule("model.layers.0.mlp" if hasattr(model, "model") else "transformer.h.0.mlp")
 
     def hook(module: nn.Module, args: Any) -> None:
         calls[0] += 1
@@ -371,7 +374,7 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     model = MODELS["llama"]()
     twin = copy.deepcopy(model)
     seen: dict[str, list[torch.Tensor]] = {}
-    layer = model.model.layers[1]
+    layer = model.get_submodule("model.layers.1")
 
     def hook(module: nn.Module, args: Any, out: Any) -> None:
         seen.setdefault(threading.current_thread().name, []).append(
@@ -387,7 +390,7 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     ref = peft.get_peft_model(twin, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     T.copy_into_peft(ref, adapter, fn.plans["default"])
     want: list[torch.Tensor] = []
-    ref.base_model.model.model.layers[1].register_forward_hook(
+    ref.get_submodule("base_model.model.model.layers.1").register_forward_hook(
         lambda m, a, o: want.append((o[0] if isinstance(o, tuple) else o).detach())
     )
 
@@ -422,8 +425,8 @@ def test_kwargs_pre_hook_and_attribute_changes_apply_in_every_thread() -> None:
     ids = _ids()
     with torch.no_grad():
         before = fn(base, adapter, input_ids=ids).logits
-    attn = model.model.layers[0].self_attn
-    handle = model.model.layers[0].register_forward_pre_hook(
+    attn = cast("LlamaAttention", model.get_submodule("model.layers.0.self_attn"))
+    handle = model.get_submodule("model.layers.0").register_forward_pre_hook(
         lambda m, args, kwargs: (
             ((args[0] * 2,), kwargs) if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 2})
         ),

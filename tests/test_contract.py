@@ -425,4 +425,5 @@ def test_a_new_method_is_one_registration(half_lora: Method) -> None:
         assert isinstance(back_config, HalfLoraConfig)
         assert all(torch.equal(back[p][k], tree[p][k]) for p in tree for k in tree[p])
         assert os.path.isfile(os.path.join(d, "adapter_config.json"))
-    assert math.isclose(pm.plans["default"]["model.layers.0.self_attn.q_proj"].spec.hyper.scaling, 2.0)
+    spec = pm.plans["default"]["model.layers.0.self_attn.q_proj"].spec
+    assert spec is not None and math.isclose(spec.hyper.scaling, 2.0)

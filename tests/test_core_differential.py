@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import MODELS, Pair, capture_stdout, funcpeft_lora_modules, out_tensor, peft_lora_modules
+from helpers import MODELS, Pair, as_type, capture_stdout, funcpeft_lora_modules, out_tensor, peft_lora_modules
 
 import funcpeft
 from funcpeft import testing as T
@@ -97,6 +97,7 @@ def test_targets_and_counts_match_peft(pair: Pair) -> None:
 def test_resolved_config_matches_peft(pair: Pair) -> None:
     ours = pair.fpm.peft_config["default"]
     theirs = pair.peft_model.peft_config["default"]
+    assert isinstance(ours, funcpeft.LoraConfig)
     for f in dataclasses.fields(ours):
         if f.name in SKIP_FIELDS:
             continue
@@ -111,7 +112,7 @@ def test_conv1d_fan_in_fan_out_warning_matches_peft(pair: Pair) -> None:
     assert fan_in_warnings(pair.f_warnings) == fan_in_warnings(pair.p_warnings)
     if pair.kind == "gpt2":
         assert fan_in_warnings(pair.f_warnings), "GPT-2 Conv1D targets must force fan_in_fan_out with a warning"
-        assert pair.fpm.peft_config["default"].fan_in_fan_out is True
+        assert as_type(pair.fpm.peft_config["default"], funcpeft.LoraConfig).fan_in_fan_out is True
 
 
 def test_user_config_not_mutated() -> None:
@@ -120,12 +121,14 @@ def test_user_config_not_mutated() -> None:
     with pytest.warns(UserWarning, match="fan_in_fan_out"):
         fpm = funcpeft.get_peft_model(MODELS["gpt2"](), config)
     assert dataclasses.asdict(config) == before
-    assert fpm.peft_config["default"].fan_in_fan_out is True
+    assert as_type(fpm.peft_config["default"], funcpeft.LoraConfig).fan_in_fan_out is True
 
 
 def test_all_linear_compression_happened() -> None:
     """At >= 20 matched modules PEFT stores suffixes instead of full names; check the case really covers it."""
-    ours = Pair("llama3", CASES["llama3-all-linear-compressed"][1]).fpm.peft_config["default"].target_modules
+    ours = as_type(
+        Pair("llama3", CASES["llama3-all-linear-compressed"][1]).fpm.peft_config["default"], funcpeft.LoraConfig
+    ).target_modules
     assert ours == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 

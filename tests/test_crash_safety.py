@@ -117,6 +117,8 @@ class Steps:
     = a writer writes half its bytes then os._exit, 'raise' = an OSError at the step.
     """
 
+    names: list[str]
+
     def __init__(self, directory: Path, at: int | None, how: str) -> None:
         self.directory, self.at, self.how, self.names = str(directory), at, how, []
 
@@ -325,7 +327,7 @@ def test_peft_reads_funcpeft_files_without_warnings(adapters: Adapters, tmp_path
     T.copy_into_peft(ref, adapters.trees[1], adapters.fpms[1].plans["default"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref.save_pretrained(tmp_path / "peft")
+        ref.save_pretrained(str(tmp_path / "peft"))
     caught = {}
     for which in ("peft", "funcpeft"):
         with warnings.catch_warnings(record=True) as w:
@@ -338,4 +340,5 @@ def test_peft_reads_funcpeft_files_without_warnings(adapters: Adapters, tmp_path
     for path, entry in adapters.trees[1].items():
         for key, value in entry.items():
             assert torch.equal(named[T.peft_param_name(path, key, plan[path])], value.detach())
-    assert pm.peft_config["default"].lora_alpha == 16
+    config = pm.peft_config["default"]
+    assert isinstance(config, peft.LoraConfig) and config.lora_alpha == 16

@@ -59,7 +59,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             sent.append(tensor.numel())
             return real_all_reduce(tensor, *args, **kwargs)
 
-        dist.all_reduce = counting_all_reduce  # type: ignore[assignment]  (this worker process only)
+        dist.all_reduce = counting_all_reduce  # this worker process only
         trained = _train(fn, base, adapter, D.shard(ids), reduce=D.all_reduce_grads)
         torch.save({"adapter": trained, "sent": sent}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -33,8 +33,9 @@ def llama() -> torch.nn.Module:
     ("field", "close"), [("lora_alhpa", "lora_alpha"), ("target_module", "target_modules"), ("rank", None)]
 )
 def test_unknown_config_field_is_a_type_error_with_close_matches(field: str, close: str | None) -> None:
+    unknown: dict[str, Any] = {field: 1}
     with pytest.raises(TypeError, match=re.escape(field)) as info:
-        funcpeft.LoraConfig(**{field: 1})
+        funcpeft.LoraConfig(**unknown)
     if close is not None:
         assert close in str(info.value)
 
@@ -74,7 +75,7 @@ def test_unimplemented_options_are_not_implemented_errors(kwargs: dict[str, Any]
 
 # Wrong types, for every config class, derived from the field annotations: the value each scalar kind must refuse.
 CONFIG_CLASSES = [funcpeft.LoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig]
-WRONG = {
+WRONG: dict[type, list[Any]] = {
     float: ["16", True, None, [1.0]],
     int: ["8", True, 2.5, None],
     bool: ["false", "true", 0, 1, None],

@@ -13,8 +13,8 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import optree
 import pytest
@@ -28,6 +28,9 @@ from funcpeft import io as fio
 from funcpeft import optim
 from funcpeft import testing as T
 from funcpeft.grad import value_and_grad
+
+if TYPE_CHECKING:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
 
@@ -119,7 +122,7 @@ def _peft_twin(pm: Any, adapter: Any) -> Any:
 
     twin = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules="all-linear")).eval()
     T.copy_into_peft(twin, adapter, pm.plans[pm.adapter_name])
-    for layer in twin.base_model.model.model.layers:
+    for layer in cast("Sequence[LlamaDecoderLayer]", twin.get_submodule("base_model.model.model.layers")):
         fully_shard(layer)
     fully_shard(twin)
     return twin
@@ -145,11 +148,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     writes: list[str] = []
     real_write = fio.write_files_atomically
 
-    def recording_write(writers: Any, **kwargs: Any) -> None:
+    def recording_write(writers: Mapping[str, Callable[[str], None]], fsync: bool = True) -> None:
         writes.extend(writers)
-        real_write(writers, **kwargs)
+        real_write(writers, fsync)
 
-    fio.write_files_atomically = recording_write  # type: ignore[assignment]  (this worker process only)
+    fio.write_files_atomically = recording_write  # this worker process only
     try:
         ids = D.shard(_ids())
         pms = {}
@@ -163,7 +166,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             res[f"{name}/loss"] = loss / WORLD
         pm = pms["lora"]
         res["bytes"] = D.local_bytes(pm.base)
-        layers = pm.model.model.layers
+        layers = cast("Sequence[LlamaDecoderLayer]", pm.model.get_submodule("model.layers"))
         gathered: list[int] = []  # how many decoder layers hold whole weights, seen as each layer starts
         for layer in layers:
             layer.input_layernorm.register_forward_pre_hook(
@@ -195,7 +198,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         # gradient checkpointing with dropout: each layer recomputed in backward, with the adapter and the same masks
         pm_gc = funcpeft.get_peft_model(D.shard_base(_model(checkpointing=True)), GC_CONFIG())
         calls: list[int] = []
-        pm_gc.model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+        pm_gc.model.get_submodule("model.layers.1.self_attn.q_proj").register_forward_hook(lambda *a: calls.append(1))
         loss, grads = _loss_and_grads(pm_gc, _adapter(pm_gc), ids, seed=7)
         res["gc/grads"], res["gc/calls"] = D.all_reduce_grads(grads), len(calls)
 
@@ -221,10 +224,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["err/sharded_after"] = _error(lambda: late.fn(late.base, adapter, input_ids=ids))
         res["err/plain_base"] = _error(lambda: call({**pm.base, **late.base}))  # late.base: captured before sharding
         res["err/other_model"] = _error(lambda: call(pms["dora"].base))  # the same sharding, another model's shards
-        from torch.distributed.tensor import Replicate, distribute_tensor
+        from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
         key = "model.layers.2.self_attn.q_proj.weight"
-        replicated = distribute_tensor(pm.base[key].full_tensor(), pm.base[key].device_mesh, [Replicate()])
+        sharded = cast(DTensor, pm.base[key])
+        replicated = distribute_tensor(sharded.full_tensor(), sharded.device_mesh, [Replicate()])
         res["err/other_sharding"] = _error(lambda: call({**pm.base, key: replicated}))
         path = "model.layers.1.mlp.up_proj"
         as_dtensor = {
@@ -235,7 +239,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             },
         }
         res["err/dtensor_leaf"] = _error(lambda: call(pm.base, as_dtensor))
-        weight = pm.model.model.layers[0].mlp.gate_proj.weight
+        weight = cast(torch.nn.Linear, pm.model.get_submodule("model.layers.0.mlp.gate_proj")).weight
         weight.requires_grad_(True)
         res["err/trainable_base"] = _error(lambda: call(pm.base))
         weight.requires_grad_(False)

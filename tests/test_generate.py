@@ -10,7 +10,7 @@ import copy
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peft
 import pytest
@@ -19,6 +19,9 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -94,7 +97,7 @@ def test_tokens_equal_peft_on_llama(method: str, mode: dict[str, Any]) -> None:
 @pytest.mark.parametrize("build, targets", [(T.tiny_gpt2, ["c_attn"]), (T.tiny_t5, ["q", "v"])], ids=["gpt2", "t5"])
 @pytest.mark.parametrize("mode", [GREEDY, BEAMS], ids=["greedy", "beams"])
 def test_tokens_equal_peft_on_gpt2_and_t5(
-    build: Callable[[], nn.Module], targets: list[str], mode: dict[str, Any]
+    build: Callable[[], PreTrainedModel], targets: list[str], mode: dict[str, Any]
 ) -> None:
     model = build()
     pm, tree, twin = _pair(model, "LoraConfig", {"r": 4, "target_modules": targets, "init_lora_weights": False})
@@ -138,7 +141,7 @@ def test_per_example_routing_follows_beams() -> None:
     pm, tree, _ = _pair(model, *METHODS["lora"])
     other = T.random_like(tree, torch.Generator().manual_seed(3))
     stacked = funcpeft.stack_adapters([tree, other])
-    kw = {**_prompts(model.config.vocab_size), "max_new_tokens": 5, "pad_token_id": 0, **BEAMS}
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 5, "pad_token_id": 0, **BEAMS}
     got = pm.generate(pm.base, funcpeft.per_example(stacked, [1, -1, 0]), **kw)
     for i, t in [(1, None), (2, tree)]:
         alone = pm.generate(pm.base, t, **{**kw, **{k: kw[k][i : i + 1] for k in ("input_ids", "attention_mask")}})

@@ -20,7 +20,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from helpers import MODELS, Pair, assert_unchanged, examples, make_inputs, out_tensor, snapshot
+from helpers import MODELS, Pair, assert_unchanged, examples, hf, make_inputs, out_tensor, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -197,7 +197,7 @@ def test_non_default_adapter_name_goes_to_a_subdirectory(tmp_path: Path) -> None
 
 
 # -- round trips -----------------------------------------------------------------------------------------------
-ROUND_TRIP_CONFIGS = [
+ROUND_TRIP_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("llama", dict(r=4, target_modules=["embed_tokens", "q_proj", "down_proj"], rank_pattern={"down_proj": 2})),
     ("llama", dict(r=2, target_modules="all-linear", use_rslora=True, lora_alpha=5)),
     ("bert", dict(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], bias="all")),
@@ -279,7 +279,7 @@ def test_saved_embedding_weight_is_used_like_peft(tmp_path: Path) -> None:
     """PEFT saves the targeted embedding's base weight and loading writes it into the model: funcpeft puts it in `base`."""
     pair = Pair(*CASES["llama-embed-tokens"])
     with torch.no_grad():
-        pair.peft_model.base_model.model.model.embed_tokens.base_layer.weight.mul_(1.5)
+        pair.peft_model.get_parameter("base_model.model.model.embed_tokens.base_layer.weight").mul_(1.5)
     _quiet(pair.peft_model.save_pretrained, tmp_path)
     snap = snapshot(pair.model)
     fpm = funcpeft.from_pretrained(pair.model, tmp_path)
@@ -288,7 +288,7 @@ def test_saved_embedding_weight_is_used_like_peft(tmp_path: Path) -> None:
         want = out_tensor(peft_loaded(**pair.inputs))
         got = out_tensor(fpm.fn(fpm.base, fpm.adapter, **pair.inputs))
     assert (got - want).abs().max().item() <= 1e-5
-    assert not torch.equal(fpm.base["model.embed_tokens.weight"], pair.model.model.embed_tokens.weight)
+    assert not torch.equal(fpm.base["model.embed_tokens.weight"], pair.model.get_parameter("model.embed_tokens.weight"))
     assert_unchanged(pair.model, snap)
     with pytest.warns(UserWarning, match="base-model weights that differ"):
         funcpeft.load_adapter(tmp_path, model=pair.model)
@@ -298,7 +298,7 @@ def test_resized_vocabulary_saves_embeddings_like_peft(tmp_path: Path) -> None:
     """PEFT's other save_embedding_layers="auto" trigger: vocab_size differs from the base model's config.json."""
     from transformers import AutoModelForCausalLM
 
-    MODELS["llama"]().save_pretrained(tmp_path / "base")
+    hf(MODELS["llama"]()).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model.resize_token_embeddings(T.VOCAB + 8)
     config: dict[str, Any] = dict(r=4, target_modules=["q_proj"])
@@ -570,7 +570,8 @@ def test_a_named_adapter_that_is_not_there_lists_what_is(llama_dir: tuple[Pair, 
     pair, src = llama_dir
     root = _copy_dir(src, tmp_path / "root")
     funcpeft.save_adapter(root, pair.adapter, pair.fpm.peft_config["default"], "second", model=pair.model)
-    for kwargs in ({}, {"model": pair.model}):
+    with_and_without_model: list[dict[str, Any]] = [{}, {"model": pair.model}]
+    for kwargs in with_and_without_model:
         with pytest.raises(FileNotFoundError) as info:
             funcpeft.load_adapter(root, "third", **kwargs)
         msg = str(info.value)

@@ -94,7 +94,7 @@ def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
 def _imports(module: str) -> list[tuple[str, ast.ImportFrom, bool]]:
     """(imported funcpeft module, node, inside a function) for every funcpeft import of `module`."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
-    out = []
+    out: list[tuple[str, ast.ImportFrom, bool]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):

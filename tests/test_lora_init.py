@@ -21,7 +21,7 @@ import textwrap
 import types
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -34,6 +34,9 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import _loftq
 from funcpeft.methods.base import UnsupportedLayerError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 TOL = 1e-5
 BATCHES = [torch.randint(1, T.VOCAB, (1, 10), generator=torch.Generator().manual_seed(i)) for i in range(5)]
@@ -74,7 +77,7 @@ def _peft_layer_weights(twin: nn.Module) -> dict[str, torch.Tensor]:
 
 def assert_equal_to_peft(pm: Any, twin: nn.Module, model: nn.Module, *, changes_base: bool) -> None:
     """pm's fresh adapter and base weights equal PEFT's (<= TOL); the base changed exactly where PEFT's did."""
-    named = dict(twin.named_parameters())
+    named: dict[str, torch.Tensor] = dict(twin.named_parameters())
     plan = pm.plans["default"]
     for path, entry in pm.adapter.items():
         for key, ours in entry.items():
@@ -93,7 +96,7 @@ def assert_equal_to_peft(pm: Any, twin: nn.Module, model: nn.Module, *, changes_
 
 def _pair(
     kind: str, kwargs: dict[str, Any], init_data: Any = None, seed: int = 3
-) -> tuple[Any, nn.Module, nn.Module, dict]:
+) -> tuple[funcpeft.FunctionalPeftModel, PeftModel, nn.Module, dict]:
     """(funcpeft pm, PEFT twin, model, model snapshot before), both from the same global RNG state."""
     import peft
 
@@ -152,7 +155,7 @@ def test_second_pissa_adapter_decomposes_the_first_ones_residual() -> None:
     with _quiet():
         tree = pm.add_adapter("second", funcpeft.LoraConfig(**kwargs))
         twin.add_adapter("second", _peft_config(kwargs))
-    named = dict(twin.named_parameters())
+    named: dict[str, torch.Tensor] = dict(twin.named_parameters())
     for path, entry in tree.items():
         for key, ours in entry.items():
             theirs = named[T.peft_param_name(path, key, pm.plans["second"][path], "second")]
@@ -378,9 +381,9 @@ def test_lora_ga_layer_without_gradient_falls_back_like_peft() -> None:
         )
         grads["lm_head"] = None
         pm = funcpeft.get_peft_model(model, funcpeft.LoraConfig(**kwargs), init_data=grads)
-    assert torch.equal(pm.base["lm_head.weight"], model.lm_head.weight)
+    assert torch.equal(pm.base["lm_head.weight"], model.get_parameter("lm_head.weight"))
     assert not torch.equal(
-        pm.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight
+        pm.base["model.layers.0.self_attn.q_proj.weight"], model.get_parameter("model.layers.0.self_attn.q_proj.weight")
     )
     assert bool((pm.adapter["lm_head"]["lora_B"] == 0).all()) and not bool((pm.adapter["lm_head"]["lora_A"] == 0).all())
 
@@ -424,8 +427,11 @@ def test_eva_equals_peft(kind: str, targets: list[str], rho: float, tmp_path: An
                 value, named[T.peft_param_name(path, key, pm.plans["default"][path])].detach(), atol=TOL, rtol=0
             )
     ours_c, theirs_c = pm.peft_config["default"], twin.peft_config["default"]
+    assert isinstance(ours_c, funcpeft.LoraConfig) and isinstance(theirs_c, peft.LoraConfig)
     assert ours_c.rank_pattern == theirs_c.rank_pattern and ours_c.alpha_pattern == theirs_c.alpha_pattern
-    assert set(ours_c.target_modules) == set(theirs_c.target_modules)
+    ours_t, theirs_t = ours_c.target_modules, theirs_c.target_modules
+    assert isinstance(ours_t, (list, set)) and isinstance(theirs_t, (list, set))
+    assert set(ours_t) == set(theirs_t)
     if kind == "llama":
         assert len(set(ours_c.rank_pattern.values())) > 1, "the case should redistribute ranks"
     ids = data[0]["input_ids"]
@@ -490,7 +496,9 @@ def test_residual_plus_adapter_is_the_original_weight(
             ),
         )
     a, b = pm.adapter["lin"]["lora_A"].detach(), pm.adapter["lin"]["lora_B"].detach()
-    s = pm.plans["default"]["lin"].spec.hyper.scaling
+    spec = pm.plans["default"]["lin"].spec
+    assert spec is not None
+    s = spec.hyper.scaling
     torch.testing.assert_close(pm.base["lin.weight"] + s * b @ a, model.lin.weight.detach(), atol=1e-5, rtol=1e-5)
     if init == "pissa":  # the residual holds the minor singular values only
         sv = torch.linalg.svdvals(model.lin.weight.detach())
@@ -527,6 +535,7 @@ def test_corda_and_lora_ga_residual_laws() -> None:
     for pm in (pm_c, pm_g):
         for path, entry in pm.adapter.items():
             spec = pm.plans["default"][path].spec
+            assert spec is not None
             delta = spec.hyper.scaling * (entry["lora_B"] @ entry["lora_A"]).detach().T  # Conv1D layout
             torch.testing.assert_close(
                 pm.base[f"{path}.weight"] + delta, dict(model.named_parameters())[f"{path}.weight"], atol=1e-5, rtol=0
@@ -632,14 +641,15 @@ def test_from_pretrained_reapplies_pissa_like_peft(tmp_path: Any) -> None:
     for name, w in _peft_layer_weights(theirs).items():
         assert torch.equal(ours.base[name], w), name
     assert not torch.equal(
-        ours.base["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.weight
+        ours.base["model.layers.0.self_attn.q_proj.weight"],
+        model.get_parameter("model.layers.0.self_attn.q_proj.weight"),
     )
     assert_unchanged(model, snap)
 
 
 # -- configs and errors -----------------------------------------------------------------------------------------
 def test_sub_configs_serialise_like_peft() -> None:
-    cases = [
+    cases: list[dict[str, Any]] = [
         dict(init_lora_weights="eva", eva_config={"rho": 1.5}),
         dict(init_lora_weights="corda", corda_config={"corda_method": "kpm"}),
         dict(init_lora_weights="lora_ga", lora_ga_config={"direction": "ArBr"}),
@@ -730,7 +740,7 @@ def test_init_data_for_unknown_modules_is_refused() -> None:
 
 
 # -- training: outputs and gradients on the new base weights ---------------------------------------------------
-TRAIN = [
+TRAIN: list[tuple[str, str, dict[str, Any]]] = [
     ("llama", "pissa", {}),
     ("llama", "olora", {}),
     ("llama", "orthogonal", {}),

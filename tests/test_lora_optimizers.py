@@ -16,7 +16,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import examples
+from helpers import examples, hf_config, tree_leaves
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer, create_riemannian_optimizer
@@ -34,7 +34,7 @@ def _batches(model: torch.nn.Module, n: int = STEPS) -> list[dict[str, torch.Ten
     out = []
     for _ in range(n):
         ids = torch.randint(1, T.VOCAB, (2, 8), generator=g)
-        labels = ids if model.config.model_type == "llama" else torch.randint(0, 3, (2,), generator=g)
+        labels = ids if hf_config(model).model_type == "llama" else torch.randint(0, 3, (2,), generator=g)
         out.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -88,10 +88,10 @@ def _train_both(
     return worst
 
 
-LLAMA = dict(
+LLAMA: dict[str, Any] = dict(
     r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}
 )
-BERT = dict(
+BERT: dict[str, Any] = dict(
     r=4,
     target_modules=["query", "value", "word_embeddings"],
     task_type="SEQ_CLS",
@@ -276,11 +276,11 @@ def test_transforms_are_pure_and_states_are_trees(make: Callable[[Any], optim.Gr
     opt = make(pm)
     _, grads = funcpeft.value_and_grad(lambda a: pm.fn(pm.base, a, **_batches(pm.model, 1)[0]).loss)(adapter)
     state = opt.init(adapter)
-    snap = [t.clone() for t in optree.tree_leaves((adapter, grads, state))]
+    snap = [t.clone() for t in tree_leaves((adapter, grads, state))]
     first = opt.update(grads, state, adapter)
     again = opt.update(grads, state, adapter)
-    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves((adapter, grads, state)), snap))
-    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(first), optree.tree_leaves(again)))
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves((adapter, grads, state)), snap))
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(first), tree_leaves(again)))
     assert all(isinstance(t, torch.Tensor) for t in optree.tree_leaves(first[1]))
     assert optree.tree_structure(first[0]) == optree.tree_structure(adapter)
 

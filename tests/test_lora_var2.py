@@ -12,13 +12,13 @@ import copy
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import hypothesis.strategies as st
 import peft
 import pytest
 import torch
-from helpers import examples
+from helpers import examples, msg_prefixed
 from hypothesis import given, settings
 from method_helpers import assert_same_state, quiet
 from peft.utils import get_peft_model_state_dict
@@ -33,13 +33,18 @@ import funcpeft.io
 from funcpeft._replicate import PEFT_MERGE_ERROR
 from funcpeft.methods import monteclora, velora
 
-X = models.inputs("MLP")
-X2 = {"X": torch.arange(90).flip(0).view(9, 10) % 13}  # another batch (batch_average_once keeps the first one's)
+if TYPE_CHECKING:
+    from peft.tuners.lora.monteclora import MontecloraSampler
+
+X: dict[str, Any] = models.inputs("MLP")  # typed Any: passed as **kwargs next to velora_update's own options
+# another batch (batch_average_once keeps the first one's)
+X2: dict[str, Any] = {"X": torch.arange(90).flip(0).view(9, 10) % 13}
 
 
 def _mlp() -> nn.Module:
     model = models.build("MLP")
-    model.drop.p = 0.0  # the model's own dropout would draw from different streams in PEFT and funcpeft
+    # the model's own dropout would draw from different streams in PEFT and funcpeft
+    cast(nn.Dropout, model.get_submodule("drop")).p = 0.0
     return model
 
 
@@ -65,7 +70,7 @@ def _same_grads(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor
     assert keys == {k for k in got if not any(k.endswith(f".{n}") for n in frozen)}, (sorted(got), sorted(want))
     assert keys, "no gradients compared"
     for k in sorted(keys):
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=msg_prefixed(k))
 
 
 # -- VeLoRA ---------------------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def test_velora_training_matches_peft(init_type: str, tmp_path: Any) -> None:
     a, b = load_file(f"{ours}/adapter_model.safetensors"), load_file(f"{theirs}/adapter_model.safetensors")
     assert set(a) == set(b) and any(k.endswith(velora.EMBED) for k in a)
     for k in b:
-        torch.testing.assert_close(a[k], b[k], atol=1e-7, rtol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=1e-7, rtol=1e-6, msg=msg_prefixed(k))
     back = quiet(funcpeft.from_pretrained, _mlp(), ours)
     torch.testing.assert_close(_our_embeds(back, back.base), _peft_embeds(pm), atol=1e-7, rtol=1e-6)
 
@@ -181,7 +186,8 @@ def _feed_peft_sampler(pm: nn.Module, fpm: Any, seed: int) -> None:
             continue
         params = {**fpm.adapter[path]}
         samples = monteclora.draw_samples(entry.spec, params, lambda device: g)
-        sampler = pm.get_submodule(f"base_model.model.{path}").lora_monteclora_sampler["default"].sampler
+        owner = cast("MontecloraSampler", pm.get_submodule(f"base_model.model.{path}.lora_monteclora_sampler.default"))
+        sampler = owner.sampler
         sampler.buffer, sampler.buffer_size, sampler.index = [{k: v.clone() for k, v in samples.items()}], 1, 0
 
 
@@ -302,7 +308,7 @@ def test_alora_offsets_helper() -> None:
     assert funcpeft.alora_offsets(ids, [48, 65]).tolist() == [3, 0, 7]
 
 
-def _merge_error(pm: nn.Module) -> BaseException:
+def _merge_error(pm: peft.PeftModel) -> BaseException:
     try:
         pm.merge_and_unload()
     except Exception as e:  # noqa: BLE001 - the exception PEFT raises is the expectation
@@ -337,7 +343,7 @@ def test_arrow_matches_peft(use_gks: bool, tmp_path: Any) -> None:
     get no gradient, funcpeft's (a pure function of them) do, so only task experts' gradients are compared."""
     tasks = _experts(os.fspath(tmp_path), 3, 0)
     general = _experts(os.fspath(tmp_path), 2, 10) if use_gks else None
-    kwargs = dict(top_k=2, router_temperature=0.7, use_gks=use_gks, rng_seed=3)
+    kwargs: dict[str, Any] = dict(top_k=2, router_temperature=0.7, use_gks=use_gks, rng_seed=3)
     pm = quiet(peft.create_arrow_model, _mlp(), tasks, peft.ArrowConfig(**kwargs), general, is_trainable=True)
     fpm = quiet(funcpeft.create_arrow_model, _mlp(), tasks, funcpeft.ArrowConfig(**kwargs), general, is_trainable=True)
     fn, base, adapters = fpm
@@ -402,7 +408,8 @@ def test_layer_replication_shares_weights_and_never_mutates_the_model(tmp_path: 
     before = {n: p.clone() for n, p in model.named_parameters()}
     config = {"r": 4, "target_modules": ["q_proj"], "layer_replication": LAYER_MAP}
     pm, fpm = _pair(model, lambda lib: lib.LoraConfig(**config), os.fspath(tmp_path))
-    assert len(model.model.layers) == 2 and len(fpm.model.model.layers) == 3
+    layers = [cast(nn.ModuleList, m.get_submodule("model.layers")) for m in (model, fpm.model)]
+    assert len(layers[0]) == 2 and len(layers[1]) == 3
     assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # the clone's weight is the original layer's tensor; each position has its own adapter

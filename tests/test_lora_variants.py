@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import peft
@@ -217,9 +217,11 @@ def test_sub_configs_take_peft_objects_dicts_and_warn_about_unknown_keys() -> No
     with pytest.warns(UserWarning, match=r"'betta' \(did you mean 'beta'\?\)"):
         c = funcpeft.LoraConfig(kasa_config={"betta": 0.5})
     assert c.kasa_config == {"beta": 1e-4, "gamma": 1e-3}  # PEFT's _get_lora_subconfig drops it too
-    assert peft.LoraConfig(kasa_config={"betta": 0.5}).kasa_config == peft.tuners.lora.config.KasaConfig()
+    # PEFT annotates kasa_config as KasaConfig | None but takes its dict too (_get_lora_subconfig)
+    theirs = peft.LoraConfig(kasa_config={"betta": 0.5})  # type: ignore[arg-type]
+    assert theirs.kasa_config == peft.tuners.lora.config.KasaConfig()
     with pytest.raises(TypeError, match="KasaConfig"):
-        funcpeft.LoraConfig(kasa_config=[0.5])
+        funcpeft.LoraConfig(kasa_config=cast(Any, [0.5]))  # the wrong type, on purpose
     d = funcpeft.LoraConfig(use_bdlora={"target_modules_bd_a": ["q"]})
     assert d.use_bdlora == {
         "target_modules_bd_a": ["q"],
@@ -327,7 +329,7 @@ def test_bdlora_init_and_shapes() -> None:
 
 
 # -- mixed batches and per-example routing ------------------------------------------------------------------------
-MIXED_CONFIGS = {
+MIXED_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lora_bias": (
         dict(target_modules=["lin0", "lin1"], lora_bias=True),
         dict(target_modules=["lin0"], r=2, lora_bias=True),
@@ -451,8 +453,9 @@ def test_mha_out_proj_delta_is_merged_twice_like_peft() -> None:
     assert fpm.plans["default"]["mha.out_proj"].spec.hyper.scaling == 2 * s
     explicit = copy.deepcopy(MHA).eval()
     with torch.no_grad():
-        explicit.mha.in_proj_weight += s * tree["mha"]["lora_B"] @ tree["mha"]["lora_A"]
-        explicit.mha.out_proj.weight += 2 * s * tree["mha.out_proj"]["lora_B"] @ tree["mha.out_proj"]["lora_A"]
+        mha = cast(nn.MultiheadAttention, explicit.get_submodule("mha"))
+        mha.in_proj_weight.add_(s * tree["mha"]["lora_B"] @ tree["mha"]["lora_A"])
+        mha.out_proj.weight.add_(2 * s * tree["mha.out_proj"]["lora_B"] @ tree["mha.out_proj"]["lora_A"])
         torch.testing.assert_close(fpm.fn(fpm.base, tree, X=x), explicit(X=x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pm(X=x), explicit(X=x), atol=1e-5, rtol=1e-5)
 
@@ -621,7 +624,7 @@ def test_mica_trains_only_a_and_its_frozen_b_needs_base_to_save(tmp_path: Any) -
 
 
 # -- torch.compile -----------------------------------------------------------------------------------------------------
-COMPILE_CONFIGS = {
+COMPILE_CONFIGS: dict[str, dict[str, Any]] = {
     "mica": dict(target_modules=["lin0"], r=4, init_lora_weights="mica"),
     "kasa": dict(target_modules=["lin0"], r=4, kasa_config={}),
     "bdlora": dict(

@@ -24,6 +24,7 @@ STEPS, RANK = 30, 4
 
 def _load_script() -> Any:
     spec = importlib.util.spec_from_file_location("finetune_minilm", SCRIPT)
+    assert spec is not None and spec.loader is not None, SCRIPT
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -98,7 +99,7 @@ def check_adapter_in_peft_format(run: dict[str, Any]) -> None:
 
 def check_saved_tree_is_the_trained_tree(run: dict[str, Any]) -> None:
     tree, config = funcpeft.load_adapter(run["adapter_dir"])
-    assert config.r == RANK
+    assert isinstance(config, funcpeft.LoraConfig) and config.r == RANK
     assert_trees_close(tree, {p: {k: v.detach() for k, v in e.items()} for p, e in run["adapter"].items()}, atol=0)
 
 

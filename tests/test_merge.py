@@ -91,11 +91,11 @@ def twins(model_name: str, seed: int = 0, config: str = "LoraConfig", **cfg: obj
     return pm, adapter, ref.eval(), model
 
 
-def snapshot(tree: object) -> list[tuple[torch.Tensor, int]]:
+def snapshot(tree: optree.PyTree[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
     return [(t.detach().clone(), t.data_ptr()) for t in optree.tree_leaves(tree)]
 
 
-def assert_unchanged(tree: object, snap: list[tuple[torch.Tensor, int]]) -> None:
+def assert_unchanged(tree: optree.PyTree[torch.Tensor], snap: list[tuple[torch.Tensor, int]]) -> None:
     for t, (v, ptr) in zip(optree.tree_leaves(tree), snap):
         assert t.data_ptr() == ptr and torch.equal(t.detach(), v)
 

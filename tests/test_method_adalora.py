@@ -170,7 +170,8 @@ def test_fresh_adapter_equals_peft_s_for_the_same_seed(init: bool) -> None:
 @pytest.mark.parametrize("autocast", [True, False])
 def test_bf16_model_init_forward_and_merge_are_peft_s_bitwise(autocast: bool) -> None:
     """PEFT rounds a fresh adapter through the layer's dtype (and back to float32 when autocasting); ranknum too."""
-    model = T.tiny_gpt2().to(torch.bfloat16)  # Conv1D layers: the transposed delta
+    # transformers wraps PreTrainedModel.to in functools.wraps, whose stub loses the bound self
+    model = T.tiny_gpt2().to(torch.bfloat16)  # type: ignore[arg-type]  # Conv1D layers: the transposed delta
     kwargs: dict[str, Any] = dict(init_r=4, target_modules=["c_attn", "c_fc"], total_step=5, init_lora_weights=False)
     torch.manual_seed(0)
     pm = _quiet(

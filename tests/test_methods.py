@@ -303,8 +303,9 @@ def test_unsupported_layers_raise_like_peft(kind: str, method: str, kwargs: dict
 def test_config_checks_follow_peft() -> None:
     with pytest.raises(ValueError, match="subset"):
         funcpeft.IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"])
+    misspelt: dict[str, Any] = {"feedforward_module": ["down_proj"]}
     with pytest.raises(TypeError, match="feedforward_modules"):
-        funcpeft.IA3Config(feedforward_module=["down_proj"])
+        funcpeft.IA3Config(**misspelt)
     with pytest.raises(ValueError, match="layers_to_transform"):
         funcpeft.LoHaConfig(layers_pattern="layers")
     with pytest.raises(ValueError, match="init_weights"):
@@ -313,7 +314,8 @@ def test_config_checks_follow_peft() -> None:
         funcpeft.VeraConfig(save_projection=False)
     # IA3's default feedforward_modules need not be targeted (PEFT sets them without re-checking)
     fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.IA3Config(target_modules=["q_proj"]))
-    assert fpm.peft_config["default"].feedforward_modules == {"down_proj"}
+    ia3 = fpm.peft_config["default"]
+    assert isinstance(ia3, funcpeft.IA3Config) and ia3.feedforward_modules == {"down_proj"}
 
 
 # -- training-mode dropout on the adapter input: same masks, same numbers ----------------------------------------
@@ -481,7 +483,7 @@ def test_lokr_factorization_is_peft_s(dim: int, factor: int) -> None:
     assert m * n == dim  # not always m <= n: PEFT gives (2, 1) for dim=2, factor=2, and so must we
 
 
-NOOP_CASES = {
+NOOP_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dora": ("llama", dict(r=4, target_modules="all-linear", use_dora=True)),
     "ia3": ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
     "loha": ("conv", dict(r=2, target_modules=["conv2d", "conv1d", "fc"], use_effective_conv2d=True)),

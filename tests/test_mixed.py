@@ -13,11 +13,10 @@ import re
 import warnings
 from typing import Any
 
-import optree
 import peft
 import pytest
 import torch
-from helpers import capture_stdout, examples, make_inputs
+from helpers import capture_stdout, examples, make_inputs, tree_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,7 +74,7 @@ class Mixed:
         self.peft_model.set_adapter([s[0] for s in specs])
         g = torch.Generator().manual_seed(seed)
         self.trees = {
-            n: optree.tree_map(lambda f, r: (f.detach() + r.detach()).requires_grad_(True), t, T.random_like(t, g, 0.2))
+            n: tree_map(lambda f, r: (f.detach() + r.detach()).requires_grad_(True), t, T.random_like(t, g, 0.2))
             for n, t in fresh.items()
         }
         self.named = dict(self.peft_model.named_parameters())

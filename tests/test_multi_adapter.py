@@ -18,7 +18,7 @@ import funcpeft
 from funcpeft.testing import copy_into_peft, peft_param_name, random_like
 
 
-def add_twin(pm, ref, name: str, seed: int = 1, **cfg: object):  # noqa: ANN001, ANN201
+def add_twin(pm, ref, name: str, seed: int = 1, **cfg: Any):  # noqa: ANN001, ANN201
     """Register adapter `name` in both, with the same random non-zero values; returns its tree."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ from typing import Any
 import optree
 import pytest
 import torch
-from helpers import MODELS, make_inputs
+from helpers import MODELS, make_inputs, tree_leaves, tree_map
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ def _tree(seed: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _grads(step: int) -> dict[str, Any]:
-    return optree.tree_map(lambda t: t * (1 + step), _tree(100 + step))
+    return tree_map(lambda t: t * (1 + step), _tree(100 + step))
 
 
 def _run_ours(opt: optim.GradientTransformation, params: Any) -> Any:
@@ -49,7 +49,7 @@ def _run_torch(
     leaves = [t.clone().requires_grad_(True) for t in optree.tree_leaves(params)]
     opt = make(leaves)
     for step in range(STEPS):
-        for leaf, g in zip(leaves, optree.tree_leaves(_grads(step))):
+        for leaf, g in zip(leaves, tree_leaves(_grads(step))):
             leaf.grad = g.clone()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(leaves, clip)

@@ -106,7 +106,11 @@ def test_rows_are_well_formed() -> None:
     for multi in cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES:
         assert isinstance(multi, cases.MultiCase), multi
         assert isinstance(multi.config_kwargs_1, dict) and isinstance(multi.config_kwargs_2, dict), multi
-    for rows in (cases.TEST_CASES, cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES):
+    tables: tuple[tuple[cases.Case | cases.MultiCase, ...], ...] = (
+        cases.TEST_CASES,
+        cases.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
+    )
+    for rows in tables:
         ids = cases.case_ids(rows)
         assert len(set(ids)) == len(ids) == len(rows)
         assert sum(i != c.name for i, c in zip(ids, rows)) == len(rows) - len({c.name for c in rows})
@@ -133,8 +137,10 @@ def test_build_is_peft_seeded_and_leaves_the_global_rng_alone() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     torch.manual_seed(0)  # PEFT's MockTransformerWrapper.from_pretrained
     assert all(torch.equal(p, q) for p, q in zip(models.ModelConv2D().parameters(), a.parameters()))
-    assert not torch.equal(models.build("Conv2d", seed=1).conv2d.weight, a.conv2d.weight)
-    assert models.build("MLP", dtype=torch.bfloat16).lin0.weight.dtype == torch.bfloat16
+    assert not torch.equal(
+        models.build("Conv2d", seed=1).get_parameter("conv2d.weight"), a.get_parameter("conv2d.weight")
+    )
+    assert models.build("MLP", dtype=torch.bfloat16).get_parameter("lin0.weight").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="model_id nope not implemented"):
         models.build("nope")
 

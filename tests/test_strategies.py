@@ -8,11 +8,12 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import peft
 import pytest
 import torch
-from helpers import examples
+from helpers import examples, hf_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 import funcpeft
 from funcpeft import strategies as fst
 from funcpeft import testing as T
+from funcpeft.methods.base import Method
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +46,8 @@ def test_any_drawn_config_matches_peft(data: st.DataObject) -> None:
     """Differential: same adapted parameters and same outputs as peft, for any valid config and adapter values."""
     model, kw = data.draw(fst.models_and_configs())
     adapter = data.draw(fst.adapter_trees(_quiet_peft_model(model, kw).adapter))
-    T.assert_matches_peft(model, kw, adapter, **data.draw(fst.model_inputs(model)))
+    inputs: dict[str, Any] = data.draw(fst.model_inputs(model))  # Any: spread next to typed keyword options
+    T.assert_matches_peft(model, kw, adapter, **inputs)
 
 
 @given(st.data())
@@ -121,7 +124,7 @@ def test_model_inputs_fit_the_model(data: st.DataObject) -> None:
     inputs = data.draw(fst.model_inputs(model, max_batch=3, max_len=5))
     ids = inputs["input_ids"]
     assert 1 <= ids.shape[0] <= 3 and 1 <= ids.shape[1] <= 5
-    assert int(ids.min()) >= 1 and int(ids.max()) < model.config.vocab_size
+    assert int(ids.min()) >= 1 and int(ids.max()) < hf_config(model).vocab_size
     assert (inputs["attention_mask"][:, 0] == 1).all(), "every row keeps at least its first token"
     with torch.no_grad():
         model(**inputs)
@@ -208,6 +211,7 @@ def test_peft_assertion_passes_then_fails_on_other_targets_or_other_numbers(monk
         ):
             T.assert_matches_peft(model, kw, **inputs)
     lora = METHODS["lora"]
+    assert isinstance(lora, Method)
     right = lora.forward
     doubled = dataclasses.replace(
         lora, forward=lambda spec, params, x, result, ctx: 2 * right(spec, params, x, result, ctx) - result

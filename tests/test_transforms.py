@@ -11,7 +11,7 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MODELS, make_inputs
+from helpers import MODELS, hf, make_inputs, tree_map
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -299,7 +299,7 @@ def test_per_sample_grads_on_a_padded_batch_equal_a_loop(llama: tuple[Any, ...])
 # in float64 (Llama's RMSNorm computes in float32 whatever the dtype, which would swamp them).
 @pytest.fixture(scope="module")
 def gpt2_64() -> tuple[Any, ...]:
-    model = MODELS["gpt2"]().double()
+    model = hf(MODELS["gpt2"]()).double()
     model.set_attn_implementation("eager")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out forced for Conv1D
@@ -332,11 +332,11 @@ def test_jvp_and_hvp_on_the_adapter_match_finite_differences(gpt2_64: tuple[Any,
         return _lm_loss(fn, base, t, ids, mask).mean()
 
     eps = 1e-6
-    _, tangent = torch.func.jvp(f, (a,), (v,))
+    tangent = torch.func.jvp(f, (a,), (v,))[1]  # (output, tangent): torch types it as a 2- or 3-tuple
     fd = (f(_axpy(a, v, eps)) - f(_axpy(a, v, -eps))) / (2 * eps)
     assert (tangent - fd).abs().max().item() <= 1e-7 * max(1.0, fd.abs().max().item())
     assert fd.abs().max().item() > 1e-3
-    _, hvp = torch.func.jvp(torch.func.grad(loss), (a,), (v,))  # forward-over-reverse
+    hvp = torch.func.jvp(torch.func.grad(loss), (a,), (v,))[1]  # forward-over-reverse
     g = torch.func.grad(loss)
     fd_h = optree.tree_map(lambda p, m: (p - m) / (2 * eps), g(_axpy(a, v, eps)), g(_axpy(a, v, -eps)))
     T.assert_trees_close(hvp, fd_h, atol=1e-7)
@@ -344,10 +344,10 @@ def test_jvp_and_hvp_on_the_adapter_match_finite_differences(gpt2_64: tuple[Any,
 
 
 def test_jacfwd_equals_jacrev_on_the_adapter() -> None:
-    model = MODELS["llama"]()
+    model = hf(MODELS["llama"]())
     model.set_attn_implementation("eager")
     fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
-    a = optree.tree_map(torch.Tensor.detach, T.random_like(fresh))
+    a = tree_map(torch.Tensor.detach, T.random_like(fresh))
     ids, mask = _padded_batch(batch=2, seq=6)
     path = "model.layers.1.mlp.up_proj"
 

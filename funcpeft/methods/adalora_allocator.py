@@ -173,6 +173,13 @@ def rank_allocator(config: PeftConfig) -> RankAllocator:
       - after: zeroes lora_E with the final rank_pattern.
     The returned adapter is a new tree (only masked lora_E leaves are new tensors). `rank_pattern(state)`
     and `with_rank_pattern(config, state)` give the mask in PEFT's form.
+
+    Args:
+        config: the AdaLoraConfig (target_r, init_r, tinit, tfinal, deltaT, beta1, beta2, total_step).
+
+    Returns:
+        A `RankAllocator(init, update)` of pure functions; the state (`RankAllocatorState`) holds, per layer of
+        rank r, EMAs shaped like lora_A (r, in), lora_B (out, r), lora_E (r, 1) and the kept ranks (r,) bool.
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"rank_allocator needs an AdaLoraConfig, got {type(config).__name__}")
@@ -256,9 +263,16 @@ def rank_allocator(config: PeftConfig) -> RankAllocator:
 
 
 def rank_pattern(state: RankAllocatorState, adapter_name: str | None = "default") -> dict[str, list[bool]] | None:
-    """The kept ranks in PEFT's form: `{'<path>.lora_E.<adapter_name>': [bool, ...]}` (what PEFT's
-    `peft_config[adapter_name].rank_pattern` holds after `update_and_allocate`); keys end in `.lora_E` (PEFT's
-    files) when adapter_name is None. None before the first allocation."""
+    """The kept ranks in PEFT's form (what PEFT's `peft_config[adapter_name].rank_pattern` holds after
+    `update_and_allocate`).
+
+    Args:
+        state: the allocator's state (`rank_allocator(config).update`'s).
+        adapter_name: the name in the keys; None: keys end in `.lora_E`, as in PEFT's files.
+
+    Returns:
+        `{'<path>.lora_E.<adapter_name>': [bool] * r}` (True: rank kept), or None before the first allocation.
+    """
     if state.rank_pattern is None:
         return None
     tail = RANK_PATTERN_SUFFIX + (f".{adapter_name}" if adapter_name is not None else "")
@@ -266,7 +280,15 @@ def rank_pattern(state: RankAllocatorState, adapter_name: str | None = "default"
 
 
 def with_rank_pattern(config: PeftConfig, state: RankAllocatorState) -> AdaLoraConfig:
-    """`config` with the allocator's rank_pattern (a new config): saving with it writes only the kept ranks."""
+    """`config` with the allocator's rank_pattern: saving with it writes only the kept ranks.
+
+    Args:
+        config: the AdaLoraConfig the allocator runs with (not modified).
+        state: the allocator's state.
+
+    Returns:
+        A new AdaLoraConfig whose rank_pattern is `rank_pattern(state, None)` (`.lora_E` keys, PEFT's files).
+    """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"with_rank_pattern needs an AdaLoraConfig, got {type(config).__name__}")
     return dataclasses.replace(config, rank_pattern=rank_pattern(state, None))
@@ -280,6 +302,13 @@ def orthogonal_regularizer(adapter: Mapping[str, Mapping[str, torch.Tensor]], co
     terms, same order). Note that PEFT only goes through that forward for a task-type model
     (`task_type="CAUSAL_LM"`, ...): a plain `PeftModel` (task_type None) and a `PeftMixedModel` call the base
     model directly, and their loss has no regulariser. lora_A (r, in) -> A A^T (r, r); lora_B (out, r) -> B^T B.
+
+    Args:
+        adapter: the AdaLoRA adapter tree (entries without lora_E, e.g. modules_to_save copies, are skipped).
+        config: its AdaLoraConfig (orth_reg_weight).
+
+    Returns:
+        A 0-d tensor, differentiable in every lora_A and lora_B.
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"orthogonal_regularizer needs an AdaLoraConfig, got {type(config).__name__}")

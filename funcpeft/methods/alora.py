@@ -66,10 +66,17 @@ def hyper(config: Any, target: Target) -> AloraHyper:
 
 
 def invocation_offsets(input_ids: torch.Tensor, tokens: Any) -> torch.Tensor:
-    """PEFT's `calculate_alora_offsets` for one invocation sequence: (B,) long, T - start of the LAST occurrence
-    of `tokens` in each row of `input_ids` (B, T) (0 where it does not occur).
+    """PEFT's `calculate_alora_offsets` for one invocation sequence.
 
     Pure tensor ops (no data-dependent Python), so it traces and vmaps.
+
+    Args:
+        input_ids: (B, T) token ids (or (T,), taken as one row).
+        tokens: the invocation token sequence (e.g. `config.alora_invocation_tokens`), any iterable of ints.
+
+    Returns:
+        (B,) long: T - the start of the LAST occurrence of `tokens` in each row, 0 where it does not occur (also
+        for an empty or too long `tokens`); pass it as `fn(..., alora_offsets=...)`.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)

@@ -256,12 +256,18 @@ def monteclora_loss(
 ) -> torch.Tensor:
     """PEFT's `_get_monteclora_loss` for one MonteCLoRA adapter: the mean over its layers of KL + entropy.
 
-    pm: what get_peft_model / from_pretrained returned (its plan of `adapter_name`, default pm's adapter);
-    adapter: the tree passed to the call; dropout_rng: that training call's (an int seed, or a Generator in the
-    state it had before the call): its sample sets are redrawn, in the same order, so that
     `fn(base, adapter, **batch, dropout_rng=s).loss + monteclora_loss(pm, adapter, s)` is PEFT's training loss
-    with the variational term (for a call whose only MonteCLoRA adapter is this one). None: an eval call, where
-    PEFT's loss is 0. Returns a 0-d tensor, differentiable in the adapter's leaves.
+    with the variational term (for a call whose only MonteCLoRA adapter is this one).
+
+    Args:
+        pm: what get_peft_model / from_pretrained returned (its plan of `adapter_name` is read).
+        adapter: the tree passed to the call.
+        dropout_rng: that training call's (an int seed, or a Generator in the state it had before the call): its
+            sample sets are redrawn, in the same order. None: an eval call, where PEFT's loss is 0.
+        adapter_name: the MonteCLoRA adapter (default: pm's adapter).
+
+    Returns:
+        A 0-d tensor, differentiable in the adapter's leaves.
     """
     plan = pm.plans[adapter_name or pm.adapter_name]
     specs = {p: e.spec for p, e in plan.items() if e.spec is not None and e.spec.method == MONTECLORA.name}

@@ -211,6 +211,20 @@ def velora_update(
     after loading an adapter (it keeps that state in memory, not in its files); then also pass
     `velora_update(..., first_step=True)`'s result to that first call. "random" projections and every other entry
     are unchanged (the same tensors).
+
+    Args:
+        pm: what get_peft_model / from_pretrained returned.
+        base: `{param_name: Tensor}`, the current base tree (holding the stored projections).
+        adapter: the adapter's tree.
+        *args: the model call's positional inputs.
+        dropout_rng: the training call's seed (or a Generator in the same state), so the dropout masks match.
+        adapter_name: the VeLoRA adapter (default: pm's adapter).
+        first_step: treat stored "batch_average_once" projections as not computed yet (see above).
+        **kwargs: the model call's keyword inputs (input_ids (B, T), ...).
+
+    Returns:
+        A new base tree: each VeLoRA layer's projection `lora_velora_embed` (d,) (d: the sub-token size) as this
+        training call uses it; every other entry is the same tensor as in `base`.
     """
     name = adapter_name or pm.adapter_name
     plan = pm.plans[name]

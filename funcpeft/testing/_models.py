@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import (
+        BertForSequenceClassification,
+        GPT2LMHeadModel,
+        GptOssForCausalLM,
+        LlamaForCausalLM,
+        MistralForCausalLM,
+        MixtralForCausalLM,
+        PreTrainedModel,
+        Qwen2ForCausalLM,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeForCausalLM,
+        T5ForConditionalGeneration,
+    )
+
 VOCAB = 128
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+def _seeded(build: Callable[[], _M], seed: int) -> _M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
@@ -31,35 +47,35 @@ def _decoder(layers: int = 2, hidden: int = 64) -> dict[str, Any]:
     }
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = False) -> nn.Module:
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = False) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**_decoder(layers, hidden), tie_word_embeddings=tie)
     return _seeded(lambda: LlamaForCausalLM(cfg), seed)
 
 
-def tiny_mistral(seed: int = 0) -> nn.Module:
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(**_decoder())
     return _seeded(lambda: MistralForCausalLM(cfg), seed)
 
 
-def tiny_qwen2(seed: int = 0) -> nn.Module:
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(**_decoder())
     return _seeded(lambda: Qwen2ForCausalLM(cfg), seed)
 
 
-def tiny_gpt2(seed: int = 0) -> nn.Module:
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
     return _seeded(lambda: GPT2LMHeadModel(cfg), seed)
 
 
-def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
+def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(  # type: ignore[call-arg]
@@ -74,7 +90,7 @@ def tiny_bert_seq_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
     return _seeded(lambda: BertForSequenceClassification(cfg), seed)
 
 
-def tiny_t5(seed: int = 0) -> nn.Module:
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = T5Config(  # type: ignore[call-arg]
@@ -102,7 +118,7 @@ _MOE: dict[str, Any] = {
 _MOE_HEAD8: dict[str, Any] = {**_MOE, "head_dim": 8}
 
 
-def tiny_mixtral(seed: int = 0) -> nn.Module:
+def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
     """Mixtral (transformers v5): 4 experts as stacked (E, out, in) parameters `experts.gate_up_proj` / `down_proj`."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -110,7 +126,7 @@ def tiny_mixtral(seed: int = 0) -> nn.Module:
     return _seeded(lambda: MixtralForCausalLM(cfg), seed)
 
 
-def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
+def tiny_qwen2_moe(seed: int = 0) -> Qwen2MoeForCausalLM:
     """Qwen2-MoE: 4 stacked experts plus a shared expert of nn.Linear layers."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -125,7 +141,7 @@ def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
     return _seeded(lambda: Qwen2MoeForCausalLM(cfg), seed)
 
 
-def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
+def tiny_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
     """Qwen3-MoE: 4 stacked experts (PEFT rewrites v4 expert names in LoRA configs for it)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -135,7 +151,7 @@ def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
     return _seeded(lambda: Qwen3MoeForCausalLM(cfg), seed)
 
 
-def tiny_gpt_oss(seed: int = 0) -> nn.Module:
+def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
     """GPT-OSS: 4 experts stored transposed (E, in, out) (`is_transposed=True`), with per-expert biases."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -149,7 +165,7 @@ def tiny_gpt_oss(seed: int = 0) -> nn.Module:
     return _seeded(lambda: GptOssForCausalLM(cfg), seed)
 
 
-TINY_MOE_MODELS: dict[str, Callable[..., nn.Module]] = {
+TINY_MOE_MODELS: dict[str, Callable[..., PreTrainedModel]] = {
     "mixtral": tiny_mixtral,
     "qwen2_moe": tiny_qwen2_moe,
     "qwen3_moe": tiny_qwen3_moe,
@@ -157,7 +173,7 @@ TINY_MOE_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 """Tiny mixture-of-experts models whose experts are bare parameters (`LoraConfig(target_parameters=...)`)."""
 
-TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
+TINY_MODELS: dict[str, Callable[..., PreTrainedModel]] = {
     "llama": tiny_llama,
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from torch import nn
 
 import funcpeft
 import funcpeft.io
+from funcpeft.methods.base import Method
 from funcpeft.trees import SHARED_PREFIX
 
 from . import models
@@ -286,7 +288,8 @@ def _check_grads_by_finite_differences(
     tolerance is loose (|fd - g.v| <= atol + rtol * max(|fd|, |g.v|)), far below the errors it is meant to
     catch. Returns the checkpoint keys where PEFT's own autograd gradient fails the same test.
     """
-    wrong_in_peft, problems = [], []
+    wrong_in_peft: list[str] = []
+    problems: list[str] = []
     for p, v, keyed in _checkpoint_directions(pm, PERTURB_SEED + 1):
         with torch.no_grad():
             p0 = p.data.clone()
@@ -315,7 +318,7 @@ def _stdout(fn: Callable[[], Any]) -> str:
     return buf.getvalue()
 
 
-def _check_counts(pm: nn.Module, fpm: Any, adapter: Any = None) -> None:
+def _check_counts(pm: peft.PeftModel, fpm: Any, adapter: Any = None) -> None:
     got, want = fpm.get_nb_trainable_parameters(adapter), pm.get_nb_trainable_parameters()
     if tuple(got) != tuple(want):
         raise AssertionError(f"get_nb_trainable_parameters() = {tuple(got)}, PEFT {tuple(want)}")
@@ -373,7 +376,7 @@ def check_row(case: Case, tmp: str | os.PathLike, seed: int = 0, grads: str = "a
         # per-layer frozen tensors PEFT saves (VeLoRA's projection, ...) are state funcpeft keeps in `base`, not
         # tree values: the files are written with PEFT's (from_pretrained's base), not the fresh model's
         method = funcpeft.methods.method_for(fconfig)
-        frozen = method.layer_frozen.names if getattr(method, "layer_frozen", None) is not None else ()
+        frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen is not None else ()
         state = {
             k: v
             for k, v in _quiet(lambda: funcpeft.from_pretrained(copy.deepcopy(model), peft_dir)).base.items()
@@ -537,6 +540,6 @@ def check_multi_row(case: MultiCase, tmp: str | os.PathLike, seed: int = 0) -> l
             pm.set_adapter(n)
             with torch.no_grad():
                 want_one = pm(**x)
-            _close(f"eval output, {n} alone", _quiet(lambda n=n: fn(base, {n: trees[n]}, **x)), want_one)
+            _close(f"eval output, {n} alone", _quiet(functools.partial(fn, base, {n: trees[n]}, **x)), want_one)
     checks.raise_if_failed()
     return checks.notes
