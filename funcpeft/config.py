@@ -238,6 +238,16 @@ class PeftConfig:
         """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
         return None
 
+    def auxiliary_configs(self, model: Any) -> list[AuxiliaryConfig]:
+        """Adapters of other methods this config applies next to its own layers, in the same adapter (tree, name,
+        files): PEFT's auxiliary wrappers other than modules_to_save (LoRA's `trainable_token_indices`)."""
+        return []
+
+    def auxiliary_keys(self) -> tuple[tuple[str, str], ...]:
+        """(leaf name, key tail) of the auxiliary parts' parameters in PEFT's files (`KeyRules.renamed`), known
+        without a model: e.g. ("trainable_tokens_delta", "token_adapter.trainable_tokens_delta")."""
+        return ()
+
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (sets become sorted lists, enums their values)."""
         out: dict[str, Any] = {}
@@ -273,6 +283,16 @@ class PeftConfig:
 
 
 # -- LoRA variant sub-configs (peft/tuners/lora/config.py): same names, fields, defaults and checks ----------
+class AuxiliaryConfig(typing.NamedTuple):
+    """An auxiliary part of an adapter (`PeftConfig.auxiliary_configs`): the config of the method it applies
+    (e.g. a `TrainableTokensConfig`) and whether the layers tied to the input embedding take its adapter
+    (`Method.tie`). PEFT's auxiliary wrappers do not save the tied layers' copies (`Tie.saved` False)."""
+
+    config: PeftConfig
+    tie: bool
+    key_part: str  # PEFT's wrapper keeps the method's layer under this attribute: `{path}.{key_part}.{param}` keys
+
+
 @dataclass
 class LoraRuntimeConfig:
     """PEFT's `LoraRuntimeConfig`: runtime-only settings, never saved (PEFT drops `runtime_config` from its files).
@@ -636,10 +656,6 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
-    _unimplemented: ClassVar[dict[str, Any]] = {
-        "trainable_token_indices": None,
-    }
-
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         _sub_config_dict(self, "kasa_config", KasaConfig)
@@ -676,6 +692,25 @@ class LoraConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         check_layers_and_saved(self)
         self._check_variant_options()
+        if self.trainable_token_indices is not None:
+            from .configs.trainable_tokens import check_lora_token_indices
+
+            check_lora_token_indices(self.trainable_token_indices)
+
+    def auxiliary_configs(self, model: Any) -> list[AuxiliaryConfig]:
+        """`trainable_token_indices` as trainable tokens on the named embeddings (PEFT's TrainableTokensWrapper)."""
+        if self.trainable_token_indices is None:
+            return []
+        from .configs.trainable_tokens import lora_token_configs
+
+        return lora_token_configs(model, self)
+
+    def auxiliary_keys(self) -> tuple[tuple[str, str], ...]:
+        if self.trainable_token_indices is None:
+            return ()
+        from .configs.trainable_tokens import WRAPPED_KEYS
+
+        return WRAPPED_KEYS
 
     def _check_variant_options(self) -> None:
         """PEFT's rules for the variant options, raised here rather than when the layers are built."""
