@@ -455,10 +455,10 @@ def _auxiliary(
             if taken:
                 what = plan.get(taken[0])
                 how = what.spec.method if what is not None and what.spec is not None else "another auxiliary part"
-                raise NotImplementedError(
+                raise TypeError(
                     f"{type(config).__name__}: {taken[0]!r} would carry both this adapter's {how} and its auxiliary "
-                    f"{type(part.config).__name__} part; PEFT wraps the one layer twice (undefined), funcpeft refuses. "
-                    "Do not target that module with both."
+                    f"{type(part.config).__name__} part (PEFT: the auxiliary wrapper cannot be applied to an adapted "
+                    "layer). Do not target that module with both."
                 )
             tied = tuple(dataclasses.replace(t, saved=False) for t in entry.tied) if part.tie else ()
             plan[path] = dataclasses.replace(entry, tied=tied, key_part=part.key_part)

@@ -609,7 +609,8 @@ class LoraConfig(PeftConfig):
     use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (all of PEFT's: True/False/
     "gaussian"/"mica"/PiSSA/OLoRA/orthogonal/LoftQ/EVA/CorDA/LoRA-GA), layers_to_transform, layers_pattern,
     rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its dict), use_bdlora (a `BdLoraConfig`
-    or its dict), ensure_weight_tying, target_parameters (bare nn.Parameters such as MoE expert stacks;
+    or its dict), ensure_weight_tying, trainable_token_indices (a trainable-tokens part of the adapter,
+    `auxiliary_configs`), target_parameters (bare nn.Parameters such as MoE expert stacks;
     funcpeft.methods.lora), velora_config, monteclora_config, alora_invocation_tokens, arrow_config
     (funcpeft.methods: velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT
     on CPU), task_type, base_model_name_or_path, revision, inference_mode. use_qalora and megatron_config raise
