@@ -657,6 +657,7 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
+
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         _sub_config_dict(self, "kasa_config", KasaConfig)

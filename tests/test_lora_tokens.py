@@ -25,47 +25,47 @@ from funcpeft import testing as T
 pytestmark = pytest.mark.slow
 
 # tokens present in `models.inputs("tiny-llama")` (43, 97, 15, 94, 65) and one absent (3, 7)
-I, J = [43, 97, 15, 3], [94, 65, 7]
+TOK1, TOK2 = [43, 97, 15, 3], [94, 65, 7]
 QV = ["q_proj", "v_proj"]
 
 ROWS = [
-    Case("llama untied list", "tiny-llama", "LoraConfig", {"target_modules": QV, "trainable_token_indices": I}),
-    Case("llama tied list", "tiny-llama-tied", "LoraConfig", {"target_modules": QV, "trainable_token_indices": I}),
+    Case("llama untied list", "tiny-llama", "LoraConfig", {"target_modules": QV, "trainable_token_indices": TOK1}),
+    Case("llama tied list", "tiny-llama-tied", "LoraConfig", {"target_modules": QV, "trainable_token_indices": TOK1}),
     Case(
         "llama tied dict same indices",
         "tiny-llama-tied",
         "LoraConfig",
-        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": I, "lm_head": I}},
+        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": TOK1, "lm_head": TOK1}},
     ),
     Case(
         "llama untied dict embedding and lm_head",
         "tiny-llama",
         "LoraConfig",
-        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": I, "lm_head": J}},
+        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": TOK1, "lm_head": TOK2}},
     ),
     Case(
         "llama dict lm_head only",
         "tiny-llama",
         "LoraConfig",
-        {"target_modules": QV, "trainable_token_indices": {"lm_head": J}},
+        {"target_modules": QV, "trainable_token_indices": {"lm_head": TOK2}},
     ),
     Case(
         "llama tied ensure_weight_tying",
         "tiny-llama-tied",
         "LoraConfig",
-        {"target_modules": QV, "trainable_token_indices": I, "ensure_weight_tying": True},
+        {"target_modules": QV, "trainable_token_indices": TOK1, "ensure_weight_tying": True},
     ),
     Case(
         "gpt2 list (wte tied to lm_head)",
         "tiny-gpt2",
         "LoraConfig",
-        {"target_modules": ["c_attn"], "trainable_token_indices": I},
+        {"target_modules": ["c_attn"], "trainable_token_indices": TOK1},
     ),
     Case(
         "gpt2 dict full name, DoRA",
         "tiny-gpt2",
         "LoraConfig",
-        {"target_modules": ["c_attn"], "use_dora": True, "trainable_token_indices": {"transformer.wte": J}},
+        {"target_modules": ["c_attn"], "use_dora": True, "trainable_token_indices": {"transformer.wte": TOK2}},
     ),
 ]
 
@@ -82,7 +82,7 @@ def test_tied_rows_with_other_indices_match_peft_unmerged(tmp_path: Any) -> None
         "llama tied dict other indices",
         "tiny-llama-tied",
         "LoraConfig",
-        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": I, "lm_head": J}},
+        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": TOK1, "lm_head": TOK2}},
     )
     harness.check_row(case, tmp_path)
 
@@ -97,22 +97,24 @@ def test_saved_keys_and_config_are_peft_s(tmp_path: Any) -> None:
     """The file holds `{embedding}.token_adapter.trainable_tokens_delta` (not the tied lm_head's copy) and the
     config keeps trainable_token_indices as given; loading without a model reads the same tree."""
     model = T.tiny_llama(tie=True)
-    config = funcpeft.LoraConfig(target_modules=QV, trainable_token_indices={"embed_tokens": I})
+    config = funcpeft.LoraConfig(target_modules=QV, trainable_token_indices={"embed_tokens": TOK1})
     pm = _quiet(funcpeft.get_peft_model, model, config)
     pm.save_pretrained(tmp_path, pm.adapter)
     tree, loaded = funcpeft.load_adapter(tmp_path)
-    assert loaded.trainable_token_indices == {"embed_tokens": I}
+    assert loaded.trainable_token_indices == {"embed_tokens": TOK1}
     assert tree["model.embed_tokens"].keys() == {"trainable_tokens_delta"}
     assert "lm_head" not in tree
-    torch.testing.assert_close(tree["model.embed_tokens"]["trainable_tokens_delta"], model.model.embed_tokens.weight[I])
+    torch.testing.assert_close(
+        tree["model.embed_tokens"]["trainable_tokens_delta"], model.model.embed_tokens.weight[TOK1]
+    )
 
 
 def test_several_adapters_with_tokens_equal_peft() -> None:
     """Two LoRA adapters with disjoint tokens on the one embedding, both active (PEFT's forward_adapters)."""
     model = models.build("tiny-llama")
     x = models.inputs("tiny-llama")
-    c1 = {"target_modules": ["q_proj"], "trainable_token_indices": I, "init_lora_weights": False}
-    c2 = {"target_modules": ["v_proj"], "trainable_token_indices": J, "init_lora_weights": False}
+    c1 = {"target_modules": ["q_proj"], "trainable_token_indices": TOK1, "init_lora_weights": False}
+    c2 = {"target_modules": ["v_proj"], "trainable_token_indices": TOK2, "init_lora_weights": False}
     pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**c1), adapter_name="a")
     fresh = {"a": pm.adapter, "b": _quiet(pm.add_adapter, "b", funcpeft.LoraConfig(**c2))}
     twin = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**c1), adapter_name="a")
@@ -133,9 +135,9 @@ def test_several_adapters_with_tokens_equal_peft() -> None:
         want = twin.eval()(**x).logits
         got = pm.fn(pm.base, trees, **x).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    overlapping = funcpeft.LoraConfig(target_modules=["k_proj"], trainable_token_indices=[I[0]])
+    overlapping = funcpeft.LoraConfig(target_modules=["k_proj"], trainable_token_indices=[TOK1[0]])
     tree_c = _quiet(pm.add_adapter, "c", overlapping)
-    with pytest.raises(ValueError, match=rf"Token indices \[{I[0]}\] are trained by more than one active adapter"):
+    with pytest.raises(ValueError, match=rf"Token indices \[{TOK1[0]}\] are trained by more than one active adapter"):
         pm.fn(pm.base, {**trees, "c": tree_c}, **x)
 
 
@@ -178,7 +180,11 @@ def test_peft_s_refusals() -> None:
     )
     _both_raise(
         model,
-        {"target_modules": QV, "trainable_token_indices": {"embed_tokens": [1], "lm_head": [2]}, "ensure_weight_tying": True},
+        {
+            "target_modules": QV,
+            "trainable_token_indices": {"embed_tokens": [1], "lm_head": [2]},
+            "ensure_weight_tying": True,
+        },
         ValueError,
         ValueError,
         r"Cannot ensure weight tying .* Conflicting layers: embed_tokens: \[1\], lm_head: \[2\]",
@@ -193,7 +199,7 @@ def test_peft_s_refusals() -> None:
 
 
 def test_untied_model_with_ensure_weight_tying_warns_like_peft() -> None:
-    kwargs = {"target_modules": QV, "trainable_token_indices": I, "ensure_weight_tying": True}
+    kwargs = {"target_modules": QV, "trainable_token_indices": TOK1, "ensure_weight_tying": True}
     with pytest.warns(UserWarning, match="ensure_weight_tying=True but the model does not have tied weights"):
         funcpeft.get_peft_model(T.tiny_llama(), funcpeft.LoraConfig(**kwargs))
 

@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 
 from ..config import AuxiliaryConfig, PeftConfig, PeftType, validated_init
 
-
 # PEFT's TrainableTokensWrapper (LoRA's trainable_token_indices) keeps the layer as `token_adapter`
 WRAPPER_PART = "token_adapter"
 WRAPPED_KEYS = (("trainable_tokens_delta", f"{WRAPPER_PART}.trainable_tokens_delta"),)
@@ -105,7 +104,7 @@ def lora_token_configs(model: Any, config: Any) -> list[AuxiliaryConfig]:
         if name in (config.modules_to_save or ()):
             raise ValueError(
                 "The embedding layer is already marked to be trained fully, either specify "
-                f'`modules_to_save=[..., "{name}", ...]` or `trainable_tokens={{\'{name}\': x}}` but not both.'
+                f"`modules_to_save=[..., \"{name}\", ...]` or `trainable_tokens={{'{name}': x}}` but not both."
             )
     weights_tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     get = getattr(model, "get_input_embeddings", None)
@@ -115,9 +114,7 @@ def lora_token_configs(model: Any, config: Any) -> list[AuxiliaryConfig]:
     if len(layers) > 1 and embedding is not None:
         tied_names = set(tied_to_embedding(model))
         tied_keys = [
-            k
-            for k in layers
-            if embedding.endswith(k) or any(t.endswith(k) or k in t.split(".") for t in tied_names)
+            k for k in layers if embedding.endswith(k) or any(t.endswith(k) or k in t.split(".") for t in tied_names)
         ]
         if len(tied_keys) >= 2:
             mismatch = any(layers[k] != layers[tied_keys[0]] for k in tied_keys[1:])
