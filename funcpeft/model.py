@@ -117,10 +117,20 @@ class FunctionalPeftModel:
         return tree
 
     def load_adapter(
-        self, directory: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        directory: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        init_data: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> AdapterTree:
         """PEFT's `PeftModel.load_adapter`: register the adapter saved in `directory` as `adapter_name` and return
         its tree; its per-layer frozen tensors (e.g. VeLoRA's projection) go into `base`, like PEFT's layers hold them.
+
+        Like PEFT (its load_adapter runs `add_adapter` with the saved config before loading the file) and like
+        `from_pretrained`, a base-changing `init_lora_weights` ("pissa", "olora", "loftq", "corda" with
+        `init_data`, ...) runs again on the current `self.base` weights and replaces them in `self.base`.
 
         kwargs: `autocast_adapter_dtype`, `strict`, `allow_pickle` (see funcpeft.load_adapter).
         """
@@ -135,7 +145,17 @@ class FunctionalPeftModel:
         loaded.config.check_new_adapter_config(self.peft_config)
         _check_same_parameters(loaded.config, self.peft_config)
         _check_parameter_layers(loaded.plan, self.plans)
+        _check_nesting(loaded.plan, self.plans)
         params = dict(self.model.named_parameters())
+        redo = _base_changing(loaded.plan)
+        if redo:  # on the current base, as PEFT's second adapter sees the first one's changes
+            names = Names(self.fn.aliases)
+            weights = {p: names.read(self.base, e.weight_key(p)) for p, e in redo.items()}
+            data = {p: None for p in redo} if init_data is None else init_data
+            _, changed = init_adapter_and_weights(
+                self.model, redo, self.autocast_adapter_dtype, None, False, data, weights
+            )
+            _write_weights(self.base, names, changed, redo)
         self.base.update({n: t for n, t in loaded.base.items() if n not in params})
         self.peft_config[adapter_name] = loaded.config
         self.plans[adapter_name] = loaded.plan
@@ -302,6 +322,15 @@ def _write_weights(
         names.write_shared(base, plan[path].weight_key(path), weight)
 
 
+def _base_changing(plan: Plan) -> Plan:
+    """The layers whose init changes the base weight (PiSSA, OLoRA, LoftQ, CorDA, ...): PEFT runs it again on load."""
+    return {
+        p: e
+        for p, e in plan.items()
+        if e.spec is not None and e.method.init_from_weight is not None and changes_base(e.spec)
+    }
+
+
 def _layer_map(config: PeftConfig) -> list[list[int]] | None:
     return getattr(config, "layer_replication", None)
 
@@ -438,11 +467,7 @@ def from_pretrained(
     # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
     # (None for every layer: no data, PEFT's loading fallback where there is one)
     # (only those layers: the others' random draws would be thrown away)
-    redo = {
-        p: e
-        for p, e in loaded.plan.items()
-        if e.spec is not None and e.method.init_from_weight is not None and changes_base(e.spec)
-    }
+    redo = _base_changing(loaded.plan)
     if redo:
         data = {p: None for p in redo} if init_data is None else init_data
         _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)
