@@ -199,7 +199,9 @@ class FunctionalPeftModel:
         path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
         get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
         the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
-        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT.
+        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT. One adapter per
+        call: its tree, or `{name: tree}` for another registered adapter (PEFT's `selected_adapters=[name]`);
+        several are refused (PEFT subtracts the one initial adapter from each).
         """
         if adapter_params is None:
             raise TypeError(
@@ -208,24 +210,26 @@ class FunctionalPeftModel:
                 "write the untrained adapter."
             )
         named = self.fn.split_adapters(adapter_params)
-        if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
-            if path_initial_model_for_weight_conversion is not None:
+        if path_initial_model_for_weight_conversion is not None:
+            if len(named) != 1:
                 raise NotImplementedError(
-                    "save_pretrained(path_initial_model_for_weight_conversion=...) converts the default adapter "
-                    f"{self.adapter_name!r} only; pass its tree alone, got adapters {[n for n, _ in named]}"
+                    "save_pretrained(path_initial_model_for_weight_conversion=...) with several adapters "
+                    f"{[n for n, _ in named]}: the directory holds ONE adapter as initialised, and PEFT subtracts that "
+                    "same initial adapter from every adapter it saves (right only for the adapter trained from it; "
+                    "another one is silently wrong, or a KeyError when it adapts other layers). Convert one adapter "
+                    "per call: pass {name: tree} of the adapter that directory belongs to (PEFT's "
+                    "selected_adapters=[name]), and save the others without conversion."
                 )
+            name, tree = named[0]
+            self.fn.check_tree(name, tree, self.base)
+            converted, plain = convert_mutated_init(
+                tree, self.peft_config[name], path_initial_model_for_weight_conversion, self.model
+            )
+            return save_adapter(directory, converted, plain, name, model=self.model, base_params=self.base, **kwargs)
+        if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
             for name, tree in named:
                 self.save_pretrained_adapter(directory, name, tree, **kwargs)
             return os.fspath(directory)
-        config = self.peft_config[self.adapter_name]
-        if path_initial_model_for_weight_conversion is not None:
-            self.fn.check_tree(self.adapter_name, adapter_params, self.base)
-            tree, plain = convert_mutated_init(
-                adapter_params, config, path_initial_model_for_weight_conversion, self.model
-            )
-            return save_adapter(
-                directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs
-            )
         return self.save_pretrained_adapter(directory, self.adapter_name, adapter_params, **kwargs)
 
     def save_pretrained_adapter(

@@ -59,3 +59,67 @@ def test_load_adapter_reruns_base_changing_init_like_peft(first: Any, loaded: st
     twin.set_adapter("p")
     with torch.no_grad():
         torch.testing.assert_close(pm.fn(pm.base, {"p": tree}, input_ids=x).logits, twin(input_ids=x).logits)
+
+
+def _files(directory: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    return load_file(str(directory / "adapter_model.safetensors")), config
+
+
+def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_path: Any) -> None:
+    """`save_pretrained({"p": trained}, path_initial_model_for_weight_conversion=init/p)` converts adapter "p" alone,
+    as PEFT's `save_pretrained(selected_adapters=["p"], path_initial_model_for_weight_conversion=...)`; several
+    adapters are refused (PEFT subtracts the one initial adapter from each: a KeyError for the other here)."""
+    model = T.tiny_llama()
+    plain = {"target_modules": ["q_proj", "v_proj"]}
+    mutated = {"r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "down_proj"]}
+    pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**plain))
+    fresh = _quiet(pm.add_adapter, "p", funcpeft.LoraConfig(**mutated, init_lora_weights="pissa"))
+    pm.save_pretrained(tmp_path / "init", {"p": fresh})
+    g = torch.Generator().manual_seed(0)
+    trained = {p: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in e.items()} for p, e in fresh.items()}
+    out = pm.save_pretrained(
+        tmp_path / "ours", {"p": trained}, path_initial_model_for_weight_conversion=str(tmp_path / "init" / "p")
+    )
+    assert out == str(tmp_path / "ours" / "p")
+    # PEFT on the same values (its adapter made with init True, so that its base stays the original weights)
+    twin = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**plain))
+    twin.add_adapter("p", peft.LoraConfig(**mutated, init_lora_weights=True))
+    T.copy_into_peft(twin, fresh, pm.plans["p"], "p")
+    _quiet(twin.save_pretrained, str(tmp_path / "pinit"), selected_adapters=["p"])
+    # PEFT loads the initial adapter under its directory's name: named "p", it overwrites adapter p, whose state
+    # dict (aliasing the parameters) it then converts, [A0; A0] instead of [A; A0]; another name avoids that
+    (tmp_path / "pinit" / "p").rename(tmp_path / "pinit" / "p_initial")
+    T.copy_into_peft(twin, trained, pm.plans["p"], "p")
+    _quiet(
+        twin.save_pretrained,
+        str(tmp_path / "theirs"),
+        selected_adapters=["p"],
+        path_initial_model_for_weight_conversion=str(tmp_path / "pinit" / "p_initial"),
+    )
+    (ours, ours_config), (theirs, theirs_config) = _files(tmp_path / "ours" / "p"), _files(tmp_path / "theirs" / "p")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for key in ("r", "lora_alpha", "init_lora_weights", "target_modules"):
+        assert ours_config[key] == theirs_config[key], key
+    assert _files(tmp_path / "init" / "p")[1]["init_lora_weights"] is True
+    # several adapters: PEFT converts "default" against p's initial adapter too and fails; funcpeft refuses first
+    twin2 = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**plain))
+    twin2.add_adapter("p", peft.LoraConfig(**mutated, init_lora_weights=True))
+    _quiet(twin2.save_pretrained, str(tmp_path / "pinit2"), selected_adapters=["p"])
+    with pytest.raises(KeyError):
+        _quiet(
+            twin2.save_pretrained,
+            str(tmp_path / "theirs2"),
+            path_initial_model_for_weight_conversion=str(tmp_path / "pinit2" / "p"),
+        )
+    with pytest.raises(NotImplementedError, match=r"several adapters \['default', 'p'\].*selected_adapters=\[name\]"):
+        pm.save_pretrained(
+            tmp_path / "ours2",
+            {"default": pm.adapter, "p": trained},
+            path_initial_model_for_weight_conversion=str(tmp_path / "init" / "p"),
+        )
+    assert not (tmp_path / "ours2").exists()
