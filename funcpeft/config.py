@@ -718,7 +718,7 @@ class LoraConfig(PeftConfig):
         """PEFT's rules for the variant options, raised here rather than when the layers are built."""
         if self.use_dora and self.megatron_config:
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
-        if self.megatron_config is not None:
+        if self.megatron_config:  # PEFT's dispatch tests truthiness: {} is plain LoRA there too
             raise NotImplementedError(
                 f"LoraConfig.megatron_config={self.megatron_config!r}: PEFT then builds Megatron tensor-parallel LoRA "
                 f"layers from the `{self.megatron_core}` package (megatron-core, CUDA and torch.distributed model "

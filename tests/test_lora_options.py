@@ -123,3 +123,39 @@ def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_p
             path_initial_model_for_weight_conversion=str(tmp_path / "init" / "p"),
         )
     assert not (tmp_path / "ours2").exists()
+
+
+def test_qalora_is_gptq_only_in_peft_and_refused_here() -> None:
+    """PEFT 0.21.2 resolves QALoRA only in its GPTQ dispatch: on a plain nn.Linear `use_qalora=True` silently
+    trains plain LoRA (no variant on the layer, the same outputs). funcpeft refuses instead of faking it."""
+    model = T.tiny_llama()
+    x = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = {"target_modules": ["q_proj"], "init_lora_weights": False}
+    torch.manual_seed(0)
+    qa = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**kwargs, use_qalora=True)).eval()
+    torch.manual_seed(0)
+    plain = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**kwargs)).eval()
+    layer = qa.base_model.model.model.layers[0].self_attn.q_proj
+    assert not layer.lora_variant  # no QALoRA variant on a plain Linear
+    with torch.no_grad():
+        torch.testing.assert_close(qa(input_ids=x).logits, plain(input_ids=x).logits, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=r"use_qalora=True \(QALoRA\): PEFT applies it only to GPTQ"):
+        funcpeft.LoraConfig(**kwargs, use_qalora=True)
+
+
+def test_megatron_config_needs_megatron_core_and_empty_is_plain_lora() -> None:
+    model = T.tiny_llama()
+    with pytest.raises(ImportError):  # PEFT imports megatron.core (not installed; CUDA model parallelism)
+        _quiet(
+            peft.get_peft_model,
+            copy.deepcopy(model),
+            peft.LoraConfig(target_modules=["q_proj"], megatron_config={"num_layers": 2}),
+        )
+    with pytest.raises(NotImplementedError, match="megatron_config=.*megatron-core, CUDA"):
+        funcpeft.LoraConfig(target_modules=["q_proj"], megatron_config={"num_layers": 2})
+    # {} is falsy: PEFT's dispatch skips Megatron, so it is plain LoRA in both
+    T.assert_matches_peft(
+        model,
+        {"target_modules": ["q_proj"], "megatron_config": {}},
+        input_ids=torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0)),
+    )
