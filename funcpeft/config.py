@@ -614,9 +614,8 @@ class LoraConfig(PeftConfig):
     funcpeft.methods.lora), velora_config, monteclora_config, alora_invocation_tokens, arrow_config
     (funcpeft.methods: velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT
     on CPU), task_type, base_model_name_or_path, revision, inference_mode. use_qalora and megatron_config raise
-    NotImplementedError with the reason (GPTQ / Megatron layers). Every other field must keep its default: a
-    non-default value raises NotImplementedError naming the field. Nested sub-configs are stored as the dicts
-    PEFT writes.
+    NotImplementedError with the reason (GPTQ / Megatron layers, GPU-only); every other field is implemented.
+    Nested sub-configs are stored as the dicts PEFT writes.
     """
 
     r: int = 8
