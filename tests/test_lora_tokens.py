@@ -217,3 +217,21 @@ def test_untied_model_with_ensure_weight_tying_warns_like_peft() -> None:
 def test_config_checks(value: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         funcpeft.LoraConfig(target_modules=QV, trainable_token_indices=value)
+
+
+def test_per_example_and_vmap_route_the_token_rows_too() -> None:
+    """A stack of two LoRA + tokens adapters: per-example routing and vmap give each row its own adapter's rows."""
+    model = T.tiny_llama(tie=True)
+    pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(target_modules=QV, trainable_token_indices=TOK1))
+    fn, base, fresh = pm
+    g = torch.Generator().manual_seed(0)
+    t1, t2 = T.random_like(fresh, g), T.random_like(fresh, g)
+    stacked = {p: {k: torch.stack([t1[p][k], t2[p][k]]) for k in e} for p, e in t1.items()}
+    x = torch.tensor([[TOK1[0], TOK1[1], 7, 9], [TOK1[1], TOK1[0], 2, 1]])
+    with torch.no_grad():
+        routed = fn(base, funcpeft.per_example(stacked), input_ids=x).logits
+        alone = torch.cat([fn(base, t1, input_ids=x[:1]).logits, fn(base, t2, input_ids=x[1:]).logits])
+        mapped = torch.func.vmap(lambda a: fn(base, a, input_ids=x).logits)(stacked)
+        torch.testing.assert_close(routed, alone)
+        torch.testing.assert_close(mapped[1], fn(base, t2, input_ids=x).logits)
+        assert not torch.allclose(alone[0], fn(base, t2, input_ids=x[:1]).logits[0])  # the adapters differ there
