@@ -103,8 +103,9 @@ def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_p
     )
     (ours, ours_config), (theirs, theirs_config) = _files(tmp_path / "ours" / "p"), _files(tmp_path / "theirs" / "p")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    for key in ("r", "lora_alpha", "init_lora_weights", "target_modules"):
+    for key in ("r", "lora_alpha", "init_lora_weights"):
         assert ours_config[key] == theirs_config[key], key
+    assert sorted(ours_config["target_modules"]) == sorted(theirs_config["target_modules"])  # PEFT: a set's order
     assert _files(tmp_path / "init" / "p")[1]["init_lora_weights"] is True
     # several adapters: PEFT converts "default" against p's initial adapter too and fails; funcpeft refuses first
     twin2 = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**plain))
