@@ -113,6 +113,11 @@ class PlanEntry:
     key_part: str | None = None
 
     @property
+    def auxiliary(self) -> bool:
+        """The entry belongs to an auxiliary part (`PeftConfig.auxiliary_configs`), not the config's own method."""
+        return self.key_part is not None
+
+    @property
     def keys(self) -> frozenset[str]:
         """Every key of the adapter tree's entry at this module."""
         return frozenset(self.params) | frozenset(self.overrides)

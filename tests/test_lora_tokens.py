@@ -235,3 +235,37 @@ def test_per_example_and_vmap_route_the_token_rows_too() -> None:
         torch.testing.assert_close(routed, alone)
         torch.testing.assert_close(mapped[1], fn(base, t2, input_ids=x).logits)
         assert not torch.allclose(alone[0], fn(base, t2, input_ids=x[:1]).logits[0])  # the adapters differ there
+
+
+def test_eva_keeps_the_token_rows_and_initialises_the_lora_layers_as_without_them() -> None:
+    """EVA with trainable tokens: PEFT 0.21.2 hooks the token layer as a LoRA layer and fails (ValueError in its
+    incremental PCA); funcpeft runs EVA on the LoRA layers only (the same lora_A as without tokens) and keeps
+    the tokens' init (the embedding's rows)."""
+    model = T.tiny_llama()
+
+    def batch(i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    data = [batch(i) for i in range(6)]
+    kwargs: dict[str, Any] = {"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "eva"}
+    twin = _quiet(
+        peft.get_peft_model,
+        copy.deepcopy(model),
+        peft.LoraConfig(**kwargs, eva_config=peft.EvaConfig(), trainable_token_indices=TOK1),
+        low_cpu_mem_usage=True,
+    )
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        _quiet(peft.initialize_lora_eva_weights, twin, data)
+    trees = []
+    for tokens in (None, TOK1):
+        pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**kwargs, trainable_token_indices=tokens))
+        trees.append(_quiet(funcpeft.initialize_lora_eva_weights, pm, pm.base, data))
+    plain, with_tokens = trees
+    assert with_tokens.keys() == {*plain, "model.embed_tokens"}
+    for path, leaves in plain.items():
+        for name, t in leaves.items():
+            torch.testing.assert_close(with_tokens[path][name], t, msg=f"{path}.{name}")
+    torch.testing.assert_close(
+        with_tokens["model.embed_tokens"]["trainable_tokens_delta"], model.model.embed_tokens.weight[TOK1]
+    )
