@@ -58,11 +58,14 @@ class Tie:
     rows). It has no leaves of its own in the adapter tree.
 
     path: the tied module; spec: its layer facts (its own op); shapes: ((param name, shape), ...) of its params.
+    saved: PEFT saves the tied layer's params under its own path (False for an auxiliary part's ties, see
+      `PeftConfig.auxiliary_configs`: PEFT's TrainableTokensWrapper leaves tied layers out of the file).
     """
 
     path: str
     spec: LayerSpec[Any]
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    saved: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,8 @@ class PlanEntry:
       model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
       its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
       parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
+    key_part: for an auxiliary part's entry (`PeftConfig.auxiliary_configs`), the attribute PEFT's wrapper keeps
+      the method's layer under (LoRA's trainable tokens: "token_adapter"); its params are `{path}.{key_part}.{name}`.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -105,6 +110,12 @@ class PlanEntry:
     copied_by: str | None = None
     applies_in: str | None = None
     parameter: str | None = None
+    key_part: str | None = None
+
+    @property
+    def auxiliary(self) -> bool:
+        """The entry belongs to an auxiliary part (`PeftConfig.auxiliary_configs`), not the config's own method."""
+        return self.key_part is not None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -415,6 +426,7 @@ def plan_adapter(
         plan.update({t.name: dataclasses.replace(plan[t.name], shared=shared_names) for t in targets})
         plan[SHARED_PATH] = PlanEntry(params=shared_names, owner=owner, shapes=own_shapes)
     _ties(model, resolved, method, plan, tied, common)
+    _auxiliary(model, resolved, plan, revision, adapter_name, for_checkpoint)
     saved = find_modules_to_save(model, resolved, set(names) | {t.name for t in targets}, set(owners))
     for name in saved:
         own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
@@ -434,6 +446,27 @@ def plan_adapter(
                     entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
                 )
     return resolved, plan
+
+
+def _auxiliary(
+    model: nn.Module, config: PeftConfig, plan: Plan, revision: str | None, adapter_name: str, for_checkpoint: bool
+) -> None:
+    """Add the entries of the config's auxiliary parts (`PeftConfig.auxiliary_configs`: LoRA's trainable tokens),
+    each planned as its own method's adapter; a part that does not tie loses the ties its method would make."""
+    for part in config.auxiliary_configs(model):
+        _, sub = plan_adapter(model, part.config, revision, adapter_name, for_checkpoint=for_checkpoint)
+        for path, entry in sub.items():
+            taken = [t.path for t in entry.tied if t.path in plan] + ([path] if path in plan else [])
+            if taken:
+                what = plan.get(taken[0])
+                how = what.spec.method if what is not None and what.spec is not None else "another auxiliary part"
+                raise TypeError(
+                    f"{type(config).__name__}: {taken[0]!r} would carry both this adapter's {how} and its auxiliary "
+                    f"{type(part.config).__name__} part (PEFT: the auxiliary wrapper cannot be applied to an adapted "
+                    "layer). Do not target that module with both."
+                )
+            tied = tuple(dataclasses.replace(t, saved=False) for t in entry.tied) if part.tie else ()
+            plan[path] = dataclasses.replace(entry, tied=tied, key_part=part.key_part)
 
 
 def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:

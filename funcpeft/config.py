@@ -238,6 +238,16 @@ class PeftConfig:
         """target_modules PEFT derives from the model itself when none are given (None: the per-model_type table)."""
         return None
 
+    def auxiliary_configs(self, model: Any) -> list[AuxiliaryConfig]:
+        """Adapters of other methods this config applies next to its own layers, in the same adapter (tree, name,
+        files): PEFT's auxiliary wrappers other than modules_to_save (LoRA's `trainable_token_indices`)."""
+        return []
+
+    def auxiliary_keys(self) -> tuple[tuple[str, str], ...]:
+        """(leaf name, key tail) of the auxiliary parts' parameters in PEFT's files (`KeyRules.renamed`), known
+        without a model: e.g. ("trainable_tokens_delta", "token_adapter.trainable_tokens_delta")."""
+        return ()
+
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (sets become sorted lists, enums their values)."""
         out: dict[str, Any] = {}
@@ -273,6 +283,16 @@ class PeftConfig:
 
 
 # -- LoRA variant sub-configs (peft/tuners/lora/config.py): same names, fields, defaults and checks ----------
+class AuxiliaryConfig(typing.NamedTuple):
+    """An auxiliary part of an adapter (`PeftConfig.auxiliary_configs`): the config of the method it applies
+    (e.g. a `TrainableTokensConfig`) and whether the layers tied to the input embedding take its adapter
+    (`Method.tie`). PEFT's auxiliary wrappers do not save the tied layers' copies (`Tie.saved` False)."""
+
+    config: PeftConfig
+    tie: bool
+    key_part: str  # PEFT's wrapper keeps the method's layer under this attribute: `{path}.{key_part}.{param}` keys
+
+
 @dataclass
 class LoraRuntimeConfig:
     """PEFT's `LoraRuntimeConfig`: runtime-only settings, never saved (PEFT drops `runtime_config` from its files).
@@ -589,13 +609,13 @@ class LoraConfig(PeftConfig):
     use_rslora, use_dora (funcpeft.methods.dora), modules_to_save, init_lora_weights (all of PEFT's: True/False/
     "gaussian"/"mica"/PiSSA/OLoRA/orthogonal/LoftQ/EVA/CorDA/LoRA-GA), layers_to_transform, layers_pattern,
     rank_pattern, alpha_pattern, lora_bias, kasa_config (a `KasaConfig` or its dict), use_bdlora (a `BdLoraConfig`
-    or its dict), ensure_weight_tying, target_parameters (bare nn.Parameters such as MoE expert stacks;
+    or its dict), ensure_weight_tying, trainable_token_indices (a trainable-tokens part of the adapter,
+    `auxiliary_configs`), target_parameters (bare nn.Parameters such as MoE expert stacks;
     funcpeft.methods.lora), velora_config, monteclora_config, alora_invocation_tokens, arrow_config
     (funcpeft.methods: velora, monteclora, alora, arrow), layer_replication, runtime_config (a no-op, as in PEFT
     on CPU), task_type, base_model_name_or_path, revision, inference_mode. use_qalora and megatron_config raise
-    NotImplementedError with the reason (GPTQ / Megatron layers). Every other field must keep its default: a
-    non-default value raises NotImplementedError naming the field. Nested sub-configs are stored as the dicts
-    PEFT writes.
+    NotImplementedError with the reason (GPTQ / Megatron layers, GPU-only); every other field is implemented.
+    Nested sub-configs are stored as the dicts PEFT writes.
     """
 
     r: int = 8
@@ -636,9 +656,6 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
-    _unimplemented: ClassVar[dict[str, Any]] = {
-        "trainable_token_indices": None,
-    }
 
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
@@ -676,12 +693,31 @@ class LoraConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         check_layers_and_saved(self)
         self._check_variant_options()
+        if self.trainable_token_indices is not None:
+            from .configs.trainable_tokens import check_lora_token_indices
+
+            check_lora_token_indices(self.trainable_token_indices)
+
+    def auxiliary_configs(self, model: Any) -> list[AuxiliaryConfig]:
+        """`trainable_token_indices` as trainable tokens on the named embeddings (PEFT's TrainableTokensWrapper)."""
+        if self.trainable_token_indices is None:
+            return []
+        from .configs.trainable_tokens import lora_token_configs
+
+        return lora_token_configs(model, self)
+
+    def auxiliary_keys(self) -> tuple[tuple[str, str], ...]:
+        if self.trainable_token_indices is None:
+            return ()
+        from .configs.trainable_tokens import WRAPPED_KEYS
+
+        return WRAPPED_KEYS
 
     def _check_variant_options(self) -> None:
         """PEFT's rules for the variant options, raised here rather than when the layers are built."""
         if self.use_dora and self.megatron_config:
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
-        if self.megatron_config is not None:
+        if self.megatron_config:  # PEFT's dispatch tests truthiness: {} is plain LoRA there too
             raise NotImplementedError(
                 f"LoraConfig.megatron_config={self.megatron_config!r}: PEFT then builds Megatron tensor-parallel LoRA "
                 f"layers from the `{self.megatron_core}` package (megatron-core, CUDA and torch.distributed model "

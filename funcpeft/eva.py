@@ -225,7 +225,9 @@ def get_eva_state_dict(
         return prepare_model_inputs_fn(inputs, config) if prepare_model_inputs_fn is not None else deepcopy(inputs)
 
     layers = [
-        p for p, e in plan.items() if e.spec is not None and e.spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF)
+        p
+        for p, e in plan.items()
+        if e.spec is not None and not e.auxiliary and e.spec.kind in (LayerKind.LINEAR, LayerKind.CONV1D_HF)
     ]
     layer_fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
     switches = {p: _Switch() for p in layers}
@@ -391,7 +393,7 @@ def initialize_lora_eva_weights(
             show_progress_bar=show_progress_bar,
         )
     plan = pm.plans[adapter_name]
-    adapted = [p for p, e in plan.items() if e.spec is not None]
+    adapted = [p for p, e in plan.items() if e.spec is not None and not e.auxiliary]  # trainable tokens stay
     unknown = sorted(set(eva_state_dict) - set(adapted))
     if unknown:
         raise ValueError(

@@ -59,14 +59,41 @@ def generate(
             "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
         )
     adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
+    prompt, kwargs = _prompt_inputs(fn, kwargs, config, expanded)
     skel: Any = fn.bound_model(
-        base, adapter, ((), {"input_ids": torch.empty((expanded, 0), device="meta")}) if expanded else ((), {})
+        base, adapter, ((), {"input_ids": torch.empty((expanded, 0), device="meta")}) if expanded else ((), prompt)
     )
     if expanded:
         _check_expansion(skel, expanded // _rows(kwargs))
     randomness = _Refused() if rng is None else _randomness(rng)
     with redirect(randomness):
         return skel.generate(**kwargs)
+
+
+def _prompt_inputs(
+    fn: PeftFunction, kwargs: dict[str, Any], config: Any, expanded: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the adapters' per-call data is computed from, generate's kwargs without the methods' own arguments).
+
+    Methods that consume call arguments (aLoRA's `alora_offsets`, `PeftFunction.call_kwargs`) get them, or the
+    prompt's `input_ids`, once for the whole generation, as PEFT's generate computes aLoRA's offsets from the
+    prompt and keeps them for every step (each cached decoding step then adapts its one new token).
+    """
+    consumed = fn.call_kwargs()
+    if not consumed:
+        return {}, kwargs
+    prompt = {k: kwargs[k] for k in ("input_ids", *sorted(consumed)) if k in kwargs}
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    if int(beams) > 1:
+        raise ValueError("Beam search not yet supported for aLoRA.")  # PEFT's error (LoraModel)
+    if int(returned) > 1 or expanded:
+        raise NotImplementedError(
+            f"funcpeft.generate: num_return_sequences={returned} (or per-example routing) with an adapter that "
+            f"consumes {sorted(consumed)} (aLoRA): its per-row offsets come from the prompts, but transformers "
+            "repeats the rows (PEFT fails on this too). Generate with num_return_sequences=1."
+        )
+    return prompt, {k: v for k, v in kwargs.items() if k not in consumed}
 
 
 def _randomness(rng: Any) -> CallRandomness:

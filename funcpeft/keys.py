@@ -22,6 +22,7 @@ out_proj: `mha.base_layer.out_proj.lora_A.weight`). Nothing here is specific to 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,8 +43,11 @@ Leaf = tuple[str, str]  # (module path, name inside the entry)
 
 
 def key_rules(config: Any) -> KeyRules:
-    """The file key rules of the registered method implementing `config`."""
-    return method_for(config).keys
+    """The file key rules of the registered method implementing `config`, with its auxiliary parts' keys
+    (`PeftConfig.auxiliary_keys`)."""
+    rules: KeyRules = method_for(config).keys
+    extra = config.auxiliary_keys() if hasattr(config, "auxiliary_keys") else ()
+    return dataclasses.replace(rules, renamed=rules.renamed + extra) if extra else rules
 
 
 def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[str] = ()) -> dict[str, str]:
@@ -149,6 +153,7 @@ def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, t
         file_key(t.path, name, rules, True, True, adapted): (path, t.path, name)
         for path, e in plan.items()
         for t in e.tied
+        if t.saved
         for name, _ in t.shapes
     }
 

@@ -117,10 +117,20 @@ class FunctionalPeftModel:
         return tree
 
     def load_adapter(
-        self, directory: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        directory: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        init_data: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> AdapterTree:
         """PEFT's `PeftModel.load_adapter`: register the adapter saved in `directory` as `adapter_name` and return
         its tree; its per-layer frozen tensors (e.g. VeLoRA's projection) go into `base`, like PEFT's layers hold them.
+
+        Like PEFT (its load_adapter runs `add_adapter` with the saved config before loading the file) and like
+        `from_pretrained`, a base-changing `init_lora_weights` ("pissa", "olora", "loftq", "corda" with
+        `init_data`, ...) runs again on the current `self.base` weights and replaces them in `self.base`.
 
         kwargs: `autocast_adapter_dtype`, `strict`, `allow_pickle` (see funcpeft.load_adapter).
         """
@@ -135,7 +145,17 @@ class FunctionalPeftModel:
         loaded.config.check_new_adapter_config(self.peft_config)
         _check_same_parameters(loaded.config, self.peft_config)
         _check_parameter_layers(loaded.plan, self.plans)
+        _check_nesting(loaded.plan, self.plans)
         params = dict(self.model.named_parameters())
+        redo = _base_changing(loaded.plan)
+        if redo:  # on the current base, as PEFT's second adapter sees the first one's changes
+            names = Names(self.fn.aliases)
+            weights = {p: names.read(self.base, e.weight_key(p)) for p, e in redo.items()}
+            data = {p: None for p in redo} if init_data is None else init_data
+            _, changed = init_adapter_and_weights(
+                self.model, redo, self.autocast_adapter_dtype, None, False, data, weights
+            )
+            _write_weights(self.base, names, changed, redo)
         self.base.update({n: t for n, t in loaded.base.items() if n not in params})
         self.peft_config[adapter_name] = loaded.config
         self.plans[adapter_name] = loaded.plan
@@ -179,7 +199,9 @@ class FunctionalPeftModel:
         path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
         get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
         the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
-        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT.
+        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT. One adapter per
+        call: its tree, or `{name: tree}` for another registered adapter (PEFT's `selected_adapters=[name]`);
+        several are refused (PEFT subtracts the one initial adapter from each).
         """
         if adapter_params is None:
             raise TypeError(
@@ -188,24 +210,26 @@ class FunctionalPeftModel:
                 "write the untrained adapter."
             )
         named = self.fn.split_adapters(adapter_params)
-        if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
-            if path_initial_model_for_weight_conversion is not None:
+        if path_initial_model_for_weight_conversion is not None:
+            if len(named) != 1:
                 raise NotImplementedError(
-                    "save_pretrained(path_initial_model_for_weight_conversion=...) converts the default adapter "
-                    f"{self.adapter_name!r} only; pass its tree alone, got adapters {[n for n, _ in named]}"
+                    "save_pretrained(path_initial_model_for_weight_conversion=...) with several adapters "
+                    f"{[n for n, _ in named]}: the directory holds ONE adapter as initialised, and PEFT subtracts that "
+                    "same initial adapter from every adapter it saves (right only for the adapter trained from it; "
+                    "another one is silently wrong, or a KeyError when it adapts other layers). Convert one adapter "
+                    "per call: pass {name: tree} of the adapter that directory belongs to (PEFT's "
+                    "selected_adapters=[name]), and save the others without conversion."
                 )
+            name, tree = named[0]
+            self.fn.check_tree(name, tree, self.base)
+            converted, plain = convert_mutated_init(
+                tree, self.peft_config[name], path_initial_model_for_weight_conversion, self.model
+            )
+            return save_adapter(directory, converted, plain, name, model=self.model, base_params=self.base, **kwargs)
+        if len(named) != 1 or named[0][0] != self.adapter_name:  # {name: tree, ...}: PEFT saves each adapter
             for name, tree in named:
                 self.save_pretrained_adapter(directory, name, tree, **kwargs)
             return os.fspath(directory)
-        config = self.peft_config[self.adapter_name]
-        if path_initial_model_for_weight_conversion is not None:
-            self.fn.check_tree(self.adapter_name, adapter_params, self.base)
-            tree, plain = convert_mutated_init(
-                adapter_params, config, path_initial_model_for_weight_conversion, self.model
-            )
-            return save_adapter(
-                directory, tree, plain, self.adapter_name, model=self.model, base_params=self.base, **kwargs
-            )
         return self.save_pretrained_adapter(directory, self.adapter_name, adapter_params, **kwargs)
 
     def save_pretrained_adapter(
@@ -300,6 +324,15 @@ def _write_weights(
     """New base weights from an init, written like PEFT's `weight.data = ...` (tied names see them too)."""
     for path, weight in changed.items():
         names.write_shared(base, plan[path].weight_key(path), weight)
+
+
+def _base_changing(plan: Plan) -> Plan:
+    """The layers whose init changes the base weight (PiSSA, OLoRA, LoftQ, CorDA, ...): PEFT runs it again on load."""
+    return {
+        p: e
+        for p, e in plan.items()
+        if e.spec is not None and e.method.init_from_weight is not None and changes_base(e.spec)
+    }
 
 
 def _layer_map(config: PeftConfig) -> list[list[int]] | None:
@@ -438,11 +471,7 @@ def from_pretrained(
     # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
     # (None for every layer: no data, PEFT's loading fallback where there is one)
     # (only those layers: the others' random draws would be thrown away)
-    redo = {
-        p: e
-        for p, e in loaded.plan.items()
-        if e.spec is not None and e.method.init_from_weight is not None and changes_base(e.spec)
-    }
+    redo = _base_changing(loaded.plan)
     if redo:
         data = {p: None for p in redo} if init_data is None else init_data
         _, changed = init_adapter_and_weights(model, redo, autocast_adapter_dtype, None, False, data)

@@ -224,6 +224,20 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ),
     ("trainable_tokens-gpt2", "trainable_tokens", "tiny-gpt2", "TrainableTokensConfig", dict(token_indices=[15, 7])),
     (
+        "lora+tokens-llama-tied",
+        "lora",
+        "tiny-llama-tied",
+        "LoraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 43, 95]),
+    ),
+    (
+        "lora+tokens-gpt2",
+        "lora",
+        "tiny-gpt2",
+        "LoraConfig",
+        dict(r=4, target_modules=["c_attn"], trainable_token_indices={"wte": [15, 7]}),
+    ),
+    (
         "adalora-llama",
         "adalora",
         "tiny-llama",

@@ -64,7 +64,6 @@ def test_invalid_values_are_value_errors(kwargs: dict[str, Any], names: str) -> 
     ("kwargs", "name"),
     [
         ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron"),
-        ({"trainable_token_indices": [1]}, "trainable_token_indices"),
         ({"use_qalora": True}, "use_qalora"),
     ],
 )

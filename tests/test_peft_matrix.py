@@ -19,14 +19,8 @@ import funcpeft
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips this file (CONTRIBUTING.md)
 
-_NOT_IMPL = "NotImplementedError from funcpeft.LoraConfig (row config) and from_pretrained (PEFT's files)"
-_BOTH = "get_peft_model, from_pretrained: "
 
-KNOWN_FAILURES: dict[str, str] = {
-    # LoRA variants / options funcpeft does not implement
-    "Embedding + transformers Conv1D 1 LoRA trainable_tokens": _BOTH
-    + f"trainable_token_indices is not implemented: {_NOT_IMPL}",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 # rows where PEFT is wrong: LoHa's use_effective_conv2d backward (HadaWeightCP) gives wrong gradients for
 # hada_w1_a / hada_w2_a; lora.MultiheadAttention merges out_proj's delta twice, once outside autograd, so its
@@ -42,12 +36,7 @@ DEVIATIONS: dict[str, str] = {
     },
 }
 
-KNOWN_MULTI_FAILURES: dict[str, str] = {
-    "LoRA + trainable tokens Same": "from_pretrained + load_adapter: trainable_token_indices is not implemented "
-    "(NotImplementedError)",
-    "LoRA + trainable tokens Different": "from_pretrained + load_adapter: trainable_token_indices is not implemented "
-    "(NotImplementedError)",
-}
+KNOWN_MULTI_FAILURES: dict[str, str] = {}
 
 
 # multi-adapter rows PEFT's test suite skips (`_skip_tests_with_multiple_adapters_with_target_parameters`) although

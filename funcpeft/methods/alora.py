@@ -19,10 +19,10 @@ tokens and selects (PEFT computes it on the selected tokens only): the same outp
 shapes for compile and vmap; only lora_dropout masks are drawn over all tokens (PEFT draws them over the
 selected ones). GPT-2's Conv1D sees (B*T, in): funcpeft views it as (B, T, in) from the offsets' B.
 
-Generation (for the later `generate` work): PEFT computes the offsets once from the prompt (`input_ids` of
-`generate`) and keeps them for every step; with a KV cache each decoding step has T = 1 and offset >= 1, so
-every generated token is adapted, and the prefill adapts the prompt from the invocation on. A generate loop
-over `fn` must pass the prompt's offsets (`invocation_offsets(prompt_ids, tokens)`) as `alora_offsets=` at
+Generation: PEFT computes the offsets once from the prompt (`input_ids` of `generate`) and keeps them for
+every step; with a KV cache each decoding step has T = 1 and offset >= 1, so every generated token is adapted,
+and the prefill adapts the prompt from the invocation on. `funcpeft.generate` does the same (it binds the
+prompt's offsets, or `alora_offsets=`, into the bound model once). A hand-written generate loop over `fn` must pass the prompt's offsets (`invocation_offsets(prompt_ids, tokens)`) as `alora_offsets=` at
 each step instead of letting funcpeft recompute them from the step's (single-token) input_ids, and must use a
 KV cache (without one, offsets counted from the end point at the wrong tokens, in PEFT as well). Beam search
 is refused by PEFT for aLoRA.

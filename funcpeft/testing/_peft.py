@@ -30,6 +30,8 @@ def peft_param_name(
     """
     prefix = f"base_model.model.{peft_path(path, wrapped)}"
     renamed = dict(plan_entry.method.keys.renamed) if plan_entry.spec is not None else {}
+    if plan_entry.key_part is not None:  # an auxiliary part's layer, inside PEFT's wrapper
+        prefix = f"{prefix}.{plan_entry.key_part}"
     if key in renamed:
         module, _, leaf = renamed[key].rpartition(".")
         return f"{prefix}.{module}.{adapter_name}.{leaf}"
