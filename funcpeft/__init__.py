@@ -27,6 +27,7 @@ from .config import (
 )
 from .configs import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
     ArrowConfig,
     BOFTConfig,
     C3AConfig,
@@ -79,6 +80,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "CordaConfig",
     "EvaConfig",
     "LoftQConfig",

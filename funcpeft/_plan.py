@@ -42,6 +42,7 @@ from .methods.base import (
     LayerKind,
     LayerSpec,
     Method,
+    ModuleGeometry,
     ParameterGeometry,
     Params,
     Target,
@@ -120,6 +121,8 @@ class PlanEntry:
         `{path}.in_proj_weight`), or the targeted bare parameter."""
         if self.parameter is not None:
             return self.parameter
+        if self.spec is not None and self.spec.kind is LayerKind.MODULE:
+            return f"{path}.{self.spec.module.weight}"
         return f"{path}.{self.spec.kind.weight_name if self.spec is not None else 'weight'}"
 
     def base_key(self, path: str, name: str) -> str:
@@ -150,6 +153,14 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
+    if kind is LayerKind.MODULE:  # a whole module (Method.module_forward): its parameters stay as they are
+        first = next((n for n, _ in module.named_parameters()), None)
+        if first is None:
+            raise UnsupportedLayerError(
+                f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r} "
+                f"({type(module).__name__}): the module has no parameters to place the adapter's next to"
+            )
+        return LayerSpec(method.name, kind, (), 0, 0, method.hyper(config, target), ModuleGeometry(first))
     if kind not in method.kinds:
         raise UnsupportedLayerError(
             f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
@@ -268,12 +279,14 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
 
 
 def _targets(
-    names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False
+    names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False, whole: bool = False
 ) -> list[Target]:
-    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
+    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj).
+
+    whole: the targets are whole modules (LayerKind.MODULE, `Method.module_forward`), whatever their type."""
     out: list[Target] = []
     for name in names:
-        kind = layer_kind(modules[name])
+        kind = LayerKind.MODULE if whole else layer_kind(modules[name])
         assert kind is not None  # find_targets raised for anything else
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention) and parent not in names:
@@ -368,7 +381,9 @@ def plan_adapter(
         raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
     resolved = resolve_config(model, config, revision)
     found = find_parameter_targets(model, resolved)
-    if found:
+    if method.module_targets is not None:  # whole modules, by the method's own rule (AdaptionPrompt's top layers)
+        names = method.module_targets(model, resolved)
+    elif found:
         names = _module_targets(model, resolved, found)
     else:
         names = find_targets(model, resolved, any_module=method.copies_modules)
@@ -382,7 +397,7 @@ def plan_adapter(
     tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
     layers = [n for n in names if n not in tied] if not method.copies_modules else []
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    targets = _targets(layers, modules, common, for_checkpoint)
+    targets = _targets(layers, modules, common, for_checkpoint, whole=method.wraps_modules)
     if hasattr(resolved, "fan_in_fan_out"):
         kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
         _fix_fan_in_fan_out(kinds, resolved)

@@ -55,7 +55,7 @@ import functools
 import types
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -73,7 +73,17 @@ from ._plan import (
     with_shared,
 )
 from .methods import weight_method
-from .methods.base import CallInputs, Generators, LayerSpec, Method, Params, no_dropout, no_generator
+from .methods.base import (
+    CallInputs,
+    Generators,
+    LayerKind,
+    LayerSpec,
+    Method,
+    ModuleForwardFn,
+    Params,
+    no_dropout,
+    no_generator,
+)
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .trees import SHARED_PATH
@@ -82,6 +92,17 @@ from .weights import AdaptedWeight, Applied, nesting_order
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train
 _new = object.__new__
+
+
+class Wrapped(NamedTuple):
+    """A whole-module adapter applied in one call (`Method.module_forward`: AdaptionPrompt's gated attention)."""
+
+    spec: LayerSpec[Any]
+    params: Params
+    forward: ModuleForwardFn
+
+
+Wraps = dict[str, list[Wrapped]]  # module path -> its whole-module adapters, in activation order
 
 
 class PeftFunction:
@@ -212,11 +233,14 @@ class PeftFunction:
         dropout: Any = no_dropout,
         inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
         generator: Generators = no_generator,
+        wrapped: Wraps | None = None,
     ) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights.
 
         inputs: the model call's (args, kwargs), to check per-example routing against the batch size and for
         methods' per-call data (`Method.prepare_call`); generator: the call's randomness (OpContext.generator).
+        wrapped: filled with the whole-module adapters of the call (`Method.module_forward`) for the caller to
+        apply around their modules' forwards; None: the caller cannot, and such an adapter raises.
         """
         self._check_base(base)
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
@@ -260,6 +284,9 @@ class PeftFunction:
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
+                if entry.spec.kind is LayerKind.MODULE:
+                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing is not None)
+                    continue
                 if entry.parameter is not None:
                     if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
                         raise NotImplementedError(
@@ -298,6 +325,8 @@ class PeftFunction:
                     carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
                 if entry.applies_in is not None:
                     applies_in[f"{path}.{entry.spec.kind.weight_name}"] = entry.applies_in
+        for wraps in (wrapped or {}).values():
+            check_stack(tuple(w.spec for w in wraps))
         for wname, applied_list in carried.items():
             check_stack(tuple(a.spec for a in applied_list))
             params[wname] = AdaptedWeight.wrap(
@@ -306,6 +335,25 @@ class PeftFunction:
         for pname, on_param in targeted.items():
             params[pname] = parameter_value(pname, on_param, params[pname])
         return params
+
+    @staticmethod
+    def _wrap(
+        wrapped: Wraps | None, name: str, path: str, spec: LayerSpec[Any], params: Params, method: Method, routed: bool
+    ) -> None:
+        """Record adapter `name`'s whole-module adapter at `path` (`Method.module_forward`) for the call."""
+        if routed:
+            raise NotImplementedError(
+                f"per-example adapters: adapter {name!r} ({method.peft_type}) adapts the whole module {path!r}, "
+                "which funcpeft cannot route per example; call fn with one adapter tree (or vmap over stacked trees)"
+            )
+        if wrapped is None:
+            raise NotImplementedError(
+                f"adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} by wrapping its forward, "
+                "which this way of running the model (an FSDP2-sharded model, or a helper reading only the tensors) "
+                "does not support"
+            )
+        assert method.module_forward is not None
+        wrapped.setdefault(path, []).append(Wrapped(spec, params, method.module_forward))
 
     def _layers(
         self, name: str, tree: Mapping[str, Any], base: Mapping[str, torch.Tensor], method: Method
@@ -366,7 +414,8 @@ class PeftFunction:
             )
             return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
         check_not_sharded(self._model)
-        params = self.build_params(base, adapter, dropout, (args, kwargs), generator)
+        wrapped: Wraps = {}
+        params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
         kwargs = model_kwargs
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
@@ -374,13 +423,15 @@ class PeftFunction:
             if self._aliased and any(
                 type(t) is AdaptedWeight and n.rpartition(".")[0] in self._aliased for n, t in params.items()
             ):
-                return self._eager_call(params, rng, args, kwargs)  # a graph break, see _eager_call
-            return _traced_call(self._model, params, args, kwargs)
-        return self._run(params, rng, args, kwargs)
+                return self._eager_call(params, rng, args, kwargs, wrapped)  # a graph break, see _eager_call
+            return _traced_call(self._model, params, args, kwargs, wrapped)
+        return self._run(params, rng, args, kwargs, wrapped)
 
-    def _run(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict) -> Any:
-        """The eager call: the model run on a call skeleton holding `params`."""
-        call = _Call(params, rng)
+    def _run(
+        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict, wrapped: Wraps
+    ) -> Any:
+        """The eager call: the model run on a call skeleton holding `params` (and `wrapped` around its modules)."""
+        call = _Call(params, rng, wrapped)
         skel = call.skeleton(self._model)
         if call.checkpointing and rng is None and not self._warned_eval_checkpointing and torch.is_grad_enabled():
             self._warned_eval_checkpointing = True
@@ -409,20 +460,23 @@ class PeftFunction:
         """
         if self.sharded is not None:
             self.sharded.refuse("generate (a bound model)")
-        params = self.build_params(base, adapter, no_dropout, inputs)
-        return _Call(params, None).skeleton(self._model)
+        wrapped: Wraps = {}
+        params = self.build_params(base, adapter, no_dropout, inputs, wrapped=wrapped)
+        return _Call(params, None, wrapped).skeleton(self._model)
 
     @torch.compiler.disable(
         reason="funcpeft: a targeted module is registered in the model under several names; PEFT adapts it only under "
         "the targeted one, which a traced call (running the model's own modules) cannot tell apart: run eagerly"
     )
     def _eager_call(
-        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict
+        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict, wrapped: Wraps
     ) -> Any:
-        return self._run(params, rng, args, kwargs)
+        return self._run(params, rng, args, kwargs, wrapped)
 
 
-def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+def _traced_call(
+    model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, wrapped: Wraps | None = None
+) -> Any:
     """The eval-mode call as torch.compile traces it: functional_call on the model itself.
 
     Dynamo cannot trace a call skeleton (module objects created while tracing have no source). Under
@@ -439,14 +493,17 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
             path, _, pname = name.rpartition(".")
             owners.setdefault(t.applies_in or path, []).append((model.get_submodule(path), pname, t))
+    for path in wrapped or {}:  # whole-module adapters wrap their module's forward the same way
+        owners.setdefault(path, [])
     plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
     swapped = [(m, m.__dict__.get("forward", _MISSING)) for m in (model.get_submodule(p) for p in owners)]
     for m in flipped:
         m.training = False
     for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
         m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
-    for (m, own), adapted in zip(swapped, owners.values()):
-        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own)
+    for (m, own), (path, adapted) in zip(swapped, owners.items()):
+        wraps = (wrapped or {}).get(path, [])
+        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own, wraps, m)
     try:
         return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
     finally:
@@ -479,8 +536,9 @@ def _randomness(dropout_rng: Any) -> CallRandomness | None:
 class _Call:
     """One call's skeleton builder: the tensors to bind, the randomness, and what the build saw."""
 
-    def __init__(self, params: dict[str, torch.Tensor], rng: CallRandomness | None):
+    def __init__(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, wrapped: Wraps | None = None):
         self.params = params
+        self.wrapped = dict(wrapped or {})  # popped as their modules are copied: what is left was not found
         self.rng = rng
         self.training = rng is not None
         self.bound = 0
@@ -491,7 +549,7 @@ class _Call:
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         skel = self._copy(model, "")
-        if self.bound != len(self.params):
+        if self.bound != len(self.params) or self.wrapped:
             self._unbound(model)
         if self.custom_train:  # a module overrides train() (e.g. keeps a frozen part in eval): let it decide
             skel.train(self.training)
@@ -538,8 +596,10 @@ class _Call:
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
         adapted = self.adapted.pop(path, None)  # its own weights and its children's it uses (see _owner_forward)
-        if adapted is not None:
-            d["forward"] = _owner_forward(adapted, d.get("forward") or types.MethodType(cls.forward, skel))
+        wraps = self.wrapped.pop(path, None) if self.wrapped else None  # whole-module adapters (Method.module_forward)
+        if adapted is not None or wraps is not None:
+            forward = d.get("forward") or types.MethodType(cls.forward, skel)
+            d["forward"] = _owner_forward(adapted or [], forward, wraps or [], skel)
         train = cls.train
         if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
             self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
@@ -548,7 +608,7 @@ class _Call:
 
     def _unbound(self, model: nn.Module) -> None:
         names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        lost = sorted(set(self.params) - names)
+        lost = sorted(set(self.params) - names) + sorted(f"{p} (a module)" for p in self.wrapped)
         raise RuntimeError(
             f"funcpeft: the model no longer has the parameter(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} that fn "
             "was built for: its module structure changed after get_peft_model. Call get_peft_model on the model as it is now."
@@ -569,13 +629,20 @@ def parameter_value(
     return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
 
 
-def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward: Any) -> Any:
+def _owner_forward(
+    adapted: list[tuple[nn.Module, str, AdaptedWeight]],
+    forward: Any,
+    wraps: list[Wrapped] | None = None,
+    module: nn.Module | None = None,
+) -> Any:
     """`forward` of a targeted module that sees its adapted weight(s) only while it runs.
 
     As in PEFT, where the adapter term is added by the layer's own forward: anything else that reads the
     weight (a parent's `F.linear(x, self.proj.weight)`, a hook, a tied module) gets the plain tensor.
     adapted: (module, parameter name, adapted weight): the module's own, and children's its forward reads
-    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj).
+    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj). wraps: whole-module adapters of `module` (the
+    skeleton, or the model's module in a traced call), applied in order to its output (`Method.module_forward`),
+    as PEFT's wrapper modules (AdaptedAttention) run the wrapped module and then add their term.
     """
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
@@ -583,10 +650,14 @@ def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward:
         for m, n, w in adapted:
             m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
         finally:
             for m, n, p in plain:
                 m._parameters[n] = p
+        for w in wraps or ():
+            assert module is not None
+            out = w.forward(w.spec, w.params, module, args, kwargs, out)
+        return out
 
     return adapted_forward
 

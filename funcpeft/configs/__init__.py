@@ -22,6 +22,7 @@ from ..config import (
     VeloraConfig,
 )
 from .adalora import AdaLoraConfig
+from .adaption_prompt import AdaptionPromptConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
@@ -42,6 +43,7 @@ __all__ = [
     "ArrowConfig",
     "BdLoraConfig",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "BOFTConfig",
     "C3AConfig",
     "CordaConfig",

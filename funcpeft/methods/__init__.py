@@ -6,6 +6,7 @@ CONTRIBUTING.md ("Adding a method").
 
 from . import (
     adalora,
+    adaption_prompt,
     alora,
     arrow,
     bdlora,
@@ -53,6 +54,7 @@ from .base import (
     Method,
     ModelCall,
     OpContext,
+    ModuleGeometry,
     ParameterGeometry,
     SharedParams,
     SharedTensors,
@@ -75,6 +77,7 @@ __all__ = [
     "Method",
     "ModelCall",
     "OpContext",
+    "ModuleGeometry",
     "ParameterGeometry",
     "SharedParams",
     "SharedTensors",

@@ -57,6 +57,7 @@ class LayerKind(enum.Enum):
     PARAMETER = (
         "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
     )
+    MODULE = "module"  # a whole module (an attention block) whose forward the method wraps (Method.module_forward)
 
     @property
     def out_dim(self) -> int:
@@ -109,6 +110,14 @@ class ParameterGeometry:
 
 
 @dataclass(frozen=True)
+class ModuleGeometry:
+    """A targeted whole module (LayerKind.MODULE). weight: the name, relative to the module, of the parameter whose
+    device and dtype the adapter's parameters take: its first one (PEFT creates a wrapper's parameters there)."""
+
+    weight: str
+
+
+@dataclass(frozen=True)
 class LayerSpec(Generic[H]):
     """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
 
@@ -123,7 +132,7 @@ class LayerSpec(Generic[H]):
     in_features: int
     out_features: int
     hyper: H
-    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | None = None
+    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | ModuleGeometry | None = None
 
     @property
     def conv(self) -> ConvGeometry:
@@ -141,6 +150,12 @@ class LayerSpec(Generic[H]):
     def parameter(self) -> ParameterGeometry:
         if not isinstance(self.geometry, ParameterGeometry):
             raise TypeError(f"{self.method} on a {self.kind.value} layer is not a bare-parameter target")
+        return self.geometry
+
+    @property
+    def module(self) -> ModuleGeometry:
+        if not isinstance(self.geometry, ModuleGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer is not a whole-module target")
         return self.geometry
 
 
@@ -279,6 +294,31 @@ class ForwardPerExampleFn(Protocol):
         """`forward` with a different adapter per example: every param has a leading batch dim B, x is (B, ...).
 
         Return None to use the generic path (vmap of `forward` over the examples)."""
+
+
+class ModuleForwardFn(Protocol):
+    def __call__(
+        self,
+        spec: LayerSpec[Any],
+        params: Params,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        output: Any,
+        /,
+    ) -> Any:
+        """A targeted whole module's output with the adapter applied (LayerKind.MODULE, `Method.module_forward`).
+
+        module: the module as this call runs it: its parameters are the call's base tensors, so calling its
+        sub-modules (`module.k_proj(x)`) runs them with the frozen base weights, and it must not be changed;
+        args / kwargs: the module's call's inputs; output: what its own forward returned for them. Pure: the
+        result depends only on these and `params`."""
+
+
+class ModuleTargetsFn(Protocol):
+    def __call__(self, model: nn.Module, config: Any, /) -> list[str]:
+        """The paths of the whole modules a resolved config adapts, in `named_modules` order (the method's own
+        rule, e.g. the top N attention blocks); raises PEFT's errors for a model or config it cannot adapt."""
 
 
 class DeltaWeightFn(Protocol):
@@ -537,6 +577,13 @@ class Method:
     is not used for it: `fn` computes W' = parameter_value([(spec, params), ...], W) once per call and the model
     reads W' wherever it reads the parameter; merging uses `delta_weight`. None: the method cannot target bare
     parameters (planning raises UnsupportedLayerError).
+    module_forward: for a method that adapts whole modules rather than a layer's weight op (Llama-Adapter's
+      gated attention over learned prompts, PEFT's AdaptionPrompt): the module's forward runs as it is, then
+      `module_forward(spec, params, module, args, kwargs, output)` returns the adapted output (see
+      `ModuleForwardFn`); its targets are LayerKind.MODULE, chosen by `module_targets` (not `target_modules`
+      matching), and `forward` / `delta_weight` are never called. Per-example routing refuses such adapters.
+    module_targets: the method's own target rule for whole modules (`ModuleTargetsFn`); required with
+      `module_forward`.
     """
 
     name: str
@@ -569,10 +616,23 @@ class Method:
     changes_base: bool = False
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
     parameter_value: ParameterValueFn | None = None
+    module_forward: ModuleForwardFn | None = None
+    module_targets: ModuleTargetsFn | None = None
+
+    def __post_init__(self) -> None:
+        if (self.module_forward is None) != (self.module_targets is None):
+            raise TypeError(
+                f"method {self.name!r}: module_forward and module_targets go together (whole-module targets)"
+            )
 
     @property
     def peft_type(self) -> str:
         return self.config.PEFT_TYPE.value
+
+    @property
+    def wraps_modules(self) -> bool:
+        """The method adapts whole modules by wrapping their forward (`module_forward`), not a layer's weight op."""
+        return self.module_forward is not None
 
     @property
     def copies_modules(self) -> bool:
