@@ -85,7 +85,7 @@ from .methods.base import (
     no_generator,
 )
 from .rng import CallRandomness, redirect
-from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
+from .routing import PerExample, batch_size, check_batch, route_layer, route_module, split_routed
 from .trees import SHARED_PATH
 from .weights import AdaptedWeight, Applied, nesting_order
 
@@ -285,7 +285,7 @@ class PeftFunction:
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
                 if entry.spec.kind is LayerKind.MODULE:
-                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing is not None)
+                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing)
                     continue
                 if entry.parameter is not None:
                     if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
@@ -338,22 +338,31 @@ class PeftFunction:
 
     @staticmethod
     def _wrap(
-        wrapped: Wraps | None, name: str, path: str, spec: LayerSpec[Any], params: Params, method: Method, routed: bool
+        wrapped: Wraps | None,
+        name: str,
+        path: str,
+        spec: LayerSpec[Any],
+        params: Params,
+        method: Method,
+        routing: PerExample | None,
     ) -> None:
         """Record adapter `name`'s whole-module adapter at `path` (`Method.module_forward`) for the call."""
-        if routed:
-            raise NotImplementedError(
-                f"per-example adapters: adapter {name!r} ({method.peft_type}) adapts the whole module {path!r}, "
-                "which funcpeft cannot route per example; call fn with one adapter tree (or vmap over stacked trees)"
-            )
+        forward = method.module_forward
+        if routing is not None:
+            if method.module_forward_per_example is None:
+                raise NotImplementedError(
+                    f"per-example adapters: adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} "
+                    "and has no per-example forward; call fn with one adapter tree (or vmap over stacked trees)"
+                )
+            forward = route_module(method.module_forward_per_example, routing)
         if wrapped is None:
             raise NotImplementedError(
                 f"adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} by wrapping its forward, "
                 "which this way of running the model (an FSDP2-sharded model, or a helper reading only the tensors) "
                 "does not support"
             )
-        assert method.module_forward is not None
-        wrapped.setdefault(path, []).append(Wrapped(spec, params, method.module_forward))
+        assert forward is not None
+        wrapped.setdefault(path, []).append(Wrapped(spec, params, forward))
 
     def _layers(
         self, name: str, tree: Mapping[str, Any], base: Mapping[str, torch.Tensor], method: Method
@@ -654,9 +663,9 @@ def _owner_forward(
         finally:
             for m, n, p in plain:
                 m._parameters[n] = p
-        for w in wraps or ():
+        for wrap in wraps or ():
             assert module is not None
-            out = w.forward(w.spec, w.params, module, args, kwargs, out)
+            out = wrap.forward(wrap.spec, wrap.params, module, args, kwargs, out)
         return out
 
     return adapted_forward

@@ -209,17 +209,31 @@ def test_adapters_run_one_at_a_time_like_peft_and_do_not_stack() -> None:
         funcpeft.merge(fpm, fpm.base, trees["default"])
 
 
-def test_stacked_prompts_vmap_and_per_example_routing_is_refused() -> None:
+def test_stacked_prompts_vmap_and_route_per_example() -> None:
     fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**CONFIG))
     x = {k: v for k, v in _padded("llama").items() if k != "labels"}
     trees = random_trees(fresh, n=3, scale=0.5)
     stacked = funcpeft.stack_adapters(trees)
     with torch.no_grad():
+        alone = [fn(base, t, **x).logits for t in trees]
         mapped = torch.func.vmap(lambda a: fn(base, a, **x).logits)(stacked)
         for k in range(3):
-            torch.testing.assert_close(mapped[k], fn(base, trees[k], **x).logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(NotImplementedError, match="ADAPTION_PROMPT.*whole module 'model.layers.1.self_attn'"):
-        fn(base, funcpeft.per_example(stacked, [0, 1]), **x)
+            torch.testing.assert_close(mapped[k], alone[k], atol=1e-5, rtol=1e-5)
+        for index in ([2, 0], [-1, 1]):  # -1: no adapter, exactly the base model's output
+            routed = fn(base, funcpeft.per_example(stacked, index), **x).logits
+            for i, k in enumerate(index):
+                want = alone[k][i] if k >= 0 else fn(base, None, **x).logits[i]
+                torch.testing.assert_close(routed[i], want, atol=1e-5 if k >= 0 else 0, rtol=1e-5 if k >= 0 else 0)
+
+
+def test_gpt2_routes_per_example() -> None:
+    fn, base, fresh = funcpeft.get_peft_model(T.tiny_gpt2(), funcpeft.AdaptionPromptConfig(**CONFIG))
+    x = {k: v for k, v in _padded("gpt2").items() if k != "labels"}
+    trees = random_trees(fresh, n=2, scale=0.5)
+    with torch.no_grad():
+        routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), **x).logits
+        for i, k in enumerate([1, 0]):
+            torch.testing.assert_close(routed[i], fn(base, trees[k], **x).logits[i], atol=1e-5, rtol=1e-5)
 
 
 def test_fn_compiles_once_for_new_adapter_values() -> None:

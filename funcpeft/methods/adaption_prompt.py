@@ -13,7 +13,8 @@ Arithmetic, dtype casts and the head layout follow PEFT 0.21.2's `layer.py` exac
 head count `num_heads // (k_proj.in_features // k_proj.out_features)`, which funcpeft checks against the
 module's k_proj (PEFT's formula assumes hidden_size == num_heads * head_dim; another model is refused, not run
 wrong). Nothing weight-sized is materialised: the prompt's keys and values are (1, adapter_len, kv_dim).
-Merging is refused (no weight represents the term), as PEFT has no merge for it; per-example routing too.
+Merging is refused (no weight represents the term), as PEFT has no merge for it. Per-example routing (which
+PEFT's AdaptionPrompt cannot do) gives each example its own prompt and gate in one batch.
 """
 
 from __future__ import annotations
@@ -156,20 +157,46 @@ def module_forward(
 
     output[0]: (bsz, q_len, hidden); adaption_prompt: (1, adapter_len, hidden); adaption_gate: (1,).
     """
+    return _forward(spec, params, module, args, kwargs, output, batched=False)
+
+
+def module_forward_per_example(
+    spec: LayerSpec[AdaptionPromptHyper],
+    params: Params,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    output: Any,
+) -> Any:
+    """`module_forward` with example i's prompt and gate: adaption_prompt (bsz, 1, adapter_len, hidden),
+    adaption_gate (bsz, 1)."""
+    return _forward(spec, params, module, args, kwargs, output, batched=True)
+
+
+def _forward(
+    spec: LayerSpec[AdaptionPromptHyper],
+    params: Params,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    output: Any,
+    batched: bool,
+) -> Any:
     h = spec.hyper
     m: Any = module
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     attn_output, rest = output[0], tuple(output[1:])
     bsz, q_len, embed_dim = attn_output.shape
-    prompt, gate = params["adaption_prompt"], params["adaption_gate"]
+    lead = bsz if batched else 1  # the prompts' leading dim: one per example, or one shared (PEFT's)
+    prompt, gate = params["adaption_prompt"], params["adaption_gate"].view(lead, 1, 1, 1)
     if h.gpt2:
-        _, key, value = m.c_attn(prompt).split(embed_dim, dim=2)
+        _, key, value = m.c_attn(prompt).split(embed_dim, dim=-1)
     else:
         key, value = m.k_proj(prompt), m.v_proj(prompt)
     repeats = h.num_heads // h.kv_heads
     # (bsz, num_heads, adapter_len, head_dim)
-    adapter_k = key.view(1, h.adapter_len, h.kv_heads, h.head_dim).repeat(bsz, 1, 1, 1).transpose(1, 2)
-    adapter_v = value.view(1, h.adapter_len, h.kv_heads, h.head_dim).repeat(bsz, 1, 1, 1).transpose(1, 2)
+    adapter_k = key.reshape(lead, h.adapter_len, h.kv_heads, h.head_dim).repeat(bsz // lead, 1, 1, 1).transpose(1, 2)
+    adapter_v = value.reshape(lead, h.adapter_len, h.kv_heads, h.head_dim).repeat(bsz // lead, 1, 1, 1).transpose(1, 2)
     if not h.gpt2:
         adapter_k = torch.repeat_interleave(adapter_k, repeats=repeats, dim=1)
         adapter_v = torch.repeat_interleave(adapter_v, repeats=repeats, dim=1)
@@ -216,5 +243,6 @@ ADAPTION_PROMPT = register(
         kinds=frozenset({LayerKind.MODULE}),
         module_forward=module_forward,
         module_targets=module_targets,
+        module_forward_per_example=module_forward_per_example,
     )
 )

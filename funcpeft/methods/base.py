@@ -581,7 +581,10 @@ class Method:
       gated attention over learned prompts, PEFT's AdaptionPrompt): the module's forward runs as it is, then
       `module_forward(spec, params, module, args, kwargs, output)` returns the adapted output (see
       `ModuleForwardFn`); its targets are LayerKind.MODULE, chosen by `module_targets` (not `target_modules`
-      matching), and `forward` / `delta_weight` are never called. Per-example routing refuses such adapters.
+      matching), and `forward` / `delta_weight` are never called.
+    module_forward_per_example: `module_forward` with every param carrying a leading batch dim B (example i's
+      adapter), for per-example routing (funcpeft.routing; examples routed to no adapter get the module's own
+      output); None: per-example routing refuses the method.
     module_targets: the method's own target rule for whole modules (`ModuleTargetsFn`); required with
       `module_forward`.
     """
@@ -618,6 +621,7 @@ class Method:
     parameter_value: ParameterValueFn | None = None
     module_forward: ModuleForwardFn | None = None
     module_targets: ModuleTargetsFn | None = None
+    module_forward_per_example: ModuleForwardFn | None = None
 
     def __post_init__(self) -> None:
         if (self.module_forward is None) != (self.module_targets is None):
