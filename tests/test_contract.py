@@ -268,6 +268,20 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "LoraConfig",
         dict(r=4, target_modules=["c_attn"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"),
     ),
+    (
+        "adaption-prompt-llama",
+        "adaption_prompt",
+        "tiny-llama",
+        "AdaptionPromptConfig",
+        dict(adapter_len=3, adapter_layers=2),
+    ),
+    (
+        "adaption-prompt-gpt2",
+        "adaption_prompt",
+        "tiny-gpt2",
+        "AdaptionPromptConfig",
+        dict(adapter_len=3, adapter_layers=2),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
