@@ -39,7 +39,11 @@ from .configs import (
     LoraRuntimeConfig,
     MissConfig,
     MontecloraConfig,
+    MultitaskPromptTuningConfig,
     OFTConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     RandLoraConfig,
     ShiraConfig,
     TrainableTokensConfig,
@@ -78,6 +82,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "AdaLoraConfig",
     "CordaConfig",
     "EvaConfig",
