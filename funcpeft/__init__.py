@@ -40,7 +40,11 @@ from .configs import (
     LoraRuntimeConfig,
     MissConfig,
     MontecloraConfig,
+    MultitaskPromptTuningConfig,
     OFTConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     RandLoraConfig,
     ShiraConfig,
     TrainableTokensConfig,
@@ -79,6 +83,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "AdaLoraConfig",
     "AdaptionPromptConfig",
     "CordaConfig",

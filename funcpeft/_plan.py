@@ -33,12 +33,13 @@ from ._targeting import (
     tied_to_input_embedding,
 )
 from .config import PeftConfig
-from .methods import method_for, weight_method
+from .methods import METHODS, method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import (
     NO_INIT_DATA,
     ConvGeometry,
     EmbeddingGeometry,
+    InputMethod,
     LayerKind,
     LayerSpec,
     Method,
@@ -49,7 +50,7 @@ from .methods.base import (
     UnsupportedLayerError,
     WeightInit,
 )
-from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
+from .trees import PROMPT_PATH, SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,8 @@ class PlanEntry:
       model name (e.g. "model.layers.0.mlp.experts.gate_up_proj"); the entry's path is then PEFT's module path of
       its lora.ParamWrapper (the module's name, or `{module}.base_layer...` for a module with several targeted
       parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
+    prompt: on the `trees.PROMPT_PATH` entry of an input-level adapter (prompt learning): (its InputMethod's
+      name, the method's spec); `params` are then the prompt encoder's leaves.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -106,6 +109,7 @@ class PlanEntry:
     copied_by: str | None = None
     applies_in: str | None = None
     parameter: str | None = None
+    prompt: tuple[str, Any] | None = None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -377,8 +381,8 @@ def plan_adapter(
     for_checkpoint: plan the shapes of a saved adapter (see `Target.for_checkpoint`), for loading.
     """
     method = method_for(config)
-    if not isinstance(method, Method):
-        raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
+    if isinstance(method, InputMethod):
+        return _plan_input(model, config, method, revision)
     resolved = resolve_config(model, config, revision)
     found = find_parameter_targets(model, resolved)
     if method.module_targets is not None:  # whole modules, by the method's own rule (AdaptionPrompt's top layers)
@@ -449,6 +453,36 @@ def plan_adapter(
                     entry, overrides=("bias",), in_place=("bias",), shapes=(*entry.shapes, ("bias", shape))
                 )
     return resolved, plan
+
+
+def _plan_input(
+    model: nn.Module, config: PeftConfig, method: InputMethod, revision: str | None
+) -> tuple[PeftConfig, Plan]:
+    """An input-level adapter's plan: its `PROMPT_PATH` entry, and modules_to_save copies (SEQ_CLS's classifier)."""
+    resolved, spec = method.plan(model, config)
+    if revision is not None:
+        resolved.revision = revision
+    shapes = tuple(method.shapes(spec))
+    plan: Plan = {PROMPT_PATH: PlanEntry(params=tuple(n for n, _ in shapes), shapes=shapes, prompt=(method.name, spec))}
+    modules = dict(model.named_modules())
+    for name in find_modules_to_save(model, resolved):
+        own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
+        plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
+    return resolved, plan
+
+
+def input_method(entry: PlanEntry) -> InputMethod:
+    """The input-level method of a `PROMPT_PATH` entry."""
+    assert entry.prompt is not None
+    method = METHODS[entry.prompt[0]]
+    assert isinstance(method, InputMethod)
+    return method
+
+
+def input_entry(plan: Plan) -> PlanEntry | None:
+    """The plan's input-level (prompt learning) entry, None for a weight-level adapter."""
+    entry = plan.get(PROMPT_PATH)
+    return entry if entry is not None and entry.prompt is not None else None
 
 
 def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:
@@ -579,6 +613,13 @@ def init_adapter_and_weights(
     shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
+        if entry.prompt is not None:  # an input-level adapter's parameters (PEFT keeps them float32)
+            method, spec = input_method(entry), entry.prompt[1]
+            device = next(iter(params.values())).device if params else torch.device("cpu")
+            if device.type == "meta":
+                out.update({k: torch.empty(s, device="meta") for k, s in entry.shapes})
+            else:
+                out.update({k: v.to(device, torch.float32) for k, v in method.init(spec, model, generator).items()})
         if entry.spec is not None:
             w: torch.Tensor = params[entry.weight_key(path)]
             w = weights.get(path, w) if weights is not None else w

@@ -67,6 +67,8 @@ from ._plan import (
     check_adapter_structure,
     check_leaves,
     check_stack,
+    input_entry,
+    input_method,
     layer_params,
     leaf_shapes,
     shared_params,
@@ -76,9 +78,11 @@ from .methods import weight_method
 from .methods.base import (
     CallInputs,
     Generators,
+    InputContext,
     LayerKind,
     LayerSpec,
     Method,
+    ModelCall,
     ModuleForwardFn,
     Params,
     no_dropout,
@@ -86,7 +90,7 @@ from .methods.base import (
 )
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, route_module, split_routed
-from .trees import SHARED_PATH
+from .trees import PROMPT_PATH, SHARED_PATH
 from .weights import AdaptedWeight, Applied, nesting_order
 
 _MISSING = object()
@@ -224,7 +228,64 @@ class PeftFunction:
             for e in plan.values():
                 if e.spec is not None:
                     out |= e.method.call_kwargs
+                elif e.prompt is not None:
+                    out |= input_method(e).call_kwargs
         return out
+
+    def apply_inputs(
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        training: bool = False,
+        dropout: Any = no_dropout,
+    ) -> tuple[ModelCall, Any]:
+        """The model call rewritten by the call's input-level adapter (prompt learning; see `InputMethod`), and
+        `output -> output` to finish it; the call unchanged (and the identity) when there is none.
+
+        A `per_example` prompt adapter: each example gets the prompts of its stacked tree (`encode` vmapped over
+        the K trees); the virtual-token counts of all examples are equal by construction, but "no adapter" (-1)
+        for some examples would change their length, and is refused.
+        """
+        call = ModelCall(tuple(args), dict(kwargs))
+        prompted = [
+            (name, tree)
+            for name, tree in self.split_adapters(adapter)
+            if name in self.plans and input_entry(self.plans[name]) is not None
+        ]
+        if not prompted:
+            return call, _identity
+        if len(self.split_adapters(adapter)) > 1:
+            names = [n for n, _ in self.split_adapters(adapter)]
+            raise NotImplementedError(
+                f"a prompt-learning adapter ({prompted[0][0]!r}) runs alone: got adapters {names} in one call (PEFT "
+                "applies one active prompt-learning adapter per forward)"
+            )
+        name, tree = prompted[0]
+        entry = input_entry(self.plans[name])
+        assert entry is not None and entry.prompt is not None
+        method, spec = input_method(entry), entry.prompt[1]
+        ctx = InputContext(self._model, base, training, dropout)
+        if isinstance(tree, PerExample):
+            routing = tree
+            self.check_tree(name, routing.stacked, base, lead=(routing.k,))
+            batch = check_batch(routing, batch_size(args, kwargs))
+            below = routing.index is not None and (not _value_checks() or bool((routing.index < 0).any()))
+            if routing.any_base and below:
+                raise NotImplementedError(
+                    f"per-example prompt-learning adapter {name!r}: some examples use no adapter (-1), which would give "
+                    "them a different length (no virtual tokens); route every example to a prompt, or call fn twice"
+                )
+            stacked = routing.stacked[PROMPT_PATH]
+            encoded = torch.func.vmap(lambda p: method.encode(spec, p, call, ctx), randomness="different")(stacked)
+            index = routing.index if routing.index is not None else torch.arange(routing.k, device=encoded.device)
+            prompts = encoded[index, torch.arange(batch, device=encoded.device)]
+        else:
+            self.check_tree(name, tree, base)
+            prompts = method.encode(spec, tree[PROMPT_PATH], call, ctx)
+        new = method.prepare(spec, prompts, call, ctx)
+        return new, functools.partial(method.finish, spec, new)
 
     def build_params(
         self,
@@ -415,6 +476,21 @@ class PeftFunction:
         rng = _randomness(dropout_rng)
         generator: Generators = no_generator if rng is None else rng.generator
         dropout = no_dropout if rng is None else rng.dropout
+        call, finish = self.apply_inputs(base, adapter, args, kwargs, rng is not None, dropout)
+        if finish is not _identity:
+            return finish(self._call(base, adapter, call.args, dict(call.kwargs), rng, generator, dropout))
+        return self._call(base, adapter, args, kwargs, rng, generator, dropout)
+
+    def _call(
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rng: CallRandomness | None,
+        generator: Generators,
+        dropout: Any,
+    ) -> Any:
         consumed = self.call_kwargs()  # methods' own arguments (aLoRA's alora_offsets) never reach the model
         model_kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
         if self.sharded is not None:
@@ -481,6 +557,15 @@ class PeftFunction:
         self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict, wrapped: Wraps
     ) -> Any:
         return self._run(params, rng, args, kwargs, wrapped)
+
+
+def _identity(output: Any) -> Any:
+    return output
+
+
+def _value_checks() -> bool:
+    """Value checks need concrete tensors: not while compiling or inside a torch.func transform."""
+    return not torch.compiler.is_dynamo_compiling() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _traced_call(

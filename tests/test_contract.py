@@ -286,6 +286,11 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
     "arrow": "test_lora_var2.py",  # a router over trained LoRA experts: funcpeft.create_arrow_model
+    # input-level methods (prompt learning): no layers for the per-layer checks; differential tests of their own
+    "prompt_tuning": "test_prompt_learning.py",
+    "multitask_prompt_tuning": "test_prompt_learning.py",
+    "p_tuning": "test_prompt_learning.py",
+    "prefix_tuning": "test_prompt_learning.py",
 }
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)

@@ -32,6 +32,13 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .prompt_learning import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
 from .trainable_tokens import TrainableTokensConfig
@@ -39,6 +46,11 @@ from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
     "PEFT_VERSION",
     "ArrowConfig",
     "BdLoraConfig",

@@ -654,27 +654,73 @@ class ModelCall:
 
 
 @dataclass(frozen=True)
+class InputContext:
+    """What an input-level method's hooks may read besides their params (never mutate any of it).
+
+    model: the model (read-only: its config, the word-embedding module's call arguments); base: the
+    `{parameter name: Tensor}` tree of the call (read the word embedding's weight from it, not from the model);
+    training: the call has training randomness (`dropout_rng`); dropout: `(x, p) -> x`, identity unless training.
+    """
+
+    model: nn.Module
+    base: Mapping[str, torch.Tensor]
+    training: bool = False
+    dropout: Dropout = no_dropout
+
+
+class InputPlanFn(Protocol):
+    def __call__(self, model: nn.Module, config: Any, /) -> tuple[Any, Any]:
+        """(the config resolved against `model` (a new config), the adapter's spec: hashable static facts)."""
+
+
+class InputEncodeFn(Protocol):
+    def __call__(self, spec: Any, params: Params, call: ModelCall, ctx: InputContext, /) -> torch.Tensor:
+        """The virtual tokens' values for the call's batch, (B, ...): e.g. (B, num_virtual_tokens, token_dim)."""
+
+
+class InputPrepareFn(Protocol):
+    def __call__(self, spec: Any, prompts: torch.Tensor, call: ModelCall, ctx: InputContext, /) -> ModelCall:
+        """The model call with the virtual tokens `prompts` (B, ...) applied (one row per example)."""
+
+
+@dataclass(frozen=True)
 class InputMethod:
     """An input-level adapter method (prompt learning): it rewrites the model call instead of adapting layers.
 
-    plan(model, config) -> spec: static facts (num_virtual_tokens, token_dim, layers, the word embedding's
-    name, ...), hashable. param_names / init: the trainable leaves of its single adapter-tree entry.
-    prepare(spec, params, base, call, ctx) -> ModelCall: e.g. `inputs_embeds` = the word embedding of
-    input_ids (read from `base`) with the virtual tokens prepended, a longer attention_mask and labels, or
-    `past_key_values` for prefix tuning. finish(spec, call, output) -> output: post-processing (identity
-    by default). Everything stays a pure function of (base, params, inputs), so vmap, grad and compile apply.
+    Its adapter tree has one entry, at `funcpeft.trees.PROMPT_PATH` ('<prompt>'), holding the virtual-token
+    parameters (and an encoder's), named as in PEFT's prompt encoder module (`embedding.weight`,
+    `mlp_head.0.weight`, ...); modules_to_save copies (the classifier of SEQ_CLS) are entries of their own as
+    for any method. A call of `fn` runs
+
+        prompts = encode(spec, params, call, ctx)          # (B, ...), e.g. an MLP of the virtual-token embeddings
+        call = prepare(spec, prompts, call, ctx)          # e.g. inputs_embeds with them prepended, longer masks
+        output = finish(spec, call, model(*call.args, **call.kwargs))
+
+    so per-example prompts (`funcpeft.per_example`) are `encode` vmapped over the stacked trees and gathered
+    per example, and everything stays a pure function of (base, params, inputs): vmap, grad, compile apply.
+
+    plan(model, config) -> (resolved config, spec). shapes(spec) -> ((leaf name, shape), ...): the tree entry's
+    leaves. init(spec, model, generator) -> {leaf: float32 Tensor} with PEFT's draws (model: read-only, e.g. the
+    word embedding for SAMPLE_VOCAB / TEXT inits). file_state(spec, params) -> {checkpoint key: Tensor} (PEFT's
+    `prompt_embeddings`, ...); load_state(spec, tensors, fresh) -> params from a checkpoint (`fresh`: a new init,
+    for leaves the file does not hold). call_kwargs: keyword arguments of `fn` it consumes (task_ids).
+    batch_size(call) -> B of a call (None: not found).
     """
 
     name: str
     config: type[PeftConfig]
-    plan: Callable[[nn.Module, Any], Any]
-    param_names: Callable[[Any], tuple[str, ...]]
-    init: Callable[[Any, torch.Generator | None], Params]
-    prepare: Callable[[Any, Params, Mapping[str, torch.Tensor], ModelCall, OpContext], ModelCall]
+    plan: InputPlanFn
+    shapes: Callable[[Any], tuple[tuple[str, tuple[int, ...]], ...]]
+    init: Callable[[Any, nn.Module, torch.Generator | None], Params]
+    encode: InputEncodeFn
+    prepare: InputPrepareFn
+    file_state: Callable[[Any, Params], dict[str, torch.Tensor]]
+    load_state: Callable[[Any, Mapping[str, torch.Tensor], Params], Params]
     finish: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
     accepts: Callable[[Any], bool] = _always
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    call_kwargs: frozenset[str] = frozenset()
 
     @property
     def peft_type(self) -> str:

@@ -1,0 +1,194 @@
+"""Prompt learning (prompt tuning, multitask prompt tuning, P-tuning, prefix tuning) against PEFT 0.21.2."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import peft
+import pytest
+import torch
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.trees import PROMPT_PATH
+from tests.helpers import capture_stdout
+
+MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
+
+
+def _pair(model: torch.nn.Module, name: str, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
+    """(funcpeft's get_peft_model, PEFT's) for config class `name`, both initialised from the same seed."""
+    torch.manual_seed(seed)
+    pm = funcpeft.get_peft_model(model, getattr(funcpeft, name)(**kw))
+    torch.manual_seed(seed)
+    ppm = peft.get_peft_model(copy.deepcopy(model), getattr(peft, name)(**kw))
+    ppm.eval()
+    return pm, ppm
+
+
+def _peft_leaves(ppm: Any) -> dict[str, dict[str, torch.nn.Parameter]]:
+    """PEFT's trainable parameters as a funcpeft tree: the prompt encoder's, and modules_to_save copies."""
+    out: dict[str, dict[str, torch.nn.Parameter]] = {
+        PROMPT_PATH: dict(ppm.prompt_encoder["default"].named_parameters())
+    }
+    for name, p in ppm.base_model.named_parameters():
+        if ".modules_to_save.default." in name:
+            path, _, leaf = name.partition(".modules_to_save.default.")
+            out.setdefault(path, {})[leaf] = p
+    return out
+
+
+def _inputs(kind: str, task: str, batch: int = 2, seq: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, T.VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :2] = 0  # left padding on one row
+    out = {"input_ids": ids, "attention_mask": mask}
+    if task == "CAUSAL_LM":
+        out["labels"] = ids
+    elif task == "SEQ_CLS":
+        out["labels"] = torch.randint(0, 3, (batch,), generator=g)
+    elif task == "SEQ_2_SEQ_LM":
+        mask[0, :2] = 1  # T5 pads on the right
+        mask[0, -2:] = 0
+        out["labels"] = torch.randint(1, T.VOCAB, (batch, 4), generator=g)
+    return out
+
+
+def _bert_token_cls() -> torch.nn.Module:
+    from transformers import BertConfig, BertForTokenClassification
+
+    cfg = BertConfig(  # type: ignore[call-arg]
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=T.VOCAB,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return BertForTokenClassification(cfg).eval()
+
+
+def _bert_model() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(  # type: ignore[call-arg]
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=T.VOCAB,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+def _model(kind: str) -> torch.nn.Module:
+    if kind == "bert-tok":
+        return _bert_token_cls()
+    if kind == "bert-base":
+        return _bert_model()
+    return MODELS[kind]()
+
+
+def _main(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def check_equals_peft(kind: str, name: str, inputs: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """fn's output, loss, every adapter gradient, the fresh adapter and the parameter counts equal PEFT's."""
+    model = _model(kind)
+    pm, ppm = _pair(model, name, **kw)
+    fn, base, adapter = pm
+    theirs = _peft_leaves(ppm)
+    assert {p: list(e) for p, e in adapter.items()} == {p: list(e) for p, e in theirs.items()}
+    for path, entry in adapter.items():
+        for k, t in entry.items():
+            assert torch.equal(t, theirs[path][k]), (path, k)
+            assert t.requires_grad
+    inputs = inputs if inputs is not None else _inputs(kind, kw["task_type"])
+    out = fn(base, adapter, **inputs)
+    ref = ppm(**inputs)
+    torch.testing.assert_close(_main(out), _main(ref), atol=1e-5, rtol=0)
+    loss = out.loss if getattr(out, "loss", None) is not None else _main(out).square().mean()
+    ref_loss = ref.loss if getattr(ref, "loss", None) is not None else _main(ref).square().mean()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    leaves = [(p, k, t) for p, e in adapter.items() for k, t in e.items()]
+    grads = torch.autograd.grad(loss, [t for _, _, t in leaves], allow_unused=True)
+    ref_loss.backward()
+    for (path, k, _), g in zip(leaves, grads):
+        want = theirs[path][k].grad
+        if want is None:
+            assert g is None or not g.any(), (path, k)
+        else:
+            assert g is not None, (path, k)
+            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"{path}.{k}")
+    assert all(p.grad is None for p in model.parameters())  # the model is untouched
+    assert pm.get_nb_trainable_parameters() == ppm.get_nb_trainable_parameters()
+    assert capture_stdout(pm.print_trainable_parameters) == capture_stdout(ppm.print_trainable_parameters)
+    return pm, ppm, out
+
+
+CAUSAL = [
+    ("prompt_tuning", "PromptTuningConfig", {}),
+    ("prompt_tuning", "PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
+    ("p_tuning", "PromptEncoderConfig", {"encoder_hidden_size": 16}),
+    ("p_tuning", "PromptEncoderConfig", {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"}),
+    ("p_tuning", "PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_num_layers": 1}),
+    ("prefix_tuning", "PrefixTuningConfig", {}),
+    ("prefix_tuning", "PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 16}),
+    ("multitask_prompt_tuning", "MultitaskPromptTuningConfig", {"num_tasks": 3, "num_ranks": 2}),
+]
+
+
+def _ids(cases: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    return [f"{m}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for m, _, kw in cases]
+
+
+def _extra(method: str, batch: int = 2) -> dict[str, Any]:
+    return {"task_ids": torch.arange(batch) % 2} if method == "multitask_prompt_tuning" else {}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize(("method", "name", "kw"), CAUSAL, ids=_ids(CAUSAL))
+def test_causal_lm_equals_peft(kind: str, method: str, name: str, kw: dict[str, Any]) -> None:
+    inputs = {**_inputs(kind, "CAUSAL_LM"), **_extra(method)}
+    pm, _, out = check_equals_peft(kind, name, inputs, task_type="CAUSAL_LM", num_virtual_tokens=4, **kw)
+    if method != "prefix_tuning":
+        assert _main(out).shape[1] == 4 + 6  # the virtual tokens are prepended
+    assert funcpeft.methods.method_for(pm.peft_config["default"]).name == method
+
+
+def test_prompt_tuning_causal_lm_fresh_tree_is_pefts() -> None:
+    pm, ppm, _ = check_equals_peft("llama", "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3)
+    assert set(pm.adapter) == {PROMPT_PATH}
+    assert pm.adapter[PROMPT_PATH]["embedding.weight"].shape == (3, 64)
+
+
+def test_p_tuning_mlp_and_lstm_trees_follow_pefts_names() -> None:
+    for kw in ({}, {"encoder_reparameterization_type": "LSTM"}):
+        pm, ppm, _ = check_equals_peft(
+            "llama", "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=8, **kw
+        )
+        assert list(pm.adapter[PROMPT_PATH]) == [n for n, _ in ppm.prompt_encoder["default"].named_parameters()]
+
+
+def test_prefix_tuning_zero_init_is_the_base_model_on_the_real_tokens() -> None:
+    model = T.tiny_llama()
+    fn, base, adapter = funcpeft.get_peft_model(
+        model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero")
+    )
+    assert not adapter[PROMPT_PATH]["embedding.weight"].any()
+    check_equals_peft("llama", "PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero")
+
+
+def test_multitask_prompt_tuning_needs_task_ids() -> None:
+    fn, base, adapter = funcpeft.get_peft_model(
+        T.tiny_llama(), funcpeft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_tasks=2)
+    )
+    with pytest.raises(ValueError, match="task_ids cannot be None"):
+        fn(base, adapter, input_ids=torch.ones(1, 3, dtype=torch.long))
