@@ -25,6 +25,8 @@ from .adalora import AdaLoraConfig
 from .adaption_prompt import AdaptionPromptConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
+from .cartridge import CartridgeConfig
+from .cpt import CPTConfig
 from .fourierft import FourierFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
@@ -58,6 +60,8 @@ __all__ = [
     "AdaptionPromptConfig",
     "BOFTConfig",
     "C3AConfig",
+    "CartridgeConfig",
+    "CPTConfig",
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",

@@ -647,10 +647,14 @@ class Method:
 # -- input-level methods (prompt learning) ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelCall:
-    """The arguments of one model call, as an input-level method sees and rewrites them."""
+    """The arguments of one model call, as an input-level method sees and rewrites them.
+
+    extra: what `prepare` hands to `finish` besides the model's arguments (never passed to the model; CPT's
+    token-type mask for its loss)."""
 
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -721,6 +725,10 @@ class InputMethod:
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
     call_kwargs: frozenset[str] = frozenset()
+    # leaves PEFT never trains (requires_grad=False parameters of its prompt encoder: CPT's initial embedding,
+    # Cartridge's frozen tokens): created with requires_grad=False and counted as frozen; `encode` must not let
+    # gradients reach them (their gradient is zero)
+    frozen: frozenset[str] = frozenset()
 
     @property
     def peft_type(self) -> str:

@@ -104,7 +104,8 @@ class PromptSpec:
 
     @property
     def prefix(self) -> bool:
-        return self.peft_type == PeftType.PREFIX_TUNING.value
+        """The prompts are a key/value prefix (`past_key_values`): prefix tuning and Cartridges, as in PEFT."""
+        return self.peft_type in (PeftType.PREFIX_TUNING.value, PeftType.CARTRIDGE.value)
 
 
 # -- resolution and planning ----------------------------------------------------------------------------------
@@ -163,7 +164,8 @@ def resolve(model: nn.Module, config: PromptLearningConfig) -> PromptLearningCon
         if heads is None:
             raise ValueError("Please specify `num_attention_heads` in `peft_config`")
         out.num_attention_heads = heads
-    if isinstance(out, PrefixTuningConfig) and "num_key_value_heads" in raw:  # grouped-query attention (PEFT #1901)
+    kv_prefix = out.PEFT_TYPE in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE)  # type: ignore[attr-defined]
+    if kv_prefix and "num_key_value_heads" in raw:  # grouped-query attention (PEFT #1901)
         if raw.get("global_head_dim") is not None or raw.get("per_layer_config") is not None:
             raise NotImplementedError(
                 "prefix tuning on a model with per-layer attention shapes (Gemma 4) is not implemented in funcpeft"
