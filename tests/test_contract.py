@@ -291,6 +291,8 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "multitask_prompt_tuning": "test_prompt_learning.py",
     "p_tuning": "test_prompt_learning.py",
     "prefix_tuning": "test_prompt_learning.py",
+    "cpt": "test_method_cpt_cartridge.py",
+    "cartridge": "test_method_cpt_cartridge.py",
 }
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)
