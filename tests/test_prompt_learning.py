@@ -192,3 +192,29 @@ def test_multitask_prompt_tuning_needs_task_ids() -> None:
     )
     with pytest.raises(ValueError, match="task_ids cannot be None"):
         fn(base, adapter, input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+OTHER_TASKS = [("bert", "SEQ_CLS"), ("bert-tok", "TOKEN_CLS"), ("bert-base", "FEATURE_EXTRACTION"),
+               ("llama", "FEATURE_EXTRACTION"), ("t5", "SEQ_2_SEQ_LM")]  # fmt: skip
+ALL = CAUSAL[:1] + CAUSAL[2:4] + CAUSAL[5:]
+
+
+@pytest.mark.parametrize(("kind", "task"), OTHER_TASKS, ids=[f"{k}-{t}" for k, t in OTHER_TASKS])
+@pytest.mark.parametrize(("method", "name", "kw"), ALL, ids=_ids(ALL))
+def test_task_types_equal_peft(kind: str, task: str, method: str, name: str, kw: dict[str, Any]) -> None:
+    inputs = {**_inputs(kind.split("-")[0], task), **_extra(method)}
+    if task == "FEATURE_EXTRACTION":
+        inputs.pop("labels", None)
+    cfg = {"task_type": task, "num_virtual_tokens": 4, **kw}
+    if method == "prefix_tuning" and task in ("SEQ_CLS", "TOKEN_CLS"):  # BERT's classifiers take no past_key_values
+        with pytest.raises(NotImplementedError, match="takes no past_key_values"):
+            funcpeft.get_peft_model(_model(kind), getattr(funcpeft, name)(**cfg))
+        return
+    if method == "multitask_prompt_tuning" and task == "FEATURE_EXTRACTION":  # PEFT's forward drops task_ids
+        peft_model = peft.get_peft_model(_model(kind), getattr(peft, name)(**cfg))
+        with pytest.raises(ValueError, match="task_ids cannot be None"):
+            peft_model(**inputs)
+        with pytest.raises(ValueError, match="never passes task_ids"):
+            funcpeft.get_peft_model(_model(kind), getattr(funcpeft, name)(**cfg))
+        return
+    check_equals_peft(kind, name, inputs, **cfg)

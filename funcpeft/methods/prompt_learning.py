@@ -131,6 +131,12 @@ def resolve(model: nn.Module, config: PromptLearningConfig) -> PromptLearningCon
             f"{type(config).__name__}(task_type={task!r}): prompt learning needs a task type, one of "
             f"{list(SUPPORTED_TASKS)} (PEFT picks its forward by task type and has none for {task!r})"
         )
+    if isinstance(config, MultitaskPromptTuningConfig) and task == TaskType.FEATURE_EXTRACTION.value:
+        raise ValueError(
+            "MultitaskPromptTuningConfig(task_type='FEATURE_EXTRACTION'): PEFT's PeftModelForFeatureExtraction never "
+            "passes task_ids to the prompt encoder, so every PEFT call raises 'task_ids cannot be None'; use another "
+            "task type or PromptTuningConfig"
+        )
     if config.num_virtual_tokens is None or config.num_virtual_tokens < 1:
         raise ValueError(
             f"{type(config).__name__}.num_virtual_tokens must be a positive int, got {config.num_virtual_tokens!r}"
