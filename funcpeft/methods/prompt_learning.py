@@ -148,7 +148,9 @@ def resolve(model: nn.Module, config: PromptLearningConfig) -> PromptLearningCon
     changes: dict[str, Any] = {}
     extra = TASK_MODULES_TO_SAVE.get(task, [])
     if extra:
-        changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra)
+        # PEFT appends them twice for prompt learning (PeftModelFor{SequenceClassification,TokenClassification}'s
+        # __init__ and again in its add_adapter), and its adapter_config.json shows both
+        changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra) * 2
     changes["base_model_name_or_path"] = model.__dict__.get("name_or_path", None) or None
     out = dataclasses.replace(config, **changes)
     if out.num_layers is None:
