@@ -339,8 +339,8 @@ def _load_input(
     fresh = dict(init_adapter(model, {PROMPT_PATH: entry}, trainable=False)[PROMPT_PATH])
     try:
         prompt = method.load_state(entry.prompt[1], tensors, fresh)
-    except (KeyError, ValueError) as e:
-        raise type(e)(f"The adapter checkpoint in {where!r}: {e}") from None
+    except (KeyError, ValueError) as error:
+        raise type(error)(f"The adapter checkpoint in {where!r}: {error}") from None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # PEFT's loaded prompt encoder keeps requires_grad=True (its inference-mode freeze covers only the base model's
     # adapter layers), and its counts say so: the same here
@@ -350,11 +350,11 @@ def _load_input(
     used = {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
     params = dict(model.named_parameters())
     missing = []
-    for path, e in plan.items():
+    for path, saved in plan.items():
         if path == PROMPT_PATH:
             continue
         tree[path] = {}
-        for n in e.overrides:
+        for n in saved.overrides:
             key = f"base_model.{path}.{n}"
             own = params[f"{path}.{n}"]
             if key not in tensors:
