@@ -192,3 +192,93 @@ def test_multitask_prompt_tuning_needs_task_ids() -> None:
     )
     with pytest.raises(ValueError, match="task_ids cannot be None"):
         fn(base, adapter, input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+OTHER_TASKS = [("bert", "SEQ_CLS"), ("bert-tok", "TOKEN_CLS"), ("bert-base", "FEATURE_EXTRACTION"),
+               ("llama", "FEATURE_EXTRACTION"), ("t5", "SEQ_2_SEQ_LM")]  # fmt: skip
+ALL = CAUSAL[:1] + CAUSAL[2:4] + CAUSAL[5:]
+
+
+@pytest.mark.parametrize(("kind", "task"), OTHER_TASKS, ids=[f"{k}-{t}" for k, t in OTHER_TASKS])
+@pytest.mark.parametrize(("method", "name", "kw"), ALL, ids=_ids(ALL))
+def test_task_types_equal_peft(kind: str, task: str, method: str, name: str, kw: dict[str, Any]) -> None:
+    inputs = {**_inputs(kind.split("-")[0], task), **_extra(method)}
+    if task == "FEATURE_EXTRACTION":
+        inputs.pop("labels", None)
+    cfg = {"task_type": task, "num_virtual_tokens": 4, **kw}
+    if method == "prefix_tuning" and task in ("SEQ_CLS", "TOKEN_CLS"):  # BERT's classifiers take no past_key_values
+        with pytest.raises(NotImplementedError, match="takes no past_key_values"):
+            funcpeft.get_peft_model(_model(kind), getattr(funcpeft, name)(**cfg))
+        return
+    if method == "multitask_prompt_tuning" and task == "FEATURE_EXTRACTION":  # PEFT's forward drops task_ids
+        peft_model = peft.get_peft_model(_model(kind), getattr(peft, name)(**cfg))
+        with pytest.raises(ValueError, match="task_ids cannot be None"):
+            peft_model(**inputs)
+        with pytest.raises(ValueError, match="never passes task_ids"):
+            funcpeft.get_peft_model(_model(kind), getattr(funcpeft, name)(**cfg))
+        return
+    check_equals_peft(kind, name, inputs, **cfg)
+
+
+def _files(directory: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        return tensors, json.load(f)
+
+
+SAVED = [
+    ("llama", "CAUSAL_LM", *CAUSAL[0]),
+    ("llama", "CAUSAL_LM", *CAUSAL[2]),
+    ("llama", "CAUSAL_LM", *CAUSAL[3]),
+    ("llama", "CAUSAL_LM", *CAUSAL[5]),
+    ("llama", "CAUSAL_LM", *CAUSAL[6]),
+    ("llama", "CAUSAL_LM", *CAUSAL[7]),
+    ("bert", "SEQ_CLS", *CAUSAL[0]),
+    ("bert", "SEQ_CLS", *CAUSAL[2]),
+    ("t5", "SEQ_2_SEQ_LM", *CAUSAL[5]),
+    ("t5", "SEQ_2_SEQ_LM", *CAUSAL[7]),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "task", "method", "name", "kw"), SAVED, ids=[f"{r[2]}-{r[0]}-{r[1]}-{len(r[4])}" for r in SAVED]
+)
+def test_saved_files_both_ways(tmp_path: Any, kind: str, task: str, method: str, name: str, kw: dict[str, Any]) -> None:
+    model = _model(kind)
+    cfg = {"task_type": task, "num_virtual_tokens": 3, **kw}
+    pm, ppm = _pair(model, name, **cfg)
+    tree = T.random_like(pm.adapter, torch.Generator().manual_seed(3), scale=0.5)
+    peft_params = dict(ppm.named_parameters())  # put the same values into PEFT's model
+    with torch.no_grad():
+        for path, entry in tree.items():
+            for k, t in entry.items():
+                pname = (
+                    f"prompt_encoder.default.{k}"
+                    if path == PROMPT_PATH
+                    else f"base_model.{path}.modules_to_save.default.{k}"
+                )
+                peft_params[pname].copy_(t)
+    pm.save_pretrained(tmp_path / "ours", tree)
+    ppm.save_pretrained(tmp_path / "theirs")
+    ours, our_cfg = _files(tmp_path / "ours")
+    theirs, their_cfg = _files(tmp_path / "theirs")
+    assert our_cfg == their_cfg
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    inputs = {**_inputs(kind, task), **_extra(method)}
+    # PEFT -> funcpeft and funcpeft -> PEFT: the loaded adapters compute what the trained one did
+    loaded = funcpeft.from_pretrained(_model(kind), tmp_path / "theirs")
+    peft_loaded = peft.PeftModel.from_pretrained(_model(kind), tmp_path / "ours").eval()
+    want = _main(pm.fn(pm.base, tree, **inputs))
+    torch.testing.assert_close(_main(loaded.fn(loaded.base, loaded.adapter, **inputs)), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_main(peft_loaded(**inputs)), want, atol=1e-5, rtol=0)
+    assert loaded.get_nb_trainable_parameters() == peft_loaded.get_nb_trainable_parameters()
+    assert loaded.adapter[PROMPT_PATH].keys() == dict(peft_loaded.prompt_encoder["default"].named_parameters()).keys()
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        funcpeft.from_pretrained(_model(kind), tmp_path / "ours", is_trainable=True)

@@ -132,6 +132,12 @@ def resolve(model: nn.Module, config: PromptLearningConfig) -> PromptLearningCon
             f"{type(config).__name__}(task_type={task!r}): prompt learning needs a task type, one of "
             f"{list(SUPPORTED_TASKS)} (PEFT picks its forward by task type and has none for {task!r})"
         )
+    if isinstance(config, MultitaskPromptTuningConfig) and task == TaskType.FEATURE_EXTRACTION.value:
+        raise ValueError(
+            "MultitaskPromptTuningConfig(task_type='FEATURE_EXTRACTION'): PEFT's PeftModelForFeatureExtraction never "
+            "passes task_ids to the prompt encoder, so every PEFT call raises 'task_ids cannot be None'; use another "
+            "task type or PromptTuningConfig"
+        )
     if config.num_virtual_tokens is None or config.num_virtual_tokens < 1:
         raise ValueError(
             f"{type(config).__name__}.num_virtual_tokens must be a positive int, got {config.num_virtual_tokens!r}"
@@ -143,7 +149,9 @@ def resolve(model: nn.Module, config: PromptLearningConfig) -> PromptLearningCon
     changes: dict[str, Any] = {}
     extra = TASK_MODULES_TO_SAVE.get(task, [])
     if extra:
-        changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra)
+        # PEFT appends them twice for prompt learning (PeftModelFor{SequenceClassification,TokenClassification}'s
+        # __init__ and again in its add_adapter), and its adapter_config.json shows both
+        changes["modules_to_save"] = list(config.modules_to_save or []) + list(extra) * 2
     changes["base_model_name_or_path"] = model.__dict__.get("name_or_path", None) or None
     out = dataclasses.replace(config, **changes)
     if out.num_layers is None:
