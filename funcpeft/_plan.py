@@ -635,7 +635,7 @@ def init_adapter_and_weights(
         for pname in entry.overrides:
             out[pname] = _whole(params[entry.base_key(path, pname)].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
-        frozen = input_method(entry).frozen if entry.prompt is not None else frozenset()
+        frozen = input_method(entry).frozen(entry.prompt[1]) if entry.prompt is not None else frozenset()
         tree[path] = {
             k: v.requires_grad_((trainable and k not in frozen) or k in entry.in_place) for k, v in out.items()
         }

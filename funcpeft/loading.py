@@ -343,9 +343,12 @@ def _load_input(
         raise type(error)(f"The adapter checkpoint in {where!r}: {error}") from None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # PEFT's loaded prompt encoder keeps requires_grad=True (its inference-mode freeze covers only the base model's
-    # adapter layers), and its counts say so: the same here
+    # adapter layers), and its counts say so: the same here, but for the parameters its encoder freezes itself
+    frozen = method.frozen(entry.prompt[1])
     tree: dict[str, dict[str, torch.Tensor]] = {
-        PROMPT_PATH: {k: t.to(device=device, dtype=torch.float32).requires_grad_(True) for k, t in prompt.items()}
+        PROMPT_PATH: {
+            k: t.to(device=device, dtype=torch.float32).requires_grad_(k not in frozen) for k, t in prompt.items()
+        }
     }
     used = {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
     params = dict(model.named_parameters())

@@ -725,10 +725,10 @@ class InputMethod:
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
     call_kwargs: frozenset[str] = frozenset()
-    # leaves PEFT never trains (requires_grad=False parameters of its prompt encoder: CPT's initial embedding,
-    # Cartridge's frozen tokens): created with requires_grad=False and counted as frozen; `encode` must not let
-    # gradients reach them (their gradient is zero)
-    frozen: frozenset[str] = frozenset()
+    # frozen(spec) -> the leaves PEFT keeps with requires_grad=False (its prompt encoder's frozen parameters: CPT's
+    # initial embedding, Cartridge's frozen tokens, and in inference mode its trained ones): created and loaded
+    # with requires_grad=False and counted as frozen; `encode` must not let gradients reach the always-frozen ones
+    frozen: Callable[[Any], frozenset[str]] = lambda spec: frozenset()
 
     @property
     def peft_type(self) -> str:

@@ -116,6 +116,11 @@ def prefix_from_past_key_values(past_key_values: Any, num_virtual_tokens: int) -
     return torch.stack(kv, dim=1).reshape(num_virtual_tokens, -1)
 
 
+def frozen(spec: CartridgeSpec) -> frozenset[str]:
+    """PEFT's requires_grad=False parameters: the frozen tokens, and in inference mode the trainable ones too."""
+    return frozenset({"frozen_embedding", *(("trainable_embedding",) if spec.prompt.inference_mode else ())})
+
+
 CARTRIDGE = register(
     InputMethod(
         name="cartridge",
@@ -127,6 +132,6 @@ CARTRIDGE = register(
         prepare=prepare,
         file_state=file_state,
         load_state=load_state,
-        frozen=frozenset({"frozen_embedding"}),
+        frozen=frozen,
     )
 )

@@ -227,6 +227,6 @@ CPT = register(
         file_state=file_state,
         load_state=load_state,
         call_kwargs=frozenset({TYPE_MASK_KWARG}),
-        frozen=frozenset({"embedding.weight"}),
+        frozen=lambda spec: frozenset({"embedding.weight"}),
     )
 )
