@@ -320,3 +320,29 @@ def test_stacked_prompts_vmap_route_per_example_and_compile(name: str, kwargs: d
     for i, k in enumerate([2, 0]):
         torch.testing.assert_close(routed[i], alone[k][i], atol=1e-5, rtol=1e-5)
     compiles_once(lambda a: fn(base, a, **x).logits, detached)
+
+
+@pytest.mark.parametrize("name, kwargs", [("CPTConfig", CPT), ("CartridgeConfig", CARTRIDGE)])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_files_both_ways(name: str, kwargs: dict[str, Any], kind: str, tmp_path: Any) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    fpm, pm = _pair(kind, name, kwargs)
+    tree = _random(fpm, scale=1.0)
+    _copy_into_peft(pm, tree)
+    fpm.save_pretrained(tmp_path / "ours", tree)
+    quiet(pm.save_pretrained, tmp_path / "theirs")
+    read = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "theirs")]
+    assert read[0] == read[1]
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert set(a) == set(b) == {"prompt_embeddings"} and torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
+    x = {k: v for k, v in _inputs().items() if k not in ("labels", "input_type_mask")}
+    back = quiet(funcpeft.from_pretrained, fpm.model, tmp_path / "theirs")
+    theirs = quiet(peft.PeftModel.from_pretrained, copy.deepcopy(fpm.model), tmp_path / "ours").eval()
+    assert back.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # PEFT's loaded requires_grad
+    with torch.no_grad():
+        want = pm(**x).logits
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(**x).logits, want, atol=1e-5, rtol=1e-5)
