@@ -624,7 +624,7 @@ def init_adapter_and_weights(
             w: torch.Tensor = params[entry.weight_key(path)]
             w = weights.get(path, w) if weights is not None else w
             data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype and entry.method.autocast)
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)

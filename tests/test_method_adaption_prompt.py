@@ -296,3 +296,15 @@ def test_a_wrong_tree_names_the_leaf() -> None:
     bad["model.layers.1.self_attn"]["adaption_prompt"] = torch.zeros(1, 4, 64)
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.adaption_prompt has shape \(1, 4, 64\)"):
         fn(base, bad, **make_inputs("llama"))
+
+
+def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
+    """PEFT's AdaptionPromptModel has no adapter upcast (it is no BaseTuner): the prompts are bf16, drawn the same."""
+    model = T.tiny_llama().to(torch.bfloat16)
+    fpm, pm = build_both(model, "AdaptionPromptConfig", CONFIG, seed=2)
+    assert_fresh_equals_peft(fpm, pm)
+    assert all(t.dtype == torch.bfloat16 for t in optree.tree_leaves(fpm.adapter))
+    adapter, x = _noisy(fpm.adapter), _padded("llama")
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)

@@ -244,5 +244,6 @@ ADAPTION_PROMPT = register(
         module_forward=module_forward,
         module_targets=module_targets,
         module_forward_per_example=module_forward_per_example,
+        autocast=False,  # AdaptionPromptModel is no BaseTuner: PEFT never upcasts its parameters
     )
 )

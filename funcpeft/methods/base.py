@@ -622,6 +622,9 @@ class Method:
     module_forward: ModuleForwardFn | None = None
     module_targets: ModuleTargetsFn | None = None
     module_forward_per_example: ModuleForwardFn | None = None
+    # PEFT upcasts fp16 / bf16 adapter parameters to float32 under `autocast_adapter_dtype` (BaseTuner's
+    # _cast_adapter_dtype); False for a method whose PEFT model has no such cast (AdaptionPrompt keeps the model's dtype)
+    autocast: bool = True
 
     def __post_init__(self) -> None:
         if (self.module_forward is None) != (self.module_targets is None):
