@@ -18,6 +18,7 @@ from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
     build_both,
     random_trees,
 )
@@ -308,3 +309,7 @@ def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     with torch.no_grad():
         torch.testing.assert_close(fpm.fn(fpm.base, adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(T.tiny_llama(), "AdaptionPromptConfig", CONFIG)

@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from helpers import capture_stdout
+from method_checks import assert_mixed_refused_like_peft
 from method_helpers import compiles_once, quiet
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -346,3 +347,8 @@ def test_files_both_ways(name: str, kwargs: dict[str, Any], kind: str, tmp_path:
         want = pm(**x).logits
         torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(theirs(**x).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", [("CPTConfig", CPT), ("CartridgeConfig", CARTRIDGE)])
+def test_mixed_models_refuse_them_like_peft(name: str, kwargs: dict[str, Any]) -> None:
+    assert_mixed_refused_like_peft(T.tiny_llama(), name, kwargs)
