@@ -30,7 +30,7 @@ import funcpeft
 from funcpeft import testing as T
 
 KINDS = ["llama", "mistral", "gpt2"]  # PEFT's TRANSFORMERS_MODEL_CONFIG
-CONFIG = {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}
+CONFIG: dict[str, Any] = {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}
 
 
 def _padded(kind: str) -> dict[str, torch.Tensor]:
@@ -244,7 +244,7 @@ def test_fn_compiles_once_for_new_adapter_values() -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_equals_peft_s_greedy_tokens(kind: str) -> None:
-    model = MODELS[kind]()
+    model: Any = MODELS[kind]()
     fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     adapter = _noisy(fpm.adapter)
     for leaves in adapter.values():  # a strong prompt term, so that it changes the greedy tokens
@@ -292,11 +292,11 @@ def test_peft_s_adapter_layers_0_adapts_every_layer() -> None:
 
 
 def test_a_wrong_tree_names_the_leaf() -> None:
-    fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**CONFIG))
-    bad = optree.tree_map(lambda t: t, fresh)
+    fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**CONFIG))
+    bad = {p: dict(e) for p, e in fpm.adapter.items()}
     bad["model.layers.1.self_attn"]["adaption_prompt"] = torch.zeros(1, 4, 64)
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.adaption_prompt has shape \(1, 4, 64\)"):
-        fn(base, bad, **make_inputs("llama"))
+        fpm.fn(fpm.base, bad, **make_inputs("llama"))
 
 
 def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:

@@ -23,13 +23,13 @@ from funcpeft.methods import cpt as cpt_method
 from funcpeft.trees import PROMPT_PATH
 
 MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2}
-CPT = {
+CPT: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "cpt_token_ids": [5, 6, 7, 8, 9, 10, 11],
     "cpt_mask": [1] * 7,
     "cpt_tokens_type_mask": [1, 2, 2, 3, 4, 4, 5],  # template, input, input, template, label, label, next template
 }
-CARTRIDGE = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_frozen_tokens": 1}
+CARTRIDGE: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_frozen_tokens": 1}
 
 
 def _pair(kind: str, name: str, kwargs: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
@@ -115,7 +115,7 @@ def test_cpt_config_like_peft() -> None:
             lib.CPTConfig(task_type="SEQ_CLS")  # type: ignore[attr-defined]
         with pytest.raises(ValueError, match="must have the same length"):
             lib.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2], cpt_mask=[1])  # type: ignore[attr-defined]
-    peft.CPTConfig(task_type="CAUSAL_LM", opt_weighted_loss_type="decayed")  # PEFT: silently no weighting
+    peft.CPTConfig(task_type="CAUSAL_LM", opt_weighted_loss_type="decayed")  # type: ignore[arg-type]  # PEFT accepts it
     with pytest.raises(ValueError, match="opt_weighted_loss_type must be one of"):
         funcpeft.CPTConfig(task_type="CAUSAL_LM", opt_weighted_loss_type="decayed")
 
@@ -190,17 +190,19 @@ def test_cpt_follows_peft_s_training_with_project_adapter() -> None:
     start = _random(fpm, scale=1.0)  # norms far outside the epsilon balls, so the projection matters
     _copy_into_peft(pm, start)
     config = fpm.peft_config["default"]
-    tree, unprojected = cpt_method.project_adapter(start, config, fpm.model), start
+    tree: Any = cpt_method.project_adapter(start, config, fpm.model)
+    unprojected: Any = start
     for _ in range(3):
         pm.zero_grad(set_to_none=True)
         pm(**{k: v.clone() for k, v in x.items()}).loss.backward()
         with torch.no_grad():
             delta = _peft_encoder(pm)["delta_embedding.weight"]
-            delta -= lr * delta.grad
+            assert delta.grad is not None
+            delta.sub_(lr * delta.grad)
         for name in ("tree", "unprojected"):
-            current = tree if name == "tree" else unprojected
+            current: Any = tree if name == "tree" else unprojected
             _, grads = funcpeft.value_and_grad(lambda a: fpm.fn(fpm.base, a, **x).loss)(current)
-            stepped = optree.tree_map(
+            stepped: Any = optree.tree_map(
                 lambda t, g: (t.detach() - lr * g).requires_grad_(t.requires_grad), current, grads
             )
             if name == "tree":
@@ -309,7 +311,7 @@ def test_stacked_prompts_vmap_route_per_example_and_compile(name: str, kwargs: d
     fn, base = fpm.fn, fpm.base
     x = {k: v for k, v in _inputs().items() if k not in ("labels", "input_type_mask")}
     trees = [_random(fpm, seed=s, scale=0.5) for s in range(3)]
-    detached = [optree.tree_map(torch.Tensor.detach, t) for t in trees]
+    detached: list[Any] = [{p: {k: v.detach() for k, v in e.items()} for p, e in t.items()} for t in trees]
     stacked = funcpeft.stack_adapters(detached)
     with torch.no_grad():
         alone = [fn(base, t, **x).logits for t in detached]
