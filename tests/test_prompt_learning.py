@@ -282,3 +282,89 @@ def test_saved_files_both_ways(tmp_path: Any, kind: str, task: str, method: str,
     assert loaded.adapter[PROMPT_PATH].keys() == dict(peft_loaded.prompt_encoder["default"].named_parameters()).keys()
     with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
         funcpeft.from_pretrained(_model(kind), tmp_path / "ours", is_trainable=True)
+
+
+def _trained(pm: Any, ppm: Any, seed: int = 3) -> Any:
+    """A random (trained-like) tree, also written into PEFT's prompt encoder."""
+    tree = T.random_like(pm.adapter, torch.Generator().manual_seed(seed), scale=1.0)
+    theirs = dict(ppm.prompt_encoder["default"].named_parameters())
+    with torch.no_grad():
+        for k, t in tree[PROMPT_PATH].items():
+            theirs[k].copy_(t)
+    return tree
+
+
+def _greedy_through_peft_forward(ppm: Any, ids: torch.Tensor, steps: int, seq2seq: bool, **extra: Any) -> torch.Tensor:
+    """The reference: greedy decoding one token at a time through PEFT's forward, without a cache."""
+    with torch.no_grad():
+        if seq2seq:
+            dec = torch.zeros(ids.shape[0], 1, dtype=torch.long)  # T5's decoder_start_token_id
+            for _ in range(steps):
+                logits = ppm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec, **extra).logits
+                dec = torch.cat((dec, logits[:, -1].argmax(-1, keepdim=True)), 1)
+            return dec
+        cur = ids
+        for _ in range(steps):
+            logits = ppm(input_ids=cur, attention_mask=torch.ones_like(cur), **extra).logits
+            cur = torch.cat((cur, logits[:, -1].argmax(-1, keepdim=True)), 1)
+        return cur
+
+
+GENERATE = [
+    (k, *c) for k in ("llama", "gpt2") for c in (CAUSAL[0], CAUSAL[2], CAUSAL[3], CAUSAL[5], CAUSAL[6], CAUSAL[7])
+]
+GENERATE += [("t5", *CAUSAL[0]), ("t5", *CAUSAL[2]), ("t5", *CAUSAL[5])]
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "name", "kw"), GENERATE, ids=[f"{r[1]}-{r[0]}-{len(r[3])}" for r in GENERATE]
+)
+def test_generate_equals_greedy_decoding_through_pefts_forward(
+    kind: str, method: str, name: str, kw: dict[str, Any]
+) -> None:
+    seq2seq = kind == "t5"
+    task = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    pm, ppm = _pair(_model(kind), name, task_type=task, num_virtual_tokens=4, **kw)
+    tree = _trained(pm, ppm)
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    extra = _extra(method)
+    want = _greedy_through_peft_forward(ppm, ids, 8, seq2seq, **extra)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    got = funcpeft.generate(pm, pm.base, tree, max_new_tokens=8, **kwargs, **extra)
+    assert torch.equal(got, want)
+    if not seq2seq:  # max_length counts the prompt's tokens, not the virtual ones (as in PEFT)
+        assert torch.equal(pm.generate(pm.base, tree, max_length=5 + 8, **kwargs, **extra), want)
+
+
+def test_pefts_own_generate_differs_from_its_forward() -> None:
+    """PEFT 0.21.2's generate for prompt learning re-injects the virtual tokens through
+    prepare_inputs_for_generation, which misbehaves with transformers 5.x: its tokens are not greedy decoding
+    through its own forward (documented in docs/usage.md). funcpeft's generate is (test above)."""
+    differs = []
+    for name in ("PromptTuningConfig", "PrefixTuningConfig"):
+        pm, ppm = _pair(T.tiny_llama(), name, task_type="CAUSAL_LM", num_virtual_tokens=4)
+        tree = _trained(pm, ppm)
+        ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+        want = _greedy_through_peft_forward(ppm, ids, 8, False)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "pad_token_id": 0}
+        assert torch.equal(pm.generate(pm.base, tree, **kwargs), want)
+        differs.append(not torch.equal(ppm.generate(**kwargs), want))
+    assert all(differs), differs
+
+
+def test_prompt_tuning_generate_beams_and_padding_follow_the_forward() -> None:
+    pm, ppm = _pair(T.tiny_llama(), "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3)
+    tree = _trained(pm, ppm)
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = pm.generate(
+        pm.base, tree, input_ids=ids, max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0
+    )
+    assert out.shape == (4, 9)
+    assert torch.equal(out[:, :5], ids.repeat_interleave(2, 0))
+    # each prompt alone equals its row of the batch (the virtual tokens are per row, not shared state)
+    single = pm.generate(
+        pm.base, tree, input_ids=ids[1:], max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0
+    )
+    assert torch.equal(single, out[2:])
+    with pytest.raises(ValueError, match="max_length"):
+        pm.generate(pm.base, tree, input_ids=ids, max_length=5)

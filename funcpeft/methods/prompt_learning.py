@@ -693,6 +693,65 @@ def prefix_cache(spec: PromptSpec, prompts: torch.Tensor, ctx: InputContext) -> 
     return cache
 
 
+def prepare_generate(spec: PromptSpec, prompts: torch.Tensor, call: ModelCall, ctx: InputContext) -> ModelCall:
+    """The model's `generate` arguments that decode as PEFT's forward does step by step: the virtual tokens (or
+    prefixes) go in once, with the prompt, and the KV cache carries them (PEFT 0.21.2's own generate re-injects
+    them through `prepare_inputs_for_generation`, which misbehaves with transformers 5; see docs/usage.md)."""
+    if call.args:
+        raise TypeError("funcpeft.generate takes keyword arguments only (input_ids=..., attention_mask=...)")
+    kw = dict(call.kwargs)
+    kw.pop("task_ids", None)
+    _check_inputs(spec, kw)
+    if spec.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise NotImplementedError(
+            f"funcpeft.generate with task_type={spec.task_type!r}: PEFT generates only for CAUSAL_LM and SEQ_2_SEQ_LM"
+        )
+    if spec.task_type == "SEQ_2_SEQ_LM" and spec.peft_type == PeftType.MULTITASK_PROMPT_TUNING.value:
+        raise NotImplementedError(
+            "funcpeft.generate: multitask prompt tuning on a SEQ_2_SEQ_LM model is not implemented"
+        )
+    ids = kw.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"funcpeft.generate with a {spec.peft_type} adapter needs input_ids (B, L)")
+    b, length = ids.shape
+    mask = kw.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if spec.task_type == "CAUSAL_LM" and kw.get("max_length") is not None:  # counts the prompt, not virtual tokens
+        new = int(kw.pop("max_length")) - length
+        if new < 1:
+            raise ValueError(
+                f"funcpeft.generate: max_length={new + length} leaves no room after the prompt's {length} tokens "
+                f"(the {spec.n} virtual tokens come on top); pass max_new_tokens"
+            )
+        kw["max_new_tokens"] = new
+    ones = torch.ones(b, spec.n, dtype=mask.dtype, device=mask.device)
+    if spec.prefix:
+        kw["past_key_values"] = prefix_cache(spec, prompts, ctx)
+        if spec.task_type == "CAUSAL_LM":
+            kw["attention_mask"] = torch.cat((ones, mask), dim=1)
+        return ModelCall((), kw)
+    embeds = _input_embeds(spec, kw, ctx)
+    kw.pop("input_ids")
+    kw["inputs_embeds"] = torch.cat((prompts[:, : spec.n].to(embeds.dtype), embeds), dim=1)
+    kw["attention_mask"] = torch.cat((ones, mask), dim=1)
+    return ModelCall((), kw)
+
+
+def finish_generate(spec: PromptSpec, call: ModelCall, output: Any) -> Any:
+    """A decoder-only model generating from inputs_embeds returns only the new tokens: put the prompt's ids in
+    front, as PEFT's generate (from input_ids) returns them."""
+    if spec.task_type != "CAUSAL_LM" or spec.prefix:
+        return output
+    ids = call.kwargs["input_ids"]
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = ids.repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    joined = torch.cat((prompt.to(sequences.device), sequences), dim=1)
+    if isinstance(output, torch.Tensor):
+        return joined
+    output.sequences = joined
+    return output
+
+
 def file_state(spec: PromptSpec, params: Params) -> dict[str, torch.Tensor]:
     """PEFT's `get_peft_model_state_dict` for prompt learning: `prompt_embeddings` = the encoder's output
     (the embedding itself in inference mode), plus multitask's task matrices."""
@@ -750,6 +809,8 @@ def _method(name: str, config: type[Any]) -> InputMethod:
             prepare=prepare,
             file_state=file_state,
             load_state=load_state,
+            prepare_generate=prepare_generate,
+            finish_generate=finish_generate,
             call_kwargs=frozenset({"task_ids"}),
         )
     )
