@@ -368,3 +368,68 @@ def test_prompt_tuning_generate_beams_and_padding_follow_the_forward() -> None:
     assert torch.equal(single, out[2:])
     with pytest.raises(ValueError, match="max_length"):
         pm.generate(pm.base, tree, input_ids=ids, max_length=5)
+
+
+FUNCTIONAL = [CAUSAL[0], CAUSAL[2], CAUSAL[3], CAUSAL[5], CAUSAL[6], CAUSAL[7]]
+
+
+def _trees(pm: Any, k: int) -> list[Any]:
+    return [T.random_like(pm.adapter, torch.Generator().manual_seed(i), scale=1.0) for i in range(k)]
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_vmap_over_stacked_prompts_and_per_example_prompts(method: str, name: str, kw: dict[str, Any]) -> None:
+    fn, base, adapter = pm = funcpeft.get_peft_model(
+        T.tiny_llama(), getattr(funcpeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **kw)
+    )
+    trees = _trees(pm, 3)
+    stacked = funcpeft.stack_adapters(trees)
+    ids = torch.randint(1, T.VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    extra = _extra(method, 3)
+    each = [fn(base, t, input_ids=ids, **extra).logits for t in trees]
+    ensemble = torch.func.vmap(lambda t: fn(base, t, input_ids=ids, **extra).logits)(stacked)  # K prompts at once
+    for i in range(3):
+        torch.testing.assert_close(ensemble[i], each[i], atol=1e-5, rtol=0)
+    # example b uses prompt index[b], in one batch (all prompts have num_virtual_tokens rows)
+    index = torch.tensor([2, 0, 1])
+    routed = fn(base, funcpeft.per_example(stacked, index), input_ids=ids, **extra).logits
+    for b, i in enumerate(index.tolist()):
+        torch.testing.assert_close(routed[b], each[i][b], atol=1e-5, rtol=0)
+    with pytest.raises(NotImplementedError, match="no adapter"):  # no prompt would change the example's length
+        fn(base, funcpeft.per_example(stacked, torch.tensor([0, -1, 1])), input_ids=ids, **extra)
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_compile_fullgraph_without_recompiles(method: str, name: str, kw: dict[str, Any]) -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fn, base, adapter = pm = funcpeft.get_peft_model(
+        T.tiny_llama(), getattr(funcpeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **kw)
+    )
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    extra = _extra(method)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda b, a: fn(b, a, input_ids=ids, **extra).logits, backend=counter, fullgraph=True)
+    for tree in _trees(pm, 2):
+        torch.testing.assert_close(
+            compiled(base, tree), fn(base, tree, input_ids=ids, **extra).logits, atol=1e-5, rtol=0
+        )
+    assert counter.frame_count == 1  # new prompt values: no recompile
+
+
+def test_training_call_gets_gradients_only_for_the_prompt() -> None:
+    fn, base, adapter = funcpeft.get_peft_model(
+        T.tiny_llama(),
+        funcpeft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_dropout=0.5
+        ),
+    )
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=1).loss
+    b = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=1).loss
+    c = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=2).loss
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the LSTM's dropout draws from the call's rng
+    loss, grads = funcpeft.value_and_grad(lambda t: fn(base, t, input_ids=ids, labels=ids).loss)(adapter)
+    assert set(grads) == {PROMPT_PATH} and all(g.abs().sum() > 0 for g in grads[PROMPT_PATH].values())
+    assert all(not t.requires_grad for t in base.values())
