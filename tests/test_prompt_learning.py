@@ -433,3 +433,103 @@ def test_training_call_gets_gradients_only_for_the_prompt() -> None:
     loss, grads = funcpeft.value_and_grad(lambda t: fn(base, t, input_ids=ids, labels=ids).loss)(adapter)
     assert set(grads) == {PROMPT_PATH} and all(g.abs().sum() > 0 for g in grads[PROMPT_PATH].values())
     assert all(not t.requires_grad for t in base.values())
+
+
+def _tokenizer_dir(tmp_path: Any) -> str:
+    """A local word-level tokenizer (no hub download) for the TEXT init."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "classify", "the", "sentiment", "of", "this", "review"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("n", [3, 8])  # fewer and more virtual tokens than the text has: cut / repeated
+def test_prompt_tuning_text_init_equals_peft(tmp_path: Any, n: int) -> None:
+    cfg = {
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": n,
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": "classify the sentiment of this review",
+        "tokenizer_name_or_path": _tokenizer_dir(tmp_path),
+    }
+    pm, ppm, _ = check_equals_peft("llama", "PromptTuningConfig", **cfg)
+    emb = pm.base["model.embed_tokens.weight"]
+    ids = [1, 2, 3, 4, 5, 6] * 2
+    torch.testing.assert_close(pm.adapter[PROMPT_PATH]["embedding.weight"], emb[ids[:n]], atol=0, rtol=0)
+
+
+def test_multitask_source_init_equals_peft(tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+
+    source = {
+        "prompt_embeddings": torch.randn(2, 64),
+        "prefix_task_cols": torch.randn(3, 2, 2),
+        "prefix_task_rows": torch.randn(3, 2, 64),
+    }
+    save_file(source, str(tmp_path / "source.safetensors"))
+    for init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
+        cfg = {
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": 2,
+            "num_ranks": 2,
+            "prompt_tuning_init": init,
+            "prompt_tuning_init_state_dict_path": str(tmp_path / "source.safetensors"),
+            "prompt_tuning_init_task": 1,
+        }
+        inputs = {**_inputs("llama", "CAUSAL_LM"), "task_ids": torch.zeros(2, dtype=torch.long)}
+        pm, _, _ = check_equals_peft("llama", "MultitaskPromptTuningConfig", inputs, **cfg)
+        torch.testing.assert_close(pm.adapter[PROMPT_PATH]["embedding.weight"], source["prompt_embeddings"])
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    model = T.tiny_llama()
+    with pytest.raises(ValueError, match="needs a task type"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(NotImplementedError, match="question answering"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="token_dim=32.*'model.embed_tokens' has dimension 64"):
+        funcpeft.get_peft_model(
+            model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=32)
+        )
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive int"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="tokenizer_name_or_path can't be None"):  # PEFT's check
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match="not one of"):
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="BAD")
+    with pytest.raises(ValueError, match="Prompt encoder type not recognized"):
+        funcpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_reparameterization_type="GRU")
+    with pytest.raises(TypeError, match="num_virtual_tokens"):
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_token=3)  # type: ignore[call-arg]
+    pm = funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    fn, base, adapter = pm
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="either input_ids or inputs_embeds, not both"):
+        fn(base, adapter, input_ids=ids, inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="hidden size 32.*token_dim=64"):
+        fn(base, adapter, inputs_embeds=torch.zeros(1, 3, 32))
+    with pytest.raises(ValueError, match=r"embedding.weight has shape \(2, 32\), expected \(2, 64\)"):
+        fn(base, {PROMPT_PATH: {"embedding.weight": torch.zeros(2, 32)}}, input_ids=ids)
+    with pytest.raises(ValueError, match="needs input_ids or inputs_embeds"):
+        fn(base, adapter)
+    with pytest.raises(ValueError, match="past_key_values"):
+        fn(base, adapter, input_ids=ids, past_key_values=object())
+    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
+        pm.add_adapter("lora", funcpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+        funcpeft.get_peft_model(
+            model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), mixed=True
+        )
+    with pytest.raises(TypeError, match="prompt learning adds virtual tokens"):
+        funcpeft.merge_and_unload(pm, adapter)
+    with pytest.raises(ValueError, match="input_ids"):
+        pm.generate(base, adapter, input_ids=None)
+    # the inputs were not modified in place
+    mask = torch.ones(1, 3, dtype=torch.long)
+    labels = ids.clone()
+    fn(base, adapter, input_ids=ids, attention_mask=mask, labels=labels)
+    assert mask.shape == (1, 3) and torch.equal(labels, ids)
