@@ -21,8 +21,9 @@ contract. Optional hooks are typed fields with defaults, grouped: `MergeHooks` (
 `KeyRules` (how PEFT names the parameters in its files).
 
 **Input-level methods** (`InputMethod`: prompt tuning, P-tuning, prefix tuning, ...) do not touch any layer:
-they rewrite the model call. Their adapter tree holds the virtual-token parameters; before the model runs,
-`prepare(spec, params, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
+they rewrite the model call. Their adapter tree holds the virtual-token parameters (at `trees.PROMPT_PATH`);
+before the model runs, `encode(spec, params, call, ctx)` computes the virtual tokens for the batch and
+`prepare(spec, prompts, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
 prepended, a longer `attention_mask` and `labels`, or `past_key_values` for prefix tuning), and
 `finish(spec, call, output)` may post-process the output. The weight-level path is not bent for them.
 See CONTRIBUTING.md for the checklist to add a method.
