@@ -217,10 +217,13 @@ def _check_model(model: nn.Module, config: PromptLearningConfig, spec: PromptSpe
                 f"prefix tuning on {model_type}: PEFT builds a model-specific cache there, which funcpeft does not "
                 "implement"
             )
-        if (
-            spec.task_type in ("SEQ_CLS", "TOKEN_CLS")
-            and "past_key_values" not in inspect.signature(model.forward).parameters
-        ):
+        if spec.task_type in ("SEQ_CLS", "TOKEN_CLS") and not _takes_past(model):
+            backbone = _backbone(model)
+            if backbone is None or not _takes_past(backbone):
+                raise ValueError(  # PEFT's error (raised by PEFT at the first forward)
+                    "Model does not support past key values which are required for prefix tuning. "
+                    f"({type(model).__name__} and its backbone take no past_key_values argument)"
+                )
             raise NotImplementedError(
                 f"prefix tuning with task_type={spec.task_type!r} on {type(model).__name__}, whose forward takes no "
                 "past_key_values: PEFT then runs the backbone and the classifier itself, which funcpeft does not "
@@ -245,6 +248,18 @@ def _weight(model: nn.Module, spec: PromptSpec) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"the word embedding {spec.embed_path!r} has no weight tensor")
     return weight
+
+
+def _takes_past(model: nn.Module) -> bool:
+    """The module's forward names past_key_values (PEFT's test; **kwargs does not count: BERT ignores it there)."""
+    return "past_key_values" in inspect.signature(model.forward).parameters
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """PEFT's `transformer_backbone`: the first child that is a transformers PreTrainedModel."""
+    from transformers import PreTrainedModel
+
+    return next((c for c in model.children() if isinstance(c, PreTrainedModel)), None)
 
 
 def plan(model: nn.Module, config: Any) -> tuple[PromptLearningConfig, PromptSpec]:
