@@ -536,3 +536,62 @@ def test_bad_input_is_refused_clearly() -> None:
     labels = ids.clone()
     fn(base, adapter, input_ids=ids, attention_mask=mask, labels=labels)
     assert mask.shape == (1, 3) and torch.equal(labels, ids)
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_inference_mode_config_counts_like_peft(method: str, name: str, kw: dict[str, Any]) -> None:
+    pm, ppm = _pair(T.tiny_llama(), name, task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True, **kw)
+    assert list(pm.adapter[PROMPT_PATH]) == [n for n, _ in ppm.prompt_encoder["default"].named_parameters()]
+    assert pm.get_nb_trainable_parameters() == ppm.get_nb_trainable_parameters()  # PEFT never freezes a prompt
+
+
+def test_position_and_token_type_ids_like_peft() -> None:
+    inputs = {**_inputs("llama", "CAUSAL_LM"), "position_ids": torch.arange(6).expand(2, 6)}
+    with pytest.warns(UserWarning, match="Position ids are not supported"):  # dropped, as in PEFT
+        check_equals_peft("llama", "PromptTuningConfig", inputs, task_type="CAUSAL_LM", num_virtual_tokens=3)
+    check_equals_peft("llama", "PrefixTuningConfig", inputs, task_type="CAUSAL_LM", num_virtual_tokens=3)  # shifted
+    inputs = {**_inputs("bert", "SEQ_CLS"), "token_type_ids": torch.ones(2, 6, dtype=torch.long)}  # zero-extended
+    check_equals_peft("bert", "PromptTuningConfig", inputs, task_type="SEQ_CLS", num_virtual_tokens=3)
+
+
+def test_bf16_model_equals_peft() -> None:
+    model = T.tiny_llama().to(torch.bfloat16)
+    pm, ppm = _pair(
+        model, "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"
+    )
+    assert pm.adapter[PROMPT_PATH]["embedding.weight"].dtype == torch.float32  # as PEFT keeps it
+    inputs = _inputs("llama", "CAUSAL_LM")
+    assert torch.equal(pm.fn(pm.base, pm.adapter, **inputs).logits, ppm(**inputs).logits)
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
+    model = T.tiny_llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        funcpeft.get_peft_model(model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model = T.tiny_llama()  # enabled after get_peft_model: refused by the training call, which would checkpoint
+    fn, base, adapter = funcpeft.get_peft_model(
+        model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    model.gradient_checkpointing_enable()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        fn(base, adapter, input_ids=ids, dropout_rng=0)
+
+
+def test_prompt_tuning_with_gradient_checkpointing_equals_peft() -> None:
+    model = T.tiny_llama()
+    model.gradient_checkpointing_enable()
+    pm, ppm = _pair(model, "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8)
+    ppm.train()
+    fn, base, adapter = pm
+    inputs = _inputs("llama", "CAUSAL_LM")
+    loss, grads = funcpeft.value_and_grad(lambda t: fn(base, t, **inputs, dropout_rng=0).loss)(adapter)
+    ref = ppm(**inputs).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    theirs = _peft_leaves(ppm)[PROMPT_PATH]
+    for k, g in grads[PROMPT_PATH].items():
+        torch.testing.assert_close(g, theirs[k].grad, atol=1e-6, rtol=1e-5)

@@ -209,9 +209,17 @@ def word_embeddings(model: nn.Module) -> str:
     raise ValueError(f"could not find the word embeddings of {type(model).__name__} (no parameter with {vocab} rows)")
 
 
+def _check_no_checkpointing(model: nn.Module) -> None:
+    """PEFT's rule: the prefix cache is extended in place as the layers run, so a recomputed layer would see it
+    longer (and checkpointing would be silently wrong)."""
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(f"{PeftType.PREFIX_TUNING.value} does not work with gradient checkpointing.")
+
+
 def _check_model(model: nn.Module, config: PromptLearningConfig, spec: PromptSpec) -> None:
     model_type = getattr(_model_config(model), "model_type", "")
     if spec.prefix:
+        _check_no_checkpointing(model)
         if any(k in model_type for k in ("gemma2", "gemma3_text", "gemma4")):
             raise NotImplementedError(
                 f"prefix tuning on {model_type}: PEFT builds a model-specific cache there, which funcpeft does not "
@@ -604,6 +612,8 @@ def prepare(spec: PromptSpec, prompts: torch.Tensor, call: ModelCall, ctx: Input
         kw.setdefault("labels", None)
     _adjust_positions(spec, kw, remove_token_type_ids=task not in ("SEQ_CLS", "TOKEN_CLS"))
     if spec.prefix:
+        if ctx.training:  # checkpointing runs only in training mode; it may have been enabled after get_peft_model
+            _check_no_checkpointing(ctx.model)
         kw["past_key_values"] = prefix_cache(spec, prompts, ctx)
         kw.setdefault("input_ids", None)
         kw.setdefault("inputs_embeds", None)
