@@ -635,10 +635,11 @@ def init_adapter_and_weights(
         for pname in entry.overrides:
             out[pname] = _whole(params[entry.base_key(path, pname)].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
+        # PEFT's inference mode freezes the base model's adapter layers, never a prompt encoder (it counts as trainable),
+        # except the parameters the encoder freezes itself (InputMethod.frozen)
+        keep = trainable or entry.prompt is not None
         frozen = input_method(entry).frozen(entry.prompt[1]) if entry.prompt is not None else frozenset()
-        tree[path] = {
-            k: v.requires_grad_((trainable and k not in frozen) or k in entry.in_place) for k, v in out.items()
-        }
+        tree[path] = {k: v.requires_grad_((keep and k not in frozen) or k in entry.in_place) for k, v in out.items()}
     owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
     if owner is not None:
         if shared is None:  # a plan holding only the shared entry (a partial re-init): CPU float32

@@ -182,6 +182,10 @@ class PeftFunction:
                 "than one adapter at a time (PEFT's rule)"
             )
 
+    def has_input_adapter(self, adapter: Any) -> bool:
+        """Whether the call's adapters include an input-level (prompt-learning) one."""
+        return any(n in self.plans and input_entry(self.plans[n]) is not None for n, _ in self.split_adapters(adapter))
+
     def _leaf_shapes(self, name: str) -> LeafShapes:
         """The shapes adapter `name`'s leaves must have (computed once per registered plan)."""
         plan = self.plans[name]
@@ -240,13 +244,15 @@ class PeftFunction:
         kwargs: Mapping[str, Any],
         training: bool = False,
         dropout: Any = no_dropout,
+        generating: bool = False,
     ) -> tuple[ModelCall, Any]:
         """The model call rewritten by the call's input-level adapter (prompt learning; see `InputMethod`), and
         `output -> output` to finish it; the call unchanged (and the identity) when there is none.
 
         A `per_example` prompt adapter: each example gets the prompts of its stacked tree (`encode` vmapped over
         the K trees); the virtual-token counts of all examples are equal by construction, but "no adapter" (-1)
-        for some examples would change their length, and is refused.
+        for some examples would change their length, and is refused. generating: rewrite the arguments of the
+        model's `generate` instead (`InputMethod.prepare_generate`; funcpeft.generate).
         """
         call = ModelCall(tuple(args), dict(kwargs))
         prompted = [
@@ -284,6 +290,12 @@ class PeftFunction:
         else:
             self.check_tree(name, tree, base)
             prompts = method.encode(spec, tree[PROMPT_PATH], call, ctx)
+        if generating:
+            if method.prepare_generate is None:
+                raise NotImplementedError(f"funcpeft.generate: {method.peft_type} adapters cannot generate")
+            return method.prepare_generate(spec, prompts, call, ctx), functools.partial(
+                method.finish_generate, spec, call
+            )
         new = method.prepare(spec, prompts, call, ctx)
         return new, functools.partial(method.finish, spec, new)
 

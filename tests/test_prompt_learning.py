@@ -206,8 +206,11 @@ def test_task_types_equal_peft(kind: str, task: str, method: str, name: str, kw:
     if task == "FEATURE_EXTRACTION":
         inputs.pop("labels", None)
     cfg = {"task_type": task, "num_virtual_tokens": 4, **kw}
-    if method == "prefix_tuning" and task in ("SEQ_CLS", "TOKEN_CLS"):  # BERT's classifiers take no past_key_values
-        with pytest.raises(NotImplementedError, match="takes no past_key_values"):
+    if method == "prefix_tuning" and task in ("SEQ_CLS", "TOKEN_CLS"):  # BERT takes no past_key_values: PEFT fails
+        peft_model = peft.get_peft_model(_model(kind), getattr(peft, name)(**cfg))
+        with pytest.raises(ValueError, match="Model does not support past key values"):
+            peft_model(**inputs)
+        with pytest.raises(ValueError, match="Model does not support past key values"):
             funcpeft.get_peft_model(_model(kind), getattr(funcpeft, name)(**cfg))
         return
     if method == "multitask_prompt_tuning" and task == "FEATURE_EXTRACTION":  # PEFT's forward drops task_ids
@@ -282,3 +285,313 @@ def test_saved_files_both_ways(tmp_path: Any, kind: str, task: str, method: str,
     assert loaded.adapter[PROMPT_PATH].keys() == dict(peft_loaded.prompt_encoder["default"].named_parameters()).keys()
     with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
         funcpeft.from_pretrained(_model(kind), tmp_path / "ours", is_trainable=True)
+
+
+def _trained(pm: Any, ppm: Any, seed: int = 3) -> Any:
+    """A random (trained-like) tree, also written into PEFT's prompt encoder."""
+    tree = T.random_like(pm.adapter, torch.Generator().manual_seed(seed), scale=1.0)
+    theirs = dict(ppm.prompt_encoder["default"].named_parameters())
+    with torch.no_grad():
+        for k, t in tree[PROMPT_PATH].items():
+            theirs[k].copy_(t)
+    return tree
+
+
+def _greedy_through_peft_forward(ppm: Any, ids: torch.Tensor, steps: int, seq2seq: bool, **extra: Any) -> torch.Tensor:
+    """The reference: greedy decoding one token at a time through PEFT's forward, without a cache."""
+    with torch.no_grad():
+        if seq2seq:
+            dec = torch.zeros(ids.shape[0], 1, dtype=torch.long)  # T5's decoder_start_token_id
+            for _ in range(steps):
+                logits = ppm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec, **extra).logits
+                dec = torch.cat((dec, logits[:, -1].argmax(-1, keepdim=True)), 1)
+            return dec
+        cur = ids
+        for _ in range(steps):
+            logits = ppm(input_ids=cur, attention_mask=torch.ones_like(cur), **extra).logits
+            cur = torch.cat((cur, logits[:, -1].argmax(-1, keepdim=True)), 1)
+        return cur
+
+
+GENERATE = [
+    (k, *c) for k in ("llama", "gpt2") for c in (CAUSAL[0], CAUSAL[2], CAUSAL[3], CAUSAL[5], CAUSAL[6], CAUSAL[7])
+]
+GENERATE += [("t5", *CAUSAL[0]), ("t5", *CAUSAL[2]), ("t5", *CAUSAL[5])]
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "name", "kw"), GENERATE, ids=[f"{r[1]}-{r[0]}-{len(r[3])}" for r in GENERATE]
+)
+def test_generate_equals_greedy_decoding_through_pefts_forward(
+    kind: str, method: str, name: str, kw: dict[str, Any]
+) -> None:
+    seq2seq = kind == "t5"
+    task = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    pm, ppm = _pair(_model(kind), name, task_type=task, num_virtual_tokens=4, **kw)
+    tree = _trained(pm, ppm)
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    extra = _extra(method)
+    want = _greedy_through_peft_forward(ppm, ids, 8, seq2seq, **extra)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    got = funcpeft.generate(pm, pm.base, tree, max_new_tokens=8, **kwargs, **extra)
+    assert torch.equal(got, want)
+    if not seq2seq:  # max_length counts the prompt's tokens, not the virtual ones (as in PEFT)
+        assert torch.equal(pm.generate(pm.base, tree, max_length=5 + 8, **kwargs, **extra), want)
+
+
+def test_pefts_own_generate_differs_from_its_forward() -> None:
+    """PEFT 0.21.2's generate for prompt learning re-injects the virtual tokens through
+    prepare_inputs_for_generation, which misbehaves with transformers 5.x: its tokens are not greedy decoding
+    through its own forward (documented in docs/usage.md). funcpeft's generate is (test above)."""
+    differs = []
+    for name in ("PromptTuningConfig", "PrefixTuningConfig"):
+        pm, ppm = _pair(T.tiny_llama(), name, task_type="CAUSAL_LM", num_virtual_tokens=4)
+        tree = _trained(pm, ppm)
+        ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+        want = _greedy_through_peft_forward(ppm, ids, 8, False)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "pad_token_id": 0}
+        assert torch.equal(pm.generate(pm.base, tree, **kwargs), want)
+        differs.append(not torch.equal(ppm.generate(**kwargs), want))
+    assert all(differs), differs
+
+
+def test_prompt_tuning_generate_beams_and_padding_follow_the_forward() -> None:
+    pm, ppm = _pair(T.tiny_llama(), "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3)
+    tree = _trained(pm, ppm)
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = pm.generate(
+        pm.base, tree, input_ids=ids, max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0
+    )
+    assert out.shape == (4, 9)
+    assert torch.equal(out[:, :5], ids.repeat_interleave(2, 0))
+    # each prompt alone equals its row of the batch (the virtual tokens are per row, not shared state)
+    single = pm.generate(
+        pm.base, tree, input_ids=ids[1:], max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0
+    )
+    assert torch.equal(single, out[2:])
+    with pytest.raises(ValueError, match="max_length"):
+        pm.generate(pm.base, tree, input_ids=ids, max_length=5)
+
+
+FUNCTIONAL = [CAUSAL[0], CAUSAL[2], CAUSAL[3], CAUSAL[5], CAUSAL[6], CAUSAL[7]]
+
+
+def _trees(pm: Any, k: int) -> list[Any]:
+    return [T.random_like(pm.adapter, torch.Generator().manual_seed(i), scale=1.0) for i in range(k)]
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_vmap_over_stacked_prompts_and_per_example_prompts(method: str, name: str, kw: dict[str, Any]) -> None:
+    fn, base, adapter = pm = funcpeft.get_peft_model(
+        T.tiny_llama(), getattr(funcpeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **kw)
+    )
+    trees = _trees(pm, 3)
+    stacked = funcpeft.stack_adapters(trees)
+    ids = torch.randint(1, T.VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    extra = _extra(method, 3)
+    each = [fn(base, t, input_ids=ids, **extra).logits for t in trees]
+    ensemble = torch.func.vmap(lambda t: fn(base, t, input_ids=ids, **extra).logits)(stacked)  # K prompts at once
+    for i in range(3):
+        torch.testing.assert_close(ensemble[i], each[i], atol=1e-5, rtol=0)
+    # example b uses prompt index[b], in one batch (all prompts have num_virtual_tokens rows)
+    index = torch.tensor([2, 0, 1])
+    routed = fn(base, funcpeft.per_example(stacked, index), input_ids=ids, **extra).logits
+    for b, i in enumerate(index.tolist()):
+        torch.testing.assert_close(routed[b], each[i][b], atol=1e-5, rtol=0)
+    with pytest.raises(NotImplementedError, match="no adapter"):  # no prompt would change the example's length
+        fn(base, funcpeft.per_example(stacked, torch.tensor([0, -1, 1])), input_ids=ids, **extra)
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_compile_fullgraph_without_recompiles(method: str, name: str, kw: dict[str, Any]) -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fn, base, adapter = pm = funcpeft.get_peft_model(
+        T.tiny_llama(), getattr(funcpeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **kw)
+    )
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    extra = _extra(method)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda b, a: fn(b, a, input_ids=ids, **extra).logits, backend=counter, fullgraph=True)
+    for tree in _trees(pm, 2):
+        torch.testing.assert_close(
+            compiled(base, tree), fn(base, tree, input_ids=ids, **extra).logits, atol=1e-5, rtol=0
+        )
+    assert counter.frame_count == 1  # new prompt values: no recompile
+
+
+def test_training_call_gets_gradients_only_for_the_prompt() -> None:
+    fn, base, adapter = funcpeft.get_peft_model(
+        T.tiny_llama(),
+        funcpeft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_dropout=0.5
+        ),
+    )
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=1).loss
+    b = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=1).loss
+    c = fn(base, adapter, input_ids=ids, labels=ids, dropout_rng=2).loss
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the LSTM's dropout draws from the call's rng
+    loss, grads = funcpeft.value_and_grad(lambda t: fn(base, t, input_ids=ids, labels=ids).loss)(adapter)
+    assert set(grads) == {PROMPT_PATH} and all(g.abs().sum() > 0 for g in grads[PROMPT_PATH].values())
+    assert all(not t.requires_grad for t in base.values())
+
+
+def _tokenizer_dir(tmp_path: Any) -> str:
+    """A local word-level tokenizer (no hub download) for the TEXT init."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "classify", "the", "sentiment", "of", "this", "review"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("n", [3, 8])  # fewer and more virtual tokens than the text has: cut / repeated
+def test_prompt_tuning_text_init_equals_peft(tmp_path: Any, n: int) -> None:
+    cfg = {
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": n,
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": "classify the sentiment of this review",
+        "tokenizer_name_or_path": _tokenizer_dir(tmp_path),
+    }
+    pm, ppm, _ = check_equals_peft("llama", "PromptTuningConfig", **cfg)
+    emb = pm.base["model.embed_tokens.weight"]
+    ids = [1, 2, 3, 4, 5, 6] * 2
+    torch.testing.assert_close(pm.adapter[PROMPT_PATH]["embedding.weight"], emb[ids[:n]], atol=0, rtol=0)
+
+
+def test_multitask_source_init_equals_peft(tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+
+    source = {
+        "prompt_embeddings": torch.randn(2, 64),
+        "prefix_task_cols": torch.randn(3, 2, 2),
+        "prefix_task_rows": torch.randn(3, 2, 64),
+    }
+    save_file(source, str(tmp_path / "source.safetensors"))
+    for init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
+        cfg = {
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": 2,
+            "num_ranks": 2,
+            "prompt_tuning_init": init,
+            "prompt_tuning_init_state_dict_path": str(tmp_path / "source.safetensors"),
+            "prompt_tuning_init_task": 1,
+        }
+        inputs = {**_inputs("llama", "CAUSAL_LM"), "task_ids": torch.zeros(2, dtype=torch.long)}
+        pm, _, _ = check_equals_peft("llama", "MultitaskPromptTuningConfig", inputs, **cfg)
+        torch.testing.assert_close(pm.adapter[PROMPT_PATH]["embedding.weight"], source["prompt_embeddings"])
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    model = T.tiny_llama()
+    with pytest.raises(ValueError, match="needs a task type"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(NotImplementedError, match="question answering"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="token_dim=32.*'model.embed_tokens' has dimension 64"):
+        funcpeft.get_peft_model(
+            model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=32)
+        )
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive int"):
+        funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="tokenizer_name_or_path can't be None"):  # PEFT's check
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match="not one of"):
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="BAD")
+    with pytest.raises(ValueError, match="Prompt encoder type not recognized"):
+        funcpeft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_reparameterization_type="GRU")
+    with pytest.raises(TypeError, match="num_virtual_tokens"):
+        funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_token=3)  # type: ignore[call-arg]
+    pm = funcpeft.get_peft_model(model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    fn, base, adapter = pm
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="either input_ids or inputs_embeds, not both"):
+        fn(base, adapter, input_ids=ids, inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="hidden size 32.*token_dim=64"):
+        fn(base, adapter, inputs_embeds=torch.zeros(1, 3, 32))
+    with pytest.raises(ValueError, match=r"embedding.weight has shape \(2, 32\), expected \(2, 64\)"):
+        fn(base, {PROMPT_PATH: {"embedding.weight": torch.zeros(2, 32)}}, input_ids=ids)
+    with pytest.raises(ValueError, match="needs input_ids or inputs_embeds"):
+        fn(base, adapter)
+    with pytest.raises(ValueError, match="past_key_values"):
+        fn(base, adapter, input_ids=ids, past_key_values=object())
+    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
+        pm.add_adapter("lora", funcpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+        funcpeft.get_peft_model(
+            model, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), mixed=True
+        )
+    with pytest.raises(TypeError, match="prompt learning adds virtual tokens"):
+        funcpeft.merge_and_unload(pm, adapter)
+    with pytest.raises(ValueError, match="input_ids"):
+        pm.generate(base, adapter, input_ids=None)
+    # the inputs were not modified in place
+    mask = torch.ones(1, 3, dtype=torch.long)
+    labels = ids.clone()
+    fn(base, adapter, input_ids=ids, attention_mask=mask, labels=labels)
+    assert mask.shape == (1, 3) and torch.equal(labels, ids)
+
+
+@pytest.mark.parametrize(("method", "name", "kw"), FUNCTIONAL, ids=_ids(FUNCTIONAL))
+def test_inference_mode_config_counts_like_peft(method: str, name: str, kw: dict[str, Any]) -> None:
+    pm, ppm = _pair(T.tiny_llama(), name, task_type="CAUSAL_LM", num_virtual_tokens=3, inference_mode=True, **kw)
+    assert list(pm.adapter[PROMPT_PATH]) == [n for n, _ in ppm.prompt_encoder["default"].named_parameters()]
+    assert pm.get_nb_trainable_parameters() == ppm.get_nb_trainable_parameters()  # PEFT never freezes a prompt
+
+
+def test_position_and_token_type_ids_like_peft() -> None:
+    inputs = {**_inputs("llama", "CAUSAL_LM"), "position_ids": torch.arange(6).expand(2, 6)}
+    with pytest.warns(UserWarning, match="Position ids are not supported"):  # dropped, as in PEFT
+        check_equals_peft("llama", "PromptTuningConfig", inputs, task_type="CAUSAL_LM", num_virtual_tokens=3)
+    check_equals_peft("llama", "PrefixTuningConfig", inputs, task_type="CAUSAL_LM", num_virtual_tokens=3)  # shifted
+    inputs = {**_inputs("bert", "SEQ_CLS"), "token_type_ids": torch.ones(2, 6, dtype=torch.long)}  # zero-extended
+    check_equals_peft("bert", "PromptTuningConfig", inputs, task_type="SEQ_CLS", num_virtual_tokens=3)
+
+
+def test_bf16_model_equals_peft() -> None:
+    model = T.tiny_llama().to(torch.bfloat16)
+    pm, ppm = _pair(
+        model, "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"
+    )
+    assert pm.adapter[PROMPT_PATH]["embedding.weight"].dtype == torch.float32  # as PEFT keeps it
+    inputs = _inputs("llama", "CAUSAL_LM")
+    assert torch.equal(pm.fn(pm.base, pm.adapter, **inputs).logits, ppm(**inputs).logits)
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
+    model = T.tiny_llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        funcpeft.get_peft_model(model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model = T.tiny_llama()  # enabled after get_peft_model: refused by the training call, which would checkpoint
+    fn, base, adapter = funcpeft.get_peft_model(
+        model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    model.gradient_checkpointing_enable()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        fn(base, adapter, input_ids=ids, dropout_rng=0)
+
+
+def test_prompt_tuning_with_gradient_checkpointing_equals_peft() -> None:
+    model = T.tiny_llama()
+    model.gradient_checkpointing_enable()
+    pm, ppm = _pair(model, "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8)
+    ppm.train()
+    fn, base, adapter = pm
+    inputs = _inputs("llama", "CAUSAL_LM")
+    loss, grads = funcpeft.value_and_grad(lambda t: fn(base, t, **inputs, dropout_rng=0).loss)(adapter)
+    ref = ppm(**inputs).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    theirs = _peft_leaves(ppm)[PROMPT_PATH]
+    for k, g in grads[PROMPT_PATH].items():
+        torch.testing.assert_close(g, theirs[k].grad, atol=1e-6, rtol=1e-5)

@@ -21,8 +21,9 @@ contract. Optional hooks are typed fields with defaults, grouped: `MergeHooks` (
 `KeyRules` (how PEFT names the parameters in its files).
 
 **Input-level methods** (`InputMethod`: prompt tuning, P-tuning, prefix tuning, ...) do not touch any layer:
-they rewrite the model call. Their adapter tree holds the virtual-token parameters; before the model runs,
-`prepare(spec, params, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
+they rewrite the model call. Their adapter tree holds the virtual-token parameters (at `trees.PROMPT_PATH`);
+before the model runs, `encode(spec, params, call, ctx)` computes the virtual tokens for the batch and
+`prepare(spec, prompts, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
 prepended, a longer `attention_mask` and `labels`, or `past_key_values` for prefix tuning), and
 `finish(spec, call, output)` may post-process the output. The weight-level path is not bent for them.
 See CONTRIBUTING.md for the checklist to add a method.
@@ -711,7 +712,9 @@ class InputMethod:
     word embedding for SAMPLE_VOCAB / TEXT inits). file_state(spec, params) -> {checkpoint key: Tensor} (PEFT's
     `prompt_embeddings`, ...); load_state(spec, tensors, fresh) -> params from a checkpoint (`fresh`: a new init,
     for leaves the file does not hold). call_kwargs: keyword arguments of `fn` it consumes (task_ids).
-    batch_size(call) -> B of a call (None: not found).
+    prepare_generate(spec, prompts, call, ctx) -> the arguments of the model's `generate` (funcpeft.generate)
+    for generate arguments `call` (None: the method cannot generate); finish_generate(spec, call, output) -> what
+    PEFT's generate returns (e.g. the prompt's input_ids in front of the new tokens), `call` being the original.
     """
 
     name: str
@@ -724,6 +727,8 @@ class InputMethod:
     file_state: Callable[[Any, Params], dict[str, torch.Tensor]]
     load_state: Callable[[Any, Mapping[str, torch.Tensor], Params], Params]
     finish: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
+    prepare_generate: InputPrepareFn | None = None
+    finish_generate: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
     accepts: Callable[[Any], bool] = _always
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False

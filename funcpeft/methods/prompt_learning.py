@@ -211,18 +211,29 @@ def word_embeddings(model: nn.Module) -> str:
     raise ValueError(f"could not find the word embeddings of {type(model).__name__} (no parameter with {vocab} rows)")
 
 
+def _check_no_checkpointing(model: nn.Module) -> None:
+    """PEFT's rule: the prefix cache is extended in place as the layers run, so a recomputed layer would see it
+    longer (and checkpointing would be silently wrong)."""
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(f"{PeftType.PREFIX_TUNING.value} does not work with gradient checkpointing.")
+
+
 def _check_model(model: nn.Module, config: PromptLearningConfig, spec: PromptSpec) -> None:
     model_type = getattr(_model_config(model), "model_type", "")
     if spec.prefix:
+        _check_no_checkpointing(model)
         if any(k in model_type for k in ("gemma2", "gemma3_text", "gemma4")):
             raise NotImplementedError(
                 f"prefix tuning on {model_type}: PEFT builds a model-specific cache there, which funcpeft does not "
                 "implement"
             )
-        if (
-            spec.task_type in ("SEQ_CLS", "TOKEN_CLS")
-            and "past_key_values" not in inspect.signature(model.forward).parameters
-        ):
+        if spec.task_type in ("SEQ_CLS", "TOKEN_CLS") and not _takes_past(model):
+            backbone = _backbone(model)
+            if backbone is None or not _takes_past(backbone):
+                raise ValueError(  # PEFT's error (raised by PEFT at the first forward)
+                    "Model does not support past key values which are required for prefix tuning. "
+                    f"({type(model).__name__} and its backbone take no past_key_values argument)"
+                )
             raise NotImplementedError(
                 f"prefix tuning with task_type={spec.task_type!r} on {type(model).__name__}, whose forward takes no "
                 "past_key_values: PEFT then runs the backbone and the classifier itself, which funcpeft does not "
@@ -247,6 +258,18 @@ def _weight(model: nn.Module, spec: PromptSpec) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"the word embedding {spec.embed_path!r} has no weight tensor")
     return weight
+
+
+def _takes_past(model: nn.Module) -> bool:
+    """The module's forward names past_key_values (PEFT's test; **kwargs does not count: BERT ignores it there)."""
+    return "past_key_values" in inspect.signature(model.forward).parameters
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """PEFT's `transformer_backbone`: the first child that is a transformers PreTrainedModel."""
+    from transformers import PreTrainedModel
+
+    return next((c for c in model.children() if isinstance(c, PreTrainedModel)), None)
 
 
 def plan(model: nn.Module, config: Any) -> tuple[PromptLearningConfig, PromptSpec]:
@@ -591,6 +614,8 @@ def prepare(spec: PromptSpec, prompts: torch.Tensor, call: ModelCall, ctx: Input
         kw.setdefault("labels", None)
     _adjust_positions(spec, kw, remove_token_type_ids=task not in ("SEQ_CLS", "TOKEN_CLS"))
     if spec.prefix:
+        if ctx.training:  # checkpointing runs only in training mode; it may have been enabled after get_peft_model
+            _check_no_checkpointing(ctx.model)
         kw["past_key_values"] = prefix_cache(spec, prompts, ctx)
         kw.setdefault("input_ids", None)
         kw.setdefault("inputs_embeds", None)
@@ -695,6 +720,65 @@ def prefix_cache(spec: PromptSpec, prompts: torch.Tensor, ctx: InputContext) -> 
     return cache
 
 
+def prepare_generate(spec: PromptSpec, prompts: torch.Tensor, call: ModelCall, ctx: InputContext) -> ModelCall:
+    """The model's `generate` arguments that decode as PEFT's forward does step by step: the virtual tokens (or
+    prefixes) go in once, with the prompt, and the KV cache carries them (PEFT 0.21.2's own generate re-injects
+    them through `prepare_inputs_for_generation`, which misbehaves with transformers 5; see docs/usage.md)."""
+    if call.args:
+        raise TypeError("funcpeft.generate takes keyword arguments only (input_ids=..., attention_mask=...)")
+    kw = dict(call.kwargs)
+    kw.pop("task_ids", None)
+    _check_inputs(spec, kw)
+    if spec.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise NotImplementedError(
+            f"funcpeft.generate with task_type={spec.task_type!r}: PEFT generates only for CAUSAL_LM and SEQ_2_SEQ_LM"
+        )
+    if spec.task_type == "SEQ_2_SEQ_LM" and spec.peft_type == PeftType.MULTITASK_PROMPT_TUNING.value:
+        raise NotImplementedError(
+            "funcpeft.generate: multitask prompt tuning on a SEQ_2_SEQ_LM model is not implemented"
+        )
+    ids = kw.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"funcpeft.generate with a {spec.peft_type} adapter needs input_ids (B, L)")
+    b, length = ids.shape
+    mask = kw.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if spec.task_type == "CAUSAL_LM" and kw.get("max_length") is not None:  # counts the prompt, not virtual tokens
+        new = int(kw.pop("max_length")) - length
+        if new < 1:
+            raise ValueError(
+                f"funcpeft.generate: max_length={new + length} leaves no room after the prompt's {length} tokens "
+                f"(the {spec.n} virtual tokens come on top); pass max_new_tokens"
+            )
+        kw["max_new_tokens"] = new
+    ones = torch.ones(b, spec.n, dtype=mask.dtype, device=mask.device)
+    if spec.prefix:
+        kw["past_key_values"] = prefix_cache(spec, prompts, ctx)
+        if spec.task_type == "CAUSAL_LM":
+            kw["attention_mask"] = torch.cat((ones, mask), dim=1)
+        return ModelCall((), kw)
+    embeds = _input_embeds(spec, kw, ctx)
+    kw.pop("input_ids")
+    kw["inputs_embeds"] = torch.cat((prompts[:, : spec.n].to(embeds.dtype), embeds), dim=1)
+    kw["attention_mask"] = torch.cat((ones, mask), dim=1)
+    return ModelCall((), kw)
+
+
+def finish_generate(spec: PromptSpec, call: ModelCall, output: Any) -> Any:
+    """A decoder-only model generating from inputs_embeds returns only the new tokens: put the prompt's ids in
+    front, as PEFT's generate (from input_ids) returns them."""
+    if spec.task_type != "CAUSAL_LM" or spec.prefix:
+        return output
+    ids = call.kwargs["input_ids"]
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = ids.repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    joined = torch.cat((prompt.to(sequences.device), sequences), dim=1)
+    if isinstance(output, torch.Tensor):
+        return joined
+    output.sequences = joined
+    return output
+
+
 def file_state(spec: PromptSpec, params: Params) -> dict[str, torch.Tensor]:
     """PEFT's `get_peft_model_state_dict` for prompt learning: `prompt_embeddings` = the encoder's output
     (the embedding itself in inference mode), plus multitask's task matrices."""
@@ -752,6 +836,8 @@ def _method(name: str, config: type[Any]) -> InputMethod:
             prepare=prepare,
             file_state=file_state,
             load_state=load_state,
+            prepare_generate=prepare_generate,
+            finish_generate=finish_generate,
             call_kwargs=frozenset({"task_ids"}),
         )
     )
