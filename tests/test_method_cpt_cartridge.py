@@ -354,3 +354,29 @@ def test_files_both_ways(name: str, kwargs: dict[str, Any], kind: str, tmp_path:
 @pytest.mark.parametrize("name, kwargs", [("CPTConfig", CPT), ("CartridgeConfig", CARTRIDGE)])
 def test_mixed_models_refuse_them_like_peft(name: str, kwargs: dict[str, Any]) -> None:
     assert_mixed_refused_like_peft(T.tiny_llama(), name, kwargs)
+
+
+def _greedy_through_peft_forward(pm: Any, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """The reference: greedy decoding one token at a time through PEFT's forward, without a cache."""
+    with torch.no_grad():
+        cur = ids
+        for _ in range(steps):
+            logits = pm(input_ids=cur, attention_mask=torch.ones_like(cur)).logits
+            cur = torch.cat((cur, logits[:, -1].argmax(-1, keepdim=True)), 1)
+    return cur
+
+
+@pytest.mark.parametrize("name, kwargs", [("CPTConfig", CPT), ("CartridgeConfig", CARTRIDGE)])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_equals_greedy_decoding_through_peft_s_forward(name: str, kwargs: dict[str, Any], kind: str) -> None:
+    fpm, pm = _pair(kind, name, kwargs)
+    tree = _random(fpm, scale=1.0)
+    _copy_into_peft(pm, tree)
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    want = _greedy_through_peft_forward(pm, ids, 6)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    got = quiet(fpm.generate, fpm.base, tree, max_new_tokens=6, **kw)
+    assert torch.equal(got, want)
+    with torch.no_grad():  # the prompts are there (a tiny GPT-2 may still pick the same tokens)
+        first = fpm.fn(fpm.base, tree, input_ids=ids).logits[:, -1]
+        assert not torch.allclose(first, fpm.fn(fpm.base, None, input_ids=ids).logits[:, -1], atol=1e-4)

@@ -74,6 +74,15 @@ def prepare(spec: CartridgeSpec, prompts: torch.Tensor, call: ModelCall, ctx: In
     return pl.prepare(spec.prompt, prompts, call, ctx)
 
 
+def prepare_generate(spec: CartridgeSpec, prompts: torch.Tensor, call: ModelCall, ctx: InputContext) -> ModelCall:
+    """Prefix tuning's generate: the prefix cache goes in once with the prompt (funcpeft.methods.prompt_learning)."""
+    return pl.prepare_generate(spec.prompt, prompts, call, ctx)
+
+
+def finish_generate(spec: CartridgeSpec, call: ModelCall, output: Any) -> Any:
+    return pl.finish_generate(spec.prompt, call, output)
+
+
 def file_state(spec: CartridgeSpec, params: Params) -> dict[str, torch.Tensor]:
     return {"prompt_embeddings": _weight(spec, params).detach().cpu()}
 
@@ -132,6 +141,8 @@ CARTRIDGE = register(
         prepare=prepare,
         file_state=file_state,
         load_state=load_state,
+        prepare_generate=prepare_generate,
+        finish_generate=finish_generate,
         frozen=frozen,
     )
 )

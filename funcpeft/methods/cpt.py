@@ -192,6 +192,17 @@ def finish(spec: CPTSpec, call: ModelCall, output: Any) -> Any:
     return output
 
 
+def prepare_generate(spec: CPTSpec, prompts: torch.Tensor, call: ModelCall, ctx: InputContext) -> ModelCall:
+    """Prompt tuning's generate (the virtual tokens go in once, with the prompt); labels and the type mask only
+    shape CPT's loss, so generate ignores `input_type_mask` as PEFT's generate does."""
+    kw = {k: v for k, v in call.kwargs.items() if k != TYPE_MASK_KWARG}
+    return pl.prepare_generate(spec.prompt, prompts, ModelCall(call.args, kw), ctx)
+
+
+def finish_generate(spec: CPTSpec, call: ModelCall, output: Any) -> Any:
+    return pl.finish_generate(spec.prompt, call, output)
+
+
 def file_state(spec: CPTSpec, params: Params) -> dict[str, torch.Tensor]:
     """PEFT's `prompt_embeddings`: the encoder's output, embedding + project(delta) (the embedding alone in
     inference mode, as PEFT saves it)."""
@@ -226,6 +237,8 @@ CPT = register(
         finish=finish,
         file_state=file_state,
         load_state=load_state,
+        prepare_generate=prepare_generate,
+        finish_generate=finish_generate,
         call_kwargs=frozenset({TYPE_MASK_KWARG}),
         frozen=lambda spec: frozenset({"embedding.weight"}),
     )
