@@ -380,3 +380,19 @@ def test_generate_equals_greedy_decoding_through_peft_s_forward(name: str, kwarg
     with torch.no_grad():  # the prompts are there (a tiny GPT-2 may still pick the same tokens)
         first = fpm.fn(fpm.base, tree, input_ids=ids).logits[:, -1]
         assert not torch.allclose(first, fpm.fn(fpm.base, None, input_ids=ids).logits[:, -1], atol=1e-4)
+
+
+def test_peft_s_own_generate_differs_from_its_forward() -> None:
+    """PEFT 0.21.2's generate for these adapters (its prompt-learning generate, which misbehaves with transformers
+    5.x: docs/usage.md) is not greedy decoding through its own forward; funcpeft's generate is (test above)."""
+    differs = []
+    for kind, name, kwargs in (("llama", "CPTConfig", CPT), ("llama", "CartridgeConfig", CARTRIDGE)):
+        fpm, pm = _pair(kind, name, kwargs)
+        tree = _random(fpm, scale=1.0)
+        _copy_into_peft(pm, tree)
+        ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+        want = _greedy_through_peft_forward(pm, ids, 6)
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 6, "pad_token_id": 0}
+        assert torch.equal(quiet(fpm.generate, fpm.base, tree, **kw), want)
+        differs.append(not torch.equal(quiet(pm.generate, **kw), want))
+    assert all(differs), differs
