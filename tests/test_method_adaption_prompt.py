@@ -313,3 +313,53 @@ def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
 
 def test_mixed_models_refuse_it_like_peft() -> None:
     assert_mixed_refused_like_peft(T.tiny_llama(), "AdaptionPromptConfig", CONFIG)
+
+
+def test_generate_with_per_example_prompts_equals_each_alone() -> None:
+    fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**{**CONFIG, "adapter_layers": 2}))
+    trees = random_trees(fpm.adapter, n=2, scale=2.0)
+    ids = torch.randint(1, T.VOCAB, (3, 4), generator=torch.Generator().manual_seed(5))
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "num_beams": 2}
+    with torch.no_grad():
+        routed = quiet(
+            fpm.generate,
+            fpm.base,
+            funcpeft.per_example(funcpeft.stack_adapters(trees), [1, -1, 0]),
+            input_ids=ids,
+            **kw,
+        )
+        for b, i in enumerate([1, -1, 0]):
+            tree = trees[i] if i >= 0 else None
+            assert torch.equal(routed[b], quiet(fpm.generate, fpm.base, tree, input_ids=ids[b : b + 1], **kw)[0])
+
+
+def test_gradient_checkpointing_gives_peft_s_gradients() -> None:
+    model = T.tiny_llama()
+    model.gradient_checkpointing_enable()
+    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    adapter, x = _noisy(fpm.adapter), _padded("llama")
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    pm.train()
+    pm(**x).loss.backward()
+    loss, grads = funcpeft.value_and_grad(lambda a: fpm.fn(fpm.base, a, **x, dropout_rng=0).loss)(adapter)
+    T.assert_trees_close(grads, T.peft_grads(pm, adapter, fpm.plans["default"]), atol=1e-5, rtol=1e-4)
+
+
+def test_files_of_two_adapters_both_ways(tmp_path: Any) -> None:
+    model, x = T.tiny_llama(layers=3), _padded("llama")
+    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    trees = {
+        "default": _noisy(fpm.adapter, 1),
+        "b": _noisy(fpm.add_adapter("b", funcpeft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1)), 2),
+    }
+    fpm.save_pretrained(tmp_path, trees)
+    theirs = quiet(peft.PeftModel.from_pretrained, copy.deepcopy(model), tmp_path).eval()
+    quiet(theirs.load_adapter, tmp_path / "b", "b")
+    back = funcpeft.from_pretrained(model, tmp_path)
+    loaded = {"default": back.adapter, "b": back.load_adapter(tmp_path / "b", "b")}
+    for name in ("default", "b"):
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            want = fpm.fn(fpm.base, {name: trees[name]}, **x).logits
+            torch.testing.assert_close(theirs(**x).logits, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(back.fn(back.base, {name: loaded[name]}, **x).logits, want, atol=1e-6, rtol=0)
