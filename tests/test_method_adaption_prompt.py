@@ -334,7 +334,7 @@ def test_generate_with_per_example_prompts_equals_each_alone() -> None:
 
 
 def test_gradient_checkpointing_gives_peft_s_gradients() -> None:
-    model = T.tiny_llama()
+    model: Any = T.tiny_llama()
     model.gradient_checkpointing_enable()
     fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     adapter, x = _noisy(fpm.adapter), _padded("llama")
