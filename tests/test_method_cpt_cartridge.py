@@ -22,7 +22,7 @@ from funcpeft.methods import cartridge as cartridge_method
 from funcpeft.methods import cpt as cpt_method
 from funcpeft.trees import PROMPT_PATH
 
-MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2}
+MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
 CPT: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "cpt_token_ids": [5, 6, 7, 8, 9, 10, 11],
@@ -396,3 +396,16 @@ def test_peft_s_own_generate_differs_from_its_forward() -> None:
         assert torch.equal(quiet(fpm.generate, fpm.base, tree, **kw), want)
         differs.append(not torch.equal(quiet(pm.generate, **kw), want))
     assert all(differs), differs
+
+
+def test_cartridge_on_a_seq2seq_model_equals_peft_s() -> None:
+    """SEQ_2_SEQ_LM (T5): the prefix serves both the encoder's and the decoder's self-attention, as in PEFT."""
+    fpm, pm = _pair("t5", "CartridgeConfig", {**CARTRIDGE, "task_type": "SEQ_2_SEQ_LM"})
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, T.VOCAB, (2, 6), generator=g)
+    x = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(1, T.VOCAB, (2, 4), generator=g),
+    }
+    _assert_same_as_peft(fpm, pm, _random(fpm), x, "t5")
