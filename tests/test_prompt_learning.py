@@ -595,3 +595,16 @@ def test_prompt_tuning_with_gradient_checkpointing_equals_peft() -> None:
     theirs = _peft_leaves(ppm)[PROMPT_PATH]
     for k, g in grads[PROMPT_PATH].items():
         torch.testing.assert_close(g, theirs[k].grad, atol=1e-6, rtol=1e-5)
+
+
+def test_generate_with_per_example_prompts() -> None:
+    pm = funcpeft.get_peft_model(
+        T.tiny_llama(), funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
+    trees = _trees(pm, 2)
+    ids = torch.randint(1, T.VOCAB, (3, 4), generator=torch.Generator().manual_seed(5))
+    index = torch.tensor([1, 0, 1])
+    kw = {"max_new_tokens": 5, "pad_token_id": 0}
+    routed = pm.generate(pm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), input_ids=ids, **kw)
+    for b, i in enumerate(index.tolist()):
+        assert torch.equal(routed[b], pm.generate(pm.base, trees[i], input_ids=ids[b : b + 1], **kw)[0])
