@@ -608,3 +608,17 @@ def test_generate_with_per_example_prompts() -> None:
     routed = pm.generate(pm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), input_ids=ids, **kw)
     for b, i in enumerate(index.tolist()):
         assert torch.equal(routed[b], pm.generate(pm.base, trees[i], input_ids=ids[b : b + 1], **kw)[0])
+
+
+def test_generate_sampling_needs_and_follows_rng() -> None:
+    pm = funcpeft.get_peft_model(
+        T.tiny_llama(), funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
+    ids = torch.randint(1, T.VOCAB, (2, 4), generator=torch.Generator().manual_seed(5))
+    kw = {"input_ids": ids, "max_new_tokens": 6, "do_sample": True, "pad_token_id": 0}
+    with pytest.raises(ValueError, match="rng="):
+        pm.generate(pm.base, pm.adapter, **kw)
+    a, b, c = (pm.generate(pm.base, pm.adapter, rng=seed, **kw) for seed in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(TypeError, match="swap"):  # base and adapter swapped: named, not a KeyError deep inside
+        pm.fn(pm.adapter, pm.base, input_ids=ids)
