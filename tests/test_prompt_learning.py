@@ -8,11 +8,13 @@ from typing import Any
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.trees import PROMPT_PATH
-from tests.helpers import capture_stdout
+from tests.helpers import capture_stdout, examples
 
 MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
 
@@ -622,3 +624,50 @@ def test_generate_sampling_needs_and_follows_rng() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(TypeError, match="swap"):  # base and adapter swapped: named, not a KeyError deep inside
         pm.fn(pm.adapter, pm.base, input_ids=ids)
+
+
+_LLAMA = T.tiny_llama()
+
+
+@settings(max_examples=examples(10))
+@given(
+    n=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 6),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_law_prompt_tuning_is_the_model_on_the_concatenated_embeddings(
+    n: int, batch: int, seq: int, k: int, seed: int
+) -> None:
+    """fn = the base model on [prompt; embed(ids)] with the mask extended by ones; per-example routing = each
+    prompt alone; vmap over K prompts = the loop."""
+    fn, base, adapter = funcpeft.get_peft_model(
+        _LLAMA, funcpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    )
+    g = torch.Generator().manual_seed(seed)
+    trees = [T.random_like(adapter, g, scale=1.0) for _ in range(k)]
+    ids = torch.randint(1, T.VOCAB, (batch, seq), generator=g)
+    mask = (torch.rand(batch, seq, generator=g) > 0.3).long()
+    mask[:, -1] = 1
+    index = torch.randint(0, k, (batch,), generator=g)
+    with torch.no_grad():
+        embeds = _LLAMA.get_input_embeddings()(ids)
+        alone = []
+        for i in range(k):
+            prompt = trees[i][PROMPT_PATH]["embedding.weight"].expand(batch, n, -1)
+            direct = _LLAMA(
+                inputs_embeds=torch.cat((prompt, embeds), 1), attention_mask=torch.cat((torch.ones(batch, n), mask), 1)
+            )
+            out = fn(base, trees[i], input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(out, direct.logits, atol=1e-5, rtol=0)
+            alone.append(out)
+        routed = fn(
+            base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), input_ids=ids, attention_mask=mask
+        )
+        for b in range(batch):
+            torch.testing.assert_close(routed.logits[b], alone[int(index[b])][b], atol=1e-5, rtol=0)
+        ensemble = torch.func.vmap(lambda t: fn(base, t, input_ids=ids, attention_mask=mask).logits)(
+            funcpeft.stack_adapters(trees)
+        )
+        torch.testing.assert_close(ensemble, torch.stack(alone), atol=1e-5, rtol=0)
