@@ -201,6 +201,7 @@ OTHER_TASKS = [("bert", "SEQ_CLS"), ("bert-tok", "TOKEN_CLS"), ("bert-base", "FE
 ALL = CAUSAL[:1] + CAUSAL[2:4] + CAUSAL[5:]
 
 
+@pytest.mark.slow  # a matrix of PEFT comparisons (the fast tier keeps the CAUSAL_LM one)
 @pytest.mark.parametrize(("kind", "task"), OTHER_TASKS, ids=[f"{k}-{t}" for k, t in OTHER_TASKS])
 @pytest.mark.parametrize(("method", "name", "kw"), ALL, ids=_ids(ALL))
 def test_task_types_equal_peft(kind: str, task: str, method: str, name: str, kw: dict[str, Any]) -> None:
@@ -250,6 +251,7 @@ SAVED = [
 ]
 
 
+@pytest.mark.slow  # a matrix of PEFT comparisons (the fast tier keeps the CAUSAL_LM one)
 @pytest.mark.parametrize(
     ("kind", "task", "method", "name", "kw"), SAVED, ids=[f"{r[2]}-{r[0]}-{r[1]}-{len(r[4])}" for r in SAVED]
 )
@@ -321,6 +323,7 @@ GENERATE = [
 GENERATE += [("t5", *CAUSAL[0]), ("t5", *CAUSAL[2]), ("t5", *CAUSAL[5])]
 
 
+@pytest.mark.slow  # a matrix of PEFT comparisons (the fast tier keeps the CAUSAL_LM one)
 @pytest.mark.parametrize(
     ("kind", "method", "name", "kw"), GENERATE, ids=[f"{r[1]}-{r[0]}-{len(r[3])}" for r in GENERATE]
 )
@@ -629,6 +632,7 @@ def test_generate_sampling_needs_and_follows_rng() -> None:
 _LLAMA = T.tiny_llama()
 
 
+@pytest.mark.slow  # a matrix of PEFT comparisons (the fast tier keeps the CAUSAL_LM one)
 @settings(max_examples=examples(10))
 @given(
     n=st.integers(1, 5),
