@@ -632,7 +632,7 @@ def test_generate_sampling_needs_and_follows_rng() -> None:
 _LLAMA = T.tiny_llama()
 
 
-@pytest.mark.slow  # a matrix of PEFT comparisons (the fast tier keeps the CAUSAL_LM one)
+@pytest.mark.slow  # drawn examples, several model calls each
 @settings(max_examples=examples(10))
 @given(
     n=st.integers(1, 5),
