@@ -675,3 +675,19 @@ def test_law_prompt_tuning_is_the_model_on_the_concatenated_embeddings(
             funcpeft.stack_adapters(trees)
         )
         torch.testing.assert_close(ensemble, torch.stack(alone), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_generate_left_padded_rows_equal_each_prompt_alone(name: str) -> None:
+    """With left padding, transformers' generate positions tokens by the attention mask, so a padded row equals
+    its prompt alone. (PEFT's prefix-tuning forward positions them by cache position instead, so greedy
+    decoding through it differs from this on padded rows; docs/usage.md.)"""
+    pm = funcpeft.get_peft_model(T.tiny_llama(), getattr(funcpeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    tree = _trees(pm, 1)[0]
+    ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    kw = {"max_new_tokens": 6, "pad_token_id": 0}
+    batch = pm.generate(pm.base, tree, input_ids=ids, attention_mask=mask, **kw)
+    alone = pm.generate(pm.base, tree, input_ids=ids[:1, 2:], **kw)
+    assert torch.equal(batch[0, 2:], alone[0])
