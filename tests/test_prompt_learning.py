@@ -135,7 +135,7 @@ def check_equals_peft(kind: str, name: str, inputs: dict[str, Any] | None = None
     return pm, ppm, out
 
 
-CAUSAL = [
+CAUSAL: list[tuple[str, str, dict[str, Any]]] = [
     ("prompt_tuning", "PromptTuningConfig", {}),
     ("prompt_tuning", "PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
     ("p_tuning", "PromptEncoderConfig", {"encoder_hidden_size": 16}),
@@ -172,7 +172,8 @@ def test_prompt_tuning_causal_lm_fresh_tree_is_pefts() -> None:
 
 
 def test_p_tuning_mlp_and_lstm_trees_follow_pefts_names() -> None:
-    for kw in ({}, {"encoder_reparameterization_type": "LSTM"}):
+    kws: list[dict[str, Any]] = [{}, {"encoder_reparameterization_type": "LSTM"}]
+    for kw in kws:
         pm, ppm, _ = check_equals_peft(
             "llama", "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=8, **kw
         )
@@ -237,7 +238,7 @@ def _files(directory: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return tensors, json.load(f)
 
 
-SAVED = [
+SAVED: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("llama", "CAUSAL_LM", *CAUSAL[0]),
     ("llama", "CAUSAL_LM", *CAUSAL[2]),
     ("llama", "CAUSAL_LM", *CAUSAL[3]),
@@ -317,7 +318,7 @@ def _greedy_through_peft_forward(ppm: Any, ids: torch.Tensor, steps: int, seq2se
         return cur
 
 
-GENERATE = [
+GENERATE: list[tuple[str, str, str, dict[str, Any]]] = [
     (k, *c) for k in ("llama", "gpt2") for c in (CAUSAL[0], CAUSAL[2], CAUSAL[3], CAUSAL[5], CAUSAL[6], CAUSAL[7])
 ]
 GENERATE += [("t5", *CAUSAL[0]), ("t5", *CAUSAL[2]), ("t5", *CAUSAL[5])]
@@ -337,7 +338,12 @@ def test_generate_equals_greedy_decoding_through_pefts_forward(
     ids = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
     extra = _extra(method)
     want = _greedy_through_peft_forward(ppm, ids, 8, seq2seq, **extra)
-    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
     got = funcpeft.generate(pm, pm.base, tree, max_new_tokens=8, **kwargs, **extra)
     assert torch.equal(got, want)
     if not seq2seq:  # max_length counts the prompt's tokens, not the virtual ones (as in PEFT)
@@ -457,7 +463,7 @@ def _tokenizer_dir(tmp_path: Any) -> str:
 
 @pytest.mark.parametrize("n", [3, 8])  # fewer and more virtual tokens than the text has: cut / repeated
 def test_prompt_tuning_text_init_equals_peft(tmp_path: Any, n: int) -> None:
-    cfg = {
+    cfg: dict[str, Any] = {
         "task_type": "CAUSAL_LM",
         "num_virtual_tokens": n,
         "prompt_tuning_init": "TEXT",
@@ -571,7 +577,7 @@ def test_bf16_model_equals_peft() -> None:
 
 def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
     model = T.tiny_llama()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # type: ignore[operator]
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
@@ -580,7 +586,7 @@ def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
     fn, base, adapter = funcpeft.get_peft_model(
         model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     )
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # type: ignore[operator]
     ids = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         fn(base, adapter, input_ids=ids, dropout_rng=0)
@@ -588,7 +594,7 @@ def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
 
 def test_prompt_tuning_with_gradient_checkpointing_equals_peft() -> None:
     model = T.tiny_llama()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # type: ignore[operator]
     pm, ppm = _pair(model, "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8)
     ppm.train()
     fn, base, adapter = pm
@@ -626,7 +632,7 @@ def test_generate_sampling_needs_and_follows_rng() -> None:
     a, b, c = (pm.generate(pm.base, pm.adapter, rng=seed, **kw) for seed in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(TypeError, match="swap"):  # base and adapter swapped: named, not a KeyError deep inside
-        pm.fn(pm.adapter, pm.base, input_ids=ids)
+        pm.fn(pm.adapter, pm.base, input_ids=ids)  # type: ignore[arg-type]
 
 
 _LLAMA = T.tiny_llama()
@@ -656,7 +662,7 @@ def test_law_prompt_tuning_is_the_model_on_the_concatenated_embeddings(
     mask[:, -1] = 1
     index = torch.randint(0, k, (batch,), generator=g)
     with torch.no_grad():
-        embeds = _LLAMA.get_input_embeddings()(ids)
+        embeds = _LLAMA.get_input_embeddings()(ids)  # type: ignore[operator]
         alone = []
         for i in range(k):
             prompt = trees[i][PROMPT_PATH]["embedding.weight"].expand(batch, n, -1)
