@@ -268,6 +268,9 @@ class PeftFunction:
                 f"a prompt-learning adapter ({prompted[0][0]!r}) runs alone: got adapters {names} in one call (PEFT "
                 "applies one active prompt-learning adapter per forward)"
             )
+        if self.sharded is not None:
+            self.sharded.refuse("a prompt-learning adapter")
+        self._check_base(base)
         name, tree = prompted[0]
         entry = input_entry(self.plans[name])
         assert entry is not None and entry.prompt is not None

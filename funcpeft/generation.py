@@ -60,7 +60,7 @@ def generate(
         )
     if fn.has_input_adapter(adapter):  # prompt learning: the prompts go in as generate's inputs (see apply_inputs)
         call, finish = fn.apply_inputs(base, adapter, (), kwargs, generating=True)
-        skel: Any = fn.bound_model(base, None if isinstance(adapter, PerExample) else adapter)
+        skel: Any = fn.bound_model(base, adapter, ((), kwargs))
         with redirect(_Refused() if rng is None else _randomness(rng)):
             return finish(skel.generate(*call.args, **call.kwargs))
     adapter, expanded = _expand_routing(fn, adapter, kwargs, config)

@@ -673,6 +673,12 @@ def _prepare_seq2seq(spec: PromptSpec, prompts: torch.Tensor, kw: dict[str, Any]
         kw["inputs_embeds"] = torch.cat((prompts[:, :n].to(embeds.dtype), embeds), dim=1)
         return ModelCall((), kw)
     # multitask prompt tuning: the decoder gets the second half of the virtual tokens too
+    if spec.submodules == 2 and kw.get("decoder_input_ids") is not None and kw.get("decoder_inputs_embeds") is None:
+        raise ValueError(
+            "multitask prompt tuning on a SEQ_2_SEQ_LM model with decoder_input_ids: PEFT 0.21.2 fails on this call "
+            "(it prepends the decoder's virtual tokens to decoder_inputs_embeds, which it leaves None); pass labels "
+            "alone (the decoder inputs are derived from them) or decoder_inputs_embeds"
+        )
     if kw.get("decoder_inputs_embeds") is None and kw.get("decoder_input_ids") is None:
         from transformers.models.bart.modeling_bart import shift_tokens_right
 
