@@ -27,9 +27,12 @@ from .config import (
 )
 from .configs import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
     ArrowConfig,
     BOFTConfig,
     C3AConfig,
+    CartridgeConfig,
+    CPTConfig,
     FourierFTConfig,
     HRAConfig,
     IA3Config,
@@ -39,7 +42,11 @@ from .configs import (
     LoraRuntimeConfig,
     MissConfig,
     MontecloraConfig,
+    MultitaskPromptTuningConfig,
     OFTConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     RandLoraConfig,
     ShiraConfig,
     TrainableTokensConfig,
@@ -78,7 +85,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout that 
     __version__ = "0+unknown"
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "CordaConfig",
     "EvaConfig",
     "LoftQConfig",
@@ -99,6 +111,8 @@ __all__ = [
     "BdLoraConfig",
     "ConfigTypeError",
     "C3AConfig",
+    "CartridgeConfig",
+    "CPTConfig",
     "FourierFTConfig",
     "FunctionalPeftModel",
     "HRAConfig",

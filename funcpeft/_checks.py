@@ -74,7 +74,7 @@ def expected_leaves(
                 out[(path, n)] = LeafSpec(shapes[n], adapter_dtype(w.dtype, autocast_adapter_dtype), device_of(w))
         if e.spec is not None:
             w = params[e.weight_key(path)]
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype and e.method.autocast)
             shapes = dict(e.shapes)
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], dtype, device_of(w))

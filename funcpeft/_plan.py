@@ -33,22 +33,24 @@ from ._targeting import (
     tied_to_input_embedding,
 )
 from .config import PeftConfig
-from .methods import method_for, weight_method
+from .methods import METHODS, method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import (
     NO_INIT_DATA,
     ConvGeometry,
     EmbeddingGeometry,
+    InputMethod,
     LayerKind,
     LayerSpec,
     Method,
+    ModuleGeometry,
     ParameterGeometry,
     Params,
     Target,
     UnsupportedLayerError,
     WeightInit,
 )
-from .trees import SHARED_PATH, SHARED_PREFIX, layer_frozen_key
+from .trees import PROMPT_PATH, SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,8 @@ class PlanEntry:
       parameters), which is where PEFT's checkpoint keys live. None: the entry's path is the module's own.
     key_part: for an auxiliary part's entry (`PeftConfig.auxiliary_configs`), the attribute PEFT's wrapper keeps
       the method's layer under (LoRA's trainable tokens: "token_adapter"); its params are `{path}.{key_part}.{name}`.
+    prompt: on the `trees.PROMPT_PATH` entry of an input-level adapter (prompt learning): (its InputMethod's
+      name, the method's spec); `params` are then the prompt encoder's leaves.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -116,6 +120,7 @@ class PlanEntry:
     def auxiliary(self) -> bool:
         """The entry belongs to an auxiliary part (`PeftConfig.auxiliary_configs`), not the config's own method."""
         return self.key_part is not None
+    prompt: tuple[str, Any] | None = None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -131,6 +136,8 @@ class PlanEntry:
         `{path}.in_proj_weight`), or the targeted bare parameter."""
         if self.parameter is not None:
             return self.parameter
+        if self.spec is not None and self.spec.kind is LayerKind.MODULE:
+            return f"{path}.{self.spec.module.weight}"
         return f"{path}.{self.spec.kind.weight_name if self.spec is not None else 'weight'}"
 
     def base_key(self, path: str, name: str) -> str:
@@ -161,6 +168,14 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
+    if kind is LayerKind.MODULE:  # a whole module (Method.module_forward): its parameters stay as they are
+        first = next((n for n, _ in module.named_parameters()), None)
+        if first is None:
+            raise UnsupportedLayerError(
+                f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r} "
+                f"({type(module).__name__}): the module has no parameters to place the adapter's next to"
+            )
+        return LayerSpec(method.name, kind, (), 0, 0, method.hyper(config, target), ModuleGeometry(first))
     if kind not in method.kinds:
         raise UnsupportedLayerError(
             f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
@@ -279,12 +294,14 @@ def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
 
 
 def _targets(
-    names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False
+    names: list[str], modules: Mapping[str, nn.Module], common: Any, for_checkpoint: bool = False, whole: bool = False
 ) -> list[Target]:
-    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj)."""
+    """Each target, followed by the layers PEFT adapts along with it (an nn.MultiheadAttention's out_proj).
+
+    whole: the targets are whole modules (LayerKind.MODULE, `Method.module_forward`), whatever their type."""
     out: list[Target] = []
     for name in names:
-        kind = layer_kind(modules[name])
+        kind = LayerKind.MODULE if whole else layer_kind(modules[name])
         assert kind is not None  # find_targets raised for anything else
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention) and parent not in names:
@@ -375,11 +392,13 @@ def plan_adapter(
     for_checkpoint: plan the shapes of a saved adapter (see `Target.for_checkpoint`), for loading.
     """
     method = method_for(config)
-    if not isinstance(method, Method):
-        raise NotImplementedError(f"{type(config).__name__}: input-level methods are not planned per layer")
+    if isinstance(method, InputMethod):
+        return _plan_input(model, config, method, revision)
     resolved = resolve_config(model, config, revision)
     found = find_parameter_targets(model, resolved)
-    if found:
+    if method.module_targets is not None:  # whole modules, by the method's own rule (AdaptionPrompt's top layers)
+        names = method.module_targets(model, resolved)
+    elif found:
         names = _module_targets(model, resolved, found)
     else:
         names = find_targets(model, resolved, any_module=method.copies_modules)
@@ -393,7 +412,7 @@ def plan_adapter(
     tied = _tied_paths(model, resolved, method, names) if not method.copies_modules else []
     layers = [n for n in names if n not in tied] if not method.copies_modules else []
     common = method.shared.common_hyper(resolved, {n: modules[n] for n in layers}) if method.shared else None
-    targets = _targets(layers, modules, common, for_checkpoint)
+    targets = _targets(layers, modules, common, for_checkpoint, whole=method.wraps_modules)
     if hasattr(resolved, "fan_in_fan_out"):
         kinds = {t.name: t.kind for t in targets} | {n: k for n in tied if (k := layer_kind(modules[n])) is not None}
         _fix_fan_in_fan_out(kinds, resolved)
@@ -467,6 +486,34 @@ def _auxiliary(
                 )
             tied = tuple(dataclasses.replace(t, saved=False) for t in entry.tied) if part.tie else ()
             plan[path] = dataclasses.replace(entry, tied=tied, key_part=part.key_part)
+def _plan_input(
+    model: nn.Module, config: PeftConfig, method: InputMethod, revision: str | None
+) -> tuple[PeftConfig, Plan]:
+    """An input-level adapter's plan: its `PROMPT_PATH` entry, and modules_to_save copies (SEQ_CLS's classifier)."""
+    resolved, spec = method.plan(model, config)
+    if revision is not None:
+        resolved.revision = revision
+    shapes = tuple(method.shapes(spec))
+    plan: Plan = {PROMPT_PATH: PlanEntry(params=tuple(n for n, _ in shapes), shapes=shapes, prompt=(method.name, spec))}
+    modules = dict(model.named_modules())
+    for name in find_modules_to_save(model, resolved):
+        own = tuple((n, tuple(p.shape)) for n, p in modules[name].named_parameters())
+        plan[name] = PlanEntry(overrides=tuple(n for n, _ in own), shapes=own)
+    return resolved, plan
+
+
+def input_method(entry: PlanEntry) -> InputMethod:
+    """The input-level method of a `PROMPT_PATH` entry."""
+    assert entry.prompt is not None
+    method = METHODS[entry.prompt[0]]
+    assert isinstance(method, InputMethod)
+    return method
+
+
+def input_entry(plan: Plan) -> PlanEntry | None:
+    """The plan's input-level (prompt learning) entry, None for a weight-level adapter."""
+    entry = plan.get(PROMPT_PATH)
+    return entry if entry is not None and entry.prompt is not None else None
 
 
 def _module_targets(model: nn.Module, config: Any, found: list[tuple[str, str]]) -> list[str]:
@@ -597,11 +644,18 @@ def init_adapter_and_weights(
     shared: Params | None = None  # the shared trainable tensors (VB-LoRA's bank), drawn in PEFT's order
     for path, entry in plan.items():
         out: Params = {}
+        if entry.prompt is not None:  # an input-level adapter's parameters (PEFT keeps them float32)
+            method, spec = input_method(entry), entry.prompt[1]
+            device = next(iter(params.values())).device if params else torch.device("cpu")
+            if device.type == "meta":
+                out.update({k: torch.empty(s, device="meta") for k, s in entry.shapes})
+            else:
+                out.update({k: v.to(device, torch.float32) for k, v in method.init(spec, model, generator).items()})
         if entry.spec is not None:
             w: torch.Tensor = params[entry.weight_key(path)]
             w = weights.get(path, w) if weights is not None else w
             data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype)
+            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype and entry.method.autocast)
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
@@ -612,7 +666,11 @@ def init_adapter_and_weights(
         for pname in entry.overrides:
             out[pname] = _whole(params[entry.base_key(path, pname)].detach()).clone()
         # PEFT trains `bias` in place on the base layer, so inference_mode does not freeze it
-        tree[path] = {k: v.requires_grad_(trainable or k in entry.in_place) for k, v in out.items()}
+        # PEFT's inference mode freezes the base model's adapter layers, never a prompt encoder (it counts as trainable),
+        # except the parameters the encoder freezes itself (InputMethod.frozen)
+        keep = trainable or entry.prompt is not None
+        frozen = input_method(entry).frozen(entry.prompt[1]) if entry.prompt is not None else frozenset()
+        tree[path] = {k: v.requires_grad_((keep and k not in frozen) or k in entry.in_place) for k, v in out.items()}
     owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
     if owner is not None:
         if shared is None:  # a plan holding only the shared entry (a partial re-init): CPU float32

@@ -220,3 +220,5 @@ LNTUNING_TARGET_MODULES: dict[str, list[str] | str] = {
     "qwen2": ["post_attention_layernorm"],
     "qwen3": ["post_attention_layernorm"],
 }
+# PEFT: peft.tuners.adaption_prompt.config.TRANSFORMERS_MODEL_CONFIG's target_modules (the model types it supports)
+ADAPTION_PROMPT_TARGET_MODULES: dict[str, str] = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}

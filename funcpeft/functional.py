@@ -55,7 +55,7 @@ import functools
 import types
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -67,21 +67,46 @@ from ._plan import (
     check_adapter_structure,
     check_leaves,
     check_stack,
+    input_entry,
+    input_method,
     layer_params,
     leaf_shapes,
     shared_params,
     with_shared,
 )
 from .methods import weight_method
-from .methods.base import CallInputs, Generators, LayerSpec, Method, Params, no_dropout, no_generator
+from .methods.base import (
+    CallInputs,
+    Generators,
+    InputContext,
+    LayerKind,
+    LayerSpec,
+    Method,
+    ModelCall,
+    ModuleForwardFn,
+    Params,
+    no_dropout,
+    no_generator,
+)
 from .rng import CallRandomness, redirect
-from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
-from .trees import SHARED_PATH
+from .routing import PerExample, batch_size, check_batch, route_layer, route_module, split_routed
+from .trees import PROMPT_PATH, SHARED_PATH
 from .weights import AdaptedWeight, Applied, nesting_order
 
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train
 _new = object.__new__
+
+
+class Wrapped(NamedTuple):
+    """A whole-module adapter applied in one call (`Method.module_forward`: AdaptionPrompt's gated attention)."""
+
+    spec: LayerSpec[Any]
+    params: Params
+    forward: ModuleForwardFn
+
+
+Wraps = dict[str, list[Wrapped]]  # module path -> its whole-module adapters, in activation order
 
 
 class PeftFunction:
@@ -157,6 +182,10 @@ class PeftFunction:
                 "than one adapter at a time (PEFT's rule)"
             )
 
+    def has_input_adapter(self, adapter: Any) -> bool:
+        """Whether the call's adapters include an input-level (prompt-learning) one."""
+        return any(n in self.plans and input_entry(self.plans[n]) is not None for n, _ in self.split_adapters(adapter))
+
     def _leaf_shapes(self, name: str) -> LeafShapes:
         """The shapes adapter `name`'s leaves must have (computed once per registered plan)."""
         plan = self.plans[name]
@@ -203,7 +232,75 @@ class PeftFunction:
             for e in plan.values():
                 if e.spec is not None:
                     out |= e.method.call_kwargs
+                elif e.prompt is not None:
+                    out |= input_method(e).call_kwargs
         return out
+
+    def apply_inputs(
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        training: bool = False,
+        dropout: Any = no_dropout,
+        generating: bool = False,
+    ) -> tuple[ModelCall, Any]:
+        """The model call rewritten by the call's input-level adapter (prompt learning; see `InputMethod`), and
+        `output -> output` to finish it; the call unchanged (and the identity) when there is none.
+
+        A `per_example` prompt adapter: each example gets the prompts of its stacked tree (`encode` vmapped over
+        the K trees); the virtual-token counts of all examples are equal by construction, but "no adapter" (-1)
+        for some examples would change their length, and is refused. generating: rewrite the arguments of the
+        model's `generate` instead (`InputMethod.prepare_generate`; funcpeft.generate).
+        """
+        call = ModelCall(tuple(args), dict(kwargs))
+        prompted = [
+            (name, tree)
+            for name, tree in self.split_adapters(adapter)
+            if name in self.plans and input_entry(self.plans[name]) is not None
+        ]
+        if not prompted:
+            return call, _identity
+        if len(self.split_adapters(adapter)) > 1:
+            names = [n for n, _ in self.split_adapters(adapter)]
+            raise NotImplementedError(
+                f"a prompt-learning adapter ({prompted[0][0]!r}) runs alone: got adapters {names} in one call (PEFT "
+                "applies one active prompt-learning adapter per forward)"
+            )
+        if self.sharded is not None:
+            self.sharded.refuse("a prompt-learning adapter")
+        self._check_base(base)
+        name, tree = prompted[0]
+        entry = input_entry(self.plans[name])
+        assert entry is not None and entry.prompt is not None
+        method, spec = input_method(entry), entry.prompt[1]
+        ctx = InputContext(self._model, base, training, dropout)
+        if isinstance(tree, PerExample):
+            routing = tree
+            self.check_tree(name, routing.stacked, base, lead=(routing.k,))
+            batch = check_batch(routing, batch_size(args, kwargs))
+            below = routing.index is not None and (not _value_checks() or bool((routing.index < 0).any()))
+            if routing.any_base and below:
+                raise NotImplementedError(
+                    f"per-example prompt-learning adapter {name!r}: some examples use no adapter (-1), which would give "
+                    "them a different length (no virtual tokens); route every example to a prompt, or call fn twice"
+                )
+            stacked = routing.stacked[PROMPT_PATH]
+            encoded = torch.func.vmap(lambda p: method.encode(spec, p, call, ctx), randomness="different")(stacked)
+            index = routing.index if routing.index is not None else torch.arange(routing.k, device=encoded.device)
+            prompts = encoded[index, torch.arange(batch, device=encoded.device)]
+        else:
+            self.check_tree(name, tree, base)
+            prompts = method.encode(spec, tree[PROMPT_PATH], call, ctx)
+        if generating:
+            if method.prepare_generate is None:
+                raise NotImplementedError(f"funcpeft.generate: {method.peft_type} adapters cannot generate")
+            return method.prepare_generate(spec, prompts, call, ctx), functools.partial(
+                method.finish_generate, spec, call
+            )
+        new = method.prepare(spec, prompts, call, ctx)
+        return new, functools.partial(method.finish, spec, new)
 
     def build_params(
         self,
@@ -212,11 +309,14 @@ class PeftFunction:
         dropout: Any = no_dropout,
         inputs: tuple[tuple[Any, ...], Mapping[str, Any]] = ((), {}),
         generator: Generators = no_generator,
+        wrapped: Wraps | None = None,
     ) -> dict[str, torch.Tensor]:
         """The `{name: tensor}` dict handed to functional_call: base values, overrides, adapted weights.
 
         inputs: the model call's (args, kwargs), to check per-example routing against the batch size and for
         methods' per-call data (`Method.prepare_call`); generator: the call's randomness (OpContext.generator).
+        wrapped: filled with the whole-module adapters of the call (`Method.module_forward`) for the caller to
+        apply around their modules' forwards; None: the caller cannot, and such an adapter raises.
         """
         self._check_base(base)
         # a tied name's own entry (a tie broken by a merge, see funcpeft.merge) wins over its canonical one
@@ -260,6 +360,9 @@ class PeftFunction:
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
                 frozen = shared_params(entry, base)  # the same for every example: never routed
+                if entry.spec.kind is LayerKind.MODULE:
+                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing)
+                    continue
                 if entry.parameter is not None:
                     if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
                         raise NotImplementedError(
@@ -298,6 +401,8 @@ class PeftFunction:
                     carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
                 if entry.applies_in is not None:
                     applies_in[f"{path}.{entry.spec.kind.weight_name}"] = entry.applies_in
+        for wraps in (wrapped or {}).values():
+            check_stack(tuple(w.spec for w in wraps))
         for wname, applied_list in carried.items():
             check_stack(tuple(a.spec for a in applied_list))
             params[wname] = AdaptedWeight.wrap(
@@ -306,6 +411,34 @@ class PeftFunction:
         for pname, on_param in targeted.items():
             params[pname] = parameter_value(pname, on_param, params[pname])
         return params
+
+    @staticmethod
+    def _wrap(
+        wrapped: Wraps | None,
+        name: str,
+        path: str,
+        spec: LayerSpec[Any],
+        params: Params,
+        method: Method,
+        routing: PerExample | None,
+    ) -> None:
+        """Record adapter `name`'s whole-module adapter at `path` (`Method.module_forward`) for the call."""
+        forward = method.module_forward
+        if routing is not None:
+            if method.module_forward_per_example is None:
+                raise NotImplementedError(
+                    f"per-example adapters: adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} "
+                    "and has no per-example forward; call fn with one adapter tree (or vmap over stacked trees)"
+                )
+            forward = route_module(method.module_forward_per_example, routing)
+        if wrapped is None:
+            raise NotImplementedError(
+                f"adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} by wrapping its forward, "
+                "which this way of running the model (an FSDP2-sharded model, or a helper reading only the tensors) "
+                "does not support"
+            )
+        assert forward is not None
+        wrapped.setdefault(path, []).append(Wrapped(spec, params, forward))
 
     def _layers(
         self, name: str, tree: Mapping[str, Any], base: Mapping[str, torch.Tensor], method: Method
@@ -358,6 +491,21 @@ class PeftFunction:
         rng = _randomness(dropout_rng)
         generator: Generators = no_generator if rng is None else rng.generator
         dropout = no_dropout if rng is None else rng.dropout
+        call, finish = self.apply_inputs(base, adapter, args, kwargs, rng is not None, dropout)
+        if finish is not _identity:
+            return finish(self._call(base, adapter, call.args, dict(call.kwargs), rng, generator, dropout))
+        return self._call(base, adapter, args, kwargs, rng, generator, dropout)
+
+    def _call(
+        self,
+        base: Mapping[str, torch.Tensor],
+        adapter: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rng: CallRandomness | None,
+        generator: Generators,
+        dropout: Any,
+    ) -> Any:
         consumed = self.call_kwargs()  # methods' own arguments (aLoRA's alora_offsets) never reach the model
         model_kwargs = {k: v for k, v in kwargs.items() if k not in consumed}
         if self.sharded is not None:
@@ -366,7 +514,8 @@ class PeftFunction:
             )
             return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
         check_not_sharded(self._model)
-        params = self.build_params(base, adapter, dropout, (args, kwargs), generator)
+        wrapped: Wraps = {}
+        params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
         kwargs = model_kwargs
         # is_dynamo_compiling, not is_compiling: the latter is True process-wide, in every thread, while any
         # thread compiles (torch 2.13), and would send other threads' eager calls down the traced path
@@ -374,13 +523,15 @@ class PeftFunction:
             if self._aliased and any(
                 type(t) is AdaptedWeight and n.rpartition(".")[0] in self._aliased for n, t in params.items()
             ):
-                return self._eager_call(params, rng, args, kwargs)  # a graph break, see _eager_call
-            return _traced_call(self._model, params, args, kwargs)
-        return self._run(params, rng, args, kwargs)
+                return self._eager_call(params, rng, args, kwargs, wrapped)  # a graph break, see _eager_call
+            return _traced_call(self._model, params, args, kwargs, wrapped)
+        return self._run(params, rng, args, kwargs, wrapped)
 
-    def _run(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict) -> Any:
-        """The eager call: the model run on a call skeleton holding `params`."""
-        call = _Call(params, rng)
+    def _run(
+        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict, wrapped: Wraps
+    ) -> Any:
+        """The eager call: the model run on a call skeleton holding `params` (and `wrapped` around its modules)."""
+        call = _Call(params, rng, wrapped)
         skel = call.skeleton(self._model)
         if call.checkpointing and rng is None and not self._warned_eval_checkpointing and torch.is_grad_enabled():
             self._warned_eval_checkpointing = True
@@ -409,20 +560,32 @@ class PeftFunction:
         """
         if self.sharded is not None:
             self.sharded.refuse("generate (a bound model)")
-        params = self.build_params(base, adapter, no_dropout, inputs)
-        return _Call(params, None).skeleton(self._model)
+        wrapped: Wraps = {}
+        params = self.build_params(base, adapter, no_dropout, inputs, wrapped=wrapped)
+        return _Call(params, None, wrapped).skeleton(self._model)
 
     @torch.compiler.disable(
         reason="funcpeft: a targeted module is registered in the model under several names; PEFT adapts it only under "
         "the targeted one, which a traced call (running the model's own modules) cannot tell apart: run eagerly"
     )
     def _eager_call(
-        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict
+        self, params: dict[str, torch.Tensor], rng: CallRandomness | None, args: tuple, kwargs: dict, wrapped: Wraps
     ) -> Any:
-        return self._run(params, rng, args, kwargs)
+        return self._run(params, rng, args, kwargs, wrapped)
 
 
-def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+def _identity(output: Any) -> Any:
+    return output
+
+
+def _value_checks() -> bool:
+    """Value checks need concrete tensors: not while compiling or inside a torch.func transform."""
+    return not torch.compiler.is_dynamo_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _traced_call(
+    model: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, wrapped: Wraps | None = None
+) -> Any:
     """The eval-mode call as torch.compile traces it: functional_call on the model itself.
 
     Dynamo cannot trace a call skeleton (module objects created while tracing have no source). Under
@@ -439,14 +602,17 @@ def _traced_call(model: nn.Module, params: dict[str, torch.Tensor], args: tuple,
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
             path, _, pname = name.rpartition(".")
             owners.setdefault(t.applies_in or path, []).append((model.get_submodule(path), pname, t))
+    for path in wrapped or {}:  # whole-module adapters wrap their module's forward the same way
+        owners.setdefault(path, [])
     plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
     swapped = [(m, m.__dict__.get("forward", _MISSING)) for m in (model.get_submodule(p) for p in owners)]
     for m in flipped:
         m.training = False
     for m, hooks in hooked:  # as in call skeletons (see _input_grad_hook)
         m._forward_hooks = type(hooks)((k, h) for k, h in hooks.items() if not _input_grad_hook(h))
-    for (m, own), adapted in zip(swapped, owners.values()):
-        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own)
+    for (m, own), (path, adapted) in zip(swapped, owners.items()):
+        wraps = (wrapped or {}).get(path, [])
+        m.__dict__["forward"] = _owner_forward(adapted, m.forward if own is _MISSING else own, wraps, m)
     try:
         return torch.func.functional_call(model, plain, args, kwargs, tie_weights=False, strict=False)
     finally:
@@ -479,8 +645,9 @@ def _randomness(dropout_rng: Any) -> CallRandomness | None:
 class _Call:
     """One call's skeleton builder: the tensors to bind, the randomness, and what the build saw."""
 
-    def __init__(self, params: dict[str, torch.Tensor], rng: CallRandomness | None):
+    def __init__(self, params: dict[str, torch.Tensor], rng: CallRandomness | None, wrapped: Wraps | None = None):
         self.params = params
+        self.wrapped = dict(wrapped or {})  # popped as their modules are copied: what is left was not found
         self.rng = rng
         self.training = rng is not None
         self.bound = 0
@@ -491,7 +658,7 @@ class _Call:
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         skel = self._copy(model, "")
-        if self.bound != len(self.params):
+        if self.bound != len(self.params) or self.wrapped:
             self._unbound(model)
         if self.custom_train:  # a module overrides train() (e.g. keeps a frozen part in eval): let it decide
             skel.train(self.training)
@@ -538,8 +705,10 @@ class _Call:
             if key in own:
                 d[key] = _rebind(own[key], module, skel)
         adapted = self.adapted.pop(path, None)  # its own weights and its children's it uses (see _owner_forward)
-        if adapted is not None:
-            d["forward"] = _owner_forward(adapted, d.get("forward") or types.MethodType(cls.forward, skel))
+        wraps = self.wrapped.pop(path, None) if self.wrapped else None  # whole-module adapters (Method.module_forward)
+        if adapted is not None or wraps is not None:
+            forward = d.get("forward") or types.MethodType(cls.forward, skel)
+            d["forward"] = _owner_forward(adapted or [], forward, wraps or [], skel)
         train = cls.train
         if train is not _MODULE_TRAIN and getattr(train, "__qualname__", None) != "PreTrainedModel.train":
             self.custom_train = True  # transformers' own override only switches kernels modes: not for a skeleton
@@ -548,7 +717,7 @@ class _Call:
 
     def _unbound(self, model: nn.Module) -> None:
         names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        lost = sorted(set(self.params) - names)
+        lost = sorted(set(self.params) - names) + sorted(f"{p} (a module)" for p in self.wrapped)
         raise RuntimeError(
             f"funcpeft: the model no longer has the parameter(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} that fn "
             "was built for: its module structure changed after get_peft_model. Call get_peft_model on the model as it is now."
@@ -569,13 +738,20 @@ def parameter_value(
     return method.parameter_value([(spec, params) for _, spec, params in applied], weight)
 
 
-def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward: Any) -> Any:
+def _owner_forward(
+    adapted: list[tuple[nn.Module, str, AdaptedWeight]],
+    forward: Any,
+    wraps: list[Wrapped] | None = None,
+    module: nn.Module | None = None,
+) -> Any:
     """`forward` of a targeted module that sees its adapted weight(s) only while it runs.
 
     As in PEFT, where the adapter term is added by the layer's own forward: anything else that reads the
     weight (a parent's `F.linear(x, self.proj.weight)`, a hook, a tied module) gets the plain tensor.
     adapted: (module, parameter name, adapted weight): the module's own, and children's its forward reads
-    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj).
+    (`PlanEntry.applies_in`: a MultiheadAttention's out_proj). wraps: whole-module adapters of `module` (the
+    skeleton, or the model's module in a traced call), applied in order to its output (`Method.module_forward`),
+    as PEFT's wrapper modules (AdaptedAttention) run the wrapped module and then add their term.
     """
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
@@ -583,10 +759,14 @@ def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward:
         for m, n, w in adapted:
             m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
         finally:
             for m, n, p in plain:
                 m._parameters[n] = p
+        for wrap in wraps or ():
+            assert module is not None
+            out = wrap.forward(wrap.spec, wrap.params, module, args, kwargs, out)
+        return out
 
     return adapted_forward
 

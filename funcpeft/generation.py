@@ -58,9 +58,14 @@ def generate(
             "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
             "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
         )
+    if fn.has_input_adapter(adapter):  # prompt learning: the prompts go in as generate's inputs (see apply_inputs)
+        call, finish = fn.apply_inputs(base, adapter, (), kwargs, generating=True)
+        skel: Any = fn.bound_model(base, adapter, ((), kwargs))
+        with redirect(_Refused() if rng is None else _randomness(rng)):
+            return finish(skel.generate(*call.args, **call.kwargs))
     adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
     prompt, kwargs = _prompt_inputs(fn, kwargs, config, expanded)
-    skel: Any = fn.bound_model(
+    skel = fn.bound_model(
         base, adapter, ((), {"input_ids": torch.empty((expanded, 0), device="meta")}) if expanded else ((), prompt)
     )
     if expanded:

@@ -42,7 +42,7 @@ from torch import nn
 
 from ._checks import check_tree
 from ._fsdp import model_class
-from ._plan import check_adapter_name
+from ._plan import check_adapter_name, input_entry
 from .config import PEFT_VERSION, PeftConfig
 from .keys import (
     KeyRules,
@@ -56,8 +56,8 @@ from .keys import (
     tied_paths,
     tree_file_keys,
 )
-from .methods import CONFIG_CLASSES, Method, method_for
-from .trees import SHARED_PATH, layer_frozen_key
+from .methods import CONFIG_CLASSES, InputMethod, Method, method_for
+from .trees import PROMPT_PATH, SHARED_PATH, layer_frozen_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -366,8 +366,12 @@ def checkpoint_state(
     base_params: Mapping[str, torch.Tensor] | None = None,
     save_embedding_layers: bool | str = "auto",
     adapter_name: str = "default",
+    plan: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The {key: tensor} PEFT's `save_pretrained` writes for this adapter tree (pure; tensors are not copied).
+
+    A prompt-learning adapter (`InputMethod`) needs its `plan` (FunctionalPeftModel.save_pretrained passes it) or
+    the `model` to plan it on: PEFT saves the prompt encoder's output as `prompt_embeddings`.
 
     Needs `model` (and its `base_params`, default the model's parameters) for what PEFT saves from the
     base model: embedding layers (`save_embedding_layers`, PEFT's "auto" rule) and bias="all" duplicates;
@@ -375,6 +379,8 @@ def checkpoint_state(
     """
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
         raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
+    if isinstance(method_for(config), InputMethod):
+        return _unshare(input_state(adapter_params, config, model, plan))
     rules: KeyRules = key_rules(config)
     mts = getattr(config, "modules_to_save", None)
     keys = tree_file_keys(adapter_params, rules, mts)
@@ -416,6 +422,38 @@ def checkpoint_state(
     if isinstance(method, Method) and method.codec is not None:
         state = method.codec.encode(config, state)
     return _unshare(state)
+
+
+def input_state(
+    tree: Mapping[str, Mapping[str, Any]],
+    config: PeftConfig,
+    model: nn.Module | None,
+    plan: Mapping[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """PEFT's file state of a prompt-learning adapter: the method's (`prompt_embeddings`, ...) and modules_to_save
+    copies under `base_model.{path}.{name}` (prompt learning's PeftModel wraps the transformers model directly)."""
+    method = method_for(config)
+    assert isinstance(method, InputMethod)
+    entry = input_entry(dict(plan)) if plan is not None else None
+    if entry is not None and entry.prompt is not None:
+        spec = entry.prompt[1]
+    elif model is not None:
+        spec = method.plan(model, config)[1]
+    else:
+        raise ValueError(f"saving a {method.peft_type} adapter needs the model it was made for (pass model=...)")
+    if PROMPT_PATH not in tree:
+        raise ValueError(
+            f"a {method.peft_type} adapter tree holds its parameters at {PROMPT_PATH!r}; got paths {sorted(tree)[:5]}"
+        )
+    want = dict(method.shapes(spec))
+    got = {k: tuple(t.shape) for k, t in tree[PROMPT_PATH].items()}
+    if got != want:
+        raise ValueError(f"the {PROMPT_PATH!r} entry has leaves {got}, expected {want} for this config and model")
+    state = {k: _for_file(k, t) for k, t in method.file_state(spec, dict(tree[PROMPT_PATH])).items()}
+    for path, leaves in tree.items():
+        if path != PROMPT_PATH:
+            state.update({f"base_model.{path}.{n}": _for_file(n, t) for n, t in leaves.items()})
+    return state
 
 
 def _frozen_state(
@@ -602,9 +640,11 @@ def save_adapter(
             f"peft_config must be a funcpeft config (e.g. funcpeft.LoraConfig), got {type(peft_config).__name__}"
         )
     out_dir = adapter_dir(directory, adapter_name)
-    if plan is not None and model is not None:
+    if plan is not None and model is not None and not isinstance(method_for(peft_config), InputMethod):
         check_tree(adapter_params, plan, model, peft_config)
-    state = checkpoint_state(adapter_params, peft_config, model, base_params, save_embedding_layers, adapter_name)
+    state = checkpoint_state(
+        adapter_params, peft_config, model, base_params, save_embedding_layers, adapter_name, plan=plan
+    )
     config_bytes = json.dumps(config_dict(peft_config, model), indent=2, sort_keys=True).encode("utf-8")
     metadata = {"format": "pt", DIGEST_KEY: _digest(json.loads(config_bytes))}  # exactly what a reader parses
 

@@ -38,9 +38,10 @@ from .keys import (
     tie_file_keys,
     tree_entry_adapted,
 )
-from .methods import Method, method_for
+from .methods import InputMethod, Method, method_for
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
+from .trees import PROMPT_PATH
 
 # -- sizes the config implies, checked before anything is allocated ---------------------------------------------
 RANK_FACTOR, RANK_FLOOR = 4, 4096  # a loaded config may give a layer a rank up to max(4 * min(in, out), 4096)
@@ -291,6 +292,8 @@ def load_for_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     where = _locate(directory, adapter_name, root_fallback)
     config = read_config(where)
+    if isinstance(method_for(config), InputMethod):
+        return _load_input(model, config, read_tensors(where, allow_pickle), where, adapter_name, is_trainable, strict)
     tensors = _decoded(config, read_tensors(where, allow_pickle))
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     # PEFT keeps the saved base_model_name_or_path on load (no rename warning): resolve with the model's, restore
@@ -311,6 +314,66 @@ def load_for_model(
     ref = {**dict(model.named_parameters()), **shared}
     loaded = {n: t.to(device=device_of(ref[n]), dtype=ref[n].dtype) for n, t in matched.base.items()}
     return Loaded(resolved, plan, tree, {**shared, **loaded}, model)
+
+
+def _load_input(
+    model: nn.Module,
+    config: PeftConfig,
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    adapter_name: str,
+    is_trainable: bool,
+    strict: bool,
+) -> Loaded:
+    """A saved prompt-learning adapter (PEFT's `prompt_embeddings`, ...), in inference mode as PEFT loads it."""
+    if is_trainable:  # PEFT's rule
+        raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
+    method = method_for(config)
+    assert isinstance(method, InputMethod)
+    name = model.__dict__.get("name_or_path", None) or None
+    for_plan = dataclasses.replace(config, base_model_name_or_path=name, inference_mode=True)
+    resolved, plan = plan_adapter(model, for_plan, None, adapter_name)
+    resolved.base_model_name_or_path = config.base_model_name_or_path
+    entry = plan[PROMPT_PATH]
+    assert entry.prompt is not None
+    fresh = dict(init_adapter(model, {PROMPT_PATH: entry}, trainable=False)[PROMPT_PATH])
+    try:
+        prompt = method.load_state(entry.prompt[1], tensors, fresh)
+    except (KeyError, ValueError) as error:
+        raise type(error)(f"The adapter checkpoint in {where!r}: {error}") from None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # PEFT's loaded prompt encoder keeps requires_grad=True (its inference-mode freeze covers only the base model's
+    # adapter layers), and its counts say so: the same here, but for the parameters its encoder freezes itself
+    frozen = method.frozen(entry.prompt[1])
+    tree: dict[str, dict[str, torch.Tensor]] = {
+        PROMPT_PATH: {
+            k: t.to(device=device, dtype=torch.float32).requires_grad_(k not in frozen) for k, t in prompt.items()
+        }
+    }
+    used = {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
+    params = dict(model.named_parameters())
+    missing = []
+    for path, saved in plan.items():
+        if path == PROMPT_PATH:
+            continue
+        tree[path] = {}
+        for n in saved.overrides:
+            key = f"base_model.{path}.{n}"
+            own = params[f"{path}.{n}"]
+            if key not in tensors:
+                missing.append(key)
+                t = own.detach().clone()
+            else:
+                t = tensors[key]
+                used.add(key)
+            tree[path][n] = t.to(device=own.device, dtype=own.dtype).requires_grad_(False)
+    unexpected = sorted(k for k in tensors if k not in used)
+    if strict and (missing or unexpected):
+        raise AdapterMismatchError(
+            f"The adapter checkpoint in {where!r} does not fit {type(model).__name__} with its config: missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    return Loaded(resolved, plan, tree, {}, model)
 
 
 def _decoded(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._names import Names
-from ._plan import PlanEntry, check_adapter_structure, check_stack, layer_params, with_shared
+from ._plan import PlanEntry, check_adapter_structure, check_stack, input_entry, input_method, layer_params, with_shared
 from ._replicate import PEFT_MERGE_ERROR
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
@@ -141,6 +141,13 @@ def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | 
         plan = fn.plans.get(name)
         if plan is None:
             raise KeyError(f"Unknown adapter name {name!r}; registered: {sorted(fn.plans)}")
+        prompt = input_entry(plan)
+        if prompt is not None:
+            raise TypeError(
+                f"adapter {name!r} is a {input_method(prompt).peft_type} adapter: prompt learning adds virtual tokens to "
+                "the input, which no merged weight can represent (PEFT's prompt-learning models have no merge either); "
+                "keep calling fn / funcpeft.generate with the adapter"
+            )
         if base is None:
             check_adapter_structure(tree, plan, name)
         else:

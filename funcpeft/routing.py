@@ -27,7 +27,7 @@ import torch
 
 from ._plan import check_adapter_structure
 from .grad import value_and_grad
-from .methods.base import LayerSpec, Method, OpContext, Params
+from .methods.base import LayerSpec, Method, ModuleForwardFn, OpContext, Params
 from .trees import stack_adapters
 from .weights import Applied
 
@@ -246,6 +246,33 @@ def route_layer(
         return _routed_forward(method, spec, keys, any_base, batch, params, x, result, ctx)
 
     return Applied(spec, params, forward, True, routed=True)
+
+
+def route_module(per_example: ModuleForwardFn, routing: PerExample) -> ModuleForwardFn:
+    """A whole-module adapter's forward (`Method.module_forward`) routed per example: each example's params
+    gathered by index (leaves (B, ...)) for the method's `module_forward_per_example`; examples routed to no
+    adapter (-1) get the module's own output, exactly (every output tensor whose leading dim is the batch)."""
+    index, any_base = routing.index, routing.any_base
+
+    def forward(
+        spec: LayerSpec[Any], params: Params, module: Any, args: tuple[Any, ...], kwargs: Any, output: Any
+    ) -> Any:
+        if index is None:
+            return per_example(spec, params, module, args, kwargs, output)
+        at = {k: index.to(v.device).clamp(min=0) for k, v in params.items()}
+        out = per_example(spec, {k: v.index_select(0, at[k]) for k, v in params.items()}, module, args, kwargs, output)
+        if not any_base:
+            return out
+
+        def keep_base(adapted: Any, own: Any) -> Any:
+            if not isinstance(adapted, torch.Tensor) or adapted.dim() == 0 or adapted.shape[0] != index.shape[0]:
+                return adapted
+            none = (index < 0).to(adapted.device).view(-1, *([1] * (adapted.dim() - 1)))
+            return torch.where(none, own, adapted)
+
+        return optree.tree_map(keep_base, out, output, none_is_leaf=True)
+
+    return forward
 
 
 def _split_batch(t: torch.Tensor, b: int) -> tuple[torch.Tensor, bool]:

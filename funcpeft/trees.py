@@ -37,6 +37,11 @@ SHARED_PATH = "<shared>"
 `funcpeft.methods.base.SharedParams`): `adapter["<shared>"] = {"vblora_vector_bank": Tensor}`."""
 
 
+PROMPT_PATH = "<prompt>"
+"""Reserved adapter-tree path of an input-level (prompt-learning) adapter's parameters: `adapter["<prompt>"] =
+{"embedding.weight": Tensor(num_virtual_tokens, token_dim), ...}` (PEFT's prompt encoder, by its names)."""
+
+
 def shared_key(*parts: Any) -> str:
     """A reserved `base` key, e.g. shared_key("vera_A", "prng0", "256x64") -> '<shared>.vera_A.prng0.256x64'."""
     return SHARED_PREFIX + ".".join(map(str, parts))

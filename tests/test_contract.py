@@ -282,10 +282,31 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "LoraConfig",
         dict(r=4, target_modules=["c_attn"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"),
     ),
+    (
+        "adaption-prompt-llama",
+        "adaption_prompt",
+        "tiny-llama",
+        "AdaptionPromptConfig",
+        dict(adapter_len=3, adapter_layers=2),
+    ),
+    (
+        "adaption-prompt-gpt2",
+        "adaption_prompt",
+        "tiny-gpt2",
+        "AdaptionPromptConfig",
+        dict(adapter_len=3, adapter_layers=2),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
     "arrow": "test_lora_var2.py",  # a router over trained LoRA experts: funcpeft.create_arrow_model
+    # input-level methods (prompt learning): no layers for the per-layer checks; differential tests of their own
+    "prompt_tuning": "test_prompt_learning.py",
+    "multitask_prompt_tuning": "test_prompt_learning.py",
+    "p_tuning": "test_prompt_learning.py",
+    "prefix_tuning": "test_prompt_learning.py",
+    "cpt": "test_method_cpt_cartridge.py",
+    "cartridge": "test_method_cpt_cartridge.py",
 }
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)

@@ -22,8 +22,11 @@ from ..config import (
     VeloraConfig,
 )
 from .adalora import AdaLoraConfig
+from .adaption_prompt import AdaptionPromptConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
+from .cartridge import CartridgeConfig
+from .cpt import CPTConfig
 from .fourierft import FourierFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
@@ -31,6 +34,13 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .prompt_learning import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
 from .trainable_tokens import TrainableTokensConfig
@@ -38,12 +48,20 @@ from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
     "PEFT_VERSION",
     "ArrowConfig",
     "BdLoraConfig",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "BOFTConfig",
     "C3AConfig",
+    "CartridgeConfig",
+    "CPTConfig",
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",

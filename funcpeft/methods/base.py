@@ -21,8 +21,9 @@ contract. Optional hooks are typed fields with defaults, grouped: `MergeHooks` (
 `KeyRules` (how PEFT names the parameters in its files).
 
 **Input-level methods** (`InputMethod`: prompt tuning, P-tuning, prefix tuning, ...) do not touch any layer:
-they rewrite the model call. Their adapter tree holds the virtual-token parameters; before the model runs,
-`prepare(spec, params, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
+they rewrite the model call. Their adapter tree holds the virtual-token parameters (at `trees.PROMPT_PATH`);
+before the model runs, `encode(spec, params, call, ctx)` computes the virtual tokens for the batch and
+`prepare(spec, prompts, call, ctx)` returns a new `ModelCall` (e.g. `inputs_embeds` with virtual tokens
 prepended, a longer `attention_mask` and `labels`, or `past_key_values` for prefix tuning), and
 `finish(spec, call, output)` may post-process the output. The weight-level path is not bent for them.
 See CONTRIBUTING.md for the checklist to add a method.
@@ -57,6 +58,7 @@ class LayerKind(enum.Enum):
     PARAMETER = (
         "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
     )
+    MODULE = "module"  # a whole module (an attention block) whose forward the method wraps (Method.module_forward)
 
     @property
     def out_dim(self) -> int:
@@ -109,6 +111,14 @@ class ParameterGeometry:
 
 
 @dataclass(frozen=True)
+class ModuleGeometry:
+    """A targeted whole module (LayerKind.MODULE). weight: the name, relative to the module, of the parameter whose
+    device and dtype the adapter's parameters take: its first one (PEFT creates a wrapper's parameters there)."""
+
+    weight: str
+
+
+@dataclass(frozen=True)
 class LayerSpec(Generic[H]):
     """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
 
@@ -123,7 +133,7 @@ class LayerSpec(Generic[H]):
     in_features: int
     out_features: int
     hyper: H
-    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | None = None
+    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | ModuleGeometry | None = None
 
     @property
     def conv(self) -> ConvGeometry:
@@ -141,6 +151,12 @@ class LayerSpec(Generic[H]):
     def parameter(self) -> ParameterGeometry:
         if not isinstance(self.geometry, ParameterGeometry):
             raise TypeError(f"{self.method} on a {self.kind.value} layer is not a bare-parameter target")
+        return self.geometry
+
+    @property
+    def module(self) -> ModuleGeometry:
+        if not isinstance(self.geometry, ModuleGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer is not a whole-module target")
         return self.geometry
 
 
@@ -279,6 +295,31 @@ class ForwardPerExampleFn(Protocol):
         """`forward` with a different adapter per example: every param has a leading batch dim B, x is (B, ...).
 
         Return None to use the generic path (vmap of `forward` over the examples)."""
+
+
+class ModuleForwardFn(Protocol):
+    def __call__(
+        self,
+        spec: LayerSpec[Any],
+        params: Params,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        output: Any,
+        /,
+    ) -> Any:
+        """A targeted whole module's output with the adapter applied (LayerKind.MODULE, `Method.module_forward`).
+
+        module: the module as this call runs it: its parameters are the call's base tensors, so calling its
+        sub-modules (`module.k_proj(x)`) runs them with the frozen base weights, and it must not be changed;
+        args / kwargs: the module's call's inputs; output: what its own forward returned for them. Pure: the
+        result depends only on these and `params`."""
+
+
+class ModuleTargetsFn(Protocol):
+    def __call__(self, model: nn.Module, config: Any, /) -> list[str]:
+        """The paths of the whole modules a resolved config adapts, in `named_modules` order (the method's own
+        rule, e.g. the top N attention blocks); raises PEFT's errors for a model or config it cannot adapt."""
 
 
 class DeltaWeightFn(Protocol):
@@ -537,6 +578,16 @@ class Method:
     is not used for it: `fn` computes W' = parameter_value([(spec, params), ...], W) once per call and the model
     reads W' wherever it reads the parameter; merging uses `delta_weight`. None: the method cannot target bare
     parameters (planning raises UnsupportedLayerError).
+    module_forward: for a method that adapts whole modules rather than a layer's weight op (Llama-Adapter's
+      gated attention over learned prompts, PEFT's AdaptionPrompt): the module's forward runs as it is, then
+      `module_forward(spec, params, module, args, kwargs, output)` returns the adapted output (see
+      `ModuleForwardFn`); its targets are LayerKind.MODULE, chosen by `module_targets` (not `target_modules`
+      matching), and `forward` / `delta_weight` are never called.
+    module_forward_per_example: `module_forward` with every param carrying a leading batch dim B (example i's
+      adapter), for per-example routing (funcpeft.routing; examples routed to no adapter get the module's own
+      output); None: per-example routing refuses the method.
+    module_targets: the method's own target rule for whole modules (`ModuleTargetsFn`); required with
+      `module_forward`.
     """
 
     name: str
@@ -569,10 +620,27 @@ class Method:
     changes_base: bool = False
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
     parameter_value: ParameterValueFn | None = None
+    module_forward: ModuleForwardFn | None = None
+    module_targets: ModuleTargetsFn | None = None
+    module_forward_per_example: ModuleForwardFn | None = None
+    # PEFT upcasts fp16 / bf16 adapter parameters to float32 under `autocast_adapter_dtype` (BaseTuner's
+    # _cast_adapter_dtype); False for a method whose PEFT model has no such cast (AdaptionPrompt keeps the model's dtype)
+    autocast: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.module_forward is None) != (self.module_targets is None):
+            raise TypeError(
+                f"method {self.name!r}: module_forward and module_targets go together (whole-module targets)"
+            )
 
     @property
     def peft_type(self) -> str:
         return self.config.PEFT_TYPE.value
+
+    @property
+    def wraps_modules(self) -> bool:
+        """The method adapts whole modules by wrapping their forward (`module_forward`), not a layer's weight op."""
+        return self.module_forward is not None
 
     @property
     def copies_modules(self) -> bool:
@@ -583,34 +651,92 @@ class Method:
 # -- input-level methods (prompt learning) ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelCall:
-    """The arguments of one model call, as an input-level method sees and rewrites them."""
+    """The arguments of one model call, as an input-level method sees and rewrites them.
+
+    extra: what `prepare` hands to `finish` besides the model's arguments (never passed to the model; CPT's
+    token-type mask for its loss)."""
 
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputContext:
+    """What an input-level method's hooks may read besides their params (never mutate any of it).
+
+    model: the model (read-only: its config, the word-embedding module's call arguments); base: the
+    `{parameter name: Tensor}` tree of the call (read the word embedding's weight from it, not from the model);
+    training: the call has training randomness (`dropout_rng`); dropout: `(x, p) -> x`, identity unless training.
+    """
+
+    model: nn.Module
+    base: Mapping[str, torch.Tensor]
+    training: bool = False
+    dropout: Dropout = no_dropout
+
+
+class InputPlanFn(Protocol):
+    def __call__(self, model: nn.Module, config: Any, /) -> tuple[Any, Any]:
+        """(the config resolved against `model` (a new config), the adapter's spec: hashable static facts)."""
+
+
+class InputEncodeFn(Protocol):
+    def __call__(self, spec: Any, params: Params, call: ModelCall, ctx: InputContext, /) -> torch.Tensor:
+        """The virtual tokens' values for the call's batch, (B, ...): e.g. (B, num_virtual_tokens, token_dim)."""
+
+
+class InputPrepareFn(Protocol):
+    def __call__(self, spec: Any, prompts: torch.Tensor, call: ModelCall, ctx: InputContext, /) -> ModelCall:
+        """The model call with the virtual tokens `prompts` (B, ...) applied (one row per example)."""
 
 
 @dataclass(frozen=True)
 class InputMethod:
     """An input-level adapter method (prompt learning): it rewrites the model call instead of adapting layers.
 
-    plan(model, config) -> spec: static facts (num_virtual_tokens, token_dim, layers, the word embedding's
-    name, ...), hashable. param_names / init: the trainable leaves of its single adapter-tree entry.
-    prepare(spec, params, base, call, ctx) -> ModelCall: e.g. `inputs_embeds` = the word embedding of
-    input_ids (read from `base`) with the virtual tokens prepended, a longer attention_mask and labels, or
-    `past_key_values` for prefix tuning. finish(spec, call, output) -> output: post-processing (identity
-    by default). Everything stays a pure function of (base, params, inputs), so vmap, grad and compile apply.
+    Its adapter tree has one entry, at `funcpeft.trees.PROMPT_PATH` ('<prompt>'), holding the virtual-token
+    parameters (and an encoder's), named as in PEFT's prompt encoder module (`embedding.weight`,
+    `mlp_head.0.weight`, ...); modules_to_save copies (the classifier of SEQ_CLS) are entries of their own as
+    for any method. A call of `fn` runs
+
+        prompts = encode(spec, params, call, ctx)          # (B, ...), e.g. an MLP of the virtual-token embeddings
+        call = prepare(spec, prompts, call, ctx)          # e.g. inputs_embeds with them prepended, longer masks
+        output = finish(spec, call, model(*call.args, **call.kwargs))
+
+    so per-example prompts (`funcpeft.per_example`) are `encode` vmapped over the stacked trees and gathered
+    per example, and everything stays a pure function of (base, params, inputs): vmap, grad, compile apply.
+
+    plan(model, config) -> (resolved config, spec). shapes(spec) -> ((leaf name, shape), ...): the tree entry's
+    leaves. init(spec, model, generator) -> {leaf: float32 Tensor} with PEFT's draws (model: read-only, e.g. the
+    word embedding for SAMPLE_VOCAB / TEXT inits). file_state(spec, params) -> {checkpoint key: Tensor} (PEFT's
+    `prompt_embeddings`, ...); load_state(spec, tensors, fresh) -> params from a checkpoint (`fresh`: a new init,
+    for leaves the file does not hold). call_kwargs: keyword arguments of `fn` it consumes (task_ids).
+    prepare_generate(spec, prompts, call, ctx) -> the arguments of the model's `generate` (funcpeft.generate)
+    for generate arguments `call` (None: the method cannot generate); finish_generate(spec, call, output) -> what
+    PEFT's generate returns (e.g. the prompt's input_ids in front of the new tokens), `call` being the original.
     """
 
     name: str
     config: type[PeftConfig]
-    plan: Callable[[nn.Module, Any], Any]
-    param_names: Callable[[Any], tuple[str, ...]]
-    init: Callable[[Any, torch.Generator | None], Params]
-    prepare: Callable[[Any, Params, Mapping[str, torch.Tensor], ModelCall, OpContext], ModelCall]
+    plan: InputPlanFn
+    shapes: Callable[[Any], tuple[tuple[str, tuple[int, ...]], ...]]
+    init: Callable[[Any, nn.Module, torch.Generator | None], Params]
+    encode: InputEncodeFn
+    prepare: InputPrepareFn
+    file_state: Callable[[Any, Params], dict[str, torch.Tensor]]
+    load_state: Callable[[Any, Mapping[str, torch.Tensor], Params], Params]
     finish: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
+    prepare_generate: InputPrepareFn | None = None
+    finish_generate: Callable[[Any, ModelCall, Any], Any] = lambda spec, call, output: output
     accepts: Callable[[Any], bool] = _always
     keys: KeyRules = field(default_factory=KeyRules)
     mixed_compatible: bool = False
+    call_kwargs: frozenset[str] = frozenset()
+    # frozen(spec) -> the leaves PEFT keeps with requires_grad=False (its prompt encoder's frozen parameters: CPT's
+    # initial embedding, Cartridge's frozen tokens, and in inference mode its trained ones): created and loaded
+    # with requires_grad=False and counted as frozen; `encode` must not let gradients reach the always-frozen ones
+    frozen: Callable[[Any], frozenset[str]] = lambda spec: frozenset()
 
     @property
     def peft_type(self) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 from .. import configs
 from .._plan import PlanEntry, check_adapter_structure
 from ..keys import peft_path
+from ..methods.base import LayerKind
 from ..model import get_peft_model
 from ._asserts import random_like
 
@@ -29,6 +30,8 @@ def peft_param_name(
     else `...{path}.bias`. wrapped: the adapted module paths (a module inside one lies under its `base_layer`).
     """
     prefix = f"base_model.model.{peft_path(path, wrapped)}"
+    if plan_entry.spec is not None and plan_entry.spec.kind is LayerKind.MODULE:
+        return f"{prefix}.{key}"  # PEFT's module wrappers (AdaptedAttention) hold one adapter's parameters bare
     renamed = dict(plan_entry.method.keys.renamed) if plan_entry.spec is not None else {}
     if plan_entry.key_part is not None:  # an auxiliary part's layer, inside PEFT's wrapper
         prefix = f"{prefix}.{plan_entry.key_part}"
