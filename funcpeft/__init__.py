@@ -50,6 +50,7 @@ from .configs import (
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
+from ._decode import Decoder
 from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
@@ -134,6 +135,7 @@ __all__ = [
     "distributed",
     "from_pretrained",
     "generate",
+    "Decoder",
     "get_peft_model",
     "load_adapter",
     "merge",
