@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
+from ._decode import Decoder
 from .arrow import create_arrow_model
 from .config import (
     BdLoraConfig,
@@ -50,7 +51,6 @@ from .configs import (
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
-from ._decode import Decoder
 from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter

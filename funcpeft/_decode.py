@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 
+from ._plan import check_adapter_structure
 from .functional import PeftFunction, peft_function
 from .generation import _check_expansion, _expand_routing, _randomness, _Refused, _rows
 from .rng import redirect
-from .routing import PerExample
+from .routing import MixedBatch, PerExample, per_example
+from .trees import stack_adapters
 
 _OWNED = ("cache", "past_key_values", "use_cache", "cache_implementation")
 
@@ -112,8 +114,10 @@ class Decoder:
         fn = self.fn
         model = fn.model
         for key in _OWNED:
-            if key in kwargs and not (key == "cache_implementation" and kwargs[key] == "static") and not (
-                key == "use_cache" and kwargs[key] is True
+            if (
+                key in kwargs
+                and not (key == "cache_implementation" and kwargs[key] == "static")
+                and not (key == "use_cache" and kwargs[key] is True)
             ):
                 raise ValueError(
                     f"funcpeft.Decoder.generate: {key}={kwargs[key]!r} is not supported: the compiled path decodes "
@@ -195,17 +199,47 @@ def _graph_input(fn: PeftFunction, adapter: Any) -> Any:
     """
     if adapter is None:
         return None
+    if isinstance(adapter, MixedBatch):
+        return _mixed_input(fn, adapter)
     return {
         name: _routing_input(fn, name, t) if isinstance(t, PerExample) else t for name, t in fn.split_adapters(adapter)
     }
+
+
+def _mixed_input(fn: PeftFunction, mixed: MixedBatch) -> dict[str, tuple[Any, torch.Tensor, bool]]:
+    """A mixed batch as stacks of *every* adapter it holds (grouped by identical plans, as `MixedBatch.split`),
+    not only those the routing uses: the stacks' shapes then do not depend on the routing."""
+    unknown = [n for n in mixed.adapters if n not in fn.plans]
+    if unknown:
+        raise KeyError(f"mixed_batch: {unknown} are not registered adapters; registered: {sorted(fn.plans)}")
+    groups: list[list[str]] = []
+    for name in mixed.adapters:
+        check_adapter_structure(mixed.adapters[name], fn.plans[name], name)
+        group = next((g for g in groups if fn.plans[g[0]] == fn.plans[name]), None)
+        if group is None:
+            groups.append([name])
+        else:
+            group.append(name)
+    out = {}
+    for members in groups:
+        if _changes_base(fn, members[0]) and not any(n in members for n in mixed.adapter_names):
+            continue  # unused, and it could not be routed to no adapter (KaSA): left out, as MixedBatch.split does
+        stacked = stack_adapters([mixed.adapters[m] for m in members])
+        slot = {m: j for j, m in enumerate(members)}
+        index = torch.tensor([slot.get(n, -1) for n in mixed.adapter_names], device=next(_leaves(stacked)).device)
+        out[members[0]] = _routing_input(fn, members[0], per_example(stacked, index, members[0]))
+    return out
+
+
+def _changes_base(fn: PeftFunction, name: str) -> bool:
+    return any(e.method.changes_base for e in fn.plans[name].values() if e.spec is not None)
 
 
 def _routing_input(fn: PeftFunction, name: str, pe: PerExample) -> tuple[Any, torch.Tensor, bool]:
     index = pe.index
     if index is None:  # stacked adapter i for prompt i
         index = torch.arange(pe.k, device=next(iter(_leaves(pe.stacked))).device)
-    exact = any(e.method.changes_base for e in fn.plans[name].values() if e.spec is not None)
-    return pe.stacked, index, pe.any_base if exact else True
+    return pe.stacked, index, pe.any_base if _changes_base(fn, name) else True
 
 
 def _rebuild(adapter: Any) -> Any:

@@ -58,7 +58,8 @@ def generate(
     if compile:
         from ._decode import default_decoder
 
-        return default_decoder(pm, "inductor" if compile is True else compile).generate(base, adapter, rng=rng, **kwargs)
+        decoder = default_decoder(pm, "inductor" if compile is True else compile)
+        return decoder.generate(base, adapter, rng=rng, **kwargs)
     fn = peft_function(pm)
     model = fn.model
     if not callable(getattr(model, "generate", None)):
