@@ -32,6 +32,7 @@ transformers Llama-family model in another thread while a Decoder *compiles* can
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Mapping
@@ -145,6 +146,7 @@ class Decoder:
             eager_forward = skel.forward
             calls = 0
 
+            @functools.wraps(eager_forward)  # transformers reads forward's signature (e.g. to pass position_ids)
             def forward(*args: Any, **inputs: Any) -> Any:
                 nonlocal calls
                 calls += 1
