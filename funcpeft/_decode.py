@@ -153,10 +153,16 @@ class Decoder:
                 ids = inputs.get("input_ids")
                 if calls == 1 or args or ids is None or ids.shape[1] != 1 or inputs.get("cache") is not cache:
                     return eager_forward(*args, **inputs)  # the prefill (any length): eager, as in transformers
-                return self._step(base, graph_adapter, inputs)
+                if torch.overrides._get_current_function_mode() is not mode:
+                    return self._step(base, graph_adapter, inputs)
+                # the eval-mode step draws no random numbers (as fn without dropout_rng, it runs without the
+                # redirect): left on, the mode would see every op of the compiled code's wrapper, in Python
+                with torch.overrides._pop_mode_temporarily():
+                    return self._step(base, graph_adapter, inputs)
 
             skel.__dict__["forward"] = forward
-            with redirect(randomness):
+            mode = redirect(randomness)
+            with mode:
                 return skel.generate(**kwargs, cache=cache, use_cache=True)
 
     def _static_cache(self, model: Any, base: Mapping[str, torch.Tensor], rows: int, length: int) -> Any:
