@@ -134,6 +134,11 @@ class Decoder:
             )
         randomness = _Refused() if rng is None else _randomness(rng)
         adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
+        if not any(isinstance(kwargs.get(k), torch.Tensor) for k in ("input_ids", "inputs", "inputs_embeds")):
+            raise ValueError(
+                "funcpeft.Decoder.generate: pass the prompts as a tensor (input_ids=... of shape (B, L), or "
+                "inputs_embeds=...): the static cache is sized from them"
+            )
         rows = expanded or _rows(kwargs)
         graph_adapter = _graph_input(fn, adapter)
         eager_adapter = _rebuild(graph_adapter)

@@ -317,6 +317,8 @@ def test_compiled_generate_refuses_what_it_cannot_honour() -> None:
         decoder.generate(pm.base, tree, **kw, cache_implementation="dynamic")
     with pytest.raises(ValueError, match="needs explicit randomness"):
         decoder.generate(pm.base, tree, **kw, do_sample=True)
+    with pytest.raises(ValueError, match="pass the prompts as a tensor"):
+        decoder.generate(pm.base, tree, max_new_tokens=4)
     with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
         funcpeft.Decoder(pm, max_cache_len=0)
     pm5, _, _ = _pair(T.tiny_t5(), "LoraConfig", {"r": 2, "target_modules": ["q"]})
