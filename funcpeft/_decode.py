@@ -21,6 +21,7 @@ tie to within float rounding; with `"aot_eager"` / `"eager"` the tokens are eage
 
 Cache size: `max_cache_len` if given (a generation that needs more is an error), else the prompt length plus
 `max_new_tokens` (or `max_length`) rounded up to a power of two, at least 64: growing prompts reuse one size.
+With `return_dict_in_generate=True` the returned cache is the Decoder's own, emptied by its next call.
 Encoder-decoder models are refused (their cross-attention cache is not handled here); use `funcpeft.generate`.
 
 Threads: a Decoder owns one KV cache, so its calls run one at a time (a lock; concurrent calls wait, and
