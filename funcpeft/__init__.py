@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
+from ._decode import Decoder
 from .arrow import create_arrow_model
 from .config import (
     BdLoraConfig,
@@ -148,6 +149,7 @@ __all__ = [
     "distributed",
     "from_pretrained",
     "generate",
+    "Decoder",
     "get_peft_model",
     "load_adapter",
     "merge",

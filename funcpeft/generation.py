@@ -31,7 +31,13 @@ from .routing import MixedBatch, PerExample, batch_size, check_batch, split_rout
 
 
 def generate(
-    pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, rng: int | torch.Generator | None = None, **kwargs: Any
+    pm: Any,
+    base: Mapping[str, torch.Tensor],
+    adapter: Any,
+    *,
+    rng: int | torch.Generator | None = None,
+    compile: bool | str = False,
+    **kwargs: Any,
 ) -> Any:
     """PEFT's `peft_model.generate(**kwargs)` with `adapter` applied (what transformers' generate returns).
 
@@ -41,12 +47,19 @@ def generate(
         adapter: anything `fn` accepts: a tree, None (the base model), `{adapter name: tree}`,
             `funcpeft.per_example(...)` or `funcpeft.mixed_batch(...)` (one entry per prompt, B).
         rng: randomness for sampling: an int seed or a `torch.Generator` (required when sampling).
+        compile: True (or a torch.compile backend name, e.g. "aot_eager"): decode with a static KV cache and a
+            compiled one-token step, kept per pm and backend (`funcpeft.Decoder`, which gives more control).
         **kwargs: transformers' generate arguments (`input_ids` (B, L), `attention_mask` (B, L),
             `max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
 
     Returns:
         What the model's `generate` returns: token ids (B * num_return_sequences, L + new) by default.
     """
+    if compile:
+        from ._decode import default_decoder
+
+        decoder = default_decoder(pm, "inductor" if compile is True else compile)
+        return decoder.generate(base, adapter, rng=rng, **kwargs)
     fn = peft_function(pm)
     model = fn.model
     if not callable(getattr(model, "generate", None)):

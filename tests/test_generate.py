@@ -12,10 +12,12 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import optree
 import peft
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
@@ -195,3 +197,133 @@ def test_bad_generation_input_is_refused() -> None:
         funcpeft.generate(
             funcpeft.get_peft_model(nn.Sequential(nn.Linear(2, 2)), funcpeft.LoraConfig(target_modules=["0"])), {}, None
         )
+
+
+# -- the compiled path (funcpeft.Decoder): static cache, compiled one-token step ---------------------------------
+# CompileCounter traces with dynamo and runs the captured graphs eagerly: exact tokens, cheap. Names contain
+# "compile" (or "thread"): the fast tier leaves them out (conftest.py).
+def _frozen(*trees: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(t, t.clone()) for tree in trees for t in optree.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "dora"])
+def test_compiled_generate_equals_eager_and_new_adapter_values_do_not_recompile(method: str) -> None:
+    model = T.tiny_llama()
+    pm, tree, _ = _pair(model, *METHODS[method])
+    trees = [tree] + [T.random_like(tree, torch.Generator().manual_seed(s), scale=0.5) for s in (11, 12)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    leaves = _frozen(pm.base, *trees)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    decoder = funcpeft.Decoder(pm, backend=counter)
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 8, "pad_token_id": 0}
+    outs = []
+    for t in trees:
+        got = decoder.generate(pm.base, t, **kw)
+        assert torch.equal(got, pm.generate(pm.base, t, **kw))
+        outs.append(got)
+    for seed in (3, 4):  # sampling: the same rng gives eager's tokens
+        want = pm.generate(pm.base, trees[1], **kw, **SAMPLE, rng=seed)
+        assert torch.equal(decoder.generate(pm.base, trees[1], **kw, **SAMPLE, rng=seed), want)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for 3 adapters' values and 2 seeds"
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # values are inputs, not constants
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert all(torch.equal(t, copy_) for t, copy_ in leaves)
+
+
+def test_compiled_generate_routing_changes_do_not_recompile() -> None:
+    model = T.tiny_llama()
+    cfg: dict[str, Any] = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    pm, tree_a, twin = _pair(model, "LoraConfig", cfg, seed=0)
+    pm.add_adapter("b", funcpeft.LoraConfig(**cfg))
+    tree_b = T.random_like(tree_a, torch.Generator().manual_seed(9), scale=0.5)
+    twin.add_adapter("b", peft.LoraConfig(**cfg))
+    T.copy_into_peft(twin, tree_b, pm.plans["b"], adapter_name="b")
+    trees = {"default": tree_a, "b": tree_b}
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 6, "pad_token_id": 0}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # the functionalized graph: the cache's in-place updates
+    decoder = funcpeft.Decoder(pm, backend=counter)
+    # routings that use both adapters, one of them, or none: one graph (every adapter is stacked)
+    for names in (["default", "__base__", "b"], ["b", "b", "default"], ["default", "default", "default"]):
+        mixed = funcpeft.mixed_batch(trees, names)
+        got = decoder.generate(pm.base, mixed, **kw)
+        assert torch.equal(got, pm.generate(pm.base, mixed, **kw))
+        assert torch.equal(got, twin.generate(**kw, adapter_names=names))
+    assert counter.frame_count == 1
+    stacked = funcpeft.stack_adapters([tree_a, tree_b])
+    for index in ([0, 1, -1], [1, 1, 1], [-1, -1, -1]):
+        routed = funcpeft.per_example(stacked, index)
+        assert torch.equal(decoder.generate(pm.base, routed, **kw), pm.generate(pm.base, routed, **kw))
+    # the same graph again: a stack of 2 under the default adapter's name is what the mixed batch gave it
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("mode", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_compiled_generate_on_gpt2_and_with_beams(mode: dict[str, Any]) -> None:
+    model = T.tiny_gpt2()
+    pm, tree, twin = _pair(model, "LoraConfig", {"r": 4, "target_modules": ["c_attn"], "init_lora_weights": False})
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 6, "pad_token_id": 0, **mode}
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    decoder = funcpeft.Decoder(pm, backend=counter)
+    other = T.random_like(tree, torch.Generator().manual_seed(4), scale=0.5)
+    assert torch.equal(decoder.generate(pm.base, tree, **kw), twin.generate(**kw))
+    assert torch.equal(decoder.generate(pm.base, other, **kw), pm.generate(pm.base, other, **kw))
+    assert counter.frame_count == 1
+
+
+def test_compile_spelling_of_generate_keeps_one_decoder_per_pm() -> None:
+    model = T.tiny_llama()
+    pm, tree, _ = _pair(model, *METHODS["lora"])
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 5, "pad_token_id": 0}
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    other = T.random_like(tree, torch.Generator().manual_seed(2))
+    for t in (tree, other):
+        got = funcpeft.generate(pm, pm.base, t, compile=counter, cache_implementation="static", **kw)
+        assert torch.equal(got, pm.generate(pm.base, t, **kw))
+    assert counter.frame_count == 1  # the second call reused the first call's Decoder and its compiled step
+
+
+def test_compiled_generate_from_threads_serializes_on_one_decoder() -> None:
+    model = T.tiny_llama()
+    pm, tree, _ = _pair(model, *METHODS["lora"])
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 6, "pad_token_id": 0, **SAMPLE}
+    torch._dynamo.reset()
+    decoder = funcpeft.Decoder(pm, backend=CompileCounter())
+    want = {seed: pm.generate(pm.base, tree, **kw, rng=seed) for seed in range(3)}
+    decoder.generate(pm.base, tree, **kw, rng=0)  # compiled before the threads start
+    got: dict[tuple[int, int], torch.Tensor] = {}
+
+    def work(t: int) -> None:
+        for seed in range(3):
+            got[t, seed] = decoder.generate(pm.base, tree, **kw, rng=seed)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(got) == 9 and all(torch.equal(v, want[seed]) for (_, seed), v in got.items())
+
+
+def test_compiled_generate_refuses_what_it_cannot_honour() -> None:
+    model = T.tiny_llama()
+    pm, tree, _ = _pair(model, *METHODS["lora"])
+    kw: dict[str, Any] = {**_prompts(model.config.vocab_size), "max_new_tokens": 4, "pad_token_id": 0}
+    decoder = funcpeft.Decoder(pm, backend=CompileCounter(), max_cache_len=8)
+    with pytest.raises(ValueError, match="needs 10 cache positions .* max_cache_len is 8"):
+        decoder.generate(pm.base, tree, **kw)
+    with pytest.raises(ValueError, match="cache_implementation='dynamic' is not supported"):
+        decoder.generate(pm.base, tree, **kw, cache_implementation="dynamic")
+    with pytest.raises(ValueError, match="needs explicit randomness"):
+        decoder.generate(pm.base, tree, **kw, do_sample=True)
+    with pytest.raises(ValueError, match="pass the prompts as a tensor"):
+        decoder.generate(pm.base, tree, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        funcpeft.Decoder(pm, max_cache_len=0)
+    pm5, _, _ = _pair(T.tiny_t5(), "LoraConfig", {"r": 2, "target_modules": ["q"]})
+    with pytest.raises(NotImplementedError, match="encoder-decoder"):
+        funcpeft.Decoder(pm5)
