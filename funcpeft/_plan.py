@@ -33,7 +33,7 @@ from ._targeting import (
     tied_to_input_embedding,
 )
 from .config import PeftConfig
-from .methods import method_for, weight_method
+from .methods import METHODS, method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import (
     NO_INIT_DATA,
@@ -150,6 +150,13 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
     """Static facts of one targeted layer; the method adds its own hyper-parameters (`method.hyper`)."""
     module: Any = target.module
     kind = target.kind
+    if kind not in method.kinds and kind.module_level:
+        able = sorted(m.name for m in METHODS.values() if isinstance(m, Method) and kind in m.kinds)
+        raise NotImplementedError(
+            f"{type(config).__name__} ({method.name}) on {target.name!r}, a quantised "
+            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer): funcpeft adapts such layers "
+            f"with {able} only. Do not target this module, or load the model unquantised."
+        )
     if kind not in method.kinds:
         raise UnsupportedLayerError(
             f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
@@ -161,11 +168,13 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
             f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
             "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
         )
-    _check_plain_weight(target.name, module, config, kind.weight_name)
-    weight: Any = getattr(module, kind.weight_name)
-    shape = tuple(weight.shape)
+    if kind.module_level:  # packed weight data: the logical (out, in) shape is the module's
+        shape: tuple[int, ...] = (module.out_features, module.in_features)
+    else:
+        _check_plain_weight(target.name, module, config, kind.weight_name)
+        shape = tuple(getattr(module, kind.weight_name).shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
-    if kind in (LayerKind.LINEAR, LayerKind.MHA):
+    if kind in (LayerKind.LINEAR, LayerKind.MHA, LayerKind.QUANT_LINEAR):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
         in_f, out_f = shape[0], shape[1]

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ._fsdp import ShardedModel, check_not_sharded
+from ._quant import check_weight
 from ._plan import (
     LeafShapes,
     Plan,
@@ -77,7 +78,7 @@ from .methods.base import CallInputs, Generators, LayerSpec, Method, Params, no_
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, split_routed
 from .trees import SHARED_PATH
-from .weights import AdaptedWeight, Applied, nesting_order
+from .weights import AdaptedWeight, Applied, apply_module, nesting_order
 
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train
@@ -577,6 +578,17 @@ def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward:
     adapted: (module, parameter name, adapted weight): the module's own, and children's its forward reads
     (`PlanEntry.applies_in`: a MultiheadAttention's out_proj).
     """
+
+    module_level = [w for _, _, w in adapted if w.adapters[0].spec.kind.module_level]
+    if module_level:  # a quantised layer: its own forward is the base op, the adapters act on its output
+        (weight,) = module_level
+        owner, name, _ = adapted[0]
+
+        def adapted_module(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            check_weight(weight.adapters[0].path, owner, owner._parameters[name])  # type: ignore[arg-type]
+            return apply_module(weight, x, lambda x: forward(x, *args, **kwargs))
+
+        return adapted_module
 
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
         plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]

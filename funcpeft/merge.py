@@ -35,6 +35,7 @@ from torch import nn
 
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, layer_params, with_shared
+from ._quant import base_tensor
 from ._replicate import PEFT_MERGE_ERROR
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
@@ -373,7 +374,7 @@ def merge_and_unload(
     if base is None:
         base = getattr(pm, "base", None)
         if base is None:
-            base = {n: p.detach() for n, p in fn.model.named_parameters()}
+            base = {n: base_tensor(p) for n, p in fn.model.named_parameters()}
     _warn_tied_merges(fn, adapter)
     with torch.no_grad():
         merged = merge(fn, base, adapter, safe_merge=safe_merge)

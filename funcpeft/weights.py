@@ -161,6 +161,12 @@ def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Op, bias: torch.Tensor | 
     return op(x)
 
 
+def apply_module(w: AdaptedWeight, x: torch.Tensor, module_op: Op) -> torch.Tensor:
+    """A module-level layer (`LayerKind.module_level`: a quantised linear) with its adapters: `module_op` (the
+    layer's own forward, its own kernel on its packed weight) is the base op; each adapter wraps it as in `_apply`."""
+    return _apply(w, x, module_op)
+
+
 def _stacked(applied: Applied, ctx: OpContext) -> Op:
     spec, params, forward = applied.spec, applied.params, applied.forward
     inner = ctx.inner_op

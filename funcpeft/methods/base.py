@@ -57,6 +57,16 @@ class LayerKind(enum.Enum):
     PARAMETER = (
         "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
     )
+    # a quantised linear layer (bitsandbytes Linear4bit / Linear8bitLt): its weight is packed data read only by
+    # its own kernel, so the adapters wrap the module's forward (`result` = the layer's own output) instead of
+    # a weight op; weight_shape / in / out are the logical nn.Linear ones (out, in)
+    QUANT_LINEAR = "quant_linear"
+
+    @property
+    def module_level(self) -> bool:
+        """The layer's own forward is the base op (its weight is not a plain tensor any op could read): funcpeft
+        runs the module as it is and applies the adapters to its output (PEFT's bnb layers: `base_layer(x)` + ...)."""
+        return self is LayerKind.QUANT_LINEAR
 
     @property
     def out_dim(self) -> int:
