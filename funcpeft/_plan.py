@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._quant import dequantize
 from ._targeting import (
     find_modules_to_save,
     find_parameter_targets,
@@ -487,11 +488,13 @@ def fresh_method_params(
     generator: torch.Generator | None,
     dtype: torch.dtype,
     data: Any = NO_INIT_DATA,
+    module: nn.Module | None = None,
 ) -> WeightInit:
     """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
     new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
 
     data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
+    module: the layer (a quantised layer's inits see its dequantised weight, e.g. DoRA's magnitude).
     """
     assert entry.spec is not None
     method = entry.method
@@ -507,7 +510,10 @@ def fresh_method_params(
         done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
         fresh, new_weight = done.params, done.weight
     if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, _whole((weight if new_weight is None else new_weight).detach()))
+        final = weight if new_weight is None else new_weight
+        if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
+            final = dequantize(final, module)
+        fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()))
     return WeightInit(fresh, new_weight)
 
 
@@ -581,7 +587,8 @@ def init_adapter_and_weights(
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            done = fresh_method_params(entry, w, generator, dtype, data)
+            module = model.get_submodule(path) if entry.spec.kind.module_level else None
+            done = fresh_method_params(entry, w, generator, dtype, data, module)
             out.update(done.params)
             if done.weight is not None:
                 changed[path] = done.weight

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ._fsdp import ShardedModel, check_not_sharded
-from ._quant import check_weight
+from ._quant import check_weight, dequantize
 from ._plan import (
     LeafShapes,
     Plan,
@@ -585,8 +585,11 @@ def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward:
         owner, name, _ = adapted[0]
 
         def adapted_module(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            check_weight(weight.adapters[0].path, owner, owner._parameters[name])  # type: ignore[arg-type]
-            return apply_module(weight, x, lambda x: forward(x, *args, **kwargs))
+            packed = owner._parameters[name]
+            assert packed is not None
+            check_weight(weight.adapters[0].path, owner, packed)
+            bias = owner._parameters.get("bias")
+            return apply_module(weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner))
 
         return adapted_module
 

@@ -64,7 +64,7 @@ def layer_op(
         return conv_op(spec)(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
     if spec.kind is LayerKind.CONV1D_HF:
         return F.linear(x, weight.T, bias)
-    if spec.kind is LayerKind.LINEAR:
+    if spec.kind in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):  # a quantised one: `weight` dequantised
         return F.linear(x, weight, bias)
     raise TypeError(f"layer_op: no plain op for a {spec.kind.value} layer")
 

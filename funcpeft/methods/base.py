@@ -202,6 +202,8 @@ class OpContext:
     the global RNG (an int `dropout_rng`); draw from it only when `training`. call: this layer's entry of
     `Method.prepare_call`'s result (None without the hook). path: the adapted module's path. peers: the
     adapters this one reads at this layer (`Method.reads_adapters`): {adapter name: (its spec, its params)}.
+    dense: for a module-level layer, `() -> its dequantised weight` (see `float_weight`); None otherwise. For such
+    a layer `weight` is the packed quantised parameter and `base_op` its own forward.
     """
 
     weight: torch.Tensor
@@ -213,6 +215,13 @@ class OpContext:
     call: Any = None
     path: str = ""
     peers: Mapping[str, tuple[LayerSpec[Any], Params]] = field(default_factory=dict)
+    dense: Callable[[], torch.Tensor] | None = None
+
+    def float_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor in its layout: `weight` itself, except for a module-level layer
+        (`LayerKind.module_level`, a quantised linear), whose packed weight is dequantised by `dense` on each
+        request (a weight-sized temporary: PEFT's DoRA on bitsandbytes layers dequantises per call too)."""
+        return self.dense() if self.dense is not None else self.weight
 
     @property
     def training(self) -> bool:
