@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
+from ._quant import prepare_model_for_kbit_training
 from .arrow import create_arrow_model
 from .config import (
     BdLoraConfig,
@@ -90,6 +91,7 @@ __all__ = [
     "loraga",
     "preprocess_corda",
     "preprocess_loraga",
+    "prepare_model_for_kbit_training",
     "AdaptedWeight",
     "ArrowConfig",
     "AdapterMismatchError",

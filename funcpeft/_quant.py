@@ -123,3 +123,59 @@ def warn_rounding(what: str) -> None:
         UserWarning,
         stacklevel=4,
     )
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """PEFT's `prepare_model_for_kbit_training`: prepares a quantised *base model* for training, IN PLACE (the
+    one funcpeft function that changes the model it gets; call it before `get_peft_model`, as with PEFT).
+
+    What it changes on `model`, exactly as PEFT 0.21.2 does:
+      1. every parameter gets `requires_grad=False` (the base is frozen);
+      2. unless the model says it is GPTQ / AQLM / EETQ / HQQ / torchao quantised (`quantization_method`,
+         `hqq_quantized`), every float16 / bfloat16 parameter that is not a 4-bit `Params4bit` is cast to float32
+         in place (`param.data = param.data.float()`: layer norms, embeddings, lm_head, biases);
+      3. for a k-bit model (`is_loaded_in_4bit` / `is_loaded_in_8bit`, or one of the methods above) with
+         `use_gradient_checkpointing`: the input-embedding hook that makes its output require grad
+         (transformers' `enable_input_require_grads`, or PEFT's own hook when `use_reentrant=False` is passed),
+         then `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`.
+
+    In funcpeft the embedding hook has no effect (fn's call skeletons leave it out, as funcpeft always
+    checkpoints with `use_reentrant=False`, which does not need it) and checkpointing applies in calls with a
+    `dropout_rng` (training mode), as for any funcpeft model. PEFT's `auto_clear_cache` (an accelerator cache
+    flush) is not needed on CPU and is not offered.
+
+    Args:
+        model: a transformers model (typically loaded with a BitsAndBytesConfig).
+        use_gradient_checkpointing: enable gradient checkpointing (k-bit models only, as in PEFT).
+        gradient_checkpointing_kwargs: passed to `gradient_checkpointing_enable` (e.g. {"use_reentrant": False}).
+
+    Returns:
+        `model` itself.
+    """
+    method = getattr(model, "quantization_method", None)
+    other = method in ("gptq", "aqlm", "eetq", "torchao", "hqq") or getattr(model, "hqq_quantized", False)
+    kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    for param in model.parameters():
+        param.requires_grad = False
+    if not other:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(torch.float32)
+    if (kbit or other) and use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        else:
+            model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)  # type: ignore[operator]
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    return model
+
+
+def make_inputs_require_grad(module: nn.Module, input: Any, output: torch.Tensor) -> None:
+    """PEFT's hook (same name, so funcpeft's call skeletons leave it out like transformers' own)."""
+    output.requires_grad_(True)

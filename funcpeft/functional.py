@@ -613,7 +613,7 @@ def _input_grad_hook(hook: Any) -> bool:
     `requires_grad_`. Call skeletons leave it out (the model keeps it).
     """
     return getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS and str(getattr(hook, "__module__", "")).startswith(
-        ("transformers.", "peft.")
+        ("transformers.", "peft.", "funcpeft.")  # funcpeft.prepare_model_for_kbit_training registers PEFT's
     )
 
 
