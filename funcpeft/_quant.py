@@ -169,7 +169,7 @@ def prepare_model_for_kbit_training(
     if (kbit or other) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+                model.enable_input_require_grads()  # type: ignore[operator]
         else:
             model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)  # type: ignore[operator]
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]

@@ -61,7 +61,6 @@ import torch
 from torch import nn
 
 from ._fsdp import ShardedModel, check_not_sharded
-from ._quant import check_weight, dequantize
 from ._plan import (
     LeafShapes,
     Plan,
@@ -73,6 +72,7 @@ from ._plan import (
     shared_params,
     with_shared,
 )
+from ._quant import check_weight, dequantize
 from .methods import weight_method
 from .methods.base import CallInputs, Generators, LayerSpec, Method, Params, no_dropout, no_generator
 from .rng import CallRandomness, redirect
@@ -589,7 +589,9 @@ def _owner_forward(adapted: list[tuple[nn.Module, str, AdaptedWeight]], forward:
             assert packed is not None
             check_weight(weight.adapters[0].path, owner, packed)
             bias = owner._parameters.get("bias")
-            return apply_module(weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner))
+            return apply_module(
+                weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner)
+            )
 
         return adapted_module
 

@@ -355,7 +355,7 @@ def build_model(pm: Any, tree: Mapping[str, torch.Tensor], *, share_storage: boo
     def param(name: str, like: torch.Tensor) -> nn.Parameter:
         value = names.read(tree, name)
         if is_quantised(value):  # a frozen Params4bit / Int8Params: its quantisation state lives on the object
-            return value if share_storage else copy.deepcopy(value)
+            return value if share_storage else copy.deepcopy(value)  # type: ignore[return-value]
         value = value.detach()
         return nn.Parameter(value if share_storage else value.clone(), requires_grad=like.requires_grad)
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ._names import Names
-from ._quant import base_tensor
 from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
+from ._quant import base_tensor
 from ._replicate import prepared
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES

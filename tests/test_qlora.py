@@ -322,13 +322,17 @@ def test_checkpointed_qlora_step_equals_peft(saved: Path, kwargs: dict[str, Any]
 
 # -- what is refused --------------------------------------------------------------------------------------------
 def test_other_methods_on_quantised_layers_are_refused_by_name_and_type(saved: Path) -> None:
-    with pytest.raises(NotImplementedError, match=r"LoHaConfig \(loha\) on 'model.layers.0.self_attn.q_proj'.*Linear4bit"):
+    with pytest.raises(
+        NotImplementedError, match=r"LoHaConfig \(loha\) on 'model.layers.0.self_attn.q_proj'.*Linear4bit"
+    ):
         funcpeft.get_peft_model(_load(saved), funcpeft.LoHaConfig(r=2, target_modules=["q_proj"]))
 
 
 def test_weight_reading_inits_are_refused_on_quantised_layers(saved: Path) -> None:
     with pytest.raises(NotImplementedError, match=r"init_lora_weights='pissa'.*q_proj.*Linear4bit"):
-        funcpeft.get_peft_model(_load(saved), funcpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+        funcpeft.get_peft_model(
+            _load(saved), funcpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+        )
 
 
 def test_int8_weight_with_another_module_s_scales_is_refused(saved: Path) -> None:
