@@ -8,6 +8,8 @@ Int8Params does not survive a deep copy), so both quantise the same float weight
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,19 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _load(path: Path, bits: str = "nf4", compute: torch.dtype = torch.float32, double: bool = False) -> nn.Module:
+    """A fresh quantised load of the saved model: a deep copy of one cached load for 4-bit (as PEFT's own tests
+    copy 4-bit models), a new load for 8-bit (an Int8Params loses its scales in a deep copy)."""
+    if bits == "int8":
+        return _from_disk(path, bits, compute, double)
+    return copy.deepcopy(_cached(path, bits, compute, double))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: Path, bits: str, compute: torch.dtype, double: bool) -> nn.Module:
+    return _from_disk(path, bits, compute, double)
+
+
+def _from_disk(path: Path, bits: str, compute: torch.dtype, double: bool) -> nn.Module:
     if bits == "int8":
         qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
