@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logits": logits,
         "reloaded_logits": reloaded,
         "same_predictions": same,
+        "quantized_weights": sorted(n for n, t in base.items() if type(t).__name__ == "Params4bit"),
     }
 
 
