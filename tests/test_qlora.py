@@ -360,3 +360,14 @@ def test_int8_weight_with_another_module_s_scales_is_refused(saved: Path) -> Non
     swapped = {**ours.base, "model.layers.0.self_attn.q_proj.weight": other.model.layers[0].self_attn.q_proj.weight}
     with pytest.raises(RuntimeError, match=r"'model.layers.0.self_attn.q_proj'.*Int8Params.*scales"):
         ours.fn(swapped, ours.adapter, input_ids=IDS)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_per_example_adapters_on_quantised_layers(saved: Path, dora: bool) -> None:
+    """Per-example routing over a 4-bit base: each example's output is that example run with its own adapter."""
+    pm = funcpeft.get_peft_model(_load(saved), funcpeft.LoraConfig(r=4, target_modules=TARGETS, use_dora=dora))
+    trees = [random_like(pm.adapter, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    routed = pm.fn(pm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), input_ids=IDS).logits
+    for i, k in enumerate([1, 0]):
+        alone = pm.fn(pm.base, trees[k], input_ids=IDS[i : i + 1]).logits
+        assert _rel(routed[i : i + 1], alone) <= 1e-5
