@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     resident = (fx.sizes["4-bit"] + mem["funcpeft"]) / (fx.sizes["fp32"] + mem["funcpeft fp32 LoRA"])
     print(
         f"\nweights + step peak, QLoRA vs fp32 LoRA: {resident:.3f}\n"
-        "On CPU bitsandbytes' 4-bit matmul dequantises each weight for the call (forward and backward), so a step "
-        "allocates those fp32 temporaries one layer at a time on top of the fp32 step's activations.\n"
+        "The 4-bit base saves resident weight memory (sizes above); a step's own allocations are activations, "
+        "logits and gradients plus bitsandbytes' CPU kernel's dequantised weight, one layer at a time (transient).\n"
         f"after: {machine_note()}"
     )
     return 0
