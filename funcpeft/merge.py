@@ -50,6 +50,9 @@ def _check_mergeable(spec: LayerSpec[Any], what: str = "merge") -> None:
     refuse = weight_method(spec.method).merge.refuse
     if refuse is not None:  # a method no single weight represents (aLoRA, Arrow): PEFT's own error
         raise refuse(what)
+    refuse = weight_method(spec.method).merge.refuse_quantised
+    if refuse is not None and spec.kind.module_level:
+        raise refuse(what)
     if spec.kind is LayerKind.CONV and spec.conv.groups > 1 and not weight_method(spec.method).merge.grouped_conv:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")  # PEFT's message
 

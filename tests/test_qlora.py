@@ -371,3 +371,23 @@ def test_per_example_adapters_on_quantised_layers(saved: Path, dora: bool) -> No
     for i, k in enumerate([1, 0]):
         alone = pm.fn(pm.base, trees[k], input_ids=IDS[i : i + 1]).logits
         assert _rel(routed[i : i + 1], alone) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_ia3_equals_peft_and_its_merge_is_refused_like_peft(saved: Path, bits: str) -> None:
+    """IA3 on quantised layers (PEFT's ia3.bnb): output scaling and feed-forward input scaling; PEFT refuses to
+    merge IA3 into a k-bit model, and so does funcpeft."""
+    config = dict(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ours = funcpeft.get_peft_model(_load(saved, bits=bits), funcpeft.IA3Config(**config))
+    theirs = peft.get_peft_model(_load(saved, bits=bits), peft.IA3Config(**config))
+    assert (
+        type(theirs.get_submodule("base_model.model.model.layers.0.mlp.down_proj")).__module__ == "peft.tuners.ia3.bnb"
+    )
+    adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
+    copy_into_peft(theirs, adapter, ours.plans["default"])
+    _assert_equal_peft(ours, theirs, adapter)
+    assert capture_stdout(ours.print_trainable_parameters) == capture_stdout(theirs.print_trainable_parameters)
+    with pytest.raises(ValueError, match=r"Cannot merge ia3 layers when the model is loaded in (4|8)-bit mode"):
+        theirs.merge_and_unload()
+    with pytest.raises(ValueError, match="Cannot merge ia3 layers when the model is loaded in 4-bit / 8-bit mode"):
+        funcpeft.merge_and_unload(ours, adapter)

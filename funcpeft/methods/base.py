@@ -344,6 +344,9 @@ class MergeHooks:
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
     refuse: Callable[[str], Exception] | None = None
+    # PEFT refuses to merge this method into a quantised layer (`LayerKind.module_level`): "merge" | "unmerge" ->
+    # its exception (IA3: "Cannot merge ia3 layers when the model is loaded in 4-bit mode")
+    refuse_quantised: Callable[[str], Exception] | None = None
     # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
     # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
     needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False
