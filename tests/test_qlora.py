@@ -2,8 +2,9 @@
 Linear8bitLt as LoRA / DoRA targets, against PEFT 0.21.2's `lora.bnb` layers on the same quantised model.
 
 The model is a tiny Llama saved once and loaded through transformers' BitsAndBytesConfig (how PEFT's users and
-PEFT's own tests get one; it runs on CPU with bitsandbytes 0.50). PEFT gets its own load of the same file (an
-Int8Params does not survive a deep copy), so both quantise the same float weights identically.
+PEFT's own tests get one; it runs on CPU with bitsandbytes 0.50). funcpeft and PEFT each get their own copy of
+the same quantised model (4-bit: deep copies of one load; 8-bit: separate loads of the same file, as an
+Int8Params does not survive a deep copy). IA3 is here too (PEFT's ia3.bnb layers).
 """
 
 from __future__ import annotations
