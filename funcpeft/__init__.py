@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
 from ._decode import Decoder
+from ._quant import prepare_model_for_kbit_training
 from .arrow import create_arrow_model
 from .config import (
     BdLoraConfig,
@@ -103,6 +104,7 @@ __all__ = [
     "loraga",
     "preprocess_corda",
     "preprocess_loraga",
+    "prepare_model_for_kbit_training",
     "AdaptedWeight",
     "ArrowConfig",
     "AdapterMismatchError",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._quant import dequantize
 from ._targeting import (
     find_modules_to_save,
     find_parameter_targets,
@@ -120,6 +121,7 @@ class PlanEntry:
     def auxiliary(self) -> bool:
         """The entry belongs to an auxiliary part (`PeftConfig.auxiliary_configs`), not the config's own method."""
         return self.key_part is not None
+
     prompt: tuple[str, Any] | None = None
 
     @property
@@ -176,6 +178,13 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
                 f"({type(module).__name__}): the module has no parameters to place the adapter's next to"
             )
         return LayerSpec(method.name, kind, (), 0, 0, method.hyper(config, target), ModuleGeometry(first))
+    if kind not in method.kinds and kind.module_level:
+        able = sorted(m.name for m in METHODS.values() if isinstance(m, Method) and kind in m.kinds)
+        raise NotImplementedError(
+            f"{type(config).__name__} ({method.name}) on {target.name!r}, a quantised "
+            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer): funcpeft adapts such layers "
+            f"with {able} only. Do not target this module, or load the model unquantised."
+        )
     if kind not in method.kinds:
         raise UnsupportedLayerError(
             f"{type(config).__name__} ({method.name}) cannot adapt {target.name!r}, a "
@@ -187,11 +196,13 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
             f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
             "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
         )
-    _check_plain_weight(target.name, module, config, kind.weight_name)
-    weight: Any = getattr(module, kind.weight_name)
-    shape = tuple(weight.shape)
+    if kind.module_level:  # packed weight data: the logical (out, in) shape is the module's
+        shape: tuple[int, ...] = (module.out_features, module.in_features)
+    else:
+        _check_plain_weight(target.name, module, config, kind.weight_name)
+        shape = tuple(getattr(module, kind.weight_name).shape)
     geometry: ConvGeometry | EmbeddingGeometry | None = None
-    if kind in (LayerKind.LINEAR, LayerKind.MHA):
+    if kind in (LayerKind.LINEAR, LayerKind.MHA, LayerKind.QUANT_LINEAR):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:
         in_f, out_f = shape[0], shape[1]
@@ -486,6 +497,8 @@ def _auxiliary(
                 )
             tied = tuple(dataclasses.replace(t, saved=False) for t in entry.tied) if part.tie else ()
             plan[path] = dataclasses.replace(entry, tied=tied, key_part=part.key_part)
+
+
 def _plan_input(
     model: nn.Module, config: PeftConfig, method: InputMethod, revision: str | None
 ) -> tuple[PeftConfig, Plan]:
@@ -558,11 +571,13 @@ def fresh_method_params(
     generator: torch.Generator | None,
     dtype: torch.dtype,
     data: Any = NO_INIT_DATA,
+    module: nn.Module | None = None,
 ) -> WeightInit:
     """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
     new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
 
     data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
+    module: the layer (a quantised layer's inits see its dequantised weight, e.g. DoRA's magnitude).
     """
     assert entry.spec is not None
     method = entry.method
@@ -578,7 +593,10 @@ def fresh_method_params(
         done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
         fresh, new_weight = done.params, done.weight
     if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
-        fresh = method.finish_init(entry.spec, fresh, _whole((weight if new_weight is None else new_weight).detach()))
+        final = weight if new_weight is None else new_weight
+        if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
+            final = dequantize(final, module)
+        fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()))
     return WeightInit(fresh, new_weight)
 
 
@@ -659,7 +677,8 @@ def init_adapter_and_weights(
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            done = fresh_method_params(entry, w, generator, dtype, data)
+            module = model.get_submodule(path) if entry.spec.kind.module_level else None
+            done = fresh_method_params(entry, w, generator, dtype, data, module)
             out.update(done.params)
             if done.weight is not None:
                 changed[path] = done.weight

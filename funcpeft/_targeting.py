@@ -17,6 +17,7 @@ from torch import nn
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
 from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
+from ._quant import is_quant_linear
 from .config import TaskType
 from .constants import (
     EMBEDDING_LAYER_NAMES,
@@ -36,6 +37,8 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         return LayerKind.EMBEDDING
     if isinstance(module, _CONV_TYPES):
         return LayerKind.CONV
+    if is_quant_linear(module):  # an nn.Linear subclass whose weight only its own kernel reads
+        return LayerKind.QUANT_LINEAR
     if isinstance(module, nn.Linear):
         return LayerKind.LINEAR
     if isinstance(module, HFConv1D):

@@ -9,11 +9,12 @@ from typing import Any
 import optree
 import torch
 
+from ._quant import counted_numel
 from .trees import SHARED_PREFIX
 
 
 def _numel(t: torch.Tensor) -> int:
-    n = int(t.numel())
+    n = counted_numel(t)  # a 4-bit weight counts its packed values, like PEFT
     return n if n else int(getattr(t, "ds_numel", 0))  # DeepSpeed ZeRO-3 placeholders, like PEFT
 
 

@@ -74,6 +74,7 @@ from ._plan import (
     shared_params,
     with_shared,
 )
+from ._quant import check_weight, dequantize
 from .methods import weight_method
 from .methods.base import (
     CallInputs,
@@ -91,7 +92,7 @@ from .methods.base import (
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, route_module, split_routed
 from .trees import PROMPT_PATH, SHARED_PATH
-from .weights import AdaptedWeight, Applied, nesting_order
+from .weights import AdaptedWeight, Applied, apply_module, nesting_order
 
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train
@@ -754,6 +755,22 @@ def _owner_forward(
     as PEFT's wrapper modules (AdaptedAttention) run the wrapped module and then add their term.
     """
 
+    module_level = [w for _, _, w in adapted if w.adapters[0].spec.kind.module_level]
+    if module_level:  # a quantised layer: its own forward is the base op, the adapters act on its output
+        (weight,) = module_level
+        owner, name, _ = adapted[0]
+
+        def adapted_module(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            packed = owner._parameters[name]
+            assert packed is not None
+            check_weight(weight.adapters[0].path, owner, packed)
+            bias = owner._parameters.get("bias")
+            return apply_module(
+                weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner)
+            )
+
+        return adapted_module
+
     def adapted_forward(*args: Any, **kwargs: Any) -> Any:
         plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]
         for m, n, w in adapted:
@@ -778,7 +795,7 @@ def _input_grad_hook(hook: Any) -> bool:
     `requires_grad_`. Call skeletons leave it out (the model keeps it).
     """
     return getattr(hook, "__name__", None) in _INPUT_GRAD_HOOKS and str(getattr(hook, "__module__", "")).startswith(
-        ("transformers.", "peft.")
+        ("transformers.", "peft.", "funcpeft.")  # funcpeft.prepare_model_for_kbit_training registers PEFT's
     )
 
 

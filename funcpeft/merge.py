@@ -35,6 +35,7 @@ from torch import nn
 
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, input_entry, input_method, layer_params, with_shared
+from ._quant import base_tensor, dequantize, is_quantised, requantize, warn_rounding
 from ._replicate import PEFT_MERGE_ERROR
 from .functional import PeftFunction, peft_function
 from .methods import weight_method
@@ -49,6 +50,9 @@ def _check_mergeable(spec: LayerSpec[Any], what: str = "merge") -> None:
     refuse = weight_method(spec.method).merge.refuse
     if refuse is not None:  # a method no single weight represents (aLoRA, Arrow): PEFT's own error
         raise refuse(what)
+    refuse = weight_method(spec.method).merge.refuse_quantised
+    if refuse is not None and spec.kind.module_level:
+        raise refuse(what)
     if spec.kind is LayerKind.CONV and spec.conv.groups > 1 and not weight_method(spec.method).merge.grouped_conv:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")  # PEFT's message
 
@@ -60,15 +64,38 @@ def _delta(spec: LayerSpec[Any], params: Params) -> torch.Tensor:
     return method.delta_weight(spec, params)
 
 
+def _quantised(
+    spec: LayerSpec[Any], weight: torch.Tensor, base_weight: torch.Tensor | None, module: nn.Module | None, what: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A module-level (quantised) layer merges like PEFT's bnb layers: on the dequantised weight, re-quantised after."""
+    warn_rounding(what)
+    dense_base = None if base_weight is None else dequantize(base_weight, module)
+    return dequantize(weight, module), dense_base
+
+
 def merge_weight(
     spec: LayerSpec[Any],
     params: Params,
     weight: torch.Tensor,
     safe_merge: bool = False,
     base_weight: torch.Tensor | None = None,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
-    """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is."""
+    """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is.
+
+    A quantised layer's weight (`LayerKind.module_level`) is dequantised, merged and quantised again like it
+    (PEFT's bnb merge; `module`: the layer, where bitsandbytes keeps an 8-bit weight's scales)."""
+    if spec.kind.module_level:
+        _check_mergeable(spec)
+        dense, dense_base = _quantised(spec, weight, base_weight, module, "merge")
+        return requantize(weight, _merge_plain(spec, params, dense, safe_merge, dense_base))
     _check_mergeable(spec)
+    return _merge_plain(spec, params, weight, safe_merge, base_weight)
+
+
+def _merge_plain(
+    spec: LayerSpec[Any], params: Params, weight: torch.Tensor, safe_merge: bool, base_weight: torch.Tensor | None
+) -> torch.Tensor:
     hook = weight_method(spec.method).merge.weight
     if hook is not None:
         out = hook(spec, params, weight, base_weight)
@@ -86,11 +113,25 @@ def merge_weight(
 
 
 def unmerge_weight(
-    spec: LayerSpec[Any], params: Params, merged: torch.Tensor, base_weight: torch.Tensor | None = None
+    spec: LayerSpec[Any],
+    params: Params,
+    merged: torch.Tensor,
+    base_weight: torch.Tensor | None = None,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
     """Inverse of `merge_weight` (PEFT's unmerge: `w.data -= delta`); `base_weight`: the weight before the
     merge when known (a method like DoRA needs it)."""
+    if spec.kind.module_level:
+        _check_mergeable(spec, "unmerge")
+        dense, dense_base = _quantised(spec, merged, base_weight, module, "unmerge")
+        return requantize(merged, _unmerge_plain(spec, params, dense, dense_base))
     _check_mergeable(spec, "unmerge")
+    return _unmerge_plain(spec, params, merged, base_weight)
+
+
+def _unmerge_plain(
+    spec: LayerSpec[Any], params: Params, merged: torch.Tensor, base_weight: torch.Tensor | None
+) -> torch.Tensor:
     hooks = weight_method(spec.method).merge
     if hooks.unweight is not None:
         return hooks.unweight(spec, params, merged, base_weight)
@@ -194,6 +235,7 @@ def _merge_entries(
     entries: list[Entry],
     safe_merge: bool,
     before: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    model: nn.Module | None = None,
 ) -> Tree:
     """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias)."""
     out = dict(base)
@@ -209,7 +251,8 @@ def _merge_entries(
             weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
             if before is not None:
                 before.append((weight, bias))
-            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge))
+            module = model.get_submodule(where) if model is not None and spec.kind.module_level else None
+            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, module=module))
             merge_bias = entry.method.merge.bias
             if bname and bias is not None and merge_bias is not None:
                 names.write_shared(out, bname, merge_bias(spec, params, bias))
@@ -233,7 +276,7 @@ def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge
         adapter's tensors; every other entry is the same tensor as in `base`.
     """
     fn = peft_function(pm)
-    return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter, base), safe_merge)
+    return _merge_entries(Names(fn.aliases), base, _entries(fn, adapter, base), safe_merge, model=fn.model)
 
 
 def unmerge(
@@ -266,7 +309,7 @@ def unmerge(
         )
     before: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     if base is not None:
-        _merge_entries(names, base, entries, False, before)
+        _merge_entries(names, base, entries, False, before, fn.model)
     layers = iter(reversed(before))
     out = dict(merged)
     for _, path, entry, leaves in reversed(entries):
@@ -275,7 +318,9 @@ def unmerge(
                 wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
                 bname = _bias_name(names, spec, where)
                 pre_weight, pre_bias = next(layers, (None, None))
-                names.write_shared(out, wname, unmerge_weight(spec, params, names.read(out, wname), pre_weight))
+                module = fn.model.get_submodule(where) if spec.kind.module_level else None
+                unmerged = unmerge_weight(spec, params, names.read(out, wname), pre_weight, module)
+                names.write_shared(out, wname, unmerged)
                 if bname:
                     names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
         for pname in entry.overrides:
@@ -318,7 +363,10 @@ def build_model(pm: Any, tree: Mapping[str, torch.Tensor], *, share_storage: boo
     model = fn.model
 
     def param(name: str, like: torch.Tensor) -> nn.Parameter:
-        value = names.read(tree, name).detach()
+        value = names.read(tree, name)
+        if is_quantised(value):  # a frozen Params4bit / Int8Params: its quantisation state lives on the object
+            return value if share_storage else copy.deepcopy(value)  # type: ignore[return-value]
+        value = value.detach()
         return nn.Parameter(value if share_storage else value.clone(), requires_grad=like.requires_grad)
 
     originals = dict(model.named_parameters(remove_duplicate=False))
@@ -380,7 +428,7 @@ def merge_and_unload(
     if base is None:
         base = getattr(pm, "base", None)
         if base is None:
-            base = {n: p.detach() for n, p in fn.model.named_parameters()}
+            base = {n: base_tensor(p) for n, p in fn.model.named_parameters()}
     _warn_tied_merges(fn, adapter)
     with torch.no_grad():
         merged = merge(fn, base, adapter, safe_merge=safe_merge)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._names import Names
 from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
+from ._quant import base_tensor
 from ._replicate import prepared
 from .config import PeftConfig
 from .constants import MIXED_COMPATIBLE_TYPES
@@ -309,7 +310,7 @@ def get_peft_model(
     resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     trainable = not getattr(resolved, "inference_mode", False)
     adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
-    base = {n: p.detach() for n, p in model.named_parameters()}
+    base = {n: base_tensor(p) for n, p in model.named_parameters()}
     base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     _write_weights(base, Names(fn.aliases), changed, plan)
@@ -466,7 +467,7 @@ def from_pretrained(
         root_fallback=True,
     )
     model = loaded.model  # the replicated structure with layer_replication
-    base = {n: p.detach() for n, p in model.named_parameters()}
+    base = {n: base_tensor(p) for n, p in model.named_parameters()}
     fn = PeftFunction(model, {adapter_name: loaded.plan}, adapter_name, layer_replication=_layer_map(loaded.config))
     # PEFT creates the layers with the config's init before loading the file: base-changing inits apply again
     # (None for every layer: no data, PEFT's loading fallback where there is one)

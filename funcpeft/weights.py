@@ -150,15 +150,37 @@ class AdaptedWeight(torch.Tensor):
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _apply(w: AdaptedWeight, x: torch.Tensor, base_op: Op, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _apply(
+    w: AdaptedWeight,
+    x: torch.Tensor,
+    base_op: Op,
+    bias: torch.Tensor | None = None,
+    dense: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Each adapter wraps the op below it, in order (PEFT's active-adapter loop / nested mixed layers).
 
     For additive methods this is: run the base op once, then let each adapter add its term.
     """
     op = base_op
     for a in w.adapters:
-        op = _stacked(a, OpContext(w.weight, base_op, w.dropout, bias, op, w.generator, a.call, a.path, a.peers))
+        ctx = OpContext(w.weight, base_op, w.dropout, bias, op, w.generator, a.call, a.path, a.peers, dense)
+        op = _stacked(a, ctx)
     return op(x)
+
+
+def apply_module(
+    w: AdaptedWeight,
+    x: torch.Tensor,
+    module_op: Op,
+    bias: torch.Tensor | None,
+    dense: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """A module-level layer (`LayerKind.module_level`: a quantised linear) with its adapters: `module_op` (the
+    layer's own forward, its own kernel on its packed weight) is the base op; each adapter wraps it as in `_apply`.
+
+    bias: the layer's bias (out,) or None; dense: `() -> the dequantised weight (out, in)`, for the methods that
+    read the weight (`OpContext.float_weight`)."""
+    return _apply(w, x, module_op, bias, dense)
 
 
 def _stacked(applied: Applied, ctx: OpContext) -> Op:

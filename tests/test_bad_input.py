@@ -200,13 +200,16 @@ def test_quantised_layers_are_refused_by_name_and_type() -> None:
         funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["0"]))
 
 
-def test_bitsandbytes_4bit_layers_are_refused_by_name_and_type() -> None:
+def test_bitsandbytes_4bit_layers_are_refused_by_name_and_type_where_unsupported() -> None:
+    """LoRA / DoRA adapt bitsandbytes layers (tests/test_qlora.py); other methods are refused, naming the
+    module, its type and the methods that can."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra (quantised bases, issue 14)")
     layer = bnb.nn.Linear4bit(8, 4, quant_type="nf4")
     layer.load_state_dict(nn.Linear(8, 4).state_dict())
     model = nn.Sequential(layer.to("cpu"))
-    with pytest.raises(NotImplementedError, match=r"Linear4bit.*Params4bit"):
-        funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(NotImplementedError, match=r"LoHaConfig \(loha\) on '0'.*bitsandbytes.*Linear4bit.*'lora'"):
+        funcpeft.get_peft_model(model, funcpeft.LoHaConfig(r=2, target_modules=["0"]))
+    funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["0"]))  # supported now
 
 
 def test_checks_keep_the_right_trees_running(llama: tuple[Any, ...]) -> None:

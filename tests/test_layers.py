@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "arrow": 5,
     "eva": 5,
     "_ipca": 0,
+    "_quant": 0,
     "__init__": 6,
     "testing": 6,
     "strategies": 6,

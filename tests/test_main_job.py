@@ -66,6 +66,25 @@ def test_main_job_end_to_end(script: Any, tmp_path: Path) -> None:
     check_reloads_give_identical_predictions(run)
 
 
+def test_main_job_quantize_4bit(script: Any, tmp_path: Path) -> None:
+    """`--quantize 4bit`: MiniLM's linear layers in 4-bit NF4 (bitsandbytes) + LoRA; accuracy still clearly
+    improves, and PEFT and funcpeft reload the adapter onto a fresh 4-bit model with the same predictions."""
+    pytest.importorskip("bitsandbytes")
+    threads = torch.get_num_threads()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    try:
+        argv = ["--steps", str(STEPS), "--rank", str(RANK), "--lr", "5e-3", "--seed", "0", "--quantize", "4bit"]
+        run = script.main([*argv, "--output-dir", str(tmp_path), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    # every encoder linear layer (6 layers x q, k, v, attention output, intermediate, output) and the pooler
+    assert len(run["quantized_weights"]) == 6 * 6 + 1, run["quantized_weights"][:3]
+    check_accuracy_clearly_improves(run)
+    check_adapter_in_peft_format(run)
+    check_reloads_give_identical_predictions(run)
+
+
 def check_accuracy_clearly_improves(run: dict[str, Any]) -> None:
     before, after = run["accuracy_before"], run["accuracy_after"]
     assert before < 0.5, f"an untrained 4-way head should be near chance (25%), got {before:.1%}"
@@ -117,7 +136,7 @@ def test_help_names_every_flag(script: Any, capsys: pytest.CaptureFixture[str]) 
         script.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--steps", "--rank", "--lr", "--output-dir", "--seed", "--batch-size", "--max-length"):
+    for flag in ("--steps", "--rank", "--lr", "--output-dir", "--seed", "--batch-size", "--max-length", "--quantize"):
         assert flag in text
     assert "outputs/minilm-topics" in text  # the default output directory is shown
 

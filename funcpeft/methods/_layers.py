@@ -27,7 +27,10 @@ _CONV_BY_WEIGHT_DIM: dict[int, Callable[..., torch.Tensor]] = {3: F.conv1d, 4: F
 
 
 def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
-    """The dtype of a layer's adapter parameters (PEFT: fp16/bf16 layers get float32 adapters when autocasting)."""
+    """The dtype of a layer's adapter parameters (PEFT: fp16/bf16 layers get float32 adapters when autocasting;
+    a quantised layer's packed integer weight leaves them float32)."""
+    if not (weight_dtype.is_floating_point or weight_dtype.is_complex):
+        return torch.float32
     return torch.float32 if autocast_adapter_dtype and weight_dtype in UPCAST_DTYPES else weight_dtype
 
 
@@ -61,7 +64,7 @@ def layer_op(
         return conv_op(spec)(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
     if spec.kind is LayerKind.CONV1D_HF:
         return F.linear(x, weight.T, bias)
-    if spec.kind is LayerKind.LINEAR:
+    if spec.kind in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):  # a quantised one: `weight` dequantised
         return F.linear(x, weight, bias)
     raise TypeError(f"layer_op: no plain op for a {spec.kind.value} layer")
 

@@ -59,6 +59,16 @@ class LayerKind(enum.Enum):
         "parameter"  # a bare nn.Parameter (target_parameters): (out, in), or experts (E, in, out) / (E, out, in)
     )
     MODULE = "module"  # a whole module (an attention block) whose forward the method wraps (Method.module_forward)
+    # a quantised linear layer (bitsandbytes Linear4bit / Linear8bitLt): its weight is packed data read only by
+    # its own kernel, so the adapters wrap the module's forward (`result` = the layer's own output) instead of
+    # a weight op; weight_shape / in / out are the logical nn.Linear ones (out, in)
+    QUANT_LINEAR = "quant_linear"
+
+    @property
+    def module_level(self) -> bool:
+        """The layer's own forward is the base op (its weight is not a plain tensor any op could read): funcpeft
+        runs the module as it is and applies the adapters to its output (PEFT's bnb layers: `base_layer(x)` + ...)."""
+        return self is LayerKind.QUANT_LINEAR
 
     @property
     def out_dim(self) -> int:
@@ -208,6 +218,8 @@ class OpContext:
     the global RNG (an int `dropout_rng`); draw from it only when `training`. call: this layer's entry of
     `Method.prepare_call`'s result (None without the hook). path: the adapted module's path. peers: the
     adapters this one reads at this layer (`Method.reads_adapters`): {adapter name: (its spec, its params)}.
+    dense: for a module-level layer, `() -> its dequantised weight` (see `float_weight`); None otherwise. For such
+    a layer `weight` is the packed quantised parameter and `base_op` its own forward.
     """
 
     weight: torch.Tensor
@@ -219,6 +231,13 @@ class OpContext:
     call: Any = None
     path: str = ""
     peers: Mapping[str, tuple[LayerSpec[Any], Params]] = field(default_factory=dict)
+    dense: Callable[[], torch.Tensor] | None = None
+
+    def float_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor in its layout: `weight` itself, except for a module-level layer
+        (`LayerKind.module_level`, a quantised linear), whose packed weight is dequantised by `dense` on each
+        request (a weight-sized temporary: PEFT's DoRA on bitsandbytes layers dequantises per call too)."""
+        return self.dense() if self.dense is not None else self.weight
 
     @property
     def training(self) -> bool:
@@ -366,6 +385,9 @@ class MergeHooks:
     unbias: MergeBiasFn | None = None
     grouped_conv: bool = False
     refuse: Callable[[str], Exception] | None = None
+    # PEFT refuses to merge this method into a quantised layer (`LayerKind.module_level`): "merge" | "unmerge" ->
+    # its exception (IA3: "Cannot merge ia3 layers when the model is loaded in 4-bit mode")
+    refuse_quantised: Callable[[str], Exception] | None = None
     # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
     # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
     needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False

@@ -16,7 +16,7 @@ from ..configs import LoraConfig
 from . import lora, lora_init
 from ._layers import layer_op
 from ._registry import register
-from .base import LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params
+from .base import WEIGHT_OP_KINDS, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params
 from .lora import LoraHyper
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -62,7 +62,7 @@ def _norm(spec: Spec, weight: torch.Tensor, params: Params) -> torch.Tensor:
             merged = weight + s * (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(weight.shape)
         else:  # one fused W + s * B @ A (transposed for Conv1D / Embedding layouts), no separate delta
             a, b = (params[k] for k in lora.param_names(spec))
-            if spec.kind is LayerKind.LINEAR:
+            if spec.kind in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
                 merged = torch.addmm(weight, b, a, alpha=s)
             else:
                 merged = torch.addmm(weight, a.T, b.T, alpha=s)
@@ -86,7 +86,8 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     a, b = params["lora_A"], params["lora_B"]
     out_dtype = result.dtype
     x = x.to(a.dtype)
-    f = _factor(spec, params, ctx.weight)
+    weight = ctx.float_weight()  # a quantised layer's is dequantised here, as PEFT's DoRA does on every call
+    f = _factor(spec, params, weight)
     if spec.kind is not LayerKind.CONV:
         f = f.view(1, -1)
     bias = ctx.bias
@@ -100,7 +101,7 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
         out = f * inner
         return (out if bias is None else out + bias).to(out_dtype)
     x = ctx.dropout(x, p)
-    base_result = layer_op(spec, x, ctx.weight.to(x.dtype))  # PEFT's dropout-training branch: W(drop(x)), no bias
+    base_result = layer_op(spec, x, weight.to(x.dtype))  # PEFT's dropout-training branch: W(drop(x)), no bias
     return (result + (f - 1) * base_result + f * lora.low_rank(spec, a, b, x) * s).to(out_dtype)
 
 
@@ -148,5 +149,6 @@ DORA = register(
         delta_weight=delta_weight,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         mixed_compatible=True,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

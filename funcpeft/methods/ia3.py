@@ -17,7 +17,18 @@ import torch
 
 from ..configs import IA3Config
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 
 NAME = "ia3_l"
 
@@ -41,7 +52,7 @@ def is_feedforward(config: Any, name: str) -> bool:
 
 def hyper(config: Any, target: Target) -> IA3Hyper:
     kind = target.kind
-    if kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and not (
+    if kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR) and not (
         kind is LayerKind.CONV and target.module.weight.dim() in (4, 5)
     ):
         raise UnsupportedLayerError(
@@ -140,8 +151,16 @@ IA3 = register(
         forward=forward,
         uses_result=uses_result,
         merge=MergeHooks(
-            weight=merge_weight, unweight=unmerge_weight, bias=merge_bias, unbias=unmerge_bias, grouped_conv=True
+            weight=merge_weight,
+            unweight=unmerge_weight,
+            bias=merge_bias,
+            unbias=unmerge_bias,
+            grouped_conv=True,
+            refuse_quantised=lambda what: ValueError(
+                f"Cannot {what} ia3 layers when the model is loaded in 4-bit / 8-bit mode"
+            ),
         ),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
         keys=KeyRules(param_prefix="ia3_", unsuffixed=frozenset({NAME})),
     )
 )

@@ -220,6 +220,8 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     delta = (
         low_rank(spec, a, b, x, params.get(BIAS)) * s
     )  # rebinding frees the unscaled delta first: PEFT's peak memory
+    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers cast the term to the result's dtype before adding
+        return result + delta.to(out_dtype)
     return (result + delta).to(out_dtype)
 
 
@@ -359,7 +361,7 @@ LORA = register(
         keys=KEYS,
         init_from_weight=lora_init.init_from_weight,
         mixed_compatible=True,
-        kinds=WEIGHT_OP_KINDS | {LayerKind.MHA},
+        kinds=WEIGHT_OP_KINDS | {LayerKind.MHA, LayerKind.QUANT_LINEAR},
         tie=Tying(params=tie, on_request=True, counted=True),
         parameter_value=parameter_value,
     )

@@ -57,6 +57,12 @@ def check_target(init: bool | str, r: int, target: Target) -> None:
         return
     module = target.module
     what = f"{target.name!r} ({type(module).__module__}.{type(module).__name__})"
+    if target.kind is LayerKind.QUANT_LINEAR:
+        raise NotImplementedError(
+            f"init_lora_weights={init!r} on the quantised layer {what}: funcpeft's weight-reading inits need a plain "
+            "float weight. Initialise on the unquantised model (LoftQ: funcpeft's own quantisers, see docs/usage.md) "
+            "or use init_lora_weights=True."
+        )
     if target.kind is LayerKind.CONV and mode not in ("lora_ga",):
         raise UnsupportedLayerError(
             f"init_lora_weights={init!r} cannot initialise the conv layer {what}: PEFT 0.21.2 supports it on "
