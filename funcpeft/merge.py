@@ -202,7 +202,8 @@ def _merge_entries(
             weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
             if before is not None:
                 before.append((weight, bias))
-            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge))
+            pre = names.read(base, wname) if entry.method.merge.from_base else None
+            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, pre))
             merge_bias = entry.method.merge.bias
             if bname and bias is not None and merge_bias is not None:
                 names.write_shared(out, bname, merge_bias(spec, params, bias))

@@ -25,6 +25,7 @@ from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
+from .hira import HiraConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
@@ -48,6 +49,7 @@ __all__ = [
     "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
+    "HiraConfig",
     "IA3Config",
     "KasaConfig",
     "LNTuningConfig",
