@@ -268,6 +268,20 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "LoraConfig",
         dict(r=4, target_modules=["c_attn"], alora_invocation_tokens=[48, 65], task_type="CAUSAL_LM"),
     ),
+    (
+        "hira-llama",
+        "hira",
+        "tiny-llama",
+        "HiraConfig",
+        dict(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    ),
+    (
+        "hira-gpt2",
+        "hira",
+        "tiny-gpt2",
+        "HiraConfig",
+        dict(r=4, target_modules=["c_attn", "c_fc", "wte"], hira_dropout=0.1),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

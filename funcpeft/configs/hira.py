@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
 
 
 @validated_init
@@ -13,8 +13,10 @@ from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_
 class HiraConfig(PeftConfig):
     """HiRA: a Hadamard-modulated update, `W' = W0 + W0 * (B A)` (funcpeft.methods.hira).
 
-    r: the rank of B A (per module via rank_pattern; PEFT checks `r > 0` when it builds each layer, so does
-    funcpeft). init_weights: True: A kaiming-uniform, B zeros (a no-op); "gaussian": A ~ N(0, 1/r) on linear
+    r: the rank of B A (PEFT checks `r > 0` when it builds a layer; funcpeft here, with PEFT's message).
+    rank_pattern: refused when not empty: PEFT 0.21.2's `dispatch_default` builds every newly adapted layer with
+    `config.r` and ignores it (it only reaches a second adapter added to a layer HiRA already wraps), so no
+    single reading reproduces PEFT; see docs/usage.md "Limits". init_weights: True: A kaiming-uniform, B zeros (a no-op); "gaussian": A ~ N(0, 1/r) on linear
     layers; False: both randn (embeddings too); None: like False on linear / conv layers, like True on embeddings
     (PEFT's `if init_weights:` vs `if init_weights is False:`).
     """
@@ -36,6 +38,14 @@ class HiraConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         super().__post_init__()
+        check_rank(self)
+        if self.rank_pattern:
+            raise NotImplementedError(
+                f"HiraConfig.rank_pattern={self.rank_pattern!r}: PEFT 0.21.2's HiRA ignores rank_pattern for the "
+                "layers it adapts (its dispatch_default builds them with `r`) and applies it only to a second adapter "
+                "on an already adapted layer; funcpeft refuses it rather than reproduce that. Use `r` (one rank for "
+                "all layers) or separate adapters."
+            )
         check_module_names(self, "target_modules", "exclude_modules")
         if not 0.0 <= self.hira_dropout <= 1.0:  # nn.Dropout's check, which PEFT meets when it builds a layer
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.hira_dropout}")

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from ..configs import HiraConfig
 from ._layers import conv_op
-from ._patterns import pattern_key
 from ._registry import register
 from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
@@ -49,11 +48,7 @@ Spec = LayerSpec[HiraHyper]
 
 
 def hyper(config: Any, target: Target) -> HiraHyper:
-    """r from rank_pattern (PEFT's `get_pattern_key`); PEFT's per-layer checks."""
-    key = pattern_key(config.rank_pattern.keys(), target.name)
-    r = config.rank_pattern.get(key, config.r)
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    """PEFT's per-layer checks (r and rank_pattern are checked by HiraConfig)."""
     m = target.module
     if target.kind is LayerKind.CONV:
         if m.groups > 1:
@@ -67,7 +62,7 @@ def hyper(config: Any, target: Target) -> HiraHyper:
                 f"HiRA on the Conv3d {target.name!r} with kernel {tuple(m.weight.shape[2:])}: PEFT's delta for a "
                 "kernel starting (1, 1) is only defined for Conv2d (its forward fails here), so funcpeft refuses it."
             )
-    return HiraHyper(r=r, dropout=float(config.hira_dropout), init=config.init_weights)
+    return HiraHyper(r=config.r, dropout=float(config.hira_dropout), init=config.init_weights)
 
 
 def param_names(spec: Spec) -> tuple[str, ...]:
