@@ -25,6 +25,7 @@ from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
+from .gralora import GraloraConfig
 from .hira import HiraConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
@@ -49,6 +50,7 @@ __all__ = [
     "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
+    "GraloraConfig",
     "HiraConfig",
     "IA3Config",
     "KasaConfig",
