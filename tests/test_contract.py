@@ -282,6 +282,8 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "HiraConfig",
         dict(r=4, target_modules=["c_attn", "c_fc", "wte"], hira_dropout=0.1),
     ),
+    ("gralora-llama", "gralora", "tiny-llama", "GraloraConfig", dict(r=4, hybrid_r=2, target_modules="all-linear")),
+    ("gralora-gpt2", "gralora", "tiny-gpt2", "GraloraConfig", dict(r=4, target_modules=["c_attn", "c_fc"])),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

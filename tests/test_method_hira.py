@@ -23,7 +23,6 @@ from peft_matrix import models
 from torch import nn
 
 import funcpeft
-from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
 
 X = {"X": torch.arange(90).reshape(9, 10) % 7}  # token ids < 100 for EmbConv1D, values for the others
