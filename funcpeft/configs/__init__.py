@@ -35,6 +35,7 @@ from .miss import MissConfig
 from .oft import OFTConfig
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
+from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
@@ -70,6 +71,7 @@ __all__ = [
     "RandLoraConfig",
     "ShiraConfig",
     "TaskType",
+    "TinyLoraConfig",
     "TrainableTokensConfig",
     "VBLoRAConfig",
     "VeloraConfig",
