@@ -284,6 +284,20 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ),
     ("gralora-llama", "gralora", "tiny-llama", "GraloraConfig", dict(r=4, hybrid_r=2, target_modules="all-linear")),
     ("gralora-gpt2", "gralora", "tiny-gpt2", "GraloraConfig", dict(r=4, target_modules=["c_attn", "c_fc"])),
+    (
+        "tinylora-llama",
+        "tinylora",
+        "tiny-llama",
+        "TinyLoraConfig",
+        dict(r=2, u=8, weight_tying=0.5, target_modules="all-linear"),
+    ),
+    (
+        "tinylora-gpt2",
+        "tinylora",
+        "tiny-gpt2",
+        "TinyLoraConfig",
+        dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
