@@ -288,20 +288,22 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:
-    """PEFT's dispatch: forced True for GPT-2 Conv1D, forced False for nn.Linear, in target order, with its warnings."""
+    """PEFT's dispatch: forced True for GPT-2 Conv1D, forced False for nn.Linear, in target order, with its warnings
+    (only the warnings, one per layer, for a config whose PEFT dispatch leaves the field alone)."""
+    writes = type(config).WRITES_FAN_IN_FAN_OUT
     for kind in kinds.values():
         if kind is LayerKind.LINEAR and config.fan_in_fan_out:
             warnings.warn(
                 "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
                 stacklevel=4,
             )
-            config.fan_in_fan_out = False
+            config.fan_in_fan_out = not writes
         elif kind is LayerKind.CONV1D_HF and not config.fan_in_fan_out:
             warnings.warn(
                 "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
                 stacklevel=4,
             )
-            config.fan_in_fan_out = True
+            config.fan_in_fan_out = writes
 
 
 def _targets(

@@ -208,6 +208,9 @@ class PeftConfig:
     _not_saved: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
     # PEFT's save_embedding_layers="auto" saves a targeted embedding, except for trainable tokens
     SAVES_TARGETED_EMBEDDINGS: ClassVar[bool] = True
+    # whether PEFT's dispatch writes the forced `fan_in_fan_out` (True for Conv1D, False for nn.Linear) back into the
+    # config it saves (LoRA and most); False: it only warns, per layer (HiRA)
+    WRITES_FAN_IN_FAN_OUT: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -388,7 +388,8 @@ def checkpoint_state(
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:
         base = dict(model.named_parameters())
-    adapted = {p for p, e in adapter_params.items() if any(rules.is_method_param(n) for n in e)}
+    # an empty entry: a layer whose method tensors are all shared or frozen (TinyLoRA's), adapted all the same
+    adapted = {p for p, e in adapter_params.items() if not e or any(rules.is_method_param(n) for n in e)}
     method = method_for(config)
     if isinstance(method, Method):
         state.update(_frozen_state(adapter_params, method, rules, adapted, base, adapter_name))

@@ -252,7 +252,8 @@ def _merge_entries(
             if before is not None:
                 before.append((weight, bias))
             module = model.get_submodule(where) if model is not None and spec.kind.module_level else None
-            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, module=module))
+            pre = names.read(base, wname) if entry.method.merge.from_base else None
+            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, pre, module=module))
             merge_bias = entry.method.merge.bias
             if bname and bias is not None and merge_bias is not None:
                 names.write_shared(out, bname, merge_bias(spec, params, bias))

@@ -76,6 +76,14 @@ COMPILE_ROWS = [
     Row("hra-gs", "orth-mlp", "HRAConfig", dict(r=4, apply_GS=True, target_modules=MLP_BOTH)),
     Row("trainable_tokens-tied", "llama-1-tied", "TrainableTokensConfig", dict(token_indices=[3, 43])),
     Row("ln_tuning", "llama-1", "LNTuningConfig"),
+    Row("hira", "mlp", "HiraConfig", dict(r=2, target_modules=MLP_BOTH, hira_dropout=0.1)),
+    Row("gralora", "mlp", "GraloraConfig", dict(r=2, hybrid_r=2, target_modules=MLP_BOTH, gralora_dropout=0.1)),
+    Row(
+        "tinylora",
+        "mlp",
+        "TinyLoraConfig",
+        dict(u=4, target_modules=MLP_BOTH, weight_tying=0.5, init_weights="uniform"),
+    ),
 ]
 PER_EXAMPLE_ROWS = [
     *(row for row in COMPILE_ROWS if row.id in ("c3a", "fourierft", "randlora", "shira", "miss", "miss-bat")),

@@ -28,6 +28,8 @@ from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
 from .fourierft import FourierFTConfig
+from .gralora import GraloraConfig
+from .hira import HiraConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
@@ -43,6 +45,7 @@ from .prompt_learning import (
 )
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
+from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
@@ -66,6 +69,8 @@ __all__ = [
     "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
+    "GraloraConfig",
+    "HiraConfig",
     "IA3Config",
     "KasaConfig",
     "LNTuningConfig",
@@ -84,6 +89,7 @@ __all__ = [
     "RandLoraConfig",
     "ShiraConfig",
     "TaskType",
+    "TinyLoraConfig",
     "TrainableTokensConfig",
     "VBLoRAConfig",
     "VeloraConfig",
