@@ -25,6 +25,7 @@ from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
+from .waveft import WaveFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
@@ -47,6 +48,7 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",
+    "WaveFTConfig",
     "HRAConfig",
     "IA3Config",
     "KasaConfig",

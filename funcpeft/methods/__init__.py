@@ -30,6 +30,7 @@ from . import (
     vblora,
     velora,
     vera,
+    waveft,
 )
 from ._registry import (
     CONFIG_CLASSES,
@@ -88,6 +89,7 @@ __all__ = [
     "c3a",
     "dora",
     "fourierft",
+    "waveft",
     "hra",
     "ia3",
     "kasa",
