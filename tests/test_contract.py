@@ -123,6 +123,20 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], init_weights=True),
     ),
     (
+        "waveft-llama",
+        "waveft",
+        "tiny-llama",
+        "WaveFTConfig",
+        dict(n_frequency=64, target_modules=["q_proj", "v_proj", "down_proj"], n_frequency_pattern={"down_proj": 32}),
+    ),
+    (
+        "waveft-gpt2",
+        "waveft",
+        "tiny-gpt2",
+        "WaveFTConfig",
+        dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], wavelet_family="sym2"),
+    ),
+    (
         "c3a-llama",
         "c3a",
         "tiny-llama",
