@@ -31,7 +31,6 @@ from .configs import (
     BOFTConfig,
     C3AConfig,
     FourierFTConfig,
-    WaveFTConfig,
     HRAConfig,
     IA3Config,
     LNTuningConfig,
@@ -47,6 +46,7 @@ from .configs import (
     VBLoRAConfig,
     VeloraConfig,
     VeraConfig,
+    WaveFTConfig,
 )
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights

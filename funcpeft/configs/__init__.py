@@ -25,7 +25,6 @@ from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .fourierft import FourierFTConfig
-from .waveft import WaveFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
@@ -37,6 +36,7 @@ from .shira import ShiraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
+from .waveft import WaveFTConfig
 
 __all__ = [
     "PEFT_VERSION",

@@ -37,7 +37,7 @@ class WaveFTConfig(PeftConfig):
     rebuilt from the seed, never saved); their values `waveft_spectrum` (n,) are trained: zeros
     (init_weights=True, PEFT's default) or randn * 0.01. use_idwt=False: dW = S * scaling (no transform).
     wavelet_family: a key of PEFT's WAVELET_REDUCTIONS; with use_idwt, one PEFT's transform knows (db1-db10,
-    sym2-sym10, coif1-coif5, see funcpeft.methods._wavelets.WAVELETS). n_frequency_pattern: {module regex: n}.
+    sym2-sym10, coif1-coif4: PEFT's coif5 filter does not fit its padding; see funcpeft.methods._wavelets.WAVELETS). n_frequency_pattern: {module regex: n}.
     proportional_parameters: each layer gets max(1, round(out * in / sum(out * in) * n_frequency * layers)).
     """
 
@@ -74,18 +74,22 @@ class WaveFTConfig(PeftConfig):
                 f"Wavelet family {self.wavelet_family} not supported. Supported wavelet families are: "
                 f"{list(WAVELET_REDUCTIONS.keys())}"
             )
-        from ..methods._wavelets import WAVELETS  # the filters live with the transform
+        from ..methods._wavelets import WAVELETS, filter_length  # the filters live with the transform
 
         if self.use_idwt and self.wavelet_family not in WAVELETS:
             # PEFT accepts these and fails at the first forward (its Wavelet class has no filters for them)
             raise ValueError(
                 f"Wavelet family {self.wavelet_family!r} has no filters in PEFT's WaveFT transform (it accepts the "
                 f"config and fails at the first forward with 'Unknown wavelet name'); with use_idwt=True use one of "
-                f"{list(WAVELETS)}, or use_idwt=False"
+                f"{[w for w in WAVELETS if w in WAVELET_REDUCTIONS and filter_length(w) - 2 == WAVELET_REDUCTIONS[w][0]]}"
+                ", or use_idwt=False"
             )
-        seed = self.random_loc_seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if self.use_idwt and filter_length(self.wavelet_family) - 2 != WAVELET_REDUCTIONS[self.wavelet_family][0]:
+            # PEFT's coif5 table has 48 taps where its padding assumes 30: dW comes out too small and its forward
+            # fails with a shape error
+            length, reduction = filter_length(self.wavelet_family), WAVELET_REDUCTIONS[self.wavelet_family][0]
             raise ValueError(
-                f"`random_loc_seed` must be an int (the coefficient locations are drawn from "
-                f"torch.Generator().manual_seed(random_loc_seed)), got {seed!r}"
+                f"Wavelet family {self.wavelet_family!r}: PEFT's filter has {length} taps but its padding "
+                f"(WAVELET_REDUCTIONS) assumes {reduction + 2}, so the reconstructed update is {length - 2 - reduction} "
+                f"rows and columns short of the weight and PEFT's forward fails; use another wavelet or use_idwt=False"
             )

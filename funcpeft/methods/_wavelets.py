@@ -24,6 +24,11 @@ def rec_filters(name: str) -> tuple[list[float], list[float]]:
     return lo, hi
 
 
+def filter_length(name: str) -> int:
+    """The number of taps of PEFT's filters for `name` (one of WAVELETS)."""
+    return len(_WAVELET_COEFFS["db1" if name == "haar" else name])
+
+
 def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1).unsqueeze(-1) * b.reshape(-1).unsqueeze(0)
 

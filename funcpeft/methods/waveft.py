@@ -61,8 +61,8 @@ class WaveHyper:
 Spec = LayerSpec[WaveHyper]
 
 
-def _in_out(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
-    shape = module.weight.shape  # Linear (out, in); GPT-2 Conv1D (in, out)
+def _in_out(module: Any, kind: LayerKind) -> tuple[int, int]:
+    shape: tuple[int, int] = tuple(module.weight.shape)  # Linear (out, in); GPT-2 Conv1D (in, out)
     return (shape[0], shape[1]) if kind is LayerKind.CONV1D_HF else (shape[1], shape[0])
 
 
@@ -117,9 +117,7 @@ def hyper(config: Any, target: Target) -> WaveHyper:
 
 def _key(spec: Spec) -> str:
     h = spec.hyper
-    return shared_key(
-        "waveft_indices", f"seed{h.seed}", f"{spec.out_features}x{spec.in_features}", f"n{h.n_frequency}"
-    )
+    return shared_key("waveft_indices", f"seed{h.seed}", f"{spec.out_features}x{spec.in_features}", f"n{h.n_frequency}")
 
 
 def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
