@@ -24,6 +24,7 @@ from ..config import (
 from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
+from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
@@ -49,6 +50,7 @@ __all__ = [
     "EvaConfig",
     "FourierFTConfig",
     "WaveFTConfig",
+    "DeloraConfig",
     "HRAConfig",
     "IA3Config",
     "KasaConfig",
