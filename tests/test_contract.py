@@ -136,6 +136,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "WaveFTConfig",
         dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], wavelet_family="sym2"),
     ),
+    # DeLoRA: PEFT supports nn.Linear only (no GPT-2 Conv1D)
+    (
+        "delora-llama",
+        "delora",
+        "tiny-llama",
+        "DeloraConfig",
+        dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2}, lambda_pattern={"q_proj": 3.0}),
+    ),
     (
         "c3a-llama",
         "c3a",
