@@ -114,13 +114,15 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
     changed = copy.deepcopy(model)
     with torch.no_grad():
         for p in paths:
-            changed.get_submodule(p).weight.mul_(2.0)
+            weight: Any = changed.get_submodule(p).weight
+            weight.mul_(2.0)
     back = funcpeft.from_pretrained(changed, tmp_path)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         torch.testing.assert_close(back.base[key], saved[f"base_model.model.{p}.delora_w_norm"], atol=0, rtol=0)
-        assert torch.equal(pm.get_submodule(f"base_model.model.{p}").delora_w_norm["default"], back.base[key])
+        layer: Any = pm.get_submodule(f"base_model.model.{p}")
+        assert torch.equal(layer.delora_w_norm["default"], back.base[key])
     x = make_inputs("llama")
     with torch.no_grad():
         torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, pm(**x).logits, atol=1e-5, rtol=1e-5)

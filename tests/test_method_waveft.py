@@ -97,7 +97,8 @@ def test_a_missing_seed_is_refused_up_front() -> None:
     """PEFT accepts random_loc_seed=None and fails at get_peft_model (manual_seed(None)); funcpeft says why at once."""
     with pytest.raises(RuntimeError, match="manual_seed expected a long"):
         peft.get_peft_model(
-            models.build("MLP"), peft.WaveFTConfig(n_frequency=8, target_modules=["lin0"], random_loc_seed=None)
+            models.build("MLP"),
+            peft.WaveFTConfig(n_frequency=8, target_modules=["lin0"], random_loc_seed=None),  # type: ignore[arg-type]
         )
     with pytest.raises(ValueError, match="WaveFTConfig.random_loc_seed must be int, got None"):
         funcpeft.WaveFTConfig(random_loc_seed=None)  # type: ignore[arg-type]
