@@ -167,3 +167,15 @@ def test_module_dropout_one_drops_the_whole_update_in_training() -> None:
     trained = fpm.fn(fpm.base, fpm.adapter, x, dropout_rng=3)
     assert not torch.allclose(adapted, base_out)  # the update is not zero at init_weights=False
     torch.testing.assert_close(trained, base_out, atol=0, rtol=0)
+
+
+def test_a_bf16_model_equals_peft_with_its_upcast_adapter_and_norms() -> None:
+    """autocast_adapter_dtype: A, B, lambda and the norms (a BufferDict in PEFT) become float32 in both."""
+    kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], init_weights=False)
+    fpm, pm = build_both(T.tiny_llama().to(torch.bfloat16), "DeloraConfig", kwargs)
+    assert_fresh_equals_peft(fpm, pm)
+    for path, entry in fpm.plans["default"].items():
+        ((_, key),) = entry.frozen
+        layer: Any = pm.get_submodule(f"base_model.model.{path}")
+        assert fpm.base[key].dtype == layer.delora_w_norm["default"].dtype == torch.float32
+    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)

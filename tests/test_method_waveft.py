@@ -247,3 +247,11 @@ def test_without_the_transform_the_update_is_the_scaled_sparse_spectrum(
     want = torch.zeros(out_f, in_f, dtype=torch.float64)
     want[idx[0], idx[1]] = 3.0 * spectrum
     torch.testing.assert_close(delta, want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bf16_model_equals_peft_with_its_upcast_spectrum() -> None:
+    kwargs = dict(n_frequency=30, target_modules=["q_proj", "down_proj"], wavelet_family="db2", init_weights=False)
+    fpm, pm = build_both(T.tiny_llama().to(torch.bfloat16), "WaveFTConfig", kwargs)
+    assert_fresh_equals_peft(fpm, pm)
+    assert all(leaf.dtype == torch.float32 for tree in fpm.adapter.values() for leaf in tree.values())
+    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
