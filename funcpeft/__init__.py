@@ -35,6 +35,7 @@ from .configs import (
     C3AConfig,
     CartridgeConfig,
     CPTConfig,
+    DeloraConfig,
     FourierFTConfig,
     GraloraConfig,
     HiraConfig,
@@ -58,6 +59,7 @@ from .configs import (
     VBLoRAConfig,
     VeloraConfig,
     VeraConfig,
+    WaveFTConfig,
 )
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -120,6 +122,8 @@ __all__ = [
     "CartridgeConfig",
     "CPTConfig",
     "FourierFTConfig",
+    "WaveFTConfig",
+    "DeloraConfig",
     "FunctionalPeftModel",
     "HRAConfig",
     "GraloraConfig",

@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import out_tensor
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
@@ -83,6 +84,18 @@ def assert_raises_like_peft(
     with pytest.raises(exc, match=match) as info:
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
     return info
+
+
+def assert_compiles_once(fn: Any, base: Any, trees: Sequence[Any], inputs: Mapping[str, Any]) -> None:
+    """`torch.compile(fn, fullgraph=True)` (aot_eager) equals eager for each tree, with one graph for all of them."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for tree in trees:
+            got, want = out_tensor(compiled(base, tree, **inputs)), out_tensor(fn(base, tree, **inputs))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapters"
 
 
 def random_trees(fresh: Any, n: int = 3, scale: float = 0.2) -> list[Any]:

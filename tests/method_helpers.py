@@ -11,6 +11,7 @@ import peft
 import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 import funcpeft.io
@@ -50,6 +51,17 @@ def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, (k, got[k].dtype, want[k].dtype)
         assert torch.equal(got[k], want[k]), k
+
+
+def compiles_once(fn: Callable[[Any], torch.Tensor], trees: list[Any]) -> None:
+    """torch.compile(fullgraph=True, aot_eager) of `fn(tree)` equals eager for each tree, in one frame."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for tree in trees:
+            torch.testing.assert_close(compiled(tree), fn(tree), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapter values"
 
 
 # -- the small models of the orthogonal methods' tests (OFT, BOFT, HRA) ------------------------------------------

@@ -123,6 +123,28 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], init_weights=True),
     ),
     (
+        "waveft-llama",
+        "waveft",
+        "tiny-llama",
+        "WaveFTConfig",
+        dict(n_frequency=64, target_modules=["q_proj", "v_proj", "down_proj"], n_frequency_pattern={"down_proj": 32}),
+    ),
+    (
+        "waveft-gpt2",
+        "waveft",
+        "tiny-gpt2",
+        "WaveFTConfig",
+        dict(n_frequency=50, target_modules=["c_attn", "mlp.c_proj"], wavelet_family="sym2"),
+    ),
+    # DeLoRA: PEFT supports nn.Linear only (no GPT-2 Conv1D)
+    (
+        "delora-llama",
+        "delora",
+        "tiny-llama",
+        "DeloraConfig",
+        dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2}, lambda_pattern={"q_proj": 3.0}),
+    ),
+    (
         "c3a-llama",
         "c3a",
         "tiny-llama",
@@ -295,6 +317,8 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "tiny-gpt2",
         "AdaptionPromptConfig",
         dict(adapter_len=3, adapter_layers=2),
+    ),
+    (
         "hira-llama",
         "hira",
         "tiny-llama",

@@ -65,6 +65,8 @@ COMPILE_ROWS = [
     Row("vera", "mlp", "VeraConfig", dict(r=4, target_modules=MLP_BOTH)),
     Row("c3a", "mlp", "C3AConfig", dict(block_size=4, target_modules=MLP_BOTH)),
     Row("fourierft", "mlp", "FourierFTConfig", dict(n_frequency=16, target_modules=MLP_BOTH)),
+    Row("waveft", "mlp", "WaveFTConfig", dict(n_frequency=16, wavelet_family="db2", target_modules=MLP_BOTH)),
+    Row("delora", "mlp", "DeloraConfig", dict(r=2, target_modules=MLP_BOTH, init_weights=False)),
     Row("randlora", "mlp", "RandLoraConfig", dict(r=4, target_modules=MLP_BOTH)),
     Row("shira", "mlp", "ShiraConfig", dict(r=1, target_modules=MLP_BOTH)),
     Row("miss", "mlp", "MissConfig", dict(r=4, target_modules=MLP_BOTH)),
@@ -90,6 +92,8 @@ PER_EXAMPLE_ROWS = [
     Row("oft-conv", "orth-conv", "OFTConfig", dict(r=2, oft_block_size=0, target_modules=["conv"]), 0.3, True),
     Row("boft-conv", "orth-conv", "BOFTConfig", dict(boft_block_size=3, target_modules=["conv", "lin"]), 0.3),
     Row("hra-conv", "orth-conv", "HRAConfig", dict(r=2, target_modules=["conv"])),
+    *(row for row in COMPILE_ROWS if row.id == "waveft"),
+    *(row for row in COMPILE_ROWS if row.id == "delora"),
 ]
 
 

@@ -8,13 +8,13 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import capture_stdout, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.trees import PROMPT_PATH
-from tests.helpers import capture_stdout, examples
 
 MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import capture_stdout
 from torch import nn
 
 import funcpeft
 from funcpeft.testing import random_like
 from funcpeft.testing._peft import copy_into_peft, peft_grads
-from tests.helpers import capture_stdout
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra (quantised bases)")
 peft = pytest.importorskip("peft")

@@ -27,6 +27,7 @@ from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
+from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
@@ -49,6 +50,7 @@ from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
+from .waveft import WaveFTConfig
 
 __all__ = [
     "MultitaskPromptTuningConfig",
@@ -68,6 +70,8 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",
+    "WaveFTConfig",
+    "DeloraConfig",
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",

@@ -14,6 +14,7 @@ from . import (
     c3a,
     cartridge,
     cpt,
+    delora,
     dora,
     fourierft,
     gralora,
@@ -37,6 +38,7 @@ from . import (
     vblora,
     velora,
     vera,
+    waveft,
 )
 from ._registry import (
     CONFIG_CLASSES,
@@ -102,6 +104,8 @@ __all__ = [
     "cpt",
     "dora",
     "fourierft",
+    "waveft",
+    "delora",
     "hra",
     "gralora",
     "hira",
