@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._checks import AdapterMismatchError
-from ._decode import Decoder
+from ._decode import Decoder, generate
 from ._quant import prepare_model_for_kbit_training
 from .arrow import create_arrow_model
 from .config import (
@@ -64,7 +64,6 @@ from .configs import (
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .functional import PeftFunction
-from .generation import generate
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
 from .loading import load_adapter

@@ -43,7 +43,14 @@ import torch
 
 from ._plan import check_adapter_structure
 from .functional import PeftFunction, peft_function
-from .generation import _check_expansion, _expand_routing, _randomness, _Refused, _rows
+from .generation import (
+    RefusedRandomness,
+    check_expansion,
+    eager_generate,
+    expand_routing,
+    prompt_rows,
+    sampling_randomness,
+)
 from .rng import redirect
 from .routing import MixedBatch, PerExample, per_example
 from .trees import stack_adapters
@@ -133,21 +140,21 @@ class Decoder:
                 "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
                 "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
             )
-        randomness = _Refused() if rng is None else _randomness(rng)
-        adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
+        randomness = RefusedRandomness() if rng is None else sampling_randomness(rng)
+        adapter, expanded = expand_routing(fn, adapter, kwargs, config)
         if not any(isinstance(kwargs.get(k), torch.Tensor) for k in ("input_ids", "inputs", "inputs_embeds")):
             raise ValueError(
                 "funcpeft.Decoder.generate: pass the prompts as a tensor (input_ids=... of shape (B, L), or "
                 "inputs_embeds=...): the static cache is sized from them"
             )
-        rows = expanded or _rows(kwargs)
+        rows = expanded or prompt_rows(kwargs)
         graph_adapter = _graph_input(fn, adapter)
         eager_adapter = _rebuild(graph_adapter)
         length = _needed_length(kwargs, config)
         with self._lock:
             skel: Any = fn.bound_model(base, eager_adapter, ((), {"input_ids": torch.empty((rows, 0), device="meta")}))
             if expanded:
-                _check_expansion(skel, expanded // _rows(kwargs))
+                check_expansion(skel, expanded // prompt_rows(kwargs))
             cache = self._static_cache(model, base, rows, length)
             eager_forward = skel.forward
             calls = 0
@@ -284,3 +291,34 @@ def default_decoder(pm: Any, backend: Any) -> Decoder:
         if decoder is None:
             decoder = per_fn[backend] = Decoder(fn, backend=backend)
         return decoder
+
+
+def generate(
+    pm: Any,
+    base: Mapping[str, torch.Tensor],
+    adapter: Any,
+    *,
+    rng: int | torch.Generator | None = None,
+    compile: bool | str = False,
+    **kwargs: Any,
+) -> Any:
+    """PEFT's `peft_model.generate(**kwargs)` with `adapter` applied (what transformers' generate returns).
+
+    Args:
+        pm: what `funcpeft.get_peft_model` returned (or its `fn`).
+        base: the `{parameter name: Tensor}` tree.
+        adapter: anything `fn` accepts: a tree, None (the base model), `{adapter name: tree}`,
+            `funcpeft.per_example(...)` or `funcpeft.mixed_batch(...)` (one entry per prompt, B).
+        rng: randomness for sampling: an int seed or a `torch.Generator` (required when sampling).
+        compile: True (or a torch.compile backend name, e.g. "aot_eager"): decode with a static KV cache and a
+            compiled one-token step, kept per pm and backend (`funcpeft.Decoder`, which gives more control).
+        **kwargs: transformers' generate arguments (`input_ids` (B, L), `attention_mask` (B, L),
+            `max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
+
+    Returns:
+        What the model's `generate` returns: token ids (B * num_return_sequences, L + new) by default.
+    """
+    if compile:
+        decoder = default_decoder(pm, "inductor" if compile is True else compile)
+        return decoder.generate(base, adapter, rng=rng, **kwargs)
+    return eager_generate(pm, base, adapter, rng=rng, **kwargs)

@@ -27,18 +27,23 @@ def _bnb() -> Any:
     return sys.modules.get("bitsandbytes")
 
 
+def _bnb_types(names: tuple[str, ...]) -> tuple[type, ...]:
+    """The classes `bitsandbytes.nn.<name>` of an imported bitsandbytes (none when it is not imported, or when a
+    stand-in module without them is, as some tests and tools install)."""
+    bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return tuple(t for t in (getattr(bnb_nn, n, None) for n in names) if isinstance(t, type))
+
+
 def is_quant_linear(module: nn.Module) -> bool:
     """Whether `module` is a bitsandbytes 4-bit / 8-bit linear layer (or a subclass, e.g. LinearNF4)."""
-    bnb = _bnb()
-    if bnb is None:
-        return False
-    return isinstance(module, tuple(getattr(bnb.nn, name) for name in _LAYER_TYPES))
+    types = _bnb_types(_LAYER_TYPES)
+    return bool(types) and isinstance(module, types)
 
 
 def is_quantised(t: Any) -> bool:
     """Whether `t` is a bitsandbytes quantised parameter (`Params4bit`, `Int8Params`)."""
-    bnb = _bnb()
-    return bnb is not None and isinstance(t, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+    types = _bnb_types(("Params4bit", "Int8Params"))
+    return bool(types) and isinstance(t, types)
 
 
 def base_tensor(p: torch.Tensor) -> torch.Tensor:

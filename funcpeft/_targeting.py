@@ -17,6 +17,7 @@ from torch import nn
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
 from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
+from ._modules import module_name, tied_to_embedding
 from ._quant import is_quant_linear
 from .config import TaskType
 from .constants import (
@@ -49,39 +50,6 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 
 
 # -- weight tying (LoraConfig.ensure_weight_tying) ------------------------------------------------------------
-def module_name(model: nn.Module, module: Any) -> str | None:
-    return next((n for n, m in model.named_modules() if m is module), None)
-
-
-def tied_to_embedding(model: nn.Module) -> list[str]:
-    """Names of the modules whose weight is tied to the input embedding (e.g. ["lm_head"]): PEFT's
-    `_get_module_names_tied_with_embedding` (transformers' `_tied_weights_keys`; none if tie_word_embeddings=False)."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", None) is False:
-        return []
-    keys = getattr(model, "_tied_weights_keys", None)
-    if keys is None:
-        return []
-    if isinstance(keys, dict):
-        get = getattr(model, "get_input_embeddings", None)
-        if get is None:
-            raise ValueError(
-                "The supplied model implements `_tied_weights_keys` as a dict but doesn't implement "
-                "'get_input_embeddings' so we can't determine which weights are tied to embeddings."
-            )
-        pairs: dict[str, str] = {}
-        for name, module in model.named_modules():
-            own = getattr(module, "_tied_weights_keys", None)
-            if own and isinstance(own, dict):
-                pairs.update({f"{name}.{k}" if name else k: f"{name}.{v}" if name else v for k, v in own.items()})
-        embedding = {id(p) for p in get().parameters()}
-        sources = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in embedding}
-        tied = [k for k, v in pairs.items() if v in sources]
-    else:
-        tied = list(keys)
-    return sorted({n.rpartition(".")[0] for n in tied})
-
-
 def _embedding_in(names: Any) -> bool:
     """PEFT's `_check_tied_modules` test: a list entry, or a str pattern, naming an embedding layer."""
     if isinstance(names, str):
@@ -507,15 +475,15 @@ def find_parameter_targets(model: nn.Module, config: Any) -> list[tuple[str, str
     if not names:
         return []
     found: list[tuple[str, str]] = []
-    for module_name, module in model.named_modules():
+    for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
-            key = f"{module_name}.{pname}"
+            key = f"{mname}.{pname}"
             if key in names or any(key.endswith(f".{t}") for t in names):
-                if module_name == "":
+                if mname == "":
                     raise ValueError(
                         f"Targeting an nn.Parameter on the top-level module is not supported (parameter '{pname}'). "
                     )
-                found.append((module_name, pname))
+                found.append((mname, pname))
     return found
 
 
@@ -526,13 +494,13 @@ def parameter_paths(found: list[tuple[str, str]]) -> list[str]:
     parameter's wrapper takes the module's name, and each earlier one sits one `.base_layer` deeper.
     """
     count: dict[str, int] = {}
-    for module_name, _ in found:
-        count[module_name] = count.get(module_name, 0) + 1
+    for mname, _ in found:
+        count[mname] = count.get(mname, 0) + 1
     seen: dict[str, int] = {}
     paths = []
-    for module_name, _ in found:
-        seen[module_name] = seen.get(module_name, 0) + 1
-        paths.append(module_name + ".base_layer" * (count[module_name] - seen[module_name]))
+    for mname, _ in found:
+        seen[mname] = seen.get(mname, 0) + 1
+        paths.append(mname + ".base_layer" * (count[mname] - seen[mname]))
     return paths
 
 

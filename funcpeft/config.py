@@ -14,7 +14,7 @@ import json
 import types
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -604,6 +604,37 @@ LORA_VARIANT_FIELDS = (
 LORA_VARIANT_INITS = ("mica",)
 
 
+def check_token_indices(indices: Any, what: str) -> None:
+    """A list of distinct non-negative ints (PEFT's index_copy would pick one of duplicates at random)."""
+    if not isinstance(indices, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in indices
+    ):
+        raise ValueError(f"`{what}` must be a list of int token indices, got {indices!r}")
+    negative = [i for i in indices if i < 0]
+    if negative:
+        raise ValueError(f"`{what}` must be non-negative token indices, got {negative}")
+    seen: set[int] = set()
+    dup = sorted({i for i in indices if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+    if dup:
+        raise ValueError(
+            f"`{what}` has duplicates {dup}: PEFT would write one of the duplicated rows at random (index_copy); "
+            "list each token once"
+        )
+
+
+def check_lora_token_indices(value: Any) -> None:
+    """LoraConfig.trainable_token_indices: a list of token indices, or {embedding module name: token indices}."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError("`trainable_token_indices` is an empty dict: name at least one embedding module")
+        for name, indices in value.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"`trainable_token_indices` keys must be module names (str), got {name!r}")
+            check_token_indices(indices, f"trainable_token_indices[{name!r}]")
+    else:
+        check_token_indices(value, "trainable_token_indices")
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     """PEFT's `LoraConfig`: same field names, same defaults, same validation.
@@ -657,6 +688,10 @@ class LoraConfig(PeftConfig):
     kasa_config: KasaConfig | dict | None = None
     ensure_weight_tying: bool = False
 
+    # its trainable-tokens part (`trainable_token_indices`): set by funcpeft.configs.trainable_tokens, which
+    # builds TrainableTokensConfigs and so cannot be imported here (it is above this module)
+    AUXILIARY_PARTS: ClassVar[Callable[[Any, Any], list[AuxiliaryConfig]] | None] = None
+    AUXILIARY_KEYS: ClassVar[tuple[tuple[str, str], ...]] = ()
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
     CONVERTS_MOE_TARGETS: ClassVar[bool] = True  # PEFT converts only LoRA configs
 
@@ -697,24 +732,20 @@ class LoraConfig(PeftConfig):
         check_layers_and_saved(self)
         self._check_variant_options()
         if self.trainable_token_indices is not None:
-            from .configs.trainable_tokens import check_lora_token_indices
-
             check_lora_token_indices(self.trainable_token_indices)
 
     def auxiliary_configs(self, model: Any) -> list[AuxiliaryConfig]:
         """`trainable_token_indices` as trainable tokens on the named embeddings (PEFT's TrainableTokensWrapper)."""
         if self.trainable_token_indices is None:
             return []
-        from .configs.trainable_tokens import lora_token_configs
-
-        return lora_token_configs(model, self)
+        parts = type(self).__dict__.get("AUXILIARY_PARTS") or LoraConfig.__dict__["AUXILIARY_PARTS"]
+        assert parts is not None, "funcpeft.configs.trainable_tokens registers LoraConfig's parts"
+        return list(parts.__func__(model, self) if isinstance(parts, staticmethod) else parts(model, self))
 
     def auxiliary_keys(self) -> tuple[tuple[str, str], ...]:
         if self.trainable_token_indices is None:
             return ()
-        from .configs.trainable_tokens import WRAPPED_KEYS
-
-        return WRAPPED_KEYS
+        return self.AUXILIARY_KEYS
 
     def _check_variant_options(self) -> None:
         """PEFT's rules for the variant options, raised here rather than when the layers are built."""

@@ -30,36 +30,15 @@ from .rng import CallRandomness, GlobalRNGError, redirect
 from .routing import MixedBatch, PerExample, batch_size, check_batch, split_routed
 
 
-def generate(
+def eager_generate(
     pm: Any,
     base: Mapping[str, torch.Tensor],
     adapter: Any,
     *,
     rng: int | torch.Generator | None = None,
-    compile: bool | str = False,
     **kwargs: Any,
 ) -> Any:
-    """PEFT's `peft_model.generate(**kwargs)` with `adapter` applied (what transformers' generate returns).
-
-    Args:
-        pm: what `funcpeft.get_peft_model` returned (or its `fn`).
-        base: the `{parameter name: Tensor}` tree.
-        adapter: anything `fn` accepts: a tree, None (the base model), `{adapter name: tree}`,
-            `funcpeft.per_example(...)` or `funcpeft.mixed_batch(...)` (one entry per prompt, B).
-        rng: randomness for sampling: an int seed or a `torch.Generator` (required when sampling).
-        compile: True (or a torch.compile backend name, e.g. "aot_eager"): decode with a static KV cache and a
-            compiled one-token step, kept per pm and backend (`funcpeft.Decoder`, which gives more control).
-        **kwargs: transformers' generate arguments (`input_ids` (B, L), `attention_mask` (B, L),
-            `max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
-
-    Returns:
-        What the model's `generate` returns: token ids (B * num_return_sequences, L + new) by default.
-    """
-    if compile:
-        from ._decode import default_decoder
-
-        decoder = default_decoder(pm, "inductor" if compile is True else compile)
-        return decoder.generate(base, adapter, rng=rng, **kwargs)
+    """`funcpeft.generate` without `compile`: transformers' generate on a call skeleton (see funcpeft.generate)."""
     fn = peft_function(pm)
     model = fn.model
     if not callable(getattr(model, "generate", None)):
@@ -74,16 +53,16 @@ def generate(
     if fn.has_input_adapter(adapter):  # prompt learning: the prompts go in as generate's inputs (see apply_inputs)
         call, finish = fn.apply_inputs(base, adapter, (), kwargs, generating=True)
         skel: Any = fn.bound_model(base, adapter, ((), kwargs))
-        with redirect(_Refused() if rng is None else _randomness(rng)):
+        with redirect(RefusedRandomness() if rng is None else sampling_randomness(rng)):
             return finish(skel.generate(*call.args, **call.kwargs))
-    adapter, expanded = _expand_routing(fn, adapter, kwargs, config)
+    adapter, expanded = expand_routing(fn, adapter, kwargs, config)
     prompt, kwargs = _prompt_inputs(fn, kwargs, config, expanded)
     skel = fn.bound_model(
         base, adapter, ((), {"input_ids": torch.empty((expanded, 0), device="meta")}) if expanded else ((), prompt)
     )
     if expanded:
-        _check_expansion(skel, expanded // _rows(kwargs))
-    randomness = _Refused() if rng is None else _randomness(rng)
+        check_expansion(skel, expanded // prompt_rows(kwargs))
+    randomness = RefusedRandomness() if rng is None else sampling_randomness(rng)
     with redirect(randomness):
         return skel.generate(**kwargs)
 
@@ -114,7 +93,7 @@ def _prompt_inputs(
     return prompt, {k: v for k, v in kwargs.items() if k not in consumed}
 
 
-def _randomness(rng: Any) -> CallRandomness:
+def sampling_randomness(rng: Any) -> CallRandomness:
     if isinstance(rng, torch.Generator):
         return CallRandomness(user_generator=rng)
     if isinstance(rng, bool) or not isinstance(rng, int):
@@ -122,7 +101,7 @@ def _randomness(rng: Any) -> CallRandomness:
     return CallRandomness(seed=rng)
 
 
-class _Refused(CallRandomness):
+class RefusedRandomness(CallRandomness):
     """A call without `rng`: any random draw is an error (it would read the process-global RNG)."""
 
     def generator(self, device: Any) -> torch.Generator:
@@ -132,7 +111,7 @@ class _Refused(CallRandomness):
         )
 
 
-def _rows(kwargs: Mapping[str, Any]) -> int:
+def prompt_rows(kwargs: Mapping[str, Any]) -> int:
     found = batch_size((), {k: kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if k in kwargs})
     if found is None:
         raise ValueError(
@@ -142,7 +121,7 @@ def _rows(kwargs: Mapping[str, Any]) -> int:
     return found[0]
 
 
-def _expand_routing(fn: PeftFunction, adapter: Any, kwargs: Mapping[str, Any], config: Any) -> tuple[Any, int]:
+def expand_routing(fn: PeftFunction, adapter: Any, kwargs: Mapping[str, Any], config: Any) -> tuple[Any, int]:
     """The adapter with per-example routing repeated as transformers repeats the prompts, and the new batch size.
 
     transformers expands each prompt `max(num_beams, num_return_sequences)` times, example-major
@@ -153,7 +132,7 @@ def _expand_routing(fn: PeftFunction, adapter: Any, kwargs: Mapping[str, Any], c
         routed = [(n, t) for n, t in adapter.items() if isinstance(t, PerExample)] or None
     if not routed:
         return adapter, 0
-    rows = _rows(kwargs)
+    rows = prompt_rows(kwargs)
     for _, routing in routed:
         check_batch(routing, (rows, "input_ids"))
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
@@ -191,7 +170,7 @@ def _leaves(tree: Any) -> Any:
             yield from _leaves(v)
 
 
-def _check_expansion(skel: Any, factor: int) -> None:
+def check_expansion(skel: Any, factor: int) -> None:
     """Check that transformers repeats the prompts `factor` times, as the routing was repeated (else a clear error)."""
     original = skel._expand_inputs_for_generation
 

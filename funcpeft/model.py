@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._decode import generate
 from ._names import Names
 from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from ._quant import base_tensor
@@ -26,7 +27,6 @@ from .constants import MIXED_COMPATIBLE_TYPES
 from .conversion import convert_mutated_init
 from .counting import count_parameters, format_trainable
 from .functional import PeftFunction
-from .generation import generate
 from .io import save_adapter
 from .loading import load_for_model
 from .merge import merge_and_unload

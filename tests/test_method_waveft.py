@@ -29,7 +29,7 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods._wavelets import WAVELETS
+from funcpeft._wavelets import WAVELETS
 from funcpeft.methods.base import UnsupportedLayerError
 from funcpeft.trees import SHARED_PREFIX
 

@@ -9,7 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import AuxiliaryConfig, PeftConfig, PeftType, validated_init
+from .._modules import module_name, tied_to_embedding
+from ..config import (
+    AuxiliaryConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftType,
+    check_token_indices,
+    validated_init,
+)
 
 # PEFT's TrainableTokensWrapper (LoRA's trainable_token_indices) keeps the layer as `token_adapter`
 WRAPPER_PART = "token_adapter"
@@ -51,37 +59,6 @@ class TrainableTokensConfig(PeftConfig):
         return next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
 
 
-def check_token_indices(indices: Any, what: str) -> None:
-    """A list of distinct non-negative ints (PEFT's index_copy would pick one of duplicates at random)."""
-    if not isinstance(indices, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in indices
-    ):
-        raise ValueError(f"`{what}` must be a list of int token indices, got {indices!r}")
-    negative = [i for i in indices if i < 0]
-    if negative:
-        raise ValueError(f"`{what}` must be non-negative token indices, got {negative}")
-    seen: set[int] = set()
-    dup = sorted({i for i in indices if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
-    if dup:
-        raise ValueError(
-            f"`{what}` has duplicates {dup}: PEFT would write one of the duplicated rows at random (index_copy); "
-            "list each token once"
-        )
-
-
-def check_lora_token_indices(value: Any) -> None:
-    """LoraConfig.trainable_token_indices: a list of token indices, or {embedding module name: token indices}."""
-    if isinstance(value, Mapping):
-        if not value:
-            raise ValueError("`trainable_token_indices` is an empty dict: name at least one embedding module")
-        for name, indices in value.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"`trainable_token_indices` keys must be module names (str), got {name!r}")
-            check_token_indices(indices, f"trainable_token_indices[{name!r}]")
-    else:
-        check_token_indices(value, "trainable_token_indices")
-
-
 def lora_token_configs(model: Any, config: Any) -> list[AuxiliaryConfig]:
     """PEFT's `_set_trainable` handling of `LoraConfig.trainable_token_indices` (peft.utils.other
     `set_additional_trainable_modules`): one trainable-tokens config per named layer, with PEFT's tying rules.
@@ -91,8 +68,6 @@ def lora_token_configs(model: Any, config: Any) -> list[AuxiliaryConfig]:
     layers tied to the input embedding (lm_head) use the embedding's rows unless the dict gives them other
     indices (then each has its own; with ensure_weight_tying that is PEFT's ValueError).
     """
-    from .._targeting import module_name, tied_to_embedding
-
     indices = config.trainable_token_indices
     if isinstance(indices, Mapping):
         layers = {k: list(v) for k, v in indices.items()}
@@ -151,3 +126,8 @@ def lora_token_configs(model: Any, config: Any) -> list[AuxiliaryConfig]:
         sub = TrainableTokensConfig(target_modules=targets, token_indices=token_indices, init_weights=True)
         out.append(AuxiliaryConfig(sub, tie, WRAPPER_PART))
     return out
+
+
+# LoraConfig's trainable-tokens part (config.py cannot import this module: it is below it)
+LoraConfig.AUXILIARY_PARTS = staticmethod(lora_token_configs)
+LoraConfig.AUXILIARY_KEYS = WRAPPED_KEYS

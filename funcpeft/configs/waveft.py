@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .._wavelets import WAVELETS, filter_length  # the filters live with the transform
 from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
 from ..constants import DEFAULT_TARGET_MODULES
 from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets
@@ -74,7 +75,6 @@ class WaveFTConfig(PeftConfig):
                 f"Wavelet family {self.wavelet_family} not supported. Supported wavelet families are: "
                 f"{list(WAVELET_REDUCTIONS.keys())}"
             )
-        from ..methods._wavelets import WAVELETS, filter_length  # the filters live with the transform
 
         if self.use_idwt and self.wavelet_family not in WAVELETS:
             # PEFT accepts these and fails at the first forward (its Wavelet class has no filters for them)
