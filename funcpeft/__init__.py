@@ -10,11 +10,9 @@ The public API is what this module exports, plus the public submodules `optim`, 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
+from ._arrow import create_arrow_model
 from ._checks import AdapterMismatchError
-from ._decode import Decoder, generate
-from ._quant import prepare_model_for_kbit_training
-from .arrow import create_arrow_model
-from .config import (
+from ._config import (
     BdLoraConfig,
     ConfigTypeError,
     CordaConfig,
@@ -27,6 +25,15 @@ from .config import (
     PeftType,
     TaskType,
 )
+from ._decode import Decoder, generate
+from ._functional import PeftFunction
+from ._loading import load_adapter
+from ._merge import merge, merge_and_unload, unmerge
+from ._model import FunctionalPeftModel, from_pretrained, get_peft_model
+from ._quant import prepare_model_for_kbit_training
+from ._trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
+from ._weighted import add_weighted_adapter
+from ._weights import AdaptedWeight, UnsupportedWeightOp
 from .configs import (
     AdaLoraConfig,
     AdaptionPromptConfig,
@@ -63,12 +70,9 @@ from .configs import (
 )
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
-from .functional import PeftFunction
 from .grad import value_and_grad
 from .io import InterruptedSaveError, save_adapter
-from .loading import load_adapter
 from .loraga import preprocess_loraga
-from .merge import merge, merge_and_unload, unmerge
 from .methods.adalora_allocator import (
     RankAllocatorState,
     orthogonal_regularizer,
@@ -79,11 +83,7 @@ from .methods.adalora_allocator import (
 from .methods.alora import invocation_offsets as alora_offsets
 from .methods.monteclora import monteclora_loss
 from .methods.velora import velora_update
-from .model import FunctionalPeftModel, from_pretrained, get_peft_model
 from .routing import MixedBatch, PerExample, mixed_batch, per_example, per_sample_grads
-from .trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
-from .weighted import add_weighted_adapter
-from .weights import AdaptedWeight, UnsupportedWeightOp
 
 try:
     __version__ = version("funcpeft")  # one source: pyproject.toml

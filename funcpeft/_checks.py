@@ -1,6 +1,6 @@
 """Checking an adapter tree against what a model's plan expects (shapes, keys), in checkpoint-key terms.
 
-Shared by saving (funcpeft.io: a tree is checked before anything is written) and loading (funcpeft.loading).
+Shared by saving (funcpeft.io: a tree is checked before anything is written) and loading (funcpeft._loading).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ._config import PeftConfig
+from ._keys import Leaf, key_rules, plan_file_keys, tree_file_keys
 from ._plan import PlanEntry
-from .config import PeftConfig
-from .keys import Leaf, key_rules, plan_file_keys, tree_file_keys
 from .methods._layers import adapter_dtype
 
 

@@ -28,7 +28,7 @@ Threads: a Decoder owns one KV cache, so its calls run one at a time (a lock; co
 each gets its own correct result). For generation in parallel threads use one Decoder per thread. The
 model, `base` and the adapter are never mutated; as for any compiled model, an eager call of a
 transformers Llama-family model in another thread while a Decoder *compiles* can break that compile
-(see funcpeft.functional).
+(see funcpeft._functional).
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ from typing import Any
 
 import torch
 
-from ._plan import check_adapter_structure
-from .functional import PeftFunction, peft_function
-from .generation import (
+from ._functional import PeftFunction, peft_function
+from ._generation import (
     RefusedRandomness,
     check_expansion,
     eager_generate,
@@ -51,9 +50,10 @@ from .generation import (
     prompt_rows,
     sampling_randomness,
 )
+from ._plan import check_adapter_structure
+from ._trees import stack_adapters
 from .rng import redirect
 from .routing import MixedBatch, PerExample, per_example
-from .trees import stack_adapters
 
 _OWNED = ("cache", "past_key_values", "use_cache", "cache_implementation")
 

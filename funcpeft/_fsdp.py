@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._weights import AdaptedWeight
 from .rng import CallRandomness, redirect
-from .weights import AdaptedWeight
 
 
 def is_dtensor(t: Any) -> bool:

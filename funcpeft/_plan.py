@@ -1,7 +1,7 @@
 """Planning an adapter: which module of a model carries which leaves, and fresh values for them.
 
     resolved, plan = plan_adapter(model, config)     # plan: {module_path: PlanEntry}
-    tree = init_adapter(model, plan)                 # the adapter tree (funcpeft.trees)
+    tree = init_adapter(model, plan)                 # the adapter tree (funcpeft._trees)
     base_extra = init_shared(model, plan)            # frozen shared tensors (VeRA's), extra `base` entries
 
 A `PlanEntry` is static data about one module (hashable, no tensors). Every later stage — the call
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._config import PeftConfig
 from ._quant import dequantize
 from ._targeting import (
     find_modules_to_save,
@@ -33,7 +34,7 @@ from ._targeting import (
     tied_layers,
     tied_to_input_embedding,
 )
-from .config import PeftConfig
+from ._trees import PROMPT_PATH, SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 from .methods import METHODS, method_for, weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import (
@@ -51,7 +52,6 @@ from .methods.base import (
     UnsupportedLayerError,
     WeightInit,
 )
-from .trees import PROMPT_PATH, SHARED_PATH, SHARED_PREFIX, layer_frozen_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -721,7 +721,7 @@ def init_shared(
     random ones, VeLoRA's projection, draw from `generator`; `LayerFrozen.autocast` ones follow
     `autocast_adapter_dtype`).
 
-    Keys start with `funcpeft.trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
+    Keys start with `funcpeft._trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))

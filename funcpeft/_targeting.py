@@ -17,15 +17,15 @@ from torch import nn
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
 from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style Conv1D: weight (in, out)
 
-from ._modules import module_name, tied_to_embedding
-from ._quant import is_quant_linear
-from .config import TaskType
-from .constants import (
+from ._config import TaskType
+from ._constants import (
     EMBEDDING_LAYER_NAMES,
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
     SEQ_CLS_HEAD_NAMES,
     TASK_MODULES_TO_SAVE,
 )
+from ._modules import module_name, tied_to_embedding
+from ._quant import is_quant_linear
 from .methods.base import LayerKind
 
 _LINEAR_TYPES: tuple[type, ...] = (nn.Linear, HFConv1D)

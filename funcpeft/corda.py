@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._capture import detached_params, hooked_forward, linear_targets
-from .config import CordaConfig, LoraConfig
+from ._config import CordaConfig, LoraConfig
 from .methods._patterns import rank_and_alpha
 
 

@@ -39,11 +39,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ._fsdp import is_dtensor, local_tensor
-from .functional import peft_function
+from ._functional import peft_function
 from .io import adapter_dir, checkpoint_state
 
 if TYPE_CHECKING:
-    from .model import FunctionalPeftModel
+    from ._model import FunctionalPeftModel
 
 
 def _buckets(leaves: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:

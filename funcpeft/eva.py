@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from ._capture import hooked_forward
+from ._config import EvaConfig, LoraConfig, init_mode
 from ._ipca import IncrementalPCA
 from ._plan import init_adapter, plan_adapter
-from .config import EvaConfig, LoraConfig, init_mode
+from ._trees import AdapterTree
 from .methods._patterns import rank_and_alpha
 from .methods.base import LayerKind
-from .trees import AdapterTree
 
 RHO_THRESHOLD = 1000
 

@@ -8,7 +8,7 @@ compiled) this helper instead detaches the adapter leaves, marks them `requires_
 trains an ensemble, or gives per-sample gradients). "Traced" is `torch.compiler.is_dynamo_compiling()`:
 `is_compiling()` is also True in other threads' eager code while any thread compiles.
 
-Gradient checkpointing enabled on the model (funcpeft.functional) works at top level, where this uses
+Gradient checkpointing enabled on the model (funcpeft._functional) works at top level, where this uses
 `torch.autograd.grad` (checkpointing is always run non-reentrant, which autograd.grad needs); inside
 torch.func transforms it raises a clear error (torch cannot checkpoint there).
 """

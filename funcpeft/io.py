@@ -1,6 +1,6 @@
 """PEFT's on-disk adapter format: `adapter_model.safetensors` + `adapter_config.json`, saved as one unit.
 
-`save_adapter` writes what PEFT 0.21.2's `save_pretrained` writes (key names: funcpeft.keys), and records
+`save_adapter` writes what PEFT 0.21.2's `save_pretrained` writes (key names: funcpeft._keys), and records
 the sha256 of the `adapter_config.json` it writes in the safetensors header metadata (key
 `funcpeft_config_sha256`, next to PEFT's `"format": "pt"`; PEFT ignores it). The digest is of the config's
 canonical JSON (sorted keys, no whitespace), so line endings and indentation (git autocrlf, a formatter)
@@ -41,10 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import check_tree
+from ._config import PEFT_VERSION, PeftConfig
 from ._fsdp import model_class
-from ._plan import check_adapter_name, input_entry
-from .config import PEFT_VERSION, PeftConfig
-from .keys import (
+from ._keys import (
     KeyRules,
     base_file_key,
     bias_all_duplicates,
@@ -56,8 +55,9 @@ from .keys import (
     tied_paths,
     tree_file_keys,
 )
+from ._plan import check_adapter_name, input_entry
+from ._trees import PROMPT_PATH, SHARED_PATH, layer_frozen_key
 from .methods import CONFIG_CLASSES, InputMethod, Method, method_for
-from .trees import PROMPT_PATH, SHARED_PATH, layer_frozen_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -378,7 +378,7 @@ def checkpoint_state(
     `base_params` for methods with per-layer frozen tensors PEFT saves (`LayerFrozen`: adapter `adapter_name`'s).
     """
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
-        raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.trees)")
+        raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft._trees)")
     if isinstance(method_for(config), InputMethod):
         return _unshare(input_state(adapter_params, config, model, plan))
     rules: KeyRules = key_rules(config)

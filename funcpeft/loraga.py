@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._capture import hooked_forward, linear_targets
-from .config import LoraConfig
+from ._config import LoraConfig
 
 
 def estimate_gradients(

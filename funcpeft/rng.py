@@ -22,7 +22,7 @@ to PEFT's under `torch.manual_seed`. While a seeded call runs, every torch op in
 (a few microseconds each).
 
 `snapshot()` / `replay(state)` let gradient checkpointing re-run a layer in backward with the same masks
-(see `funcpeft.functional`).
+(see `funcpeft._functional`).
 """
 
 from __future__ import annotations

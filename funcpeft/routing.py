@@ -26,10 +26,10 @@ import optree
 import torch
 
 from ._plan import check_adapter_structure
+from ._trees import stack_adapters
+from ._weights import Applied
 from .grad import value_and_grad
 from .methods.base import LayerSpec, Method, ModuleForwardFn, OpContext, Params
-from .trees import stack_adapters
-from .weights import Applied
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _INDEX = "__index__"

@@ -26,7 +26,7 @@ from peft_matrix.harness import check_row
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.config import PeftConfig, PeftType, validated_init
+from funcpeft._config import PeftConfig, PeftType, validated_init
 from funcpeft.methods import METHODS, Method, register, unregister
 from funcpeft.methods import lora as lora_method
 from funcpeft.methods.base import KeyRules
@@ -505,7 +505,7 @@ def test_a_new_method_is_one_registration(half_lora: Method) -> None:
     _, grads = funcpeft.value_and_grad(lambda a: fn(base, a, input_ids=ids).logits.square().mean())(tree)
     assert all(g.abs().sum() > 0 for g in optree.tree_leaves(grads))
     trainable, total = pm.get_nb_trainable_parameters()
-    assert trainable == funcpeft.trees.tree_numel(fresh) and total == trainable + sum(t.numel() for t in base.values())
+    assert trainable == funcpeft._trees.tree_numel(fresh) and total == trainable + sum(t.numel() for t in base.values())
     with tempfile.TemporaryDirectory() as d:
         pm.save_pretrained(d, tree)
         back, back_config = funcpeft.load_adapter(d, model=model)

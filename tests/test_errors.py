@@ -17,7 +17,7 @@ from helpers import MODELS, assert_unchanged, make_inputs, snapshot
 
 import funcpeft
 import funcpeft.io as fio
-from funcpeft.config import ConfigTypeError
+from funcpeft._config import ConfigTypeError
 from funcpeft.configs import IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out")

@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "funcpeft"
 
 # module (dotted, relative to funcpeft; a package's modules by prefix) -> layer
 LAYERS: dict[str, int] = {
-    "constants": 0,
-    "config": 0,
+    "_constants": 0,
+    "_config": 0,
     "configs": 0,
-    "trees": 0,
+    "_trees": 0,
     "optim": 0,
     "rng": 0,
     "methods": 1,
@@ -24,26 +24,26 @@ LAYERS: dict[str, int] = {
     "_plan": 2,
     "_names": 2,
     "_replicate": 2,
-    "counting": 2,
-    "weights": 3,
+    "_counting": 2,
+    "_weights": 3,
     "routing": 3,
     "grad": 3,
-    "functional": 3,
+    "_functional": 3,
     "_capture": 3,
     "_fsdp": 3,
-    "keys": 4,
+    "_keys": 4,
     "_checks": 4,
     "io": 4,
-    "loading": 4,
-    "merge": 4,
-    "weighted": 4,
-    "generation": 4,
+    "_loading": 4,
+    "_merge": 4,
+    "_weighted": 4,
+    "_generation": 4,
     "corda": 4,
     "loraga": 4,
-    "conversion": 4,
+    "_conversion": 4,
     "distributed": 4,
-    "model": 5,
-    "arrow": 5,
+    "_model": 5,
+    "_arrow": 5,
     "eva": 5,
     "_ipca": 0,
     "_quant": 0,
@@ -158,7 +158,7 @@ def test_the_import_graph_has_no_cycles() -> None:
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     """The checks can fail: an upward import in a scratch copy is reported."""
-    source = "from .model import get_peft_model\n"
+    source = "from ._model import get_peft_model\n"
     node = ast.parse(source).body[0]
     assert isinstance(node, ast.ImportFrom)
-    assert _resolve("trees", node) == ["model"] and _layer("model") > _layer("trees")
+    assert _resolve("_trees", node) == ["_model"] and _layer("_model") > _layer("_trees")

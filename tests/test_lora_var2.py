@@ -91,7 +91,7 @@ def _peft_embeds(pm: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _our_embeds(fpm: Any, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from funcpeft.trees import layer_frozen_key
+    from funcpeft._trees import layer_frozen_key
 
     return {p: base[layer_frozen_key("default", p, velora.EMBED)] for p in ("lin0", "lin1")}
 

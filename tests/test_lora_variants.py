@@ -27,9 +27,9 @@ from torch._dynamo.testing import CompileCounter
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import layer_frozen_key
 from funcpeft.methods import kasa
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import layer_frozen_key
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import funcpeft
-from funcpeft.merge import merge_weight, unmerge_weight
+from funcpeft._merge import merge_weight, unmerge_weight
 from funcpeft.methods import METHODS
 from funcpeft.methods.base import LayerKind, LayerSpec, MergeHooks
 from funcpeft.testing import TINY_MODELS, copy_into_peft, random_like

@@ -36,7 +36,7 @@ from funcpeft.methods.c3a import block_circular
 def test_config_fields_and_defaults_equal_peft() -> None:
     assert funcpeft.C3AConfig().to_dict() == {
         **peft.C3AConfig().to_dict(),
-        "peft_version": funcpeft.config.PEFT_VERSION,
+        "peft_version": funcpeft._config.PEFT_VERSION,
     }
 
 

@@ -18,9 +18,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import PROMPT_PATH
 from funcpeft.methods import cartridge as cartridge_method
 from funcpeft.methods import cpt as cpt_method
-from funcpeft.trees import PROMPT_PATH
 
 MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
 CPT: dict[str, Any] = {

@@ -36,7 +36,7 @@ LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_
 
 def test_config_fields_and_defaults_equal_peft() -> None:
     ours, theirs = funcpeft.DeloraConfig().to_dict(), peft.DeloraConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from funcpeft.methods.base import UnsupportedLayerError
 
 def test_config_fields_and_defaults_equal_peft() -> None:
     theirs = peft.GraloraConfig().to_dict()
-    assert funcpeft.GraloraConfig().to_dict() == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+    assert funcpeft.GraloraConfig().to_dict() == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ X = {"X": torch.arange(90).reshape(9, 10) % 7}  # token ids < 100 for EmbConv1D,
 def test_config_fields_and_defaults_equal_peft() -> None:
     assert funcpeft.HiraConfig().to_dict() == {
         **peft.HiraConfig().to_dict(),
-        "peft_version": funcpeft.config.PEFT_VERSION,
+        "peft_version": funcpeft._config.PEFT_VERSION,
     }
 
 

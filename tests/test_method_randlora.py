@@ -30,13 +30,13 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PREFIX
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import SHARED_PREFIX
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
     ours, theirs = funcpeft.RandLoraConfig().to_dict(), peft.RandLoraConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 def test_config_checks() -> None:

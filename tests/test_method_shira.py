@@ -17,9 +17,9 @@ from method_helpers import assert_same_state, fresh_states, quiet
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PREFIX
 from funcpeft.grad import value_and_grad
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import SHARED_PREFIX
 
 
 def magnitude_mask(base_layer: torch.nn.Module, r: int, **kwargs: Any) -> torch.Tensor:

@@ -17,13 +17,13 @@ from peft_matrix import models
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PATH, layer_frozen_key
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import SHARED_PATH, layer_frozen_key
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
     theirs = peft.TinyLoraConfig().to_dict()
-    assert funcpeft.TinyLoraConfig().to_dict() == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+    assert funcpeft.TinyLoraConfig().to_dict() == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(

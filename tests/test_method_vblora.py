@@ -18,9 +18,9 @@ from method_helpers import assert_same_state, fresh_states, quiet
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PATH
 from funcpeft.grad import value_and_grad
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import SHARED_PATH
 
 
 # -- config checks -------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_the_bank_is_one_trainable_leaf_shared_by_every_layer() -> None:
     )
     assert all(set(e) == {"vblora_logits_A", "vblora_logits_B"} for p, e in adapter.items() if p != SHARED_PATH)
     trainable, _ = fpm.get_nb_trainable_parameters()
-    assert trainable == funcpeft.trees.tree_numel(adapter)  # the bank once
+    assert trainable == funcpeft._trees.tree_numel(adapter)  # the bank once
     # changing the bank changes every layer (PEFT's gradient for it, summed over layers, is in the matrix rows)
     tree = T.random_like(adapter, torch.Generator().manual_seed(0))
     other = {**tree, SHARED_PATH: T.random_like(tree[SHARED_PATH], torch.Generator().manual_seed(1))}

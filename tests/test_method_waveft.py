@@ -29,14 +29,14 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PREFIX
 from funcpeft._wavelets import WAVELETS
 from funcpeft.methods.base import UnsupportedLayerError
-from funcpeft.trees import SHARED_PREFIX
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
     ours, theirs = funcpeft.WaveFTConfig().to_dict(), peft.WaveFTConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft.config.PEFT_VERSION}
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,7 @@ def test_dora_keeps_nothing_weight_sized_between_steps() -> None:
 # -- VeRA: the shared projections are frozen, PEFT's buffers ------------------------------------------------------
 def test_vera_projections_are_peft_buffers_on_the_frozen_side() -> None:
     pair = MethodPair("vera-gpt2-conv1d-bias")
-    shared = {k: v for k, v in pair.base.items() if k.startswith(funcpeft.trees.SHARED_PREFIX)}
+    shared = {k: v for k, v in pair.base.items() if k.startswith(funcpeft._trees.SHARED_PREFIX)}
     assert sorted(shared) == ["<shared>.vera_A.prng3.8x64", "<shared>.vera_B.prng3.256x8"]
     buffers = dict(pair.peft_model.named_buffers())
     layer = "base_model.model.transformer.h.0.attn.c_attn"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.trees import PROMPT_PATH
+from funcpeft._trees import PROMPT_PATH
 
 MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
 

@@ -20,7 +20,7 @@ from test_merge import inputs, run, twins
 from test_multi_adapter import add_twin
 
 import funcpeft
-from funcpeft.weighted import Rule, magnitude_prune, majority_sign_mask, random_prune
+from funcpeft._weighted import Rule, magnitude_prune, majority_sign_mask, random_prune
 
 PEFT_RULES = {
     "linear": lambda t, w, d, m: peft_merge.task_arithmetic(t, w),

@@ -4,7 +4,7 @@ A config is data. funcpeft never mutates a config passed in: `get_peft_model` re
 expansion, forced `fan_in_fan_out`, ...) into a *new* config with `dataclasses.replace`.
 """
 
-from ..config import (
+from .._config import (
     PEFT_VERSION,
     ArrowConfig,
     BdLoraConfig,

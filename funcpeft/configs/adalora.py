@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import (
+from .._config import (
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -16,7 +16,7 @@ from ..config import (
     check_probability,
     validated_init,
 )
-from ..constants import ADALORA_TARGET_MODULES
+from .._constants import ADALORA_TARGET_MODULES
 
 RANK_PATTERN_SUFFIX = ".lora_E"
 

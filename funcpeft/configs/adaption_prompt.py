@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import PeftConfig, PeftType, validated_init
-from ..constants import ADAPTION_PROMPT_TARGET_MODULES
+from .._config import PeftConfig, PeftType, validated_init
+from .._constants import ADAPTION_PROMPT_TARGET_MODULES
 
 
 @validated_init

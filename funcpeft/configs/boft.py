@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import (
+from .._config import (
     PeftConfig,
     PeftType,
     check_layers_and_saved,

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_module_names, validated_init
-from ..constants import C3A_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_module_names, validated_init
+from .._constants import C3A_TARGET_MODULES
 from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets, check_saved
 
 C3A_INIT = ("gaussian", "kaiming_uniform", "xavier_uniform")

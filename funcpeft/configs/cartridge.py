@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftType, validated_init
+from .._config import PeftType, validated_init
 from .prompt_learning import PromptLearningConfig
 
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
-from ..constants import FOURIERFT_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from .._constants import FOURIERFT_TARGET_MODULES
 from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets
 
 

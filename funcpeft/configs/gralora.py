@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
 
 
 @validated_init

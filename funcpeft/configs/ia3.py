@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
-from ..constants import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from .._constants import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
 
 
 @validated_init

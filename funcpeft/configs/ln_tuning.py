@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, validated_init
-from ..constants import LNTUNING_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_layers_and_saved, validated_init
+from .._constants import LNTUNING_TARGET_MODULES
 
 
 @validated_init

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_module_names, check_probability, check_rank, validated_init
+from .._config import PeftConfig, PeftType, check_module_names, check_probability, check_rank, validated_init
 from ._checks import check_bias, check_regex_targets, check_saved
 
 

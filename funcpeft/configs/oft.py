@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from packaging.version import Version  # transformers' dependency, as in PEFT
 
-from ..config import (
+from .._config import (
     PeftConfig,
     PeftType,
     check_layers_and_saved,

@@ -8,7 +8,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import PeftConfig, PeftType, validated_init
+from .._config import PeftConfig, PeftType, validated_init
 
 
 class PromptTuningInit(str, enum.Enum):

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
-from ..constants import SHIRA_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
+from .._constants import SHIRA_TARGET_MODULES
 
 
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs: Any) -> torch.Tensor:

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_module_names, validated_init
+from .._config import PeftConfig, PeftType, check_module_names, validated_init
 
 
 @validated_init

@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._modules import module_name, tied_to_embedding
-from ..config import (
+from .._config import (
     AuxiliaryConfig,
     LoraConfig,
     PeftConfig,
@@ -18,6 +17,7 @@ from ..config import (
     check_token_indices,
     validated_init,
 )
+from .._modules import module_name, tied_to_embedding
 
 # PEFT's TrainableTokensWrapper (LoRA's trainable_token_indices) keeps the layer as `token_adapter`
 WRAPPER_PART = "token_adapter"

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
-from ..constants import VBLORA_TARGET_MODULES
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, check_rank, validated_init
+from .._constants import VBLORA_TARGET_MODULES
 
 
 @validated_init

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import (
+from .._config import (
     PeftConfig,
     PeftType,
     check_layers_and_saved,
@@ -16,7 +16,7 @@ from ..config import (
     check_rank,
     validated_init,
 )
-from ..constants import VERA_TARGET_MODULES
+from .._constants import VERA_TARGET_MODULES
 
 
 @validated_init

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from .._constants import DEFAULT_TARGET_MODULES
 from .._wavelets import WAVELETS, filter_length  # the filters live with the transform
-from ..config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
-from ..constants import DEFAULT_TARGET_MODULES
 from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets
 
 # PEFT: TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING (LoRA's without btlm / rwkv / rwkv7; GPT-2 style

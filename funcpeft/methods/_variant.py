@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import init_mode
+from .._config import init_mode
 from . import lora
 from .base import LayerKind, Target, UnsupportedLayerError
 

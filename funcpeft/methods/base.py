@@ -400,7 +400,7 @@ class MergeHooks:
 class SharedParams:
     """TRAINABLE tensors shared by all of an adapter's layers (VB-LoRA's vector bank).
 
-    They live once in the adapter tree, under the reserved path `funcpeft.trees.SHARED_PATH` ('<shared>'), so
+    They live once in the adapter tree, under the reserved path `funcpeft._trees.SHARED_PATH` ('<shared>'), so
     they are trained, counted, stacked and routed like any leaf; every layer of the method finds them in its
     `params` (forward, delta_weight) next to its own. PEFT keeps such tensors on its tuner model and saves
     them as `base_model.{name}`.
@@ -420,7 +420,7 @@ class LayerFrozen:
     indices, trainable tokens' original rows, MiCA's lora_B, KaSA's truncated weight, the persistent buffers PEFT
     saves: VeLoRA's projection, MonteCLoRA's sampler state).
 
-    They live in `base` under reserved keys (`funcpeft.trees.layer_frozen_key(adapter_name, path, name)`), not
+    They live in `base` under reserved keys (`funcpeft._trees.layer_frozen_key(adapter_name, path, name)`), not
     in the adapter tree; each layer's forward / delta_weight / merge hooks find them in `params`.
     names: every name the method keeps (a checkpoint key ending in one is such a tensor, not a leaf); names may
       be dotted (a PEFT sub-module's buffer, `sampler.gaussian_var_prior`).
@@ -486,7 +486,7 @@ class FileCodec:
 class SharedTensors:
     """Frozen tensors shared by all of an adapter's layers (VeRA's random projections).
 
-    They live in `base` under reserved keys (funcpeft.trees.SHARED_PREFIX), never in the adapter tree, and
+    They live in `base` under reserved keys (funcpeft._trees.SHARED_PREFIX), never in the adapter tree, and
     are not counted as parameters (PEFT keeps them as buffers).
     common_hyper(config, {name: module}) -> value handed to `hyper` as `Target.common` (e.g. their shapes);
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
@@ -574,7 +574,7 @@ class Method:
     method that transforms the layer's input (uses_result False) and whose PEFT layer applies several of its
     active adapters to the input in activation order, the first adapter's transform meeting the input first
     (OFT's loop): a run of consecutive adapters of the method on one layer is then nested outermost-first
-    instead of innermost-first (funcpeft.weights.nesting_order).
+    instead of innermost-first (funcpeft._weights.nesting_order).
     shared_trainable: trainable tensors all its layers share (`SharedParams`, VB-LoRA's vector bank).
     layer_frozen: frozen per-layer tensors of the adapter (`LayerFrozen`: SHiRA's mask indices, MiCA's lora_B).
     codec: how PEFT stores its tensors when not one per leaf (`FileCodec`).
@@ -720,7 +720,7 @@ class InputPrepareFn(Protocol):
 class InputMethod:
     """An input-level adapter method (prompt learning): it rewrites the model call instead of adapting layers.
 
-    Its adapter tree has one entry, at `funcpeft.trees.PROMPT_PATH` ('<prompt>'), holding the virtual-token
+    Its adapter tree has one entry, at `funcpeft._trees.PROMPT_PATH` ('<prompt>'), holding the virtual-token
     parameters (and an encoder's), named as in PEFT's prompt encoder module (`embedding.weight`,
     `mlp_head.0.weight`, ...); modules_to_save copies (the classifier of SEQ_CLS) are entries of their own as
     for any method. A call of `fn` runs

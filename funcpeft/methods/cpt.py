@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._trees import PROMPT_PATH
 from ..configs.cpt import CPTConfig
-from ..trees import PROMPT_PATH
 from . import prompt_learning as pl
 from ._registry import register
 from .base import InputContext, InputMethod, ModelCall, Params

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._trees import shared_key
 from ..configs.fourierft import FourierFTConfig
-from ..trees import shared_key
 from ._patterns import dotted_pattern_value
 from ._registry import register
 from .base import (

@@ -9,7 +9,7 @@ Shapes (nn.Linear orientation even for GPT-2 Conv1D):
 
 nn.MultiheadAttention (PEFT's `lora.MultiheadAttention`, one in_proj_weight only): LoRA on in_proj_weight and on
 its out_proj (an nn.Linear adapted along with it). The attention reads both weights as data, so funcpeft hands
-F.multi_head_attention_forward the merged weights (funcpeft.weights), as PEFT's merge -> call -> unmerge does:
+F.multi_head_attention_forward the merged weights (funcpeft._weights), as PEFT's merge -> call -> unmerge does:
 one weight-sized temporary each per call, no dropout. PEFT merges the out_proj delta twice there (once itself,
 once through the wrapped lora.Linear's own merge), in its forward and in merge_and_unload alike; funcpeft
 reproduces that as a doubled out_proj scaling (its gradients are autograd's: PEFT's are half of its own forward's
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import init_mode
+from .._config import init_mode
 from ..configs import LoraConfig
 from . import lora_init
 from ._layers import FLOAT8_DTYPES, cast_delta, conv_op, embed, low_precision_add

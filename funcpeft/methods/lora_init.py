@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..config import LoraGAConfig, init_mode
+from .._config import LoraGAConfig, init_mode
 from ._loftq import loftq_init
 from .base import NO_INIT_DATA, LayerKind, LayerSpec, Params, Target, UnsupportedLayerError, WeightInit
 

@@ -234,7 +234,7 @@ def layer_loss(spec: Spec, params: Params, samples: Params | None) -> torch.Tens
 
 
 def _call_generators(dropout_rng: Any) -> Generators:
-    """The randomness a training call with this dropout_rng has (funcpeft.functional): fresh generators seeded
+    """The randomness a training call with this dropout_rng has (funcpeft._functional): fresh generators seeded
     like the call's for an int, the generator itself otherwise."""
     if isinstance(dropout_rng, torch.Generator):
         return lambda device: dropout_rng

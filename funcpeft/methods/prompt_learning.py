@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftType, TaskType
+from .._config import PeftType, TaskType
+from .._constants import TASK_MODULES_TO_SAVE
 from ..configs.prompt_learning import (
     MultitaskPromptTuningConfig,
     PrefixTuningConfig,
@@ -38,7 +39,6 @@ from ..configs.prompt_learning import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
-from ..constants import TASK_MODULES_TO_SAVE
 from ._registry import register
 from .base import InputContext, InputMethod, ModelCall, Params
 

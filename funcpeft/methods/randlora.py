@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._trees import shared_key
 from ..configs.randlora import RandLoraConfig
-from ..trees import shared_key
 from ._layers import UPCAST_DTYPES, SavesInputs
 from ._registry import register
 from .base import (

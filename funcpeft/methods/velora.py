@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._trees import layer_frozen_key
 from ..configs import LoraConfig
-from ..trees import layer_frozen_key
 from . import lora
 from ._registry import register
 from ._variant import base_fields, linear_lora_hyper

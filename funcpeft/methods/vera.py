@@ -3,7 +3,7 @@
 A (r, max_in) and B (max_out, r) are drawn once per adapter from `projection_prng_key` (PEFT's
 kaiming-uniform draw, A first) at the largest input/output size of the targeted layers; each layer uses
 the slices A[:, :in], B[:out, :]. They are *frozen*: they live in `base` under reserved keys
-(`funcpeft.trees.SHARED_PREFIX`, e.g. '<shared>.vera_A.prng0.256x64'), never in the adapter tree, and
+(`funcpeft._trees.SHARED_PREFIX`, e.g. '<shared>.vera_A.prng0.256x64'), never in the adapter tree, and
 are not counted as parameters (PEFT keeps them as buffers). Trainable, per layer:
   vera_lambda_b (out,)   init 0 (init_weights=True) or 1
   vera_lambda_d (r,)     init d_initial (init_weights=True) or randn
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._trees import shared_key
 from ..configs import VeraConfig
-from ..trees import shared_key
 from ._registry import register
 from .base import (
     KeyRules,

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._trees import shared_key
 from .._wavelets import waverec2d_one_level
 from ..configs.waveft import WAVELET_REDUCTIONS, WaveFTConfig
-from ..trees import shared_key
 from ._patterns import pattern_key
 from ._registry import register
 from .base import (

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .. import configs
+from .._keys import peft_path
+from .._model import get_peft_model
 from .._plan import PlanEntry, check_adapter_structure
-from ..keys import peft_path
 from ..methods.base import LayerKind
-from ..model import get_peft_model
 from ._asserts import random_like
 
 

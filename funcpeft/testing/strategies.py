@@ -30,9 +30,9 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from .._config import LoraConfig
+from .._constants import DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE
 from .._targeting import layer_index, layer_kind, output_embedding_name, overlaps_saved_module
-from ..config import LoraConfig
-from ..constants import DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE
 from ._asserts import random_like
 from ._models import TINY_MODELS, VOCAB
 

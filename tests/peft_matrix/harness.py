@@ -35,8 +35,8 @@ from torch import nn
 
 import funcpeft
 import funcpeft.io
+from funcpeft._trees import SHARED_PREFIX
 from funcpeft.methods.base import Method
-from funcpeft.trees import SHARED_PREFIX
 
 from . import models
 from .cases import Case, MultiCase, build_config

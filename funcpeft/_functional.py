@@ -4,7 +4,7 @@
 with frozen tensors shared by all their layers (VeRA's vera_A / vera_B), entries under reserved keys
 starting with `trees.SHARED_PREFIX` (e.g. '<shared>.vera_A.prng0.256x64'): frozen like the weights, never in
 the adapter tree, and not counted as parameters (PEFT keeps them as buffers). `adapter` is the
-plain adapter tree `{module_path: {param_name: Tensor}}` (see `funcpeft.trees`), `None` for the base
+plain adapter tree `{module_path: {param_name: Tensor}}` (see `funcpeft._trees`), `None` for the base
 model, or `{adapter_name: tree, ...}` for several registered adapters at once (their terms are summed,
 like PEFT's list of active adapters).
 
@@ -75,6 +75,8 @@ from ._plan import (
     with_shared,
 )
 from ._quant import check_weight, dequantize
+from ._trees import PROMPT_PATH, SHARED_PATH
+from ._weights import AdaptedWeight, Applied, apply_module, nesting_order
 from .methods import weight_method
 from .methods.base import (
     CallInputs,
@@ -91,8 +93,6 @@ from .methods.base import (
 )
 from .rng import CallRandomness, redirect
 from .routing import PerExample, batch_size, check_batch, route_layer, route_module, split_routed
-from .trees import PROMPT_PATH, SHARED_PATH
-from .weights import AdaptedWeight, Applied, apply_module, nesting_order
 
 _MISSING = object()
 _MODULE_TRAIN = nn.Module.train

@@ -10,7 +10,7 @@ import optree
 import torch
 
 from ._quant import counted_numel
-from .trees import SHARED_PREFIX
+from ._trees import SHARED_PREFIX
 
 
 def _numel(t: torch.Tensor) -> int:

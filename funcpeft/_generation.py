@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .functional import PeftFunction, peft_function
+from ._functional import PeftFunction, peft_function
 from .rng import CallRandomness, GlobalRNGError, redirect
 from .routing import MixedBatch, PerExample, batch_size, check_batch, split_routed
 

@@ -29,7 +29,7 @@ BaseTree = dict[str, torch.Tensor]
 
 SHARED_PREFIX = "<shared>."
 """Reserved `base` key prefix for frozen tensors an adapter's layers share (VeRA's vera_A / vera_B): they
-belong to the frozen side, never to this tree; see funcpeft.functional."""
+belong to the frozen side, never to this tree; see funcpeft._functional."""
 
 
 SHARED_PATH = "<shared>"

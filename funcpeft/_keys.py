@@ -29,12 +29,12 @@ from typing import Any
 
 from torch import nn
 
+from ._constants import EMBEDDING_LAYER_NAMES
 from ._plan import PlanEntry
 from ._targeting import is_saved_module, module_name, tied_layers, tied_to_input_embedding
-from .constants import EMBEDDING_LAYER_NAMES
+from ._trees import SHARED_PATH, SHARED_PREFIX
 from .methods import method_for
 from .methods.base import KeyRules, Method
-from .trees import SHARED_PATH, SHARED_PREFIX
 
 PREFIX = "base_model.model."
 BIAS_ALL_WRAPPER_PARTS = ("modules_to_save", "original_module")  # see `bias_all_duplicates`
@@ -53,7 +53,7 @@ def key_rules(config: Any) -> KeyRules:
 def shared_file_keys(config: Any, base_keys: Iterable[str], adapted: Iterable[str] = ()) -> dict[str, str]:
     """{checkpoint key: base key} of a method's frozen shared tensors that PEFT saves (e.g. VeRA's projections).
 
-    Shared base keys start with funcpeft.trees.SHARED_PREFIX (see `SharedTensors.file_keys`); `adapted`: the
+    Shared base keys start with funcpeft._trees.SHARED_PREFIX (see `SharedTensors.file_keys`); `adapted`: the
     adapted module paths, for copies PEFT writes under each layer (`SharedTensors.layer_file_keys`).
     """
     method = method_for(config)

@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from .config import ArrowConfig, LoraConfig
+from ._config import ArrowConfig, LoraConfig
+from ._model import FunctionalPeftModel, from_pretrained
 from .methods.base import LayerKind
-from .model import FunctionalPeftModel, from_pretrained
 
 TASK_ADAPTER_PREFIX = "task_"
 GKS_ADAPTER_PREFIX = "gks_"

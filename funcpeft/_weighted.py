@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
+from ._config import LoraConfig
+from ._functional import peft_function
 from ._names import Names
 from ._plan import check_adapter_name, check_adapter_structure, plan_adapter
-from .config import LoraConfig
-from .functional import peft_function
 from .methods import weight_method
 from .methods._layers import adapter_dtype
 from .methods.base import LayerKind, LayerSpec

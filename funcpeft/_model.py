@@ -17,23 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._config import PeftConfig
+from ._constants import MIXED_COMPATIBLE_TYPES
+from ._conversion import convert_mutated_init
+from ._counting import count_parameters, format_trainable
 from ._decode import generate
+from ._functional import PeftFunction
+from ._loading import load_for_model
+from ._merge import merge_and_unload
 from ._names import Names
 from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
 from ._quant import base_tensor
 from ._replicate import prepared
-from .config import PeftConfig
-from .constants import MIXED_COMPATIBLE_TYPES
-from .conversion import convert_mutated_init
-from .counting import count_parameters, format_trainable
-from .functional import PeftFunction
+from ._trees import AdapterTree, BaseTree, tree_numel
 from .io import save_adapter
-from .loading import load_for_model
-from .merge import merge_and_unload
 from .methods import method_for
 from .methods.lora import LoraHyper
 from .methods.lora_init import changes_base
-from .trees import AdapterTree, BaseTree, tree_numel
 
 
 @dataclasses.dataclass(repr=False)
@@ -42,8 +42,8 @@ class FunctionalPeftModel:
 
     fn: `PeftFunction`, pure `fn(base, adapter, *args, **kwargs)`.
     base: `{param_name: Tensor}`, the model's parameters (detached, shared storage, requires_grad=False), plus
-      frozen method tensors under reserved keys (shared projections, per-layer buffers; see funcpeft.trees).
-    adapter: the trainable tree of `adapter_name` (see funcpeft.trees).
+      frozen method tensors under reserved keys (shared projections, per-layer buffers; see funcpeft._trees).
+    adapter: the trainable tree of `adapter_name` (see funcpeft._trees).
     peft_config: `{adapter_name: resolved config}`, like PEFT's `PeftModel.peft_config`.
     model: the module tree the adapters are planned on: the user's model, or with `layer_replication` its
       replicated copy (sharing the model's tensors; funcpeft._replicate).
@@ -200,7 +200,7 @@ class FunctionalPeftModel:
         path_initial_model_for_weight_conversion: the directory where the adapter was saved right after
         get_peft_model (before training) under PiSSA / OLoRA / CorDA / LoRA-GA, which change the base weights:
         the adapter is then saved as a plain LoRA adapter of the original weights (rank 2r; see
-        funcpeft.conversion), and that directory's config gets init_lora_weights=True, as in PEFT. One adapter per
+        funcpeft._conversion), and that directory's config gets init_lora_weights=True, as in PEFT. One adapter per
         call: its tree, or `{name: tree}` for another registered adapter (PEFT's `selected_adapters=[name]`);
         several are refused (PEFT subtracts the one initial adapter from each).
         """
@@ -439,7 +439,7 @@ def from_pretrained(
     Base-model tensors the checkpoint carries (PEFT saves the embedding when an embedding is targeted) replace
     the model's in the returned `base` dict when they differ; the model itself is never modified. Shapes the
     config implies are checked against the file and a sane rank limit before anything is allocated (see
-    `funcpeft.loading.check_sizes`); a config that is not the one its weights were saved with raises
+    `funcpeft._loading.check_sizes`); a config that is not the one its weights were saved with raises
     `funcpeft.io.InterruptedSaveError`.
 
     Args:

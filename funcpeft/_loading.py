@@ -19,11 +19,8 @@ import torch
 from torch import nn
 
 from ._checks import AdapterMismatchError, LeafSpec, Problems, device_of, expected_leaves
-from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
-from ._replicate import prepared
-from .config import PeftConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors
-from .keys import (
+from ._config import PeftConfig
+from ._keys import (
     PREFIX,
     Leaf,
     base_file_key,
@@ -38,10 +35,13 @@ from .keys import (
     tie_file_keys,
     tree_entry_adapted,
 )
+from ._plan import PlanEntry, init_adapter, init_shared, method_shapes, plan_adapter
+from ._replicate import prepared
+from ._trees import PROMPT_PATH
+from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapters_in, read_config, read_tensors
 from .methods import InputMethod, Method, method_for
 from .methods._patterns import pattern_key
 from .methods.base import LayerSpec
-from .trees import PROMPT_PATH
 
 # -- sizes the config implies, checked before anything is allocated ---------------------------------------------
 RANK_FACTOR, RANK_FLOOR = 4, 4096  # a loaded config may give a layer a rank up to max(4 * min(in, out), 4096)

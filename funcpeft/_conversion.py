@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MUTATING_INITS, LoraConfig, init_mode
+from ._config import MUTATING_INITS, LoraConfig, init_mode
+from ._loading import load_adapter
 from .io import save_adapter
-from .loading import load_adapter
 
 Tree = Mapping[str, Mapping[str, torch.Tensor]]
 

@@ -33,11 +33,11 @@ import optree
 import torch
 from torch import nn
 
+from ._functional import PeftFunction, peft_function
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, input_entry, input_method, layer_params, with_shared
 from ._quant import base_tensor, dequantize, is_quantised, requantize, warn_rounding
 from ._replicate import PEFT_MERGE_ERROR
-from .functional import PeftFunction, peft_function
 from .methods import weight_method
 from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
 from .methods.base import LayerKind, LayerSpec, Params

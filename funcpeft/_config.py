@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .constants import DEFAULT_TARGET_MODULES
+from ._constants import DEFAULT_TARGET_MODULES
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose behaviour and file format funcpeft reproduces
 
@@ -355,7 +355,7 @@ class MontecloraConfig:
 
 @dataclass
 class ArrowConfig:
-    """PEFT's `ArrowConfig` (Arrow routing among LoRA experts, GenKnowSub; see funcpeft.arrow).
+    """PEFT's `ArrowConfig` (Arrow routing among LoRA experts, GenKnowSub; see funcpeft._arrow).
 
     task_adapter_names / gks_adapter_names are set by `create_arrow_model` (not __init__ arguments, as in PEFT).
     """
