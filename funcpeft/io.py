@@ -378,7 +378,9 @@ def checkpoint_state(
     `base_params` for methods with per-layer frozen tensors PEFT saves (`LayerFrozen`: adapter `adapter_name`'s).
     """
     if not isinstance(adapter_params, Mapping) or not all(isinstance(e, Mapping) for e in adapter_params.values()):
-        raise TypeError("adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft._trees)")
+        raise TypeError(
+            "adapter_params must be an adapter tree {module_path: {name: Tensor}} (see funcpeft.AdapterTree)"
+        )
     if isinstance(method_for(config), InputMethod):
         return _unshare(input_state(adapter_params, config, model, plan))
     rules: KeyRules = key_rules(config)

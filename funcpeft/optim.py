@@ -227,7 +227,7 @@ def _split(tree: Tree, labels: Mapping[tuple[str, str], str], group: str) -> dic
 
 def _labels(tree: Tree, label: Label) -> dict[tuple[str, str], str]:
     if not isinstance(tree, Mapping) or not all(isinstance(e, Mapping) for e in tree.values()):
-        raise TypeError("expected an adapter tree {module path: {leaf name: Tensor}} (see funcpeft._trees)")
+        raise TypeError("expected an adapter tree {module path: {leaf name: Tensor}} (see funcpeft.AdapterTree)")
     return {(path, name): label(path, name, leaf) for path, entry in tree.items() for name, leaf in entry.items()}
 
 
