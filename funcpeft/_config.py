@@ -680,7 +680,7 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = 16
     monteclora_config: MontecloraConfig | dict | None = None
     layer_replication: list[list[int]] | None = None
-    runtime_config: LoraRuntimeConfig | dict | None = None
+    runtime_config: LoraRuntimeConfig | dict | None = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
     target_parameters: list[str] | set[str] | None = None
     use_bdlora: dict | None = None

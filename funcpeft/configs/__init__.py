@@ -37,6 +37,7 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .poly import PolyConfig
 from .prompt_learning import (
     MultitaskPromptTuningConfig,
     PrefixTuningConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",
+    "PolyConfig",
     "IA3Config",
     "KasaConfig",
     "LNTuningConfig",
