@@ -52,7 +52,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("LNTuningConfig", dict(target_modules=["input_layernorm", "post_attention_layernorm"])),
     "trainable_tokens": ("TrainableTokensConfig", dict(target_modules=["embed_tokens"], token_indices=list(range(64)))),
     "adalora": ("AdaLoraConfig", dict(init_r=16, target_r=8, total_step=100, target_modules=ALL_LINEAR)),
+    "hira": ("HiraConfig", dict(r=16, target_modules=ALL_LINEAR)),
+    "gralora": ("GraloraConfig", dict(r=16, target_modules=ALL_LINEAR)),
+    "tinylora": ("TinyLoraConfig", dict(r=2, u=64, target_modules=ALL_LINEAR)),
+    "waveft": ("WaveFTConfig", dict(n_frequency=1000, target_modules=ATTENTION)),
+    "delora": ("DeloraConfig", dict(r=16, target_modules=ALL_LINEAR)),
+    "poly": (
+        "PolyConfig",
+        dict(task_type="CAUSAL_LM", r=8, n_tasks=4, n_skills=4, n_splits=4, target_modules=ALL_LINEAR),
+    ),
 }
+# model inputs a method needs besides input_ids / labels
+EXTRA_INPUTS: dict[str, dict[str, Any]] = {"poly": {"task_ids": torch.arange(BATCH) % 4}}
 
 
 def _quiet(fn: Any) -> Any:
@@ -80,7 +91,7 @@ class Fixture:
         self.pm = _quiet(lambda: funcpeft.from_pretrained(model, tmp, is_trainable=True))
         self.fn, self.base, self.adapter = self.pm
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-        self.kw = {"input_ids": ids, "labels": ids}
+        self.kw = {"input_ids": ids, "labels": ids, **EXTRA_INPUTS.get(method, {})}
         self.step = funcpeft.value_and_grad(lambda a: self.fn(self.base, a, **self.kw).loss)
 
     def peft_step(self) -> torch.Tensor:
