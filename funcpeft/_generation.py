@@ -83,12 +83,17 @@ def _prompt_inputs(
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
     returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
     if int(beams) > 1:
-        raise ValueError("Beam search not yet supported for aLoRA.")  # PEFT's error (LoraModel)
+        if "alora_offsets" in consumed:
+            raise ValueError("Beam search not yet supported for aLoRA.")  # PEFT's error (LoraModel)
+        raise ValueError(
+            f"funcpeft.generate: num_beams={beams} with an adapter that consumes {sorted(consumed)}: those are per "
+            "prompt row, but beam search repeats the rows (PEFT fails on this too). Generate with num_beams=1."
+        )
     if int(returned) > 1 or expanded:
         raise NotImplementedError(
             f"funcpeft.generate: num_return_sequences={returned} (or per-example routing) with an adapter that "
-            f"consumes {sorted(consumed)} (aLoRA): its per-row offsets come from the prompts, but transformers "
-            "repeats the rows (PEFT fails on this too). Generate with num_return_sequences=1."
+            f"consumes {sorted(consumed)} (aLoRA's offsets, Poly's task_ids): they are per prompt row, but "
+            "transformers repeats the rows (PEFT fails on this too). Generate with num_return_sequences=1."
         )
     return prompt, {k: v for k, v in kwargs.items() if k not in consumed}
 

@@ -124,6 +124,12 @@ def test_poly_generate_equals_peft() -> None:
         plain = funcpeft.generate(fpm, fpm.base, None, **{k: v for k, v in kw.items() if k != "task_ids"})
     assert torch.equal(got, want)
     assert not torch.equal(got, plain), "the adapter should change the tokens"
+    with pytest.raises(RuntimeError):  # PEFT: task_ids (B,) meet the beams' B * 2 rows in its bmm
+        pm.generate(**kw, num_beams=2)
+    with pytest.raises(ValueError, match=r"num_beams=2 with an adapter that consumes \['task_ids'\]"):
+        funcpeft.generate(fpm, fpm.base, tree, **kw, num_beams=2)
+    with pytest.raises(NotImplementedError, match="num_return_sequences=2"):
+        funcpeft.generate(fpm, fpm.base, tree, **{**kw, "do_sample": True}, num_return_sequences=2, rng=0)
 
 
 def test_poly_task_ids_are_checked() -> None:
