@@ -42,14 +42,7 @@ from typing import Any
 import torch
 
 from ._functional import PeftFunction, peft_function
-from ._generation import (
-    RefusedRandomness,
-    check_expansion,
-    eager_generate,
-    expand_routing,
-    prompt_rows,
-    sampling_randomness,
-)
+from ._generation import check_expansion, eager_generate, expand_routing, generation_randomness, prompt_rows
 from ._plan import check_adapter_structure
 from ._trees import stack_adapters
 from .rng import redirect
@@ -133,14 +126,7 @@ class Decoder:
                     "with its own static KV cache (max_cache_len= on the Decoder sets its size)"
                 )
         kwargs = {k: v for k, v in kwargs.items() if k not in _OWNED}
-        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-        sampling = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
-        if sampling and rng is None:
-            raise ValueError(
-                "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
-                "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
-            )
-        randomness = RefusedRandomness() if rng is None else sampling_randomness(rng)
+        config, randomness = generation_randomness(model, kwargs, rng)
         adapter, expanded = expand_routing(fn, adapter, kwargs, config)
         if not any(isinstance(kwargs.get(k), torch.Tensor) for k in ("input_ids", "inputs", "inputs_embeds")):
             raise ValueError(
