@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._functional import PeftFunction, peft_function
+from ._trees import tensor_leaves
 from .rng import CallRandomness, GlobalRNGError, redirect
 from .routing import MixedBatch, PerExample, batch_size, check_batch, split_routed
 
@@ -163,17 +164,9 @@ def _repeat(adapter: Any, factor: int) -> Any:
     if isinstance(adapter, PerExample):
         index = adapter.index
         if index is None:  # stacked adapter i for prompt i
-            index = torch.arange(adapter.k, device=next(iter(_leaves(adapter.stacked))).device)
+            index = torch.arange(adapter.k, device=next(iter(tensor_leaves(adapter.stacked))).device)
         return dataclasses.replace(adapter, index=index.repeat_interleave(factor))
     return {n: _repeat(t, factor) if isinstance(t, PerExample) else t for n, t in adapter.items()}
-
-
-def _leaves(tree: Any) -> Any:
-    for v in tree.values():
-        if isinstance(v, torch.Tensor):
-            yield v
-        else:
-            yield from _leaves(v)
 
 
 def check_expansion(skel: Any, factor: int) -> None:
