@@ -42,16 +42,9 @@ from typing import Any
 import torch
 
 from ._functional import PeftFunction, peft_function
-from ._generation import (
-    RefusedRandomness,
-    check_expansion,
-    eager_generate,
-    expand_routing,
-    prompt_rows,
-    sampling_randomness,
-)
+from ._generation import check_expansion, eager_generate, expand_routing, generation_randomness, prompt_rows
 from ._plan import check_adapter_structure
-from ._trees import stack_adapters
+from ._trees import stack_adapters, tensor_leaves
 from .rng import redirect
 from .routing import MixedBatch, PerExample, per_example
 
@@ -133,14 +126,7 @@ class Decoder:
                     "with its own static KV cache (max_cache_len= on the Decoder sets its size)"
                 )
         kwargs = {k: v for k, v in kwargs.items() if k not in _OWNED}
-        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-        sampling = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
-        if sampling and rng is None:
-            raise ValueError(
-                "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
-                "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
-            )
-        randomness = RefusedRandomness() if rng is None else sampling_randomness(rng)
+        config, randomness = generation_randomness(model, kwargs, rng)
         adapter, expanded = expand_routing(fn, adapter, kwargs, config)
         if not any(isinstance(kwargs.get(k), torch.Tensor) for k in ("input_ids", "inputs", "inputs_embeds")):
             raise ValueError(
@@ -247,7 +233,7 @@ def _mixed_input(fn: PeftFunction, mixed: MixedBatch) -> dict[str, tuple[Any, to
             continue  # unused, and it could not be routed to no adapter (KaSA): left out, as MixedBatch.split does
         stacked = stack_adapters([mixed.adapters[m] for m in members])
         slot = {m: j for j, m in enumerate(members)}
-        index = torch.tensor([slot.get(n, -1) for n in mixed.adapter_names], device=next(_leaves(stacked)).device)
+        index = torch.tensor([slot.get(n, -1) for n in mixed.adapter_names], device=next(tensor_leaves(stacked)).device)
         out[members[0]] = _routing_input(fn, members[0], per_example(stacked, index, members[0]))
     return out
 
@@ -259,7 +245,7 @@ def _changes_base(fn: PeftFunction, name: str) -> bool:
 def _routing_input(fn: PeftFunction, name: str, pe: PerExample) -> tuple[Any, torch.Tensor, bool]:
     index = pe.index
     if index is None:  # stacked adapter i for prompt i
-        index = torch.arange(pe.k, device=next(iter(_leaves(pe.stacked))).device)
+        index = torch.arange(pe.k, device=next(iter(tensor_leaves(pe.stacked))).device)
     return pe.stacked, index, pe.any_base if _changes_base(fn, name) else True
 
 
@@ -268,14 +254,6 @@ def _rebuild(adapter: Any) -> Any:
     if adapter is None:
         return None
     return {n: PerExample(v[0], v[1], n, v[2]) if isinstance(v, tuple) else v for n, v in adapter.items()}
-
-
-def _leaves(tree: Any) -> Any:
-    for v in tree.values():
-        if isinstance(v, torch.Tensor):
-            yield v
-        else:
-            yield from _leaves(v)
 
 
 _DEFAULT: weakref.WeakKeyDictionary[PeftFunction, dict[Any, Decoder]] = weakref.WeakKeyDictionary()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._functional import PeftFunction, peft_function
+from ._trees import tensor_leaves
 from .rng import CallRandomness, GlobalRNGError, redirect
 from .routing import MixedBatch, PerExample, batch_size, check_batch, split_routed
 
@@ -43,17 +44,11 @@ def eager_generate(
     model = fn.model
     if not callable(getattr(model, "generate", None)):
         raise TypeError(f"funcpeft.generate: the model ({type(model).__name__}) has no `generate` method")
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    sampling = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
-    if sampling and rng is None:
-        raise ValueError(
-            "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
-            "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
-        )
+    config, randomness = generation_randomness(model, kwargs, rng)
     if fn.has_input_adapter(adapter):  # prompt learning: the prompts go in as generate's inputs (see apply_inputs)
         call, finish = fn.apply_inputs(base, adapter, (), kwargs, generating=True)
         skel: Any = fn.bound_model(base, adapter, ((), kwargs))
-        with redirect(RefusedRandomness() if rng is None else sampling_randomness(rng)):
+        with redirect(randomness):
             return finish(skel.generate(*call.args, **call.kwargs))
     adapter, expanded = expand_routing(fn, adapter, kwargs, config)
     prompt, kwargs = _prompt_inputs(fn, kwargs, config, expanded)
@@ -62,7 +57,6 @@ def eager_generate(
     )
     if expanded:
         check_expansion(skel, expanded // prompt_rows(kwargs))
-    randomness = RefusedRandomness() if rng is None else sampling_randomness(rng)
     with redirect(randomness):
         return skel.generate(**kwargs)
 
@@ -96,6 +90,19 @@ def _prompt_inputs(
             "transformers repeats the rows (PEFT fails on this too). Generate with num_return_sequences=1."
         )
     return prompt, {k: v for k, v in kwargs.items() if k not in consumed}
+
+
+def generation_randomness(model: Any, kwargs: Mapping[str, Any], rng: Any) -> tuple[Any, CallRandomness]:
+    """(generate's generation config, the call's randomness): sampling, in the call or the model's generation config,
+    needs `rng`; without one every draw is refused (funcpeft never uses the process-global RNG)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    sampling = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
+    if sampling and rng is None:
+        raise ValueError(
+            "funcpeft.generate: sampling (do_sample=True, in the call or the model's generation_config) needs "
+            "explicit randomness: pass rng=<int seed> or rng=<torch.Generator> (funcpeft never uses the global RNG)"
+        )
+    return config, RefusedRandomness() if rng is None else sampling_randomness(rng)
 
 
 def sampling_randomness(rng: Any) -> CallRandomness:
@@ -162,17 +169,9 @@ def _repeat(adapter: Any, factor: int) -> Any:
     if isinstance(adapter, PerExample):
         index = adapter.index
         if index is None:  # stacked adapter i for prompt i
-            index = torch.arange(adapter.k, device=next(iter(_leaves(adapter.stacked))).device)
+            index = torch.arange(adapter.k, device=next(iter(tensor_leaves(adapter.stacked))).device)
         return dataclasses.replace(adapter, index=index.repeat_interleave(factor))
     return {n: _repeat(t, factor) if isinstance(t, PerExample) else t for n, t in adapter.items()}
-
-
-def _leaves(tree: Any) -> Any:
-    for v in tree.values():
-        if isinstance(v, torch.Tensor):
-            yield v
-        else:
-            yield from _leaves(v)
 
 
 def check_expansion(skel: Any, factor: int) -> None:

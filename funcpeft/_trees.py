@@ -16,7 +16,7 @@ gives a tree with a leading K dimension that `torch.func.vmap` maps over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optree
@@ -84,6 +84,15 @@ def unstack_adapters(stacked: Any) -> list[Any]:
         return []
     k = leaves[0].shape[0]
     return [optree.tree_unflatten(spec, [leaf[i] for leaf in leaves]) for i in range(k)]
+
+
+def tensor_leaves(tree: Any) -> Iterator[Any]:
+    """The tensors of a nested `{name: Tensor | subtree}` dict, in insertion order (optree's leaves are sorted)."""
+    for v in tree.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        else:
+            yield from tensor_leaves(v)
 
 
 def tree_numel(tree: Any) -> int:

@@ -86,6 +86,20 @@ def _check(name: str, value: float, low: float, high: float = float("inf")) -> N
         raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
 
 
+def _check_adam(
+    lr: float | Schedule, betas: tuple[float, float], eps: float, weight_decay: float
+) -> tuple[float, float]:
+    """Adam's hyper-parameters in range (torch.optim's checks; a schedule's values are not checked): the betas."""
+    b1, b2 = betas
+    _check("beta1", b1, 0.0, 1.0)
+    _check("beta2", b2, 0.0, 1.0)
+    _check("eps", eps, 0.0)
+    _check("weight_decay", weight_decay, 0.0)
+    if not callable(lr):
+        _check("lr", lr, 0.0)
+    return b1, b2
+
+
 def adamw(
     lr: float | Schedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -94,13 +108,7 @@ def adamw(
     maximize: bool = False,
 ) -> GradientTransformation:
     """AdamW with torch.optim.AdamW's defaults and arithmetic; `lr` may be a schedule `step -> lr`."""
-    b1, b2 = betas
-    _check("beta1", b1, 0.0, 1.0)
-    _check("beta2", b2, 0.0, 1.0)
-    _check("eps", eps, 0.0)
-    _check("weight_decay", weight_decay, 0.0)
-    if not callable(lr):
-        _check("lr", lr, 0.0)
+    b1, b2 = _check_adam(lr, betas, eps, weight_decay)
 
     def init(params: Tree) -> AdamWState:
         zeros = _map(lambda p: torch.zeros_like(p, memory_format=torch.preserve_format).detach(), params)
@@ -381,13 +389,7 @@ def lorafa(
     PEFT computes the projection under `torch.autocast(dtype=bfloat16)` wherever bf16 is available (CPUs
     and bf16-capable GPUs): the default reproduces that; None projects in the gradient's dtype.
     """
-    b1, b2 = betas
-    _check("beta1", b1, 0.0, 1.0)
-    _check("beta2", b2, 0.0, 1.0)
-    _check("eps", eps, 0.0)
-    _check("weight_decay", weight_decay, 0.0)
-    if not callable(lr):
-        _check("lr", lr, 0.0)
+    b1, b2 = _check_adam(lr, betas, eps, weight_decay)
     if not isinstance(scalings, Mapping):
         _check("scaling", scalings, 1e-300)  # it divides the projected gradient
 

@@ -9,6 +9,7 @@ assert_raises_like_peft(model, "C3AConfig", kwargs, ValueError, "block size shou
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,11 +19,14 @@ import peft
 import pytest
 import torch
 from helpers import out_tensor
+from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcpeft
 from funcpeft import testing as T
+from funcpeft._trees import SHARED_PREFIX
+from funcpeft.methods.base import UnsupportedLayerError
 
 
 def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -114,6 +118,63 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
         _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), mixed=True)
     with pytest.raises(ValueError, match=match):
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)
+
+
+def assert_config_defaults_equal_peft(config_cls: str) -> None:
+    """The default config has PEFT's fields and defaults (peft_version: the PEFT release funcpeft reproduces)."""
+    ours, theirs = getattr(funcpeft, config_cls)().to_dict(), getattr(peft, config_cls)().to_dict()
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+
+
+def assert_unsupported_like_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], peft_match: str, match: str
+) -> None:
+    """PEFT refuses the targeted layer type with a TypeError matching `peft_match`; funcpeft with an
+    UnsupportedLayerError matching `match` (which names the module and its type)."""
+    with pytest.raises(TypeError, match=peft_match):
+        _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
+    with pytest.raises(UnsupportedLayerError, match=match):
+        _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
+
+
+def assert_frozen_equal_peft(fpm: Any, pm: nn.Module, attr: str) -> None:
+    """Each adapted layer's one frozen tensor equals PEFT's `layer.{attr}["default"]`, and every `base` entry that is
+    not a parameter of the model is under a reserved key (funcpeft._trees.SHARED_PREFIX)."""
+    for path, entry in fpm.plans["default"].items():
+        ((_, key),) = entry.frozen
+        layer = pm.get_submodule(f"base_model.model.{path}")
+        assert torch.equal(fpm.base[key], getattr(layer, attr)["default"]), path
+    assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
+
+
+def assert_merge_equals_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any]) -> None:
+    """merge_and_unload's outputs equal PEFT's, and unmerge(merge(W)) gives every adapted weight back."""
+    with torch.no_grad():
+        want = pm.merge_and_unload()(**inputs).logits
+        got = funcpeft.merge_and_unload(fpm, adapter)(**inputs).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
+    for path in fpm.plans["default"]:
+        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def assert_spectrum_indices_frozen_and_unsaved(config_cls: str, leaf: str, tmp_path: Any) -> None:
+    """FourierFT / WaveFT: the (2, n) int64 indices are frozen (in `base`, not counted), one tensor per layer shape,
+    never saved (the file holds only the `leaf` spectra) and rebuilt from the seed on loading."""
+    model = T.tiny_llama()
+    config = getattr(funcpeft, config_cls)(n_frequency=20, target_modules=["q_proj", "k_proj"], random_loc_seed=11)
+    fpm = funcpeft.get_peft_model(model, config)
+    keys = {k for _, k in fpm.plans["default"]["model.layers.0.self_attn.q_proj"].frozen}
+    assert all(not t.is_floating_point() for t in (fpm.base[k] for k in keys))  # int64 indices on the frozen side
+    assert fpm.get_nb_trainable_parameters()[0] == 4 * 20  # the indices are not counted
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(f"base_model.model.{p}.{leaf}" for p in fpm.plans["default"])
+    back = funcpeft.from_pretrained(model, tmp_path)
+    for k in keys:
+        assert torch.equal(back.base[k], fpm.base[k])
+    # q_proj (64 x 64) and k_proj (32 x 64) have different shapes: different index tensors
+    assert len({k for e in fpm.plans["default"].values() for _, k in e.frozen}) == 2
 
 
 def _saved_bytes(fn: Any, xs: Sequence[torch.Tensor]) -> list[int]:

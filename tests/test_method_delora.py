@@ -16,8 +16,10 @@ from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
+    assert_config_defaults_equal_peft,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
+    assert_merge_equals_peft,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
@@ -35,8 +37,7 @@ LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.DeloraConfig().to_dict(), peft.DeloraConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+    assert_config_defaults_equal_peft("DeloraConfig")
 
 
 @pytest.mark.parametrize(
@@ -92,12 +93,7 @@ def test_forward_gradients_and_merge_equal_peft() -> None:
     adapter = random_trees(fpm.adapter, 1)[0]
     x = make_inputs("llama")
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in fpm.plans["default"]:
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:

@@ -4,37 +4,35 @@ spectral indices (frozen, rebuilt from the seed, never saved), n_frequency_patte
 
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any
 
-import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
+    assert_config_defaults_equal_peft,
     assert_fresh_equals_peft,
+    assert_frozen_equal_peft,
     assert_matches_peft_with,
+    assert_merge_equals_peft,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_spectrum_indices_frozen_and_unsaved,
+    assert_unsupported_like_peft,
     build_both,
     random_trees,
 )
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft._trees import SHARED_PREFIX
-from funcpeft.methods.base import UnsupportedLayerError
 
 
 def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.FourierFTConfig().to_dict(), peft.FourierFTConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+    assert_config_defaults_equal_peft("FourierFTConfig")
 
 
 @pytest.mark.parametrize(
@@ -72,11 +70,10 @@ def test_a_missing_seed_is_refused_up_front() -> None:
 
 
 def test_unsupported_layers_name_module_and_type() -> None:
-    model = T.tiny_gpt2()
-    with pytest.raises(TypeError, match="is not supported"):
-        peft.get_peft_model(copy.deepcopy(model), peft.FourierFTConfig(target_modules=["wte"]))
-    with pytest.raises(UnsupportedLayerError, match=r"Target module 'transformer.wte' \(Embedding\) is not supported"):
-        funcpeft.get_peft_model(model, funcpeft.FourierFTConfig(target_modules=["wte"]))
+    match = r"Target module 'transformer.wte' \(Embedding\) is not supported"
+    assert_unsupported_like_peft(
+        T.tiny_gpt2(), "FourierFTConfig", dict(target_modules=["wte"]), "is not supported", match
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,11 +89,7 @@ def test_unsupported_layers_name_module_and_type() -> None:
 def test_fresh_adapter_and_indices_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
     fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs, seed=2)
     assert_fresh_equals_peft(fpm, pm)
-    for path, entry in fpm.plans["default"].items():
-        ((_, key),) = entry.frozen
-        layer = pm.get_submodule(f"base_model.model.{path}")
-        assert torch.equal(fpm.base[key], layer.indices["default"]), path
-    assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
+    assert_frozen_equal_peft(fpm, pm, "indices")
 
 
 def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
@@ -127,29 +120,11 @@ def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any
     adapter = random_trees(fpm.adapter, 1)[0]
     x = make_inputs(kind)
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in fpm.plans["default"]:
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any) -> None:
-    model = T.tiny_llama()
-    config = funcpeft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "k_proj"], random_loc_seed=11)
-    fpm = funcpeft.get_peft_model(model, config)
-    keys = {k for _, k in fpm.plans["default"]["model.layers.0.self_attn.q_proj"].frozen}
-    assert all(not t.is_floating_point() for t in (fpm.base[k] for k in keys))  # int64 indices on the frozen side
-    assert fpm.get_nb_trainable_parameters()[0] == 4 * 20  # the indices are not counted
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    assert sorted(saved) == sorted(f"base_model.model.{p}.fourierft_spectrum" for p in fpm.plans["default"])
-    back = funcpeft.from_pretrained(model, tmp_path)
-    for k in keys:
-        assert torch.equal(back.base[k], fpm.base[k])
-    # q_proj (64 x 64) and k_proj (32 x 64) have different shapes: different index tensors
-    assert len({k for e in fpm.plans["default"].values() for _, k in e.frozen}) == 2
+    assert_spectrum_indices_frozen_and_unsaved("FourierFTConfig", "fourierft_spectrum", tmp_path)
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:

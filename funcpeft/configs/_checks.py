@@ -1,8 +1,11 @@
-"""`__post_init__` checks the configs of MiSS, FourierFT, C3A and RandLoRA share (PEFT's rules, or clearer ones)."""
+"""`__post_init__` checks the configs of MiSS, FourierFT, WaveFT, C3A and RandLoRA share (PEFT's rules, or clearer
+ones)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .._config import check_layers_and_saved, check_module_names
 
 
 def check_regex_targets(config: Any) -> None:
@@ -48,3 +51,15 @@ def check_saved(config: Any) -> None:
         if isinstance(saved, str) or not all(isinstance(m, str) for m in saved):
             raise ValueError(f"`modules_to_save` must be a list of str, got {saved!r}")
         config.modules_to_save = list(saved)
+
+
+def check_sparse_spectrum(config: Any) -> None:
+    """FourierFT's and WaveFT's shared checks: n_frequency and n_frequency_pattern positive ints, the targeting
+    fields (module names, a regex with no layer selection, layers_pattern with layers_to_transform,
+    modules_to_save) and bias."""
+    check_positive_int(config, "n_frequency")
+    check_int_pattern(config, "n_frequency_pattern")
+    check_module_names(config, "target_modules", "exclude_modules")
+    check_regex_targets(config)
+    check_layers_and_saved(config)
+    check_bias(config)

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from .._config import PeftConfig, PeftType, validated_init
 from .._constants import FOURIERFT_TARGET_MODULES
-from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets
+from ._checks import check_sparse_spectrum
 
 
 @validated_init
@@ -40,12 +40,7 @@ class FourierFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         super().__post_init__()
-        check_positive_int(self, "n_frequency")
-        check_int_pattern(self, "n_frequency_pattern")
-        check_module_names(self, "target_modules", "exclude_modules")
-        check_regex_targets(self)
-        check_layers_and_saved(self)
-        check_bias(self)
+        check_sparse_spectrum(self)
         seed = self.random_loc_seed
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(

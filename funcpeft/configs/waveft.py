@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+from .._config import PeftConfig, PeftType, validated_init
 from .._constants import DEFAULT_TARGET_MODULES
 from .._wavelets import WAVELETS, filter_length  # the filters live with the transform
-from ._checks import check_bias, check_int_pattern, check_positive_int, check_regex_targets
+from ._checks import check_sparse_spectrum
 
 # PEFT: TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING (LoRA's without btlm / rwkv / rwkv7; GPT-2 style
 # models target mlp.c_proj)
@@ -38,7 +38,7 @@ class WaveFTConfig(PeftConfig):
     rebuilt from the seed, never saved); their values `waveft_spectrum` (n,) are trained: zeros
     (init_weights=True, PEFT's default) or randn * 0.01. use_idwt=False: dW = S * scaling (no transform).
     wavelet_family: a key of PEFT's WAVELET_REDUCTIONS; with use_idwt, one PEFT's transform knows (db1-db10,
-    sym2-sym10, coif1-coif4: PEFT's coif5 filter does not fit its padding; see funcpeft.methods._wavelets.WAVELETS). n_frequency_pattern: {module regex: n}.
+    sym2-sym10, coif1-coif4: PEFT's coif5 filter does not fit its padding; see funcpeft._wavelets.WAVELETS). n_frequency_pattern: {module regex: n}.
     proportional_parameters: each layer gets max(1, round(out * in / sum(out * in) * n_frequency * layers)).
     """
 
@@ -64,12 +64,7 @@ class WaveFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         super().__post_init__()
-        check_positive_int(self, "n_frequency")
-        check_int_pattern(self, "n_frequency_pattern")
-        check_module_names(self, "target_modules", "exclude_modules")
-        check_regex_targets(self)
-        check_layers_and_saved(self)
-        check_bias(self)
+        check_sparse_spectrum(self)
         if self.wavelet_family not in WAVELET_REDUCTIONS:
             raise ValueError(
                 f"Wavelet family {self.wavelet_family} not supported. Supported wavelet families are: "

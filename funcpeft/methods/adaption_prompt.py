@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
@@ -46,6 +47,9 @@ class AdaptionPromptHyper:
     num_heads: int
     head_dim: int
     kv_heads: int
+
+
+Spec = LayerSpec[AdaptionPromptHyper]
 
 
 def _positive(config: AdaptionPromptConfig, name: str) -> int:
@@ -102,11 +106,11 @@ def hyper(config: AdaptionPromptConfig, target: Target) -> AdaptionPromptHyper:
     return AdaptionPromptHyper(gpt2, config.adapter_len, int(cfg.hidden_size), num_heads, head_dim, kv_heads)  # type: ignore[arg-type]
 
 
-def param_names(spec: LayerSpec[AdaptionPromptHyper]) -> tuple[str, ...]:
+def param_names(spec: Spec) -> tuple[str, ...]:
     return ("adaption_prompt", "adaption_gate")
 
 
-def init(spec: LayerSpec[AdaptionPromptHyper], generator: torch.Generator | None) -> Params:
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
     """PEFT's draw: the prompt ~ N(0, 1) of shape (1, adapter_len, hidden); the gate zero ("zero-init")."""
     h = spec.hyper
     prompt = torch.empty(1, h.adapter_len, h.hidden_size)
@@ -145,8 +149,9 @@ def _queries(h: AdaptionPromptHyper, module: Any, hidden: torch.Tensor, kwargs: 
     return (q * cos) + (_rotate_half(q) * sin)
 
 
-def module_forward(
-    spec: LayerSpec[AdaptionPromptHyper],
+def _forward(
+    batched: bool,
+    spec: Spec,
     params: Params,
     module: nn.Module,
     args: tuple[Any, ...],
@@ -155,33 +160,9 @@ def module_forward(
 ) -> Any:
     """The attention's output tuple with PEFT's gated prompt attention added to its first element.
 
-    output[0]: (bsz, q_len, hidden); adaption_prompt: (1, adapter_len, hidden); adaption_gate: (1,).
+    output[0]: (bsz, q_len, hidden); adaption_prompt: (1, adapter_len, hidden) and adaption_gate (1,), or with
+    `batched` example i's: (bsz, 1, adapter_len, hidden) and (bsz, 1).
     """
-    return _forward(spec, params, module, args, kwargs, output, batched=False)
-
-
-def module_forward_per_example(
-    spec: LayerSpec[AdaptionPromptHyper],
-    params: Params,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    output: Any,
-) -> Any:
-    """`module_forward` with example i's prompt and gate: adaption_prompt (bsz, 1, adapter_len, hidden),
-    adaption_gate (bsz, 1)."""
-    return _forward(spec, params, module, args, kwargs, output, batched=True)
-
-
-def _forward(
-    spec: LayerSpec[AdaptionPromptHyper],
-    params: Params,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    output: Any,
-    batched: bool,
-) -> Any:
     h = spec.hyper
     m: Any = module
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -209,6 +190,12 @@ def _forward(
     if not h.gpt2:
         adapter_output = m.o_proj(adapter_output)
     return ((attn_output + adapter_output).to(previous_dtype), *rest)
+
+
+# Method.module_forward (one prompt and gate for the batch, PEFT's) and module_forward_per_example (per-example
+# routing: every param with a leading batch dim)
+module_forward = partial(_forward, False)
+module_forward_per_example = partial(_forward, True)
 
 
 def check_stack(specs: tuple[LayerSpec[Any], ...]) -> None:

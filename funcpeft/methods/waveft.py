@@ -7,55 +7,38 @@
     use_idwt=False: dW = S * scaling, S (out, in) zeros but S[indices] = waveft_spectrum
     y = base(x) + x @ dW^T
 
-indices (2, n), int64: the rows / columns of PEFT's draw `randperm(out * in, seed=random_loc_seed)[:n]`,
-frozen and rebuilt from the config (PEFT keeps them as a plain attribute and never saves them); they live in
-`base` under a reserved key per (seed, shape, n), e.g. '<shared>.waveft_indices.seed777.20x10.n8'.
+indices (2, n), int64: the rows / columns of PEFT's draw `randperm(out * in, seed=random_loc_seed)[:n]`, frozen
+in `base` (funcpeft.methods._spectrum, shared with FourierFT: the places, the supported layers, the dense update).
 Materialised per call, exactly as PEFT's `get_delta_weight`: the dense (H, W) coefficient matrix and the dense
 (out, in) dW, in the spectrum's dtype (the inverse transform needs every coefficient; x is cast to that dtype).
-The transform is PEFT's own torch code (funcpeft.methods._wavelets), so no wavelet package is needed.
-Supported layers, as in PEFT: nn.Linear and GPT-2 Conv1D.
+The transform is PEFT's own torch code (funcpeft._wavelets), so no wavelet package is needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._trees import shared_key
 from .._wavelets import waverec2d_one_level
 from ..configs.waveft import WAVELET_REDUCTIONS, WaveFTConfig
+from . import _spectrum
 from ._patterns import pattern_key
 from ._registry import register
-from .base import (
-    KeyRules,
-    LayerKind,
-    LayerSpec,
-    Method,
-    OpContext,
-    Params,
-    SharedTensors,
-    Target,
-    UnsupportedLayerError,
-)
+from .base import KeyRules, LayerKind, LayerSpec, Method, Params, Target
 
 NAME = "waveft_spectrum"
-INDICES = "indices"
 
 
 @dataclass(frozen=True)
-class WaveHyper:
-    n_frequency: int
-    scaling: float
-    seed: int  # random_loc_seed
+class WaveHyper(_spectrum.SpectrumHyper):  # init: zeros (True) or randn * 0.01
     wavelet: str
     use_idwt: bool
-    init: bool  # init_weights: zeros (True) or randn * 0.01
 
 
 Spec = LayerSpec[WaveHyper]
@@ -85,26 +68,17 @@ def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> dict[str, int
 
 
 def hyper(config: Any, target: Target) -> WaveHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
-        raise UnsupportedLayerError(
-            f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
-            "following modules are supported: `torch.nn.Linear` (and transformers' GPT-2 style `Conv1D`)."
-        )
+    _spectrum.check_layer(target)
     n = target.common.get(target.name) if target.common is not None else None
     if n is None:
         pattern = config.n_frequency_pattern or {}
         key = pattern_key(pattern.keys(), target.name)
         n = pattern.get(key if key is not None else target.name, config.n_frequency)
-    in_f, out_f = _in_out(target.module, target.kind)
     if n <= 0:
         raise ValueError(
             f"`n_frequency` should be a positive integer value but the value passed is {n} (module {target.name!r})"
         )
-    if n > in_f * out_f:
-        raise ValueError(
-            f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
-            f"but the value passed is {n} and the product is {in_f * out_f} (module {target.name!r})"
-        )
+    _spectrum.check_n_frequency(n, target)
     return WaveHyper(
         n_frequency=n,
         scaling=float(config.scaling),
@@ -113,23 +87,6 @@ def hyper(config: Any, target: Target) -> WaveHyper:
         use_idwt=bool(config.use_idwt),
         init=bool(config.init_weights),
     )
-
-
-def _key(spec: Spec) -> str:
-    h = spec.hyper
-    return shared_key("waveft_indices", f"seed{h.seed}", f"{spec.out_features}x{spec.in_features}", f"n{h.n_frequency}")
-
-
-def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
-    return ((INDICES, _key(spec)),)
-
-
-def make_indices(spec: Spec) -> Params:
-    """{base key: (2, n) int64}: rows and columns of PEFT's `randperm(out * in)[:n]` seeded with random_loc_seed."""
-    flat = torch.randperm(
-        spec.out_features * spec.in_features, generator=torch.Generator().manual_seed(spec.hyper.seed)
-    )[: spec.hyper.n_frequency]
-    return {_key(spec): torch.stack([flat // spec.in_features, flat % spec.in_features], dim=0)}
 
 
 def param_names(spec: Spec) -> tuple[str, ...]:
@@ -148,17 +105,14 @@ def _dense_delta(spec: Spec, params: Params) -> torch.Tensor:
     """PEFT's `get_delta_weight`: dW (out, in) in the spectrum's dtype."""
     h, out_f, in_f = spec.hyper, spec.out_features, spec.in_features
     spectrum = params[NAME]
-    indices = params[INDICES].to(spectrum.device)
     if not h.use_idwt:
-        dense = torch.zeros(out_f, in_f, device=spectrum.device, dtype=spectrum.dtype)
-        return dense.index_put((indices[0], indices[1]), spectrum) * h.scaling
+        return _spectrum.scatter(spectrum, params, (out_f, in_f)) * h.scaling
     red_rows, red_cols = WAVELET_REDUCTIONS[h.wavelet]
     rows, cols = out_f + red_rows, in_f + red_cols
     rows, cols = rows + rows % 2, cols + cols % 2
     # PEFT drops entries outside the padded matrix; an index < out (in) plus the centring offset never is
     row_off, col_off = (rows - out_f) // 2, (cols - in_f) // 2
-    dense = torch.zeros(rows, cols, device=spectrum.device, dtype=spectrum.dtype)
-    dense = dense.index_put((indices[0] + row_off, indices[1] + col_off), spectrum)
+    dense = _spectrum.scatter(spectrum, params, (rows, cols), (row_off, col_off))
     r2, c2 = rows // 2, cols // 2
     delta = (
         waverec2d_one_level(dense[:r2, :c2], dense[:r2, c2:], dense[r2:, :c2], dense[r2:, c2:], h.wavelet) * h.scaling
@@ -169,19 +123,6 @@ def _dense_delta(spec: Spec, params: Params) -> torch.Tensor:
     return delta
 
 
-def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
-    assert result is not None
-    previous_dtype = x.dtype
-    delta = _dense_delta(spec, params)
-    return (result + F.linear(x.to(delta.dtype), delta)).to(previous_dtype)
-
-
-def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
-    """dW in the base weight's layout ((in, out) for GPT-2 Conv1D)."""
-    delta = _dense_delta(spec, params)
-    return delta.T if spec.kind is LayerKind.CONV1D_HF else delta
-
-
 WAVEFT = register(
     Method(
         name="waveft",
@@ -189,9 +130,9 @@ WAVEFT = register(
         hyper=hyper,
         param_names=param_names,
         init=init,
-        forward=forward,
-        delta_weight=delta_weight,
-        shared=SharedTensors(common_hyper=common_hyper, frozen_params=frozen_params, make=make_indices),
+        forward=partial(_spectrum.add_update, _dense_delta),
+        delta_weight=partial(_spectrum.update_weight, _dense_delta),
+        shared=_spectrum.spectral_places("waveft", common_hyper),
         keys=KeyRules(param_prefix="waveft_", unsuffixed=frozenset({NAME})),
     )
 )
