@@ -13,7 +13,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import MODELS, capture_stdout, make_inputs
+from helpers import MODELS, capture_stdout, cast_model, make_inputs
 from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
@@ -301,7 +301,7 @@ def test_a_wrong_tree_names_the_leaf() -> None:
 
 def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
     """PEFT's AdaptionPromptModel has no adapter upcast (it is no BaseTuner): the prompts are bf16, drawn the same."""
-    model = T.tiny_llama().to(torch.bfloat16)
+    model = cast_model(T.tiny_llama(), torch.bfloat16)
     fpm, pm = build_both(model, "AdaptionPromptConfig", CONFIG, seed=2)
     assert_fresh_equals_peft(fpm, pm)
     assert all(t.dtype == torch.bfloat16 for t in optree.tree_leaves(fpm.adapter))
