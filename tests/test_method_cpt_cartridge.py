@@ -5,6 +5,7 @@ CPT's in-place projection, Cartridge's init from a cache, vmap, per-example prom
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -22,7 +23,7 @@ from funcpeft._trees import PROMPT_PATH
 from funcpeft.methods import cartridge as cartridge_method
 from funcpeft.methods import cpt as cpt_method
 
-MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
 CPT: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "cpt_token_ids": [5, 6, 7, 8, 9, 10, 11],
