@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import peft
 import pytest
 import torch
-from helpers import capture_stdout, examples
+from helpers import capture_stdout, cast_model, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft._trees import PROMPT_PATH
 
-MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
 
 
 def _pair(model: torch.nn.Module, name: str, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
@@ -566,7 +567,7 @@ def test_position_and_token_type_ids_like_peft() -> None:
 
 
 def test_bf16_model_equals_peft() -> None:
-    model = T.tiny_llama().to(torch.bfloat16)
+    model = cast_model(T.tiny_llama(), torch.bfloat16)
     pm, ppm = _pair(
         model, "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"
     )
