@@ -265,7 +265,7 @@ def test_unsupported_model_type_is_refused_like_peft() -> None:
     model = MODELS["bert"]()
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'bert'"):
-            quiet(lib.get_peft_model, copy.deepcopy(model), lib.AdaptionPromptConfig(**CONFIG))  # type: ignore[attr-defined]
+            quiet(lib.get_peft_model, copy.deepcopy(model), lib.AdaptionPromptConfig(**CONFIG))
     with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'qwen2'"):  # even when named
         funcpeft.get_peft_model(MODELS["qwen2"](), funcpeft.AdaptionPromptConfig(target_modules="self_attn", **CONFIG))
 
@@ -273,7 +273,7 @@ def test_unsupported_model_type_is_refused_like_peft() -> None:
 def test_more_adapter_layers_than_the_model_has_is_refused_like_peft() -> None:
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="more adapter layers '3' than the model has '2'"):
-            quiet(lib.get_peft_model, T.tiny_llama(), lib.AdaptionPromptConfig(adapter_len=2, adapter_layers=3))  # type: ignore[attr-defined]
+            quiet(lib.get_peft_model, T.tiny_llama(), lib.AdaptionPromptConfig(adapter_len=2, adapter_layers=3))
     with pytest.raises(ValueError, match="more adapter layers '1' than the model has '0'"):
         funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(target_modules="attn", **CONFIG))
 
