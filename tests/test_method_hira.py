@@ -72,7 +72,8 @@ def test_rank_pattern_is_refused_where_peft_ignores_it() -> None:
     pm = peft.get_peft_model(
         models.build("MLP"), peft.HiraConfig(target_modules=["lin1"], r=4, rank_pattern={"lin1": 2})
     )
-    assert pm.get_parameter("base_model.model.lin1.hira_A.default").shape[0] == 4  # PEFT built lin1 with r, not its pattern's 2
+    lin1_a = pm.get_parameter("base_model.model.lin1.hira_A.default")
+    assert lin1_a.shape[0] == 4  # PEFT built lin1 with r, not its pattern's 2
     with pytest.raises(NotImplementedError, match="ignores rank_pattern"):
         funcpeft.HiraConfig(target_modules=["lin1"], r=4, rank_pattern={"lin1": 2})
 

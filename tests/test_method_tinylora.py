@@ -111,7 +111,9 @@ def test_forward_gradients_and_merge_match_peft(model_id: str, kwargs: dict[str,
     fpm, pm = build_both(models.build(model_id), "TinyLoraConfig", kwargs)
     x = {"X": torch.arange(40).reshape(4, 10) % 9}
     fn, base, _ = fpm
-    adapter: funcpeft.AdapterTree = tree_map(lambda t: t.requires_grad_(True), random_trees(fpm.adapter, n=1, scale=0.5)[0])
+    adapter: funcpeft.AdapterTree = tree_map(
+        lambda t: t.requires_grad_(True), random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    )
     with torch.no_grad():
         for name, v in _peft_v(pm).items():
             v.copy_(adapter[SHARED_PATH][name])
