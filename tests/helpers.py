@@ -59,7 +59,8 @@ def cast_model(model: _M, dtype: torch.dtype) -> _M:
     `PreTrainedModel.to` is a `functools.wraps` of nn.Module.to and typeshed's `_Wrapped` does not bind `self`,
     so mypy rejects `hf_model.to(dtype)`; the call still dispatches to the model's own `to`."""
     module: nn.Module = model
-    assert module.to(dtype) is model
+    cast = module.to(dtype)
+    assert cast is model, f"{type(model).__name__}.to returned another object"
     return model
 
 

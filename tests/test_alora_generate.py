@@ -38,6 +38,8 @@ class Generation(TypedDict, total=False):
 
 
 class Prompts(TypedDict):
+    """`_prompts()`: the model's inputs, typed for `**x` next to funcpeft.generate's keyword arguments."""
+
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L)
 
