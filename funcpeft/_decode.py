@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -277,7 +277,7 @@ def generate(
     adapter: Any,
     *,
     rng: int | torch.Generator | None = None,
-    compile: bool | str = False,
+    compile: bool | str | Callable[..., Any] = False,
     **kwargs: Any,
 ) -> Any:
     """PEFT's `peft_model.generate(**kwargs)` with `adapter` applied (what transformers' generate returns).
@@ -288,8 +288,9 @@ def generate(
         adapter: anything `fn` accepts: a tree, None (the base model), `{adapter name: tree}`,
             `funcpeft.per_example(...)` or `funcpeft.mixed_batch(...)` (one entry per prompt, B).
         rng: randomness for sampling: an int seed or a `torch.Generator` (required when sampling).
-        compile: True (or a torch.compile backend name, e.g. "aot_eager"): decode with a static KV cache and a
-            compiled one-token step, kept per pm and backend (`funcpeft.Decoder`, which gives more control).
+        compile: True (or a torch.compile backend: a name, e.g. "aot_eager", or a callable): decode with a static
+            KV cache and a compiled one-token step, kept per pm and backend (`funcpeft.Decoder`, which gives more
+            control).
         **kwargs: transformers' generate arguments (`input_ids` (B, L), `attention_mask` (B, L),
             `max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
 

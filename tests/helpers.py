@@ -8,7 +8,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 import optree
 import torch
@@ -49,6 +49,42 @@ def as_type(value: object, cls: type[_T]) -> _T:
     """`value`, checked to be a `cls`: narrows a base-typed value (e.g. `fpm.peft_config[name]`) for mypy."""
     assert isinstance(value, cls), f"expected a {cls.__name__}, got {type(value).__name__}"
     return value
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def cast_model(model: _M, dtype: torch.dtype) -> _M:
+    """`model.to(dtype)`: cast in place and returned, as `to` does. Typed here because transformers'
+    `PreTrainedModel.to` is a `functools.wraps` of nn.Module.to and typeshed's `_Wrapped` does not bind `self`,
+    so mypy rejects `hf_model.to(dtype)`; the call still dispatches to the model's own `to`."""
+    module: nn.Module = model
+    cast = module.to(dtype)
+    assert cast is model, f"{type(model).__name__}.to returned another object"
+    return model
+
+
+# PEFT's `init_lora_weights` values that both libraries type (PEFT's Literal also spells "pissa_niter_[number of
+# iters]" literally, which no real value matches)
+InitLoraWeights = bool | Literal["gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica"]
+
+
+class LoraKwargs(TypedDict, total=False):
+    """Keyword arguments for `funcpeft.LoraConfig(**kw)` and `peft.LoraConfig(**kw)` alike: the fields the tests
+    pass, each with a type both libraries accept (a plain dict literal would be inferred as `dict[str, object]`)."""
+
+    r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str] | str
+    init_lora_weights: InitLoraWeights
+    task_type: str
+    alora_invocation_tokens: list[int]
+    trainable_token_indices: list[int] | dict[str, list[int]]
+    ensure_weight_tying: bool
+    megatron_config: dict[str, Any]
+    use_dora: bool
+    lora_bias: bool
 
 
 def hf(model: nn.Module) -> PreTrainedModel:

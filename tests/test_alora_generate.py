@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, TypedDict
 
 import peft
 import pytest
 import torch
+from helpers import LoraKwargs
 
 import funcpeft
 from funcpeft import testing as T
@@ -17,14 +18,33 @@ from funcpeft import testing as T
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 INVOKE = [5, 9]
-KWARGS = {
+KWARGS: LoraKwargs = {
     "r": 4,
     "target_modules": ["q_proj", "v_proj", "down_proj"],
     "init_lora_weights": False,
     "task_type": "CAUSAL_LM",
     "alora_invocation_tokens": INVOKE,
 }
-GEN = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+
+class Generation(TypedDict, total=False):
+    """generate's keyword arguments these tests pass (typed for `**GEN` next to funcpeft.generate's own)."""
+
+    max_new_tokens: int
+    do_sample: bool
+    pad_token_id: int
+    num_beams: int
+    num_return_sequences: int
+
+
+class Prompts(TypedDict):
+    """`_prompts()`: the model's inputs, typed for `**x` next to funcpeft.generate's keyword arguments."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+
+
+GEN: Generation = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
 
 
 def _pair() -> tuple[Any, Any, Any]:
@@ -38,7 +58,7 @@ def _pair() -> tuple[Any, Any, Any]:
     return pm, tree, twin
 
 
-def _prompts() -> dict[str, torch.Tensor]:
+def _prompts() -> Prompts:
     """Row 0 left-padded with the invocation, row 1 without it, row 2 with it twice (the last one counts)."""
     ids = torch.randint(10, T.VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)

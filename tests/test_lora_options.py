@@ -11,6 +11,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import InitLoraWeights, LoraKwargs
 
 import funcpeft
 from funcpeft import testing as T
@@ -34,7 +35,9 @@ def _peft_base_weights(twin: Any) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("first", "loaded"), [("olora", "pissa"), (True, "olora"), ("pissa", "pissa")])
-def test_load_adapter_reruns_base_changing_init_like_peft(first: Any, loaded: str, tmp_path: Any) -> None:
+def test_load_adapter_reruns_base_changing_init_like_peft(
+    first: InitLoraWeights, loaded: InitLoraWeights, tmp_path: Any
+) -> None:
     model = T.tiny_llama()
     x = torch.randint(1, T.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     src = _quiet(
@@ -45,7 +48,7 @@ def test_load_adapter_reruns_base_changing_init_like_peft(first: Any, loaded: st
             if "lora_B" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     _quiet(src.save_pretrained, tmp_path)
-    kwargs = {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": first}
+    kwargs: LoraKwargs = {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": first}
     twin = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**kwargs))
     pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**kwargs))
     before = dict(pm.base)
@@ -75,10 +78,10 @@ def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_p
     as PEFT's `save_pretrained(selected_adapters=["p"], path_initial_model_for_weight_conversion=...)`; several
     adapters are refused (PEFT subtracts the one initial adapter from each: a KeyError for the other here)."""
     model = T.tiny_llama()
-    plain = {"target_modules": ["q_proj", "v_proj"]}
-    mutated = {"r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "down_proj"]}
+    plain: LoraKwargs = {"target_modules": ["q_proj", "v_proj"]}
+    mutated: LoraKwargs = {"r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "down_proj"]}
     pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**plain))
-    fresh = _quiet(pm.add_adapter, "p", funcpeft.LoraConfig(**mutated, init_lora_weights="pissa"))
+    fresh = _quiet(pm.add_adapter, "p", funcpeft.LoraConfig(**LoraKwargs(**mutated, init_lora_weights="pissa")))
     pm.save_pretrained(tmp_path / "init", {"p": fresh})
     g = torch.Generator().manual_seed(0)
     trained = {p: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in e.items()} for p, e in fresh.items()}
@@ -88,7 +91,7 @@ def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_p
     assert out == str(tmp_path / "ours" / "p")
     # PEFT on the same values (its adapter made with init True, so that its base stays the original weights)
     twin = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**plain))
-    twin.add_adapter("p", peft.LoraConfig(**mutated, init_lora_weights=True))
+    twin.add_adapter("p", peft.LoraConfig(**LoraKwargs(**mutated, init_lora_weights=True)))
     T.copy_into_peft(twin, fresh, pm.plans["p"], "p")
     _quiet(twin.save_pretrained, str(tmp_path / "pinit"), selected_adapters=["p"])
     # PEFT loads the initial adapter under its directory's name: named "p", it overwrites adapter p, whose state
@@ -109,7 +112,7 @@ def test_conversion_of_a_non_default_adapter_equals_peft_selected_adapters(tmp_p
     assert _files(tmp_path / "init" / "p")[1]["init_lora_weights"] is True
     # several adapters: PEFT converts "default" against p's initial adapter too and fails; funcpeft refuses first
     twin2 = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**plain))
-    twin2.add_adapter("p", peft.LoraConfig(**mutated, init_lora_weights=True))
+    twin2.add_adapter("p", peft.LoraConfig(**LoraKwargs(**mutated, init_lora_weights=True)))
     _quiet(twin2.save_pretrained, str(tmp_path / "pinit2"), selected_adapters=["p"])
     with pytest.raises(KeyError):
         _quiet(
@@ -131,7 +134,7 @@ def test_qalora_is_gptq_only_in_peft_and_refused_here() -> None:
     trains plain LoRA (no variant on the layer, the same outputs). funcpeft refuses instead of faking it."""
     model = T.tiny_llama()
     x = torch.randint(1, T.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    kwargs = {"target_modules": ["q_proj"], "init_lora_weights": False}
+    kwargs: LoraKwargs = {"target_modules": ["q_proj"], "init_lora_weights": False}
     torch.manual_seed(0)
     qa = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**kwargs, use_qalora=True)).eval()
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import LoraKwargs, as_type
 from peft_matrix import harness, models
 from peft_matrix.cases import Case
 
@@ -101,7 +102,7 @@ def test_saved_keys_and_config_are_peft_s(tmp_path: Any) -> None:
     pm = _quiet(funcpeft.get_peft_model, model, config)
     pm.save_pretrained(tmp_path, pm.adapter)
     tree, loaded = funcpeft.load_adapter(tmp_path)
-    assert loaded.trainable_token_indices == {"embed_tokens": TOK1}
+    assert as_type(loaded, funcpeft.LoraConfig).trainable_token_indices == {"embed_tokens": TOK1}
     assert tree["model.embed_tokens"].keys() == {"trainable_tokens_delta"}
     assert "lm_head" not in tree
     torch.testing.assert_close(
@@ -113,8 +114,8 @@ def test_several_adapters_with_tokens_equal_peft() -> None:
     """Two LoRA adapters with disjoint tokens on the one embedding, both active (PEFT's forward_adapters)."""
     model = models.build("tiny-llama")
     x = models.inputs("tiny-llama")
-    c1 = {"target_modules": ["q_proj"], "trainable_token_indices": TOK1, "init_lora_weights": False}
-    c2 = {"target_modules": ["v_proj"], "trainable_token_indices": TOK2, "init_lora_weights": False}
+    c1: LoraKwargs = {"target_modules": ["q_proj"], "trainable_token_indices": TOK1, "init_lora_weights": False}
+    c2: LoraKwargs = {"target_modules": ["v_proj"], "trainable_token_indices": TOK2, "init_lora_weights": False}
     pm = _quiet(funcpeft.get_peft_model, model, funcpeft.LoraConfig(**c1), adapter_name="a")
     fresh = {"a": pm.adapter, "b": _quiet(pm.add_adapter, "b", funcpeft.LoraConfig(**c2))}
     twin = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**c1), adapter_name="a")
@@ -199,7 +200,7 @@ def test_peft_s_refusals() -> None:
 
 
 def test_untied_model_with_ensure_weight_tying_warns_like_peft() -> None:
-    kwargs = {"target_modules": QV, "trainable_token_indices": TOK1, "ensure_weight_tying": True}
+    kwargs: LoraKwargs = {"target_modules": QV, "trainable_token_indices": TOK1, "ensure_weight_tying": True}
     with pytest.warns(UserWarning, match="ensure_weight_tying=True but the model does not have tied weights"):
         funcpeft.get_peft_model(T.tiny_llama(), funcpeft.LoraConfig(**kwargs))
 

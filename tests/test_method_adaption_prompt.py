@@ -13,7 +13,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import MODELS, capture_stdout, make_inputs
+from helpers import MODELS, capture_stdout, cast_model, make_inputs
 from method_checks import (
     assert_compiles_once,
     assert_fresh_equals_peft,
@@ -265,7 +265,7 @@ def test_unsupported_model_type_is_refused_like_peft() -> None:
     model = MODELS["bert"]()
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'bert'"):
-            quiet(lib.get_peft_model, copy.deepcopy(model), lib.AdaptionPromptConfig(**CONFIG))  # type: ignore[attr-defined]
+            quiet(lib.get_peft_model, copy.deepcopy(model), lib.AdaptionPromptConfig(**CONFIG))
     with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'qwen2'"):  # even when named
         funcpeft.get_peft_model(MODELS["qwen2"](), funcpeft.AdaptionPromptConfig(target_modules="self_attn", **CONFIG))
 
@@ -273,7 +273,7 @@ def test_unsupported_model_type_is_refused_like_peft() -> None:
 def test_more_adapter_layers_than_the_model_has_is_refused_like_peft() -> None:
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="more adapter layers '3' than the model has '2'"):
-            quiet(lib.get_peft_model, T.tiny_llama(), lib.AdaptionPromptConfig(adapter_len=2, adapter_layers=3))  # type: ignore[attr-defined]
+            quiet(lib.get_peft_model, T.tiny_llama(), lib.AdaptionPromptConfig(adapter_len=2, adapter_layers=3))
     with pytest.raises(ValueError, match="more adapter layers '1' than the model has '0'"):
         funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(target_modules="attn", **CONFIG))
 
@@ -301,7 +301,7 @@ def test_a_wrong_tree_names_the_leaf() -> None:
 
 def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
     """PEFT's AdaptionPromptModel has no adapter upcast (it is no BaseTuner): the prompts are bf16, drawn the same."""
-    model = T.tiny_llama().to(torch.bfloat16)
+    model = cast_model(T.tiny_llama(), torch.bfloat16)
     fpm, pm = build_both(model, "AdaptionPromptConfig", CONFIG, seed=2)
     assert_fresh_equals_peft(fpm, pm)
     assert all(t.dtype == torch.bfloat16 for t in optree.tree_leaves(fpm.adapter))

@@ -5,6 +5,7 @@ CPT's in-place projection, Cartridge's init from a cache, vmap, per-example prom
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -22,7 +23,7 @@ from funcpeft._trees import PROMPT_PATH
 from funcpeft.methods import cartridge as cartridge_method
 from funcpeft.methods import cpt as cpt_method
 
-MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "t5": T.tiny_t5}
 CPT: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "cpt_token_ids": [5, 6, 7, 8, 9, 10, 11],
@@ -112,9 +113,9 @@ def test_cpt_config_like_peft() -> None:
     )
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="only supports task_type = CAUSAL_LM"):
-            lib.CPTConfig(task_type="SEQ_CLS")  # type: ignore[attr-defined]
+            lib.CPTConfig(task_type="SEQ_CLS")
         with pytest.raises(ValueError, match="must have the same length"):
-            lib.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2], cpt_mask=[1])  # type: ignore[attr-defined]
+            lib.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2], cpt_mask=[1])
     peft.CPTConfig(task_type="CAUSAL_LM", opt_weighted_loss_type="decayed")  # type: ignore[arg-type]  # PEFT accepts it
     with pytest.raises(ValueError, match="opt_weighted_loss_type must be one of"):
         funcpeft.CPTConfig(task_type="CAUSAL_LM", opt_weighted_loss_type="decayed")
@@ -247,9 +248,9 @@ def test_cpt_token_ids_outside_the_vocabulary_are_refused() -> None:
 def test_cartridge_config_like_peft() -> None:
     for lib in (peft, funcpeft):
         with pytest.raises(ValueError, match="`num_frozen_tokens` must be >= 0"):
-            lib.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_frozen_tokens=-1)  # type: ignore[attr-defined]
+            lib.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_frozen_tokens=-1)
         with pytest.raises(ValueError, match="`num_frozen_tokens` must be <= `num_virtual_tokens`"):
-            lib.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_frozen_tokens=3)  # type: ignore[attr-defined]
+            lib.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_frozen_tokens=3)
     assert funcpeft.CartridgeConfig().num_frozen_tokens == peft.CartridgeConfig().num_frozen_tokens == 1
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import examples, make_inputs
+from helpers import cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
@@ -168,7 +168,7 @@ def test_module_dropout_one_drops_the_whole_update_in_training() -> None:
 def test_a_bf16_model_equals_peft_with_its_upcast_adapter_and_norms() -> None:
     """autocast_adapter_dtype: A, B, lambda and the norms (a BufferDict in PEFT) become float32 in both."""
     kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], init_weights=False)
-    fpm, pm = build_both(T.tiny_llama().to(torch.bfloat16), "DeloraConfig", kwargs)
+    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), "DeloraConfig", kwargs)
     assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen

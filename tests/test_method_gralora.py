@@ -10,6 +10,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import as_type
 from method_checks import (
     assert_fresh_equals_peft,
     assert_matches_peft_with,
@@ -89,7 +90,7 @@ def test_conv1d_and_2d_inputs_match_peft_and_merge() -> None:
 
 
 def test_bfloat16_model_matches_peft() -> None:
-    model = models.build("MLP", dtype=torch.bfloat16)
+    model = as_type(models.build("MLP", dtype=torch.bfloat16), models.MLP)
     model.dtype = torch.bfloat16  # the model casts its input to it
     kwargs = dict(r=4, hybrid_r=2, init_weights=False, target_modules=["lin0", "lin1"])
     fpm, pm = build_both(model, "GraloraConfig", kwargs)

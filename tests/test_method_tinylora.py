@@ -8,10 +8,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import optree
 import peft
 import pytest
 import torch
+from helpers import tree_map
 from method_checks import assert_mixed_refused_like_peft, assert_raises_like_peft, build_both, random_trees
 from peft_matrix import models
 
@@ -111,7 +111,9 @@ def test_forward_gradients_and_merge_match_peft(model_id: str, kwargs: dict[str,
     fpm, pm = build_both(models.build(model_id), "TinyLoraConfig", kwargs)
     x = {"X": torch.arange(40).reshape(4, 10) % 9}
     fn, base, _ = fpm
-    adapter = optree.tree_map(lambda t: t.requires_grad_(True), random_trees(fpm.adapter, n=1, scale=0.5)[0])
+    adapter: funcpeft.AdapterTree = tree_map(
+        lambda t: t.requires_grad_(True), random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    )
     with torch.no_grad():
         for name, v in _peft_v(pm).items():
             v.copy_(adapter[SHARED_PATH][name])
@@ -122,7 +124,7 @@ def test_forward_gradients_and_merge_match_peft(model_id: str, kwargs: dict[str,
     torch.testing.assert_close(fn(base, adapter, **x).detach(), out.detach(), atol=1e-5, rtol=1e-5)
     for name, v in _peft_v(pm).items():
         torch.testing.assert_close(adapter[SHARED_PATH][name].grad, v.grad, atol=1e-5, rtol=1e-4)
-    adapter = optree.tree_map(lambda t: t.detach(), adapter)
+    adapter = tree_map(lambda t: t.detach(), adapter)
     merged = funcpeft.merge(fpm, base, adapter)
     torch.testing.assert_close(fn(merged, None, **x), fn(base, adapter, **x), atol=1e-5, rtol=1e-5)
     model = copy.deepcopy(pm)

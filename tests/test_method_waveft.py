@@ -11,7 +11,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import MODELS, examples, make_inputs
+from helpers import MODELS, cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
@@ -226,7 +226,7 @@ def test_without_the_transform_the_update_is_the_scaled_sparse_spectrum(
 
 def test_a_bf16_model_equals_peft_with_its_upcast_spectrum() -> None:
     kwargs = dict(n_frequency=30, target_modules=["q_proj", "down_proj"], wavelet_family="db2", init_weights=False)
-    fpm, pm = build_both(T.tiny_llama().to(torch.bfloat16), "WaveFTConfig", kwargs)
+    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), "WaveFTConfig", kwargs)
     assert_fresh_equals_peft(fpm, pm)
     assert all(leaf.dtype == torch.float32 for tree in fpm.adapter.values() for leaf in tree.values())
     assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)

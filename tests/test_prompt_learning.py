@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import peft
 import pytest
 import torch
-from helpers import capture_stdout, examples
+from helpers import capture_stdout, cast_model, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,12 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft._trees import PROMPT_PATH
 
-MODELS = {"llama": T.tiny_llama, "gpt2": T.tiny_gpt2, "bert": T.tiny_bert_seq_cls, "t5": T.tiny_t5}
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": T.tiny_llama,
+    "gpt2": T.tiny_gpt2,
+    "bert": T.tiny_bert_seq_cls,
+    "t5": T.tiny_t5,
+}
 
 
 def _pair(model: torch.nn.Module, name: str, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
@@ -61,6 +67,7 @@ def _inputs(kind: str, task: str, batch: int = 2, seq: int = 6, seed: int = 1) -
 def _bert_token_cls() -> torch.nn.Module:
     from transformers import BertConfig, BertForTokenClassification
 
+    # num_labels: a PreTrainedConfig property its __init__ takes from **kwargs; BertConfig's typed init omits it
     cfg = BertConfig(  # type: ignore[call-arg]
         hidden_size=64,
         intermediate_size=128,
@@ -77,7 +84,7 @@ def _bert_token_cls() -> torch.nn.Module:
 def _bert_model() -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(  # type: ignore[call-arg]
+    cfg = BertConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -566,7 +573,7 @@ def test_position_and_token_type_ids_like_peft() -> None:
 
 
 def test_bf16_model_equals_peft() -> None:
-    model = T.tiny_llama().to(torch.bfloat16)
+    model = cast_model(T.tiny_llama(), torch.bfloat16)
     pm, ppm = _pair(
         model, "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"
     )
@@ -577,7 +584,7 @@ def test_bf16_model_equals_peft() -> None:
 
 def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
     model = T.tiny_llama()
-    model.gradient_checkpointing_enable()  # type: ignore[operator]
+    model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
@@ -586,7 +593,7 @@ def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
     fn, base, adapter = funcpeft.get_peft_model(
         model, funcpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     )
-    model.gradient_checkpointing_enable()  # type: ignore[operator]
+    model.gradient_checkpointing_enable()
     ids = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         fn(base, adapter, input_ids=ids, dropout_rng=0)
@@ -594,7 +601,7 @@ def test_prefix_tuning_refuses_gradient_checkpointing() -> None:
 
 def test_prompt_tuning_with_gradient_checkpointing_equals_peft() -> None:
     model = T.tiny_llama()
-    model.gradient_checkpointing_enable()  # type: ignore[operator]
+    model.gradient_checkpointing_enable()
     pm, ppm = _pair(model, "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8)
     ppm.train()
     fn, base, adapter = pm
@@ -662,7 +669,7 @@ def test_law_prompt_tuning_is_the_model_on_the_concatenated_embeddings(
     mask[:, -1] = 1
     index = torch.randint(0, k, (batch,), generator=g)
     with torch.no_grad():
-        embeds = _LLAMA.get_input_embeddings()(ids)  # type: ignore[operator]
+        embeds = _LLAMA.get_input_embeddings()(ids)
         alone = []
         for i in range(k):
             prompt = trees[i][PROMPT_PATH]["embedding.weight"].expand(batch, n, -1)

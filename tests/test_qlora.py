@@ -14,23 +14,34 @@ import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pytest
 import torch
-from helpers import capture_stdout
+from helpers import LoraKwargs, as_type, capture_stdout
 from torch import nn
 
 import funcpeft
 from funcpeft.testing import random_like
 from funcpeft.testing._peft import copy_into_peft, peft_grads
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra (quantised bases)")
+if TYPE_CHECKING:  # the installed packages' own types (importorskip's module is untyped)
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+else:
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra (quantised bases)")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+class IA3Kwargs(TypedDict):
+    """`IA3Config(**kw)` keyword arguments of funcpeft and PEFT alike."""
+
+    target_modules: list[str]
+    feedforward_modules: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _load(path: Path, bits: str = "nf4", compute: torch.dtype = torch.float32, double: bool = False) -> nn.Module:
+def _load(
+    path: Path, bits: str = "nf4", compute: torch.dtype = torch.float32, double: bool = False
+) -> LlamaForCausalLM:
     """A fresh quantised load of the saved model: a deep copy of one cached load for 4-bit (as PEFT's own tests
     copy 4-bit models), a new load for 8-bit (an Int8Params loses its scales in a deep copy)."""
     if bits == "int8":
@@ -52,11 +65,11 @@ def _load(path: Path, bits: str = "nf4", compute: torch.dtype = torch.float32, d
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(path: Path, bits: str, compute: torch.dtype, double: bool) -> nn.Module:
+def _cached(path: Path, bits: str, compute: torch.dtype, double: bool) -> LlamaForCausalLM:
     return _from_disk(path, bits, compute, double)
 
 
-def _from_disk(path: Path, bits: str, compute: torch.dtype, double: bool) -> nn.Module:
+def _from_disk(path: Path, bits: str, compute: torch.dtype, double: bool) -> LlamaForCausalLM:
     if bits == "int8":
         qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -83,7 +96,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _pair(path: Path, config: dict[str, Any], **load: Any) -> tuple[Any, Any, Any]:
+def _quant_state(weight: bnb.nn.Params4bit) -> bnb.functional.QuantState:
+    """A 4-bit weight's quantisation state (absmax, blocksize, nesting), present once the weight is quantised."""
+    assert weight.quant_state is not None, "a Params4bit without a quant_state: not quantised"
+    return weight.quant_state
+
+
+def _pair(path: Path, config: LoraKwargs, **load: Any) -> tuple[Any, Any, Any]:
     """(funcpeft model, PEFT model, adapter values): the same quantised model twice, the same random adapter."""
     ours = funcpeft.get_peft_model(_load(path, **load), funcpeft.LoraConfig(**config))
     theirs = peft.get_peft_model(_load(path, **load), peft.LoraConfig(**config))
@@ -124,7 +143,7 @@ def _assert_equal_peft(ours: Any, theirs: Any, adapter: Any, tol: float = 1e-5) 
     ids=["nf4", "fp4", "nf4-double", "nf4-bf16", "fp4-double-bf16", "int8"],
 )
 def test_qlora_outputs_grads_and_counts_equal_peft(saved: Path, load: dict[str, Any]) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config, **load)
     assert {type(theirs.get_submodule(f"base_model.model.{p}")).__module__ for p in adapter} == {
         "peft.tuners.lora.bnb"
@@ -136,7 +155,7 @@ def test_qlora_outputs_grads_and_counts_equal_peft(saved: Path, load: dict[str, 
 
 @pytest.mark.parametrize("bits", ["nf4", "int8"])
 def test_qdora_equals_peft(saved: Path, bits: str) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
     ours, theirs, adapter = _pair(saved, config, bits=bits)
     fresh = peft.get_peft_model(_load(saved, bits=bits), peft.LoraConfig(**config))
     mag = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"
@@ -147,7 +166,7 @@ def test_qdora_equals_peft(saved: Path, bits: str) -> None:
 
 def test_lora_bias_equals_peft(saved: Path) -> None:
     """lora_bias=True on quantised layers (lora_B's bias, added after the layer's own kernel)."""
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_bias=True)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_bias=True)
     ours, theirs, adapter = _pair(saved, config)
     _assert_equal_peft(ours, theirs, adapter)
 
@@ -159,11 +178,12 @@ def test_base_holds_the_quantised_weights_unchanged(saved: Path) -> None:
     for name, p in model.named_parameters():
         if isinstance(p, bnb.nn.Params4bit):
             assert pm.base[name] is p and not p.requires_grad and p.quant_state is not None
-    q = model.model.layers[0].self_attn.q_proj
-    before = (q.weight.data.clone(), q.weight.quant_state.absmax.clone())
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    weight = as_type(q.weight, bnb.nn.Params4bit)
+    before = (weight.data.clone(), _quant_state(weight).absmax.clone())
     funcpeft.value_and_grad(lambda a: _loss(pm.fn(pm.base, a, input_ids=IDS, dropout_rng=0).logits))(pm.adapter)
-    assert q.weight is pm.base["model.layers.0.self_attn.q_proj.weight"]
-    assert torch.equal(q.weight.data, before[0]) and torch.equal(q.weight.quant_state.absmax, before[1])
+    assert q.weight is weight and weight is pm.base["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(weight.data, before[0]) and torch.equal(_quant_state(weight).absmax, before[1])
     assert q.weight.grad is None and not q.weight.requires_grad
 
 
@@ -179,7 +199,7 @@ def _dequantisations(step: Any) -> int:
 def test_no_weight_is_dequantised_beyond_the_kernels_own(saved: Path) -> None:
     """A QLoRA training step dequantises exactly what PEFT's does (the 4-bit matmul's own forward and backward
     dequantisation), and a forward exactly what the bare quantised model does: funcpeft adds none."""
-    config = dict(r=4, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config)
     bare = _load(saved)
     n_bare = _dequantisations(lambda: bare(input_ids=IDS))
@@ -196,7 +216,7 @@ def test_peak_memory_of_a_step_is_peft_s(saved: Path) -> None:
     """The profiler's peak CPU allocation of a QLoRA training step is at most PEFT's (+2 %)."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = dict(r=4, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config)
 
     def peak(step: Any) -> int:
@@ -217,7 +237,7 @@ def test_peak_memory_of_a_step_is_peft_s(saved: Path) -> None:
 
 # -- files both ways --------------------------------------------------------------------------------------------
 def test_files_both_ways(saved: Path, tmp_path: Path) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config)
     ours.save_pretrained(tmp_path / "ours", adapter)
     loaded = peft.PeftModel.from_pretrained(_load(saved), tmp_path / "ours")
@@ -240,7 +260,7 @@ def _dense(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merge_and_unload_equals_peft(saved: Path, dora: bool) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora)
     ours, theirs, adapter = _pair(saved, config, double=True)
     with pytest.warns(UserWarning, match="rounding errors"):
         merged = funcpeft.merge_and_unload(ours, adapter)
@@ -251,9 +271,12 @@ def test_merge_and_unload_equals_peft(saved: Path, dora: bool) -> None:
     assert mine.keys() == want.keys() and len(mine) == 14  # every linear layer is 4-bit
     for name in mine:
         assert torch.equal(mine[name], want[name]), name
-    q = merged.model.layers[0].self_attn.q_proj
+    q = merged.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q, bnb.nn.Linear4bit) and isinstance(q.weight, bnb.nn.Params4bit)
-    assert q.weight.quant_state.nested == ours.base["model.layers.0.self_attn.q_proj.weight"].quant_state.nested
+    assert (
+        _quant_state(q.weight).nested
+        == _quant_state(as_type(ours.base["model.layers.0.self_attn.q_proj.weight"], bnb.nn.Params4bit)).nested
+    )
     assert torch.equal(merged(input_ids=IDS).logits, peft_merged(input_ids=IDS).logits)
     # the original model and base are untouched
     orig = ours.model.model.layers[0].self_attn.q_proj.weight
@@ -262,7 +285,7 @@ def test_merge_and_unload_equals_peft(saved: Path, dora: bool) -> None:
 
 def test_merge_unmerge_round_trip_equals_peft(saved: Path) -> None:
     """funcpeft.merge then unmerge of a 4-bit base: PEFT's merge_adapter / unmerge_adapter (two roundings)."""
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -273,12 +296,13 @@ def test_merge_unmerge_round_trip_equals_peft(saved: Path) -> None:
         theirs.unmerge_adapter()
     name = "model.layers.1.mlp.down_proj.weight"
     peft_w = theirs.get_submodule("base_model.model.model.layers.1.mlp.down_proj.base_layer").weight
-    got = bnb.functional.dequantize_4bit(back[name].data, back[name].quant_state)
+    weight = as_type(back[name], bnb.nn.Params4bit)
+    got = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     assert torch.equal(got, bnb.functional.dequantize_4bit(peft_w.data, peft_w.quant_state))
 
 
 def test_int8_merge_and_unload_equals_peft(saved: Path) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config, bits="int8")
     ours.fn(ours.base, adapter, input_ids=IDS)  # bitsandbytes then keeps the row scales on the module
     theirs(input_ids=IDS)
@@ -313,7 +337,7 @@ def test_prepare_model_for_kbit_training_changes_what_peft_changes(saved: Path) 
 
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["default", "non-reentrant"])
 def test_checkpointed_qlora_step_equals_peft(saved: Path, kwargs: dict[str, Any] | None) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
     ours_model, theirs_model = _load(saved), _load(saved)
     funcpeft.prepare_model_for_kbit_training(ours_model, gradient_checkpointing_kwargs=kwargs)
     peft.prepare_model_for_kbit_training(theirs_model, gradient_checkpointing_kwargs=kwargs)
@@ -323,7 +347,9 @@ def test_checkpointed_qlora_step_equals_peft(saved: Path, kwargs: dict[str, Any]
     copy_into_peft(theirs, adapter, ours.plans["default"])
     calls = {"ours": 0, "theirs": 0}
     for who, m in (("ours", ours_model), ("theirs", theirs_model)):
-        m.model.layers[0].mlp.register_forward_pre_hook(lambda *_, who=who: calls.__setitem__(who, calls[who] + 1))
+        m.get_submodule("model.layers.0.mlp").register_forward_pre_hook(
+            lambda *_, who=who: calls.__setitem__(who, calls[who] + 1)
+        )
     _loss(theirs(input_ids=IDS).logits).backward()
     # dropout_rng: training mode, where transformers checkpoints (PEFT's model.train())
     _, grads = funcpeft.value_and_grad(lambda a: _loss(ours.fn(ours.base, a, input_ids=IDS, dropout_rng=0).logits))(
@@ -358,7 +384,8 @@ def test_int8_weight_with_another_module_s_scales_is_refused(saved: Path) -> Non
     ours.fn(ours.base, ours.adapter, input_ids=IDS)
     other = _load(saved, bits="int8")
     other(input_ids=IDS)  # its weights' scales now live in its own modules
-    swapped = {**ours.base, "model.layers.0.self_attn.q_proj.weight": other.model.layers[0].self_attn.q_proj.weight}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    swapped = {**ours.base, key: other.get_parameter(key)}
     with pytest.raises(RuntimeError, match=r"'model.layers.0.self_attn.q_proj'.*Int8Params.*scales"):
         ours.fn(swapped, ours.adapter, input_ids=IDS)
 
@@ -378,7 +405,7 @@ def test_per_example_adapters_on_quantised_layers(saved: Path, dora: bool) -> No
 def test_ia3_equals_peft_and_its_merge_is_refused_like_peft(saved: Path, bits: str) -> None:
     """IA3 on quantised layers (PEFT's ia3.bnb): output scaling and feed-forward input scaling; PEFT refuses to
     merge IA3 into a k-bit model, and so does funcpeft."""
-    config = dict(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    config = IA3Kwargs(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     ours = funcpeft.get_peft_model(_load(saved, bits=bits), funcpeft.IA3Config(**config))
     theirs = peft.get_peft_model(_load(saved, bits=bits), peft.IA3Config(**config))
     assert (
