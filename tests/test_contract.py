@@ -348,6 +348,15 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "TinyLoraConfig",
         dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
     ),
+    # RoAd: PEFT supports nn.Linear only (no GPT-2 Conv1D); group_size must divide every out_features (k_proj: 32)
+    ("road-llama", "road", "tiny-llama", "RoadConfig", dict(group_size=32, target_modules="all-linear")),
+    (
+        "road4-llama",
+        "road",
+        "tiny-llama",
+        "RoadConfig",
+        dict(variant="road_4", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

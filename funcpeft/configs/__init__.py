@@ -45,6 +45,7 @@ from .prompt_learning import (
     PromptTuningConfig,
 )
 from .randlora import RandLoraConfig
+from .road import RoadConfig
 from .shira import ShiraConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
@@ -91,6 +92,7 @@ __all__ = [
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",
+    "RoadConfig",
     "ShiraConfig",
     "TaskType",
     "TinyLoraConfig",
