@@ -348,6 +348,9 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "TinyLoraConfig",
         dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
     ),
+    # BEFT: PEFT supports nn.Linear only; Llama's projections have no bias (merging is refused, like PEFT), BERT's do
+    ("beft-llama", "beft", "tiny-llama", "BeftConfig", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("beft-bert-seq-cls", "beft", "tiny-bert-seq-cls", "BeftConfig", dict(task_type="SEQ_CLS")),
     # RoAd: PEFT supports nn.Linear only (no GPT-2 Conv1D); group_size must divide every out_features (k_proj: 32)
     ("road-llama", "road", "tiny-llama", "RoadConfig", dict(group_size=32, target_modules="all-linear")),
     (

@@ -21,6 +21,7 @@ from method_checks import (
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_routes_like_each_alone,
     build_both,
     random_trees,
 )
@@ -166,15 +167,4 @@ def test_compiles_to_one_graph_for_new_adapter_values() -> None:
 
 def test_per_example_routing_and_vmap_equal_each_adapter_alone() -> None:
     fpm, x = _llama_1()
-    trees = random_trees(fpm.adapter, 3)
-    index = [2, -1]
-    with torch.no_grad():
-        routed = out_tensor(fpm.fn(fpm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), index), **x))
-        alone = [out_tensor(fpm.fn(fpm.base, t, **x)) for t in trees]
-        plain = out_tensor(fpm.fn(fpm.base, None, **x))
-        for i, k in enumerate(index):
-            torch.testing.assert_close(routed[i], (alone[k] if k >= 0 else plain)[i], atol=1e-5, rtol=1e-5)
-        ensemble = torch.func.vmap(lambda t: out_tensor(fpm.fn(fpm.base, t, **x)))(funcpeft.stack_adapters(trees))
-        for k in range(3):
-            torch.testing.assert_close(ensemble[k], alone[k], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(alone[0], alone[1])
+    assert_routes_like_each_alone(fpm, random_trees(fpm.adapter, 3), x, [2, -1])

@@ -23,6 +23,7 @@ from .._config import (
 )
 from .adalora import AdaLoraConfig
 from .adaption_prompt import AdaptionPromptConfig
+from .beft import BeftConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
@@ -65,6 +66,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
     "BOFTConfig",
+    "BeftConfig",
     "C3AConfig",
     "CartridgeConfig",
     "CPTConfig",
