@@ -48,6 +48,7 @@ from .prompt_learning import (
 from .randlora import RandLoraConfig
 from .road import RoadConfig
 from .shira import ShiraConfig
+from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
@@ -96,6 +97,7 @@ __all__ = [
     "RandLoraConfig",
     "RoadConfig",
     "ShiraConfig",
+    "SupertuningConfig",
     "TaskType",
     "TinyLoraConfig",
     "TrainableTokensConfig",
