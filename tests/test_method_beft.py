@@ -88,7 +88,7 @@ def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
 
 def test_a_layer_without_bias_warns_and_cannot_be_merged_like_peft() -> None:
     model = T.tiny_llama()
-    config = dict(target_modules=["v_proj"], init_weights=False)
+    config: dict[str, Any] = dict(target_modules=["v_proj"], init_weights=False)
     with pytest.warns(UserWarning, match="has no bias term. Note you cannot merge the BEFT adapter"):
         peft_model = peft.get_peft_model(copy.deepcopy(model), peft.BeftConfig(**config))
     with pytest.warns(UserWarning, match=r"'model\.layers\.0\.self_attn\.v_proj' has no bias term"):
@@ -140,12 +140,38 @@ def test_compiles_to_one_graph_for_new_adapter_values() -> None:
     fpm, x = _llama_1()
     trees = random_trees(fpm.adapter, 3)
     assert_compiles_once(fpm.fn, fpm.base, trees, x)
-    tree = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
+    tree: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
     compiled = torch.compile(fpm.fn, fullgraph=True, backend="aot_eager")
     out_tensor(compiled(fpm.base, tree, **x)).square().sum().backward()
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in optree.tree_leaves(tree))
+    leaves: list[torch.Tensor] = optree.tree_leaves(tree)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
 
 
 def test_per_example_routing_and_vmap_equal_each_adapter_alone() -> None:
     fpm, x = _llama_1()
     assert_routes_like_each_alone(fpm, random_trees(fpm.adapter, 3), x, [2, -1])
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_bf16_model_equals_peft(autocast: bool) -> None:
+    """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
+    model: Any = T.tiny_llama()
+    model = model.to(torch.bfloat16)
+    kwargs: dict[str, Any] = dict(init_weights=False, target_modules=["q_proj", "down_proj"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm = funcpeft.get_peft_model(
+            copy.deepcopy(model), funcpeft.BeftConfig(**kwargs), autocast_adapter_dtype=autocast
+        )
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(
+            copy.deepcopy(model), peft.BeftConfig(**kwargs), autocast_adapter_dtype=autocast
+        ).eval()
+    assert_fresh_equals_peft(fpm, pm)
+    assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
+        torch.float32 if autocast else torch.bfloat16
+    }
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)

@@ -35,7 +35,7 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
 
-SUPRA = dict(sparsity=0.75, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+SUPRA: dict[str, Any] = dict(sparsity=0.75, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(r=3), dict(r=2, lora_alpha=5.0, sparsity=0.5, select_top=False)])
@@ -94,7 +94,8 @@ def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, 
     assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
-        theirs = pm.get_submodule(f"base_model.model.{path}").supertuning_indices["default"]
+        layer: Any = pm.get_submodule(f"base_model.model.{path}")
+        theirs = layer.supertuning_indices["default"]
         assert fpm.base[key].dtype == torch.int32 and torch.equal(fpm.base[key], theirs), path
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     nexts = []  # Supra's discarded nn.Linear draws are drawn too: the global stream continues like PEFT's
@@ -139,7 +140,8 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         assert torch.equal(back.base[key], saved[f"base_model.model.{p}.supertuning_indices"])
-        assert torch.equal(back.base[key], pm.get_submodule(f"base_model.model.{p}").supertuning_indices["default"])
+        layer: Any = pm.get_submodule(f"base_model.model.{p}")
+        assert torch.equal(back.base[key], layer.supertuning_indices["default"])
     x = make_inputs("llama")
     with torch.no_grad():
         torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, pm(**x).logits, atol=1e-5, rtol=1e-5)
@@ -192,12 +194,38 @@ def test_compiles_to_one_graph_for_new_adapter_values() -> None:
     fpm, x = _llama_1()
     trees = random_trees(fpm.adapter, 3)
     assert_compiles_once(fpm.fn, fpm.base, trees, x)
-    tree = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
+    tree: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
     compiled = torch.compile(fpm.fn, fullgraph=True, backend="aot_eager")
     out_tensor(compiled(fpm.base, tree, **x)).square().sum().backward()
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in optree.tree_leaves(tree))
+    leaves: list[torch.Tensor] = optree.tree_leaves(tree)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
 
 
 def test_per_example_routing_and_vmap_equal_each_adapter_alone() -> None:
     fpm, x = _llama_1()
     assert_routes_like_each_alone(fpm, random_trees(fpm.adapter, 3), x, [2, -1])
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_bf16_model_equals_peft(autocast: bool) -> None:
+    """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
+    model: Any = T.tiny_llama()
+    model = model.to(torch.bfloat16)
+    kwargs: dict[str, Any] = dict(sparsity=0.5, r=2, init_weights=False, target_modules=["q_proj", "down_proj"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm = funcpeft.get_peft_model(
+            copy.deepcopy(model), funcpeft.SupertuningConfig(**kwargs), autocast_adapter_dtype=autocast
+        )
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(
+            copy.deepcopy(model), peft.SupertuningConfig(**kwargs), autocast_adapter_dtype=autocast
+        ).eval()
+    assert_fresh_equals_peft(fpm, pm)
+    assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
+        torch.float32 if autocast else torch.bfloat16
+    }
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)
