@@ -212,6 +212,8 @@ def _bias_name(names: Names, spec: LayerSpec[Any], path: str) -> str | None:
     if f"{path}.bias" in names.canon:
         return f"{path}.bias"
     if hooks.needs_bias(spec):
+        if hooks.missing_bias is not None:
+            raise hooks.missing_bias(path)
         raise RuntimeError(
             f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias ({path!r})."
         )  # PEFT's message

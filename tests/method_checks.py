@@ -102,6 +102,23 @@ def assert_compiles_once(fn: Any, base: Any, trees: Sequence[Any], inputs: Mappi
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapters"
 
 
+def assert_routes_like_each_alone(fpm: Any, trees: Sequence[Any], inputs: Mapping[str, Any], index: list[int]) -> None:
+    """Per-example routing (`index[i]`: example i's tree, -1 the base model) equals each tree alone on the batch,
+    and a vmapped ensemble of the trees equals a loop; the trees must give different outputs."""
+    fn, base = fpm.fn, fpm.base
+    with torch.no_grad():
+        routed = out_tensor(fn(base, funcpeft.per_example(funcpeft.stack_adapters(list(trees)), index), **inputs))
+        alone = [out_tensor(fn(base, t, **inputs)) for t in trees]
+        plain = out_tensor(fn(base, None, **inputs))
+        assert not torch.allclose(alone[0], alone[1]), "different adapters should give different outputs"
+        for i, k in enumerate(index):
+            torch.testing.assert_close(routed[i], (alone[k] if k >= 0 else plain)[i], atol=1e-5, rtol=1e-5)
+        stacked = funcpeft.stack_adapters(list(trees))
+        ensemble = torch.func.vmap(lambda t: out_tensor(fn(base, t, **inputs)))(stacked)
+        for k, want in enumerate(alone):
+            torch.testing.assert_close(ensemble[k], want, atol=1e-5, rtol=1e-5)
+
+
 def random_trees(fresh: Any, n: int = 3, scale: float = 0.2) -> list[Any]:
     """n adapters near `fresh` (fresh + scale * N(0, 1)), detached."""
     out = []

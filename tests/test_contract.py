@@ -348,6 +348,33 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "TinyLoraConfig",
         dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
     ),
+    # BEFT: PEFT supports nn.Linear only; Llama's projections have no bias (merging is refused, like PEFT), BERT's do
+    ("beft-llama", "beft", "tiny-llama", "BeftConfig", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("beft-bert-seq-cls", "beft", "tiny-bert-seq-cls", "BeftConfig", dict(task_type="SEQ_CLS")),
+    # Super-Tuning: PEFT supports nn.Linear only
+    (
+        "supertuning-llama",
+        "supertuning",
+        "tiny-llama",
+        "SupertuningConfig",
+        dict(sparsity=0.9, target_modules="all-linear"),
+    ),
+    (
+        "supra-llama",
+        "supertuning",
+        "tiny-llama",
+        "SupertuningConfig",
+        dict(sparsity=0.5, select_top=False, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    # RoAd: PEFT supports nn.Linear only (no GPT-2 Conv1D); group_size must divide every out_features (k_proj: 32)
+    ("road-llama", "road", "tiny-llama", "RoadConfig", dict(group_size=32, target_modules="all-linear")),
+    (
+        "road4-llama",
+        "road",
+        "tiny-llama",
+        "RoadConfig",
+        dict(variant="road_4", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

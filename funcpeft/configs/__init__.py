@@ -23,6 +23,7 @@ from .._config import (
 )
 from .adalora import AdaLoraConfig
 from .adaption_prompt import AdaptionPromptConfig
+from .beft import BeftConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
@@ -46,7 +47,9 @@ from .prompt_learning import (
     PromptTuningConfig,
 )
 from .randlora import RandLoraConfig
+from .road import RoadConfig
 from .shira import ShiraConfig
+from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
@@ -65,6 +68,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
     "BOFTConfig",
+    "BeftConfig",
     "C3AConfig",
     "CartridgeConfig",
     "CPTConfig",
@@ -93,7 +97,9 @@ __all__ = [
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",
+    "RoadConfig",
     "ShiraConfig",
+    "SupertuningConfig",
     "TaskType",
     "TinyLoraConfig",
     "TrainableTokensConfig",

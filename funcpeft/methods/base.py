@@ -391,6 +391,8 @@ class MergeHooks:
     # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
     # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
     needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False
+    # module path -> the exception such a merge raises (PEFT's own message); None: LoRA's lora_bias RuntimeError
+    missing_bias: Callable[[str], Exception] | None = None
     # `weight` gets, as its `base_weight`, the layer's weight before the first adapter of the same merge call (HiRA
     # scales every adapter's delta by that W0: PEFT's `W + W0 * sum_i delta_i`); otherwise None
     from_base: bool = False

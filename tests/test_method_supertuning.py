@@ -1,0 +1,231 @@
+"""Super-Tuning (`SupertuningConfig`, with the Supra LoRA hybrid) against PEFT 0.21.2: config checks and errors,
+unsupported layers, init draws and the random stream, the magnitude-chosen indices (a frozen saved tensor in
+`base`), forward, gradients, merge / unmerge, files, mixed models refused; laws (hypothesis): the update's support
+is the top-k (bottom-k) magnitudes; torch.compile without recompiles, per-example routing and vmap."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import optree
+import peft
+import pytest
+import torch
+from helpers import MODELS, examples, make_inputs, out_tensor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from method_checks import (
+    assert_compiles_once,
+    assert_fresh_equals_peft,
+    assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
+    assert_raises_like_peft,
+    assert_routes_like_each_alone,
+    build_both,
+    random_trees,
+)
+from peft_matrix import models
+from safetensors.torch import load_file
+from torch import nn
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.methods.base import UnsupportedLayerError
+
+SUPRA: dict[str, Any] = dict(sparsity=0.75, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(r=3), dict(r=2, lora_alpha=5.0, sparsity=0.5, select_top=False)])
+def test_config_fields_and_defaults_equal_peft(kwargs: dict[str, Any]) -> None:
+    """lora_alpha defaults to 2 * r, written into the config like PEFT's."""
+    ours, theirs = funcpeft.SupertuningConfig(**kwargs).to_dict(), peft.SupertuningConfig(**kwargs).to_dict()
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), r"sparsity must be in \[0.0, 1.0\), got 1.0"),
+        (dict(sparsity=-0.1), r"sparsity must be in \[0.0, 1.0\), got -0.1"),
+        (dict(r=0), "r must be a positive integer or None, got 0"),
+        (dict(lora_alpha=4.0), "lora_alpha is set but r is None — Supra mode requires an explicit r."),
+        (dict(r=2, lora_dropout=1.0), r"lora_dropout must be in \[0.0, 1.0\), got 1.0"),
+        # lin1 holds 20 * 2 = 40 entries: int(40 * 0.01) = 0 trainable
+        (
+            dict(sparsity=0.99, target_modules=["lin1"]),
+            "sparsity=0.99 leaves no trainable entries for a weight with 40",
+        ),
+    ],
+)
+def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
+    info = assert_raises_like_peft(
+        models.build("MLP"), "SupertuningConfig", {"target_modules": ["lin0"], **kwargs}, ValueError, match
+    )
+    if "leaves no" in match:
+        assert "'lin1'" in str(info.value)  # funcpeft names the module
+
+
+def test_unsaved_indices_are_refused_not_silently_saved() -> None:
+    """save_precomputed_indices=False (indices recomputed on load) is not implemented: refused when the config is made."""
+    with pytest.warns(UserWarning, match="save_precomputed_indices=False"):
+        peft.SupertuningConfig(save_precomputed_indices=False)
+    with pytest.raises(NotImplementedError, match="save_precomputed_indices=False is not implemented"):
+        funcpeft.SupertuningConfig(save_precomputed_indices=False)
+
+
+def test_unsupported_layers_name_module_and_type() -> None:
+    """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
+    model = T.tiny_gpt2()
+    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
+        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
+            peft.get_peft_model(copy.deepcopy(model), peft.SupertuningConfig(target_modules=[target]))
+        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
+            funcpeft.get_peft_model(model, funcpeft.SupertuningConfig(target_modules=[target]))
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+@pytest.mark.parametrize("r", [None, 2])
+def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, r: int | None) -> None:
+    kwargs = {**SUPRA, "r": r, "lora_dropout": 0.0, "init_weights": init_weights, "select_top": r is None}
+    fpm, pm = build_both(T.tiny_llama(), "SupertuningConfig", kwargs, seed=6)
+    assert_fresh_equals_peft(fpm, pm)
+    for path, entry in fpm.plans["default"].items():
+        ((_, key),) = entry.frozen
+        layer: Any = pm.get_submodule(f"base_model.model.{path}")
+        theirs = layer.supertuning_indices["default"]
+        assert fpm.base[key].dtype == torch.int32 and torch.equal(fpm.base[key], theirs), path
+    assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    nexts = []  # Supra's discarded nn.Linear draws are drawn too: the global stream continues like PEFT's
+    for lib in (funcpeft, peft):
+        torch.manual_seed(6)
+        lib.get_peft_model(T.tiny_llama(), lib.SupertuningConfig(**kwargs))
+        nexts.append(torch.rand(4))
+    assert torch.equal(*nexts)
+
+
+def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
+    kwargs = dict(sparsity=0.5, r=2, lora_alpha=3.0, target_modules=["lin0", "lin1"], init_weights=False)
+    fpm, pm = build_both(MODELS["mlp"](), "SupertuningConfig", kwargs)
+    adapter = random_trees(fpm.adapter, 1)[0]
+    x = make_inputs("mlp", batch=3)
+    assert_matches_peft_with(fpm, pm, adapter, x)
+    with torch.no_grad():
+        want = pm.merge_and_unload()(**x)
+        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
+        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
+    for path in ("lin0", "lin1"):
+        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
+    """PEFT saves supertuning_indices (a persistent buffer); loading restores them, even onto a changed weight."""
+    model = T.tiny_llama()
+    config = funcpeft.SupertuningConfig(sparsity=0.9, r=2, target_modules=["q_proj"], init_weights=False)
+    fpm = funcpeft.get_peft_model(model, config)
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    paths = list(fpm.plans["default"])
+    names = ("supertuning_values", "supertuning_indices", "supertuning_lora_A.weight", "supertuning_lora_B.weight")
+    assert sorted(saved) == sorted(f"base_model.model.{p}.{n}" for p in paths for n in names)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in paths:
+            weight: Any = changed.get_submodule(p).weight
+            weight.copy_(torch.randn_like(weight))  # other magnitudes: fresh indices would differ
+    back = funcpeft.from_pretrained(changed, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    for p in paths:
+        ((_, key),) = back.plans["default"][p].frozen
+        assert torch.equal(back.base[key], saved[f"base_model.model.{p}.supertuning_indices"])
+        layer: Any = pm.get_submodule(f"base_model.model.{p}")
+        assert torch.equal(back.base[key], layer.supertuning_indices["default"])
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, pm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "SupertuningConfig", dict(target_modules=["lin0"]))
+
+
+@settings(max_examples=examples(15))
+@given(
+    out_f=st.integers(1, 8),
+    in_f=st.integers(1, 8),
+    sparsity=st.floats(0.0, 0.95),
+    top=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_update_lives_on_the_top_or_bottom_magnitudes(
+    out_f: int, in_f: int, sparsity: float, top: bool, seed: int
+) -> None:
+    """Without LoRA the merged update is nonzero exactly on k = int(numel (1 - sparsity)) entries, and every one of
+    them has a magnitude at least (top) / at most (bottom) that of every entry left out."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_f, out_f)).eval()
+    k = int(in_f * out_f * (1 - sparsity))
+    config = funcpeft.SupertuningConfig(sparsity=sparsity, select_top=top, target_modules=["0"], init_weights=False)
+    if k < 1:
+        with pytest.raises(ValueError, match="leaves no trainable entries"):
+            funcpeft.get_peft_model(model, config)
+        return
+    fpm = funcpeft.get_peft_model(model, config)
+    values = fpm.adapter["0"]["supertuning_values"]
+    adapter = {"0": {"supertuning_values": values.sign() + (values == 0).float()}}  # nonzero everywhere
+    support = funcpeft.merge(fpm, fpm.base, adapter)["0.weight"] != fpm.base["0.weight"]
+    assert int(support.sum()) == k
+    magnitude = fpm.base["0.weight"].abs()
+    if k < magnitude.numel():
+        chosen, rest = magnitude[support], magnitude[~support]
+        assert (chosen.min() >= rest.max()) if top else (chosen.max() <= rest.min())
+
+
+def _llama_1() -> tuple[Any, dict[str, Any]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm = funcpeft.get_peft_model(T.tiny_llama(layers=1), funcpeft.SupertuningConfig(**SUPRA))
+    return fpm, {"input_ids": make_inputs("llama")["input_ids"]}
+
+
+def test_compiles_to_one_graph_for_new_adapter_values() -> None:
+    fpm, x = _llama_1()
+    trees = random_trees(fpm.adapter, 3)
+    assert_compiles_once(fpm.fn, fpm.base, trees, x)
+    tree: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
+    compiled = torch.compile(fpm.fn, fullgraph=True, backend="aot_eager")
+    out_tensor(compiled(fpm.base, tree, **x)).square().sum().backward()
+    leaves: list[torch.Tensor] = optree.tree_leaves(tree)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+
+
+def test_per_example_routing_and_vmap_equal_each_adapter_alone() -> None:
+    fpm, x = _llama_1()
+    assert_routes_like_each_alone(fpm, random_trees(fpm.adapter, 3), x, [2, -1])
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_bf16_model_equals_peft(autocast: bool) -> None:
+    """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
+    model: Any = T.tiny_llama()
+    model = model.to(torch.bfloat16)
+    kwargs: dict[str, Any] = dict(sparsity=0.5, r=2, init_weights=False, target_modules=["q_proj", "down_proj"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm = funcpeft.get_peft_model(
+            copy.deepcopy(model), funcpeft.SupertuningConfig(**kwargs), autocast_adapter_dtype=autocast
+        )
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(
+            copy.deepcopy(model), peft.SupertuningConfig(**kwargs), autocast_adapter_dtype=autocast
+        ).eval()
+    assert_fresh_equals_peft(fpm, pm)
+    assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
+        torch.float32 if autocast else torch.bfloat16
+    }
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)
