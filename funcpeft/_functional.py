@@ -513,7 +513,7 @@ class PeftFunction:
             build = functools.partial(
                 self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs), generator=generator
             )
-            return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
+            return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint, _owner_forward)
         check_not_sharded(self._model)
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
