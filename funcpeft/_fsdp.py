@@ -386,7 +386,9 @@ class _Install:
             for path, pname, value in self.quant:
                 module = self.runner.modules[path]
                 own = module.__dict__.get("forward")
-                module.__dict__["forward"] = functools.partial(self._quant_forward, module, path, pname, value, module.forward)
+                module.__dict__["forward"] = functools.partial(
+                    self._quant_forward, module, path, pname, value, module.forward
+                )
                 undo.append(
                     functools.partial(module.__dict__.pop, "forward")
                     if own is None

@@ -100,7 +100,9 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     if isinstance(module, bnb.nn.Linear4bit):
         state = getattr(module, "quant_state", None)
         if state is None:
-            raise ValueError(f"a 4-bit weight ({type(weight).__name__}) whose layer has no quant_state: cannot dequantise it")
+            raise ValueError(
+                f"a 4-bit weight ({type(weight).__name__}) whose layer has no quant_state: cannot dequantise it"
+            )
         return bnb.functional.dequantize_4bit(weight.detach(), state)
     scb = getattr(weight, "SCB", None)
     if scb is None and module is not None:
