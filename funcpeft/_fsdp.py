@@ -118,6 +118,37 @@ def check_sharded_quant(path: str, module: nn.Module) -> None:
         )
 
 
+def reshard(model: nn.Module) -> None:
+    """Registers the shards again where FSDP2 left a unit's parameters gathered (`FSDPModule.reshard()`).
+
+    FSDP keeps the root unit's parameters gathered after a forward (until the backward), and every unit's under
+    `reshard_after_forward=False`; funcpeft must capture and plan from the shards, not from those gathered
+    tensors (in a MixedPrecisionPolicy's param_dtype, not the base's own). `reshard()` is what FSDP itself does
+    after a unit: the same values, the model's slots hold its shards again (no communication).
+    """
+    for m in model.modules():
+        if is_fsdp_module(m):
+            m.reshard()  # type: ignore[operator]
+
+
+def check_plain_base(base: Mapping[str, Any], model: nn.Module) -> None:
+    """For fn built on an unsharded model: a clear error for a `base` holding DTensor shards (another model's)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return
+    for name, t in base.items():
+        if isinstance(t, mod.DTensor):
+            path = name.rpartition(".")[0]
+            module = dict(model.named_modules(remove_duplicate=False)).get(path)
+            where = f" (the model's {_describe(path, module)} holds a plain tensor)" if module is not None else ""
+            raise ValueError(
+                f"funcpeft: base[{name!r}] is a DTensor {_sharding(t)}, but this fn was built on an unsharded "
+                f"model{where}: a sharded base runs only with the fn get_peft_model (or from_pretrained) returned for "
+                "the model sharded with fully_shard, which gathers the weights. Use that fn, or pass whole tensors "
+                "(t.full_tensor()) to this one."
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class Managed:
     """A parameter FSDP manages: its FSDPParam, the module that owns it, and the unit that gathers it."""
@@ -181,6 +212,17 @@ class ShardedModel:
         self._lock = threading.Lock()
         for path, module in self.modules.items():
             check_sharded_quant(path, module)
+        for info in self.managed.values():
+            module = self.modules[info.owner]
+            cast = getattr(info.fsdp_param, "param_dtype", None)  # None: gathered in its own dtype
+            if cast is not None and is_quant_linear(module) and info.name == f"{info.owner}.weight".lstrip("."):
+                raise NotImplementedError(
+                    f"funcpeft: {_describe(info.owner, module)} is a bitsandbytes 4-bit layer whose packed weight is "
+                    f"stored as {info.fsdp_param.orig_dtype} (bnb_4bit_quant_storage), and fully_shard's "
+                    f"MixedPrecisionPolicy(param_dtype={cast}) casts it to {cast} when it gathers it: that rewrites the "
+                    "packed 4-bit codes (other weights, or a shape error in bitsandbytes). Load the base with "
+                    f"bnb_4bit_quant_storage=torch.uint8 (FSDP2 never casts integer data) or ={cast} (docs/distributed.md)."
+                )
         for name, p in model.named_parameters(remove_duplicate=False):
             path = name.rpartition(".")[0]
             if is_dtensor(p) and name not in self.managed:
