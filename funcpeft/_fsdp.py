@@ -10,6 +10,9 @@ model runs as itself, and for the call funcpeft:
   into that module in an `AdaptedWeight` (or puts an override leaf, modules_to_save or a trainable bias, in its
   slot); a post-hook (the first) puts FSDP's tensor back: as in a call skeleton, the adapted weight is seen only
   while the module's own forward runs;
+- for a quantised layer (bitsandbytes Linear4bit, `LayerKind.module_level`), whose kernel reads the packed
+  weight, leaves FSDP's gathered data in the slot (bitsandbytes restores the quant state from the layer) and
+  replaces the layer's forward for the call: its own forward, with the adapters applied to its output;
 - puts the call's tensors into the slots of parameters FSDP does not manage (restored after);
 - sets every module's `training` flag to the call's mode (restored after);
 - on modules with transformers' gradient checkpointing, runs the checkpoint non-reentrantly and redoes all of
@@ -19,7 +22,9 @@ Everything is undone when the call returns or raises; between calls the model is
 left it. Two calls on one sharded model at once (threads) are refused, as FSDP's own state is per model.
 The base is checked on every call: each managed entry of `base` must be the shard FSDP holds (a merged or
 modified base cannot be used: FSDP gathers from its own shards), frozen (`requires_grad=False`: FSDP would
-otherwise compute and reduce-scatter base gradients), and the process group must be initialized.
+otherwise compute and reduce-scatter base gradients), and the process group must be initialized. Quantised
+layers FSDP cannot gather intact are refused (`check_sharded_quant`: 8-bit; a float-stored 4-bit weight that a
+MixedPrecisionPolicy casts).
 
 Reads torch's FSDP2 internals (FSDPParam.sharded_param, `_module_info`), tested with torch 2.13.
 """
@@ -328,8 +333,8 @@ class ShardedModel:
 def _sharding(t: Any) -> str:
     local = t.to_local()
     return (
-        f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s), local shape "
-        f"{tuple(local.shape)}"
+        f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s) ({t.device_mesh!r}), "
+        f"local shape {tuple(local.shape)}"
     )
 
 

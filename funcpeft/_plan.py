@@ -599,7 +599,7 @@ def fresh_method_params(
     if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
         final = weight if new_weight is None else new_weight
         if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
-            final = dequantize(_whole(final.detach()), module)  # an FSDP2 shard: gathered (the quant state is whole)
+            final = dequantize(_whole(final), module)  # an FSDP2 shard: gathered (the quant state is whole)
         fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()))
     return WeightInit(fresh, new_weight)
 

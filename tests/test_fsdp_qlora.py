@@ -79,7 +79,8 @@ def _adapter(pm: Any) -> Any:
 
 
 def _loss_and_grads(pm: Any, base: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    return value_and_grad(lambda a: pm.fn(base, a, input_ids=ids, labels=ids).loss)(_adapter(pm))
+    # training mode (a dropout_rng; lora_dropout is 0, so any seed gives the same values): checkpointing is on
+    return value_and_grad(lambda a: pm.fn(base, a, input_ids=ids, labels=ids, dropout_rng=0).loss)(_adapter(pm))
 
 
 def _error(f: Any) -> str:
@@ -99,8 +100,12 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
     res: dict[str, Any] = {}
     try:
         ids = D.shard(_ids())
+        calls: list[int] = []
         for case, (quant, _, param_dtype) in CASES.items():
             model = _load(path, quant)
+            if case == "nf4":  # each 4-bit layer recomputed in backward: gathered again, adapted again
+                model.gradient_checkpointing_enable()
+                model.get_submodule("model.layers.1.self_attn.q_proj").register_forward_hook(lambda *a: calls.append(1))
             policy = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype)}
             D.shard_base(model, **policy)
             if case == "mp":  # FSDP leaves the root's weights gathered after a forward: get_peft_model reshards
@@ -112,6 +117,8 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
             loss, grads = _loss_and_grads(pm, pm.base, ids)
             dist.all_reduce(loss)
             res[f"{case}/loss"], res[f"{case}/grads"] = loss / WORLD, D.all_reduce_grads(grads)
+            if case == "nf4":
+                res["nf4/calls"] = len(calls)
             if case in ("nf4", "dora"):
                 res[f"{case}/bytes"] = D.local_bytes(pm.base)
                 directory = D.save_pretrained(pm, os.path.join(out_dir, f"sharded-{case}"), _adapter(pm))
@@ -135,6 +142,21 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
         plain = funcpeft.get_peft_model(_load(path, None), _config("mp"))
         sharded = funcpeft.get_peft_model(D.shard_base(_load(path, None)), _config("mp"))
         res["err/sharded_base_unsharded_fn"] = _error(lambda: plain.fn(sharded.base, plain.adapter, input_ids=ids))
+        # the very shard FSDP holds, as a DTensor on another mesh (same ranks, named): not the model's sharding
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        key = "model.layers.1.mlp.down_proj.weight"
+        shard = sharded.base[key]
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
+        moved = DTensor.from_local(shard.to_local(), mesh, shard.placements, shape=shard.shape, stride=shard.stride())
+        base = {**sharded.base, key: moved}
+        res["err/other_mesh"] = _error(lambda: sharded.fn(base, plain.adapter, input_ids=ids))
+        # an adapter tree is plain tensors by module path: one made on the unsharded model runs on the sharded one
+        with torch.no_grad():
+            trained = _adapter(plain)
+            res["same_adapter"] = [pm.fn(pm.base, trained, input_ids=ids).logits for pm in (plain, sharded)]
+            res["no_adapter"] = plain.fn(plain.base, None, input_ids=ids).logits
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -204,11 +226,14 @@ def test_qlora_and_mixed_precision_sharded_equal_one_process() -> None:
             held, whole = r[f"{case}/bytes"]
             assert held == whole // WORLD  # the packed 4-bit data is split like every other tensor
     r0 = ranks[0]
+    assert [r["nf4/calls"] for r in ranks] == [2, 2]  # forward and recompute (the gradients above agree)
     assert r0["mp/gathered_before"] == "Parameter"  # FSDP had left the root gathered: captured resharded anyway
     # torch / bitsandbytes themselves: 8-bit fails; a cast 4-bit weight runs, silently wrong (or fails)
     assert re.search(r"AttributeError: .*has no attribute 'CB'", r0["err/int8_plain"]), r0["err/int8_plain"]
     assert r0["cast_plain"] == "no error"  # silently: logits off by ~1.3x their largest value (measured)
     assert (r0["cast_logits"] - r0["cast_want"]).abs().max() > 0.1 * r0["cast_want"].abs().max()
+    torch.testing.assert_close(*r0["same_adapter"], atol=1e-5, rtol=0)
+    assert (r0["same_adapter"][0] - r0["no_adapter"]).abs().max() > 1e-3  # the adapter was applied
     print("\n".join(f"{k}: {v}" for k, v in r0.items() if k.startswith("err/")))
     for key, pattern in {
         "int8": r"NotImplementedError: .*'model\.layers\.0\.self_attn\.q_proj' \(Linear8bitLt\) is a bitsandbytes 8-bit "
@@ -217,6 +242,8 @@ def test_qlora_and_mixed_precision_sharded_equal_one_process() -> None:
         r"torch\.bfloat16 .*MixedPrecisionPolicy\(param_dtype=torch\.float16\)",
         "sharded_base_unsharded_fn": r"ValueError: .*base\['model\.embed_tokens\.weight'\] is a DTensor .*Shard\(dim=0\)"
         r".*built on an unsharded model .*'model\.embed_tokens' \(Embedding\)",
+        "other_mesh": r"ValueError: .*base\['model\.layers\.1\.mlp\.down_proj\.weight'\] is a DTensor .*mesh_dim_names=\('dp',\).*"
+        r"not the shard FSDP holds",
         "no_group_sharded_base": r"ValueError: .*base\['model\.embed_tokens\.weight'\] is a DTensor .*unsharded model",
         "no_group_qlora": r"RuntimeError: .*DTensor shard .*no initialized process group",
     }.items():
