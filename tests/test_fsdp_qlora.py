@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import optree
 import pytest
@@ -106,7 +106,7 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
             if case == "nf4":  # each 4-bit layer recomputed in backward: gathered again, adapted again
                 model.gradient_checkpointing_enable()
                 model.get_submodule("model.layers.1.self_attn.q_proj").register_forward_hook(lambda *a: calls.append(1))
-            policy = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype)}
+            policy: dict[str, Any] = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype)}
             D.shard_base(model, **policy)
             if case == "mp":  # FSDP leaves the root's weights gathered after a forward: get_peft_model reshards
                 with torch.no_grad():
@@ -134,10 +134,10 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
         whole = _load(path, quant)
         with torch.no_grad():
             want = whole(input_ids=ids).logits
-            cast = D.shard_base(whole, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float16))
-            res["cast_plain"] = _error(lambda: res.__setitem__("cast_logits", cast(input_ids=ids).logits.float()))
+            fp16 = D.shard_base(whole, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float16))
+            res["cast_plain"] = _error(lambda: res.__setitem__("cast_logits", fp16(input_ids=ids).logits.float()))
         res["cast_want"] = want
-        res["err/cast"] = _error(lambda: funcpeft.get_peft_model(cast, _config("nf4")))
+        res["err/cast"] = _error(lambda: funcpeft.get_peft_model(fp16, _config("nf4")))
         # bad input: a sharded base into an fn built on an unsharded model
         plain = funcpeft.get_peft_model(_load(path, None), _config("mp"))
         sharded = funcpeft.get_peft_model(D.shard_base(_load(path, None)), _config("mp"))
@@ -147,7 +147,7 @@ def _worker(rank: int, init_file: str, path: str, out_dir: str) -> None:
         from torch.distributed.tensor import DTensor
 
         key = "model.layers.1.mlp.down_proj.weight"
-        shard = sharded.base[key]
+        shard = cast(DTensor, sharded.base[key])
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
         moved = DTensor.from_local(shard.to_local(), mesh, shard.placements, shape=shard.shape, stride=shard.stride())
         base = {**sharded.base, key: moved}
@@ -228,7 +228,7 @@ def test_qlora_and_mixed_precision_sharded_equal_one_process() -> None:
     r0 = ranks[0]
     assert [r["nf4/calls"] for r in ranks] == [2, 2]  # forward and recompute (the gradients above agree)
     assert r0["mp/gathered_before"] == "Parameter"  # FSDP had left the root gathered: captured resharded anyway
-    # torch / bitsandbytes themselves: 8-bit fails; a cast 4-bit weight runs, silently wrong (or fails)
+    # torch / bitsandbytes themselves: 8-bit fails; a cast 4-bit weight runs, silently wrong
     assert re.search(r"AttributeError: .*has no attribute 'CB'", r0["err/int8_plain"]), r0["err/int8_plain"]
     assert r0["cast_plain"] == "no error"  # silently: logits off by ~1.3x their largest value (measured)
     assert (r0["cast_logits"] - r0["cast_want"]).abs().max() > 0.1 * r0["cast_want"].abs().max()
