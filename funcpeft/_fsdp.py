@@ -10,6 +10,9 @@ model runs as itself, and for the call funcpeft:
   into that module in an `AdaptedWeight` (or puts an override leaf, modules_to_save or a trainable bias, in its
   slot); a post-hook (the first) puts FSDP's tensor back: as in a call skeleton, the adapted weight is seen only
   while the module's own forward runs;
+- for a quantised layer (bitsandbytes Linear4bit, `LayerKind.module_level`), whose kernel reads the packed
+  weight, leaves FSDP's gathered data in the slot (bitsandbytes restores the quant state from the layer) and
+  replaces the layer's forward for the call: its own forward, with the adapters applied to its output;
 - puts the call's tensors into the slots of parameters FSDP does not manage (restored after);
 - sets every module's `training` flag to the call's mode (restored after);
 - on modules with transformers' gradient checkpointing, runs the checkpoint non-reentrantly and redoes all of
@@ -19,7 +22,9 @@ Everything is undone when the call returns or raises; between calls the model is
 left it. Two calls on one sharded model at once (threads) are refused, as FSDP's own state is per model.
 The base is checked on every call: each managed entry of `base` must be the shard FSDP holds (a merged or
 modified base cannot be used: FSDP gathers from its own shards), frozen (`requires_grad=False`: FSDP would
-otherwise compute and reduce-scatter base gradients), and the process group must be initialized.
+otherwise compute and reduce-scatter base gradients), and the process group must be initialized. Quantised
+layers FSDP cannot gather intact are refused (`check_sharded_quant`: 8-bit; a float-stored 4-bit weight that a
+MixedPrecisionPolicy casts).
 
 Reads torch's FSDP2 internals (FSDPParam.sharded_param, `_module_info`), tested with torch 2.13.
 """
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._quant import is_quant_linear
 from ._weights import AdaptedWeight
 from .rng import CallRandomness, redirect
 
@@ -88,6 +94,64 @@ def check_not_sharded(model: nn.Module) -> None:
             "its parameters: fn and its `base` hold the unsharded tensors, so nothing would be sharded. Call "
             "get_peft_model (or from_pretrained) on the sharded model, after fully_shard (docs/distributed.md)."
         )
+
+
+def check_sharded_quant(path: str, module: nn.Module) -> None:
+    """A bitsandbytes layer whose weight `fully_shard` made a DTensor: a clear error where it cannot run sharded.
+
+    FSDP2 keeps only the tensor data of a quantised parameter (a DTensor shard; gathered as a plain Parameter), not
+    the Params4bit / Int8Params object with its quantisation state. A Linear4bit recovers: bitsandbytes' own
+    `fix_4bit_weight_quant_state_from_module` rewraps the gathered data with the layer's `quant_state` (kept whole
+    on every rank). A Linear8bitLt cannot: its forward reads the row scales from the weight (`weight.CB`, `SCB`).
+    """
+    if not is_quant_linear(module) or not is_dtensor(module._parameters.get("weight")):
+        return
+    if not hasattr(module, "quant_state"):  # Linear8bitLt (Linear4bit and its subclasses have the attribute)
+        raise NotImplementedError(
+            f"funcpeft: {_describe(path, module)} is a bitsandbytes 8-bit layer sharded with fully_shard: FSDP2 keeps "
+            "its Int8Params only as data (a DTensor, gathered as a plain Parameter) without the row scales (CB / SCB) "
+            "that Linear8bitLt.forward reads (`self.weight.CB`: AttributeError), so it cannot run sharded "
+            "(bitsandbytes 0.50, torch 2.13). Load the base in 4-bit (BitsAndBytesConfig(load_in_4bit=True)), which "
+            "FSDP2 can shard, or do not shard it (docs/distributed.md)."
+        )
+    if getattr(module, "quant_state", None) is None:
+        raise NotImplementedError(
+            f"funcpeft: {_describe(path, module)} is a bitsandbytes 4-bit layer sharded with fully_shard whose "
+            "module has no `quant_state`: FSDP2 gathers its weight as plain packed data, and bitsandbytes restores "
+            "the quantisation state from the layer (set when the weight is quantised with `module=` the layer, as "
+            "transformers' loading does). Quantise the layer before fully_shard."
+        )
+
+
+def reshard(model: nn.Module) -> None:
+    """Registers the shards again where FSDP2 left a unit's parameters gathered (`FSDPModule.reshard()`).
+
+    FSDP keeps the root unit's parameters gathered after a forward (until the backward), and every unit's under
+    `reshard_after_forward=False`; funcpeft must capture and plan from the shards, not from those gathered
+    tensors (in a MixedPrecisionPolicy's param_dtype, not the base's own). `reshard()` is what FSDP itself does
+    after a unit: the same values, the model's slots hold its shards again (no communication).
+    """
+    for m in model.modules():
+        if is_fsdp_module(m):
+            m.reshard()  # type: ignore[operator]
+
+
+def check_plain_base(base: Mapping[str, Any], model: nn.Module) -> None:
+    """For fn built on an unsharded model: a clear error for a `base` holding DTensor shards (another model's)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return
+    for name, t in base.items():
+        if isinstance(t, mod.DTensor):
+            path = name.rpartition(".")[0]
+            module = dict(model.named_modules(remove_duplicate=False)).get(path)
+            where = f" (the model's {_describe(path, module)} holds a plain tensor)" if module is not None else ""
+            raise ValueError(
+                f"funcpeft: base[{name!r}] is a DTensor {_sharding(t)}, but this fn was built on an unsharded "
+                f"model{where}: a sharded base runs only with the fn get_peft_model (or from_pretrained) returned for "
+                "the model sharded with fully_shard, which gathers the weights. Use that fn, or pass whole tensors "
+                "(t.full_tensor()) to this one."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +215,19 @@ class ShardedModel:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.managed = managed_params(model)
         self._lock = threading.Lock()
+        for path, module in self.modules.items():
+            check_sharded_quant(path, module)
+        for info in self.managed.values():
+            module = self.modules[info.owner]
+            cast = getattr(info.fsdp_param, "param_dtype", None)  # None: gathered in its own dtype
+            if cast is not None and is_quant_linear(module) and info.name == f"{info.owner}.weight".lstrip("."):
+                raise NotImplementedError(
+                    f"funcpeft: {_describe(info.owner, module)} is a bitsandbytes 4-bit layer whose packed weight is "
+                    f"stored as {info.fsdp_param.orig_dtype} (bnb_4bit_quant_storage), and fully_shard's "
+                    f"MixedPrecisionPolicy(param_dtype={cast}) casts it to {cast} when it gathers it: that rewrites the "
+                    "packed 4-bit codes (other weights, or a shape error in bitsandbytes). Load the base with "
+                    f"bnb_4bit_quant_storage=torch.uint8 (FSDP2 never casts integer data) or ={cast} (docs/distributed.md)."
+                )
         for name, p in model.named_parameters(remove_duplicate=False):
             path = name.rpartition(".")[0]
             if is_dtensor(p) and name not in self.managed:
@@ -222,12 +299,14 @@ class ShardedModel:
         kwargs: dict[str, Any],
         rng: CallRandomness | None,
         checkpoint: Callable[..., Any],
+        module_forward: Callable[..., Any],
     ) -> Any:
         """`model(*args, **kwargs)` with the tensors `build(base)` returns (fn's build_params).
 
         rng: the call's randomness (None: eval mode); checkpoint: `functional._checkpoint(model_func, rng,
         function, *args, **kwargs)`, which a checkpointed layer's `_gradient_checkpointing_func` becomes (it
-        recomputes with the same dropout masks).
+        recomputes with the same dropout masks); module_forward: `functional._owner_forward(adapted, forward)`, the
+        forward of a quantised layer with its adapters (`LayerKind.module_level`).
         """
         if torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling():
             raise NotImplementedError(
@@ -238,7 +317,7 @@ class ShardedModel:
         self.check_base(base)
         local = {k: local_tensor(v) for k, v in base.items()}
         params = build(local)
-        install = _Install(self, params, local, rng, checkpoint)
+        install = _Install(self, params, local, rng, checkpoint, module_forward)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 "funcpeft: another call is running on this sharded model (another thread?). FSDP keeps one gather "
@@ -254,8 +333,8 @@ class ShardedModel:
 def _sharding(t: Any) -> str:
     local = t.to_local()
     return (
-        f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s), local shape "
-        f"{tuple(local.shape)}"
+        f"with placements {tuple(t.placements)} on a mesh of {t.device_mesh.size()} rank(s) ({t.device_mesh!r}), "
+        f"local shape {tuple(local.shape)}"
     )
 
 
@@ -283,8 +362,10 @@ class _Install:
         local: Mapping[str, torch.Tensor],
         rng: CallRandomness | None,
         checkpoint: Callable[..., Any],
+        module_forward: Callable[..., Any],
     ):
         self.runner = runner
+        self.module_forward = module_forward
         self.training = rng is not None
         self.rng = rng
         self.checkpoint = checkpoint
@@ -292,13 +373,16 @@ class _Install:
         # module path -> [(param name, AdaptedWeight or override tensor)] applied after FSDP gathers
         self.late: dict[str, list[tuple[str, torch.Tensor]]] = {}
         self.slots: list[tuple[nn.Module, str, torch.Tensor]] = []  # unmanaged: (module, name, tensor)
+        # (module path, parameter name, adapted weight) of quantised layers, adapted around their own forward
+        self.quant: list[tuple[str, str, AdaptedWeight]] = []
         base_ids = {id(v) for v in local.values()}
         for name, value in params.items():
             path, _, pname = name.rpartition(".")
             module = runner.modules[path]
             is_base = id(value) in base_ids
+            quant = isinstance(value, AdaptedWeight) and value.adapters[0].spec.kind.module_level
             if name not in runner.managed:
-                self.slots.append((module, pname, value))
+                self.slots.append((module, pname, value.weight if quant else value))  # type: ignore[attr-defined]
                 if is_base:
                     continue
             elif is_base:
@@ -314,7 +398,9 @@ class _Install:
                         "sharded by fully_shard the adapter is replicated: pass plain tensors, the same on every rank "
                         "(e.g. leaf.full_tensor()), as get_peft_model makes them"
                     )
-            if name in runner.managed:
+            if quant:  # its kernel reads the packed weight: it stays in the slot, the adapters act on the output
+                self.quant.append((path, pname, value))  # type: ignore[arg-type]
+            elif name in runner.managed:
                 self.late.setdefault(path, []).append((pname, value))
 
     @contextmanager
@@ -343,6 +429,17 @@ class _Install:
                     module.register_forward_hook(
                         functools.partial(self._post, gathered), prepend=True, always_call=True
                     ).remove
+                )
+            for path, pname, value in self.quant:
+                module = self.runner.modules[path]
+                own = module.__dict__.get("forward")
+                module.__dict__["forward"] = functools.partial(
+                    self._quant_forward, module, path, pname, value, module.forward
+                )
+                undo.append(
+                    functools.partial(module.__dict__.pop, "forward")
+                    if own is None
+                    else functools.partial(module.__dict__.__setitem__, "forward", own)
                 )
             for m in model.modules():
                 func = m.__dict__.get("_gradient_checkpointing_func")
@@ -376,6 +473,29 @@ class _Install:
             module._parameters[pname] = new  # type: ignore[assignment]
             done.append((pname, current, new))
         gathered.append(done)
+
+    def _quant_forward(
+        self,
+        module: nn.Module,
+        path: str,
+        pname: str,
+        value: AdaptedWeight,
+        forward: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """A quantised layer's forward during the call: its own forward on the weight FSDP gathered (bitsandbytes
+        restores the 4-bit quant state from the layer), with the adapters applied to its output, as in a skeleton."""
+        current = module._parameters[pname]
+        if is_dtensor(current):
+            info = self.runner.managed[f"{path}.{pname}".lstrip(".")]
+            raise RuntimeError(
+                f"funcpeft: {_describe(path, module)} ran while its {info.where()} was not gathered: FSDP gathers "
+                "it in the forward of that unit, and this module was called outside it"
+            )
+        assert current is not None
+        adapted = AdaptedWeight.wrap(current, value.adapters, value.dropout, value.generator, value.applies_in)
+        return self.module_forward([(module, pname, adapted)], forward)(*args, **kwargs)
 
     @staticmethod
     def _post(gathered: list[Any], module: nn.Module, args: Any, output: Any) -> None:

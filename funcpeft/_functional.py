@@ -60,7 +60,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._fsdp import ShardedModel, check_not_sharded
+from ._fsdp import ShardedModel, check_not_sharded, check_plain_base
 from ._plan import (
     LeafShapes,
     Plan,
@@ -513,8 +513,10 @@ class PeftFunction:
             build = functools.partial(
                 self.build_params, adapter=adapter, dropout=dropout, inputs=(args, kwargs), generator=generator
             )
-            return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint)
+            return self.sharded.call(build, base, args, model_kwargs, rng, _checkpoint, _owner_forward)
         check_not_sharded(self._model)
+        if not torch.compiler.is_dynamo_compiling():
+            check_plain_base(base, self._model)
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
         kwargs = model_kwargs

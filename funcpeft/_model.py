@@ -22,6 +22,7 @@ from ._constants import MIXED_COMPATIBLE_TYPES
 from ._conversion import convert_mutated_init
 from ._counting import count_parameters, format_trainable
 from ._decode import generate
+from ._fsdp import reshard
 from ._functional import PeftFunction
 from ._loading import load_for_model
 from ._merge import merge_and_unload
@@ -274,7 +275,9 @@ def get_peft_model(
     """PEFT's `get_peft_model`, functionally: returns `(fn, base, adapter)` (as a FunctionalPeftModel).
 
     Args:
-        model: the base model (any nn.Module; transformers models get PEFT's per-model defaults). Never mutated.
+        model: the base model (any nn.Module; transformers models get PEFT's per-model defaults). Never mutated
+            (one FSDP2 exception: a sharded unit whose parameters a forward left gathered is resharded first,
+            `FSDPModule.reshard()`, as FSDP itself does after a unit; docs/distributed.md).
         peft_config: a funcpeft config (`LoraConfig`, `IA3Config`, ...); never mutated (the resolved copy is in
             `pm.peft_config[adapter_name]`).
         adapter_name: the adapter's name (a directory name in saved files).
@@ -303,6 +306,7 @@ def get_peft_model(
             f"{type(peft_config).__name__}"
         )
     _reject_peft_model(model)
+    reshard(model)  # an FSDP2-sharded model: capture its shards, not the weights a forward left gathered
     check_adapter_name(adapter_name)
     if mixed:
         _check_combinable(peft_config, None, mixed)
@@ -456,6 +460,7 @@ def from_pretrained(
         A `FunctionalPeftModel` (`fn, base, adapter = pm`) holding the loaded adapter.
     """
     _reject_peft_model(model)
+    reshard(model)  # an FSDP2-sharded model: capture its shards, not the weights a forward left gathered
     loaded = load_for_model(
         model,
         directory,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._config import PeftConfig
+from ._fsdp import check_sharded_quant
 from ._quant import dequantize
 from ._targeting import (
     find_modules_to_save,
@@ -197,6 +198,7 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
             "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
         )
     if kind.module_level:  # packed weight data: the logical (out, in) shape is the module's
+        check_sharded_quant(target.name, module)
         shape: tuple[int, ...] = (module.out_features, module.in_features)
     else:
         _check_plain_weight(target.name, module, config, kind.weight_name)
@@ -597,7 +599,7 @@ def fresh_method_params(
     if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
         final = weight if new_weight is None else new_weight
         if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
-            final = dequantize(final, module)
+            final = dequantize(_whole(final), module)  # an FSDP2 shard: gathered (the quant state is whole)
         fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()))
     return WeightInit(fresh, new_weight)
 

@@ -89,12 +89,21 @@ def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
 def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
     """The float weight (out, in) a quantised parameter stands for (PEFT's `dequantize_bnb_weight`).
 
-    module: the layer holding it, for an Int8Params whose scales bitsandbytes moved into `module.state`.
+    module: the layer holding it, for an Int8Params whose scales bitsandbytes moved into `module.state`, and for
+    the packed data of a Linear4bit sharded with FSDP2 (gathered as a plain tensor: the layer keeps the quant
+    state, as bitsandbytes' own `fix_4bit_weight_quant_state_from_module` reads it).
     """
     bnb = _bnb()
     assert bnb is not None
     if isinstance(weight, bnb.nn.Params4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = getattr(module, "quant_state", None)
+        if state is None:
+            raise ValueError(
+                f"a 4-bit weight ({type(weight).__name__}) whose layer has no quant_state: cannot dequantise it"
+            )
+        return bnb.functional.dequantize_4bit(weight.detach(), state)
     scb = getattr(weight, "SCB", None)
     if scb is None and module is not None:
         scb = getattr(getattr(module, "state", None), "SCB", None)

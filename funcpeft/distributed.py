@@ -22,9 +22,14 @@ so the training loop above is unchanged; FSDP communicates no gradients (the bas
     ...                                                   # the loop above
     save_pretrained(pm, "out", adapter)                   # every rank calls it; rank 0 writes PEFT's files
 
+A 4-bit bitsandbytes base (QLoRA) shards the same way (its packed weights split like any tensor; 8-bit cannot be
+sharded), and `fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))` runs the base in bf16
+(the adapter keeps its own dtype); docs/distributed.md.
+
 `fully_shard` changes the model (its class, DTensor parameters, hooks); funcpeft changes nothing more
-between calls. During a call it hooks the adapted modules and sets `training` flags, and undoes that
-before returning (funcpeft._fsdp).
+between calls (except that get_peft_model / from_pretrained reshard a unit a forward left gathered, as FSDP does
+after each unit). During a call it hooks the adapted modules (replaces a quantised layer's forward) and sets
+`training` flags, and undoes that before returning (funcpeft._fsdp).
 """
 
 from __future__ import annotations
