@@ -28,6 +28,7 @@ from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
 from .delora import DeloraConfig
+from .psoft import PsoftConfig
 from .fourierft import FourierFTConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
@@ -72,6 +73,7 @@ __all__ = [
     "FourierFTConfig",
     "WaveFTConfig",
     "DeloraConfig",
+    "PsoftConfig",
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",
