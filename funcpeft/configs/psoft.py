@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
 
@@ -35,8 +35,10 @@ class PsoftConfig(PeftConfig):
     psoft_alpha: int = 32
     psoft_dropout: float = 0.0
     fan_in_fan_out: bool = False
-    ab_svd_init: Literal["psoft_init", "pissa_init"] = "psoft_init"
-    psoft_svd: Literal["full", "lowrank"] = "full"
+    # PEFT's Literal["psoft_init", "pissa_init"] / Literal["full", "lowrank"]: typed str so that __post_init__
+    # raises PEFT's own messages for other values
+    ab_svd_init: str = "psoft_init"
+    psoft_svd: str = "full"
     psoft_svd_lowrank_niter: int = 10
     random_seed: int = 0
     psoft_orth: bool = True
