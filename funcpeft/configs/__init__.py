@@ -28,7 +28,6 @@ from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
 from .delora import DeloraConfig
-from .psoft import PsoftConfig
 from .fourierft import FourierFTConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
@@ -38,6 +37,7 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .osf import OSFConfig
 from .prompt_learning import (
     MultitaskPromptTuningConfig,
     PrefixTuningConfig,
@@ -45,6 +45,7 @@ from .prompt_learning import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
+from .psoft import PsoftConfig
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
 from .tinylora import TinyLoraConfig
@@ -73,6 +74,7 @@ __all__ = [
     "FourierFTConfig",
     "WaveFTConfig",
     "DeloraConfig",
+    "OSFConfig",
     "PsoftConfig",
     "HRAConfig",
     "GraloraConfig",
