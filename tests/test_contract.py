@@ -163,6 +163,15 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
             psoft_mag_a=False,
         ),
     ),
+    # OSF: PEFT adapts nn.Linear only (it silently skips GPT-2's Conv1D, its own default targets there)
+    ("osf-llama", "osf", "tiny-llama", "OSFConfig", dict(effective_rank=0.75)),
+    (
+        "osf-llama-patterns",
+        "osf",
+        "tiny-llama",
+        "OSFConfig",
+        dict(target_modules=["q_proj", "up_proj", "down_proj"], effective_rank=40, rank_pattern={"down": 0.5}),
+    ),
     (
         "c3a-llama",
         "c3a",

@@ -8,9 +8,9 @@
 Trainable, per layer: `osf_U_low`, `osf_S_low`, `osf_V_low` (PEFT: `osf_svd_params.U_low`, ...). Init: the SVD's
 bottom n triplets (dW = 0), or N(0, 1) draws with init_weights=False (PEFT's test mode). U0, S0, V0 and U_high
 (out > in) / V_high (out < in) are frozen per-layer tensors in `base` (`Method.layer_frozen`), neither saved nor
-counted: PEFT keeps them as non-persistent buffers, rebuilt from the base weight when an adapter is loaded, and
-upcasts them to float32 for fp16 / bf16 models while its trainable parameters keep the model's dtype (its
-adapter upcast does not reach the nested ParameterDict).
+counted: PEFT keeps them as non-persistent buffers, rebuilt from the base weight when an adapter is loaded; for
+fp16 / bf16 models they and the trainable factors are upcast to float32 (autocast_adapter_dtype) after being
+computed in the model's dtype, as in PEFT.
 
 Gradients: PEFT's OSF registers gradient hooks that project the gradients of U_low and V_low orthogonally to the
 frozen top-k subspace: dU -> dU - U_high U_high^T dU (dU -> U0 U0^T dU when U is square, the same projection) and
@@ -208,6 +208,5 @@ OSF = register(
             renamed=((U, "osf_svd_params.U_low"), (S, "osf_svd_params.S_low"), (V, "osf_svd_params.V_low")),
         ),
         check_stack=check_stack,
-        autocast=False,  # PEFT's adapter upcast skips the nested ParameterDict: the parameters keep the model's dtype
     )
 )
