@@ -144,6 +144,34 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "DeloraConfig",
         dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2}, lambda_pattern={"q_proj": 3.0}),
     ),
+    # PSOFT: PEFT supports nn.Linear only (no GPT-2 Conv1D)
+    ("psoft-llama", "psoft", "tiny-llama", "PsoftConfig", dict(r=4, psoft_alpha=8, target_modules="all-linear")),
+    (
+        "psoft-llama-options",
+        "psoft",
+        "tiny-llama",
+        "PsoftConfig",
+        dict(
+            r=3,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            ab_svd_init="pissa_init",
+            psoft_svd="lowrank",
+            random_seed=5,
+            use_cayley_neumann=True,
+            num_cayley_neumann_terms=4,
+            cayley_neumann_eps=0.5,
+            psoft_mag_a=False,
+        ),
+    ),
+    # OSF: PEFT adapts nn.Linear only (it silently skips GPT-2's Conv1D, its own default targets there)
+    ("osf-llama", "osf", "tiny-llama", "OSFConfig", dict(effective_rank=0.75)),
+    (
+        "osf-llama-patterns",
+        "osf",
+        "tiny-llama",
+        "OSFConfig",
+        dict(target_modules=["q_proj", "up_proj", "down_proj"], effective_rank=40, rank_pattern={"down": 0.5}),
+    ),
     (
         "c3a-llama",
         "c3a",

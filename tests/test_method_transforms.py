@@ -67,6 +67,14 @@ COMPILE_ROWS = [
     Row("fourierft", "mlp", "FourierFTConfig", dict(n_frequency=16, target_modules=MLP_BOTH)),
     Row("waveft", "mlp", "WaveFTConfig", dict(n_frequency=16, wavelet_family="db2", target_modules=MLP_BOTH)),
     Row("delora", "mlp", "DeloraConfig", dict(r=2, target_modules=MLP_BOTH, init_weights=False)),
+    Row("psoft", "mlp", "PsoftConfig", dict(r=2, psoft_alpha=4, target_modules=MLP_BOTH, init_weights=False)),
+    Row(
+        "psoft-neumann",
+        "mlp",
+        "PsoftConfig",
+        dict(r=2, target_modules=MLP_BOTH, use_cayley_neumann=True, cayley_neumann_eps=0.5, psoft_dropout=0.1),
+    ),
+    Row("osf", "mlp", "OSFConfig", dict(target_modules=MLP_BOTH, init_weights=False), scale=0.05),
     Row("randlora", "mlp", "RandLoraConfig", dict(r=4, target_modules=MLP_BOTH)),
     Row("shira", "mlp", "ShiraConfig", dict(r=1, target_modules=MLP_BOTH)),
     Row("miss", "mlp", "MissConfig", dict(r=4, target_modules=MLP_BOTH)),
@@ -94,6 +102,7 @@ PER_EXAMPLE_ROWS = [
     Row("hra-conv", "orth-conv", "HRAConfig", dict(r=2, target_modules=["conv"])),
     *(row for row in COMPILE_ROWS if row.id == "waveft"),
     *(row for row in COMPILE_ROWS if row.id == "delora"),
+    *(row for row in COMPILE_ROWS if row.id.startswith("psoft") or row.id == "osf"),
 ]
 
 

@@ -38,6 +38,7 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .osf import OSFConfig
 from .poly import PolyConfig
 from .prompt_learning import (
     MultitaskPromptTuningConfig,
@@ -46,6 +47,7 @@ from .prompt_learning import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
+from .psoft import PsoftConfig
 from .randlora import RandLoraConfig
 from .road import RoadConfig
 from .shira import ShiraConfig
@@ -77,6 +79,8 @@ __all__ = [
     "FourierFTConfig",
     "WaveFTConfig",
     "DeloraConfig",
+    "OSFConfig",
+    "PsoftConfig",
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",

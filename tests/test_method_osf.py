@@ -1,0 +1,201 @@
+"""OSF (`OSFConfig`) against PEFT 0.21.2: config fields, errors, default targets, unsupported layers, init (SVD and
+random) and the frozen SVD parts (not saved, rebuilt from the base weight on load), forward, PEFT's projected
+gradients, merge, bf16 dtypes; laws (hypothesis): the trained factors' gradients are orthogonal to the frozen top
+subspace. Compile and per-example routing: tests/test_method_transforms.py; vmap and routing on tiny-llama:
+tests/test_contract.py."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import optree
+import peft
+import pytest
+import torch
+from helpers import examples, make_inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from method_checks import (
+    assert_fresh_equals_peft,
+    assert_matches_peft_with,
+    assert_mixed_refused_like_peft,
+    assert_raises_like_peft,
+    build_both,
+    random_trees,
+)
+from peft_matrix import models
+from safetensors.torch import load_file
+from torch import nn
+
+import funcpeft
+from funcpeft import testing as T
+from funcpeft.methods import osf
+from funcpeft.methods.base import UnsupportedLayerError
+
+# q_proj (64, 64), up_proj (out > in: U_high stored), down_proj (out < in: V_high stored)
+LLAMA: dict[str, Any] = dict(target_modules=["q_proj", "up_proj", "down_proj"], effective_rank=0.75)
+BUFFERS = {
+    osf.U0: "_osf_U_low_init",
+    osf.S0: "_osf_S_low_init",
+    osf.V0: "_osf_V_low_init",
+    osf.U_HIGH: "_osf_U_high",
+    osf.V_HIGH: "_osf_V_high",
+}
+
+
+def _frozen(fpm: Any, path: str) -> dict[str, torch.Tensor]:
+    return {name: fpm.base[key] for name, key in fpm.plans[fpm.adapter_name][path].frozen}
+
+
+def test_config_fields_and_defaults_equal_peft() -> None:
+    ours, theirs = funcpeft.OSFConfig().to_dict(), peft.OSFConfig().to_dict()
+    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(effective_rank=0), dict(effective_rank=-3), dict(effective_rank=4, rank_pattern={"lin1": 0.1})],
+)
+def test_invalid_ranks_raise_like_peft(kwargs: dict[str, Any]) -> None:
+    match = "`effective_rank` should be a positive integer value but the value passed is 0"
+    info = assert_raises_like_peft(models.build("MLP"), "OSFConfig", kwargs, ValueError, match)
+    assert "(module 'lin" in str(info.value)  # funcpeft names the module
+
+
+def test_modules_to_save_is_refused() -> None:
+    with pytest.raises(NotImplementedError, match="OSFConfig.modules_to_save"):
+        funcpeft.OSFConfig(modules_to_save=["lin1"])
+
+
+@pytest.mark.parametrize("model_id", ["MLP", "tiny-llama"])
+def test_default_targets_equal_peft(model_id: str) -> None:
+    """No target_modules: the model type's table (llama), else every linear layer (a custom MLP)."""
+    model = T.tiny_llama() if model_id == "tiny-llama" else models.build(model_id)
+    fpm, pm = build_both(model, "OSFConfig", {})
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "osf_svd_params"))
+    assert sorted(fpm.plans["default"]) == theirs and len(theirs) > 1
+
+
+def test_unsupported_layers_name_module_and_type() -> None:
+    """PEFT silently leaves a targeted non-Linear layer unadapted (GPT-2's Conv1D: its own default targets);
+    funcpeft refuses, naming the module and its type."""
+    model = T.tiny_gpt2()
+    for targets, kind in ((None, "Conv1D"), (["wte"], "Embedding")):
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.OSFConfig(target_modules=targets))
+        assert not any(hasattr(m, "osf_svd_params") for m in pm.modules())  # PEFT: nothing adapted
+        with pytest.raises(UnsupportedLayerError, match=rf"not '.*' \({kind}\)"):
+            funcpeft.get_peft_model(model, funcpeft.OSFConfig(target_modules=targets))
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_fresh_adapter_and_frozen_parts_equal_peft_for_the_same_seed(init_weights: bool) -> None:
+    fpm, pm = build_both(T.tiny_llama(), "OSFConfig", {**LLAMA, "init_weights": init_weights}, seed=3)
+    assert_fresh_equals_peft(fpm, pm)
+    stored = set()
+    for path in fpm.plans["default"]:
+        layer: Any = pm.get_submodule(f"base_model.model.{path}")
+        ours = _frozen(fpm, path)
+        theirs = {n: getattr(layer, b)["default"] for n, b in BUFFERS.items() if "default" in getattr(layer, b)}
+        assert set(ours) == set(theirs), path
+        for name, value in ours.items():
+            assert torch.equal(value, theirs[name]), (path, name)
+        stored |= set(ours)
+    assert stored == set(BUFFERS)  # the three shapes exercise both high subspaces
+
+
+def test_forward_projected_gradients_and_merge_equal_peft() -> None:
+    fpm, pm = build_both(T.tiny_llama(), "OSFConfig", LLAMA)
+    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    x = make_inputs("llama")
+    assert_matches_peft_with(fpm, pm, adapter, x)  # PEFT's gradients pass through its projection hooks
+    with torch.no_grad():
+        want = pm.merge_and_unload()(**x).logits
+        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
+        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)  # PEFT refuses; additive here
+    for path in fpm.plans["default"]:
+        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def test_only_the_trained_factors_are_saved_and_loading_rebuilds_the_rest_like_peft(tmp_path: Any) -> None:
+    model = T.tiny_llama()
+    fpm = funcpeft.get_peft_model(model, funcpeft.OSFConfig(**LLAMA, init_weights=False))
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    paths = list(fpm.plans["default"])
+    tails = ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low")
+    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in paths:
+            weight: Any = changed.get_submodule(p).weight
+            weight.copy_(torch.randn_like(weight) * 0.1)
+    back = funcpeft.from_pretrained(changed, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    for p in paths:
+        layer: Any = pm.get_submodule(f"base_model.model.{p}")
+        for name, value in _frozen(back, p).items():
+            assert torch.equal(value, getattr(layer, BUFFERS[name])["default"]), (p, name)
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, pm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_model_gets_float32_factors_and_frozen_parts_rounded_through_bf16_like_peft() -> None:
+    """PEFT computes the SVD parts (and the random init) in the model's dtype, then upcasts all of them."""
+    fpm, pm = build_both(T.tiny_llama().bfloat16(), "OSFConfig", {**LLAMA, "init_weights": False})
+    assert_fresh_equals_peft(fpm, pm)
+    assert {t.dtype for t in optree.tree_leaves(fpm.adapter)} == {torch.float32}
+    for path in fpm.plans["default"]:
+        layer: Any = pm.get_submodule(f"base_model.model.{path}")
+        for name, value in _frozen(fpm, path).items():
+            assert torch.equal(value, getattr(layer, BUFFERS[name])["default"]), (path, name)
+            assert torch.equal(value, value.bfloat16().float())  # rounded through the model's dtype
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=1e-2, rtol=0)
+
+
+def test_two_osf_adapters_on_one_layer_are_refused() -> None:
+    """PEFT's forward would apply only the first active one."""
+    model = models.build("MLP")
+    fpm = funcpeft.get_peft_model(model, funcpeft.OSFConfig(target_modules=["lin0"], init_weights=False))
+    fpm.add_adapter("other", funcpeft.OSFConfig(target_modules=["lin0"]))
+    other = funcpeft.get_peft_model(model, funcpeft.OSFConfig(target_modules=["lin0"])).adapter
+    with pytest.raises(NotImplementedError, match="applies only the first active adapter"):
+        fpm.fn(fpm.base, {"default": fpm.adapter, "other": other}, **models.inputs("MLP"))
+
+
+def test_mixed_models_refuse_it_like_peft() -> None:
+    assert_mixed_refused_like_peft(models.build("MLP"), "OSFConfig", dict(target_modules=["lin0"]))
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(shape=st.tuples(st.integers(2, 9), st.integers(2, 9)), rank=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_the_trained_factors_move_orthogonally_to_the_frozen_top_subspace(
+    shape: tuple[int, int], rank: int, seed: int
+) -> None:
+    """U_high^T dU = 0 and dV V_high^T = 0, while the output is the unprojected forward's."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(shape[1], shape[0])).double().eval()
+    fpm = funcpeft.get_peft_model(
+        model, funcpeft.OSFConfig(target_modules=["0"], effective_rank=min(rank, min(shape) - 1))
+    )
+    spec = fpm.plans["default"]["0"].spec
+    assert spec is not None
+    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
+    x = torch.randn(5, shape[1], dtype=torch.double)
+    weights = torch.randn(5, shape[0], dtype=torch.double)
+    _, tree = funcpeft.value_and_grad(lambda a: (fpm.fn(fpm.base, a, x) * weights).sum())(adapter)
+    grads = tree["0"]
+    # the top subspace as OSF computes it (a float32 SVD, like PEFT's), so orthogonality holds to float32 precision
+    u, _, vh = (t.double() for t in torch.linalg.svd(fpm.base["0.weight"].float(), full_matrices=False))
+    k, n = spec.hyper.k, spec.hyper.n
+    zeros = torch.zeros(k, n, dtype=torch.double)
+    torch.testing.assert_close(u[:, :k].T @ grads[osf.U], zeros, atol=1e-5 * (1 + grads[osf.U].abs().max()), rtol=0)
+    torch.testing.assert_close(grads[osf.V] @ vh[:k].T, zeros.T, atol=1e-5 * (1 + grads[osf.V].abs().max()), rtol=0)
+    params = {**adapter["0"], **_frozen(fpm, "0")}
+    with torch.no_grad():
+        plain = model(x) + x @ osf.delta_weight(spec, params).T
+        torch.testing.assert_close(fpm.fn(fpm.base, adapter, x), plain)
