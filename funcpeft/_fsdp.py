@@ -42,15 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._quant import is_quant_linear
+from ._quant import check_sharded_quant, is_dtensor, is_quant_linear
 from ._weights import AdaptedWeight
 from .rng import CallRandomness, redirect
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether `t` is a `torch.distributed.tensor.DTensor` (without importing it when nothing could be one)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -93,33 +87,6 @@ def check_not_sharded(model: nn.Module) -> None:
             f"funcpeft: the model ({type(model).__name__}) was sharded with fully_shard after get_peft_model captured "
             "its parameters: fn and its `base` hold the unsharded tensors, so nothing would be sharded. Call "
             "get_peft_model (or from_pretrained) on the sharded model, after fully_shard (docs/distributed.md)."
-        )
-
-
-def check_sharded_quant(path: str, module: nn.Module) -> None:
-    """A bitsandbytes layer whose weight `fully_shard` made a DTensor: a clear error where it cannot run sharded.
-
-    FSDP2 keeps only the tensor data of a quantised parameter (a DTensor shard; gathered as a plain Parameter), not
-    the Params4bit / Int8Params object with its quantisation state. A Linear4bit recovers: bitsandbytes' own
-    `fix_4bit_weight_quant_state_from_module` rewraps the gathered data with the layer's `quant_state` (kept whole
-    on every rank). A Linear8bitLt cannot: its forward reads the row scales from the weight (`weight.CB`, `SCB`).
-    """
-    if not is_quant_linear(module) or not is_dtensor(module._parameters.get("weight")):
-        return
-    if not hasattr(module, "quant_state"):  # Linear8bitLt (Linear4bit and its subclasses have the attribute)
-        raise NotImplementedError(
-            f"funcpeft: {_describe(path, module)} is a bitsandbytes 8-bit layer sharded with fully_shard: FSDP2 keeps "
-            "its Int8Params only as data (a DTensor, gathered as a plain Parameter) without the row scales (CB / SCB) "
-            "that Linear8bitLt.forward reads (`self.weight.CB`: AttributeError), so it cannot run sharded "
-            "(bitsandbytes 0.50, torch 2.13). Load the base in 4-bit (BitsAndBytesConfig(load_in_4bit=True)), which "
-            "FSDP2 can shard, or do not shard it (docs/distributed.md)."
-        )
-    if getattr(module, "quant_state", None) is None:
-        raise NotImplementedError(
-            f"funcpeft: {_describe(path, module)} is a bitsandbytes 4-bit layer sharded with fully_shard whose "
-            "module has no `quant_state`: FSDP2 gathers its weight as plain packed data, and bitsandbytes restores "
-            "the quantisation state from the layer (set when the weight is quantised with `module=` the layer, as "
-            "transformers' loading does). Quantise the layer before fully_shard."
         )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -21,8 +20,7 @@ import torch
 from torch import nn
 
 from ._config import PeftConfig
-from ._fsdp import check_sharded_quant
-from ._quant import dequantize
+from ._quant import check_sharded_quant, dequantize, is_dtensor
 from ._targeting import (
     find_modules_to_save,
     find_parameter_targets,
@@ -264,7 +262,7 @@ def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, param:
             "target it."
         )
     weight: Any = getattr(module, param)
-    if _is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
+    if is_dtensor(weight):  # an FSDP2 shard: fn runs the sharded model (funcpeft._fsdp), which checks the rest
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError(
                 f"{what}: its weight is a DTensor shard (FSDP2 fully_shard), but torch.distributed has no initialized "
@@ -279,14 +277,9 @@ def _check_plain_weight(name: str, module: nn.Module, config: PeftConfig, param:
         )
 
 
-def _is_dtensor(t: Any) -> bool:
-    dtensor = sys.modules.get("torch.distributed.tensor")  # imported wherever a DTensor exists
-    return dtensor is not None and isinstance(t, dtensor.DTensor)
-
-
 def _whole(t: torch.Tensor) -> torch.Tensor:
     """An FSDP2 shard gathered whole (a collective: every rank plans the same modules in the same order); else `t`."""
-    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _fix_fan_in_fan_out(kinds: Mapping[str, LayerKind], config: Any) -> None:

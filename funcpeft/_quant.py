@@ -193,3 +193,36 @@ def prepare_model_for_kbit_training(
 def make_inputs_require_grad(module: nn.Module, input: Any, output: torch.Tensor) -> None:
     """PEFT's hook (same name, so funcpeft's call skeletons leave it out like transformers' own)."""
     output.requires_grad_(True)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a `torch.distributed.tensor.DTensor` (without importing it when nothing could be one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def check_sharded_quant(path: str, module: nn.Module) -> None:
+    """A bitsandbytes layer whose weight `fully_shard` made a DTensor: a clear error where it cannot run sharded.
+
+    FSDP2 keeps only the tensor data of a quantised parameter (a DTensor shard; gathered as a plain Parameter), not
+    the Params4bit / Int8Params object with its quantisation state. A Linear4bit recovers: bitsandbytes' own
+    `fix_4bit_weight_quant_state_from_module` rewraps the gathered data with the layer's `quant_state` (kept whole
+    on every rank). A Linear8bitLt cannot: its forward reads the row scales from the weight (`weight.CB`, `SCB`).
+    """
+    if not is_quant_linear(module) or not is_dtensor(module._parameters.get("weight")):
+        return
+    if not hasattr(module, "quant_state"):  # Linear8bitLt (Linear4bit and its subclasses have the attribute)
+        raise NotImplementedError(
+            f"funcpeft: module {path or '<root>'!r} ({type(module).__name__}) is a bitsandbytes 8-bit layer sharded with fully_shard: FSDP2 keeps "
+            "its Int8Params only as data (a DTensor, gathered as a plain Parameter) without the row scales (CB / SCB) "
+            "that Linear8bitLt.forward reads (`self.weight.CB`: AttributeError), so it cannot run sharded "
+            "(bitsandbytes 0.50, torch 2.13). Load the base in 4-bit (BitsAndBytesConfig(load_in_4bit=True)), which "
+            "FSDP2 can shard, or do not shard it (docs/distributed.md)."
+        )
+    if getattr(module, "quant_state", None) is None:
+        raise NotImplementedError(
+            f"funcpeft: module {path or '<root>'!r} ({type(module).__name__}) is a bitsandbytes 4-bit layer sharded with fully_shard whose "
+            "module has no `quant_state`: FSDP2 gathers its weight as plain packed data, and bitsandbytes restores "
+            "the quantisation state from the layer (set when the weight is quantised with `module=` the layer, as "
+            "transformers' loading does). Quantise the layer before fully_shard."
+        )
