@@ -27,6 +27,7 @@ from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
+from .deft import DeftConfig
 from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
 from .gralora import GraloraConfig
@@ -72,6 +73,7 @@ __all__ = [
     "FourierFTConfig",
     "WaveFTConfig",
     "DeloraConfig",
+    "DeftConfig",
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",
