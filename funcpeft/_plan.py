@@ -589,12 +589,17 @@ def fresh_method_params(
         )
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
     via = weight.dtype if weight.dtype.is_floating_point else dtype
-    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
+    drawn = method.init(entry.spec, generator)
+    first = method.finish_init_first
+    if method.finish_init is not None and first:  # on the float32 draws, before the round trip (DeFT's R)
+        drawn = {k: v.to(weight.device) for k, v in drawn.items()}
+        drawn = method.finish_init(entry.spec, drawn, _whole(weight.detach()))
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in drawn.items()}
     new_weight = None
     if method.init_from_weight is not None:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... (may replace the weight)
         done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
         fresh, new_weight = done.params, done.weight
-    if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
+    if method.finish_init is not None and not first:  # init that needs the (new) base weight (DoRA's magnitude)
         final = weight if new_weight is None else new_weight
         if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
             final = dequantize(final, module)

@@ -348,6 +348,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "TinyLoraConfig",
         dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
     ),
+    ("deft-llama", "deft", "tiny-llama", "DeftConfig", dict(r=4, target_modules="all-linear", alpha=8)),
+    (
+        "deft-gpt2",
+        "deft",
+        "tiny-gpt2",
+        "DeftConfig",
+        dict(r=4, target_modules=["c_attn", "c_fc"], decomposition_method="qr", deft_dropout=0.1),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

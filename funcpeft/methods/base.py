@@ -624,6 +624,9 @@ class Method:
     delta_weight: DeltaWeightFn | None = None
     accepts: Callable[[Any], bool] = _always
     finish_init: FinishInitFn | None = None
+    # finish_init runs on `init`'s float32 draws, before the fresh adapter is rounded through the layer's dtype
+    # (PEFT computes such an init inside `update_layer`, before `_move_adapter_to_device_of_base_layer`: DeFT's R)
+    finish_init_first: bool = False
     init_from_weight: InitFromWeightFn | None = None
     uses_result: Callable[[LayerSpec[Any]], bool] = _always
     forward_per_example: ForwardPerExampleFn | None = None

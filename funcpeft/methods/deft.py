@@ -11,12 +11,11 @@ layer's output minus its bias when this adapter is the first on its layer, else 
 Materialised per call, as in PEFT's forward: nothing weight-sized, only (..., r) activations and Q_P (out, r)
 (a QR of P for "qr"). The delta depends on W, so DeFT has no `delta_weight`: merging (PEFT's `merge`) builds
 `W + Q_P (s R - right^T W0)` with W0 the weight before the merge call's first adapter (PEFT caches right^T W0);
-unmerging restores the pre-merge weight when known, else subtracts the delta recomputed from the merged weight
-(PEFT's fallback, inexact).
+unmerging restores the pre-merge weight, so `funcpeft.unmerge` needs `base=` (the merged weight has lost W0's
+part in span(P); PEFT's cache-less fallback is far off).
 Init, in PEFT's draw order: P ~ N(0, 0.02^2), then R ~ N(0, (0.02 init_scale)^2) when init_weights is False;
-init_weights=True sets R = right^T W / s in float32 from the base weight (a no-op adapter). On a half-precision
-model PEFT computes that R from P before rounding P to the model's dtype, funcpeft from the rounded P: the two
-differ by P's rounding (docs/usage.md "Limits").
+init_weights=True sets R = right^T W / s in float32 from the base weight (a no-op adapter), before the fresh
+adapter is rounded through a half-precision model's dtype, as PEFT's `update_layer` (`finish_init_first`).
 Supported layers, as in PEFT: nn.Linear and GPT-2's Conv1D.
 """
 
@@ -138,11 +137,16 @@ def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: 
 
 
 def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """The pre-merge weight when known (PEFT's cached factor makes its unmerge exact too), else PEFT's fallback
-    `W - delta(W)` recomputed from the merged weight (inexact: the removal term depends on W)."""
-    if base_weight is not None:
-        return base_weight
-    return weight - _delta(spec, params, weight)
+    """The pre-merge weight (PEFT's unmerge is exact too: it caches right^T W0 at merge time). Without it there is
+    no answer: (I - P_proj) W0 loses W0's part in span(P) (for "qr" exactly), and PEFT's cache-less fallback
+    `W - delta(W)` is far off, so funcpeft refuses instead of returning a wrong weight."""
+    if base_weight is None:
+        raise ValueError(
+            "DeFT cannot be unmerged from the merged weight alone: its update (I - P_proj) W + Q_P R removes part "
+            "of W, which the merged weight no longer holds (PEFT keeps a cache of it from the merge). Pass the "
+            "original base tree: funcpeft.unmerge(pm, merged, adapter, base=base)."
+        )
+    return base_weight
 
 
 DEFT = register(
@@ -153,6 +157,7 @@ DEFT = register(
         param_names=param_names,
         init=init,
         finish_init=finish_init,
+        finish_init_first=True,
         forward=forward,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, from_base=True),
         keys=KeyRules(param_prefix="deft_", unsuffixed=frozenset({P, R})),
