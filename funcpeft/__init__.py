@@ -36,6 +36,7 @@ from ._weighted import add_weighted_adapter
 from ._weights import AdaptedWeight, UnsupportedWeightOp
 from .configs import (
     AdaLoraConfig,
+    AdamssConfig,
     AdaptionPromptConfig,
     ArrowConfig,
     BOFTConfig,
@@ -97,6 +98,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "AdaLoraConfig",
+    "AdamssConfig",
     "AdaptionPromptConfig",
     "CordaConfig",
     "EvaConfig",

@@ -22,6 +22,7 @@ from .._config import (
     VeloraConfig,
 )
 from .adalora import AdaLoraConfig
+from .adamss import AdamssConfig
 from .adaption_prompt import AdaptionPromptConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
@@ -63,6 +64,7 @@ __all__ = [
     "ArrowConfig",
     "BdLoraConfig",
     "AdaLoraConfig",
+    "AdamssConfig",
     "AdaptionPromptConfig",
     "BOFTConfig",
     "C3AConfig",

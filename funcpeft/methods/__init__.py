@@ -6,6 +6,7 @@ CONTRIBUTING.md ("Adding a method").
 
 from . import (
     adalora,
+    adamss,
     adaption_prompt,
     alora,
     arrow,
@@ -95,6 +96,7 @@ __all__ = [
     "Target",
     "Tying",
     "adalora",
+    "adamss",
     "adaption_prompt",
     "alora",
     "arrow",
