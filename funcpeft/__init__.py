@@ -36,6 +36,7 @@ from ._weighted import add_weighted_adapter
 from ._weights import AdaptedWeight, UnsupportedWeightOp
 from .configs import (
     AdaLoraConfig,
+    AdamssConfig,
     AdaptionPromptConfig,
     ArrowConfig,
     BeftConfig,
@@ -43,6 +44,7 @@ from .configs import (
     C3AConfig,
     CartridgeConfig,
     CPTConfig,
+    DeftConfig,
     DeloraConfig,
     FourierFTConfig,
     GraloraConfig,
@@ -102,6 +104,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "AdaLoraConfig",
+    "AdamssConfig",
     "AdaptionPromptConfig",
     "CordaConfig",
     "EvaConfig",
@@ -129,6 +132,7 @@ __all__ = [
     "CPTConfig",
     "FourierFTConfig",
     "WaveFTConfig",
+    "DeftConfig",
     "DeloraConfig",
     "OSFConfig",
     "PsoftConfig",

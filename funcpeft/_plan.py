@@ -574,7 +574,7 @@ def fresh_method_params(
     new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
 
     data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
-    module: the layer (a quantised layer's inits see its dequantised weight, e.g. DoRA's magnitude).
+    module: the layer (a quantised layer's inits see its dequantised weight, e.g. DoRA's magnitude; `init_from_module`).
     """
     assert entry.spec is not None
     method = entry.method
@@ -584,12 +584,20 @@ def fresh_method_params(
         )
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
     via = weight.dtype if weight.dtype.is_floating_point else dtype
-    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in method.init(entry.spec, generator).items()}
+    drawn = method.init(entry.spec, generator)
+    first = method.finish_init_first
+    if method.finish_init is not None and first:  # on the float32 draws, before the round trip (DeFT's R)
+        drawn = {k: v.to(weight.device) for k, v in drawn.items()}
+        drawn = method.finish_init(entry.spec, drawn, _whole(weight.detach()))
+    fresh = {k: v.to(weight.device, via).to(dtype) for k, v in drawn.items()}
+    if method.init_from_module is not None:  # an init reading the layer's weight and bias (AdaMSS)
+        assert module is not None, "fresh_method_params: a method with init_from_module needs the module"
+        fresh = method.init_from_module(entry.spec, fresh, module, generator)
     new_weight = None
     if method.init_from_weight is not None:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... (may replace the weight)
         done = method.init_from_weight(entry.spec, fresh, _whole(weight.detach()), data, generator)
         fresh, new_weight = done.params, done.weight
-    if method.finish_init is not None:  # init that needs the (new) base weight (DoRA's magnitude)
+    if method.finish_init is not None and not first:  # init that needs the (new) base weight (DoRA's magnitude)
         final = weight if new_weight is None else new_weight
         if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
             final = dequantize(_whole(final), module)  # an FSDP2 shard: gathered (the quant state is whole)
@@ -674,7 +682,9 @@ def init_adapter_and_weights(
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            module = model.get_submodule(path) if entry.spec.kind.module_level else None
+            module = (
+                model.get_submodule(path) if entry.spec.kind.module_level or entry.method.init_from_module else None
+            )
             done = fresh_method_params(entry, w, generator, dtype, data, module)
             out.update(done.params)
             if done.weight is not None:

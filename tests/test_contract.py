@@ -403,6 +403,28 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "RoadConfig",
         dict(variant="road_4", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
     ),
+    ("deft-llama", "deft", "tiny-llama", "DeftConfig", dict(r=4, target_modules="all-linear", alpha=8)),
+    (
+        "deft-gpt2",
+        "deft",
+        "tiny-gpt2",
+        "DeftConfig",
+        dict(r=4, target_modules=["c_attn", "c_fc"], decomposition_method="qr", deft_dropout=0.1),
+    ),
+    (
+        "adamss-llama",
+        "adamss",
+        "tiny-llama",
+        "AdamssConfig",
+        dict(r=8, num_subspaces=3, subspace_rank=2, target_modules="all-linear"),
+    ),
+    (
+        "adamss-llama-dynamic",
+        "adamss",
+        "tiny-llama",
+        "AdamssConfig",
+        dict(r=6, num_subspaces=4, subspace_rank=3, use_dynamic_rank=True, target_modules=["q_proj", "down_proj"]),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

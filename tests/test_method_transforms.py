@@ -87,6 +87,8 @@ COMPILE_ROWS = [
     Row("trainable_tokens-tied", "llama-1-tied", "TrainableTokensConfig", dict(token_indices=[3, 43])),
     Row("ln_tuning", "llama-1", "LNTuningConfig"),
     Row("hira", "mlp", "HiraConfig", dict(r=2, target_modules=MLP_BOTH, hira_dropout=0.1)),
+    Row("deft", "mlp", "DeftConfig", dict(r=2, target_modules=MLP_BOTH, decomposition_method="qr", deft_dropout=0.1)),
+    Row("adamss", "mlp", "AdamssConfig", dict(r=6, num_subspaces=3, subspace_rank=2, target_modules=MLP_BOTH)),
     Row("gralora", "mlp", "GraloraConfig", dict(r=2, hybrid_r=2, target_modules=MLP_BOTH, gralora_dropout=0.1)),
     Row(
         "tinylora",
@@ -103,6 +105,9 @@ PER_EXAMPLE_ROWS = [
     *(row for row in COMPILE_ROWS if row.id == "waveft"),
     *(row for row in COMPILE_ROWS if row.id == "delora"),
     *(row for row in COMPILE_ROWS if row.id.startswith("psoft") or row.id == "osf"),
+    *(row for row in COMPILE_ROWS if row.id == "deft"),
+    Row("deft-para", "mlp", "DeftConfig", dict(r=3, target_modules=MLP_BOTH, para=True), 0.2, True),
+    Row("adamss-base", "mlp", "AdamssConfig", dict(r=6, num_subspaces=2, target_modules=MLP_BOTH), 0.2, True),
 ]
 
 

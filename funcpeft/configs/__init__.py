@@ -22,12 +22,14 @@ from .._config import (
     VeloraConfig,
 )
 from .adalora import AdaLoraConfig
+from .adamss import AdamssConfig
 from .adaption_prompt import AdaptionPromptConfig
 from .beft import BeftConfig
 from .boft import BOFTConfig
 from .c3a import C3AConfig
 from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
+from .deft import DeftConfig
 from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
 from .gralora import GraloraConfig
@@ -68,6 +70,7 @@ __all__ = [
     "ArrowConfig",
     "BdLoraConfig",
     "AdaLoraConfig",
+    "AdamssConfig",
     "AdaptionPromptConfig",
     "BOFTConfig",
     "BeftConfig",
@@ -81,6 +84,7 @@ __all__ = [
     "DeloraConfig",
     "OSFConfig",
     "PsoftConfig",
+    "DeftConfig",
     "HRAConfig",
     "GraloraConfig",
     "HiraConfig",

@@ -6,6 +6,7 @@ CONTRIBUTING.md ("Adding a method").
 
 from . import (
     adalora,
+    adamss,
     adaption_prompt,
     alora,
     arrow,
@@ -15,6 +16,7 @@ from . import (
     c3a,
     cartridge,
     cpt,
+    deft,
     delora,
     dora,
     fourierft,
@@ -100,6 +102,7 @@ __all__ = [
     "Target",
     "Tying",
     "adalora",
+    "adamss",
     "adaption_prompt",
     "alora",
     "arrow",
@@ -112,6 +115,7 @@ __all__ = [
     "dora",
     "fourierft",
     "waveft",
+    "deft",
     "delora",
     "hra",
     "gralora",

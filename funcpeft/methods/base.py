@@ -626,6 +626,12 @@ class Method:
     delta_weight: DeltaWeightFn | None = None
     accepts: Callable[[Any], bool] = _always
     finish_init: FinishInitFn | None = None
+    # finish_init runs on `init`'s float32 draws, before the fresh adapter is rounded through the layer's dtype
+    # (PEFT computes such an init inside `update_layer`, before `_move_adapter_to_device_of_base_layer`: DeFT's R)
+    finish_init_first: bool = False
+    # init that reads the whole base module (weight and bias) and draws from the generator, after `init` and before
+    # `init_from_weight`: (spec, params, module, generator) -> params (AdaMSS: an SVD of [W | b], then its draws)
+    init_from_module: Callable[[LayerSpec[Any], Params, nn.Module, torch.Generator | None], Params] | None = None
     init_from_weight: InitFromWeightFn | None = None
     uses_result: Callable[[LayerSpec[Any]], bool] = _always
     forward_per_example: ForwardPerExampleFn | None = None
