@@ -246,6 +246,8 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
         at = parts.index(rules.copies_part, 1)
         return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1 :]))
     last, prev = parts[-1], parts[-2]
+    if last == "weight" and len(parts) > 3 and prev.isdigit() and parts[-3] in rules.indexed:  # ModuleList parts
+        return "adapter", (_unwrapped(".".join(parts[:-3])), f"{parts[-3]}.{prev}")
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (_unwrapped(".".join(parts[:-1])), last)
     if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:

@@ -37,6 +37,7 @@ from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .peanut import PeanutConfig
 from .prompt_learning import (
     MultitaskPromptTuningConfig,
     PrefixTuningConfig,
@@ -88,6 +89,7 @@ __all__ = [
     "MissConfig",
     "MontecloraConfig",
     "OFTConfig",
+    "PeanutConfig",
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",

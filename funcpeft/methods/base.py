@@ -538,7 +538,8 @@ class KeyRules:
     unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT);
     copies_part: set for a method whose adapter is a trainable copy of each targeted module's own parameters
     (PEFT's LN tuning): PEFT saves them as `{path}.{copies_part}.{param}` (e.g. `ln_tuning_layers`), and any
-    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`).
+    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`);
+    indexed: parts saved as ModuleLists of nn.Linear, `{path}.{part}.{i}.weight` (leaf `{part}.{i}`).
     """
 
     param_prefix: str = "lora_"
@@ -546,6 +547,9 @@ class KeyRules:
     # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
     renamed: tuple[tuple[str, str], ...] = ()
     copies_part: str | None = None
+    # parts PEFT keeps as `ModuleDict[adapter] -> ModuleList` of nn.Linear (PEANuT's encoders): leaf `{part}.{i}`
+    # is saved as `{part}.{i}.weight`
+    indexed: frozenset[str] = frozenset()
 
     def is_method_param(self, name: str) -> bool:
         return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
