@@ -348,6 +348,15 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "TinyLoraConfig",
         dict(r=2, u=4, target_modules=["c_attn", "wte"], tinylora_dropout=0.1),
     ),
+    (
+        "peanut-llama",
+        "peanut",
+        "tiny-llama",
+        "PeanutConfig",
+        dict(r=4, depth=1, act_fn="gelu", target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    # GPT-2's blocks are Conv1D, which PEFT's PEANuT refuses; its lm_head (tied to wte) is an nn.Linear
+    ("peanut-gpt2-lm_head", "peanut", "tiny-gpt2", "PeanutConfig", dict(r=4, target_modules=["lm_head"])),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
