@@ -144,6 +144,17 @@ def frozen_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str
     return out
 
 
+def borrowed_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
+    """{checkpoint key: (holding path, name)} of the params layers read from another layer (`PlanEntry.borrowed`,
+    `Method.shares`): PEFT's state dict holds the shared tensor under every layer's path."""
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
+    return {
+        file_key(path, name, rules, True, True, wrapped): (source, name)
+        for path, e in plan.items()
+        for name, source in e.borrowed
+    }
+
+
 def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, tuple[str, str, str]]:
     """{checkpoint key: (source path, tied path, name)} of the params PEFT saves for layers tied to an adapted
     layer (`PlanEntry.tied`: with ensure_weight_tying `lm_head.lora_A.weight`, the embedding's lora_embedding_B

@@ -33,6 +33,7 @@ from .gralora import GraloraConfig
 from .hira import HiraConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
+from .lily import LilyConfig
 from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
@@ -79,6 +80,7 @@ __all__ = [
     "IA3Config",
     "KasaConfig",
     "LNTuningConfig",
+    "LilyConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoftQConfig",
