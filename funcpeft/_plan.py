@@ -446,14 +446,14 @@ def plan_adapter(
             applies_in=target.owner.name if target.owner is not None else None,
         )
     if method.shares is not None:
-        layers = [(t.name, spec) for t in targets if (spec := plan[t.name].spec) is not None]
-        for path, borrowed in method.shares(resolved, layers).items():
-            names = {n for n, _ in borrowed}
+        in_order = [(t.name, s) for t in targets if (s := plan[t.name].spec) is not None]
+        for path, borrowed in method.shares(resolved, in_order).items():
+            read = {n for n, _ in borrowed}
             e = plan[path]
             plan[path] = dataclasses.replace(
                 e,
-                params=tuple(n for n in e.params if n not in names),
-                shapes=tuple((n, s) for n, s in e.shapes if n not in names),
+                params=tuple(n for n in e.params if n not in read),
+                shapes=tuple((n, shape) for n, shape in e.shapes if n not in read),
                 borrowed=tuple(borrowed),
             )
     owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)

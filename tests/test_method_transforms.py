@@ -80,6 +80,7 @@ COMPILE_ROWS = [
     Row("ln_tuning", "llama-1", "LNTuningConfig"),
     Row("hira", "mlp", "HiraConfig", dict(r=2, target_modules=MLP_BOTH, hira_dropout=0.1)),
     Row("gralora", "mlp", "GraloraConfig", dict(r=2, hybrid_r=2, target_modules=MLP_BOTH, gralora_dropout=0.1)),
+    Row("lily", "mlp", "LilyConfig", dict(r=2, num_B=3, target_modules=MLP_BOTH)),
     Row("peanut", "mlp", "PeanutConfig", dict(r=2, depth=1, act_fn="gelu", target_modules=MLP_BOTH)),
     Row(
         "tinylora",
