@@ -367,6 +367,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lily-llama-regex", "lily", "tiny-llama", "LilyConfig", dict(r=2, target_modules=r".*\.(k_proj|o_proj)")),
     # GPT-2's blocks are Conv1D, which PEFT's Lily refuses; its lm_head (tied to wte) is an nn.Linear
     ("lily-gpt2-lm_head", "lily", "tiny-gpt2", "LilyConfig", dict(r=4, target_modules=["lm_head"])),
+    (
+        "frod-llama",
+        "frod",
+        "tiny-llama",
+        "FrodConfig",
+        dict(target_modules=["q_proj", "v_proj", "down_proj"], sparse_rate=0.05, init_weights=False),
+    ),
+    ("frod-gpt2", "frod", "tiny-gpt2", "FrodConfig", dict(target_modules=["c_attn", "c_fc"], frod_dropout=0.1)),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {

@@ -80,6 +80,7 @@ COMPILE_ROWS = [
     Row("ln_tuning", "llama-1", "LNTuningConfig"),
     Row("hira", "mlp", "HiraConfig", dict(r=2, target_modules=MLP_BOTH, hira_dropout=0.1)),
     Row("gralora", "mlp", "GraloraConfig", dict(r=2, hybrid_r=2, target_modules=MLP_BOTH, gralora_dropout=0.1)),
+    Row("frod", "mlp", "FrodConfig", dict(target_modules=MLP_BOTH, sparse_rate=0.1, frod_dropout=0.1)),
     Row("lily", "mlp", "LilyConfig", dict(r=2, num_B=3, target_modules=MLP_BOTH)),
     Row("peanut", "mlp", "PeanutConfig", dict(r=2, depth=1, act_fn="gelu", target_modules=MLP_BOTH)),
     Row(
@@ -96,7 +97,7 @@ PER_EXAMPLE_ROWS = [
     Row("hra-conv", "orth-conv", "HRAConfig", dict(r=2, target_modules=["conv"])),
     *(row for row in COMPILE_ROWS if row.id == "waveft"),
     *(row for row in COMPILE_ROWS if row.id == "delora"),
-    *(row for row in COMPILE_ROWS if row.id == "peanut"),
+    *(row for row in COMPILE_ROWS if row.id in ("peanut", "frod")),
 ]
 
 
