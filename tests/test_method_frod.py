@@ -148,11 +148,13 @@ def test_gpt2_conv1d_matches_peft() -> None:
     assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], ids, atol=1e-5)
 
 
-def test_bfloat16_model_matches_peft() -> None:
+@pytest.mark.parametrize("init", [True, False])
+def test_bfloat16_model_matches_peft(init: bool) -> None:
     model = models.build("MLP", dtype=torch.bfloat16)
     model.dtype = torch.bfloat16  # the model casts its input to it
-    fpm, pm = build_both(model, "FrodConfig", dict(target_modules=["lin0", "lin1"], sparse_rate=0.1, progressbar=False))
-    assert_fresh_equals_peft(fpm, pm)  # float32 adapters, lambda_l rounded to bfloat16 first like PEFT's
+    kwargs = dict(target_modules=["lin0", "lin1"], sparse_rate=0.1, init_weights=init, progressbar=False)
+    fpm, pm = build_both(model, "FrodConfig", kwargs)
+    assert_fresh_equals_peft(fpm, pm)  # float32 adapters drawn and rounded in bfloat16 first, like PEFT's
     assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
 
 

@@ -47,6 +47,7 @@ from .base import (
     Params,
     SharedTensors,
     Target,
+    WeightInit,
 )
 
 LAMBDA_L, LAMBDA_S = "frod_lambda_l", "frod_lambda_s_values"
@@ -251,13 +252,25 @@ def param_names(spec: Spec) -> tuple[str, ...]:
 
 
 def init(spec: Spec, generator: torch.Generator | None) -> Params:
-    """lambda_s zeros (init_weights=True) or N(0, 0.1^2); lambda_l here holds only PEFT's N(0, 0.1^2) offset
-    (zeros for True), drawn after lambda_s as PEFT does; `finish_init` adds the weight's lambda_l to it."""
+    """Zeros: PEFT's lambda_s (init_weights=True), and the offset `finish_init` adds lambda_l's start to; the
+    random draws of init_weights=False need the weight's dtype (`init_from_weight`)."""
     nnz = spec.hyper.projections.patterns[spec.hyper.role].shape[1]
+    return {LAMBDA_L: torch.zeros(spec.in_features), LAMBDA_S: torch.zeros(nnz)}
+
+
+def init_from_weight(
+    spec: Spec, params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None
+) -> WeightInit:
+    """init_weights=False: PEFT's draws on its parameters, in the weight's dtype (bf16 draws consume the random
+    stream differently): lambda_s ~ N(0, 0.1^2), then lambda_l's offset randn * 0.1."""
     if spec.hyper.init:
-        return {LAMBDA_L: torch.zeros(spec.in_features), LAMBDA_S: torch.zeros(nnz)}
-    s = torch.nn.init.normal_(torch.empty(nnz), std=0.1, generator=generator)
-    return {LAMBDA_L: torch.randn(spec.in_features, generator=generator) * 0.1, LAMBDA_S: s}
+        return WeightInit(params)
+    device = weight.device if generator is None else generator.device
+    nnz = params[LAMBDA_S].shape[0]
+    s = torch.nn.init.normal_(torch.empty(nnz, dtype=weight.dtype, device=device), std=0.1, generator=generator)
+    offset = torch.randn(spec.in_features, dtype=weight.dtype, device=device, generator=generator) * 0.1
+    like = params[LAMBDA_L]
+    return WeightInit({LAMBDA_L: offset.to(like), LAMBDA_S: s.to(params[LAMBDA_S])})
 
 
 def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
@@ -327,6 +340,7 @@ FROD = register(
         param_names=param_names,
         init=init,
         forward=forward,
+        init_from_weight=init_from_weight,
         finish_init=finish_init,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, from_base=True),
         shared=SharedTensors(
