@@ -6,7 +6,7 @@ per-example routing: tests/test_method_transforms.py; tiny transformers models: 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import peft
 import pytest
@@ -69,7 +69,7 @@ def test_mixed_is_refused_like_peft() -> None:
     assert_mixed_refused_like_peft(models.build("MLP"), "PeanutConfig", dict(target_modules=["lin0"]))
 
 
-CASES = [
+CASES: list[dict[str, Any]] = [
     dict(target_modules=["lin0", "lin1"], r=3),
     dict(target_modules=["lin0", "lin1"], r=2, depth=2, act_fn="gelu", scaling=0.5),
     dict(target_modules=["lin1"], r=4, depth=1, act_fn="tanh"),
@@ -92,8 +92,8 @@ def test_forward_and_gradients_match_peft_away_from_the_init(kwargs: dict[str, A
 
 def test_bfloat16_model_matches_peft() -> None:
     model = models.build("MLP", dtype=torch.bfloat16)
-    model.dtype = torch.bfloat16  # the model casts its input to it
-    kwargs = dict(target_modules=["lin0", "lin1"], depth=1, init_weights=False)
+    cast(Any, model).dtype = torch.bfloat16  # the model casts its input to it
+    kwargs: dict[str, Any] = dict(target_modules=["lin0", "lin1"], depth=1, init_weights=False)
     fpm, pm = build_both(model, "PeanutConfig", kwargs)
     assert_fresh_equals_peft(fpm, pm)  # float32 adapters, like PEFT's autocast
     assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], X, atol=2e-2)
@@ -102,7 +102,7 @@ def test_bfloat16_model_matches_peft() -> None:
 def test_two_adapters_merge_from_the_pre_merge_weight_like_peft() -> None:
     """PEFT computes each merged delta from W0 (the weight before merging), not from W0 + delta_1."""
     model = models.build("MLP")
-    cfg = dict(target_modules=["lin0"], depth=1, init_weights=False)
+    cfg: dict[str, Any] = dict(target_modules=["lin0"], depth=1, init_weights=False)
     torch.manual_seed(0)
     fpm = funcpeft.get_peft_model(copy.deepcopy(model), funcpeft.PeanutConfig(**cfg))
     other = fpm.add_adapter("other", funcpeft.PeanutConfig(**cfg))
@@ -116,8 +116,9 @@ def test_two_adapters_merge_from_the_pre_merge_weight_like_peft() -> None:
         for key, value in tree["lin0"].items():
             assert torch.equal(value, pm.get_parameter(T.peft_param_name("lin0", key, plan["lin0"], name)))
     merged = funcpeft.merge(fpm, base, both)
-    pm.base_model.lin0.merge(adapter_names=["default", "other"])
-    torch.testing.assert_close(merged["lin0.weight"], pm.base_model.model.lin0.base_layer.weight, atol=1e-6, rtol=0)
+    layer = cast(Any, pm.get_submodule("base_model.model.lin0"))
+    layer.merge(adapter_names=["default", "other"])
+    torch.testing.assert_close(merged["lin0.weight"], layer.base_layer.weight, atol=1e-6, rtol=0)
     x = X["X"]
     torch.testing.assert_close(fn(merged, None, X=x), fn(base, both, X=x), atol=1e-5, rtol=1e-5)
     assert torch.equal(funcpeft.unmerge(fpm, merged, both, base=base)["lin0.weight"], base["lin0.weight"])
