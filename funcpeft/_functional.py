@@ -360,6 +360,7 @@ class PeftFunction:
                 method = entry.method
                 own = {k: leaves[k] for k in entry.params}
                 own.update({k: tree[SHARED_PATH][k] for k in entry.shared})  # trainable, so routed with the rest
+                own.update({k: tree[source][k] for k, source in entry.borrowed})  # another layer's (Method.shares)
                 frozen = shared_params(entry, base)  # the same for every example: never routed
                 if entry.spec.kind is LayerKind.MODULE:
                     self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing)

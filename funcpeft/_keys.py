@@ -144,6 +144,17 @@ def frozen_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str
     return out
 
 
+def borrowed_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, Leaf]:
+    """{checkpoint key: (holding path, name)} of the params layers read from another layer (`PlanEntry.borrowed`,
+    `Method.shares`): PEFT's state dict holds the shared tensor under every layer's path."""
+    wrapped = {p for p, e in plan.items() if e.spec is not None}
+    return {
+        file_key(path, name, rules, True, True, wrapped): (source, name)
+        for path, e in plan.items()
+        for name, source in e.borrowed
+    }
+
+
 def tie_file_keys(plan: Mapping[str, PlanEntry], rules: KeyRules) -> dict[str, tuple[str, str, str]]:
     """{checkpoint key: (source path, tied path, name)} of the params PEFT saves for layers tied to an adapted
     layer (`PlanEntry.tied`: with ensure_weight_tying `lm_head.lora_A.weight`, the embedding's lora_embedding_B
@@ -246,6 +257,8 @@ def parse_file_key(key: str, rules: KeyRules, modules_to_save: Iterable[str], bi
         at = parts.index(rules.copies_part, 1)
         return "adapter", (".".join(parts[:at]), ".".join(parts[at + 1 :]))
     last, prev = parts[-1], parts[-2]
+    if last == "weight" and len(parts) > 3 and prev.isdigit() and parts[-3] in rules.indexed:  # ModuleList parts
+        return "adapter", (_unwrapped(".".join(parts[:-3])), f"{parts[-3]}.{prev}")
     if last in rules.unsuffixed or (last.startswith(rules.param_prefix) and last not in ("weight", "bias")):
         return "adapter", (_unwrapped(".".join(parts[:-1])), last)
     if last == "weight" and rules.is_method_param(prev) and prev not in rules.unsuffixed and len(parts) > 2:

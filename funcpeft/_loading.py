@@ -24,6 +24,7 @@ from ._keys import (
     PREFIX,
     Leaf,
     base_file_key,
+    borrowed_file_keys,
     file_key,
     frozen_file_keys,
     is_saved_module,
@@ -133,6 +134,8 @@ def match_checkpoint(
     """
     rules = key_rules(config)
     expected = plan_file_keys(plan, rules)
+    borrowed = borrowed_file_keys(plan, rules)
+    copies: dict[str, torch.Tensor] = {}
     ties = tie_file_keys(plan, rules)
     tie_shapes = {t.path: dict(t.shapes) for e in plan.values() for t in e.tied}
     adapted = {p for p, e in plan.items() if e.spec is not None} | set(tie_shapes)
@@ -149,7 +152,9 @@ def match_checkpoint(
     tied: dict[str, torch.Tensor] = {}
     problems = Problems()
     for key, t in tensors.items():
-        if key in ties:
+        if key in borrowed:  # another layer's tensor, saved under this layer too (Method.shares): checked below
+            copies[key] = t
+        elif key in ties:
             want = tie_shapes[ties[key][1]][ties[key][2]]
             if tuple(t.shape) != want:
                 problems.shapes.append((key, tuple(t.shape), want))
@@ -169,6 +174,10 @@ def match_checkpoint(
                 base[name] = t
         elif not is_wrapper_duplicate(key, saved):
             problems.unexpected.append(key)
+    for key, t in copies.items():  # funcpeft keeps a shared tensor once: every copy must be the holder's
+        holder = found.get(borrowed[key])
+        if holder is not None and (t.shape != holder.shape or not torch.equal(t, holder)):
+            problems.unexpected.append(f"{key} (differs from the tensor it shares, at {borrowed[key][0]!r})")
     mis_shaped = {k for k, _, _ in problems.shapes}
     problems.missing = [k for k, leaf in expected.items() if leaf not in found and k not in mis_shaped]
     problems.missing += [k for k, name in shared_keys.items() if name not in base and k not in mis_shaped]
@@ -388,6 +397,11 @@ def _load_without_model(where: str, strict: bool, is_trainable: bool, allow_pick
     rules = key_rules(config)
     mts, bias = getattr(config, "modules_to_save", None) or [], getattr(config, "bias", "none")
     method = method_for(config)
+    if isinstance(method, Method) and method.shares is not None:
+        raise ValueError(
+            f"loading the {method.peft_type} adapter in {where!r} needs the model it was made for (pass model=...): "
+            "its layers share tensors, and which layer reads which depends on the model's modules"
+        )
     frozen = method.layer_frozen.names if isinstance(method, Method) and method.layer_frozen else ()
     tails = {rules.tail(n) for n in frozen}
     tree: dict[str, dict[str, torch.Tensor]] = {}

@@ -100,6 +100,8 @@ class PlanEntry:
       the method's layer under (LoRA's trainable tokens: "token_adapter"); its params are `{path}.{key_part}.{name}`.
     prompt: on the `trees.PROMPT_PATH` entry of an input-level adapter (prompt learning): (its InputMethod's
       name, the method's spec); `params` are then the prompt encoder's leaves.
+    borrowed: ((param name, tree path holding it), ...): method params this layer reads from another layer's tree
+      entry (`Method.shares`: Lily's shared A and B); not in `params` nor `shapes`.
     """
 
     spec: LayerSpec[Any] | None = None
@@ -115,6 +117,7 @@ class PlanEntry:
     applies_in: str | None = None
     parameter: str | None = None
     key_part: str | None = None
+    borrowed: tuple[tuple[str, str], ...] = ()
 
     @property
     def auxiliary(self) -> bool:
@@ -437,6 +440,17 @@ def plan_adapter(
             shapes=shapes,
             applies_in=target.owner.name if target.owner is not None else None,
         )
+    if method.shares is not None:
+        in_order = [(t.name, s) for t in targets if (s := plan[t.name].spec) is not None]
+        for path, borrowed in method.shares(resolved, in_order).items():
+            read = {n for n, _ in borrowed}
+            e = plan[path]
+            plan[path] = dataclasses.replace(
+                e,
+                params=tuple(n for n in e.params if n not in read),
+                shapes=tuple((n, shape) for n, shape in e.shapes if n not in read),
+                borrowed=tuple(borrowed),
+            )
     owners: dict[str, str] = {}  # module -> its innermost ParamWrapper path (where PEFT keeps the module's bias)
     for path, (module_name_, pname) in zip(parameter_paths(found), found):
         key = f"{module_name_}.{pname}"
@@ -686,7 +700,8 @@ def init_adapter_and_weights(
                 model.get_submodule(path) if entry.spec.kind.module_level or entry.method.init_from_module else None
             )
             done = fresh_method_params(entry, w, generator, dtype, data, module)
-            out.update(done.params)
+            borrowed = {n for n, _ in entry.borrowed}  # drawn as PEFT draws them, then read from their holder
+            out.update({k: v for k, v in done.params.items() if k not in borrowed})
             if done.weight is not None:
                 changed[path] = done.weight
         for pname in entry.overrides:
@@ -764,12 +779,18 @@ def shared_params(entry: PlanEntry, base: Mapping[str, torch.Tensor]) -> Params:
 def layer_params(entry: PlanEntry, leaves: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> Params:
     """A layer's method params: its own and the shared trainable ones (`leaves`: the adapter tree's entry plus
     its `SHARED_PATH` tensors, see `with_shared`) plus frozen ones (from `base`)."""
-    return {**{k: leaves[k] for k in (*entry.params, *entry.shared)}, **shared_params(entry, base)}
+    names = (*entry.params, *entry.shared, *(n for n, _ in entry.borrowed))
+    return {**{k: leaves[k] for k in names}, **shared_params(entry, base)}
 
 
 def with_shared(tree: Mapping[str, Mapping[str, Any]], path: str, entry: PlanEntry) -> dict[str, Any]:
-    """Adapter tree entry `path` plus the shared trainable tensors its layer reads (`PlanEntry.shared`)."""
-    return {**tree[path], **{k: tree[SHARED_PATH][k] for k in entry.shared}}
+    """Adapter tree entry `path` plus the shared trainable tensors its layer reads (`PlanEntry.shared`, and
+    `PlanEntry.borrowed` from other layers' entries)."""
+    return {
+        **tree[path],
+        **{k: tree[SHARED_PATH][k] for k in entry.shared},
+        **{k: tree[source][k] for k, source in entry.borrowed},
+    }
 
 
 def check_stack(specs: tuple[LayerSpec[Any], ...]) -> None:

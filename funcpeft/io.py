@@ -47,6 +47,7 @@ from ._keys import (
     KeyRules,
     base_file_key,
     bias_all_duplicates,
+    borrowed_file_keys,
     embedding_is_targeted,
     file_key,
     is_saved_module,
@@ -55,7 +56,7 @@ from ._keys import (
     tied_paths,
     tree_file_keys,
 )
-from ._plan import check_adapter_name, input_entry
+from ._plan import check_adapter_name, input_entry, plan_adapter
 from ._trees import PROMPT_PATH, SHARED_PATH, layer_frozen_key
 from .methods import CONFIG_CLASSES, InputMethod, Method, method_for
 
@@ -387,6 +388,19 @@ def checkpoint_state(
     mts = getattr(config, "modules_to_save", None)
     keys = tree_file_keys(adapter_params, rules, mts)
     state = {k: _for_file(k, adapter_params[p][n]) for k, (p, n) in keys.items()}
+    method = method_for(config)
+    if isinstance(method, Method) and method.shares is not None:  # PEFT saves shared tensors under each layer
+        if plan is None and model is None:
+            raise ValueError(
+                f"saving a {method.peft_type} adapter needs the model it was made for (pass model=...): its layers "
+                "share tensors, which PEFT's file holds under every layer that uses them"
+            )
+        with warnings.catch_warnings():  # planning again only to find the sharing layers: its warnings were given
+            warnings.simplefilter("ignore")
+            layout = plan if plan is not None else plan_adapter(model, config, None, adapter_name)[1]  # type: ignore[arg-type]
+        for k, (p, n) in borrowed_file_keys(layout, rules).items():
+            if p in adapter_params and n in adapter_params[p]:
+                state[k] = _for_file(k, adapter_params[p][n])
     base: Mapping[str, torch.Tensor] | None = base_params
     if base is None and model is not None:
         base = dict(model.named_parameters())

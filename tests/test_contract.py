@@ -425,6 +425,33 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         "AdamssConfig",
         dict(r=6, num_subspaces=4, subspace_rank=3, use_dynamic_rank=True, target_modules=["q_proj", "down_proj"]),
     ),
+    (
+        "peanut-llama",
+        "peanut",
+        "tiny-llama",
+        "PeanutConfig",
+        dict(r=4, depth=1, act_fn="gelu", target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    # GPT-2's blocks are Conv1D, which PEFT's PEANuT refuses; its lm_head (tied to wte) is an nn.Linear
+    ("peanut-gpt2-lm_head", "peanut", "tiny-gpt2", "PeanutConfig", dict(r=4, target_modules=["lm_head"])),
+    (
+        "lily-llama",
+        "lily",
+        "tiny-llama",
+        "LilyConfig",
+        dict(r=4, stride_A=2, num_B=3, scaling=0.5, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    ("lily-llama-regex", "lily", "tiny-llama", "LilyConfig", dict(r=2, target_modules=r".*\.(k_proj|o_proj)")),
+    # GPT-2's blocks are Conv1D, which PEFT's Lily refuses; its lm_head (tied to wte) is an nn.Linear
+    ("lily-gpt2-lm_head", "lily", "tiny-gpt2", "LilyConfig", dict(r=4, target_modules=["lm_head"])),
+    (
+        "frod-llama",
+        "frod",
+        "tiny-llama",
+        "FrodConfig",
+        dict(target_modules=["q_proj", "v_proj", "down_proj"], sparse_rate=0.05, init_weights=False),
+    ),
+    ("frod-gpt2", "frod", "tiny-gpt2", "FrodConfig", dict(target_modules=["c_attn", "c_fc"], frod_dropout=0.1)),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
@@ -441,6 +468,9 @@ TESTED_ELSEWHERE: dict[str, str] = {
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)
 NOT_NOOP_INIT = {"dora", "kasa", "vblora"}
+# methods whose output for one example depends on the whole batch (Lily's router averages over it): per-example
+# routing raises NotImplementedError naming the method
+NOT_PER_EXAMPLE = {"lily": "Lily"}
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
 # rows where PEFT's own gradients are wrong: funcpeft's are checked against finite differences of PEFT's forward
@@ -508,6 +538,10 @@ def test_row_functional_laws(row: tuple[str, str, str, str, dict[str, Any]]) -> 
             return  # modules_to_save / trainable biases cannot be routed per example (documented limit)
         batch = x["input_ids"].shape[0]
         index = torch.tensor([2, 0][:batch])
+        if row[1] in NOT_PER_EXAMPLE:
+            with pytest.raises(NotImplementedError, match=f"per-example adapters .* {NOT_PER_EXAMPLE[row[1]]}"):
+                fn(base, funcpeft.per_example(stacked, index), **x)
+            return
         routed = _logits(fn(base, funcpeft.per_example(stacked, index), **x))
         for i, k in enumerate(index.tolist()):
             torch.testing.assert_close(routed[i], alone[k][i], atol=1e-5, rtol=1e-5)

@@ -90,6 +90,9 @@ COMPILE_ROWS = [
     Row("deft", "mlp", "DeftConfig", dict(r=2, target_modules=MLP_BOTH, decomposition_method="qr", deft_dropout=0.1)),
     Row("adamss", "mlp", "AdamssConfig", dict(r=6, num_subspaces=3, subspace_rank=2, target_modules=MLP_BOTH)),
     Row("gralora", "mlp", "GraloraConfig", dict(r=2, hybrid_r=2, target_modules=MLP_BOTH, gralora_dropout=0.1)),
+    Row("frod", "mlp", "FrodConfig", dict(target_modules=MLP_BOTH, sparse_rate=0.1, frod_dropout=0.1)),
+    Row("lily", "mlp", "LilyConfig", dict(r=2, num_B=3, target_modules=MLP_BOTH)),
+    Row("peanut", "mlp", "PeanutConfig", dict(r=2, depth=1, act_fn="gelu", target_modules=MLP_BOTH)),
     Row(
         "tinylora",
         "mlp",
@@ -108,6 +111,7 @@ PER_EXAMPLE_ROWS = [
     *(row for row in COMPILE_ROWS if row.id == "deft"),
     Row("deft-para", "mlp", "DeftConfig", dict(r=3, target_modules=MLP_BOTH, para=True), 0.2, True),
     Row("adamss-base", "mlp", "AdamssConfig", dict(r=6, num_subspaces=2, target_modules=MLP_BOTH), 0.2, True),
+    *(row for row in COMPILE_ROWS if row.id in ("peanut", "frod")),
 ]
 
 

@@ -32,15 +32,18 @@ from .cpt import CPTConfig
 from .deft import DeftConfig
 from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
+from .frod import FrodConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
 from .hra import HRAConfig
 from .ia3 import IA3Config
+from .lily import LilyConfig
 from .ln_tuning import LNTuningConfig
 from .lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from .miss import MissConfig
 from .oft import OFTConfig
 from .osf import OSFConfig
+from .peanut import PeanutConfig
 from .poly import PolyConfig
 from .prompt_learning import (
     MultitaskPromptTuningConfig,
@@ -80,6 +83,7 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",
+    "FrodConfig",
     "WaveFTConfig",
     "DeloraConfig",
     "OSFConfig",
@@ -92,6 +96,7 @@ __all__ = [
     "IA3Config",
     "KasaConfig",
     "LNTuningConfig",
+    "LilyConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoftQConfig",
@@ -102,6 +107,7 @@ __all__ = [
     "MissConfig",
     "MontecloraConfig",
     "OFTConfig",
+    "PeanutConfig",
     "PeftConfig",
     "PeftType",
     "RandLoraConfig",

@@ -346,6 +346,15 @@ class DeltaWeightFn(Protocol):
         """The additive delta in the base weight's layout and shape (`weight_shape`)."""
 
 
+class SharesFn(Protocol):
+    def __call__(
+        self, config: Any, layers: Sequence[tuple[str, LayerSpec[Any]]], /
+    ) -> Mapping[str, tuple[tuple[str, str], ...]]:
+        """{layer path: ((param name, path of the layer holding the leaf), ...)} for the layers that read some of
+        their params from another layer of the same adapter (`Method.shares`). layers: the adapter's layers
+        (module path, spec) in the model's module order; config: the resolved config."""
+
+
 def _no_frozen_params(spec: LayerSpec[Any]) -> int:
     return 0
 
@@ -540,7 +549,8 @@ class KeyRules:
     unsuffixed: names saved without a trailing `.weight` (nn.Parameter / ParameterDict entries in PEFT);
     copies_part: set for a method whose adapter is a trainable copy of each targeted module's own parameters
     (PEFT's LN tuning): PEFT saves them as `{path}.{copies_part}.{param}` (e.g. `ln_tuning_layers`), and any
-    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`).
+    module, not only a layer with a weight op, may be targeted (see `Method.copies_modules`);
+    indexed: parts saved as ModuleLists of nn.Linear, `{path}.{part}.{i}.weight` (leaf `{part}.{i}`).
     """
 
     param_prefix: str = "lora_"
@@ -548,6 +558,9 @@ class KeyRules:
     # (leaf name, key tail) for leaves PEFT saves under another tail, e.g. ("lora_B_bias", "lora_B.bias")
     renamed: tuple[tuple[str, str], ...] = ()
     copies_part: str | None = None
+    # parts PEFT keeps as `ModuleDict[adapter] -> ModuleList` of nn.Linear (PEANuT's encoders): leaf `{part}.{i}`
+    # is saved as `{part}.{i}.weight`
+    indexed: frozenset[str] = frozenset()
 
     def is_method_param(self, name: str) -> bool:
         return name in self.unsuffixed or name.startswith(self.param_prefix) or name in dict(self.renamed)
@@ -615,6 +628,12 @@ class Method:
       output); None: per-example routing refuses the method.
     module_targets: the method's own target rule for whole modules (`ModuleTargetsFn`); required with
       `module_forward`.
+    shares: trainable params some layers share with another layer of the same adapter (Lily: an A per
+      `stride_A` consecutive layers of a target, one B for all of them; see `SharesFn`). A shared leaf lives once,
+      in the tree entry of the layer holding it, and the others read it there (so it is trained, counted, stacked
+      and routed once, like PEFT's shared modules, which `named_parameters` lists once); `init` still draws every
+      layer's own copy (PEFT builds them all, then replaces them, so the random stream stays PEFT's) and the
+      copies of the reading layers are dropped; PEFT's files hold the shared tensor under every layer's path.
     """
 
     name: str
@@ -656,6 +675,7 @@ class Method:
     module_forward: ModuleForwardFn | None = None
     module_targets: ModuleTargetsFn | None = None
     module_forward_per_example: ModuleForwardFn | None = None
+    shares: SharesFn | None = None
     # PEFT upcasts fp16 / bf16 adapter parameters to float32 under `autocast_adapter_dtype` (BaseTuner's
     # _cast_adapter_dtype); False for a method whose PEFT model has no such cast (AdaptionPrompt keeps the model's dtype)
     autocast: bool = True

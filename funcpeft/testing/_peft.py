@@ -41,6 +41,9 @@ def peft_param_name(
     if key in plan_entry.params:
         # parameters PEFT saves without `.weight` are nn.Parameter / ParameterDict entries in memory too, except
         # DoRA's magnitude, which is a module's weight in memory (PEFT strips `.weight` only in its files)
+        part, _, index = key.partition(".")
+        if part in plan_entry.method.keys.indexed:  # a ModuleList part: `{part}.{name}.{i}.weight` (PEANuT)
+            return f"{prefix}.{part}.{adapter_name}.{index}.weight"
         if key in plan_entry.method.keys.unsuffixed:
             return f"{prefix}.{key}.{adapter_name}" + (".weight" if key == "lora_magnitude_vector" else "")
         return f"{prefix}.{key}.{adapter_name}.weight"

@@ -1,0 +1,357 @@
+"""FRoD (`FrodConfig`): the adapted weight reparameterised over a basis shared by the layers of one role, PEFT
+0.21.2's arithmetic.
+
+    W' = U (S + diag(lambda_l)) V^T          V (in, in): the role's basis; U (out, in) frozen; S (in, in) sparse
+    y = base(x) + h V (S^T + diag(lambda_l)) U^T - h W^T        h = dropout(x)
+
+A role ("category", PEFT's `_category_from_key`: `q_proj`, `self_attn_q_proj`, ...) groups the targeted layers
+across blocks; V is PEFT's joint decomposition of their weights (`_projection_from_weights`: an SVD when the stacked
+weights are wide, else QR, a ridge-regularised mean of inverses and an eigendecomposition), and S's pattern draws
+from `projection_prng_key` in sorted role order. Trainable: frod_lambda_l (in,) and frod_lambda_s_values (nnz,), S's
+values at that pattern. U and lambda_l's start come from solving `V B^T = W^T` in float64 (`B = U diag(lambda_l)`).
+V, S's pattern (`frod_s_indices`) and its size are frozen tensors shared by a role's layers (in `base`, saved like
+PEFT's `base_model.frod_V.{role}` when save_projection); U is a frozen per-layer tensor (not saved, as in PEFT).
+
+Per call nothing weight-sized is built: S acts through a gather and an index_add over its nnz entries (PEFT: a
+sparse matmul). PEFT's single-adapter path computes `h V (S^T + diag) U^T + bias` without the base layer; funcpeft
+always runs the base layer below and subtracts `h W^T` (PEFT's multi-adapter / dropout path): one more matmul, equal
+up to rounding. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
+unmerging needs it (`funcpeft.unmerge(..., base=...)`). nn.Linear and GPT-2 Conv1D only, like PEFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .._trees import shared_key
+from ..configs.frod import FrodConfig
+from ._registry import register
+from .base import (
+    KeyRules,
+    LayerFrozen,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    SharedTensors,
+    Target,
+    WeightInit,
+)
+
+LAMBDA_L, LAMBDA_S = "frod_lambda_l", "frod_lambda_s_values"
+V, INDICES, U = "frod_V", "frod_s_indices", "frod_U"
+_SAVED = {"V": "frod_V", "s_indices": "frod_s_indices", "s_size": "frod_s_size"}  # base key part -> PEFT's name
+
+
+@dataclass(frozen=True)
+class FrodProjections:
+    """The adapter's shared bases and sparse patterns per role, computed once per plan from the targeted weights.
+
+    digest: names them in `base` (from the config fields that decide them), and is all that equality and hashing see.
+    bases: {role: V (in, in)} in the weights' dtype; patterns: {role: (2, nnz) long (row, col) indices of S}.
+    """
+
+    digest: str
+    bases: Mapping[str, torch.Tensor] = field(compare=False, hash=False)
+    patterns: Mapping[str, torch.Tensor] = field(compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class FrodHyper:
+    role: str
+    dropout: float
+    init: bool
+    projections: FrodProjections
+
+
+Spec = LayerSpec[FrodHyper]
+
+
+def _category_from_key(key: str) -> str:
+    """PEFT's role of a module path: the last part after a block index, else the last two parts joined by `_`."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    category = f"{parts[-2]}_{parts[-1]}"
+    if category == "output_dense" and len(parts) >= 3 and parts[-3] == "attention":
+        return "attention_output"
+    return category
+
+
+def _layer_index_from_key(key: str, fallback: int) -> int:
+    """PEFT's block index of a module path: after `layers`, else the first integer part, else `fallback`."""
+    parts = key.split(".")
+    if "layers" in parts:
+        try:
+            return int(parts[parts.index("layers") + 1])
+        except (ValueError, IndexError):
+            pass
+    for part in parts:
+        if part.isdigit():
+            return int(part)
+    return fallback
+
+
+def _projection_from_weights(matrices: list[torch.Tensor], regularization_alpha: float) -> torch.Tensor:
+    """PEFT's joint basis (in, in) of a role's weights (each (out_i, in), float32)."""
+    stacked = torch.cat(matrices, dim=0)
+    if stacked.shape[0] < stacked.shape[1]:
+        _, _, vh = torch.linalg.svd(stacked, full_matrices=True)
+        return vh.T
+    q_matrix, r_matrix = torch.linalg.qr(stacked)
+    dim = r_matrix.shape[1]
+    t_pi = torch.zeros((dim, dim), dtype=r_matrix.dtype)
+    start = 0
+    for matrix in matrices:
+        q_slice = q_matrix[start : start + matrix.shape[0], :]
+        start += matrix.shape[0]
+        t_pi += torch.linalg.inv(q_slice.T @ q_slice + regularization_alpha * torch.eye(dim, dtype=r_matrix.dtype))
+    t_pi /= len(matrices)
+    _, eigenvectors = torch.linalg.eigh(t_pi)
+    return r_matrix.T @ eigenvectors
+
+
+def _digest(config: Any) -> str:
+    """Names an adapter's projections in `base`: the same for the same targets and projection settings."""
+    targets = config.target_modules
+    fields = [
+        sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        config.layers_to_transform,
+        config.layers_pattern,
+        config.projection_prng_key,
+        config.sparse_rate,
+        config.regularization_alpha,
+    ]
+    return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:12]
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear layout (out, in)."""
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> FrodProjections:
+    """PEFT's `_init_frod_projections`: V per role from the role's weights in block order (a later module with
+    the same block index and role replaces an earlier one, as in PEFT), S's pattern from one generator seeded with
+    projection_prng_key, roles in sorted order."""
+    weights: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    fallback = 0
+    for key, module in targets.items():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        weights[_layer_index_from_key(key, fallback)][_category_from_key(key)] = _weight(module)
+        fallback += 1
+    if not weights:
+        raise ValueError("No layer types compatible with FRoD were found. Please check `peft_config.target_modules`.")
+    generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+    bases: dict[str, torch.Tensor] = {}
+    patterns: dict[str, torch.Tensor] = {}
+    for role in sorted({role for layer in weights.values() for role in layer}):
+        matrices = [layer[role].detach() for _, layer in sorted(weights.items()) if role in layer]
+        example = next(layer[role] for layer in weights.values() if role in layer)
+        in_dim = matrices[0].shape[1]
+        if any(m.is_meta for m in matrices):
+            bases[role] = torch.empty((in_dim, in_dim), dtype=example.dtype, device="meta")
+        else:
+            v = _projection_from_weights([m.to(torch.float32).cpu() for m in matrices], config.regularization_alpha)
+            bases[role] = v.to(dtype=example.dtype, device="cpu")
+        rows, cols = torch.meshgrid(torch.arange(in_dim), torch.arange(in_dim), indexing="ij")
+        mask = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+        off_diagonal = mask[mask[:, 0] != mask[:, 1]]
+        nnz = min(int(in_dim * in_dim * config.sparse_rate), off_diagonal.shape[0])
+        if config.sparse_rate > 0 and off_diagonal.shape[0] > 0:
+            nnz = max(1, nnz)
+        if nnz:
+            perm = torch.randperm(off_diagonal.shape[0], generator=generator)[:nnz]
+            patterns[role] = off_diagonal[perm].t().contiguous()
+        else:
+            patterns[role] = torch.empty(2, 0, dtype=torch.long)
+    return FrodProjections(_digest(config), bases, patterns)
+
+
+def hyper(config: Any, target: Target) -> FrodHyper:
+    return FrodHyper(
+        role=_category_from_key(target.name),
+        dropout=float(config.frod_dropout),
+        init=bool(config.init_weights),
+        projections=target.common,
+    )
+
+
+def _key(projections: FrodProjections, role: str, part: str) -> str:
+    return shared_key("frod", projections.digest, role, part)
+
+
+def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
+    p, role = spec.hyper.projections, spec.hyper.role
+    return ((V, _key(p, role, "V")), (INDICES, _key(p, role, "s_indices")))
+
+
+def make_shared(spec: Spec) -> dict[str, torch.Tensor]:
+    """{base key: tensor}: the layer's role's V, S's pattern and S's size (PEFT's frod_s_size, only saved)."""
+    p, role = spec.hyper.projections, spec.hyper.role
+    v = p.bases[role]
+    size = torch.tensor([v.shape[0], v.shape[0]], dtype=torch.long)
+    return {_key(p, role, "V"): v, _key(p, role, "s_indices"): p.patterns[role], _key(p, role, "s_size"): size}
+
+
+def file_keys(config: Any, keys: list[str]) -> dict[str, str]:
+    """{checkpoint key: base key}: PEFT's `base_model.frod_V.{role}` (and s_indices, s_size) when save_projection."""
+    if not config.save_projection:
+        return {}
+    prefix = shared_key("frod", _digest(config)) + "."
+    out = {}
+    for key in keys:
+        if key.startswith(prefix):
+            role, _, part = key[len(prefix) :].rpartition(".")
+            out[f"base_model.{_SAVED[part]}.{role}"] = key
+    return out
+
+
+def _u_and_lambda(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `_calculate_frod_u_and_lambda`: B with V B^T = W^T (float64; pinv when V is singular), lambda_l its
+    column norms, U = B / lambda_l (zero columns where lambda_l ~ 0). U (out, in), lambda_l (in,), float32."""
+    w64, v64 = w.detach().to(torch.float64).cpu(), v.detach().to(torch.float64).cpu()
+    try:
+        bi = torch.linalg.solve(v64, w64.T).T
+    except RuntimeError:
+        bi = w64 @ torch.linalg.pinv(v64, rtol=1e-6).T
+    lambda_l = torch.linalg.norm(bi, dim=0)
+    u = torch.zeros_like(bi)
+    nonzero = lambda_l > 1e-12
+    u[:, nonzero] = bi[:, nonzero] / lambda_l[nonzero]
+    return u.float(), lambda_l.float()
+
+
+def make_u(spec: Spec, module: nn.Module, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The layer's frozen U (out, in) in the weight's dtype, on its device."""
+    w = _weight(module)
+    if w.is_meta:
+        return {U: torch.empty((spec.out_features, spec.in_features), dtype=w.dtype, device="meta")}
+    v = spec.hyper.projections.bases[spec.hyper.role].to(dtype=w.dtype)
+    return {U: _u_and_lambda(v, w)[0].to(device=w.device, dtype=w.dtype)}
+
+
+def param_names(spec: Spec) -> tuple[str, ...]:
+    return (LAMBDA_L, LAMBDA_S)
+
+
+def init(spec: Spec, generator: torch.Generator | None) -> Params:
+    """Zeros: PEFT's lambda_s (init_weights=True), and the offset `finish_init` adds lambda_l's start to; the
+    random draws of init_weights=False need the weight's dtype (`init_from_weight`)."""
+    nnz = spec.hyper.projections.patterns[spec.hyper.role].shape[1]
+    return {LAMBDA_L: torch.zeros(spec.in_features), LAMBDA_S: torch.zeros(nnz)}
+
+
+def init_from_weight(
+    spec: Spec, params: Params, weight: torch.Tensor, data: Any, generator: torch.Generator | None
+) -> WeightInit:
+    """init_weights=False: PEFT's draws on its parameters, in the weight's dtype (bf16 draws consume the random
+    stream differently): lambda_s ~ N(0, 0.1^2), then lambda_l's offset randn * 0.1."""
+    if spec.hyper.init:
+        return WeightInit(params)
+    device = weight.device if generator is None else generator.device
+    nnz = params[LAMBDA_S].shape[0]
+    s = torch.nn.init.normal_(torch.empty(nnz, dtype=weight.dtype, device=device), std=0.1, generator=generator)
+    offset = torch.randn(spec.in_features, dtype=weight.dtype, device=device, generator=generator) * 0.1
+    like = params[LAMBDA_L]
+    return WeightInit({LAMBDA_L: offset.to(like), LAMBDA_S: s.to(params[LAMBDA_S])})
+
+
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
+    """lambda_l = the column norms of W V^-T (in the weight's dtype, as PEFT's parameter) + init's offset."""
+    if weight.is_meta:
+        return params
+    w = weight.T if spec.kind is LayerKind.CONV1D_HF else weight
+    v = spec.hyper.projections.bases[spec.hyper.role].to(dtype=w.dtype)
+    lam = _u_and_lambda(v, w)[1].to(device=w.device, dtype=w.dtype)
+    offset = params[LAMBDA_L]
+    if not spec.hyper.init:
+        lam = lam + offset.to(lam.dtype)
+    return {**params, LAMBDA_L: lam.to(offset.dtype)}
+
+
+def _s_product(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`z S^T` for the sparse S (in, in) with `values` at (row, col) `indices`: z (..., in)."""
+    return torch.zeros_like(z).index_add(-1, indices[0], z[..., indices[1]] * values)
+
+
+def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
+    """`result + h V (S^T + diag(lambda_l)) U^T - h W^T` in x's dtype (PEFT casts U, V, S and lambda_l to it)."""
+    assert result is not None
+    dtype = x.dtype
+    u, v = params[U].to(dtype), params[V].to(dtype)
+    values, lam = params[LAMBDA_S].to(dtype), params[LAMBDA_L].to(dtype)
+    h = ctx.dropout(x, spec.hyper.dropout)
+    z = torch.matmul(h, v)
+    out_add = F.linear(_s_product(z, params[INDICES].to(z.device), values) + z * lam, u)
+    w = ctx.weight.T if spec.kind is LayerKind.CONV1D_HF else ctx.weight
+    return (result + out_add - F.linear(h, w.to(dtype))).to(dtype)
+
+
+def _adapted_weight(spec: Spec, params: Params, dtype: torch.dtype) -> torch.Tensor:
+    """U (S + diag(lambda_l)) V^T (out, in), dense, in `dtype` (PEFT's get_delta_weight)."""
+    u, v = params[U].to(dtype), params[V].to(dtype)
+    indices = params[INDICES].to(u.device)
+    s = torch.zeros(v.shape[0], v.shape[0], dtype=dtype, device=u.device)
+    s = s.index_put((indices[0], indices[1]), params[LAMBDA_S].to(dtype), accumulate=True)
+    return u @ (s + torch.diag_embed(params[LAMBDA_L].to(dtype))) @ v.T
+
+
+def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    """PEFT's merge: `W + (U (S + diag) V^T - W0)`, W0 the weight before the merge (default: `weight`)."""
+    w0 = (weight if base_weight is None else base_weight).to(weight.dtype)
+    w0 = w0.T if spec.kind is LayerKind.CONV1D_HF else w0
+    delta = _adapted_weight(spec, params, weight.dtype) - w0
+    return weight + (delta.T if spec.kind is LayerKind.CONV1D_HF else delta)
+
+
+def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    """PEFT restores its saved pre-merge weight; FRoD's delta is relative to it, so funcpeft needs it too."""
+    if base_weight is None:
+        raise ValueError(
+            "FRoD cannot unmerge without the pre-merge weight: its merged weight is U (S + diag) V^T + (W - W0), "
+            "relative to the weight W0 before merging (PEFT keeps W0 on the layer). Pass the unmerged weights: "
+            "funcpeft.unmerge(..., base=<the base tree before merging>)."
+        )
+    return base_weight.to(weight.dtype)
+
+
+FROD = register(
+    Method(
+        name="frod",
+        config=FrodConfig,
+        hyper=hyper,
+        param_names=param_names,
+        init=init,
+        forward=forward,
+        init_from_weight=init_from_weight,
+        finish_init=finish_init,
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, from_base=True),
+        shared=SharedTensors(
+            common_hyper=common_hyper,
+            frozen_params=frozen_params,
+            make=make_shared,
+            file_keys=file_keys,
+            saved=lambda config: bool(config.save_projection),
+        ),
+        layer_frozen=LayerFrozen(names=(U,), make=make_u, saved=False),
+        keys=KeyRules(param_prefix="frod_", unsuffixed=frozenset({LAMBDA_L, LAMBDA_S})),
+        kinds=frozenset({LayerKind.LINEAR, LayerKind.CONV1D_HF}),
+    )
+)
