@@ -50,6 +50,8 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
     ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
+    ("pvera-llama", "pvera", "tiny-llama", "PveraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "o_proj"])),
+    ("pvera-gpt2", "pvera", "tiny-gpt2", "PveraConfig", dict(r=8, target_modules=["c_attn", "c_fc"])),
     (
         "mica-llama",
         "mica",

@@ -44,6 +44,7 @@ from .prompt_learning import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
+from .pvera import PveraConfig
 from .randlora import RandLoraConfig
 from .shira import ShiraConfig
 from .tinylora import TinyLoraConfig
@@ -90,6 +91,7 @@ __all__ = [
     "OFTConfig",
     "PeftConfig",
     "PeftType",
+    "PveraConfig",
     "RandLoraConfig",
     "ShiraConfig",
     "TaskType",
