@@ -53,6 +53,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("pvera-llama", "pvera", "tiny-llama", "PveraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("pvera-gpt2", "pvera", "tiny-gpt2", "PveraConfig", dict(r=8, target_modules=["c_attn", "c_fc"])),
     (
+        "unilora-llama",
+        "unilora",
+        "tiny-llama",
+        "UniLoraConfig",
+        dict(r=4, theta_d_length=300, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    ),
+    ("unilora-gpt2", "unilora", "tiny-gpt2", "UniLoraConfig", dict(r=4, theta_d_length=64, target_modules=["c_attn"])),
+    (
         "mica-llama",
         "mica",
         "tiny-llama",
@@ -364,7 +372,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
 }
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)
-NOT_NOOP_INIT = {"dora", "kasa", "vblora"}
+NOT_NOOP_INIT = {"dora", "kasa", "vblora", "unilora"}  # UniLoRA: A and B both gather the small random theta_d
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
 # rows where PEFT's own gradients are wrong: funcpeft's are checked against finite differences of PEFT's forward

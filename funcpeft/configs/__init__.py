@@ -49,6 +49,7 @@ from .randlora import RandLoraConfig
 from .shira import ShiraConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
+from .unilora import UniLoraConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 from .waveft import WaveFTConfig
@@ -97,6 +98,7 @@ __all__ = [
     "TaskType",
     "TinyLoraConfig",
     "TrainableTokensConfig",
+    "UniLoraConfig",
     "VBLoRAConfig",
     "VeloraConfig",
     "VeraConfig",
