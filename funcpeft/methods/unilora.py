@@ -10,9 +10,9 @@ else N(0, 1), drawn before any layer (PEFT's `_pre_injection_hook`). A layer has
 The indices and scales are frozen (`SharedTensors`, in `base` under reserved keys, not counted): PEFT's
 `generate_index` assigns the N = sum over layers of (r * in + out * r) entries, in module order and A before B in
 each layer, to theta_d indices (each used floor or ceil of N / theta_d_length times, numpy's `default_rng(proj_seed)`
-shuffle); scale = 1 / sqrt(uses of that index), in the layer weight's dtype (PEFT's `update_scaling`). The
-assignment depends on every adapted layer, so `common_hyper` lays out each layer's offset. With save_indices PEFT
-saves them under each layer (`unilora_indices_A` / `_B`, `unilora_scales_A` / `_B`); so does funcpeft.
+shuffle); scale = 1 / sqrt(uses of that index), float32 rounded to the layer weight's dtype (PEFT's
+`update_scaling` and its upcast; theta_d is rounded likewise). The assignment depends on every adapted layer, so
+`common_hyper` lays out each layer's offset. With save_indices PEFT saves them under each layer (`unilora_indices_A` / `_B`, `unilora_scales_A` / `_B`); so does funcpeft.
 A and B are materialised per call (rank-sized, as PEFT), never a weight-sized tensor.
 """
 
@@ -56,7 +56,7 @@ class UniloraHyper:
     seed: int  # proj_seed
     total: int  # N: the entries of every adapted layer's A and B
     offset: int  # where this layer's A starts among them (its B follows)
-    scale_dtype: torch.dtype  # the layer weight's dtype (PEFT casts the scales to it)
+    weight_dtype: torch.dtype  # PEFT rounds theta_d and the scales through it (see `_rounded`)
     init: bool
     bound: float
     path: str  # the layer's module path: the key of its indices in PEFT's files
@@ -100,7 +100,7 @@ def hyper(config: Any, target: Target) -> UniloraHyper:
         seed=config.proj_seed,
         total=total,
         offset=offsets[target.name],
-        scale_dtype=target.module.weight.dtype,
+        weight_dtype=target.module.weight.dtype,
         init=bool(config.init_weights),
         bound=float(config.init_theta_d_bound),
         path=target.name,
@@ -119,11 +119,19 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {}
 
 
+def _rounded(t: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """PEFT moves theta_d and the scales to the layer weight's dtype and then upcasts them to float32
+    (`autocast_adapter_dtype`): on an fp16 / bf16 model their float32 values are rounded to that dtype."""
+    return t.to(spec.hyper.weight_dtype).float()
+
+
 def init_theta(spec: Spec, generator: torch.Generator | None) -> Params:
     h = spec.hyper
     if h.init:
-        return {THETA: torch.empty(h.length).uniform_(-h.bound, h.bound, generator=generator)}
-    return {THETA: torch.randn(h.length, generator=generator)}
+        theta = torch.empty(h.length).uniform_(-h.bound, h.bound, generator=generator)
+    else:
+        theta = torch.randn(h.length, generator=generator)
+    return {THETA: _rounded(theta, spec)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,7 +152,7 @@ def generate_index(total: int, length: int, seed: int) -> tuple[torch.Tensor, to
 def _keys(spec: Spec) -> dict[str, str]:
     h = spec.hyper
     where = (f"seed{h.seed}", f"d{h.length}", f"r{h.r}", f"n{h.total}", f"at{h.offset}")
-    dtype = str(h.scale_dtype).removeprefix("torch.")
+    dtype = str(h.weight_dtype).removeprefix("torch.")
     return {name: shared_key(name, *where, *((dtype,) if "scales" in name else ()), f"@{h.path}") for name in FROZEN}
 
 
@@ -153,7 +161,7 @@ def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
 
 
 def make_frozen(spec: Spec) -> dict[str, torch.Tensor]:
-    """The layer's slice of the assignment: indices A (r, in), B (out, r) and their scales (weight dtype)."""
+    """The layer's slice of the assignment: indices A (r, in), B (out, r) and their float32 scales."""
     h = spec.hyper
     indices, inv_sqrt = generate_index(h.total, h.length, h.seed)
     n_a = h.r * spec.in_features
@@ -163,8 +171,8 @@ def make_frozen(spec: Spec) -> dict[str, torch.Tensor]:
     return {
         keys["unilora_indices_A"]: idx_a,
         keys["unilora_indices_B"]: idx_b,
-        keys["unilora_scales_A"]: inv_sqrt[idx_a].to(h.scale_dtype),
-        keys["unilora_scales_B"]: inv_sqrt[idx_b].to(h.scale_dtype),
+        keys["unilora_scales_A"]: _rounded(inv_sqrt[idx_a], spec),
+        keys["unilora_scales_B"]: _rounded(inv_sqrt[idx_b], spec),
     }
 
 
@@ -190,7 +198,10 @@ def factors(spec: Spec, params: Params, cast: bool = False) -> tuple[torch.Tenso
     """PEFT's `_get_lora_matrices`: A (r, in) and B (out, r) gathered from theta_d (leading batch dims kept)."""
     idx_a, idx_b = params["unilora_indices_A"], params["unilora_indices_B"]
     theta = params[THETA].to(idx_a.device)
-    scale_a, scale_b = params["unilora_scales_A"].to(idx_a.device), params["unilora_scales_B"].to(idx_b.device)
+    # the scales hold values of the weight's dtype: in theta_d's dtype, as PEFT's (float32, or the model's dtype
+    # without autocast_adapter_dtype), exactly
+    scale_a = params["unilora_scales_A"].to(idx_a.device, theta.dtype)
+    scale_b = params["unilora_scales_B"].to(idx_b.device, theta.dtype)
     if cast:
         theta, scale_a, scale_b = theta.float(), scale_a.float(), scale_b.float()
     return theta[..., idx_a] * scale_a, theta[..., idx_b] * scale_b
