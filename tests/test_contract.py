@@ -60,6 +60,15 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         dict(r=4, theta_d_length=300, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
     ),
     ("unilora-gpt2", "unilora", "tiny-gpt2", "UniLoraConfig", dict(r=4, theta_d_length=64, target_modules=["c_attn"])),
+    # GLoRA: PEFT supports plain nn.Linear only (no GPT-2 Conv1D); BERT's linears have a bias (paths C, D, E)
+    ("glora-llama", "glora", "tiny-llama", "GloraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    (
+        "glora-bert-seq-cls",
+        "glora",
+        "tiny-bert-seq-cls",
+        "GloraConfig",
+        dict(r=2, task_type="SEQ_CLS", config_A_B="vector", config_C="vector", config_D_E="vector", init_weights=False),
+    ),
     (
         "mica-llama",
         "mica",

@@ -65,6 +65,7 @@ COMPILE_ROWS = [
     Row("vera", "mlp", "VeraConfig", dict(r=4, target_modules=MLP_BOTH)),
     Row("pvera", "mlp", "PveraConfig", dict(r=4, target_modules=MLP_BOTH)),
     Row("unilora", "mlp", "UniLoraConfig", dict(r=2, theta_d_length=20, target_modules=MLP_BOTH)),
+    Row("glora", "mlp", "GloraConfig", dict(r=2, target_modules=MLP_BOTH, init_weights=False)),
     Row("c3a", "mlp", "C3AConfig", dict(block_size=4, target_modules=MLP_BOTH)),
     Row("fourierft", "mlp", "FourierFTConfig", dict(n_frequency=16, target_modules=MLP_BOTH)),
     Row("waveft", "mlp", "WaveFTConfig", dict(n_frequency=16, wavelet_family="db2", target_modules=MLP_BOTH)),
@@ -96,7 +97,7 @@ PER_EXAMPLE_ROWS = [
     Row("hra-conv", "orth-conv", "HRAConfig", dict(r=2, target_modules=["conv"])),
     *(row for row in COMPILE_ROWS if row.id == "waveft"),
     *(row for row in COMPILE_ROWS if row.id == "delora"),
-    *(row for row in COMPILE_ROWS if row.id in ("pvera", "unilora")),
+    *(row for row in COMPILE_ROWS if row.id in ("pvera", "unilora", "glora")),
 ]
 
 

@@ -29,6 +29,7 @@ from .cartridge import CartridgeConfig
 from .cpt import CPTConfig
 from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
+from .glora import GloraConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
 from .hra import HRAConfig
@@ -72,6 +73,7 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "FourierFTConfig",
+    "GloraConfig",
     "WaveFTConfig",
     "DeloraConfig",
     "HRAConfig",
