@@ -16,7 +16,7 @@ The forward adds `x (W0 * A + B)^T + (b0 * D + E + W0 @ C)` to the layer below's
 product with the base weight, so each call builds one weight-sized (out, in) tensor, as PEFT's forward does (it
 builds W0 + W0 * A + B). Paths set to "none" are skipped (PEFT adds their zeros). Merging is not additive: W' as
 above against the layer's weight before the first merged adapter (PEFT re-merges every adapter against W0), and the
-bias likewise (`MergeHooks.bias_from_base`).
+bias likewise (`MergeHooks.bias_from_base`); unmerging needs that original base (`unmerge(..., base=)`).
 """
 
 from __future__ import annotations
@@ -183,11 +183,14 @@ def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: 
 
 
 def unmerge_weight(spec: Spec, params: Params, merged: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """The weight before the merge when known, else PEFT's single-adapter inverse (W - B) / (1 + A)."""
-    if base_weight is not None:
-        return base_weight.to(merged.device)
-    a, b = _path(spec, params, "A", merged), _path(spec, params, "B", merged)
-    return merged if a is None or b is None else (merged - b) / (1.0 + a)
+    """The weight before the merge. Without it no per-adapter inverse exists: every adapter merged in one call
+    scaled the same W0 (PEFT inverts the sum over all of them from its own record of what it merged)."""
+    if base_weight is None:
+        raise NotImplementedError(
+            "GLoRA: unmerging needs the original base (funcpeft.unmerge(..., base=)): W' = W + W0 * A + B is applied "
+            "against the weight before the first adapter of the merge, which the merged weight alone does not give"
+        )
+    return base_weight.to(merged.device)
 
 
 def merge_bias(
