@@ -207,7 +207,7 @@ def _entries(fn: PeftFunction, adapter: Any, base: Mapping[str, torch.Tensor] | 
 def _bias_name(names: Names, spec: LayerSpec[Any], path: str) -> str | None:
     """The layer's bias name if its method also merges into the bias (IA3, LoRA's lora_B bias) and the layer has one."""
     hooks = weight_method(spec.method).merge
-    if hooks.bias is None:
+    if hooks.bias is None and hooks.bias_from_base is None:
         return None
     if f"{path}.bias" in names.canon:
         return f"{path}.bias"
@@ -241,6 +241,7 @@ def _merge_entries(
 ) -> Tree:
     """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias)."""
     out = dict(base)
+    first_bias: dict[str, torch.Tensor] = {}  # each layer's bias before the first `bias_from_base` merge into it
     for _, path, entry, leaves in entries:
         for pname in entry.overrides:
             write = names.write_shared if pname in entry.in_place else names.write_own
@@ -256,9 +257,12 @@ def _merge_entries(
             module = model.get_submodule(where) if model is not None and spec.kind.module_level else None
             pre = names.read(base, wname) if entry.method.merge.from_base else None
             names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, pre, module=module))
-            merge_bias = entry.method.merge.bias
+            merge_bias, from_base = entry.method.merge.bias, entry.method.merge.bias_from_base
             if bname and bias is not None and merge_bias is not None:
                 names.write_shared(out, bname, merge_bias(spec, params, bias))
+            elif bname and bias is not None and from_base is not None:
+                pre_bias = first_bias.setdefault(bname, bias)  # (a trained bias="all" copy is already in place)
+                names.write_shared(out, bname, from_base(spec, params, bias, names.read(base, wname), pre_bias))
     return out
 
 

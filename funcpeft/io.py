@@ -488,11 +488,14 @@ def _frozen_state(
         return {}
     out: dict[str, torch.Tensor] = {}
     for path in sorted(adapted - {SHARED_PATH}):
-        keys = {n: layer_frozen_key(adapter_name, path, n) for n in frozen.names}
+        names = frozen.held(list(tree[path])) if frozen.held is not None else frozen.names
+        if not names:
+            continue
+        keys = {n: layer_frozen_key(adapter_name, path, n) for n in names}
         found = {n: k for n, k in keys.items() if base is not None and k in base}
-        if not found:
+        if not found or (frozen.held is not None and len(found) < len(keys)):
             raise ValueError(
-                f"{method.name}: PEFT's file holds the adapter's frozen {list(frozen.names)} of {path!r}, which live "
+                f"{method.name}: PEFT's file holds the adapter's frozen {list(keys)} of {path!r}, which live "
                 f"in `base` (key {next(iter(keys.values()))!r}), not in the adapter tree. Pass base_params= (the `base` "
                 "from funcpeft.get_peft_model / from_pretrained) and the adapter's name, or save with "
                 "pm.save_pretrained(directory, adapter). Nothing was written."

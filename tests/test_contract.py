@@ -50,6 +50,25 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("lokr-llama", "lokr", "tiny-llama", "LoKrConfig", dict(r=4, target_modules="all-linear", decompose_both=True)),
     ("vera-llama", "vera", "tiny-llama", "VeraConfig", dict(r=16, target_modules=["q_proj", "v_proj", "o_proj"])),
     ("vera-gpt2", "vera", "tiny-gpt2", "VeraConfig", dict(r=16, target_modules=["c_attn", "c_fc"])),
+    ("pvera-llama", "pvera", "tiny-llama", "PveraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "o_proj"])),
+    ("pvera-gpt2", "pvera", "tiny-gpt2", "PveraConfig", dict(r=8, target_modules=["c_attn", "c_fc"])),
+    (
+        "unilora-llama",
+        "unilora",
+        "tiny-llama",
+        "UniLoraConfig",
+        dict(r=4, theta_d_length=300, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    ),
+    ("unilora-gpt2", "unilora", "tiny-gpt2", "UniLoraConfig", dict(r=4, theta_d_length=64, target_modules=["c_attn"])),
+    # GLoRA: PEFT supports plain nn.Linear only (no GPT-2 Conv1D); BERT's linears have a bias (paths C, D, E)
+    ("glora-llama", "glora", "tiny-llama", "GloraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    (
+        "glora-bert-seq-cls",
+        "glora",
+        "tiny-bert-seq-cls",
+        "GloraConfig",
+        dict(r=2, task_type="SEQ_CLS", config_A_B="vector", config_C="vector", config_D_E="vector", init_weights=False),
+    ),
     (
         "mica-llama",
         "mica",
@@ -467,7 +486,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
 }
 # rows whose fresh adapter is not the base model (DoRA's init is f * (W + 0) up to rounding; KaSA truncates W;
 # VB-LoRA's logits start random)
-NOT_NOOP_INIT = {"dora", "kasa", "vblora"}
+NOT_NOOP_INIT = {"dora", "kasa", "vblora", "unilora"}  # UniLoRA: A and B both gather the small random theta_d
 # methods whose output for one example depends on the whole batch (Lily's router averages over it): per-example
 # routing raises NotImplementedError naming the method
 NOT_PER_EXAMPLE = {"lily": "Lily"}

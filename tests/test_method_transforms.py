@@ -63,6 +63,9 @@ COMPILE_ROWS = [
     Row("loha", "mlp", "LoHaConfig", dict(r=2, target_modules=MLP_BOTH)),
     Row("lokr", "mlp", "LoKrConfig", dict(r=2, target_modules=MLP_BOTH)),
     Row("vera", "mlp", "VeraConfig", dict(r=4, target_modules=MLP_BOTH)),
+    Row("pvera", "mlp", "PveraConfig", dict(r=4, target_modules=MLP_BOTH)),
+    Row("unilora", "mlp", "UniLoraConfig", dict(r=2, theta_d_length=20, target_modules=MLP_BOTH)),
+    Row("glora", "mlp", "GloraConfig", dict(r=2, target_modules=MLP_BOTH, init_weights=False)),
     Row("c3a", "mlp", "C3AConfig", dict(block_size=4, target_modules=MLP_BOTH)),
     Row("fourierft", "mlp", "FourierFTConfig", dict(n_frequency=16, target_modules=MLP_BOTH)),
     Row("waveft", "mlp", "WaveFTConfig", dict(n_frequency=16, wavelet_family="db2", target_modules=MLP_BOTH)),
@@ -112,6 +115,7 @@ PER_EXAMPLE_ROWS = [
     Row("deft-para", "mlp", "DeftConfig", dict(r=3, target_modules=MLP_BOTH, para=True), 0.2, True),
     Row("adamss-base", "mlp", "AdamssConfig", dict(r=6, num_subspaces=2, target_modules=MLP_BOTH), 0.2, True),
     *(row for row in COMPILE_ROWS if row.id in ("peanut", "frod")),
+    *(row for row in COMPILE_ROWS if row.id in ("pvera", "unilora", "glora")),
 ]
 
 

@@ -33,6 +33,7 @@ from .deft import DeftConfig
 from .delora import DeloraConfig
 from .fourierft import FourierFTConfig
 from .frod import FrodConfig
+from .glora import GloraConfig
 from .gralora import GraloraConfig
 from .hira import HiraConfig
 from .hra import HRAConfig
@@ -53,12 +54,14 @@ from .prompt_learning import (
     PromptTuningConfig,
 )
 from .psoft import PsoftConfig
+from .pvera import PveraConfig
 from .randlora import RandLoraConfig
 from .road import RoadConfig
 from .shira import ShiraConfig
 from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
+from .unilora import UniLoraConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 from .waveft import WaveFTConfig
@@ -84,6 +87,7 @@ __all__ = [
     "EvaConfig",
     "FourierFTConfig",
     "FrodConfig",
+    "GloraConfig",
     "WaveFTConfig",
     "DeloraConfig",
     "OSFConfig",
@@ -110,6 +114,7 @@ __all__ = [
     "PeanutConfig",
     "PeftConfig",
     "PeftType",
+    "PveraConfig",
     "RandLoraConfig",
     "RoadConfig",
     "ShiraConfig",
@@ -117,6 +122,7 @@ __all__ = [
     "TaskType",
     "TinyLoraConfig",
     "TrainableTokensConfig",
+    "UniLoraConfig",
     "VBLoRAConfig",
     "VeloraConfig",
     "VeraConfig",

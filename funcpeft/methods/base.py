@@ -32,7 +32,7 @@ See CONTRIBUTING.md for the checklist to add a method.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -377,6 +377,20 @@ class MergeBiasFn(Protocol):
     def __call__(self, spec: LayerSpec[Any], params: Params, bias: torch.Tensor, /) -> torch.Tensor: ...
 
 
+class MergeBiasFromBaseFn(Protocol):
+    def __call__(
+        self,
+        spec: LayerSpec[Any],
+        params: Params,
+        bias: torch.Tensor,
+        base_weight: torch.Tensor,
+        base_bias: torch.Tensor,
+        /,
+    ) -> torch.Tensor:
+        """The new bias from the current one, given the layer's weight and bias from before the first adapter of
+        the same merge call (GLoRA's `b + b0 * D + E + W0 @ C`)."""
+
+
 @dataclass(frozen=True)
 class MergeHooks:
     """How a method merges when it is not `W + delta_weight` (all None: additive).
@@ -405,6 +419,9 @@ class MergeHooks:
     # `weight` gets, as its `base_weight`, the layer's weight before the first adapter of the same merge call (HiRA
     # scales every adapter's delta by that W0: PEFT's `W + W0 * sum_i delta_i`); otherwise None
     from_base: bool = False
+    # a bias merge that reads the layer's weight and bias from before the first adapter of the same merge call
+    # (GLoRA's bias depends on W0); used where `bias` is None. Its unmerge needs the original base (`unmerge(base=)`)
+    bias_from_base: MergeBiasFromBaseFn | None = None
 
 
 @dataclass(frozen=True)
@@ -448,6 +465,9 @@ class LayerFrozen:
       parameters; otherwise buffers or plain attributes, not counted.
     autocast: `autocast_adapter_dtype` upcasts them like the adapter's parameters (PEFT's upcast covers a
       layer's own BufferDicts: VeLoRA's projection; not a sub-module's buffers: MonteCLoRA's).
+    held(leaf names) -> the names a layer holds, from its adapter tree entry's leaf names, for code that has the
+      tree but not the plan (saving a checkpoint); needed when a layer may hold none of `names` (GLoRA's zero
+      buffers exist only for its unparametrised paths). None: a layer holds at least one of them.
     """
 
     names: tuple[str, ...]
@@ -456,6 +476,7 @@ class LayerFrozen:
     autocast: bool = False  # like the adapter's params, fp16/bf16 ones become float32 under autocast_adapter_dtype
     counted: bool = False
     select: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
+    held: Callable[[Collection[str]], tuple[str, ...]] | None = None
 
     def of(self, spec: LayerSpec[Any]) -> tuple[str, ...]:
         """The names layer `spec` holds."""

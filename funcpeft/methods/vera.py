@@ -72,8 +72,8 @@ def hyper(config: Any, target: Target) -> VeraHyper:
     )
 
 
-def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> VeraShapes:
-    """The shared projections' shapes, from PEFT's `_find_dim` (largest out and in over the targets)."""
+def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple[int, int]:
+    """(largest in_features, largest out_features) over the Linear / GPT-2 Conv1D targets (PEFT's `_find_dim`)."""
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
     for m in targets.values():
         shape: Any = m.weight.shape
@@ -82,20 +82,27 @@ def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> VeraShapes:
         elif type(m).__name__ == "Conv1D":
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
-        raise ValueError("No layers types compatible with VeRA were found. Please check `peft_config.target_modules`.")
-    max_in, max_out = max(d[0] for d in dims), max(d[1] for d in dims)
+        raise ValueError(
+            f"No layers types compatible with {label} were found. Please check `peft_config.target_modules`."
+        )
+    return max(d[0] for d in dims), max(d[1] for d in dims)
+
+
+def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> VeraShapes:
+    """The shared projections' shapes, from PEFT's `_find_dim` (largest out and in over the targets)."""
+    max_in, max_out = largest_dims(targets)
     return VeraShapes(config.projection_prng_key, (config.r, max_in), (max_out, config.r))
 
 
 def _key(spec: Spec, name: str) -> str:
     shared = spec.hyper.shared
-    shape = shared.shape_A if name == "vera_A" else shared.shape_B
+    shape = shared.shape_A if name.endswith("_A") else shared.shape_B
     return shared_key(name, f"prng{shared.prng_key}", "x".join(map(str, shape)))
 
 
-def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
+def frozen_params(spec: Spec, names: tuple[str, str] = ("vera_A", "vera_B")) -> tuple[tuple[str, str], ...]:
     """(param name, base key) of the shared projections, e.g. ('vera_A', '<shared>.vera_A.prng0.256x64')."""
-    return (("vera_A", _key(spec, "vera_A")), ("vera_B", _key(spec, "vera_B")))
+    return tuple((name, _key(spec, name)) for name in names)
 
 
 def _kaiming(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -104,13 +111,13 @@ def _kaiming(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor
     return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
 
 
-def make_shared(spec: Spec) -> Params:
-    """{base key: tensor} for vera_A (r, max_in) then vera_B (max_out, r), drawn from `projection_prng_key`."""
+def make_shared(spec: Spec, names: tuple[str, str] = ("vera_A", "vera_B")) -> Params:
+    """{base key: tensor} for A (r, max_in) then B (max_out, r), drawn from `projection_prng_key`."""
     shared = spec.hyper.shared
     generator = torch.Generator(device="cpu").manual_seed(shared.prng_key)
     a = _kaiming(shared.shape_A, generator)
     b = _kaiming(shared.shape_B, generator)
-    return {_key(spec, "vera_A"): a, _key(spec, "vera_B"): b}
+    return {_key(spec, names[0]): a, _key(spec, names[1]): b}
 
 
 _NAMES = ("vera_lambda_b", "vera_lambda_d")  # saved without `.weight`
@@ -120,17 +127,21 @@ def param_names(spec: Spec) -> tuple[str, ...]:
     return _NAMES
 
 
-def peft_shared_keys(config: Any, base_keys: list[str]) -> dict[str, str]:
-    """{checkpoint key: base key}: PEFT saves the projections as `base_model.vera_A/B` when save_projection."""
+def peft_shared_keys(
+    config: Any, base_keys: list[str], names: tuple[str, str] = ("vera_A", "vera_B"), rows_a: int = 1
+) -> dict[str, str]:
+    """{checkpoint key: base key}: PEFT saves the projections as `base_model.vera_A/B` when save_projection.
+
+    rows_a: A's rows per unit of r (PVeRA's A has 2r)."""
     if not config.save_projection:
         return {}
     out = {}
-    for name, lead in (("vera_A", f"{config.r}x"), ("vera_B", "")):
+    for name, lead in ((names[0], f"{rows_a * config.r}x"), (names[1], "")):
         prefix = shared_key(name, f"prng{config.projection_prng_key}", lead)
         found = [k for k in base_keys if k.startswith(prefix) and (lead or k.endswith(f"x{config.r}"))]
         if len(found) > 1:
             raise ValueError(
-                f"several shared VeRA projections match this config: {found}; pass only this adapter's base"
+                f"several shared {names[0][:-2]} projections match this config: {found}; pass only this adapter's base"
             )
         if found:
             out[f"base_model.{name}"] = found[0]
