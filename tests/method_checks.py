@@ -18,7 +18,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import out_tensor
+from helpers import make_inputs, out_tensor
 from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -100,23 +100,6 @@ def assert_compiles_once(fn: Any, base: Any, trees: Sequence[Any], inputs: Mappi
             got, want = out_tensor(compiled(base, tree, **inputs)), out_tensor(fn(base, tree, **inputs))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(trees)} adapters"
-
-
-def assert_routes_like_each_alone(fpm: Any, trees: Sequence[Any], inputs: Mapping[str, Any], index: list[int]) -> None:
-    """Per-example routing (`index[i]`: example i's tree, -1 the base model) equals each tree alone on the batch,
-    and a vmapped ensemble of the trees equals a loop; the trees must give different outputs."""
-    fn, base = fpm.fn, fpm.base
-    with torch.no_grad():
-        routed = out_tensor(fn(base, funcpeft.per_example(funcpeft.stack_adapters(list(trees)), index), **inputs))
-        alone = [out_tensor(fn(base, t, **inputs)) for t in trees]
-        plain = out_tensor(fn(base, None, **inputs))
-        assert not torch.allclose(alone[0], alone[1]), "different adapters should give different outputs"
-        for i, k in enumerate(index):
-            torch.testing.assert_close(routed[i], (alone[k] if k >= 0 else plain)[i], atol=1e-5, rtol=1e-5)
-        stacked = funcpeft.stack_adapters(list(trees))
-        ensemble = torch.func.vmap(lambda t: out_tensor(fn(base, t, **inputs)))(stacked)
-        for k, want in enumerate(alone):
-            torch.testing.assert_close(ensemble[k], want, atol=1e-5, rtol=1e-5)
 
 
 def random_trees(fresh: Any, n: int = 3, scale: float = 0.2) -> list[Any]:
@@ -231,3 +214,28 @@ def assert_memory_lean_function_is_autograd(f: Any, want: Any, xs: Sequence[torc
     for i in range(vmapped):
         for a, b in zip(batched, grad(*[s[i] for s in stacked])):
             torch.testing.assert_close(a[i], b)
+
+
+def assert_bf16_model_equals_peft(config_cls: str, kwargs: Mapping[str, Any], autocast: bool) -> None:
+    """On a bf16 tiny Llama, with `autocast_adapter_dtype=autocast` in both libraries: the fresh adapter is PEFT's
+    (float32 leaves when autocast, else bf16) and the logits are bitwise equal."""
+    model: Any = T.tiny_llama()
+    model = model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    fpm = _quiet(
+        funcpeft.get_peft_model,
+        copy.deepcopy(model),
+        getattr(funcpeft, config_cls)(**kwargs),
+        autocast_adapter_dtype=autocast,
+    )
+    torch.manual_seed(0)
+    pm = _quiet(
+        peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), autocast_adapter_dtype=autocast
+    ).eval()
+    assert_fresh_equals_peft(fpm, pm)
+    assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
+        torch.float32 if autocast else torch.bfloat16
+    }
+    x = make_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)

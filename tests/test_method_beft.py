@@ -9,19 +9,17 @@ import copy
 import warnings
 from typing import Any
 
-import optree
 import peft
 import pytest
 import torch
-from helpers import MODELS, examples, make_inputs, out_tensor
+from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_compiles_once,
+    assert_bf16_model_equals_peft,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
-    assert_routes_like_each_alone,
     build_both,
     random_trees,
 )
@@ -128,50 +126,8 @@ def test_the_adapter_adds_its_bias_and_merging_round_trips(out_f: int, in_f: int
     torch.testing.assert_close(back["0.bias"], fpm.base["0.bias"], atol=1e-6, rtol=0)
 
 
-def _llama_1() -> tuple[Any, dict[str, Any]]:
-    config = funcpeft.BeftConfig(target_modules=["q_proj", "v_proj", "down_proj"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Llama's projections have no bias
-        fpm = funcpeft.get_peft_model(T.tiny_llama(layers=1), config)
-    return fpm, {"input_ids": make_inputs("llama")["input_ids"]}
-
-
-def test_compiles_to_one_graph_for_new_adapter_values() -> None:
-    fpm, x = _llama_1()
-    trees = random_trees(fpm.adapter, 3)
-    assert_compiles_once(fpm.fn, fpm.base, trees, x)
-    tree: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), trees[0])
-    compiled = torch.compile(fpm.fn, fullgraph=True, backend="aot_eager")
-    out_tensor(compiled(fpm.base, tree, **x)).square().sum().backward()
-    leaves: list[torch.Tensor] = optree.tree_leaves(tree)
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
-
-
-def test_per_example_routing_and_vmap_equal_each_adapter_alone() -> None:
-    fpm, x = _llama_1()
-    assert_routes_like_each_alone(fpm, random_trees(fpm.adapter, 3), x, [2, -1])
-
-
 @pytest.mark.parametrize("autocast", [True, False])
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
-    model: Any = T.tiny_llama()
-    model = model.to(torch.bfloat16)
     kwargs: dict[str, Any] = dict(init_weights=False, target_modules=["q_proj", "down_proj"])
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fpm = funcpeft.get_peft_model(
-            copy.deepcopy(model), funcpeft.BeftConfig(**kwargs), autocast_adapter_dtype=autocast
-        )
-        torch.manual_seed(0)
-        pm = peft.get_peft_model(
-            copy.deepcopy(model), peft.BeftConfig(**kwargs), autocast_adapter_dtype=autocast
-        ).eval()
-    assert_fresh_equals_peft(fpm, pm)
-    assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
-        torch.float32 if autocast else torch.bfloat16
-    }
-    x = make_inputs("llama")
-    with torch.no_grad():
-        torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **x).logits, pm(**x).logits, atol=0, rtol=0)
+    assert_bf16_model_equals_peft("BeftConfig", kwargs, autocast)

@@ -103,6 +103,27 @@ COMPILE_ROWS = [
         dict(u=4, target_modules=MLP_BOTH, weight_tying=0.5, init_weights="uniform"),
     ),
 ]
+# RoAd, BEFT and Super-Tuning (Supra: sparse + LoRA) adapt nn.Linear only: a one-layer Llama
+LINEAR_ROWS = [
+    Row(
+        "road",
+        "llama-1",
+        "RoadConfig",
+        dict(variant="road_4", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        0.2,
+        True,
+    ),
+    Row("beft", "llama-1", "BeftConfig", dict(target_modules=["q_proj", "v_proj", "down_proj"]), 0.2, True),
+    Row(
+        "supra",
+        "llama-1",
+        "SupertuningConfig",
+        dict(sparsity=0.75, r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+        0.2,
+        True,
+    ),
+]
+COMPILE_ROWS += LINEAR_ROWS
 PER_EXAMPLE_ROWS = [
     *(row for row in COMPILE_ROWS if row.id in ("c3a", "fourierft", "randlora", "shira", "miss", "miss-bat")),
     Row("oft-conv", "orth-conv", "OFTConfig", dict(r=2, oft_block_size=0, target_modules=["conv"]), 0.3, True),
@@ -116,6 +137,7 @@ PER_EXAMPLE_ROWS = [
     Row("adamss-base", "mlp", "AdamssConfig", dict(r=6, num_subspaces=2, target_modules=MLP_BOTH), 0.2, True),
     *(row for row in COMPILE_ROWS if row.id in ("peanut", "frod")),
     *(row for row in COMPILE_ROWS if row.id in ("pvera", "unilora", "glora")),
+    *LINEAR_ROWS,
 ]
 
 
