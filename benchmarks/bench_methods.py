@@ -61,6 +61,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "PolyConfig",
         dict(task_type="CAUSAL_LM", r=8, n_tasks=4, n_skills=4, n_splits=4, target_modules=ALL_LINEAR),
     ),
+    "psoft": ("PsoftConfig", dict(r=32, target_modules=ALL_LINEAR)),
+    "osf": ("OSFConfig", dict(target_modules=ATTENTION)),
+    "deft": ("DeftConfig", dict(r=16, target_modules=ALL_LINEAR)),
+    "adamss": ("AdamssConfig", dict(r=32, num_subspaces=4, subspace_rank=2, target_modules=ATTENTION)),
+    "pvera": ("PveraConfig", dict(r=256, target_modules=ALL_LINEAR)),
+    "unilora": ("UniLoraConfig", dict(r=16, theta_d_length=4096, target_modules=ALL_LINEAR)),
+    "glora": ("GloraConfig", dict(r=8, target_modules=ATTENTION)),
+    "road": ("RoadConfig", dict(group_size=32, target_modules=ALL_LINEAR)),
+    "beft": ("BeftConfig", dict(target_modules=ALL_LINEAR)),
+    "supertuning": ("SupertuningConfig", dict(sparsity=0.99, target_modules=ALL_LINEAR)),
+    "peanut": ("PeanutConfig", dict(r=16, target_modules=ATTENTION)),
+    "lily": ("LilyConfig", dict(r=16, target_modules=ALL_LINEAR)),
+    "frod": ("FrodConfig", dict(target_modules=ATTENTION)),
 }
 # model inputs a method needs besides input_ids / labels
 EXTRA_INPUTS: dict[str, dict[str, Any]] = {"poly": {"task_ids": torch.arange(BATCH) % 4}}
