@@ -74,3 +74,23 @@ def test_to_dict_is_pefts(name: str) -> None:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     differ = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     assert not differ, f"{name}: to_dict differs (funcpeft, PEFT): {differ}"
+
+
+def _table(mapping: Any) -> dict[str, Any]:
+    return {k: v if isinstance(v, str) else sorted(v) for k, v in mapping.items()}
+
+
+def test_default_target_tables_are_pefts() -> None:
+    """Each config's per-model-type default targets equal PEFT's `TRANSFORMERS_MODELS_TO_<TYPE>_TARGET_MODULES_MAPPING`
+    (funcpeft keeps PEFT's tables as data in `_constants` and the configs; this catches a copy drifting)."""
+    import peft.utils.constants as peft_constants
+
+    compared = []
+    for peft_type, cls in CONFIG_CLASSES.items():
+        theirs = getattr(peft_constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_TARGET_MODULES_MAPPING", None)
+        ours = getattr(cls, "DEFAULT_TARGET_MODULES", None)
+        if theirs is None or ours is None:
+            continue
+        assert _table(ours) == _table(theirs), f"{cls.__name__}: default target modules differ from PEFT's {peft_type}"
+        compared.append(peft_type)
+    assert len(compared) >= 10, compared  # the table really covers the methods with PEFT mappings
