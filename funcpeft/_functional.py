@@ -400,9 +400,9 @@ class PeftFunction:
                         applied = Applied(
                             spec, {**mine, **frozen}, method.forward, method.uses_result(spec), data, lpath, peers
                         )
-                    carried.setdefault(f"{lpath}.{spec.kind.weight_name}", []).append(applied)
+                    carried.setdefault(f"{lpath}.{spec.weight_name}", []).append(applied)
                 if entry.applies_in is not None:
-                    applies_in[f"{path}.{entry.spec.kind.weight_name}"] = entry.applies_in
+                    applies_in[f"{path}.{entry.spec.weight_name}"] = entry.applies_in
         for wraps in (wrapped or {}).values():
             check_stack(tuple(w.spec for w in wraps))
         for wname, applied_list in carried.items():
@@ -767,7 +767,8 @@ def _owner_forward(
             packed = owner._parameters[name]
             assert packed is not None
             check_weight(weight.adapters[0].path, owner, packed)
-            bias = owner._parameters.get("bias")
+            # HQQLinear keeps its bias as a plain attribute (not a parameter): read either
+            bias = owner._parameters["bias"] if "bias" in owner._parameters else getattr(owner, "bias", None)
             return apply_module(
                 weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner)
             )

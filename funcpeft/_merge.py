@@ -36,7 +36,7 @@ from torch import nn
 from ._functional import PeftFunction, peft_function
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, input_entry, input_method, layer_params, with_shared
-from ._quant import base_tensor, dequantize, is_quantised, requantize, warn_rounding
+from ._quant import HQQ, base_tensor, dequantize, hqq_layer, is_quantised, requantize, warn_rounding
 from ._replicate import PEFT_MERGE_ERROR
 from .methods import weight_method
 from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
@@ -73,6 +73,18 @@ def _quantised(
     return dequantize(weight, module), dense_base
 
 
+def _check_tree_requantisable(spec: LayerSpec[Any], module: nn.Module | None) -> None:
+    """HQQ keeps a layer's scales and zeros on the module (`meta`), not in its packed `W_q`: a merged weight needs a
+    new module, which a base tree cannot hold (swapping `W_q` alone would pair new codes with the old scales)."""
+    if spec.quant.backend == HQQ:
+        name = "" if module is None else f" ({type(module).__name__})"
+        raise NotImplementedError(
+            f"merging into an HQQ-quantised layer{name} changes its scales and zeros, which HQQ keeps on the module "
+            "(`meta`), not in the base tree's `W_q`: funcpeft.merge / unmerge cannot return such a tree. Use "
+            "funcpeft.merge_and_unload (a new model with new HQQLinear layers, as PEFT's merge makes)."
+        )
+
+
 def merge_weight(
     spec: LayerSpec[Any],
     params: Params,
@@ -80,15 +92,18 @@ def merge_weight(
     safe_merge: bool = False,
     base_weight: torch.Tensor | None = None,
     module: nn.Module | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """`weight` (base layout) with one layer's adapter merged in; `weight` itself is left as it is.
 
     A quantised layer's weight (`LayerKind.module_level`) is dequantised, merged and quantised again like it
-    (PEFT's bnb merge; `module`: the layer, where bitsandbytes keeps an 8-bit weight's scales)."""
+    (PEFT's merge; `module`: the layer, where bitsandbytes keeps an 8-bit weight's scales and HQQ its meta;
+    `model`: the transformers model, whose torchao config re-quantises)."""
     if spec.kind.module_level:
         _check_mergeable(spec)
+        _check_tree_requantisable(spec, module)
         dense, dense_base = _quantised(spec, weight, base_weight, module, "merge")
-        return requantize(weight, _merge_plain(spec, params, dense, safe_merge, dense_base))
+        return requantize(weight, _merge_plain(spec, params, dense, safe_merge, dense_base), module, model)
     _check_mergeable(spec)
     return _merge_plain(spec, params, weight, safe_merge, base_weight)
 
@@ -118,13 +133,15 @@ def unmerge_weight(
     merged: torch.Tensor,
     base_weight: torch.Tensor | None = None,
     module: nn.Module | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Inverse of `merge_weight` (PEFT's unmerge: `w.data -= delta`); `base_weight`: the weight before the
     merge when known (a method like DoRA needs it)."""
     if spec.kind.module_level:
         _check_mergeable(spec, "unmerge")
+        _check_tree_requantisable(spec, module)
         dense, dense_base = _quantised(spec, merged, base_weight, module, "unmerge")
-        return requantize(merged, _unmerge_plain(spec, params, dense, dense_base))
+        return requantize(merged, _unmerge_plain(spec, params, dense, dense_base), module, model)
     _check_mergeable(spec, "unmerge")
     return _unmerge_plain(spec, params, merged, base_weight)
 
@@ -238,8 +255,12 @@ def _merge_entries(
     safe_merge: bool,
     before: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     model: nn.Module | None = None,
+    new_modules: dict[str, nn.Module] | None = None,
 ) -> Tree:
-    """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias)."""
+    """Merge `entries` in order into a copy of `base`; `before` collects each layer's pre-merge (weight, bias).
+
+    new_modules: collects, by module path, the new layers of merged HQQ layers (a merge into one makes a new
+    module: see `_check_tree_requantisable`); their tree entries stay as they are. None: such layers raise."""
     out = dict(base)
     first_bias: dict[str, torch.Tensor] = {}  # each layer's bias before the first `bias_from_base` merge into it
     for _, path, entry, leaves in entries:
@@ -249,14 +270,18 @@ def _merge_entries(
         if entry.spec is None:
             continue
         for where, spec, params in _layers(path, entry, layer_params(entry, leaves, base)):
-            wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+            wname = entry.weight_key(path) if where == path else f"{where}.{spec.weight_name}"
             bname = _bias_name(names, spec, where)
             weight, bias = names.read(out, wname), names.read(out, bname) if bname else None
             if before is not None:
                 before.append((weight, bias))
             module = model.get_submodule(where) if model is not None and spec.kind.module_level else None
             pre = names.read(base, wname) if entry.method.merge.from_base else None
-            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, pre, module=module))
+            if new_modules is not None and spec.kind.module_level and spec.quant.backend == HQQ:
+                assert module is not None
+                new_modules[where] = _merge_hqq(spec, params, weight, new_modules.get(where), module, pre, safe_merge)
+                continue
+            names.write_shared(out, wname, merge_weight(spec, params, weight, safe_merge, pre, module, model))
             merge_bias, from_base = entry.method.merge.bias, entry.method.merge.bias_from_base
             if bname and bias is not None and merge_bias is not None:
                 names.write_shared(out, bname, merge_bias(spec, params, bias))
@@ -264,6 +289,25 @@ def _merge_entries(
                 pre_bias = first_bias.setdefault(bname, bias)  # (a trained bias="all" copy is already in place)
                 names.write_shared(out, bname, from_base(spec, params, bias, names.read(base, wname), pre_bias))
     return out
+
+
+def _merge_hqq(
+    spec: LayerSpec[Any],
+    params: Params,
+    w_q: torch.Tensor,
+    merged: nn.Module | None,
+    module: nn.Module,
+    base_w_q: torch.Tensor | None,
+    safe_merge: bool,
+) -> nn.Module:
+    """PEFT's HQQ merge: dequantise, merge, quantise into a new HQQLinear with the layer's settings. A layer merged
+    before (`merged`, an earlier adapter's new layer) is merged again from its own codes, as PEFT's second merge
+    reads the layer its first one made."""
+    _check_mergeable(spec)
+    warn_rounding("merge")
+    dense = dequantize(w_q, module) if merged is None else dequantize(merged._parameters["W_q"], merged)  # type: ignore[arg-type]
+    dense_base = None if base_w_q is None else dequantize(base_w_q, module)
+    return hqq_layer(module, _merge_plain(spec, params, dense, safe_merge, dense_base))
 
 
 def merge(pm: Any, base: Mapping[str, torch.Tensor], adapter: Any, *, safe_merge: bool = False) -> Tree:
@@ -322,11 +366,11 @@ def unmerge(
     for _, path, entry, leaves in reversed(entries):
         if entry.spec is not None:
             for where, spec, params in reversed(_layers(path, entry, layer_params(entry, leaves, merged))):
-                wname = entry.weight_key(path) if where == path else f"{where}.{spec.kind.weight_name}"
+                wname = entry.weight_key(path) if where == path else f"{where}.{spec.weight_name}"
                 bname = _bias_name(names, spec, where)
                 pre_weight, pre_bias = next(layers, (None, None))
                 module = fn.model.get_submodule(where) if spec.kind.module_level else None
-                unmerged = unmerge_weight(spec, params, names.read(out, wname), pre_weight, module)
+                unmerged = unmerge_weight(spec, params, names.read(out, wname), pre_weight, module, fn.model)
                 names.write_shared(out, wname, unmerged)
                 if bname:
                     names.write_shared(out, bname, unmerge_bias(spec, params, names.read(out, bname), pre_bias))
@@ -346,7 +390,7 @@ def _warn_tied_merges(fn: PeftFunction, adapter: Any) -> None:
     for _, path, entry, _ in _entries(fn, adapter):
         wname = entry.weight_key(path)
         # tied layers the adapter covers (PlanEntry.tied)
-        applied = {wname, *(f"{t.path}.{t.spec.kind.weight_name}" for t in entry.tied)}
+        applied = {wname, *(f"{t.path}.{t.spec.weight_name}" for t in entry.tied)}
         tied = [n for n in names.group.get(names.canon.get(wname, wname), []) if n not in applied]
         if entry.spec is not None and tied:
             warnings.warn(
@@ -437,9 +481,14 @@ def merge_and_unload(
         if base is None:
             base = {n: base_tensor(p) for n, p in fn.model.named_parameters()}
     _warn_tied_merges(fn, adapter)
+    hqq: dict[str, nn.Module] = {}  # merged HQQ layers: new modules (PEFT's merge replaces the layer too)
     with torch.no_grad():
-        merged = merge(fn, base, adapter, safe_merge=safe_merge)
+        names = Names(fn.aliases)
+        merged = _merge_entries(names, base, _entries(fn, adapter, base), safe_merge, model=fn.model, new_modules=hqq)
         # overrides are the adapter's own tensors: the new model must not change when the adapter trains on
         from_adapter = {id(t) for t in optree.tree_leaves(adapter)}
         merged = {k: v.detach().clone() if id(v) in from_adapter else v for k, v in merged.items()}
-    return build_model(fn, merged, share_storage=share_storage)
+    model = build_model(fn, merged, share_storage=share_storage)
+    for path, layer in hqq.items():
+        model.set_submodule(path, layer)
+    return model

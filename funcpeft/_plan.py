@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._config import PeftConfig
-from ._quant import check_sharded_quant, dequantize, is_dtensor
+from ._quant import check_quant_layer, check_sharded_quant, dequantize, is_dtensor, packed_name, quant_backend
 from ._targeting import (
     find_modules_to_save,
     find_parameter_targets,
@@ -47,6 +47,7 @@ from .methods.base import (
     ModuleGeometry,
     ParameterGeometry,
     Params,
+    QuantGeometry,
     Target,
     UnsupportedLayerError,
     WeightInit,
@@ -142,7 +143,7 @@ class PlanEntry:
             return self.parameter
         if self.spec is not None and self.spec.kind is LayerKind.MODULE:
             return f"{path}.{self.spec.module.weight}"
-        return f"{path}.{self.spec.kind.weight_name if self.spec is not None else 'weight'}"
+        return f"{path}.{self.spec.weight_name if self.spec is not None else 'weight'}"
 
     def base_key(self, path: str, name: str) -> str:
         """The model parameter that override `name` (modules_to_save copy, trained bias) replaces."""
@@ -180,12 +181,17 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
                 f"({type(module).__name__}): the module has no parameters to place the adapter's next to"
             )
         return LayerSpec(method.name, kind, (), 0, 0, method.hyper(config, target), ModuleGeometry(first))
-    if kind not in method.kinds and kind.module_level:
-        able = sorted(m.name for m in METHODS.values() if isinstance(m, Method) and kind in m.kinds)
+    backend = quant_backend(module) if kind.module_level else None
+    if kind.module_level and (kind not in method.kinds or backend not in method.quant_backends):
+        able = sorted(
+            m.name
+            for m in METHODS.values()
+            if isinstance(m, Method) and kind in m.kinds and backend in m.quant_backends
+        )
         raise NotImplementedError(
             f"{type(config).__name__} ({method.name}) on {target.name!r}, a quantised "
-            f"{type(module).__module__}.{type(module).__name__} ({kind.value} layer): funcpeft adapts such layers "
-            f"with {able} only. Do not target this module, or load the model unquantised."
+            f"{type(module).__module__}.{type(module).__name__} ({backend} {kind.value} layer): funcpeft adapts such "
+            f"layers with {able} only (PEFT's dispatchers). Do not target this module, or load the model unquantised."
         )
     if kind not in method.kinds:
         raise UnsupportedLayerError(
@@ -198,13 +204,16 @@ def layer_spec(target: Target, config: PeftConfig, method: Method) -> LayerSpec[
             f"Only same embed for query/key/value is supported as of now for MultiheadAttention ({target.name!r}: "
             "kdim / vdim differ from embed_dim, so it has no single in_proj_weight)."
         )
+    geometry: ConvGeometry | EmbeddingGeometry | QuantGeometry | None = None
     if kind.module_level:  # packed weight data: the logical (out, in) shape is the module's
+        assert backend is not None
         check_sharded_quant(target.name, module)
+        check_quant_layer(target.name, module, type(config).__name__, bool(getattr(config, "lora_bias", False)))
         shape: tuple[int, ...] = (module.out_features, module.in_features)
+        geometry = QuantGeometry(backend, packed_name(module))
     else:
         _check_plain_weight(target.name, module, config, kind.weight_name)
         shape = tuple(getattr(module, kind.weight_name).shape)
-    geometry: ConvGeometry | EmbeddingGeometry | None = None
     if kind in (LayerKind.LINEAR, LayerKind.MHA, LayerKind.QUANT_LINEAR):
         in_f, out_f = shape[1], shape[0]
     elif kind is LayerKind.CONV1D_HF or kind is LayerKind.EMBEDDING:

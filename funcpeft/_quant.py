@@ -1,18 +1,21 @@
-"""Quantised base layers (QLoRA): bitsandbytes `Linear4bit` (NF4 / FP4, double quantisation) and `Linear8bitLt`.
+"""Quantised base layers (QLoRA): bitsandbytes `Linear4bit` (NF4 / FP4, double quantisation) and `Linear8bitLt`,
+torchao-quantised linears (a `TorchAOBaseTensor` weight, e.g. `Int8Tensor`) and HQQ's `HQQLinear`.
 
-Such a layer's weight is packed data (`Params4bit` with its `quant_state`, `Int8Params` with its row scales) that
-only its own kernel reads, so funcpeft adapts it at module level (`LayerKind.QUANT_LINEAR`): the layer's forward
-runs as it is and the adapters act on its output, as PEFT's `lora.bnb.Linear4bit` / `Linear8bitLt` do
-(`result = base_layer(x)` + the adapter terms). The `base` tree holds these weights as they are (the model's own
-objects, with their quantisation state; never detached, copied or dequantised for a call). Merging dequantises,
-adds and re-quantises like PEFT's `merge` (a rounding step: PEFT's warning).
+Such a layer's weight is packed data (`Params4bit` with its `quant_state`, `Int8Params` with its row scales, a
+torchao tensor subclass, HQQ's `W_q` with the scales / zeros in the module's `meta`) that only its own kernel
+reads, so funcpeft adapts it at module level (`LayerKind.QUANT_LINEAR`): the layer's forward runs as it is and the
+adapters act on its output, as PEFT's `lora.bnb.Linear4bit` / `Linear8bitLt`, `TorchaoLoraLinear` and
+`HqqLoraLinear` do (`result = base_layer(x)` + the adapter terms). The `base` tree holds these weights as they are
+(the model's own objects, with their quantisation state; never copied or dequantised for a call). Merging
+dequantises, adds and re-quantises like PEFT's `merge` (a rounding step: PEFT's warning).
 
-bitsandbytes is never imported here: a module can only be a bitsandbytes layer if bitsandbytes was imported
+No quantisation library is imported here: a module can only be one of their layers if the library was imported
 (by whoever built it), so `sys.modules` is asked.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from typing import Any
@@ -21,6 +24,12 @@ import torch
 from torch import nn
 
 _LAYER_TYPES = ("Linear4bit", "Linear8bitLt")  # bitsandbytes.nn's quantised linear layers (their subclasses too)
+
+# the libraries a QUANT_LINEAR layer can come from (`QuantGeometry.backend`)
+BITSANDBYTES = "bitsandbytes"
+TORCHAO = "torchao"
+HQQ = "hqq"
+QUANT_BACKENDS = frozenset({BITSANDBYTES, TORCHAO, HQQ})
 
 
 def _bnb() -> Any:
@@ -34,10 +43,66 @@ def _bnb_types(names: tuple[str, ...]) -> tuple[type, ...]:
     return tuple(t for t in (getattr(bnb_nn, n, None) for n in names) if isinstance(t, type))
 
 
-def is_quant_linear(module: nn.Module) -> bool:
-    """Whether `module` is a bitsandbytes 4-bit / 8-bit linear layer (or a subclass, e.g. LinearNF4)."""
+def _torchao_tensor(t: Any) -> bool:
+    """Whether `t` is a torchao quantised tensor (`torchao.utils.TorchAOBaseTensor`: Int8Tensor, Int4Tensor, ...)."""
+    base = getattr(sys.modules.get("torchao.utils"), "TorchAOBaseTensor", None)
+    return isinstance(base, type) and isinstance(t, base)
+
+
+def _hqq_linear() -> type | None:
+    cls = getattr(sys.modules.get("hqq.core.quantize"), "HQQLinear", None)
+    return cls if isinstance(cls, type) else None
+
+
+def quant_backend(module: nn.Module) -> str | None:
+    """The library whose quantised linear layer `module` is (BITSANDBYTES, TORCHAO, HQQ), None for any other module.
+
+    bitsandbytes: a `Linear4bit` / `Linear8bitLt` (or subclass, e.g. LinearNF4); torchao: a module whose `weight`
+    is a torchao tensor subclass (what `torchao.quantize_` / transformers' TorchAoConfig make of an nn.Linear; PEFT's
+    `dispatch_torchao` test); HQQ: an `hqq.core.quantize.HQQLinear`.
+    """
     types = _bnb_types(_LAYER_TYPES)
-    return bool(types) and isinstance(module, types)
+    if types and isinstance(module, types):
+        return BITSANDBYTES
+    if _torchao_tensor(module._parameters.get("weight")):
+        return TORCHAO
+    hqq = _hqq_linear()
+    if hqq is not None and isinstance(module, hqq):
+        return HQQ
+    return None
+
+
+def is_quant_linear(module: nn.Module) -> bool:
+    """Whether `module` is a quantised linear layer funcpeft adapts at module level (see `quant_backend`)."""
+    return quant_backend(module) is not None
+
+
+def packed_name(module: nn.Module) -> str:
+    """The name under which a quantised linear layer holds its packed weight (HQQ: `W_q`; else `weight`)."""
+    return "W_q" if quant_backend(module) == HQQ else "weight"
+
+
+def check_quant_layer(path: str, module: nn.Module, config_name: str, lora_bias: bool) -> None:
+    """PEFT's refusals for torchao / HQQ LoRA layers, with the module named.
+
+    `TorchaoLoraLinear` / `HqqLoraLinear` raise for `lora_bias=True`; `TorchaoLoraLinear` only takes int8 weights
+    (an `Int4Tensor` raises TypeError: torchao's int4 layout has no dequantise for merging, PEFT's note).
+    """
+    backend = quant_backend(module)
+    if backend not in (TORCHAO, HQQ):
+        return
+    cls = "TorchaoLoraLinear" if backend == TORCHAO else "HqqLoraLinear"
+    if lora_bias:
+        raise ValueError(
+            f"{cls} does not support lora_bias yet, set it to False ({config_name} on {path!r}, a {backend} layer)"
+        )
+    weight = module._parameters.get("weight")
+    if backend == TORCHAO and type(weight).__name__ == "Int4Tensor":
+        raise TypeError(
+            f"{cls} only supports int8 weights for now ({config_name} on {path!r}: its weight is a torchao "
+            "Int4Tensor). Quantise with Int8WeightOnlyConfig / Int8DynamicActivationInt8WeightConfig, or do not "
+            "target this module."
+        )
 
 
 def is_quantised(t: Any) -> bool:
@@ -86,13 +151,44 @@ def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
         )
 
 
+def _hqq_dequantize(module: Any, w_q: torch.Tensor) -> torch.Tensor:
+    """`HQQLinear.dequantize()` for the packed data `w_q` (the base tree's, not necessarily the module's own),
+    without writing into the module: hqq's own method adds and deletes keys of `module.meta` while it runs (a
+    race between threads); here a shallow copy of the dict is used, the arithmetic is hqq's."""
+    quantizer = sys.modules["hqq.core.quantize"].Quantizer
+    meta = dict(module.meta)
+    device = w_q.device
+    if "zero_scale" in meta:
+        zero_scale = meta["zero_scale"].to(device=device)
+        if zero_scale.dtype == torch.uint8:
+            meta["zero_q"], meta["scale_q"] = zero_scale[0], zero_scale[1]
+        else:
+            meta["zero"], meta["scale"] = zero_scale[0], zero_scale[1]
+    if meta["quant_zero"]:
+        meta["zero"] = quantizer.dequantize(meta["zero_q"].to(device=device), meta["meta_zero"])
+    if meta["quant_scale"]:
+        meta["scale"] = quantizer.dequantize(meta["scale_q"].to(device=device), meta["meta_scale"])
+    return quantizer.dequantize(w_q, meta)
+
+
 def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-    """The float weight (out, in) a quantised parameter stands for (PEFT's `dequantize_bnb_weight`).
+    """The float weight (out, in) a quantised parameter stands for (PEFT's `dequantize_module_weight`: bitsandbytes'
+    `dequantize_bnb_weight`, torchao's `weight.dequantize()`, HQQ's `layer.dequantize()`).
 
     module: the layer holding it, for an Int8Params whose scales bitsandbytes moved into `module.state`, and for
     the packed data of a Linear4bit sharded with FSDP2 (gathered as a plain tensor: the layer keeps the quant
     state, as bitsandbytes' own `fix_4bit_weight_quant_state_from_module` reads it).
     """
+    if _torchao_tensor(weight):
+        try:
+            return weight.dequantize()  # type: ignore[no-any-return]
+        except NotImplementedError as exc:  # PEFT's message
+            raise NotImplementedError(
+                f"Weights of type {type(weight).__name__} do not support dequantization (yet), which is needed to "
+                "support merging."
+            ) from exc
+    if module is not None and quant_backend(module) == HQQ:
+        return _hqq_dequantize(module, weight)
     bnb = _bnb()
     assert bnb is not None
     if isinstance(weight, bnb.nn.Params4bit):
@@ -112,9 +208,40 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
 
 
-def requantize(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def torchao_requantizer(model: nn.Module | None) -> Any:
+    """PEFT's `get_apply_tensor_subclass`: the torchao config a transformers model was loaded with
+    (`model.hf_quantizer.quantization_config.get_apply_tensor_subclass`), None when the model has none."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return getattr(config, "get_apply_tensor_subclass", None)
+
+
+def requantize(
+    like: torch.Tensor, value: torch.Tensor, module: nn.Module | None = None, model: nn.Module | None = None
+) -> torch.Tensor:
     """`value` (out, in) quantised like `like` (same class and settings: PEFT's merge re-creates the parameter
-    from `weight.__dict__`); a new frozen parameter, `like` is untouched."""
+    from `weight.__dict__`); a new frozen parameter, `like` is untouched.
+
+    torchao: quantised with the config the transformers `model` was loaded with (PEFT's merge runs `quantize_`
+    with `get_apply_tensor_subclass()`; without one, PEFT's ValueError), on a fresh nn.Linear: the user's module is
+    not touched. module: the layer (for the error message).
+    """
+    if _torchao_tensor(like):
+        make = torchao_requantizer(model)
+        if make is None:
+            raise ValueError(
+                f"a torchao-quantised layer ({type(like).__name__} weight{_named(model, module)}) cannot be "
+                "re-quantised after merging: PEFT's TorchaoLoraLinear needs `get_apply_tensor_subclass`, which it "
+                "reads from a model loaded by transformers with a TorchAoConfig (e.g. `from_pretrained(..., "
+                "quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))`); this model has none."
+            )
+        quantize_ = sys.modules["torchao"].quantize_
+        with torch.device("meta"):
+            dummy = nn.Linear(value.shape[1], value.shape[0], bias=False)
+        dummy.weight = nn.Parameter(value.detach(), requires_grad=False)
+        quantize_(dummy, make())
+        out = dummy.weight
+        out.requires_grad_(False)
+        return out
     bnb = _bnb()
     assert bnb is not None
     if isinstance(like, bnb.nn.Params4bit):
@@ -127,6 +254,28 @@ def requantize(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return bnb.nn.Int8Params(
         value.to("cpu"), requires_grad=False, has_fp16_weights=getattr(like, "has_fp16_weights", False)
     ).to(like.device)
+
+
+def _named(model: nn.Module | None, module: nn.Module | None) -> str:
+    if model is None or module is None:
+        return ""
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    return "" if name is None else f" of {name!r}"
+
+
+def hqq_layer(module: Any, value: torch.Tensor) -> nn.Module:
+    """A new HQQLinear holding `value` (out, in) quantised with `module`'s settings (PEFT's HQQ merge: a new layer
+    from `quant_config`, `offload_meta`, `compute_dtype`, device); `module` is untouched. Its bias is a copy of
+    `module`'s."""
+    cls = _hqq_linear()
+    assert cls is not None
+    quant_config = {**copy.deepcopy(module.quant_config), "offload_meta": module.offload_meta}
+    new = cls(None, quant_config, compute_dtype=module.compute_dtype, device=module.device)
+    quant_config.pop("offload_meta", None)
+    new.quantize(value.detach(), **quant_config)
+    bias = getattr(module, "bias", None)
+    new.bias = None if bias is None else bias.detach().clone()
+    return new  # type: ignore[no-any-return]
 
 
 def warn_rounding(what: str) -> None:

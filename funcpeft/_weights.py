@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .methods import weight_method
 from .methods.base import Dropout, ForwardFn, Generators, LayerSpec, OpContext, Params, no_generator
@@ -120,8 +121,17 @@ class AdaptedWeight(torch.Tensor):
         generator: Generators = no_generator,
         applies_in: str | None = None,
     ) -> AdaptedWeight:
-        """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`."""
-        out = weight.as_subclass(AdaptedWeight)
+        """An alias of `weight` (same storage, no copy) that carries `adapters`; shape/dtype of `weight`.
+
+        A weight that is itself a wrapper tensor subclass (torchao's quantised tensors) cannot be aliased as
+        another subclass: the carrier is then a one-element stand-in with its shape, dtype and device (such a
+        layer is module-level: only `weight` and the adapters are read from the carrier, never its data)."""
+        alias = (
+            torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+            if (is_traceable_wrapper_subclass(weight))
+            else weight
+        )
+        out = alias.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
         out.dropout = dropout

@@ -129,6 +129,16 @@ class ModuleGeometry:
 
 
 @dataclass(frozen=True)
+class QuantGeometry:
+    """A quantised linear layer (LayerKind.QUANT_LINEAR). backend: the library that packed it ("bitsandbytes",
+    "torchao", "hqq": funcpeft._quant's names); weight: the module attribute holding the packed weight ("weight";
+    HQQ's "W_q")."""
+
+    backend: str
+    weight: str
+
+
+@dataclass(frozen=True)
 class LayerSpec(Generic[H]):
     """Static facts about one adapted layer for one adapter (hashable; never holds a tensor).
 
@@ -143,7 +153,18 @@ class LayerSpec(Generic[H]):
     in_features: int
     out_features: int
     hyper: H
-    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | ModuleGeometry | None = None
+    geometry: ConvGeometry | EmbeddingGeometry | ParameterGeometry | ModuleGeometry | QuantGeometry | None = None
+
+    @property
+    def weight_name(self) -> str:
+        """The module attribute holding the adapted weight (the kind's, or a quantised layer's packed weight)."""
+        return self.geometry.weight if isinstance(self.geometry, QuantGeometry) else self.kind.weight_name
+
+    @property
+    def quant(self) -> QuantGeometry:
+        if not isinstance(self.geometry, QuantGeometry):
+            raise TypeError(f"{self.method} on a {self.kind.value} layer is not a quantised layer")
+        return self.geometry
 
     @property
     def conv(self) -> ConvGeometry:
@@ -627,6 +648,9 @@ class Method:
       instead of them being applied (Arrow's router reads its experts): in a call that passes them, only the
       reader is applied (PEFT: only it is active).
     kinds: the layer kinds `hyper` handles; other targets raise UnsupportedLayerError before `hyper` sees them.
+    quant_backends: with LayerKind.QUANT_LINEAR in `kinds`, the libraries whose quantised layers the method adapts
+      (`QuantGeometry.backend`; PEFT's dispatchers differ by method: bitsandbytes only for most); others are refused
+      with an error naming the layer, its library and the methods that take it.
     changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
       for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     frozen_count: values PEFT registers per layer as frozen parameters that funcpeft keeps as constants of
@@ -690,6 +714,7 @@ class Method:
     call_kwargs: frozenset[str] = frozenset()
     reads_adapters: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
     kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
+    quant_backends: frozenset[str] = frozenset({"bitsandbytes"})
     changes_base: bool = False
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
     parameter_value: ParameterValueFn | None = None

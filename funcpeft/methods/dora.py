@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._quant import QUANT_BACKENDS
 from ..configs import LoraConfig
 from . import lora, lora_init
 from ._layers import layer_op
@@ -150,5 +151,6 @@ DORA = register(
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         mixed_compatible=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's torchao / HQQ LoRA layers take use_dora like its bnb ones
     )
 )

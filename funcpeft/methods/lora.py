@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._config import init_mode
+from .._quant import BITSANDBYTES, QUANT_BACKENDS
 from ..configs import LoraConfig
 from . import lora_init
 from ._layers import FLOAT8_DTYPES, cast_delta, conv_op, embed, low_precision_add
@@ -220,8 +221,8 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     delta = (
         low_rank(spec, a, b, x, params.get(BIAS)) * s
     )  # rebinding frees the unscaled delta first: PEFT's peak memory
-    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers cast the term to the result's dtype before adding
-        return result + delta.to(out_dtype)
+    if spec.kind is LayerKind.QUANT_LINEAR and spec.quant.backend == BITSANDBYTES:
+        return result + delta.to(out_dtype)  # PEFT's bnb layers cast the term before adding (torchao / HQQ: after)
     return (result + delta).to(out_dtype)
 
 
@@ -362,6 +363,7 @@ LORA = register(
         init_from_weight=lora_init.init_from_weight,
         mixed_compatible=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.MHA, LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's dispatch_bnb_4bit / _8bit, dispatch_torchao, dispatch_hqq
         tie=Tying(params=tie, on_request=True, counted=True),
         parameter_value=parameter_value,
     )
