@@ -7,6 +7,8 @@ batch 4 x 128; LoRA r=16 alpha=32 on all linear layers (28 modules), B non-zero,
 
     python benchmarks/bench_qlora.py                 # full run
     python benchmarks/bench_qlora.py --quick         # smoke run (numbers are rough)
+    python benchmarks/bench_qlora.py --backend torchao   # int8 weights (torchao Int8Tensor, transformers' TorchAoConfig)
+    python benchmarks/bench_qlora.py --backend hqq       # 4-bit HQQLinear layers (group 64), HQQ's default backend
 
 Timing as in bench_core.py (interleaved rounds, process CPU time, 1 torch thread, each variant warmed right before
 its timed call; the ratio is the median of per-round ratios with a bootstrap 95% CI; PEFT A/A is the noise floor).
@@ -18,6 +20,7 @@ dequantised weights, gradients). The model sizes line gives the resident weights
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import warnings
@@ -39,32 +42,77 @@ from funcpeft.testing import assert_trees_close, copy_into_peft, peft_grads, ran
 def load_4bit(path: Path) -> nn.Module:
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, device="cpu"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return LlamaForCausalLM.from_pretrained(path, quantization_config=qc, device_map="cpu").eval()
 
 
+def load_torchao(path: Path) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import LlamaForCausalLM, TorchAoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qc = TorchAoConfig(Int8WeightOnlyConfig())
+        return LlamaForCausalLM.from_pretrained(path, quantization_config=qc, device_map="cpu").eval()
+
+
+def load_hqq(path: Path) -> nn.Module:
+    """Every decoder linear replaced by a 4-bit HQQLinear (transformers 5 cannot load HQQ models itself)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        for name, module in list(model.model.layers.named_modules()):
+            if isinstance(module, nn.Linear):
+                layer = HQQLinear(
+                    module, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32, device="cpu"
+                )
+                model.model.layers.set_submodule(name, layer)
+    return model
+
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LOADERS: dict[str, Callable[[Path], nn.Module]] = {"nf4": load_4bit, "torchao": load_torchao, "hqq": load_hqq}
+DESCRIBED = {
+    "nf4": "4-bit NF4 (bitsandbytes, fp32 compute)",
+    "torchao": "int8 (torchao Int8WeightOnlyConfig)",
+    "hqq": "4-bit HQQ (group 64)",
+}
+
+
 def _bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    def size(p: torch.Tensor) -> int:
+        if hasattr(p, "qdata"):  # a torchao Int8Tensor: its codes and scales
+            return sum(t.numel() * t.element_size() for t in (p.qdata, p.scale))  # type: ignore[attr-defined]
+        return p.numel() * p.element_size()
+
+    return sum(size(p) for p in model.parameters())
 
 
 class Fixture:
     """The 4-bit model twice (funcpeft, PEFT) with the same random non-zero adapter, and the fp32 model's LoRA."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, backend: str = "nf4"):
         import peft
 
+        load = LOADERS[backend]
         fp32 = build_llama(512, 1376)
         fp32.save_pretrained(directory)
         self.sizes = {"fp32": _bytes(fp32)}
-        self.pm = funcpeft.get_peft_model(load_4bit(directory), funcpeft_config())
-        self.sizes["4-bit"] = _bytes(self.pm.model)
+        # PEFT's "all-linear" matches nn.Linear and bitsandbytes layers, not HQQLinear: name them for HQQ
+        targets = dict(target_modules=LINEARS) if backend == "hqq" else {}
+        self.pm = funcpeft.get_peft_model(load(directory), dataclasses.replace(funcpeft_config(), **targets))
+        self.sizes["quantised"] = _bytes(self.pm.model)
         plan = self.pm.plans[self.pm.adapter_name]
         if sum(e.spec is not None for e in plan.values()) != 28:
             raise RuntimeError("expected 28 LoRA modules on the benchmark Llama")
         self.adapter = random_like(self.pm.adapter, torch.Generator().manual_seed(1))
-        self.peft = peft.get_peft_model(load_4bit(directory), peft_config()).eval()
+        self.peft = peft.get_peft_model(load(directory), dataclasses.replace(peft_config(), **targets)).eval()
         copy_into_peft(self.peft, self.adapter, plan)
         self.peft_params = [p for p in self.peft.parameters() if p.requires_grad]
         self.fp32 = funcpeft.get_peft_model(fp32, funcpeft_config())
@@ -113,6 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu (default): process CPU time")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warmup: a smoke run, numbers are rough")
+    ap.add_argument("--backend", choices=sorted(LOADERS), default="nf4", help="the quantised base (default nf4)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = 3, 1
@@ -126,13 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"# funcpeft QLoRA benchmark\n\nbefore: {machine_note()}")
     with tempfile.TemporaryDirectory() as tmp:
-        fx = Fixture(Path(tmp))
+        fx = Fixture(Path(tmp), args.backend)
     grad_diff = fx.check_equal()
     print(
-        f"Llama hidden 512, intermediate 1376, 4 layers, vocab {VOCAB}; decoder linears 4-bit NF4 (bitsandbytes, fp32 "
-        f"compute); batch {BATCH}x{SEQ}; LoRA r={RANK} on 28 modules, eval mode. funcpeft vs PEFT: max |grad diff| "
-        f"{grad_diff:.2g}. Weights: fp32 model {fx.sizes['fp32'] / 2**20:.1f} MiB, 4-bit model "
-        f"{fx.sizes['4-bit'] / 2**20:.1f} MiB.\n{args.clock} clock; rounds {args.rounds} (+{args.warmup} warmup); "
+        f"Llama hidden 512, intermediate 1376, 4 layers, vocab {VOCAB}; decoder linears {DESCRIBED[args.backend]}; batch {BATCH}x{SEQ}; LoRA r={RANK} on 28 modules, eval mode. funcpeft vs PEFT: max |grad diff| "
+        f"{grad_diff:.2g}. Weights: fp32 model {fx.sizes['fp32'] / 2**20:.1f} MiB, quantised model "
+        f"{fx.sizes['quantised'] / 2**20:.1f} MiB.\n{args.clock} clock; rounds {args.rounds} (+{args.warmup} warmup); "
         f"malloc: {'steady (no trim)' if steady else 'system default'}.\n",
         flush=True,
     )
@@ -151,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     table.time("QLoRA vs fp32 LoRA step time", times["funcpeft"], times["funcpeft fp32 LoRA"], None, "fp32 LoRA")
     table.memory("QLoRA vs fp32 LoRA step peak memory", mem["funcpeft"], mem["funcpeft fp32 LoRA"], None, "fp32 LoRA")
     print(table)
-    resident = (fx.sizes["4-bit"] + mem["funcpeft"]) / (fx.sizes["fp32"] + mem["funcpeft fp32 LoRA"])
+    resident = (fx.sizes["quantised"] + mem["funcpeft"]) / (fx.sizes["fp32"] + mem["funcpeft fp32 LoRA"])
     print(
         f"\nweights + step peak, QLoRA vs fp32 LoRA: {resident:.3f}\n"
-        "The 4-bit base saves resident weight memory (sizes above); a step's own allocations are activations, "
-        "logits and gradients plus bitsandbytes' CPU kernel's dequantised weight, one layer at a time (transient).\n"
+        "The quantised base saves resident weight memory (sizes above); a step's own allocations are activations, "
+        "logits and gradients plus the quantised kernel's dequantised weight, one layer at a time (transient).\n"
         f"after: {machine_note()}"
     )
     return 0

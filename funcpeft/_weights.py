@@ -99,6 +99,18 @@ _PASSTHROUGH |= {
 }
 
 
+_STAND_INS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _stand_in(weight: torch.Tensor) -> torch.Tensor:
+    """A view with `weight`'s shape, dtype and device on one cached element (no allocation per call)."""
+    key = (weight.dtype, weight.device)
+    one = _STAND_INS.get(key)
+    if one is None:
+        one = _STAND_INS.setdefault(key, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return one.expand(weight.shape)
+
+
 class AdaptedWeight(torch.Tensor):
     """A weight plus the adapters applied to the layer that owns it.
 
@@ -126,11 +138,7 @@ class AdaptedWeight(torch.Tensor):
         A weight that is itself a wrapper tensor subclass (torchao's quantised tensors) cannot be aliased as
         another subclass: the carrier is then a one-element stand-in with its shape, dtype and device (such a
         layer is module-level: only `weight` and the adapters are read from the carrier, never its data)."""
-        alias = (
-            torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-            if (is_traceable_wrapper_subclass(weight))
-            else weight
-        )
+        alias = _stand_in(weight) if is_traceable_wrapper_subclass(weight) else weight
         out = alias.as_subclass(AdaptedWeight)
         out.weight = weight
         out.adapters = adapters
