@@ -12,10 +12,13 @@ values at that pattern. U and lambda_l's start come from solving `V B^T = W^T` i
 V, S's pattern (`frod_s_indices`) and its size are frozen tensors shared by a role's layers (in `base`, saved like
 PEFT's `base_model.frod_V.{role}` when save_projection); U is a frozen per-layer tensor (not saved, as in PEFT).
 
-Per call nothing weight-sized is built: S acts through a gather and an index_add over its nnz entries (PEFT: a
-sparse matmul). PEFT's single-adapter path computes `h V (S^T + diag) U^T + bias` without the base layer; funcpeft
-always runs the base layer below and subtracts `h W^T` (PEFT's multi-adapter / dropout path): one more matmul, equal
-up to rounding. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
+Per call nothing weight-sized is built. As in PEFT's forward, a layer's first FRoD adapter that draws no dropout
+computes `h V (S^T + diag(lambda_l)) U^T + bias` without running the base layer; otherwise (dropout drawn, or an
+adapter stacked on another) it runs the layer below and subtracts `h W^T` (PEFT's multi-adapter / dropout path;
+PEFT subtracts `base(x) - bias` when no dropout is drawn: equal up to rounding). S acts through a row gather and
+a row index_add over its nnz entries (PEFT: `torch.sparse.mm`, not traceable by vmap / torch.compile), in an
+autograd Function that saves only z = h V and S's values and reads S's gradient off `grad^T z` like PEFT's sparse
+backward. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
 unmerging needs it (`funcpeft.unmerge(..., base=...)`). nn.Linear and GPT-2 Conv1D only, like PEFT.
 """
 
@@ -307,7 +310,7 @@ class _SparseProduct(SavesInputs):
 
     @staticmethod
     def forward(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return _s_apply(z, values, rows, cols)
+        return _s_apply(z, values, rows, cols).contiguous()  # not a view: forward AD wants the tangent's layout
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:

@@ -14,14 +14,16 @@ computed in the model's dtype, as in PEFT.
 
 Gradients: PEFT's OSF registers gradient hooks that project the gradients of U_low and V_low orthogonally to the
 frozen top-k subspace: dU -> dU - U_high U_high^T dU (dU -> U0 U0^T dU when U is square, the same projection) and
-dV -> dV - dV V_high^T V_high (dV V0^T V0). funcpeft has no hooks: the forward uses
-`U + (P(U) - P(U).detach())`, whose value is U and whose gradient is P(dU), so `funcpeft.grad` gives PEFT's
-training gradients (not the plain derivative of the forward, by design of the method); vmap, per-example routing
-and torch.compile see an ordinary function.
+dV -> dV - dV V_high^T V_high (dV V0^T V0). funcpeft has no hooks: the forward reads U and V through an autograd
+Function whose value is the parameter itself (nothing computed or kept per call, like PEFT's hooks) and whose
+gradient (and forward-mode tangent) is the projection, so `funcpeft.grad` gives PEFT's training gradients (not the
+plain derivative of the forward, by design of the method); vmap and per-example routing apply (a generated vmap
+rule). Under torch.compile, which cannot trace the Function's jvp, the same gradient comes from the
+straight-through `U + (P(U) - P(U).detach())` (P computed in the forward there).
 
-Materialised per call, as in PEFT's factored forward: the (out, 2n) and (2n, in) concatenated factors and the
-projections of U and V (the size of the trainable parameters); nothing (out, in). PEFT's forward applies only the
-first active OSF adapter of a layer: funcpeft refuses several on one layer rather than silently drop one.
+Materialised per call, as in PEFT's factored forward: the (out, 2n) and (2n, in) concatenated factors; nothing
+(out, in). PEFT's forward applies only the first active OSF adapter of a layer: funcpeft refuses several on one
+layer rather than silently drop one.
 Supported layers, as in PEFT: nn.Linear (PEFT silently leaves other targeted layers unadapted; funcpeft raises).
 """
 
