@@ -649,7 +649,7 @@ def test_a_new_method_is_one_registration(half_lora: Method) -> None:
 
 # methods whose LayerSpec still holds tensors, against the contract (strict xfail: remove the entry once fixed).
 # FRoD: its shared bases V and S's patterns depend on all of a role's weights and are needed by init hooks that see
-# only (spec, params, weight) and run before `init_shared`; see docs/benchmarks.md (FRoD) for what moving them takes
+# only (spec, params, weight) and run before `init_shared`; funcpeft/methods/frod.py's docstring says what moving them takes
 SPEC_HOLDS_TENSORS = {"frod"}
 
 

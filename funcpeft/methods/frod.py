@@ -20,6 +20,13 @@ a row index_add over its nnz entries (PEFT: `torch.sparse.mm`, not traceable by 
 autograd Function that saves only z = h V and S's values and reads S's gradient off `grad^T z` like PEFT's sparse
 backward. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
 unmerging needs it (`funcpeft.unmerge(..., base=...)`). nn.Linear and GPT-2 Conv1D only, like PEFT.
+
+Known contract gap: `FrodHyper.projections` holds V and S's patterns (tensors; equality and hashing see only
+their digest), while a LayerSpec should be static metadata (tests/test_contract.py SPEC_HOLDS_TENSORS). V depends
+on all of a role's weights, and the hooks that need it see only one layer: `SharedTensors.make(spec)`,
+`LayerFrozen.make(spec, module, generator)` (U) and `finish_init(spec, params, weight)` (lambda_l's start, run
+before `init_shared`). Moving them to `base` needs a generic hook that gives these the targeted modules or the
+layer's frozen shared tensors (with the shared tensors made before the adapter's init), not only a FRoD change.
 """
 
 from __future__ import annotations
