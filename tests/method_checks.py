@@ -190,17 +190,20 @@ def _saved_bytes(fn: Any, xs: Sequence[torch.Tensor]) -> list[int]:
     return saved
 
 
-def assert_memory_lean_function_is_autograd(f: Any, want: Any, xs: Sequence[torch.Tensor], vmapped: int = 3) -> None:
+def assert_memory_lean_function_is_autograd(
+    f: Any, want: Any, xs: Sequence[torch.Tensor], vmapped: int = 3, frozen: Sequence[torch.Tensor] = ()
+) -> None:
     """A method's hand-written autograd Function `f(*xs)` (saving less than autograd would, like PEFT's) keeps
     every transform: its values equal the plain expression `want(*xs)`; gradcheck, gradgradcheck and forward-mode
     gradcheck pass in float64; what it saves for backward is no more bytes than its inputs (plain autograd would
     also keep intermediates); and vmap over a stack of inputs (values and gradients) equals a loop.
-    `xs`: float64 leaves that require grad."""
+    `xs`: float64 leaves that require grad; `frozen`: tensors `f` and `want` close over (an index pattern), which
+    count as inputs too."""
     torch.testing.assert_close(f(*xs), want(*xs), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(f, xs)
     assert torch.autograd.gradgradcheck(f, xs)
     assert torch.autograd.gradcheck(f, xs, check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
-    inputs = sum(x.numel() * x.element_size() for x in xs)
+    inputs = sum(x.numel() * x.element_size() for x in (*xs, *frozen))
     for fn, bounded in ((f, True), (want, False)):  # the bound must hold for f and fail for plain autograd
         saved = _saved_bytes(fn, xs)
         assert (sum(saved) <= inputs) is bounded, f"saved for backward: {sorted(saved)} bytes, inputs {inputs} bytes"

@@ -199,3 +199,35 @@ def test_the_trained_factors_move_orthogonally_to_the_frozen_top_subspace(
     with torch.no_grad():
         plain = model(x) + x @ osf.delta_weight(spec, params).T
         torch.testing.assert_close(fpm.fn(fpm.base, adapter, x), plain)
+
+
+@pytest.mark.parametrize("square", [True, False])
+@pytest.mark.parametrize("left", [True, False])
+def test_gradient_projection_keeps_nothing_per_call(square: bool, left: bool) -> None:
+    """U / V are read through a Function whose value is the parameter (nothing computed in the forward, only the
+    frozen basis saved, like PEFT's hooks; the straight-through form keeps P(U)) and whose gradient, tangent and
+    vmapped gradient are the projection, bitwise the straight-through form's gradient."""
+    from method_checks import _saved_bytes
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    basis = (q[:, :3] if square else q[:, 3:]) if left else (q[:3] if square else q[3:])
+    u = torch.randn((5, 3) if left else (3, 5), generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(u.shape, generator=g, dtype=torch.float64)
+
+    def straight(x: torch.Tensor) -> torch.Tensor:
+        p = osf._project(x, basis, square, left)
+        return x.detach() + (p - p.detach())
+
+    ours = lambda x: osf._projected(x, basis, square, left)  # noqa: E731
+    torch.testing.assert_close(ours(u), u, rtol=0, atol=0)
+    basis_bytes = basis.numel() * basis.element_size()
+    assert sum(_saved_bytes(ours, [u])) <= basis_bytes < sum(_saved_bytes(straight, [u]))
+    want = osf._project(w, basis, square, left)
+    (grad,) = torch.autograd.grad((ours(u) * w).sum(), u)
+    (grad_straight,) = torch.autograd.grad((straight(u) * w).sum(), u)
+    assert torch.equal(grad, want) and torch.equal(grad, grad_straight)
+    torch.testing.assert_close(torch.func.jvp(ours, (u.detach(),), (w,))[1], want)
+    stacked = torch.stack([u.detach(), 2 * u.detach()])
+    batched = torch.func.vmap(torch.func.grad(lambda x: (ours(x) * w).sum()))(stacked)
+    torch.testing.assert_close(batched, torch.stack([want, want]))

@@ -12,11 +12,21 @@ values at that pattern. U and lambda_l's start come from solving `V B^T = W^T` i
 V, S's pattern (`frod_s_indices`) and its size are frozen tensors shared by a role's layers (in `base`, saved like
 PEFT's `base_model.frod_V.{role}` when save_projection); U is a frozen per-layer tensor (not saved, as in PEFT).
 
-Per call nothing weight-sized is built: S acts through a gather and an index_add over its nnz entries (PEFT: a
-sparse matmul). PEFT's single-adapter path computes `h V (S^T + diag) U^T + bias` without the base layer; funcpeft
-always runs the base layer below and subtracts `h W^T` (PEFT's multi-adapter / dropout path): one more matmul, equal
-up to rounding. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
+Per call nothing weight-sized is built. As in PEFT's forward, a layer's first FRoD adapter that draws no dropout
+computes `h V (S^T + diag(lambda_l)) U^T + bias` without running the base layer; otherwise (dropout drawn, or an
+adapter stacked on another) it runs the layer below and subtracts `h W^T` (PEFT's multi-adapter / dropout path;
+PEFT subtracts `base(x) - bias` when no dropout is drawn: equal up to rounding). S acts through a row gather and
+a row index_add over its nnz entries (PEFT: `torch.sparse.mm`, not traceable by vmap / torch.compile), in an
+autograd Function that saves only z = h V and S's values and reads S's gradient off `grad^T z` like PEFT's sparse
+backward. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
 unmerging needs it (`funcpeft.unmerge(..., base=...)`). nn.Linear and GPT-2 Conv1D only, like PEFT.
+
+Known contract gap: `FrodHyper.projections` holds V and S's patterns (tensors; equality and hashing see only
+their digest), while a LayerSpec should be static metadata (tests/test_contract.py SPEC_HOLDS_TENSORS). V depends
+on all of a role's weights, and the hooks that need it see only one layer: `SharedTensors.make(spec)`,
+`LayerFrozen.make(spec, module, generator)` (U) and `finish_init(spec, params, weight)` (lambda_l's start, run
+before `init_shared`). Moving them to `base` needs a generic hook that gives these the targeted modules or the
+layer's frozen shared tensors (with the shared tensors made before the adapter's init), not only a FRoD change.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._trees import shared_key
 from ..configs.frod import FrodConfig
+from ._layers import SavesInputs
 from ._registry import register
 from .base import (
     KeyRules,
@@ -286,22 +297,65 @@ def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
     return {**params, LAMBDA_L: lam.to(offset.dtype)}
 
 
-def _s_product(z: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`z S^T` for the sparse S (in, in) with `values` at (row, col) `indices`: z (..., in)."""
-    return torch.zeros_like(z).index_add(-1, indices[0], z[..., indices[1]] * values)
+def _s_rows(zt: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`S zt` for the sparse S (in, in) with `values` at (`rows`, `cols`): zt (in, N) -> (in, N). A row gather and a
+    row index_add over S's entries (PEFT: `torch.sparse.mm(S, z^T)`, which walks the entries row by row too)."""
+    return torch.zeros_like(zt).index_add(0, rows, zt.index_select(0, cols) * values.unsqueeze(-1))
+
+
+def _s_apply(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`z S^T` for z (..., in): (..., in)."""
+    zt = z.reshape(-1, z.shape[-1]).t().contiguous()
+    return _s_rows(zt, values, rows, cols).t().reshape(z.shape)
+
+
+class _SparseProduct(SavesInputs):
+    """`z S^T` saving only z and S's values and pattern. Plain autograd of the gather keeps the (tokens, nnz)
+    `z[:, cols]` for S's gradient (86 MB on the benchmark Llama: 2.7x PEFT's training peak). Bilinear in (z,
+    values): backward applies S^T to the output gradient and reads S's gradient off the dense (in, in) `grad^T z`
+    (as PEFT's sparse backward does); `jvp` is the product of the tangents."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return _s_apply(z, values, rows, cols).contiguous()  # not a view: forward AD wants the tangent's layout
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        z, values, rows, cols = ctx.saved_tensors
+        gt = grad.reshape(-1, grad.shape[-1]).t().contiguous()
+        grad_z = _s_rows(gt, values, cols, rows).t().reshape(z.shape) if ctx.needs_input_grad[0] else None
+        grad_values = None
+        if ctx.needs_input_grad[1]:  # PEFT's: the dense (in, in) grad^T z at S's entries (faster than per-entry sums)
+            grad_values = (gt @ z.reshape(-1, z.shape[-1]))[rows, cols]
+        return grad_z, grad_values, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tz: Any, tvalues: Any, trows: Any, tcols: Any) -> torch.Tensor:
+        z, values, rows, cols = ctx.saved_tensors
+        out = torch.zeros_like(z)
+        if tz is not None:
+            out = out + _s_apply(tz, values, rows, cols)
+        if tvalues is not None:
+            out = out + _s_apply(z, tvalues, rows, cols)
+        return out
 
 
 def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
-    """`result + h V (S^T + diag(lambda_l)) U^T - h W^T` in x's dtype (PEFT casts U, V, S and lambda_l to it)."""
-    assert result is not None
+    """`h V (S^T + diag(lambda_l)) U^T + bias` when this adapter is the layer's first and draws no dropout (PEFT's
+    single-adapter path: the base layer is not run); otherwise `below(x) + h V (S^T + diag) U^T - h W^T` with
+    h = dropout(x) (PEFT's multi-adapter / dropout path). In x's dtype (PEFT casts U, V, S and lambda_l to it)."""
+    assert result is None and ctx.inner_op is not None
     dtype = x.dtype
     u, v = params[U].to(dtype), params[V].to(dtype)
     values, lam = params[LAMBDA_S].to(dtype), params[LAMBDA_L].to(dtype)
+    indices = params[INDICES].to(x.device)
     h = ctx.dropout(x, spec.hyper.dropout)
     z = torch.matmul(h, v)
-    out_add = F.linear(_s_product(z, params[INDICES].to(z.device), values) + z * lam, u)
+    out_add = F.linear(_SparseProduct.run(z, values, indices[0], indices[1]) + z * lam, u)
+    if ctx.inner_op is ctx.base_op and not (ctx.training and spec.hyper.dropout > 0):
+        return (out_add if ctx.bias is None else out_add + ctx.bias).to(dtype)
     w = ctx.weight.T if spec.kind is LayerKind.CONV1D_HF else ctx.weight
-    return (result + out_add - F.linear(h, w.to(dtype))).to(dtype)
+    return (ctx.inner_op(x) + out_add - F.linear(h, w.to(dtype))).to(dtype)
 
 
 def _adapted_weight(spec: Spec, params: Params, dtype: torch.dtype) -> torch.Tensor:
@@ -340,6 +394,7 @@ FROD = register(
         param_names=param_names,
         init=init,
         forward=forward,
+        uses_result=lambda spec: False,  # the first adapter skips the base layer, as PEFT does
         init_from_weight=init_from_weight,
         finish_init=finish_init,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, from_base=True),
