@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._arrow import create_arrow_model
+from ._xlora import XLoraModel
 from ._checks import AdapterMismatchError
 from ._config import (
     BdLoraConfig,
@@ -81,6 +82,7 @@ from .configs import (
     VeloraConfig,
     VeraConfig,
     WaveFTConfig,
+    XLoraConfig,
 )
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -140,6 +142,7 @@ __all__ = [
     "FrodConfig",
     "GloraConfig",
     "WaveFTConfig",
+    "XLoraConfig",
     "DeftConfig",
     "DeloraConfig",
     "OSFConfig",
@@ -185,6 +188,7 @@ __all__ = [
     "add_weighted_adapter",
     "alora_offsets",
     "create_arrow_model",
+    "XLoraModel",
     "distributed",
     "from_pretrained",
     "generate",
