@@ -11,7 +11,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import corda, distributed, eva, loraga, optim
 from ._arrow import create_arrow_model
-from ._xlora import XLoraModel
 from ._checks import AdapterMismatchError
 from ._config import (
     BdLoraConfig,
@@ -35,6 +34,7 @@ from ._quant import prepare_model_for_kbit_training
 from ._trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
 from ._weighted import add_weighted_adapter
 from ._weights import AdaptedWeight, UnsupportedWeightOp
+from ._xlora import XLoraModel
 from .configs import (
     AdaLoraConfig,
     AdamssConfig,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import warnings
@@ -242,18 +243,21 @@ class XLoraModel:
             for path, leaves in adapter_params["classifier"].items()
             for leaf, t in leaves.items()
         }
-        import json
-
         text = json.dumps(config_dict(self.peft_config[self.adapter_name], self.model), indent=2, sort_keys=True)
         write_files_atomically(
             {
-                os.path.join(out, "adapter_config.json"): lambda p: open(p, "w").write(text),  # noqa: SIM115
+                os.path.join(out, "adapter_config.json"): lambda p: _write_text(p, text),
                 os.path.join(out, "adapter_model.safetensors"): lambda p: save_file(
                     state, p, metadata={"format": "pt"}
                 ),
             }
         )
         return out
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _layer_paths(model: nn.Module, pm: FunctionalPeftModel, experts: tuple[str, ...]) -> list[str]:

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.xlora import XLoraConfig
-from . import lora
 from ._layers import embed
 from ._registry import register
 from .base import CallInputs, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
