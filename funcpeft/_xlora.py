@@ -26,8 +26,10 @@ as `base_model.internal_xlora_classifier.layers.<i>.{weight,bias}`, and each exp
 `<directory>/<i>/`. Deviation: PEFT's save drops every classifier key containing `.<i>.` for an expert name i
 (its adapter-name filter), e.g. `layers.0.*` (all of a depth-1 classifier); funcpeft writes every key, and
 loading a file that misses some raises (strict) or keeps the fresh ones with a warning (strict=False, PEFT's silent
-behaviour). PEFT mixes only experts named "0".."n-1" (others are silently skipped: its set_adapter uses the names
-of `adapters`, its layers hold "0".."n-1"); funcpeft mixes the experts of `adapters` in order whatever their names.
+behaviour). PEFT works only with experts named "0".."n-1" (its set_adapter uses the names of `adapters`, its layers hold
+"0".."n-1": its forward fails with KeyError); funcpeft mixes the experts of `adapters` in order whatever their
+names. PEFT cannot load experts of models whose layers are not under `model.` (GPT-2's `transformer.`: 'Got
+unexpected keys!'); funcpeft can.
 """
 
 from __future__ import annotations
@@ -305,18 +307,19 @@ def _build(
     trainable = bool(config.use_trainable_adapters)
     names = tuple(str(i) for i in range(len(config.adapters)))
     paths = [os.fspath(p) for p in config.adapters.values()]
+    for name, path in zip(names, paths):
+        kind = type(read_config(path))
+        if kind is not LoraConfig:
+            raise TypeError(
+                f"X-LoRA expert {name!r} ({path}) is a {kind.__name__} adapter; X-LoRA's experts are LoRA adapters "
+                "(PEFT loads them with LoraConfig.from_pretrained)"
+            )
     pm = from_pretrained(
         model, paths[0], names[0], is_trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype
     )
     trees = {names[0]: pm.adapter}
     for name, path in zip(names[1:], paths[1:]):
         trees[name] = pm.load_adapter(path, name, is_trainable=trainable, autocast_adapter_dtype=autocast_adapter_dtype)
-    for name in names:
-        if type(pm.peft_config[name]) is not LoraConfig:
-            raise TypeError(
-                f"X-LoRA expert {name!r} ({paths[int(name)]}) is a {type(pm.peft_config[name]).__name__} adapter; "
-                "X-LoRA's experts are LoRA adapters (PEFT loads them with LoraConfig.from_pretrained)"
-            )
     layer_paths = _layer_paths(pm.model, pm, names)
     if not layer_paths:
         raise ValueError(f"the X-LoRA experts {paths} adapt no layer of {type(model).__name__}")

@@ -24,8 +24,8 @@ class XLoraConfig(PeftConfig):
     PEFT's __post_init__ only warns (and fills hidden_size=4096, adapters={}); so does this one.
     """
 
-    hidden_size: int = None  # type: ignore[assignment]
-    adapters: dict[str, str] = None  # type: ignore[assignment]
+    hidden_size: int | None = None  # PEFT: 4096 with a warning when not given
+    adapters: dict[str, str] | None = None  # PEFT: {} with a warning when not given
     enable_softmax: bool = True
     enable_softmax_topk: bool = False
     layerwise_scalings: bool = False

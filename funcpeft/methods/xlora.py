@@ -16,6 +16,7 @@ Merging is refused (the mixture is per token). Routing per example is refused (t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -112,12 +113,21 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     assert result is not None
     h = spec.hyper
     s = layer_scalings(h, ctx.call)
+    lead = x.shape if spec.kind is LayerKind.EMBEDDING else x.shape[:-1]
+    if tuple(lead) != tuple(s.shape[:-1]):
+        # an op seeing the tokens flattened (GPT-2's Conv1D runs addmm on (B * T, in)): the same tokens in order
+        if math.prod(lead) != math.prod(s.shape[:-1]):
+            raise ValueError(
+                f"X-LoRA layer {ctx.path}: its input has token dims {tuple(lead)}, the scalings {tuple(s.shape[:-1])}; "
+                "X-LoRA mixes per token of (B, T) inputs"
+            )
+        s = s.reshape(*lead, s.shape[-1])
     out_dtype = result.dtype
     for e, name in enumerate(h.experts):
         if name not in ctx.peers:  # PEFT: an expert that does not adapt this layer is skipped, its index kept
             continue
         espec, p = ctx.peers[name]
-        se = s[:, :, e].unsqueeze(-1)
+        se = s[..., e].unsqueeze(-1)
         if spec.kind is LayerKind.EMBEDDING:
             after_a = embed(espec, x, p["lora_embedding_A"].T)
             result = result + ((after_a * se) @ p["lora_embedding_B"].T) * espec.hyper.scaling * h.global_scaling_weight
