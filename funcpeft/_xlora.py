@@ -50,7 +50,7 @@ from torch import nn
 
 from ._config import LoraConfig, PeftConfig
 from ._counting import count_parameters, format_trainable
-from ._functional import PeftFunction, _randomness
+from ._functional import PeftFunction
 from ._model import FunctionalPeftModel, from_pretrained
 from ._plan import Plan, PlanEntry, layer_spec
 from ._trees import tree_numel
@@ -59,6 +59,7 @@ from .io import config_dict, read_config, read_tensors, write_files_atomically
 from .methods._registry import register_model_level
 from .methods.base import LayerKind, Target
 from .methods.xlora import SCALINGS_KWARG, XLORA, XLoraLayers
+from .rng import CallRandomness
 
 LAYERS = "xlora"  # the parameterless adapter of the mixing layers
 CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier."
@@ -88,6 +89,16 @@ def init_classifier(
         b = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
         tree[path] = {"weight": w.to(dtype).requires_grad_(), "bias": b.to(dtype).requires_grad_()}
     return tree
+
+
+def _dropout(dropout_rng: Any) -> Any:
+    """The classifier's training-mode dropout for `dropout_rng` (an int seed: its own generator with that seed;
+    a generator: drawn from after the scaling pass's draws), None in eval mode."""
+    if dropout_rng is None:
+        return None
+    if isinstance(dropout_rng, torch.Generator):
+        return CallRandomness(user_generator=dropout_rng).dropout
+    return CallRandomness(seed=int(dropout_rng)).dropout
 
 
 class XLoraFunction:
@@ -178,8 +189,7 @@ class XLoraFunction:
         pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, SCALINGS_KWARG: dummy}
         with torch.no_grad():
             out = self.inner(base, adapters, *args, dropout_rng=dropout_rng, **pass_kwargs)
-        rng = _randomness(dropout_rng)
-        return self.classify(adapter["classifier"], out.hidden_states[-1], None if rng is None else rng.dropout)
+        return self.classify(adapter["classifier"], out.hidden_states[-1], _dropout(dropout_rng))
 
     def __call__(
         self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any
