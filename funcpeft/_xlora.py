@@ -70,11 +70,13 @@ def classifier_layout(config: XLoraConfig, n_layers: int, n_experts: int) -> lis
     """[(Sequential index path, in, out)] of the classifier's Linear layers, as PEFT's XLoraClassifier builds them."""
     if config.xlora_depth <= 0:
         raise ValueError("X-LoRA depth must be strictly positive.")
+    hidden = config.hidden_size
+    assert hidden is not None  # __post_init__ fills it
     out = n_experts * n_layers if config.layerwise_scalings else n_experts
     if config.xlora_depth == 1:
-        return [("layers.0", config.hidden_size, out)]
+        return [("layers.0", hidden, out)]
     step = 3 if config.xlora_dropout_p > 0.0 else 2  # Linear, ReLU(, Dropout)
-    sizes = [config.hidden_size] + [config.xlora_size] * (config.xlora_depth - 1) + [out]
+    sizes = [hidden] + [config.xlora_size] * (config.xlora_depth - 1) + [out]
     return [(f"layers.{i * step}", sizes[i], sizes[i + 1]) for i in range(config.xlora_depth)]
 
 
@@ -410,13 +412,14 @@ def load_xlora(
     if not isinstance(config, XLoraConfig):
         raise TypeError(f"{root} holds a {type(config).__name__} adapter, not an X-LoRA one")
     if adapters is None:
-        subdirs = [os.path.join(root, str(i)) for i in range(len(config.adapters))]
-        if not config.adapters or not all(os.path.isfile(os.path.join(d, "adapter_config.json")) for d in subdirs):
+        saved = list(config.adapters or {})
+        subdirs = [os.path.join(root, str(i)) for i in range(len(saved))]
+        if not saved or not all(os.path.isfile(os.path.join(d, "adapter_config.json")) for d in subdirs):
             raise ValueError(
                 "If model_id is a local path, then `adapters` must be passed in kwargs. (funcpeft also looks for the "
-                f"experts saved with the classifier in {root}/<i>/, and found none for {sorted(config.adapters)})"
+                f"experts saved with the classifier in {root}/<i>/, and found none for {saved})"
             )
-        adapters = {name: d for name, d in zip(config.adapters, subdirs)}
+        adapters = dict(zip(saved, subdirs))
     config.adapters = dict(adapters)
     config.inference_mode = not is_trainable
     pm = _build(model, config, adapter_name, autocast_adapter_dtype, None)
