@@ -52,7 +52,7 @@ from ._config import LoraConfig, PeftConfig
 from ._counting import count_parameters, format_trainable
 from ._functional import PeftFunction
 from ._model import FunctionalPeftModel, from_pretrained
-from ._plan import Plan, PlanEntry, layer_spec
+from ._plan import Plan, PlanEntry, init_adapter, layer_spec
 from ._trees import tree_numel
 from .configs.xlora import XLoraConfig
 from .io import config_dict, read_config, read_tensors, write_files_atomically
@@ -349,6 +349,10 @@ def _build(
     inner = PeftFunction(pm.model, plans, LAYERS)
     dtype = next(iter(model.parameters())).dtype
     fn = XLoraFunction(inner, resolved, names, len(layer_paths), None if trainable else trees, dtype)
+    # PEFT creates each expert's LoRA layers (drawing their init) before loading the files, then the classifier:
+    # the same draws first give the classifier PEFT's values for the same seed
+    for name in names:
+        init_adapter(pm.model, pm.plans[name], autocast_adapter_dtype, generator, False)
     classifier = init_classifier(classifier_layout(resolved, len(layer_paths), len(names)), dtype, generator)
     adapter: dict[str, Any] = {"classifier": classifier}
     if trainable:

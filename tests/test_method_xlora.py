@@ -390,3 +390,22 @@ def test_xlora_model_is_not_mutated(llama_experts: list[str]) -> None:
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     assert not any(type(m).__module__.startswith("peft") for m in model.modules())
     assert os.path.isdir(llama_experts[0])
+
+
+@pytest.mark.parametrize("extra", [{}, {"xlora_depth": 3, "xlora_size": 8, "layerwise_scalings": True}])
+def test_xlora_fresh_classifier_equals_pefts_for_the_same_seed(llama_experts: list[str], extra: dict[str, Any]) -> None:
+    """PEFT draws each expert's LoRA init (then overwritten by its file) before the classifier: funcpeft replays
+    those draws, so the fresh classifier is PEFT's."""
+    kwargs = _kwargs(llama_experts, **extra)
+    m1, m2 = _model("llama"), _model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        theirs = peft.get_peft_model(m1, peft.XLoraConfig(**kwargs))
+        torch.manual_seed(7)
+        ours = funcpeft.get_peft_model(m2, funcpeft.XLoraConfig(**kwargs))
+    named = dict(theirs.named_parameters())
+    for path, leaves in ours.adapter["classifier"].items():
+        for leaf, t in leaves.items():
+            assert t.requires_grad
+            torch.testing.assert_close(t, named[f"{PREFIX}{path}.{leaf}"], atol=0, rtol=0)
