@@ -409,3 +409,22 @@ def test_xlora_fresh_classifier_equals_pefts_for_the_same_seed(llama_experts: li
         for leaf, t in leaves.items():
             assert t.requires_grad
             torch.testing.assert_close(t, named[f"{PREFIX}{path}.{leaf}"], atol=0, rtol=0)
+
+
+def test_xlora_vmap_over_classifiers_equals_a_loop(llama_experts: list[str]) -> None:
+    """An ensemble of classifiers in one vmapped call (both passes inside), as funcpeft does for any adapter."""
+    kwargs = _kwargs(llama_experts[:2], layerwise_scalings=True, xlora_depth=2, xlora_size=4, xlora_dropout_p=0.0)
+    fn, base, adapter = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    trees = [
+        {
+            "classifier": {
+                p: {leaf: t.detach() * (1 + k) for leaf, t in ls.items()} for p, ls in adapter["classifier"].items()
+            }
+        }
+        for k in range(3)
+    ]
+    stacked = torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *trees)
+    out = torch.func.vmap(lambda a: fn(base, a, input_ids=IDS).logits)(stacked)
+    ref = torch.stack([fn(base, t, input_ids=IDS).logits for t in trees])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (ref[0] - ref[2]).abs().max() > 1e-5
