@@ -290,6 +290,8 @@ def test_xlora_reads_pefts_save_and_reports_the_keys_peft_drops(llama_experts: l
     torch.testing.assert_close(fn(base, adapter, input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="`adapters` must be passed"):
         funcpeft.from_pretrained(_model("llama"), _no_subdirs(tmp_path))
+    with pytest.raises(AttributeError, match="XLoraConfig has no target_modules.*load_adapter"):
+        funcpeft.load_adapter(tmp_path, model=_model("llama"))
 
 
 def _no_subdirs(src: Path) -> Path:

@@ -40,6 +40,16 @@ class XLoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.XLORA
 
+    @property
+    def target_modules(self) -> None:
+        """X-LoRA has no targets of its own: what probes for them (getattr with a default) finds none, and what
+        plans it as a layer adapter (add_adapter, load_adapter) gets this message."""
+        raise AttributeError(
+            "XLoraConfig has no target_modules: an X-LoRA model adapts the layers of its LoRA experts and is built by "
+            "funcpeft.get_peft_model(model, XLoraConfig(...)) or loaded by funcpeft.from_pretrained(model, directory, "
+            "adapters=...); it cannot be added to another model (add_adapter) or loaded with load_adapter"
+        )
+
     def __post_init__(self) -> None:
         self.peft_type = self.PEFT_TYPE
         super().__post_init__()
