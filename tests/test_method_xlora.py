@@ -406,6 +406,7 @@ def test_xlora_fresh_classifier_equals_pefts_for_the_same_seed(llama_experts: li
         theirs = peft.get_peft_model(m1, peft.XLoraConfig(**kwargs))
         torch.manual_seed(7)
         ours = funcpeft.get_peft_model(m2, funcpeft.XLoraConfig(**kwargs))
+    assert isinstance(ours, XLoraModel)
     named = dict(theirs.named_parameters())
     for path, leaves in ours.adapter["classifier"].items():
         for leaf, t in leaves.items():
