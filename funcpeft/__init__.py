@@ -34,6 +34,7 @@ from ._quant import prepare_model_for_kbit_training
 from ._trees import AdapterTree, BaseTree, stack_adapters, unstack_adapters
 from ._weighted import add_weighted_adapter
 from ._weights import AdaptedWeight, UnsupportedWeightOp
+from ._xlora import XLoraModel
 from .configs import (
     AdaLoraConfig,
     AdamssConfig,
@@ -81,6 +82,7 @@ from .configs import (
     VeloraConfig,
     VeraConfig,
     WaveFTConfig,
+    XLoraConfig,
 )
 from .corda import preprocess_corda
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -140,6 +142,7 @@ __all__ = [
     "FrodConfig",
     "GloraConfig",
     "WaveFTConfig",
+    "XLoraConfig",
     "DeftConfig",
     "DeloraConfig",
     "OSFConfig",
@@ -185,6 +188,7 @@ __all__ = [
     "add_weighted_adapter",
     "alora_offsets",
     "create_arrow_model",
+    "XLoraModel",
     "distributed",
     "from_pretrained",
     "generate",

@@ -10,6 +10,7 @@ This is the top layer: it wires planning (funcpeft._plan), the pure call (funcpe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -33,6 +34,7 @@ from ._replicate import prepared
 from ._trees import AdapterTree, BaseTree, tree_numel
 from .io import save_adapter
 from .methods import method_for
+from .methods._registry import MODEL_LEVEL
 from .methods.lora import LoraHyper
 from .methods.lora_init import changes_base
 
@@ -306,8 +308,13 @@ def get_peft_model(
             f"{type(peft_config).__name__}"
         )
     _reject_peft_model(model)
-    reshard(model)  # an FSDP2-sharded model: capture its shards, not the weights a forward left gathered
     check_adapter_name(adapter_name)
+    level = MODEL_LEVEL.get(peft_config.PEFT_TYPE.value)
+    if level is not None:  # a model-level method (X-LoRA): its own facade
+        extra = {"mixed": mixed, "revision": revision, "init_data": init_data}
+        rest = {k: v for k, v in extra.items() if v}
+        return level[0](model, peft_config, adapter_name, autocast_adapter_dtype, generator, **rest)  # type: ignore[no-any-return]
+    reshard(model)  # an FSDP2-sharded model: capture its shards, not the weights a forward left gathered
     if mixed:
         _check_combinable(peft_config, None, mixed)
     model = prepared(model, peft_config)  # layer_replication: a replicated structure sharing the model's tensors
@@ -431,6 +438,7 @@ def from_pretrained(
     strict: bool = True,
     allow_pickle: bool = False,
     init_data: Mapping[str, Any] | None = None,
+    **model_level: Any,
 ) -> FunctionalPeftModel:
     """PEFT's `PeftModel.from_pretrained`, functionally: a `FunctionalPeftModel` holding the loaded adapter.
 
@@ -456,10 +464,19 @@ def from_pretrained(
         autocast_adapter_dtype, strict, allow_pickle: as in `funcpeft.load_adapter`.
         init_data: per-layer data for inits that need it on load (CorDA).
 
+        model_level: the arguments of a model-level method's load (X-LoRA's `adapters`, see funcpeft._xlora).
+
     Returns:
-        A `FunctionalPeftModel` (`fn, base, adapter = pm`) holding the loaded adapter.
+        A `FunctionalPeftModel` (`fn, base, adapter = pm`) holding the loaded adapter (a model-level method's own
+        model for its saves: X-LoRA's XLoraModel).
     """
     _reject_peft_model(model)
+    load = _model_level_loader(directory, adapter_name)
+    if load is not None:
+        kw = {"autocast_adapter_dtype": autocast_adapter_dtype, "strict": strict, **model_level}
+        return load(model, directory, adapter_name, is_trainable, **kw)  # type: ignore[no-any-return]
+    if model_level:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {sorted(model_level)}")
     reshard(model)  # an FSDP2-sharded model: capture its shards, not the weights a forward left gathered
     loaded = load_for_model(
         model,
@@ -486,6 +503,20 @@ def from_pretrained(
     return FunctionalPeftModel(
         fn, base, loaded.tree, {adapter_name: loaded.config}, adapter_name, model, autocast_adapter_dtype
     )
+
+
+def _model_level_loader(directory: str | os.PathLike[str], adapter_name: str) -> Any:
+    """The load of a model-level method (`MODEL_LEVEL`) if `directory` holds one of its saves, else None."""
+    for d in (os.path.join(os.fspath(directory), adapter_name), os.fspath(directory)):
+        path = os.path.join(d, "adapter_config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    peft_type = json.load(f).get("peft_type")
+            except (OSError, ValueError, AttributeError):
+                return None  # the regular loading reports the broken file
+            return MODEL_LEVEL.get(peft_type, (None, None))[1]
+    return None
 
 
 __all__ = ["FunctionalPeftModel", "from_pretrained", "get_peft_model"]

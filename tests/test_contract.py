@@ -476,6 +476,8 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
 TESTED_ELSEWHERE: dict[str, str] = {
     "arrow": "test_lora_var2.py",  # a router over trained LoRA experts: funcpeft.create_arrow_model
     "poly": "test_method_poly.py",  # every call needs task_ids (B,), which the generic rows do not pass
+    # X-LoRA's mixing layers read LoRA experts and need the scalings of its two-pass call (funcpeft._xlora)
+    "xlora": "test_method_xlora.py",
     # input-level methods (prompt learning): no layers for the per-layer checks; differential tests of their own
     "prompt_tuning": "test_prompt_learning.py",
     "multitask_prompt_tuning": "test_prompt_learning.py",

@@ -392,7 +392,7 @@ def test_unknown_config_keys_warn_and_are_ignored(peft_llama_dir: tuple[Pair, Pa
     T.assert_trees_close(fpm.adapter, _detached(pair.adapter), atol=0)
 
 
-@pytest.mark.parametrize("peft_type, match", [("XLORA", "XLORA"), (None, "peft_type")])
+@pytest.mark.parametrize("peft_type, match", [("FUTURE_TYPE", "FUTURE_TYPE"), (None, "peft_type")])
 def test_unsupported_or_missing_peft_type_is_a_clear_error(
     peft_llama_dir: tuple[Pair, Path], tmp_path: Path, peft_type: str | None, match: str
 ) -> None:

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "distributed": 4,
     "_model": 5,
     "_arrow": 5,
+    "_xlora": 5,
     "eva": 5,
     "_ipca": 0,
     "_quant": 0,

@@ -65,6 +65,7 @@ from .unilora import UniLoraConfig
 from .vblora import VBLoRAConfig
 from .vera import VeraConfig
 from .waveft import WaveFTConfig
+from .xlora import XLoraConfig
 
 __all__ = [
     "MultitaskPromptTuningConfig",
@@ -89,6 +90,7 @@ __all__ = [
     "FrodConfig",
     "GloraConfig",
     "WaveFTConfig",
+    "XLoraConfig",
     "DeloraConfig",
     "OSFConfig",
     "PsoftConfig",

@@ -53,6 +53,7 @@ from . import (
     velora,
     vera,
     waveft,
+    xlora,
 )
 from ._registry import (
     CONFIG_CLASSES,
@@ -123,6 +124,7 @@ __all__ = [
     "frod",
     "glora",
     "waveft",
+    "xlora",
     "deft",
     "delora",
     "hra",

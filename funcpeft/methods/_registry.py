@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..configs import PeftConfig
@@ -61,3 +62,15 @@ def weight_method(name: str) -> Method:
 def mixed_compatible_types() -> tuple[str, ...]:
     """PEFT types a mixed model (`mixed=True`, PEFT's PeftMixedModel) accepts, among the registered ones."""
     return tuple(sorted({m.peft_type for m in METHODS.values() if m.mixed_compatible}))
+
+
+MODEL_LEVEL: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+"""PEFT types whose model is not a set of adapted layers but a facade of its own (X-LoRA: two passes and a
+classifier around loaded LoRA experts), by peft_type: (build, load). `get_peft_model` and `from_pretrained` hand
+such a config / directory over: build(model, config, adapter_name, autocast_adapter_dtype, generator, **rest),
+load(model, directory, adapter_name, is_trainable, **kwargs)."""
+
+
+def register_model_level(peft_type: str, build: Callable[..., Any], load: Callable[..., Any]) -> None:
+    """Record the facade of a model-level PEFT type (see MODEL_LEVEL)."""
+    MODEL_LEVEL[peft_type] = (build, load)
