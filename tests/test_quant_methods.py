@@ -5,8 +5,9 @@ One row per (method, quantisation) in ROWS; every test runs on every row, so a m
 checked by adding rows: outputs and every adapter gradient equal PEFT's, parameter counts and
 print_trainable_parameters, the base tree holding the quantised weights as they are, files both ways, and merging
 (`Row.merge`: "equal" = funcpeft's merged weights equal PEFT's merged weights bit for bit, with PEFT's warning;
-"refused" = PEFT cannot merge into such layers and funcpeft refuses too; "peft_broken" = PEFT's bnb merge fails,
-funcpeft's merged model computes what the adapted one does, up to the re-quantisation).
+"refused" = PEFT cannot merge into such layers and funcpeft refuses too; "peft_broken" = PEFT's bnb merge fails (its
+merge or the merged model's forward raises), and funcpeft's merged weights equal PEFT's plain-layer merge arithmetic
+applied to the dequantised weight and quantised again: `quantise(dequantise(W) + <method>.layer.Linear.get_delta_weight)`).
 
 The models: a tiny Llama saved once and loaded with transformers' BitsAndBytesConfig (CPU, bitsandbytes 0.50); 4-bit
 loads are deep copies of one cached load, 8-bit ones fresh loads (an Int8Params loses its scales in a deep copy).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,10 +27,11 @@ from typing import Any, Literal
 import pytest
 import torch
 from helpers import capture_stdout
+import torch.nn.functional as F
 from torch import nn
 
 import funcpeft
-from funcpeft._quant import dequantize, is_quantised
+from funcpeft._quant import dequantize, is_quantised, requantize
 from funcpeft.testing import random_like
 from funcpeft.testing._peft import copy_into_peft, peft_grads
 
@@ -58,11 +61,14 @@ class Row:
         return f"{self.method}-{self.bits}"
 
 
-def _rows(method: str, config: str, merge: Merge, slow_int8: bool = False, **kwargs: Any) -> list[Any]:
-    """The method's rows for 4-bit NF4 and 8-bit."""
+def _rows(
+    method: str, config: str, merge: Merge, merge_int8: Merge | None = None, slow_int8: bool = False, **kwargs: Any
+) -> list[Any]:
+    """The method's rows for 4-bit NF4 and 8-bit (merge_int8: the 8-bit row's merge, when not `merge`)."""
     out = []
     for bits in ("nf4", "int8"):
-        row = Row(method, config, bits, merge, {"target_modules": TARGETS, **kwargs})
+        how = merge_int8 if bits == "int8" and merge_int8 is not None else merge
+        row = Row(method, config, bits, how, {"target_modules": TARGETS, **kwargs})
         marks = [pytest.mark.slow] if slow_int8 and bits == "int8" else []
         out.append(pytest.param(row, id=row.id, marks=marks))
     return out
@@ -71,7 +77,7 @@ def _rows(method: str, config: str, merge: Merge, slow_int8: bool = False, **kwa
 ROWS = [
     *_rows("adalora", "AdaLoraConfig", "refused", init_r=4, target_r=2, total_step=10),
     *_rows("hira", "HiraConfig", "equal", r=4),
-    *_rows("pvera", "PveraConfig", "peft_broken", r=4),
+    *_rows("pvera", "PveraConfig", "peft_broken", merge_int8="equal", r=4),
     *_rows("randlora", "RandLoraConfig", "peft_broken", r=4),
     *_rows("road", "RoadConfig", "equal", group_size=8),
 ]
@@ -126,7 +132,8 @@ def _loss(logits: torch.Tensor) -> torch.Tensor:
 def _pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
     """(funcpeft model, PEFT model, adapter values): the same quantised model twice, the same random adapter."""
     ours = funcpeft.get_peft_model(_load(path, row.bits), getattr(funcpeft, row.config)(**row.kwargs))
-    theirs = peft.get_peft_model(_load(path, row.bits), getattr(peft, row.config)(**row.kwargs))
+    # eval: PEFT's model comes back in training mode here, where PVeRA samples (funcpeft's call without dropout_rng)
+    theirs = peft.get_peft_model(_load(path, row.bits), getattr(peft, row.config)(**row.kwargs)).eval()
     adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
     copy_into_peft(theirs, adapter, ours.plans["default"])
     return ours, theirs, adapter
@@ -221,9 +228,32 @@ def test_merge_and_unload_against_peft(saved: Path, row: Row) -> None:
         for name in mine:
             assert torch.equal(mine[name], want[name]), name
         assert torch.equal(merged(input_ids=IDS).logits, peft_merged(input_ids=IDS).logits)
-    else:  # PEFT's merge fails (see the method's module docstring); funcpeft's computes the adapted model
+    else:  # PEFT's bnb merge fails (see the method's module docstring): its plain layers' merge is the reference
+        plain = importlib.import_module(f"peft.tuners.{row.method}.layer").Linear
+        for path in adapter:
+            layer = theirs.get_submodule(f"base_model.model.{path}")
+            weight = ours.base[f"{path}.weight"]
+            dense = dequantize(weight, ours.model.get_submodule(path))
+            with torch.no_grad():
+                want = dequantize(requantize(weight, dense + plain.get_delta_weight(layer, "default")))
+            assert torch.equal(mine[f"{path}.weight"], want), path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with pytest.raises(RuntimeError):
                 theirs.merge_and_unload()(input_ids=IDS)
-        assert _rel(merged(input_ids=IDS).logits, adapted) <= 0.05  # the re-quantisation's rounding only
+
+
+def test_peft_randlora_bnb_delta_is_wrong_on_a_square_layer(saved: Path) -> None:
+    """PEFT's randlora.bnb `get_delta_weight` is `first @ second`, its plain layer's `(first^T @ second^T)^T`: on a
+    square layer (q_proj, 64 x 64) the bnb one runs and differs from the delta its forward adds (a wrong merge)."""
+    row = Row("randlora", "RandLoraConfig", "nf4", "peft_broken", {"target_modules": ["q_proj"], "r": 4})
+    ours, theirs, adapter = _pair(saved, row)
+    layer = theirs.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    with torch.no_grad():
+        bnb_delta = layer.get_delta_weight("default")
+        plain_delta = peft.tuners.randlora.layer.Linear.get_delta_weight(layer, "default")
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+        first, second = layer.get_scaled_bases("default")
+        term = F.linear(F.linear(x, first), second) * layer.scaling["default"]  # what its forward adds
+    assert bnb_delta.shape == plain_delta.shape == (64, 64)
+    assert _rel(x @ plain_delta.T, term) <= 1e-5 and _rel(x @ bnb_delta.T, term) > 0.1
