@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from helpers import capture_stdout
 import torch.nn.functional as F
+from helpers import capture_stdout
 from torch import nn
 
 import funcpeft
@@ -62,9 +62,10 @@ class Row:
 
 
 def _rows(
-    method: str, config: str, merge: Merge, merge_int8: Merge | None = None, slow_int8: bool = False, **kwargs: Any
+    method: str, config: str, merge: Merge, merge_int8: Merge | None = None, slow_int8: bool = True, **kwargs: Any
 ) -> list[Any]:
-    """The method's rows for 4-bit NF4 and 8-bit (merge_int8: the 8-bit row's merge, when not `merge`)."""
+    """The method's rows for 4-bit NF4 and 8-bit (merge_int8: the 8-bit row's merge, when not `merge`; slow_int8:
+    the 8-bit row is in the slow tier, as each of its models is a fresh load from disk)."""
     out = []
     for bits in ("nf4", "int8"):
         how = merge_int8 if bits == "int8" and merge_int8 is not None else merge
@@ -143,9 +144,7 @@ def _dense(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every quantised weight dequantised (what the model computes with)."""
     modules = dict(model.named_modules())
     return {
-        name: dequantize(p, modules[name.rpartition(".")[0]])
-        for name, p in model.named_parameters()
-        if is_quantised(p)
+        name: dequantize(p, modules[name.rpartition(".")[0]]) for name, p in model.named_parameters() if is_quantised(p)
     }
 
 
@@ -178,9 +177,7 @@ def test_base_holds_the_quantised_weights_unchanged(saved: Path, row: Row) -> No
     assert len(packed) == 14  # every linear layer of the two blocks
     before = {n: p.data.clone() for n, p in packed.items()}
     adapter = random_like(pm.adapter, torch.Generator().manual_seed(1))
-    _, grads = funcpeft.value_and_grad(lambda a: _loss(pm.fn(pm.base, a, input_ids=IDS, dropout_rng=0).logits))(
-        adapter
-    )
+    _, grads = funcpeft.value_and_grad(lambda a: _loss(pm.fn(pm.base, a, input_ids=IDS, dropout_rng=0).logits))(adapter)
     assert grads.keys() == adapter.keys()
     for name, p in packed.items():
         assert pm.base[name] is p and model.get_parameter(name) is p
@@ -204,7 +201,7 @@ def test_files_both_ways(saved: Path, tmp_path: Path, row: Row) -> None:
 @pytest.mark.parametrize("row", ROWS)
 def test_merge_and_unload_against_peft(saved: Path, row: Row) -> None:
     ours, theirs, adapter = _pair(saved, row)
-    adapted = ours.fn(ours.base, adapter, input_ids=IDS).logits  # (8-bit: bitsandbytes moves the scales on a call)
+    ours.fn(ours.base, adapter, input_ids=IDS)  # 8-bit: bitsandbytes moves the row scales into the module on a call
     theirs(input_ids=IDS)
     if row.merge == "refused":
         with warnings.catch_warnings():

@@ -81,7 +81,9 @@ def _layer_rank(config: Any, target: Target) -> int:
 def hyper(config: Any, target: Target) -> AdaLoraHyper:
     """AdaLoRA's per-layer facts; Linear (bitsandbytes ones too), GPT-2 Conv1D and Conv2d (groups=1) only, like PEFT."""
     module = target.module
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR) and not isinstance(module, torch.nn.Conv2d):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR) and not isinstance(
+        module, torch.nn.Conv2d
+    ):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(module).__name__}) is not supported by AdaLoRA. Currently, only "
             "`torch.nn.Linear`, `Conv1D`, and `torch.nn.Conv2d` are supported."
