@@ -278,10 +278,10 @@ def hqq_layer(module: Any, value: torch.Tensor) -> nn.Module:
     return new  # type: ignore[no-any-return]
 
 
-def warn_rounding(what: str) -> None:
-    """PEFT's warning when merging into (or unmerging from) a quantised weight."""
+def warn_rounding(what: str, method: str = "lora") -> None:
+    """PEFT's warning when merging into (or unmerging from) a quantised weight (method: PEFT's type, lower case)."""
     warnings.warn(
-        f"{what.capitalize()} lora module to 4-bit / 8-bit linear may get different generations due to rounding "
+        f"{what.capitalize()} {method} module to 4-bit / 8-bit linear may get different generations due to rounding "
         "errors (the merged weight is quantised again).",
         UserWarning,
         stacklevel=4,

@@ -10,6 +10,10 @@ kept ranks and resizes its layers on load, so funcpeft plans those shapes (`Targ
 `s` is lora_alpha (float(r) when lora_alpha <= 0) and `ranknum` is PEFT's frozen (1,) parameter, always
 init_r (0 for a layer that kept no rank): a constant of the spec here, counted like PEFT's in "all params".
 
+On a bitsandbytes 4-bit / 8-bit layer (LayerKind.QUANT_LINEAR, PEFT's adalora.bnb SVDLinear4bit /
+SVDLinear8bitLt) the layer's own kernel gives `result` and the term is cast to its dtype before the scaling, as
+there; PEFT has no merge for these layers (NotImplementedError), nor does funcpeft.
+
 PEFT's SVDConv2d materialises the conv's full delta kernel (out, in, kh, kw) on every call and convolves the
 input with it; funcpeft does the same (a low-rank conv factorisation would change the arithmetic). Linear
 layers never build a weight-sized tensor.
@@ -28,7 +32,19 @@ import torch.nn.functional as F
 from ..configs import AdaLoraConfig
 from ..configs.adalora import RANK_PATTERN_SUFFIX
 from ._registry import register
-from .base import FileCodec, KeyRules, LayerKind, LayerSpec, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    FileCodec,
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 
 NAMES = ("lora_A", "lora_B", "lora_E")  # PEFT keeps them in ParameterDicts: saved without `.weight`
 FILE_PREFIX = "base_model.model."  # PEFT's checkpoint keys: base_model.model.{path}.lora_A
@@ -63,9 +79,11 @@ def _layer_rank(config: Any, target: Target) -> int:
 
 
 def hyper(config: Any, target: Target) -> AdaLoraHyper:
-    """AdaLoRA's per-layer facts; Linear, GPT-2 Conv1D and Conv2d (groups=1) only, like PEFT."""
+    """AdaLoRA's per-layer facts; Linear (bitsandbytes ones too), GPT-2 Conv1D and Conv2d (groups=1) only, like PEFT."""
     module = target.module
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF) and not isinstance(module, torch.nn.Conv2d):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR) and not isinstance(
+        module, torch.nn.Conv2d
+    ):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(module).__name__}) is not supported by AdaLoRA. Currently, only "
             "`torch.nn.Linear`, `Conv1D`, and `torch.nn.Conv2d` are supported."
@@ -123,6 +141,9 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     assert result is not None
     a, b, e = params["lora_A"], params["lora_B"], params["lora_E"]
     x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
+    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers: the term in the result's dtype, then scaled
+        term = (x @ (a * e).T @ b.T).to(result.dtype) * spec.hyper.scaling / _ranknum(spec, a)
+        return (result + term).to(result.dtype)
     if spec.kind is LayerKind.CONV:
         g = spec.conv
         delta = F.conv2d(
@@ -183,6 +204,15 @@ def _decode(config: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch
     return dict(tensors)
 
 
+def _refuse_quantised(what: str) -> Exception:
+    """PEFT's adalora.bnb layers have no merge / unmerge (BaseTunerLayer's bare NotImplementedError)."""
+    return NotImplementedError(
+        f"AdaLoRA cannot {what} into a bitsandbytes 4-bit / 8-bit layer: PEFT's adalora.bnb layers (SVDLinear4bit, "
+        "SVDLinear8bitLt) do not support merging (NotImplementedError). Keep the adapter separate, or load the base "
+        "unquantised to merge."
+    )
+
+
 def frozen_count(spec: LayerSpec[Any]) -> int:
     return 1  # PEFT's `ranknum` parameter (requires_grad=False)
 
@@ -200,5 +230,7 @@ ADALORA = register(
         codec=FileCodec(_encode, _decode),
         frozen_count=frozen_count,
         mixed_compatible=True,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        merge=MergeHooks(refuse_quantised=_refuse_quantised),
     )
 )

@@ -10,6 +10,11 @@ HiRA adapters on one layer each adds its own `W0 * (B_i A_i)` term, as PEFT's lo
 a plain F.embedding (no padding_idx / max_norm) and no dropout, as PEFT's. Merging: `W0 + W0 * delta` (delta in
 W's dtype); unmerging restores the pre-merge weight when known, else divides by `1 + delta` (inexact).
 
+bitsandbytes 4-bit / 8-bit layers (LayerKind.QUANT_LINEAR, PEFT's hira.bnb Linear4bit / Linear8bitLt): the layer's
+own kernel gives `result`, W0 is its weight dequantised on each call (as PEFT does), the term is
+`F.linear(x, W0 * (B @ A))` cast to the result's dtype; merging dequantises, computes `W * (1 + B A)` against the
+current weight (each adapter in turn, PEFT's bnb merge) and quantises again; unmerging divides by `1 + B A`.
+
 Materialised per call, per adapted layer: B A (weight-sized) and W0 * (B A) (weight-sized), exactly what PEFT
 builds in its forward; nothing more. Per-example routing (a different adapter per example) runs `forward` under
 vmap and so builds these two per example (B x weight-sized), which PEFT has no equivalent of.
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from ..configs import HiraConfig
 from ._layers import conv_op
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 A, B = "hira_A", "hira_B"
 EMB_A, EMB_B = "hira_embedding_A", "hira_embedding_B"
@@ -117,6 +122,9 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
         return (result + F.embedding(x, ctx.weight * _modulation(spec, params))).to(out_dtype)
     a = params[A]
     x = ctx.dropout(x.to(a.dtype), spec.hyper.dropout)
+    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers: W0 dequantised, B @ A, the term in result's dtype
+        term = F.linear(x, ctx.float_weight() * (params[B] @ a)).to(out_dtype)
+        return (result + term).to(out_dtype)
     eff = ctx.weight * _modulation(spec, params)
     if spec.kind is LayerKind.CONV:
         g = spec.conv
@@ -146,14 +154,20 @@ def delta_weight(spec: Spec, params: Params) -> torch.Tensor:
 
 
 def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """PEFT's `_merge`: `W + W0 * delta` (delta cast to W's dtype); W0: the pre-merge weight (default: `weight`)."""
+    """PEFT's `_merge`: `W + W0 * delta` (delta cast to W's dtype); W0: the pre-merge weight (default: `weight`).
+    A quantised layer's (dequantised) weight: `W * (1 + delta)` on the current W, PEFT's bnb merge."""
+    if spec.kind.module_level:
+        return weight * (1 + delta_weight(spec, params).to(weight.device))
     w0 = weight if base_weight is None else base_weight
     delta = delta_weight(spec, params).to(device=weight.device, dtype=weight.dtype)
     return weight + w0 * delta
 
 
 def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """PEFT restores its saved pre-merge weight: `base_weight` when known, else `W / (1 + delta)` (inexact)."""
+    """PEFT restores its saved pre-merge weight: `base_weight` when known, else `W / (1 + delta)` (inexact); its
+    bnb layers always divide the (dequantised) merged weight."""
+    if spec.kind.module_level:
+        return weight / (1 + delta_weight(spec, params).to(weight.device))
     if base_weight is not None:
         return base_weight
     delta = delta_weight(spec, params).to(device=weight.device, dtype=weight.dtype)
@@ -170,5 +184,6 @@ HIRA = register(
         forward=forward,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, from_base=True),
         keys=KeyRules(param_prefix="hira_", unsuffixed=frozenset({A, B, EMB_A, EMB_B})),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -13,6 +13,12 @@ per element of mu, like PEFT's `randn_like` (PEFT draws it from the global RNG, 
 seeded with `generator_seed`, which funcpeft keeps for the file only). With `sample_at_inference` PEFT also samples
 in eval mode; funcpeft's eval call has no randomness, so such a call raises NotImplementedError (a training call
 samples). Merging uses the mean, as PEFT: dW = (lambda_b * B) @ (lambda_d[:r] * A[:r]).
+
+bitsandbytes 4-bit / 8-bit layers (LayerKind.QUANT_LINEAR, PEFT's pvera.bnb): the layer's own kernel gives `result`;
+the term is cast to its dtype before the add and the sum to the adapter's dtype, as there. Merging dequantises,
+adds dW and quantises again. PEFT 0.21.2's 4-bit merge re-creates the weight with `bnb_quantized=True` copied from
+the old one, so its values are never quantised and the merged layer fails in its next forward; funcpeft quantises
+them (the same merge as its 8-bit layers').
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..configs import PveraConfig
 from . import vera
 from ._registry import register
 from .base import (
+    WEIGHT_OP_KINDS,
     KeyRules,
     LayerKind,
     LayerSpec,
@@ -54,7 +61,7 @@ Spec = LayerSpec[PveraHyper]
 
 
 def hyper(config: Any, target: Target) -> PveraHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
             "following modules are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
@@ -115,6 +122,8 @@ def _forward(
         std = torch.exp(0.5 * logvar)
         eps = torch.randn(std.shape, generator=ctx.generator(std.device), device=std.device, dtype=std.dtype)
         z = mu + eps * std
+    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers: the term in result's dtype, the sum in x's (cast)
+        return (result + (lambda_b * F.linear(z, b)).to(out_dtype)).to(x.dtype)
     return (result + lambda_b * F.linear(z, b)).to(out_dtype)
 
 
@@ -161,5 +170,6 @@ PVERA = register(
             saved=lambda config: bool(config.save_projection),
         ),
         keys=KeyRules(param_prefix="pvera_lambda_", unsuffixed=frozenset(_NAMES)),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -16,6 +16,12 @@ P(+-1) = 1/6; `very_sparse`: 1 / (2 sqrt(k_max))). They are *frozen*: kept in `b
 counted, like PEFT's buffers), as float32 (PEFT casts them to the layer's dtype; for fp16/bf16 models its
 files hold them in that dtype). With save_projection PEFT saves them as `base_model.randlora_A/B` and once
 more under every adapted layer; so does funcpeft.
+
+bitsandbytes 4-bit / 8-bit layers (LayerKind.QUANT_LINEAR, PEFT's randlora.bnb): the layer's own kernel gives
+`result`, the term is cast to its dtype before the scaling and the sum to the adapter's dtype, as there. Merging
+dequantises, adds dW (the plain layer's delta) and quantises again. PEFT 0.21.2's bnb merge computes its delta as
+`first @ second` (the plain layer's is `(first^T @ second^T)^T`): a shape error for a non-square layer and a wrong
+delta for a square one (tests/test_quant_methods.py shows both); funcpeft merges the delta its forward computes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ..configs.randlora import RandLoraConfig
 from ._layers import UPCAST_DTYPES, SavesInputs
 from ._registry import register
 from .base import (
+    WEIGHT_OP_KINDS,
     KeyRules,
     LayerKind,
     LayerSpec,
@@ -95,8 +102,8 @@ def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> RandLoraBases
     shapes: list[tuple[int, int]] = []  # (out, in)
     for m in targets.values():
         shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):
-            shapes.append((int(shape[0]), int(shape[1])))
+        if isinstance(m, nn.Linear):  # its own dims: a quantised subclass's weight is packed data
+            shapes.append((m.out_features, m.in_features))
         elif type(m).__name__ == "Conv1D":
             shapes.append((int(shape[1]), int(shape[0])))
     if not shapes:
@@ -111,12 +118,13 @@ def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> RandLoraBases
 
 
 def hyper(config: Any, target: Target) -> RandLoraHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
             "following modules are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
         )
-    shape = target.module.weight.shape
+    m = target.module
+    shape = (m.out_features, m.in_features) if isinstance(m, nn.Linear) else m.weight.shape  # packed when quantised
     return RandLoraHyper(
         r=config.r,
         scaling=config.randlora_alpha / config.r,
@@ -265,6 +273,8 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     previous_dtype = x.dtype
     first, second = scaled_bases(spec, params, x.device)
     x = ctx.dropout(x.to(second.dtype), spec.hyper.dropout)
+    if spec.kind is LayerKind.QUANT_LINEAR:  # PEFT's bnb layers: term in result's dtype, scaled, sum in x's (cast)
+        return (result + F.linear(F.linear(x, first), second).to(result.dtype) * spec.hyper.scaling).to(x.dtype)
     return (result + F.linear(F.linear(x, first), second) * spec.hyper.scaling).to(previous_dtype)
 
 
@@ -302,5 +312,6 @@ RANDLORA = register(
             layer_file_keys=peft_layer_keys,
         ),
         keys=KeyRules(param_prefix="randlora_lambda", unsuffixed=frozenset({LAMBDA, GAMMA})),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -8,7 +8,9 @@ per pair, shared by both elements), out (road_2) or 2 * out (road_4: separate an
 Materialised per call, as in PEFT's forward: nothing weight-sized, only the (out,) columns c1, c2 and the
 output-sized rotated copy. The (out, out) rotation R is built only to merge, W' = R W and b' = R b (PEFT's
 `_get_delta_weight`); unmerging applies R's inverse (float32 `torch.linalg.inv`, as PEFT).
-Supported layers, as in PEFT: nn.Linear only (PEFT's bitsandbytes layers are not supported here).
+Supported layers, as in PEFT: nn.Linear, and bitsandbytes 4-bit / 8-bit layers (LayerKind.QUANT_LINEAR, PEFT's
+road.bnb): their own kernel gives the output that is rotated, and (PEFT's bnb forward) it stays in the adapter's
+dtype; merging dequantises W, computes R W in R's dtype and quantises again (b' = R b on the plain bias).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from ..configs.road import RoadConfig
 from ._registry import register
 from .base import (
+    WEIGHT_OP_KINDS,
     KeyRules,
     LayerKind,
     LayerSpec,
@@ -48,7 +51,7 @@ Spec = LayerSpec[RoadHyper]
 
 
 def hyper(config: Any, target: Target) -> RoadHyper:
-    if target.kind is not LayerKind.LINEAR:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
             "following modules are supported: `torch.nn.Linear`."
@@ -104,7 +107,9 @@ def _apply(spec: Spec, params: Params, y: torch.Tensor) -> torch.Tensor:
 def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | None, ctx: OpContext) -> torch.Tensor:
     """The layer's output (..., out) rotated, computed in the adapter's dtype and cast back (PEFT's casts)."""
     assert result is not None
-    return _apply(spec, params, result.to(params[THETA].dtype)).to(result.dtype)
+    rotated = _apply(spec, params, result.to(params[THETA].dtype))
+    # PEFT's bnb layers cast x, not the result, back (`x = x.to(expected_dtype)`): the output keeps theta's dtype
+    return rotated if spec.kind is LayerKind.QUANT_LINEAR else rotated.to(result.dtype)
 
 
 def rotation(spec: Spec, params: Params) -> torch.Tensor:
@@ -118,13 +123,19 @@ def rotation(spec: Spec, params: Params) -> torch.Tensor:
 
 
 def merge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """W' = R W (out, in), R cast to W's dtype first (PEFT's merge)."""
+    """W' = R W (out, in), R cast to W's dtype first (PEFT's merge); a dequantised W: in R's dtype (PEFT's bnb)."""
+    if spec.kind.module_level:
+        r = rotation(spec, params)
+        return r @ weight.to(r.dtype)
     return (rotation(spec, params).to(weight.dtype) @ weight).to(weight.dtype)
 
 
 def unmerge_weight(spec: Spec, params: Params, weight: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
-    """W = R^-1 W' (R need not be orthogonal: PEFT inverts it in float32)."""
-    inv = torch.linalg.inv(rotation(spec, params).to(torch.float32)).to(weight.dtype)
+    """W = R^-1 W' (R need not be orthogonal: PEFT inverts it in float32); a dequantised W' in R's dtype (bnb)."""
+    r = rotation(spec, params)
+    if spec.kind.module_level:
+        return torch.linalg.inv(r.to(torch.float32)).to(r.dtype) @ weight.to(r.dtype)
+    inv = torch.linalg.inv(r.to(torch.float32)).to(weight.dtype)
     return inv @ weight
 
 
@@ -146,5 +157,6 @@ ROAD = register(
         forward=forward,
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, bias=merge_bias, unbias=unmerge_bias),
         keys=KeyRules(param_prefix="road_", unsuffixed=frozenset({THETA, ALPHA})),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

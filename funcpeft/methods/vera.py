@@ -77,8 +77,8 @@ def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
     for m in targets.values():
         shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):
-            dims.append((int(shape[1]), int(shape[0])))
+        if isinstance(m, nn.Linear):  # its own dims: a quantised subclass's weight is packed data (PEFT reads them too)
+            dims.append((m.in_features, m.out_features))
         elif type(m).__name__ == "Conv1D":
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
