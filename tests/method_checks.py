@@ -18,7 +18,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import make_inputs, out_tensor
+from helpers import cast_model, make_inputs, out_tensor
 from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -35,12 +35,24 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def build_both(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0) -> tuple[Any, Any]:
+def build_both(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0, autocast_adapter_dtype: bool = True
+) -> tuple[Any, Any]:
     """funcpeft's and PEFT's `get_peft_model` on copies of `model`, each right after `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
-    fpm = _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
+    fpm = _quiet(
+        funcpeft.get_peft_model,
+        copy.deepcopy(model),
+        getattr(funcpeft, config_cls)(**kwargs),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
     torch.manual_seed(seed)
-    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
+    pm = _quiet(
+        peft.get_peft_model,
+        copy.deepcopy(model),
+        getattr(peft, config_cls)(**kwargs),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
     return fpm, pm.eval()
 
 
@@ -219,19 +231,7 @@ def assert_memory_lean_function_is_autograd(f: Any, want: Any, xs: Sequence[torc
 def assert_bf16_model_equals_peft(config_cls: str, kwargs: Mapping[str, Any], autocast: bool) -> None:
     """On a bf16 tiny Llama, with `autocast_adapter_dtype=autocast` in both libraries: the fresh adapter is PEFT's
     (float32 leaves when autocast, else bf16) and the logits are bitwise equal."""
-    model: Any = T.tiny_llama()
-    model = model.to(torch.bfloat16)
-    torch.manual_seed(0)
-    fpm = _quiet(
-        funcpeft.get_peft_model,
-        copy.deepcopy(model),
-        getattr(funcpeft, config_cls)(**kwargs),
-        autocast_adapter_dtype=autocast,
-    )
-    torch.manual_seed(0)
-    pm = _quiet(
-        peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), autocast_adapter_dtype=autocast
-    ).eval()
+    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), config_cls, kwargs, 0, autocast)
     assert_fresh_equals_peft(fpm, pm)
     assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
         torch.float32 if autocast else torch.bfloat16
