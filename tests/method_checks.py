@@ -132,12 +132,6 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)
 
 
-def assert_config_defaults_equal_peft(config_cls: str) -> None:
-    """The default config has PEFT's fields and defaults (peft_version: the PEFT release funcpeft reproduces)."""
-    ours, theirs = getattr(funcpeft, config_cls)().to_dict(), getattr(peft, config_cls)().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
-
-
 def assert_unsupported_like_peft(
     model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], peft_match: str, match: str
 ) -> None:

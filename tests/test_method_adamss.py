@@ -37,11 +37,7 @@ from funcpeft.methods.base import UnsupportedLayerError
 X = {"X": torch.randn(6, 10, generator=torch.Generator().manual_seed(0))}
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.AdamssConfig().to_dict() == {
-        **peft.AdamssConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
+def test_init_weights_false_becomes_none_like_peft() -> None:
     false: Any = False  # PEFT's annotation says "orthogonal" or None; its __post_init__ turns False into None
     assert funcpeft.AdamssConfig(init_weights=false).init_weights is peft.AdamssConfig(init_weights=false).init_weights
 

@@ -31,9 +31,7 @@ from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.BeftConfig().to_dict(), peft.BeftConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+def test_default_targets_are_peft_s_in_its_order() -> None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING as theirs_targets
 
     assert dict(funcpeft.BeftConfig.DEFAULT_TARGET_MODULES) == theirs_targets

@@ -33,13 +33,6 @@ from funcpeft.methods.base import UnsupportedLayerError
 from funcpeft.methods.c3a import block_circular
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.C3AConfig().to_dict() == {
-        **peft.C3AConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

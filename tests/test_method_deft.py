@@ -34,13 +34,6 @@ from funcpeft.methods.base import UnsupportedLayerError
 X = {"X": torch.arange(90).reshape(9, 10) % 7}  # token ids < 100 for EmbConv1D, values for the MLP
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.DeftConfig().to_dict() == {
-        **peft.DeftConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [

@@ -16,7 +16,6 @@ from helpers import cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_config_defaults_equal_peft,
     assert_fresh_equals_peft,
     assert_matches_peft_with,
     assert_merge_equals_peft,
@@ -34,10 +33,6 @@ from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
 
 LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_pro.": 3}, lambda_pattern={"q_proj": 3})
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert_config_defaults_equal_peft("DeloraConfig")
 
 
 @pytest.mark.parametrize(

@@ -62,13 +62,6 @@ CASES: list[dict[str, Any]] = [
 ]
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.FrodConfig().to_dict() == {
-        **peft.FrodConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "model_id, kwargs, exc, match",
     [

@@ -66,13 +66,6 @@ SHARING: list[dict[str, Any]] = [
 ]
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.LilyConfig().to_dict() == {
-        **peft.LilyConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

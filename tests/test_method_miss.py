@@ -47,13 +47,6 @@ def _odd() -> nn.Module:
 
 
 # -- config and errors -----------------------------------------------------------------------------------------
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.MissConfig().to_dict() == {
-        **peft.MissConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [

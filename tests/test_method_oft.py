@@ -57,12 +57,6 @@ def test_config_checks_peft_leaves_to_later_are_clear_errors() -> None:
         funcpeft.OFTConfig(oft_blocksize=4)  # type: ignore[call-arg]
 
 
-def test_config_fields_and_defaults_are_peft_s() -> None:
-    ours, theirs = funcpeft.OFTConfig().to_dict(), peft.OFTConfig().to_dict()
-    theirs.pop("runtime_config", None)
-    assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
-
-
 def test_files_from_old_peft_are_refused_or_warned_like_peft() -> None:
     old = {"peft_type": "OFT", "r": 8, "target_modules": ["q"]}
     with pytest.raises(ValueError) as theirs:

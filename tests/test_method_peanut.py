@@ -28,13 +28,6 @@ from funcpeft.methods.base import UnsupportedLayerError
 X = {"X": torch.randn(6, 10, generator=torch.Generator().manual_seed(0))}
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.PeanutConfig().to_dict() == {
-        **peft.PeanutConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

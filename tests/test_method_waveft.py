@@ -15,7 +15,6 @@ from helpers import MODELS, cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
-    assert_config_defaults_equal_peft,
     assert_fresh_equals_peft,
     assert_frozen_equal_peft,
     assert_matches_peft_with,
@@ -33,10 +32,6 @@ from torch import nn
 import funcpeft
 from funcpeft import testing as T
 from funcpeft._wavelets import WAVELETS
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert_config_defaults_equal_peft("WaveFTConfig")
 
 
 @pytest.mark.parametrize(
