@@ -18,7 +18,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import cast_model, make_inputs, out_tensor
+from helpers import cast_model, make_inputs, method_pair, out_tensor
 from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -153,15 +153,60 @@ def assert_frozen_equal_peft(fpm: Any, pm: nn.Module, attr: str) -> None:
     assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
 
 
+def merged_like_peft(
+    fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any], rtol: float = 1e-5, unmerge_base: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """merge_and_unload's outputs equal PEFT's (on a copy of `pm`; atol 1e-5); returns (merge(fpm.base, adapter),
+    unmerge of that), for the caller's checks on the weights. unmerge_base: unmerge is given `base=fpm.base`."""
+    with torch.no_grad():
+        want = out_tensor(copy.deepcopy(pm).merge_and_unload()(**inputs))
+        got = out_tensor(funcpeft.merge_and_unload(fpm, adapter)(**inputs))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=rtol)
+        merged = funcpeft.merge(fpm, fpm.base, adapter)
+        back = funcpeft.unmerge(fpm, merged, adapter, **({"base": fpm.base} if unmerge_base else {}))
+    return merged, back
+
+
 def assert_merge_equals_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any]) -> None:
     """merge_and_unload's outputs equal PEFT's, and unmerge(merge(W)) gives every adapted weight back."""
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**inputs).logits
-        got = funcpeft.merge_and_unload(fpm, adapter)(**inputs).logits
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
+    _, back = merged_like_peft(fpm, pm, adapter, inputs)
     for path in fpm.plans["default"]:
         torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def assert_rotation_merges_like_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any]) -> None:
+    """The orthogonal methods (OFT, BOFT, HRA): merge_and_unload's outputs equal PEFT's (rtol 0), and unmerging
+    the merged base (given the base) gives every base tensor back."""
+    _, back = merged_like_peft(fpm, pm, adapter, inputs, rtol=0, unmerge_base=True)
+    for k, v in fpm.base.items():
+        torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
+
+
+def assert_bf16_layers_cast_like_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]
+) -> Any:
+    """On `model` cast to bf16 (inputs too), eval outputs are bf16 and bitwise PEFT's; returns the adapter."""
+    fpm, pm, adapter = method_pair(cast_model(model, torch.bfloat16), config_cls, dict(kwargs))
+    x = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    with torch.no_grad():
+        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    return adapter
+
+
+def assert_linear_only_like_peft(
+    config_cls: str, peft_exc: type[BaseException], peft_match: str, kwargs: Mapping[str, Any] | None = None
+) -> None:
+    """PEFT adapts nn.Linear only: on GPT-2 it refuses the Conv1D (c_attn) and the embedding (wte) with `peft_exc`
+    matching `peft_match`; funcpeft with an UnsupportedLayerError naming the module and its type."""
+    model = T.tiny_gpt2()
+    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
+        config = {**(kwargs or {}), "target_modules": [target]}
+        with pytest.raises(peft_exc, match=peft_match):
+            peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_cls)(**config))
+        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
+            funcpeft.get_peft_model(model, getattr(funcpeft, config_cls)(**config))
 
 
 def assert_spectrum_indices_frozen_and_unsaved(config_cls: str, leaf: str, tmp_path: Any) -> None:

@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from method_checks import (
     assert_bf16_model_equals_peft,
     assert_fresh_equals_peft,
+    assert_linear_only_like_peft,
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     build_both,
+    merged_like_peft,
     random_trees,
 )
 from peft_matrix import models
@@ -28,7 +30,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 
 def test_default_targets_are_peft_s_in_its_order() -> None:
@@ -39,12 +40,7 @@ def test_default_targets_are_peft_s_in_its_order() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.BeftConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.BeftConfig(target_modules=[target]))
+    assert_linear_only_like_peft("BeftConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
@@ -71,11 +67,7 @@ def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
     adapter = random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        merged = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged, adapter)
+    merged, back = merged_like_peft(fpm, pm, adapter, x)
     for path in ("lin0", "lin1"):
         assert merged[f"{path}.weight"] is fpm.base[f"{path}.weight"]  # the weight is not touched
         torch.testing.assert_close(merged[f"{path}.bias"], fpm.base[f"{path}.bias"] + adapter[path]["beft_bias"][0])

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
     assert_fresh_equals_peft,
+    assert_linear_only_like_peft,
     assert_matches_peft_with,
     assert_merge_equals_peft,
     assert_mixed_refused_like_peft,
@@ -30,7 +31,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_pro.": 3}, lambda_pattern={"q_proj": 3})
 
@@ -61,12 +61,7 @@ def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseE
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.DeloraConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.DeloraConfig(target_modules=[target]))
+    assert_linear_only_like_peft("DeloraConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])

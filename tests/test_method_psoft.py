@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from method_checks import (
     assert_fresh_equals_peft,
+    assert_linear_only_like_peft,
     assert_matches_peft_with,
+    assert_merge_equals_peft,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
@@ -32,7 +34,6 @@ from torch import nn
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import psoft
-from funcpeft.methods.base import UnsupportedLayerError
 
 LLAMA: dict[str, Any] = dict(r=4, psoft_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -90,12 +91,7 @@ def test_ignored_fields_warn_like_peft(kwargs: dict[str, Any]) -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(ValueError, match="is not supported by minimal PSOFT"):
-            peft.get_peft_model(copy.deepcopy(model), peft.PsoftConfig(r=2, target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.PsoftConfig(r=2, target_modules=[target]))
+    assert_linear_only_like_peft("PsoftConfig", ValueError, "is not supported by minimal PSOFT", dict(r=2))
 
 
 @pytest.mark.parametrize(
@@ -130,12 +126,7 @@ def test_forward_gradients_and_merge_equal_peft(options: dict[str, Any]) -> None
     adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
     x = make_inputs("llama")
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in fpm.plans["default"]:
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_peft(tmp_path: Any) -> None:

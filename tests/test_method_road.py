@@ -5,10 +5,8 @@ recompiles, per-example routing and vmap."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
@@ -17,10 +15,12 @@ from hypothesis import strategies as st
 from method_checks import (
     assert_bf16_model_equals_peft,
     assert_fresh_equals_peft,
+    assert_linear_only_like_peft,
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
+    merged_like_peft,
     random_trees,
 )
 from peft_matrix import models
@@ -29,7 +29,6 @@ from torch import nn
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import road
-from funcpeft.methods.base import UnsupportedLayerError
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 
@@ -55,12 +54,12 @@ def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> 
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(ValueError, match="Currently, only the following modules are supported: `torch.nn.Linear`"):
-            peft.get_peft_model(copy.deepcopy(model), peft.RoadConfig(group_size=2, target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.RoadConfig(group_size=2, target_modules=[target]))
+    assert_linear_only_like_peft(
+        "RoadConfig",
+        ValueError,
+        "Currently, only the following modules are supported: `torch.nn.Linear`",
+        dict(group_size=2),
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -82,11 +81,7 @@ def test_forward_gradients_merge_and_unmerge_equal_peft(variant: str) -> None:
     adapter = random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        merged = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged, adapter)
+    merged, back = merged_like_peft(fpm, pm, adapter, x)
     for path in ("lin0", "lin1"):
         for name in ("weight", "bias"):
             key = f"{path}.{name}"

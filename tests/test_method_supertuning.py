@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from method_checks import (
     assert_bf16_model_equals_peft,
     assert_fresh_equals_peft,
+    assert_linear_only_like_peft,
     assert_matches_peft_with,
+    assert_merge_equals_peft,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
     build_both,
@@ -30,7 +32,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 SUPRA: dict[str, Any] = dict(sparsity=0.75, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -75,12 +76,7 @@ def test_unsaved_indices_are_refused_not_silently_saved() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.SupertuningConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.SupertuningConfig(target_modules=[target]))
+    assert_linear_only_like_peft("SupertuningConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
@@ -109,12 +105,8 @@ def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
     adapter = random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
     assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in ("lin0", "lin1"):
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    assert list(fpm.plans["default"]) == ["lin0", "lin1"]
+    assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
