@@ -18,7 +18,8 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import cast_model, make_inputs, method_pair, out_tensor
+from helpers import assert_forward_and_grads_equal_peft, cast_model, make_inputs, method_pair, out_tensor
+from method_helpers import seeded
 from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -133,11 +134,16 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
 
 
 def assert_unsupported_like_peft(
-    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], peft_match: str, match: str
+    model: nn.Module,
+    config_cls: str,
+    kwargs: Mapping[str, Any],
+    peft_match: str,
+    match: str,
+    peft_exc: type[BaseException] = TypeError,
 ) -> None:
-    """PEFT refuses the targeted layer type with a TypeError matching `peft_match`; funcpeft with an
+    """PEFT refuses the targeted layer type with a `peft_exc` matching `peft_match`; funcpeft with an
     UnsupportedLayerError matching `match` (which names the module and its type)."""
-    with pytest.raises(TypeError, match=peft_match):
+    with pytest.raises(peft_exc, match=peft_match):
         _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
     with pytest.raises(UnsupportedLayerError, match=match):
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
@@ -174,9 +180,14 @@ def assert_merge_equals_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[st
         torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
 
 
-def assert_rotation_merges_like_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any]) -> None:
-    """The orthogonal methods (OFT, BOFT, HRA): merge_and_unload's outputs equal PEFT's (rtol 0), and unmerging
-    the merged base (given the base) gives every base tensor back."""
+def assert_rotation_case_equals_peft(
+    build: Any, config_cls: str, config: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> None:
+    """The orthogonal methods' (OFT, BOFT, HRA) case: on `build()` (seeded), a random adapter's outputs and
+    gradients equal PEFT's, merge_and_unload's outputs too (rtol 0), and unmerging the merged base (given the base)
+    gives every base tensor back."""
+    fpm, pm, adapter = method_pair(seeded(build), config_cls, dict(config))
+    assert_forward_and_grads_equal_peft(fpm, pm, adapter, dict(inputs))
     _, back = merged_like_peft(fpm, pm, adapter, inputs, rtol=0, unmerge_base=True)
     for k, v in fpm.base.items():
         torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
@@ -203,10 +214,29 @@ def assert_linear_only_like_peft(
     model = T.tiny_gpt2()
     for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
         config = {**(kwargs or {}), "target_modules": [target]}
-        with pytest.raises(peft_exc, match=peft_match):
-            peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_cls)(**config))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, getattr(funcpeft, config_cls)(**config))
+        match = rf"'transformer\..*{target}' \({kind}\) is not supported"
+        assert_unsupported_like_peft(model, config_cls, config, peft_match, match, peft_exc)
+
+
+def saved_and_reloaded_on_changed_weights(
+    fpm: Any, model: nn.Module, tmp_path: Any, tails: Sequence[str], change: Any
+) -> tuple[dict[str, torch.Tensor], list[str], Any, Any]:
+    """Saves `fpm`'s fresh adapter to `tmp_path`, checks the file holds exactly `tails` under every adapted layer,
+    then loads it with funcpeft and with PEFT onto a copy of `model` whose adapted weights are `change(weight)`
+    (frozen tensors the file holds must come from it, the others from the changed weights).
+    Returns (the file's tensors, the adapted paths, funcpeft's loaded model, PEFT's in eval mode)."""
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    paths = list(fpm.plans["default"])
+    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in paths:
+            weight: Any = changed.get_submodule(p).weight
+            weight.copy_(change(weight))
+    back = funcpeft.from_pretrained(changed, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    return saved, paths, back, pm
 
 
 def assert_spectrum_indices_frozen_and_unsaved(config_cls: str, leaf: str, tmp_path: Any) -> None:

@@ -68,8 +68,8 @@ def test_low_precision_model_equals_peft_bitwise(
     assert floating <= {torch.float32 if autocast else dtype}, floating
 
     adapter = random_trees(fpm.adapter, 1)[0]
-    missing = peft.set_peft_model_state_dict(pm, _ours_state(fpm, adapter)).unexpected_keys
-    assert not missing, missing
+    loaded: Any = peft.set_peft_model_state_dict(pm, _ours_state(fpm, adapter))
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
     adapter = optree.tree_map(lambda t: t.detach().requires_grad_(True), adapter)
     x = make_inputs("llama")
     out = fpm.fn(fpm.base, adapter, **x).logits

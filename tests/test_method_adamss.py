@@ -23,6 +23,7 @@ from method_checks import (
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_unsupported_like_peft,
     build_both,
     random_trees,
 )
@@ -32,7 +33,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 X = {"X": torch.randn(6, 10, generator=torch.Generator().manual_seed(0))}
 
@@ -86,11 +86,10 @@ def test_a_subspace_rank_above_the_svd_rank_is_refused() -> None:
 )
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
     """PEFT adapts nn.Linear only."""
-    model = models.build(model_id)
-    with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-        peft.get_peft_model(copy.deepcopy(model), peft.AdamssConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"'{target}', a .*{kind} \("):
-        funcpeft.get_peft_model(model, funcpeft.AdamssConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    assert_unsupported_like_peft(
+        model, "AdamssConfig", config, "Currently, only `torch.nn.Linear` is supported", rf"'{target}', a .*{kind} \("
+    )
 
 
 def test_mixed_is_refused_like_peft() -> None:

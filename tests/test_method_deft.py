@@ -21,6 +21,7 @@ from method_checks import (
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_unsupported_like_peft,
     build_both,
     random_trees,
 )
@@ -29,7 +30,6 @@ from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 X = {"X": torch.arange(90).reshape(9, 10) % 7}  # token ids < 100 for EmbConv1D, values for the MLP
 
@@ -53,11 +53,14 @@ def test_config_errors_are_peft_s(kwargs: dict[str, Any], exc: type[BaseExceptio
 @pytest.mark.parametrize("model_id, target, kind", [("EmbConv1D", "emb", "Embedding"), ("Conv2d", "conv2d", "Conv2d")])
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
     """PEFT adapts nn.Linear and GPT-2's Conv1D only."""
-    model = models.build(model_id)
-    with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` and `transformers.pytorch_utils.Conv1D`"):
-        peft.get_peft_model(copy.deepcopy(model), peft.DeftConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"'{target}', a torch\.nn\..*{kind} \("):
-        funcpeft.get_peft_model(model, funcpeft.DeftConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    assert_unsupported_like_peft(
+        model,
+        "DeftConfig",
+        config,
+        "Currently, only `torch.nn.Linear` and `transformers.pytorch_utils.Conv1D`",
+        rf"'{target}', a torch\.nn\..*{kind} \(",
+    )
 
 
 def test_mixed_is_refused_like_peft() -> None:

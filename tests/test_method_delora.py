@@ -5,11 +5,8 @@ Compile and per-example routing: tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any
 
-import peft
 import pytest
 import torch
 from helpers import cast_model, examples, make_inputs
@@ -24,9 +21,9 @@ from method_checks import (
     assert_raises_like_peft,
     build_both,
     random_trees,
+    saved_and_reloaded_on_changed_weights,
 )
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -91,19 +88,9 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.DeloraConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (2 * 64 + 64 * 2 + 1)  # the norms are not counted
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    assert sorted(saved) == sorted(
-        f"base_model.model.{p}.{n}" for p in paths for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(
+        fpm, model, tmp_path, ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"), lambda w: w * 2.0
     )
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.mul_(2.0)
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         torch.testing.assert_close(back.base[key], saved[f"base_model.model.{p}.delora_w_norm"], atol=0, rtol=0)

@@ -6,14 +6,12 @@ tests/test_peft_matrix.py; tiny transformers models: tests/test_contract.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
 from typing import Any, cast
 
 import optree
-import peft
 import pytest
 import torch
 from method_checks import (
@@ -22,6 +20,7 @@ from method_checks import (
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_unsupported_like_peft,
     build_both,
     random_trees,
 )
@@ -31,7 +30,6 @@ from torch import nn
 
 import funcpeft
 import funcpeft.testing
-from funcpeft.methods.base import UnsupportedLayerError
 
 
 class Stack(nn.Module):
@@ -84,11 +82,15 @@ def test_config_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
     [("EmbConv1D", "emb", "Embedding"), ("EmbConv1D", "conv1d", "Conv1D"), ("Conv2d", "conv2d", "Conv2d")],
 )
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
-    model = models.build(model_id)
-    with pytest.raises(NotImplementedError, match="Lily does not support target modules of type"):
-        peft.get_peft_model(copy.deepcopy(model), peft.LilyConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"{target!r}.*{kind}"):
-        funcpeft.get_peft_model(model, funcpeft.LilyConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    assert_unsupported_like_peft(
+        model,
+        "LilyConfig",
+        config,
+        "Lily does not support target modules of type",
+        rf"{target!r}.*{kind}",
+        NotImplementedError,
+    )
 
 
 def test_a_name_ending_in_two_targets_is_refused() -> None:

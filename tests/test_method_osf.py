@@ -7,7 +7,6 @@ tests/test_contract.py."""
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import optree
@@ -25,9 +24,9 @@ from method_checks import (
     assert_raises_like_peft,
     build_both,
     random_trees,
+    saved_and_reloaded_on_changed_weights,
 )
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -112,18 +111,13 @@ def test_forward_projected_gradients_and_merge_equal_peft() -> None:
 def test_only_the_trained_factors_are_saved_and_loading_rebuilds_the_rest_like_peft(tmp_path: Any) -> None:
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.OSFConfig(**LLAMA, init_weights=False))
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    tails = ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight) * 0.1)
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(
+        fpm,
+        model,
+        tmp_path,
+        ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low"),
+        lambda w: torch.randn_like(w) * 0.1,
+    )
     for p in paths:
         layer: Any = pm.get_submodule(f"base_model.model.{p}")
         for name, value in _frozen(back, p).items():

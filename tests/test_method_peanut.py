@@ -16,6 +16,7 @@ from method_checks import (
     assert_matches_peft_with,
     assert_mixed_refused_like_peft,
     assert_raises_like_peft,
+    assert_unsupported_like_peft,
     build_both,
     random_trees,
 )
@@ -43,11 +44,15 @@ def test_config_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
 
 @pytest.mark.parametrize("model_id, target, kind", [("EmbConv1D", "emb", "Embedding"), ("Conv2d", "conv2d", "Conv2d")])
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
-    model = models.build(model_id)
-    with pytest.raises(NotImplementedError, match="PEANuT does not support target modules of type"):
-        peft.get_peft_model(copy.deepcopy(model), peft.PeanutConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"{target!r}.*{kind}"):
-        funcpeft.get_peft_model(model, funcpeft.PeanutConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    assert_unsupported_like_peft(
+        model,
+        "PeanutConfig",
+        config,
+        "PEANuT does not support target modules of type",
+        rf"{target!r}.*{kind}",
+        NotImplementedError,
+    )
 
 
 def test_gpt2_conv1d_is_refused() -> None:

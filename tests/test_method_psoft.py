@@ -6,8 +6,6 @@ vmap and routing on tiny-llama: tests/test_contract.py."""
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 from typing import Any
 
@@ -26,9 +24,9 @@ from method_checks import (
     assert_raises_like_peft,
     build_both,
     random_trees,
+    saved_and_reloaded_on_changed_weights,
 )
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -134,18 +132,9 @@ def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_pef
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.PsoftConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (1 + 2 + 2)  # r(r-1)/2 + two vectors; A, B not counted
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    tails = ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight))
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(
+        fpm, model, tmp_path, ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a"), torch.randn_like
+    )
     for p in paths:
         layer: Any = pm.get_submodule(f"base_model.model.{p}")
         a, b = _factors(back, p)

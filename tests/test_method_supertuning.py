@@ -5,8 +5,6 @@ is the top-k (bottom-k) magnitudes; torch.compile without recompiles, per-exampl
 
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any
 
 import peft
@@ -25,9 +23,9 @@ from method_checks import (
     assert_raises_like_peft,
     build_both,
     random_trees,
+    saved_and_reloaded_on_changed_weights,
 )
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -114,18 +112,9 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
     model = T.tiny_llama()
     config = funcpeft.SupertuningConfig(sparsity=0.9, r=2, target_modules=["q_proj"], init_weights=False)
     fpm = funcpeft.get_peft_model(model, config)
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
     names = ("supertuning_values", "supertuning_indices", "supertuning_lora_A.weight", "supertuning_lora_B.weight")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{n}" for p in paths for n in names)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight))  # other magnitudes: fresh indices would differ
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    # the changed weights have other magnitudes: fresh indices would differ
+    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(fpm, model, tmp_path, names, torch.randn_like)
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         assert torch.equal(back.base[key], saved[f"base_model.model.{p}.supertuning_indices"])
