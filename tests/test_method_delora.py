@@ -7,22 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import method_checks as mc
 import pytest
 import torch
 from helpers import cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_linear_only_like_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-    saved_and_reloaded_on_changed_weights,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -51,20 +41,20 @@ LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "DeloraConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "DeloraConfig", kwargs, exc, match)
     if "value passed" in match:
         assert "'lin0'" in str(info.value)  # funcpeft names the module
 
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    assert_linear_only_like_peft("DeloraConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
+    mc.assert_linear_only_like_peft("DeloraConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_and_column_norms_equal_peft_for_the_same_seed(init_weights: bool) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "DeloraConfig", {**LLAMA, "init_weights": init_weights}, seed=2)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "DeloraConfig", {**LLAMA, "init_weights": init_weights}, seed=2)
+    mc.assert_fresh_equals_peft(fpm, pm)
     ranks = set()
     for path, entry in fpm.plans["default"].items():
         layer = pm.get_submodule(f"base_model.model.{path}")
@@ -76,11 +66,11 @@ def test_fresh_adapter_and_column_norms_equal_peft_for_the_same_seed(init_weight
 
 
 def test_forward_gradients_and_merge_equal_peft() -> None:
-    fpm, pm = build_both(T.tiny_llama(), "DeloraConfig", LLAMA)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(T.tiny_llama(), "DeloraConfig", LLAMA)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("llama")
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
@@ -88,7 +78,7 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.DeloraConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (2 * 64 + 64 * 2 + 1)  # the norms are not counted
-    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(
         fpm, model, tmp_path, ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"), lambda w: w * 2.0
     )
     for p in paths:
@@ -102,7 +92,7 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "DeloraConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "DeloraConfig", dict(target_modules=["lin0"]))
 
 
 def _layer(out_f: int, in_f: int, r: int, lam: float, seed: int, **kwargs: Any) -> Any:
@@ -145,10 +135,10 @@ def test_module_dropout_one_drops_the_whole_update_in_training() -> None:
 def test_a_bf16_model_equals_peft_with_its_upcast_adapter_and_norms() -> None:
     """autocast_adapter_dtype: A, B, lambda and the norms (a BufferDict in PEFT) become float32 in both."""
     kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], init_weights=False)
-    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), "DeloraConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(cast_model(T.tiny_llama(), torch.bfloat16), "DeloraConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         assert fpm.base[key].dtype == layer.delora_w_norm["default"].dtype == torch.float32
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)

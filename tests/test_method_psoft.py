@@ -9,23 +9,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_linear_only_like_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-    saved_and_reloaded_on_changed_weights,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -64,7 +54,7 @@ def _factors(fpm: Any, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "PsoftConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "PsoftConfig", kwargs, exc, match)
     if "min" in match:
         assert "'lin1'" in str(info.value)  # funcpeft names the module
 
@@ -89,7 +79,7 @@ def test_ignored_fields_warn_like_peft(kwargs: dict[str, Any]) -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    assert_linear_only_like_peft("PsoftConfig", ValueError, "is not supported by minimal PSOFT", dict(r=2))
+    mc.assert_linear_only_like_peft("PsoftConfig", ValueError, "is not supported by minimal PSOFT", dict(r=2))
 
 
 @pytest.mark.parametrize(
@@ -102,9 +92,9 @@ def test_unsupported_layers_name_module_and_type() -> None:
     ],
 )
 def test_fresh_adapter_and_svd_factors_equal_peft_for_the_same_seed(options: dict[str, Any]) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, seed=2)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, seed=2)
     after_peft = torch.randn(3)  # the lowrank SVD seeds a fork: the global stream goes on like PEFT's
-    assert_fresh_equals_peft(fpm, pm)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         a, b = _factors(fpm, path)
@@ -120,11 +110,11 @@ def test_fresh_adapter_and_svd_factors_equal_peft_for_the_same_seed(options: dic
     [dict(), dict(use_cayley_neumann=True, cayley_neumann_eps=0.2, num_cayley_neumann_terms=6), dict(psoft_orth=False)],
 )
 def test_forward_gradients_and_merge_equal_peft(options: dict[str, Any]) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options})
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
+    fpm, pm = mc.build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options})
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
     x = make_inputs("llama")
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_peft(tmp_path: Any) -> None:
@@ -132,7 +122,7 @@ def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_pef
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.PsoftConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (1 + 2 + 2)  # r(r-1)/2 + two vectors; A, B not counted
-    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(
         fpm, model, tmp_path, ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a"), torch.randn_like
     )
     for p in paths:
@@ -146,19 +136,19 @@ def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_pef
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "PsoftConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "PsoftConfig", dict(r=2, target_modules=["lin0"]))
 
 
 def test_a_bf16_model_equals_peft() -> None:
     """autocast_adapter_dtype: R and the vectors become float32; A and B are float32 in both (fp32 SVD)."""
     kwargs = {**LLAMA, "init_weights": False}
-    fpm, pm = build_both(T.tiny_llama().bfloat16(), "PsoftConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama().bfloat16(), "PsoftConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         a, _ = _factors(fpm, path)
         assert a.dtype == layer._psoft_A_cache["default"].dtype == torch.float32
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
 
 
 def _layer(out_f: int, in_f: int, r: int, seed: int, **kwargs: Any) -> Any:

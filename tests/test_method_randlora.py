@@ -9,22 +9,13 @@ import os
 import warnings
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_memory_lean_function_is_autograd,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    merged_like_peft,
-    random_trees,
-)
 from peft_matrix import models
 from safetensors.torch import load_file
 from torch import nn
@@ -47,14 +38,14 @@ def test_config_checks() -> None:
 
 def test_unsupported_layers_raise_like_peft() -> None:
     model = T.tiny_gpt2()
-    assert_raises_like_peft(
+    mc.assert_raises_like_peft(
         model,
         "RandLoraConfig",
         dict(target_modules=["wte"]),
         ValueError,
         "No layers types compatible with RandLora were found",
     )
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         model, "RandLoraConfig", dict(target_modules=["c_attn", "wte"]), ValueError, "is not supported"
     )
     assert isinstance(info.value, UnsupportedLayerError)
@@ -73,8 +64,8 @@ def test_unsupported_layers_raise_like_peft() -> None:
     ],
 )
 def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
+    mc.assert_fresh_equals_peft(fpm, pm)
     entry = next(iter(fpm.plans["default"].values()))
     for name, key in entry.frozen:
         assert key.startswith(SHARED_PREFIX)
@@ -92,19 +83,19 @@ def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs:
     ],
 )
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    fpm, pm = mc.build_both(MODELS[kind](), "RandLoraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
     x = make_inputs(kind)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    merged_like_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.merged_like_peft(fpm, pm, adapter, x)
 
 
 def test_training_dropout_matches_peft_given_the_same_masks() -> None:
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         T.tiny_llama(), "RandLoraConfig", dict(r=8, randlora_dropout=0.3, target_modules=["q_proj", "down_proj"])
     )
     fn, base, fresh = fpm
-    adapter = random_trees(fresh, 1, scale=0.05)[0]
+    adapter = mc.random_trees(fresh, 1, scale=0.05)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     g = torch.Generator().manual_seed(5)
 
@@ -127,8 +118,8 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
 def test_files_with_and_without_the_bases_load_both_ways(save_projection: bool, tmp_path: Any) -> None:
     model = T.tiny_llama()
     kwargs = dict(r=8, target_modules=["q_proj", "k_proj"], save_projection=save_projection, projection_prng_key=9)
-    fpm, pm = build_both(model, "RandLoraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    fpm, pm = mc.build_both(model, "RandLoraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -153,8 +144,8 @@ def test_files_with_and_without_the_bases_load_both_ways(save_projection: bool, 
 def test_merged_bfloat16_weights_equal_peft_s() -> None:
     """PEFT casts the delta to the weight's dtype before adding it; so does funcpeft."""
     model = MODELS["mlp"]().to(torch.bfloat16)
-    fpm, pm = build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     theirs = dict(pm.merge_and_unload().named_parameters())
@@ -164,7 +155,7 @@ def test_merged_bfloat16_weights_equal_peft_s() -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15))
@@ -208,7 +199,7 @@ def test_scaled_basis_saves_only_its_inputs_and_keeps_every_transform() -> None:
     r, n, k = 3, 4, 5
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((r, 1, k), (r, n), (n, k))]
-    assert_memory_lean_function_is_autograd(
+    mc.assert_memory_lean_function_is_autograd(
         _ScaledBasis.apply, lambda a, lam, gamma: lam[:, :, None] * a * gamma[None], xs
     )
     # and its lambda / gamma gradients are PEFT's (A frozen there)

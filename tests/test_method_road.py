@@ -7,22 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import method_checks as mc
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_bf16_model_equals_peft,
-    assert_fresh_equals_peft,
-    assert_linear_only_like_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    merged_like_peft,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -45,7 +35,7 @@ VARIANTS = ["road_1", "road_2", "road_4"]
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         models.build("MLP"), "RoadConfig", {"target_modules": ["lin0"], **kwargs}, ValueError, match
     )
     if "out_features" in match:
@@ -54,7 +44,7 @@ def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> 
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    assert_linear_only_like_peft(
+    mc.assert_linear_only_like_peft(
         "RoadConfig",
         ValueError,
         "Currently, only the following modules are supported: `torch.nn.Linear`",
@@ -66,8 +56,8 @@ def test_unsupported_layers_name_module_and_type() -> None:
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_equals_peft_for_the_same_seed(variant: str, init_weights: bool) -> None:
     kwargs = dict(variant=variant, group_size=16, init_weights=init_weights, target_modules="all-linear")
-    fpm, pm = build_both(T.tiny_llama(), "RoadConfig", kwargs, seed=4)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "RoadConfig", kwargs, seed=4)
+    mc.assert_fresh_equals_peft(fpm, pm)
     n = {"road_1": 64, "road_2": 128, "road_4": 256}[variant]  # per 128 outputs
     assert fpm.adapter["model.layers.0.mlp.gate_proj"]["road_theta"].shape == (n,)
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
@@ -77,11 +67,11 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(variant: str, init_weights:
 def test_forward_gradients_merge_and_unmerge_equal_peft(variant: str) -> None:
     """On an MLP with biases: R W and R b merged like PEFT, and unmerged back with R's inverse."""
     kwargs = dict(variant=variant, group_size=4, target_modules=["lin0", "lin1"], init_weights=False)
-    fpm, pm = build_both(MODELS["mlp"](), "RoadConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS["mlp"](), "RoadConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    merged, back = merged_like_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    merged, back = mc.merged_like_peft(fpm, pm, adapter, x)
     for path in ("lin0", "lin1"):
         for name in ("weight", "bias"):
             key = f"{path}.{name}"
@@ -90,7 +80,7 @@ def test_forward_gradients_merge_and_unmerge_equal_peft(variant: str) -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "RoadConfig", dict(group_size=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "RoadConfig", dict(group_size=2, target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(20))
@@ -140,4 +130,4 @@ def test_road_1_with_unit_scales_keeps_every_pairs_norm(groups: int, half: int, 
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
     kwargs: dict[str, Any] = dict(group_size=16, init_weights=False, target_modules=["q_proj", "down_proj"])
-    assert_bf16_model_equals_peft("RoadConfig", kwargs, autocast)
+    mc.assert_bf16_model_equals_peft("RoadConfig", kwargs, autocast)

@@ -7,24 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_bf16_model_equals_peft,
-    assert_fresh_equals_peft,
-    assert_linear_only_like_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-    saved_and_reloaded_on_changed_weights,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -57,7 +46,7 @@ def test_config_fields_and_defaults_equal_peft(kwargs: dict[str, Any]) -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         models.build("MLP"), "SupertuningConfig", {"target_modules": ["lin0"], **kwargs}, ValueError, match
     )
     if "leaves no" in match:
@@ -74,15 +63,15 @@ def test_unsaved_indices_are_refused_not_silently_saved() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    assert_linear_only_like_peft("SupertuningConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
+    mc.assert_linear_only_like_peft("SupertuningConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 @pytest.mark.parametrize("r", [None, 2])
 def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, r: int | None) -> None:
     kwargs = {**SUPRA, "r": r, "lora_dropout": 0.0, "init_weights": init_weights, "select_top": r is None}
-    fpm, pm = build_both(T.tiny_llama(), "SupertuningConfig", kwargs, seed=6)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "SupertuningConfig", kwargs, seed=6)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
@@ -99,12 +88,12 @@ def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, 
 
 def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
     kwargs = dict(sparsity=0.5, r=2, lora_alpha=3.0, target_modules=["lin0", "lin1"], init_weights=False)
-    fpm, pm = build_both(MODELS["mlp"](), "SupertuningConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS["mlp"](), "SupertuningConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
-    assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
     assert list(fpm.plans["default"]) == ["lin0", "lin1"]
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
@@ -114,7 +103,7 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
     fpm = funcpeft.get_peft_model(model, config)
     names = ("supertuning_values", "supertuning_indices", "supertuning_lora_A.weight", "supertuning_lora_B.weight")
     # the changed weights have other magnitudes: fresh indices would differ
-    saved, paths, back, pm = saved_and_reloaded_on_changed_weights(fpm, model, tmp_path, names, torch.randn_like)
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(fpm, model, tmp_path, names, torch.randn_like)
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         assert torch.equal(back.base[key], saved[f"base_model.model.{p}.supertuning_indices"])
@@ -126,7 +115,7 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "SupertuningConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "SupertuningConfig", dict(target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15))
@@ -165,4 +154,4 @@ def test_the_update_lives_on_the_top_or_bottom_magnitudes(
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
     kwargs: dict[str, Any] = dict(sparsity=0.5, r=2, init_weights=False, target_modules=["q_proj", "down_proj"])
-    assert_bf16_model_equals_peft("SupertuningConfig", kwargs, autocast)
+    mc.assert_bf16_model_equals_peft("SupertuningConfig", kwargs, autocast)
