@@ -218,6 +218,30 @@ def assert_linear_only_like_peft(
         assert_unsupported_like_peft(model, config_cls, config, peft_match, match, peft_exc)
 
 
+def files_equal_and_load_both_ways(
+    fpm: Any, pm: Any, model: nn.Module, adapter: Any, tmp_path: Any, inputs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """`adapter` copied into PEFT; both libraries save it: the files hold the same keys and tensors (bitwise),
+    and each library loads the other's file onto `model` with PEFT's logits (atol 1e-5). Returns funcpeft's file."""
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm.save_pretrained(tmp_path / "ours", adapter)
+        pm.save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = funcpeft.from_pretrained(model, tmp_path / "peft")
+        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        want = pm(**inputs).logits
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **inputs).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(peft_back(**inputs).logits, want, atol=1e-5, rtol=0)
+    return ours
+
+
 def saved_and_reloaded_on_changed_weights(
     fpm: Any, model: nn.Module, tmp_path: Any, tails: Sequence[str], change: Any
 ) -> tuple[dict[str, torch.Tensor], list[str], Any, Any]:

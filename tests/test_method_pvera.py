@@ -5,9 +5,6 @@ per-example routing: test_method_transforms.py (and test_contract.py on the tiny
 
 from __future__ import annotations
 
-import copy
-import os
-import warnings
 from typing import Any
 
 import method_checks as mc
@@ -19,7 +16,6 @@ from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -169,24 +165,8 @@ def test_files_with_and_without_the_projections_load_both_ways(save_projection: 
     kwargs = dict(r=8, target_modules=["q_proj", "k_proj"], save_projection=save_projection, projection_prng_key=9)
     fpm, pm = mc.build_both(model, "PveraConfig", kwargs)
     adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
-    T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fpm.save_pretrained(tmp_path / "ours", adapter)
-        pm.save_pretrained(tmp_path / "peft")
-    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours = mc.files_equal_and_load_both_ways(fpm, pm, model, adapter, tmp_path, make_inputs("llama"))
     assert ("base_model.pvera_A" in ours) == save_projection
-    x = make_inputs("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = funcpeft.from_pretrained(model, tmp_path / "peft")
-        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        want = pm(**x).logits
-        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(peft_back(**x).logits, want, atol=1e-5, rtol=0)
 
 
 def test_merged_bfloat16_weights_equal_peft_s() -> None:
