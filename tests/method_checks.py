@@ -218,6 +218,55 @@ def assert_linear_only_like_peft(
         assert_unsupported_like_peft(model, config_cls, config, peft_match, match, peft_exc)
 
 
+def patch_peft_dropout(pm: nn.Module, attr: str, p: float, seed: int) -> None:
+    """Makes every `module.{attr}["default"]` dropout of `pm` draw funcpeft's masks (bernoulli(1 - p) from one
+    Generator seeded `seed`, in call order): PEFT's training call then equals funcpeft's with
+    `dropout_rng=torch.Generator().manual_seed(seed)`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def shared_dropout(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p)
+
+    for module in pm.modules():
+        if isinstance(getattr(module, attr, None), nn.ModuleDict) and "default" in getattr(module, attr):
+            getattr(module, attr)["default"].forward = shared_dropout
+
+
+def assert_forward_and_merge_equal_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], inputs: Mapping[str, Any], scale: float = 0.2
+) -> None:
+    """A random adapter (fresh + N(0, scale)) on `model`: outputs and gradients equal PEFT's
+    (`assert_matches_peft_with`), and so does merging (`assert_merge_equals_peft`)."""
+    fpm, pm = build_both(model, config_cls, kwargs)
+    adapter = random_trees(fpm.adapter, 1, scale=scale)[0]
+    assert_matches_peft_with(fpm, pm, adapter, inputs)
+    assert_merge_equals_peft(fpm, pm, adapter, inputs)
+
+
+# config rows (kwargs, exception, message) several methods refuse like PEFT, on models.build("MLP")
+LAYERS_PATTERN_ROWS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    (
+        dict(target_modules=["lin0"], layers_pattern="layers"),
+        ValueError,
+        "`layers_to_transform` must also be specified",
+    ),
+    (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+]
+N_FREQUENCY_ROWS: list[tuple[dict[str, Any], type[Exception], str]] = [  # FourierFT and WaveFT, lin0: 20 x 10
+    (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
+    (
+        dict(n_frequency=201, target_modules=["lin0"]),
+        ValueError,
+        "`n_frequency` should be less than or equal to the product",
+    ),
+    (
+        dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
+        ValueError,
+        "value passed is 300 and the product is 200",
+    ),
+]
+
+
 def files_equal_and_load_both_ways(
     fpm: Any, pm: Any, model: nn.Module, adapter: Any, tmp_path: Any, inputs: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:

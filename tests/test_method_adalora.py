@@ -16,6 +16,7 @@ import warnings
 from types import SimpleNamespace
 from typing import Any
 
+import method_checks as mc
 import optree
 import peft
 import pytest
@@ -201,14 +202,7 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
         torch.Tensor.detach, T.random_like(fpm.adapter, torch.Generator().manual_seed(3), scale=0.3)
     )
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    g = torch.Generator().manual_seed(5)
-
-    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
-        return x * torch.empty_like(x).bernoulli_(0.7, generator=g) / 0.7
-
-    for module in pm.modules():
-        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict) and "default" in module.lora_dropout:
-            module.lora_dropout["default"].forward = shared_dropout
+    mc.patch_peft_dropout(pm, "lora_dropout", 0.3, seed=5)
     ids = make_inputs("llama")["input_ids"]
     with torch.no_grad():
         want = pm.train()(input_ids=ids).logits

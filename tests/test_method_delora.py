@@ -31,12 +31,7 @@ LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_
             ValueError,
             "`r` should be a positive integer value but the value passed is 0",
         ),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.LAYERS_PATTERN_ROWS,
         (dict(target_modules="lin0", layers_pattern="h"), ValueError, "`layers_to_transform` must also be specified"),
     ],
 )
@@ -66,11 +61,7 @@ def test_fresh_adapter_and_column_norms_equal_peft_for_the_same_seed(init_weight
 
 
 def test_forward_gradients_and_merge_equal_peft() -> None:
-    fpm, pm = mc.build_both(T.tiny_llama(), "DeloraConfig", LLAMA)
-    adapter = mc.random_trees(fpm.adapter, 1)[0]
-    x = make_inputs("llama")
-    mc.assert_matches_peft_with(fpm, pm, adapter, x)
-    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_forward_and_merge_equal_peft(T.tiny_llama(), "DeloraConfig", LLAMA, make_inputs("llama"))
 
 
 def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:

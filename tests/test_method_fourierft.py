@@ -22,23 +22,8 @@ from funcpeft import testing as T
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
-        (
-            dict(n_frequency=201, target_modules=["lin0"]),
-            ValueError,
-            "`n_frequency` should be less than or equal to the product",
-        ),
-        (
-            dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
-            ValueError,
-            "value passed is 300 and the product is 200",
-        ),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.N_FREQUENCY_ROWS,
+        *mc.LAYERS_PATTERN_ROWS,
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:

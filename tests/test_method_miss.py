@@ -120,14 +120,7 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
     fn, base, fresh = fpm
     adapter = mc.random_trees(fresh, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    g = torch.Generator().manual_seed(5)
-
-    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
-        return x * torch.empty_like(x).bernoulli_(0.6, generator=g) / 0.6
-
-    for module in pm.modules():
-        if hasattr(module, "miss_dropout"):
-            module.miss_dropout["default"].forward = shared_dropout
+    mc.patch_peft_dropout(pm, "miss_dropout", 0.4, seed=5)
     x = torch.randn(6, 10)
     with torch.no_grad():
         want = pm.train()(x)

@@ -110,11 +110,9 @@ def test_fresh_adapter_and_svd_factors_equal_peft_for_the_same_seed(options: dic
     [dict(), dict(use_cayley_neumann=True, cayley_neumann_eps=0.2, num_cayley_neumann_terms=6), dict(psoft_orth=False)],
 )
 def test_forward_gradients_and_merge_equal_peft(options: dict[str, Any]) -> None:
-    fpm, pm = mc.build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options})
-    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
-    x = make_inputs("llama")
-    mc.assert_matches_peft_with(fpm, pm, adapter, x)
-    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_forward_and_merge_equal_peft(
+        T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, make_inputs("llama"), 0.3
+    )
 
 
 def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_peft(tmp_path: Any) -> None:

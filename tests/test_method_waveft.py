@@ -26,25 +26,10 @@ from funcpeft._wavelets import WAVELETS
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
-        (
-            dict(n_frequency=201, target_modules=["lin0"]),
-            ValueError,
-            "`n_frequency` should be less than or equal to the product",
-        ),
-        (
-            dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
-            ValueError,
-            "value passed is 300 and the product is 200",
-        ),
+        *mc.N_FREQUENCY_ROWS,
         (dict(target_modules=["lin0"], wavelet_family="db99"), ValueError, "Wavelet family db99 not supported"),
         (dict(target_modules=["lin0"], wavelet_family="haar"), ValueError, "Wavelet family haar not supported"),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.LAYERS_PATTERN_ROWS,
         (dict(target_modules="lin0", layers_pattern="h"), ValueError, "`layers_pattern` cannot be used"),
     ],
 )
