@@ -243,6 +243,25 @@ def assert_forward_and_merge_equal_peft(
     assert_merge_equals_peft(fpm, pm, adapter, inputs)
 
 
+def assert_merged_weights_bitwise_peft_s(fpm: Any, pm: Any, adapter: Any, names: Sequence[str]) -> None:
+    """`adapter` (already copied into PEFT) merged into `fpm.base`: each weight in `names` keeps its dtype and is
+    bitwise PEFT's merge_and_unload weight."""
+    merged = funcpeft.merge(fpm, fpm.base, adapter)
+    theirs = dict(pm.merge_and_unload().named_parameters())
+    for name in names:
+        assert merged[name].dtype == fpm.base[name].dtype == theirs[name].dtype, name
+        assert torch.equal(merged[name], theirs[name]), name
+
+
+def assert_full_dropout_drops_the_update(fpm: Any, x: torch.Tensor) -> None:
+    """With the method's dropout at 1 and an update that is not zero, a training call gives the base output."""
+    base_out = fpm.model(x)
+    adapted = fpm.fn(fpm.base, fpm.adapter, x)
+    trained = fpm.fn(fpm.base, fpm.adapter, x, dropout_rng=3)
+    assert not torch.allclose(adapted, base_out)  # the update is not zero at init_weights=False
+    torch.testing.assert_close(trained, base_out, atol=0, rtol=0)
+
+
 # config rows (kwargs, exception, message) several methods refuse like PEFT, on models.build("MLP")
 LAYERS_PATTERN_ROWS: list[tuple[dict[str, Any], type[Exception], str]] = [
     (

@@ -179,11 +179,8 @@ def test_merged_bfloat16_weights_equal_peft_s() -> None:
     frozen = dict(fpm.plans["default"]["lin0"].frozen)
     for name, key in frozen.items():  # the rounded projections are PEFT's, bitwise
         assert torch.equal(fpm.base[key], getattr(pm.base_model, name)["default"]), name
-    merged = funcpeft.merge(fpm, fpm.base, adapter)
-    theirs = dict(pm.merge_and_unload().named_parameters())
-    for name in ("lin0.weight", "lin1.weight"):
-        assert merged[name].dtype == torch.bfloat16
-        assert torch.equal(merged[name], theirs[name]), name
+    assert fpm.base["lin0.weight"].dtype == torch.bfloat16
+    mc.assert_merged_weights_bitwise_peft_s(fpm, pm, adapter, ["lin0.weight", "lin1.weight"])
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:

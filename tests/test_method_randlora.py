@@ -119,11 +119,8 @@ def test_merged_bfloat16_weights_equal_peft_s() -> None:
     fpm, pm = mc.build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
     adapter = mc.random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    merged = funcpeft.merge(fpm, fpm.base, adapter)
-    theirs = dict(pm.merge_and_unload().named_parameters())
-    for name in ("lin0.weight", "lin1.weight"):
-        assert merged[name].dtype == torch.bfloat16
-        assert torch.equal(merged[name], theirs[name]), name
+    assert fpm.base["lin0.weight"].dtype == torch.bfloat16
+    mc.assert_merged_weights_bitwise_peft_s(fpm, pm, adapter, ["lin0.weight", "lin1.weight"])
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
