@@ -40,20 +40,14 @@ def build_both(
     model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0, autocast_adapter_dtype: bool = True
 ) -> tuple[Any, Any]:
     """funcpeft's and PEFT's `get_peft_model` on copies of `model`, each right after `torch.manual_seed(seed)`."""
-    torch.manual_seed(seed)
-    fpm = _quiet(
-        funcpeft.get_peft_model,
-        copy.deepcopy(model),
-        getattr(funcpeft, config_cls)(**kwargs),
-        autocast_adapter_dtype=autocast_adapter_dtype,
-    )
-    torch.manual_seed(seed)
-    pm = _quiet(
-        peft.get_peft_model,
-        copy.deepcopy(model),
-        getattr(peft, config_cls)(**kwargs),
-        autocast_adapter_dtype=autocast_adapter_dtype,
-    )
+    built = []
+    for lib in (funcpeft, peft):
+        torch.manual_seed(seed)
+        config = getattr(lib, config_cls)(**kwargs)
+        built.append(
+            _quiet(lib.get_peft_model, copy.deepcopy(model), config, autocast_adapter_dtype=autocast_adapter_dtype)
+        )
+    fpm, pm = built
     return fpm, pm.eval()
 
 
