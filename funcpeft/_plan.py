@@ -755,19 +755,28 @@ def init_shared(
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
+    upcast: set[str] = set()  # `SharedTensors.layer_dtype` keys: autocast_adapter_dtype applies after all layers
     for path, entry in plan.items():
         if entry.spec is None:
             continue
         method = entry.method
-        if method.shared is not None and not all(k in out for _, k in method.shared.frozen_params(entry.spec)):
-            device = params[entry.weight_key(path)].device
-            out.update({k: v.to(device) for k, v in method.shared.make(entry.spec).items() if k not in out})
+        if method.shared is not None:
+            shared_keys = [k for _, k in method.shared.frozen_params(entry.spec)]
+            weight = params[entry.weight_key(path)]
+            if not all(k in out for k in shared_keys):
+                out.update({k: v.to(weight.device) for k, v in method.shared.make(entry.spec).items() if k not in out})
+            if method.shared.layer_dtype and weight.dtype.is_floating_point:
+                # PEFT: every layer moves the shared BufferDict entries to its weight's dtype, in module order
+                floating = [k for k in shared_keys if out[k].is_floating_point()]
+                out.update({k: out[k].to(weight.dtype) for k in floating})
+                upcast.update(floating)
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path], generator)
             if method.layer_frozen.autocast:
                 made = {k: v.to(adapter_dtype(v.dtype, autocast_adapter_dtype)) for k, v in made.items()}
             keys = dict(entry.frozen)
             out.update({keys[n]: made[n] for n in method.layer_frozen.of(entry.spec)})
+    out.update({k: out[k].to(adapter_dtype(out[k].dtype, autocast_adapter_dtype)) for k in upcast})
     assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
     return out
 

@@ -18,7 +18,8 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import make_inputs, out_tensor
+from helpers import assert_forward_and_grads_equal_peft, cast_model, make_inputs, method_pair, out_tensor
+from method_helpers import seeded
 from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -35,12 +36,18 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def build_both(model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0) -> tuple[Any, Any]:
+def build_both(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], seed: int = 0, autocast_adapter_dtype: bool = True
+) -> tuple[Any, Any]:
     """funcpeft's and PEFT's `get_peft_model` on copies of `model`, each right after `torch.manual_seed(seed)`."""
-    torch.manual_seed(seed)
-    fpm = _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
-    torch.manual_seed(seed)
-    pm = _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
+    built = []
+    for lib in (funcpeft, peft):
+        torch.manual_seed(seed)
+        config = getattr(lib, config_cls)(**kwargs)
+        built.append(
+            _quiet(lib.get_peft_model, copy.deepcopy(model), config, autocast_adapter_dtype=autocast_adapter_dtype)
+        )
+    fpm, pm = built
     return fpm, pm.eval()
 
 
@@ -120,18 +127,17 @@ def assert_mixed_refused_like_peft(model: nn.Module, config_cls: str, kwargs: Ma
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs), mixed=True)
 
 
-def assert_config_defaults_equal_peft(config_cls: str) -> None:
-    """The default config has PEFT's fields and defaults (peft_version: the PEFT release funcpeft reproduces)."""
-    ours, theirs = getattr(funcpeft, config_cls)().to_dict(), getattr(peft, config_cls)().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
-
-
 def assert_unsupported_like_peft(
-    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], peft_match: str, match: str
+    model: nn.Module,
+    config_cls: str,
+    kwargs: Mapping[str, Any],
+    peft_match: str,
+    match: str,
+    peft_exc: type[BaseException] = TypeError,
 ) -> None:
-    """PEFT refuses the targeted layer type with a TypeError matching `peft_match`; funcpeft with an
+    """PEFT refuses the targeted layer type with a `peft_exc` matching `peft_match`; funcpeft with an
     UnsupportedLayerError matching `match` (which names the module and its type)."""
-    with pytest.raises(TypeError, match=peft_match):
+    with pytest.raises(peft_exc, match=peft_match):
         _quiet(peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs))
     with pytest.raises(UnsupportedLayerError, match=match):
         _quiet(funcpeft.get_peft_model, copy.deepcopy(model), getattr(funcpeft, config_cls)(**kwargs))
@@ -147,15 +153,176 @@ def assert_frozen_equal_peft(fpm: Any, pm: nn.Module, attr: str) -> None:
     assert all(k.startswith(SHARED_PREFIX) for k in set(fpm.base) - {n for n, _ in fpm.model.named_parameters()})
 
 
+def merged_like_peft(
+    fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any], rtol: float = 1e-5, unmerge_base: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """merge_and_unload's outputs equal PEFT's (on a copy of `pm`; atol 1e-5); returns (merge(fpm.base, adapter),
+    unmerge of that), for the caller's checks on the weights. unmerge_base: unmerge is given `base=fpm.base`."""
+    with torch.no_grad():
+        want = out_tensor(copy.deepcopy(pm).merge_and_unload()(**inputs))
+        got = out_tensor(funcpeft.merge_and_unload(fpm, adapter)(**inputs))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=rtol)
+        merged = funcpeft.merge(fpm, fpm.base, adapter)
+        back = funcpeft.unmerge(fpm, merged, adapter, **({"base": fpm.base} if unmerge_base else {}))
+    return merged, back
+
+
 def assert_merge_equals_peft(fpm: Any, pm: Any, adapter: Any, inputs: Mapping[str, Any]) -> None:
     """merge_and_unload's outputs equal PEFT's, and unmerge(merge(W)) gives every adapted weight back."""
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**inputs).logits
-        got = funcpeft.merge_and_unload(fpm, adapter)(**inputs).logits
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
+    _, back = merged_like_peft(fpm, pm, adapter, inputs)
     for path in fpm.plans["default"]:
         torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+
+
+def assert_rotation_case_equals_peft(
+    build: Any, config_cls: str, config: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> None:
+    """The orthogonal methods' (OFT, BOFT, HRA) case: on `build()` (seeded), a random adapter's outputs and
+    gradients equal PEFT's, merge_and_unload's outputs too (rtol 0), and unmerging the merged base (given the base)
+    gives every base tensor back."""
+    fpm, pm, adapter = method_pair(seeded(build), config_cls, dict(config))
+    assert_forward_and_grads_equal_peft(fpm, pm, adapter, dict(inputs))
+    _, back = merged_like_peft(fpm, pm, adapter, inputs, rtol=0, unmerge_base=True)
+    for k, v in fpm.base.items():
+        torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
+
+
+def assert_bf16_layers_cast_like_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], inputs: Mapping[str, torch.Tensor]
+) -> Any:
+    """On `model` cast to bf16 (inputs too), eval outputs are bf16 and bitwise PEFT's; returns the adapter."""
+    fpm, pm, adapter = method_pair(cast_model(model, torch.bfloat16), config_cls, dict(kwargs))
+    x = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    with torch.no_grad():
+        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    return adapter
+
+
+def assert_linear_only_like_peft(
+    config_cls: str, peft_exc: type[BaseException], peft_match: str, kwargs: Mapping[str, Any] | None = None
+) -> None:
+    """PEFT adapts nn.Linear only: on GPT-2 it refuses the Conv1D (c_attn) and the embedding (wte) with `peft_exc`
+    matching `peft_match`; funcpeft with an UnsupportedLayerError naming the module and its type."""
+    model = T.tiny_gpt2()
+    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
+        config = {**(kwargs or {}), "target_modules": [target]}
+        match = rf"'transformer\..*{target}' \({kind}\) is not supported"
+        assert_unsupported_like_peft(model, config_cls, config, peft_match, match, peft_exc)
+
+
+def patch_peft_dropout(pm: nn.Module, attr: str, p: float, seed: int) -> None:
+    """Makes every `module.{attr}["default"]` dropout of `pm` draw funcpeft's masks (bernoulli(1 - p) from one
+    Generator seeded `seed`, in call order): PEFT's training call then equals funcpeft's with
+    `dropout_rng=torch.Generator().manual_seed(seed)`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def shared_dropout(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p)
+
+    for module in pm.modules():
+        if isinstance(getattr(module, attr, None), nn.ModuleDict) and "default" in getattr(module, attr):
+            getattr(module, attr)["default"].forward = shared_dropout
+
+
+def assert_forward_and_merge_equal_peft(
+    model: nn.Module, config_cls: str, kwargs: Mapping[str, Any], inputs: Mapping[str, Any], scale: float = 0.2
+) -> None:
+    """A random adapter (fresh + N(0, scale)) on `model`: outputs and gradients equal PEFT's
+    (`assert_matches_peft_with`), and so does merging (`assert_merge_equals_peft`)."""
+    fpm, pm = build_both(model, config_cls, kwargs)
+    adapter = random_trees(fpm.adapter, 1, scale=scale)[0]
+    assert_matches_peft_with(fpm, pm, adapter, inputs)
+    assert_merge_equals_peft(fpm, pm, adapter, inputs)
+
+
+def assert_merged_weights_bitwise_peft_s(fpm: Any, pm: Any, adapter: Any, names: Sequence[str]) -> None:
+    """`adapter` (already copied into PEFT) merged into `fpm.base`: each weight in `names` keeps its dtype and is
+    bitwise PEFT's merge_and_unload weight."""
+    merged = funcpeft.merge(fpm, fpm.base, adapter)
+    theirs = dict(pm.merge_and_unload().named_parameters())
+    for name in names:
+        assert merged[name].dtype == fpm.base[name].dtype == theirs[name].dtype, name
+        assert torch.equal(merged[name], theirs[name]), name
+
+
+def assert_full_dropout_drops_the_update(fpm: Any, x: torch.Tensor) -> None:
+    """With the method's dropout at 1 and an update that is not zero, a training call gives the base output."""
+    base_out = fpm.model(x)
+    adapted = fpm.fn(fpm.base, fpm.adapter, x)
+    trained = fpm.fn(fpm.base, fpm.adapter, x, dropout_rng=3)
+    assert not torch.allclose(adapted, base_out)  # the update is not zero at init_weights=False
+    torch.testing.assert_close(trained, base_out, atol=0, rtol=0)
+
+
+# config rows (kwargs, exception, message) several methods refuse like PEFT, on models.build("MLP")
+LAYERS_PATTERN_ROWS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    (
+        dict(target_modules=["lin0"], layers_pattern="layers"),
+        ValueError,
+        "`layers_to_transform` must also be specified",
+    ),
+    (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+]
+N_FREQUENCY_ROWS: list[tuple[dict[str, Any], type[Exception], str]] = [  # FourierFT and WaveFT, lin0: 20 x 10
+    (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
+    (
+        dict(n_frequency=201, target_modules=["lin0"]),
+        ValueError,
+        "`n_frequency` should be less than or equal to the product",
+    ),
+    (
+        dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
+        ValueError,
+        "value passed is 300 and the product is 200",
+    ),
+]
+
+
+def files_equal_and_load_both_ways(
+    fpm: Any, pm: Any, model: nn.Module, adapter: Any, tmp_path: Any, inputs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """`adapter` copied into PEFT; both libraries save it: the files hold the same keys and tensors (bitwise),
+    and each library loads the other's file onto `model` with PEFT's logits (atol 1e-5). Returns funcpeft's file."""
+    T.copy_into_peft(pm, adapter, fpm.plans["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpm.save_pretrained(tmp_path / "ours", adapter)
+        pm.save_pretrained(tmp_path / "peft")
+    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = funcpeft.from_pretrained(model, tmp_path / "peft")
+        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        want = pm(**inputs).logits
+        torch.testing.assert_close(back.fn(back.base, back.adapter, **inputs).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(peft_back(**inputs).logits, want, atol=1e-5, rtol=0)
+    return ours
+
+
+def saved_and_reloaded_on_changed_weights(
+    fpm: Any, model: nn.Module, tmp_path: Any, tails: Sequence[str], change: Any
+) -> tuple[dict[str, torch.Tensor], list[str], Any, Any]:
+    """Saves `fpm`'s fresh adapter to `tmp_path`, checks the file holds exactly `tails` under every adapted layer,
+    then loads it with funcpeft and with PEFT onto a copy of `model` whose adapted weights are `change(weight)`
+    (frozen tensors the file holds must come from it, the others from the changed weights).
+    Returns (the file's tensors, the adapted paths, funcpeft's loaded model, PEFT's in eval mode)."""
+    fpm.save_pretrained(tmp_path, fpm.adapter)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    paths = list(fpm.plans["default"])
+    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in paths:
+            weight: Any = changed.get_submodule(p).weight
+            weight.copy_(change(weight))
+    back = funcpeft.from_pretrained(changed, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    return saved, paths, back, pm
 
 
 def assert_spectrum_indices_frozen_and_unsaved(config_cls: str, leaf: str, tmp_path: Any) -> None:
@@ -222,19 +389,7 @@ def assert_memory_lean_function_is_autograd(
 def assert_bf16_model_equals_peft(config_cls: str, kwargs: Mapping[str, Any], autocast: bool) -> None:
     """On a bf16 tiny Llama, with `autocast_adapter_dtype=autocast` in both libraries: the fresh adapter is PEFT's
     (float32 leaves when autocast, else bf16) and the logits are bitwise equal."""
-    model: Any = T.tiny_llama()
-    model = model.to(torch.bfloat16)
-    torch.manual_seed(0)
-    fpm = _quiet(
-        funcpeft.get_peft_model,
-        copy.deepcopy(model),
-        getattr(funcpeft, config_cls)(**kwargs),
-        autocast_adapter_dtype=autocast,
-    )
-    torch.manual_seed(0)
-    pm = _quiet(
-        peft.get_peft_model, copy.deepcopy(model), getattr(peft, config_cls)(**kwargs), autocast_adapter_dtype=autocast
-    ).eval()
+    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), config_cls, kwargs, 0, autocast)
     assert_fresh_equals_peft(fpm, pm)
     assert {t.dtype for entry in fpm.adapter.values() for t in entry.values()} == {
         torch.float32 if autocast else torch.bfloat16

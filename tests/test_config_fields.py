@@ -69,6 +69,7 @@ def test_to_dict_is_pefts(name: str) -> None:
         warnings.simplefilter("ignore")
         theirs = getattr(peft, name)(**kwargs)
         ours = getattr(funcpeft, name)(**kwargs)
+    assert ours.to_dict()["peft_version"] == funcpeft._config.PEFT_VERSION  # the release funcpeft reproduces
     a = {k: _value(v) for k, v in ours.to_dict().items() if k != "peft_version"}
     b = {k: _value(v) for k, v in theirs.to_dict().items() if k != "peft_version"}
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))

@@ -12,36 +12,24 @@ import copy
 import os
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 X = {"X": torch.randn(6, 10, generator=torch.Generator().manual_seed(0))}
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.AdamssConfig().to_dict() == {
-        **peft.AdamssConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
+def test_init_weights_false_becomes_none_like_peft() -> None:
     false: Any = False  # PEFT's annotation says "orthogonal" or None; its __post_init__ turns False into None
     assert funcpeft.AdamssConfig(init_weights=false).init_weights is peft.AdamssConfig(init_weights=false).init_weights
 
@@ -60,7 +48,7 @@ ASA = dict(use_asa=True, target_modules=["lin0"])
     ],
 )
 def test_config_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
-    assert_raises_like_peft(models.build("MLP"), "AdamssConfig", kwargs, ValueError, match)
+    mc.assert_raises_like_peft(models.build("MLP"), "AdamssConfig", kwargs, ValueError, match)
 
 
 @pytest.mark.parametrize("field", ["r", "num_subspaces", "subspace_rank"])
@@ -90,15 +78,14 @@ def test_a_subspace_rank_above_the_svd_rank_is_refused() -> None:
 )
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
     """PEFT adapts nn.Linear only."""
-    model = models.build(model_id)
-    with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-        peft.get_peft_model(copy.deepcopy(model), peft.AdamssConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"'{target}', a .*{kind} \("):
-        funcpeft.get_peft_model(model, funcpeft.AdamssConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    mc.assert_unsupported_like_peft(
+        model, "AdamssConfig", config, "Currently, only `torch.nn.Linear` is supported", rf"'{target}', a .*{kind} \("
+    )
 
 
 def test_mixed_is_refused_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "AdamssConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "AdamssConfig", dict(target_modules=["lin0"]))
 
 
 def _no_bias_mlp() -> nn.Module:
@@ -129,8 +116,8 @@ def _inputs(case: str) -> dict[str, Any]:
 def test_fresh_adapter_and_frozen_basis_equal_peft_for_the_same_seed(
     case: str, build: Any, kwargs: dict[str, Any], init: str | None
 ) -> None:
-    fpm, pm = build_both(build(), "AdamssConfig", {**kwargs, "init_weights": init}, seed=4)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(build(), "AdamssConfig", {**kwargs, "init_weights": init}, seed=4)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         assert entry.spec is not None
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
@@ -142,9 +129,9 @@ def test_fresh_adapter_and_frozen_basis_equal_peft_for_the_same_seed(
 
 @pytest.mark.parametrize("case, build, kwargs", CASES, ids=[c[0] for c in CASES])
 def test_forward_and_gradients_match_peft_away_from_the_init(case: str, build: Any, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(build(), "AdamssConfig", kwargs)
-    for adapter in random_trees(fpm.adapter, n=2, scale=0.3):
-        assert_matches_peft_with(fpm, pm, adapter, _inputs(case), atol=1e-4)
+    fpm, pm = mc.build_both(build(), "AdamssConfig", kwargs)
+    for adapter in mc.random_trees(fpm.adapter, n=2, scale=0.3):
+        mc.assert_matches_peft_with(fpm, pm, adapter, _inputs(case), atol=1e-4)
 
 
 @pytest.mark.parametrize("init", ["orthogonal", None])
@@ -154,20 +141,20 @@ def test_bfloat16_model_matches_peft(init: str | None) -> None:
     model: Any = models.build("MLP", dtype=torch.bfloat16)
     model.dtype = torch.bfloat16  # the model casts its input to it
     kwargs = dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=["lin0", "lin1"], init_weights=init)
-    fpm, pm = build_both(model, "AdamssConfig", kwargs, seed=3)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(model, "AdamssConfig", kwargs, seed=3)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
         assert torch.equal(fpm.base[key], pm.get_submodule(f"base_model.model.{path}").adamss_newB["default"])
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
 
 
 def test_files_hold_peft_s_keys_and_load_both_ways(tmp_path: Any) -> None:
     """PEFT's ParameterList entries `adamss_A.<i>` / `adamss_B.<i>` and the persistent buffer `adamss_newB`."""
     model = models.build("MLP")
     kwargs = dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=["lin0"], init_weights=None)
-    fpm, pm = build_both(model, "AdamssConfig", kwargs)
-    adapter = random_trees(fpm.adapter, n=1)[0]
+    fpm, pm = mc.build_both(model, "AdamssConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, n=1)[0]
     fpm.save_pretrained(tmp_path / "ours", adapter)
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     pm.save_pretrained(tmp_path / "theirs")
@@ -184,8 +171,8 @@ def test_files_hold_peft_s_keys_and_load_both_ways(tmp_path: Any) -> None:
 
 
 def test_merging_writes_the_bias_like_peft_and_unmerges() -> None:
-    fpm, pm = build_both(models.build("MLP"), "AdamssConfig", dict(r=8, num_subspaces=3, target_modules=["lin0"]))
-    adapter = random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    fpm, pm = mc.build_both(models.build("MLP"), "AdamssConfig", dict(r=8, num_subspaces=3, target_modules=["lin0"]))
+    adapter = mc.random_trees(fpm.adapter, n=1, scale=0.5)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     with torch.no_grad():
@@ -202,11 +189,11 @@ def test_asa_fields_do_not_change_the_adapter() -> None:
     """ASA prunes subspaces from a training loop (PEFT's update_and_allocate, not in funcpeft): the layers, the
     fresh values and the forward are those without it, as in PEFT."""
     kwargs = dict(r=8, num_subspaces=6, target_modules=["lin0", "lin1"], init_weights=None)
-    plain, _ = build_both(models.build("MLP"), "AdamssConfig", kwargs, seed=2)
-    asa, pm = build_both(
+    plain, _ = mc.build_both(models.build("MLP"), "AdamssConfig", kwargs, seed=2)
+    asa, pm = mc.build_both(
         models.build("MLP"), "AdamssConfig", {**kwargs, "use_asa": True, "asa_target_subspaces": 3}, seed=2
     )
-    assert_fresh_equals_peft(asa, pm)
+    mc.assert_fresh_equals_peft(asa, pm)
     T.assert_trees_close(asa.adapter, plain.adapter, atol=0, rtol=0)
     torch.testing.assert_close(asa.fn(asa.base, asa.adapter, **X), plain.fn(plain.base, plain.adapter, **X))
 
@@ -247,7 +234,7 @@ def test_subspaces_partition_the_outputs_and_a_has_orthonormal_rows(
 @given(**LAYERS)
 def test_merging_equals_the_unmerged_call(out_f: int, in_f: int, bias: bool, r: int, k: int, seed: int) -> None:
     fpm = _layer(out_f, in_f, bias, seed, r=r, num_subspaces=k, subspace_rank=1, init_weights=None)
-    adapter = random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    adapter = mc.random_trees(fpm.adapter, n=1, scale=0.5)[0]
     x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(seed))
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     torch.testing.assert_close(fpm.fn(merged, None, x), fpm.fn(fpm.base, adapter, x), atol=1e-5, rtol=1e-5)

@@ -9,19 +9,12 @@ import json
 import math
 from typing import Any
 
+import method_checks as mc
 import optree
 import peft
 import pytest
 import torch
 from helpers import MODELS, capture_stdout, cast_model, make_inputs
-from method_checks import (
-    assert_compiles_once,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    build_both,
-    random_trees,
-)
 from method_helpers import quiet
 from peft.utils import get_peft_model_state_dict
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -44,7 +37,7 @@ def _padded(kind: str) -> dict[str, torch.Tensor]:
 
 def _noisy(fresh: Any, seed: int = 1) -> Any:
     """`fresh` + N(0, 0.5): a gate away from zero, so the prompt term shows in outputs and gradients."""
-    return random_trees(fresh, n=seed + 1, scale=0.5)[seed]
+    return mc.random_trees(fresh, n=seed + 1, scale=0.5)[seed]
 
 
 # -- an independent reference: the paper's maths with forward hooks on the plain model --------------------------
@@ -108,8 +101,8 @@ def test_config_fields_defaults_and_saved_dict_equal_peft_s() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_adapter_equals_peft_s_and_is_the_base_model(kind: str) -> None:
     model = MODELS[kind]()
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2}, seed=3)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2}, seed=3)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert all(set(e) == {"adaption_prompt", "adaption_gate"} for e in fpm.adapter.values())
     x = _padded(kind)
     with torch.no_grad():  # zero gate: exactly the base model
@@ -121,13 +114,13 @@ def test_fresh_adapter_equals_peft_s_and_is_the_base_model(kind: str) -> None:
 @pytest.mark.parametrize("layers", [1, 2])
 def test_outputs_loss_and_every_gradient_equal_peft_and_the_reference(kind: str, layers: int) -> None:
     model = MODELS[kind]()
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": layers})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": layers})
     adapter, x = _noisy(fpm.adapter), _padded(kind)
     with torch.no_grad():
         want = _reference_logits(copy.deepcopy(model), adapter, x)
         assert not torch.allclose(want, model(**x).logits, atol=1e-3)  # the term is there
         torch.testing.assert_close(fpm.fn(fpm.base, adapter, **x).logits, want, atol=1e-5, rtol=1e-5)
-    assert_matches_peft_with(fpm, pm, adapter, x)  # outputs and the gradient of every leaf
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)  # outputs and the gradient of every leaf
     with torch.no_grad():  # PEFT 0.21.2 with transformers 5 is right too (against the reference)
         torch.testing.assert_close(pm(**x).logits, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fpm.fn(fpm.base, adapter, **x).loss, pm(**x).loss, atol=1e-6, rtol=1e-6)
@@ -154,7 +147,7 @@ def test_the_model_is_never_changed() -> None:
 # -- counting and files --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_counts_and_the_printed_line_equal_peft_s(kind: str) -> None:
-    fpm, pm = build_both(MODELS[kind](), "AdaptionPromptConfig", {**CONFIG, "adapter_len": 5, "adapter_layers": 2})
+    fpm, pm = mc.build_both(MODELS[kind](), "AdaptionPromptConfig", {**CONFIG, "adapter_len": 5, "adapter_layers": 2})
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (5 * 64 + 1)
     assert capture_stdout(fpm.print_trainable_parameters) == capture_stdout(pm.print_trainable_parameters)
@@ -163,7 +156,7 @@ def test_counts_and_the_printed_line_equal_peft_s(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_files_both_ways(kind: str, tmp_path: Any) -> None:
     model = MODELS[kind]()
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     adapter, x = _noisy(fpm.adapter), _padded(kind)
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     fpm.save_pretrained(tmp_path / "ours", adapter)
@@ -189,7 +182,7 @@ def test_files_both_ways(kind: str, tmp_path: Any) -> None:
 # -- several adapters ------------------------------------------------------------------------------------------
 def test_adapters_run_one_at_a_time_like_peft_and_do_not_stack() -> None:
     model, x = T.tiny_llama(layers=3), _padded("llama")
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     trees = {"default": _noisy(fpm.adapter, 1)}
     other = funcpeft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1)
     trees["b"] = _noisy(fpm.add_adapter("b", other), 2)
@@ -213,7 +206,7 @@ def test_adapters_run_one_at_a_time_like_peft_and_do_not_stack() -> None:
 def test_stacked_prompts_vmap_and_route_per_example() -> None:
     fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**CONFIG))
     x = {k: v for k, v in _padded("llama").items() if k != "labels"}
-    trees = random_trees(fresh, n=3, scale=0.5)
+    trees = mc.random_trees(fresh, n=3, scale=0.5)
     stacked = funcpeft.stack_adapters(trees)
     with torch.no_grad():
         alone = [fn(base, t, **x).logits for t in trees]
@@ -230,7 +223,7 @@ def test_stacked_prompts_vmap_and_route_per_example() -> None:
 def test_gpt2_routes_per_example() -> None:
     fn, base, fresh = funcpeft.get_peft_model(T.tiny_gpt2(), funcpeft.AdaptionPromptConfig(**CONFIG))
     x = {k: v for k, v in _padded("gpt2").items() if k != "labels"}
-    trees = random_trees(fresh, n=2, scale=0.5)
+    trees = mc.random_trees(fresh, n=2, scale=0.5)
     with torch.no_grad():
         routed = fn(base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), **x).logits
         for i, k in enumerate([1, 0]):
@@ -239,13 +232,13 @@ def test_gpt2_routes_per_example() -> None:
 
 def test_fn_compiles_once_for_new_adapter_values() -> None:
     fn, base, fresh = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**CONFIG))
-    assert_compiles_once(fn, base, random_trees(fresh, n=3, scale=0.5), _padded("llama"))
+    mc.assert_compiles_once(fn, base, mc.random_trees(fresh, n=3, scale=0.5), _padded("llama"))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_equals_peft_s_greedy_tokens(kind: str) -> None:
     model: Any = MODELS[kind]()
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     adapter = _noisy(fpm.adapter)
     for leaves in adapter.values():  # a strong prompt term, so that it changes the greedy tokens
         leaves["adaption_gate"] = torch.full((1,), 4.0)
@@ -302,8 +295,8 @@ def test_a_wrong_tree_names_the_leaf() -> None:
 def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
     """PEFT's AdaptionPromptModel has no adapter upcast (it is no BaseTuner): the prompts are bf16, drawn the same."""
     model = cast_model(T.tiny_llama(), torch.bfloat16)
-    fpm, pm = build_both(model, "AdaptionPromptConfig", CONFIG, seed=2)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", CONFIG, seed=2)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert all(t.dtype == torch.bfloat16 for t in optree.tree_leaves(fpm.adapter))
     adapter, x = _noisy(fpm.adapter), _padded("llama")
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
@@ -312,12 +305,12 @@ def test_a_bf16_model_keeps_bf16_prompts_like_peft() -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(T.tiny_llama(), "AdaptionPromptConfig", CONFIG)
+    mc.assert_mixed_refused_like_peft(T.tiny_llama(), "AdaptionPromptConfig", CONFIG)
 
 
 def test_generate_with_per_example_prompts_equals_each_alone() -> None:
     fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.AdaptionPromptConfig(**{**CONFIG, "adapter_layers": 2}))
-    trees = random_trees(fpm.adapter, n=2, scale=2.0)
+    trees = mc.random_trees(fpm.adapter, n=2, scale=2.0)
     ids = torch.randint(1, T.VOCAB, (3, 4), generator=torch.Generator().manual_seed(5))
     kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "num_beams": 2}
     with torch.no_grad():
@@ -336,7 +329,7 @@ def test_generate_with_per_example_prompts_equals_each_alone() -> None:
 def test_gradient_checkpointing_gives_peft_s_gradients() -> None:
     model: Any = T.tiny_llama()
     model.gradient_checkpointing_enable()
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     adapter, x = _noisy(fpm.adapter), _padded("llama")
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     pm.train()
@@ -347,7 +340,7 @@ def test_gradient_checkpointing_gives_peft_s_gradients() -> None:
 
 def test_files_of_two_adapters_both_ways(tmp_path: Any) -> None:
     model, x = T.tiny_llama(layers=3), _padded("llama")
-    fpm, pm = build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
+    fpm, pm = mc.build_both(model, "AdaptionPromptConfig", {**CONFIG, "adapter_layers": 2})
     trees = {
         "default": _noisy(fpm.adapter, 1),
         "b": _noisy(fpm.add_adapter("b", funcpeft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1)), 2),

@@ -9,31 +9,21 @@ import copy
 import warnings
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_bf16_model_equals_peft,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.BeftConfig().to_dict(), peft.BeftConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
+def test_default_targets_are_peft_s_in_its_order() -> None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING as theirs_targets
 
     assert dict(funcpeft.BeftConfig.DEFAULT_TARGET_MODULES) == theirs_targets
@@ -41,18 +31,13 @@ def test_config_fields_and_defaults_equal_peft() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.BeftConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.BeftConfig(target_modules=[target]))
+    mc.assert_linear_only_like_peft("BeftConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_and_random_stream_equal_peft_for_the_same_seed(init_weights: bool) -> None:
     """Same values, and the global RNG left in the same state (PEFT draws randn before zeroing)."""
-    fpm, pm = build_both(T.tiny_llama(), "BeftConfig", dict(init_weights=init_weights), seed=5)
+    fpm, pm = mc.build_both(T.tiny_llama(), "BeftConfig", dict(init_weights=init_weights), seed=5)
     model = T.tiny_llama()
     nexts = []
     for lib in (funcpeft, peft):
@@ -62,22 +47,18 @@ def test_fresh_adapter_and_random_stream_equal_peft_for_the_same_seed(init_weigh
             lib.get_peft_model(copy.deepcopy(model), lib.BeftConfig(init_weights=init_weights))
         nexts.append(torch.rand(4))
     assert torch.equal(*nexts)
-    assert_fresh_equals_peft(fpm, pm)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert list(fpm.adapter) == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]  # the default targets
     assert fpm.adapter["model.layers.0.self_attn.v_proj"]["beft_bias"].shape == (1, 32)
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
 
 
 def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
-    fpm, pm = build_both(MODELS["mlp"](), "BeftConfig", dict(target_modules=["lin0", "lin1"], init_weights=False))
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS["mlp"](), "BeftConfig", dict(target_modules=["lin0", "lin1"], init_weights=False))
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        merged = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged, adapter)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    merged, back = mc.merged_like_peft(fpm, pm, adapter, x)
     for path in ("lin0", "lin1"):
         assert merged[f"{path}.weight"] is fpm.base[f"{path}.weight"]  # the weight is not touched
         torch.testing.assert_close(merged[f"{path}.bias"], fpm.base[f"{path}.bias"] + adapter[path]["beft_bias"][0])
@@ -102,7 +83,7 @@ def test_a_layer_without_bias_warns_and_cannot_be_merged_like_peft() -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "BeftConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "BeftConfig", dict(target_modules=["lin0"]))
 
 
 def _layer(out_f: int, in_f: int, seed: int) -> Any:
@@ -130,4 +111,4 @@ def test_the_adapter_adds_its_bias_and_merging_round_trips(out_f: int, in_f: int
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
     kwargs: dict[str, Any] = dict(init_weights=False, target_modules=["q_proj", "down_proj"])
-    assert_bf16_model_equals_peft("BeftConfig", kwargs, autocast)
+    mc.assert_bf16_model_equals_peft("BeftConfig", kwargs, autocast)

@@ -15,6 +15,7 @@ import torch
 from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_checks import assert_bf16_layers_cast_like_peft, assert_rotation_case_equals_peft
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
 
@@ -50,10 +51,7 @@ def test_config_errors_are_peft_s(kwargs: dict[str, Any]) -> None:
     _same_error(ValueError, lambda: peft.BOFTConfig(**kwargs), lambda: funcpeft.BOFTConfig(**kwargs))
 
 
-def test_config_fields_and_defaults_are_peft_s() -> None:
-    ours, theirs = funcpeft.BOFTConfig().to_dict(), peft.BOFTConfig().to_dict()
-    theirs.pop("runtime_config", None)
-    assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
+def test_config_bias_and_block_checks() -> None:
     with pytest.raises(ValueError, match="`bias` must be 'none', 'all' or 'boft_only'"):
         funcpeft.BOFTConfig(bias="lora_only")
     with pytest.raises(ValueError, match="`boft_block_size` and `boft_block_num` must be >= 0"):
@@ -165,26 +163,13 @@ CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_gradients_and_merges_equal_peft(case: str) -> None:
     build, config, x = CASES[case]
-    model = _seeded(build)
-    fpm, pm, adapter = method_pair(model, "BOFTConfig", config)
-    assert_forward_and_grads_equal_peft(fpm, pm, adapter, x)
-    with torch.no_grad():
-        merged = funcpeft.merge_and_unload(fpm, adapter)(**x)
-        torch.testing.assert_close(merged, copy.deepcopy(pm).merge_and_unload()(**x), atol=1e-5, rtol=0)
-        merged_base = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged_base, adapter, base=fpm.base)
-        for k, v in fpm.base.items():
-            torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
+    assert_rotation_case_equals_peft(build, "BOFTConfig", config, x)
 
 
 def test_bf16_layers_cast_like_peft() -> None:
-    model = _seeded(MLP).to(torch.bfloat16)
-    fpm, pm, adapter = method_pair(model, "BOFTConfig", dict(boft_block_size=4, target_modules=["lin0", "lin1"]))
-    x = {"x": MLP_X["x"].to(torch.bfloat16)}
-    with torch.no_grad():
-        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert torch.equal(got, want)
+    assert_bf16_layers_cast_like_peft(
+        _seeded(MLP), "BOFTConfig", dict(boft_block_size=4, target_modules=["lin0", "lin1"]), MLP_X
+    )
 
 
 def test_block_dropout_replaces_exactly_int_p_d_random_blocks_like_peft(monkeypatch: pytest.MonkeyPatch) -> None:

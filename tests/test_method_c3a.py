@@ -7,21 +7,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_memory_lean_function_is_autograd,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft.tuners.c3a.utils import BlockCircularConvolution
 from peft_matrix import models
 from torch import nn
@@ -31,13 +23,6 @@ import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
 from funcpeft.methods.c3a import block_circular
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.C3AConfig().to_dict() == {
-        **peft.C3AConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
 
 
 @pytest.mark.parametrize(
@@ -64,7 +49,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "C3AConfig", kwargs, ValueError, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "C3AConfig", kwargs, ValueError, match)
     if "size is" in match:
         assert "(module 'lin" in str(info.value)  # funcpeft names the module
 
@@ -81,16 +66,16 @@ def test_unsupported_layers_name_module_and_type(target: str, kind: str) -> None
 @pytest.mark.parametrize("init", [True, False, "xavier_uniform", "gaussian", "kaiming_uniform"])
 def test_fresh_adapter_equals_peft_for_the_same_seed(init: Any) -> None:
     kwargs = dict(block_size=16, init_weights=init, target_modules="all-linear", block_size_pattern={"down_proj": 32})
-    fpm, pm = build_both(T.tiny_llama(), "C3AConfig", kwargs, seed=4)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "C3AConfig", kwargs, seed=4)
+    mc.assert_fresh_equals_peft(fpm, pm)
 
 
 def test_fresh_adapter_is_float32_on_a_bfloat16_model_like_peft() -> None:
     model = MODELS["mlp"]().to(torch.bfloat16)
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
     )
-    assert_fresh_equals_peft(fpm, pm)  # dtype included
+    mc.assert_fresh_equals_peft(fpm, pm)  # dtype included
 
 
 # -- PEFT's backward --------------------------------------------------------------------------------------------
@@ -114,7 +99,7 @@ def test_stacked_c3a_layers_get_gradients_by_finite_differences_where_peft_s_are
     """lin0's kernel gets its gradient through lin1's C3A input gradient: PEFT's is off, ours is the derivative
     (central differences of the loss along random directions; C3A computes in float32 like PEFT). lin1's kernel
     gradient does not involve that path: there both agree."""
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         MODELS["mlp"](), "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
     )
     fn, base, fresh = fpm
@@ -146,8 +131,8 @@ def test_forward_and_gradients_equal_peft_where_its_backward_is_right() -> None:
     kwargs = dict(
         block_size=16, init_weights=True, target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[1]
     )
-    fpm, pm = build_both(T.tiny_llama(), "C3AConfig", kwargs)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"))
+    fpm, pm = mc.build_both(T.tiny_llama(), "C3AConfig", kwargs)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"))
 
 
 # -- merging ----------------------------------------------------------------------------------------------------
@@ -155,10 +140,10 @@ def test_forward_and_gradients_equal_peft_where_its_backward_is_right() -> None:
 def test_merged_weights_equal_peft_s(dtype: torch.dtype) -> None:
     """bfloat16: PEFT casts the circulant to the weight's dtype before dividing by in_features; so does funcpeft."""
     model = MODELS["mlp"]().to(dtype)
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         model, "C3AConfig", dict(block_size=4, init_weights="gaussian", target_modules=["lin0", "lin1"])
     )
-    adapter = random_trees(fpm.adapter, 1)[0]
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     theirs = dict(pm.merge_and_unload().named_parameters())
@@ -172,7 +157,7 @@ def test_merged_weights_equal_peft_s(dtype: torch.dtype) -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "C3AConfig", dict(block_size=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "C3AConfig", dict(block_size=2, target_modules=["lin0"]))
 
 
 # -- laws ---------------------------------------------------------------------------------------------------------
@@ -204,4 +189,4 @@ def test_block_circular_saves_only_its_inputs_and_keeps_every_transform() -> Non
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert_memory_lean_function_is_autograd(block_circular, lambda x, w: _bcc((x, w)), [x, w])
+    mc.assert_memory_lean_function_is_autograd(block_circular, lambda x, w: _bcc((x, w)), [x, w])

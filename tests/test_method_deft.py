@@ -10,35 +10,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 X = {"X": torch.arange(90).reshape(9, 10) % 7}  # token ids < 100 for EmbConv1D, values for the MLP
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.DeftConfig().to_dict() == {
-        **peft.DeftConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
 
 
 @pytest.mark.parametrize(
@@ -54,21 +39,24 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_config_errors_are_peft_s(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    assert_raises_like_peft(models.build("MLP"), "DeftConfig", kwargs, exc, match)
+    mc.assert_raises_like_peft(models.build("MLP"), "DeftConfig", kwargs, exc, match)
 
 
 @pytest.mark.parametrize("model_id, target, kind", [("EmbConv1D", "emb", "Embedding"), ("Conv2d", "conv2d", "Conv2d")])
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
     """PEFT adapts nn.Linear and GPT-2's Conv1D only."""
-    model = models.build(model_id)
-    with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` and `transformers.pytorch_utils.Conv1D`"):
-        peft.get_peft_model(copy.deepcopy(model), peft.DeftConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"'{target}', a torch\.nn\..*{kind} \("):
-        funcpeft.get_peft_model(model, funcpeft.DeftConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    mc.assert_unsupported_like_peft(
+        model,
+        "DeftConfig",
+        config,
+        "Currently, only `torch.nn.Linear` and `transformers.pytorch_utils.Conv1D`",
+        rf"'{target}', a torch\.nn\..*{kind} \(",
+    )
 
 
 def test_mixed_is_refused_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "DeftConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "DeftConfig", dict(target_modules=["lin0"]))
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -87,8 +75,8 @@ MODELS = [("MLP", ["lin0", "lin1"]), ("EmbConv1D", ["conv1d", "lin0"])]
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fresh_adapter_equals_peft_for_the_same_seed(model_id: str, targets: list[str], name: str, init: bool) -> None:
     kwargs = {**CONFIGS[name], "target_modules": targets, "init_weights": init}
-    fpm, pm = build_both(models.build(model_id), "DeftConfig", kwargs, seed=5)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(models.build(model_id), "DeftConfig", kwargs, seed=5)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         assert entry.spec is not None
         assert entry.spec.hyper.r == pm.get_submodule(f"base_model.model.{path}").deft_r["default"], path
@@ -97,9 +85,9 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(model_id: str, targets: lis
 @pytest.mark.parametrize("model_id, targets", MODELS, ids=[m[0] for m in MODELS])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_and_gradients_match_peft_away_from_the_init(model_id: str, targets: list[str], name: str) -> None:
-    fpm, pm = build_both(models.build(model_id), "DeftConfig", {**CONFIGS[name], "target_modules": targets})
-    for adapter in random_trees(fpm.adapter, n=2, scale=0.3):
-        assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-4)
+    fpm, pm = mc.build_both(models.build(model_id), "DeftConfig", {**CONFIGS[name], "target_modules": targets})
+    for adapter in mc.random_trees(fpm.adapter, n=2, scale=0.3):
+        mc.assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -111,9 +99,9 @@ def test_forward_and_gradients_match_peft_away_from_the_init(model_id: str, targ
 )
 def test_gpt2_and_llama_match_peft(kind: str, kwargs: dict[str, Any]) -> None:
     model = T.tiny_gpt2() if kind == "gpt2" else T.tiny_llama()
-    fpm, pm = build_both(model, "DeftConfig", kwargs, seed=1)
-    assert_fresh_equals_peft(fpm, pm)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], make_inputs(kind), atol=1e-4)
+    fpm, pm = mc.build_both(model, "DeftConfig", kwargs, seed=1)
+    mc.assert_fresh_equals_peft(fpm, pm)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], make_inputs(kind), atol=1e-4)
 
 
 @pytest.mark.parametrize("init", [True, False])
@@ -123,9 +111,9 @@ def test_bfloat16_model_init_and_forward_match_peft(init: bool) -> None:
     model: Any = models.build("MLP", dtype=torch.bfloat16)
     model.dtype = torch.bfloat16  # the model casts its input to it
     kwargs: dict[str, Any] = dict(target_modules=["lin0", "lin1"], decomposition_method="qr", init_weights=init)
-    fpm, pm = build_both(model, "DeftConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
+    fpm, pm = mc.build_both(model, "DeftConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
 
 
 def test_dropout_one_drops_only_the_injection_in_training_like_peft() -> None:
@@ -136,9 +124,9 @@ def test_dropout_one_drops_only_the_injection_in_training_like_peft() -> None:
     kwargs: dict[str, Any] = dict(
         target_modules=["lin0"], deft_dropout=1.0, init_weights=False, decomposition_method="qr"
     )
-    fpm, pm = build_both(model, "DeftConfig", kwargs)
+    fpm, pm = mc.build_both(model, "DeftConfig", kwargs)
     x = torch.randn(5, 10)
-    adapter = random_trees(fpm.adapter, n=1)[0]
+    adapter = mc.random_trees(fpm.adapter, n=1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     pm.train()
     with torch.no_grad():
@@ -159,7 +147,7 @@ def test_two_adapters_merge_like_peft_and_unmerge() -> None:
     kwargs: dict[str, Any] = dict(target_modules=["lin0"], init_weights=False, decomposition_method="qr")
     fpm = funcpeft.get_peft_model(model, funcpeft.DeftConfig(**kwargs))
     fpm.add_adapter("other", funcpeft.DeftConfig(**{**kwargs, "alpha": 4}))
-    a1, a2 = random_trees(fpm.adapter, n=2)
+    a1, a2 = mc.random_trees(fpm.adapter, n=2)
     both = {"default": a1, "other": a2}
     merged = funcpeft.merge(fpm, fpm.base, both)
     pm: Any = peft.get_peft_model(copy.deepcopy(model), peft.DeftConfig(**kwargs))
@@ -201,7 +189,7 @@ def test_the_identity_init_is_the_base_layer(
 @given(**SHAPES, method=st.sampled_from(["relu", "qr"]), para=st.booleans())
 def test_merging_equals_the_unmerged_call(out_f: int, in_f: int, r: int, seed: int, method: str, para: bool) -> None:
     fpm = _layer(out_f, in_f, seed, r=r, decomposition_method=method, para=para, init_weights=False)
-    adapter = random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    adapter = mc.random_trees(fpm.adapter, n=1, scale=0.5)[0]
     x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(seed))
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     torch.testing.assert_close(fpm.fn(merged, None, x), fpm.fn(fpm.base, adapter, x), atol=1e-5, rtol=1e-5)
@@ -212,7 +200,7 @@ def test_merging_equals_the_unmerged_call(out_f: int, in_f: int, r: int, seed: i
 def test_para_with_qr_removes_the_subspace(out_f: int, in_f: int, r: int, seed: int) -> None:
     """W' = (I - Q Q^T) W with Q = qr(P).Q orthonormal: Q^T W' = 0 and W' - W lies in span(Q)."""
     fpm = _layer(out_f, in_f, seed, r=r, decomposition_method="qr", para=True)
-    adapter = random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    adapter = mc.random_trees(fpm.adapter, n=1, scale=0.5)[0]
     w = fpm.base["0.weight"].double()
     merged = funcpeft.merge(fpm, fpm.base, adapter)["0.weight"].double()
     q, _ = torch.linalg.qr(adapter["0"]["deft_P"].double())

@@ -5,39 +5,21 @@ Compile and per-example routing: tests/test_method_transforms.py."""
 
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any
 
-import peft
+import method_checks as mc
 import pytest
 import torch
 from helpers import cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_config_defaults_equal_peft,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 LLAMA = dict(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2, "k_pro.": 3}, lambda_pattern={"q_proj": 3})
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert_config_defaults_equal_peft("DeloraConfig")
 
 
 @pytest.mark.parametrize(
@@ -49,35 +31,25 @@ def test_config_fields_and_defaults_equal_peft() -> None:
             ValueError,
             "`r` should be a positive integer value but the value passed is 0",
         ),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.LAYERS_PATTERN_ROWS,
         (dict(target_modules="lin0", layers_pattern="h"), ValueError, "`layers_to_transform` must also be specified"),
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "DeloraConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "DeloraConfig", kwargs, exc, match)
     if "value passed" in match:
         assert "'lin0'" in str(info.value)  # funcpeft names the module
 
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.DeloraConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.DeloraConfig(target_modules=[target]))
+    mc.assert_linear_only_like_peft("DeloraConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_and_column_norms_equal_peft_for_the_same_seed(init_weights: bool) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "DeloraConfig", {**LLAMA, "init_weights": init_weights}, seed=2)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "DeloraConfig", {**LLAMA, "init_weights": init_weights}, seed=2)
+    mc.assert_fresh_equals_peft(fpm, pm)
     ranks = set()
     for path, entry in fpm.plans["default"].items():
         layer = pm.get_submodule(f"base_model.model.{path}")
@@ -89,11 +61,7 @@ def test_fresh_adapter_and_column_norms_equal_peft_for_the_same_seed(init_weight
 
 
 def test_forward_gradients_and_merge_equal_peft() -> None:
-    fpm, pm = build_both(T.tiny_llama(), "DeloraConfig", LLAMA)
-    adapter = random_trees(fpm.adapter, 1)[0]
-    x = make_inputs("llama")
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_forward_and_merge_equal_peft(T.tiny_llama(), "DeloraConfig", LLAMA, make_inputs("llama"))
 
 
 def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
@@ -101,19 +69,9 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.DeloraConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (2 * 64 + 64 * 2 + 1)  # the norms are not counted
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    assert sorted(saved) == sorted(
-        f"base_model.model.{p}.{n}" for p in paths for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(
+        fpm, model, tmp_path, ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"), lambda w: w * 2.0
     )
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.mul_(2.0)
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         torch.testing.assert_close(back.base[key], saved[f"base_model.model.{p}.delora_w_norm"], atol=0, rtol=0)
@@ -125,7 +83,7 @@ def test_column_norms_are_saved_and_restored_from_the_file_like_peft(tmp_path: A
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "DeloraConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "DeloraConfig", dict(target_modules=["lin0"]))
 
 
 def _layer(out_f: int, in_f: int, r: int, lam: float, seed: int, **kwargs: Any) -> Any:
@@ -157,21 +115,16 @@ def test_the_update_over_the_column_norms_is_bounded_by_lambda(
 
 def test_module_dropout_one_drops_the_whole_update_in_training() -> None:
     fpm = _layer(6, 5, 2, 15.0, 0, module_dropout=1.0)
-    x = torch.randn(4, 5)
-    base_out = fpm.model(x)
-    adapted = fpm.fn(fpm.base, fpm.adapter, x)
-    trained = fpm.fn(fpm.base, fpm.adapter, x, dropout_rng=3)
-    assert not torch.allclose(adapted, base_out)  # the update is not zero at init_weights=False
-    torch.testing.assert_close(trained, base_out, atol=0, rtol=0)
+    mc.assert_full_dropout_drops_the_update(fpm, torch.randn(4, 5))
 
 
 def test_a_bf16_model_equals_peft_with_its_upcast_adapter_and_norms() -> None:
     """autocast_adapter_dtype: A, B, lambda and the norms (a BufferDict in PEFT) become float32 in both."""
     kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], init_weights=False)
-    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), "DeloraConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(cast_model(T.tiny_llama(), torch.bfloat16), "DeloraConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         assert fpm.base[key].dtype == layer.delora_w_norm["default"].dtype == torch.float32
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import method_checks as mc
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_config_defaults_equal_peft,
-    assert_fresh_equals_peft,
-    assert_frozen_equal_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    assert_spectrum_indices_frozen_and_unsaved,
-    assert_unsupported_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -31,34 +19,15 @@ import funcpeft
 from funcpeft import testing as T
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert_config_defaults_equal_peft("FourierFTConfig")
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
-        (
-            dict(n_frequency=201, target_modules=["lin0"]),
-            ValueError,
-            "`n_frequency` should be less than or equal to the product",
-        ),
-        (
-            dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
-            ValueError,
-            "value passed is 300 and the product is 200",
-        ),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.N_FREQUENCY_ROWS,
+        *mc.LAYERS_PATTERN_ROWS,
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "FourierFTConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "FourierFTConfig", kwargs, exc, match)
     if "product" in match:
         assert "'lin0'" in str(info.value)  # funcpeft names the module
 
@@ -71,7 +40,7 @@ def test_a_missing_seed_is_refused_up_front() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     match = r"Target module 'transformer.wte' \(Embedding\) is not supported"
-    assert_unsupported_like_peft(
+    mc.assert_unsupported_like_peft(
         T.tiny_gpt2(), "FourierFTConfig", dict(target_modules=["wte"]), "is not supported", match
     )
 
@@ -87,9 +56,9 @@ def test_unsupported_layers_name_module_and_type() -> None:
     ],
 )
 def test_fresh_adapter_and_indices_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs, seed=2)
-    assert_fresh_equals_peft(fpm, pm)
-    assert_frozen_equal_peft(fpm, pm, "indices")
+    fpm, pm = mc.build_both(MODELS[kind](), "FourierFTConfig", kwargs, seed=2)
+    mc.assert_fresh_equals_peft(fpm, pm)
+    mc.assert_frozen_equal_peft(fpm, pm, "indices")
 
 
 def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
@@ -102,7 +71,7 @@ def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
     ]
     for model, targets, pattern in cases:
         kwargs = dict(n_frequency=8, n_frequency_pattern=pattern, target_modules=targets)
-        fpm, pm = build_both(model, "FourierFTConfig", kwargs)
+        fpm, pm = mc.build_both(model, "FourierFTConfig", kwargs)
         for path, entry in fpm.plans["default"].items():
             layer = pm.get_submodule(f"base_model.model.{path}")
             assert entry.spec.hyper.n_frequency == layer.fourierft_n_frequency["default"], path
@@ -116,19 +85,21 @@ def test_n_frequency_pattern_follows_peft_s_matching_rule() -> None:
     ],
 )
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "FourierFTConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS[kind](), "FourierFTConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs(kind)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any) -> None:
-    assert_spectrum_indices_frozen_and_unsaved("FourierFTConfig", "fourierft_spectrum", tmp_path)
+    mc.assert_spectrum_indices_frozen_and_unsaved("FourierFTConfig", "fourierft_spectrum", tmp_path)
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "FourierFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(
+        models.build("MLP"), "FourierFTConfig", dict(n_frequency=8, target_modules=["lin0"])
+    )
 
 
 @settings(max_examples=examples(15))

@@ -11,18 +11,10 @@ import os
 import tempfile
 from typing import Any, cast
 
+import method_checks as mc
 import peft
 import pytest
 import torch
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_memory_lean_function_is_autograd,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from safetensors.torch import load_file
 from torch import nn
@@ -63,13 +55,6 @@ CASES: list[dict[str, Any]] = [
 ]
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.FrodConfig().to_dict() == {
-        **peft.FrodConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "model_id, kwargs, exc, match",
     [
@@ -80,7 +65,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_config_errors_are_peft_s(model_id: str, kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
-    assert_raises_like_peft(models.build(model_id), "FrodConfig", {**kwargs, "progressbar": False}, exc, match)
+    mc.assert_raises_like_peft(models.build(model_id), "FrodConfig", {**kwargs, "progressbar": False}, exc, match)
 
 
 @pytest.mark.parametrize(
@@ -112,14 +97,16 @@ def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kin
 
 
 def test_mixed_is_refused_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "FrodConfig", dict(target_modules=["lin0"], progressbar=False))
+    mc.assert_mixed_refused_like_peft(
+        models.build("MLP"), "FrodConfig", dict(target_modules=["lin0"], progressbar=False)
+    )
 
 
 @pytest.mark.parametrize("init", [True, False])
 @pytest.mark.parametrize("kwargs", CASES)
 def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any], init: bool) -> None:
-    fpm, pm = build_both(stack(), "FrodConfig", {**kwargs, "init_weights": init, "progressbar": False}, seed=5)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(stack(), "FrodConfig", {**kwargs, "init_weights": init, "progressbar": False}, seed=5)
+    mc.assert_fresh_equals_peft(fpm, pm)
     # the frozen side: each role's V and S pattern once in `base`, each layer's U, equal to PEFT's buffers
     buffers = dict(pm.named_buffers())
     for path, entry in fpm.plans["default"].items():
@@ -135,18 +122,18 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any], ini
 
 @pytest.mark.parametrize("kwargs", CASES)
 def test_forward_and_gradients_match_peft_away_from_the_init(kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(stack(), "FrodConfig", {**kwargs, "progressbar": False})
-    for adapter in random_trees(fpm.adapter, n=2, scale=0.3):
-        assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-5)
+    fpm, pm = mc.build_both(stack(), "FrodConfig", {**kwargs, "progressbar": False})
+    for adapter in mc.random_trees(fpm.adapter, n=2, scale=0.3):
+        mc.assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-5)
 
 
 def test_gpt2_conv1d_matches_peft() -> None:
     kwargs = dict(target_modules=["conv1d"], sparse_rate=0.05, init_weights=False, progressbar=False)
-    fpm, pm = build_both(models.build("EmbConv1D"), "FrodConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(models.build("EmbConv1D"), "FrodConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert fpm.peft_config["default"].fan_in_fan_out is pm.peft_config["default"].fan_in_fan_out is True
     ids = {"X": torch.arange(90).reshape(9, 10) % 7}
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], ids, atol=1e-5)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], ids, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", [True, False])
@@ -156,14 +143,14 @@ def test_bfloat16_model_matches_peft(init: bool) -> None:
     kwargs: dict[str, Any] = dict(
         target_modules=["lin0", "lin1"], sparse_rate=0.1, init_weights=init, progressbar=False
     )
-    fpm, pm = build_both(model, "FrodConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)  # float32 adapters drawn and rounded in bfloat16 first, like PEFT's
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
+    fpm, pm = mc.build_both(model, "FrodConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)  # float32 adapters drawn and rounded in bfloat16 first, like PEFT's
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
 
 
 def test_files_both_ways_are_peft_s() -> None:
-    fpm, pm = build_both(stack(), "FrodConfig", {**CASES[0], "init_weights": False, "progressbar": False})
-    tree = random_trees(fpm.adapter, n=1)[0]
+    fpm, pm = mc.build_both(stack(), "FrodConfig", {**CASES[0], "init_weights": False, "progressbar": False})
+    tree = mc.random_trees(fpm.adapter, n=1)[0]
     funcpeft.testing.copy_into_peft(pm, tree, fpm.plans["default"])
     with tempfile.TemporaryDirectory() as d:
         fpm.save_pretrained(os.path.join(d, "f"), tree)
@@ -211,7 +198,7 @@ def test_s_product_is_a_memory_lean_autograd_function() -> None:
     rows, cols = flat // n, flat % n
     z = torch.randn(2, 3, n, generator=g, dtype=torch.float64, requires_grad=True)
     values = torch.randn(nnz, generator=g, dtype=torch.float64, requires_grad=True)
-    assert_memory_lean_function_is_autograd(
+    mc.assert_memory_lean_function_is_autograd(
         lambda z, v: _SparseProduct.apply(z, v, rows, cols),
         lambda z, v: torch.zeros_like(z).index_add(-1, rows, z[..., cols] * v),
         [z, values],

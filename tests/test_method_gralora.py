@@ -7,28 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import as_type
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods.base import UnsupportedLayerError
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    theirs = peft.GraloraConfig().to_dict()
-    assert funcpeft.GraloraConfig().to_dict() == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(
@@ -43,7 +31,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_config_and_layer_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "GraloraConfig", kwargs, ValueError, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "GraloraConfig", kwargs, ValueError, match)
     if "features" in match:
         assert repr(kwargs["target_modules"][0]) in str(info.value)  # funcpeft names the module
 
@@ -57,31 +45,31 @@ def test_unsupported_layers_name_module_and_type() -> None:
 
 
 def test_mixed_is_refused_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "GraloraConfig", dict(r=4, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "GraloraConfig", dict(r=4, target_modules=["lin0"]))
 
 
 @pytest.mark.parametrize("init", [True, False])
 @pytest.mark.parametrize("hybrid_r", [0, 3])
 def test_fresh_adapter_equals_peft_for_the_same_seed(init: bool, hybrid_r: int) -> None:
     kwargs = dict(r=4, gralora_k=2, hybrid_r=hybrid_r, init_weights=init, target_modules="all-linear")
-    fpm, pm = build_both(T.tiny_llama(), "GraloraConfig", kwargs, seed=3)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "GraloraConfig", kwargs, seed=3)
+    mc.assert_fresh_equals_peft(fpm, pm)
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 2])
 def test_forward_and_gradients_match_peft_on_a_sequence_model(hybrid_r: int) -> None:
     kwargs = dict(r=4, gralora_k=2, hybrid_r=hybrid_r, target_modules=["q_proj", "v_proj", "down_proj"])
-    fpm, pm = build_both(T.tiny_llama(), "GraloraConfig", kwargs)
+    fpm, pm = mc.build_both(T.tiny_llama(), "GraloraConfig", kwargs)
     ids = {"input_ids": torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))}
-    for adapter in random_trees(fpm.adapter, n=2):
-        assert_matches_peft_with(fpm, pm, adapter, ids, atol=1e-4)
+    for adapter in mc.random_trees(fpm.adapter, n=2):
+        mc.assert_matches_peft_with(fpm, pm, adapter, ids, atol=1e-4)
 
 
 def test_conv1d_and_2d_inputs_match_peft_and_merge() -> None:
-    fpm, pm = build_both(models.build("EmbConv1D"), "GraloraConfig", dict(target_modules=["conv1d"], gralora_k=1))
+    fpm, pm = mc.build_both(models.build("EmbConv1D"), "GraloraConfig", dict(target_modules=["conv1d"], gralora_k=1))
     x = {"X": torch.arange(20).reshape(2, 10) % 9}
-    adapter = random_trees(fpm.adapter, n=1)[0]
-    assert_matches_peft_with(fpm, pm, adapter, x)
+    adapter = mc.random_trees(fpm.adapter, n=1)[0]
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
     fn, base, _ = fpm
     merged = funcpeft.merge(fpm, base, adapter)
     torch.testing.assert_close(fn(merged, None, **x), fn(base, adapter, **x), atol=1e-5, rtol=1e-5)
@@ -93,6 +81,6 @@ def test_bfloat16_model_matches_peft() -> None:
     model = as_type(models.build("MLP", dtype=torch.bfloat16), models.MLP)
     model.dtype = torch.bfloat16  # the model casts its input to it
     kwargs = dict(r=4, hybrid_r=2, init_weights=False, target_modules=["lin0", "lin1"])
-    fpm, pm = build_both(model, "GraloraConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)
+    fpm, pm = mc.build_both(model, "GraloraConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, n=1)[0], {"X": torch.randn(4, 10)}, atol=2e-2)

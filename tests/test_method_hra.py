@@ -12,9 +12,10 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
+from helpers import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from method_checks import assert_bf16_layers_cast_like_peft, assert_rotation_case_equals_peft
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
 
@@ -43,12 +44,6 @@ def test_config_errors_are_peft_s() -> None:
     assert str(ours.value) == str(theirs.value)
     with pytest.raises(ValueError, match="`bias` must be 'none', 'all' or 'hra_only'"):
         funcpeft.HRAConfig(bias="lora_only")
-
-
-def test_config_fields_and_defaults_are_peft_s() -> None:
-    ours, theirs = funcpeft.HRAConfig().to_dict(), peft.HRAConfig().to_dict()
-    theirs.pop("runtime_config", None)
-    assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
 
 
 def test_unsupported_layers_name_module_and_type() -> None:
@@ -122,26 +117,11 @@ CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_gradients_and_merges_equal_peft(case: str) -> None:
     build, config, x = CASES[case]
-    model = _seeded(build)
-    fpm, pm, adapter = method_pair(model, "HRAConfig", config)
-    assert_forward_and_grads_equal_peft(fpm, pm, adapter, x)
-    with torch.no_grad():
-        merged = funcpeft.merge_and_unload(fpm, adapter)(**x)
-        torch.testing.assert_close(merged, copy.deepcopy(pm).merge_and_unload()(**x), atol=1e-5, rtol=0)
-        merged_base = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged_base, adapter, base=fpm.base)
-        for k, v in fpm.base.items():
-            torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
+    assert_rotation_case_equals_peft(build, "HRAConfig", config, x)
 
 
 def test_bf16_layers_cast_like_peft() -> None:
-    model = _seeded(MLP).to(torch.bfloat16)
-    fpm, pm, adapter = method_pair(model, "HRAConfig", dict(r=2, target_modules=["lin0", "lin1"]))
-    x = {"x": MLP_X["x"].to(torch.bfloat16)}
-    with torch.no_grad():
-        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert torch.equal(got, want)
+    assert_bf16_layers_cast_like_peft(_seeded(MLP), "HRAConfig", dict(r=2, target_modules=["lin0", "lin1"]), MLP_X)
 
 
 # -- several adapters, routing, transforms ----------------------------------------------------------------------

@@ -6,32 +6,21 @@ tests/test_peft_matrix.py; tiny transformers models: tests/test_contract.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
 from typing import Any, cast
 
+import method_checks as mc
 import optree
-import peft
 import pytest
 import torch
-from method_checks import (
-    assert_compiles_once,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import funcpeft
 import funcpeft.testing
-from funcpeft.methods.base import UnsupportedLayerError
 
 
 class Stack(nn.Module):
@@ -66,13 +55,6 @@ SHARING: list[dict[str, Any]] = [
 ]
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.LilyConfig().to_dict() == {
-        **peft.LilyConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -83,7 +65,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_config_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
-    assert_raises_like_peft(models.build("MLP"), "LilyConfig", kwargs, ValueError, match)
+    mc.assert_raises_like_peft(models.build("MLP"), "LilyConfig", kwargs, ValueError, match)
 
 
 @pytest.mark.parametrize(
@@ -91,11 +73,15 @@ def test_config_errors_are_peft_s(kwargs: dict[str, Any], match: str) -> None:
     [("EmbConv1D", "emb", "Embedding"), ("EmbConv1D", "conv1d", "Conv1D"), ("Conv2d", "conv2d", "Conv2d")],
 )
 def test_unsupported_layers_name_module_and_type(model_id: str, target: str, kind: str) -> None:
-    model = models.build(model_id)
-    with pytest.raises(NotImplementedError, match="Lily does not support target modules of type"):
-        peft.get_peft_model(copy.deepcopy(model), peft.LilyConfig(target_modules=[target]))
-    with pytest.raises(UnsupportedLayerError, match=rf"{target!r}.*{kind}"):
-        funcpeft.get_peft_model(model, funcpeft.LilyConfig(target_modules=[target]))
+    model, config = models.build(model_id), dict(target_modules=[target])
+    mc.assert_unsupported_like_peft(
+        model,
+        "LilyConfig",
+        config,
+        "Lily does not support target modules of type",
+        rf"{target!r}.*{kind}",
+        NotImplementedError,
+    )
 
 
 def test_a_name_ending_in_two_targets_is_refused() -> None:
@@ -105,8 +91,8 @@ def test_a_name_ending_in_two_targets_is_refused() -> None:
 
 
 def test_mixed_and_merging_are_refused_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "LilyConfig", dict(target_modules=["lin0"]))
-    fpm, pm = build_both(models.build("MLP"), "LilyConfig", dict(target_modules=["lin0"], r=2))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "LilyConfig", dict(target_modules=["lin0"]))
+    fpm, pm = mc.build_both(models.build("MLP"), "LilyConfig", dict(target_modules=["lin0"], r=2))
     with pytest.raises(NotImplementedError, match="This method is not supported for Lily"):
         pm.merge_and_unload()
     with pytest.raises(NotImplementedError, match="This method is not supported for Lily"):
@@ -116,7 +102,7 @@ def test_mixed_and_merging_are_refused_like_peft() -> None:
 @pytest.mark.parametrize("kwargs", SHARING)
 def test_sharing_is_peft_s(kwargs: dict[str, Any]) -> None:
     """funcpeft keeps each tensor PEFT shares once, at the layer PEFT's other layers take it from."""
-    fpm, pm = build_both(stack(), "LilyConfig", kwargs)
+    fpm, pm = mc.build_both(stack(), "LilyConfig", kwargs)
     plan = fpm.plans["default"]
     modules = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()}
     order = list(plan)
@@ -133,21 +119,21 @@ def test_sharing_is_peft_s(kwargs: dict[str, Any]) -> None:
 @pytest.mark.parametrize("init", [True, False])
 @pytest.mark.parametrize("kwargs", SHARING)
 def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any], init: bool) -> None:
-    fpm, pm = build_both(stack(), "LilyConfig", {**kwargs, "init_weights": init}, seed=5)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(stack(), "LilyConfig", {**kwargs, "init_weights": init}, seed=5)
+    mc.assert_fresh_equals_peft(fpm, pm)
 
 
 @pytest.mark.parametrize("kwargs", SHARING)
 def test_forward_and_gradients_match_peft_away_from_the_init(kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(stack(), "LilyConfig", kwargs)
-    for adapter in random_trees(fpm.adapter, n=2, scale=0.3):
-        assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-5)
+    fpm, pm = mc.build_both(stack(), "LilyConfig", kwargs)
+    for adapter in mc.random_trees(fpm.adapter, n=2, scale=0.3):
+        mc.assert_matches_peft_with(fpm, pm, adapter, X, atol=1e-5)
 
 
 def test_files_both_ways_and_differing_copies_are_refused() -> None:
     kwargs = SHARING[0]
-    fpm, pm = build_both(stack(), "LilyConfig", {**kwargs, "init_weights": False})
-    tree = random_trees(fpm.adapter, n=1)[0]
+    fpm, pm = mc.build_both(stack(), "LilyConfig", {**kwargs, "init_weights": False})
+    tree = mc.random_trees(fpm.adapter, n=1)[0]
     with tempfile.TemporaryDirectory() as d:
         fpm.save_pretrained(os.path.join(d, "f"), tree)
         ours = load_file(os.path.join(d, "f", "adapter_model.safetensors"))
@@ -169,7 +155,7 @@ def test_files_both_ways_and_differing_copies_are_refused() -> None:
 
 def test_vmap_over_adapters_equals_a_loop_and_per_example_routing_is_refused() -> None:
     fn, base, fresh = funcpeft.get_peft_model(stack(), funcpeft.LilyConfig(**SHARING[0]))
-    trees = random_trees(fresh, n=3)
+    trees = mc.random_trees(fresh, n=3)
     stacked = funcpeft.stack_adapters(trees)
     with torch.no_grad():
         vmapped = torch.func.vmap(lambda a: fn(base, a, **X))(stacked)
@@ -181,9 +167,9 @@ def test_vmap_over_adapters_equals_a_loop_and_per_example_routing_is_refused() -
 
 def test_one_example_depends_on_the_batch_like_peft() -> None:
     """PEFT's router averages over the batch: example 0 alone differs from example 0 in the batch; funcpeft too."""
-    fpm, pm = build_both(stack(), "LilyConfig", SHARING[0])
+    fpm, pm = mc.build_both(stack(), "LilyConfig", SHARING[0])
     fn, base, _ = fpm
-    tree = random_trees(fpm.adapter, n=1, scale=0.5)[0]
+    tree = mc.random_trees(fpm.adapter, n=1, scale=0.5)[0]
     funcpeft.testing.copy_into_peft(pm, tree, fpm.plans["default"])
     with torch.no_grad():
         alone = fn(base, tree, X=X["X"][:1])
@@ -193,8 +179,8 @@ def test_one_example_depends_on_the_batch_like_peft() -> None:
 
 def test_compiles_once_with_shared_tensors() -> None:
     fn, base, fresh = funcpeft.get_peft_model(stack(), funcpeft.LilyConfig(**SHARING[0]))
-    trees = random_trees(fresh, n=3)
-    assert_compiles_once(fn, base, trees, X)
+    trees = mc.random_trees(fresh, n=3)
+    mc.assert_compiles_once(fn, base, trees, X)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     tree = optree.tree_map(lambda t: t.requires_grad_(True), trees[0])
     compiled(base, tree, **X).square().sum().backward()

@@ -7,20 +7,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -47,13 +40,6 @@ def _odd() -> nn.Module:
 
 
 # -- config and errors -----------------------------------------------------------------------------------------
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert funcpeft.MissConfig().to_dict() == {
-        **peft.MissConfig().to_dict(),
-        "peft_version": funcpeft._config.PEFT_VERSION,
-    }
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -82,7 +68,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "MissConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "MissConfig", kwargs, exc, match)
     if "in_features" in match or "blocks" in match or "mini_r" in match:
         assert "'lin0'" in str(info.value)  # funcpeft names the module
 
@@ -113,35 +99,28 @@ def test_unsupported_layers_name_module_and_type(target: str, kind: str) -> None
     ],
 )
 def test_fresh_adapter_equals_peft_for_the_same_seed(kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "MissConfig", kwargs, seed=3)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "MissConfig", kwargs, seed=3)
+    mc.assert_fresh_equals_peft(fpm, pm)
 
 
 @pytest.mark.parametrize("init", [True, "bat"])
 def test_inputs_not_a_multiple_of_r_match_peft(init: Any) -> None:
     """in_features=10, r=4: the balanced forward zero-pads x (bat needs r | in, so it uses r=2 here)."""
     r = 4 if init is True else 2
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         _odd(), "MissConfig", dict(r=r, init_weights=init, target_modules=["lin", "out"] if r == 2 else ["lin"])
     )
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
-    assert_matches_peft_with(fpm, pm, adapter, {"x": torch.randn(5, 10)})
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
+    mc.assert_matches_peft_with(fpm, pm, adapter, {"x": torch.randn(5, 10)})
 
 
 def test_training_dropout_matches_peft_given_the_same_masks() -> None:
     model = _odd()
-    fpm, pm = build_both(model, "MissConfig", dict(r=4, miss_dropout=0.4, target_modules=["lin", "out"]))
+    fpm, pm = mc.build_both(model, "MissConfig", dict(r=4, miss_dropout=0.4, target_modules=["lin", "out"]))
     fn, base, fresh = fpm
-    adapter = random_trees(fresh, 1)[0]
+    adapter = mc.random_trees(fresh, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    g = torch.Generator().manual_seed(5)
-
-    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
-        return x * torch.empty_like(x).bernoulli_(0.6, generator=g) / 0.6
-
-    for module in pm.modules():
-        if hasattr(module, "miss_dropout"):
-            module.miss_dropout["default"].forward = shared_dropout
+    mc.patch_peft_dropout(pm, "miss_dropout", 0.4, seed=5)
     x = torch.randn(6, 10)
     with torch.no_grad():
         want = pm.train()(x)
@@ -162,8 +141,8 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
 )
 def test_merge_and_unmerge_equal_peft(kwargs: dict[str, Any]) -> None:
     model = _odd()
-    fpm, pm = build_both(model, "MissConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
+    fpm, pm = mc.build_both(model, "MissConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     x = torch.randn(5, 10)
     with torch.no_grad():
@@ -186,7 +165,7 @@ def test_bat_cannot_stack_on_another_adapter_of_the_layer() -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "MissConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "MissConfig", dict(r=2, target_modules=["lin0"]))
 
 
 # -- laws --------------------------------------------------------------------------------------------------------
@@ -211,7 +190,7 @@ def test_bat_unmerge_inverts_merge(blocks: tuple[int, int], r: int, seed: int) -
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(blocks[0] * r, blocks[1] * r)).eval()
     fpm = funcpeft.get_peft_model(model, funcpeft.MissConfig(r=r, init_weights="bat", target_modules=["0"]))
-    adapter = random_trees(fpm.adapter, 1, scale=0.1)[0]  # small: I + B stays invertible
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.1)[0]  # small: I + B stays invertible
     merged = funcpeft.merge(fpm, fpm.base, adapter)
     assert not torch.allclose(merged["0.weight"], fpm.base["0.weight"])
     torch.testing.assert_close(

@@ -14,9 +14,10 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import assert_forward_and_grads_equal_peft, examples, method_pair
+from helpers import examples, method_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_checks import assert_bf16_layers_cast_like_peft, assert_rotation_case_equals_peft
 from method_helpers import CONV_X, MLP_X, OrthConv, OrthMLP, quiet, seeded
 from torch import nn
 
@@ -55,12 +56,6 @@ def test_config_checks_peft_leaves_to_later_are_clear_errors() -> None:
         funcpeft.OFTConfig(module_dropout=1.0)
     with pytest.raises(TypeError, match="did you mean 'oft_block_size'|Did you mean 'oft_block_size'"):
         funcpeft.OFTConfig(oft_blocksize=4)  # type: ignore[call-arg]
-
-
-def test_config_fields_and_defaults_are_peft_s() -> None:
-    ours, theirs = funcpeft.OFTConfig().to_dict(), peft.OFTConfig().to_dict()
-    theirs.pop("runtime_config", None)
-    assert ours == {k: getattr(v, "value", v) for k, v in theirs.items()}
 
 
 def test_files_from_old_peft_are_refused_or_warned_like_peft() -> None:
@@ -181,32 +176,13 @@ CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_gradients_and_merges_equal_peft(case: str) -> None:
     build, config, x = CASES[case]
-    model = _seeded(build)
-    fpm, pm, adapter = method_pair(model, "OFTConfig", config)
-    assert_forward_and_grads_equal_peft(fpm, pm, adapter, x)
-    with torch.no_grad():
-        merged = funcpeft.merge_and_unload(fpm, adapter)(**x)
-        want = copy.deepcopy(pm).merge_and_unload()(**x)
-        torch.testing.assert_close(_out(merged), _out(want), atol=1e-5, rtol=0)
-        merged_base = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged_base, adapter, base=fpm.base)
-        for k, v in fpm.base.items():
-            torch.testing.assert_close(back[k], v, atol=1e-5, rtol=1e-5)
-
-
-def _out(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
+    assert_rotation_case_equals_peft(build, "OFTConfig", config, x)
 
 
 def test_bf16_layers_cast_like_peft() -> None:
-    model = _seeded(MLP).to(torch.bfloat16)
-    fpm, pm, adapter = method_pair(model, "OFTConfig", dict(oft_block_size=4, target_modules=["lin0", "lin1"]))
+    kwargs = dict(oft_block_size=4, target_modules=["lin0", "lin1"])
+    adapter = assert_bf16_layers_cast_like_peft(_seeded(MLP), "OFTConfig", kwargs, MLP_X)
     assert all(t.dtype == torch.float32 for t in optree.tree_leaves(adapter))  # PEFT's autocast_adapter_dtype
-    x = {"x": MLP_X["x"].to(torch.bfloat16)}
-    with torch.no_grad():
-        got, want = fpm.fn(fpm.base, adapter, **x), pm(**x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    assert torch.equal(got, want)
 
 
 def test_conv_with_a_kernel_above_one_warns_and_is_not_a_no_op_at_init_like_peft() -> None:

@@ -7,9 +7,9 @@ tests/test_contract.py."""
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
+import method_checks as mc
 import optree
 import peft
 import pytest
@@ -17,16 +17,7 @@ import torch
 from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
@@ -49,18 +40,13 @@ def _frozen(fpm: Any, path: str) -> dict[str, torch.Tensor]:
     return {name: fpm.base[key] for name, key in fpm.plans[fpm.adapter_name][path].frozen}
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.OSFConfig().to_dict(), peft.OSFConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [dict(effective_rank=0), dict(effective_rank=-3), dict(effective_rank=4, rank_pattern={"lin1": 0.1})],
 )
 def test_invalid_ranks_raise_like_peft(kwargs: dict[str, Any]) -> None:
     match = "`effective_rank` should be a positive integer value but the value passed is 0"
-    info = assert_raises_like_peft(models.build("MLP"), "OSFConfig", kwargs, ValueError, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "OSFConfig", kwargs, ValueError, match)
     assert "(module 'lin" in str(info.value)  # funcpeft names the module
 
 
@@ -73,7 +59,7 @@ def test_modules_to_save_is_refused() -> None:
 def test_default_targets_equal_peft(model_id: str) -> None:
     """No target_modules: the model type's table (llama), else every linear layer (a custom MLP)."""
     model = T.tiny_llama() if model_id == "tiny-llama" else models.build(model_id)
-    fpm, pm = build_both(model, "OSFConfig", {})
+    fpm, pm = mc.build_both(model, "OSFConfig", {})
     theirs = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "osf_svd_params"))
     assert sorted(fpm.plans["default"]) == theirs and len(theirs) > 1
 
@@ -91,8 +77,8 @@ def test_unsupported_layers_name_module_and_type() -> None:
 
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_and_frozen_parts_equal_peft_for_the_same_seed(init_weights: bool) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "OSFConfig", {**LLAMA, "init_weights": init_weights}, seed=3)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "OSFConfig", {**LLAMA, "init_weights": init_weights}, seed=3)
+    mc.assert_fresh_equals_peft(fpm, pm)
     stored = set()
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
@@ -106,33 +92,23 @@ def test_fresh_adapter_and_frozen_parts_equal_peft_for_the_same_seed(init_weight
 
 
 def test_forward_projected_gradients_and_merge_equal_peft() -> None:
-    fpm, pm = build_both(T.tiny_llama(), "OSFConfig", LLAMA)
-    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    fpm, pm = mc.build_both(T.tiny_llama(), "OSFConfig", LLAMA)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
     x = make_inputs("llama")
-    assert_matches_peft_with(fpm, pm, adapter, x)  # PEFT's gradients pass through its projection hooks
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)  # PEFT refuses; additive here
-    for path in fpm.plans["default"]:
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)  # PEFT's gradients pass through its projection hooks
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)  # PEFT refuses to unmerge; additive here
 
 
 def test_only_the_trained_factors_are_saved_and_loading_rebuilds_the_rest_like_peft(tmp_path: Any) -> None:
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.OSFConfig(**LLAMA, init_weights=False))
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    tails = ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight) * 0.1)
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(
+        fpm,
+        model,
+        tmp_path,
+        ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low"),
+        lambda w: torch.randn_like(w) * 0.1,
+    )
     for p in paths:
         layer: Any = pm.get_submodule(f"base_model.model.{p}")
         for name, value in _frozen(back, p).items():
@@ -144,8 +120,8 @@ def test_only_the_trained_factors_are_saved_and_loading_rebuilds_the_rest_like_p
 
 def test_a_bf16_model_gets_float32_factors_and_frozen_parts_rounded_through_bf16_like_peft() -> None:
     """PEFT computes the SVD parts (and the random init) in the model's dtype, then upcasts all of them."""
-    fpm, pm = build_both(T.tiny_llama().bfloat16(), "OSFConfig", {**LLAMA, "init_weights": False})
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama().bfloat16(), "OSFConfig", {**LLAMA, "init_weights": False})
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert {t.dtype for t in optree.tree_leaves(fpm.adapter)} == {torch.float32}
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
@@ -168,7 +144,7 @@ def test_two_osf_adapters_on_one_layer_are_refused() -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "OSFConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "OSFConfig", dict(target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15), deadline=None)
@@ -184,7 +160,7 @@ def test_the_trained_factors_move_orthogonally_to_the_frozen_top_subspace(
     )
     spec = fpm.plans["default"]["0"].spec
     assert spec is not None
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
     x = torch.randn(5, shape[1], dtype=torch.double)
     weights = torch.randn(5, shape[0], dtype=torch.double)
     _, tree = funcpeft.value_and_grad(lambda a: (fpm.fn(fpm.base, a, x) * weights).sum())(adapter)

@@ -6,18 +6,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
-from method_checks import (
-    assert_compiles_once,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 
 import funcpeft
 from funcpeft import testing as T
@@ -51,23 +43,23 @@ def _t5_inputs() -> dict[str, torch.Tensor]:
 )
 def test_poly_matches_peft(model_fn: Any, kwargs: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
     """The fresh adapter is PEFT's (same seed), then for a random adapter: outputs, every gradient, counts."""
-    fpm, pm = build_both(model_fn(), "PolyConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(model_fn(), "PolyConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     if kwargs.get("init_weights", True):  # lora_B = 0: the fresh adapter is the base model
         with torch.no_grad():
             plain = T.tiny_llama()(input_ids=IDS).logits if model_fn is T.tiny_llama else None
             if plain is not None:
                 torch.testing.assert_close(fpm.fn(fpm.base, fpm.adapter, **inputs).logits, plain, atol=0, rtol=0)
-    (tree,) = random_trees(fpm.adapter, n=1, scale=0.3)
-    assert_matches_peft_with(fpm, pm, tree, inputs)
+    (tree,) = mc.random_trees(fpm.adapter, n=1, scale=0.3)
+    mc.assert_matches_peft_with(fpm, pm, tree, inputs)
 
 
 def test_poly_training_call_samples_like_peft() -> None:
     """A training call (dropout_rng) samples the relaxed-Bernoulli router like PEFT's train mode: seeded alike,
     outputs and every gradient agree; the samples differ by seed and from the eval call."""
-    fpm, pm = build_both(T.tiny_llama(), "PolyConfig", {**LLAMA, "init_weights": False})
-    (tree,) = random_trees(fpm.adapter, n=1, scale=0.5)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PolyConfig", {**LLAMA, "init_weights": False})
+    (tree,) = mc.random_trees(fpm.adapter, n=1, scale=0.5)
     T.copy_into_peft(pm, tree, fpm.plans["default"])
     pm.train()
     weights = torch.randn(3, 5, T.VOCAB, generator=torch.Generator().manual_seed(2))
@@ -91,8 +83,8 @@ def test_poly_training_call_samples_like_peft() -> None:
 
 def test_poly_files_both_ways(tmp_path: Any) -> None:
     """PEFT's files, bitwise (keys, values, config); each library loads the other's and computes the same."""
-    fpm, pm = build_both(T.tiny_llama(), "PolyConfig", LLAMA)
-    (tree,) = random_trees(fpm.adapter, n=1, scale=0.3)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PolyConfig", LLAMA)
+    (tree,) = mc.random_trees(fpm.adapter, n=1, scale=0.3)
     T.copy_into_peft(pm, tree, fpm.plans["default"])
     ours, theirs = os.fspath(tmp_path / "ours"), os.fspath(tmp_path / "theirs")
     fpm.save_pretrained(ours, tree)
@@ -114,8 +106,8 @@ def test_poly_files_both_ways(tmp_path: Any) -> None:
 
 def test_poly_generate_equals_peft() -> None:
     """Greedy generation with task_ids (kept for every step, as PEFT's pre-hooks do): PEFT's tokens."""
-    fpm, pm = build_both(T.tiny_llama(), "PolyConfig", LLAMA)
-    (tree,) = random_trees(fpm.adapter, n=1, scale=1.0)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PolyConfig", LLAMA)
+    (tree,) = mc.random_trees(fpm.adapter, n=1, scale=1.0)
     T.copy_into_peft(pm, tree, fpm.plans["default"])
     kw: dict[str, Any] = dict(input_ids=IDS, task_ids=TASKS, max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -135,7 +127,7 @@ def test_poly_generate_equals_peft() -> None:
 def test_poly_task_ids_are_checked() -> None:
     """Missing, out of range, wrong length, non-integer: clear errors. A negative id, which PEFT silently wraps
     to the last task, is refused."""
-    fpm, pm = build_both(T.tiny_llama(), "PolyConfig", LLAMA)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PolyConfig", LLAMA)
     fn, base, tree = fpm
     with pytest.raises(ValueError, match="task_ids should not be None"):
         pm(input_ids=IDS)
@@ -160,25 +152,25 @@ def test_poly_task_ids_are_checked() -> None:
 
 def test_poly_refusals_like_peft() -> None:
     """Conv1D (GPT-2), a bad poly_type or rank, splits that do not divide, merging, PeftMixedModel."""
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         T.tiny_gpt2(), "PolyConfig", dict(target_modules=["c_attn"]), TypeError, "(?i)linear"
     )
     assert "transformer.h.0.attn.c_attn" in str(info.value) and isinstance(info.value, UnsupportedLayerError)
     with pytest.raises(ValueError, match="poly_type"):
         funcpeft.PolyConfig(poly_type="mhr")  # type: ignore[arg-type]
-    assert_raises_like_peft(T.tiny_llama(), "PolyConfig", dict(r=0, target_modules=["q_proj"]), ValueError, "`r`")
+    mc.assert_raises_like_peft(T.tiny_llama(), "PolyConfig", dict(r=0, target_modules=["q_proj"]), ValueError, "`r`")
     with pytest.raises(
         ValueError, match=r"down_proj: in_features=128 and out_features=64 must both divide by n_splits=3"
     ):
         funcpeft.get_peft_model(T.tiny_llama(), funcpeft.PolyConfig(n_splits=3, target_modules=["down_proj"]))
     with pytest.raises(ValueError, match="n_tasks"):
         funcpeft.PolyConfig(n_tasks=0)
-    fpm, pm = build_both(T.tiny_llama(), "PolyConfig", LLAMA)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PolyConfig", LLAMA)
     with pytest.raises(NotImplementedError):
         pm.merge_and_unload()
     with pytest.raises(NotImplementedError):
         funcpeft.merge_and_unload(fpm, fpm.adapter)
-    assert_mixed_refused_like_peft(T.tiny_llama(), "PolyConfig", LLAMA)
+    mc.assert_mixed_refused_like_peft(T.tiny_llama(), "PolyConfig", LLAMA)
 
 
 def test_poly_vmap_compile_and_routing() -> None:
@@ -186,7 +178,7 @@ def test_poly_vmap_compile_and_routing() -> None:
     task ids; per-example adapter trees refused (Poly mixes per example by task_ids itself)."""
     fpm = funcpeft.get_peft_model(T.tiny_llama(), funcpeft.PolyConfig(**{**LLAMA, "init_weights": False}))
     fn, base, fresh = fpm
-    trees = random_trees(fresh, n=3)
+    trees = mc.random_trees(fresh, n=3)
     x = {"input_ids": IDS, "task_ids": TASKS}
     with torch.no_grad():
         alone = [fn(base, t, **x).logits for t in trees]
@@ -194,8 +186,8 @@ def test_poly_vmap_compile_and_routing() -> None:
         vmapped = torch.func.vmap(lambda a: fn(base, a, **x).logits)(stacked)
     for k in range(3):
         torch.testing.assert_close(vmapped[k], alone[k], atol=1e-5, rtol=1e-5)
-    assert_compiles_once(fn, base, trees, x)
-    assert_compiles_once(fn, base, [trees[0]] * 2, {"input_ids": IDS, "task_ids": torch.tensor([2, 2, 0])})
+    mc.assert_compiles_once(fn, base, trees, x)
+    mc.assert_compiles_once(fn, base, [trees[0]] * 2, {"input_ids": IDS, "task_ids": torch.tensor([2, 2, 0])})
     with pytest.raises(NotImplementedError, match="per-example adapter trees"):
         fn(base, funcpeft.per_example(stacked, torch.tensor([0, 1, 2])), **x)
 

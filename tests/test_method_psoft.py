@@ -6,33 +6,22 @@ vmap and routing on tiny-llama: tests/test_contract.py."""
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import psoft
-from funcpeft.methods.base import UnsupportedLayerError
 
 LLAMA: dict[str, Any] = dict(r=4, psoft_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -40,11 +29,6 @@ LLAMA: dict[str, Any] = dict(r=4, psoft_alpha=8, target_modules=["q_proj", "v_pr
 def _factors(fpm: Any, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     frozen = dict(fpm.plans["default"][path].frozen)
     return fpm.base[frozen[psoft.A_CACHE]], fpm.base[frozen[psoft.B_CACHE]]
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.PsoftConfig().to_dict(), peft.PsoftConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(
@@ -70,7 +54,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "PsoftConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "PsoftConfig", kwargs, exc, match)
     if "min" in match:
         assert "'lin1'" in str(info.value)  # funcpeft names the module
 
@@ -95,12 +79,7 @@ def test_ignored_fields_warn_like_peft(kwargs: dict[str, Any]) -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D is refused like an embedding."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(ValueError, match="is not supported by minimal PSOFT"):
-            peft.get_peft_model(copy.deepcopy(model), peft.PsoftConfig(r=2, target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.PsoftConfig(r=2, target_modules=[target]))
+    mc.assert_linear_only_like_peft("PsoftConfig", ValueError, "is not supported by minimal PSOFT", dict(r=2))
 
 
 @pytest.mark.parametrize(
@@ -113,9 +92,9 @@ def test_unsupported_layers_name_module_and_type() -> None:
     ],
 )
 def test_fresh_adapter_and_svd_factors_equal_peft_for_the_same_seed(options: dict[str, Any]) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, seed=2)
+    fpm, pm = mc.build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, seed=2)
     after_peft = torch.randn(3)  # the lowrank SVD seeds a fork: the global stream goes on like PEFT's
-    assert_fresh_equals_peft(fpm, pm)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         a, b = _factors(fpm, path)
@@ -131,16 +110,9 @@ def test_fresh_adapter_and_svd_factors_equal_peft_for_the_same_seed(options: dic
     [dict(), dict(use_cayley_neumann=True, cayley_neumann_eps=0.2, num_cayley_neumann_terms=6), dict(psoft_orth=False)],
 )
 def test_forward_gradients_and_merge_equal_peft(options: dict[str, Any]) -> None:
-    fpm, pm = build_both(T.tiny_llama(), "PsoftConfig", {**LLAMA, **options})
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
-    x = make_inputs("llama")
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in fpm.plans["default"]:
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    mc.assert_forward_and_merge_equal_peft(
+        T.tiny_llama(), "PsoftConfig", {**LLAMA, **options}, make_inputs("llama"), 0.3
+    )
 
 
 def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_peft(tmp_path: Any) -> None:
@@ -148,18 +120,9 @@ def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_pef
     model = T.tiny_llama()
     fpm = funcpeft.get_peft_model(model, funcpeft.PsoftConfig(r=2, target_modules=["q_proj"], init_weights=False))
     assert fpm.get_nb_trainable_parameters()[0] == 2 * (1 + 2 + 2)  # r(r-1)/2 + two vectors; A, B not counted
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
-    tails = ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{t}" for p in paths for t in tails)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight))
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(
+        fpm, model, tmp_path, ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a"), torch.randn_like
+    )
     for p in paths:
         layer: Any = pm.get_submodule(f"base_model.model.{p}")
         a, b = _factors(back, p)
@@ -171,19 +134,19 @@ def test_only_R_is_saved_and_loading_rebuilds_the_factors_from_the_base_like_pef
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "PsoftConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "PsoftConfig", dict(r=2, target_modules=["lin0"]))
 
 
 def test_a_bf16_model_equals_peft() -> None:
     """autocast_adapter_dtype: R and the vectors become float32; A and B are float32 in both (fp32 SVD)."""
     kwargs = {**LLAMA, "init_weights": False}
-    fpm, pm = build_both(T.tiny_llama().bfloat16(), "PsoftConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama().bfloat16(), "PsoftConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path in fpm.plans["default"]:
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
         a, _ = _factors(fpm, path)
         assert a.dtype == layer._psoft_A_cache["default"].dtype == torch.float32
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
 
 
 def _layer(out_f: int, in_f: int, r: int, seed: int, **kwargs: Any) -> Any:
@@ -220,9 +183,4 @@ def test_the_factors_are_the_rank_r_truncation_and_R_is_orthogonal(
 
 def test_psoft_dropout_one_drops_the_whole_update_in_training() -> None:
     fpm = _layer(6, 5, 2, 0, psoft_dropout=1.0, init_weights=False)
-    x = torch.randn(4, 5)
-    base_out = fpm.model(x)
-    adapted = fpm.fn(fpm.base, fpm.adapter, x)
-    trained = fpm.fn(fpm.base, fpm.adapter, x, dropout_rng=3)
-    assert not torch.allclose(adapted, base_out)  # the update is not zero at init_weights=False
-    torch.testing.assert_close(trained, base_out, atol=0, rtol=0)
+    mc.assert_full_dropout_drops_the_update(fpm, torch.randn(4, 5))

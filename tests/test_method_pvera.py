@@ -5,11 +5,9 @@ per-example routing: test_method_transforms.py (and test_contract.py on the tiny
 
 from __future__ import annotations
 
-import copy
-import os
-import warnings
 from typing import Any
 
+import method_checks as mc
 import optree
 import peft
 import pytest
@@ -17,27 +15,13 @@ import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft._trees import SHARED_PREFIX
 from funcpeft.methods.base import UnsupportedLayerError
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.PveraConfig().to_dict(), peft.PveraConfig().to_dict()
-    assert ours == {**theirs, "peft_type": "PVERA", "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 def test_config_checks() -> None:
@@ -62,10 +46,10 @@ def test_config_checks() -> None:
 
 def test_unsupported_layers_raise_like_peft() -> None:
     model = T.tiny_gpt2()
-    assert_raises_like_peft(
+    mc.assert_raises_like_peft(
         model, "PveraConfig", dict(r=4, target_modules=["wte"]), ValueError, "No layers types compatible with PVeRA"
     )
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         model, "PveraConfig", dict(r=4, target_modules=["c_attn", "wte"]), ValueError, "is not supported"
     )
     assert isinstance(info.value, UnsupportedLayerError)
@@ -81,8 +65,8 @@ def test_unsupported_layers_raise_like_peft() -> None:
     ],
 )
 def test_fresh_adapter_and_projections_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "PveraConfig", kwargs, seed=1)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(MODELS[kind](), "PveraConfig", kwargs, seed=1)
+    mc.assert_fresh_equals_peft(fpm, pm)
     entry = next(iter(fpm.plans["default"].values()))
     for name, key in entry.frozen:
         assert key.startswith(SHARED_PREFIX)
@@ -100,13 +84,11 @@ def test_fresh_adapter_and_projections_equal_peft_for_the_same_seed(kind: str, k
     ],
 )
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "PveraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
+    fpm, pm = mc.build_both(MODELS[kind](), "PveraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
     x = make_inputs(kind)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.merged_like_peft(fpm, pm, adapter, x)
 
 
 def _one_layer() -> nn.Module:
@@ -119,9 +101,9 @@ def test_training_samples_like_peft_given_the_same_noise() -> None:
     the draw of PEFT's generator seeded with generator_seed, so outputs and every gradient (the log-variance half of
     lambda_d only gets one in training) are PEFT's train-mode ones."""
     kwargs = dict(r=4, target_modules=["0"], init_weights=False, generator_seed=5)
-    fpm, pm = build_both(_one_layer(), "PveraConfig", kwargs)
+    fpm, pm = mc.build_both(_one_layer(), "PveraConfig", kwargs)
     fn, base, fresh = fpm
-    adapter: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), random_trees(fresh, 1, scale=0.5)[0])
+    adapter: Any = optree.tree_map(lambda t: t.detach().requires_grad_(True), mc.random_trees(fresh, 1, scale=0.5)[0])
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     x = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
     weights = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
@@ -150,7 +132,7 @@ def test_training_samples_like_peft_given_the_same_noise() -> None:
 
 def test_sample_at_inference_needs_the_call_s_randomness() -> None:
     kwargs = dict(r=4, target_modules=["0"], sample_at_inference=True, generator_seed=5)
-    fpm, pm = build_both(_one_layer(), "PveraConfig", kwargs)
+    fpm, pm = mc.build_both(_one_layer(), "PveraConfig", kwargs)
     fn, base, adapter = fpm
     x = torch.randn(2, 10)
     with pytest.raises(NotImplementedError, match=r"PVeRA at '0': sample_at_inference=True samples in eval mode"):
@@ -165,7 +147,7 @@ def test_per_example_training_call_samples_per_element() -> None:
     """Routing per example works in training too (the batched forward, one noise draw for the whole batch)."""
     fpm = funcpeft.get_peft_model(_one_layer(), funcpeft.PveraConfig(r=4, target_modules=["0"], init_weights=False))
     fn, base, fresh = fpm
-    trees = random_trees(fresh, 2, scale=0.5)
+    trees = mc.random_trees(fresh, 2, scale=0.5)
     x = torch.randn(4, 10)
     routed = funcpeft.per_example(funcpeft.stack_adapters(trees), torch.tensor([1, 0, 1, 0]))
     with torch.no_grad():
@@ -181,47 +163,28 @@ def test_per_example_training_call_samples_per_element() -> None:
 def test_files_with_and_without_the_projections_load_both_ways(save_projection: bool, tmp_path: Any) -> None:
     model = T.tiny_llama()
     kwargs = dict(r=8, target_modules=["q_proj", "k_proj"], save_projection=save_projection, projection_prng_key=9)
-    fpm, pm = build_both(model, "PveraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.3)[0]
-    T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fpm.save_pretrained(tmp_path / "ours", adapter)
-        pm.save_pretrained(tmp_path / "peft")
-    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    fpm, pm = mc.build_both(model, "PveraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.3)[0]
+    ours = mc.files_equal_and_load_both_ways(fpm, pm, model, adapter, tmp_path, make_inputs("llama"))
     assert ("base_model.pvera_A" in ours) == save_projection
-    x = make_inputs("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = funcpeft.from_pretrained(model, tmp_path / "peft")
-        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        want = pm(**x).logits
-        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(peft_back(**x).logits, want, atol=1e-5, rtol=0)
 
 
 def test_merged_bfloat16_weights_equal_peft_s() -> None:
     """PEFT adds the float32 delta to the bf16 weight (promoted add); on a bf16 model it also rounds the shared
-    projections to bf16 (moved to the layer's dtype, then upcast): given its projections, the merge is bitwise."""
+    projections to bf16 (moved to the layer's dtype, then upcast), as funcpeft does: the merge is bitwise."""
     model = MODELS["mlp"]().to(torch.bfloat16)
-    fpm, pm = build_both(model, "PveraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(model, "PveraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
     frozen = dict(fpm.plans["default"]["lin0"].frozen)
-    base = {**fpm.base, **{key: getattr(pm.base_model, name)["default"] for name, key in frozen.items()}}
-    assert any(not torch.equal(fpm.base[k], base[k]) for k in frozen.values())  # the rounding (docs/usage.md Limits)
-    merged = funcpeft.merge(fpm, base, adapter)
-    theirs = dict(pm.merge_and_unload().named_parameters())
-    for name in ("lin0.weight", "lin1.weight"):
-        assert merged[name].dtype == torch.bfloat16
-        assert torch.equal(merged[name], theirs[name]), name
+    for name, key in frozen.items():  # the rounded projections are PEFT's, bitwise
+        assert torch.equal(fpm.base[key], getattr(pm.base_model, name)["default"]), name
+    assert fpm.base["lin0.weight"].dtype == torch.bfloat16
+    mc.assert_merged_weights_bitwise_peft_s(fpm, pm, adapter, ["lin0.weight", "lin1.weight"])
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "PveraConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "PveraConfig", dict(r=2, target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15))

@@ -4,39 +4,21 @@ bases, merging (also in bfloat16); laws (hypothesis). Compile and routing: test_
 
 from __future__ import annotations
 
-import copy
-import os
-import warnings
 from typing import Any
 
-import peft
+import method_checks as mc
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_memory_lean_function_is_autograd,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft._trees import SHARED_PREFIX
 from funcpeft.methods.base import UnsupportedLayerError
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.RandLoraConfig().to_dict(), peft.RandLoraConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 def test_config_checks() -> None:
@@ -51,14 +33,14 @@ def test_config_checks() -> None:
 
 def test_unsupported_layers_raise_like_peft() -> None:
     model = T.tiny_gpt2()
-    assert_raises_like_peft(
+    mc.assert_raises_like_peft(
         model,
         "RandLoraConfig",
         dict(target_modules=["wte"]),
         ValueError,
         "No layers types compatible with RandLora were found",
     )
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         model, "RandLoraConfig", dict(target_modules=["c_attn", "wte"]), ValueError, "is not supported"
     )
     assert isinstance(info.value, UnsupportedLayerError)
@@ -77,8 +59,8 @@ def test_unsupported_layers_raise_like_peft() -> None:
     ],
 )
 def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(MODELS[kind](), "RandLoraConfig", kwargs, seed=1)
+    mc.assert_fresh_equals_peft(fpm, pm)
     entry = next(iter(fpm.plans["default"].values()))
     for name, key in entry.frozen:
         assert key.startswith(SHARED_PREFIX)
@@ -96,30 +78,21 @@ def test_fresh_adapter_and_bases_equal_peft_for_the_same_seed(kind: str, kwargs:
     ],
 )
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "RandLoraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
+    fpm, pm = mc.build_both(MODELS[kind](), "RandLoraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
     x = make_inputs(kind)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x).logits
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x).logits, want, atol=1e-5, rtol=1e-5)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.merged_like_peft(fpm, pm, adapter, x)
 
 
 def test_training_dropout_matches_peft_given_the_same_masks() -> None:
-    fpm, pm = build_both(
+    fpm, pm = mc.build_both(
         T.tiny_llama(), "RandLoraConfig", dict(r=8, randlora_dropout=0.3, target_modules=["q_proj", "down_proj"])
     )
     fn, base, fresh = fpm
-    adapter = random_trees(fresh, 1, scale=0.05)[0]
+    adapter = mc.random_trees(fresh, 1, scale=0.05)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    g = torch.Generator().manual_seed(5)
-
-    def shared_dropout(x: torch.Tensor) -> torch.Tensor:  # funcpeft's draw, from one generator for both
-        return x * torch.empty_like(x).bernoulli_(0.7, generator=g) / 0.7
-
-    for module in pm.modules():
-        if hasattr(module, "randlora_dropout"):
-            module.randlora_dropout["default"].forward = shared_dropout
+    mc.patch_peft_dropout(pm, "randlora_dropout", 0.3, seed=5)
     x = make_inputs("llama")
     with torch.no_grad():
         want = pm.train()(**x).logits
@@ -133,44 +106,25 @@ def test_training_dropout_matches_peft_given_the_same_masks() -> None:
 def test_files_with_and_without_the_bases_load_both_ways(save_projection: bool, tmp_path: Any) -> None:
     model = T.tiny_llama()
     kwargs = dict(r=8, target_modules=["q_proj", "k_proj"], save_projection=save_projection, projection_prng_key=9)
-    fpm, pm = build_both(model, "RandLoraConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1, scale=0.05)[0]
-    T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fpm.save_pretrained(tmp_path / "ours", adapter)
-        pm.save_pretrained(tmp_path / "peft")
-    ours, theirs = (load_file(os.path.join(tmp_path, d, "adapter_model.safetensors")) for d in ("ours", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    fpm, pm = mc.build_both(model, "RandLoraConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
+    ours = mc.files_equal_and_load_both_ways(fpm, pm, model, adapter, tmp_path, make_inputs("llama"))
     bases = [k for k in ours if k.endswith(("randlora_A", "randlora_B"))]
     assert len(bases) == (2 + 2 * 4 if save_projection else 0)  # base_model.* and a copy under each layer
-    x = make_inputs("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = funcpeft.from_pretrained(model, tmp_path / "peft")
-        peft_back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        want = pm(**x).logits
-        torch.testing.assert_close(back.fn(back.base, back.adapter, **x).logits, want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(peft_back(**x).logits, want, atol=1e-5, rtol=0)
 
 
 def test_merged_bfloat16_weights_equal_peft_s() -> None:
     """PEFT casts the delta to the weight's dtype before adding it; so does funcpeft."""
     model = MODELS["mlp"]().to(torch.bfloat16)
-    fpm, pm = build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(model, "RandLoraConfig", dict(r=4, target_modules=["lin0", "lin1"], init_weights=False))
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     T.copy_into_peft(pm, adapter, fpm.plans["default"])
-    merged = funcpeft.merge(fpm, fpm.base, adapter)
-    theirs = dict(pm.merge_and_unload().named_parameters())
-    for name in ("lin0.weight", "lin1.weight"):
-        assert merged[name].dtype == torch.bfloat16
-        assert torch.equal(merged[name], theirs[name]), name
+    assert fpm.base["lin0.weight"].dtype == torch.bfloat16
+    mc.assert_merged_weights_bitwise_peft_s(fpm, pm, adapter, ["lin0.weight", "lin1.weight"])
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "RandLoraConfig", dict(r=2, target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15))
@@ -214,7 +168,7 @@ def test_scaled_basis_saves_only_its_inputs_and_keeps_every_transform() -> None:
     r, n, k = 3, 4, 5
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((r, 1, k), (r, n), (n, k))]
-    assert_memory_lean_function_is_autograd(
+    mc.assert_memory_lean_function_is_autograd(
         _ScaledBasis.apply, lambda a, lam, gamma: lam[:, :, None] * a * gamma[None], xs
     )
     # and its lambda / gamma gradients are PEFT's (A frozen there)

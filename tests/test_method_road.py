@@ -5,38 +5,22 @@ recompiles, per-example routing and vmap."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import peft
+import method_checks as mc
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_bf16_model_equals_peft,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
 from funcpeft.methods import road
-from funcpeft.methods.base import UnsupportedLayerError
 
 VARIANTS = ["road_1", "road_2", "road_4"]
-
-
-def test_config_fields_and_defaults_equal_peft() -> None:
-    ours, theirs = funcpeft.RoadConfig().to_dict(), peft.RoadConfig().to_dict()
-    assert ours == {**theirs, "peft_version": funcpeft._config.PEFT_VERSION}
 
 
 @pytest.mark.parametrize(
@@ -51,7 +35,7 @@ def test_config_fields_and_defaults_equal_peft() -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         models.build("MLP"), "RoadConfig", {"target_modules": ["lin0"], **kwargs}, ValueError, match
     )
     if "out_features" in match:
@@ -60,20 +44,20 @@ def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> 
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(ValueError, match="Currently, only the following modules are supported: `torch.nn.Linear`"):
-            peft.get_peft_model(copy.deepcopy(model), peft.RoadConfig(group_size=2, target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.RoadConfig(group_size=2, target_modules=[target]))
+    mc.assert_linear_only_like_peft(
+        "RoadConfig",
+        ValueError,
+        "Currently, only the following modules are supported: `torch.nn.Linear`",
+        dict(group_size=2),
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_fresh_adapter_equals_peft_for_the_same_seed(variant: str, init_weights: bool) -> None:
     kwargs = dict(variant=variant, group_size=16, init_weights=init_weights, target_modules="all-linear")
-    fpm, pm = build_both(T.tiny_llama(), "RoadConfig", kwargs, seed=4)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "RoadConfig", kwargs, seed=4)
+    mc.assert_fresh_equals_peft(fpm, pm)
     n = {"road_1": 64, "road_2": 128, "road_4": 256}[variant]  # per 128 outputs
     assert fpm.adapter["model.layers.0.mlp.gate_proj"]["road_theta"].shape == (n,)
     assert fpm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
@@ -83,15 +67,11 @@ def test_fresh_adapter_equals_peft_for_the_same_seed(variant: str, init_weights:
 def test_forward_gradients_merge_and_unmerge_equal_peft(variant: str) -> None:
     """On an MLP with biases: R W and R b merged like PEFT, and unmerged back with R's inverse."""
     kwargs = dict(variant=variant, group_size=4, target_modules=["lin0", "lin1"], init_weights=False)
-    fpm, pm = build_both(MODELS["mlp"](), "RoadConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS["mlp"](), "RoadConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        merged = funcpeft.merge(fpm, fpm.base, adapter)
-        back = funcpeft.unmerge(fpm, merged, adapter)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    merged, back = mc.merged_like_peft(fpm, pm, adapter, x)
     for path in ("lin0", "lin1"):
         for name in ("weight", "bias"):
             key = f"{path}.{name}"
@@ -100,7 +80,7 @@ def test_forward_gradients_merge_and_unmerge_equal_peft(variant: str) -> None:
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "RoadConfig", dict(group_size=2, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "RoadConfig", dict(group_size=2, target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(20))
@@ -150,4 +130,4 @@ def test_road_1_with_unit_scales_keeps_every_pairs_norm(groups: int, half: int, 
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
     kwargs: dict[str, Any] = dict(group_size=16, init_weights=False, target_modules=["q_proj", "down_proj"])
-    assert_bf16_model_equals_peft("RoadConfig", kwargs, autocast)
+    mc.assert_bf16_model_equals_peft("RoadConfig", kwargs, autocast)

@@ -5,32 +5,20 @@ is the top-k (bottom-k) magnitudes; torch.compile without recompiles, per-exampl
 
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_bf16_model_equals_peft,
-    assert_fresh_equals_peft,
-    assert_matches_peft_with,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
-from safetensors.torch import load_file
 from torch import nn
 
 import funcpeft
 from funcpeft import testing as T
-from funcpeft.methods.base import UnsupportedLayerError
 
 SUPRA: dict[str, Any] = dict(sparsity=0.75, r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -58,7 +46,7 @@ def test_config_fields_and_defaults_equal_peft(kwargs: dict[str, Any]) -> None:
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], match: str) -> None:
-    info = assert_raises_like_peft(
+    info = mc.assert_raises_like_peft(
         models.build("MLP"), "SupertuningConfig", {"target_modules": ["lin0"], **kwargs}, ValueError, match
     )
     if "leaves no" in match:
@@ -75,20 +63,15 @@ def test_unsaved_indices_are_refused_not_silently_saved() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     """PEFT adapts nn.Linear only: GPT-2's Conv1D and an embedding are refused."""
-    model = T.tiny_gpt2()
-    for target, kind in (("c_attn", "Conv1D"), ("wte", "Embedding")):
-        with pytest.raises(TypeError, match="Currently, only `torch.nn.Linear` is supported"):
-            peft.get_peft_model(copy.deepcopy(model), peft.SupertuningConfig(target_modules=[target]))
-        with pytest.raises(UnsupportedLayerError, match=rf"'transformer\..*{target}' \({kind}\) is not supported"):
-            funcpeft.get_peft_model(model, funcpeft.SupertuningConfig(target_modules=[target]))
+    mc.assert_linear_only_like_peft("SupertuningConfig", TypeError, "Currently, only `torch.nn.Linear` is supported")
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 @pytest.mark.parametrize("r", [None, 2])
 def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, r: int | None) -> None:
     kwargs = {**SUPRA, "r": r, "lora_dropout": 0.0, "init_weights": init_weights, "select_top": r is None}
-    fpm, pm = build_both(T.tiny_llama(), "SupertuningConfig", kwargs, seed=6)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(T.tiny_llama(), "SupertuningConfig", kwargs, seed=6)
+    mc.assert_fresh_equals_peft(fpm, pm)
     for path, entry in fpm.plans["default"].items():
         ((_, key),) = entry.frozen
         layer: Any = pm.get_submodule(f"base_model.model.{path}")
@@ -105,16 +88,12 @@ def test_fresh_adapter_indices_and_random_stream_equal_peft(init_weights: bool, 
 
 def test_forward_gradients_merge_and_unmerge_equal_peft() -> None:
     kwargs = dict(sparsity=0.5, r=2, lora_alpha=3.0, target_modules=["lin0", "lin1"], init_weights=False)
-    fpm, pm = build_both(MODELS["mlp"](), "SupertuningConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS["mlp"](), "SupertuningConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs("mlp", batch=3)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    with torch.no_grad():
-        want = pm.merge_and_unload()(**x)
-        torch.testing.assert_close(funcpeft.merge_and_unload(fpm, adapter)(**x), want, atol=1e-5, rtol=1e-5)
-        back = funcpeft.unmerge(fpm, funcpeft.merge(fpm, fpm.base, adapter), adapter)
-    for path in ("lin0", "lin1"):
-        torch.testing.assert_close(back[f"{path}.weight"], fpm.base[f"{path}.weight"], atol=1e-6, rtol=0)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    assert list(fpm.plans["default"]) == ["lin0", "lin1"]
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -> None:
@@ -122,18 +101,9 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
     model = T.tiny_llama()
     config = funcpeft.SupertuningConfig(sparsity=0.9, r=2, target_modules=["q_proj"], init_weights=False)
     fpm = funcpeft.get_peft_model(model, config)
-    fpm.save_pretrained(tmp_path, fpm.adapter)
-    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    paths = list(fpm.plans["default"])
     names = ("supertuning_values", "supertuning_indices", "supertuning_lora_A.weight", "supertuning_lora_B.weight")
-    assert sorted(saved) == sorted(f"base_model.model.{p}.{n}" for p in paths for n in names)
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in paths:
-            weight: Any = changed.get_submodule(p).weight
-            weight.copy_(torch.randn_like(weight))  # other magnitudes: fresh indices would differ
-    back = funcpeft.from_pretrained(changed, tmp_path)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(changed), tmp_path).eval()
+    # the changed weights have other magnitudes: fresh indices would differ
+    saved, paths, back, pm = mc.saved_and_reloaded_on_changed_weights(fpm, model, tmp_path, names, torch.randn_like)
     for p in paths:
         ((_, key),) = back.plans["default"][p].frozen
         assert torch.equal(back.base[key], saved[f"base_model.model.{p}.supertuning_indices"])
@@ -145,7 +115,7 @@ def test_indices_are_saved_and_restored_from_the_file_like_peft(tmp_path: Any) -
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "SupertuningConfig", dict(target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "SupertuningConfig", dict(target_modules=["lin0"]))
 
 
 @settings(max_examples=examples(15))
@@ -184,4 +154,4 @@ def test_the_update_lives_on_the_top_or_bottom_magnitudes(
 def test_a_bf16_model_equals_peft(autocast: bool) -> None:
     """autocast_adapter_dtype: float32 adapter (True) or the model's bf16 (False), in both; the same outputs."""
     kwargs: dict[str, Any] = dict(sparsity=0.5, r=2, init_weights=False, target_modules=["q_proj", "down_proj"])
-    assert_bf16_model_equals_peft("SupertuningConfig", kwargs, autocast)
+    mc.assert_bf16_model_equals_peft("SupertuningConfig", kwargs, autocast)

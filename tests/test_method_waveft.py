@@ -8,25 +8,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import method_checks as mc
 import peft
 import pytest
 import torch
 from helpers import MODELS, cast_model, examples, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from method_checks import (
-    assert_config_defaults_equal_peft,
-    assert_fresh_equals_peft,
-    assert_frozen_equal_peft,
-    assert_matches_peft_with,
-    assert_merge_equals_peft,
-    assert_mixed_refused_like_peft,
-    assert_raises_like_peft,
-    assert_spectrum_indices_frozen_and_unsaved,
-    assert_unsupported_like_peft,
-    build_both,
-    random_trees,
-)
 from peft_matrix import models
 from torch import nn
 
@@ -35,37 +23,18 @@ from funcpeft import testing as T
 from funcpeft._wavelets import WAVELETS
 
 
-def test_config_fields_and_defaults_equal_peft() -> None:
-    assert_config_defaults_equal_peft("WaveFTConfig")
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(n_frequency=0, target_modules=["lin0"]), ValueError, "`n_frequency` should be a positive integer value"),
-        (
-            dict(n_frequency=201, target_modules=["lin0"]),
-            ValueError,
-            "`n_frequency` should be less than or equal to the product",
-        ),
-        (
-            dict(n_frequency_pattern={"lin0": 300}, n_frequency=10, target_modules=["lin0"]),
-            ValueError,
-            "value passed is 300 and the product is 200",
-        ),
+        *mc.N_FREQUENCY_ROWS,
         (dict(target_modules=["lin0"], wavelet_family="db99"), ValueError, "Wavelet family db99 not supported"),
         (dict(target_modules=["lin0"], wavelet_family="haar"), ValueError, "Wavelet family haar not supported"),
-        (
-            dict(target_modules=["lin0"], layers_pattern="layers"),
-            ValueError,
-            "`layers_to_transform` must also be specified",
-        ),
-        (dict(target_modules="lin0", layers_to_transform=[0]), ValueError, "`layers_to_transform` cannot be used"),
+        *mc.LAYERS_PATTERN_ROWS,
         (dict(target_modules="lin0", layers_pattern="h"), ValueError, "`layers_pattern` cannot be used"),
     ],
 )
 def test_invalid_configs_raise_like_peft(kwargs: dict[str, Any], exc: type[BaseException], match: str) -> None:
-    info = assert_raises_like_peft(models.build("MLP"), "WaveFTConfig", kwargs, exc, match)
+    info = mc.assert_raises_like_peft(models.build("MLP"), "WaveFTConfig", kwargs, exc, match)
     if "product" in match:
         assert "'lin0'" in str(info.value)  # funcpeft names the module
 
@@ -89,8 +58,8 @@ def test_a_wavelet_peft_cannot_reconstruct_is_refused_up_front(wavelet: str, pef
     with pytest.raises(ValueError, match=ours):
         funcpeft.WaveFTConfig(target_modules=["lin0"], wavelet_family=wavelet)
     kwargs = dict(n_frequency=8, target_modules=["lin0"], wavelet_family=wavelet, use_idwt=False, init_weights=False)
-    fpm, pm = build_both(model, "WaveFTConfig", kwargs)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], x)
+    fpm, pm = mc.build_both(model, "WaveFTConfig", kwargs)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], x)
 
 
 def test_a_missing_seed_is_refused_up_front() -> None:
@@ -106,7 +75,9 @@ def test_a_missing_seed_is_refused_up_front() -> None:
 
 def test_unsupported_layers_name_module_and_type() -> None:
     match = r"Target module 'transformer.wte' \(Embedding\) is not supported"
-    assert_unsupported_like_peft(T.tiny_gpt2(), "WaveFTConfig", dict(target_modules=["wte"]), "is not supported", match)
+    mc.assert_unsupported_like_peft(
+        T.tiny_gpt2(), "WaveFTConfig", dict(target_modules=["wte"]), "is not supported", match
+    )
 
 
 @pytest.mark.parametrize(
@@ -118,9 +89,9 @@ def test_unsupported_layers_name_module_and_type() -> None:
     ],
 )
 def test_fresh_adapter_and_indices_equal_peft_for_the_same_seed(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "WaveFTConfig", kwargs, seed=2)
-    assert_fresh_equals_peft(fpm, pm)
-    assert_frozen_equal_peft(fpm, pm, "waveft_indices")
+    fpm, pm = mc.build_both(MODELS[kind](), "WaveFTConfig", kwargs, seed=2)
+    mc.assert_fresh_equals_peft(fpm, pm)
+    mc.assert_frozen_equal_peft(fpm, pm, "waveft_indices")
 
 
 def test_init_weights_true_draws_nothing_like_peft() -> None:
@@ -147,7 +118,7 @@ def test_n_frequency_pattern_and_proportional_parameters_follow_peft(
     model: nn.Module, targets: Any, pattern: dict[str, int], proportional: bool
 ) -> None:
     kwargs = dict(n_frequency=8, n_frequency_pattern=pattern, target_modules=targets)
-    fpm, pm = build_both(model, "WaveFTConfig", {**kwargs, "proportional_parameters": proportional})
+    fpm, pm = mc.build_both(model, "WaveFTConfig", {**kwargs, "proportional_parameters": proportional})
     got = {p: e.spec.hyper.n_frequency for p, e in fpm.plans["default"].items()}
     want = {p: pm.get_submodule(f"base_model.model.{p}").waveft_n_frequency["default"] for p in got}
     assert got == want
@@ -161,8 +132,8 @@ def test_every_wavelet_equals_peft_on_odd_and_even_shapes(wavelet: str, shape: t
     column and the centre crop."""
     model = nn.Sequential(nn.Linear(shape[1], shape[0])).eval()
     kwargs = dict(n_frequency=9, scaling=3.0, wavelet_family=wavelet, target_modules=["0"], init_weights=False)
-    fpm, pm = build_both(model, "WaveFTConfig", kwargs)
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], {"input": torch.randn(3, shape[1])})
+    fpm, pm = mc.build_both(model, "WaveFTConfig", kwargs)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], {"input": torch.randn(3, shape[1])})
 
 
 @pytest.mark.parametrize(
@@ -174,19 +145,19 @@ def test_every_wavelet_equals_peft_on_odd_and_even_shapes(wavelet: str, shape: t
     ],
 )
 def test_forward_gradients_and_merge_equal_peft(kind: str, kwargs: dict[str, Any]) -> None:
-    fpm, pm = build_both(MODELS[kind](), "WaveFTConfig", kwargs)
-    adapter = random_trees(fpm.adapter, 1)[0]
+    fpm, pm = mc.build_both(MODELS[kind](), "WaveFTConfig", kwargs)
+    adapter = mc.random_trees(fpm.adapter, 1)[0]
     x = make_inputs(kind)
-    assert_matches_peft_with(fpm, pm, adapter, x)
-    assert_merge_equals_peft(fpm, pm, adapter, x)
+    mc.assert_matches_peft_with(fpm, pm, adapter, x)
+    mc.assert_merge_equals_peft(fpm, pm, adapter, x)
 
 
 def test_indices_are_frozen_rebuilt_from_the_seed_and_never_saved(tmp_path: Any) -> None:
-    assert_spectrum_indices_frozen_and_unsaved("WaveFTConfig", "waveft_spectrum", tmp_path)
+    mc.assert_spectrum_indices_frozen_and_unsaved("WaveFTConfig", "waveft_spectrum", tmp_path)
 
 
 def test_mixed_models_refuse_it_like_peft() -> None:
-    assert_mixed_refused_like_peft(models.build("MLP"), "WaveFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
+    mc.assert_mixed_refused_like_peft(models.build("MLP"), "WaveFTConfig", dict(n_frequency=8, target_modules=["lin0"]))
 
 
 def _delta(out_f: int, in_f: int, **kwargs: Any) -> tuple[torch.Tensor, Any, torch.Tensor]:
@@ -226,7 +197,7 @@ def test_without_the_transform_the_update_is_the_scaled_sparse_spectrum(
 
 def test_a_bf16_model_equals_peft_with_its_upcast_spectrum() -> None:
     kwargs = dict(n_frequency=30, target_modules=["q_proj", "down_proj"], wavelet_family="db2", init_weights=False)
-    fpm, pm = build_both(cast_model(T.tiny_llama(), torch.bfloat16), "WaveFTConfig", kwargs)
-    assert_fresh_equals_peft(fpm, pm)
+    fpm, pm = mc.build_both(cast_model(T.tiny_llama(), torch.bfloat16), "WaveFTConfig", kwargs)
+    mc.assert_fresh_equals_peft(fpm, pm)
     assert all(leaf.dtype == torch.float32 for tree in fpm.adapter.values() for leaf in tree.values())
-    assert_matches_peft_with(fpm, pm, random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)
+    mc.assert_matches_peft_with(fpm, pm, mc.random_trees(fpm.adapter, 1)[0], make_inputs("llama"), atol=1e-2)

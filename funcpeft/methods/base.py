@@ -549,6 +549,11 @@ class SharedTensors:
     layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
     also writes under each adapted layer (RandLoRA's bases, which every layer references).
     saved(config) -> bool: whether PEFT's files hold them under this config (then saving needs them from `base`).
+    layer_dtype: PEFT keeps them in BufferDicts that each adapted layer moves to its base weight's dtype
+      (`BaseTunerLayer._move_adapter_to_device_of_base_layer`) and that `autocast_adapter_dtype` then upcasts
+      (fp16 / bf16 -> float32): on a half-precision model their floating values are rounded to it. `make` gives
+      the float32 draw; `funcpeft._plan.init_shared` applies both casts. False where PEFT's layer keeps them in
+      the dtype `make` gives (FRoD overrides that move).
     """
 
     common_hyper: Callable[[Any, Mapping[str, nn.Module]], Any]
@@ -557,6 +562,7 @@ class SharedTensors:
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
     layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
+    layer_dtype: bool = True
 
 
 @dataclass(frozen=True)

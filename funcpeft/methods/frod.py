@@ -404,6 +404,7 @@ FROD = register(
             make=make_shared,
             file_keys=file_keys,
             saved=lambda config: bool(config.save_projection),
+            layer_dtype=False,  # PEFT's FRoD layer moves only its trainable tensors; make gives V's dtype
         ),
         layer_frozen=LayerFrozen(names=(U,), make=make_u, saved=False),
         keys=KeyRules(param_prefix="frod_", unsuffixed=frozenset({LAMBDA_L, LAMBDA_S})),

@@ -117,7 +117,7 @@ def make_frozen(spec: Spec, module: nn.Module, generator: torch.Generator | None
         return {
             A: torch.empty(r, weight.shape[1], dtype=dtype, device="meta"),
             B: torch.empty(weight.shape[0], r, dtype=dtype, device="meta"),
-            P: torch.empty(spec.hyper.u, r, r, device="meta"),
+            P: torch.empty(spec.hyper.u, r, r, dtype=dtype, device="meta"),
         }
     u_, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     sqrt_s = torch.sqrt(s[:r].to(dtype))
@@ -125,7 +125,8 @@ def make_frozen(spec: Spec, module: nn.Module, generator: torch.Generator | None
     b = (u_[:, :r].to(dtype) * sqrt_s.unsqueeze(0)).contiguous()
     gen = torch.Generator().manual_seed(spec.hyper.seed)
     p = torch.normal(mean=0.0, std=1.0 / (r**0.5), size=(spec.hyper.u, r, r), generator=gen)
-    return {A: a, B: b, P: p.to(weight.device)}
+    # PEFT moves P (drawn in float32) to the weight's dtype with the layer's other buffers: rounded on a half model
+    return {A: a, B: b, P: p.to(weight.device, dtype)}
 
 
 def _r_matrix(spec: Spec, params: Params) -> torch.Tensor:

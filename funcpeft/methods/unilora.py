@@ -161,7 +161,8 @@ def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
 
 
 def make_frozen(spec: Spec) -> dict[str, torch.Tensor]:
-    """The layer's slice of the assignment: indices A (r, in), B (out, r) and their float32 scales."""
+    """The layer's slice of the assignment: indices A (r, in), B (out, r) and their float32 scales (rounded to the
+    layer weight's dtype, and upcast under autocast_adapter_dtype, by `SharedTensors.layer_dtype`, like PEFT's)."""
     h = spec.hyper
     indices, inv_sqrt = generate_index(h.total, h.length, h.seed)
     n_a = h.r * spec.in_features
@@ -171,8 +172,8 @@ def make_frozen(spec: Spec) -> dict[str, torch.Tensor]:
     return {
         keys["unilora_indices_A"]: idx_a,
         keys["unilora_indices_B"]: idx_b,
-        keys["unilora_scales_A"]: _rounded(inv_sqrt[idx_a], spec),
-        keys["unilora_scales_B"]: _rounded(inv_sqrt[idx_b], spec),
+        keys["unilora_scales_A"]: inv_sqrt[idx_a],
+        keys["unilora_scales_B"]: inv_sqrt[idx_b],
     }
 
 
