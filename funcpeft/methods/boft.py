@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..configs import BOFTConfig
 from ._orth import check_plain_conv_geometry, refuse_stacked_conv, require_kind, square_kernel
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,12 @@ Spec = LayerSpec[BOFTHyper]
 
 def hyper(config: Any, target: Target) -> BOFTHyper:
     """Block size and count for one layer (PEFT's checks on its CPU path, where the butterfly factor is 1)."""
-    require_kind(target, "BOFT", (LayerKind.LINEAR, LayerKind.CONV), "`torch.nn.Linear` and `torch.nn.Conv2d`")
+    require_kind(
+        target,
+        "BOFT",
+        (LayerKind.LINEAR, LayerKind.CONV, LayerKind.QUANT_LINEAR),
+        "`torch.nn.Linear` and `torch.nn.Conv2d`",
+    )
     factor = config.boft_n_butterfly_factor
     if factor < 1:
         raise ValueError(f"You can only specify boft_n_butterfly_factor {factor} to be a positive integer number.")
@@ -213,5 +218,6 @@ BOFT = register(
         uses_result=lambda spec: False,  # the layer below runs on the rotated input
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
         keys=KeyRules(param_prefix="boft_", unsuffixed=frozenset(_NAMES)),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -24,7 +24,18 @@ import torch.nn.functional as F
 from ..configs.miss import MissConfig
 from ._layers import UPCAST_DTYPES
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 from .lora import kaiming_uniform
 
 NAME = "miss_block"
@@ -44,12 +55,12 @@ Spec = LayerSpec[MissHyper]
 
 def hyper(config: Any, target: Target) -> MissHyper:
     """PEFT's checks in `MissLayer.update_layer`, naming the module."""
-    if target.kind is not LayerKind.LINEAR:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
             "`torch.nn.Linear` (optionally quantized) is supported."
         )
-    out_f, in_f = target.module.weight.shape
+    out_f, in_f = target.module.out_features, target.module.in_features  # a 4-bit weight's shape is packed data
     r, init = config.r, config.init_weights
     where = f" (module {target.name!r}: in_features={in_f}, out_features={out_f})"
     if r > in_f:
@@ -140,7 +151,8 @@ def bat_forward(
             "another adapter active on the same layer (merge the other adapter first)."
         )
     previous_dtype = x.dtype
-    weight = ctx.weight + _bat(params[NAME], ctx.weight)
+    base = ctx.float_weight()  # a quantised layer's weight dequantised (PEFT: `get_base_weight().clone()`)
+    weight = base + _bat(params[NAME], base)
     bias = ctx.bias.to(weight.dtype) if ctx.bias is not None else None
     return F.linear(x.to(weight.dtype), weight, bias).to(previous_dtype)
 
@@ -155,6 +167,7 @@ def bat_unmerge(spec: Spec, params: Params, weight: torch.Tensor, base_weight: t
     return _bat(params[NAME], weight, reverse=True).to(weight.dtype)
 
 
+_KINDS = WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR}
 _KEYS = KeyRules(param_prefix="miss_", unsuffixed=frozenset({NAME}))
 
 MISS = register(
@@ -168,6 +181,7 @@ MISS = register(
         forward=forward,
         delta_weight=delta_weight,
         keys=_KEYS,
+        kinds=_KINDS,
     )
 )
 
@@ -183,5 +197,6 @@ MISS_BAT = register(
         uses_result=lambda spec: False,
         merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge),
         keys=_KEYS,
+        kinds=_KINDS,
     )
 )

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..configs import OFTConfig
 from ._orth import cpu_half_to_float, require_kind, square_kernel
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def hyper(config: Any, target: Target) -> OFTHyper:
     require_kind(
         target,
         "OFT",
-        (LayerKind.LINEAR, LayerKind.EMBEDDING, LayerKind.CONV),
+        (LayerKind.LINEAR, LayerKind.EMBEDDING, LayerKind.CONV, LayerKind.QUANT_LINEAR),
         "`torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Embedding`",
     )
     m = target.module
@@ -295,5 +295,6 @@ OFT = register(
         keys=KeyRules(param_prefix="oft_", unsuffixed=frozenset()),
         mixed_compatible=True,
         outermost_first=True,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

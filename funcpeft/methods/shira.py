@@ -26,7 +26,18 @@ from torch import nn
 
 from ..configs import ShiraConfig
 from ._registry import register
-from .base import KeyRules, LayerFrozen, LayerKind, LayerSpec, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerFrozen,
+    LayerKind,
+    LayerSpec,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 
 WEIGHT, INDICES = "shira_weight", "shira_indices"
 
@@ -47,12 +58,12 @@ def _count(spec: LayerSpec[Any]) -> int:
 
 
 def hyper(config: Any, target: Target) -> ShiraHyper:
-    if target.kind is not LayerKind.LINEAR:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
             "following modules are supported: `torch.nn.Linear`."
         )
-    out_f, in_f = target.module.weight.shape
+    out_f, in_f = target.module.out_features, target.module.in_features  # a 4-bit weight's shape is packed data
     if config.r * (in_f + out_f) > in_f * out_f:
         raise ValueError(
             f"The set rank {config.r} results in more shira params than the total number of params in the base layer "
@@ -117,7 +128,7 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     delta = _dense(spec, params)
     inner = ctx.inner_op
     if inner is None or inner is ctx.base_op:
-        w = ctx.weight  # PEFT: `W.clone() += dW` (computed in the promoted dtype, stored in W's)
+        w = ctx.float_weight()  # PEFT: `W.clone() += dW` (promoted, stored in W's dtype); quantised: dequantised
         return F.linear(x, (w.to(torch.promote_types(w.dtype, delta.dtype)) + delta).to(w.dtype), ctx.bias)
     below = inner(x)
     return (below + F.linear(x.to(delta.dtype), delta)).to(below.dtype)
@@ -142,5 +153,6 @@ SHIRA = register(
         uses_result=lambda spec: False,  # the forward runs the layer's op on W + dW itself
         mixed_compatible=True,
         nests=False,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -24,6 +24,7 @@ from .._trees import shared_key
 from ..configs import VeraConfig
 from ._registry import register
 from .base import (
+    WEIGHT_OP_KINDS,
     KeyRules,
     LayerKind,
     LayerSpec,
@@ -58,7 +59,7 @@ Spec = LayerSpec[VeraHyper]
 
 
 def hyper(config: Any, target: Target) -> VeraHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
             "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
@@ -77,8 +78,8 @@ def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
     for m in targets.values():
         shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):
-            dims.append((int(shape[1]), int(shape[0])))
+        if isinstance(m, nn.Linear):  # in / out features, not the weight's shape (a 4-bit layer's is packed data)
+            dims.append((int(m.in_features), int(m.out_features)))
         elif type(m).__name__ == "Conv1D":
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
@@ -202,5 +203,6 @@ VERA = register(
             saved=lambda config: bool(config.save_projection),
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )
