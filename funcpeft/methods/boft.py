@@ -216,7 +216,7 @@ BOFT = register(
         init=init,
         forward=forward,
         uses_result=lambda spec: False,  # the layer below runs on the rotated input
-        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="boft_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )

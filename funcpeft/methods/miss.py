@@ -180,6 +180,7 @@ MISS = register(
         init=init,
         forward=forward,
         delta_weight=delta_weight,
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
         keys=_KEYS,
         kinds=_KINDS,
     )
@@ -195,7 +196,7 @@ MISS_BAT = register(
         init=init,
         forward=bat_forward,
         uses_result=lambda spec: False,
-        merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge),
+        merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge, rounding_warning=False),
         keys=_KEYS,
         kinds=_KINDS,
     )

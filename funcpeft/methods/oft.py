@@ -291,7 +291,7 @@ OFT = register(
         init=init,
         forward=forward,
         uses_result=uses_result,
-        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="oft_", unsuffixed=frozenset()),
         mixed_compatible=True,
         outermost_first=True,

@@ -32,6 +32,7 @@ from .base import (
     LayerFrozen,
     LayerKind,
     LayerSpec,
+    MergeHooks,
     Method,
     OpContext,
     Params,
@@ -154,5 +155,6 @@ SHIRA = register(
         mixed_compatible=True,
         nests=False,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )

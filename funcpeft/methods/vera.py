@@ -28,6 +28,7 @@ from .base import (
     KeyRules,
     LayerKind,
     LayerSpec,
+    MergeHooks,
     Method,
     OpContext,
     Params,
@@ -204,5 +205,6 @@ VERA = register(
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )
