@@ -29,7 +29,7 @@ from torch import nn
 
 import funcpeft
 from funcpeft.testing import random_like
-from funcpeft.testing._peft import copy_into_peft
+from funcpeft.testing._peft import copy_into_peft, peft_param_name
 
 if TYPE_CHECKING:
     import bitsandbytes as bnb
@@ -48,12 +48,14 @@ class Row:
     config: str
     kwargs: dict[str, Any]
     bits: str  # "nf4" (Linear4bit) or "int8" (Linear8bitLt)
+    compute: torch.dtype = torch.float32  # bnb_4bit_compute_dtype (4-bit only)
     marks: tuple[Any, ...] = field(default=())
 
     @property
     def id(self) -> str:
         extra = "-" + str(self.kwargs["init_weights"]) if "init_weights" in self.kwargs else ""
-        return f"{self.config.removesuffix('Config').lower()}{extra}-{self.bits}"
+        compute = "-bf16" if self.compute is torch.bfloat16 else ""
+        return f"{self.config.removesuffix('Config').lower()}{extra}-{self.bits}{compute}"
 
 
 _SLOW = (pytest.mark.slow,)
@@ -72,6 +74,10 @@ ROWS = [
     Row(c, kw, bits, marks=_SLOW if bits == "int8" or "init_weights" in kw else ())
     for bits in ("nf4", "int8")
     for c, kw in _METHODS
+] + [  # bf16 compute (QLoRA's usual setting); VeRA: see test_vera_with_a_bf16_compute_dtype_rounds_its_projections
+    Row(c, kw, "nf4", torch.bfloat16, marks=_SLOW)
+    for c, kw in _METHODS
+    if c != "VeraConfig" and "init_weights" not in kw
 ]
 PARAMS = [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS]
 
@@ -85,8 +91,12 @@ def _pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
     """(funcpeft model, PEFT model, adapter values): the same quantised model twice, the same random adapter."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = funcpeft.get_peft_model(_load(path, bits=row.bits), getattr(funcpeft, row.config)(**row.kwargs))
-        theirs = peft.get_peft_model(_load(path, bits=row.bits), getattr(peft, row.config)(**row.kwargs))
+        ours = funcpeft.get_peft_model(
+            _load(path, bits=row.bits, compute=row.compute), getattr(funcpeft, row.config)(**row.kwargs)
+        )
+        theirs = peft.get_peft_model(
+            _load(path, bits=row.bits, compute=row.compute), getattr(peft, row.config)(**row.kwargs)
+        )
     adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
     copy_into_peft(theirs, adapter, ours.plans["default"])
     return ours, theirs, adapter
@@ -135,10 +145,10 @@ def test_files_both_ways(saved: Path, tmp_path: Path, row: Row) -> None:
     ours, theirs, adapter = _pair(saved, row)
     expected = ours.fn(ours.base, adapter, input_ids=IDS).logits
     ours.save_pretrained(tmp_path / "ours", adapter)
-    loaded = peft.PeftModel.from_pretrained(_load(saved, bits=row.bits), tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(_load(saved, bits=row.bits, compute=row.compute), tmp_path / "ours")
     assert _rel(loaded(input_ids=IDS).logits, expected) <= 1e-6
     theirs.save_pretrained(tmp_path / "theirs")
-    back = funcpeft.from_pretrained(_load(saved, bits=row.bits), tmp_path / "theirs")
+    back = funcpeft.from_pretrained(_load(saved, bits=row.bits, compute=row.compute), tmp_path / "theirs")
     assert _rel(back.fn(back.base, back.adapter, input_ids=IDS).logits, expected) <= 1e-6
 
 
@@ -200,3 +210,40 @@ def test_merge_unmerge_and_unload_equal_peft(saved: Path, row: Row) -> None:
         for a, b in zip(_stored(mine[name]), _stored(want[name]), strict=True):
             assert torch.equal(a, b), name
     assert torch.equal(model(input_ids=IDS).logits, peft_model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs"),
+    [
+        ("VeraConfig", dict(r=4, target_modules=TARGETS)),  # vera_lambda_d = d_initial = 0.1
+        ("OFTConfig", dict(r=0, oft_block_size=8, target_modules=TARGETS, init_weights=False)),  # N(0, 0.1) draws
+        ("BOFTConfig", dict(boft_block_size=4, target_modules=TARGETS, init_weights=False)),
+    ],
+    ids=["vera", "oft", "boft"],
+)
+def test_fresh_adapter_rounds_through_the_compute_dtype_like_peft(saved: Path, config: str, kwargs: Any) -> None:
+    """PEFT moves a fresh adapter to its layer's dtype, for a 4-bit layer its compute dtype (bf16 here), before
+    autocast_adapter_dtype upcasts it to float32: the fresh values are bf16-rounded, in funcpeft too."""
+    torch.manual_seed(0)
+    ours = funcpeft.get_peft_model(_load(saved, compute=torch.bfloat16), getattr(funcpeft, config)(**kwargs))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_load(saved, compute=torch.bfloat16), getattr(peft, config)(**kwargs))
+    named = dict(theirs.named_parameters())
+    plan = ours.plans["default"]
+    for path, leaves in ours.adapter.items():
+        for key, value in leaves.items():
+            want = named[peft_param_name(path, key, plan[path], "default", set(plan))]
+            assert value.dtype == want.dtype == torch.float32 and torch.equal(value, want.detach()), (path, key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PEFT rounds VeRA's shared vera_A / vera_B to each layer's dtype, for a 4-bit layer its compute dtype; "
+    "funcpeft's init_shared rounds shared tensors only to a float weight's dtype (the dup branch's "
+    "SharedTensors.layer_dtype: it should use funcpeft._plan.layer_dtype(weight, module))",
+)
+def test_vera_with_a_bf16_compute_dtype_rounds_its_projections_like_peft(saved: Path) -> None:
+    ours, theirs, adapter = _pair(saved, Row("VeraConfig", dict(r=4, target_modules=TARGETS), "nf4", torch.bfloat16))
+    _assert_equal_peft(ours, theirs, adapter)
