@@ -11,6 +11,9 @@ Two registered methods share the config (PEFT switches on `init_weights` inside 
     miss_block B: (out / r, r, r). Like PEFT, the forward builds this adapted weight on every call (the maths
     needs it: the update depends on W) and runs `F.linear` with it; unmerging inverts (I + B_i) in float32.
     miss_dropout does not apply to "bat" (PEFT's bat path has no dropout).
+
+bitsandbytes 4-bit / 8-bit layers (PEFT's generic quantisation backend): "miss" / "mini" add their term to the
+layer's own output; "bat" builds its weight from the dequantised one (`OpContext.float_weight`, per call, as PEFT).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ module_dropout is saved but never applied: PEFT 0.21.2 builds its dropout layer 
 Per call: the r (or 1) blocks R_i and the rotated input (for a conv, the unfolded patches), as in PEFT;
 nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does. Per-example
 routing runs this forward under vmap: one set of blocks per example, still nothing weight-sized.
+
+A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input (PEFT's generic quantisation backend);
+merging dequantises, rotates and quantises again.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ adds the sparse delta on every call), then one `F.linear(x, W + dW, bias)` as in
 base output instead costs a second full-size matmul forward and two more backward: 1.49x PEFT's training step).
 dW is built with `index_add` (duplicates sum, as in PEFT's sparse COO delta), so vmap, per-example routing and
 torch.compile work.
+
+On a bitsandbytes 4-bit / 8-bit layer W is the dequantised weight (`OpContext.float_weight`, per call, as PEFT's
+generic quantisation backend does: the layer's own kernel does not run).
 """
 
 from __future__ import annotations
