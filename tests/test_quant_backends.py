@@ -5,8 +5,9 @@ same quantised model.
 
 One row per (method, backend): a later method or backend is one more row of ROWS. Each row checks outputs and every
 adapter gradient (<= 1e-5 relative), parameter counts, that the base tree holds the quantised weights as they are,
-how many weights a training step dequantises (PEFT's count: none beyond the kernels' own for the methods that run
-the layer, one per layer for those that read the weight), files both ways, and merge / unmerge / merge_and_unload
+how many 4-bit dequantisations a call and a training step run (a call: one per layer, by the layer's kernel or, for
+MiSS 'bat' and SHiRA, by the method; a step: PEFT's count), the fresh adapter (rounded through a 4-bit layer's compute
+dtype, as PEFT's), files both ways, and merge / unmerge / merge_and_unload
 (dequantise, apply, quantise again; like PEFT's generic backend, without the rounding warning of PEFT's
 bnb layers) against PEFT's.
 
