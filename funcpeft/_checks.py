@@ -15,7 +15,7 @@ from torch import nn
 
 from ._config import PeftConfig
 from ._keys import Leaf, key_rules, plan_file_keys, tree_file_keys
-from ._plan import PlanEntry
+from ._plan import PlanEntry, layer_dtype
 from .methods._layers import adapter_dtype
 
 
@@ -74,7 +74,8 @@ def expected_leaves(
                 out[(path, n)] = LeafSpec(shapes[n], adapter_dtype(w.dtype, autocast_adapter_dtype), device_of(w))
         if e.spec is not None:
             w = params[e.weight_key(path)]
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype and e.method.autocast)
+            module = model.get_submodule(path) if e.spec.kind.module_level else None  # a 4-bit layer's compute dtype
+            dtype = adapter_dtype(layer_dtype(w, module), autocast_adapter_dtype and e.method.autocast)
             shapes = dict(e.shapes)
             for n in e.params:
                 out[(path, n)] = LeafSpec(shapes[n], dtype, device_of(w))

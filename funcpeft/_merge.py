@@ -68,7 +68,8 @@ def _quantised(
     spec: LayerSpec[Any], weight: torch.Tensor, base_weight: torch.Tensor | None, module: nn.Module | None, what: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A module-level (quantised) layer merges like PEFT's bnb layers: on the dequantised weight, re-quantised after."""
-    warn_rounding(what, weight_method(spec.method).peft_type.lower())
+    if weight_method(spec.method).merge.rounding_warning:
+        warn_rounding(what, weight_method(spec.method).peft_type.lower())
     dense_base = None if base_weight is None else dequantize(base_weight, module)
     return dequantize(weight, module), dense_base
 

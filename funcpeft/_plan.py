@@ -585,6 +585,13 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
     return plan
 
 
+def layer_dtype(weight: torch.Tensor, module: nn.Module | None = None) -> torch.dtype:
+    """The dtype PEFT moves a layer's adapter to (`_get_base_layer_device_and_dtype`): the weight's, except a layer
+    with a `compute_dtype` (bitsandbytes 4-bit, whose weight is packed uint8 data), whose compute dtype it is."""
+    compute = getattr(module, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else weight.dtype
+
+
 def fresh_method_params(
     entry: PlanEntry,
     weight: torch.Tensor,
@@ -606,7 +613,8 @@ def fresh_method_params(
             {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in method_shapes(entry.spec).items()}
         )
     # PEFT moves a fresh adapter to its layer's dtype before upcasting fp16/bf16 ones to float32: round through it
-    via = weight.dtype if weight.dtype.is_floating_point else dtype
+    layer = layer_dtype(weight, module)
+    via = layer if layer.is_floating_point else dtype
     drawn = method.init(entry.spec, generator)
     first = method.finish_init_first
     if method.finish_init is not None and first:  # on the float32 draws, before the round trip (DeFT's R)
@@ -701,13 +709,13 @@ def init_adapter_and_weights(
             w: torch.Tensor = params[entry.weight_key(path)]
             w = weights.get(path, w) if weights is not None else w
             data = init_data.get(path, NO_INIT_DATA) if init_data is not None else NO_INIT_DATA
-            dtype = adapter_dtype(w.dtype, autocast_adapter_dtype and entry.method.autocast)
-            draw = entry.method.shared_trainable
-            if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
-                shared = _fresh(draw.init, entry.spec, w, generator, dtype)
             module = (
                 model.get_submodule(path) if entry.spec.kind.module_level or entry.method.init_from_module else None
             )
+            dtype = adapter_dtype(layer_dtype(w, module), autocast_adapter_dtype and entry.method.autocast)
+            draw = entry.method.shared_trainable
+            if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
+                shared = _fresh(draw.init, entry.spec, w, generator, dtype)
             done = fresh_method_params(entry, w, generator, dtype, data, module)
             borrowed = {n for n, _ in entry.borrowed}  # drawn as PEFT draws them, then read from their holder
             out.update({k: v for k, v in done.params.items() if k not in borrowed})
@@ -765,10 +773,12 @@ def init_shared(
             weight = params[entry.weight_key(path)]
             if not all(k in out for k in shared_keys):
                 out.update({k: v.to(weight.device) for k, v in method.shared.make(entry.spec).items() if k not in out})
-            if method.shared.layer_dtype and weight.dtype.is_floating_point:
+            # a 4-bit layer's packed weight is uint8: PEFT moves to its compute dtype (`layer_dtype`)
+            dtype = layer_dtype(weight, modules[path] if entry.spec.kind.module_level else None)
+            if method.shared.layer_dtype and dtype.is_floating_point:
                 # PEFT: every layer moves the shared BufferDict entries to its weight's dtype, in module order
                 floating = [k for k in shared_keys if out[k].is_floating_point()]
-                out.update({k: out[k].to(weight.dtype) for k in floating})
+                out.update({k: out[k].to(dtype) for k in floating})
                 upcast.update(floating)
         if method.layer_frozen is not None:
             made = method.layer_frozen.make(entry.spec, modules[path], generator)

@@ -21,7 +21,11 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     seed), so the global RNG is untouched and same-shaped layers get the same mask.
     """
     weight: Any = base_layer.weight
-    shape = (int(weight.shape[0]), int(weight.shape[1]))  # (out, in) of an nn.Linear
+    # (out, in): PEFT's `_get_in_out_features` (an nn.Linear's features: a quantised one's weight is packed data)
+    if isinstance(base_layer, nn.Linear):
+        shape = (int(base_layer.out_features), int(base_layer.in_features))
+    else:
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
     generator = torch.Generator()
     if random_seed is not None:
         generator.manual_seed(random_seed)

@@ -432,6 +432,10 @@ class MergeHooks:
     # PEFT refuses to merge this method into a quantised layer (`LayerKind.module_level`): "merge" | "unmerge" ->
     # its exception (IA3: "Cannot merge ia3 layers when the model is loaded in 4-bit mode")
     refuse_quantised: Callable[[str], Exception] | None = None
+    # merging into (or unmerging from) a quantised layer warns about the re-quantisation's rounding, as PEFT's own bnb
+    # layers do (lora.bnb: "... may get different generations due to rounding errors"); False where PEFT merges
+    # through its generic quantisation backend (peft/utils/quantization_utils.py), which does not warn
+    rounding_warning: bool = True
     # whether merging this layer must also write into the layer's bias (LoRA's lora_B bias): merging a layer
     # without a bias then raises (PEFT's RuntimeError) instead of dropping that term
     needs_bias: Callable[[LayerSpec[Any]], bool] = lambda spec: False

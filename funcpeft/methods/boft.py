@@ -23,6 +23,9 @@ Per call: the D blocks Q_i; for a linear layer the input is rotated block by blo
 which only changes the rounding order. For a conv the rotated, scaled kernel (weight-sized) is built per call,
 as in PEFT (the rotation acts on the kernel's flattened input side). Several BOFT adapters on one linear layer
 nest (PEFT multiplies their rotations and scales); on a conv they are refused (see funcpeft.methods._orth).
+
+A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input, then is rescaled like a linear one
+(PEFT's generic quantisation backend); merging dequantises, rotates and scales, and quantises again.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from ..configs import BOFTConfig
 from ._orth import check_plain_conv_geometry, refuse_stacked_conv, require_kind, square_kernel
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,12 @@ Spec = LayerSpec[BOFTHyper]
 
 def hyper(config: Any, target: Target) -> BOFTHyper:
     """Block size and count for one layer (PEFT's checks on its CPU path, where the butterfly factor is 1)."""
-    require_kind(target, "BOFT", (LayerKind.LINEAR, LayerKind.CONV), "`torch.nn.Linear` and `torch.nn.Conv2d`")
+    require_kind(
+        target,
+        "BOFT",
+        (LayerKind.LINEAR, LayerKind.CONV, LayerKind.QUANT_LINEAR),
+        "`torch.nn.Linear` and `torch.nn.Conv2d`",
+    )
     factor = config.boft_n_butterfly_factor
     if factor < 1:
         raise ValueError(f"You can only specify boft_n_butterfly_factor {factor} to be a positive integer number.")
@@ -211,7 +219,8 @@ BOFT = register(
         init=init,
         forward=forward,
         uses_result=lambda spec: False,  # the layer below runs on the rotated input
-        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="boft_", unsuffixed=frozenset(_NAMES)),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -11,6 +11,9 @@ Two registered methods share the config (PEFT switches on `init_weights` inside 
     miss_block B: (out / r, r, r). Like PEFT, the forward builds this adapted weight on every call (the maths
     needs it: the update depends on W) and runs `F.linear` with it; unmerging inverts (I + B_i) in float32.
     miss_dropout does not apply to "bat" (PEFT's bat path has no dropout).
+
+bitsandbytes 4-bit / 8-bit layers (PEFT's generic quantisation backend): "miss" / "mini" add their term to the
+layer's own output; "bat" builds its weight from the dequantised one (`OpContext.float_weight`, per call, as PEFT).
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ import torch.nn.functional as F
 from ..configs.miss import MissConfig
 from ._layers import UPCAST_DTYPES
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 from .lora import kaiming_uniform
 
 NAME = "miss_block"
@@ -44,12 +58,12 @@ Spec = LayerSpec[MissHyper]
 
 def hyper(config: Any, target: Target) -> MissHyper:
     """PEFT's checks in `MissLayer.update_layer`, naming the module."""
-    if target.kind is not LayerKind.LINEAR:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
             "`torch.nn.Linear` (optionally quantized) is supported."
         )
-    out_f, in_f = target.module.weight.shape
+    out_f, in_f = target.module.out_features, target.module.in_features  # a 4-bit weight's shape is packed data
     r, init = config.r, config.init_weights
     where = f" (module {target.name!r}: in_features={in_f}, out_features={out_f})"
     if r > in_f:
@@ -140,7 +154,8 @@ def bat_forward(
             "another adapter active on the same layer (merge the other adapter first)."
         )
     previous_dtype = x.dtype
-    weight = ctx.weight + _bat(params[NAME], ctx.weight)
+    base = ctx.float_weight()  # a quantised layer's weight dequantised (PEFT: `get_base_weight().clone()`)
+    weight = base + _bat(params[NAME], base)
     bias = ctx.bias.to(weight.dtype) if ctx.bias is not None else None
     return F.linear(x.to(weight.dtype), weight, bias).to(previous_dtype)
 
@@ -155,6 +170,7 @@ def bat_unmerge(spec: Spec, params: Params, weight: torch.Tensor, base_weight: t
     return _bat(params[NAME], weight, reverse=True).to(weight.dtype)
 
 
+_KINDS = WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR}
 _KEYS = KeyRules(param_prefix="miss_", unsuffixed=frozenset({NAME}))
 
 MISS = register(
@@ -167,7 +183,9 @@ MISS = register(
         init=init,
         forward=forward,
         delta_weight=delta_weight,
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
         keys=_KEYS,
+        kinds=_KINDS,
     )
 )
 
@@ -181,7 +199,8 @@ MISS_BAT = register(
         init=init,
         forward=bat_forward,
         uses_result=lambda spec: False,
-        merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge),
+        merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge, rounding_warning=False),
         keys=_KEYS,
+        kinds=_KINDS,
     )
 )

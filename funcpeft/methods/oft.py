@@ -30,6 +30,9 @@ module_dropout is saved but never applied: PEFT 0.21.2 builds its dropout layer 
 Per call: the r (or 1) blocks R_i and the rotated input (for a conv, the unfolded patches), as in PEFT;
 nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does. Per-example
 routing runs this forward under vmap: one set of blocks per example, still nothing weight-sized.
+
+A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input (PEFT's generic quantisation backend);
+merging dequantises, rotates and quantises again.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from ..configs import OFTConfig
 from ._orth import cpu_half_to_float, require_kind, square_kernel
 from ._registry import register
-from .base import KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
+from .base import WEIGHT_OP_KINDS, KeyRules, LayerKind, LayerSpec, MergeHooks, Method, OpContext, Params, Target
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def hyper(config: Any, target: Target) -> OFTHyper:
     require_kind(
         target,
         "OFT",
-        (LayerKind.LINEAR, LayerKind.EMBEDDING, LayerKind.CONV),
+        (LayerKind.LINEAR, LayerKind.EMBEDDING, LayerKind.CONV, LayerKind.QUANT_LINEAR),
         "`torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Embedding`",
     )
     m = target.module
@@ -291,9 +294,10 @@ OFT = register(
         init=init,
         forward=forward,
         uses_result=uses_result,
-        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight),
+        merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="oft_", unsuffixed=frozenset()),
         mixed_compatible=True,
         outermost_first=True,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
     )
 )

@@ -12,6 +12,9 @@ adds the sparse delta on every call), then one `F.linear(x, W + dW, bias)` as in
 base output instead costs a second full-size matmul forward and two more backward: 1.49x PEFT's training step).
 dW is built with `index_add` (duplicates sum, as in PEFT's sparse COO delta), so vmap, per-example routing and
 torch.compile work.
+
+On a bitsandbytes 4-bit / 8-bit layer W is the dequantised weight (`OpContext.float_weight`, per call, as PEFT's
+generic quantisation backend does: the layer's own kernel does not run).
 """
 
 from __future__ import annotations
@@ -26,7 +29,19 @@ from torch import nn
 
 from ..configs import ShiraConfig
 from ._registry import register
-from .base import KeyRules, LayerFrozen, LayerKind, LayerSpec, Method, OpContext, Params, Target, UnsupportedLayerError
+from .base import (
+    WEIGHT_OP_KINDS,
+    KeyRules,
+    LayerFrozen,
+    LayerKind,
+    LayerSpec,
+    MergeHooks,
+    Method,
+    OpContext,
+    Params,
+    Target,
+    UnsupportedLayerError,
+)
 
 WEIGHT, INDICES = "shira_weight", "shira_indices"
 
@@ -47,12 +62,12 @@ def _count(spec: LayerSpec[Any]) -> int:
 
 
 def hyper(config: Any, target: Target) -> ShiraHyper:
-    if target.kind is not LayerKind.LINEAR:
+    if target.kind not in (LayerKind.LINEAR, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
             "following modules are supported: `torch.nn.Linear`."
         )
-    out_f, in_f = target.module.weight.shape
+    out_f, in_f = target.module.out_features, target.module.in_features  # a 4-bit weight's shape is packed data
     if config.r * (in_f + out_f) > in_f * out_f:
         raise ValueError(
             f"The set rank {config.r} results in more shira params than the total number of params in the base layer "
@@ -117,7 +132,7 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
     delta = _dense(spec, params)
     inner = ctx.inner_op
     if inner is None or inner is ctx.base_op:
-        w = ctx.weight  # PEFT: `W.clone() += dW` (computed in the promoted dtype, stored in W's)
+        w = ctx.float_weight()  # PEFT: `W.clone() += dW` (promoted, stored in W's dtype); quantised: dequantised
         return F.linear(x, (w.to(torch.promote_types(w.dtype, delta.dtype)) + delta).to(w.dtype), ctx.bias)
     below = inner(x)
     return (below + F.linear(x.to(delta.dtype), delta)).to(below.dtype)
@@ -142,5 +157,7 @@ SHIRA = register(
         uses_result=lambda spec: False,  # the forward runs the layer's op on W + dW itself
         mixed_compatible=True,
         nests=False,
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )

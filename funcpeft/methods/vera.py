@@ -7,6 +7,9 @@ the slices A[:, :in], B[:out, :]. They are *frozen*: they live in `base` under r
 are not counted as parameters (PEFT keeps them as buffers). Trainable, per layer:
   vera_lambda_b (out,)   init 0 (init_weights=True) or 1
   vera_lambda_d (r,)     init d_initial (init_weights=True) or randn
+
+A bitsandbytes 4-bit / 8-bit layer (`LayerKind.QUANT_LINEAR`) runs its own kernel and the term is added to its
+output, as PEFT's generic quantisation backend does; merging dequantises, adds and quantises again (no warning).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from .._trees import shared_key
 from ..configs import VeraConfig
 from ._registry import register
 from .base import (
+    WEIGHT_OP_KINDS,
     KeyRules,
     LayerKind,
     LayerSpec,
+    MergeHooks,
     Method,
     OpContext,
     Params,
@@ -58,7 +63,7 @@ Spec = LayerSpec[VeraHyper]
 
 
 def hyper(config: Any, target: Target) -> VeraHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF):
+    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
             "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
@@ -77,8 +82,8 @@ def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
     for m in targets.values():
         shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):  # its own dims: a quantised subclass's weight is packed data (PEFT reads them too)
-            dims.append((m.in_features, m.out_features))
+        if isinstance(m, nn.Linear):  # in / out features, not the weight's shape (a 4-bit layer's is packed data)
+            dims.append((int(m.in_features), int(m.out_features)))
         elif type(m).__name__ == "Conv1D":
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
@@ -202,5 +207,7 @@ VERA = register(
             saved=lambda config: bool(config.save_projection),
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
+        kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )

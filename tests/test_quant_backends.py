@@ -1,0 +1,247 @@
+"""Quantised bases for the methods PEFT 0.21.2 adapts through its generic quantisation backend
+(peft/utils/quantization_utils.py: `resolve_quantization_backend`, `Bnb4bitBackend` / `Bnb8bitBackend`): VeRA,
+MiSS, BOFT, OFT and SHiRA on bitsandbytes Linear4bit (NF4) and Linear8bitLt layers, against PEFT's own layers on the
+same quantised model.
+
+One row per (method, backend): a later method or backend is one more row of ROWS. Each row checks outputs and every
+adapter gradient (<= 1e-5 relative), parameter counts, that the base tree holds the quantised weights as they are,
+how many 4-bit dequantisations a call and a training step run (a call: one per layer, by the layer's kernel or, for
+MiSS 'bat' and SHiRA, by the method; a step: PEFT's count), the fresh adapter (rounded through a 4-bit layer's compute
+dtype, as PEFT's), files both ways, and merge / unmerge / merge_and_unload
+(dequantise, apply, quantise again; like PEFT's generic backend, without the rounding warning of PEFT's
+bnb layers) against PEFT's.
+
+The quantised tiny Llama and its loader are test_qlora's (a saved float model loaded with a BitsAndBytesConfig).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from helpers import as_type, capture_stdout
+from test_qlora import IDS, _assert_equal_peft, _dequantisations, _load, _loss, _rel
+from test_qlora import saved as saved  # the fixture
+from torch import nn
+
+import funcpeft
+from funcpeft.testing import random_like
+from funcpeft.testing._peft import copy_into_peft, peft_param_name
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
+else:
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra (quantised bases)")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # (64, 64), (32, 64), (64, 128): shapes differ (VeRA slices)
+BACKEND = {"nf4": "bnb 4bit", "int8": "bnb 8bit"}  # PEFT's QuantizationBackend.backend_name
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (method, backend) case: `<config>(**kwargs)` for funcpeft and PEFT alike on a `bits` base."""
+
+    config: str
+    kwargs: dict[str, Any]
+    bits: str  # "nf4" (Linear4bit) or "int8" (Linear8bitLt)
+    compute: torch.dtype = torch.float32  # bnb_4bit_compute_dtype (4-bit only)
+    marks: tuple[Any, ...] = field(default=())
+
+    @property
+    def id(self) -> str:
+        extra = "-" + str(self.kwargs["init_weights"]) if "init_weights" in self.kwargs else ""
+        compute = "-bf16" if self.compute is torch.bfloat16 else ""
+        return f"{self.config.removesuffix('Config').lower()}{extra}-{self.bits}{compute}"
+
+
+_SLOW = (pytest.mark.slow,)
+_METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("VeraConfig", dict(r=4, target_modules=TARGETS)),
+    ("MissConfig", dict(r=4, target_modules=TARGETS)),
+    ("MissConfig", dict(r=4, mini_r=8, init_weights="mini", target_modules=TARGETS)),
+    ("MissConfig", dict(r=4, init_weights="bat", target_modules=TARGETS)),  # reads the dequantised weight
+    ("BOFTConfig", dict(boft_block_size=4, target_modules=TARGETS)),
+    ("OFTConfig", dict(r=0, oft_block_size=8, target_modules=TARGETS)),
+    ("ShiraConfig", dict(r=2, target_modules=TARGETS)),  # reads the dequantised weight
+]
+# every method on NF4; the 8-bit rows (a fresh load from disk each: an Int8Params does not survive a deep copy) and
+# MiSS's extra variants are the slow tier
+ROWS = [
+    Row(c, kw, bits, marks=_SLOW if bits == "int8" or "init_weights" in kw else ())
+    for bits in ("nf4", "int8")
+    for c, kw in _METHODS
+] + [  # bf16 compute (QLoRA's usual setting); VeRA: see test_vera_with_a_bf16_compute_dtype_rounds_its_projections
+    Row(c, kw, "nf4", torch.bfloat16, marks=_SLOW)
+    for c, kw in _METHODS
+    if c != "VeraConfig" and "init_weights" not in kw
+]
+PARAMS = [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS]
+
+
+def _fast(*ids: str) -> list[Any]:
+    """ROWS with only the rows `ids` in the fast tier (for checks that mostly exercise generic code)."""
+    return [pytest.param(r, id=r.id, marks=() if r.id in ids else _SLOW) for r in ROWS]
+
+
+def _pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
+    """(funcpeft model, PEFT model, adapter values): the same quantised model twice, the same random adapter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = funcpeft.get_peft_model(
+            _load(path, bits=row.bits, compute=row.compute), getattr(funcpeft, row.config)(**row.kwargs)
+        )
+        theirs = peft.get_peft_model(
+            _load(path, bits=row.bits, compute=row.compute), getattr(peft, row.config)(**row.kwargs)
+        )
+    adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
+    copy_into_peft(theirs, adapter, ours.plans["default"])
+    return ours, theirs, adapter
+
+
+def _quantised(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))}
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_outputs_grads_counts_and_base_equal_peft(saved: Path, row: Row) -> None:
+    ours, theirs, adapter = _pair(saved, row)
+    for path in adapter:  # PEFT really adapted the quantised layer through its generic backend
+        layer = theirs.get_submodule(f"base_model.model.{path}")
+        assert layer.quantization_backend.backend_name == BACKEND[row.bits], path
+    _assert_equal_peft(ours, theirs, adapter)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert capture_stdout(ours.print_trainable_parameters) == capture_stdout(theirs.print_trainable_parameters)
+    # the base tree holds the model's quantised weights themselves, untouched by a training step
+    weights = _quantised(ours.model)
+    assert len(weights) == 14  # every linear layer of the two decoder layers
+    before = {n: p.data.clone() for n, p in weights.items()}
+    funcpeft.value_and_grad(lambda a: _loss(ours.fn(ours.base, a, input_ids=IDS, dropout_rng=0).logits))(adapter)
+    for name, p in weights.items():
+        assert ours.base[name] is p and not p.requires_grad and p.grad is None, name
+        assert torch.equal(p.data, before[name]), name
+
+
+@pytest.mark.parametrize("row", [p for p in _fast("shira-nf4") if p.values[0].bits == "nf4"])  # type: ignore[union-attr]
+def test_a_step_dequantises_what_peft_s_does(saved: Path, row: Row) -> None:
+    """A call dequantises each quantised weight once, like the bare model (a layer whose method reads the weight,
+    MiSS 'bat' and SHiRA, is dequantised by the method instead of by the layer's kernel), and a training step runs
+    as many 4-bit dequantisations as PEFT's: nothing weight-sized beyond what PEFT materialises."""
+    ours, theirs, adapter = _pair(saved, row)
+    n_bare = _dequantisations(lambda: _load(saved)(input_ids=IDS))
+    assert _dequantisations(lambda: ours.fn(ours.base, adapter, input_ids=IDS)) == n_bare == 14
+    n_peft = _dequantisations(lambda: _loss(theirs(input_ids=IDS).logits).backward())
+    step = _dequantisations(
+        lambda: funcpeft.value_and_grad(lambda a: _loss(ours.fn(ours.base, a, input_ids=IDS).logits))(adapter)
+    )
+    assert step == n_peft
+
+
+@pytest.mark.parametrize("row", _fast("vera-nf4", "shira-nf4"))
+def test_files_both_ways(saved: Path, tmp_path: Path, row: Row) -> None:
+    ours, theirs, adapter = _pair(saved, row)
+    expected = ours.fn(ours.base, adapter, input_ids=IDS).logits
+    ours.save_pretrained(tmp_path / "ours", adapter)
+    loaded = peft.PeftModel.from_pretrained(_load(saved, bits=row.bits, compute=row.compute), tmp_path / "ours")
+    assert _rel(loaded(input_ids=IDS).logits, expected) <= 1e-6
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = funcpeft.from_pretrained(_load(saved, bits=row.bits, compute=row.compute), tmp_path / "theirs")
+    assert _rel(back.fn(back.base, back.adapter, input_ids=IDS).logits, expected) <= 1e-6
+
+
+def _stored(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a quantised weight stores: 4-bit packed data and block scales, or int8 data and row scales."""
+    if isinstance(p, bnb.nn.Params4bit):
+        assert p.quant_state is not None
+        return p.data, p.quant_state.absmax
+    int8 = as_type(p, bnb.nn.Int8Params)
+    assert int8.SCB is not None, "an Int8Params without its row scales"
+    return int8.data, int8.SCB
+
+
+def _assert_stored_equal(tree: dict[str, torch.Tensor], peft_model: nn.Module, names: list[str]) -> None:
+    """The quantised weights `names` of a funcpeft tree store what PEFT's layers (`<name>.base_layer`) store."""
+    for name in names:
+        path = name.removesuffix(".weight")
+        want = peft_model.get_submodule(f"base_model.model.{path}.base_layer").weight
+        assert type(tree[name]) is type(want), name
+        for got, value in zip(_stored(tree[name]), _stored(want), strict=True):
+            assert torch.equal(got, value), name
+
+
+@pytest.mark.parametrize("row", _fast("oft-nf4", "shira-nf4"))
+def test_merge_unmerge_and_unload_equal_peft(saved: Path, row: Row) -> None:
+    """funcpeft.merge / unmerge / merge_and_unload dequantise, apply the adapter and quantise again, giving PEFT's
+    merge_adapter / unmerge_adapter / merge_and_unload weights bit for bit (PEFT's generic backend: get_base_weight,
+    the method's merge, set_base_weight)."""
+    ours, theirs, adapter = _pair(saved, row)
+    weights = [f"{path}.weight" for path in adapter]  # the adapted layers' (the others are the base's, as they are)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = funcpeft.merge(ours, ours.base, adapter)
+        theirs.merge_adapter()
+    assert not [w for w in caught if "rounding" in str(w.message)]  # PEFT's generic backend merges without warning
+    _assert_stored_equal(merged, theirs, weights)
+    assert torch.equal(ours.fn(merged, None, input_ids=IDS).logits, theirs(input_ids=IDS).logits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = funcpeft.unmerge(ours, merged, adapter)
+        theirs.unmerge_adapter()
+    assert not [w for w in caught if "rounding" in str(w.message)]
+    _assert_stored_equal(back, theirs, weights)
+    for name in set(ours.base) - set(weights):
+        assert back[name] is merged[name] is ours.base[name], name
+    for name, p in _quantised(ours.model).items():  # the model and its base tree are untouched
+        assert ours.base[name] is p
+
+    ours, theirs, adapter = _pair(saved, row)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = funcpeft.merge_and_unload(ours, adapter)
+        peft_model = theirs.merge_and_unload()
+    assert not [w for w in caught if "rounding" in str(w.message)]
+    mine, want = _quantised(model), _quantised(peft_model)
+    assert mine.keys() == want.keys() and len(mine) == 14
+    for name in mine:
+        assert type(mine[name]) is type(want[name]), name
+        for a, b in zip(_stored(mine[name]), _stored(want[name]), strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(model(input_ids=IDS).logits, peft_model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs"),
+    [
+        ("VeraConfig", dict(r=4, target_modules=TARGETS)),  # vera_lambda_d = d_initial = 0.1
+        pytest.param(
+            "OFTConfig", dict(r=0, oft_block_size=8, target_modules=TARGETS, init_weights=False), marks=_SLOW
+        ),  # N(0, 0.1) draws
+        pytest.param("BOFTConfig", dict(boft_block_size=4, target_modules=TARGETS, init_weights=False), marks=_SLOW),
+    ],
+    ids=["vera", "oft", "boft"],
+)
+def test_fresh_adapter_rounds_through_the_compute_dtype_like_peft(saved: Path, config: str, kwargs: Any) -> None:
+    """PEFT moves a fresh adapter to its layer's dtype, for a 4-bit layer its compute dtype (bf16 here), before
+    autocast_adapter_dtype upcasts it to float32: the fresh values are bf16-rounded, in funcpeft too."""
+    torch.manual_seed(0)
+    ours = funcpeft.get_peft_model(_load(saved, compute=torch.bfloat16), getattr(funcpeft, config)(**kwargs))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_load(saved, compute=torch.bfloat16), getattr(peft, config)(**kwargs))
+    named = dict(theirs.named_parameters())
+    plan = ours.plans["default"]
+    for path, leaves in ours.adapter.items():
+        for key, value in leaves.items():
+            want = named[peft_param_name(path, key, plan[path], "default", set(plan))]
+            assert value.dtype == want.dtype == torch.float32 and torch.equal(value, want.detach()), (path, key)
+
+
+@pytest.mark.slow
+def test_vera_with_a_bf16_compute_dtype_rounds_its_projections_like_peft(saved: Path) -> None:
+    ours, theirs, adapter = _pair(saved, Row("VeraConfig", dict(r=4, target_modules=TARGETS), "nf4", torch.bfloat16))
+    _assert_equal_peft(ours, theirs, adapter)
