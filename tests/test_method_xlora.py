@@ -16,12 +16,12 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import capture_stdout
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import funcpeft
 from funcpeft._xlora import CLASSIFIER_PREFIX, XLoraModel
-from tests.helpers import capture_stdout
 
 PREFIX = "base_model.internal_xlora_classifier."
 LLAMA = LlamaConfig(

@@ -232,8 +232,8 @@ def test_merge_and_unload_against_peft(saved: Path, row: Row) -> None:
             weight = ours.base[f"{path}.weight"]
             dense = dequantize(weight, ours.model.get_submodule(path))
             with torch.no_grad():
-                want = dequantize(requantize(weight, dense + plain.get_delta_weight(layer, "default")))
-            assert torch.equal(mine[f"{path}.weight"], want), path
+                expected = dequantize(requantize(weight, dense + plain.get_delta_weight(layer, "default")))
+            assert torch.equal(mine[f"{path}.weight"], expected), path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with pytest.raises(RuntimeError):
