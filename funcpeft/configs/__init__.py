@@ -58,6 +58,7 @@ from .pvera import PveraConfig
 from .randlora import RandLoraConfig
 from .road import RoadConfig
 from .shira import ShiraConfig
+from .shadow import ShadowConfig
 from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig
@@ -117,6 +118,7 @@ __all__ = [
     "PveraConfig",
     "RandLoraConfig",
     "RoadConfig",
+    "ShadowConfig",
     "ShiraConfig",
     "SupertuningConfig",
     "TaskType",
