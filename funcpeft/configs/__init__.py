@@ -57,8 +57,8 @@ from .psoft import PsoftConfig
 from .pvera import PveraConfig
 from .randlora import RandLoraConfig
 from .road import RoadConfig
-from .shira import ShiraConfig
 from .shadow import ShadowConfig
+from .shira import ShiraConfig
 from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
 from .trainable_tokens import TrainableTokensConfig

@@ -183,7 +183,7 @@ class Backbone:
     """
 
     cls: type
-    config_cls: type
+    config_cls: type  # a transformers PretrainedConfig subclass
     config: str
     attn: str | None
     share: bool
@@ -192,7 +192,7 @@ class Backbone:
     lm_loss: bool
 
     def build(self) -> nn.Module:
-        cfg = self.config_cls.from_dict(json.loads(self.config))
+        cfg: Any = self.config_cls.from_dict(json.loads(self.config))  # type: ignore[attr-defined]
         if self.attn is not None:
             cfg._attn_implementation = self.attn
         module = self.cls(cfg)
@@ -269,7 +269,7 @@ def module_targets(model: nn.Module, config: ShadowConfig) -> list[str]:
 def _backbone_spec(model: nn.Module, config: ShadowConfig) -> Backbone:
     """PEFT's `_build_shadow_backbone` config and its embedding-sharing rule, as hashable data."""
     base = _backbone_of(model)
-    cfg = copy.deepcopy(base.config)
+    cfg: Any = copy.deepcopy(base.config)
     _set_config_attr(cfg, ("num_hidden_layers", "n_layer", "num_layers"), config.shadow_num_hidden_layers or 1)
     if config.shadow_hidden_size is not None:
         _set_config_attr(cfg, ("hidden_size", "n_embd", "d_model"), config.shadow_hidden_size)
@@ -464,7 +464,7 @@ def _cache_length(past: Any) -> int:
 def model_around(
     spec: Spec,
     params: Params,
-    module: nn.Module,
+    module: Any,
     run: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
@@ -494,7 +494,7 @@ def model_around(
         backbone_kwargs["inputs_embeds"] = embeds
     else:
         backbone_kwargs["input_ids"] = input_ids
-    device = (embeds if embeds is not None else input_ids).device
+    device = embeds.device if embeds is not None else input_ids.device
     template = _template(bb, device, module.training)
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
     out = torch.func.functional_call(template, weights, (), {**backbone_kwargs, "return_dict": True})
