@@ -494,7 +494,8 @@ def model_around(
         backbone_kwargs["inputs_embeds"] = embeds
     else:
         backbone_kwargs["input_ids"] = input_ids
-    device = embeds.device if embeds is not None else input_ids.device
+    source: Any = embeds if embeds is not None else input_ids
+    device = source.device
     template = _template(bb, device, module.training)
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
     out = torch.func.functional_call(template, weights, (), {**backbone_kwargs, "return_dict": True})
