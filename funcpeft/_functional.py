@@ -447,9 +447,9 @@ class PeftFunction:
         if routing is not None:
             if around is not None:
                 raise NotImplementedError(
-                    f"per-example adapters: adapter {name!r} ({method.peft_type}) runs the whole module "
-                    f"{path or '(the model)'!r} itself with a state carried through the call; it cannot be routed "
-                    "per example (call fn with one adapter tree per batch)"
+                    f"per-example adapters cannot route adapter {name!r} ({method.peft_type}): it runs the whole "
+                    f"module {path or '(the model)'!r} itself with a state carried through the call (call fn with "
+                    "one adapter tree per batch)"
                 )
             if method.module_forward_per_example is None:
                 raise NotImplementedError(
