@@ -72,8 +72,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
             init_weights=False,
         ),
     ),
-    ("layers", "llama", dict(task_type="CAUSAL_LM", layers_to_transform=[1, 2], init_weights=False)),
-    ("one-block", "llama", dict(task_type="CAUSAL_LM", layers_to_transform=[0], init_weights=False)),
+    ("blocks", "llama", dict(task_type="CAUSAL_LM", target_modules=["layers.1", "layers.2"], init_weights=False)),
+    ("one-block", "llama", dict(task_type="CAUSAL_LM", target_modules=["layers.0"], init_weights=False)),
     ("regex", "llama", dict(task_type="CAUSAL_LM", target_modules=r".*\.layers\.[12]$", init_weights=False)),
     ("no-aux", "llama", dict(task_type="CAUSAL_LM", auxiliary_loss_weight=0.0, init_weights=False)),
     ("gpt2", "gpt2", dict(task_type="CAUSAL_LM", init_weights=False, shadow_hidden_size=32)),
@@ -298,7 +298,17 @@ def test_shadow_generate_equals_pefts_without_cache() -> None:
 
 def test_shadow_non_contiguous_blocks_are_refused() -> None:
     with pytest.raises(ValueError, match="contiguous"):
-        funcpeft.get_peft_model(MODELS["llama"](), funcpeft.ShadowConfig(layers_to_transform=[0, 2]))
+        funcpeft.get_peft_model(MODELS["llama"](), funcpeft.ShadowConfig(target_modules=["layers.0", "layers.2"]))
+
+
+def test_shadow_layers_to_transform_is_bypassed_like_peft_with_a_warning() -> None:
+    """PEFT matches exact block names before it looks at layer indices: layers_to_transform wraps every block."""
+    pm, fpm, _ = _pair("llama", dict(layers_to_transform=[0]))
+    wrapped = sorted(n for n, m in pm.named_modules() if type(m).__name__ == "ShadowLayer")
+    assert wrapped == [f"base_model.model.model.layers.{i}" for i in range(3)]
+    assert sorted(p for p in fpm.adapter if p != "<shared>") == [f"model.layers.{i}" for i in range(3)]
+    with pytest.warns(UserWarning, match="layers_to_transform"):
+        funcpeft.get_peft_model(MODELS["llama"](), funcpeft.ShadowConfig(layers_to_transform=[0]))
 
 
 def test_shadow_unsupported_inputs_raise_clear_errors() -> None:

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import inspect
 import json
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -247,6 +248,18 @@ def module_targets(model: nn.Module, config: ShadowConfig) -> list[str]:
 
     _unsupported(model, config)
     names = find_targets(model, config, any_module=True)
+    wanted = config.layers_to_transform
+    if wanted is not None:
+        keep = {wanted} if isinstance(wanted, int) else set(wanted)
+        if any(n.rpartition(".")[2].isdigit() and int(n.rpartition(".")[2]) not in keep for n in names):
+            warnings.warn(
+                f"ShadowConfig(layers_to_transform={wanted!r}) selects nothing here: PEFT matches the blocks by "
+                f"their full names (target_modules {sorted(config.target_modules or [])[:3]}...), which bypasses "
+                "layers_to_transform, so every targeted block is wrapped (as in PEFT 0.21.2). Choose the blocks "
+                "with target_modules instead.",
+                UserWarning,
+                stacklevel=3,
+            )
     if len(names) > 1:
         parents = {n.rpartition(".")[0] for n in names}
         parent = next(iter(parents))
@@ -308,6 +321,8 @@ def hyper(config: ShadowConfig, target: Target) -> ShadowHyper:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r} (`shadow_dropout`)")
     u = config.update_hidden_size or r
+    backbone = _backbone_spec(model, config)
+    _skeleton(backbone)
     return ShadowHyper(
         r,
         float(config.shadow_alpha),
@@ -316,7 +331,7 @@ def hyper(config: ShadowConfig, target: Target) -> ShadowHyper:
         _hidden_size(model.config),
         int(u),
         float(config.auxiliary_loss_weight),
-        _backbone_spec(model, config),
+        backbone,
     )
 
 
@@ -378,18 +393,36 @@ class Carrier:
         self.shadow = shadow
 
 
+_SKELETONS: dict[Backbone, nn.Module] = {}
 _TEMPLATES: dict[tuple[Backbone, str, bool], nn.Module] = {}
 
 
-def _template(bb: Backbone, device: torch.device, training: bool) -> nn.Module:
-    """The backbone module the adapter's tensors are run on (its own parameters are never used; its buffers are);
-    built once per (backbone, device, mode) without touching the global RNG."""
-    key = (bb, str(device), training)
-    module = _TEMPLATES.get(key)
+def _skeleton(bb: Backbone) -> nn.Module:
+    """The backbone module on CPU with meta parameters (functional_call supplies the adapter's) and real buffers
+    (rotary frequencies), built once per architecture without touching the global RNG. `hyper` builds it at
+    get_peft_model time, outside any call's randomness redirect (funcpeft.rng refuses global draws there)."""
+    module = _SKELETONS.get(bb)
     if module is None:
         with torch.random.fork_rng(devices=[]):
             module = bb.build()
-        module = module.to(device).train(training).requires_grad_(False)
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is not None:
+                    sub._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+        _SKELETONS[bb] = module
+    return module
+
+
+def _template(bb: Backbone, device: torch.device, training: bool) -> nn.Module:
+    """`_skeleton(bb)` with its buffers on `device`, in training mode or not (copied once per key, no draws)."""
+    key = (bb, str(device), training)
+    module = _TEMPLATES.get(key)
+    if module is None:
+        module = copy.deepcopy(_skeleton(bb)).train(training)
+        for sub in module.modules():
+            for name, buf in sub._buffers.items():
+                if buf is not None:
+                    sub._buffers[name] = buf.to(device)
         _TEMPLATES[key] = module
     return module
 
@@ -473,8 +506,8 @@ def model_around(
     """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
     then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
     bb = spec.hyper.backbone
-    past = kwargs.get("past_key_values")
-    if past is not None and _cache_length(past) > 0:
+    pasts = [kwargs.get(k) for k in ("past_key_values", "cache")]  # transformers 5 renames it `cache`
+    if any(p is not None and _cache_length(p) > 0 for p in pasts):
         raise NotImplementedError(
             "ShadowPEFT with a filled `past_key_values`: PEFT decodes incrementally with a paired base / shadow cache "
             "(ShadowCache), which funcpeft does not implement; run the full sequence (generate with use_cache=False)"
