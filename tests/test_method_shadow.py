@@ -75,6 +75,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("blocks", "llama", dict(task_type="CAUSAL_LM", target_modules=["layers.1", "layers.2"], init_weights=False)),
     ("one-block", "llama", dict(task_type="CAUSAL_LM", target_modules=["layers.0"], init_weights=False)),
     ("regex", "llama", dict(task_type="CAUSAL_LM", target_modules=r".*\.layers\.[12]$", init_weights=False)),
+    ("trained-head", "llama", dict(task_type="CAUSAL_LM", modules_to_save=["lm_head"], init_weights=False)),
     ("no-aux", "llama", dict(task_type="CAUSAL_LM", auxiliary_loss_weight=0.0, init_weights=False)),
     ("gpt2", "gpt2", dict(task_type="CAUSAL_LM", init_weights=False, shadow_hidden_size=32)),
     ("qwen3", "qwen3", dict(task_type="CAUSAL_LM", init_weights=False)),
@@ -131,7 +132,12 @@ def test_shadow_fresh_adapter_and_labelled_loss_equal_pefts(case: tuple[str, str
     grads = _file_state(
         fpm, {p: {k: zero(v) if v.grad is None else v.grad for k, v in e.items()} for p, e in adapter.items()}, model
     )
-    peft_grads = {k: want_grads.get(k) for k in want}  # for the default adapter PEFT's names are its keys
+
+    def peft_name(key: str) -> str:  # for the default adapter PEFT's names are its keys, but for saved modules' copies
+        path, _, leaf = key.rpartition(".")
+        return key if key in want_grads else f"{path}.modules_to_save.default.{leaf}"
+
+    peft_grads = {k: want_grads.get(peft_name(k)) for k in want}
     for key, g in grads.items():
         w = peft_grads[key]
         if w is None:  # PEFT computed no gradient (e.g. the unused own embedding of a GPT-2 mirror)
@@ -165,6 +171,7 @@ def test_shadow_is_pure_and_leaves_the_model_alone() -> None:
     first = fn(base, adapter, input_ids=ids, labels=ids)
     second = fn(base, adapter, input_ids=ids, labels=ids)
     assert torch.equal(first.logits, second.logits) and torch.equal(first.loss, second.loss)
+    assert getattr(fn(base, adapter, input_ids=ids), "shadow_loss", None) is None  # no labels, no shadow loss
     plain = model(input_ids=ids).logits
     assert torch.equal(fn(base, None, input_ids=ids).logits, plain)  # no adapter: the base model
     assert not torch.allclose(first.logits, plain)
@@ -214,6 +221,36 @@ def test_shadow_gradient_checkpointing_gives_the_same_gradients() -> None:
     for path in plain:
         for k in plain[path]:
             torch.testing.assert_close(checkpointed[path][k], plain[path][k], atol=1e-6, rtol=1e-5)
+
+
+def test_shadow_compiles_to_one_graph_for_new_adapter_values() -> None:
+    """torch.compile(fullgraph=True) of fn with labels (the auxiliary loss) equals eager, and backward reaches the
+    backbone and every block but the last one's state update (whose state is dropped, as in PEFT)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = T.tiny_llama(layers=2).eval()
+    fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.ShadowConfig(task_type="CAUSAL_LM", init_weights=False))
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        tree = {
+            p: {k: (v.detach() + 0.1 * torch.randn(v.shape, generator=g)).requires_grad_(True) for k, v in e.items()}
+            for p, e in adapter.items()
+        }
+        got = compiled(base, tree, input_ids=ids, labels=ids)
+        with torch.no_grad():
+            want = fn(base, tree, input_ids=ids, labels=ids)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-6)
+        got.loss.backward()
+        for path, entry in tree.items():
+            for k, v in entry.items():
+                last_update = path == "model.layers.1" and k.startswith("shadow_update")
+                assert (v.grad is None) == last_update, (path, k)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
 
 
 def test_shadow_counts_and_print_line_equal_pefts(capsys: pytest.CaptureFixture[str]) -> None:

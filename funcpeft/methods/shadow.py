@@ -322,7 +322,9 @@ def hyper(config: ShadowConfig, target: Target) -> ShadowHyper:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r} (`shadow_dropout`)")
     u = config.update_hidden_size or r
     backbone = _backbone_spec(model, config)
-    _skeleton(backbone)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for training in (False, True):  # built outside any call (a traced call must only look them up)
+        _template(backbone, device, training)
     return ShadowHyper(
         r,
         float(config.shadow_alpha),
