@@ -20,8 +20,9 @@ funcpeft does the same functionally: the blocks are whole-module targets whose f
 (`Method.model_around`), its parameters being the adapter's shared trainable leaves (`SharedParams`, tree path
 '<shared>', named like PEFT's files: `shadow_backbone.default.{name}`, `shadow_projection.default.weight`). The
 carried state lives in the call's `AroundContext.scope`, made fresh for each call: fn keeps nothing between calls.
-The backbone module is built once per (architecture, device, mode) as a frozen template (its buffers, e.g. rotary
-frequencies) and run with `torch.func.functional_call` on the adapter's tensors. Nothing weight-sized is
+The backbone module is built once per (architecture, device) as a template with meta parameters and real buffers
+(rotary frequencies) and run on the adapter's tensors on a per-call skeleton (funcpeft's call skeletons;
+`functional_call` when traced). Nothing weight-sized is
 materialised. Merging is refused (PEFT: no weight represents an input-dependent trajectory), and so are per-example
 routing, several Shadow adapters in one call (PEFT: exactly one active adapter), explicit `shadow_model`
 checkpoints, sequence classification, half-precision bases and Diffusers models (see `_unsupported`).
@@ -323,8 +324,7 @@ def hyper(config: ShadowConfig, target: Target) -> ShadowHyper:
     u = config.update_hidden_size or r
     backbone = _backbone_spec(model, config)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for training in (False, True):  # built outside any call (a traced call must only look them up)
-        _template(backbone, device, training)
+    _template(backbone, device)  # built outside any call (a traced call must only look it up)
     return ShadowHyper(
         r,
         float(config.shadow_alpha),
@@ -396,7 +396,7 @@ class Carrier:
 
 
 _SKELETONS: dict[Backbone, nn.Module] = {}
-_TEMPLATES: dict[tuple[Backbone, str, bool], nn.Module] = {}
+_TEMPLATES: dict[tuple[Backbone, str], nn.Module] = {}
 
 
 def _skeleton(bb: Backbone) -> nn.Module:
@@ -415,18 +415,32 @@ def _skeleton(bb: Backbone) -> nn.Module:
     return module
 
 
-def _template(bb: Backbone, device: torch.device, training: bool) -> nn.Module:
-    """`_skeleton(bb)` with its buffers on `device`, in training mode or not (copied once per key, no draws)."""
-    key = (bb, str(device), training)
+def _template(bb: Backbone, device: torch.device) -> nn.Module:
+    """`_skeleton(bb)` in eval mode with its buffers on `device` (copied once per device, no draws)."""
+    key = (bb, str(device))
     module = _TEMPLATES.get(key)
     if module is None:
-        module = copy.deepcopy(_skeleton(bb)).train(training)
+        module = copy.deepcopy(_skeleton(bb)).eval()
         for sub in module.modules():
             for name, buf in sub._buffers.items():
                 if buf is not None:
                     sub._buffers[name] = buf.to(device)
         _TEMPLATES[key] = module
     return module
+
+
+def _run_backbone(template: nn.Module, weights: dict[str, torch.Tensor], training: bool, kwargs: dict[str, Any]) -> Any:
+    """The backbone on the adapter's tensors. Eagerly on a call skeleton of the shared template (funcpeft's own
+    per-call module copies: concurrent calls never see each other's tensors, and training mode is the call's); a
+    traced call (torch.compile, eval mode only) uses functional_call, whose swaps are symbolic there."""
+    if torch.compiler.is_dynamo_compiling():
+        return torch.func.functional_call(template, weights, (), kwargs)
+    from .._functional import _Call  # funcpeft._functional imports the methods
+
+    skel = _Call(weights, None).skeleton(template)
+    if training:
+        skel.train(True)
+    return skel(**kwargs)
 
 
 def _mlp(params: Params, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -531,9 +545,8 @@ def model_around(
         backbone_kwargs["input_ids"] = input_ids
     source: Any = embeds if embeds is not None else input_ids
     device = source.device
-    template = _template(bb, device, module.training)
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
-    out = torch.func.functional_call(template, weights, (), {**backbone_kwargs, "return_dict": True})
+    out = _run_backbone(_template(bb, device), weights, module.training, {**backbone_kwargs, "return_dict": True})
     seed = out.last_hidden_state
     if _PROJECTION in params:
         seed = F.linear(seed, params[_PROJECTION])
