@@ -373,3 +373,32 @@ def test_shadow_unsupported_inputs_raise_clear_errors() -> None:
     fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.ShadowConfig())
     with pytest.raises(ValueError, match="input_ids` or `inputs_embeds"):
         fn(base, adapter, attention_mask=torch.ones(1, 3))
+
+
+def test_shadow_concurrent_calls_do_not_see_each_other() -> None:
+    """Two threads calling fn with different adapters get what each gets alone (the backbone runs on per-call
+    module copies, never on a shared module with swapped tensors)."""
+    import threading
+
+    model = MODELS["llama"]()
+    fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.ShadowConfig(init_weights=False))
+    trees = [T.random_like(fresh, torch.Generator().manual_seed(s), scale=0.5) for s in range(2)]
+    trees = [{p: {k: fresh[p][k].detach() + t[p][k] for k in t[p]} for p in t} for t in trees]
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = [fn(base, t, input_ids=ids).logits for t in trees]
+    assert not torch.allclose(alone[0], alone[1])
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(10):
+                if not torch.equal(fn(base, trees[i], input_ids=ids).logits, alone[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
