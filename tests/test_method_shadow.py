@@ -14,6 +14,9 @@ from typing import Any
 import peft
 import pytest
 import torch
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -402,3 +405,44 @@ def test_shadow_concurrent_calls_do_not_see_each_other() -> None:
     for t in threads:
         t.join()
     assert not wrong
+
+
+@settings(max_examples=examples(5), deadline=None)
+@given(
+    r=st.integers(1, 6),
+    alpha=st.floats(-2.0, 2.0),
+    u=st.one_of(st.none(), st.integers(1, 7)),
+    layers=st.integers(1, 2),
+    width=st.sampled_from([None, 16, 48]),
+    share=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_shadow_a_zero_up_projection_is_the_base_model(
+    r: int, alpha: float, u: int | None, layers: int, width: int | None, share: bool, seed: int
+) -> None:
+    """Law (Eq. 4): with W_up = 0 the injection is zero, whatever the shadow state, backbone and update networks."""
+    model = _LAW_MODEL
+    config = funcpeft.ShadowConfig(
+        r=r,
+        shadow_alpha=alpha,
+        update_hidden_size=u,
+        shadow_num_hidden_layers=layers,
+        shadow_hidden_size=width,
+        share_embeddings=share,
+        init_weights=False,
+    )
+    fn, base, fresh = funcpeft.get_peft_model(model, config, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    tree = {
+        p: {k: torch.zeros_like(v) if k == "shadow_up" else v + torch.randn(v.shape, generator=g) for k, v in e.items()}
+        for p, e in fresh.items()
+    }
+    ids = torch.randint(0, VOCAB, (2, 5), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(base, tree, input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+        tree["model.layers.0"]["shadow_up"] = torch.randn(tree["model.layers.0"]["shadow_up"].shape, generator=g)
+        changed = fn(base, tree, input_ids=ids).logits
+    assert alpha == 0 or not torch.equal(changed, model(input_ids=ids).logits)
+
+
+_LAW_MODEL = T.tiny_llama(layers=2, hidden=32).eval()
