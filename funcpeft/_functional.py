@@ -79,6 +79,7 @@ from ._trees import PROMPT_PATH, SHARED_PATH
 from ._weights import AdaptedWeight, Applied, apply_module, nesting_order
 from .methods import weight_method
 from .methods.base import (
+    AroundContext,
     CallInputs,
     Generators,
     InputContext,
@@ -86,6 +87,7 @@ from .methods.base import (
     LayerSpec,
     Method,
     ModelCall,
+    ModuleAroundFn,
     ModuleForwardFn,
     Params,
     no_dropout,
@@ -100,11 +102,15 @@ _new = object.__new__
 
 
 class Wrapped(NamedTuple):
-    """A whole-module adapter applied in one call (`Method.module_forward`: AdaptionPrompt's gated attention)."""
+    """A whole-module adapter applied in one call: `forward` (`Method.module_forward`: AdaptionPrompt's gated
+    attention) post-processes the module's output; `around` (`Method.module_around` / `model_around`: ShadowPEFT)
+    runs the module itself, with `ctx`."""
 
     spec: LayerSpec[Any]
     params: Params
-    forward: ModuleForwardFn
+    forward: ModuleForwardFn | None
+    around: ModuleAroundFn | None = None
+    ctx: AroundContext | None = None
 
 
 Wraps = dict[str, list[Wrapped]]  # module path -> its whole-module adapters, in activation order
@@ -343,6 +349,8 @@ class PeftFunction:
             batch = check_batch(routing, batch_size(inputs[0], model_kwargs)) if routing is not None else 0
             self.check_tree(name, tree, params, lead=(routing.k,) if routing is not None else ())
             prepared: dict[str, Mapping[str, Any]] = {}
+            scope: dict[str, Any] = {}  # this adapter's arounds' per-call state (AroundContext.scope)
+            arounds = [p for p, e in plan.items() if e.spec is not None and e.method.module_around is not None]
             for path, leaves in tree.items():
                 entry = plan[path]
                 if routing is not None and entry.overrides:
@@ -363,7 +371,10 @@ class PeftFunction:
                 own.update({k: tree[source][k] for k, source in entry.borrowed})  # another layer's (Method.shares)
                 frozen = shared_params(entry, base)  # the same for every example: never routed
                 if entry.spec.kind is LayerKind.MODULE:
-                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing)
+                    ctx = None
+                    if method.module_around is not None:
+                        ctx = AroundContext(scope, arounds.index(path), len(arounds), dropout, generator)
+                    self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing, ctx)
                     continue
                 if entry.parameter is not None:
                     if routing is not None:  # PEFT: "lora.ParamWrapper does not support mixed adapter batches yet."
@@ -403,6 +414,10 @@ class PeftFunction:
                     carried.setdefault(f"{lpath}.{spec.weight_name}", []).append(applied)
                 if entry.applies_in is not None:
                     applies_in[f"{path}.{entry.spec.weight_name}"] = entry.applies_in
+            owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
+            if owner is not None and weight_method(owner.method).model_around is not None:  # around the whole model
+                ctx = AroundContext(scope, 0, 0, dropout, generator)
+                self._wrap(wrapped, name, "", owner, dict(tree[SHARED_PATH]), weight_method(owner.method), routing, ctx)
         for wraps in (wrapped or {}).values():
             check_stack(tuple(w.spec for w in wraps))
         for wname, applied_list in carried.items():
@@ -423,10 +438,19 @@ class PeftFunction:
         params: Params,
         method: Method,
         routing: PerExample | None,
+        ctx: AroundContext | None = None,
     ) -> None:
-        """Record adapter `name`'s whole-module adapter at `path` (`Method.module_forward`) for the call."""
+        """Record adapter `name`'s whole-module adapter at `path` (`Method.module_forward`, or with `ctx` the
+        `module_around` / at path "" the `model_around`) for the call."""
         forward = method.module_forward
+        around = (method.model_around if path == "" else method.module_around) if ctx is not None else None
         if routing is not None:
+            if around is not None:
+                raise NotImplementedError(
+                    f"per-example adapters cannot route adapter {name!r} ({method.peft_type}): it runs the whole "
+                    f"module {path or '(the model)'!r} itself with a state carried through the call (call fn with "
+                    "one adapter tree per batch)"
+                )
             if method.module_forward_per_example is None:
                 raise NotImplementedError(
                     f"per-example adapters: adapter {name!r} ({method.peft_type}) adapts the whole module {path!r} "
@@ -439,6 +463,9 @@ class PeftFunction:
                 "which this way of running the model (an FSDP2-sharded model, or a helper reading only the tensors) "
                 "does not support"
             )
+        if around is not None:
+            wrapped.setdefault(path, []).append(Wrapped(spec, params, None, around, ctx))
+            return
         assert forward is not None
         wrapped.setdefault(path, []).append(Wrapped(spec, params, forward))
 
@@ -775,21 +802,36 @@ def _owner_forward(
 
         return adapted_module
 
-    def adapted_forward(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]
         for m, n, w in adapted:
             m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
-            out = forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         finally:
             for m, n, p in plain:
                 m._parameters[n] = p
+
+    for wrap in wraps or ():  # arounds run the module themselves: the first registered innermost
+        if wrap.around is not None:
+            assert module is not None and wrap.ctx is not None
+            run = functools.partial(_around, wrap, module, run)
+
+    def adapted_forward(*args: Any, **kwargs: Any) -> Any:
+        out = run(*args, **kwargs)
         for wrap in wraps or ():
-            assert module is not None
-            out = wrap.forward(wrap.spec, wrap.params, module, args, kwargs, out)
+            if wrap.forward is not None:
+                assert module is not None
+                out = wrap.forward(wrap.spec, wrap.params, module, args, kwargs, out)
         return out
 
     return adapted_forward
+
+
+def _around(wrap: Wrapped, module: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
+    """One `Method.module_around` / `model_around` of a module, running `inner` (the module, or the next around)."""
+    assert wrap.around is not None and wrap.ctx is not None
+    return wrap.around(wrap.spec, wrap.params, module, inner, args, kwargs, wrap.ctx)
 
 
 def _input_grad_hook(hook: Any) -> bool:

@@ -330,7 +330,7 @@ def _targets(
                 "reads out_proj.weight directly and never calls out_proj (PEFT silently ignores such an adapter). "
                 f"Target the MultiheadAttention {parent!r} itself (PEFT adapts its in_proj_weight and out_proj together)."
             )
-        target = Target(name, modules[name], kind, common, for_checkpoint=for_checkpoint)
+        target = Target(name, modules[name], kind, common, for_checkpoint=for_checkpoint, root=modules.get(""))
         out.append(target)
         if kind is LayerKind.MHA:
             out_proj = getattr(modules[name], "out_proj", None)

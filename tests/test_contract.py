@@ -471,6 +471,14 @@ CONTRACT_ROWS: list[tuple[str, str, str, str, dict[str, Any]]] = [
         dict(target_modules=["q_proj", "v_proj", "down_proj"], sparse_rate=0.05, init_weights=False),
     ),
     ("frod-gpt2", "frod", "tiny-gpt2", "FrodConfig", dict(target_modules=["c_attn", "c_fc"], frod_dropout=0.1)),
+    ("shadow-llama", "shadow", "tiny-llama", "ShadowConfig", dict(task_type="CAUSAL_LM", init_weights=False)),
+    (
+        "shadow-gpt2",
+        "shadow",
+        "tiny-gpt2",
+        "ShadowConfig",
+        dict(r=4, shadow_alpha=0.5, update_hidden_size=6, init_weights=False, shadow_num_hidden_layers=2),
+    ),
 ]
 # methods a one-config row cannot build, with the test file that checks them against PEFT instead
 TESTED_ELSEWHERE: dict[str, str] = {
@@ -491,7 +499,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
 NOT_NOOP_INIT = {"dora", "kasa", "vblora", "unilora"}  # UniLoRA: A and B both gather the small random theta_d
 # methods whose output for one example depends on the whole batch (Lily's router averages over it): per-example
 # routing raises NotImplementedError naming the method
-NOT_PER_EXAMPLE = {"lily": "Lily"}
+NOT_PER_EXAMPLE = {"lily": "Lily", "shadow": r"\(SHADOW\)"}  # ShadowPEFT: a state carried through the whole call
 ROW_IDS = [row[0] for row in CONTRACT_ROWS]
 
 # rows where PEFT's own gradients are wrong: funcpeft's are checked against finite differences of PEFT's forward

@@ -57,6 +57,7 @@ from .psoft import PsoftConfig
 from .pvera import PveraConfig
 from .randlora import RandLoraConfig
 from .road import RoadConfig
+from .shadow import ShadowConfig
 from .shira import ShiraConfig
 from .supertuning import SupertuningConfig
 from .tinylora import TinyLoraConfig
@@ -119,6 +120,7 @@ __all__ = [
     "PveraConfig",
     "RandLoraConfig",
     "RoadConfig",
+    "ShadowConfig",
     "ShiraConfig",
     "SupertuningConfig",
     "TaskType",

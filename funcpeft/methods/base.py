@@ -205,6 +205,7 @@ class Target:
     for_checkpoint: the plan is made to load a saved adapter (PEFT's `from_pretrained` / `load_adapter`);
     a method whose saved layers differ in shape from fresh ones plans the saved shapes (AdaLoRA's ranks
     pruned by its rank_pattern, which PEFT resizes its layers to on load but not in `get_peft_model`).
+    root: the whole model being planned (read-only), for layer facts that depend on it (ShadowPEFT).
     """
 
     name: str
@@ -213,6 +214,9 @@ class Target:
     common: Any = None
     owner: Target | None = None
     for_checkpoint: bool = False
+    # the model being planned (read-only), for a method whose layer facts depend on the whole model (ShadowPEFT's
+    # backbone class and config, the model's hidden size); None where the planner does not give it
+    root: Any = None
 
 
 def no_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -354,6 +358,48 @@ class ModuleForwardFn(Protocol):
         sub-modules (`module.k_proj(x)`) runs them with the frozen base weights, and it must not be changed;
         args / kwargs: the module's call's inputs; output: what its own forward returned for them. Pure: the
         result depends only on these and `params`."""
+
+
+@dataclass(frozen=True)
+class AroundContext:
+    """What a method that runs a whole module itself (`Method.module_around` / `Method.model_around`) may use.
+
+    scope: a dict made fresh for each call of fn (or each bound model, `funcpeft.generate`) and shared by one
+      adapter's arounds in that call: the state they carry from the model-level around into the modules and from
+      one module to the next (ShadowPEFT's initial shadow state). Never kept between calls, so fn stays pure.
+    index / count: this module's position among the adapter's whole-module targets, in plan (module) order, and
+      their number; (0, 0) for the model-level around.
+    dropout / generator: the call's randomness, as in `OpContext` (identity / None unless fn got a dropout_rng).
+    """
+
+    scope: dict[str, Any]
+    index: int = 0
+    count: int = 0
+    dropout: Dropout = no_dropout
+    generator: Generators = no_generator
+
+    @property
+    def training(self) -> bool:
+        """True when `fn` was called with a dropout_rng (PEFT's `module.training`)."""
+        return self.dropout is not no_dropout
+
+
+class ModuleAroundFn(Protocol):
+    def __call__(
+        self,
+        spec: LayerSpec[Any],
+        params: Params,
+        module: nn.Module,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        ctx: AroundContext,
+        /,
+    ) -> Any:
+        """A whole module's output, the method running the module itself: `run(*args, **kwargs)` runs it (its own
+        forward with the call's base tensors) on inputs the method may change, and the method may change what it
+        returns (ShadowPEFT's injected block input and carried shadow state). `module`: as in `ModuleForwardFn`
+        (read-only). Pure given `params`, the inputs and `ctx.scope`."""
 
 
 class ModuleTargetsFn(Protocol):
@@ -732,15 +778,27 @@ class Method:
     module_targets: ModuleTargetsFn | None = None
     module_forward_per_example: ModuleForwardFn | None = None
     shares: SharesFn | None = None
+    # a whole-module adapter that runs its module itself (`ModuleAroundFn`): it may change the module's inputs and
+    # outputs (ShadowPEFT's decoder blocks); targets LayerKind.MODULE chosen by `module_targets`, like module_forward
+    module_around: ModuleAroundFn | None = None
+    # `ModuleAroundFn` around the whole model's forward, once per model call, for an adapter whose method has
+    # `shared_trainable` params (they are its `params`; `spec`: the adapter's first layer): it sees the model's own
+    # inputs (input_ids, labels, ...) and output, and fills `ctx.scope` for the module arounds (ShadowPEFT's shadow
+    # backbone seeding the shadow state, and its auxiliary loss)
+    model_around: ModuleAroundFn | None = None
     # PEFT upcasts fp16 / bf16 adapter parameters to float32 under `autocast_adapter_dtype` (BaseTuner's
     # _cast_adapter_dtype); False for a method whose PEFT model has no such cast (AdaptionPrompt keeps the model's dtype)
     autocast: bool = True
 
     def __post_init__(self) -> None:
-        if (self.module_forward is None) != (self.module_targets is None):
+        wraps = self.module_forward is not None or self.module_around is not None
+        if wraps != (self.module_targets is not None):
             raise TypeError(
-                f"method {self.name!r}: module_forward and module_targets go together (whole-module targets)"
+                f"method {self.name!r}: module_forward (or module_around) and module_targets go together "
+                "(whole-module targets)"
             )
+        if self.model_around is not None and self.shared_trainable is None:
+            raise TypeError(f"method {self.name!r}: model_around reads the adapter's shared_trainable params")
 
     @property
     def peft_type(self) -> str:
@@ -748,8 +806,9 @@ class Method:
 
     @property
     def wraps_modules(self) -> bool:
-        """The method adapts whole modules by wrapping their forward (`module_forward`), not a layer's weight op."""
-        return self.module_forward is not None
+        """The method adapts whole modules by wrapping their forward (`module_forward` / `module_around`), not a
+        layer's weight op."""
+        return self.module_forward is not None or self.module_around is not None
 
     @property
     def copies_modules(self) -> bool:

@@ -1,0 +1,75 @@
+"""PEFT's `ShadowConfig` (`peft.tuners.shadow.config`): ShadowPEFT (funcpeft.methods.shadow)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
+
+_MIRROR_OVERRIDES = (
+    "shadow_num_hidden_layers",
+    "shadow_hidden_size",
+    "shadow_num_attention_heads",
+    "shadow_intermediate_size",
+)
+
+
+@validated_init
+@dataclass
+class ShadowConfig(PeftConfig):
+    """ShadowPEFT: a small trainable shadow network rides the frozen decoder's block loop.
+
+    A shadow backbone (`shadow_model="mirror"`: the base decoder's own class with `shadow_num_hidden_layers`
+    (default 1) layers and optional smaller sizes) maps the call's inputs to an initial shadow state s0 (B, T, d).
+    Each targeted decoder block gets `h + shadow_alpha * W_up(Dropout(W_down(h - s)))` as input (rank `r`), and the
+    state advances as `s = (1 - g) * s + g * t` with `t = T(h_out)`, `g = sigmoid(G(h_out))` (two-layer GELU MLPs of
+    width `update_hidden_size`, default `r`). With labels, a causal LM adds `auxiliary_loss_weight` times the cross
+    entropy of `lm_head(s0)` to the loss. target_modules None: every decoder block (they must be contiguous).
+    """
+
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    r: int = 8
+    shadow_alpha: float = 0.1
+    shadow_dropout: float = 0.2
+    init_weights: bool = True
+    shadow_model: str = "mirror"
+    shadow_num_hidden_layers: int | None = None
+    shadow_hidden_size: int | None = None
+    shadow_num_attention_heads: int | None = None
+    shadow_intermediate_size: int | None = None
+    share_embeddings: bool = True
+    update_hidden_size: int | None = None
+    auxiliary_loss_weight: float = 0.05
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.SHADOW
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = {}
+
+    def __post_init__(self) -> None:
+        self.peft_type = self.PEFT_TYPE
+        super().__post_init__()
+        check_module_names(self, "target_modules", "exclude_modules")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        check_layers_and_saved(self)
+        if self.shadow_model != "mirror":
+            configured = [name for name in _MIRROR_OVERRIDES if getattr(self, name) is not None]
+            if configured:
+                raise ValueError(
+                    "Explicit `shadow_model` checkpoints define their architecture; unset these mirror-only "
+                    f"overrides: {', '.join(configured)}."
+                )
+
+    def default_targets(self, model: Any) -> Any:
+        """PEFT's `_prepare_adapter_config`: every block of the model's decoder stack, `{backbone}.{layers}.{i}`."""
+        from ..methods.shadow import decoder_blocks
+
+        path, layers = decoder_blocks(model)
+        return {f"{path}.{i}" for i in range(len(layers))}
