@@ -194,7 +194,16 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
 
-    PEFT_TYPE: ClassVar[PeftType]  # each config class sets its own; `peft_type` is set from it
+    # each config class sets its own; `peft_type` is set from it. One of PEFT's (PeftType), or, for a method outside
+    # PEFT, a str of its own (e.g. "HALF_LORA": tests/test_contract.py's throwaway method)
+    PEFT_TYPE: ClassVar[PeftType | str]
+
+    @classmethod
+    def type_name(cls) -> str:
+        """`PEFT_TYPE` as the str adapter_config.json holds ("LORA")."""
+        kind = cls.PEFT_TYPE
+        return kind.value if isinstance(kind, PeftType) else kind
+
     # per-model_type targets when target_modules is None (PEFT's TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING)
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = DEFAULT_TARGET_MODULES
     # whether >= 20 matched names are compressed to suffixes (PEFT skips it for IA3, coupled to feedforward_modules)

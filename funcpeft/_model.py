@@ -309,7 +309,7 @@ def get_peft_model(
         )
     _reject_peft_model(model)
     check_adapter_name(adapter_name)
-    level = MODEL_LEVEL.get(peft_config.PEFT_TYPE.value)
+    level = MODEL_LEVEL.get(peft_config.type_name())
     if level is not None:  # a model-level method (X-LoRA): its own facade
         extra = {"mixed": mixed, "revision": revision, "init_data": init_data}
         rest = {k: v for k, v in extra.items() if v}
@@ -362,16 +362,16 @@ def _check_no_second_replication(config: PeftConfig) -> None:
 
 def _check_combinable(config: PeftConfig, first: PeftConfig | None, mixed: bool) -> None:
     """PEFT's rules: one peft_type per PeftModel; PeftMixedModel only takes its compatible types."""
-    peft_type = config.PEFT_TYPE.value
+    peft_type = config.type_name()
     if mixed:
         if not method_for(config).mixed_compatible:
             raise ValueError(
                 f"The provided `peft_type` '{peft_type}' is not compatible with the `PeftMixedModel`. "
                 f"Compatible types are: {MIXED_COMPATIBLE_TYPES}"
             )
-    elif first is not None and peft_type != first.PEFT_TYPE.value:
+    elif first is not None and peft_type != first.type_name():
         raise ValueError(
-            f"Cannot combine adapters with different peft types. Found {first.PEFT_TYPE.value} and {peft_type}. "
+            f"Cannot combine adapters with different peft types. Found {first.type_name()} and {peft_type}. "
             "Pass mixed=True to get_peft_model to mix adapter types."
         )
 

@@ -417,7 +417,7 @@ def plan_adapter(
     resolved = resolve_config(model, config, revision)
     found = find_parameter_targets(model, resolved)
     if method.module_targets is not None:  # whole modules, by the method's own rule (AdaptionPrompt's top layers)
-        names = method.module_targets(model, resolved)
+        names = method.module_targets(model, resolved, lambda: find_targets(model, resolved, any_module=True))
     elif found:
         names = _module_targets(model, resolved, found)
     else:

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import nn
+
 from .._config import PeftConfig, PeftType, check_layers_and_saved, check_module_names, validated_init
 
 _MIRROR_OVERRIDES = (
@@ -69,7 +71,68 @@ class ShadowConfig(PeftConfig):
 
     def default_targets(self, model: Any) -> Any:
         """PEFT's `_prepare_adapter_config`: every block of the model's decoder stack, `{backbone}.{layers}.{i}`."""
-        from ..methods.shadow import decoder_blocks
-
         path, layers = decoder_blocks(model)
         return {f"{path}.{i}" for i in range(len(layers))}
+
+
+# -- the model's decoder stack (PEFT's _get_backbone / _get_decoder_layers) ---------------------------------------
+def is_diffusion_transformer(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "single_transformer_blocks", None), nn.ModuleList) or (
+        isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList)
+        and not isinstance(getattr(model, "layers", None), nn.ModuleList)
+    )
+
+
+def has_layer_stack(module: nn.Module) -> bool:
+    return any(isinstance(getattr(module, a, None), nn.ModuleList) for a in ("layers", "h"))
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The module holding the decoder stack (`LlamaModel` in `LlamaForCausalLM`), found as PEFT finds it."""
+    for attr in ("model", "transformer", "base_model", "decoder"):
+        backbone = getattr(model, attr, None)
+        if not isinstance(backbone, nn.Module):
+            continue
+        nested = getattr(backbone, "decoder", None)  # OPT: model.decoder.layers
+        if isinstance(nested, nn.Module) and has_layer_stack(nested):
+            return nested
+        return backbone
+    if has_layer_stack(model):
+        return model
+    raise AttributeError(
+        "Unable to automatically locate the transformer backbone inside the supplied model "
+        "(required when `target_modules` is not set). Please set `target_modules` explicitly "
+        "to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
+    )
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path of the decoder-block ModuleList, the list): PEFT's default ShadowPEFT targets are its items."""
+    refuse_diffusers(model)
+    backbone = backbone_of(model)
+    for attr in ("layers", "h"):
+        layers = getattr(backbone, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            prefix = next(n for n, m in model.named_modules() if m is backbone)
+            return (f"{prefix}.{attr}" if prefix else attr), layers
+    raise AttributeError(
+        "Unable to automatically find a `nn.ModuleList` of decoder layers (expected `.layers`/`.h`) "
+        "inside the backbone (required when `target_modules` is not set). Please set `target_modules` "
+        "explicitly to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
+    )
+
+
+def refuse_diffusers(model: nn.Module) -> None:
+    if not is_diffusion_transformer(model):
+        return
+    try:
+        import diffusers  # noqa: F401
+
+        missing = ""
+    except ImportError:
+        missing = "the `diffusers` package is not installed, and "
+    raise NotImplementedError(
+        f"ShadowPEFT on {type(model).__name__}, a Diffusers-style transformer (it has `transformer_blocks` / "
+        f"`single_transformer_blocks`): {missing}funcpeft implements ShadowPEFT for transformers decoder-only "
+        "models only (PEFT's Diffusers backends, peft/tuners/shadow/diffusion_models.py, are not ported)"
+    )

@@ -20,7 +20,7 @@ PEFT's AdaptionPrompt cannot do) gives each example its own prompt and gate in o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn
@@ -63,8 +63,9 @@ def _positive(config: AdaptionPromptConfig, name: str) -> int:
     return value
 
 
-def module_targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
-    """PEFT's `AdaptionPromptModel.add_adapter`: the last `adapter_layers` modules named `*.{target_modules}`."""
+def module_targets(model: nn.Module, config: AdaptionPromptConfig, match: Callable[[], list[str]]) -> list[str]:
+    """PEFT's `AdaptionPromptModel.add_adapter`: the last `adapter_layers` modules named `*.{target_modules}`
+    (its own rule: `match`, PEFT's generic matching, is not used)."""
     check_model_type(model)
     _positive(config, "adapter_len")
     layers = _positive(config, "adapter_layers")

@@ -403,9 +403,11 @@ class ModuleAroundFn(Protocol):
 
 
 class ModuleTargetsFn(Protocol):
-    def __call__(self, model: nn.Module, config: Any, /) -> list[str]:
+    def __call__(self, model: nn.Module, config: Any, match: Callable[[], list[str]], /) -> list[str]:
         """The paths of the whole modules a resolved config adapts, in `named_modules` order (the method's own
-        rule, e.g. the top N attention blocks); raises PEFT's errors for a model or config it cannot adapt."""
+        rule, e.g. the top N attention blocks); raises PEFT's errors for a model or config it cannot adapt.
+        match: PEFT's name matching of the config's target_modules over every module (for a method whose rule
+        is PEFT's matching plus checks of its own)."""
 
 
 class DeltaWeightFn(Protocol):
@@ -802,7 +804,7 @@ class Method:
 
     @property
     def peft_type(self) -> str:
-        return self.config.PEFT_TYPE.value
+        return self.config.type_name()
 
     @property
     def wraps_modules(self) -> bool:
@@ -908,4 +910,4 @@ class InputMethod:
 
     @property
     def peft_type(self) -> str:
-        return self.config.PEFT_TYPE.value
+        return self.config.type_name()

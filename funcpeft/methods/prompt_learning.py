@@ -315,7 +315,7 @@ def plan(model: nn.Module, config: Any) -> tuple[PromptLearningConfig, PromptSpe
         )
     return_dict = getattr(mc, "return_dict", True)
     spec = PromptSpec(
-        peft_type=resolved.PEFT_TYPE.value,
+        peft_type=resolved.type_name(),
         task_type=task,
         n=int(resolved.num_virtual_tokens),  # type: ignore[arg-type]
         submodules=int(resolved.num_transformer_submodules),  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._config import TaskType
-from ..configs.shadow import ShadowConfig
+from ..configs.shadow import ShadowConfig, backbone_of, refuse_diffusers
 from ._registry import register
 from .base import (
     AroundContext,
@@ -68,68 +68,6 @@ _LEAVES = ("shadow_down", "shadow_up", *_MLP_LEAVES)
 
 
 # -- the model's decoder stack (PEFT's _get_backbone / _get_decoder_layers) ---------------------------------------
-def _is_diffusion_transformer(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "single_transformer_blocks", None), nn.ModuleList) or (
-        isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList)
-        and not isinstance(getattr(model, "layers", None), nn.ModuleList)
-    )
-
-
-def _has_layer_stack(module: nn.Module) -> bool:
-    return any(isinstance(getattr(module, a, None), nn.ModuleList) for a in ("layers", "h"))
-
-
-def _backbone_of(model: nn.Module) -> nn.Module:
-    """The module holding the decoder stack (`LlamaModel` in `LlamaForCausalLM`), found as PEFT finds it."""
-    for attr in ("model", "transformer", "base_model", "decoder"):
-        backbone = getattr(model, attr, None)
-        if not isinstance(backbone, nn.Module):
-            continue
-        nested = getattr(backbone, "decoder", None)  # OPT: model.decoder.layers
-        if isinstance(nested, nn.Module) and _has_layer_stack(nested):
-            return nested
-        return backbone
-    if _has_layer_stack(model):
-        return model
-    raise AttributeError(
-        "Unable to automatically locate the transformer backbone inside the supplied model "
-        "(required when `target_modules` is not set). Please set `target_modules` explicitly "
-        "to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
-    )
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path of the decoder-block ModuleList, the list): PEFT's default ShadowPEFT targets are its items."""
-    _refuse_diffusers(model)
-    backbone = _backbone_of(model)
-    for attr in ("layers", "h"):
-        layers = getattr(backbone, attr, None)
-        if isinstance(layers, nn.ModuleList):
-            prefix = next(n for n, m in model.named_modules() if m is backbone)
-            return (f"{prefix}.{attr}" if prefix else attr), layers
-    raise AttributeError(
-        "Unable to automatically find a `nn.ModuleList` of decoder layers (expected `.layers`/`.h`) "
-        "inside the backbone (required when `target_modules` is not set). Please set `target_modules` "
-        "explicitly to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
-    )
-
-
-def _refuse_diffusers(model: nn.Module) -> None:
-    if not _is_diffusion_transformer(model):
-        return
-    try:
-        import diffusers  # noqa: F401
-
-        missing = ""
-    except ImportError:
-        missing = "the `diffusers` package is not installed, and "
-    raise NotImplementedError(
-        f"ShadowPEFT on {type(model).__name__}, a Diffusers-style transformer (it has `transformer_blocks` / "
-        f"`single_transformer_blocks`): {missing}funcpeft implements ShadowPEFT for transformers decoder-only "
-        "models only (PEFT's Diffusers backends, peft/tuners/shadow/diffusion_models.py, are not ported)"
-    )
-
-
 def _hidden_size(config: Any) -> int:
     for attr in ("hidden_size", "n_embd", "d_model"):
         if hasattr(config, attr):
@@ -222,7 +160,7 @@ Spec = LayerSpec[ShadowHyper]
 
 def _unsupported(model: nn.Module, config: ShadowConfig) -> None:
     """Clear errors for what funcpeft does not implement (PEFT supports them)."""
-    _refuse_diffusers(model)
+    refuse_diffusers(model)
     if config.shadow_model != "mirror":
         raise NotImplementedError(
             f"ShadowConfig(shadow_model={config.shadow_model!r}): funcpeft builds mirrored shadow backbones only "
@@ -242,13 +180,11 @@ def _unsupported(model: nn.Module, config: ShadowConfig) -> None:
         )
 
 
-def module_targets(model: nn.Module, config: ShadowConfig) -> list[str]:
-    """The targeted blocks (PEFT's name matching); more than one must be consecutive items of one ModuleList, as
-    the shadow state rides the loop from the first to the last (PEFT crashes on a gap)."""
-    from .._targeting import find_targets  # funcpeft._targeting imports the methods
-
+def module_targets(model: nn.Module, config: ShadowConfig, match: Callable[[], list[str]]) -> list[str]:
+    """The targeted blocks (`match`: PEFT's name matching); more than one must be consecutive items of one
+    ModuleList, as the shadow state rides the loop from the first to the last (PEFT crashes on a gap)."""
     _unsupported(model, config)
-    names = find_targets(model, config, any_module=True)
+    names = match()
     wanted = config.layers_to_transform
     if wanted is not None:
         keep = {wanted} if isinstance(wanted, int) else set(wanted)
@@ -282,7 +218,7 @@ def module_targets(model: nn.Module, config: ShadowConfig) -> list[str]:
 
 def _backbone_spec(model: nn.Module, config: ShadowConfig) -> Backbone:
     """PEFT's `_build_shadow_backbone` config and its embedding-sharing rule, as hashable data."""
-    base = _backbone_of(model)
+    base = backbone_of(model)
     cfg: Any = copy.deepcopy(base.config)
     _set_config_attr(cfg, ("num_hidden_layers", "n_layer", "num_layers"), config.shadow_num_hidden_layers or 1)
     if config.shadow_hidden_size is not None:
