@@ -373,7 +373,7 @@ class PeftFunction:
                 if entry.spec.kind is LayerKind.MODULE:
                     ctx = None
                     if method.module_around is not None:
-                        ctx = AroundContext(scope, arounds.index(path), len(arounds), dropout, generator)
+                        ctx = AroundContext(scope, arounds.index(path), len(arounds), dropout, generator, _run_module)
                     self._wrap(wrapped, name, path, entry.spec, {**own, **frozen}, method, routing, ctx)
                     continue
                 if entry.parameter is not None:
@@ -416,7 +416,7 @@ class PeftFunction:
                     applies_in[f"{path}.{entry.spec.weight_name}"] = entry.applies_in
             owner = plan[SHARED_PATH].owner if SHARED_PATH in plan else None
             if owner is not None and weight_method(owner.method).model_around is not None:  # around the whole model
-                ctx = AroundContext(scope, 0, 0, dropout, generator)
+                ctx = AroundContext(scope, 0, 0, dropout, generator, _run_module)
                 self._wrap(wrapped, name, "", owner, dict(tree[SHARED_PATH]), weight_method(owner.method), routing, ctx)
         for wraps in (wrapped or {}).values():
             check_stack(tuple(w.spec for w in wraps))
@@ -612,6 +612,14 @@ def _identity(output: Any) -> Any:
 def _value_checks() -> bool:
     """Value checks need concrete tensors: not while compiling or inside a torch.func transform."""
     return not torch.compiler.is_dynamo_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _run_module(module: nn.Module, weights: dict[str, torch.Tensor], training: bool, kwargs: dict[str, Any]) -> Any:
+    """`AroundContext.run`: `module(**kwargs)` on a call skeleton holding `weights` (the module is not changed)."""
+    skel = _Call(weights, None).skeleton(module)
+    if training:
+        skel.train(True)
+    return skel(**kwargs)
 
 
 def _traced_call(

@@ -370,6 +370,9 @@ class AroundContext:
     index / count: this module's position among the adapter's whole-module targets, in plan (module) order, and
       their number; (0, 0) for the model-level around.
     dropout / generator: the call's randomness, as in `OpContext` (identity / None unless fn got a dropout_rng).
+    run: `run(module, weights, training, kwargs)` calls `module(**kwargs)` with its parameters taken from `weights`
+      ({name: Tensor}) on a per-call copy (funcpeft's call skeletons: concurrent calls never see each other's
+      tensors; `training` is the copy's mode), never changing `module` (ShadowPEFT's backbone).
     """
 
     scope: dict[str, Any]
@@ -377,6 +380,7 @@ class AroundContext:
     count: int = 0
     dropout: Dropout = no_dropout
     generator: Generators = no_generator
+    run: Callable[[nn.Module, dict[str, torch.Tensor], bool, dict[str, Any]], Any] | None = None
 
     @property
     def training(self) -> bool:

@@ -365,18 +365,16 @@ def _template(bb: Backbone, device: torch.device) -> nn.Module:
     return module
 
 
-def _run_backbone(template: nn.Module, weights: dict[str, torch.Tensor], training: bool, kwargs: dict[str, Any]) -> Any:
-    """The backbone on the adapter's tensors. Eagerly on a call skeleton of the shared template (funcpeft's own
-    per-call module copies: concurrent calls never see each other's tensors, and training mode is the call's); a
-    traced call (torch.compile, eval mode only) uses functional_call, whose swaps are symbolic there."""
+def _run_backbone(
+    ctx: AroundContext, template: nn.Module, weights: dict[str, torch.Tensor], training: bool, kwargs: dict[str, Any]
+) -> Any:
+    """The backbone on the adapter's tensors. Eagerly on a call skeleton of the shared template (`ctx.run`:
+    funcpeft's own per-call module copies: concurrent calls never see each other's tensors, and training mode is
+    the call's); a traced call (torch.compile, eval mode only) uses functional_call, whose swaps are symbolic there."""
     if torch.compiler.is_dynamo_compiling():
         return torch.func.functional_call(template, weights, (), kwargs)
-    from .._functional import _Call  # funcpeft._functional imports the methods
-
-    skel = _Call(weights, None).skeleton(template)
-    if training:
-        skel.train(True)
-    return skel(**kwargs)
+    assert ctx.run is not None, "an AroundContext without `run`"
+    return ctx.run(template, weights, training, kwargs)
 
 
 def _mlp(params: Params, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -482,7 +480,7 @@ def model_around(
     source: Any = embeds if embeds is not None else input_ids
     device = source.device
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
-    out = _run_backbone(_template(bb, device), weights, module.training, {**backbone_kwargs, "return_dict": True})
+    out = _run_backbone(ctx, _template(bb, device), weights, module.training, {**backbone_kwargs, "return_dict": True})
     seed = out.last_hidden_state
     if _PROJECTION in params:
         seed = F.linear(seed, params[_PROJECTION])
