@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs import BOFTConfig
 from ._orth import check_plain_conv_geometry, refuse_stacked_conv, require_kind, square_kernel
 from ._registry import register
@@ -222,5 +223,7 @@ BOFT = register(
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="boft_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs.miss import MissConfig
 from ._layers import UPCAST_DTYPES
 from ._registry import register
@@ -186,6 +187,8 @@ MISS = register(
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
         keys=_KEYS,
         kinds=_KINDS,
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )
 
@@ -202,5 +205,7 @@ MISS_BAT = register(
         merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge, rounding_warning=False),
         keys=_KEYS,
         kinds=_KINDS,
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

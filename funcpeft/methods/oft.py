@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs import OFTConfig
 from ._orth import cpu_half_to_float, require_kind, square_kernel
 from ._registry import register
@@ -299,5 +300,7 @@ OFT = register(
         mixed_compatible=True,
         outermost_first=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._quant import BITSANDBYTES, TORCHAO
 from ..configs import ShiraConfig
 from ._registry import register
 from .base import (
@@ -158,6 +159,8 @@ SHIRA = register(
         mixed_compatible=True,
         nests=False,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=frozenset({BITSANDBYTES, TORCHAO}),  # PEFT's mask_fn reads `weight`: HQQLinear has none
+        torchao_needs_requantiser=True,
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )

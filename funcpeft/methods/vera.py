@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._quant import QUANT_BACKENDS, is_quant_linear
 from .._trees import shared_key
 from ..configs import VeraConfig
 from ._registry import register
@@ -81,10 +82,10 @@ def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple
     """(largest in_features, largest out_features) over the Linear / GPT-2 Conv1D targets (PEFT's `_find_dim`)."""
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
     for m in targets.values():
-        shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):  # in / out features, not the weight's shape (a 4-bit layer's is packed data)
-            dims.append((int(m.in_features), int(m.out_features)))
+        if isinstance(m, nn.Linear) or is_quant_linear(m):  # in / out features (a quantised layer's weight is packed
+            dims.append((int(m.in_features), int(m.out_features)))  # data; HQQLinear has no `weight` at all)
         elif type(m).__name__ == "Conv1D":
+            shape: Any = m.weight.shape
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
         raise ValueError(
@@ -208,6 +209,8 @@ VERA = register(
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )
