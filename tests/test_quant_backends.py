@@ -30,7 +30,7 @@ from torch import nn
 
 import funcpeft
 from funcpeft.testing import random_like
-from funcpeft.testing._peft import copy_into_peft, peft_param_name
+from funcpeft.testing._peft import copy_into_peft, peft_grads, peft_param_name
 
 if TYPE_CHECKING:
     import bitsandbytes as bnb
@@ -245,3 +245,138 @@ def test_fresh_adapter_rounds_through_the_compute_dtype_like_peft(saved: Path, c
 def test_vera_with_a_bf16_compute_dtype_rounds_its_projections_like_peft(saved: Path) -> None:
     ours, theirs, adapter = _pair(saved, Row("VeraConfig", dict(r=4, target_modules=TARGETS), "nf4", torch.bfloat16))
     _assert_equal_peft(ours, theirs, adapter)
+
+
+# -- torchao (int8 Int8Tensor, loaded by transformers with TorchAoConfig) and HQQ (4-bit HQQLinear) ----------------
+# The same methods through PEFT's generic TorchaoBackend / HqqBackend; the models are test_qlora_backends' (HQQ:
+# q/v/o/down_proj replaced by HQQLinear layers, o_proj with a bias). PEFT's SHiRA cannot take an HQQ layer (its
+# mask_fn reads `base_layer.weight`, which HQQLinear lacks: AttributeError), so funcpeft refuses it by name.
+from test_qlora_backends import _hqq, _torchao  # noqa: E402  (torchao / hqq are imported there, with importorskip)
+
+hqq_quantize = pytest.importorskip("hqq.core.quantize")
+torchao = pytest.importorskip("torchao")
+AO_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # o_proj: the biased HQQ layer
+AO_LOADERS = {"torchao": _torchao, "hqq": _hqq}
+AO_ROWS = [
+    Row(c, dict(kw, target_modules=AO_TARGETS), backend, dtype, marks=marks)
+    for backend in ("torchao", "hqq")
+    for dtype in (torch.float32, torch.bfloat16)
+    for c, kw in _METHODS
+    if not (backend == "hqq" and c == "ShiraConfig")
+    for marks in [() if dtype is torch.float32 and "init_weights" not in kw else _SLOW]
+]
+AO_PARAMS = [pytest.param(r, id=r.id, marks=r.marks) for r in AO_ROWS]
+
+
+def _ao_fast(*ids: str) -> list[Any]:
+    """The float32 AO_ROWS with only `ids` in the fast tier."""
+    return [
+        pytest.param(r, id=r.id, marks=() if r.id in ids else _SLOW) for r in AO_ROWS if r.compute is torch.float32
+    ]
+
+
+def _ao_pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
+    """(funcpeft model, PEFT model, adapter values) on two fresh loads of the torchao / HQQ model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load = AO_LOADERS[row.bits]
+        ours = funcpeft.get_peft_model(load(path, row.compute), getattr(funcpeft, row.config)(**row.kwargs))
+        theirs = peft.get_peft_model(load(path, row.compute), getattr(peft, row.config)(**row.kwargs))
+    adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
+    copy_into_peft(theirs, adapter, ours.plans["default"])
+    return ours, theirs, adapter
+
+
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    """What a torchao Int8Tensor / HQQ W_q stores (its int8 codes / packed 4-bit data), as a plain tensor."""
+    return (t.qdata if hasattr(t, "qdata") else t).detach().clone()
+
+
+@pytest.mark.parametrize("row", AO_PARAMS)
+def test_torchao_and_hqq_outputs_grads_counts_and_base_equal_peft(saved: Path, row: Row) -> None:
+    ours, theirs, adapter = _ao_pair(saved, row)
+    for path in adapter:  # PEFT adapted the layer through its generic backend
+        layer = theirs.get_submodule(f"base_model.model.{path}")
+        assert layer.quantization_backend.backend_name == row.bits, path
+    before = {k: _codes(v) for k, v in ours.model.named_parameters()}
+    expected = theirs(input_ids=IDS).logits
+    _loss(expected).backward()
+    got, grads = funcpeft.value_and_grad(lambda a: _loss(ours.fn(ours.base, a, input_ids=IDS).logits))(adapter)
+    out = ours.fn(ours.base, adapter, input_ids=IDS).logits
+    assert out.dtype == expected.dtype
+    # float32: within 1e-6 (BOFT's butterfly products round in another order); bf16: bitwise
+    assert _rel(out, expected.detach()) <= (1e-6 if row.compute is torch.float32 else 0.0)
+    want = peft_grads(theirs, adapter, ours.plans["default"])
+    # relative to each leaf's own largest gradient, with a floor at the tree's largest (leaves of layer 1's q_proj
+    # get ~1e-13 gradients here: rounding noise there); bf16: the backward's own rounding, like test_qlora_backends'
+    top = max(float(w.detach().abs().max()) for leaves in want.values() for w in leaves.values())
+    tol = 1e-5 if row.compute is torch.float32 else 2e-2
+    for path, leaves in grads.items():
+        for name, g in leaves.items():
+            w = want[path][name]
+            assert w is not None, (path, name)
+            scale = max(float(w.detach().abs().max()), top * (1e-3 if row.compute is torch.float32 else 1.0))
+            assert float((g.float() - w.float()).abs().max()) <= tol * scale, (path, name)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert capture_stdout(ours.print_trainable_parameters) == capture_stdout(theirs.print_trainable_parameters)
+    # the base tree holds the model's packed weights themselves (nothing copied), never written by the step
+    packed = "weight" if row.bits == "torchao" else "W_q"
+    for path in adapter:
+        leaf, own = ours.base[f"{path}.{packed}"], getattr(ours.model.get_submodule(path), packed)
+        assert _codes(leaf).dtype in (torch.int8, torch.uint8), path
+        assert (leaf.qdata if row.bits == "torchao" else leaf).data_ptr() == (
+            own.qdata if row.bits == "torchao" else own
+        ).data_ptr(), path
+    assert torch.allclose(got, _loss(expected.detach()), rtol=1e-5)
+    assert all(torch.equal(before[k], _codes(v)) for k, v in ours.model.named_parameters())
+
+
+@pytest.mark.parametrize("backend", ["torchao", "hqq"])
+@pytest.mark.parametrize(
+    ("config", "kwargs"),
+    [
+        ("VeraConfig", dict(r=4, target_modules=AO_TARGETS)),
+        ("OFTConfig", dict(r=0, oft_block_size=8, target_modules=AO_TARGETS, init_weights=False)),
+    ],
+    ids=["vera", "oft"],
+)
+def test_fresh_adapter_on_a_bf16_torchao_or_hqq_base_equals_peft(
+    saved: Path, backend: str, config: str, kwargs: Any
+) -> None:
+    """PEFT moves a fresh adapter to a torchao layer's weight dtype (bf16: rounded, then upcast), but finds no
+    device for an HQQLinear (no `weight` / `qweight`) and moves nothing: its draws stay float32 (VeRA's shared
+    projections too). funcpeft's fresh adapter and projections equal PEFT's either way."""
+    load = AO_LOADERS[backend]
+    torch.manual_seed(0)
+    ours = funcpeft.get_peft_model(load(saved, torch.bfloat16), getattr(funcpeft, config)(**kwargs))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(saved, torch.bfloat16), getattr(peft, config)(**kwargs))
+    named = dict(theirs.named_parameters())
+    plan = ours.plans["default"]
+    for path, leaves in ours.adapter.items():
+        for key, value in leaves.items():
+            want = named[peft_param_name(path, key, plan[path], "default", set(plan))]
+            assert value.dtype == want.dtype == torch.float32 and torch.equal(value, want.detach()), (path, key)
+    if config == "VeraConfig":
+        layer = theirs.get_submodule(f"base_model.model.{next(iter(ours.adapter))}")
+        for key in ("vera_A", "vera_B"):
+            mine = next(v for k, v in ours.base.items() if k.startswith(f"<shared>.{key}."))
+            theirs_t = getattr(layer, key)["default"]
+            assert mine.dtype == theirs_t.dtype and torch.equal(mine, theirs_t), key
+
+
+@pytest.mark.parametrize("row", _ao_fast("vera-torchao", "miss-hqq"))
+def test_torchao_and_hqq_files_both_ways(saved: Path, tmp_path: Path, row: Row) -> None:
+    ours, theirs, adapter = _ao_pair(saved, row)
+    load = AO_LOADERS[row.bits]
+    expected = ours.fn(ours.base, adapter, input_ids=IDS).logits
+    ours.save_pretrained(tmp_path / "ours", adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(load(saved), tmp_path / "ours")
+    assert _rel(loaded(input_ids=IDS).logits, expected) <= 1e-6
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = funcpeft.from_pretrained(load(saved), tmp_path / "theirs")
+    assert _rel(back.fn(back.base, back.adapter, input_ids=IDS).logits, expected) <= 1e-6
