@@ -270,9 +270,7 @@ AO_PARAMS = [pytest.param(r, id=r.id, marks=r.marks) for r in AO_ROWS]
 
 def _ao_fast(*ids: str) -> list[Any]:
     """The float32 AO_ROWS with only `ids` in the fast tier."""
-    return [
-        pytest.param(r, id=r.id, marks=() if r.id in ids else _SLOW) for r in AO_ROWS if r.compute is torch.float32
-    ]
+    return [pytest.param(r, id=r.id, marks=() if r.id in ids else _SLOW) for r in AO_ROWS if r.compute is torch.float32]
 
 
 def _ao_pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
@@ -380,3 +378,102 @@ def test_torchao_and_hqq_files_both_ways(saved: Path, tmp_path: Path, row: Row) 
     theirs.save_pretrained(tmp_path / "theirs")
     back = funcpeft.from_pretrained(load(saved), tmp_path / "theirs")
     assert _rel(back.fn(back.base, back.adapter, input_ids=IDS).logits, expected) <= 1e-6
+
+
+def _int8_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules() if type(m._parameters.get("weight")).__name__ == "Int8Tensor"}
+
+
+@pytest.mark.parametrize("row", [p for p in _ao_fast("oft-torchao", "shira-torchao") if p.values[0].bits == "torchao"])  # type: ignore[union-attr]
+def test_torchao_merge_unmerge_and_unload_equal_peft(saved: Path, row: Row) -> None:
+    """Dequantise, apply, re-quantise with the model's own torchao config (PEFT's TorchaoBackend.set_base_weight):
+    PEFT's merge_adapter / unmerge_adapter / merge_and_unload int8 codes and scales bit for bit, without the
+    rounding warning of PEFT's LoRA layers."""
+    ours, theirs, adapter = _ao_pair(saved, row)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = funcpeft.merge(ours, ours.base, adapter)
+        theirs.merge_adapter()
+        assert not [w for w in caught if "rounding" in str(w.message)]
+        for path in adapter:
+            want = theirs.get_submodule(f"base_model.model.{path}.base_layer").weight
+            got = merged[f"{path}.weight"]
+            assert type(got) is type(want) and got is not ours.base[f"{path}.weight"], path
+            assert torch.equal(got.qdata, want.qdata) and torch.equal(got.scale, want.scale), path
+        assert torch.equal(ours.fn(merged, None, input_ids=IDS).logits, theirs(input_ids=IDS).logits)
+        back = funcpeft.unmerge(ours, merged, adapter)
+        theirs.unmerge_adapter()
+        assert not [w for w in caught if "rounding" in str(w.message)]
+    for path in adapter:
+        want = theirs.get_submodule(f"base_model.model.{path}.base_layer").weight
+        assert torch.equal(back[f"{path}.weight"].qdata, want.qdata), path
+    for name, p in _int8_layers(ours.model).items():  # the model and its base tree are untouched
+        assert ours.base[f"{name}.weight"].qdata.data_ptr() == p.qdata.data_ptr(), name
+        if name not in adapter:
+            assert back[f"{name}.weight"] is merged[f"{name}.weight"] is ours.base[f"{name}.weight"], name
+
+    ours, theirs, adapter = _ao_pair(saved, row)
+    model = funcpeft.merge_and_unload(ours, adapter)
+    peft_model = theirs.merge_and_unload()
+    mine, want = _int8_layers(model), _int8_layers(peft_model)
+    assert mine.keys() == want.keys() and len(mine) == 14
+    for name in mine:
+        assert torch.equal(mine[name].qdata, want[name].qdata) and torch.equal(mine[name].scale, want[name].scale)
+    assert torch.equal(model(input_ids=IDS).logits, peft_model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("row", [p for p in _ao_fast("boft-hqq") if p.values[0].bits == "hqq"])  # type: ignore[union-attr]
+def test_hqq_merge_and_unload_equals_peft_s_merge_keeping_the_bias(saved: Path, row: Row) -> None:
+    """funcpeft.merge_and_unload builds new HQQLinear layers from the merged weight, as PEFT's HqqBackend does.
+
+    Two PEFT deviations, shown here: (1) PEFT's merge_and_unload (and unload) of these methods raise
+    AttributeError on an HQQ layer (BaseTuner._replace_module reads `child.weight`; LoRA overrides it), so the
+    comparison is with PEFT's merge_adapter(), whose HqqBackend.set_base_weight puts the new HQQLinear into
+    `base_layer`; (2) that new layer is `HQQLinear(None, ...)`: the layer's bias is dropped (o_proj's here),
+    which funcpeft keeps, as for LoRA. Trees cannot be merged on HQQ layers (their scales live on the module)."""
+    ours, theirs, adapter = _ao_pair(saved, row)
+    unmerged = ours.fn(ours.base, adapter, input_ids=IDS).logits
+    with pytest.raises(NotImplementedError, match="HQQ"):
+        funcpeft.merge(ours, ours.base, adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = funcpeft.merge_and_unload(ours, adapter)
+        theirs.merge_adapter()
+    assert not [w for w in caught if "rounding" in str(w.message)]  # PEFT's generic backend does not warn
+    for path in adapter:
+        layer, want = model.get_submodule(path), theirs.get_submodule(f"base_model.model.{path}.base_layer")
+        assert isinstance(layer, hqq_quantize.HQQLinear) and isinstance(want, hqq_quantize.HQQLinear), path
+        assert layer is not ours.model.get_submodule(path), path  # a new layer; the model's own is untouched
+        assert torch.equal(layer.W_q, want.W_q) and torch.equal(layer.dequantize(), want.dequantize()), path
+    o_proj = "model.layers.0.self_attn.o_proj"
+    bias = ours.model.get_submodule(o_proj).bias
+    assert bias is not None and torch.equal(model.get_submodule(o_proj).bias, bias)
+    assert theirs.get_submodule(f"base_model.model.{o_proj}.base_layer").bias is None  # PEFT drops it
+    ours_err = _rel(model(input_ids=IDS).logits, unmerged)
+    peft_err = _rel(theirs(input_ids=IDS).logits, unmerged)
+    assert ours_err <= 0.1  # 4-bit re-quantisation rounds
+    assert peft_err > 2 * ours_err, (ours_err, peft_err)  # and PEFT loses the bias too
+    with pytest.raises(AttributeError, match="'HQQLinear' object has no attribute 'weight'"):
+        theirs.merge_and_unload()
+
+
+@pytest.mark.parametrize("config", [c for c, kw in _METHODS if "init_weights" not in kw])
+def test_torchao_without_get_apply_tensor_subclass_is_refused_at_get_peft_model_like_peft(config: str) -> None:
+    """A model quantised by hand (`quantize_`) has no `get_apply_tensor_subclass`: PEFT's generic backend raises
+    ValueError when it wraps the layer (LoRA's TorchaoLoraLinear only warns); funcpeft too, naming the module."""
+    from funcpeft.testing import tiny_llama
+
+    kwargs = dict(_METHODS[[c for c, _ in _METHODS].index(config)][1])
+    model = tiny_llama(seed=0)
+    torchao.quantization.quantize_(model.model, torchao.quantization.Int8WeightOnlyConfig())
+    with pytest.raises(ValueError, match=r"get_apply_tensor_subclass.*'model.layers.0.self_attn.q_proj'"):
+        funcpeft.get_peft_model(model, getattr(funcpeft, config)(**kwargs))
+    with pytest.raises(ValueError, match="'get_apply_tensor_subclass' was not provided"):
+        peft.get_peft_model(model, getattr(peft, config)(**kwargs))
+
+
+def test_shira_on_hqq_is_refused_by_layer_where_peft_fails(saved: Path) -> None:
+    with pytest.raises(NotImplementedError, match=r"ShiraConfig \(shira\) on 'model.layers.0.self_attn.q_proj'.*hqq"):
+        funcpeft.get_peft_model(_hqq(saved), funcpeft.ShiraConfig(r=2, target_modules=AO_TARGETS))
+    with pytest.raises(AttributeError, match="'HQQLinear' object has no attribute 'weight'"):  # its random mask_fn
+        peft.get_peft_model(_hqq(saved), peft.ShiraConfig(r=2, target_modules=AO_TARGETS))
