@@ -81,9 +81,11 @@ def hyper(config: Any, target: Target) -> VeraHyper:
 def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple[int, int]:
     """(largest in_features, largest out_features) over the Linear / GPT-2 Conv1D targets (PEFT's `_find_dim`)."""
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
-    for m in targets.values():
-        if isinstance(m, nn.Linear) or is_quant_linear(m):  # in / out features (a quantised layer's weight is packed
-            dims.append((int(m.in_features), int(m.out_features)))  # data; HQQLinear has no `weight` at all)
+    for module in targets.values():
+        m: Any = module
+        # in / out features, not the weight's shape (a quantised layer's is packed data; HQQLinear has no `weight`)
+        if isinstance(m, nn.Linear) or is_quant_linear(m):
+            dims.append((int(m.in_features), int(m.out_features)))
         elif type(m).__name__ == "Conv1D":
             shape: Any = m.weight.shape
             dims.append((int(shape[0]), int(shape[1])))
