@@ -12,6 +12,8 @@ dtype, as PEFT's), files both ways, and merge / unmerge / merge_and_unload
 bnb layers) against PEFT's.
 
 The quantised tiny Llama and its loader are test_qlora's (a saved float model loaded with a BitsAndBytesConfig).
+The torchao (int8, transformers' TorchAoConfig) and HQQ (4-bit HQQLinear) rows (AO_ROWS) use test_qlora_backends'
+builders; see that section for what they check and where PEFT's generic backend is wrong.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ which only changes the rounding order. For a conv the rotated, scaled kernel (we
 as in PEFT (the rotation acts on the kernel's flattened input side). Several BOFT adapters on one linear layer
 nest (PEFT multiplies their rotations and scales); on a conv they are refused (see funcpeft.methods._orth).
 
-A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input, then is rescaled like a linear one
-(PEFT's generic quantisation backend); merging dequantises, rotates and scales, and quantises again.
+A quantised layer (bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel on the rotated input, then is
+rescaled like a linear one (PEFT's generic quantisation backend); merging dequantises, rotates and scales, and
+quantises again.
 """
 
 from __future__ import annotations

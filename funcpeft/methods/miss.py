@@ -12,8 +12,9 @@ Two registered methods share the config (PEFT switches on `init_weights` inside 
     needs it: the update depends on W) and runs `F.linear` with it; unmerging inverts (I + B_i) in float32.
     miss_dropout does not apply to "bat" (PEFT's bat path has no dropout).
 
-bitsandbytes 4-bit / 8-bit layers (PEFT's generic quantisation backend): "miss" / "mini" add their term to the
-layer's own output; "bat" builds its weight from the dequantised one (`OpContext.float_weight`, per call, as PEFT).
+Quantised layers (bitsandbytes 4-bit / 8-bit, torchao, HQQ; PEFT's generic quantisation backend): "miss" / "mini"
+add their term to the layer's own output; "bat" builds its weight from the dequantised one
+(`OpContext.float_weight`, per call, as PEFT).
 """
 
 from __future__ import annotations

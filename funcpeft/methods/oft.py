@@ -31,8 +31,8 @@ Per call: the r (or 1) blocks R_i and the rotated input (for a conv, the unfolde
 nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does. Per-example
 routing runs this forward under vmap: one set of blocks per example, still nothing weight-sized.
 
-A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input (PEFT's generic quantisation backend);
-merging dequantises, rotates and quantises again.
+A quantised layer (bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel on the rotated input (PEFT's
+generic quantisation backend); merging dequantises, rotates and quantises again.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ are not counted as parameters (PEFT keeps them as buffers). Trainable, per layer
   vera_lambda_b (out,)   init 0 (init_weights=True) or 1
   vera_lambda_d (r,)     init d_initial (init_weights=True) or randn
 
-A bitsandbytes 4-bit / 8-bit layer (`LayerKind.QUANT_LINEAR`) runs its own kernel and the term is added to its
-output, as PEFT's generic quantisation backend does; merging dequantises, adds and quantises again (no warning).
+A quantised layer (`LayerKind.QUANT_LINEAR`: bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel and the
+term is added to its output, as PEFT's generic quantisation backend does; merging dequantises, adds and quantises
+again (no warning).
 """
 
 from __future__ import annotations
