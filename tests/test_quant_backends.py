@@ -367,7 +367,12 @@ def test_fresh_adapter_on_a_bf16_torchao_or_hqq_base_equals_peft(
             assert mine.dtype == theirs_t.dtype and torch.equal(mine, theirs_t), key
 
 
-@pytest.mark.parametrize("row", _ao_fast("vera-torchao", "miss-hqq"))
+# the files are the bitsandbytes rows' (adapter keys only): one row per file layout (VeRA's shared projections, a
+# MiSS variant, BOFT's two tensors, SHiRA's indices) on each library
+_FILE_ROWS = ("vera-torchao", "vera-hqq", "miss-bat-torchao", "boft-hqq", "shira-torchao")
+
+
+@pytest.mark.parametrize("row", [p for p in _ao_fast("vera-torchao", "boft-hqq") if p.id in _FILE_ROWS])
 def test_torchao_and_hqq_files_both_ways(saved: Path, tmp_path: Path, row: Row) -> None:
     ours, theirs, adapter = _ao_pair(saved, row)
     load = AO_LOADERS[row.bits]
