@@ -260,14 +260,14 @@ torchao = pytest.importorskip("torchao")
 AO_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # o_proj: the biased HQQ layer
 AO_LOADERS = {"torchao": _torchao, "hqq": _hqq}
 AO_ROWS = [
-    Row(c, dict(kw, target_modules=AO_TARGETS), backend, dtype, marks=marks)
+    Row(c, dict(kw, target_modules=AO_TARGETS), backend, dtype)
     for backend in ("torchao", "hqq")
     for dtype in (torch.float32, torch.bfloat16)
     for c, kw in _METHODS
     if not (backend == "hqq" and c == "ShiraConfig")
-    for marks in [() if dtype is torch.float32 and "init_weights" not in kw else _SLOW]
 ]
-AO_PARAMS = [pytest.param(r, id=r.id, marks=r.marks) for r in AO_ROWS]
+_AO_FAST = ("vera-torchao", "shira-torchao", "vera-hqq", "oft-hqq")  # the rest (same code paths): the slow tier
+AO_PARAMS = [pytest.param(r, id=r.id, marks=() if r.id in _AO_FAST else _SLOW) for r in AO_ROWS]
 
 
 def _ao_fast(*ids: str) -> list[Any]:
@@ -331,7 +331,6 @@ def test_torchao_and_hqq_outputs_grads_counts_and_base_equal_peft(saved: Path, r
     assert all(torch.equal(before[k], _codes(v)) for k, v in ours.model.named_parameters())
 
 
-@pytest.mark.parametrize("backend", ["torchao", "hqq"])
 @pytest.mark.parametrize(
     ("config", "kwargs"),
     [
@@ -340,6 +339,7 @@ def test_torchao_and_hqq_outputs_grads_counts_and_base_equal_peft(saved: Path, r
     ],
     ids=["vera", "oft"],
 )
+@pytest.mark.parametrize("backend", [pytest.param("torchao", marks=_SLOW), "hqq"])  # HQQ: nothing moved
 def test_fresh_adapter_on_a_bf16_torchao_or_hqq_base_equals_peft(
     saved: Path, backend: str, config: str, kwargs: Any
 ) -> None:
@@ -466,7 +466,10 @@ def test_hqq_merge_and_unload_equals_peft_s_merge_keeping_the_bias(saved: Path, 
         theirs.merge_and_unload()
 
 
-@pytest.mark.parametrize("config", [c for c, kw in _METHODS if "init_weights" not in kw])
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(c, marks=() if c == "VeraConfig" else _SLOW) for c, kw in _METHODS if "init_weights" not in kw],
+)
 def test_torchao_without_get_apply_tensor_subclass_is_refused_at_get_peft_model_like_peft(config: str) -> None:
     """A model quantised by hand (`quantize_`) has no `get_apply_tensor_subclass`: PEFT's generic backend raises
     ValueError when it wraps the layer (LoRA's TorchaoLoraLinear only warns); funcpeft too, naming the module."""
