@@ -305,7 +305,8 @@ def _merge_hqq(
     before (`merged`, an earlier adapter's new layer) is merged again from its own codes, as PEFT's second merge
     reads the layer its first one made."""
     _check_mergeable(spec)
-    warn_rounding("merge")
+    if weight_method(spec.method).merge.rounding_warning:  # PEFT's HqqLoraLinear warns, its generic backend does not
+        warn_rounding("merge", weight_method(spec.method).peft_type.lower())
     dense = dequantize(w_q, module) if merged is None else dequantize(merged._parameters["W_q"], merged)  # type: ignore[arg-type]
     dense_base = None if base_w_q is None else dequantize(base_w_q, module)
     return hqq_layer(module, _merge_plain(spec, params, dense, safe_merge, dense_base))

@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from ._config import PeftConfig
-from ._quant import check_quant_layer, check_sharded_quant, dequantize, is_dtensor, packed_name, quant_backend
+from ._quant import (
+    TORCHAO,
+    check_quant_layer,
+    check_sharded_quant,
+    dequantize,
+    is_dtensor,
+    packed_name,
+    quant_backend,
+    torchao_requantizer,
+)
 from ._targeting import (
     find_modules_to_save,
     find_parameter_targets,
@@ -438,6 +447,14 @@ def plan_adapter(
         _fix_fan_in_fan_out(kinds, resolved)
     for target in targets:
         spec = layer_spec(target, resolved, method)
+        torchao = spec.kind.module_level and spec.quant.backend == TORCHAO
+        if method.torchao_needs_requantiser and torchao and torchao_requantizer(model) is None:
+            raise ValueError(  # PEFT's resolve_quantization_backend, with the module named
+                "torchao quantized layer detected but 'get_apply_tensor_subclass' was not provided. This is required "
+                f"for merge/unmerge support ({type(resolved).__name__} on {target.name!r}: the model has no "
+                "`hf_quantizer.quantization_config.get_apply_tensor_subclass`; load it with transformers and "
+                "quantization_config=TorchAoConfig(...), or do not target this module)."
+            )
         frozen = method.shared.frozen_params(spec) if method.shared else ()
         if method.layer_frozen is not None:
             frozen += tuple((n, layer_frozen_key(adapter_name, target.name, n)) for n in method.layer_frozen.of(spec))
@@ -587,7 +604,11 @@ def _copies_plan(method: Method, targets: list[str], modules: Mapping[str, nn.Mo
 
 def layer_dtype(weight: torch.Tensor, module: nn.Module | None = None) -> torch.dtype:
     """The dtype PEFT moves a layer's adapter to (`_get_base_layer_device_and_dtype`): the weight's, except a layer
-    with a `compute_dtype` (bitsandbytes 4-bit, whose weight is packed uint8 data), whose compute dtype it is."""
+    with a `compute_dtype` (bitsandbytes 4-bit, whose weight is packed uint8 data), whose compute dtype it is. A
+    layer with neither `weight` nor `qweight` (HQQLinear: its packed `W_q`, returned as it is) gives PEFT no device,
+    so it moves nothing: the adapter keeps its float32 draws (and VeRA's shared projections stay float32)."""
+    if module is not None and all(getattr(module, n, None) is None for n in ("weight", "qweight")):
+        return weight.dtype
     compute = getattr(module, "compute_dtype", None)
     return compute if isinstance(compute, torch.dtype) else weight.dtype
 

@@ -713,6 +713,10 @@ class Method:
     quant_backends: with LayerKind.QUANT_LINEAR in `kinds`, the libraries whose quantised layers the method adapts
       (`QuantGeometry.backend`; PEFT's dispatchers differ by method: bitsandbytes only for most); others are refused
       with an error naming the layer, its library and the methods that take it.
+    torchao_needs_requantiser: the method adapts quantised layers through PEFT's generic backend
+      (`resolve_quantization_backend`), which raises ValueError when the layer is built for a torchao layer of a
+      model without `get_apply_tensor_subclass` (one quantised by hand with `quantize_`, not loaded by transformers
+      with a TorchAoConfig); LoRA's TorchaoLoraLinear only warns (then refuses to merge): False.
     changes_base: the adapter changes the base layer itself (KaSA truncates W), so "no adapter" is ambiguous
       for one example of a routed batch (PEFT gives it the changed base): per-example routing refuses -1.
     frozen_count: values PEFT registers per layer as frozen parameters that funcpeft keeps as constants of
@@ -777,6 +781,7 @@ class Method:
     reads_adapters: Callable[[LayerSpec[Any]], tuple[str, ...]] | None = None
     kinds: frozenset[LayerKind] = WEIGHT_OP_KINDS
     quant_backends: frozenset[str] = frozenset({"bitsandbytes"})
+    torchao_needs_requantiser: bool = False
     changes_base: bool = False
     frozen_count: Callable[[LayerSpec[Any]], int] = _no_frozen_params
     parameter_value: ParameterValueFn | None = None

@@ -24,8 +24,9 @@ which only changes the rounding order. For a conv the rotated, scaled kernel (we
 as in PEFT (the rotation acts on the kernel's flattened input side). Several BOFT adapters on one linear layer
 nest (PEFT multiplies their rotations and scales); on a conv they are refused (see funcpeft.methods._orth).
 
-A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input, then is rescaled like a linear one
-(PEFT's generic quantisation backend); merging dequantises, rotates and scales, and quantises again.
+A quantised layer (bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel on the rotated input, then is
+rescaled like a linear one (PEFT's generic quantisation backend); merging dequantises, rotates and scales, and
+quantises again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs import BOFTConfig
 from ._orth import check_plain_conv_geometry, refuse_stacked_conv, require_kind, square_kernel
 from ._registry import register
@@ -222,5 +224,7 @@ BOFT = register(
         merge=MergeHooks(weight=merge_weight, unweight=unmerge_weight, rounding_warning=False),
         keys=KeyRules(param_prefix="boft_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

@@ -12,8 +12,9 @@ Two registered methods share the config (PEFT switches on `init_weights` inside 
     needs it: the update depends on W) and runs `F.linear` with it; unmerging inverts (I + B_i) in float32.
     miss_dropout does not apply to "bat" (PEFT's bat path has no dropout).
 
-bitsandbytes 4-bit / 8-bit layers (PEFT's generic quantisation backend): "miss" / "mini" add their term to the
-layer's own output; "bat" builds its weight from the dequantised one (`OpContext.float_weight`, per call, as PEFT).
+Quantised layers (bitsandbytes 4-bit / 8-bit, torchao, HQQ; PEFT's generic quantisation backend): "miss" / "mini"
+add their term to the layer's own output; "bat" builds its weight from the dequantised one
+(`OpContext.float_weight`, per call, as PEFT).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs.miss import MissConfig
 from ._layers import UPCAST_DTYPES
 from ._registry import register
@@ -186,6 +188,8 @@ MISS = register(
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
         keys=_KEYS,
         kinds=_KINDS,
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )
 
@@ -202,5 +206,7 @@ MISS_BAT = register(
         merge=MergeHooks(weight=bat_merge, unweight=bat_unmerge, rounding_warning=False),
         keys=_KEYS,
         kinds=_KINDS,
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

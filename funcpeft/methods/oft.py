@@ -31,8 +31,8 @@ Per call: the r (or 1) blocks R_i and the rotated input (for a conv, the unfolde
 nothing weight-sized. Merging builds the dense (n, n) block-diagonal matrix, as PEFT does. Per-example
 routing runs this forward under vmap: one set of blocks per example, still nothing weight-sized.
 
-A bitsandbytes 4-bit / 8-bit layer runs its own kernel on the rotated input (PEFT's generic quantisation backend);
-merging dequantises, rotates and quantises again.
+A quantised layer (bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel on the rotated input (PEFT's
+generic quantisation backend); merging dequantises, rotates and quantises again.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._quant import QUANT_BACKENDS
 from ..configs import OFTConfig
 from ._orth import cpu_half_to_float, require_kind, square_kernel
 from ._registry import register
@@ -299,5 +300,7 @@ OFT = register(
         mixed_compatible=True,
         outermost_first=True,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
     )
 )

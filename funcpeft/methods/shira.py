@@ -13,8 +13,9 @@ base output instead costs a second full-size matmul forward and two more backwar
 dW is built with `index_add` (duplicates sum, as in PEFT's sparse COO delta), so vmap, per-example routing and
 torch.compile work.
 
-On a bitsandbytes 4-bit / 8-bit layer W is the dequantised weight (`OpContext.float_weight`, per call, as PEFT's
-generic quantisation backend does: the layer's own kernel does not run).
+On a quantised layer (bitsandbytes 4-bit / 8-bit, torchao; not HQQ, where PEFT's mask_fn fails) W is the dequantised
+weight (`OpContext.float_weight`, per call, as PEFT's generic quantisation backend does: the layer's own kernel does
+not run).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._quant import BITSANDBYTES, TORCHAO
 from ..configs import ShiraConfig
 from ._registry import register
 from .base import (
@@ -158,6 +160,8 @@ SHIRA = register(
         mixed_compatible=True,
         nests=False,
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=frozenset({BITSANDBYTES, TORCHAO}),  # PEFT's mask_fn reads `weight`: HQQLinear has none
+        torchao_needs_requantiser=True,
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )

@@ -8,8 +8,9 @@ are not counted as parameters (PEFT keeps them as buffers). Trainable, per layer
   vera_lambda_b (out,)   init 0 (init_weights=True) or 1
   vera_lambda_d (r,)     init d_initial (init_weights=True) or randn
 
-A bitsandbytes 4-bit / 8-bit layer (`LayerKind.QUANT_LINEAR`) runs its own kernel and the term is added to its
-output, as PEFT's generic quantisation backend does; merging dequantises, adds and quantises again (no warning).
+A quantised layer (`LayerKind.QUANT_LINEAR`: bitsandbytes 4-bit / 8-bit, torchao, HQQ) runs its own kernel and the
+term is added to its output, as PEFT's generic quantisation backend does; merging dequantises, adds and quantises
+again (no warning).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._quant import QUANT_BACKENDS, is_quant_linear
 from .._trees import shared_key
 from ..configs import VeraConfig
 from ._registry import register
@@ -80,11 +82,13 @@ def hyper(config: Any, target: Target) -> VeraHyper:
 def largest_dims(targets: Mapping[str, nn.Module], label: str = "VeRA") -> tuple[int, int]:
     """(largest in_features, largest out_features) over the Linear / GPT-2 Conv1D targets (PEFT's `_find_dim`)."""
     dims: list[tuple[int, int]] = []  # (in, out) of each Linear / GPT-2 Conv1D target
-    for m in targets.values():
-        shape: Any = m.weight.shape
-        if isinstance(m, nn.Linear):  # in / out features, not the weight's shape (a 4-bit layer's is packed data)
+    for module in targets.values():
+        m: Any = module
+        # in / out features, not the weight's shape (a quantised layer's is packed data; HQQLinear has no `weight`)
+        if isinstance(m, nn.Linear) or is_quant_linear(m):
             dims.append((int(m.in_features), int(m.out_features)))
         elif type(m).__name__ == "Conv1D":
+            shape: Any = m.weight.shape
             dims.append((int(shape[0]), int(shape[1])))
     if not dims:
         raise ValueError(
@@ -208,6 +212,8 @@ VERA = register(
         ),
         keys=KeyRules(param_prefix="vera_lambda_", unsuffixed=frozenset(_NAMES)),
         kinds=WEIGHT_OP_KINDS | {LayerKind.QUANT_LINEAR},
+        quant_backends=QUANT_BACKENDS,  # PEFT's generic backend: bnb, torchao, HQQ
+        torchao_needs_requantiser=True,
         merge=MergeHooks(rounding_warning=False),  # PEFT's generic quantisation backend: no warning
     )
 )
