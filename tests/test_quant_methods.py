@@ -15,11 +15,8 @@ loads are deep copies of one cached load, 8-bit ones fresh loads (an Int8Params 
 
 from __future__ import annotations
 
-import copy
-import functools
 import importlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import capture_stdout
+from test_qlora import IDS, _load, _loss, _rel  # the bitsandbytes model loads, shared
+from test_qlora import _quiet as _quiet  # autouse: bitsandbytes' 8-bit warnings
+from test_qlora import saved as saved  # the fixture
 from torch import nn
 
 import funcpeft
@@ -40,7 +40,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, wide-in and tall-in layers (64x64, 32x64, 64x128)
-IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 
 Merge = Literal["equal", "refused", "peft_broken"]
 
@@ -82,52 +81,6 @@ ROWS = [
     *_rows("randlora", "RandLoraConfig", "peft_broken", r=4),
     *_rows("road", "RoadConfig", "equal", group_size=8),
 ]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from funcpeft.testing import tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    return path
-
-
-def _load(path: Path, bits: str) -> Any:
-    return _from_disk(path, bits) if bits == "int8" else copy.deepcopy(_cached(path, bits))
-
-
-@functools.lru_cache(maxsize=2)
-def _cached(path: Path, bits: str) -> Any:
-    return _from_disk(path, bits)
-
-
-def _from_disk(path: Path, bits: str) -> Any:
-    if bits == "int8":
-        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        qc = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=bits, bnb_4bit_compute_dtype=torch.float32
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=qc, device_map="cpu")
-    return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="MatMul8bitLt")
-        yield
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def _loss(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().pow(2).mean()
 
 
 def _pair(path: Path, row: Row) -> tuple[Any, Any, Any]:
