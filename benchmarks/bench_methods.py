@@ -74,6 +74,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "peanut": ("PeanutConfig", dict(r=16, target_modules=ATTENTION)),
     "lily": ("LilyConfig", dict(r=16, target_modules=ALL_LINEAR)),
     "frod": ("FrodConfig", dict(target_modules=ATTENTION)),
+    "shadow": ("ShadowConfig", dict(task_type="CAUSAL_LM")),  # every decoder block; the mirrored shadow backbone
 }
 # model inputs a method needs besides input_ids / labels
 EXTRA_INPUTS: dict[str, dict[str, Any]] = {"poly": {"task_ids": torch.arange(BATCH) % 4}}
