@@ -151,6 +151,10 @@ def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
         )
 
 
+def _plain_float(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.dtype.is_floating_point
+
+
 def _hqq_dequantize(module: Any, w_q: torch.Tensor) -> torch.Tensor:
     """`HQQLinear.dequantize()` for the packed data `w_q` (the base tree's, not necessarily the module's own),
     without writing into the module: hqq's own method adds and deletes keys of `module.meta` while it runs (a
@@ -179,6 +183,8 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     the packed data of a Linear4bit sharded with FSDP2 (gathered as a plain tensor: the layer keeps the quant
     state, as bitsandbytes' own `fix_4bit_weight_quant_state_from_module` reads it).
     """
+    if _plain_float(weight):  # a base tree whose quantised layer got a float weight: already dense
+        return weight
     if _torchao_tensor(weight):
         try:
             return weight.dequantize()  # type: ignore[no-any-return]
@@ -225,6 +231,8 @@ def requantize(
     with `get_apply_tensor_subclass()`; without one, PEFT's ValueError), on a fresh nn.Linear: the user's module is
     not touched. module: the layer (for the error message).
     """
+    if _plain_float(like):  # a float weight in a quantised layer's place (see `dequantize`): stays float
+        return value.to(like.dtype)
     if _torchao_tensor(like):
         make = torchao_requantizer(model)
         if make is None:

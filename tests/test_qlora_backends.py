@@ -208,6 +208,19 @@ def test_torchao_merge_tree_and_unmerge(saved: Path) -> None:
     assert _rel(back[key].dequantize(), ours.base[key].dequantize()) <= 2e-2
 
 
+def test_torchao_merge_into_a_dequantised_base_tree_stays_float(saved: Path) -> None:
+    """A base tree whose int8 weights were replaced by their float values (the user's choice) merges as floats:
+    the quantised layers' merge does not mistake a plain tensor for packed data."""
+    ours, _, adapter = _pair(saved, "torchao", dict(r=4, lora_alpha=8, target_modules=TARGETS))
+    dense = {k: v.dequantize() if type(v).__name__ == "Int8Tensor" else v for k, v in ours.base.items()}
+    with pytest.warns(UserWarning, match="rounding"):
+        merged = funcpeft.merge(ours, dense, adapter)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert type(merged[key]) is torch.Tensor
+    expected = ours.fn(dense, adapter, input_ids=IDS).logits
+    assert _rel(ours.fn(merged, None, input_ids=IDS).logits, expected) <= 1e-5
+
+
 def test_torchao_dora_merge_keeps_the_magnitude_where_peft_drops_it(saved: Path) -> None:
     """PEFT's TorchaoLoraLinear.merge adds `get_delta_weight` (s B A) for every adapter, DoRA's too: its merged
     model loses the magnitude rescaling and leaves its own unmerged outputs far behind. funcpeft merges
