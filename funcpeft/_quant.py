@@ -151,8 +151,11 @@ def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
         )
 
 
-def _plain_float(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter) and t.dtype.is_floating_point
+def _float_in_torchao_place(t: torch.Tensor, module: nn.Module | None) -> bool:
+    """A plain float tensor where a torchao layer's quantised weight was. Only there: a bitsandbytes 4-bit weight
+    gathered by FSDP2 is a plain tensor too, of packed data in a float storage dtype (bnb_4bit_quant_storage)."""
+    is_plain = type(t) in (torch.Tensor, nn.Parameter) and t.dtype.is_floating_point
+    return is_plain and module is not None and quant_backend(module) == TORCHAO
 
 
 def _hqq_dequantize(module: Any, w_q: torch.Tensor) -> torch.Tensor:
@@ -183,7 +186,7 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     the packed data of a Linear4bit sharded with FSDP2 (gathered as a plain tensor: the layer keeps the quant
     state, as bitsandbytes' own `fix_4bit_weight_quant_state_from_module` reads it).
     """
-    if _plain_float(weight):  # a base tree whose quantised layer got a float weight: already dense
+    if _float_in_torchao_place(weight, module):  # a base tree whose torchao layer got a float weight: dense already
         return weight
     if _torchao_tensor(weight):
         try:
@@ -231,7 +234,7 @@ def requantize(
     with `get_apply_tensor_subclass()`; without one, PEFT's ValueError), on a fresh nn.Linear: the user's module is
     not touched. module: the layer (for the error message).
     """
-    if _plain_float(like):  # a float weight in a quantised layer's place (see `dequantize`): stays float
+    if _float_in_torchao_place(like, module):  # a float weight in a torchao layer's place (`dequantize`): stays float
         return value.to(like.dtype)
     if _torchao_tensor(like):
         make = torchao_requantizer(model)
