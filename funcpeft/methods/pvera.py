@@ -45,7 +45,6 @@ from .base import (
     Params,
     SharedTensors,
     Target,
-    UnsupportedLayerError,
 )
 
 _PROJECTIONS = ("pvera_A", "pvera_B")
@@ -61,11 +60,9 @@ Spec = LayerSpec[PveraHyper]
 
 
 def hyper(config: Any, target: Target) -> PveraHyper:
-    if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
-        raise UnsupportedLayerError(
-            f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only the "
-            "following modules are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
-        )
+    vera.check_target(
+        target, "the following modules are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
+    )
     return PveraHyper(
         r=config.r,
         d_initial=float(config.d_initial),

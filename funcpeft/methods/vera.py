@@ -64,12 +64,20 @@ class VeraHyper:
 Spec = LayerSpec[VeraHyper]
 
 
-def hyper(config: Any, target: Target) -> VeraHyper:
+def check_target(target: Target, supported: str) -> None:
+    """VeRA-style methods adapt linear layers (plain, quantised, GPT-2 Conv1D) only; `supported`: the tail of the
+    method's own PEFT message, naming what it takes."""
     if target.kind not in (LayerKind.LINEAR, LayerKind.CONV1D_HF, LayerKind.QUANT_LINEAR):
         raise UnsupportedLayerError(
             f"Target module {target.name!r} ({type(target.module).__name__}) is not supported. Currently, only "
-            "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
+            f"{supported}"
         )
+
+
+def hyper(config: Any, target: Target) -> VeraHyper:
+    check_target(
+        target, "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
+    )
     return VeraHyper(
         r=config.r,
         d_initial=float(config.d_initial),
