@@ -101,7 +101,8 @@ def versus_peft(
     """PEFT, PEFT again (A/A: the noise floor) and funcpeft, interleaved: (times, ratio, noise) with ratio the
     median per-round funcpeft / PEFT and noise |A/A ratio - 1|. `args`: from `timing_args`."""
     variants = {"PEFT": peft_step, "PEFT A/A": peft_step, "funcpeft": ours}
-    times = interleaved(variants, args.rounds, args.warmup, before=before, clock=args.clock)
+    device = getattr(args, "device", "cpu")  # an accelerator is synchronised around every timed call
+    times = interleaved(variants, args.rounds, args.warmup, device=device, before=before, clock=args.clock)
     ratio = paired_ratio(times["funcpeft"], times["PEFT"])
     return times, ratio, abs(paired_ratio(times["PEFT A/A"], times["PEFT"]) - 1)
 

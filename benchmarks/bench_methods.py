@@ -12,6 +12,7 @@ torch.profiler's allocation peak of one warmed step (deterministic).
     python benchmarks/bench_methods.py                      # every method funcpeft implements
     python benchmarks/bench_methods.py --methods lora oft   # some
     python benchmarks/bench_methods.py --quick              # smoke run (2 rounds)
+    python benchmarks/bench_methods.py --device cuda --dtype bf16 --clock wall   # on a GPU (CUDA peak memory)
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "frod": ("FrodConfig", dict(target_modules=ATTENTION)),
     "shadow": ("ShadowConfig", dict(task_type="CAUSAL_LM")),  # every decoder block; the mirrored shadow backbone
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # model inputs a method needs besides input_ids / labels
 EXTRA_INPUTS: dict[str, dict[str, Any]] = {"poly": {"task_ids": torch.arange(BATCH) % 4}}
 
@@ -89,23 +91,24 @@ def _quiet(fn: Any) -> Any:
 class Fixture:
     """One method on copies of the benchmark Llama: PEFT with perturbed adapter values, funcpeft loaded from its files."""
 
-    def __init__(self, method: str, tmp: str) -> None:
+    def __init__(self, method: str, tmp: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         import peft
 
         cls, kwargs = METHODS[method]
-        model = build_llama(512, 1376)
+        model = build_llama(512, 1376).to(device=device, dtype=dtype)
         torch.manual_seed(0)
         self.peft = _quiet(lambda: peft.get_peft_model(copy.deepcopy(model), getattr(peft, cls)(**kwargs))).eval()
         self.peft_params = [p for p in self.peft.parameters() if p.requires_grad]
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # non-trivial values near the init (multiplicative methods stay near identity)
             for p in self.peft_params:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+                p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p))
         _quiet(lambda: self.peft.save_pretrained(tmp))
         self.pm = _quiet(lambda: funcpeft.from_pretrained(model, tmp, is_trainable=True))
         self.fn, self.base, self.adapter = self.pm
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-        self.kw = {"input_ids": ids, "labels": ids, **EXTRA_INPUTS.get(method, {})}
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2)).to(device)
+        extra = {k: v.to(device) for k, v in EXTRA_INPUTS.get(method, {}).items()}
+        self.kw = {"input_ids": ids, "labels": ids, **extra}
         self.step = funcpeft.value_and_grad(lambda a: self.fn(self.base, a, **self.kw).loss)
 
     def peft_step(self) -> torch.Tensor:
@@ -143,11 +146,14 @@ class Fixture:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; use --clock wall on an accelerator")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's dtype (default fp32)")
     finish = timing_args(ap, rounds=8, warmup=2)
     args = finish(ap.parse_args(argv))
+    dtype = DTYPES[args.dtype]
     print(f"# funcpeft per-method benchmark\n\nbefore: {machine_note()}\n")
     print(
-        f"Llama h512/i1376/4 layers, batch {BATCH}x{SEQ}, fp32, {args.clock} clock, {args.rounds} rounds "
+        f"Llama h512/i1376/4 layers, batch {BATCH}x{SEQ}, {args.dtype} on {args.device}, {args.clock} clock, {args.rounds} rounds "
         f"(+{args.warmup} warmup), 1 thread. Ratio = funcpeft / PEFT (median of per-round ratios).\n",
         flush=True,
     )
@@ -158,15 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([method, "-", "-", "-", "-", "-", "-", "not implemented in funcpeft"])
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            fx = Fixture(method, tmp)
+            fx = Fixture(method, tmp, args.device, dtype)
             loss_diff, grad_diff = fx.check_equal()
             times, ratio, noise = versus_peft(
                 fx.peft_step, lambda fx=fx: fx.step(fx.adapter), args, before=fx.zero_grads
             )
             fx.zero_grads()
-            peak_peft = peak_memory(fx.peft_step)
+            peak_peft = peak_memory(fx.peft_step, args.device)
             fx.zero_grads()
-            peak_ours = peak_memory(lambda fx=fx: fx.step(fx.adapter))
+            peak_ours = peak_memory(lambda fx=fx: fx.step(fx.adapter), args.device)
             fx.zero_grads()
         rows.append(
             [
