@@ -74,7 +74,7 @@ from ._plan import (
     shared_params,
     with_shared,
 )
-from ._quant import check_weight, dequantize
+from ._quant import bind_for_call, dequantize
 from ._trees import PROMPT_PATH, SHARED_PATH
 from ._weights import AdaptedWeight, Applied, apply_module, nesting_order
 from .methods import weight_method
@@ -801,7 +801,7 @@ def _owner_forward(
         def adapted_module(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             packed = owner._parameters[name]
             assert packed is not None
-            check_weight(weight.adapters[0].path, owner, packed)
+            bind_for_call(weight.adapters[0].path, owner, packed)
             # HQQLinear keeps its bias as a plain attribute (not a parameter): read either
             bias = owner._parameters["bias"] if "bias" in owner._parameters else getattr(owner, "bias", None)
             return apply_module(

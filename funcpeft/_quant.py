@@ -131,24 +131,34 @@ def counted_numel(t: torch.Tensor) -> int:
     return n * 2 * t.element_size() if type(t).__name__ == "Params4bit" else n
 
 
-def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
-    """A clear error where bitsandbytes' own state would silently compute with another weight's statistics.
+def bind_for_call(path: str, module: nn.Module, weight: torch.Tensor) -> None:
+    """Bind the base tree's `weight` into `module`, a call's private skeleton of a quantised layer, so that the
+    layer's own forward computes with it and writes nothing shared.
 
     Linear8bitLt moves an Int8Params' row scales into the module's `state` on its first call (`init_8bit_state`)
-    and reads them from there afterwards; a weight whose scales are already gone can only run in the module
-    whose state holds them.
+    and reads them from there afterwards. The skeleton shares `state` with the user's model, so a weight other
+    than the model's own (a merged base tree, another model's weight) would overwrite the model's scales: the
+    model itself then silently computes with that weight, and its own weight no longer runs. Here the skeleton
+    gets a private copy of the state holding the scales of `weight`, and a private Int8Params on its codes
+    (bitsandbytes clears the scales of the one it runs and rebinds its data); neither the model nor the tree's
+    tensor is written. A weight whose scales are already gone can only run where the model's state holds them.
     """
-    if type(weight).__name__ != "Int8Params" or getattr(weight, "CB", None) is not None:
+    if type(weight).__name__ != "Int8Params":
         return
-    state = getattr(module, "state", None)
-    cb = getattr(state, "CB", None)
-    if cb is None or cb.data_ptr() != weight.data_ptr():
+    state = copy.copy(module.state)  # type: ignore[attr-defined]  # Linear8bitLt's MatmulLtState
+    if weight.CB is not None:  # type: ignore[attr-defined]  # the scales still on the weight: this call's state
+        state.CB, state.SCB = weight.CB, weight.SCB  # type: ignore[attr-defined]
+    elif state.CB is None or state.CB.data_ptr() != weight.data_ptr():
         raise RuntimeError(
             f"funcpeft: {path!r} ({type(module).__name__}) gets an Int8Params weight whose row scales bitsandbytes "
             "has moved into another module's state (Linear8bitLt.init_8bit_state): it would compute with the wrong "
             "scales. Use the base tree of this model (8-bit weights cannot be swapped between calls), or a fresh "
             "Int8Params (quantised, with its CB / SCB)."
         )
+    module.__dict__["state"] = state
+    module._parameters["weight"] = type(weight)(
+        weight.data, requires_grad=False, has_fp16_weights=getattr(weight, "has_fp16_weights", False)
+    )
 
 
 def _float_in_torchao_place(t: torch.Tensor, module: nn.Module | None) -> bool:
