@@ -15,9 +15,11 @@ No quantisation library is imported here: a module can only be one of their laye
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,19 +133,30 @@ def counted_numel(t: torch.Tensor) -> int:
     return n * 2 * t.element_size() if type(t).__name__ == "Params4bit" else n
 
 
-def bind_for_call(path: str, module: nn.Module, weight: torch.Tensor) -> None:
-    """Bind the base tree's `weight` into `module`, a call's private skeleton of a quantised layer, so that the
-    layer's own forward computes with it and writes nothing shared.
+@contextlib.contextmanager
+def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor, own: Any) -> Iterator[None]:
+    """While the block runs, `module` (a quantised layer: a call's skeleton, or the model in a traced call) computes
+    with the base tree's `weight` (its parameter `name`) and its forward writes nothing the model keeps.
 
-    Linear8bitLt moves an Int8Params' row scales into the module's `state` on its first call (`init_8bit_state`)
-    and reads them from there afterwards. The skeleton shares `state` with the user's model, so a weight other
-    than the model's own (a merged base tree, another model's weight) would overwrite the model's scales: the
-    model itself then silently computes with that weight, and its own weight no longer runs. Here the skeleton
-    gets a private copy of the state holding the scales of `weight`, and a private Int8Params on its codes
-    (bitsandbytes clears the scales of the one it runs and rebinds its data); neither the model nor the tree's
-    tensor is written. A weight whose scales are already gone can only run where the model's state holds them.
+    own: the model's own parameter in that slot. Linear8bitLt moves an Int8Params' row scales into the module's
+    `state` on its first call (`init_8bit_state`) and reads them from there afterwards; that state is the model's,
+    so a weight other than the model's own (a merged base tree) would overwrite the model's scales: the model
+    itself then silently computed with that weight, and its own weight no longer ran. Here the layer runs with a
+    private copy of the state holding the scales of `weight`, on a private Int8Params of its codes (bitsandbytes
+    clears the scales of the one it runs); a weight whose scales are already gone runs only where the model's
+    state holds them. HQQLinear keeps the scales and zeros of its own `W_q` on the module (`meta`): another
+    `W_q` would be decoded with them, so only the model's own is taken.
     """
+    if module is not None and quant_backend(module) == HQQ and weight is not own and not is_dtensor(own):
+        if not isinstance(own, torch.Tensor) or weight.data_ptr() != own.data_ptr() or weight.shape != own.shape:
+            raise ValueError(
+                f"funcpeft: {path!r} (HQQLinear) gets a {name} in the base tree that is not this layer's own: HQQ "
+                "keeps the scales and zeros of its packed weight on the module (`meta`), so another weight would "
+                "be decoded with this layer's scales (silently wrong). Use the base tree of this model; a merged "
+                "HQQ weight is a new layer (funcpeft.merge_and_unload)."
+            )
     if type(weight).__name__ != "Int8Params":
+        yield
         return
     state = copy.copy(module.state)  # type: ignore[attr-defined]  # Linear8bitLt's MatmulLtState
     if weight.CB is not None:  # type: ignore[attr-defined]  # the scales still on the weight: this call's state
@@ -155,10 +168,15 @@ def bind_for_call(path: str, module: nn.Module, weight: torch.Tensor) -> None:
             "scales. Use the base tree of this model (8-bit weights cannot be swapped between calls), or a fresh "
             "Int8Params (quantised, with its CB / SCB)."
         )
+    saved = module.__dict__["state"], module._parameters[name]
     module.__dict__["state"] = state
-    module._parameters["weight"] = type(weight)(
+    module._parameters[name] = type(weight)(
         weight.data, requires_grad=False, has_fp16_weights=getattr(weight, "has_fp16_weights", False)
     )
+    try:
+        yield
+    finally:
+        module.__dict__["state"], module._parameters[name] = saved
 
 
 def _float_in_torchao_place(t: torch.Tensor, module: nn.Module | None) -> bool:

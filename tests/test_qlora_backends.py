@@ -289,6 +289,19 @@ def test_hqq_tree_merge_is_refused_with_the_reason(saved: Path) -> None:
 
 
 # -- what is refused ------------------------------------------------------------------------------------------
+def test_hqq_base_tree_with_another_layer_s_w_q_is_refused(saved: Path) -> None:
+    """HQQ decodes W_q with the scales and zeros on its module (`meta`): another layer's W_q of the same shape ran
+    silently with this layer's scales (neither layer's weight). torchao / bitsandbytes weights carry their own
+    scales: a swapped weight runs as that weight."""
+    ours = funcpeft.get_peft_model(_hqq(saved), funcpeft.LoraConfig(target_modules=TARGETS))
+    key = "model.layers.0.self_attn.q_proj.W_q"
+    swapped = {**ours.base, key: ours.base[key.replace("layers.0", "layers.1")]}
+    assert swapped[key].shape == ours.base[key].shape
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' \(HQQLinear\).*W_q.*not this layer's own"):
+        ours.fn(swapped, ours.adapter, input_ids=IDS)
+    ours.fn(ours.base, ours.adapter, input_ids=IDS)  # its own still runs
+
+
 @pytest.mark.parametrize("backend", ["torchao", "hqq"])
 def test_lora_bias_is_refused_like_peft(saved: Path, backend: str) -> None:
     cls = "TorchaoLoraLinear" if backend == "torchao" else "HqqLoraLinear"
