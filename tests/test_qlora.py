@@ -408,6 +408,15 @@ def test_a_merged_int8_tree_writes_nothing_into_the_model(saved: Path) -> None:
         assert torch.equal(model(input_ids=IDS).logits, reference(input_ids=IDS).logits)
 
 
+def test_modules_to_save_on_a_quantised_layer_is_refused_by_name(saved: Path) -> None:
+    """PEFT fails with torch's bare 'only Tensors of floating point dtype can require gradients'."""
+    config: LoraKwargs = dict(r=4, target_modules=["q_proj"], modules_to_save=["v_proj"])
+    with pytest.raises(RuntimeError, match="floating point dtype"):
+        peft.get_peft_model(_load(saved), peft.LoraConfig(**config))
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.v_proj'.*bitsandbytes-quantised.*Linear4bit"):
+        funcpeft.get_peft_model(_load(saved), funcpeft.LoraConfig(**config))
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_per_example_adapters_on_quantised_layers(saved: Path, dora: bool) -> None:
     """Per-example routing over a 4-bit base: each example's output is that example run with its own adapter."""

@@ -302,6 +302,16 @@ def test_hqq_base_tree_with_another_layer_s_w_q_is_refused(saved: Path) -> None:
     ours.fn(ours.base, ours.adapter, input_ids=IDS)  # its own still runs
 
 
+def test_modules_to_save_on_a_torchao_layer_is_refused_where_peft_trains_nothing(saved: Path) -> None:
+    config: LoraKwargs = dict(r=4, target_modules=["q_proj"], modules_to_save=["v_proj"])
+    theirs = peft.get_peft_model(_torchao(saved), peft.LoraConfig(**config))
+    _loss(theirs(input_ids=IDS).logits).backward()
+    copy = theirs.get_submodule("base_model.model.model.layers.0.self_attn.v_proj.modules_to_save.default")
+    assert copy.weight.requires_grad and copy.weight.grad is None  # PEFT: a "trainable" copy that never learns
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.v_proj'.*torchao-quantised"):
+        funcpeft.get_peft_model(_torchao(saved), funcpeft.LoraConfig(**config))
+
+
 @pytest.mark.parametrize("backend", ["torchao", "hqq"])
 def test_lora_bias_is_refused_like_peft(saved: Path, backend: str) -> None:
     cls = "TorchaoLoraLinear" if backend == "torchao" else "HqqLoraLinear"
