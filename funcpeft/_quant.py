@@ -147,7 +147,7 @@ def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor
     state holds them. HQQLinear keeps the scales and zeros of its own `W_q` on the module (`meta`): another
     `W_q` would be decoded with them, so only the model's own is taken.
     """
-    if module is not None and quant_backend(module) == HQQ and weight is not own and not is_dtensor(own):
+    if quant_backend(module) == HQQ and weight is not own and not is_dtensor(own):
         if not isinstance(own, torch.Tensor) or weight.data_ptr() != own.data_ptr() or weight.shape != own.shape:
             raise ValueError(
                 f"funcpeft: {path!r} (HQQLinear) gets a {name} in the base tree that is not this layer's own: HQQ "
@@ -158,9 +158,10 @@ def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor
     if type(weight).__name__ != "Int8Params":
         yield
         return
-    state = copy.copy(module.state)  # type: ignore[attr-defined]  # Linear8bitLt's MatmulLtState
-    if weight.CB is not None:  # type: ignore[attr-defined]  # the scales still on the weight: this call's state
-        state.CB, state.SCB = weight.CB, weight.SCB  # type: ignore[attr-defined]
+    int8: Any = weight  # bitsandbytes' Int8Params (untyped)
+    state: Any = copy.copy(module.__dict__["state"])  # Linear8bitLt's MatmulLtState
+    if int8.CB is not None:  # the scales still on the weight: this call's state
+        state.CB, state.SCB = int8.CB, int8.SCB
     elif state.CB is None or state.CB.data_ptr() != weight.data_ptr():
         raise RuntimeError(
             f"funcpeft: {path!r} ({type(module).__name__}) gets an Int8Params weight whose row scales bitsandbytes "
@@ -170,8 +171,8 @@ def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor
         )
     saved = module.__dict__["state"], module._parameters[name]
     module.__dict__["state"] = state
-    module._parameters[name] = type(weight)(
-        weight.data, requires_grad=False, has_fp16_weights=getattr(weight, "has_fp16_weights", False)
+    module._parameters[name] = type(int8)(
+        int8.data, requires_grad=False, has_fp16_weights=getattr(int8, "has_fp16_weights", False)
     )
     try:
         yield
