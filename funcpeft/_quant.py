@@ -133,6 +133,32 @@ def counted_numel(t: torch.Tensor) -> int:
     return n * 2 * t.element_size() if type(t).__name__ == "Params4bit" else n
 
 
+def check_packed(module: nn.Module, weight: torch.Tensor, model: nn.Module | None) -> None:
+    """The clear error of `_dense_in_bnb_place` for a merge, naming the layer's path in `model`."""
+    try:
+        _dense_in_bnb_place("", module, weight)
+    except TypeError as exc:
+        name = _named(model, module)  # looked up only for the message
+        raise TypeError(str(exc).replace("'a layer'", name.removeprefix(" of ") or "'a layer'", 1)) from None
+
+
+def _dense_in_bnb_place(path: str, module: nn.Module, weight: torch.Tensor) -> None:
+    """A clear error for a plain float weight (out, in) where a bitsandbytes layer's packed weight goes (a
+    dequantised base tree): its kernel reads only packed codes with their quantisation state (it failed with a bare
+    AssertionError, a shape error or "no attribute 'CB'"). A FSDP2-gathered 4-bit weight is a plain tensor too,
+    but of packed data, shaped (n, 1)."""
+    if quant_backend(module) != BITSANDBYTES or is_quantised(weight) or not weight.is_floating_point():
+        return
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if tuple(weight.shape) == shape:
+        raise TypeError(
+            f"funcpeft: {path or 'a layer'!r} ({type(module).__name__}) gets a plain {weight.dtype} weight of shape "
+            f"{tuple(weight.shape)} in the base tree where its packed bitsandbytes weight goes (a dequantised base "
+            "tree?): a bitsandbytes layer runs and merges only its own quantised weight (Params4bit / Int8Params). "
+            "For a float base, load the model unquantised (or `model.dequantize()` a copy) and build its own fn."
+        )
+
+
 @contextlib.contextmanager
 def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor, own: Any) -> Iterator[None]:
     """While the block runs, `module` (a quantised layer: a call's skeleton, or the model in a traced call) computes
@@ -155,6 +181,8 @@ def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor
                 "be decoded with this layer's scales (silently wrong). Use the base tree of this model; a merged "
                 "HQQ weight is a new layer (funcpeft.merge_and_unload)."
             )
+    if weight is not own:
+        _dense_in_bnb_place(path, module, weight)
     if type(weight).__name__ != "Int8Params":
         yield
         return
@@ -227,6 +255,8 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
             ) from exc
     if module is not None and quant_backend(module) == HQQ:
         return _hqq_dequantize(module, weight)
+    if module is not None:
+        _dense_in_bnb_place("", module, weight)
     bnb = _bnb()
     assert bnb is not None
     if isinstance(weight, bnb.nn.Params4bit):

@@ -408,6 +408,22 @@ def test_a_merged_int8_tree_writes_nothing_into_the_model(saved: Path) -> None:
         assert torch.equal(model(input_ids=IDS).logits, reference(input_ids=IDS).logits)
 
 
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_a_dequantised_base_tree_is_refused_by_name(saved: Path, bits: str) -> None:
+    """A float (out, in) weight where the packed one goes: bitsandbytes failed with a bare AssertionError, a
+    shape error or "no attribute 'CB'" (torchao layers take it: tests/test_qlora_backends.py)."""
+    model = _load(saved, bits=bits)
+    ours = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=TARGETS))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    dense = {**ours.base, key: peft.utils.integrations.dequantize_module_weight(model.get_submodule(key[:-7])).float()}
+    match = r"'model.layers.0.self_attn.q_proj' \(Linear(4bit|8bitLt)\).*plain torch.float32 weight of shape \(64, 64\)"
+    with pytest.raises(TypeError, match=match):
+        ours.fn(dense, ours.adapter, input_ids=IDS)
+    with pytest.raises(TypeError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        funcpeft.merge(ours, dense, ours.adapter)
+
+
 def test_modules_to_save_on_a_quantised_layer_is_refused_by_name(saved: Path) -> None:
     """PEFT fails with torch's bare 'only Tensors of floating point dtype can require gradients'."""
     config: LoraKwargs = dict(r=4, target_modules=["q_proj"], modules_to_save=["v_proj"])
