@@ -389,6 +389,32 @@ def test_hqq_default_backend_under_vmap_names_its_autograd_function(saved: Path)
         _vmapped(ours)
 
 
+def _per_example_oft(saved: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    config = funcpeft.OFTConfig(r=0, oft_block_size=4, target_modules=TARGETS)
+    pm = funcpeft.get_peft_model(_hqq(saved), config)
+    trees = [random_like(pm.adapter, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    alone = [pm.fn(pm.base, trees[k], input_ids=IDS[i : i + 1]).logits for i, k in enumerate([1, 0])]
+    return pm.fn(pm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), input_ids=IDS).logits, alone
+
+
+def test_per_example_oft_on_hqq_names_the_layer_or_equals_the_loop(saved: Path) -> None:
+    """OFT runs the quantised layer on each example's rotated input under vmap: HQQ's default autograd.Function has
+    no vmap rule (torch's bare error before); its plain-PyTorch backend routes like the loop."""
+    with pytest.raises(
+        NotImplementedError, match=r"per-example adapters: oft on 'model.layers.0.self_attn.q_proj'.*hqq"
+    ):
+        _per_example_oft(saved)
+    cls = hqq_quantize.HQQLinear
+    old = cls.backend
+    cls.set_backend(hqq_quantize.HQQBackend.PYTORCH_FORWARD)
+    try:
+        routed, alone = _per_example_oft(saved)
+    finally:
+        cls.backend = old
+    for i, want in enumerate(alone):
+        assert _rel(routed[i : i + 1], want) <= 1e-5
+
+
 def test_torchao_compiles_fullgraph_without_recompiles(saved: Path) -> None:
     from torch._dynamo.testing import CompileCounterWithBackend
 
