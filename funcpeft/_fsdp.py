@@ -462,7 +462,7 @@ class _Install:
             )
         assert current is not None
         adapted = AdaptedWeight.wrap(current, value.adapters, value.dropout, value.generator, value.applies_in)
-        return self.module_forward([(module, pname, adapted)], forward)(*args, **kwargs)
+        return self.module_forward([(module, pname, adapted, current)], forward)(*args, **kwargs)
 
     @staticmethod
     def _post(gathered: list[Any], module: nn.Module, args: Any, output: Any) -> None:

@@ -74,7 +74,7 @@ from ._plan import (
     shared_params,
     with_shared,
 )
-from ._quant import check_weight, dequantize
+from ._quant import bound_for_call, dequantize
 from ._trees import PROMPT_PATH, SHARED_PATH
 from ._weights import AdaptedWeight, Applied, apply_module, nesting_order
 from .methods import weight_method
@@ -114,6 +114,8 @@ class Wrapped(NamedTuple):
 
 
 Wraps = dict[str, list[Wrapped]]  # module path -> its whole-module adapters, in activation order
+# a weight adapted inside its owner's forward: (module, parameter name, adapted weight, the model's own parameter)
+Adapted = tuple[nn.Module, str, AdaptedWeight, Any]
 
 
 class PeftFunction:
@@ -636,11 +638,12 @@ def _traced_call(
     hooked = [
         (m, m._forward_hooks) for m in model.modules() if any(_input_grad_hook(h) for h in m._forward_hooks.values())
     ]
-    owners: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
+    owners: dict[str, list[Adapted]] = {}
     for name, t in params.items():
         if type(t) is AdaptedWeight:  # as in call skeletons: adapted only inside the owner's forward
             path, _, pname = name.rpartition(".")
-            owners.setdefault(t.applies_in or path, []).append((model.get_submodule(path), pname, t))
+            m = model.get_submodule(path)
+            owners.setdefault(t.applies_in or path, []).append((m, pname, t, m._parameters[pname]))
     for path in wrapped or {}:  # whole-module adapters wrap their module's forward the same way
         owners.setdefault(path, [])
     plain = {name: t.weight if type(t) is AdaptedWeight else t for name, t in params.items()}
@@ -692,8 +695,9 @@ class _Call:
         self.bound = 0
         self.checkpointing = False
         self.custom_train = False
-        # owner path -> [(skeleton module, parameter name, adapted weight)]: filled by a module and its children
-        self.adapted: dict[str, list[tuple[nn.Module, str, AdaptedWeight]]] = {}
+        # owner path -> [(skeleton module, parameter name, adapted weight, the model's own parameter)]: filled by a
+        # module and its children
+        self.adapted: dict[str, list[Adapted]] = {}
 
     def skeleton(self, model: nn.Module) -> nn.Module:
         skel = self._copy(model, "")
@@ -717,7 +721,7 @@ class _Call:
                 t = self.params.get(prefix + name, _MISSING)
                 if t is not _MISSING:
                     if type(t) is AdaptedWeight:  # bound as the plain weight; adapted inside its owner's forward
-                        self.adapted.setdefault(t.applies_in or path, []).append((skel, name, t))
+                        self.adapted.setdefault(t.applies_in or path, []).append((skel, name, t, params[name]))
                         t = t.weight
                     bound[name] = t
                     self.bound += 1
@@ -778,7 +782,7 @@ def parameter_value(
 
 
 def _owner_forward(
-    adapted: list[tuple[nn.Module, str, AdaptedWeight]],
+    adapted: list[Adapted],
     forward: Any,
     wraps: list[Wrapped] | None = None,
     module: nn.Module | None = None,
@@ -793,26 +797,26 @@ def _owner_forward(
     as PEFT's wrapper modules (AdaptedAttention) run the wrapped module and then add their term.
     """
 
-    module_level = [w for _, _, w in adapted if w.adapters[0].spec.kind.module_level]
+    module_level = [w for _, _, w, _ in adapted if w.adapters[0].spec.kind.module_level]
     if module_level:  # a quantised layer: its own forward is the base op, the adapters act on its output
         (weight,) = module_level
-        owner, name, _ = adapted[0]
+        owner, name, _, own = adapted[0]
 
         def adapted_module(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             packed = owner._parameters[name]
             assert packed is not None
-            check_weight(weight.adapters[0].path, owner, packed)
             # HQQLinear keeps its bias as a plain attribute (not a parameter): read either
             bias = owner._parameters["bias"] if "bias" in owner._parameters else getattr(owner, "bias", None)
-            return apply_module(
-                weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner)
-            )
+            with bound_for_call(weight.adapters[0].path, owner, name, packed, own):
+                return apply_module(
+                    weight, x, lambda x: forward(x, *args, **kwargs), bias, lambda: dequantize(packed, owner)
+                )
 
         return adapted_module
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _ in adapted]
-        for m, n, w in adapted:
+        plain: list[tuple[nn.Module, str, Any]] = [(m, n, m._parameters[n]) for m, n, _, _ in adapted]
+        for m, n, w, _ in adapted:
             m._parameters[n] = w  # type: ignore[assignment]  # a private skeleton (or a traced call): undone below
         try:
             return forward(*args, **kwargs)

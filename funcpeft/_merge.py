@@ -36,7 +36,7 @@ from torch import nn
 from ._functional import PeftFunction, peft_function
 from ._names import Names
 from ._plan import PlanEntry, check_adapter_structure, check_stack, input_entry, input_method, layer_params, with_shared
-from ._quant import HQQ, base_tensor, dequantize, hqq_layer, is_quantised, requantize, warn_rounding
+from ._quant import HQQ, base_tensor, check_packed, dequantize, hqq_layer, is_quantised, requantize, warn_rounding
 from ._replicate import PEFT_MERGE_ERROR
 from .methods import weight_method
 from .methods._layers import FLOAT8_DTYPES, cast_delta, low_precision_add
@@ -65,9 +65,16 @@ def _delta(spec: LayerSpec[Any], params: Params) -> torch.Tensor:
 
 
 def _quantised(
-    spec: LayerSpec[Any], weight: torch.Tensor, base_weight: torch.Tensor | None, module: nn.Module | None, what: str
+    spec: LayerSpec[Any],
+    weight: torch.Tensor,
+    base_weight: torch.Tensor | None,
+    module: nn.Module | None,
+    what: str,
+    model: nn.Module | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A module-level (quantised) layer merges like PEFT's bnb layers: on the dequantised weight, re-quantised after."""
+    if module is not None:
+        check_packed(module, weight, model)
     if weight_method(spec.method).merge.rounding_warning:
         warn_rounding(what, weight_method(spec.method).peft_type.lower())
     dense_base = None if base_weight is None else dequantize(base_weight, module)
@@ -103,7 +110,7 @@ def merge_weight(
     if spec.kind.module_level:
         _check_mergeable(spec)
         _check_tree_requantisable(spec, module)
-        dense, dense_base = _quantised(spec, weight, base_weight, module, "merge")
+        dense, dense_base = _quantised(spec, weight, base_weight, module, "merge", model)
         return requantize(weight, _merge_plain(spec, params, dense, safe_merge, dense_base), module, model)
     _check_mergeable(spec)
     return _merge_plain(spec, params, weight, safe_merge, base_weight)
@@ -141,7 +148,7 @@ def unmerge_weight(
     if spec.kind.module_level:
         _check_mergeable(spec, "unmerge")
         _check_tree_requantisable(spec, module)
-        dense, dense_base = _quantised(spec, merged, base_weight, module, "unmerge")
+        dense, dense_base = _quantised(spec, merged, base_weight, module, "unmerge", model)
         return requantize(merged, _unmerge_plain(spec, params, dense, dense_base), module, model)
     _check_mergeable(spec, "unmerge")
     return _unmerge_plain(spec, params, merged, base_weight)

@@ -15,9 +15,11 @@ No quantisation library is imported here: a module can only be one of their laye
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,24 +133,79 @@ def counted_numel(t: torch.Tensor) -> int:
     return n * 2 * t.element_size() if type(t).__name__ == "Params4bit" else n
 
 
-def check_weight(path: str, module: nn.Module, weight: torch.Tensor) -> None:
-    """A clear error where bitsandbytes' own state would silently compute with another weight's statistics.
+def check_packed(module: nn.Module, weight: torch.Tensor, model: nn.Module | None) -> None:
+    """The clear error of `_dense_in_bnb_place` for a merge, naming the layer's path in `model`."""
+    try:
+        _dense_in_bnb_place("", module, weight)
+    except TypeError as exc:
+        name = _named(model, module)  # looked up only for the message
+        raise TypeError(str(exc).replace("'a layer'", name.removeprefix(" of ") or "'a layer'", 1)) from None
 
-    Linear8bitLt moves an Int8Params' row scales into the module's `state` on its first call (`init_8bit_state`)
-    and reads them from there afterwards; a weight whose scales are already gone can only run in the module
-    whose state holds them.
-    """
-    if type(weight).__name__ != "Int8Params" or getattr(weight, "CB", None) is not None:
+
+def _dense_in_bnb_place(path: str, module: nn.Module, weight: torch.Tensor) -> None:
+    """A clear error for a plain float weight (out, in) where a bitsandbytes layer's packed weight goes (a
+    dequantised base tree): its kernel reads only packed codes with their quantisation state (it failed with a bare
+    AssertionError, a shape error or "no attribute 'CB'"). A FSDP2-gathered 4-bit weight is a plain tensor too,
+    but of packed data, shaped (n, 1)."""
+    if quant_backend(module) != BITSANDBYTES or is_quantised(weight) or not weight.is_floating_point():
         return
-    state = getattr(module, "state", None)
-    cb = getattr(state, "CB", None)
-    if cb is None or cb.data_ptr() != weight.data_ptr():
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if tuple(weight.shape) == shape:
+        raise TypeError(
+            f"funcpeft: {path or 'a layer'!r} ({type(module).__name__}) gets a plain {weight.dtype} weight of shape "
+            f"{tuple(weight.shape)} in the base tree where its packed bitsandbytes weight goes (a dequantised base "
+            "tree?): a bitsandbytes layer runs and merges only its own quantised weight (Params4bit / Int8Params). "
+            "For a float base, load the model unquantised (or `model.dequantize()` a copy) and build its own fn."
+        )
+
+
+@contextlib.contextmanager
+def bound_for_call(path: str, module: nn.Module, name: str, weight: torch.Tensor, own: Any) -> Iterator[None]:
+    """While the block runs, `module` (a quantised layer: a call's skeleton, or the model in a traced call) computes
+    with the base tree's `weight` (its parameter `name`) and its forward writes nothing the model keeps.
+
+    own: the model's own parameter in that slot. Linear8bitLt moves an Int8Params' row scales into the module's
+    `state` on its first call (`init_8bit_state`) and reads them from there afterwards; that state is the model's,
+    so a weight other than the model's own (a merged base tree) would overwrite the model's scales: the model
+    itself then silently computed with that weight, and its own weight no longer ran. Here the layer runs with a
+    private copy of the state holding the scales of `weight`, on a private Int8Params of its codes (bitsandbytes
+    clears the scales of the one it runs); a weight whose scales are already gone runs only where the model's
+    state holds them. HQQLinear keeps the scales and zeros of its own `W_q` on the module (`meta`): another
+    `W_q` would be decoded with them, so only the model's own is taken.
+    """
+    if quant_backend(module) == HQQ and weight is not own and not is_dtensor(own):
+        if not isinstance(own, torch.Tensor) or weight.data_ptr() != own.data_ptr() or weight.shape != own.shape:
+            raise ValueError(
+                f"funcpeft: {path!r} (HQQLinear) gets a {name} in the base tree that is not this layer's own: HQQ "
+                "keeps the scales and zeros of its packed weight on the module (`meta`), so another weight would "
+                "be decoded with this layer's scales (silently wrong). Use the base tree of this model; a merged "
+                "HQQ weight is a new layer (funcpeft.merge_and_unload)."
+            )
+    if weight is not own:
+        _dense_in_bnb_place(path, module, weight)
+    if type(weight).__name__ != "Int8Params":
+        yield
+        return
+    int8: Any = weight  # bitsandbytes' Int8Params (untyped)
+    state: Any = copy.copy(module.__dict__["state"])  # Linear8bitLt's MatmulLtState
+    if int8.CB is not None:  # the scales still on the weight: this call's state
+        state.CB, state.SCB = int8.CB, int8.SCB
+    elif state.CB is None or state.CB.data_ptr() != weight.data_ptr():
         raise RuntimeError(
             f"funcpeft: {path!r} ({type(module).__name__}) gets an Int8Params weight whose row scales bitsandbytes "
             "has moved into another module's state (Linear8bitLt.init_8bit_state): it would compute with the wrong "
             "scales. Use the base tree of this model (8-bit weights cannot be swapped between calls), or a fresh "
             "Int8Params (quantised, with its CB / SCB)."
         )
+    saved = module.__dict__["state"], module._parameters[name]
+    module.__dict__["state"] = state
+    module._parameters[name] = type(int8)(
+        int8.data, requires_grad=False, has_fp16_weights=getattr(int8, "has_fp16_weights", False)
+    )
+    try:
+        yield
+    finally:
+        module.__dict__["state"], module._parameters[name] = saved
 
 
 def _float_in_torchao_place(t: torch.Tensor, module: nn.Module | None) -> bool:
@@ -198,6 +255,8 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
             ) from exc
     if module is not None and quant_backend(module) == HQQ:
         return _hqq_dequantize(module, weight)
+    if module is not None:
+        _dense_in_bnb_place("", module, weight)
     bnb = _bnb()
     assert bnb is not None
     if isinstance(weight, bnb.nn.Params4bit):

@@ -25,7 +25,7 @@ from ._constants import (
     TASK_MODULES_TO_SAVE,
 )
 from ._modules import module_name, tied_to_embedding
-from ._quant import is_quant_linear
+from ._quant import is_quant_linear, quant_backend
 from .methods.base import LayerKind
 
 _LINEAR_TYPES: tuple[type, ...] = (nn.Linear, HFConv1D)
@@ -543,7 +543,8 @@ def find_modules_to_save(model: nn.Module, config: Any, targets: Any = (), param
     """Modules wrapped by PEFT's ModulesToSaveWrapper: names ending with an entry (outermost match only).
 
     Raises TypeError, like PEFT, when such a module is a container, one of the adapter's `targets`, or holds a
-    parameter the adapter targets (`parameter_owners`: PEFT's lora.ParamWrapper cannot be saved whole).
+    parameter the adapter targets (`parameter_owners`: PEFT's lora.ParamWrapper cannot be saved whole), and when it
+    holds a quantised layer (PEFT fails on it, or on torchao silently trains nothing).
     """
     names = getattr(config, "modules_to_save", None) or []
     found: list[str] = []
@@ -561,6 +562,17 @@ def find_modules_to_save(model: nn.Module, config: Any, targets: Any = (), param
                     raise TypeError(
                         f"modules_to_save {names} matches {key!r}, which is {what}; modules_to_save cannot be "
                         "applied to containers or to modules the adapter itself targets."
+                    )
+                quantised = next(((n, m) for n, m in module.named_modules() if is_quant_linear(m)), None)
+                if quantised is not None:
+                    sub, layer = quantised
+                    raise TypeError(
+                        f"modules_to_save {names} matches {key!r}, which holds a {quant_backend(layer)}-quantised "
+                        f"layer ({key + ('.' + sub if sub else '')!r}, {type(layer).__name__}): its packed weight "
+                        "cannot be trained as a full copy (PEFT fails on it: 'only Tensors of floating point dtype "
+                        "can require gradients'; on torchao layers it trains nothing, the gradient is None). Adapt "
+                        "it with the adapter's target_modules instead, or load that module unquantised "
+                        "(e.g. BitsAndBytesConfig(llm_int8_skip_modules=[...]))."
                     )
                 found.append(key)
     return found

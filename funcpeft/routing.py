@@ -314,7 +314,20 @@ def _routed_forward(
         def one(p: Params, xi: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
             return method.forward(inner, {**p, **shared}, xi, ri if pass_result else None, ctx)
 
-        out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
+        try:
+            out = torch.func.vmap(one, randomness="different")(stacked, xs, rs)
+        except RuntimeError as exc:
+            vmap_rule = "vmap" in str(exc) or "functorch" in str(exc)
+            if not (inner.kind.module_level and not pass_result and vmap_rule):
+                raise
+            # the method runs the quantised layer's own kernel per example (OFT / BOFT rotate its input): an
+            # autograd.Function without a vmap rule (bitsandbytes 8-bit, HQQ's default backend) cannot
+            raise NotImplementedError(
+                f"per-example adapters: {inner.method} on {ctx.path!r} runs this quantised layer's own kernel "
+                f"({inner.quant.backend}) on each example's input under torch.func.vmap, which the kernel does not "
+                f"support ({str(exc).splitlines()[0][:160]}). Route per example on a bitsandbytes 4-bit or torchao "
+                "base (or HQQ with HQQLinear.set_backend(HQQBackend.PYTORCH_FORWARD)), or call fn once per adapter."
+            ) from exc
     if index is not None and any_base:
         out = torch.where((index >= 0).view(b, *[1] * (out.dim() - 1)), out, rs)
     return out.reshape(result.shape) if flat else out

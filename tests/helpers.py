@@ -85,6 +85,7 @@ class LoraKwargs(TypedDict, total=False):
     megatron_config: dict[str, Any]
     use_dora: bool
     lora_bias: bool
+    modules_to_save: list[str]
 
 
 def hf(model: nn.Module) -> PreTrainedModel:

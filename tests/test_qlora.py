@@ -304,8 +304,8 @@ def test_merge_unmerge_round_trip_equals_peft(saved: Path) -> None:
 def test_int8_merge_and_unload_equals_peft(saved: Path) -> None:
     config: LoraKwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS)
     ours, theirs, adapter = _pair(saved, config, bits="int8")
-    ours.fn(ours.base, adapter, input_ids=IDS)  # bitsandbytes then keeps the row scales on the module
-    theirs(input_ids=IDS)
+    ours.fn(ours.base, adapter, input_ids=IDS)  # funcpeft's call leaves the row scales on the weight
+    theirs(input_ids=IDS)  # PEFT's moves them into the module's state (bitsandbytes' init_8bit_state)
     with pytest.warns(UserWarning, match="rounding errors"):
         merged = funcpeft.merge_and_unload(ours, adapter)
     with warnings.catch_warnings():
@@ -388,6 +388,49 @@ def test_int8_weight_with_another_module_s_scales_is_refused(saved: Path) -> Non
     swapped = {**ours.base, key: other.get_parameter(key)}
     with pytest.raises(RuntimeError, match=r"'model.layers.0.self_attn.q_proj'.*Int8Params.*scales"):
         ours.fn(swapped, ours.adapter, input_ids=IDS)
+
+
+def test_a_merged_int8_tree_writes_nothing_into_the_model(saved: Path) -> None:
+    """A call with another 8-bit weight (here a merged base tree) must not move its row scales into the model's
+    module state: the model then silently computed with the merged weight, and its own weight no longer ran."""
+    model, reference = _load(saved, bits="int8"), _load(saved, bits="int8")
+    ours = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=TARGETS))
+    adapter = random_like(ours.adapter, torch.Generator().manual_seed(1))
+    before = ours.fn(ours.base, adapter, input_ids=IDS).logits
+    with pytest.warns(UserWarning, match="rounding errors"):
+        merged = funcpeft.merge(ours, ours.base, adapter)
+    zero = {p: {n: torch.zeros_like(t) for n, t in leaves.items()} for p, leaves in adapter.items()}
+    merged_out = ours.fn(merged, zero, input_ids=IDS).logits
+    assert _rel(merged_out, before) < 0.05  # the merged weight really ran (int8 rounding apart)
+    assert torch.equal(ours.fn(ours.base, adapter, input_ids=IDS).logits, before)
+    assert torch.equal(ours.fn(merged, zero, input_ids=IDS).logits, merged_out)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("bits", ["nf4", "int8"])
+def test_a_dequantised_base_tree_is_refused_by_name(saved: Path, bits: str) -> None:
+    """A float (out, in) weight where the packed one goes: bitsandbytes failed with a bare AssertionError, a
+    shape error or "no attribute 'CB'" (torchao layers take it: tests/test_qlora_backends.py)."""
+    model = _load(saved, bits=bits)
+    ours = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=4, target_modules=TARGETS))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    dense = {**ours.base, key: peft.utils.integrations.dequantize_module_weight(model.get_submodule(key[:-7])).float()}
+    match = r"'model.layers.0.self_attn.q_proj' \(Linear(4bit|8bitLt)\).*plain torch.float32 weight of shape \(64, 64\)"
+    with pytest.raises(TypeError, match=match):
+        ours.fn(dense, ours.adapter, input_ids=IDS)
+    with pytest.raises(TypeError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        funcpeft.merge(ours, dense, ours.adapter)
+
+
+def test_modules_to_save_on_a_quantised_layer_is_refused_by_name(saved: Path) -> None:
+    """PEFT fails with torch's bare 'only Tensors of floating point dtype can require gradients'."""
+    config: LoraKwargs = dict(r=4, target_modules=["q_proj"], modules_to_save=["v_proj"])
+    with pytest.raises(RuntimeError, match="floating point dtype"):
+        peft.get_peft_model(_load(saved), peft.LoraConfig(**config))
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.v_proj'.*bitsandbytes-quantised.*Linear4bit"):
+        funcpeft.get_peft_model(_load(saved), funcpeft.LoraConfig(**config))
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

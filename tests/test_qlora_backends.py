@@ -289,6 +289,29 @@ def test_hqq_tree_merge_is_refused_with_the_reason(saved: Path) -> None:
 
 
 # -- what is refused ------------------------------------------------------------------------------------------
+def test_hqq_base_tree_with_another_layer_s_w_q_is_refused(saved: Path) -> None:
+    """HQQ decodes W_q with the scales and zeros on its module (`meta`): another layer's W_q of the same shape ran
+    silently with this layer's scales (neither layer's weight). torchao / bitsandbytes weights carry their own
+    scales: a swapped weight runs as that weight."""
+    ours = funcpeft.get_peft_model(_hqq(saved), funcpeft.LoraConfig(target_modules=TARGETS))
+    key = "model.layers.0.self_attn.q_proj.W_q"
+    swapped = {**ours.base, key: ours.base[key.replace("layers.0", "layers.1")]}
+    assert swapped[key].shape == ours.base[key].shape
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' \(HQQLinear\).*W_q.*not this layer's own"):
+        ours.fn(swapped, ours.adapter, input_ids=IDS)
+    ours.fn(ours.base, ours.adapter, input_ids=IDS)  # its own still runs
+
+
+def test_modules_to_save_on_a_torchao_layer_is_refused_where_peft_trains_nothing(saved: Path) -> None:
+    config: LoraKwargs = dict(r=4, target_modules=["q_proj"], modules_to_save=["v_proj"])
+    theirs = peft.get_peft_model(_torchao(saved), peft.LoraConfig(**config))
+    _loss(theirs(input_ids=IDS).logits).backward()
+    copy = theirs.get_submodule("base_model.model.model.layers.0.self_attn.v_proj.modules_to_save.default")
+    assert copy.weight.requires_grad and copy.weight.grad is None  # PEFT: a "trainable" copy that never learns
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.v_proj'.*torchao-quantised"):
+        funcpeft.get_peft_model(_torchao(saved), funcpeft.LoraConfig(**config))
+
+
 @pytest.mark.parametrize("backend", ["torchao", "hqq"])
 def test_lora_bias_is_refused_like_peft(saved: Path, backend: str) -> None:
     cls = "TorchaoLoraLinear" if backend == "torchao" else "HqqLoraLinear"
@@ -364,6 +387,32 @@ def test_hqq_default_backend_under_vmap_names_its_autograd_function(saved: Path)
     assert hqq_quantize.HQQLinear.backend != hqq_quantize.HQQBackend.PYTORCH_FORWARD
     with pytest.raises(RuntimeError, match="HQQMatmulNoCacheMul.*vmap"):
         _vmapped(ours)
+
+
+def _per_example_oft(saved: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    config = funcpeft.OFTConfig(r=0, oft_block_size=4, target_modules=TARGETS)
+    pm = funcpeft.get_peft_model(_hqq(saved), config)
+    trees = [random_like(pm.adapter, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    alone = [pm.fn(pm.base, trees[k], input_ids=IDS[i : i + 1]).logits for i, k in enumerate([1, 0])]
+    return pm.fn(pm.base, funcpeft.per_example(funcpeft.stack_adapters(trees), [1, 0]), input_ids=IDS).logits, alone
+
+
+def test_per_example_oft_on_hqq_names_the_layer_or_equals_the_loop(saved: Path) -> None:
+    """OFT runs the quantised layer on each example's rotated input under vmap: HQQ's default autograd.Function has
+    no vmap rule (torch's bare error before); its plain-PyTorch backend routes like the loop."""
+    with pytest.raises(
+        NotImplementedError, match=r"per-example adapters: oft on 'model.layers.0.self_attn.q_proj'.*hqq"
+    ):
+        _per_example_oft(saved)
+    cls = hqq_quantize.HQQLinear
+    old = cls.backend
+    cls.set_backend(hqq_quantize.HQQBackend.PYTORCH_FORWARD)
+    try:
+        routed, alone = _per_example_oft(saved)
+    finally:
+        cls.backend = old
+    for i, want in enumerate(alone):
+        assert _rel(routed[i : i + 1], want) <= 1e-5
 
 
 def test_torchao_compiles_fullgraph_without_recompiles(saved: Path) -> None:
