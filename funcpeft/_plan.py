@@ -809,9 +809,9 @@ def shared_tensors(model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = 
         if entry.spec is not None and entry.method.shared is not None and entry.method.shared.from_layers is not None:
             layers.setdefault(entry.spec.method, {})[path] = (entry.spec, modules[path])
     for name, own in layers.items():
-        from_layers = weight_method(name).shared.from_layers  # type: ignore[union-attr]
-        assert from_layers is not None
-        out.update(from_layers(own))
+        hook = weight_method(name).shared
+        assert hook is not None and hook.from_layers is not None
+        out.update(hook.from_layers(own))
     upcast: set[str] = set()  # `SharedTensors.layer_dtype` keys: autocast_adapter_dtype applies after all layers
     for path, entry in plan.items():
         if entry.spec is None or entry.method.shared is None:

@@ -70,7 +70,8 @@ Targets = str | tuple[str, ...] | None
 class FrodProjection:
     """The config fields that decide an adapter's shared bases and sparse patterns, besides the weights (static).
 
-    targets / layers_to_transform / layers_pattern: which layers make up each role (lists as tuples);
+    targets / layers_to_transform / layers_pattern: which layers make up each role (target names sorted, lists as
+    tuples);
     prng_key: seeds S's patterns; sparse_rate: S's density; regularization_alpha: the basis' ridge term.
     """
 
@@ -156,15 +157,14 @@ def _projection_from_weights(matrices: list[torch.Tensor], regularization_alpha:
 
 
 def _as_tuple(value: Any) -> Any:
-    """A list or set config field as a (sorted for a set) tuple, other values as they are."""
-    if isinstance(value, (set, frozenset)):
-        return tuple(sorted(value))
+    """A list config field as a tuple (hashable), other values as they are."""
     return tuple(value) if isinstance(value, list) else value
 
 
 def _projection(config: Any) -> FrodProjection:
+    targets = config.target_modules
     return FrodProjection(
-        targets=_as_tuple(config.target_modules),
+        targets=tuple(sorted(targets)) if isinstance(targets, (set, frozenset, list, tuple)) else targets,
         layers_to_transform=_as_tuple(config.layers_to_transform),
         layers_pattern=_as_tuple(config.layers_pattern),
         prng_key=int(config.projection_prng_key),
