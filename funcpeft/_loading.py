@@ -234,12 +234,15 @@ def build_tree(
     leaves: Mapping[Leaf, LeafSpec],
     autocast_adapter_dtype: bool,
     is_trainable: bool,
+    shared: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter tree in plan order; leaves absent from `found` get a fresh init (PEFT's non-strict load)."""
+    """The adapter tree in plan order; leaves absent from `found` get a fresh init (PEFT's non-strict load).
+
+    shared: the adapter's frozen shared tensors (a fresh init of some layers reads them: FRoD's bases)."""
     absent = {p for p, e in plan.items() if any((p, n) not in found for n in (*e.params, *e.overrides))}
     fresh: dict[str, dict[str, torch.Tensor]] = {}
     if absent:
-        fresh = init_adapter(model, {p: plan[p] for p in absent}, autocast_adapter_dtype)
+        fresh = init_adapter(model, {p: plan[p] for p in absent}, autocast_adapter_dtype, frozen_shared=shared)
     tree: dict[str, dict[str, torch.Tensor]] = {}
     for path, e in plan.items():
         entry: dict[str, torch.Tensor] = {}
@@ -317,7 +320,7 @@ def load_for_model(
     shared = init_shared(model, plan, None, autocast_adapter_dtype)
     matched = match_checkpoint(tensors, plan, model, resolved, leaves, shared, adapter_name)
     _report(matched.problems, f"The adapter checkpoint in {where!r}", model, strict)
-    tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable)
+    tree = build_tree(matched.adapter, plan, model, leaves, autocast_adapter_dtype, is_trainable, shared)
     # frozen tensors the file lacks (strict=False) keep their fresh values, like PEFT's layers
     check_ties(matched.tied, tree, plan, resolved, where, strict)
     ref = {**dict(model.named_parameters()), **shared}

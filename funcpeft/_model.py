@@ -28,7 +28,15 @@ from ._functional import PeftFunction
 from ._loading import load_for_model
 from ._merge import merge_and_unload
 from ._names import Names
-from ._plan import Plan, check_adapter_name, init_adapter, init_adapter_and_weights, init_shared, plan_adapter
+from ._plan import (
+    Plan,
+    check_adapter_name,
+    init_adapter,
+    init_adapter_and_weights,
+    init_shared,
+    plan_adapter,
+    shared_tensors,
+)
 from ._quant import base_tensor
 from ._replicate import prepared
 from ._trees import AdapterTree, BaseTree, tree_numel
@@ -110,11 +118,12 @@ class FunctionalPeftModel:
         names = Names(self.fn.aliases)
         weights = {p: names.read(self.base, e.weight_key(p)) for p, e in plan.items() if e.spec is not None}
         trainable = not getattr(resolved, "inference_mode", False)
+        shared = shared_tensors(self.model, plan, self.autocast_adapter_dtype)  # the layers' inits read them
         tree, changed = init_adapter_and_weights(
-            self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights
+            self.model, plan, self.autocast_adapter_dtype, generator, trainable, init_data, weights, shared
         )
         # after the params: a random frozen tensor (VeLoRA's projection) is drawn after them, as in PEFT
-        self.base.update(init_shared(self.model, plan, generator, self.autocast_adapter_dtype))
+        self.base.update(init_shared(self.model, plan, generator, self.autocast_adapter_dtype, shared))
         _write_weights(self.base, names, changed, plan)
         self.peft_config[adapter_name] = resolved
         self.plans[adapter_name] = plan
@@ -320,9 +329,12 @@ def get_peft_model(
     model = prepared(model, peft_config)  # layer_replication: a replicated structure sharing the model's tensors
     resolved, plan = plan_adapter(model, peft_config, revision, adapter_name)
     trainable = not getattr(resolved, "inference_mode", False)
-    adapter, changed = init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable, init_data)
+    shared = shared_tensors(model, plan, autocast_adapter_dtype)  # made first: the layers' inits read them
+    adapter, changed = init_adapter_and_weights(
+        model, plan, autocast_adapter_dtype, generator, trainable, init_data, frozen_shared=shared
+    )
     base = {n: base_tensor(p) for n, p in model.named_parameters()}
-    base.update(init_shared(model, plan, generator, autocast_adapter_dtype))
+    base.update(init_shared(model, plan, generator, autocast_adapter_dtype, shared))
     fn = PeftFunction(model, {adapter_name: plan}, adapter_name, mixed=mixed, layer_replication=_layer_map(resolved))
     _write_weights(base, Names(fn.aliases), changed, plan)
     return FunctionalPeftModel(

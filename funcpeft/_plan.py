@@ -1,8 +1,9 @@
 """Planning an adapter: which module of a model carries which leaves, and fresh values for them.
 
     resolved, plan = plan_adapter(model, config)     # plan: {module_path: PlanEntry}
-    tree = init_adapter(model, plan)                 # the adapter tree (funcpeft._trees)
-    base_extra = init_shared(model, plan)            # frozen shared tensors (VeRA's), extra `base` entries
+    shared = shared_tensors(model, plan)             # frozen shared tensors (VeRA's, FRoD's bases), made first
+    tree = init_adapter(model, plan, frozen_shared=shared)  # the adapter tree (funcpeft._trees)
+    base_extra = init_shared(model, plan, shared=shared)  # shared + per-layer frozen tensors, extra `base` entries
 
 A `PlanEntry` is static data about one module (hashable, no tensors). Every later stage — the call
 (funcpeft._functional), files (funcpeft.io), merging, counting, routing — reads plans, never configs.
@@ -620,12 +621,14 @@ def fresh_method_params(
     dtype: torch.dtype,
     data: Any = NO_INIT_DATA,
     module: nn.Module | None = None,
+    shared: Params | None = None,
 ) -> WeightInit:
     """A layer's fresh method parameters on the weight's device (meta tensors for a meta-device weight), and its
     new base weight for inits that change it (`Method.init_from_weight`; None otherwise).
 
     data: the layer's entry of get_peft_model's `init_data` (CorDA's eigens, LoRA-GA's gradient, ...).
     module: the layer (a quantised layer's inits see its dequantised weight, e.g. DoRA's magnitude; `init_from_module`).
+    shared: the layer's frozen shared tensors (`layer_shared`), for `finish_init`.
     """
     assert entry.spec is not None
     method = entry.method
@@ -640,7 +643,7 @@ def fresh_method_params(
     first = method.finish_init_first
     if method.finish_init is not None and first:  # on the float32 draws, before the round trip (DeFT's R)
         drawn = {k: v.to(weight.device) for k, v in drawn.items()}
-        drawn = method.finish_init(entry.spec, drawn, _whole(weight.detach()))
+        drawn = method.finish_init(entry.spec, drawn, _whole(weight.detach()), shared or {})
     fresh = {k: v.to(weight.device, via).to(dtype) for k, v in drawn.items()}
     if method.init_from_module is not None:  # an init reading the layer's weight and bias (AdaMSS)
         assert module is not None, "fresh_method_params: a method with init_from_module needs the module"
@@ -653,7 +656,7 @@ def fresh_method_params(
         final = weight if new_weight is None else new_weight
         if entry.spec.kind.module_level:  # packed data: the float weight it stands for (PEFT dequantises too)
             final = dequantize(_whole(final), module)  # an FSDP2 shard: gathered (the quant state is whole)
-        fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()))
+        fresh = method.finish_init(entry.spec, fresh, _whole(final.detach()), shared or {})
     return WeightInit(fresh, new_weight)
 
 
@@ -663,7 +666,7 @@ def method_shapes(spec: LayerSpec[Any]) -> dict[str, torch.Size]:
     with torch.device("meta"):
         params = method.init(spec, None)
         if method.finish_init is not None:
-            params = method.finish_init(spec, params, torch.empty(spec.weight_shape))
+            params = method.finish_init(spec, params, torch.empty(spec.weight_shape), {})
     return {k: v.shape for k, v in params.items()}
 
 
@@ -681,9 +684,12 @@ def init_adapter(
     autocast_adapter_dtype: bool = True,
     generator: torch.Generator | None = None,
     trainable: bool = True,
+    frozen_shared: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Params]:
     """A fresh adapter tree for `plan` (see `init_adapter_and_weights`; new base weights are dropped)."""
-    return init_adapter_and_weights(model, plan, autocast_adapter_dtype, generator, trainable)[0]
+    return init_adapter_and_weights(
+        model, plan, autocast_adapter_dtype, generator, trainable, frozen_shared=frozen_shared
+    )[0]
 
 
 def init_adapter_and_weights(
@@ -694,6 +700,7 @@ def init_adapter_and_weights(
     trainable: bool = True,
     init_data: Mapping[str, Any] | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    frozen_shared: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Params], dict[str, torch.Tensor]]:
     """A fresh adapter tree for `plan`, and `{module path: new base weight}` for layers whose init changes it.
 
@@ -703,7 +710,9 @@ def init_adapter_and_weights(
     `autocast_adapter_dtype` (PEFT's rule). On a meta-device model leaves are meta tensors.
     init_data: `{module path: data}` for inits that need it (funcpeft.corda, funcpeft.loraga); weights:
     `{module path: base weight}` to initialise from instead of the model's (a `base` already changed by an
-    earlier adapter's init, as PEFT's second adapter sees it).
+    earlier adapter's init, as PEFT's second adapter sees it). frozen_shared: the adapter's frozen shared tensors
+    (`shared_tensors`, or the `base` holding them) that `finish_init` reads; None: made here from `plan`, which must
+    then be the whole adapter's (`SharedTensors.from_layers` reads every layer).
     """
     if init_data is not None:
         unknown = sorted(set(init_data) - {p for p, e in plan.items() if e.spec is not None})
@@ -713,6 +722,8 @@ def init_adapter_and_weights(
                 f"{sorted(p for p, e in plan.items() if e.spec is not None)[:5]}...); was it computed for another "
                 "config or model?"
             )
+    if frozen_shared is None and any(e.spec is not None and _reads_shared(e.method) for e in plan.values()):
+        frozen_shared = shared_tensors(model, plan, autocast_adapter_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     tree: dict[str, Params] = {}
     changed: dict[str, torch.Tensor] = {}
@@ -737,7 +748,8 @@ def init_adapter_and_weights(
             draw = entry.method.shared_trainable
             if entry.shared and draw is not None and (shared is None or draw.per_layer_draw):
                 shared = _fresh(draw.init, entry.spec, w, generator, dtype)
-            done = fresh_method_params(entry, w, generator, dtype, data, module)
+            own = layer_shared(entry.spec, frozen_shared) if frozen_shared is not None else {}
+            done = fresh_method_params(entry, w, generator, dtype, data, module, own)
             borrowed = {n for n, _ in entry.borrowed}  # drawn as PEFT draws them, then read from their holder
             out.update({k: v for k, v in done.params.items() if k not in borrowed})
             if done.weight is not None:
@@ -770,44 +782,82 @@ def _fresh(
     return {k: v.to(weight.device, dtype) for k, v in init(spec, generator).items()}
 
 
-def init_shared(
-    model: nn.Module, plan: Plan, generator: torch.Generator | None = None, autocast_adapter_dtype: bool = True
-) -> dict[str, torch.Tensor]:
-    """The plan's frozen tensors, as extra `base` entries: those its layers read in common (VeRA's projections,
-    FourierFT's indices; `SharedTensors.make` runs for each layer whose keys are not made yet, on its device)
-    and each layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, on its weight's device;
-    random ones, VeLoRA's projection, draw from `generator`; `LayerFrozen.autocast` ones follow
-    `autocast_adapter_dtype`).
+def _reads_shared(method: Method) -> bool:
+    """The method's per-layer init hooks read its frozen shared tensors (`FinishInitFn`'s `shared`)."""
+    return method.shared is not None and method.finish_init is not None
 
-    Keys start with `funcpeft._trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
+
+def layer_shared(spec: LayerSpec[Any], shared: Mapping[str, torch.Tensor]) -> Params:
+    """{param name: Tensor}: the frozen shared tensors layer `spec` reads (`SharedTensors.frozen_params`), from
+    `shared` (`shared_tensors`' result or a `base`); empty for a method without them."""
+    hook = weight_method(spec.method).shared
+    return {} if hook is None else {name: shared[key] for name, key in hook.frozen_params(spec)}
+
+
+def shared_tensors(model: nn.Module, plan: Plan, autocast_adapter_dtype: bool = True) -> dict[str, torch.Tensor]:
+    """The plan's frozen tensors its layers read in common (VeRA's projections, FourierFT's indices, FRoD's bases),
+    as extra `base` entries: `SharedTensors.from_layers` once with all of a method's layers, or `SharedTensors.make`
+    for each layer whose keys are not made yet, on its device. Made before any layer's own init, which reads them.
+
+    Keys start with `funcpeft._trees.SHARED_PREFIX`. Empty for methods without shared tensors.
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, tuple[LayerSpec[Any], nn.Module]]] = {}  # method -> its layers, for from_layers
+    for path, entry in plan.items():
+        if entry.spec is not None and entry.method.shared is not None and entry.method.shared.from_layers is not None:
+            layers.setdefault(entry.spec.method, {})[path] = (entry.spec, modules[path])
+    for name, own in layers.items():
+        hook = weight_method(name).shared
+        assert hook is not None and hook.from_layers is not None
+        out.update(hook.from_layers(own))
     upcast: set[str] = set()  # `SharedTensors.layer_dtype` keys: autocast_adapter_dtype applies after all layers
     for path, entry in plan.items():
-        if entry.spec is None:
+        if entry.spec is None or entry.method.shared is None:
             continue
-        method = entry.method
-        if method.shared is not None:
-            shared_keys = [k for _, k in method.shared.frozen_params(entry.spec)]
-            weight = params[entry.weight_key(path)]
-            if not all(k in out for k in shared_keys):
-                out.update({k: v.to(weight.device) for k, v in method.shared.make(entry.spec).items() if k not in out})
-            # a 4-bit layer's packed weight is uint8: PEFT moves to its compute dtype (`layer_dtype`)
-            dtype = layer_dtype(weight, modules[path] if entry.spec.kind.module_level else None)
-            if method.shared.layer_dtype and dtype.is_floating_point:
-                # PEFT: every layer moves the shared BufferDict entries to its weight's dtype, in module order
-                floating = [k for k in shared_keys if out[k].is_floating_point()]
-                out.update({k: out[k].to(dtype) for k in floating})
-                upcast.update(floating)
-        if method.layer_frozen is not None:
-            made = method.layer_frozen.make(entry.spec, modules[path], generator)
-            if method.layer_frozen.autocast:
-                made = {k: v.to(adapter_dtype(v.dtype, autocast_adapter_dtype)) for k, v in made.items()}
-            keys = dict(entry.frozen)
-            out.update({keys[n]: made[n] for n in method.layer_frozen.of(entry.spec)})
+        hook = entry.method.shared
+        shared_keys = [k for _, k in hook.frozen_params(entry.spec)]
+        weight = params[entry.weight_key(path)]
+        if hook.make is not None and not all(k in out for k in shared_keys):
+            out.update({k: v.to(weight.device) for k, v in hook.make(entry.spec).items() if k not in out})
+        # a 4-bit layer's packed weight is uint8: PEFT moves to its compute dtype (`layer_dtype`)
+        dtype = layer_dtype(weight, modules[path] if entry.spec.kind.module_level else None)
+        if hook.layer_dtype and dtype.is_floating_point:
+            # PEFT: every layer moves the shared BufferDict entries to its weight's dtype, in module order
+            floating = [k for k in shared_keys if out[k].is_floating_point()]
+            out.update({k: out[k].to(dtype) for k in floating})
+            upcast.update(floating)
     out.update({k: out[k].to(adapter_dtype(out[k].dtype, autocast_adapter_dtype)) for k in upcast})
+    assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
+    return out
+
+
+def init_shared(
+    model: nn.Module,
+    plan: Plan,
+    generator: torch.Generator | None = None,
+    autocast_adapter_dtype: bool = True,
+    shared: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The plan's frozen tensors, as extra `base` entries: those its layers read in common (`shared_tensors`;
+    `shared`: already made) and each layer's own (`Method.layer_frozen`: SHiRA's mask indices, MiCA's lora_B, FRoD's
+    U, on its weight's device, given the layer's shared ones; random ones, VeLoRA's projection, draw from
+    `generator`; `LayerFrozen.autocast` ones follow `autocast_adapter_dtype`).
+
+    Keys start with `funcpeft._trees.SHARED_PREFIX`. Empty for methods without frozen tensors.
+    """
+    modules = dict(model.named_modules())
+    out = dict(shared_tensors(model, plan, autocast_adapter_dtype) if shared is None else shared)
+    for path, entry in plan.items():
+        if entry.spec is None or entry.method.layer_frozen is None:
+            continue
+        frozen = entry.method.layer_frozen
+        made = frozen.make(entry.spec, modules[path], generator, layer_shared(entry.spec, out))
+        if frozen.autocast:
+            made = {k: v.to(adapter_dtype(v.dtype, autocast_adapter_dtype)) for k, v in made.items()}
+        keys = dict(entry.frozen)
+        out.update({keys[n]: made[n] for n in frozen.of(entry.spec)})
     assert all(k.startswith(SHARED_PREFIX) for k in out), sorted(out)
     return out
 

@@ -657,12 +657,6 @@ def test_a_new_method_is_one_registration(half_lora: Method) -> None:
     assert spec is not None and math.isclose(spec.hyper.scaling, 2.0)
 
 
-# methods whose LayerSpec still holds tensors, against the contract (strict xfail: remove the entry once fixed).
-# FRoD: its shared bases V and S's patterns depend on all of a role's weights and are needed by init hooks that see
-# only (spec, params, weight) and run before `init_shared`; funcpeft/methods/frod.py's docstring says what moving them takes
-SPEC_HOLDS_TENSORS = {"frod"}
-
-
 def _tensors_in(value: Any, where: str, seen: set[int]) -> list[str]:
     """Where `value` (a spec, recursively: dataclass fields, containers) holds a torch.Tensor or an nn.Module."""
     if id(value) in seen or isinstance(value, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
@@ -686,16 +680,17 @@ def _tensors_in(value: Any, where: str, seen: set[int]) -> list[str]:
 @pytest.mark.parametrize("row", CONTRACT_ROWS, ids=ROW_IDS)
 def test_row_specs_are_static_metadata(row: tuple[str, str, str, str, dict[str, Any]]) -> None:
     """Every LayerSpec (and input-level spec) of a plan is hashable and holds no tensor or module: specs are the
-    static half of `fn` (compile guards, plan equality, caching); tensors belong in `base` or the adapter tree."""
+    static half of `fn` (compile guards, plan equality, caching); tensors belong in `base` or the adapter tree.
+    Planning the same model twice gives equal plans (a new adapter reuses what was compiled for the first)."""
     from funcpeft._plan import plan_adapter
 
-    _, plan = plan_adapter(models.build(row[2]), _config(row))
+    model = models.build(row[2])
+    _, plan = plan_adapter(model, _config(row))
     specs = [(path, e.spec) for path, e in plan.items() if e.spec is not None]
     specs += [(path, e.prompt[1]) for path, e in plan.items() if e.prompt is not None]
     found = [h for path, spec in specs for h in _tensors_in(spec, path, set())]
     for _, spec in specs:
         hash(spec)  # raises TypeError for an unhashable one
-    if row[1] in SPEC_HOLDS_TENSORS:
-        assert found, f"{row[1]} no longer holds tensors in its spec: remove it from SPEC_HOLDS_TENSORS"
-        pytest.xfail(f"{row[1]}'s LayerSpec holds tensors: {found[:2]}")
     assert not found, f"{row[0]}: specs hold tensors / modules: {found[:5]}"
+    _, again = plan_adapter(model, _config(row))
+    assert again == plan and [hash(e) for e in again.values()] == [hash(e) for e in plan.values()], row[0]

@@ -204,3 +204,19 @@ def test_s_product_is_a_memory_lean_autograd_function() -> None:
         [z, values],
         frozen=[rows, cols],
     )
+
+
+def test_specs_are_weight_free_and_bases_live_in_base() -> None:
+    """The spec holds only static facts: two models of one shape with different weights plan equal specs, while
+    their role bases (made from all of a role's weights before any layer's init) differ in `base`."""
+    cfg: dict[str, Any] = dict(target_modules=["q", "up"], sparse_rate=0.1)
+    first = funcpeft.get_peft_model(stack(), funcpeft.FrodConfig(**cfg))
+    torch.manual_seed(1)
+    second = funcpeft.get_peft_model(Stack(), funcpeft.FrodConfig(**cfg))
+    assert first.plans["default"] == second.plans["default"]
+    entry = first.plans["default"]["blocks.2.q"]
+    key = dict(entry.frozen)["frod_V"]
+    assert not torch.allclose(first.base[key], second.base[key])
+    # the same settings name the same base entries: a second adapter reuses the first one's bases
+    other = first.add_adapter("other", funcpeft.FrodConfig(**cfg))
+    assert dict(first.plans["other"]["blocks.2.q"].frozen)["frod_V"] == key and other.keys() == first.adapter.keys()

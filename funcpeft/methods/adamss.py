@@ -200,7 +200,9 @@ def init_from_module(spec: Spec, params: Params, module: nn.Module, generator: t
     return out
 
 
-def make_new_b(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> Params:
+def make_new_b(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> Params:
     """{adamss_newB: V^T (r', in (+1))} in the weight's dtype and on its device (PEFT's persistent buffer)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)

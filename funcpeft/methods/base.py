@@ -17,7 +17,8 @@ At call time funcpeft puts an `AdaptedWeight` where the layer's weight was; when
 (`F.linear`, ...) the op calls each adapter's `forward` with `result` = the output of the layer below it.
 Everything else (targeting, files, merging, counting, routing, compile, vmap) is generic and reads only this
 contract. Optional hooks are typed fields with defaults, grouped: `MergeHooks` (non-additive merges),
-`SharedTensors` (frozen tensors shared by all layers and kept in `base`, e.g. VeRA's projections),
+`SharedTensors` (frozen tensors shared by all layers and kept in `base`, e.g. VeRA's projections, made before any
+layer's init; the per-layer init hooks get the layer's ones),
 `KeyRules` (how PEFT names the parameters in its files).
 
 **Input-level methods** (`InputMethod`: prompt tuning, P-tuning, prefix tuning, ...) do not touch any layer:
@@ -286,8 +287,18 @@ class InitFn(Protocol):
 
 
 class FinishInitFn(Protocol):
-    def __call__(self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, /) -> Params:
-        """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it."""
+    def __call__(self, spec: LayerSpec[Any], params: Params, weight: torch.Tensor, shared: Params, /) -> Params:
+        """Init that needs the base weight (DoRA's magnitude); `weight` is detached, never modify it. shared: the
+        layer's frozen shared tensors ({param name: Tensor} as `SharedTensors.frozen_params` names them, made before
+        any layer's init; FRoD's role basis V), empty for a method without them; read-only."""
+
+
+class LayerFrozenFn(Protocol):
+    def __call__(
+        self, spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None, shared: Params, /
+    ) -> dict[str, torch.Tensor]:
+        """A layer's frozen tensors (`LayerFrozen.make`) from its spec and base module; shared: as in `FinishInitFn`
+        (FRoD's U solves against its role's V)."""
 
 
 class _NoInitData:
@@ -530,11 +541,11 @@ class LayerFrozen:
     names: every name the method keeps (a checkpoint key ending in one is such a tensor, not a leaf); names may
       be dotted (a PEFT sub-module's buffer, `sampler.gaussian_var_prior`).
     select(spec) -> the names one layer holds, when not all of `names` (MiCA: lora_B or lora_embedding_B);
-    make(spec, module, generator) -> {name: Tensor}: the layer's tensors, computed at get_peft_model time from
-      its spec and its base module (e.g. a mask function or an SVD of the weight), on the weight's device, in the
+    make(spec, module, generator, shared) -> {name: Tensor}: the layer's tensors, computed at get_peft_model time
+      from its spec and its base module (e.g. a mask function or an SVD of the weight), on the weight's device, in the
       dtype the method needs; a random one draws from `generator` (the adapter's, None: the global RNG; VeLoRA's
       random projection) after every layer's params; meta tensors for a meta-device weight, and a meta tensor
-      marks a value only a checkpoint can provide.
+      marks a value only a checkpoint can provide. shared: the layer's frozen shared tensors (`FinishInitFn`).
     saved: PEFT writes them into its files (`base_model.model.{path}.{KeyRules.tail(name)}`) and a checkpoint's
       values replace the computed ones (funcpeft.from_pretrained). Unsaved ones exist only in funcpeft (KaSA:
       PEFT rewrote its base weight instead).
@@ -548,7 +559,7 @@ class LayerFrozen:
     """
 
     names: tuple[str, ...]
-    make: Callable[[LayerSpec[Any], nn.Module, torch.Generator | None], dict[str, torch.Tensor]]
+    make: LayerFrozenFn
     saved: bool = True
     autocast: bool = False  # like the adapter's params, fp16/bf16 ones become float32 under autocast_adapter_dtype
     counted: bool = False
@@ -601,6 +612,11 @@ class SharedTensors:
     frozen_params(spec) -> ((param name, base key), ...): what a layer's forward reads from `base`;
     make(spec) -> {base key: Tensor}: the tensors, reproducibly from the config (called for each layer whose
     `frozen_params` keys are not made yet, so per-layer tensors such as FourierFT's spectral indices work too);
+    from_layers({module path: (spec, module)}) -> {base key: Tensor}: instead of `make`, for tensors that depend on
+      several layers' weights (FRoD's basis V per role, from all of the role's weights): called once per plan with
+      every layer of the adapter the method adapts, in plan order, on the device of the layers reading each tensor.
+    Both run before any layer's own init: the per-layer hooks `Method.finish_init` and `LayerFrozen.make` get the
+    layer's frozen shared tensors (`frozen_params`' names) as their `shared` argument.
     file_keys(config, shared base keys) -> {checkpoint key: base key}: the ones PEFT writes into its files;
     layer_file_keys(config, shared base keys, adapted module paths) -> {checkpoint key: base key}: copies PEFT
     also writes under each adapted layer (RandLoRA's bases, which every layer references).
@@ -614,11 +630,16 @@ class SharedTensors:
 
     common_hyper: Callable[[Any, Mapping[str, nn.Module]], Any]
     frozen_params: Callable[[LayerSpec[Any]], tuple[tuple[str, str], ...]]
-    make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]]
+    make: Callable[[LayerSpec[Any]], dict[str, torch.Tensor]] | None = None
     file_keys: Callable[[Any, list[str]], dict[str, str]] = lambda config, keys: {}
     saved: Callable[[Any], bool] = lambda config: False
     layer_file_keys: Callable[[Any, list[str], list[str]], dict[str, str]] = lambda config, keys, paths: {}
     layer_dtype: bool = True
+    from_layers: Callable[[Mapping[str, tuple[LayerSpec[Any], nn.Module]]], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.make is None) == (self.from_layers is None):
+            raise TypeError("SharedTensors: give exactly one of make (per layer) and from_layers (from all layers)")
 
 
 @dataclass(frozen=True)

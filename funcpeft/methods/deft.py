@@ -94,7 +94,7 @@ def _logical(spec: Spec, weight: torch.Tensor) -> torch.Tensor:
     return weight.T if spec.kind is LayerKind.CONV1D_HF else weight
 
 
-def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor, shared: Params) -> Params:
     """init_weights=True: R = right^T W / s (float32, stored in R's dtype), so that W' == W."""
     h = spec.hyper
     if h.para or not h.init or weight.is_meta:

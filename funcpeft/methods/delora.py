@@ -83,7 +83,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {A: a, B: b, LAMBDA: torch.full((1,), h.delora_lambda)}
 
 
-def make_w_norm(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> Params:
+def make_w_norm(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> Params:
     """{delora_w_norm: (in,)}: the base weight's column norms, in its dtype and on its device (PEFT's buffer)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)

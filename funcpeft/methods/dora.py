@@ -43,7 +43,7 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {**lora.init(spec, generator), MAGNITUDE: torch.ones(_magnitude_shape(spec))}
 
 
-def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor, shared: Params) -> Params:
     """magnitude = ||W + s B A||_row in float32 (PEFT's DoRA init), in the magnitude's dtype."""
     lora_params = {k: v.detach().float() for k, v in _lora_params(params).items()}
     norm = _norm(spec, weight.float(), lora_params)

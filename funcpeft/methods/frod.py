@@ -9,8 +9,12 @@ across blocks; V is PEFT's joint decomposition of their weights (`_projection_fr
 weights are wide, else QR, a ridge-regularised mean of inverses and an eigendecomposition), and S's pattern draws
 from `projection_prng_key` in sorted role order. Trainable: frod_lambda_l (in,) and frod_lambda_s_values (nnz,), S's
 values at that pattern. U and lambda_l's start come from solving `V B^T = W^T` in float64 (`B = U diag(lambda_l)`).
-V, S's pattern (`frod_s_indices`) and its size are frozen tensors shared by a role's layers (in `base`, saved like
-PEFT's `base_model.frod_V.{role}` when save_projection); U is a frozen per-layer tensor (not saved, as in PEFT).
+V, S's pattern (`frod_s_indices`) and its size are frozen tensors shared by a role's layers, made once per plan from
+all the targeted weights (`SharedTensors.from_layers`, before any layer's init) and kept in `base` under
+`<shared>.frod.{name}.{role}.{V | s_indices | s_size}` (`name`: a digest of the config fields that decide them),
+saved like PEFT's `base_model.frod_V.{role}` when save_projection; U is a frozen per-layer tensor (`LayerFrozen`,
+not saved, as in PEFT). U's and lambda_l's init read the layer's V from the hooks' `shared` argument; the spec holds
+only static facts (the role, S's size, the projection settings).
 
 Per call nothing weight-sized is built. As in PEFT's forward, a layer's first FRoD adapter that draws no dropout
 computes `h V (S^T + diag(lambda_l)) U^T + bias` without running the base layer; otherwise (dropout drawn, or an
@@ -20,13 +24,6 @@ a row index_add over its nnz entries (PEFT: `torch.sparse.mm`, not traceable by 
 autograd Function that saves only z = h V and S's values and reads S's gradient off `grad^T z` like PEFT's sparse
 backward. Merging builds the dense `U (S + diag) V^T - W0` from the weight before the merge (PEFT keeps it);
 unmerging needs it (`funcpeft.unmerge(..., base=...)`). nn.Linear and GPT-2 Conv1D only, like PEFT.
-
-Known contract gap: `FrodHyper.projections` holds V and S's patterns (tensors; equality and hashing see only
-their digest), while a LayerSpec should be static metadata (tests/test_contract.py SPEC_HOLDS_TENSORS). V depends
-on all of a role's weights, and the hooks that need it see only one layer: `SharedTensors.make(spec)`,
-`LayerFrozen.make(spec, module, generator)` (U) and `finish_init(spec, params, weight)` (lambda_l's start, run
-before `init_shared`). Moving them to `base` needs a generic hook that gives these the targeted modules or the
-layer's frozen shared tensors (with the shared tensors made before the adapter's init), not only a FRoD change.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,25 +63,48 @@ V, INDICES, U = "frod_V", "frod_s_indices", "frod_U"
 _SAVED = {"V": "frod_V", "s_indices": "frod_s_indices", "s_size": "frod_s_size"}  # base key part -> PEFT's name
 
 
-@dataclass(frozen=True)
-class FrodProjections:
-    """The adapter's shared bases and sparse patterns per role, computed once per plan from the targeted weights.
+Targets = str | tuple[str, ...] | None
 
-    digest: names them in `base` (from the config fields that decide them), and is all that equality and hashing see.
-    bases: {role: V (in, in)} in the weights' dtype; patterns: {role: (2, nnz) long (row, col) indices of S}.
+
+@dataclass(frozen=True)
+class FrodProjection:
+    """The config fields that decide an adapter's shared bases and sparse patterns, besides the weights (static).
+
+    targets / layers_to_transform / layers_pattern: which layers make up each role (target names sorted, lists as
+    tuples);
+    prng_key: seeds S's patterns; sparse_rate: S's density; regularization_alpha: the basis' ridge term.
     """
 
-    digest: str
-    bases: Mapping[str, torch.Tensor] = field(compare=False, hash=False)
-    patterns: Mapping[str, torch.Tensor] = field(compare=False, hash=False)
+    targets: Targets
+    layers_to_transform: int | tuple[int, ...] | None
+    layers_pattern: Targets
+    prng_key: int
+    sparse_rate: float
+    regularization_alpha: float
+
+    @property
+    def name(self) -> str:
+        """Names the tensors in `base`: the same for the same settings (adapters on one model share them)."""
+        fields = [
+            self.targets,
+            self.layers_to_transform,
+            self.layers_pattern,
+            self.prng_key,
+            self.sparse_rate,
+            self.regularization_alpha,
+        ]
+        return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class FrodHyper:
+    """role: PEFT's category of the layer (its V and S's pattern); nnz: S's number of entries."""
+
     role: str
     dropout: float
     init: bool
-    projections: FrodProjections
+    nnz: int
+    projection: FrodProjection
 
 
 Spec = LayerSpec[FrodHyper]
@@ -136,18 +156,28 @@ def _projection_from_weights(matrices: list[torch.Tensor], regularization_alpha:
     return r_matrix.T @ eigenvectors
 
 
-def _digest(config: Any) -> str:
-    """Names an adapter's projections in `base`: the same for the same targets and projection settings."""
+def _as_tuple(value: Any) -> Any:
+    """A list config field as a tuple (hashable), other values as they are."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _projection(config: Any) -> FrodProjection:
     targets = config.target_modules
-    fields = [
-        sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-        config.layers_to_transform,
-        config.layers_pattern,
-        config.projection_prng_key,
-        config.sparse_rate,
-        config.regularization_alpha,
-    ]
-    return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:12]
+    return FrodProjection(
+        targets=tuple(sorted(targets)) if isinstance(targets, (set, frozenset, list, tuple)) else targets,
+        layers_to_transform=_as_tuple(config.layers_to_transform),
+        layers_pattern=_as_tuple(config.layers_pattern),
+        prng_key=int(config.projection_prng_key),
+        sparse_rate=float(config.sparse_rate),
+        regularization_alpha=float(config.regularization_alpha),
+    )
+
+
+def _nnz(in_dim: int, sparse_rate: float) -> int:
+    """PEFT's number of S's entries: the off-diagonal (in, in) positions times sparse_rate, at least one if > 0."""
+    off_diagonal = in_dim * in_dim - in_dim
+    nnz = min(int(in_dim * in_dim * sparse_rate), off_diagonal)
+    return max(1, nnz) if sparse_rate > 0 and off_diagonal > 0 else nnz
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -156,76 +186,77 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight.T if isinstance(module, Conv1D) else weight
 
 
-def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> FrodProjections:
-    """PEFT's `_init_frod_projections`: V per role from the role's weights in block order (a later module with
-    the same block index and role replaces an earlier one, as in PEFT), S's pattern from one generator seeded with
-    projection_prng_key, roles in sorted order."""
-    weights: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    fallback = 0
-    for key, module in targets.items():
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        weights[_layer_index_from_key(key, fallback)][_category_from_key(key)] = _weight(module)
-        fallback += 1
-    if not weights:
+def common_hyper(config: Any, targets: Mapping[str, nn.Module]) -> FrodProjection:
+    """The projection settings (`Target.common`); PEFT's error when no target is a layer FRoD adapts."""
+    if not any(isinstance(module, (nn.Linear, Conv1D)) for module in targets.values()):
         raise ValueError("No layer types compatible with FRoD were found. Please check `peft_config.target_modules`.")
-    generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-    bases: dict[str, torch.Tensor] = {}
-    patterns: dict[str, torch.Tensor] = {}
-    for role in sorted({role for layer in weights.values() for role in layer}):
-        matrices = [layer[role].detach() for _, layer in sorted(weights.items()) if role in layer]
-        example = next(layer[role] for layer in weights.values() if role in layer)
-        in_dim = matrices[0].shape[1]
-        if any(m.is_meta for m in matrices):
-            bases[role] = torch.empty((in_dim, in_dim), dtype=example.dtype, device="meta")
-        else:
-            v = _projection_from_weights([m.to(torch.float32).cpu() for m in matrices], config.regularization_alpha)
-            bases[role] = v.to(dtype=example.dtype, device="cpu")
-        rows, cols = torch.meshgrid(torch.arange(in_dim), torch.arange(in_dim), indexing="ij")
-        mask = torch.stack([rows.flatten(), cols.flatten()], dim=1)
-        off_diagonal = mask[mask[:, 0] != mask[:, 1]]
-        nnz = min(int(in_dim * in_dim * config.sparse_rate), off_diagonal.shape[0])
-        if config.sparse_rate > 0 and off_diagonal.shape[0] > 0:
-            nnz = max(1, nnz)
-        if nnz:
-            perm = torch.randperm(off_diagonal.shape[0], generator=generator)[:nnz]
-            patterns[role] = off_diagonal[perm].t().contiguous()
-        else:
-            patterns[role] = torch.empty(2, 0, dtype=torch.long)
-    return FrodProjections(_digest(config), bases, patterns)
+    return _projection(config)
 
 
 def hyper(config: Any, target: Target) -> FrodHyper:
+    in_dim = _weight(target.module).shape[1] if isinstance(target.module, (nn.Linear, Conv1D)) else 0
     return FrodHyper(
         role=_category_from_key(target.name),
         dropout=float(config.frod_dropout),
         init=bool(config.init_weights),
-        projections=target.common,
+        nnz=_nnz(in_dim, float(config.sparse_rate)),
+        projection=target.common,
     )
 
 
-def _key(projections: FrodProjections, role: str, part: str) -> str:
-    return shared_key("frod", projections.digest, role, part)
+def make_projections(layers: Mapping[str, tuple[Spec, nn.Module]]) -> dict[str, torch.Tensor]:
+    """PEFT's `_init_frod_projections` (`SharedTensors.from_layers`): {base key: tensor} with each role's V (in, in)
+    in the weights' dtype from the role's weights in block order (a later module with the same block index and role
+    replaces an earlier one, as in PEFT), S's pattern (2, nnz) long from one generator seeded with projection_prng_key,
+    roles in sorted order, and S's size (PEFT's frod_s_size, only saved); on the device of the role's first layer.
+    layers: {module path: (spec, module)} of every layer of the adapter, in plan (target) order."""
+    weights: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    devices: dict[str, torch.device] = {}
+    for fallback, (path, (spec, module)) in enumerate(layers.items()):
+        weights[_layer_index_from_key(path, fallback)][spec.hyper.role] = _weight(module)
+        devices.setdefault(spec.hyper.role, _weight(module).device)
+    specs = {spec.hyper.role: spec for spec, _ in layers.values()}
+    settings = next(iter(specs.values())).hyper.projection
+    generator = torch.Generator(device="cpu").manual_seed(settings.prng_key)
+    out: dict[str, torch.Tensor] = {}
+    for role in sorted(specs):
+        matrices = [layer[role].detach() for _, layer in sorted(weights.items()) if role in layer]
+        example = next(layer[role] for layer in weights.values() if role in layer)
+        in_dim, nnz = matrices[0].shape[1], specs[role].hyper.nnz
+        if any(m.is_meta for m in matrices):
+            v = torch.empty((in_dim, in_dim), dtype=example.dtype, device="meta")
+        else:
+            v = _projection_from_weights([m.to(torch.float32).cpu() for m in matrices], settings.regularization_alpha)
+        if nnz:
+            rows, cols = torch.meshgrid(torch.arange(in_dim), torch.arange(in_dim), indexing="ij")
+            mask = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+            off_diagonal = mask[mask[:, 0] != mask[:, 1]]
+            perm = torch.randperm(off_diagonal.shape[0], generator=generator)[:nnz]
+            pattern = off_diagonal[perm].t().contiguous()
+        else:
+            pattern = torch.empty(2, 0, dtype=torch.long)
+        size = torch.tensor([in_dim, in_dim], dtype=torch.long)
+        device = torch.device("cpu") if v.is_meta else devices[role]
+        out[_key(settings, role, "V")] = v.to(dtype=example.dtype) if v.is_meta else v.to(device, example.dtype)
+        out[_key(settings, role, "s_indices")] = pattern.to(device)
+        out[_key(settings, role, "s_size")] = size.to(device)
+    return out
+
+
+def _key(projection: FrodProjection, role: str, part: str) -> str:
+    return shared_key("frod", projection.name, role, part)
 
 
 def frozen_params(spec: Spec) -> tuple[tuple[str, str], ...]:
-    p, role = spec.hyper.projections, spec.hyper.role
+    p, role = spec.hyper.projection, spec.hyper.role
     return ((V, _key(p, role, "V")), (INDICES, _key(p, role, "s_indices")))
-
-
-def make_shared(spec: Spec) -> dict[str, torch.Tensor]:
-    """{base key: tensor}: the layer's role's V, S's pattern and S's size (PEFT's frod_s_size, only saved)."""
-    p, role = spec.hyper.projections, spec.hyper.role
-    v = p.bases[role]
-    size = torch.tensor([v.shape[0], v.shape[0]], dtype=torch.long)
-    return {_key(p, role, "V"): v, _key(p, role, "s_indices"): p.patterns[role], _key(p, role, "s_size"): size}
 
 
 def file_keys(config: Any, keys: list[str]) -> dict[str, str]:
     """{checkpoint key: base key}: PEFT's `base_model.frod_V.{role}` (and s_indices, s_size) when save_projection."""
     if not config.save_projection:
         return {}
-    prefix = shared_key("frod", _digest(config)) + "."
+    prefix = shared_key("frod", _projection(config).name) + "."
     out = {}
     for key in keys:
         if key.startswith(prefix):
@@ -249,12 +280,12 @@ def _u_and_lambda(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
     return u.float(), lambda_l.float()
 
 
-def make_u(spec: Spec, module: nn.Module, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """The layer's frozen U (out, in) in the weight's dtype, on its device."""
+def make_u(spec: Spec, module: nn.Module, generator: torch.Generator | None, shared: Params) -> dict[str, torch.Tensor]:
+    """The layer's frozen U (out, in) in the weight's dtype, on its device, from its role's V (`shared`)."""
     w = _weight(module)
     if w.is_meta:
         return {U: torch.empty((spec.out_features, spec.in_features), dtype=w.dtype, device="meta")}
-    v = spec.hyper.projections.bases[spec.hyper.role].to(dtype=w.dtype)
+    v = shared[V].to(dtype=w.dtype)
     return {U: _u_and_lambda(v, w)[0].to(device=w.device, dtype=w.dtype)}
 
 
@@ -265,8 +296,7 @@ def param_names(spec: Spec) -> tuple[str, ...]:
 def init(spec: Spec, generator: torch.Generator | None) -> Params:
     """Zeros: PEFT's lambda_s (init_weights=True), and the offset `finish_init` adds lambda_l's start to; the
     random draws of init_weights=False need the weight's dtype (`init_from_weight`)."""
-    nnz = spec.hyper.projections.patterns[spec.hyper.role].shape[1]
-    return {LAMBDA_L: torch.zeros(spec.in_features), LAMBDA_S: torch.zeros(nnz)}
+    return {LAMBDA_L: torch.zeros(spec.in_features), LAMBDA_S: torch.zeros(spec.hyper.nnz)}
 
 
 def init_from_weight(
@@ -284,12 +314,13 @@ def init_from_weight(
     return WeightInit({LAMBDA_L: offset.to(like), LAMBDA_S: s.to(params[LAMBDA_S])})
 
 
-def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
-    """lambda_l = the column norms of W V^-T (in the weight's dtype, as PEFT's parameter) + init's offset."""
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor, shared: Params) -> Params:
+    """lambda_l = the column norms of W V^-T (in the weight's dtype, as PEFT's parameter) + init's offset; V: the
+    role's basis (`shared`)."""
     if weight.is_meta:
         return params
     w = weight.T if spec.kind is LayerKind.CONV1D_HF else weight
-    v = spec.hyper.projections.bases[spec.hyper.role].to(dtype=w.dtype)
+    v = shared[V].to(dtype=w.dtype)
     lam = _u_and_lambda(v, w)[1].to(device=w.device, dtype=w.dtype)
     offset = params[LAMBDA_L]
     if not spec.hyper.init:
@@ -401,7 +432,7 @@ FROD = register(
         shared=SharedTensors(
             common_hyper=common_hyper,
             frozen_params=frozen_params,
-            make=make_shared,
+            from_layers=make_projections,
             file_keys=file_keys,
             saved=lambda config: bool(config.save_projection),
             layer_dtype=False,  # PEFT's FRoD layer moves only its trainable tensors; make gives V's dtype

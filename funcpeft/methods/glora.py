@@ -112,7 +112,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return out
 
 
-def make_zeros(spec: Spec, module: nn.Module, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def make_zeros(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """The zero buffers of the "none" paths (float32, PEFT's; they hold zeros only)."""
     device = module.get_parameter("weight").device
     return {f"glora_{p}.zeros": torch.zeros(_shape(spec, p), device=device) for p in PATHS if _kind(spec, p) == "none"}

@@ -82,7 +82,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {**lora.init(spec, generator), DIAG: torch.randn(spec.hyper.r, generator=generator)}
 
 
-def make_truncated(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_truncated(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """PEFT's `_truncate_base_weight`: float32 SVD, the r smallest components dropped, back in W's dtype."""
     weight: Any = module.weight
     weight = weight.detach()

@@ -59,7 +59,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {param_names(spec)[0]: torch.zeros(spec.hyper.r, spec.in_features)}
 
 
-def make_b(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_b(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """B = the last r left singular vectors of W (out, in) (fp32 SVD), in the adapter dtype."""
     weight: Any = module.weight
     weight = weight.detach()

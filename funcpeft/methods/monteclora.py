@@ -95,7 +95,9 @@ def init(spec: LayerSpec[Any], generator: torch.Generator | None) -> Params:
     return params
 
 
-def make_buffers(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
+def make_buffers(
+    spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> Params:
     """The sampler's fresh buffers (PEFT's `MontecloraSampler`), in the base weight's dtype (PEFT's layer moves
     them there; autocast_adapter_dtype casts only parameters) and on its device."""
     weight = module.weight

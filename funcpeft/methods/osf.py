@@ -111,7 +111,7 @@ def _decompose(spec: Spec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().to(weight.dtype) for name, t in parts.items()}
 
 
-def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor, shared: Params) -> Params:
     """init_weights=True: the SVD's bottom n triplets (the adapter starts as the identity)."""
     if not spec.hyper.init or weight.is_meta:
         return params
@@ -124,7 +124,9 @@ def frozen_names(spec: Spec) -> tuple[str, ...]:
     return (U0, S0, V0) + (() if h.u_square else (U_HIGH,)) + (() if h.v_square else (V_HIGH,))
 
 
-def make_frozen(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_frozen(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """The layer's frozen SVD parts (PEFT's BufferDicts), in the weight's dtype."""
     weight: Any = module.weight
     names = frozen_names(spec)

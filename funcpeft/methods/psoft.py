@@ -124,7 +124,9 @@ def _svd(spec: Spec, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return u[:, : h.r], s[: h.r], v[:, : h.r].t()
 
 
-def make_ab(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_ab(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """{psoft_A: (r, in), psoft_B: (out, r)} float32, on the weight's device, from the SVD of the base weight."""
     weight: Any = module.weight
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):

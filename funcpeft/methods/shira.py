@@ -88,7 +88,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return {WEIGHT: torch.zeros(n) if spec.hyper.init else torch.randn(n, generator=generator)}
 
 
-def make_indices(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_indices(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """shira_indices (2, N) int32 from the mask function (PEFT's `torch.where(mask == 1)` order).
 
     A meta tensor when there is no mask function (mask_type other than "random" without `config.mask_fn`):

@@ -98,7 +98,9 @@ def init(spec: Spec, generator: torch.Generator | None) -> Params:
     return out
 
 
-def make_indices(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_indices(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """supertuning_indices (k,) int32: the flat positions of topk(|W|) (PEFT's `update_layer`)."""
     weight: Any = module.weight
     if weight.is_meta:

@@ -108,7 +108,9 @@ def init_v(spec: Spec, generator: torch.Generator | None) -> Params:
     return out
 
 
-def make_frozen(spec: Spec, module: nn.Module, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def make_frozen(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     """PEFT's `_init_svd` (float32 SVD of W in nn.Linear layout, factors in W's dtype) and `_init_projection`."""
     weight = module.get_parameter("weight").detach()
     weight = weight.T if spec.kind is LayerKind.CONV1D_HF else weight

@@ -95,14 +95,16 @@ def _index(spec: Spec, device: torch.device) -> torch.Tensor:
     return torch.tensor(spec.hyper.token_indices, dtype=torch.long, device=device)
 
 
-def finish_init(spec: Spec, params: Params, weight: torch.Tensor) -> Params:
+def finish_init(spec: Spec, params: Params, weight: torch.Tensor, shared: Params) -> Params:
     """init_weights=True: the rows as they are (PEFT clones them)."""
     if not spec.hyper.init:
         return params
     return {DELTA: weight[_index(spec, weight.device)].to(params[DELTA].dtype).clone()}
 
 
-def make_original(spec: Spec, module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def make_original(
+    spec: Spec, module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> dict[str, torch.Tensor]:
     weight: Any = module.weight
     weight = weight.detach()
     if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the rows may live on other ranks (a collective)

@@ -91,7 +91,9 @@ def batch_projection(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     return normalize(_subtokens(x.detach(), num_groups).reshape(-1, group_dim(x.shape[-1], num_groups)).mean(dim=0))
 
 
-def make_embed(spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None) -> Params:
+def make_embed(
+    spec: LayerSpec[Any], module: nn.Module, generator: torch.Generator | None = None, shared: Params | None = None
+) -> Params:
     """The fresh projection (d,), in the base weight's dtype (upcast like the adapter: `LayerFrozen.autocast`) and
     on its device (PEFT's buffer)."""
     h, weight = spec.hyper, module.weight
