@@ -226,6 +226,41 @@ def test_shadow_gradient_checkpointing_gives_the_same_gradients() -> None:
             torch.testing.assert_close(checkpointed[path][k], plain[path][k], atol=1e-6, rtol=1e-5)
 
 
+def test_shadow_frees_the_shared_embeddings_before_the_base_model_runs_like_peft() -> None:
+    """The backbone's input embeddings (share_embeddings: the frozen base table's output, which no graph node saves)
+    are dead by the time the model's lm_head runs, as with PEFT's pre-hook: held to the end of the call they were a
+    (batch, seq, hidden) tensor above PEFT's peak (docs/benchmarks.md, the shadow row)."""
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def alive_at_heads(model: nn.Module, step: Any) -> list[list[int]]:
+        import weakref
+
+        outputs: list[Any] = []  # weak references to each embedding output, in call order
+        alive: list[list[int]] = []  # at each lm_head call: which embedding outputs are still alive
+        hooks = [
+            model.get_input_embeddings().register_forward_hook(lambda m, a, o: outputs.append(weakref.ref(o))),
+            model.get_output_embeddings().register_forward_hook(
+                lambda m, a, o: alive.append([i for i, r in enumerate(outputs) if r() is not None])
+            ),
+        ]
+        try:
+            step()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(outputs) == 2  # the backbone's, then the base model's
+        return alive
+
+    pm, fpm, model = _pair("llama", dict(task_type="CAUSAL_LM", init_weights=False))
+    want = alive_at_heads(pm.get_base_model(), lambda: pm(input_ids=ids, labels=ids).loss.backward())
+    got = alive_at_heads(
+        model,
+        lambda: funcpeft.value_and_grad(lambda a: fpm.fn(fpm.base, a, input_ids=ids, labels=ids).loss)(fpm.adapter),
+    )
+    assert want == [[], []]  # PEFT: the base lm_head, then the auxiliary loss's
+    assert got == want
+
+
 def test_shadow_compiles_to_one_graph_for_new_adapter_values() -> None:
     """torch.compile(fullgraph=True) of fn with labels (the auxiliary loss) equals eager, and backward reaches the
     backbone and every block but the last one's state update (whose state is dropped, as in PEFT)."""

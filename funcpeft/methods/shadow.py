@@ -444,24 +444,14 @@ def _cache_length(past: Any) -> int:
     return int(get()) if callable(get) else 1
 
 
-def model_around(
-    spec: Spec,
-    params: Params,
-    module: Any,
-    run: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    ctx: AroundContext,
-) -> Any:
-    """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
-    then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
+def _initial_state(
+    spec: Spec, params: Params, module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], ctx: AroundContext
+) -> torch.Tensor:
+    """s0 (B, T, d): the backbone on the call's inputs, projected to the base width (PEFT's
+    `_compute_initial_shadow_state`). A function of its own so that the shared input embeddings it computes die
+    with its frame: they do not require grad, so nothing in the graph keeps them, and PEFT's pre-hook frees them
+    before the base model runs (held here until the loss, they were funcpeft's 1 MB above PEFT's peak)."""
     bb = spec.hyper.backbone
-    pasts = [kwargs.get(k) for k in ("past_key_values", "cache")]  # transformers 5 renames it `cache`
-    if any(p is not None and _cache_length(p) > 0 for p in pasts):
-        raise NotImplementedError(
-            "ShadowPEFT with a filled `past_key_values`: PEFT decodes incrementally with a paired base / shadow cache "
-            "(ShadowCache), which funcpeft does not implement; run the full sequence (generate with use_cache=False)"
-        )
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args:
         input_ids = args[0]
@@ -481,14 +471,33 @@ def model_around(
     device = source.device
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
     out = _run_backbone(ctx, _template(bb, device), weights, module.training, {**backbone_kwargs, "return_dict": True})
-    seed = out.last_hidden_state
-    if _PROJECTION in params:
-        seed = F.linear(seed, params[_PROJECTION])
-    ctx.scope[_SEED] = seed
+    seed: torch.Tensor = out.last_hidden_state
+    return F.linear(seed, params[_PROJECTION]) if _PROJECTION in params else seed
+
+
+def model_around(
+    spec: Spec,
+    params: Params,
+    module: Any,
+    run: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    ctx: AroundContext,
+) -> Any:
+    """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
+    then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
+    bb = spec.hyper.backbone
+    pasts = [kwargs.get(k) for k in ("past_key_values", "cache")]  # transformers 5 renames it `cache`
+    if any(p is not None and _cache_length(p) > 0 for p in pasts):
+        raise NotImplementedError(
+            "ShadowPEFT with a filled `past_key_values`: PEFT decodes incrementally with a paired base / shadow cache "
+            "(ShadowCache), which funcpeft does not implement; run the full sequence (generate with use_cache=False)"
+        )
+    ctx.scope[_SEED] = _initial_state(spec, params, module, args, kwargs, ctx)
     try:
         output = run(*args, **kwargs)
     finally:
-        ctx.scope.pop(_SEED, None)
+        seed = ctx.scope.pop(_SEED)
     labels = kwargs.get("labels")
     if labels is not None and bb.lm_loss and getattr(output, "loss", None) is not None:
         logits = module.get_output_embeddings()(seed)
