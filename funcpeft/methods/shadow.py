@@ -487,11 +487,17 @@ def model_around(
     """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
     then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
     bb = spec.hyper.backbone
-    pasts = [kwargs.get(k) for k in ("past_key_values", "cache")]  # transformers 5 renames it `cache`
-    if any(p is not None and _cache_length(p) > 0 for p in pasts):
+    # Any cache is refused, empty or not (transformers 5 renames `past_key_values` to `cache`): an empty one would
+    # only lead to a filled one on the next step, and a static cache (compiled decoding) reports length 0 while its
+    # attention mask spans the whole cache, which the backbone (run without a cache) cannot take.
+    pasts = {k: kwargs.get(k) for k in ("past_key_values", "cache") if kwargs.get(k) is not None}
+    if pasts:
+        (key, past), *_ = pasts.items()
         raise NotImplementedError(
-            "ShadowPEFT with a filled `past_key_values`: PEFT decodes incrementally with a paired base / shadow cache "
-            "(ShadowCache), which funcpeft does not implement; run the full sequence (generate with use_cache=False)"
+            f"ShadowPEFT with a KV cache ({key}={type(past).__name__}, {_cache_length(past)} tokens): PEFT decodes "
+            "incrementally with a paired base / shadow cache (ShadowCache), which funcpeft does not implement; run "
+            "the full sequence each step (generate with use_cache=False; the compiled funcpeft.Decoder always "
+            "decodes with a cache)"
         )
     ctx.scope[_SEED] = _initial_state(spec, params, module, args, kwargs, ctx)
     try:
