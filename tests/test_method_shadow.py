@@ -429,6 +429,35 @@ def test_shadow_layers_to_transform_is_bypassed_like_peft_with_a_warning() -> No
         funcpeft.get_peft_model(MODELS["llama"](), funcpeft.ShadowConfig(layers_to_transform=[0]))
 
 
+def test_shadow_decoder_stack_not_found_names_what_the_model_has() -> None:
+    """PEFT's message, then what funcpeft found: the model's nn.ModuleLists (where the blocks may be), the backbone it
+    looked in; a model without a transformers config is named (PEFT: "'X' object has no attribute 'config'")."""
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Blocks()
+
+    with pytest.raises(AttributeError, match=r"locate the transformer backbone(.|\n)*ModuleLists: blocks \(2 items\)"):
+        funcpeft.get_peft_model(Blocks(), funcpeft.ShadowConfig())
+    with pytest.raises(AttributeError, match=r"decoder layers(.|\n)*backbone is 'model' \(Blocks\).*model.blocks"):
+        funcpeft.get_peft_model(Wrapper(), funcpeft.ShadowConfig())
+
+    class Both(nn.Module):  # PEFT's order picks `.layers` (as here): then the missing config is the problem
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+            self.h = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    with pytest.raises(AttributeError, match=r"'<root>' \(Both\) has no `config`"):
+        funcpeft.get_peft_model(Both(), funcpeft.ShadowConfig())
+
+
 def test_shadow_unsupported_inputs_raise_clear_errors() -> None:
     model = MODELS["llama"]()
     with pytest.raises(NotImplementedError, match="shadow_model='some/path'"):

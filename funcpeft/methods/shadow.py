@@ -219,6 +219,14 @@ def module_targets(model: nn.Module, config: ShadowConfig, match: Callable[[], l
 def _backbone_spec(model: nn.Module, config: ShadowConfig) -> Backbone:
     """PEFT's `_build_shadow_backbone` config and its embedding-sharing rule, as hashable data."""
     base = backbone_of(model)
+    for holder in (base, model):
+        if getattr(holder, "config", None) is None:
+            path = next((n for n, m in model.named_modules() if m is holder), "") or "<root>"
+            raise AttributeError(
+                f"ShadowPEFT mirrors the decoder from its transformers config (shadow_model='mirror'), but "
+                f"{path!r} ({type(holder).__name__}) has no `config`: the model must be a transformers decoder "
+                "(a PreTrainedModel such as LlamaForCausalLM, whose backbone, e.g. LlamaModel, holds the blocks)"
+            )
     cfg: Any = copy.deepcopy(base.config)
     _set_config_attr(cfg, ("num_hidden_layers", "n_layer", "num_layers"), config.shadow_num_hidden_layers or 1)
     if config.shadow_hidden_size is not None:
