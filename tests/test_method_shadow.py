@@ -211,7 +211,7 @@ def test_shadow_gradient_checkpointing_gives_the_same_gradients(reentrant: bool)
     """The state travels with the hidden states (not in a side channel), so a recomputed block sees its own: with
     checkpointing on the base (transformers' gradient_checkpointing_enable, either variant) the loss and every
     gradient equal the plain run's and PEFT's checkpointed run's, and each library checkpoints every block."""
-    kwargs = dict(task_type="CAUSAL_LM", init_weights=False, shadow_dropout=0.0)
+    kwargs: dict[str, Any] = dict(task_type="CAUSAL_LM", init_weights=False, shadow_dropout=0.0)
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     pm, fpm, model = _pair("llama", kwargs)
     plain_loss, plain = funcpeft.value_and_grad(
@@ -220,7 +220,7 @@ def test_shadow_gradient_checkpointing_gives_the_same_gradients(reentrant: bool)
 
     calls = [0]
 
-    def counted(layer: nn.Module) -> None:
+    def counted(layer: Any) -> None:
         inner = layer._gradient_checkpointing_func
 
         def func(*args: Any, **kw: Any) -> Any:
@@ -230,7 +230,7 @@ def test_shadow_gradient_checkpointing_gives_the_same_gradients(reentrant: bool)
         layer._gradient_checkpointing_func = func
 
     gc_kwargs = {"use_reentrant": reentrant}
-    checkpointed_model = copy.deepcopy(model)
+    checkpointed_model: Any = copy.deepcopy(model)
     checkpointed_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     for layer in checkpointed_model.model.layers:
         counted(layer)
@@ -271,7 +271,7 @@ def test_shadow_frees_the_shared_embeddings_before_the_base_model_runs_like_peft
     (batch, seq, hidden) tensor above PEFT's peak (docs/benchmarks.md, the shadow row)."""
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
 
-    def alive_at_heads(model: nn.Module, step: Any) -> list[list[int]]:
+    def alive_at_heads(model: Any, step: Any) -> list[list[int]]:
         import weakref
 
         outputs: list[Any] = []  # weak references to each embedding output, in call order
@@ -409,7 +409,7 @@ def test_shadow_generate_equals_pefts_without_cache() -> None:
     with pytest.raises(NotImplementedError, match="use_cache=False"):
         _quiet(lambda: fpm.generate(fpm.base, fpm.adapter, **{**kw, "use_cache": True}))
     # the compiled Decoder's static cache reports 0 tokens at the prefill: refused there too (a shape error before)
-    cached = {k: v for k, v in kw.items() if k != "use_cache"}
+    cached: dict[str, Any] = {k: v for k, v in kw.items() if k != "use_cache"}
     with pytest.raises(NotImplementedError, match="StaticCache"):
         _quiet(lambda: funcpeft.generate(fpm, fpm.base, fpm.adapter, compile="aot_eager", **cached))
 
