@@ -102,7 +102,9 @@ def backbone_of(model: nn.Module) -> nn.Module:
     raise AttributeError(
         "Unable to automatically locate the transformer backbone inside the supplied model "
         "(required when `target_modules` is not set). Please set `target_modules` explicitly "
-        "to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
+        "to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`. "
+        f"{type(model).__name__} has no `model` / `transformer` / `base_model` / `decoder` sub-module and no "
+        f"`.layers` / `.h` nn.ModuleList; {module_lists(model)}"
     )
 
 
@@ -118,8 +120,21 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise AttributeError(
         "Unable to automatically find a `nn.ModuleList` of decoder layers (expected `.layers`/`.h`) "
         "inside the backbone (required when `target_modules` is not set). Please set `target_modules` "
-        "explicitly to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`."
+        "explicitly to the decoder blocks you want to wrap, e.g. `r'.*\\.layers\\.\\d+$'`. "
+        f"The backbone is {_path_of(model, backbone)!r} ({type(backbone).__name__}); {module_lists(model)}"
     )
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "?")
+
+
+def module_lists(model: nn.Module) -> str:
+    """The model's nn.ModuleLists, for an error when the decoder stack is not where PEFT looks."""
+    found = [f"{n or '<root>'} ({len(m)} items)" for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not found:
+        return "it has no nn.ModuleList at all."
+    return f"its nn.ModuleLists: {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}."
 
 
 def refuse_diffusers(model: nn.Module) -> None:

@@ -219,6 +219,14 @@ def module_targets(model: nn.Module, config: ShadowConfig, match: Callable[[], l
 def _backbone_spec(model: nn.Module, config: ShadowConfig) -> Backbone:
     """PEFT's `_build_shadow_backbone` config and its embedding-sharing rule, as hashable data."""
     base = backbone_of(model)
+    for holder in (base, model):
+        if getattr(holder, "config", None) is None:
+            path = next((n for n, m in model.named_modules() if m is holder), "") or "<root>"
+            raise AttributeError(
+                f"ShadowPEFT mirrors the decoder from its transformers config (shadow_model='mirror'), but "
+                f"{path!r} ({type(holder).__name__}) has no `config`: the model must be a transformers decoder "
+                "(a PreTrainedModel such as LlamaForCausalLM, whose backbone, e.g. LlamaModel, holds the blocks)"
+            )
     cfg: Any = copy.deepcopy(base.config)
     _set_config_attr(cfg, ("num_hidden_layers", "n_layer", "num_layers"), config.shadow_num_hidden_layers or 1)
     if config.shadow_hidden_size is not None:
@@ -444,24 +452,14 @@ def _cache_length(past: Any) -> int:
     return int(get()) if callable(get) else 1
 
 
-def model_around(
-    spec: Spec,
-    params: Params,
-    module: Any,
-    run: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    ctx: AroundContext,
-) -> Any:
-    """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
-    then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
+def _initial_state(
+    spec: Spec, params: Params, module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], ctx: AroundContext
+) -> torch.Tensor:
+    """s0 (B, T, d): the backbone on the call's inputs, projected to the base width (PEFT's
+    `_compute_initial_shadow_state`). A function of its own so that the shared input embeddings it computes die
+    with its frame: they do not require grad, so nothing in the graph keeps them, and PEFT's pre-hook frees them
+    before the base model runs (held here until the loss, they were funcpeft's 1 MB above PEFT's peak)."""
     bb = spec.hyper.backbone
-    pasts = [kwargs.get(k) for k in ("past_key_values", "cache")]  # transformers 5 renames it `cache`
-    if any(p is not None and _cache_length(p) > 0 for p in pasts):
-        raise NotImplementedError(
-            "ShadowPEFT with a filled `past_key_values`: PEFT decodes incrementally with a paired base / shadow cache "
-            "(ShadowCache), which funcpeft does not implement; run the full sequence (generate with use_cache=False)"
-        )
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args:
         input_ids = args[0]
@@ -481,14 +479,39 @@ def model_around(
     device = source.device
     weights = {k[len(_BACKBONE) :]: v for k, v in params.items() if k.startswith(_BACKBONE)}
     out = _run_backbone(ctx, _template(bb, device), weights, module.training, {**backbone_kwargs, "return_dict": True})
-    seed = out.last_hidden_state
-    if _PROJECTION in params:
-        seed = F.linear(seed, params[_PROJECTION])
-    ctx.scope[_SEED] = seed
+    seed: torch.Tensor = out.last_hidden_state
+    return F.linear(seed, params[_PROJECTION]) if _PROJECTION in params else seed
+
+
+def model_around(
+    spec: Spec,
+    params: Params,
+    module: Any,
+    run: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    ctx: AroundContext,
+) -> Any:
+    """The model call: s0 from the shadow backbone (PEFT's seed pre-hook), the model run with it in `ctx.scope`,
+    then the auxiliary loss when labels are given (PEFT's `ShadowModel.forward`)."""
+    bb = spec.hyper.backbone
+    # Any cache is refused, empty or not (transformers 5 renames `past_key_values` to `cache`): an empty one would
+    # only lead to a filled one on the next step, and a static cache (compiled decoding) reports length 0 while its
+    # attention mask spans the whole cache, which the backbone (run without a cache) cannot take.
+    pasts = {k: kwargs.get(k) for k in ("past_key_values", "cache") if kwargs.get(k) is not None}
+    if pasts:
+        (key, past), *_ = pasts.items()
+        raise NotImplementedError(
+            f"ShadowPEFT with a KV cache ({key}={type(past).__name__}, {_cache_length(past)} tokens): PEFT decodes "
+            "incrementally with a paired base / shadow cache (ShadowCache), which funcpeft does not implement; run "
+            "the full sequence each step (generate with use_cache=False; the compiled funcpeft.Decoder always "
+            "decodes with a cache)"
+        )
+    ctx.scope[_SEED] = _initial_state(spec, params, module, args, kwargs, ctx)
     try:
         output = run(*args, **kwargs)
     finally:
-        ctx.scope.pop(_SEED, None)
+        seed = ctx.scope.pop(_SEED)
     labels = kwargs.get("labels")
     if labels is not None and bb.lm_loss and getattr(output, "loss", None) is not None:
         logits = module.get_output_embeddings()(seed)
