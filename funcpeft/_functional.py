@@ -158,7 +158,7 @@ class PeftFunction:
         }
         # a model sharded with FSDP2's fully_shard runs as itself, not on call skeletons (funcpeft._fsdp)
         self.sharded = ShardedModel.of(model)
-        self._capturing = OutputCapturing.of(model)
+        self.capturing = OutputCapturing.of(model)
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -546,8 +546,8 @@ class PeftFunction:
         check_not_sharded(self._model)
         if not torch.compiler.is_dynamo_compiling():
             check_plain_base(base, self._model)
-            if self._capturing is not None:
-                self._capturing.install_if_asked(model_kwargs)
+            if self.capturing is not None:
+                self.capturing.install_if_asked(model_kwargs)
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
         kwargs = model_kwargs
@@ -594,8 +594,8 @@ class PeftFunction:
         """
         if self.sharded is not None:
             self.sharded.refuse("generate (a bound model)")
-        if self._capturing is not None:
-            self._capturing.install_if_asked(inputs[1])
+        if self.capturing is not None:
+            self.capturing.install_if_asked(inputs[1])
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, no_dropout, inputs, wrapped=wrapped)
         return _Call(params, None, wrapped).skeleton(self._model)

@@ -122,6 +122,11 @@ class XLoraFunction:
         self.experts = frozen  # the frozen experts' trees (None when they are trained: then in the adapter)
         self.dtype = dtype
         self.layer_tree: dict[str, dict[str, torch.Tensor]] = {p: {} for p in inner.plans[LAYERS]}
+        # the scaling pass always asks for hidden states: transformers' capturing hooks go on the model now, as
+        # its first plain call with output_hidden_states would do, so that a compiled fn (which cannot install
+        # them: dynamo cannot trace transformers' lock) traces as one graph
+        if inner.capturing is not None:
+            inner.capturing.install()
 
     @property
     def plans(self) -> dict[str, Plan]:

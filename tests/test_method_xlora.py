@@ -13,11 +13,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optree
 import peft
 import pytest
 import torch
 from helpers import capture_stdout
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import funcpeft
@@ -431,3 +433,36 @@ def test_xlora_vmap_over_classifiers_equals_a_loop(llama_experts: list[str]) -> 
     ref = torch.stack([fn(base, t, input_ids=IDS).logits for t in trees])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert (ref[0] - ref[2]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"layerwise_scalings": True, "top_k_lora": 2, "scaling_pass_value": 0.3},
+        {"use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 4, "enable_softmax_topk": True},
+    ],
+)
+def test_xlora_compiles_to_one_graph_and_its_gradients_equal_eager(llama_experts: list[str], extra: Any) -> None:
+    """torch.compile(fullgraph=True) of both passes: new adapter values of the same shapes never recompile, and
+    the compiled call's outputs and gradients equal the eager call's (the scaling pass needs transformers'
+    output-capturing hooks, which dynamo cannot install: fn installs them on the model when it is built)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn, base, adapter = funcpeft.get_peft_model(
+            _model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, **extra))
+        )
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for k in range(3):
+        tree = optree.tree_map(lambda t, f=1 + 0.5 * k: (t.detach() * f).requires_grad_(), adapter)
+        leaves = optree.tree_leaves(tree)
+        got = compiled(base, tree, input_ids=IDS).logits
+        want = fn(base, tree, input_ids=IDS).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        g_got = torch.autograd.grad(got.square().sum(), leaves)
+        g_want = torch.autograd.grad(want.square().sum(), leaves)
+        assert sum(int(g.abs().max() > 0) for g in g_want) >= len(leaves) // 2
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
