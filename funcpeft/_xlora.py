@@ -51,6 +51,7 @@ from torch import nn
 from ._config import LoraConfig, PeftConfig
 from ._counting import count_parameters, format_trainable
 from ._functional import PeftFunction
+from ._generation import generation_randomness
 from ._model import FunctionalPeftModel, from_pretrained
 from ._plan import Plan, PlanEntry, init_adapter, layer_spec
 from ._trees import tree_numel
@@ -59,7 +60,7 @@ from .io import config_dict, read_config, read_tensors, write_files_atomically
 from .methods._registry import register_model_level
 from .methods.base import LayerKind, Target
 from .methods.xlora import SCALINGS_KWARG, XLORA, XLoraLayers
-from .rng import CallRandomness
+from .rng import CallRandomness, redirect
 
 LAYERS = "xlora"  # the parameterless adapter of the mixing layers
 CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier."
@@ -208,6 +209,33 @@ class XLoraFunction:
         adapters = self._adapters(adapter)
         return self.inner(base, adapters, *args, dropout_rng=dropout_rng, **{**kwargs, SCALINGS_KWARG: s})
 
+    def generate(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, *, rng: int | torch.Generator | None = None, **kwargs: Any
+    ) -> Any:
+        """PEFT's `XLoraModel.generate`: transformers' generate where every forward runs both passes (this fn).
+
+        Like PEFT, without a KV cache (`use_cache=False`): each step runs the scaling pass and the real pass over
+        the whole sequence so far. use_cache=True is refused (PEFT silently overrides it). rng: sampling's
+        randomness (funcpeft.generate). Returns what the model's generate returns: token ids (B, L + new).
+        """
+        if kwargs.get("use_cache"):
+            raise ValueError(
+                "X-LoRA generates without a KV cache (PEFT's XLoraModel.generate sets use_cache=False: every step "
+                "runs the scaling pass over the whole sequence); drop use_cache=True"
+            )
+        self._adapters(adapter)  # a wrong tree is refused before generate starts
+        model = self.inner.model
+        config, randomness = generation_randomness(model, kwargs, rng)
+        skel = self.inner.bound_model(base, None)
+        fn = self
+
+        def forward(*args: Any, **call_kwargs: Any) -> Any:
+            return fn(base, adapter, *args, **call_kwargs)
+
+        skel.forward = forward  # the skeleton only: generate's model calls run both passes
+        with redirect(randomness):
+            return skel.generate(**{**kwargs, "use_cache": False})
+
 
 @dataclasses.dataclass(repr=False)
 class XLoraModel:
@@ -232,6 +260,10 @@ class XLoraModel:
             f"XLoraModel({type(self.model).__name__}, experts={list(self.fn.expert_names)}, "
             f"{self.fn.n_layers} X-LoRA layers, {tree_numel(self.adapter):,} adapter values)"
         )
+
+    def generate(self, base: Mapping[str, torch.Tensor], adapter: Any, **kwargs: Any) -> Any:
+        """PEFT's `XLoraModel.generate` (XLoraFunction.generate: both passes each step, no KV cache)."""
+        return self.fn.generate(base, adapter, **kwargs)
 
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) like PEFT: the classifier (+ the experts when trainable); all adds the model and experts."""

@@ -466,3 +466,31 @@ def test_xlora_compiles_to_one_graph_and_its_gradients_equal_eager(llama_experts
         for a, b in zip(g_got, g_want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+
+
+def test_xlora_generate_equals_pefts(llama_experts: list[str]) -> None:
+    """PEFT's XLoraModel.generate runs generate with use_cache=False, both passes over the whole sequence at every
+    step; funcpeft.generate (and the model's generate) does the same: greedy tokens (left-padded prompts) and
+    sampled tokens (rng=seed vs torch.manual_seed(seed)) equal PEFT's, and differ from the plain model's."""
+    kwargs = _kwargs(llama_experts, layerwise_scalings=True, scaling_pass_value=0.3, global_scaling_weight=3.0)
+    theirs, ours = _pair("llama", kwargs)
+    fn, base, adapter = ours
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = theirs.generate(input_ids=IDS, attention_mask=mask, **greedy)
+    assert torch.equal(funcpeft.generate(ours, base, adapter, input_ids=IDS, attention_mask=mask, **greedy), ref)
+    assert torch.equal(ours.generate(base, adapter, input_ids=IDS, attention_mask=mask, **greedy), ref)
+    plain = _model("llama").generate(input_ids=IDS, attention_mask=mask, use_cache=False, **greedy)
+    assert not torch.equal(plain, ref)
+    sampling = dict(max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(5)
+    ref = theirs.generate(input_ids=IDS, **sampling)
+    assert torch.equal(funcpeft.generate(ours, base, adapter, input_ids=IDS, rng=5, **sampling), ref)
+    with pytest.raises(ValueError, match="without a KV cache.*use_cache=True"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, use_cache=True, **greedy)
+    with pytest.raises(NotImplementedError, match="without a KV cache.*without compile"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, compile="aot_eager", **greedy)
+    with pytest.raises(ValueError, match="needs explicit randomness"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, **sampling)
+    with pytest.raises(TypeError, match="'classifier'"):
+        funcpeft.generate(ours, base, adapter["classifier"], input_ids=IDS, **greedy)
