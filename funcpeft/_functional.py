@@ -681,6 +681,8 @@ def _randomness(dropout_rng: Any) -> CallRandomness | None:
         )
     if isinstance(dropout_rng, torch.Generator):
         return CallRandomness(user_generator=dropout_rng)
+    if isinstance(dropout_rng, CallRandomness):  # a caller's own, shared by several calls (X-LoRA's two passes)
+        return dropout_rng
     if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
         raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
     return CallRandomness(seed=dropout_rng)

@@ -94,14 +94,18 @@ def init_classifier(
     return tree
 
 
-def _dropout(dropout_rng: Any) -> Any:
-    """The classifier's training-mode dropout for `dropout_rng` (an int seed: its own generator with that seed;
-    a generator: drawn from after the scaling pass's draws), None in eval mode."""
-    if dropout_rng is None:
-        return None
+def _call_randomness(dropout_rng: Any) -> CallRandomness | None:
+    """One randomness for the whole X-LoRA call (None in eval mode): the scaling pass, the classifier's dropout and
+    the real pass draw from it in turn, as PEFT's do from the global RNG (an int seed: on CPU the masks equal
+    PEFT's train-mode masks after torch.manual_seed(seed)). Each pass seeding its own generator from the same int
+    would give the real pass the scaling pass's masks again."""
+    if dropout_rng is None or isinstance(dropout_rng, CallRandomness):
+        return dropout_rng
     if isinstance(dropout_rng, torch.Generator):
-        return CallRandomness(user_generator=dropout_rng).dropout
-    return CallRandomness(seed=int(dropout_rng)).dropout
+        return CallRandomness(user_generator=dropout_rng)
+    if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
+        raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
+    return CallRandomness(seed=dropout_rng)
 
 
 class XLoraFunction:
@@ -191,13 +195,14 @@ class XLoraFunction:
     ) -> torch.Tensor:
         """The scaling pass and the classifier: (B, T, n_layers, n_experts) (PEFT's get_latest_scalings())."""
         adapters = self._adapters(adapter)
+        rng = _call_randomness(dropout_rng)
         b, t, device = self._batch(args, kwargs)
         dummy = torch.full((b, t, self.n_layers, len(self.expert_names)), self.config.scaling_pass_value)
         dummy = dummy.to(device=device, dtype=self.dtype)
         pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, SCALINGS_KWARG: dummy}
         with torch.no_grad():
-            out = self.inner(base, adapters, *args, dropout_rng=dropout_rng, **pass_kwargs)
-        return self.classify(adapter["classifier"], out.hidden_states[-1], _dropout(dropout_rng))
+            out = self.inner(base, adapters, *args, dropout_rng=rng, **pass_kwargs)
+        return self.classify(adapter["classifier"], out.hidden_states[-1], None if rng is None else rng.dropout)
 
     def __call__(
         self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any
@@ -205,9 +210,10 @@ class XLoraFunction:
         """Both passes: the model's output with the experts mixed by the classifier's scalings."""
         if SCALINGS_KWARG in kwargs:
             raise TypeError(f"`{SCALINGS_KWARG}` is computed by the X-LoRA call itself (its scaling pass)")
-        s = self.scalings(base, adapter, *args, dropout_rng=dropout_rng, **kwargs)
+        rng = _call_randomness(dropout_rng)
+        s = self.scalings(base, adapter, *args, dropout_rng=rng, **kwargs)
         adapters = self._adapters(adapter)
-        return self.inner(base, adapters, *args, dropout_rng=dropout_rng, **{**kwargs, SCALINGS_KWARG: s})
+        return self.inner(base, adapters, *args, dropout_rng=rng, **{**kwargs, SCALINGS_KWARG: s})
 
     def generate(
         self, base: Mapping[str, torch.Tensor], adapter: Any, *, rng: int | torch.Generator | None = None, **kwargs: Any

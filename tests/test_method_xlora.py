@@ -494,3 +494,35 @@ def test_xlora_generate_equals_pefts(llama_experts: list[str]) -> None:
         funcpeft.generate(ours, base, adapter, input_ids=IDS, **sampling)
     with pytest.raises(TypeError, match="'classifier'"):
         funcpeft.generate(ours, base, adapter["classifier"], input_ids=IDS, **greedy)
+
+
+def test_xlora_training_mode_masks_equal_pefts_under_manual_seed(tmp_path: Path) -> None:
+    """Training mode draws the scaling pass's dropout masks (the experts' lora_dropout), the classifier's, then the
+    real pass's, in PEFT's order from one randomness: with dropout_rng=seed the outputs and gradients equal PEFT's
+    train mode after torch.manual_seed(seed). (Each pass seeding its own generator from the int gave the real pass
+    the scaling pass's masks again.)"""
+    paths = []
+    for i, t in enumerate([["q_proj", "v_proj"], ["v_proj", "down_proj"]]):
+        torch.manual_seed(i + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = peft.LoraConfig(target_modules=t, init_lora_weights=False, r=4, lora_dropout=0.3)
+            peft.get_peft_model(_model("llama"), lora).save_pretrained(str(tmp_path / f"e{i}"))
+        paths.append(str(tmp_path / f"e{i}"))
+    theirs, ours = _pair("llama", _kwargs(paths, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.4))
+    fn, base, adapter = ours
+    theirs.train()
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        ref = theirs(input_ids=IDS).logits
+        out = fn(base, adapter, input_ids=IDS, dropout_rng=seed).logits
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(out, fn(base, adapter, input_ids=IDS).logits, atol=1e-4)  # dropout acts
+    theirs.zero_grad()
+    torch.manual_seed(5)
+    theirs(input_ids=IDS).logits.square().sum().backward()
+    grads = torch.func.grad(lambda a: fn(base, a, input_ids=IDS, dropout_rng=5).logits.square().sum())(adapter)
+    named = dict(theirs.named_parameters())
+    for path, leaves in grads["classifier"].items():
+        for leaf, g in leaves.items():
+            torch.testing.assert_close(g, named[f"{PREFIX}{path}.{leaf}"].grad, atol=1e-5, rtol=0)
