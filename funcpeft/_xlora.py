@@ -61,6 +61,7 @@ from .methods._registry import register_model_level
 from .methods.base import LayerKind, Target
 from .methods.xlora import SCALINGS_KWARG, XLORA, XLoraLayers
 from .rng import CallRandomness, redirect
+from .routing import MixedBatch, PerExample
 
 LAYERS = "xlora"  # the parameterless adapter of the mixing layers
 CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier."
@@ -127,6 +128,7 @@ class XLoraFunction:
         self.experts = frozen  # the frozen experts' trees (None when they are trained: then in the adapter)
         self.dtype = dtype
         self.layer_tree: dict[str, dict[str, torch.Tensor]] = {p: {} for p in inner.plans[LAYERS]}
+        self.layout = classifier_layout(config, n_layers, len(experts))
         # the scaling pass always asks for hidden states: transformers' capturing hooks go on the model now, as
         # its first plain call with output_hidden_states would do, so that a compiled fn (which cannot install
         # them: dynamo cannot trace transformers' lock) traces as one graph
@@ -138,6 +140,11 @@ class XLoraFunction:
         return self.inner.plans
 
     def _adapters(self, adapter: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(adapter, (PerExample, MixedBatch)):
+            raise NotImplementedError(
+                "X-LoRA does not route adapters per example (per_example / mixed_batch): its classifier already "
+                "mixes the experts per token; for several classifiers at once, vmap fn over stacked adapter trees"
+            )
         if not isinstance(adapter, Mapping) or "classifier" not in adapter:
             raise TypeError(
                 "an X-LoRA adapter is {'classifier': tree} (and 'experts': {name: tree} with use_trainable_adapters); "
@@ -157,7 +164,40 @@ class XLoraFunction:
                     "holds only the classifier"
                 )
             experts = self.experts
+        self._check_classifier(adapter["classifier"])
         return {LAYERS: self.layer_tree, **{n: experts[n] for n in self.expert_names}}
+
+    def _check_classifier(self, classifier: Any) -> None:
+        """The classifier tree has exactly the layout's layers, leaves and shapes (a (1,) bias would broadcast)."""
+        want = {
+            f"{p}.{leaf}": shape
+            for p, fan_in, fan_out in self.layout
+            for leaf, shape in (("weight", (fan_out, fan_in)), ("bias", (fan_out,)))
+        }
+        got = (
+            {f"{p}.{leaf}": t for p, ls in classifier.items() if isinstance(ls, Mapping) for leaf, t in ls.items()}
+            if isinstance(classifier, Mapping)
+            else {}
+        )
+        missing = sorted(set(want) - set(got))
+        unexpected = sorted(set(got) - set(want))
+        if isinstance(classifier, Mapping):
+            unexpected += sorted(p for p, ls in classifier.items() if not isinstance(ls, Mapping))
+        shapes = sorted(
+            f"{k} {tuple(got[k].shape)} (expected {want[k]})"
+            for k in set(want) & set(got)
+            if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != want[k]
+        )
+        if missing or unexpected or shapes:
+            raise ValueError(
+                "adapter['classifier'] does not fit this X-LoRA classifier "
+                f"(depth {self.config.xlora_depth}, {len(self.expert_names)} experts, {self.n_layers} layers): "
+                + "; ".join(
+                    f"{what}: {items}"
+                    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                    if items
+                )
+            )
 
     @staticmethod
     def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[int, int, torch.device]:
@@ -174,7 +214,12 @@ class XLoraFunction:
         """PEFT's XLoraClassifier.forward: hidden (B, T, hidden_size) -> scalings (B, T, n_layers, n_experts)."""
         c = self.config
         n = len(self.expert_names)
-        layout = classifier_layout(c, self.n_layers, n)
+        layout = self.layout
+        if hidden.shape[-1] != c.hidden_size:
+            raise ValueError(
+                f"XLoraConfig.hidden_size={c.hidden_size}, but the model's last hidden state has size "
+                f"{hidden.shape[-1]}: set hidden_size to the model's hidden size"
+            )
         h = hidden
         for i, (path, _, _) in enumerate(layout):
             h = F.linear(h, classifier[path]["weight"], classifier[path]["bias"])
@@ -356,6 +401,11 @@ def _build(
         raise ValueError(
             "XLoraConfig.adapters is empty: X-LoRA mixes trained LoRA experts, pass {name: directory of a saved LoRA "
             "adapter} (PEFT builds a classifier over zero experts and fails at the first forward)"
+        )
+    if config.top_k_lora is not None and config.top_k_lora > len(config.adapters):
+        raise ValueError(
+            f"XLoraConfig.top_k_lora={config.top_k_lora} is more than the {len(config.adapters)} experts in `adapters` "
+            "(PEFT fails at the first forward: 'selected index k out of range')"
         )
     if getattr(getattr(model, "config", None), "use_cache", False):
         raise ValueError("`use_cache` must be False")

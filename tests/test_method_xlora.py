@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -526,3 +527,92 @@ def test_xlora_training_mode_masks_equal_pefts_under_manual_seed(tmp_path: Path)
     for path, leaves in grads["classifier"].items():
         for leaf, g in leaves.items():
             torch.testing.assert_close(g, named[f"{PREFIX}{path}.{leaf}"].grad, atol=1e-5, rtol=0)
+
+
+def test_xlora_wrong_trees_and_configs_are_refused_clearly(llama_experts: list[str]) -> None:
+    """A classifier bias of shape (1,) broadcast silently and an extra classifier layer was ignored; a missing one
+    was a bare KeyError; top_k_lora above the number of experts and a wrong hidden_size failed deep in torch;
+    per-example routing failed as a wrong tree type."""
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, use_trainable_adapters=True)
+    fn, base, adapter = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    classifier = adapter["classifier"]
+    last = sorted(classifier)[-1]
+    cases = {
+        r"shape: \['layers\.3\.bias \(1,\) \(expected \(3,\)\)'\]": {
+            **classifier,
+            last: {**classifier[last], "bias": torch.zeros(1)},
+        },
+        r"unexpected: \['layers\.9\.weight'\]": {**classifier, "layers.9": {"weight": torch.zeros(3, 8)}},
+        r"missing: \['layers\.3\.bias', 'layers\.3\.weight'\]": {k: v for k, v in classifier.items() if k != last},
+    }
+    for message, tree in cases.items():
+        with pytest.raises(ValueError, match=r"does not fit this X-LoRA classifier \(depth 2, 3 experts.*" + message):
+            fn(base, {**adapter, "classifier": tree}, input_ids=IDS)
+    experts = adapter["experts"]
+    with pytest.raises(ValueError, match=r"must hold the experts \['0', '1', '2'\]"):
+        fn(base, {**adapter, "experts": {k: v for k, v in experts.items() if k != "2"}}, input_ids=IDS)
+    path = sorted(experts["0"])[0]
+    short = {**experts["0"][path], "lora_A": experts["0"][path]["lora_A"][:1]}
+    with pytest.raises(ValueError, match=r"lora_A has shape \(1, 16\), expected \(4, 16\)"):
+        fn(base, {**adapter, "experts": {**experts, "0": {**experts["0"], path: short}}}, input_ids=IDS)
+    stacked = funcpeft.stack_adapters([adapter, adapter])
+    with pytest.raises(NotImplementedError, match="X-LoRA does not route adapters per example"):
+        fn(base, funcpeft.per_example(stacked, torch.tensor([0, 1])), input_ids=IDS)
+    with pytest.raises(ValueError, match="top_k_lora=4 is more than the 3 experts"):
+        funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, top_k_lora=4)))
+    fn, base, adapter = funcpeft.get_peft_model(
+        _model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, hidden_size=8))
+    )
+    with pytest.raises(ValueError, match="hidden_size=8, but the model's last hidden state has size 16"):
+        fn(base, adapter, input_ids=IDS)
+
+
+def test_xlora_gradient_checkpointing_gradients_equal_without(llama_experts: list[str]) -> None:
+    """transformers' gradient checkpointing on the base model (training mode: layers recomputed in the backward,
+    with the same dropout masks): the gradients of the classifier and of trainable experts equal those without."""
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.3, use_trainable_adapters=True)
+    ckpt = _model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5: renamed activation_checkpointing_enable
+        ckpt.gradient_checkpointing_enable()
+    runs = []
+    for model in (_model("llama"), ckpt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.XLoraConfig(**kwargs))
+        runs.append(
+            funcpeft.value_and_grad(
+                lambda a, fn=fn, base=base: fn(base, a, input_ids=IDS, dropout_rng=3).logits.square().sum()
+            )(adapter)
+        )
+    (loss, grads), (loss_ck, grads_ck) = runs
+    torch.testing.assert_close(loss_ck, loss, atol=0, rtol=0)
+    leaves, leaves_ck = optree.tree_leaves(grads), optree.tree_leaves(grads_ck)
+    assert len(leaves) == len(leaves_ck) and sum(int(g.abs().max() > 0) for g in leaves) > len(leaves) // 2
+    for g, g_ck in zip(leaves, leaves_ck):
+        torch.testing.assert_close(g_ck, g, atol=1e-6, rtol=1e-6)
+
+
+def test_xlora_threads_with_different_adapters_and_seeds_equal_each_alone(llama_experts: list[str]) -> None:
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.3)
+    fn, base, adapter = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    trees = [optree.tree_map(lambda t, f=1 + 0.5 * k: t.detach() * f, adapter) for k in range(3)]
+    seeds = [None, 1, 2]
+    with torch.no_grad():
+        alone = [fn(base, t, input_ids=IDS, dropout_rng=s).logits for t, s in zip(trees, seeds)]
+    assert not torch.equal(alone[1], alone[2])
+    failures: list[int] = []
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(10):
+                if not torch.equal(fn(base, trees[k], input_ids=IDS, dropout_rng=seeds[k]).logits, alone[k]):
+                    failures.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
