@@ -56,7 +56,7 @@ from ._model import FunctionalPeftModel, from_pretrained
 from ._plan import Plan, PlanEntry, init_adapter, layer_spec
 from ._trees import tree_numel
 from .configs.xlora import XLoraConfig
-from .io import config_dict, read_config, read_tensors, write_files_atomically
+from .io import adapter_files, config_dict, read_config, read_tensors, save_files
 from .methods._registry import register_model_level
 from .methods.base import LayerKind, Target
 from .methods.xlora import SCALINGS_KWARG, XLORA, XLoraLayers
@@ -328,7 +328,9 @@ class XLoraModel:
         """PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
-    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], adapter_params: Any = None, fsync: bool = True, **kwargs: Any
+    ) -> str:
         """PEFT's layout (module docstring): the config and classifier in `directory` (or `directory/<adapter_name>`
         for a non-default name), each expert as a LoRA adapter in `<that>/<i>/`."""
         if adapter_params is None:
@@ -337,23 +339,32 @@ class XLoraModel:
         out = os.fspath(directory)
         if self.adapter_name != "default":
             out = os.path.join(out, self.adapter_name)
-        os.makedirs(out, exist_ok=True)
+        # one unit: every expert's files, the classifier, then the config that marks the save (a failure while
+        # writing replaces nothing; an earlier save is never left with some experts new and the classifier old)
+        writers: dict[str, Any] = {}
         for name in self.fn.expert_names:
-            self.experts.save_pretrained_adapter(out, name, adapters[name], **kwargs)
+            _, files = adapter_files(
+                out,
+                adapters[name],
+                self.experts.peft_config[name],
+                name,
+                model=self.experts.model,
+                base_params=self.experts.base,
+                plan=self.experts.plans[name],
+                **kwargs,
+            )
+            writers.update(files)
         state = {
             f"{CLASSIFIER_PREFIX}{path}.{leaf}": t.detach().contiguous().cpu()
             for path, leaves in adapter_params["classifier"].items()
             for leaf, t in leaves.items()
         }
         text = json.dumps(config_dict(self.peft_config[self.adapter_name], self.model), indent=2, sort_keys=True)
-        write_files_atomically(
-            {
-                os.path.join(out, "adapter_config.json"): lambda p: _write_text(p, text),
-                os.path.join(out, "adapter_model.safetensors"): lambda p: save_file(
-                    state, p, metadata={"format": "pt"}
-                ),
-            }
+        writers[os.path.join(out, "adapter_model.safetensors")] = lambda p: save_file(
+            state, p, metadata={"format": "pt"}
         )
+        writers[os.path.join(out, "adapter_config.json")] = lambda p: _write_text(p, text)
+        save_files(writers, fsync=fsync)
         return out
 
 

@@ -616,3 +616,50 @@ def test_xlora_threads_with_different_adapters_and_seeds_equal_each_alone(llama_
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_xlora_save_interrupted_while_writing_leaves_the_earlier_save(
+    llama_experts: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save over an earlier one that fails while writing (here: the config, written last) replaces nothing: the
+    experts and the classifier were written first, each on its own, so the directory held new experts next to
+    the old classifier and config and loaded as neither save."""
+    kwargs = _kwargs(llama_experts, use_trainable_adapters=True, xlora_depth=2, xlora_size=8)
+    pm = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    assert isinstance(pm, XLoraModel)
+    fn, base, adapter = pm
+    first = optree.tree_map(lambda t: t.detach() + 0.05, adapter)
+    second = optree.tree_map(lambda t: t.detach() - 0.05, adapter)
+    pm.save_pretrained(tmp_path, first)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert len(before) == 2 + 2 * 3
+
+    def crash(path: str, text: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(funcpeft._xlora, "_write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pm.save_pretrained(tmp_path, second)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # nothing replaced, no temporary file left
+    monkeypatch.undo()
+    loaded = funcpeft.from_pretrained(_model("llama"), tmp_path)
+    lfn, lbase, ladapter = loaded
+    torch.testing.assert_close(
+        lfn(lbase, ladapter, input_ids=IDS).logits, fn(base, first, input_ids=IDS).logits, atol=1e-6, rtol=0
+    )
+    fresh = tmp_path / "new"
+    with pytest.raises(OSError, match="disk full"), monkeypatch.context() as m:
+        m.setattr(funcpeft._xlora, "_write_text", crash)
+        pm.save_pretrained(fresh, second)
+    assert not fresh.exists()  # the directories it created are removed
+
+
+def test_xlora_load_with_another_number_of_experts_is_refused(llama_experts: list[str], tmp_path: Path) -> None:
+    """A save of 3 experts loaded over 2 (or 2 over 3): the classifier's shapes name the mismatch."""
+    pm = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts)))
+    pm.save_pretrained(tmp_path / "three", pm.adapter)
+    with pytest.raises(ValueError, match=r"layers\.0\.weight has shape \(3, 16\), expected \(2, 16\)"):
+        funcpeft.from_pretrained(
+            _model("llama"), tmp_path / "three", adapters=dict(list(_kwargs(llama_experts)["adapters"].items())[:2])
+        )
