@@ -30,6 +30,11 @@ behaviour). PEFT works only with experts named "0".."n-1" (its set_adapter uses 
 "0".."n-1": its forward fails with KeyError); funcpeft mixes the experts of `adapters` in order whatever their
 names. PEFT cannot load experts of models whose layers are not under `model.` (GPT-2's `transformer.`: 'Got
 unexpected keys!'); funcpeft can.
+
+Compile: `torch.compile(fn, fullgraph=True)` is one graph; building installs transformers' output-capturing hooks on
+the model (what its first plain call with output_hidden_states does; dynamo cannot). Generation (`generate`): both
+passes over the whole sequence per step, no KV cache, as PEFT. Training mode: one randomness per call, drawn by the
+scaling pass, the classifier and the real pass in turn (PEFT's order). Saves are one unit (funcpeft.io.save_files).
 """
 
 from __future__ import annotations
