@@ -801,7 +801,7 @@ class OutputCapturing:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
         for m in self.modules:
-            maybe_install_capturing_hooks(m)  # idempotent, thread-safe (transformers' lock)
+            maybe_install_capturing_hooks(m)  # type: ignore[arg-type]  # idempotent, thread-safe (its lock)
         self.installed = True
 
     def install_if_asked(self, kwargs: Mapping[str, Any]) -> None:

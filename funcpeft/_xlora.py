@@ -290,7 +290,7 @@ class XLoraFunction:
 
         skel.forward = forward  # the skeleton only: generate's model calls run both passes
         with redirect(randomness):
-            return skel.generate(**{**kwargs, "use_cache": False})
+            return skel.generate(**{**kwargs, "use_cache": False})  # type: ignore[operator]
 
 
 @dataclasses.dataclass(repr=False)

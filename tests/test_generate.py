@@ -335,7 +335,7 @@ def test_generate_with_hidden_states_adds_transformers_hooks_once() -> None:
     model's generate does, and each step's hidden states equal the plain model's."""
     model, plain = T.tiny_llama(), T.tiny_llama()
     fn, base, _ = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"]))
-    prompts = _prompts(int(plain.config.vocab_size))
+    prompts: dict[str, Any] = _prompts(int(plain.config.vocab_size))
     kw: dict[str, Any] = dict(
         max_new_tokens=3, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
     )
