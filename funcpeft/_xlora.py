@@ -88,15 +88,22 @@ def classifier_layout(config: XLoraConfig, n_layers: int, n_experts: int) -> lis
 
 
 def init_classifier(
-    layout: list[tuple[str, int, int]], dtype: torch.dtype, generator: torch.Generator | None
+    layout: list[tuple[str, int, int]],
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """nn.Linear's default init (kaiming_uniform a=sqrt(5): U(+-1/sqrt(in)) for weight and bias), in order."""
+    """nn.Linear's default init (kaiming_uniform a=sqrt(5): U(+-1/sqrt(in)) for weight and bias), in order, drawn on
+    the CPU (PEFT's values for the same seed) and put on `device` (the model's)."""
     tree = {}
     for path, fan_in, fan_out in layout:
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=generator)
         b = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
-        tree[path] = {"weight": w.to(dtype).requires_grad_(), "bias": b.to(dtype).requires_grad_()}
+        tree[path] = {
+            "weight": w.to(device=device, dtype=dtype).requires_grad_(),
+            "bias": b.to(device=device, dtype=dtype).requires_grad_(),
+        }
     return tree
 
 
@@ -462,7 +469,9 @@ def _build(
     # the same draws first give the classifier PEFT's values for the same seed
     for name in names:
         init_adapter(pm.model, pm.plans[name], autocast_adapter_dtype, generator, False)
-    classifier = init_classifier(classifier_layout(resolved, len(layer_paths), len(names)), dtype, generator)
+    layout = classifier_layout(resolved, len(layer_paths), len(names))
+    # the classifier reads the last hidden state: on the device of the model's last parameters (final norm / head)
+    classifier = init_classifier(layout, dtype, generator, list(model.parameters())[-1].device)
     adapter: dict[str, Any] = {"classifier": classifier}
     if trainable:
         adapter["experts"] = trees
@@ -556,7 +565,7 @@ def load_xlora(
             t = state[key]
             if tuple(t.shape) != tuple(fresh[p][leaf].shape):
                 raise ValueError(f"{root}: {key} has shape {tuple(t.shape)}, expected {tuple(fresh[p][leaf].shape)}")
-            fresh[p][leaf] = t.to(fresh[p][leaf].dtype).requires_grad_(is_trainable)
+            fresh[p][leaf] = t.to(device=fresh[p][leaf].device, dtype=fresh[p][leaf].dtype).requires_grad_(is_trainable)
     for leaves in fresh.values():
         for leaf, t in leaves.items():
             leaves[leaf] = t.detach().requires_grad_(is_trainable)
