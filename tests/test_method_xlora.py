@@ -665,11 +665,12 @@ def test_xlora_load_with_another_number_of_experts_is_refused(llama_experts: lis
         )
 
 
-def test_xlora_bf16_model_with_an_embedding_expert_runs_in_bf16_near_pefts(llama_experts: list[str]) -> None:
-    """An expert on the input embedding of a bf16 model: PEFT adds each expert's fp32 term in place (`result +=`,
-    rounded to bf16); funcpeft's embedding layer returned fp32 hidden states and the next bf16 Linear failed. Now
-    each addition rounds to the layer's dtype like PEFT's. Not bit-equal to PEFT in bf16: outputs differ by about
-    one bf16 rounding step (documented in docs/usage.md)."""
+def test_xlora_bf16_model_keeps_the_experts_files_where_peft_rounds_them(llama_experts: list[str]) -> None:
+    """A bf16 model (one expert on the input embedding): funcpeft's embedding layer returned fp32 hidden states
+    (the next bf16 Linear failed); now each expert's term is added and rounded to the layer's dtype, like PEFT's
+    in-place `result +=`. Deviation: PEFT's X-LoRA loads the experts' fp32 files through the bf16 model, so its
+    (fp32) expert weights are the files' values rounded to bf16, unlike its own LoRA from_pretrained; funcpeft keeps
+    the files' values. With the experts rounded the same way, the outputs are PEFT's bit for bit."""
     kwargs = _kwargs(llama_experts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -680,7 +681,17 @@ def test_xlora_bf16_model_with_an_embedding_expert_runs_in_bf16_near_pefts(llama
     for path, leaves in adapter["classifier"].items():
         for leaf in leaves:
             leaves[leaf] = named[f"{PREFIX}{path}.{leaf}"].detach().clone()
+    assert fn.experts is not None
+    file = load_file(Path(llama_experts[0]) / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ours_a = fn.experts["0"]["model.layers.0.self_attn.q_proj"]["lora_A"]
+    peft_a = _expert_param(theirs, "0", "model.layers.0.self_attn.q_proj", "lora_A")
+    assert ours_a.dtype == peft_a.dtype == torch.float32
+    assert torch.equal(ours_a, file[key]) and not torch.equal(peft_a, file[key])
+    assert torch.equal(peft_a, file[key].bfloat16().float())
     ref = theirs(input_ids=IDS).logits
     out = fn(base, adapter, input_ids=IDS).logits
     assert out.dtype == torch.bfloat16 and adapter["classifier"]["layers.0"]["weight"].dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=0.05, rtol=0.02)
+    fn.experts = optree.tree_map(lambda t: t.bfloat16().float(), fn.experts)
+    assert torch.equal(fn(base, adapter, input_ids=IDS).logits, ref)
