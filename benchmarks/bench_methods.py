@@ -76,8 +76,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lily": ("LilyConfig", dict(r=16, target_modules=ALL_LINEAR)),
     "frod": ("FrodConfig", dict(target_modules=ATTENTION)),
     "shadow": ("ShadowConfig", dict(task_type="CAUSAL_LM")),  # every decoder block; the mirrored shadow backbone
+    # X-LoRA: 3 LoRA experts (r=16, attention; saved by PEFT with perturbed values), its default classifier
+    "xlora": ("XLoraConfig", dict(task_type="CAUSAL_LM", hidden_size=512)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+XLORA_EXPERTS = 3
 # model inputs a method needs besides input_ids / labels
 EXTRA_INPUTS: dict[str, dict[str, Any]] = {"poly": {"task_ids": torch.arange(BATCH) % 4}}
 
@@ -143,6 +146,66 @@ class Fixture:
         return abs(loss.item() - want.item()), max(diffs, default=0.0)
 
 
+class XLoraFixture(Fixture):
+    """X-LoRA: LoRA experts saved by PEFT (perturbed values), both libraries built on them, funcpeft's classifier
+    set to PEFT's; the step trains the classifier (the experts are frozen, PEFT's default)."""
+
+    def __init__(self, method: str, tmp: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        import os
+
+        import peft
+
+        cls, kwargs = METHODS[method]
+        model = build_llama(512, 1376).to(device=device, dtype=dtype)
+        model.config.use_cache = False  # X-LoRA's requirement
+        g = torch.Generator().manual_seed(1)
+        adapters = {}
+        for i in range(XLORA_EXPERTS):
+            torch.manual_seed(i)
+            lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION)
+            expert = _quiet(lambda lora=lora: peft.get_peft_model(copy.deepcopy(model), lora))
+            with torch.no_grad():
+                for p in expert.parameters():
+                    if p.requires_grad:
+                        p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+            adapters[str(i)] = os.path.join(tmp, f"expert{i}")
+            _quiet(lambda expert=expert, i=i: expert.save_pretrained(adapters[str(i)]))
+        config = {**kwargs, "adapters": adapters}
+        torch.manual_seed(0)
+        self.peft = _quiet(lambda: peft.get_peft_model(copy.deepcopy(model), getattr(peft, cls)(**config))).eval()
+        self.peft_params = [p for p in self.peft.parameters() if p.requires_grad]
+        self.pm = _quiet(lambda: funcpeft.get_peft_model(model, getattr(funcpeft, cls)(**config)))
+        self.fn, self.base, self.adapter = self.pm
+        named = dict(self.peft.named_parameters())
+        prefix = "base_model.internal_xlora_classifier."
+        self.keys = {}
+        for path, leaves in self.adapter["classifier"].items():
+            for leaf in leaves:
+                self.keys[(path, leaf)] = named[f"{prefix}{path}.{leaf}"]
+                leaves[leaf] = self.keys[(path, leaf)].detach().clone().requires_grad_()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2)).to(device)
+        self.kw = {"input_ids": ids, "labels": ids}
+        self.step = funcpeft.value_and_grad(lambda a: self.fn(self.base, a, **self.kw).loss)
+
+    def check_equal(self) -> tuple[float, float]:
+        """(|loss diff|, max |grad diff|) against PEFT, the classifier's gradients by parameter."""
+        self.zero_grads()
+        want = self.peft_step()
+        loss, grads = self.step(self.adapter)
+        diffs = [
+            (grads["classifier"][path][leaf] - p.grad).abs().max().item()
+            for (path, leaf), p in self.keys.items()
+            if p.grad is not None
+        ]
+        if len(diffs) != len(self.keys):
+            raise AssertionError("PEFT's classifier got no gradient")
+        self.zero_grads()
+        return abs(loss.item() - want.item()), max(diffs, default=0.0)
+
+
+FIXTURES: dict[str, type[Fixture]] = {"xlora": XLoraFixture}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
@@ -164,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([method, "-", "-", "-", "-", "-", "-", "not implemented in funcpeft"])
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            fx = Fixture(method, tmp, args.device, dtype)
+            fx = FIXTURES.get(method, Fixture)(method, tmp, args.device, dtype)
             loss_diff, grad_diff = fx.check_equal()
             times, ratio, noise = versus_peft(
                 fx.peft_step, lambda fx=fx: fx.step(fx.adapter), args, before=fx.zero_grads

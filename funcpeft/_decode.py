@@ -297,6 +297,16 @@ def generate(
     Returns:
         What the model's `generate` returns: token ids (B * num_return_sequences, L + new) by default.
     """
+    fn = getattr(pm, "fn", pm)
+    if not isinstance(fn, PeftFunction) and callable(getattr(fn, "generate", None)):
+        # a model-level method's own function (X-LoRA's two passes): it generates itself, without a KV cache
+        if compile:
+            raise NotImplementedError(
+                f"funcpeft.generate(compile=...): {type(fn).__name__} generates without a KV cache (every step runs "
+                "its whole call over the sequence so far, like PEFT), which the compiled static-cache decoder cannot "
+                "do; call funcpeft.generate without compile"
+            )
+        return fn.generate(base, adapter, rng=rng, **kwargs)
     if compile:
         decoder = default_decoder(pm, "inductor" if compile is True else compile)
         return decoder.generate(base, adapter, rng=rng, **kwargs)

@@ -160,6 +160,7 @@ class PeftFunction:
         }
         # a model sharded with FSDP2's fully_shard runs as itself, not on call skeletons (funcpeft._fsdp)
         self.sharded = ShardedModel.of(model)
+        self.capturing = OutputCapturing.of(model)
 
     # -- the call ------------------------------------------------------------------------------------------
     def split_adapters(self, adapter: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -547,6 +548,8 @@ class PeftFunction:
         check_not_sharded(self._model)
         if not torch.compiler.is_dynamo_compiling():
             check_plain_base(base, self._model)
+            if self.capturing is not None:
+                self.capturing.install_if_asked(model_kwargs)
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, dropout, (args, kwargs), generator, wrapped)
         kwargs = model_kwargs
@@ -593,6 +596,8 @@ class PeftFunction:
         """
         if self.sharded is not None:
             self.sharded.refuse("generate (a bound model)")
+        if self.capturing is not None:
+            self.capturing.install_if_asked(inputs[1])
         wrapped: Wraps = {}
         params = self.build_params(base, adapter, no_dropout, inputs, wrapped=wrapped)
         return _Call(params, None, wrapped).skeleton(self._model)
@@ -679,6 +684,8 @@ def _randomness(dropout_rng: Any) -> CallRandomness | None:
         )
     if isinstance(dropout_rng, torch.Generator):
         return CallRandomness(user_generator=dropout_rng)
+    if isinstance(dropout_rng, CallRandomness):  # a caller's own, shared by several calls (X-LoRA's two passes)
+        return dropout_rng
     if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
         raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
     return CallRandomness(seed=dropout_rng)
@@ -765,6 +772,60 @@ class _Call:
             f"funcpeft: the model no longer has the parameter(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} that fn "
             "was built for: its module structure changed after get_peft_model. Call get_peft_model on the model as it is now."
         )
+
+
+class OutputCapturing:
+    """transformers' output-capturing hooks (`output_hidden_states`, `output_attentions`, ... of models whose
+    forward is decorated with `capture_outputs`), installed once on the model itself.
+
+    transformers installs them lazily, on the first call asking for such outputs, and marks the module
+    installed. On a call skeleton the mark would land on the skeleton (lost after the call) while the hooks land
+    in the model's hook dicts (shared with the skeleton): every call would add another set, and
+    `hidden_states` would grow by one entry per layer per call (silently wrong indices, a leak). So the first
+    call asking for them installs them on the model, as a plain call of the model would, and the skeletons
+    copy the mark. A traced call cannot install them (dynamo cannot trace transformers' lock): a compiled fn
+    asking for them needs them installed first (`install`; X-LoRA's fn does it when it is built).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.flags = tuple(
+            sorted({f"output_{k}" for m in modules for k in getattr(m, "_can_record_outputs", None) or {}})
+        )
+        self.installed = False
+
+    @staticmethod
+    def of(model: nn.Module) -> OutputCapturing | None:
+        modules = [m for m in model.modules() if _captures_outputs(type(m).forward)]
+        return OutputCapturing(modules) if modules else None
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+        for m in self.modules:
+            maybe_install_capturing_hooks(m)  # type: ignore[arg-type]  # idempotent, thread-safe (its lock)
+        self.installed = True
+
+    def install_if_asked(self, kwargs: Mapping[str, Any]) -> None:
+        """Install on the first call whose kwargs (or a decorated module's config) ask for captured outputs."""
+        if self.installed:
+            return
+        if any(k.startswith("output_") and v for k, v in kwargs.items()) or any(
+            getattr(getattr(m, "config", None), f, False) for m in self.modules for f in self.flags
+        ):
+            self.install()
+
+
+def _captures_outputs(forward: Any) -> bool:
+    """Whether a forward is wrapped by transformers' `capture_outputs` (its wrapper's code, behind functools.wraps)."""
+    while forward is not None:
+        code = getattr(forward, "__code__", None)
+        if code is not None and code.co_qualname.startswith("capture_outputs."):
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+    return False
 
 
 def parameter_value(

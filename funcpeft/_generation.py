@@ -45,6 +45,8 @@ def eager_generate(
     if not callable(getattr(model, "generate", None)):
         raise TypeError(f"funcpeft.generate: the model ({type(model).__name__}) has no `generate` method")
     config, randomness = generation_randomness(model, kwargs, rng)
+    if fn.capturing is not None:  # generate(output_hidden_states=True): transformers' hooks once, on the model
+        fn.capturing.install_if_asked(kwargs)
     if fn.has_input_adapter(adapter):  # prompt learning: the prompts go in as generate's inputs (see apply_inputs)
         call, finish = fn.apply_inputs(base, adapter, (), kwargs, generating=True)
         skel: Any = fn.bound_model(base, adapter, ((), kwargs))

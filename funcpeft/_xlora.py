@@ -30,6 +30,11 @@ behaviour). PEFT works only with experts named "0".."n-1" (its set_adapter uses 
 "0".."n-1": its forward fails with KeyError); funcpeft mixes the experts of `adapters` in order whatever their
 names. PEFT cannot load experts of models whose layers are not under `model.` (GPT-2's `transformer.`: 'Got
 unexpected keys!'); funcpeft can.
+
+Compile: `torch.compile(fn, fullgraph=True)` is one graph; building installs transformers' output-capturing hooks on
+the model (what its first plain call with output_hidden_states does; dynamo cannot). Generation (`generate`): both
+passes over the whole sequence per step, no KV cache, as PEFT. Training mode: one randomness per call, drawn by the
+scaling pass, the classifier and the real pass in turn (PEFT's order). Saves are one unit (funcpeft.io.save_files).
 """
 
 from __future__ import annotations
@@ -51,15 +56,17 @@ from torch import nn
 from ._config import LoraConfig, PeftConfig
 from ._counting import count_parameters, format_trainable
 from ._functional import PeftFunction
+from ._generation import generation_randomness
 from ._model import FunctionalPeftModel, from_pretrained
 from ._plan import Plan, PlanEntry, init_adapter, layer_spec
 from ._trees import tree_numel
 from .configs.xlora import XLoraConfig
-from .io import config_dict, read_config, read_tensors, write_files_atomically
+from .io import adapter_files, config_dict, read_config, read_tensors, save_files
 from .methods._registry import register_model_level
 from .methods.base import LayerKind, Target
 from .methods.xlora import SCALINGS_KWARG, XLORA, XLoraLayers
-from .rng import CallRandomness
+from .rng import CallRandomness, redirect
+from .routing import MixedBatch, PerExample
 
 LAYERS = "xlora"  # the parameterless adapter of the mixing layers
 CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier."
@@ -81,26 +88,37 @@ def classifier_layout(config: XLoraConfig, n_layers: int, n_experts: int) -> lis
 
 
 def init_classifier(
-    layout: list[tuple[str, int, int]], dtype: torch.dtype, generator: torch.Generator | None
+    layout: list[tuple[str, int, int]],
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """nn.Linear's default init (kaiming_uniform a=sqrt(5): U(+-1/sqrt(in)) for weight and bias), in order."""
+    """nn.Linear's default init (kaiming_uniform a=sqrt(5): U(+-1/sqrt(in)) for weight and bias), in order, drawn on
+    the CPU (PEFT's values for the same seed) and put on `device` (the model's)."""
     tree = {}
     for path, fan_in, fan_out in layout:
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=generator)
         b = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
-        tree[path] = {"weight": w.to(dtype).requires_grad_(), "bias": b.to(dtype).requires_grad_()}
+        tree[path] = {
+            "weight": w.to(device=device, dtype=dtype).requires_grad_(),
+            "bias": b.to(device=device, dtype=dtype).requires_grad_(),
+        }
     return tree
 
 
-def _dropout(dropout_rng: Any) -> Any:
-    """The classifier's training-mode dropout for `dropout_rng` (an int seed: its own generator with that seed;
-    a generator: drawn from after the scaling pass's draws), None in eval mode."""
-    if dropout_rng is None:
-        return None
+def _call_randomness(dropout_rng: Any) -> CallRandomness | None:
+    """One randomness for the whole X-LoRA call (None in eval mode): the scaling pass, the classifier's dropout and
+    the real pass draw from it in turn, as PEFT's do from the global RNG (an int seed: on CPU the masks equal
+    PEFT's train-mode masks after torch.manual_seed(seed)). Each pass seeding its own generator from the same int
+    would give the real pass the scaling pass's masks again."""
+    if dropout_rng is None or isinstance(dropout_rng, CallRandomness):
+        return dropout_rng
     if isinstance(dropout_rng, torch.Generator):
-        return CallRandomness(user_generator=dropout_rng).dropout
-    return CallRandomness(seed=int(dropout_rng)).dropout
+        return CallRandomness(user_generator=dropout_rng)
+    if isinstance(dropout_rng, bool) or not isinstance(dropout_rng, int):
+        raise TypeError(f"dropout_rng must be None, an int seed or a torch.Generator, got {dropout_rng!r}")
+    return CallRandomness(seed=dropout_rng)
 
 
 class XLoraFunction:
@@ -122,12 +140,23 @@ class XLoraFunction:
         self.experts = frozen  # the frozen experts' trees (None when they are trained: then in the adapter)
         self.dtype = dtype
         self.layer_tree: dict[str, dict[str, torch.Tensor]] = {p: {} for p in inner.plans[LAYERS]}
+        self.layout = classifier_layout(config, n_layers, len(experts))
+        # the scaling pass always asks for hidden states: transformers' capturing hooks go on the model now, as
+        # its first plain call with output_hidden_states would do, so that a compiled fn (which cannot install
+        # them: dynamo cannot trace transformers' lock) traces as one graph
+        if inner.capturing is not None:
+            inner.capturing.install()
 
     @property
     def plans(self) -> dict[str, Plan]:
         return self.inner.plans
 
     def _adapters(self, adapter: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(adapter, (PerExample, MixedBatch)):
+            raise NotImplementedError(
+                "X-LoRA does not route adapters per example (per_example / mixed_batch): its classifier already "
+                "mixes the experts per token; for several classifiers at once, vmap fn over stacked adapter trees"
+            )
         if not isinstance(adapter, Mapping) or "classifier" not in adapter:
             raise TypeError(
                 "an X-LoRA adapter is {'classifier': tree} (and 'experts': {name: tree} with use_trainable_adapters); "
@@ -147,7 +176,40 @@ class XLoraFunction:
                     "holds only the classifier"
                 )
             experts = self.experts
+        self._check_classifier(adapter["classifier"])
         return {LAYERS: self.layer_tree, **{n: experts[n] for n in self.expert_names}}
+
+    def _check_classifier(self, classifier: Any) -> None:
+        """The classifier tree has exactly the layout's layers, leaves and shapes (a (1,) bias would broadcast)."""
+        want = {
+            f"{p}.{leaf}": shape
+            for p, fan_in, fan_out in self.layout
+            for leaf, shape in (("weight", (fan_out, fan_in)), ("bias", (fan_out,)))
+        }
+        got = (
+            {f"{p}.{leaf}": t for p, ls in classifier.items() if isinstance(ls, Mapping) for leaf, t in ls.items()}
+            if isinstance(classifier, Mapping)
+            else {}
+        )
+        missing = sorted(set(want) - set(got))
+        unexpected = sorted(set(got) - set(want))
+        if isinstance(classifier, Mapping):
+            unexpected += sorted(p for p, ls in classifier.items() if not isinstance(ls, Mapping))
+        shapes = sorted(
+            f"{k} {tuple(got[k].shape)} (expected {want[k]})"
+            for k in set(want) & set(got)
+            if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != want[k]
+        )
+        if missing or unexpected or shapes:
+            raise ValueError(
+                "adapter['classifier'] does not fit this X-LoRA classifier "
+                f"(depth {self.config.xlora_depth}, {len(self.expert_names)} experts, {self.n_layers} layers): "
+                + "; ".join(
+                    f"{what}: {items}"
+                    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                    if items
+                )
+            )
 
     @staticmethod
     def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[int, int, torch.device]:
@@ -164,7 +226,12 @@ class XLoraFunction:
         """PEFT's XLoraClassifier.forward: hidden (B, T, hidden_size) -> scalings (B, T, n_layers, n_experts)."""
         c = self.config
         n = len(self.expert_names)
-        layout = classifier_layout(c, self.n_layers, n)
+        layout = self.layout
+        if hidden.shape[-1] != c.hidden_size:
+            raise ValueError(
+                f"XLoraConfig.hidden_size={c.hidden_size}, but the model's last hidden state has size "
+                f"{hidden.shape[-1]}: set hidden_size to the model's hidden size"
+            )
         h = hidden
         for i, (path, _, _) in enumerate(layout):
             h = F.linear(h, classifier[path]["weight"], classifier[path]["bias"])
@@ -185,13 +252,14 @@ class XLoraFunction:
     ) -> torch.Tensor:
         """The scaling pass and the classifier: (B, T, n_layers, n_experts) (PEFT's get_latest_scalings())."""
         adapters = self._adapters(adapter)
+        rng = _call_randomness(dropout_rng)
         b, t, device = self._batch(args, kwargs)
         dummy = torch.full((b, t, self.n_layers, len(self.expert_names)), self.config.scaling_pass_value)
         dummy = dummy.to(device=device, dtype=self.dtype)
         pass_kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True, SCALINGS_KWARG: dummy}
         with torch.no_grad():
-            out = self.inner(base, adapters, *args, dropout_rng=dropout_rng, **pass_kwargs)
-        return self.classify(adapter["classifier"], out.hidden_states[-1], _dropout(dropout_rng))
+            out = self.inner(base, adapters, *args, dropout_rng=rng, **pass_kwargs)
+        return self.classify(adapter["classifier"], out.hidden_states[-1], None if rng is None else rng.dropout)
 
     def __call__(
         self, base: Mapping[str, torch.Tensor], adapter: Any, *args: Any, dropout_rng: Any = None, **kwargs: Any
@@ -199,9 +267,37 @@ class XLoraFunction:
         """Both passes: the model's output with the experts mixed by the classifier's scalings."""
         if SCALINGS_KWARG in kwargs:
             raise TypeError(f"`{SCALINGS_KWARG}` is computed by the X-LoRA call itself (its scaling pass)")
-        s = self.scalings(base, adapter, *args, dropout_rng=dropout_rng, **kwargs)
+        rng = _call_randomness(dropout_rng)
+        s = self.scalings(base, adapter, *args, dropout_rng=rng, **kwargs)
         adapters = self._adapters(adapter)
-        return self.inner(base, adapters, *args, dropout_rng=dropout_rng, **{**kwargs, SCALINGS_KWARG: s})
+        return self.inner(base, adapters, *args, dropout_rng=rng, **{**kwargs, SCALINGS_KWARG: s})
+
+    def generate(
+        self, base: Mapping[str, torch.Tensor], adapter: Any, *, rng: int | torch.Generator | None = None, **kwargs: Any
+    ) -> Any:
+        """PEFT's `XLoraModel.generate`: transformers' generate where every forward runs both passes (this fn).
+
+        Like PEFT, without a KV cache (`use_cache=False`): each step runs the scaling pass and the real pass over
+        the whole sequence so far. use_cache=True is refused (PEFT silently overrides it). rng: sampling's
+        randomness (funcpeft.generate). Returns what the model's generate returns: token ids (B, L + new).
+        """
+        if kwargs.get("use_cache"):
+            raise ValueError(
+                "X-LoRA generates without a KV cache (PEFT's XLoraModel.generate sets use_cache=False: every step "
+                "runs the scaling pass over the whole sequence); drop use_cache=True"
+            )
+        self._adapters(adapter)  # a wrong tree is refused before generate starts
+        model = self.inner.model
+        config, randomness = generation_randomness(model, kwargs, rng)
+        skel = self.inner.bound_model(base, None)
+        fn = self
+
+        def forward(*args: Any, **call_kwargs: Any) -> Any:
+            return fn(base, adapter, *args, **call_kwargs)
+
+        skel.forward = forward  # the skeleton only: generate's model calls run both passes
+        with redirect(randomness):
+            return skel.generate(**{**kwargs, "use_cache": False})  # type: ignore[operator]
 
 
 @dataclasses.dataclass(repr=False)
@@ -228,6 +324,10 @@ class XLoraModel:
             f"{self.fn.n_layers} X-LoRA layers, {tree_numel(self.adapter):,} adapter values)"
         )
 
+    def generate(self, base: Mapping[str, torch.Tensor], adapter: Any, **kwargs: Any) -> Any:
+        """PEFT's `XLoraModel.generate` (XLoraFunction.generate: both passes each step, no KV cache)."""
+        return self.fn.generate(base, adapter, **kwargs)
+
     def get_nb_trainable_parameters(self, adapter: Any = None) -> tuple[int, int]:
         """(trainable, all) like PEFT: the classifier (+ the experts when trainable); all adds the model and experts."""
         tree = self.adapter if adapter is None else adapter
@@ -240,7 +340,9 @@ class XLoraModel:
         """PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
         print(format_trainable(*self.get_nb_trainable_parameters(adapter)))
 
-    def save_pretrained(self, directory: str | os.PathLike[str], adapter_params: Any = None, **kwargs: Any) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], adapter_params: Any = None, fsync: bool = True, **kwargs: Any
+    ) -> str:
         """PEFT's layout (module docstring): the config and classifier in `directory` (or `directory/<adapter_name>`
         for a non-default name), each expert as a LoRA adapter in `<that>/<i>/`."""
         if adapter_params is None:
@@ -249,23 +351,32 @@ class XLoraModel:
         out = os.fspath(directory)
         if self.adapter_name != "default":
             out = os.path.join(out, self.adapter_name)
-        os.makedirs(out, exist_ok=True)
+        # one unit: every expert's files, the classifier, then the config that marks the save (a failure while
+        # writing replaces nothing; an earlier save is never left with some experts new and the classifier old)
+        writers: dict[str, Any] = {}
         for name in self.fn.expert_names:
-            self.experts.save_pretrained_adapter(out, name, adapters[name], **kwargs)
+            _, files = adapter_files(
+                out,
+                adapters[name],
+                self.experts.peft_config[name],
+                name,
+                model=self.experts.model,
+                base_params=self.experts.base,
+                plan=self.experts.plans[name],
+                **kwargs,
+            )
+            writers.update(files)
         state = {
             f"{CLASSIFIER_PREFIX}{path}.{leaf}": t.detach().contiguous().cpu()
             for path, leaves in adapter_params["classifier"].items()
             for leaf, t in leaves.items()
         }
         text = json.dumps(config_dict(self.peft_config[self.adapter_name], self.model), indent=2, sort_keys=True)
-        write_files_atomically(
-            {
-                os.path.join(out, "adapter_config.json"): lambda p: _write_text(p, text),
-                os.path.join(out, "adapter_model.safetensors"): lambda p: save_file(
-                    state, p, metadata={"format": "pt"}
-                ),
-            }
+        writers[os.path.join(out, "adapter_model.safetensors")] = lambda p: save_file(
+            state, p, metadata={"format": "pt"}
         )
+        writers[os.path.join(out, "adapter_config.json")] = lambda p: _write_text(p, text)
+        save_files(writers, fsync=fsync)
         return out
 
 
@@ -314,6 +425,11 @@ def _build(
             "XLoraConfig.adapters is empty: X-LoRA mixes trained LoRA experts, pass {name: directory of a saved LoRA "
             "adapter} (PEFT builds a classifier over zero experts and fails at the first forward)"
         )
+    if config.top_k_lora is not None and config.top_k_lora > len(config.adapters):
+        raise ValueError(
+            f"XLoraConfig.top_k_lora={config.top_k_lora} is more than the {len(config.adapters)} experts in `adapters` "
+            "(PEFT fails at the first forward: 'selected index k out of range')"
+        )
     if getattr(getattr(model, "config", None), "use_cache", False):
         raise ValueError("`use_cache` must be False")
     trainable = bool(config.use_trainable_adapters)
@@ -353,7 +469,9 @@ def _build(
     # the same draws first give the classifier PEFT's values for the same seed
     for name in names:
         init_adapter(pm.model, pm.plans[name], autocast_adapter_dtype, generator, False)
-    classifier = init_classifier(classifier_layout(resolved, len(layer_paths), len(names)), dtype, generator)
+    layout = classifier_layout(resolved, len(layer_paths), len(names))
+    # the classifier reads the last hidden state: on the device of the model's last parameters (final norm / head)
+    classifier = init_classifier(layout, dtype, generator, list(model.parameters())[-1].device)
     adapter: dict[str, Any] = {"classifier": classifier}
     if trainable:
         adapter["experts"] = trees
@@ -447,7 +565,7 @@ def load_xlora(
             t = state[key]
             if tuple(t.shape) != tuple(fresh[p][leaf].shape):
                 raise ValueError(f"{root}: {key} has shape {tuple(t.shape)}, expected {tuple(fresh[p][leaf].shape)}")
-            fresh[p][leaf] = t.to(fresh[p][leaf].dtype).requires_grad_(is_trainable)
+            fresh[p][leaf] = t.to(device=fresh[p][leaf].device, dtype=fresh[p][leaf].dtype).requires_grad_(is_trainable)
     for leaves in fresh.values():
         for leaf, t in leaves.items():
             leaves[leaf] = t.detach().requires_grad_(is_trainable)

@@ -653,6 +653,35 @@ def save_adapter(
     Returns:
         The directory written.
     """
+    out_dir, writers = adapter_files(
+        directory,
+        adapter_params,
+        peft_config,
+        adapter_name,
+        model=model,
+        base_params=base_params,
+        plan=plan,
+        save_embedding_layers=save_embedding_layers,
+        safe_serialization=safe_serialization,
+    )
+    save_files(writers, fsync=fsync)
+    return out_dir
+
+
+def adapter_files(
+    directory: str | os.PathLike,
+    adapter_params: Mapping[str, Mapping[str, Any]],
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    *,
+    model: nn.Module | None = None,
+    base_params: Mapping[str, torch.Tensor] | None = None,
+    plan: Mapping[str, Any] | None = None,
+    save_embedding_layers: bool | str = "auto",
+    safe_serialization: bool = True,
+) -> tuple[str, dict[str, Callable[[str], None]]]:
+    """(the adapter's directory, {final path: writer}) of `save_adapter`, checked and serialised but not written:
+    for a save of several adapters as one unit (X-LoRA's experts and classifier), through `save_files`."""
     if not safe_serialization:
         raise ValueError("funcpeft writes safetensors only (safe_serialization=False would write a pickle)")
     if not isinstance(peft_config, PeftConfig):
@@ -667,20 +696,27 @@ def save_adapter(
     )
     config_bytes = json.dumps(config_dict(peft_config, model), indent=2, sort_keys=True).encode("utf-8")
     metadata = {"format": "pt", DIGEST_KEY: _digest(json.loads(config_bytes))}  # exactly what a reader parses
+    # weights first: they carry the digest, so weights newer than the config show
+    return out_dir, {
+        os.path.join(out_dir, WEIGHTS_NAME): lambda path: save_file(state, path, metadata=metadata),
+        os.path.join(out_dir, CONFIG_NAME): lambda path: _write_bytes(path, config_bytes),
+    }
 
-    created = _makedirs(out_dir)
+
+def save_files(writers: Mapping[str, Callable[[str], None]], fsync: bool = True) -> None:
+    """Write `writers` ({final path: writer(temp path)}) as one unit (`write_files_atomically`), creating their
+    directories; a failure removes the directories this call created (if still empty). A success then removes
+    temporary files left in those directories by interrupted saves."""
+    dirs = list(dict.fromkeys(os.path.dirname(f) or "." for f in writers))
+    created: list[str] = []
     try:
-        write_files_atomically(  # weights first: they carry the digest, so weights newer than the config show
-            {
-                os.path.join(out_dir, WEIGHTS_NAME): lambda path: save_file(state, path, metadata=metadata),
-                os.path.join(out_dir, CONFIG_NAME): lambda path: _write_bytes(path, config_bytes),
-            },
-            fsync=fsync,
-        )
+        for d in dirs:
+            created = _makedirs(d) + created
+        write_files_atomically(writers, fsync=fsync)
     except BaseException:
         for d in created:  # innermost first; only directories this call created, and only if still empty
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         raise
-    remove_stale_temps(out_dir)
-    return out_dir
+    for d in dirs:
+        remove_stale_temps(d)

@@ -485,6 +485,27 @@ def test_changed_module_structure_is_a_clear_error() -> None:
         fn(base, fresh, torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_output_hidden_states_over_many_calls_equal_the_models_and_add_no_hooks(kind: str) -> None:
+    """transformers installs its output-capturing hooks on the first call asking for hidden states and marks the
+    module; on call skeletons the mark was lost and each call added another set to the model's hook dicts
+    (hidden_states grew by one entry per layer per call). Each call now equals the plain model's, and the model
+    gets one set, the one a plain call of it would install."""
+    model, plain = MODELS[kind](), MODELS[kind]()
+    fn, base, _ = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules="all-linear"))
+    ids = _ids()
+    with torch.no_grad():
+        want = plain(input_ids=ids, output_hidden_states=True).hidden_states
+        counts = []
+        for _ in range(3):
+            got = fn(base, None, input_ids=ids, output_hidden_states=True).hidden_states
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+            counts.append(sum(len(m._forward_hooks) for m in model.modules()))
+    assert counts[0] == counts[-1] == sum(len(m._forward_hooks) for m in plain.modules())
+
+
 # -- 4. compiled fn in threads next to eager calls -------------------------------------------------------------
 def _compile_setup(kind: str) -> tuple[Any, ...]:
     model = MODELS[kind]()

@@ -327,3 +327,25 @@ def test_compiled_generate_refuses_what_it_cannot_honour() -> None:
     pm5, _, _ = _pair(T.tiny_t5(), "LoraConfig", {"r": 2, "target_modules": ["q"]})
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         funcpeft.Decoder(pm5)
+
+
+def test_generate_with_hidden_states_adds_transformers_hooks_once() -> None:
+    """generate(output_hidden_states=True) on a call skeleton installed transformers' capturing hooks into the
+    model's hook dicts on every generate call (the 'installed' mark stayed on the skeleton): now once, as a plain
+    model's generate does, and each step's hidden states equal the plain model's."""
+    model, plain = T.tiny_llama(), T.tiny_llama()
+    fn, base, _ = funcpeft.get_peft_model(model, funcpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    prompts: dict[str, Any] = _prompts(int(plain.config.vocab_size))
+    kw: dict[str, Any] = dict(
+        max_new_tokens=3, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+    )
+    want = plain.generate(**prompts, **kw).hidden_states
+    hooks = []
+    for _ in range(2):
+        got = funcpeft.generate(fn, base, None, **prompts, **kw).hidden_states
+        assert len(got) == len(want) and all(len(g) == len(w) for g, w in zip(got, want))
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                torch.testing.assert_close(a, b)
+        hooks.append(sum(len(m._forward_hooks) for m in model.modules()))
+    assert hooks[0] == hooks[1] == sum(len(m._forward_hooks) for m in plain.modules())

@@ -9,15 +9,18 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
+import optree
 import peft
 import pytest
 import torch
 from helpers import capture_stdout
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import funcpeft
@@ -431,3 +434,264 @@ def test_xlora_vmap_over_classifiers_equals_a_loop(llama_experts: list[str]) -> 
     ref = torch.stack([fn(base, t, input_ids=IDS).logits for t in trees])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert (ref[0] - ref[2]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"layerwise_scalings": True, "top_k_lora": 2, "scaling_pass_value": 0.3},
+        {"use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 4, "enable_softmax_topk": True},
+    ],
+)
+def test_xlora_compiles_to_one_graph_and_its_gradients_equal_eager(llama_experts: list[str], extra: Any) -> None:
+    """torch.compile(fullgraph=True) of both passes: new adapter values of the same shapes never recompile, and
+    the compiled call's outputs and gradients equal the eager call's (the scaling pass needs transformers'
+    output-capturing hooks, which dynamo cannot install: fn installs them on the model when it is built)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn, base, adapter = funcpeft.get_peft_model(
+            _model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, **extra))
+        )
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for k in range(3):
+        tree = optree.tree_map(lambda t, f=1 + 0.5 * k: (t.detach() * f).requires_grad_(), adapter)
+        leaves = optree.tree_leaves(tree)
+        got = compiled(base, tree, input_ids=IDS).logits
+        want = fn(base, tree, input_ids=IDS).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        g_got = torch.autograd.grad(got.square().sum(), leaves)
+        g_want = torch.autograd.grad(want.square().sum(), leaves)
+        assert sum(int(g.abs().max() > 0) for g in g_want) >= len(leaves) // 2
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+
+
+def test_xlora_generate_equals_pefts(llama_experts: list[str]) -> None:
+    """PEFT's XLoraModel.generate runs generate with use_cache=False, both passes over the whole sequence at every
+    step; funcpeft.generate (and the model's generate) does the same: greedy tokens (left-padded prompts) and
+    sampled tokens (rng=seed vs torch.manual_seed(seed)) equal PEFT's, and differ from the plain model's."""
+    kwargs = _kwargs(llama_experts, layerwise_scalings=True, scaling_pass_value=0.3, global_scaling_weight=3.0)
+    theirs, ours = _pair("llama", kwargs)
+    fn, base, adapter = ours
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    greedy: dict[str, Any] = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = theirs.generate(input_ids=IDS, attention_mask=mask, **greedy)
+    assert torch.equal(funcpeft.generate(ours, base, adapter, input_ids=IDS, attention_mask=mask, **greedy), ref)
+    assert torch.equal(ours.generate(base, adapter, input_ids=IDS, attention_mask=mask, **greedy), ref)
+    plain = _model("llama").generate(input_ids=IDS, attention_mask=mask, use_cache=False, **greedy)
+    assert not torch.equal(plain, ref)
+    sampling: dict[str, Any] = dict(max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(5)
+    ref = theirs.generate(input_ids=IDS, **sampling)
+    assert torch.equal(funcpeft.generate(ours, base, adapter, input_ids=IDS, rng=5, **sampling), ref)
+    with pytest.raises(ValueError, match="without a KV cache.*use_cache=True"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, use_cache=True, **greedy)
+    with pytest.raises(NotImplementedError, match="without a KV cache.*without compile"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, compile="aot_eager", **greedy)
+    with pytest.raises(ValueError, match="needs explicit randomness"):
+        funcpeft.generate(ours, base, adapter, input_ids=IDS, **sampling)
+    with pytest.raises(TypeError, match="'classifier'"):
+        funcpeft.generate(ours, base, adapter["classifier"], input_ids=IDS, **greedy)
+
+
+def test_xlora_training_mode_masks_equal_pefts_under_manual_seed(tmp_path: Path) -> None:
+    """Training mode draws the scaling pass's dropout masks (the experts' lora_dropout), the classifier's, then the
+    real pass's, in PEFT's order from one randomness: with dropout_rng=seed the outputs and gradients equal PEFT's
+    train mode after torch.manual_seed(seed). (Each pass seeding its own generator from the int gave the real pass
+    the scaling pass's masks again.)"""
+    paths = []
+    for i, t in enumerate([["q_proj", "v_proj"], ["v_proj", "down_proj"]]):
+        torch.manual_seed(i + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = peft.LoraConfig(target_modules=t, init_lora_weights=False, r=4, lora_dropout=0.3)
+            peft.get_peft_model(_model("llama"), lora).save_pretrained(str(tmp_path / f"e{i}"))
+        paths.append(str(tmp_path / f"e{i}"))
+    theirs, ours = _pair("llama", _kwargs(paths, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.4))
+    fn, base, adapter = ours
+    theirs.train()
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        ref = theirs(input_ids=IDS).logits
+        out = fn(base, adapter, input_ids=IDS, dropout_rng=seed).logits
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(out, fn(base, adapter, input_ids=IDS).logits, atol=1e-4)  # dropout acts
+    theirs.zero_grad()
+    torch.manual_seed(5)
+    theirs(input_ids=IDS).logits.square().sum().backward()
+    grads = torch.func.grad(lambda a: fn(base, a, input_ids=IDS, dropout_rng=5).logits.square().sum())(adapter)
+    named = dict(theirs.named_parameters())
+    for path, leaves in grads["classifier"].items():
+        for leaf, g in leaves.items():
+            torch.testing.assert_close(g, named[f"{PREFIX}{path}.{leaf}"].grad, atol=1e-5, rtol=0)
+
+
+def test_xlora_wrong_trees_and_configs_are_refused_clearly(llama_experts: list[str]) -> None:
+    """A classifier bias of shape (1,) broadcast silently and an extra classifier layer was ignored; a missing one
+    was a bare KeyError; top_k_lora above the number of experts and a wrong hidden_size failed deep in torch;
+    per-example routing failed as a wrong tree type."""
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, use_trainable_adapters=True)
+    fn, base, adapter = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    classifier = adapter["classifier"]
+    last = sorted(classifier)[-1]
+    cases = {
+        r"shape: \['layers\.3\.bias \(1,\) \(expected \(3,\)\)'\]": {
+            **classifier,
+            last: {**classifier[last], "bias": torch.zeros(1)},
+        },
+        r"unexpected: \['layers\.9\.weight'\]": {**classifier, "layers.9": {"weight": torch.zeros(3, 8)}},
+        r"missing: \['layers\.3\.bias', 'layers\.3\.weight'\]": {k: v for k, v in classifier.items() if k != last},
+    }
+    for message, tree in cases.items():
+        with pytest.raises(ValueError, match=r"does not fit this X-LoRA classifier \(depth 2, 3 experts.*" + message):
+            fn(base, {**adapter, "classifier": tree}, input_ids=IDS)
+    experts = adapter["experts"]
+    with pytest.raises(ValueError, match=r"must hold the experts \['0', '1', '2'\]"):
+        fn(base, {**adapter, "experts": {k: v for k, v in experts.items() if k != "2"}}, input_ids=IDS)
+    path = sorted(experts["0"])[0]
+    short = {**experts["0"][path], "lora_A": experts["0"][path]["lora_A"][:1]}
+    with pytest.raises(ValueError, match=r"lora_A has shape \(1, 16\), expected \(4, 16\)"):
+        fn(base, {**adapter, "experts": {**experts, "0": {**experts["0"], path: short}}}, input_ids=IDS)
+    stacked = funcpeft.stack_adapters([adapter, adapter])
+    with pytest.raises(NotImplementedError, match="X-LoRA does not route adapters per example"):
+        fn(base, funcpeft.per_example(stacked, torch.tensor([0, 1])), input_ids=IDS)
+    with pytest.raises(ValueError, match="top_k_lora=4 is more than the 3 experts"):
+        funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, top_k_lora=4)))
+    fn, base, adapter = funcpeft.get_peft_model(
+        _model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts, hidden_size=8))
+    )
+    with pytest.raises(ValueError, match="hidden_size=8, but the model's last hidden state has size 16"):
+        fn(base, adapter, input_ids=IDS)
+
+
+def test_xlora_gradient_checkpointing_gradients_equal_without(llama_experts: list[str]) -> None:
+    """transformers' gradient checkpointing on the base model (training mode: layers recomputed in the backward,
+    with the same dropout masks): the gradients of the classifier and of trainable experts equal those without."""
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.3, use_trainable_adapters=True)
+    ckpt = _model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5: renamed activation_checkpointing_enable
+        ckpt.gradient_checkpointing_enable()
+    runs = []
+    for model in (_model("llama"), ckpt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            fn, base, adapter = funcpeft.get_peft_model(model, funcpeft.XLoraConfig(**kwargs))
+        runs.append(
+            funcpeft.value_and_grad(
+                lambda a, fn=fn, base=base: fn(base, a, input_ids=IDS, dropout_rng=3).logits.square().sum()
+            )(adapter)
+        )
+    (loss, grads), (loss_ck, grads_ck) = runs
+    torch.testing.assert_close(loss_ck, loss, atol=0, rtol=0)
+    leaves, leaves_ck = optree.tree_leaves(grads), optree.tree_leaves(grads_ck)
+    assert len(leaves) == len(leaves_ck) and sum(int(g.abs().max() > 0) for g in leaves) > len(leaves) // 2
+    for g, g_ck in zip(leaves, leaves_ck):
+        torch.testing.assert_close(g_ck, g, atol=1e-6, rtol=1e-6)
+
+
+def test_xlora_threads_with_different_adapters_and_seeds_equal_each_alone(llama_experts: list[str]) -> None:
+    kwargs = _kwargs(llama_experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.3)
+    fn, base, adapter = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    trees = [optree.tree_map(lambda t, f=1 + 0.5 * k: t.detach() * f, adapter) for k in range(3)]
+    seeds = [None, 1, 2]
+    with torch.no_grad():
+        alone = [fn(base, t, input_ids=IDS, dropout_rng=s).logits for t, s in zip(trees, seeds)]
+    assert not torch.equal(alone[1], alone[2])
+    failures: list[int] = []
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(10):
+                if not torch.equal(fn(base, trees[k], input_ids=IDS, dropout_rng=seeds[k]).logits, alone[k]):
+                    failures.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_xlora_save_interrupted_while_writing_leaves_the_earlier_save(
+    llama_experts: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save over an earlier one that fails while writing (here: the config, written last) replaces nothing: the
+    experts and the classifier were written first, each on its own, so the directory held new experts next to
+    the old classifier and config and loaded as neither save."""
+    kwargs = _kwargs(llama_experts, use_trainable_adapters=True, xlora_depth=2, xlora_size=8)
+    pm = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**kwargs))
+    assert isinstance(pm, XLoraModel)
+    fn, base, adapter = pm
+    first = optree.tree_map(lambda t: t.detach() + 0.05, adapter)
+    second = optree.tree_map(lambda t: t.detach() - 0.05, adapter)
+    pm.save_pretrained(tmp_path, first)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert len(before) == 2 + 2 * 3
+
+    def crash(path: str, text: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(funcpeft._xlora, "_write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pm.save_pretrained(tmp_path, second)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # nothing replaced, no temporary file left
+    monkeypatch.undo()
+    loaded = funcpeft.from_pretrained(_model("llama"), tmp_path)
+    lfn, lbase, ladapter = loaded
+    torch.testing.assert_close(
+        lfn(lbase, ladapter, input_ids=IDS).logits, fn(base, first, input_ids=IDS).logits, atol=1e-6, rtol=0
+    )
+    fresh = tmp_path / "new"
+    with pytest.raises(OSError, match="disk full"), monkeypatch.context() as m:
+        m.setattr(funcpeft._xlora, "_write_text", crash)
+        pm.save_pretrained(fresh, second)
+    assert not fresh.exists()  # the directories it created are removed
+
+
+def test_xlora_load_with_another_number_of_experts_is_refused(llama_experts: list[str], tmp_path: Path) -> None:
+    """A save of 3 experts loaded over 2 (or 2 over 3): the classifier's shapes name the mismatch."""
+    pm = funcpeft.get_peft_model(_model("llama"), funcpeft.XLoraConfig(**_kwargs(llama_experts)))
+    pm.save_pretrained(tmp_path / "three", pm.adapter)
+    with pytest.raises(ValueError, match=r"layers\.0\.weight has shape \(3, 16\), expected \(2, 16\)"):
+        funcpeft.from_pretrained(
+            _model("llama"), tmp_path / "three", adapters=dict(list(_kwargs(llama_experts)["adapters"].items())[:2])
+        )
+
+
+def test_xlora_bf16_model_keeps_the_experts_files_where_peft_rounds_them(llama_experts: list[str]) -> None:
+    """A bf16 model (one expert on the input embedding): funcpeft's embedding layer returned fp32 hidden states
+    (the next bf16 Linear failed); now each expert's term is added and rounded to the layer's dtype, like PEFT's
+    in-place `result +=`. Deviation: PEFT's X-LoRA loads the experts' fp32 files through the bf16 model, so its
+    (fp32) expert weights are the files' values rounded to bf16, unlike its own LoRA from_pretrained; funcpeft keeps
+    the files' values. With the experts rounded the same way, the outputs are PEFT's bit for bit."""
+    kwargs = _kwargs(llama_experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_model("llama").to(torch.bfloat16), peft.XLoraConfig(**kwargs)).eval()
+        pm = funcpeft.get_peft_model(_model("llama").to(torch.bfloat16), funcpeft.XLoraConfig(**kwargs))
+    fn, base, adapter = pm
+    named = dict(theirs.named_parameters())
+    for path, leaves in adapter["classifier"].items():
+        for leaf in leaves:
+            leaves[leaf] = named[f"{PREFIX}{path}.{leaf}"].detach().clone()
+    assert fn.experts is not None
+    file = load_file(Path(llama_experts[0]) / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ours_a = fn.experts["0"]["model.layers.0.self_attn.q_proj"]["lora_A"]
+    peft_a = _expert_param(theirs, "0", "model.layers.0.self_attn.q_proj", "lora_A")
+    assert ours_a.dtype == peft_a.dtype == torch.float32
+    assert torch.equal(ours_a, file[key]) and not torch.equal(peft_a, file[key])
+    assert torch.equal(peft_a, file[key].bfloat16().float())
+    ref = theirs(input_ids=IDS).logits
+    out = fn(base, adapter, input_ids=IDS).logits
+    assert out.dtype == torch.bfloat16 and adapter["classifier"]["layers.0"]["weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.05, rtol=0.02)
+    fn.experts = optree.tree_map(lambda t: t.bfloat16().float(), fn.experts)
+    assert torch.equal(fn(base, adapter, input_ids=IDS).logits, ref)

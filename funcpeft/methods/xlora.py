@@ -130,13 +130,14 @@ def forward(spec: Spec, params: Params, x: torch.Tensor, result: torch.Tensor | 
         se = s[..., e].unsqueeze(-1)
         if spec.kind is LayerKind.EMBEDDING:
             after_a = embed(espec, x, p["lora_embedding_A"].T)
-            result = result + ((after_a * se) @ p["lora_embedding_B"].T) * espec.hyper.scaling * h.global_scaling_weight
+            term = ((after_a * se) @ p["lora_embedding_B"].T) * espec.hyper.scaling * h.global_scaling_weight
+            result = (result + term).to(out_dtype)  # PEFT's in-place `result +=`: rounded to result's dtype each time
             continue
         a, b = p["lora_A"], p["lora_B"]
         x = x.to(a.dtype)
         xe = ctx.dropout(x * se, espec.hyper.dropout)
-        result = result + F.linear(F.linear(xe, a), b) * espec.hyper.scaling * h.global_scaling_weight
-    return result if spec.kind is LayerKind.EMBEDDING else result.to(out_dtype)
+        result = (result + F.linear(F.linear(xe, a), b) * espec.hyper.scaling * h.global_scaling_weight).to(out_dtype)
+    return result
 
 
 def _refuse(what: str) -> Exception:
