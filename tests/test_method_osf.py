@@ -7,7 +7,7 @@ tests/test_contract.py."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import method_checks as mc
 import optree
@@ -207,3 +207,34 @@ def test_gradient_projection_keeps_nothing_per_call(square: bool, left: bool) ->
     stacked = torch.stack([u.detach(), 2 * u.detach()])
     batched = torch.func.vmap(torch.func.grad(lambda x: (ours(x) * w).sum()))(stacked)
     torch.testing.assert_close(batched, torch.stack([want, want]))
+
+
+def test_a_bf16_model_projects_its_gradients_where_peft_loses_its_hooks() -> None:
+    """Deviation (PEFT provably wrong): on a bf16 / fp16 model PEFT attaches its projection hooks to the factors, then
+    `cast_adapter_dtype` (autocast_adapter_dtype=True, the default) replaces each factor with a new float32
+    Parameter, dropping the hooks: PEFT trains U_low / V_low with the raw gradient, which moves into the frozen top
+    subspace OSF exists to protect. funcpeft keeps projecting: its gradient is PEFT's raw gradient projected, and
+    projecting it again changes nothing, while PEFT's is changed by its own projection (so it was never applied)."""
+    fpm, pm = mc.build_both(T.tiny_llama().bfloat16(), "OSFConfig", LLAMA)
+    adapter = mc.random_trees(fpm.adapter, 1, scale=0.05)[0]
+    plan = fpm.plans["default"]
+    T.copy_into_peft(pm, adapter, plan)
+    adapter = optree.tree_map(lambda t: t.detach().requires_grad_(True), adapter)
+    x = make_inputs("llama")
+    fpm.fn(fpm.base, adapter, **x).logits.float().square().mean().backward()
+    pm.zero_grad(set_to_none=True)
+    pm(**x).logits.float().square().mean().backward()
+    theirs = T.peft_grads(pm, adapter, plan)
+    checked = 0
+    for path, spec in ((p, e.spec) for p, e in plan.items()):
+        frozen = _frozen(fpm, path)
+        for name, left in ((osf.U, True), (osf.V, False)):
+            square = spec.hyper.u_square if left else spec.hyper.v_square
+            basis = frozen[(osf.U0 if left else osf.V0) if square else (osf.U_HIGH if left else osf.V_HIGH)]
+            ours, raw = adapter[path][name].grad, cast(torch.Tensor, theirs[path][name])
+            torch.testing.assert_close(ours, osf._project(raw, basis, square, left), atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(osf._project(ours, basis, square, left), ours, atol=1e-6, rtol=1e-4)
+            gap = (osf._project(raw, basis, square, left) - raw).abs().max()
+            assert gap > 1e-2 * raw.abs().max(), (path, name)  # PEFT's gradient was not projected
+            checked += 1
+    assert checked == 2 * len(plan)
