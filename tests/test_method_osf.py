@@ -231,7 +231,7 @@ def test_a_bf16_model_projects_its_gradients_where_peft_loses_its_hooks() -> Non
         for name, left in ((osf.U, True), (osf.V, False)):
             square = spec.hyper.u_square if left else spec.hyper.v_square
             basis = frozen[(osf.U0 if left else osf.V0) if square else (osf.U_HIGH if left else osf.V_HIGH)]
-            ours, raw = adapter[path][name].grad, cast(torch.Tensor, theirs[path][name])
+            ours, raw = cast(torch.Tensor, adapter[path][name].grad), cast(torch.Tensor, theirs[path][name])
             torch.testing.assert_close(ours, osf._project(raw, basis, square, left), atol=1e-4, rtol=1e-3)
             torch.testing.assert_close(osf._project(ours, basis, square, left), ours, atol=1e-6, rtol=1e-4)
             gap = (osf._project(raw, basis, square, left) - raw).abs().max()
