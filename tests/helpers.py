@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict, TypeVar
@@ -324,3 +325,24 @@ def assert_unchanged(model: nn.Module, snap: dict[str, Any]) -> None:
     assert now["state"].keys() == snap["state"].keys()
     for k, v in snap["state"].items():
         assert torch.equal(now["state"][k], v), f"state_dict[{k!r}] changed"
+
+
+def in_threads(n: int, work: Callable[[int], None]) -> None:
+    """Run `work(0..n-1)` in n threads released together (a barrier), join them, and fail with every exception a
+    thread raised (an exception in a plain Thread is only printed: the test would pass without it)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            work(i)
+        except BaseException as e:  # noqa: B036 - re-raised in the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

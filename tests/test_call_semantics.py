@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import optree
@@ -21,7 +20,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MODELS, assert_unchanged, hf, snapshot
+from helpers import MODELS, assert_unchanged, hf, in_threads, snapshot
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
@@ -291,23 +290,6 @@ def test_model_random_ops_use_the_call_generator_and_opaque_ones_raise() -> None
 
 
 # -- 5. the thread harness: 16 threads x 100 seeded calls -----------------------------------------------------
-def _in_threads(n: int, work: Callable[[int], None]) -> None:
-    errors: list[BaseException] = []
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            work(i)
-        except BaseException as e:  # noqa: B036 - re-raised in the main thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
 
 
 @pytest.fixture
@@ -357,7 +339,7 @@ def test_16_threads_x_100_seeded_calls_equal_serial_and_spare_other_threads_rng(
         for i in range(n_calls):
             got[(t, i)] = call(t * n_calls + i)
 
-    _in_threads(n_threads + 1, work)
+    in_threads(n_threads + 1, work)
     differ = [k for k, v in got.items() if not torch.equal(v, serial[k])]
     assert len(got) == n_threads * n_calls
     assert not differ, f"{len(differ)} of {len(got)} threaded seeded calls differ from the same calls run one by one"
@@ -403,7 +385,7 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
         model(input_ids=ids)  # the model itself: the plain layer output
     plain = seen.pop(threading.current_thread().name)
     work(0)
-    _in_threads(3, work)
+    in_threads(3, work)
     assert len(seen) == 4, f"the hook fired in {sorted(seen)}; expected the main thread and 3 workers"
     for outs in seen.values():
         assert len(outs) == 1
@@ -414,7 +396,7 @@ def test_hooks_fire_in_every_thread_see_the_adapted_output_and_stop_when_removed
     handle.remove()
     seen.clear()
     work(0)
-    _in_threads(2, work)
+    in_threads(2, work)
     assert not seen, "a removed hook still fired"
 
 
@@ -442,7 +424,7 @@ def test_kwargs_pre_hook_and_attribute_changes_apply_in_every_thread() -> None:
                 results[threading.current_thread().name] = fn(base, adapter, input_ids=ids).logits
 
         work(0)
-        _in_threads(3, work)
+        in_threads(3, work)
     finally:
         handle.remove()
         attn.scaling = old_scaling

@@ -10,7 +10,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import MODELS, WeightSum, assert_unchanged, make_inputs, snapshot
+from helpers import MODELS, WeightSum, assert_unchanged, in_threads, make_inputs, snapshot
 from torch import nn
 
 import funcpeft
@@ -63,11 +63,7 @@ def test_concurrent_threads_equal_sequential(llama: tuple[Any, ...]) -> None:
         except BaseException as e:  # noqa: B036 - re-raised in the main thread below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(a,)) for a in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(4, work)
     assert not errors, errors
     assert len(got) == 4 * 3 * 6
     bad = [k for k, v in got.items() if not torch.equal(v, want[k[:2]])]

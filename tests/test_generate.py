@@ -7,7 +7,6 @@ LoKr and VeRA; mixed batches equal PEFT's `generate(adapter_names=...)` with lef
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import optree
 import peft
 import pytest
 import torch
+from helpers import in_threads
 from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
@@ -161,11 +161,7 @@ def test_seeded_sampling_is_reproducible_across_threads() -> None:
         for seed in range(4):
             got[t, seed] = pm.generate(pm.base, tree, **kw, rng=seed)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads(4, work)
     assert len(got) == 16 and all(torch.equal(v, want[seed]) for (_, seed), v in got.items())
     assert not torch.equal(want[0], want[1])  # the seed matters
     gen = torch.Generator().manual_seed(0)
@@ -301,11 +297,7 @@ def test_compiled_generate_from_threads_serializes_on_one_decoder() -> None:
         for seed in range(3):
             got[t, seed] = decoder.generate(pm.base, tree, **kw, rng=seed)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads(3, work)
     assert len(got) == 9 and all(torch.equal(v, want[seed]) for (_, seed), v in got.items())
 
 

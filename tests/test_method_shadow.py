@@ -14,7 +14,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from helpers import examples
+from helpers import examples, in_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
@@ -489,7 +489,6 @@ def test_shadow_concurrent_calls_do_not_see_each_other() -> None:
     """Two threads calling fn with different adapters get what each gets alone, eval calls and training calls with
     dropout under their own dropout_rng seeds, gradients included (the backbone runs on per-call module copies,
     never on a shared module with swapped tensors; each call's randomness is its own)."""
-    import threading
 
     model = MODELS["llama"]()
     fn, base, fresh = funcpeft.get_peft_model(model, funcpeft.ShadowConfig(init_weights=False, shadow_dropout=0.3))
@@ -524,11 +523,7 @@ def test_shadow_concurrent_calls_do_not_see_each_other() -> None:
             if not torch.equal(loss, trained[i][0]) or not same(grads, trained[i][1]):
                 wrong.append(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(2, work)
     assert not wrong
 
 

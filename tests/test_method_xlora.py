@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import optree
 import peft
 import pytest
 import torch
-from helpers import capture_stdout
+from helpers import capture_stdout, in_threads
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -610,11 +609,7 @@ def test_xlora_threads_with_different_adapters_and_seeds_equal_each_alone(llama_
                 if not torch.equal(fn(base, trees[k], input_ids=IDS, dropout_rng=seeds[k]).logits, alone[k]):
                     failures.append(k)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(3, work)
     assert not failures
 
 
